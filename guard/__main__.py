@@ -1,0 +1,5 @@
+"""`python -m guard` runs the command line."""
+
+from guard.cli import main
+
+raise SystemExit(main())

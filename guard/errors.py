@@ -1,0 +1,21 @@
+"""The errors guard raises on purpose, so that callers (CLI, server) can turn them into clear messages."""
+
+
+class GuardError(Exception):
+    """Base class: a problem with the user's input or files, reported without a traceback."""
+
+
+class ProfileError(GuardError):
+    """The profile is missing, corrupt, or does not belong to the model it is loaded with."""
+
+
+class ModelError(GuardError):
+    """The model cannot be loaded, or uses something guard cannot handle."""
+
+
+class UnsupportedOpError(ModelError):
+    """The ONNX graph uses an operator the torch bridge does not implement."""
+
+
+class RequestError(GuardError):
+    """A request is malformed: wrong shape, dtype, size, or values."""
