@@ -2,11 +2,32 @@
 
 Offline, `calibrate` turns a model and a few hundred clean samples into a `Profile`; online, `Guard` runs the model
 restricted to its benign neurons and checks every request for the activation pattern of a trigger.
+Names are imported on first use, so `import guard.server` or the CLI does not pay for torch until it needs it.
 """
 
-from guard._version import __version__
-from guard.calibrate.pipeline import calibrate
-from guard.calibrate.profile import Profile
-from guard.runtime.guard import Guard, Result
+from __future__ import annotations
 
-__all__ = ["Guard", "Profile", "Result", "calibrate", "__version__"]
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from guard._version import __version__
+
+if TYPE_CHECKING:
+    from guard.calibrate.pipeline import calibrate
+    from guard.calibrate.profile import Profile
+    from guard.runtime.guard import Guard, Result
+
+_LAZY = {
+    "calibrate": "guard.calibrate.pipeline",
+    "Profile": "guard.calibrate.profile",
+    "Guard": "guard.runtime.guard",
+    "Result": "guard.runtime.guard",
+}
+
+__all__ = ["Guard", "Profile", "Result", "__version__", "calibrate"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'guard' has no attribute {name!r}")

@@ -1,0 +1,216 @@
+"""`calibrate`: from a model and clean samples to a Profile.
+
+model -> taps -> activations (ℓ∞, salience) -> benign sets -> static mask under the accuracy budget -> per-class
+profiles of the masked model -> thresholds k and τ on a held-out split at the target false-positive rate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from guard.calibrate.activations import Activations, collect
+from guard.calibrate.consistency import class_profiles, compromise_threshold, score_threshold
+from guard.calibrate.linf import linf_stats
+from guard.calibrate.masking import candidate_order, choose_static_mask
+from guard.calibrate.profile import Profile, TapProfile, Thresholds
+from guard.calibrate.salience import benign_salience, benign_set
+from guard.calibrate.taps import ModuleTaps, OnnxTaps, TapModel
+from guard.errors import GuardError
+from guard.model.graph import (
+    LoadedModel,
+    default_taps,
+    fold_static_mask,
+    load_model,
+    tensor_ranks,
+    validate_taps,
+)
+
+
+@dataclass
+class CalibrationSettings:
+    """Every knob of calibration; all of them are recorded in the profile."""
+
+    layers: list[str] | None = None  # ONNX tensor names to tap; None = the last conv activations + penultimate
+    fpr: float = 0.05  # target share of clean requests flagged
+    acc_budget: float = 0.01  # clean accuracy the static mask may cost (absolute, on the held-out split)
+    benign_share: float = 0.99  # share of a layer's benign salience the benign set covers
+    holdout: float = 0.3  # share of the clean data held out for the mask and threshold decisions
+    top_q: int = 3  # the score is the mean of the top_q channel z values
+    k_quantile: float = 0.999  # k is this quantile of clean channel z values ...
+    k_min: float = 3.0  # ... and never below this
+    prune: bool = True  # choose a static mask (False: keep every channel)
+    batch_size: int = 256
+    seed: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not 0 < self.fpr < 1:
+            raise GuardError(f"--fpr must lie in (0, 1), got {self.fpr}")
+        if not 0 <= self.acc_budget < 1:
+            raise GuardError(f"--acc-budget must lie in [0, 1), got {self.acc_budget}")
+        if not 0 < self.holdout < 1:
+            raise GuardError(f"holdout share must lie in (0, 1), got {self.holdout}")
+        if not 0 < self.benign_share <= 1:
+            raise GuardError(f"benign share must lie in (0, 1], got {self.benign_share}")
+
+
+def _check_data(model: LoadedModel, x: np.ndarray, y: np.ndarray | None) -> None:
+    if x.ndim != 4 or tuple(x.shape[1:]) != model.sample_shape:
+        raise GuardError(f"calibration data has shape {x.shape}; the model takes (N, {', '.join(map(str, model.sample_shape))})")
+    if len(x) < 20:
+        raise GuardError(f"calibration needs at least 20 clean samples (a few hundred recommended); got {len(x)}")
+    if not np.all(np.isfinite(x)):
+        raise GuardError("calibration data contains NaN or Inf")
+    if y is not None and (y.shape != (len(x),) or y.min() < 0 or y.max() >= model.num_classes):
+        raise GuardError(f"labels must be (N,) integers in [0, {model.num_classes}); got shape {y.shape}")
+
+
+def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None = None, *,
+              settings: CalibrationSettings | None = None, torch_module: torch.nn.Module | None = None,
+              progress: bool = False) -> Profile:
+    """Calibrate a profile for `model` from clean samples `x` (N, C, H, W) and optional labels `y`.
+
+    Gradients come from `torch_module` when given (its submodules are matched to the ONNX taps by value), else from
+    a torch module built from the ONNX graph. Example::
+
+        profile = calibrate("model.onnx", x_clean, y_clean)
+        profile.save("profile.safetensors")
+    """
+    settings = settings or CalibrationSettings()
+    settings.validate()
+    started = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    x = np.asarray(x, dtype=np.float32)
+    y = None if y is None else np.asarray(y, dtype=np.int64)
+    _check_data(loaded, x, y)
+    taps = list(settings.layers) if settings.layers else default_taps(loaded)
+    validate_taps(loaded, taps)
+    rng = np.random.default_rng(settings.seed)
+    order = rng.permutation(len(x))
+    n_hold = max(10, round(settings.holdout * len(x)))
+    hold, fit = order[:n_hold], order[n_hold:]
+    timings: dict[str, float] = {}
+
+    def timed(step: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        timings[step] = round(time.perf_counter() - t0, 3)
+        return out
+
+    tap_model: TapModel
+    if torch_module is not None:
+        tap_model = ModuleTaps(torch_module, loaded, taps, x[fit[:16]])
+    else:
+        tap_model = OnnxTaps(loaded, taps)
+
+    bar = tqdm(total=2 * len(fit) + 2 * len(hold), desc="calibrate", unit="sample", disable=not progress)
+    run = _Runner(tap_model, settings.batch_size, bar)
+    base = timed("activations", run, x[fit], None if y is None else y[fit], with_salience=True)
+    stats = [linf_stats(linf, mean) for linf, mean in zip(base.linf, base.mean, strict=True)]
+    salience = [benign_salience(s) for s in base.salience or []]
+    benign = [benign_set(s, settings.benign_share) for s in salience]
+    channels = [len(s) for s in salience]
+
+    hold_base = run(x[hold])
+    truth = y[hold] if y is not None else hold_base.predictions
+
+    def accuracy(keep: list[np.ndarray]) -> float:
+        return float((run.masked_predictions(x[hold], keep) == truth).mean())
+
+    if settings.prune:
+        order_ = candidate_order(salience, benign, [s.peakedness for s in stats])
+        choice = timed("static_mask", choose_static_mask, order_, channels, accuracy, settings.acc_budget)
+    else:
+        choice = timed("static_mask", choose_static_mask, [], channels, accuracy, 0.0)
+    keep = choice.keep
+    _, folds = fold_static_mask(loaded, dict(zip(taps, keep, strict=True)))
+
+    guarded_fit = timed("profiles", run, x[fit], masks=keep)
+    class_mean, class_scale = class_profiles(guarded_fit.linf, guarded_fit.predictions, loaded.num_classes)
+    ranks = tensor_ranks(loaded.proto)
+    tap_profiles = [
+        TapProfile(
+            name=tap, kind="conv" if ranks.get(tap) == 4 else "dense", fold=folds[tap],
+            linf_mean=s.mean, linf_std=s.std, linf_p99=s.p99, linf_p999=s.p999, peakedness=s.peakedness,
+            salience=bs, benign=b, keep=k,
+        )
+        for tap, s, bs, b, k in zip(taps, stats, salience, benign, keep, strict=True)
+    ]
+    draft = Profile(
+        model_sha256=loaded.sha256, input_name=loaded.input_name, output_name=loaded.output_name,
+        num_classes=loaded.num_classes, taps=tap_profiles, class_mean=class_mean, class_scale=class_scale,
+        thresholds=Thresholds(k=settings.k_min, tau=0.0, top_q=settings.top_q),
+    )
+
+    t0 = time.perf_counter()
+    guarded_hold = run(x[hold], masks=keep)
+    labels = guarded_hold.predictions
+    check = draft.check()
+    z = check.z_scores(np.concatenate(guarded_hold.linf, axis=1), labels)
+    k = compromise_threshold(z, check.active, settings.k_quantile, settings.k_min)
+    check.k = k
+    result = check(guarded_hold.linf, labels)
+    benign_labels = run.benign_repredict(x[hold], keep, result.compromised, labels)
+    disagree = benign_labels != labels
+    tau = score_threshold(result.score, disagree, settings.fpr)
+    flagged = (result.score > tau) | disagree
+    timings["thresholds"] = round(time.perf_counter() - t0, 3)
+    bar.close()
+
+    draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q)
+    draft.settings = {**asdict(settings), "layers": taps}
+    draft.figures = {
+        "samples": len(x), "fit_samples": len(fit), "holdout_samples": len(hold), "labels_given": y is not None,
+        "holdout_accuracy_unguarded": choice.accuracy_before, "holdout_accuracy_masked": choice.accuracy_after,
+        "pruned_channels": {tap: int((~k_).sum()) for tap, k_ in zip(taps, keep, strict=True)},
+        "prune_candidates": choice.candidates,
+        "holdout_flag_rate": float(flagged.mean()), "holdout_disagreement_rate": float(disagree.mean()),
+        "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
+    }
+    return draft
+
+
+class _Runner:
+    """Batched calls into the tap model that feed the progress bar."""
+
+    def __init__(self, model: TapModel, batch_size: int, bar: tqdm) -> None:
+        self.model, self.batch_size, self.bar = model, batch_size, bar
+
+    def __call__(self, x: np.ndarray, y: np.ndarray | None = None, *, masks: list[np.ndarray] | None = None,
+                 with_salience: bool = False) -> Activations:
+        mask_rows = None if masks is None else [m.astype(np.float32)[None, :] if m.ndim == 1 else m for m in masks]
+        with torch.no_grad() if not with_salience else torch.enable_grad():
+            return collect(self.model, x, y, masks=mask_rows, with_salience=with_salience,
+                           batch_size=self.batch_size, on_batch=self.bar.update)
+
+    def masked_predictions(self, x: np.ndarray, keep: list[np.ndarray]) -> np.ndarray:
+        masks = [k.astype(np.float32)[None, :] for k in keep]
+        with torch.no_grad():
+            return collect(self.model, x, masks=masks, batch_size=self.batch_size).predictions
+
+    def benign_repredict(self, x: np.ndarray, keep: list[np.ndarray], compromised: np.ndarray,
+                         labels: np.ndarray) -> np.ndarray:
+        """Labels with each sample's compromised channels zeroed too; samples with none keep their label."""
+        rows = np.flatnonzero(compromised.any(axis=1))
+        out = labels.copy()
+        if rows.size:
+            masks = split_masks(keep, compromised[rows])
+            with torch.no_grad():
+                out[rows] = collect(self.model, x[rows], masks=masks, batch_size=self.batch_size).predictions
+        return out
+
+
+def split_masks(keep: list[np.ndarray], compromised: np.ndarray) -> list[np.ndarray]:
+    """Per-tap (N, C) float masks: the static keep mask minus each sample's compromised channels."""
+    masks, start = [], 0
+    for tap_keep in keep:
+        stop = start + len(tap_keep)
+        masks.append((tap_keep[None, :] & ~compromised[:, start:stop]).astype(np.float32))
+        start = stop
+    return masks

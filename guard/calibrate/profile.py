@@ -1,0 +1,176 @@
+"""The profile artifact: what calibration decided about one model, in one safetensors file.
+
+Tensors hold the per-channel statistics; the JSON metadata holds the model's sha256, the taps, every setting, the
+thresholds and the calibration figures. Nothing is pickled, so a profile from an untrusted source is safe to read;
+anything malformed is reported as a ProfileError naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
+
+from guard._version import __version__
+from guard.errors import ProfileError
+from guard.runtime.checks import ConsistencyCheck
+
+FORMAT = "guard.profile/1"
+_TAP_ARRAYS = ("linf_mean", "linf_std", "linf_p99", "linf_p999", "peakedness", "salience", "benign", "keep")
+
+
+@dataclass
+class TapProfile:
+    """What calibration learnt about one tap; every array is (C,)."""
+
+    name: str
+    kind: str  # "conv" (N, C, H, W) or "dense" (N, C)
+    fold: str  # how the static mask is folded: consumer | producer | mul
+    linf_mean: np.ndarray
+    linf_std: np.ndarray
+    linf_p99: np.ndarray
+    linf_p999: np.ndarray
+    peakedness: np.ndarray
+    salience: np.ndarray
+    benign: np.ndarray  # bool: in the benign set B
+    keep: np.ndarray  # bool: False = pruned by the static mask
+
+    @property
+    def channels(self) -> int:
+        return int(self.keep.shape[0])
+
+    @property
+    def observable(self) -> np.ndarray:
+        """Channels whose ℓ∞ the served graph still reports (a producer fold zeroes the pruned ones)."""
+        return self.keep.copy() if self.fold == "producer" else np.ones_like(self.keep)
+
+
+@dataclass
+class Thresholds:
+    k: float  # a channel is compromised when its z exceeds k
+    tau: float  # a request is flagged when its score exceeds tau
+    top_q: int  # the score is the mean of the top_q z values
+
+
+@dataclass
+class Profile:
+    """Everything the runtime needs to guard one model."""
+
+    model_sha256: str
+    input_name: str
+    output_name: str
+    num_classes: int
+    taps: list[TapProfile]
+    class_mean: np.ndarray  # (K, C_total)
+    class_scale: np.ndarray  # (K, C_total)
+    thresholds: Thresholds
+    settings: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+    guard_version: str = __version__
+
+    @property
+    def tap_names(self) -> list[str]:
+        return [tap.name for tap in self.taps]
+
+    def keep_masks(self) -> dict[str, np.ndarray]:
+        return {tap.name: tap.keep for tap in self.taps}
+
+    def check(self) -> ConsistencyCheck:
+        return ConsistencyCheck(
+            class_mean=self.class_mean,
+            class_scale=self.class_scale,
+            active=np.concatenate([tap.observable for tap in self.taps]),
+            top_q=self.thresholds.top_q,
+            k=self.thresholds.k,
+        )
+
+    def verify_model(self, sha256: str) -> None:
+        if sha256 != self.model_sha256:
+            raise ProfileError(
+                f"this profile was calibrated for a different model (profile sha256 {self.model_sha256[:12]}…, "
+                f"model sha256 {sha256[:12]}…); run `guard calibrate` on this model"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tensors = {"class_mean": self.class_mean, "class_scale": self.class_scale}
+        for index, tap in enumerate(self.taps):
+            for name in _TAP_ARRAYS:
+                value = getattr(tap, name)
+                tensors[f"taps.{index}.{name}"] = value.astype(np.uint8 if value.dtype == bool else np.float32)
+        meta = {
+            "format": FORMAT,
+            "guard_version": self.guard_version,
+            "model_sha256": self.model_sha256,
+            "input_name": self.input_name,
+            "output_name": self.output_name,
+            "num_classes": self.num_classes,
+            "taps": [{"name": t.name, "kind": t.kind, "fold": t.fold} for t in self.taps],
+            "thresholds": asdict(self.thresholds),
+            "settings": self.settings,
+            "figures": self.figures,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                  metadata={"guard": json.dumps(meta)})
+        tmp.replace(path)  # never leave a half-written profile behind
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        path = Path(path)
+        if not path.is_file():
+            raise ProfileError(f"profile not found: {path}")
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="numpy") as handle:
+                raw_meta = (handle.metadata() or {}).get("guard")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ProfileError(f"{path} is not a readable profile (corrupt or not safetensors): {exc}") from None
+        if raw_meta is None:
+            raise ProfileError(f"{path} is a safetensors file but not a guard profile (no 'guard' metadata)")
+        try:
+            meta = json.loads(raw_meta)
+            return cls._from_parts(meta, tensors)
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise ProfileError(f"{path} is a malformed guard profile: {type(exc).__name__}: {exc}") from None
+
+    @classmethod
+    def _from_parts(cls, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> Profile:
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"unknown profile format {meta.get('format')!r}, expected {FORMAT!r}")
+        taps = []
+        for index, tap in enumerate(meta["taps"]):
+            arrays = {name: tensors[f"taps.{index}.{name}"] for name in _TAP_ARRAYS}
+            channels = {a.shape for a in arrays.values()}
+            if len(channels) != 1 or len(next(iter(channels))) != 1:
+                raise ValueError(f"tap {tap['name']!r} has inconsistent array shapes {sorted(channels)}")
+            arrays["benign"] = arrays["benign"].astype(bool)
+            arrays["keep"] = arrays["keep"].astype(bool)
+            taps.append(TapProfile(name=str(tap["name"]), kind=str(tap["kind"]), fold=str(tap["fold"]), **arrays))
+        total = sum(t.channels for t in taps)
+        num_classes = int(meta["num_classes"])
+        for key in ("class_mean", "class_scale"):
+            if tensors[key].shape != (num_classes, total):
+                raise ValueError(f"{key} has shape {tensors[key].shape}, expected {(num_classes, total)}")
+        if not np.all(tensors["class_scale"] > 0) or not np.all(np.isfinite(tensors["class_mean"])):
+            raise ValueError("class statistics must be finite with positive scales")
+        return cls(
+            model_sha256=str(meta["model_sha256"]),
+            input_name=str(meta["input_name"]),
+            output_name=str(meta["output_name"]),
+            num_classes=num_classes,
+            taps=taps,
+            class_mean=tensors["class_mean"],
+            class_scale=tensors["class_scale"],
+            thresholds=Thresholds(**meta["thresholds"]),
+            settings=dict(meta["settings"]),
+            figures=dict(meta["figures"]),
+            guard_version=str(meta["guard_version"]),
+        )

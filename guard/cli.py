@@ -1,0 +1,129 @@
+"""The `guard` command line. Each command is a thin shell over the library; errors print one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from guard._version import __version__
+from guard.errors import GuardError
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from guard.calibrate.pipeline import CalibrationSettings, calibrate
+    from guard.samples import load_samples
+
+    x, y = load_samples(args.data)
+    settings = CalibrationSettings(
+        layers=args.layers.split(",") if args.layers else None, fpr=args.fpr, acc_budget=args.acc_budget,
+        prune=not args.no_prune, seed=args.seed,
+    )
+    profile = calibrate(args.model, x, y, settings=settings, progress=not args.quiet)
+    profile.save(args.out)
+    f = profile.figures
+    print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
+          f"channels, held-out accuracy {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
+          f"held-out flag rate {f['holdout_flag_rate']:.3f} (target {args.fpr}), {f['seconds']:.1f} s")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from guard.config import ServeSettings
+    from guard.server.app import serve
+
+    given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
+    try:
+        settings = ServeSettings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise GuardError(f"invalid settings: {problems}") from None
+    serve(settings)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from guard.calibrate.profile import Profile
+
+    profile = Profile.load(args.profile)
+    summary = {
+        "model_sha256": profile.model_sha256,
+        "guard_version": profile.guard_version,
+        "taps": [{"name": t.name, "kind": t.kind, "channels": t.channels, "pruned": int((~t.keep).sum()),
+                  "benign": int(t.benign.sum()), "fold": t.fold} for t in profile.taps],
+        "thresholds": vars(profile.thresholds),
+        "settings": profile.settings,
+        "figures": profile.figures,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from guard.demo import run_demo
+
+    return run_demo(workdir=args.workdir, epochs=args.epochs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guard", description="An inference-time backdoor guard.")
+    parser.add_argument("--version", action="version", version=f"guard {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    cal = commands.add_parser("calibrate", help="compute a profile from a model and clean samples")
+    cal.add_argument("model", help="ONNX image classifier")
+    cal.add_argument("--data", required=True, help=".npz with x (N, C, H, W) and optional y (N,)")
+    cal.add_argument("--out", required=True, help="where to write the profile (.safetensors)")
+    cal.add_argument("--layers", help="comma-separated ONNX tensor names to tap (default: chosen automatically)")
+    cal.add_argument("--fpr", type=float, default=0.05, help="target false-positive rate (default 0.05)")
+    cal.add_argument("--acc-budget", type=float, default=0.01, help="clean accuracy the mask may cost (0.01)")
+    cal.add_argument("--no-prune", action="store_true", help="do not choose a static mask")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--quiet", action="store_true", help="no progress bar")
+    cal.set_defaults(run=_calibrate)
+
+    srv = commands.add_parser("serve", help="serve guarded predictions over gRPC (settings also from GUARD_*)")
+    srv.add_argument("model", help="ONNX model")
+    srv.add_argument("--profile", help="profile from `guard calibrate`")
+    srv.add_argument("--model-name", dest="model_name", help="name clients use (default: the file's stem)")
+    srv.add_argument("--host", help="gRPC interface (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="gRPC port (default 8001)")
+    srv.add_argument("--metrics-host", dest="metrics_host", help="metrics interface (default 127.0.0.1)")
+    srv.add_argument("--metrics-port", dest="metrics_port", type=int, help="metrics port (default 8002)")
+    srv.add_argument("--device", choices=["cpu", "cuda"])
+    srv.add_argument("--policy", choices=["monitor", "enforce"], help="default enforce")
+    srv.add_argument("--max-batch", dest="max_batch", type=int, help="samples per request (default 1024)")
+    srv.add_argument("--workers", type=int, help="request threads (default 8)")
+    srv.add_argument("--grace-seconds", dest="grace_seconds", type=float, help="drain time on SIGTERM (30)")
+    srv.set_defaults(run=_serve)
+
+    ins = commands.add_parser("inspect", help="print what a profile holds")
+    ins.add_argument("profile")
+    ins.set_defaults(run=_inspect)
+
+    demo = commands.add_parser("demo", help="backdoor a small model on bundled data, guard it, show the verdicts")
+    demo.add_argument("--workdir", type=Path, help="keep the model and profile here (default: a temp dir)")
+    demo.add_argument("--epochs", type=int, default=4)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args))
+    except GuardError as exc:
+        print(f"guard: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,47 @@
+"""Serving settings: flags override environment variables (GUARD_*), which override the defaults here.
+
+Defaults are safe for a sidecar: both ports listen on loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from guard.runtime.policy import Policy
+
+DEFAULT_PORT = 8001
+DEFAULT_METRICS_PORT = 8002
+
+
+class ServeSettings(BaseSettings):
+    """Everything `guard serve` needs; each field can be set as GUARD_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="GUARD_", extra="forbid")
+
+    model: Path = Field(description="the ONNX model to serve")
+    profile: Path = Field(description="the profile `guard calibrate` wrote for this model")
+    model_name: str | None = Field(None, description="name clients use; defaults to the model file's stem")
+    host: str = Field("127.0.0.1", description="interface for gRPC (0.0.0.0 to accept other hosts)")
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    metrics_host: str = Field("127.0.0.1", description="interface for the Prometheus metrics endpoint")
+    metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=0, le=65535, description="metrics HTTP port (0: free one)")
+    device: str = Field("cpu", pattern="^(cpu|cuda)$", description="where the model runs")
+    policy: Policy = Field(Policy.ENFORCE, description="monitor: flag only; enforce: answer benign re-predictions")
+    max_batch: int = Field(1024, ge=1, description="most samples one request may carry")
+    max_message_mb: int = Field(64, ge=1, description="largest gRPC message accepted, in MiB")
+    workers: int = Field(8, ge=1, description="threads answering requests")
+    grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
+
+    @field_validator("model", "profile")
+    @classmethod
+    def _exists(cls, path: Path) -> Path:
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or self.model.stem

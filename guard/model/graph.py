@@ -1,0 +1,396 @@
+"""Loading ONNX models and rewriting their graphs for guarded serving.
+
+Everything that touches the ONNX graph lives here: reading and hashing the file, finding default taps, exposing the
+per-channel ℓ∞ of each tap as an extra graph output, folding the static mask into weights, and building the graph
+used for benign re-prediction. A layer is always named by its ONNX tensor name.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import helper, numpy_helper, shape_inference
+
+from guard.errors import ModelError
+
+LINF_OUTPUT_PREFIX = "guard_linf_"
+MASK_INPUT_PREFIX = "guard_mask_"
+
+# Ops through which a zeroed channel stays zero and stays the same channel.
+_ZERO_PRESERVING = {"Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Dropout"}
+_ACTIVATIONS = {"Relu", "LeakyRelu", "Clip", "Gelu", "Sigmoid", "HardSwish", "Elu", "Selu", "Softplus", "Tanh"}
+
+FoldMode = Literal["consumer", "producer", "mul"]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """An ONNX model with what guard needs to know about it."""
+
+    proto: onnx.ModelProto
+    sha256: str
+    path: Path | None
+    input_name: str
+    input_shape: tuple[int | None, ...]  # None for symbolic dims (the batch)
+    output_name: str
+    num_classes: int
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample (without the batch axis); every non-batch dim must be fixed."""
+        dims = self.input_shape[1:]
+        if any(d is None for d in dims):
+            raise ModelError(f"input {self.input_name!r} has symbolic non-batch dims {self.input_shape}")
+        return tuple(int(d) for d in dims)  # type: ignore[arg-type]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_model(source: str | Path | bytes | onnx.ModelProto) -> LoadedModel:
+    """Read an ONNX image classifier: one input (N, C, H, W) and a first output (N, classes)."""
+    path = None
+    try:
+        if isinstance(source, onnx.ModelProto):
+            data = source.SerializeToString()
+        elif isinstance(source, bytes):
+            data = source
+        else:
+            path = Path(source)
+            data = path.read_bytes()
+        proto = onnx.load_from_string(data)
+    except FileNotFoundError:
+        raise ModelError(f"model file not found: {source}") from None
+    except (OSError, ValueError, DecodeError) as exc:
+        raise ModelError(f"cannot read ONNX model {path or '<bytes>'}: {exc}") from None
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ModelError(f"guard serves models with exactly one input; this one has {[i.name for i in inputs]}")
+    if not proto.graph.output:
+        raise ModelError("the model has no outputs")
+    input_shape = _dims(inputs[0].type)
+    if len(input_shape) != 4:
+        raise ModelError(f"expected an image input (N, C, H, W); {inputs[0].name!r} has shape {input_shape}")
+    output_shape = _dims(proto.graph.output[0].type)
+    if len(output_shape) != 2 or output_shape[1] is None:
+        raise ModelError(f"expected a first output (N, classes); {proto.graph.output[0].name!r} is {output_shape}")
+    return LoadedModel(
+        proto=proto,
+        sha256=sha256_bytes(data),
+        path=path,
+        input_name=inputs[0].name,
+        input_shape=input_shape,
+        output_name=proto.graph.output[0].name,
+        num_classes=int(output_shape[1]),
+    )
+
+
+def _dims(type_proto: onnx.TypeProto) -> tuple[int | None, ...]:
+    shape = type_proto.tensor_type.shape
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in shape.dim)
+
+
+def tensor_ranks(proto: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor that shape inference can tell."""
+    inferred = shape_inference.infer_shapes(proto)
+    ranks: dict[str, int] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        if value.type.tensor_type.HasField("shape"):
+            ranks[value.name] = len(value.type.tensor_type.shape.dim)
+    return ranks
+
+
+def default_taps(model: LoadedModel, conv_taps: int = 2) -> list[str]:
+    """The last `conv_taps` conv activation outputs and the penultimate feature vector.
+
+    Conv activations are rank-4 outputs of activation nodes; the penultimate feature vector is the input of the
+    linear layer that produces the logits (the rank-2 tensor feeding the last Gemm/MatMul).
+    """
+    ranks = tensor_ranks(model.proto)
+    nodes = list(model.proto.graph.node)
+    conv = [n.output[0] for n in nodes if n.op_type in _ACTIVATIONS and ranks.get(n.output[0]) == 4]
+    taps = conv[-conv_taps:]
+    initializers = {init.name for init in model.proto.graph.initializer}
+    for node in reversed(nodes):
+        if node.op_type in {"Gemm", "MatMul"}:
+            features = next((i for i in node.input if i not in initializers), None)
+            if features is not None and ranks.get(features) == 2:
+                taps.append(features)
+            break
+    if not taps:
+        raise ModelError("found no conv activations or penultimate features to tap; name them with --layers")
+    return taps
+
+
+def validate_taps(model: LoadedModel, taps: list[str]) -> None:
+    """Every tap must be a rank-4 or rank-2 tensor the graph computes."""
+    produced = {out for node in model.proto.graph.node for out in node.output}
+    ranks = tensor_ranks(model.proto)
+    missing = [t for t in taps if t not in produced]
+    if missing:
+        sample = [n.output[0] for n in model.proto.graph.node][-8:]
+        raise ModelError(f"the model has no tensor named {missing}; the last tensors it computes are {sample}")
+    bad_rank = {t: ranks.get(t) for t in taps if ranks.get(t) not in (2, 4)}
+    if bad_rank:
+        raise ModelError(f"taps must be (N, C, H, W) or (N, C) tensors; got ranks {bad_rank}")
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+
+def _consumers(graph: onnx.GraphProto, tensor: str) -> list[onnx.NodeProto]:
+    return [n for n in graph.node if tensor in n.input]
+
+
+def _producer(graph: onnx.GraphProto, tensor: str) -> onnx.NodeProto | None:
+    return next((n for n in graph.node if tensor in n.output), None)
+
+
+class _Initializers:
+    """Mutable numpy views of a graph's initializers, written back once at the end."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.arrays = {init.name: numpy_helper.to_array(init).copy() for init in graph.initializer}
+        self.changed: set[str] = set()
+
+    def get(self, name: str) -> np.ndarray | None:
+        return self.arrays.get(name)
+
+    def mark(self, name: str) -> None:
+        self.changed.add(name)
+
+    def copy(self) -> _Initializers:
+        twin = _Initializers.__new__(_Initializers)
+        twin.graph = self.graph
+        twin.arrays = {name: array.copy() for name, array in self.arrays.items()}
+        twin.changed = set(self.changed)
+        return twin
+
+    def write_back(self) -> None:
+        for init in self.graph.initializer:
+            if init.name in self.changed:
+                init.CopyFrom(numpy_helper.from_array(self.arrays[init.name], init.name))
+
+
+def _zero_input_channels(node: onnx.NodeProto, channels: np.ndarray, block: int, inits: _Initializers) -> bool:
+    """Zero the weights through which input channels `channels` (each `block` features wide) enter `node`."""
+    weight_name = node.input[1] if len(node.input) > 1 else ""
+    weight = inits.get(weight_name)
+    if weight is None:
+        return False
+    features = (channels[:, None] * block + np.arange(block)[None, :]).ravel()
+    if node.op_type == "Conv":
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if group != 1 or block != 1:
+            return False
+        weight[:, channels] = 0
+    elif node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
+        if trans_a:
+            return False
+        if trans_b:
+            weight[:, features] = 0
+        else:
+            weight[features, :] = 0
+    elif node.op_type == "MatMul" and weight.ndim == 2:
+        weight[features, :] = 0
+    else:
+        return False
+    inits.mark(weight_name)
+    return True
+
+
+def _fold_into_consumers(graph: onnx.GraphProto, tensor: str, channels: np.ndarray, inits: _Initializers,
+                         ranks: dict[str, int], spatial: dict[str, int], outputs: set[str]) -> bool:
+    """Zero channel effects at every linear layer reached through zero-preserving ops; False if any path is not."""
+    if tensor in outputs:
+        return False
+    consumers = _consumers(graph, tensor)
+    if not consumers:
+        return False
+    for node in consumers:
+        if node.input[0] != tensor:
+            return False
+        if node.op_type in _ZERO_PRESERVING:
+            if not _fold_into_consumers(graph, node.output[0], channels, inits, ranks, spatial, outputs):
+                return False
+        elif node.op_type in {"Flatten", "Reshape"} and ranks.get(tensor) == 4 and ranks.get(node.output[0]) == 2:
+            if tensor not in spatial or not _fold_flat(graph, node.output[0], channels, spatial[tensor], inits):
+                return False
+        elif node.op_type in {"Conv", "Gemm", "MatMul"}:
+            if not _zero_input_channels(node, channels, 1, inits):
+                return False
+        else:
+            return False
+    return True
+
+
+def _fold_flat(graph: onnx.GraphProto, tensor: str, channels: np.ndarray, block: int, inits: _Initializers) -> bool:
+    consumers = _consumers(graph, tensor)
+    return bool(consumers) and all(
+        n.op_type in {"Gemm", "MatMul"} and n.input[0] == tensor and _zero_input_channels(n, channels, block, inits)
+        for n in consumers
+    )
+
+
+def _fold_into_producer(graph: onnx.GraphProto, tensor: str, channels: np.ndarray, inits: _Initializers) -> bool:
+    """Make the layer that computes `tensor` output zero on `channels` (the tap then reads zero there)."""
+    node = _producer(graph, tensor)
+    while node is not None and node.op_type in {"Relu", "Identity", "Dropout", "MaxPool"}:
+        node = _producer(graph, node.input[0])
+    if node is None:
+        return False
+    if node.op_type == "BatchNormalization":
+        scale, bias = inits.get(node.input[1]), inits.get(node.input[2])
+        if scale is None or bias is None:
+            return False
+        scale[channels] = 0
+        bias[channels] = 0
+        inits.mark(node.input[1])
+        inits.mark(node.input[2])
+        return True
+    if node.op_type in {"Conv", "Gemm"}:
+        weight = inits.get(node.input[1])
+        if weight is None or (node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute)):
+            return False
+        weight[channels] = 0
+        inits.mark(node.input[1])
+        if len(node.input) > 2 and node.input[2]:
+            bias = inits.get(node.input[2])
+            if bias is None:
+                return False
+            bias[channels] = 0
+            inits.mark(node.input[2])
+        return True
+    return False
+
+
+def _insert_mul(graph: onnx.GraphProto, tensor: str, mask_name: str, new_name: str) -> None:
+    """Route every consumer of `tensor` (and the graph output, if it is one) through `tensor * mask_name`."""
+    for node in graph.node:
+        for idx, name in enumerate(node.input):
+            if name == tensor:
+                node.input[idx] = new_name
+    for out in graph.output:
+        if out.name == tensor:
+            out.name = new_name
+    producer_index = next(i for i, n in enumerate(graph.node) if tensor in n.output)
+    graph.node.insert(producer_index + 1, helper.make_node("Mul", [tensor, mask_name], [new_name]))
+
+
+def fold_static_mask(model: LoadedModel, keep: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, FoldMode]]:
+    """Bake the static mask (per tap, True = keep) into a copy of the graph.
+
+    Preferred: zero the pruned channels' input weights in the next linear layers, so the tap still shows them (the
+    check keeps seeing a trigger that lights them up) at no runtime cost. Else zero the producing layer, also free,
+    though the tap then reads zero there. Else, as a last resort, an explicit Mul by a constant mask.
+    """
+    proto = copy.deepcopy(model.proto)
+    graph = proto.graph
+    ranks = tensor_ranks(proto)
+    shapes = _static_spatial(proto)
+    inits = _Initializers(graph)
+    outputs = {o.name for o in graph.output}
+    modes: dict[str, FoldMode] = {}
+    for tap, keep_mask in keep.items():
+        pruned = np.flatnonzero(~keep_mask.astype(bool))
+        if pruned.size == 0:
+            modes[tap] = "consumer"
+            continue
+        consumer_fold, producer_fold = inits.copy(), inits.copy()
+        if _fold_into_consumers(graph, tap, pruned, consumer_fold, ranks, shapes, outputs):
+            modes[tap], inits = "consumer", consumer_fold
+        elif _fold_into_producer(graph, tap, pruned, producer_fold):
+            modes[tap], inits = "producer", producer_fold
+        else:
+            modes[tap] = "mul"
+            const_name = f"guard_static_mask_{len(modes)}"
+            shape = (1, -1, 1, 1) if ranks.get(tap) == 4 else (1, -1)
+            graph.initializer.append(numpy_helper.from_array(keep_mask.astype(np.float32).reshape(shape), const_name))
+            _insert_mul(graph, tap, const_name, f"{tap}__guard_static")
+    inits.write_back()
+    return proto, modes
+
+
+def _static_spatial(proto: onnx.ModelProto) -> dict[str, int]:
+    """H*W of rank-4 tensors whose spatial dims shape inference can fix."""
+    inferred = shape_inference.infer_shapes(proto)
+    spatial: dict[str, int] = {}
+    for value in inferred.graph.value_info:
+        dims = _dims(value.type)
+        if len(dims) == 4 and dims[2] is not None and dims[3] is not None:
+            spatial[value.name] = int(dims[2]) * int(dims[3])
+    return spatial
+
+
+def _reduce_max_node(proto: onnx.ModelProto, tap: str, out: str) -> list[onnx.NodeProto]:
+    if _opset(proto) >= 18:
+        axes = f"{out}__axes"
+        proto.graph.initializer.append(numpy_helper.from_array(np.array([2, 3], dtype=np.int64), axes))
+        return [helper.make_node("ReduceMax", [tap, axes], [out], keepdims=0)]
+    return [helper.make_node("ReduceMax", [tap], [out], axes=[2, 3], keepdims=0)]
+
+
+def add_linf_outputs(proto: onnx.ModelProto, taps: list[str]) -> list[str]:
+    """Expose each tap's per-channel ℓ∞ (spatial max; the value itself for (N, C) taps) as a graph output."""
+    ranks = tensor_ranks(proto)
+    names = []
+    for index, tap in enumerate(taps):
+        out = f"{LINF_OUTPUT_PREFIX}{index}"
+        if ranks.get(tap) == 4:
+            proto.graph.node.extend(_reduce_max_node(proto, tap, out))
+        else:
+            proto.graph.node.append(helper.make_node("Identity", [tap], [out]))
+        proto.graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, ["batch", None]))
+        names.append(out)
+    return names
+
+
+def add_mask_inputs(proto: onnx.ModelProto, taps: list[str]) -> list[str]:
+    """Multiply each tap by a per-sample channel mask input (N, C) before anything downstream reads it."""
+    ranks = tensor_ranks(proto)
+    names = []
+    for index, tap in enumerate(taps):
+        mask = f"{MASK_INPUT_PREFIX}{index}"
+        proto.graph.input.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, ["batch", None]))
+        source = mask
+        if ranks.get(tap) == 4:
+            source = f"{mask}__4d"
+            axes = f"{mask}__axes"
+            proto.graph.initializer.append(numpy_helper.from_array(np.array([2, 3], dtype=np.int64), axes))
+            if _opset(proto) >= 13:
+                unsqueeze = helper.make_node("Unsqueeze", [mask, axes], [source])
+            else:
+                unsqueeze = helper.make_node("Unsqueeze", [mask], [source], axes=[2, 3])
+            proto.graph.node.insert(0, unsqueeze)
+        _insert_mul(proto.graph, tap, source, f"{tap}__guard_masked")
+        names.append(mask)
+    return names
+
+
+def serving_graphs(model: LoadedModel, taps: list[str], keep: dict[str, np.ndarray]) -> tuple[bytes, bytes]:
+    """The two graphs the engine runs: the guarded model with ℓ∞ outputs, and its masked re-prediction twin."""
+    folded, _ = fold_static_mask(model, keep)
+    served = copy.deepcopy(folded)
+    add_linf_outputs(served, taps)
+    repredict = copy.deepcopy(folded)
+    add_mask_inputs(repredict, taps)
+    del repredict.graph.output[1:]
+    for proto in (served, repredict):
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as exc:
+            raise ModelError(f"rewriting the graph produced an invalid model: {exc}") from None
+    return served.SerializeToString(), repredict.SerializeToString()

@@ -1,0 +1,43 @@
+"""The per-request neuron consistency check (LinkBreaker-style; guard's reconstruction of Chen et al., TIFS 2022).
+
+A request's per-channel ℓ∞ is compared with the clean profile of the class the model predicted: z_j = (ℓ∞_j − μ_ŷj)
+/ s_ŷj. Channels with z above k form the compromised set C(x); the score is the mean of the q largest z. Calibration
+and serving both call this one function, so the thresholds calibrated offline mean the same online.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class CheckResult:
+    """Per-sample outcome of the consistency check."""
+
+    score: np.ndarray  # (N,) float32, higher = less like the clean profile of the predicted class
+    compromised: np.ndarray  # (N, C_total) bool, channels whose z exceeds k
+
+
+@dataclass
+class ConsistencyCheck:
+    """Per-class ℓ∞ profiles over all tapped channels, concatenated across taps in tap order."""
+
+    class_mean: np.ndarray  # (K, C_total)
+    class_scale: np.ndarray  # (K, C_total), strictly positive
+    active: np.ndarray  # (C_total,) bool: channels that take part (observable in the served graph)
+    top_q: int
+    k: float
+
+    def z_scores(self, linf: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """(N, C_total) standardised ℓ∞ against each sample's predicted class; inactive channels are 0."""
+        z = (linf - self.class_mean[labels]) / self.class_scale[labels]
+        return np.where(self.active[None, :], z, 0.0).astype(np.float32)
+
+    def __call__(self, linf: list[np.ndarray] | np.ndarray, labels: np.ndarray) -> CheckResult:
+        flat = np.concatenate(linf, axis=1) if isinstance(linf, list) else linf
+        z = self.z_scores(flat, labels)
+        q = min(self.top_q, z.shape[1])
+        top = np.partition(z, z.shape[1] - q, axis=1)[:, -q:]
+        return CheckResult(score=top.mean(axis=1).astype(np.float32), compromised=z > self.k)

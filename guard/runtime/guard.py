@@ -1,0 +1,132 @@
+"""`Guard`: a model and its profile, answering guarded predictions in-process (the server calls the same object).
+
+request x -> validate -> engine (masked model, ℓ∞ per tap) -> consistency check -> benign re-prediction for the
+samples with compromised channels -> verdict and policy -> Result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from guard.calibrate.pipeline import split_masks
+from guard.calibrate.profile import Profile
+from guard.errors import ModelError, ProfileError, RequestError
+from guard.model.graph import LoadedModel, load_model, serving_graphs, validate_taps
+from guard.runtime.engine import OrtEngine
+from guard.runtime.policy import Policy, apply_policy
+
+STAGES = ("engine", "check", "repredict")
+
+
+@dataclass
+class Result:
+    """One guarded answer per sample."""
+
+    labels: np.ndarray  # (N,) int64, the answer under the policy
+    logits: np.ndarray  # (N, K) float32, the logits behind `labels`
+    flagged: np.ndarray  # (N,) bool
+    score: np.ndarray  # (N,) float32, the consistency score (flagged above the profile's tau)
+    model_labels: np.ndarray  # (N,) int64, what the masked model answered before the check
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Guard:
+    """A guarded model. Build once (`Guard.load`), then call `predict` for each batch.
+
+    Example::
+
+        guard = Guard.load("model.onnx", "profile.safetensors")
+        result = guard.predict(x)  # x: (N, C, H, W) float32
+        result.labels, result.flagged
+    """
+
+    def __init__(self, model: LoadedModel, profile: Profile, *, device: str = "cpu",
+                 policy: Policy | str = Policy.ENFORCE) -> None:
+        profile.verify_model(model.sha256)
+        try:
+            validate_taps(model, profile.tap_names)
+        except ModelError as exc:
+            raise ProfileError(f"the model does not have the profile's taps: {exc}") from None
+        if (profile.input_name, profile.output_name) != (model.input_name, model.output_name):
+            raise ProfileError("the profile names other input/output tensors than the model has")
+        self.model = model
+        self.profile = profile
+        self.policy = Policy(policy)
+        self.sample_shape = model.sample_shape
+        served, repredict = serving_graphs(model, profile.tap_names, profile.keep_masks())
+        self.engine = OrtEngine(served, repredict, model.input_name, model.output_name, len(profile.taps), device)
+        self.check = profile.check()
+        self._warm_up()
+
+    @classmethod
+    def load(cls, model: str | Path, profile: str | Path, *, device: str = "cpu",
+             policy: Policy | str = Policy.ENFORCE) -> Guard:
+        return cls(load_model(model), Profile.load(profile), device=device, policy=policy)
+
+    @property
+    def tau(self) -> float:
+        return self.profile.thresholds.tau
+
+    def _warm_up(self) -> None:
+        """One run before serving: the first real request is not slow, and channel counts are verified."""
+        x = np.zeros((1, *self.sample_shape), dtype=np.float32)
+        _, linf = self.engine.run(x)
+        got = [a.shape[1] for a in linf]
+        want = [tap.channels for tap in self.profile.taps]
+        if got != want:
+            raise ProfileError(f"the model's taps have {got} channels, the profile expects {want}")
+        self.engine.repredict(x, [np.ones((1, c), dtype=np.float32) for c in want])
+
+    def validate(self, x: np.ndarray) -> np.ndarray:
+        """The batch as float32 (N, C, H, W), or a RequestError saying what is wrong with it."""
+        if not isinstance(x, np.ndarray):
+            raise RequestError(f"expected a numpy array, got {type(x).__name__}")
+        if x.dtype != np.float32:
+            if not np.issubdtype(x.dtype, np.floating):
+                raise RequestError(f"expected float32 input, got {x.dtype}")
+            x = x.astype(np.float32)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.sample_shape or x.shape[0] == 0:
+            want = ", ".join(map(str, self.sample_shape))
+            raise RequestError(f"expected shape (N, {want}) with N >= 1, got {tuple(x.shape)}")
+        if not np.isfinite(x).all():
+            raise RequestError("input contains NaN or Inf")
+        return x
+
+    def predict(self, x: np.ndarray) -> Result:
+        x = self.validate(x)
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        logits, linf = self.engine.run(x)
+        t1 = time.perf_counter()
+        model_labels = logits.argmax(axis=1)
+        verdict = self.check(linf, model_labels)
+        t2 = time.perf_counter()
+        seconds["engine"], seconds["check"] = t1 - t0, t2 - t1
+        compromised = verdict.compromised
+        suspicious = verdict.score > self.tau
+        # A sample flagged by its score but with no single channel past k: break the link at its top channels.
+        lone = suspicious & ~compromised.any(axis=1)
+        if lone.any():
+            z = self.check.z_scores(np.concatenate(linf, axis=1)[lone], model_labels[lone])
+            top = np.argsort(-z, axis=1)[:, : self.check.top_q]
+            compromised[np.flatnonzero(lone)[:, None], top] = True
+        benign_logits = logits.copy()
+        rows = np.flatnonzero(compromised.any(axis=1))
+        if rows.size:
+            masks = split_masks([tap.keep for tap in self.profile.taps], compromised[rows])
+            benign_logits[rows] = self.engine.repredict(x[rows], masks)
+        seconds["repredict"] = time.perf_counter() - t2
+        flagged = suspicious | (benign_logits.argmax(axis=1) != model_labels)
+        answer = apply_policy(self.policy, logits, benign_logits, flagged)
+        return Result(
+            labels=answer.argmax(axis=1).astype(np.int64),
+            logits=answer.astype(np.float32),
+            flagged=flagged,
+            score=verdict.score,
+            model_labels=model_labels.astype(np.int64),
+            stage_seconds=seconds,
+        )

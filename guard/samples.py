@@ -1,0 +1,33 @@
+"""Reading user data files: `.npz` with `x` (N, C, H, W) in the model's input range and optional `y` (N,) labels.
+
+Loaded with allow_pickle=False: a data file from anyone cannot run code.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from guard.errors import GuardError
+
+
+def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(x float32, y int64 or None) from an .npz file, with clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise GuardError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data.files:
+                raise GuardError(f"{path} has no array 'x' (found {data.files}); save with np.savez(path, x=..., y=...)")
+            x = data["x"]
+            y = data["y"] if "y" in data.files else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise GuardError(f"cannot read {path} as .npz: {exc}") from None
+    if not np.issubdtype(x.dtype, np.number):
+        raise GuardError(f"x in {path} must be numeric, got {x.dtype}")
+    if y is not None and (y.ndim != 1 or not np.issubdtype(y.dtype, np.integer)):
+        raise GuardError(f"y in {path} must be a 1-D integer array, got {y.dtype} {y.shape}")
+    return x.astype(np.float32), None if y is None else y.astype(np.int64)

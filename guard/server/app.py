@@ -1,0 +1,106 @@
+"""The gRPC server: both protocol adapters and grpc.health.v1 over one data plane, metrics on their own port.
+
+Start-up: load and verify model + profile, warm the engine up, bind, then report SERVING. SIGTERM: report
+NOT_SERVING at once (probes stop routing here), refuse new calls, finish the in-flight ones within the grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from guard.config import ServeSettings
+from guard.errors import GuardError
+from guard.runtime.guard import Guard
+from guard.server._proto.guard.v1 import guard_pb2_grpc
+from guard.server._proto.inference import grpc_service_pb2_grpc as oip_grpc
+from guard.server.dataplane import DataPlane
+from guard.server.guard_v1 import GuardServicer
+from guard.server.metrics import Metrics
+from guard.server.oip import InferenceServicer
+
+log = logging.getLogger("guard.server")
+HEALTH_SERVICES = ("", "inference.GRPCInferenceService", "guard.v1.Guard")
+
+
+class GuardServer:
+    """One guarded model behind gRPC. `start()` returns once it is ready; `stop()` drains."""
+
+    def __init__(self, settings: ServeSettings, guard: Guard | None = None) -> None:
+        self.settings = settings
+        self.guard = guard or Guard.load(settings.model, settings.profile, device=settings.device,
+                                         policy=settings.policy)
+        self.metrics = Metrics(settings.served_name)
+        self.plane = DataPlane(self.guard, settings.served_name, self.metrics, settings.max_batch)
+        limit = settings.max_message_mb * 1024 * 1024
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="guard-rpc"),
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), self.server)
+        guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(self.plane), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = 0
+        self.metrics_port = 0
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        address = f"{self.settings.host}:{self.settings.port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise GuardError(f"cannot listen on {address}: {exc}") from None
+        if self.port == 0:
+            raise GuardError(f"cannot listen on {address}")
+        try:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        except OSError as exc:
+            raise GuardError(
+                f"cannot serve metrics on {self.settings.metrics_host}:{self.settings.metrics_port}: {exc}"
+            ) from None
+        self.server.start()
+        self.plane.ready = True
+        self.metrics.ready.labels(model=self.plane.name).set(1)
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("guard serving model %r on %s:%d (metrics on %s:%d, policy %s, providers %s)",
+                 self.plane.name, self.settings.host, self.port, self.settings.metrics_host, self.metrics_port,
+                 self.guard.policy.value, ",".join(self.guard.engine.providers))
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls, let in-flight ones finish (up to `grace` seconds), then close everything."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.plane.ready = False
+        self.metrics.ready.labels(model=self.plane.name).set(0)
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        self.metrics.close()
+        log.info("guard stopped")
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def serve(settings: ServeSettings) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    server = GuardServer(settings)
+    server.start()
+    print(f"guard: serving {server.plane.name!r} on {settings.host}:{server.port}, "
+          f"metrics on {settings.metrics_host}:{server.metrics_port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):  # short waits keep the main thread responsive to signals
+        pass
+    print("guard: draining in-flight requests", flush=True)
+    server.stop()

@@ -1,0 +1,69 @@
+"""The one data plane behind both gRPC adapters: look up the model, run the guard, record metrics.
+
+Protocol code (OIP, guard.v1) only decodes requests into numpy and encodes Results; everything else happens here,
+so both protocols answer and count identically.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+
+from guard.errors import RequestError
+from guard.runtime.guard import Guard, Result
+from guard.server.metrics import Metrics
+
+
+class UnknownModelError(RequestError):
+    """The request names a model this server does not serve."""
+
+
+class DataPlane:
+    """Serves one guarded model under one name."""
+
+    def __init__(self, guard: Guard, name: str, metrics: Metrics, max_batch: int) -> None:
+        self.guard = guard
+        self.name = name
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.ready = False
+
+    def resolve(self, name: str) -> str:
+        """The served model's name; an empty name means the only model served."""
+        if name not in ("", self.name):
+            raise UnknownModelError(f"unknown model {name!r}; this server serves {self.name!r}")
+        return self.name
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Wraps one request: counts it in flight while it runs."""
+        self.metrics.inflight.inc()
+        try:
+            yield
+        finally:
+            self.metrics.inflight.dec()
+
+    def infer(self, x: np.ndarray, decode_seconds: float) -> Result:
+        """Guarded answers for a decoded batch; counts samples, verdicts, scores and stage times."""
+        if x.shape[0] > self.max_batch:
+            raise RequestError(f"batch of {x.shape[0]} samples exceeds the server's limit of {self.max_batch}")
+        started = time.perf_counter()
+        result = self.guard.predict(x)
+        total = decode_seconds + time.perf_counter() - started
+        m, name = self.metrics, self.name
+        flagged = int(result.flagged.sum())
+        m.samples.labels(model=name, verdict="flagged").inc(flagged)
+        m.samples.labels(model=name, verdict="clean").inc(len(result.flagged) - flagged)
+        m.requests.labels(model=name, verdict="flagged" if flagged else "clean").inc()
+        for stage, seconds in {"decode": decode_seconds, **result.stage_seconds, "total": total}.items():
+            m.duration.labels(model=name, stage=stage).observe(seconds)
+        score = m.score.labels(model=name)
+        for value in result.score.tolist():
+            score.observe(value)
+        return result
+
+    def count_error(self, code: str) -> None:
+        self.metrics.errors.labels(model=self.name, code=code).inc()

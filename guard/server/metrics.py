@@ -1,0 +1,57 @@
+"""Prometheus metrics of one server, in a registry of its own (no import-time globals), on a separate HTTP port.
+
+The names here are the ones dashboards and alert rules use; change them here or nowhere.
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from guard._version import __version__
+
+STAGES = ("decode", "engine", "check", "repredict", "total")
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_SCORE_BUCKETS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0)
+
+
+class Metrics:
+    """The guard's counters, histograms and gauges."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("guard_requests_total", "Requests answered, by verdict (flagged if any sample was)",
+                                ["model", "verdict"], registry=r)
+        self.samples = Counter("guard_samples_total", "Samples answered, by verdict", ["model", "verdict"],
+                               registry=r)
+        self.errors = Counter("guard_request_errors_total", "Requests refused or failed, by gRPC status code",
+                              ["model", "code"], registry=r)
+        self.duration = Histogram("guard_request_duration_seconds", "Time spent per request, by stage",
+                                  ["model", "stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.score = Histogram("guard_check_score", "Consistency score per sample", ["model"],
+                               buckets=_SCORE_BUCKETS, registry=r)
+        self.inflight = Gauge("guard_inflight_requests", "Requests being answered now", registry=r)
+        self.ready = Gauge("guard_model_ready", "1 when the model is loaded and serving", ["model"], registry=r)
+        self.build = Gauge("guard_build_info", "Build information", ["version"], registry=r)
+        self.build.labels(version=__version__).set(1)
+        for verdict in ("clean", "flagged"):
+            self.requests.labels(model=model, verdict=verdict)
+            self.samples.labels(model=model, verdict=verdict)
+        self.ready.labels(model=model).set(0)
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint; returns the bound port."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

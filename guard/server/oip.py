@@ -1,0 +1,66 @@
+"""Open Inference Protocol (KServe v2 / Triton) adapter: stock clients such as tritonclient work unchanged."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from guard._version import __version__
+from guard.server import codecs
+from guard.server._proto.inference import grpc_service_pb2 as oip
+from guard.server._proto.inference import grpc_service_pb2_grpc as oip_grpc
+from guard.server.dataplane import DataPlane
+from guard.server.status import answer
+
+SERVER_NAME = "guard"
+PLATFORM = "onnxruntime_onnx"
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    def ServerLive(self, request: oip.ServerLiveRequest, context: grpc.ServicerContext) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: oip.ServerReadyRequest, context: grpc.ServicerContext) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self.plane.ready)
+
+    def ModelReady(self, request: oip.ModelReadyRequest, context: grpc.ServicerContext) -> oip.ModelReadyResponse:
+        return answer(self.plane, context, lambda: oip.ModelReadyResponse(
+            ready=bool(self.plane.resolve(request.name)) and self.plane.ready))
+
+    def ServerMetadata(self, request: oip.ServerMetadataRequest,
+                       context: grpc.ServicerContext) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
+
+    def ModelMetadata(self, request: oip.ModelMetadataRequest,
+                      context: grpc.ServicerContext) -> oip.ModelMetadataResponse:
+        def metadata() -> oip.ModelMetadataResponse:
+            name = self.plane.resolve(request.name)
+            model = self.plane.guard.model
+            tensor = oip.ModelMetadataResponse.TensorMetadata
+            return oip.ModelMetadataResponse(
+                name=name, versions=["1"], platform=PLATFORM,
+                inputs=[tensor(name=model.input_name, datatype="FP32", shape=[-1, *model.sample_shape])],
+                outputs=[
+                    tensor(name=model.output_name, datatype="FP32", shape=[-1, model.num_classes]),
+                    tensor(name=codecs.FLAGGED_OUTPUT, datatype="BOOL", shape=[-1]),
+                    tensor(name=codecs.SCORE_OUTPUT, datatype="FP32", shape=[-1]),
+                ],
+            )
+
+        return answer(self.plane, context, metadata)
+
+    def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.ServicerContext) -> oip.ModelInferResponse:
+        def infer() -> oip.ModelInferResponse:
+            started = time.perf_counter()
+            name = self.plane.resolve(request.model_name)
+            model = self.plane.guard.model
+            x = codecs.decode_oip(request, model.input_name, model.sample_shape)
+            result = self.plane.infer(x, time.perf_counter() - started)
+            return codecs.encode_oip(result, name, request, model.output_name, self.plane.guard.policy.value)
+
+        with self.plane.request():
+            return answer(self.plane, context, infer)

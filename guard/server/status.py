@@ -1,0 +1,31 @@
+"""One mapping from guard's errors to gRPC status codes, shared by both protocol adapters."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from guard.errors import RequestError
+from guard.server.dataplane import DataPlane, UnknownModelError
+
+log = logging.getLogger("guard.server")
+T = TypeVar("T")
+
+
+def answer(plane: DataPlane, context: grpc.ServicerContext, handler: Callable[[], T]) -> T:
+    """Run `handler`; a bad request aborts with a status naming what was wrong, and the server keeps serving."""
+    try:
+        return handler()
+    except UnknownModelError as exc:
+        code, message = grpc.StatusCode.NOT_FOUND, str(exc)
+    except RequestError as exc:
+        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    except Exception as exc:
+        log.exception("request failed")
+        code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    plane.count_error(code.name)
+    context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")
