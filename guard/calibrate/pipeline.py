@@ -131,16 +131,17 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     keep = choice.keep
     _, folds = fold_static_mask(loaded, dict(zip(taps, keep, strict=True)))
 
-    guarded_fit = timed("profiles", run, x[fit], masks=keep)
+    guarded_fit = timed("profiles", run, x[fit], masks=keep, with_unit_max=True)
+    bounds = guarded_fit.unit_max or [None] * len(taps)
     class_mean, class_scale = class_profiles(guarded_fit.linf, guarded_fit.predictions, loaded.num_classes)
     ranks = tensor_ranks(loaded.proto)
     tap_profiles = [
         TapProfile(
             name=tap, kind="conv" if ranks.get(tap) == 4 else "dense", fold=folds[tap],
             linf_mean=s.mean, linf_std=s.std, linf_p99=s.p99, linf_p999=s.p999, peakedness=s.peakedness,
-            salience=bs, benign=b, keep=k,
+            salience=bs, benign=b, keep=k, unit_bound=u,
         )
-        for tap, s, bs, b, k in zip(taps, stats, salience, benign, keep, strict=True)
+        for tap, s, bs, b, k, u in zip(taps, stats, salience, benign, keep, bounds, strict=True)
     ]
     draft = Profile(
         model_sha256=loaded.sha256, input_name=loaded.input_name, output_name=loaded.output_name,
@@ -156,7 +157,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     k = compromise_threshold(z, check.active, settings.k_quantile, settings.k_min)
     check.k = k
     result = check(guarded_hold.linf, labels)
-    benign_labels = run.benign_repredict(x[hold], keep, result.compromised, labels)
+    benign_labels = run.benign_repredict(x[hold], keep, bounds, result.compromised, labels)
     disagree = benign_labels != labels
     tau = score_threshold(result.score, disagree, settings.fpr)
     flagged = (result.score > tau) | disagree
@@ -183,34 +184,45 @@ class _Runner:
         self.model, self.batch_size, self.bar = model, batch_size, bar
 
     def __call__(self, x: np.ndarray, y: np.ndarray | None = None, *, masks: list[np.ndarray] | None = None,
-                 with_salience: bool = False) -> Activations:
+                 with_salience: bool = False, with_unit_max: bool = False) -> Activations:
         mask_rows = None if masks is None else [m.astype(np.float32)[None, :] if m.ndim == 1 else m for m in masks]
         with torch.no_grad() if not with_salience else torch.enable_grad():
             return collect(self.model, x, y, masks=mask_rows, with_salience=with_salience,
-                           batch_size=self.batch_size, on_batch=self.bar.update)
+                           with_unit_max=with_unit_max, batch_size=self.batch_size, on_batch=self.bar.update)
 
     def masked_predictions(self, x: np.ndarray, keep: list[np.ndarray]) -> np.ndarray:
         masks = [k.astype(np.float32)[None, :] for k in keep]
         with torch.no_grad():
             return collect(self.model, x, masks=masks, batch_size=self.batch_size).predictions
 
-    def benign_repredict(self, x: np.ndarray, keep: list[np.ndarray], compromised: np.ndarray,
-                         labels: np.ndarray) -> np.ndarray:
-        """Labels with each sample's compromised channels zeroed too; samples with none keep their label."""
+    def benign_repredict(self, x: np.ndarray, keep: list[np.ndarray], bounds: list[np.ndarray | None],
+                         compromised: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Labels with each sample's compromised channels and out-of-bound units zeroed; samples with no
+        compromised channel keep their label."""
         rows = np.flatnonzero(compromised.any(axis=1))
         out = labels.copy()
         if rows.size:
-            masks = split_masks(keep, compromised[rows])
+            masks = repredict_masks(keep, bounds, compromised[rows])
             with torch.no_grad():
-                out[rows] = collect(self.model, x[rows], masks=masks, batch_size=self.batch_size).predictions
+                out[rows] = collect(self.model, x[rows], masks=masks, bounds=bounds,
+                                    batch_size=self.batch_size).predictions
         return out
 
 
-def split_masks(keep: list[np.ndarray], compromised: np.ndarray) -> list[np.ndarray]:
-    """Per-tap (N, C) float masks: the static keep mask minus each sample's compromised channels."""
+def repredict_masks(keep: list[np.ndarray], bounds: list[np.ndarray | None],
+                    compromised: np.ndarray) -> list[np.ndarray]:
+    """Per-tap (N, C) float channel masks for the benign re-prediction.
+
+    Where conv taps carry unit bounds, the link is cut there (units above their clean bound are zeroed in the
+    graph) and the masks only repeat the static mask: zeroing high-z features downstream as well was measured to
+    erase the true class's evidence too (see docs). Without any unit bound, each sample's compromised channels are
+    zeroed.
+    """
+    zero_channels = all(bound is None for bound in bounds)
     masks, start = [], 0
     for tap_keep in keep:
         stop = start + len(tap_keep)
-        masks.append((tap_keep[None, :] & ~compromised[:, start:stop]).astype(np.float32))
+        cut = compromised[:, start:stop] if zero_channels else np.zeros((len(compromised), len(tap_keep)), bool)
+        masks.append((tap_keep[None, :] & ~cut).astype(np.float32))
         start = stop
     return masks

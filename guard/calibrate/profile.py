@@ -39,6 +39,7 @@ class TapProfile:
     salience: np.ndarray
     benign: np.ndarray  # bool: in the benign set B
     keep: np.ndarray  # bool: False = pruned by the static mask
+    unit_bound: np.ndarray | None = None  # conv taps: (C, H, W) largest clean activation of each unit
 
     @property
     def channels(self) -> int:
@@ -80,6 +81,9 @@ class Profile:
     def keep_masks(self) -> dict[str, np.ndarray]:
         return {tap.name: tap.keep for tap in self.taps}
 
+    def unit_bounds(self) -> dict[str, np.ndarray]:
+        return {tap.name: tap.unit_bound for tap in self.taps if tap.unit_bound is not None}
+
     def check(self) -> ConsistencyCheck:
         return ConsistencyCheck(
             class_mean=self.class_mean,
@@ -103,6 +107,8 @@ class Profile:
             for name in _TAP_ARRAYS:
                 value = getattr(tap, name)
                 tensors[f"taps.{index}.{name}"] = value.astype(np.uint8 if value.dtype == bool else np.float32)
+            if tap.unit_bound is not None:
+                tensors[f"taps.{index}.unit_bound"] = tap.unit_bound.astype(np.float32)
         meta = {
             "format": FORMAT,
             "guard_version": self.guard_version,
@@ -153,7 +159,11 @@ class Profile:
                 raise ValueError(f"tap {tap['name']!r} has inconsistent array shapes {sorted(channels)}")
             arrays["benign"] = arrays["benign"].astype(bool)
             arrays["keep"] = arrays["keep"].astype(bool)
-            taps.append(TapProfile(name=str(tap["name"]), kind=str(tap["kind"]), fold=str(tap["fold"]), **arrays))
+            bound = tensors.get(f"taps.{index}.unit_bound")
+            if bound is not None and (bound.ndim != 3 or bound.shape[0] != len(arrays["keep"])):
+                raise ValueError(f"tap {tap['name']!r} has a unit bound of shape {bound.shape}")
+            taps.append(TapProfile(name=str(tap["name"]), kind=str(tap["kind"]), fold=str(tap["fold"]),
+                                   unit_bound=bound, **arrays))
         total = sum(t.channels for t in taps)
         num_classes = int(meta["num_classes"])
         for key in ("class_mean", "class_scale"):

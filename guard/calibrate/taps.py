@@ -18,7 +18,7 @@ import torch
 
 from guard.errors import ModelError
 from guard.model.bridge import OnnxModule
-from guard.model.graph import LoadedModel, tensor_ranks
+from guard.model.graph import LoadedModel
 
 
 class TapModel(Protocol):
@@ -26,13 +26,31 @@ class TapModel(Protocol):
 
     taps: list[str]
 
-    def run(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits (N, K) and one tensor per tap; `masks[i]` is (N, C) or (1, C) for tap i, 1 = keep."""
+    def run(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None,
+            bounds: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits (N, K) and one tensor per tap (before masking).
+
+        `masks[i]` is (N, C) or (1, C) for tap i, 1 = keep; `bounds[i]` (C, H, W) or None also zeroes the units of
+        tap i that exceed it.
+        """
         ...
 
 
-def _broadcast_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return mask.reshape(*mask.shape, *([1] * (like.dim() - 2))).to(like.dtype)
+def _mask_for(activation: torch.Tensor, mask: torch.Tensor | None, bound: torch.Tensor | None) -> torch.Tensor:
+    """The multiplier for one tap: channel mask broadcast over space, times 0 where a unit exceeds its bound."""
+    keep = torch.ones((), dtype=activation.dtype)
+    if mask is not None:
+        keep = mask.reshape(*mask.shape, *([1] * (activation.dim() - 2))).to(activation.dtype)
+    if bound is not None:
+        keep = keep * (activation <= bound).to(activation.dtype)
+    return keep
+
+
+def _tap_masks(masks: list[torch.Tensor] | None, bounds: list[torch.Tensor | None] | None,
+               count: int) -> list[tuple[torch.Tensor | None, torch.Tensor | None]] | None:
+    if masks is None and (bounds is None or all(b is None for b in bounds)):
+        return None
+    return list(zip(masks or [None] * count, bounds or [None] * count, strict=True))
 
 
 class OnnxTaps:
@@ -42,15 +60,14 @@ class OnnxTaps:
         self.taps = list(taps)
         self.module = OnnxModule(model.proto).eval()
         self.output_name = model.output_name
-        ranks = tensor_ranks(model.proto)
-        self._spatial_dims = [ranks.get(tap, 2) - 2 for tap in self.taps]
 
-    def run(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None,
+            bounds: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        pairs = _tap_masks(masks, bounds, len(self.taps))
         tap_masks = None
-        if masks is not None:
+        if pairs is not None:
             tap_masks = {
-                tap: mask.reshape(*mask.shape, *([1] * extra))
-                for tap, mask, extra in zip(self.taps, masks, self._spatial_dims, strict=True)
+                tap: (lambda act, m=m, b=b: _mask_for(act, m, b)) for tap, (m, b) in zip(self.taps, pairs, strict=True)
             }
         outputs, captured = self.module.run(x, capture=self.taps, masks=tap_masks)
         return outputs[self.output_name], [captured[t] for t in self.taps]
@@ -63,7 +80,7 @@ class ModuleTaps:
         self.taps = list(taps)
         self.module = module.eval()
         self.submodules = _match_submodules(module, model, taps, probe)
-        self._masks: list[torch.Tensor] | None = None
+        self._masks: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
         self._captured: list[torch.Tensor | None] = [None] * len(taps)
         for index, submodule in enumerate(self.submodules):
             submodule.register_forward_hook(self._hook(index))
@@ -73,12 +90,13 @@ class ModuleTaps:
             self._captured[index] = output
             if self._masks is None:
                 return output
-            return output * _broadcast_mask(self._masks[index], output)
+            return output * _mask_for(output, *self._masks[index])
 
         return hook
 
-    def run(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        self._masks = masks
+    def run(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None,
+            bounds: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self._masks = _tap_masks(masks, bounds, len(self.taps))
         self._captured = [None] * len(self.taps)
         try:
             logits = self.module(x)

@@ -358,8 +358,9 @@ def add_linf_outputs(proto: onnx.ModelProto, taps: list[str]) -> list[str]:
     return names
 
 
-def add_mask_inputs(proto: onnx.ModelProto, taps: list[str]) -> list[str]:
-    """Multiply each tap by a per-sample channel mask input (N, C) before anything downstream reads it."""
+def add_mask_inputs(proto: onnx.ModelProto, taps: list[str], bounds: dict[str, np.ndarray]) -> list[str]:
+    """Multiply each tap by a per-sample channel mask input (N, C) before anything downstream reads it; at taps
+    with a unit bound (C, H, W), also zero every unit above its bound."""
     ranks = tensor_ranks(proto)
     names = []
     for index, tap in enumerate(taps):
@@ -376,17 +377,33 @@ def add_mask_inputs(proto: onnx.ModelProto, taps: list[str]) -> list[str]:
                 unsqueeze = helper.make_node("Unsqueeze", [mask], [source], axes=[2, 3])
             proto.graph.node.insert(0, unsqueeze)
         _insert_mul(proto.graph, tap, source, f"{tap}__guard_masked")
+        if tap in bounds:
+            _zero_above_bound(proto.graph, tap, f"{tap}__guard_masked", bounds[tap], index)
         names.append(mask)
     return names
 
 
-def serving_graphs(model: LoadedModel, taps: list[str], keep: dict[str, np.ndarray]) -> tuple[bytes, bytes]:
+def _zero_above_bound(graph: onnx.GraphProto, tap: str, masked: str, bound: np.ndarray, index: int) -> None:
+    """Rewrite `masked = tap * mask` into `tap * mask * (tap <= bound)`."""
+    bound_name, over, within, within_f = (f"guard_bound_{index}", f"{tap}__guard_over", f"{tap}__guard_within",
+                                          f"{tap}__guard_within_f")
+    graph.initializer.append(numpy_helper.from_array(bound.astype(np.float32)[None], bound_name))
+    mul_index = next(i for i, n in enumerate(graph.node) if masked in n.output)
+    graph.node[mul_index].output[0] = f"{masked}__channels"
+    graph.node.insert(mul_index + 1, helper.make_node("Greater", [tap, bound_name], [over]))
+    graph.node.insert(mul_index + 2, helper.make_node("Not", [over], [within]))
+    graph.node.insert(mul_index + 3, helper.make_node("Cast", [within], [within_f], to=onnx.TensorProto.FLOAT))
+    graph.node.insert(mul_index + 4, helper.make_node("Mul", [f"{masked}__channels", within_f], [masked]))
+
+
+def serving_graphs(model: LoadedModel, taps: list[str], keep: dict[str, np.ndarray],
+                   bounds: dict[str, np.ndarray]) -> tuple[bytes, bytes]:
     """The two graphs the engine runs: the guarded model with ℓ∞ outputs, and its masked re-prediction twin."""
     folded, _ = fold_static_mask(model, keep)
     served = copy.deepcopy(folded)
     add_linf_outputs(served, taps)
     repredict = copy.deepcopy(folded)
-    add_mask_inputs(repredict, taps)
+    add_mask_inputs(repredict, taps, bounds)
     del repredict.graph.output[1:]
     for proto in (served, repredict):
         try:

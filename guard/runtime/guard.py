@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.calibrate.pipeline import split_masks
+from guard.calibrate.pipeline import repredict_masks
 from guard.calibrate.profile import Profile
 from guard.errors import ModelError, ProfileError, RequestError
 from guard.model.graph import LoadedModel, load_model, serving_graphs, validate_taps
@@ -57,7 +57,7 @@ class Guard:
         self.profile = profile
         self.policy = Policy(policy)
         self.sample_shape = model.sample_shape
-        served, repredict = serving_graphs(model, profile.tap_names, profile.keep_masks())
+        served, repredict = serving_graphs(model, profile.tap_names, profile.keep_masks(), profile.unit_bounds())
         self.engine = OrtEngine(served, repredict, model.input_name, model.output_name, len(profile.taps), device)
         self.check = profile.check()
         self._warm_up()
@@ -117,7 +117,8 @@ class Guard:
         benign_logits = logits.copy()
         rows = np.flatnonzero(compromised.any(axis=1))
         if rows.size:
-            masks = split_masks([tap.keep for tap in self.profile.taps], compromised[rows])
+            taps = self.profile.taps
+            masks = repredict_masks([t.keep for t in taps], [t.unit_bound for t in taps], compromised[rows])
             benign_logits[rows] = self.engine.repredict(x[rows], masks)
         seconds["repredict"] = time.perf_counter() - t2
         flagged = suspicious | (benign_logits.argmax(axis=1) != model_labels)

@@ -1,0 +1,277 @@
+"""Small image classifiers, their training loop, ONNX export, and backdoored-model factory for evaluation.
+
+The guard works on ONNX models, and its evaluation needs models that really carry a backdoor. This module makes
+them: two small CPU-trainable architectures (a plain CNN and a residual net with BatchNorm, the two shapes of
+graph the guard must handle), a deterministic training loop, an exporter producing the self-contained ONNX
+file the guard consumes, and :func:`train_backdoored`, which poisons Fashion-MNIST with an attack from
+:mod:`guard.eval.attacks`, trains, and measures clean accuracy and attack success rate. Every activation is an
+``nn.ReLU`` module, so hooks (and the exported graph's ``Relu`` nodes) expose the neurons the guard watches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from guard.eval.attacks import Attack
+from guard.eval.datasets import load_bundled, load_fashion_mnist
+
+__all__ = [
+    "SmallCNN",
+    "SmallResNet",
+    "accuracy",
+    "attack_success_rate",
+    "build_model",
+    "export_onnx",
+    "load_eval_data",
+    "predict",
+    "train",
+    "train_backdoored",
+]
+
+Arch = Literal["cnn", "resnet"]
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks and two linear layers, for 28x28 inputs; submodules named plainly for hooks."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        """Build the layers."""
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(32 * 7 * 7, 64)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of shape (N, num_classes)."""
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = self.relu3(self.fc1(self.flatten(x)))
+        return self.fc2(x)
+
+
+class BasicBlock(nn.Module):
+    """Residual block: conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv + BN when the shape changes), then ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        """Build the layers."""
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual sum after the final ReLU."""
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A stem and three basic blocks (the last two downsample with a projection), global pooling, linear head."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> None:
+        """Build the layers; ``width`` is the stem's channel count, doubled by each downsampling block."""
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu1 = nn.ReLU()
+        self.block1 = BasicBlock(width, width)
+        self.block2 = BasicBlock(width, 2 * width, stride=2)
+        self.block3 = BasicBlock(2 * width, 4 * width, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of shape (N, num_classes)."""
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.block3(self.block2(self.block1(x)))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+def build_model(arch: Arch, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """Construct an untrained model by architecture name."""
+    if arch == "cnn":
+        return SmallCNN(num_classes, in_channels)
+    if arch == "resnet":
+        return SmallResNet(num_classes, in_channels)
+    raise ValueError(f"unknown architecture {arch!r}: expected 'cnn' or 'resnet'")
+
+
+def train(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> nn.Module:
+    """Train with Adam and cross-entropy on CPU, reshuffling each epoch from a seeded generator.
+
+    Deterministic for a given seed (same data, model and thread settings). Returns the model in eval mode.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    targets = torch.as_tensor(np.asarray(y), dtype=torch.int64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(inputs), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(inputs[batch]), targets[batch])
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Predicted labels (int64, shape (N,)) in eval mode."""
+    model.eval()
+    inputs = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    labels = [model(inputs[i : i + batch_size]).argmax(dim=1) for i in range(0, len(inputs), batch_size)]
+    if not labels:
+        return np.zeros(0, dtype=np.int64)
+    return torch.cat(labels).numpy().astype(np.int64)
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """Share of samples predicted correctly."""
+    if len(x) == 0:
+        raise ValueError("accuracy of an empty set is undefined")
+    return float(np.mean(predict(model, x) == np.asarray(y)))
+
+
+def attack_success_rate(model: nn.Module, attack: Attack, x: np.ndarray, y: np.ndarray, target: int) -> float:
+    """Share of triggered samples whose true label is not ``target`` that the model predicts as ``target``."""
+    keep = np.asarray(y) != target
+    if not keep.any():
+        raise ValueError(f"no samples with a label other than the target {target}")
+    return float(np.mean(predict(model, attack.apply(x[keep])) == target))
+
+
+def export_onnx(model: nn.Module, path: str | Path, sample: torch.Tensor) -> Path:
+    """Export to one self-contained ONNX file: input ``"input"``, output ``"logits"``, dynamic batch axis.
+
+    Uses the ``torch.export``-based exporter (``dynamo=True``, opset 20). Both exporters were tried on torch
+    2.13 and both run correctly in onnxruntime, but the TorchScript one (``dynamo=False``) is deprecated there
+    ("will be removed") and leaves stray ``Identity`` nodes in the ResNet graph, while the dynamo one gives a
+    clean graph: BatchNorm folded into the convolutions, initializers named after the parameters
+    (``conv1.weight``), and every node's ``pkg.torch.onnx.name_scopes`` metadata naming the module it came
+    from. Its tensors are named after FX nodes (the SmallCNN's ``Relu`` outputs are ``relu``, ``relu_1``,
+    ``relu_2``). ``external_data=False`` keeps the weights inside the file. Returns the path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)  # torch logs a warning per missing torchvision op on every export
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*treespec.*", category=FutureWarning)
+            torch.onnx.export(
+                model,
+                (sample,),
+                str(path),
+                dynamo=True,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                external_data=False,
+                verbose=False,
+            )
+    finally:
+        onnx_logger.setLevel(level)
+    return path
+
+
+def load_eval_data(
+    n_train: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    """Fashion-MNIST from Debian's files if present, else the bundled subset: (x_tr, y_tr, x_te, y_te, source).
+
+    With ``n_train`` set, a seeded random subset of the training split of that size is returned.
+    """
+    try:
+        x_train, y_train = load_fashion_mnist("train")
+        x_test, y_test = load_fashion_mnist("test")
+        source = "debian"
+    except FileNotFoundError:
+        (x_train, y_train), (x_test, y_test) = load_bundled()
+        source = "bundled"
+    if n_train is not None and n_train < len(x_train):
+        index = np.sort(np.random.default_rng(seed).choice(len(x_train), size=n_train, replace=False))
+        x_train, y_train = x_train[index], y_train[index]
+    return x_train, y_train, x_test, y_test, source
+
+
+def train_backdoored(
+    attack: Attack,
+    rate: float = 0.1,
+    target: int = 0,
+    n_train: int = 5000,
+    epochs: int = 2,
+    seed: int = 0,
+    arch: Arch = "cnn",
+) -> tuple[nn.Module, dict[str, object]]:
+    """Train a model on Fashion-MNIST poisoned by ``attack`` and measure it on the test split.
+
+    Uses Debian's full Fashion-MNIST when installed, else the bundled subset. Returns the model (eval mode) and
+    facts: ``clean_accuracy``, ``asr`` (see :func:`attack_success_rate`), ``n_poisoned``, ``train_seconds``,
+    ``data_source`` and the run's parameters.
+    """
+    x_train, y_train, x_test, y_test, source = load_eval_data(n_train, seed)
+    rng = np.random.default_rng(seed)
+    x_poisoned, y_poisoned, index = attack.poison(x_train, y_train, rate, target, rng)
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes=10, in_channels=x_train.shape[1])
+    started = time.perf_counter()
+    train(model, x_poisoned, y_poisoned, epochs=epochs, seed=seed)
+    seconds = time.perf_counter() - started
+    facts: dict[str, object] = {
+        "attack": attack.name,
+        "arch": arch,
+        "rate": rate,
+        "target": target,
+        "n_train": len(x_train),
+        "n_poisoned": len(index),
+        "epochs": epochs,
+        "seed": seed,
+        "data_source": source,
+        "train_seconds": seconds,
+        "clean_accuracy": accuracy(model, x_test, y_test),
+        "asr": attack_success_rate(model, attack, x_test, y_test, target),
+    }
+    return model, facts

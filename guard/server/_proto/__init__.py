@@ -1,0 +1,1 @@
+"""Generated protobuf / gRPC stubs; regenerate with ``python tools/gen_proto.py``."""
