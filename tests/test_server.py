@@ -1,0 +1,196 @@
+"""The real gRPC server on a loopback port, called by stock tritonclient and by the guard.v1 stub."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from guard.config import ServeSettings
+from guard.runtime.guard import Guard
+from guard.server._proto.guard.v1 import guard_pb2, guard_pb2_grpc
+from guard.server._proto.inference import grpc_service_pb2 as oip
+from guard.server._proto.inference import grpc_service_pb2_grpc as oip_grpc
+from guard.server.app import GuardServer
+
+from conftest import TARGET, Backdoored
+
+MODEL = "badnets"
+
+
+@pytest.fixture(scope="module")
+def server(backdoored: Backdoored):
+    settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0, metrics_port=0,
+                             max_batch=1000, max_message_mb=4)
+    server = GuardServer(settings)
+    server.start()
+    yield server
+    server.stop(grace=1)
+
+
+@pytest.fixture(scope="module")
+def client(server: GuardServer):
+    with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def channel(server: GuardServer):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield channel
+
+
+def triton_infer(client: triton.InferenceServerClient, x: np.ndarray, model: str = MODEL,
+                 name: str = "input") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    tensor = triton.InferInput(name, list(x.shape), "FP32" if x.dtype == np.float32 else "FP64")
+    tensor.set_data_from_numpy(x)
+    result = client.infer(model, [tensor])
+    return result.as_numpy("logits"), result.as_numpy("guard_flagged"), result.as_numpy("guard_score")
+
+
+def scrape(server: GuardServer) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if match and ",".join(sorted(match.group(1).split(","))) == wanted:
+            return float(match.group(2))
+    return 0.0
+
+
+def test_metadata_and_health(client: triton.InferenceServerClient, channel: grpc.Channel) -> None:
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    meta = client.get_model_metadata(MODEL, as_json=True)
+    assert meta["inputs"][0]["name"] == "input" and meta["inputs"][0]["shape"] == ["-1", "1", "28", "28"]
+    assert [o["name"] for o in meta["outputs"]] == ["logits", "guard_flagged", "guard_score"]
+    assert client.get_server_metadata(as_json=True)["name"] == "guard"
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "inference.GRPCInferenceService", "guard.v1.Guard"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_guard_flags_triggers_and_restores_true_class(client: triton.InferenceServerClient,
+                                                       backdoored: Backdoored) -> None:
+    x_trig, y_trig = backdoored.triggered()
+    _, clean_flagged, clean_score = triton_infer(client, backdoored.x_eval)
+    logits, trig_flagged, trig_score = triton_infer(client, x_trig)
+    assert clean_flagged.dtype == np.bool_ and trig_score.dtype == np.float32
+    unguarded = backdoored.module(__import__("torch").from_numpy(x_trig)).argmax(1).numpy()
+    assert np.mean(unguarded == TARGET) > 0.8, "the fixture model must really be backdoored"
+    assert trig_flagged.mean() > 0.6
+    assert trig_flagged.mean() > 5 * clean_flagged.mean()
+    assert clean_flagged.mean() < 0.1  # configured target 0.05, measured on 1,000 held-out images
+    guarded = logits.argmax(1)
+    assert np.mean(guarded == y_trig) > 0.5, "under enforce, most triggered answers are the true class"
+    assert np.mean(guarded == TARGET) < 0.5 * np.mean(unguarded == TARGET)
+    # The score separates clean from triggered (AUROC by ranks).
+    ranks = np.argsort(np.argsort(np.concatenate([clean_score, trig_score])))
+    auroc = (ranks[len(clean_score):].mean() - (len(trig_score) - 1) / 2) / len(clean_score)
+    assert auroc > 0.9
+
+
+def test_protocols_and_in_process_agree(client: triton.InferenceServerClient, channel: grpc.Channel,
+                                        backdoored: Backdoored) -> None:
+    x = np.concatenate([backdoored.x_eval[:40], backdoored.triggered()[0][:40]])
+    logits, flagged, score = triton_infer(client, x)
+    reply = guard_pb2_grpc.GuardStub(channel).Predict(
+        guard_pb2.PredictRequest(model=MODEL, shape=list(x.shape), data=x.tobytes()))
+    assert [p.label for p in reply.predictions] == logits.argmax(1).tolist()
+    assert [p.flagged for p in reply.predictions] == flagged.tolist()
+    np.testing.assert_allclose([p.score for p in reply.predictions], score, rtol=1e-6)
+    local = Guard.load(backdoored.model_path, backdoored.profile_path).predict(x)
+    np.testing.assert_array_equal(local.labels, logits.argmax(1))
+    np.testing.assert_array_equal(local.flagged, flagged)
+    assert reply.policy == "enforce"
+
+
+def test_metrics_count_exactly_what_was_sent(server: GuardServer, client: triton.InferenceServerClient,
+                                             backdoored: Backdoored) -> None:
+    before = scrape(server)
+    x_trig = backdoored.triggered()[0][:50]
+    sent = [backdoored.x_eval[:30], x_trig, backdoored.x_eval[30:37]]
+    flagged = sum(int(triton_infer(client, x)[1].sum()) for x in sent)
+    after = scrape(server)
+    delta = {v: metric(after, "guard_samples_total", model=MODEL, verdict=v)
+             - metric(before, "guard_samples_total", model=MODEL, verdict=v) for v in ("clean", "flagged")}
+    assert delta["flagged"] == flagged
+    assert delta["clean"] + delta["flagged"] == sum(len(x) for x in sent)
+    requests = sum(metric(after, "guard_requests_total", model=MODEL, verdict=v)
+                   - metric(before, "guard_requests_total", model=MODEL, verdict=v) for v in ("clean", "flagged"))
+    assert requests == len(sent)
+    assert metric(after, "guard_model_ready", model=MODEL) == 1
+    assert metric(after, "guard_inflight_requests") == 0
+    assert metric(after, "guard_request_duration_seconds_count", model=MODEL, stage="engine") >= len(sent)
+    assert "guard_check_score_bucket" in after and "guard_build_info" in after
+
+
+def _raw_request(x: np.ndarray, **overrides: object) -> oip.ModelInferRequest:
+    fields = {"model_name": MODEL, "name": "input", "datatype": "FP32", "shape": list(x.shape),
+              "raw": x.astype("<f4").tobytes()}
+    fields.update(overrides)
+    request = oip.ModelInferRequest(model_name=fields["model_name"])
+    request.inputs.add(name=fields["name"], datatype=fields["datatype"], shape=fields["shape"])
+    request.raw_input_contents.append(fields["raw"])
+    return request
+
+
+BAD_REQUESTS = {
+    "wrong shape": ({"shape": [2, 1, 28, 27], "raw": np.zeros((2, 1, 28, 27), "<f4").tobytes()},
+                    grpc.StatusCode.INVALID_ARGUMENT, "expected shape"),
+    "wrong dtype": ({"datatype": "INT32"}, grpc.StatusCode.INVALID_ARGUMENT, "must be FP32"),
+    "NaN": ({"raw": np.full((2, 1, 28, 28), np.nan, "<f4").tobytes()}, grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+    "truncated bytes": ({"raw": np.zeros((2, 1, 28, 28), "<f4").tobytes()[:-7]}, grpc.StatusCode.INVALID_ARGUMENT,
+                        "bytes"),
+    "unknown model": ({"model_name": "nope"}, grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
+    "unknown input": ({"name": "pixels"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'pixels'"),
+    "too many samples": ({"shape": [1001, 1, 28, 28], "raw": np.zeros((1001, 1, 28, 28), "<f4").tobytes()},
+                         grpc.StatusCode.INVALID_ARGUMENT, "exceeds the server's limit"),
+    "oversized message": ({"shape": [1400, 1, 28, 28], "raw": np.zeros((1400, 1, 28, 28), "<f4").tobytes()},
+                          grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_is_refused_and_server_keeps_serving(case: str, channel: grpc.Channel,
+                                                         client: triton.InferenceServerClient,
+                                                         backdoored: Backdoored, server: GuardServer) -> None:
+    overrides, code, message = BAD_REQUESTS[case]
+    x = backdoored.x_eval[:2]
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    errors_before = metric(scrape(server), "guard_request_errors_total", model=MODEL, code=code.name)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.ModelInfer(_raw_request(x, **overrides))
+    assert raised.value.code() == code
+    assert message in raised.value.details()
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:  # that one is refused by the transport before guard sees it
+        after = metric(scrape(server), "guard_request_errors_total", model=MODEL, code=code.name)
+        assert after == errors_before + 1
+    logits, flagged, _ = triton_infer(client, backdoored.x_eval[:8])
+    assert logits.shape == (8, 10) and flagged.shape == (8,)
+
+
+def test_bad_requests_through_tritonclient_and_guard_v1(client: triton.InferenceServerClient,
+                                                        channel: grpc.Channel, backdoored: Backdoored) -> None:
+    with pytest.raises(InferenceServerException, match="must be FP32"):
+        triton_infer(client, backdoored.x_eval[:2].astype(np.float64))
+    tensor = triton.InferInput("input", [2, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(backdoored.x_eval[:2])
+    with pytest.raises(InferenceServerException, match="unknown output"):
+        client.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput("probabilities")])
+    stub = guard_pb2_grpc.GuardStub(channel)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Predict(guard_pb2.PredictRequest(shape=[2, 1, 28, 28], data=b"\0" * 100))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reply = stub.Predict(guard_pb2.PredictRequest(shape=[1, 1, 28, 28], data=backdoored.x_eval[:1].tobytes()))
+    assert len(reply.predictions) == 1 and len(reply.predictions[0].logits) == 10
