@@ -30,6 +30,7 @@ from guard.model.graph import (
     tensor_ranks,
     validate_taps,
 )
+from guard.runtime.checks import repredict_masks
 
 
 @dataclass
@@ -207,22 +208,3 @@ class _Runner:
                 out[rows] = collect(self.model, x[rows], masks=masks, bounds=bounds,
                                     batch_size=self.batch_size).predictions
         return out
-
-
-def repredict_masks(keep: list[np.ndarray], bounds: list[np.ndarray | None],
-                    compromised: np.ndarray) -> list[np.ndarray]:
-    """Per-tap (N, C) float channel masks for the benign re-prediction.
-
-    Where conv taps carry unit bounds, the link is cut there (units above their clean bound are zeroed in the
-    graph) and the masks only repeat the static mask: zeroing high-z features downstream as well was measured to
-    erase the true class's evidence too (see docs). Without any unit bound, each sample's compromised channels are
-    zeroed.
-    """
-    zero_channels = all(bound is None for bound in bounds)
-    masks, start = [], 0
-    for tap_keep in keep:
-        stop = start + len(tap_keep)
-        cut = compromised[:, start:stop] if zero_channels else np.zeros((len(compromised), len(tap_keep)), bool)
-        masks.append((tap_keep[None, :] & ~cut).astype(np.float32))
-        start = stop
-    return masks

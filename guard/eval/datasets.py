@@ -132,7 +132,7 @@ def load_fashion_mnist(split: Literal["train", "test"]) -> tuple[np.ndarray, np.
 
 
 def load_bundled() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Load the subset shipped in ``guard.data``: ((x_train, y_train), (x_test, y_test)), as the full loader."""
+    """Load the subset shipped in ``guard.data`` as ((x_train, y_train), (x_test, y_test)), full-loader format."""
     blob = resources.files("guard.data").joinpath(BUNDLED_RESOURCE).read_bytes()
     with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
         x_train, y_train = npz["x_train"], npz["y_train"]

@@ -1,7 +1,7 @@
 """Small image classifiers, their training loop, ONNX export, and backdoored-model factory for evaluation.
 
-The guard works on ONNX models, and its evaluation needs models that really carry a backdoor. This module makes
-them: two small CPU-trainable architectures (a plain CNN and a residual net with BatchNorm, the two shapes of
+The guard works on ONNX models, and its evaluation needs models that really carry a backdoor. This module
+makes them: two small CPU-trainable architectures (a plain CNN and a residual net with BatchNorm, the two shapes of
 graph the guard must handle), a deterministic training loop, an exporter producing the self-contained ONNX
 file the guard consumes, and :func:`train_backdoored`, which poisons Fashion-MNIST with an attack from
 :mod:`guard.eval.attacks`, trains, and measures clean accuracy and attack success rate. Every activation is an
@@ -65,7 +65,7 @@ class SmallCNN(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Residual block: conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv + BN when the shape changes), then ReLU."""
+    """Residual block: conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv + BN if the shape changes), then ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         """Build the layers."""
@@ -93,7 +93,7 @@ class BasicBlock(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """A stem and three basic blocks (the last two downsample with a projection), global pooling, linear head."""
+    """Stem, three basic blocks (the last two downsample through a projection), global pooling, linear head."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> None:
         """Build the layers; ``width`` is the stem's channel count, doubled by each downsampling block."""
@@ -220,7 +220,7 @@ def export_onnx(model: nn.Module, path: str | Path, sample: torch.Tensor) -> Pat
 def load_eval_data(
     n_train: int | None = None, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
-    """Fashion-MNIST from Debian's files if present, else the bundled subset: (x_tr, y_tr, x_te, y_te, source).
+    """Debian's Fashion-MNIST if present, else the bundled subset, as (x_tr, y_tr, x_te, y_te, source).
 
     With ``n_train`` set, a seeded random subset of the training split of that size is returned.
     """
@@ -245,11 +245,16 @@ def train_backdoored(
     epochs: int = 2,
     seed: int = 0,
     arch: Arch = "cnn",
+    *,
+    batch_size: int = 32,
+    lr: float = 3e-3,
 ) -> tuple[nn.Module, dict[str, object]]:
     """Train a model on Fashion-MNIST poisoned by ``attack`` and measure it on the test split.
 
-    Uses Debian's full Fashion-MNIST when installed, else the bundled subset. Returns the model (eval mode) and
-    facts: ``clean_accuracy``, ``asr`` (see :func:`attack_success_rate`), ``n_poisoned``, ``train_seconds``,
+    Uses Debian's full Fashion-MNIST when installed, else the bundled subset. ``batch_size`` and ``lr``
+    default to values that reach about 0.8 clean accuracy with the SmallCNN in the default 2 epochs on 5,000 images
+    (the plain :func:`train` defaults stop near 0.69 there). Returns the model (eval mode) and facts:
+    ``clean_accuracy``, ``asr`` (see :func:`attack_success_rate`), ``n_poisoned``, ``train_seconds``,
     ``data_source`` and the run's parameters.
     """
     x_train, y_train, x_test, y_test, source = load_eval_data(n_train, seed)
@@ -258,7 +263,7 @@ def train_backdoored(
     torch.manual_seed(seed)
     model = build_model(arch, num_classes=10, in_channels=x_train.shape[1])
     started = time.perf_counter()
-    train(model, x_poisoned, y_poisoned, epochs=epochs, seed=seed)
+    train(model, x_poisoned, y_poisoned, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     seconds = time.perf_counter() - started
     facts: dict[str, object] = {
         "attack": attack.name,
@@ -268,6 +273,8 @@ def train_backdoored(
         "n_train": len(x_train),
         "n_poisoned": len(index),
         "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
         "seed": seed,
         "data_source": source,
         "train_seconds": seconds,

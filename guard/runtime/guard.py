@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.calibrate.pipeline import repredict_masks
 from guard.calibrate.profile import Profile
 from guard.errors import ModelError, ProfileError, RequestError
 from guard.model.graph import LoadedModel, load_model, serving_graphs, validate_taps
+from guard.runtime.checks import repredict_masks
 from guard.runtime.engine import OrtEngine
 from guard.runtime.policy import Policy, apply_policy
 
