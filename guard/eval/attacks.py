@@ -106,7 +106,7 @@ class Blend(Attack):
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
 
     def pattern(self, shape: tuple[int, int, int]) -> np.ndarray:
-        """The fixed noise image of shape (C, H, W), float32 in [0, 1]."""
+        """Return the fixed noise image of shape (C, H, W), float32 in [0, 1]."""
         return np.random.default_rng(self.seed).random(shape, dtype=np.float32)
 
     def apply(self, x: np.ndarray) -> np.ndarray:

@@ -55,7 +55,7 @@ _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 
 
 def fashion_mnist_dir() -> Path:
-    """The directory to read from: ``GUARD_FASHION_MNIST_DIR`` if set now, else :data:`FASHION_MNIST_DIR`."""
+    """Return the directory to read: ``GUARD_FASHION_MNIST_DIR`` if set now, else ``FASHION_MNIST_DIR``."""
     override = os.environ.get("GUARD_FASHION_MNIST_DIR")
     return Path(override) if override else FASHION_MNIST_DIR
 
@@ -132,7 +132,7 @@ def load_fashion_mnist(split: Literal["train", "test"]) -> tuple[np.ndarray, np.
 
 
 def load_bundled() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Load the subset shipped in ``guard.data`` as ((x_train, y_train), (x_test, y_test)), full-loader format."""
+    """Load the subset shipped in ``guard.data``: ((x_train, y_train), (x_test, y_test)), full format."""
     blob = resources.files("guard.data").joinpath(BUNDLED_RESOURCE).read_bytes()
     with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
         x_train, y_train = npz["x_train"], npz["y_train"]

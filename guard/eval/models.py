@@ -1,11 +1,12 @@
 """Small image classifiers, their training loop, ONNX export, and backdoored-model factory for evaluation.
 
 The guard works on ONNX models, and its evaluation needs models that really carry a backdoor. This module
-makes them: two small CPU-trainable architectures (a plain CNN and a residual net with BatchNorm, the two shapes of
-graph the guard must handle), a deterministic training loop, an exporter producing the self-contained ONNX
-file the guard consumes, and :func:`train_backdoored`, which poisons Fashion-MNIST with an attack from
-:mod:`guard.eval.attacks`, trains, and measures clean accuracy and attack success rate. Every activation is an
-``nn.ReLU`` module, so hooks (and the exported graph's ``Relu`` nodes) expose the neurons the guard watches.
+makes them: two small CPU-trainable architectures (a plain CNN and a residual net with BatchNorm, the two
+shapes of graph the guard must handle), a deterministic training loop, an exporter producing the
+self-contained ONNX file the guard consumes, and :func:`train_backdoored`, which poisons Fashion-MNIST with
+an attack from :mod:`guard.eval.attacks`, trains, and measures clean accuracy and attack success rate. Every
+activation is an ``nn.ReLU`` module, so hooks (and the exported graph's ``Relu`` nodes) expose the neurons
+the guard watches.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class SmallCNN(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Residual block: conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv + BN if the shape changes), then ReLU."""
+    """Residual block: conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv + BN on a shape change), then ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         """Build the layers."""
@@ -93,7 +94,7 @@ class BasicBlock(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """Stem, three basic blocks (the last two downsample through a projection), global pooling, linear head."""
+    """Stem, three basic blocks (the last two downsample via a projection), global pooling, linear head."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> None:
         """Build the layers; ``width`` is the stem's channel count, doubled by each downsampling block."""
@@ -252,8 +253,8 @@ def train_backdoored(
     """Train a model on Fashion-MNIST poisoned by ``attack`` and measure it on the test split.
 
     Uses Debian's full Fashion-MNIST when installed, else the bundled subset. ``batch_size`` and ``lr``
-    default to values that reach about 0.8 clean accuracy with the SmallCNN in the default 2 epochs on 5,000 images
-    (the plain :func:`train` defaults stop near 0.69 there). Returns the model (eval mode) and facts:
+    default to values that reach about 0.8 clean accuracy with the SmallCNN in the default 2 epochs on 5,000
+    images (the plain :func:`train` defaults stop near 0.69 there). Returns the model (eval mode) and facts:
     ``clean_accuracy``, ``asr`` (see :func:`attack_success_rate`), ``n_poisoned``, ``train_seconds``,
     ``data_source`` and the run's parameters.
     """
