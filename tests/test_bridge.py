@@ -237,7 +237,7 @@ def test_initializers_are_frozen_parameters() -> None:
     assert all("." not in key for key in bridge.params)
     assert not any(p.requires_grad for p in bridge.parameters())
     assert all(not b.is_floating_point() for b in bridge.buffers())  # the int64 Reshape shape
-    with pytest.raises(ModelError, match="fc2.wieght"):
+    with pytest.raises(ModelError, match=r"fc2\.wieght"):
         bridge.initializer("fc2.wieght")
 
 

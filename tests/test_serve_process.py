@@ -10,8 +10,8 @@ import sys
 
 import grpc
 import numpy as np
-from conftest import Backdoored
 
+from conftest import Backdoored
 from guard.server._proto.guard.v1 import guard_pb2, guard_pb2_grpc
 
 
@@ -50,7 +50,7 @@ def test_serve_answers_then_drains_on_sigterm(backdoored: Backdoored) -> None:
 def test_serve_refuses_missing_profile_with_one_line(backdoored: Backdoored, tmp_path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "guard", "serve", str(backdoored.model_path), "--profile", str(tmp_path / "no.st")],
-        capture_output=True, text=True, timeout=60,
+        check=False, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2
     assert "guard: error:" in done.stderr and "file not found" in done.stderr

@@ -12,14 +12,13 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from conftest import TARGET, Backdoored
 from guard.config import ServeSettings
 from guard.runtime.guard import Guard
 from guard.server._proto.guard.v1 import guard_pb2, guard_pb2_grpc
 from guard.server._proto.inference import grpc_service_pb2 as oip
 from guard.server._proto.inference import grpc_service_pb2_grpc as oip_grpc
 from guard.server.app import GuardServer
-
-from conftest import TARGET, Backdoored
 
 MODEL = "badnets"
 

@@ -149,6 +149,8 @@ class Profile:
 
     @classmethod
     def _from_parts(cls, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> Profile:
+        if not isinstance(meta, dict):
+            raise ValueError(f"the guard metadata must be a JSON object, got {type(meta).__name__}")
         if meta.get("format") != FORMAT:
             raise ValueError(f"unknown profile format {meta.get('format')!r}, expected {FORMAT!r}")
         taps = []

@@ -23,5 +23,7 @@ def benign_set(salience: np.ndarray, share: float = 0.99) -> np.ndarray:
         return ~benign
     covered = np.cumsum(salience[order]) / total
     count = int(np.searchsorted(covered, share) + 1)
+    # Rounding can leave the cumulative share a hair below 1.0: never let a channel without salience in.
+    count = min(count, int((salience > 0).sum()))
     benign[order[:count]] = True
     return benign

@@ -82,8 +82,6 @@ class ModuleTaps:
         self.submodules = _match_submodules(module, model, taps, probe)
         self._masks: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
         self._captured: list[torch.Tensor | None] = [None] * len(taps)
-        for index, submodule in enumerate(self.submodules):
-            submodule.register_forward_hook(self._hook(index))
 
     def _hook(self, index: int):
         def hook(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
@@ -98,10 +96,14 @@ class ModuleTaps:
             bounds: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._masks = _tap_masks(masks, bounds, len(self.taps))
         self._captured = [None] * len(self.taps)
+        # Hooks live only for this call: the user's module is left as it was given.
+        handles = [sub.register_forward_hook(self._hook(i)) for i, sub in enumerate(self.submodules)]
         try:
             logits = self.module(x)
         finally:
             self._masks = None
+            for handle in handles:
+                handle.remove()
         if any(c is None for c in self._captured):
             raise ModelError("a matched submodule did not run in forward; the module's graph depends on its input")
         return logits, list(self._captured)  # type: ignore[arg-type]

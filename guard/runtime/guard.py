@@ -14,7 +14,7 @@ import numpy as np
 
 from guard.calibrate.profile import Profile
 from guard.errors import ModelError, ProfileError, RequestError
-from guard.model.graph import LoadedModel, load_model, serving_graphs, validate_taps
+from guard.model.graph import LoadedModel, load_model, serving_graphs, tap_channels, validate_taps
 from guard.runtime.checks import repredict_masks
 from guard.runtime.engine import OrtEngine
 from guard.runtime.policy import Policy, apply_policy
@@ -53,6 +53,10 @@ class Guard:
             raise ProfileError(f"the model does not have the profile's taps: {exc}") from None
         if (profile.input_name, profile.output_name) != (model.input_name, model.output_name):
             raise ProfileError("the profile names other input/output tensors than the model has")
+        want = [tap.channels for tap in profile.taps]
+        got = tap_channels(model, profile.tap_names)
+        if any(g is not None and g != w for g, w in zip(got, want, strict=True)):
+            raise ProfileError(f"the model's taps have {got} channels, the profile expects {want}")
         self.model = model
         self.profile = profile
         self.policy = Policy(policy)

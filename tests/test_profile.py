@@ -1,0 +1,327 @@
+"""The profile artifact end to end on a small real model: calibrate, save, load, guard; every malformed or mismatched
+profile is refused with a ProfileError; the CLI reports such errors in one line; the torch-module path agrees with the
+ONNX-only path.
+
+The model is a SmallCNN trained for one epoch on 2,000 Fashion-MNIST images (Debian's files, or the bundled subset),
+exported to ONNX once per module; calibration uses 300 test images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from guard.calibrate.pipeline import CalibrationSettings, calibrate
+from guard.calibrate.profile import FORMAT, Profile
+from guard.errors import ProfileError
+from guard.eval.attacks import BadNets
+from guard.eval.models import SmallCNN, export_onnx, load_eval_data, train
+from guard.model.graph import load_model
+from guard.runtime.guard import Guard
+
+CALIBRATION_SAMPLES = 300
+
+
+@dataclass
+class Setup:
+    workdir: Path
+    module: SmallCNN
+    model_path: Path
+    other_path: Path  # the same architecture exported from another seed
+    x_cal: np.ndarray
+    y_cal: np.ndarray
+    x_eval: np.ndarray
+    profile: Profile
+    profile_path: Path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    workdir = tmp_path_factory.mktemp("profile")
+    x_train, y_train, x_test, y_test, _ = load_eval_data(2000, seed=0)
+    torch.manual_seed(0)
+    module = train(SmallCNN(), x_train, y_train, epochs=1, seed=0)
+    sample = torch.as_tensor(x_train[:2])
+    model_path = export_onnx(module, workdir / "model.onnx", sample)
+    torch.manual_seed(1)
+    other_path = export_onnx(SmallCNN(), workdir / "other.onnx", sample)
+    x_cal, y_cal = x_test[:CALIBRATION_SAMPLES], y_test[:CALIBRATION_SAMPLES]
+    profile = calibrate(model_path, x_cal, y_cal)
+    profile_path = profile.save(workdir / "profile.safetensors")
+    x_eval = x_test[CALIBRATION_SAMPLES:CALIBRATION_SAMPLES + 200]
+    return Setup(workdir, module, model_path, other_path, x_cal, y_cal, x_eval, profile, profile_path)
+
+
+def raw_parts(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """A profile file's tensors and its decoded guard metadata."""
+    with safe_open(str(path), framework="numpy") as handle:
+        meta = json.loads(handle.metadata()["guard"])
+    return load_file(str(path)), meta
+
+
+def write_parts(path: Path, tensors: dict[str, np.ndarray], meta: dict | str | None) -> Path:
+    metadata = None if meta is None else {"guard": meta if isinstance(meta, str) else json.dumps(meta)}
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- what it records
+
+
+def test_profile_records_the_model_every_setting_and_the_figures(setup: Setup) -> None:
+    profile = setup.profile
+    assert profile.model_sha256 == hashlib.sha256(setup.model_path.read_bytes()).hexdigest()
+    assert (profile.input_name, profile.output_name, profile.num_classes) == ("input", "logits", 10)
+    assert set(profile.settings) == {f.name for f in dataclasses.fields(CalibrationSettings)}
+    assert profile.settings["layers"] == profile.tap_names and len(profile.tap_names) >= 2
+    assert profile.settings["fpr"] == CalibrationSettings().fpr
+    figures = profile.figures
+    assert figures["samples"] == CALIBRATION_SAMPLES
+    assert figures["fit_samples"] + figures["holdout_samples"] == CALIBRATION_SAMPLES
+    assert figures["labels_given"] is True
+    assert figures["seconds"] > 0
+    assert 0 <= figures["holdout_flag_rate"] <= max(profile.settings["fpr"], figures["holdout_disagreement_rate"])
+    assert figures["holdout_accuracy_unguarded"] - figures["holdout_accuracy_masked"] <= profile.settings["acc_budget"]
+    assert figures["pruned_channels"] == {t.name: int((~t.keep).sum()) for t in profile.taps}
+    total = sum(t.channels for t in profile.taps)
+    assert profile.class_mean.shape == profile.class_scale.shape == (10, total)
+    assert profile.thresholds.k >= profile.settings["k_min"]
+
+
+def test_save_and_load_keep_every_array_threshold_setting_and_figure(setup: Setup) -> None:
+    saved, loaded = setup.profile, Profile.load(setup.profile_path)
+    for name in ("model_sha256", "input_name", "output_name", "num_classes", "thresholds", "settings", "figures",
+                 "guard_version"):
+        assert getattr(loaded, name) == getattr(saved, name), name
+    assert loaded.tap_names == saved.tap_names
+    for before, after in zip(saved.taps, loaded.taps, strict=True):
+        assert (after.kind, after.fold) == (before.kind, before.fold)
+        for field in ("linf_mean", "linf_std", "linf_p99", "linf_p999", "peakedness", "salience"):
+            assert np.array_equal(getattr(after, field), getattr(before, field).astype(np.float32)), field
+        for field in ("benign", "keep"):
+            assert getattr(after, field).dtype == bool
+            assert np.array_equal(getattr(after, field), getattr(before, field)), field
+        if before.unit_bound is None:
+            assert after.unit_bound is None
+        else:
+            assert np.array_equal(after.unit_bound, before.unit_bound.astype(np.float32))
+    assert any(t.unit_bound is not None for t in loaded.taps)  # the conv taps carry their unit bounds
+    assert np.array_equal(loaded.class_mean, saved.class_mean)
+    assert np.array_equal(loaded.class_scale, saved.class_scale)
+    assert raw_parts(setup.profile_path)[1]["format"] == FORMAT
+    again = loaded.save(setup.workdir / "again.safetensors")
+    assert again.read_bytes() == setup.profile_path.read_bytes()  # saving is a pure function of the profile
+    assert not list(setup.workdir.glob("*.tmp"))
+
+
+def test_guard_loaded_from_files_answers_like_guard_built_in_memory(setup: Setup) -> None:
+    from_files = Guard.load(setup.model_path, setup.profile_path)
+    in_memory = Guard(load_model(setup.model_path), setup.profile)
+    x = np.concatenate([setup.x_eval, BadNets(size=4).apply(setup.x_eval[:50])])
+    a, b = from_files.predict(x), in_memory.predict(x)
+    for field in ("labels", "logits", "flagged", "score", "model_labels"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    assert a.labels.shape == (len(x),) and a.logits.shape == (len(x), 10)
+    assert np.array_equal(a.labels, a.logits.argmax(axis=1))
+    assert a.flagged[: len(setup.x_eval)].mean() < 0.3  # clean data: about the calibrated 5%, not everything
+    # without a flag, the answer is the served model's own
+    calm = ~a.flagged
+    assert np.array_equal(a.labels[calm], a.model_labels[calm])
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+def test_profile_for_a_different_model_is_refused(setup: Setup) -> None:
+    with pytest.raises(ProfileError, match="different model") as info:
+        Guard.load(setup.other_path, setup.profile_path)
+    assert "sha256" in str(info.value)
+    assert setup.profile.model_sha256[:12] in str(info.value)
+
+
+def _truncated(setup: Setup, path: Path, keep: float) -> Path:
+    data = setup.profile_path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def _edited(setup: Setup, path: Path, edit) -> Path:
+    tensors, meta = raw_parts(setup.profile_path)
+    edit(tensors, meta)
+    return write_parts(path, tensors, meta)
+
+
+def _set(mapping: dict, key: str, value: object) -> None:
+    mapping[key] = value
+
+
+def _pad_channel(tensors: dict[str, np.ndarray], key: str) -> None:
+    tensors[key] = np.concatenate([tensors[key], tensors[key][:1]], axis=0)
+
+
+CORRUPTIONS = {
+    "truncated-header": (lambda s, p: _truncated(s, p, 0.001), "not a readable profile"),
+    "truncated-half": (lambda s, p: _truncated(s, p, 0.5), "not a readable profile"),
+    "truncated-last-byte": (lambda s, p: _truncated(s, p, 0.99999), "not a readable profile"),
+    "empty": (lambda s, p: _truncated(s, p, 0.0), "not a readable profile"),
+    "random-bytes": (lambda s, p: (p.write_bytes(np.random.default_rng(0).bytes(4096)), p)[1],
+                     "not a readable profile"),
+    "no-guard-metadata": (lambda s, p: write_parts(p, {"weights": np.ones((2, 3), np.float32)}, None),
+                          "not a guard profile"),
+    "wrong-format": (lambda s, p: _edited(s, p, lambda t, m: _set(m, "format", "guard.profile/99")),
+                     "unknown profile format 'guard.profile/99'"),
+    "invalid-json": (lambda s, p: write_parts(p, raw_parts(s.profile_path)[0], "{not json"), "malformed"),
+    "class-mean-shape": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "class_mean", t["class_mean"][:, 1:])),
+                         r"class_mean has shape"),
+    "tap-array-shape": (lambda s, p: _edited(s, p, lambda t, m: _pad_channel(t, "taps.1.salience")),
+                        r"tap '.*' has inconsistent array shapes"),
+    "unit-bound-shape": (lambda s, p: _edited(s, p, lambda t, m: _pad_channel(t, "taps.0.unit_bound")),
+                         r"unit bound of shape"),
+    "missing-tensor": (lambda s, p: _edited(s, p, lambda t, m: t.pop("class_scale")), "class_scale"),
+    "missing-key": (lambda s, p: _edited(s, p, lambda t, m: m.pop("thresholds")), "thresholds"),
+    "zero-scale": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "class_scale", 0 * t["class_scale"])),
+                   "positive scales"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_malformed_profile_is_refused_with_a_clear_profile_error(setup: Setup, tmp_path: Path, kind: str) -> None:
+    make, message = CORRUPTIONS[kind]
+    path = make(setup, tmp_path / f"{kind}.safetensors")
+    with pytest.raises(ProfileError, match=message) as info:  # any other exception type fails the test
+        Profile.load(path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_profile_file_is_a_profile_error(setup: Setup, tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="profile not found"):
+        Guard.load(setup.model_path, tmp_path / "nowhere.safetensors")
+
+
+@pytest.mark.parametrize("meta", ["[1, 2]", "null"])
+def test_guard_metadata_that_is_not_an_object_is_a_profile_error(setup: Setup, tmp_path: Path, meta: str) -> None:
+    path = write_parts(tmp_path / "list.safetensors", raw_parts(setup.profile_path)[0], meta)
+    with pytest.raises(ProfileError, match="malformed"):
+        Profile.load(path)
+
+
+def test_profile_naming_a_tap_the_model_lacks_is_refused_naming_the_tap(setup: Setup, tmp_path: Path) -> None:
+    forged = Profile.load(setup.profile_path)
+    forged.taps[0].name = "no_such_tensor"
+    forged.model_sha256 = hashlib.sha256(setup.model_path.read_bytes()).hexdigest()  # the sha256 check passes
+    forged.save(tmp_path / "forged.safetensors")
+    with pytest.raises(ProfileError, match="no_such_tensor"):
+        Guard.load(setup.model_path, tmp_path / "forged.safetensors")
+
+
+def test_profile_whose_tap_has_more_channels_than_the_model_is_refused(setup: Setup, tmp_path: Path) -> None:
+    tensors, meta = raw_parts(setup.profile_path)
+    for key in [k for k in tensors if k.startswith("taps.0.")]:
+        _pad_channel(tensors, key)
+    tensors["taps.0.keep"][-1] = 0  # the extra channel is pruned
+    for key in ("class_mean", "class_scale"):
+        tensors[key] = np.concatenate([tensors[key][:, :1], tensors[key]], axis=1)
+    path = write_parts(tmp_path / "wide.safetensors", tensors, meta)
+    profile = Profile.load(path)  # consistent in itself, with the model's sha256
+    with pytest.raises(ProfileError, match="channels"):
+        Guard(load_model(setup.model_path), profile)
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+def run_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "guard", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, fragment: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("guard: error: ")
+    assert fragment in lines[0]
+
+
+def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(setup: Setup, tmp_path: Path) -> None:
+    np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
+    done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "p.safetensors", "--quiet",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "p.safetensors" in done.stdout
+    profile = Profile.load(tmp_path / "p.safetensors")
+    assert profile.model_sha256 == setup.profile.model_sha256
+    assert profile.tap_names == setup.profile.tap_names
+    assert profile.settings == setup.profile.settings  # the CLI's defaults are the library's
+    np.testing.assert_allclose(profile.class_mean, setup.profile.class_mean, rtol=1e-4, atol=1e-5)
+    Guard.load(setup.model_path, tmp_path / "p.safetensors").predict(setup.x_eval[:8])
+
+    shown = run_cli("inspect", "p.safetensors", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    summary = json.loads(shown.stdout)
+    assert summary["model_sha256"] == setup.profile.model_sha256
+    assert [t["name"] for t in summary["taps"]] == setup.profile.tap_names
+    assert summary["thresholds"]["tau"] == profile.thresholds.tau
+
+
+def test_cli_serve_with_a_corrupt_profile_fails_in_one_line(setup: Setup, tmp_path: Path) -> None:
+    _truncated(setup, tmp_path / "corrupt.safetensors", 0.5)
+    done = run_cli("serve", setup.model_path, "--profile", "corrupt.safetensors", "--port", "0", "--metrics-port",
+                   "0", cwd=tmp_path)
+    assert_one_line_error(done, "not a readable profile")
+
+
+def test_cli_serve_with_another_models_profile_fails_in_one_line(setup: Setup, tmp_path: Path) -> None:
+    done = run_cli("serve", setup.other_path, "--profile", setup.profile_path, "--port", "0", "--metrics-port", "0",
+                   cwd=tmp_path)
+    assert_one_line_error(done, "different model")
+
+
+def test_cli_calibrate_with_a_missing_data_file_fails_in_one_line(setup: Setup, tmp_path: Path) -> None:
+    done = run_cli("calibrate", setup.model_path, "--data", "missing.npz", "--out", "p.safetensors", "--quiet",
+                   cwd=tmp_path)
+    assert_one_line_error(done, "missing.npz")
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------- torch module path
+
+
+def test_calibrating_from_the_torch_module_matches_the_onnx_path(setup: Setup) -> None:
+    x = torch.as_tensor(setup.x_eval[:32])
+    with torch.no_grad():
+        before = setup.module(x)
+    from_module = calibrate(setup.model_path, setup.x_cal, setup.y_cal, torch_module=setup.module)
+    onnx_only = setup.profile
+    assert from_module.tap_names == onnx_only.tap_names
+    assert from_module.model_sha256 == onnx_only.model_sha256
+    np.testing.assert_allclose(from_module.class_mean, onnx_only.class_mean, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(from_module.class_scale, onnx_only.class_scale, rtol=1e-3, atol=1e-4)
+    for a, b in zip(from_module.taps, onnx_only.taps, strict=True):
+        np.testing.assert_allclose(a.salience, b.salience, rtol=1e-3, atol=1e-6 * float(b.salience.max()))
+        np.testing.assert_allclose(a.linf_mean, b.linf_mean, rtol=1e-4, atol=1e-5)
+        assert np.array_equal(a.keep, b.keep)
+    assert from_module.thresholds.k == pytest.approx(onnx_only.thresholds.k, rel=1e-3)
+    with torch.no_grad():
+        after = setup.module(x)
+    assert torch.equal(before, after)  # the user's module answers as before
+
+
+def test_calibrating_from_the_torch_module_leaves_no_hooks_behind(setup: Setup) -> None:
+    module = SmallCNN()
+    module.load_state_dict(setup.module.state_dict())
+    calibrate(setup.model_path, setup.x_cal[:60], setup.y_cal[:60], torch_module=module)
+    assert not [name for name, sub in module.named_modules() if sub._forward_hooks]
