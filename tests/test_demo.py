@@ -1,0 +1,22 @@
+"""`guard demo` works from the package alone: bundled data, no Debian dataset, loopback server, real verdicts."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+
+def test_demo_runs_on_bundled_data_and_flags_triggers(tmp_path) -> None:
+    env = {**os.environ, "GUARD_FASHION_MNIST_DIR": str(tmp_path / "absent")}
+    done = subprocess.run([sys.executable, "-m", "guard", "demo", "--workdir", str(tmp_path / "work")],
+                          check=False, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    clean = re.search(r"clean requests:\s+(\d+), flagged\s+([\d.]+)%", done.stdout)
+    triggered = re.search(r"triggered requests:\s+(\d+), flagged\s+([\d.]+)%, answered '.+?' ([\d.]+)% "
+                          r"\(unguarded ([\d.]+)%\)", done.stdout)
+    assert clean and triggered, done.stdout
+    assert float(triggered.group(2)) > 5 * float(clean.group(2))
+    assert float(triggered.group(3)) < float(triggered.group(4))  # fewer answers of the target under the guard
+    assert (tmp_path / "work" / "demo.onnx").is_file() and (tmp_path / "work" / "demo.safetensors").is_file()
