@@ -264,6 +264,13 @@ def test_consistency_score_is_mean_of_top_q_z_and_inactive_channels_are_ignored(
     z = check.z_scores(flat, triggered.predictions)
     expected = np.sort(z, axis=1)[:, -check.top_q:].mean(axis=1)
     np.testing.assert_allclose(check(triggered.linf, triggered.predictions).score, expected, rtol=1e-5)
+    # each sample is measured against the profile of the class it was predicted as: a clean sample sits closer
+    # to its own class's profile than to another class's
+    clean = planted.clean
+    own = check(clean.linf, clean.predictions).score
+    other = check(clean.linf, (clean.predictions + 1) % CLASSES).score
+    assert np.median(other - own) > 0
+    assert own.mean() < 0.8 * other.mean()
     blind = ConsistencyCheck(check.class_mean, check.class_scale, np.arange(CHANNELS) != PLANTED, check.top_q,
                              check.k)
     assert not blind(triggered.linf, triggered.predictions).compromised[:, PLANTED].any()
