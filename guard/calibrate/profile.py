@@ -181,8 +181,16 @@ class Profile:
             taps=taps,
             class_mean=tensors["class_mean"],
             class_scale=tensors["class_scale"],
-            thresholds=Thresholds(**meta["thresholds"]),
+            thresholds=_thresholds(meta["thresholds"]),
             settings=dict(meta["settings"]),
             figures=dict(meta["figures"]),
             guard_version=str(meta["guard_version"]),
         )
+
+
+def _thresholds(raw: dict[str, Any]) -> Thresholds:
+    """Thresholds with their types and ranges checked: a profile is untrusted input."""
+    k, tau, top_q = float(raw["k"]), float(raw["tau"]), raw["top_q"]
+    if not (np.isfinite(k) and np.isfinite(tau)) or not isinstance(top_q, int) or top_q < 1:
+        raise ValueError(f"thresholds must be finite numbers with an integer top_q >= 1, got {raw}")
+    return Thresholds(k=k, tau=tau, top_q=top_q)

@@ -53,6 +53,8 @@ class Guard:
             raise ProfileError(f"the model does not have the profile's taps: {exc}") from None
         if (profile.input_name, profile.output_name) != (model.input_name, model.output_name):
             raise ProfileError("the profile names other input/output tensors than the model has")
+        if profile.num_classes != model.num_classes:
+            raise ProfileError(f"the profile is for {profile.num_classes} classes, the model has {model.num_classes}")
         want = [tap.channels for tap in profile.taps]
         got = tap_channels(model, profile.tap_names)
         if any(g is not None and g != w for g, w in zip(got, want, strict=True)):
