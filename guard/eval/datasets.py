@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import zlib
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -66,7 +67,7 @@ def _read_bytes(path: str | os.PathLike[str]) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise ValueError(f"{path}: corrupt gzip stream ({exc})") from exc
     return raw
 
