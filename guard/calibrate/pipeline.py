@@ -110,7 +110,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     else:
         tap_model = OnnxTaps(loaded, taps)
 
-    bar = tqdm(total=2 * len(fit) + 2 * len(hold), desc="calibrate", unit="sample", disable=not progress)
+    bar = tqdm(total=2 * len(fit) + (1 if y is not None else 2) * len(hold), desc="calibrate", unit="sample", disable=not progress)
     run = _Runner(tap_model, settings.batch_size, bar)
     base = timed("activations", run, x[fit], None if y is None else y[fit], with_salience=True)
     stats = [linf_stats(linf, mean) for linf, mean in zip(base.linf, base.mean, strict=True)]
@@ -118,8 +118,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     benign = [benign_set(s, settings.benign_share) for s in salience]
     channels = [len(s) for s in salience]
 
-    hold_base = run(x[hold])
-    truth = y[hold] if y is not None else hold_base.predictions
+    truth = y[hold] if y is not None else run(x[hold]).predictions  # without labels, the model's own answers
 
     def accuracy(keep: list[np.ndarray]) -> float:
         return float((run.masked_predictions(x[hold], keep) == truth).mean())
@@ -154,11 +153,9 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     guarded_hold = run(x[hold], masks=keep)
     labels = guarded_hold.predictions
     check = draft.check()
-    z = check.z_scores(np.concatenate(guarded_hold.linf, axis=1), labels)
-    k = compromise_threshold(z, check.active, settings.k_quantile, settings.k_min)
-    check.k = k
     result = check(guarded_hold.linf, labels)
-    benign_labels = run.benign_repredict(x[hold], keep, bounds, result.compromised, labels)
+    k = compromise_threshold(result.z, check.active, settings.k_quantile, settings.k_min)
+    benign_labels = run.benign_repredict(x[hold], keep, bounds, result.z > k, labels)
     disagree = benign_labels != labels
     tau = score_threshold(result.score, disagree, settings.fpr)
     flagged = (result.score > tau) | disagree

@@ -17,6 +17,7 @@ class CheckResult:
     """Per-sample outcome of the consistency check."""
 
     score: np.ndarray  # (N,) float32, higher = less like the clean profile of the predicted class
+    z: np.ndarray  # (N, C_total) float32, per-channel z against the predicted class (0 where inactive)
     compromised: np.ndarray  # (N, C_total) bool, channels whose z exceeds k
 
 
@@ -40,7 +41,7 @@ class ConsistencyCheck:
         z = self.z_scores(flat, labels)
         q = min(self.top_q, z.shape[1])
         top = np.partition(z, z.shape[1] - q, axis=1)[:, -q:]
-        return CheckResult(score=top.mean(axis=1).astype(np.float32), compromised=z > self.k)
+        return CheckResult(score=top.mean(axis=1).astype(np.float32), z=z, compromised=z > self.k)
 
 
 def repredict_masks(keep: list[np.ndarray], bounds: list[np.ndarray | None],

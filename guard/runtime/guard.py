@@ -19,8 +19,6 @@ from guard.runtime.checks import repredict_masks
 from guard.runtime.engine import OrtEngine
 from guard.runtime.policy import Policy, apply_policy
 
-STAGES = ("engine", "check", "repredict")
-
 
 @dataclass
 class Result:
@@ -117,8 +115,7 @@ class Guard:
         # A sample flagged by its score but with no single channel past k: break the link at its top channels.
         lone = suspicious & ~compromised.any(axis=1)
         if lone.any():
-            z = self.check.z_scores(np.concatenate(linf, axis=1)[lone], model_labels[lone])
-            top = np.argsort(-z, axis=1)[:, : self.check.top_q]
+            top = np.argsort(-verdict.z[lone], axis=1)[:, : self.check.top_q]
             compromised[np.flatnonzero(lone)[:, None], top] = True
         benign_logits = logits.copy()
         rows = np.flatnonzero(compromised.any(axis=1))
