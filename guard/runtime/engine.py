@@ -23,7 +23,7 @@ class OrtEngine:
     """Runs the guarded model: `run(x)` gives logits and per-tap ℓ∞; `repredict(x, masks)` the benign logits."""
 
     def __init__(self, served: bytes, repredict: bytes, input_name: str, output_name: str, taps: int,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", threads: int = 0) -> None:
         ort = _onnxruntime()
         if device == "cuda":
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -33,6 +33,7 @@ class OrtEngine:
             raise GuardError(f"unknown device {device!r}: use cpu or cuda")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per core)
         try:
             self.session = ort.InferenceSession(served, options, providers=providers)
             self.repredict_session = ort.InferenceSession(repredict, options, providers=providers)

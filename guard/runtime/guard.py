@@ -43,7 +43,7 @@ class Guard:
     """
 
     def __init__(self, model: LoadedModel, profile: Profile, *, device: str = "cpu",
-                 policy: Policy | str = Policy.ENFORCE) -> None:
+                 policy: Policy | str = Policy.ENFORCE, threads: int = 0) -> None:
         profile.verify_model(model.sha256)
         try:
             validate_taps(model, profile.tap_names)
@@ -62,14 +62,16 @@ class Guard:
         self.policy = Policy(policy)
         self.sample_shape = model.sample_shape
         served, repredict = serving_graphs(model, profile.tap_names, profile.keep_masks(), profile.unit_bounds())
-        self.engine = OrtEngine(served, repredict, model.input_name, model.output_name, len(profile.taps), device)
+        self.engine = OrtEngine(served, repredict, model.input_name, model.output_name, len(profile.taps), device,
+                                threads)
         self.check = profile.check()
         self._warm_up()
 
     @classmethod
     def load(cls, model: str | Path, profile: str | Path, *, device: str = "cpu",
-             policy: Policy | str = Policy.ENFORCE) -> Guard:
-        return cls(load_model(model), Profile.load(profile), device=device, policy=policy)
+             policy: Policy | str = Policy.ENFORCE, threads: int = 0) -> Guard:
+        """`threads`: ONNX Runtime intra-op threads (0 = one per core)."""
+        return cls(load_model(model), Profile.load(profile), device=device, policy=policy, threads=threads)
 
     @property
     def tau(self) -> float:

@@ -1,0 +1,49 @@
+"""The figures of the evaluation protocol (EVALUATION.md), as plain functions over labels and scores.
+
+Every defense is measured by the same few functions so that rows of the report compare like with like.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["auroc", "mean_spread", "roc_curve", "share"]
+
+
+def share(mask: np.ndarray) -> float:
+    """Share of True in a boolean array (NaN for an empty one, so a missing figure is never a silent 0)."""
+    mask = np.asarray(mask, dtype=bool)
+    return float(mask.mean()) if mask.size else float("nan")
+
+
+def auroc(negative: np.ndarray, positive: np.ndarray) -> float:
+    """Probability that a positive (triggered) sample outscores a negative (clean) one; ties count half."""
+    negative, positive = np.asarray(negative, np.float64), np.asarray(positive, np.float64)
+    if not negative.size or not positive.size:
+        return float("nan")
+    scores = np.concatenate([negative, positive])
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    # mid-rank of each distinct value: ranks below it plus the average position inside its tie group
+    below = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ranks = (below + (counts + 1) / 2)[inverse]
+    positive_ranks = ranks[len(negative):].sum()
+    return float((positive_ranks - len(positive) * (len(positive) + 1) / 2) / (len(negative) * len(positive)))
+
+
+def roc_curve(negative: np.ndarray, positive: np.ndarray, points: int = 101) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at `points` thresholds spread over the score quantiles, from (1, 1) down to (0, 0)."""
+    negative, positive = np.asarray(negative, np.float64), np.asarray(positive, np.float64)
+    scores = np.concatenate([negative, positive])
+    thresholds = np.unique(np.quantile(scores, np.linspace(0, 1, points)))
+    thresholds = np.concatenate([[-np.inf], thresholds, [np.inf]])
+    fpr = np.array([(negative > t).mean() for t in thresholds])
+    tpr = np.array([(positive > t).mean() for t in thresholds])
+    return fpr, tpr
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (spread 0 for a single value; NaNs ignored)."""
+    finite = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
+    if not finite.size:
+        return float("nan"), float("nan")
+    return float(finite.mean()), float(finite.std(ddof=1)) if finite.size > 1 else 0.0

@@ -1,0 +1,103 @@
+"""The evaluation's figures and its target check, pinned on small hand-made inputs."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+
+from guard.eval.metrics import auroc, mean_spread, roc_curve, share
+from guard.eval.report import check_targets, headline_table, misses_text
+
+
+def brute_auroc(negative: np.ndarray, positive: np.ndarray) -> float:
+    pairs = list(itertools.product(negative, positive))
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for n, p in pairs) / len(pairs)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_matches_pairwise_count_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    negative = rng.integers(0, 6, size=40).astype(float)  # few distinct values: many ties
+    positive = rng.integers(2, 8, size=30).astype(float)
+    assert auroc(negative, positive) == pytest.approx(brute_auroc(negative, positive))
+
+
+def test_auroc_extremes_and_empty() -> None:
+    assert auroc(np.zeros(5), np.ones(5)) == 1.0
+    assert auroc(np.ones(5), np.zeros(5)) == 0.0
+    assert np.isnan(auroc(np.zeros(0), np.ones(3)))
+
+
+def test_roc_curve_runs_from_all_flagged_to_none_and_is_monotone() -> None:
+    rng = np.random.default_rng(0)
+    fpr, tpr = roc_curve(rng.normal(size=200), rng.normal(1.0, size=200))
+    assert (fpr[0], tpr[0]) == (1.0, 1.0)
+    assert (fpr[-1], tpr[-1]) == (0.0, 0.0)
+    assert np.all(np.diff(fpr) <= 0) and np.all(np.diff(tpr) <= 0)
+    # the area under the sampled curve is close to the rank AUROC
+    area = -np.trapezoid(tpr, fpr)
+    assert abs(area - 0.76) < 0.1
+
+
+def test_share_and_mean_spread() -> None:
+    assert share(np.array([True, False, False, True])) == 0.5
+    assert np.isnan(share(np.array([], dtype=bool)))
+    assert mean_spread([0.5]) == (0.5, 0.0)
+    mean, spread = mean_spread([0.1, 0.3, None, float("nan")])
+    assert mean == pytest.approx(0.2) and spread == pytest.approx(np.std([0.1, 0.3], ddof=1))
+
+
+def _case(attack: str, seed: int, **guard: float) -> dict:
+    methods = {
+        "none": {"ca": 0.88, "asr": 0.99, "ra": 0.0},
+        "fine-pruning": {"ca": 0.87, "asr": 0.50},
+        "strip": {"auroc": 0.90, "fpr": 0.05, "tpr": 0.5},
+        "linf-prune": {"ca": 0.88, "asr": 0.3},
+        "salience-prune": {"ca": 0.88, "asr": 0.9},
+        "check": {"ca": 0.88, "asr": 0.05, "auroc": 0.99, "fpr": 0.05},
+        "guard": {"ca": 0.875, "asr": 0.01, "ra": 0.8, "auroc": 0.999, "tpr": 1.0, "fpr": 0.05},
+    }
+    methods["guard"].update(guard)
+    return {"attack": attack, "arch": "cnn", "seed": seed, "methods": methods}
+
+
+def _figures(*cases: dict) -> dict:
+    return {"settings": {"fpr": 0.05}, "cases": list(cases)}
+
+
+def test_targets_met_gives_no_miss() -> None:
+    figures = _figures(_case("badnets", 0), _case("badnets", 1), _case("clean", 0, fpr=0.04, ca=0.88))
+    assert check_targets(figures) == []
+    assert "Every target" in misses_text([])
+
+
+def test_each_missed_target_is_named() -> None:
+    figures = _figures(_case("badnets", 0, asr=0.03, auroc=0.85, fpr=0.09, ca=0.86),
+                       _case("wanet", 0, asr=0.04), _case("clean", 0, fpr=0.07, ca=0.87))
+    missed = {(m.attack, m.target.split(" ")[0]) for m in check_targets(figures)}
+    assert ("badnets", "ASR") in missed  # 3% > 2%
+    assert ("badnets", "AUROC") in missed  # below 0.98, and below STRIP's 0.90
+    assert ("badnets", "FPR") in missed
+    assert ("badnets", "clean") in missed
+    assert not any(attack == "wanet" for attack, _ in missed)  # 4% is within wanet's 5%
+    assert {target for attack, target in missed if attack == "clean"} == {"clean"}
+    assert len([m for m in check_targets(figures) if m.attack == "clean"]) == 2
+
+
+def test_targets_use_the_mean_over_seeds() -> None:
+    good, bad = _case("blend", 0, asr=0.0), _case("blend", 1, asr=0.03)
+    assert check_targets(_figures(good, bad)) == []  # mean 1.5% <= 2%
+    worse = copy.deepcopy(bad)
+    worse["seed"] = 2
+    worse["methods"]["guard"]["asr"] = 0.05
+    assert [m.target for m in check_targets(_figures(good, bad, worse))] == ["ASR ≤ 2%"]
+
+
+def test_headline_table_shows_mean_and_spread() -> None:
+    table = headline_table(_figures(_case("badnets", 0, asr=0.01), _case("badnets", 1, asr=0.03)))
+    row = table.splitlines()[2]
+    assert row.startswith("| badnets | cnn | 88.0 |")
+    assert "2.0 ± 1.4" in row  # ASR mean 2%, sample std 1.41%
