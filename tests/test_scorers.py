@@ -230,7 +230,8 @@ def check(planted: Planted) -> ConsistencyCheck:
     class_mean, class_scale = class_profiles(clean.linf, clean.predictions, CLASSES)
     assert class_mean.shape == class_scale.shape == (CLASSES, CHANNELS)
     assert np.all(class_scale > 0)
-    consistency = ConsistencyCheck(class_mean, class_scale, np.ones(CHANNELS, dtype=bool), top_q=3, k=3.0)
+    consistency = ConsistencyCheck(class_mean, class_scale, np.ones(CHANNELS, dtype=bool), top_q=3, k=3.0,
+                                   cut=2.0)
     z = consistency.z_scores(np.concatenate(clean.linf, axis=1), clean.predictions)
     consistency.k = compromise_threshold(z, consistency.active)
     assert consistency.k >= 3.0
@@ -272,7 +273,7 @@ def test_consistency_score_is_mean_of_top_q_z_and_inactive_channels_are_ignored(
     assert np.median(other - own) > 0
     assert own.mean() < 0.8 * other.mean()
     blind = ConsistencyCheck(check.class_mean, check.class_scale, np.arange(CHANNELS) != PLANTED, check.top_q,
-                             check.k)
+                             check.k, check.cut)
     assert not blind(triggered.linf, triggered.predictions).compromised[:, PLANTED].any()
     assert np.all(blind.z_scores(flat, triggered.predictions)[:, PLANTED] == 0)
 
@@ -414,3 +415,21 @@ def test_candidate_order_puts_least_salient_share_first_and_breaks_ties_by_peake
     # shares: (0,1) 0, (0,3) 0, (1,2) 0, (1,1) 5/105, (0,2) 1/11; zero shares go most peaked first
     assert order == [(0, 3), (1, 2), (0, 1), (1, 1), (0, 2)]
     assert (0, 0) not in order and (1, 0) not in order
+
+
+# ---------------------------------------------------------------------------------------------- repredict_masks
+
+
+def test_repredict_masks_zero_high_z_features_only_at_taps_without_unit_bounds() -> None:
+    from guard.runtime.checks import repredict_masks
+
+    conv_keep = np.array([True, False, True])
+    dense_keep = np.array([True, True, False, True])
+    z = np.array([[9.0, 9.0, 9.0, 2.5, 1.0, 9.0, 2.0],
+                  [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    conv_mask, dense_mask = repredict_masks([conv_keep, dense_keep], [np.ones((3, 2, 2)), None], z, cut=2.0)
+    # conv tap: units above their bound are cut in the graph; the mask only repeats the static mask
+    assert conv_mask.tolist() == [[1, 0, 1], [1, 0, 1]]
+    # dense tap: z > 2.0 is cut (2.5 yes, exactly 2.0 no); the statically pruned channel stays pruned
+    assert dense_mask.tolist() == [[0, 1, 0, 1], [1, 1, 0, 1]]
+    assert dense_mask.dtype == np.float32

@@ -20,7 +20,7 @@ from guard._version import __version__
 from guard.errors import ProfileError
 from guard.runtime.checks import ConsistencyCheck
 
-FORMAT = "guard.profile/1"
+FORMAT = "guard.profile/2"  # 2: thresholds gained `cut`
 _TAP_ARRAYS = ("linf_mean", "linf_std", "linf_p99", "linf_p999", "peakedness", "salience", "benign", "keep")
 
 
@@ -56,6 +56,7 @@ class Thresholds:
     k: float  # a channel is compromised when its z exceeds k
     tau: float  # a request is flagged when its score exceeds tau
     top_q: int  # the score is the mean of the top_q z values
+    cut: float  # the benign re-prediction zeroes channels of taps without unit bounds whose z exceeds this
 
 
 @dataclass
@@ -91,6 +92,7 @@ class Profile:
             active=np.concatenate([tap.observable for tap in self.taps]),
             top_q=self.thresholds.top_q,
             k=self.thresholds.k,
+            cut=self.thresholds.cut,
         )
 
     def verify_model(self, sha256: str) -> None:
@@ -190,7 +192,7 @@ class Profile:
 
 def _thresholds(raw: dict[str, Any]) -> Thresholds:
     """Thresholds with their types and ranges checked: a profile is untrusted input."""
-    k, tau, top_q = float(raw["k"]), float(raw["tau"]), raw["top_q"]
-    if not (np.isfinite(k) and np.isfinite(tau)) or not isinstance(top_q, int) or top_q < 1:
+    k, tau, top_q, cut = float(raw["k"]), float(raw["tau"]), raw["top_q"], float(raw["cut"])
+    if not (np.isfinite(k) and np.isfinite(tau) and np.isfinite(cut)) or not isinstance(top_q, int) or top_q < 1:
         raise ValueError(f"thresholds must be finite numbers with an integer top_q >= 1, got {raw}")
-    return Thresholds(k=k, tau=tau, top_q=top_q)
+    return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut)

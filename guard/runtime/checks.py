@@ -30,6 +30,7 @@ class ConsistencyCheck:
     active: np.ndarray  # (C_total,) bool: channels that take part (observable in the served graph)
     top_q: int
     k: float
+    cut: float  # z above which the benign re-prediction zeroes a channel of a tap without unit bounds
 
     def z_scores(self, linf: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """(N, C_total) standardised ℓ∞ against each sample's predicted class; inactive channels are 0."""
@@ -44,20 +45,21 @@ class ConsistencyCheck:
         return CheckResult(score=top.mean(axis=1).astype(np.float32), z=z, compromised=z > self.k)
 
 
-def repredict_masks(keep: list[np.ndarray], bounds: list[np.ndarray | None],
-                    compromised: np.ndarray) -> list[np.ndarray]:
-    """Per-tap (N, C) float channel masks for the benign re-prediction.
+def repredict_masks(keep: list[np.ndarray], bounds: list[np.ndarray | None], z: np.ndarray,
+                    cut: float) -> list[np.ndarray]:
+    """Per-tap (N, C) float channel masks for the benign re-prediction of samples with z scores `z`.
 
-    Where conv taps carry unit bounds, the link is cut there (units above their clean bound are zeroed in the
-    graph) and the masks only repeat the static mask: zeroing high-z features downstream as well was measured to
-    erase the true class's evidence too (see docs). Without any unit bound, each sample's compromised channels are
-    zeroed.
+    At conv taps with unit bounds the link is cut in the graph (units above their clean maximum are zeroed), so the
+    mask there only repeats the static mask: zeroing high-z conv channels as well was measured to erase the true
+    class's evidence too. At taps without unit bounds (the penultimate features) each sample's channels with z above
+    `cut` are zeroed; the backdoor's features there sit well above the predicted class's profile.
     """
-    zero_channels = all(bound is None for bound in bounds)
     masks, start = [], 0
-    for tap_keep in keep:
+    for tap_keep, bound in zip(keep, bounds, strict=True):
         stop = start + len(tap_keep)
-        cut = compromised[:, start:stop] if zero_channels else np.zeros((len(compromised), len(tap_keep)), bool)
-        masks.append((tap_keep[None, :] & ~cut).astype(np.float32))
+        if bound is None:
+            masks.append((tap_keep[None, :] & ~(z[:, start:stop] > cut)).astype(np.float32))
+        else:
+            masks.append(np.repeat(tap_keep[None, :].astype(np.float32), len(z), axis=0))
         start = stop
     return masks

@@ -112,18 +112,13 @@ class Guard:
         verdict = self.check(linf, model_labels)
         t2 = time.perf_counter()
         seconds["engine"], seconds["check"] = t1 - t0, t2 - t1
-        compromised = verdict.compromised
         suspicious = verdict.score > self.tau
-        # A sample flagged by its score but with no single channel past k: break the link at its top channels.
-        lone = suspicious & ~compromised.any(axis=1)
-        if lone.any():
-            top = np.argsort(-verdict.z[lone], axis=1)[:, : self.check.top_q]
-            compromised[np.flatnonzero(lone)[:, None], top] = True
         benign_logits = logits.copy()
-        rows = np.flatnonzero(compromised.any(axis=1))
+        rows = np.flatnonzero(verdict.compromised.any(axis=1) | suspicious)
         if rows.size:
             taps = self.profile.taps
-            masks = repredict_masks([t.keep for t in taps], [t.unit_bound for t in taps], compromised[rows])
+            masks = repredict_masks([t.keep for t in taps], [t.unit_bound for t in taps], verdict.z[rows],
+                                    self.check.cut)
             benign_logits[rows] = self.engine.repredict(x[rows], masks)
         seconds["repredict"] = time.perf_counter() - t2
         flagged = suspicious | (benign_logits.argmax(axis=1) != model_labels)
