@@ -91,8 +91,11 @@ def test_guard_flags_triggers_and_restores_true_class(client: triton.InferenceSe
     assert trig_flagged.mean() > 5 * clean_flagged.mean()
     assert clean_flagged.mean() < 0.1  # configured target 0.05, measured on 1,000 held-out images
     guarded = logits.argmax(1)
-    assert np.mean(guarded == y_trig) > 0.5, "under enforce, most triggered answers are the true class"
-    assert np.mean(guarded == TARGET) < 0.5 * np.mean(unguarded == TARGET)
+    # Under enforce the link is broken: few triggered answers are the target, and a good share are the true class
+    # (the re-prediction trades some recovered answers for a lower attack success; see calibrate's cut_z).
+    assert np.mean(guarded == TARGET) < 0.2, "under enforce, triggered requests rarely reach the target"
+    assert np.mean(guarded == y_trig) > 0.25
+    assert np.mean(guarded == y_trig) > 5 * np.mean(unguarded == y_trig)
     # The score separates clean from triggered (AUROC by ranks).
     ranks = np.argsort(np.argsort(np.concatenate([clean_score, trig_score])))
     auroc = (ranks[len(clean_score):].mean() - (len(trig_score) - 1) / 2) / len(clean_score)
