@@ -198,10 +198,10 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def attack_success_rate(model: nn.Module, attack: Attack, x: np.ndarray, y: np.ndarray, target: int) -> float:
-    """Share of triggered samples whose true label is not ``target`` that the model predicts as ``target``."""
-    keep = np.asarray(y) != target
+    """Share of the attack's victims (by default: samples not of ``target``), triggered, predicted as ``target``."""
+    keep = attack.victims(np.asarray(y), target)
     if not keep.any():
-        raise ValueError(f"no samples with a label other than the target {target}")
+        raise ValueError(f"no samples the attack counts as victims for target {target}")
     return float(np.mean(predict(model, attack.apply(x[keep])) == target))
 
 
