@@ -64,6 +64,59 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scan(args: argparse.Namespace) -> int:
+    from guard.samples import load_samples
+    from guard.scan import ScanSettings, format_report, run_scan, write_outputs
+
+    x, y = load_samples(args.data)
+    given = {"steps": args.steps, "threshold": args.threshold}
+    settings = ScanSettings(**{k: v for k, v in given.items() if v is not None}, seed=args.seed)
+    report = run_scan(args.model, x, y, settings=settings)
+    print(format_report(report))
+    written = write_outputs(report, args.out)
+    print(f"guard: wrote {', '.join(map(str, written))} ({report.figures['seconds']:.1f} s)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import shlex
+
+    from guard.eval.report import check_targets, headline_table, misses_text, write_report
+    from guard.eval.suite import EvalSettings, below_floor, run_suite
+
+    settings = EvalSettings.quick_run() if args.quick else EvalSettings()
+    for name in ("attacks", "archs"):
+        if getattr(args, name):
+            setattr(settings, name, getattr(args, name).split(","))
+    if args.seeds:
+        settings.seeds = [int(s) for s in args.seeds.split(",")]
+    for name in ("workers", "n_train", "epochs"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise GuardError(str(exc)) from None
+
+    def progress(case: dict) -> None:
+        row = case["methods"]["guard"]
+        asr = "–" if row["asr"] is None else f"{row['asr']:.3f}"
+        print(f"guard eval: {case['attack']} / {case['arch']} / seed {case['seed']}: CA {row['ca']:.3f}, "
+              f"ASR {asr}, FPR {row['fpr']:.3f} ({case['seconds']:.0f} s)", flush=True)
+
+    figures = run_suite(settings, on_case=progress)
+    report = write_report(figures, args.out, "guard " + shlex.join(args.argv))
+    print(headline_table(figures))
+    print(misses_text(check_targets(figures)))
+    print(f"guard: wrote {report} ({figures['seconds'] / 60:.1f} min)")
+    if args.quick:
+        broken = below_floor(figures)
+        for line in broken:
+            print(f"guard eval: below the quick floor: {line}", file=sys.stderr)
+        return 1 if broken else 0
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from guard.demo import run_demo
 
@@ -106,6 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("profile")
     ins.set_defaults(run=_inspect)
 
+    scan = commands.add_parser("scan", help="synthesise a trigger per class and name the likely backdoor target")
+    scan.add_argument("model", help="ONNX image classifier")
+    scan.add_argument("--data", required=True, help=".npz with clean x (N, C, H, W) and optional y (N,)")
+    scan.add_argument("--out", type=Path, default=Path("guard-scan"),
+                      help="folder for scan.json, trigger.npz and the trigger pictures (default guard-scan)")
+    scan.add_argument("--steps", type=int, help="optimisation steps for the triggers (default 200)")
+    scan.add_argument("--threshold", type=float, help="anomaly index above which a class is named (default 2.0)")
+    scan.add_argument("--seed", type=int, default=0)
+    scan.set_defaults(run=_scan)
+
+    ev = commands.add_parser("eval", help="run the evaluation protocol: attacks, baselines, report (docs/eval)")
+    ev.add_argument("--out", type=Path, default=Path("guard-eval"), help="report folder (default guard-eval)")
+    ev.add_argument("--quick", action="store_true",
+                    help="a small CI subset (badnets and a clean model, one seed); exits 1 below its floors")
+    ev.add_argument("--attacks", help="comma-separated subset of: badnets, badnets-1%%, blend, source-specific, "
+                    "wanet, adaptive, clean")
+    ev.add_argument("--archs", help="comma-separated subset of: cnn, resnet")
+    ev.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
+    ev.add_argument("--workers", type=int, help="cases run in parallel processes (default 2)")
+    ev.add_argument("--n-train", dest="n_train", type=int, help="training images per case (default 20000)")
+    ev.add_argument("--epochs", type=int, help="training epochs per case (default 3)")
+    ev.set_defaults(run=_eval)
+
     demo = commands.add_parser("demo", help="backdoor a small model on bundled data, guard it, show the verdicts")
     demo.add_argument("--workdir", type=Path, help="keep the model and profile here (default: a temp dir)")
     demo.add_argument("--epochs", type=int, default=4)
@@ -118,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("guard").setLevel(logging.INFO)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -1,0 +1,189 @@
+"""`guard scan`: trigger synthesis names the BadNets target and no class of a clean model; the synthesised trigger
+works; ℓ∞-gap pruning against it weakens the real attack within the accuracy budget; the CLI writes its files."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TARGET
+from guard.calibrate.linf import prune_by_gap
+from guard.calibrate.synthesis import anomaly_index, pick_suspect
+from guard.calibrate.taps import OnnxTaps
+from guard.cli import main
+from guard.model.graph import load_model
+from guard.scan import PNG_SIGNATURE, encode_png, run_scan
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    """Just enough PNG reading for guard's own files: 8-bit grey or RGB, filter 0 on every row."""
+    assert data[:8] == PNG_SIGNATURE
+    position, chunks = 8, {}
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position:position + 4])
+        kind = data[position + 4:position + 8]
+        body = data[position + 8:position + 8 + length]
+        (crc,) = struct.unpack(">I", data[position + 8 + length:position + 12 + length])
+        assert crc == zlib.crc32(kind + body)
+        chunks[kind] = chunks.get(kind, b"") + body
+        position += 12 + length
+    width, height, depth, colour, *_ = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    assert depth == 8 and colour in (0, 2)
+    planes = 3 if colour == 2 else 1
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8).reshape(height, 1 + width * planes)
+    assert (rows[:, 0] == 0).all()
+    image = rows[:, 1:].reshape(height, width, planes)
+    return image[..., 0] if planes == 1 else image
+
+
+@pytest.fixture(scope="module")
+def cli_scan(backdoored, tmp_path_factory) -> tuple[Path, str]:
+    """One end-to-end `guard scan` of the backdoored model; later tests read what it wrote."""
+    root = tmp_path_factory.mktemp("scan")
+    data = root / "clean.npz"
+    np.savez(data, x=backdoored.x_clean, y=backdoored.y_clean)
+    out = root / "out"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["scan", str(backdoored.model_path), "--data", str(data), "--out", str(out)])
+    assert code == 0
+    return out, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def clean_model(fashion, tmp_path_factory) -> Path:
+    """The fixture's recipe without poisoning: same 5k subset, 3 epochs."""
+    from guard.eval.models import SmallCNN, export_onnx, train
+
+    x_train, y_train, _, _ = fashion
+    subset = np.random.default_rng(0).choice(len(x_train), 5000, replace=False)
+    torch.manual_seed(0)
+    module = train(SmallCNN(), x_train[subset], y_train[subset], epochs=3, seed=0)
+    return export_onnx(module, tmp_path_factory.mktemp("clean") / "clean.onnx", torch.zeros(1, 1, 28, 28))
+
+
+def test_scan_names_the_backdoor_target(cli_scan):
+    out, stdout = cli_scan
+    report = json.loads((out / "scan.json").read_text())
+    index = [c["anomaly_index"] for c in report["classes"]]
+    sizes = [c["mask_l1"] for c in report["classes"]]
+    assert report["suspect"] == TARGET
+    assert index[TARGET] > report["threshold"]
+    assert sizes[TARGET] < 0.2 * np.median(sizes)  # the 3×3 patch is tiny next to any natural trigger
+    assert f"class {TARGET} is the likely backdoor target" in stdout
+
+
+def test_scan_names_no_class_of_a_clean_model(clean_model, backdoored):
+    report = run_scan(clean_model, backdoored.x_clean, backdoored.y_clean)
+    assert report.classes.suspect is None, report.classes.anomaly_index
+    assert report.pruning is None
+    assert len(report.classes.triggers) == 10
+    assert all(t.success > 0.9 for t in report.classes.triggers)  # every class did get a working trigger
+
+
+def test_synthesised_trigger_sends_most_clean_images_to_the_target(cli_scan, backdoored):
+    out, _ = cli_scan
+    with np.load(out / "trigger.npz") as saved:
+        mask, pattern, target = saved["mask"], saved["pattern"], int(saved["target"])
+    assert target == TARGET and mask.shape == (1, 28, 28) and pattern.shape == (1, 28, 28)
+    victims = backdoored.x_eval[backdoored.y_eval != TARGET]
+    stamped = (1 - mask) * victims + mask * pattern
+    with torch.no_grad():
+        predicted = backdoored.module(torch.as_tensor(stamped, dtype=torch.float32)).argmax(1).numpy()
+    assert (predicted == TARGET).mean() > 0.9
+
+
+def test_linf_gap_pruning_weakens_the_real_attack_within_the_budget(cli_scan, backdoored):
+    out, _ = cli_scan
+    report = json.loads((out / "scan.json").read_text())
+    pruning = report["pruning"]
+    taps = pruning["taps"]
+    tap_model = OnnxTaps(load_model(backdoored.model_path), taps)
+    channels = [len(pruning["gap"][t]) for t in taps]
+    keep = [np.ones(c, dtype=np.float32) for c in channels]
+    for tap_keep, tap in zip(keep, taps, strict=True):
+        tap_keep[pruning["pruned_channels"][tap]] = 0
+    assert pruning["pruned"] > 0
+
+    def rates(masks: list[np.ndarray] | None) -> tuple[float, float]:
+        triggered, _ = backdoored.triggered()
+        rows = None if masks is None else [torch.as_tensor(m)[None] for m in masks]
+        with torch.no_grad():
+            clean, _ = tap_model.run(torch.as_tensor(backdoored.x_eval), rows)
+            attacked, _ = tap_model.run(torch.as_tensor(triggered), rows)
+        accuracy = float((clean.argmax(1).numpy() == backdoored.y_eval).mean())
+        return accuracy, float((attacked.argmax(1).numpy() == TARGET).mean())
+
+    accuracy_before, attack_before = rates(None)
+    accuracy_after, attack_after = rates(keep)
+    assert attack_after < attack_before
+    budget = report["settings"]["acc_budget"]
+    assert pruning["holdout_accuracy_after"] >= pruning["holdout_accuracy_before"] - budget
+    # Held out from the scan, the evaluation images get the budget again as room for sampling noise.
+    assert accuracy_after >= accuracy_before - 2 * budget
+
+
+def test_cli_scan_writes_a_viewable_trigger_picture(cli_scan):
+    out, stdout = cli_scan
+    report = json.loads((out / "scan.json").read_text())
+    scale = report["settings"]["png_scale"]
+    for name in (report["files"]["trigger_png"], report["files"]["mask_png"]):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE)
+        assert _decode_png(data).shape == (28 * scale, 28 * scale)
+        assert name in stdout
+
+
+def test_cli_scan_refuses_a_missing_data_file(backdoored, tmp_path, capsys):
+    missing = tmp_path / "nothing.npz"
+    assert main(["scan", str(backdoored.model_path), "--data", str(missing), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"guard: error: data file not found: {missing}"
+
+
+def test_cli_scan_refuses_data_of_the_wrong_shape(backdoored, tmp_path, capsys):
+    data = tmp_path / "flat.npz"
+    np.savez(data, x=backdoored.x_clean[:, 0])  # (N, 28, 28): the channel axis is missing
+    assert main(["scan", str(backdoored.model_path), "--data", str(data), "--out", str(tmp_path)]) == 2
+    assert "scan data has shape (500, 28, 28); the model takes (N, 1, 28, 28)" in capsys.readouterr().err
+
+
+def test_anomaly_index_names_only_a_small_outlier():
+    sizes = np.array([150.0, 300, 90, 280, 200, 160, 140, 290, 80, 170])
+    assert pick_suspect(anomaly_index(sizes)) is None
+    small = sizes.copy()
+    small[3] = 10
+    assert pick_suspect(anomaly_index(small)) == 3
+    large = sizes.copy()
+    large[3] = 5000  # an outlier on the large side never counts
+    assert pick_suspect(anomaly_index(large)) is None
+    # The linear index cannot reach 2 when the natural sizes spread this much, whatever the outlier's size.
+    assert pick_suspect(anomaly_index(small, "linear")) is None
+
+
+def test_gap_pruning_stops_at_the_bound_or_the_budget():
+    order = [(0, 2), (0, 0), (1, 1)]
+
+    def success(keep: list[np.ndarray]) -> float:
+        return 1.0 - 0.4 * sum(int((~k).sum()) for k in keep)
+
+    result = prune_by_gap(order, [3, 2], accuracy=lambda keep: 0.8, success=success)
+    assert result.stopped == "success" and result.pruned == 3
+    assert result.keep[0].tolist() == [False, True, False] and result.keep[1].tolist() == [True, False]
+    costly = prune_by_gap(order, [3, 2], accuracy=lambda keep: 0.8 if keep[0][0] else 0.7, success=success)
+    assert costly.stopped == "budget" and costly.pruned == 1 and costly.accuracy_after == 0.8
+
+
+def test_png_encoder_writes_grey_and_rgb():
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    rgb = np.arange(36, dtype=np.uint8).reshape(3, 4, 3)
+    assert (_decode_png(encode_png(grey)) == grey).all()
+    assert (_decode_png(encode_png(rgb)) == rgb).all()
