@@ -1,0 +1,369 @@
+"""`guard eval`: the protocol of EVALUATION.md, end to end, on models trained here on real Fashion-MNIST.
+
+One *case* is an attack × architecture × seed: poison a training subset, train, export to ONNX, then measure on the
+same model and the same images every defense in the report: no defense, fine-pruning, STRIP, each of guard's seed
+methods alone (ℓ∞-gap pruning from a synthesized trigger, benign-salience pruning, the consistency check) and the
+default combination, plus PGD adversarial examples. Cases are independent, so they run in worker processes.
+Thresholds come from the defender's clean set only; triggered images are used for measuring, never for choosing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from guard.eval.attacks import Adaptive, Attack, BadNets, Blend, SourceSpecific, WaNet
+from guard.eval.metrics import auroc, roc_curve, share
+
+log = logging.getLogger(__name__)
+
+TARGET = 0
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One row of EVALUATION.md's attack table."""
+
+    name: str
+    make: Callable[[], Attack | None]  # None: the clean model
+    rate: float
+
+
+ATTACKS: dict[str, AttackSpec] = {
+    spec.name: spec
+    for spec in (
+        AttackSpec("badnets", BadNets, 0.10),
+        AttackSpec("badnets-1%", BadNets, 0.01),
+        AttackSpec("blend", Blend, 0.10),
+        # The rate is a share of the source class: 10% of it (about 200 images of 20k against 1,600 cover images)
+        # left attack success near 0.5, so 50% (5% of the set) makes a backdoor worth defending against.
+        AttackSpec("source-specific", SourceSpecific, 0.50),
+        AttackSpec("wanet", WaNet, 0.10),
+        AttackSpec("adaptive", Adaptive, 0.005),
+        AttackSpec("clean", lambda: None, 0.0),
+    )
+}
+ARCHS = ("cnn", "resnet")
+
+
+# `guard eval --quick` fails (exit 1) when its figures fall below these floors. They are floors for CI, well below
+# the issue's targets: the quick models are weak (6k images, CA about 0.78; measured guarded ASR 0.15, AUROC 0.993,
+# FPR 0.04, accuracy loss up to 1.3 points), but far from what a guard that had stopped working would show
+# (undefended ASR about 0.99, a blind check's AUROC about 0.5).
+QUICK_FLOORS = {
+    "badnets: attack success of the undefended model, at least": ("badnets", "none", "asr", ">=", 0.80),
+    "badnets: attack success under guard, at most": ("badnets", "guard", "asr", "<=", 0.30),
+    "badnets: detection AUROC, at least": ("badnets", "guard", "auroc", ">=", 0.95),
+    "badnets: clean requests flagged, at most": ("badnets", "guard", "fpr", "<=", 0.10),
+    "clean model: clean requests flagged, at most": ("clean", "guard", "fpr", "<=", 0.10),
+}
+QUICK_MAX_ACCURACY_LOSS = 0.03  # clean accuracy guard may cost on either quick case
+
+
+def below_floor(figures: dict[str, object]) -> list[str]:
+    """The quick run's floors that `figures` break, each as a line naming the figure and its value."""
+    broken = []
+    for case in figures["cases"]:  # type: ignore[union-attr]
+        methods = case["methods"]
+        for text, (attack, method, key, op, bound) in QUICK_FLOORS.items():
+            value = methods[method][key] if case["attack"] == attack else None
+            if value is not None and not (value >= bound if op == ">=" else value <= bound):
+                broken.append(f"{text} {bound}: got {value:.4f} ({case['arch']}, seed {case['seed']})")
+        loss = methods["none"]["ca"] - methods["guard"]["ca"]
+        if loss > QUICK_MAX_ACCURACY_LOSS:
+            broken.append(f"{case['attack']}: clean accuracy lost under guard, at most {QUICK_MAX_ACCURACY_LOSS}: "
+                          f"got {loss:.4f} ({case['arch']}, seed {case['seed']})")
+    return broken
+
+
+@dataclass
+class EvalSettings:
+    """What one `guard eval` run covers; recorded in the report."""
+
+    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
+    archs: list[str] = field(default_factory=lambda: list(ARCHS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    n_train: int = 20_000  # training subset per case (full-suite time budget: 60 min on 2 cores)
+    epochs: int = 3
+    n_clean: int = 1000  # the defender's clean set: the first n_clean test images
+    n_eval: int | None = None  # evaluation images after them (None: the rest of the test split)
+    fpr: float = 0.05
+    acc_budget: float = 0.01
+    strip_samples: int = 500  # STRIP is 64 forwards per image: measured on this many clean and triggered
+    adversarial_samples: int = 500
+    scan_steps: int = 150
+    workers: int = 2
+    quick: bool = False
+
+    @classmethod
+    def quick_run(cls) -> EvalSettings:
+        """A CI-sized subset: badnets and the clean model, small CNN, one seed, small data."""
+        return cls(attacks=["badnets", "clean"], archs=["cnn"], seeds=[0], n_train=6000, epochs=3, n_clean=500,
+                   n_eval=2000, strip_samples=300, adversarial_samples=200, scan_steps=100, quick=True)
+
+    def validate(self) -> None:
+        unknown = [a for a in self.attacks if a not in ATTACKS] + [a for a in self.archs if a not in ARCHS]
+        if unknown:
+            raise ValueError(f"unknown attack or architecture {unknown}: choose from {list(ATTACKS)} and {ARCHS}")
+        if not self.seeds:
+            raise ValueError("at least one seed is needed")
+
+
+@dataclass(frozen=True)
+class Case:
+    attack: str
+    arch: str
+    seed: int
+
+
+@cache
+def _fashion() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from guard.eval.datasets import load_fashion_mnist
+
+    x_train, y_train = load_fashion_mnist("train")
+    x_test, y_test = load_fashion_mnist("test")
+    return x_train, y_train, x_test, y_test
+
+
+def _timed(fn: Callable[[], object]) -> tuple[object, float]:
+    started = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - started
+
+
+def _answers(labels: np.ndarray, truth: np.ndarray, trig_labels: np.ndarray | None, trig_truth: np.ndarray | None,
+             ) -> dict[str, float | None]:
+    """Clean accuracy, attack success and robust accuracy of one defense's answers."""
+    row: dict[str, float | None] = {"ca": share(labels == truth), "asr": None, "ra": None}
+    if trig_labels is not None and trig_truth is not None:
+        row["asr"] = share(trig_labels == TARGET)
+        row["ra"] = share(trig_labels == trig_truth)
+    return row
+
+
+def _detection(clean_score: np.ndarray, clean_flag: np.ndarray, trig_score: np.ndarray | None,
+               trig_flag: np.ndarray | None) -> dict[str, object]:
+    row: dict[str, object] = {"fpr": share(clean_flag), "tpr": None, "auroc": None, "roc": None}
+    if trig_score is not None and trig_flag is not None:
+        fpr, tpr = roc_curve(clean_score, trig_score, points=51)
+        row.update(tpr=share(trig_flag), auroc=auroc(clean_score, trig_score),
+                   roc={"fpr": fpr.round(4).tolist(), "tpr": tpr.round(4).tolist()})
+    return row
+
+
+def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
+    """Train one backdoored model and measure every defense on it; returns the case's figures."""
+    from guard.calibrate.pipeline import CalibrationSettings, calibrate
+    from guard.eval.adversarial import pgd
+    from guard.eval.baselines import Strip, fine_prune
+    from guard.eval.models import build_model, export_onnx, predict, train
+    from guard.model.graph import load_model
+    from guard.runtime.guard import Guard
+    from guard.runtime.policy import Policy
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    spec = ATTACKS[case.attack]
+    attack = spec.make()
+    x_train_all, y_train_all, x_test, y_test = _fashion()
+    rng = np.random.default_rng(case.seed)
+    subset = np.sort(rng.choice(len(x_train_all), size=min(settings.n_train, len(x_train_all)), replace=False))
+    x_train, y_train = x_train_all[subset], y_train_all[subset]
+    n_poisoned = 0
+    if attack is not None:
+        x_train, y_train, poisoned = attack.poison(x_train, y_train, spec.rate, TARGET, rng)
+        n_poisoned = len(poisoned)
+    torch.manual_seed(case.seed)
+    module = build_model(case.arch)  # type: ignore[arg-type]
+    _, train_seconds = _timed(lambda: train(module, x_train, y_train, epochs=settings.epochs, seed=case.seed))
+
+    x_def, y_def = x_test[: settings.n_clean], y_test[: settings.n_clean]
+    stop = None if settings.n_eval is None else settings.n_clean + settings.n_eval
+    x_eval, y_eval = x_test[settings.n_clean : stop], y_test[settings.n_clean : stop]
+    x_trig = y_trig = None
+    if attack is not None:
+        victims = attack.victims(y_eval, TARGET)
+        x_trig, y_trig = attack.apply(x_eval[victims], np.random.default_rng(case.seed + 1)), y_eval[victims]
+
+    def both(fn: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        return fn(x_eval), None if x_trig is None else fn(x_trig)
+
+    figures: dict[str, object] = {
+        "attack": case.attack, "arch": case.arch, "seed": case.seed, "rate": spec.rate,
+        "n_train": len(x_train), "n_poisoned": n_poisoned, "n_clean": len(x_def), "n_eval": len(x_eval),
+        "n_triggered": 0 if x_trig is None else len(x_trig), "train_seconds": round(train_seconds, 1),
+    }
+    methods: dict[str, dict[str, object]] = {}
+    clean_labels, trig_labels = both(lambda x: predict(module, x))
+    methods["none"] = _answers(clean_labels, y_eval, trig_labels, y_trig)
+
+    with tempfile.TemporaryDirectory(prefix="guard-eval-") as tmp:
+        model_path = export_onnx(module, Path(tmp) / "model.onnx", torch.zeros(1, *x_def.shape[1:]))
+        loaded = load_model(model_path)
+
+        # guard: the default combination, and the consistency check alone (no static mask)
+        for name, prune in (("guard", True), ("check", False)):
+            cal = CalibrationSettings(fpr=settings.fpr, acc_budget=settings.acc_budget, prune=prune,
+                                      seed=case.seed)
+            profile, seconds = _timed(lambda cal=cal: calibrate(loaded, x_def, y_def, settings=cal))
+            guarded = Guard(loaded, profile, policy=Policy.ENFORCE, threads=1)  # type: ignore[arg-type]
+            clean, trig = both(guarded.predict)
+            row = _answers(clean.labels, y_eval, None if trig is None else trig.labels, y_trig)
+            row.update(_detection(clean.score, clean.flagged, None if trig is None else trig.score,
+                                  None if trig is None else trig.flagged))
+            row["calibration_seconds"] = round(seconds, 2)
+            methods[name] = row
+            if prune:
+                # benign-salience pruning alone: the statically masked model's own answers (the monitor view)
+                methods["salience-prune"] = _answers(clean.model_labels, y_eval,
+                                                     None if trig is None else trig.model_labels, y_trig)
+                methods["salience-prune"]["pruned"] = sum(profile.figures["pruned_channels"].values())
+                figures["overhead"] = _overhead(loaded, guarded, x_eval)
+                figures["adversarial"] = _adversarial(module, guarded, x_eval, y_eval, settings, case.seed, pgd)
+
+        pruning = fine_prune(module, x_def, y_def, budget=settings.acc_budget)
+        pruned_clean, pruned_trig = both(lambda x: predict(pruning.model, x))
+        methods["fine-pruning"] = _answers(pruned_clean, y_eval, pruned_trig, y_trig)
+        methods["fine-pruning"].update(pruned=len(pruning.pruned))  # type: ignore[arg-type]
+
+        methods["strip"] = _strip(module, x_def, x_eval, x_trig, settings, case.seed, Strip)
+        methods["linf-prune"], figures["scan"] = _linf_prune(loaded, x_def, y_def, x_eval, y_eval, x_trig, y_trig,
+                                                            (clean_labels, trig_labels), settings, case.seed)
+
+    figures["methods"] = methods
+    figures["seconds"] = round(time.perf_counter() - started, 1)
+    return figures
+
+
+def _overhead(loaded, guarded, x: np.ndarray, batch: int = 64) -> dict[str, float]:
+    """Per-request cost of the guarded engine against the bare model, timed side by side at one batch size."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    bare = ort.InferenceSession(loaded.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    chunks = [x[i : i + batch] for i in range(0, min(len(x), 64 * batch), batch)]
+
+    def run_bare() -> None:
+        for chunk in chunks:
+            bare.run(None, {loaded.input_name: chunk})
+
+    def run_guarded() -> None:
+        for chunk in chunks:
+            guarded.predict(chunk)
+
+    run_bare(), run_guarded()  # warm both
+    bare_seconds = min(_timed(run_bare)[1] for _ in range(3))
+    guarded_seconds = min(_timed(run_guarded)[1] for _ in range(3))
+    return {"batch": batch, "bare_ms_per_batch": 1e3 * bare_seconds / len(chunks),
+            "guarded_ms_per_batch": 1e3 * guarded_seconds / len(chunks), "ratio": guarded_seconds / bare_seconds}
+
+
+def _adversarial(module, guarded, x: np.ndarray, y: np.ndarray, settings: EvalSettings, seed: int, pgd,
+                 ) -> dict[str, float]:
+    """PGD (ℓ∞ 0.1, 10 steps) against the unguarded model: how many the guard flags, and accuracy under it."""
+    from guard.eval.models import predict
+
+    n = min(settings.adversarial_samples, len(x))
+    index = np.random.default_rng(seed).choice(len(x), size=n, replace=False)
+    x_adv = pgd(module, x[index], y[index], eps=0.1, steps=10, seed=seed)
+    result = guarded.predict(x_adv)
+    return {"samples": n, "accuracy_unguarded": share(predict(module, x_adv) == y[index]),
+            "accuracy_guarded": share(result.labels == y[index]), "flagged": share(result.flagged)}
+
+
+def _strip(module, x_def: np.ndarray, x_eval: np.ndarray, x_trig: np.ndarray | None, settings: EvalSettings,
+           seed: int, strip_cls) -> dict[str, object]:
+    """STRIP on a subsample (64 forwards per image): threshold at the target FPR on the defender's set."""
+    rng = np.random.default_rng(seed)
+    half = len(x_def) // 2  # overlays from one half, threshold from the other (an image blended with itself
+    strip = strip_cls(module, x_def[:half], n_overlays=64, alpha=0.5, seed=seed)  # is itself: confident)
+    strip.fit_threshold(x_def[half:], settings.fpr)
+    n = min(settings.strip_samples, len(x_eval))
+    clean = x_eval[rng.choice(len(x_eval), size=n, replace=False)]
+    clean_score = strip.score(clean)
+    row = {"ca": None, "asr": None, "ra": None}
+    trig_score = trig_flag = None
+    if x_trig is not None:
+        trig = x_trig[rng.choice(len(x_trig), size=min(n, len(x_trig)), replace=False)]
+        trig_score = strip.score(trig)
+        trig_flag = trig_score > strip.threshold
+    row.update(_detection(clean_score, clean_score > strip.threshold, trig_score, trig_flag))
+    return row
+
+
+def _linf_prune(loaded, x_def, y_def, x_eval, y_eval, x_trig, y_trig, unguarded: tuple[np.ndarray, np.ndarray | None],
+                settings: EvalSettings, seed: int) -> tuple[dict[str, object], dict[str, object]]:
+    """ℓ∞-gap pruning fed by trigger synthesis (ALGORITHMS.md sections 1 and 5): scan, then prune if a class is
+    suspected; with no suspect nothing is pruned and the row equals no defense."""
+    from guard.calibrate.activations import collect
+    from guard.calibrate.taps import OnnxTaps
+    from guard.scan import ScanSettings, run_scan
+
+    report = run_scan(loaded, x_def, y_def, settings=ScanSettings(steps=settings.scan_steps,
+                                                                  acc_budget=settings.acc_budget, seed=seed))
+    labels, trig_labels = unguarded
+    pruned = 0
+    if report.pruning is not None:
+        taps = OnnxTaps(loaded, report.taps)
+        masks = [k.astype(np.float32)[None, :] for k in report.pruning.keep]
+        with torch.no_grad():
+            labels = collect(taps, x_eval, masks=masks).predictions
+            trig_labels = None if x_trig is None else collect(taps, x_trig, masks=masks).predictions
+        pruned = report.pruning.pruned
+    row = _answers(labels, y_eval, trig_labels, y_trig)
+    row["pruned"] = pruned
+    index = report.classes.anomaly_index
+    return row, {"suspect": report.classes.suspect, "anomaly_index": [round(float(v), 3) for v in index],
+                 "seconds": report.figures["seconds"]}
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+    logging.getLogger("guard").setLevel(logging.WARNING)
+
+
+def run_suite(settings: EvalSettings, on_case: Callable[[dict[str, object]], None] | None = None,
+              ) -> dict[str, object]:
+    """Run every case (in `settings.workers` processes) and return the raw figures of the whole run."""
+    settings.validate()
+    cases = [Case(a, arch, s) for arch in reversed(settings.archs) for a in settings.attacks for s in settings.seeds]
+    started = time.perf_counter()
+    results: list[dict[str, object]] = []
+    if settings.workers <= 1:
+        for case in cases:
+            results.append(run_case(case, settings))
+            if on_case:
+                on_case(results[-1])
+    else:
+        with ProcessPoolExecutor(settings.workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+            futures = [pool.submit(run_case, case, settings) for case in cases]
+            for future in as_completed(futures):
+                results.append(future.result())
+                if on_case:
+                    on_case(results[-1])
+    order = {case: i for i, case in enumerate(cases)}
+    results.sort(key=lambda r: order[Case(r["attack"], r["arch"], r["seed"])])  # type: ignore[arg-type]
+    return {
+        "settings": asdict(settings),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__},
+        "seconds": round(time.perf_counter() - started, 1),
+        "cases": results,
+    }
+
+
+__all__ = ["ARCHS", "ATTACKS", "QUICK_FLOORS", "AttackSpec", "Case", "EvalSettings", "below_floor", "run_case",
+           "run_suite"]

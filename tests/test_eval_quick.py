@@ -1,0 +1,56 @@
+"""`guard eval --quick`, the CI-sized run of the evaluation protocol, end to end through the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from guard.cli import main
+from guard.eval.suite import QUICK_FLOORS, below_floor
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory, fashion) -> tuple[int, Path]:
+    out = tmp_path_factory.mktemp("eval")
+    code = main(["eval", "--quick", "--out", str(out)])
+    return code, out
+
+
+def test_quick_eval_meets_its_floors(quick_report: tuple[int, Path]) -> None:
+    code, out = quick_report
+    figures = json.loads((out / "figures.json").read_text())
+    assert below_floor(figures) == []
+    assert code == 0
+
+
+def test_quick_eval_writes_report_plots_and_raw_figures(quick_report: tuple[int, Path]) -> None:
+    _, out = quick_report
+    report = (out / "report.md").read_text()
+    assert "guard eval --quick" in report and "## Targets" in report
+    for name in ("roc.png", "bars.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in report
+    figures = json.loads((out / "figures.json").read_text())
+    assert {(c["attack"], c["arch"]) for c in figures["cases"]} == {("badnets", "cnn"), ("clean", "cnn")}
+    badnets = next(c for c in figures["cases"] if c["attack"] == "badnets")
+    expected = {"none", "fine-pruning", "strip", "linf-prune", "salience-prune", "check", "guard"}
+    assert set(badnets["methods"]) == expected
+    assert badnets["n_triggered"] > 0 and badnets["n_poisoned"] > 0
+    assert 0.5 <= badnets["methods"]["strip"]["auroc"] <= 1.0
+
+
+def test_floor_check_names_a_broken_figure(quick_report: tuple[int, Path]) -> None:
+    _, out = quick_report
+    figures = json.loads((out / "figures.json").read_text())
+    badnets = next(c for c in figures["cases"] if c["attack"] == "badnets")
+    badnets["methods"]["guard"]["asr"] = 0.9  # what a guard that stopped working would show
+    broken = below_floor(figures)
+    assert len(broken) == 1 and "attack success under guard" in broken[0]
+    assert len(QUICK_FLOORS) >= 5
+
+
+def test_eval_rejects_an_unknown_attack(capsys) -> None:
+    assert main(["eval", "--attacks", "badnets,nope"]) == 2
+    assert "unknown attack" in capsys.readouterr().err
