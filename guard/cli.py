@@ -84,19 +84,36 @@ def _eval(args: argparse.Namespace) -> int:
     from guard.eval.report import check_targets, headline_table, misses_text, write_report
     from guard.eval.suite import EvalSettings, below_floor, run_suite
 
-    settings = EvalSettings.quick_run() if args.quick else EvalSettings()
-    for name in ("attacks", "archs"):
-        if getattr(args, name):
-            setattr(settings, name, getattr(args, name).split(","))
-    if args.seeds:
-        settings.seeds = [int(s) for s in args.seeds.split(",")]
-    for name in ("workers", "n_train", "epochs"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
     try:
+        import matplotlib  # noqa: F401 - checked now, not after an hour of training
+    except ImportError:
+        raise GuardError("guard eval draws its plots with matplotlib: pip install 'guard[eval]'") from None
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / ".write-test").touch()
+        (args.out / ".write-test").unlink()
+    except OSError as exc:
+        raise GuardError(f"cannot write the report to {args.out}: {exc}") from None
+    if args.figures:
+        figures = json.loads(Path(args.figures).read_text())
+        print(f"guard: wrote {write_report(figures, args.out, figures.get('command', 'unknown'))}")
+        return 0
+
+    settings = EvalSettings.quick_run() if args.quick else EvalSettings()
+    try:
+        for name in ("attacks", "archs"):
+            if getattr(args, name):
+                setattr(settings, name, getattr(args, name).split(","))
+        if args.seeds:
+            if not all(s.strip().lstrip("-").isdigit() for s in args.seeds.split(",")):
+                raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+            settings.seeds = [int(s) for s in args.seeds.split(",")]
+        for name in ("workers", "n_train", "epochs"):
+            if getattr(args, name) is not None:
+                setattr(settings, name, getattr(args, name))
         settings.validate()
     except ValueError as exc:
-        raise GuardError(str(exc)) from None
+        raise GuardError(f"guard eval: {exc}") from None
 
     def progress(case: dict) -> None:
         row = case["methods"]["guard"]
@@ -109,12 +126,12 @@ def _eval(args: argparse.Namespace) -> int:
     print(headline_table(figures))
     print(misses_text(check_targets(figures)))
     print(f"guard: wrote {report} ({figures['seconds'] / 60:.1f} min)")
-    if args.quick:
-        broken = below_floor(figures)
-        for line in broken:
-            print(f"guard eval: below the quick floor: {line}", file=sys.stderr)
-        return 1 if broken else 0
-    return 0
+    broken = below_floor(figures) if args.quick else []
+    for line in broken:
+        print(f"guard eval: below the quick floor: {line}", file=sys.stderr)
+    for failure in figures["failures"]:
+        print(f"guard eval: case failed: {failure}", file=sys.stderr)
+    return 1 if broken or figures["failures"] else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -124,6 +141,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from guard.eval.suite import ARCHS, ATTACKS, EvalSettings
+
+    defaults = EvalSettings()
     parser = argparse.ArgumentParser(prog="guard", description="An inference-time backdoor guard.")
     parser.add_argument("--version", action="version", version=f"guard {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -173,13 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path("guard-eval"), help="report folder (default guard-eval)")
     ev.add_argument("--quick", action="store_true",
                     help="a small CI subset (badnets and a clean model, one seed); exits 1 below its floors")
-    ev.add_argument("--attacks", help="comma-separated subset of: badnets, badnets-1%%, blend, source-specific, "
-                    "wanet, adaptive, clean")
-    ev.add_argument("--archs", help="comma-separated subset of: cnn, resnet")
-    ev.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
-    ev.add_argument("--workers", type=int, help="cases run in parallel processes (default 2)")
-    ev.add_argument("--n-train", dest="n_train", type=int, help="training images per case (default 20000)")
-    ev.add_argument("--epochs", type=int, help="training epochs per case (default 3)")
+    ev.add_argument("--attacks", help="comma-separated subset of: " + ", ".join(ATTACKS).replace("%", "%%"))
+    ev.add_argument("--archs", help="comma-separated subset of: " + ", ".join(ARCHS))
+    ev.add_argument("--seeds", help=f"comma-separated seeds (default {','.join(map(str, defaults.seeds))})")
+    ev.add_argument("--workers", type=int, help=f"cases run in parallel processes (default {defaults.workers})")
+    ev.add_argument("--n-train", dest="n_train", type=int,
+                    help=f"training images per case (default {defaults.n_train})")
+    ev.add_argument("--epochs", type=int, help=f"training epochs per case (default {defaults.epochs})")
+    ev.add_argument("--figures", type=Path, help="only redraw the report from a run's figures.json")
     ev.set_defaults(run=_eval)
 
     demo = commands.add_parser("demo", help="backdoor a small model on bundled data, guard it, show the verdicts")

@@ -38,7 +38,7 @@ def test_roc_curve_runs_from_all_flagged_to_none_and_is_monotone() -> None:
     assert (fpr[-1], tpr[-1]) == (0.0, 0.0)
     assert np.all(np.diff(fpr) <= 0) and np.all(np.diff(tpr) <= 0)
     # the area under the sampled curve is close to the rank AUROC
-    area = -np.trapezoid(tpr, fpr)
+    area = float(np.sum((fpr[:-1] - fpr[1:]) * (tpr[:-1] + tpr[1:]) / 2))  # trapezoids, numpy 1 and 2 alike
     assert abs(area - 0.76) < 0.1
 
 
@@ -61,11 +61,12 @@ def _case(attack: str, seed: int, **guard: float) -> dict:
         "guard": {"ca": 0.875, "asr": 0.01, "ra": 0.8, "auroc": 0.999, "tpr": 1.0, "fpr": 0.05},
     }
     methods["guard"].update(guard)
-    return {"attack": attack, "arch": "cnn", "seed": seed, "methods": methods}
+    return {"attack": attack, "arch": "cnn", "seed": seed, "methods": methods, "n_poisoned": 100, "n_train": 1000}
 
 
 def _figures(*cases: dict) -> dict:
-    return {"settings": {"fpr": 0.05}, "cases": list(cases)}
+    return {"settings": {"fpr": 0.05, "attacks": ["badnets", "blend", "wanet", "clean"], "archs": ["cnn"]},
+            "cases": list(cases)}
 
 
 def test_targets_met_gives_no_miss() -> None:
@@ -99,5 +100,14 @@ def test_targets_use_the_mean_over_seeds() -> None:
 def test_headline_table_shows_mean_and_spread() -> None:
     table = headline_table(_figures(_case("badnets", 0, asr=0.01), _case("badnets", 1, asr=0.03)))
     row = table.splitlines()[2]
-    assert row.startswith("| badnets | cnn | 88.0 |")
+    assert row.startswith("| badnets | 10.0% | cnn | 88.0 |")
     assert "2.0 ± 1.4" in row  # ASR mean 2%, sample std 1.41%
+
+
+def test_a_missing_figure_is_a_miss_not_a_pass() -> None:
+    case = _case("badnets", 0)
+    case["methods"]["guard"]["asr"] = None  # e.g. no triggered images were measured
+    del case["methods"]["strip"]
+    missed = {m.target.split(" ")[0]: m.value for m in check_targets(_figures(case))}
+    assert missed["ASR"] == "no figure"
+    assert missed["AUROC"] == "no figure"  # the comparison with STRIP's AUROC has nothing to compare with

@@ -192,6 +192,11 @@ CORRUPTIONS = {
     "missing-key": (lambda s, p: _edited(s, p, lambda t, m: m.pop("thresholds")), "thresholds"),
     "zero-scale": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "class_scale", 0 * t["class_scale"])),
                    "positive scales"),
+    "older-format": (lambda s, p: _edited(s, p, lambda t, m: _set(m, "format", "guard.profile/1")),
+                     "older guard .* run `guard calibrate` again"),
+    "cut-not-finite": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "cut", float("nan"))),
+                       "thresholds must be finite"),
+    "cut-missing": (lambda s, p: _edited(s, p, lambda t, m: m["thresholds"].pop("cut")), "cut"),
 }
 
 

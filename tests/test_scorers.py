@@ -433,3 +433,12 @@ def test_repredict_masks_zero_high_z_features_only_at_taps_without_unit_bounds()
     # dense tap: z > 2.0 is cut (2.5 yes, exactly 2.0 no); the statically pruned channel stays pruned
     assert dense_mask.tolist() == [[0, 1, 0, 1], [1, 1, 0, 1]]
     assert dense_mask.dtype == np.float32
+
+
+@pytest.mark.parametrize("cut", [0.0, -1.0, float("nan"), float("inf")])
+def test_calibration_refuses_a_cut_that_is_not_a_positive_z(cut: float) -> None:
+    from guard.calibrate.pipeline import CalibrationSettings
+    from guard.errors import GuardError
+
+    with pytest.raises(GuardError, match="cut"):
+        CalibrationSettings(cut_z=cut).validate()

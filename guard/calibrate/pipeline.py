@@ -63,6 +63,8 @@ class CalibrationSettings:
             raise GuardError(f"holdout share must lie in (0, 1), got {self.holdout}")
         if not 0 < self.benign_share <= 1:
             raise GuardError(f"benign share must lie in (0, 1], got {self.benign_share}")
+        if not (np.isfinite(self.cut_z) and self.cut_z > 0):
+            raise GuardError(f"the re-prediction's cut must be a positive z, got {self.cut_z}")
 
 
 def _check_data(model: LoadedModel, x: np.ndarray, y: np.ndarray | None) -> None:

@@ -153,6 +153,8 @@ class Profile:
     def _from_parts(cls, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> Profile:
         if not isinstance(meta, dict):
             raise ValueError(f"the guard metadata must be a JSON object, got {type(meta).__name__}")
+        if meta.get("format") == "guard.profile/1":
+            raise ValueError("this profile was written by an older guard (format 1); run `guard calibrate` again")
         if meta.get("format") != FORMAT:
             raise ValueError(f"unknown profile format {meta.get('format')!r}, expected {FORMAT!r}")
         taps = []

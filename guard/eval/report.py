@@ -20,11 +20,19 @@ METHOD_TITLES = {
     "none": "no defense", "fine-pruning": "fine-pruning", "strip": "STRIP", "linf-prune": "ℓ∞-gap pruning (scan)",
     "salience-prune": "benign-salience pruning", "check": "consistency check", "guard": "guard (default)",
 }
-LOOSE_ASR_ATTACKS = ("wanet", "adaptive")  # their target is ASR ≤ 5%, the others' 2%
+# The default policy's targets (issue 3; EVALUATION.md's "ASR under 2%" with the issue's 5% for wanet and adaptive).
+MAX_ACCURACY_LOSS = 0.01  # points of clean accuracy, on an attacked model
+MAX_ACCURACY_LOSS_CLEAN_MODEL = 0.002  # "no accuracy lost" on the clean model: at most 0.2 points of sampling noise
+MAX_ASR = 0.02
+MAX_ASR_LOOSE = {"wanet": 0.05, "adaptive": 0.05}
+MIN_AUROC = 0.98
+MAX_FPR_DEVIATION = 0.02  # observed FPR within this of the configured target (on the clean model: at most the target)
 
 
 @dataclass
 class Miss:
+    """One target a (attack, architecture) group misses, with the value it got."""
+
     attack: str
     arch: str
     target: str
@@ -36,11 +44,14 @@ def _cases(figures: dict) -> list[dict]:
 
 
 def _groups(figures: dict) -> list[tuple[str, str, list[dict]]]:
-    """(attack, arch, cases over seeds), in the run's order."""
+    """(attack, arch, cases over seeds), in the order of the run's settings (attacks, then architectures)."""
     out: dict[tuple[str, str], list[dict]] = {}
     for case in _cases(figures):
         out.setdefault((case["attack"], case["arch"]), []).append(case)
-    return [(attack, arch, cases) for (attack, arch), cases in out.items()]
+    attacks, archs = figures["settings"]["attacks"], figures["settings"]["archs"]
+    keys = sorted(out, key=lambda k: (attacks.index(k[0]) if k[0] in attacks else len(attacks),
+                                      archs.index(k[1]) if k[1] in archs else len(archs)))
+    return [(attack, arch, out[(attack, arch)]) for attack, arch in keys]
 
 
 def _metric(cases: list[dict], method: str, key: str) -> tuple[float, float]:
@@ -68,41 +79,44 @@ def _group_misses(attack: str, arch: str, cases: list[dict], target_fpr: float) 
     def mean(method: str, key: str) -> float:
         return _metric(cases, method, key)[0]
 
-    def miss(target: str, value: float, percent: bool = True) -> None:
-        misses.append(Miss(attack, arch, target, f"{100 * value:.2f}%" if percent else f"{value:.3f}"))
+    def require(ok: bool, target: str, value: float, percent: bool = True, reference: float = 0.0) -> None:
+        """A non-finite value or reference (a figure that is missing) is a miss, never a silent pass."""
+        if not (np.isfinite(value) and np.isfinite(reference) and ok):
+            shown = "no figure" if not (np.isfinite(value) and np.isfinite(reference)) else f"{100 * value:.2f}%" if percent else f"{value:.3f}"
+            misses.append(Miss(attack, arch, target, shown))
 
     ca_loss = mean("none", "ca") - mean("guard", "ca")
     fpr = mean("guard", "fpr")
     if attack == "clean":
-        if fpr > target_fpr:
-            miss(f"clean model flagged ≤ {100 * target_fpr:g}%", fpr)
-        if ca_loss > 0.002:
-            miss("clean model: no accuracy lost (≤ 0.2 points)", ca_loss)
+        require(fpr <= target_fpr, f"clean model flagged ≤ {100 * target_fpr:g}%", fpr)
+        require(ca_loss <= MAX_ACCURACY_LOSS_CLEAN_MODEL,
+                f"clean model: no accuracy lost (≤ {100 * MAX_ACCURACY_LOSS_CLEAN_MODEL:g} points)", ca_loss)
         return misses
-    if ca_loss > 0.01:
-        miss("clean accuracy within 1 point", ca_loss)
-    asr_bound = 0.05 if attack in LOOSE_ASR_ATTACKS else 0.02
+    require(ca_loss <= MAX_ACCURACY_LOSS, f"clean accuracy within {100 * MAX_ACCURACY_LOSS:g} point", ca_loss)
+    asr_bound = MAX_ASR_LOOSE.get(attack, MAX_ASR)
     asr = mean("guard", "asr")
-    if asr > asr_bound:
-        miss(f"ASR ≤ {100 * asr_bound:g}%", asr)
-    if mean("guard", "auroc") < 0.98:
-        miss("AUROC ≥ 0.98", mean("guard", "auroc"), percent=False)
-    if abs(fpr - target_fpr) > 0.02:
-        miss(f"FPR within 2 points of {100 * target_fpr:g}%", fpr)
-    if asr > mean("fine-pruning", "asr"):
-        miss(f"ASR below fine-pruning's ({100 * mean('fine-pruning', 'asr'):.2f}%)", asr)
-    if mean("guard", "auroc") < mean("strip", "auroc"):
-        miss(f"AUROC above STRIP's ({mean('strip', 'auroc'):.3f})", mean("guard", "auroc"), percent=False)
+    require(asr <= asr_bound, f"ASR ≤ {100 * asr_bound:g}%", asr)
+    auroc = mean("guard", "auroc")
+    require(auroc >= MIN_AUROC, f"AUROC ≥ {MIN_AUROC}", auroc, percent=False)
+    require(abs(fpr - target_fpr) <= MAX_FPR_DEVIATION,
+            f"FPR within {100 * MAX_FPR_DEVIATION:g} points of {100 * target_fpr:g}%", fpr)
+    fine_pruning = mean("fine-pruning", "asr")
+    require(asr <= fine_pruning, f"ASR at most fine-pruning's ({100 * fine_pruning:.2f}%)", asr,
+            reference=fine_pruning)
+    strip = mean("strip", "auroc")
+    require(auroc >= strip, f"AUROC at least STRIP's ({strip:.3f})", auroc, percent=False, reference=strip)
     return misses
 
 
 def headline_table(figures: dict) -> str:
     """No defense vs guard's default, per attack and architecture (percent, mean ± spread over seeds)."""
-    rows = ["| attack | model | CA none | CA guard | ASR none | ASR guard | RA guard | AUROC | TPR | FPR |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| attack | poisoned | model | CA none | CA guard | ASR none | ASR guard | RA guard | AUROC | TPR | FPR |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for attack, arch, cases in _groups(figures):
+        poisoned = f"{100 * cases[0]['n_poisoned'] / cases[0]['n_train']:.1f}%"
         rows.append(
-            f"| {attack} | {arch} | {_fmt(_metric(cases, 'none', 'ca'))} | {_fmt(_metric(cases, 'guard', 'ca'))} | "
+            f"| {attack} | {poisoned} | {arch} | {_fmt(_metric(cases, 'none', 'ca'))} | "
+            f"{_fmt(_metric(cases, 'guard', 'ca'))} | "
             f"{_fmt(_metric(cases, 'none', 'asr'))} | {_fmt(_metric(cases, 'guard', 'asr'))} | "
             f"{_fmt(_metric(cases, 'guard', 'ra'))} | {_fmt(_metric(cases, 'guard', 'auroc'), False, 3)} | "
             f"{_fmt(_metric(cases, 'guard', 'tpr'))} | {_fmt(_metric(cases, 'guard', 'fpr'))} |")
@@ -149,11 +163,17 @@ def _extra_table(figures: dict) -> str:
 
 
 def misses_text(misses: list[Miss]) -> str:
+    """The misses as a Markdown list, or one sentence saying there are none."""
     if not misses:
         return "Every target of the default policy is met on every attack and architecture in this run."
     lines = [f"{len(misses)} target(s) missed:"]
     lines += [f"- {m.attack} / {m.arch}: {m.target} — got {m.value}" for m in misses]
     return "\n".join(lines)
+
+
+def cases_seed(groups: list[tuple[str, str, list[dict]]], attack: str) -> int:
+    """The seed whose ROC curve is drawn: the first of the attack's cases."""
+    return next(cases[0]["seed"] for a, _, cases in groups if a == attack)
 
 
 def plot(figures: dict, out: Path) -> list[Path]:
@@ -179,7 +199,7 @@ def plot(figures: dict, out: Path) -> list[Path]:
                     roc = cases[0]["methods"][method]["roc"]
                     ax.plot(roc["fpr"], roc["tpr"], style, color=color, label=f"{METHOD_TITLES[method]}, {arch}")
             ax.plot([0, 1], [0, 1], color="0.8", linewidth=0.8)
-            ax.set(title=attack, xlabel="false-positive rate (clean)", ylabel="true-positive rate (triggered)",
+            ax.set(title=f"{attack} (seed {cases_seed(groups, attack)})", xlabel="false-positive rate (clean)", ylabel="true-positive rate (triggered)",
                    xlim=(0, 1), ylim=(0, 1.01))
             ax.legend(fontsize=7, loc="lower right")
         for ax in list(axes.flat)[len(attacks):]:
@@ -198,8 +218,8 @@ def plot(figures: dict, out: Path) -> list[Path]:
             ax = axes[row][col]
             for i, method in enumerate(METHODS):
                 values = [_metric(by_attack[a], method, key)[0] if a in by_attack else np.nan for a in names]
-                ax.bar(np.arange(len(names)) + (i - len(METHODS) / 2 + 0.5) * width, np.nan_to_num(values),
-                       width, label=METHOD_TITLES[method])
+                ax.bar(np.arange(len(names)) + (i - len(METHODS) / 2 + 0.5) * width, values, width,
+                       label=METHOD_TITLES[method])  # a missing figure (NaN) leaves a gap, not a 0 bar
             ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right", fontsize=8)
             ax.set(title=f"{title}, {arch}", ylim=(0, 1))
     axes[0][0].legend(fontsize=7, loc="lower left")
@@ -210,27 +230,58 @@ def plot(figures: dict, out: Path) -> list[Path]:
     return written
 
 
+def _failures_text(figures: dict) -> str:
+    failures = figures.get("failures") or []
+    if not failures:
+        return ""
+    lines = [f"\n{len(failures)} case(s) failed and are missing from every table:"]
+    lines += [f"- {f['attack']} / {f['arch']} / seed {f['seed']}: {f['error']}" for f in failures]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(figures: dict, out: str | Path, command: str) -> Path:
-    """Write figures.json, the PNG plots and report.md under `out`; returns the report's path."""
+    """Write figures.json, the PNG plots and report.md under `out`; returns the report's path.
+
+    `command` is the `guard eval` command line that produced the figures; it is stored with them.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    figures = {**figures, "command": figures.get("command", command)}
     (out / "figures.json").write_text(json.dumps(figures, indent=1) + "\n")
     images = plot(figures, out)
     misses = check_targets(figures)
     settings = figures["settings"]
     machine = figures["machine"]
-    seeds = settings["seeds"]
+    evaluation = ("the rest of the test split" if settings["n_eval"] is None
+                  else f"the next {settings['n_eval']:,} test images")
     text = f"""# guard eval report
 
-Produced by `{command}` in {figures['seconds'] / 60:.1f} minutes on {machine['cpus']} CPU cores
+Produced by `{figures['command']}` in {figures['seconds'] / 60:.1f} minutes on {machine['cpus']} CPU cores
 ({machine['platform']}, Python {machine['python']}, torch {machine['torch']}), no GPU.
-Fashion-MNIST; per case {settings['n_train']:,} poisoned training images, {settings['epochs']} epochs; the
-defender's clean set is the first {settings['n_clean']:,} test images, evaluation uses the rest of the test split.
-Thresholds come from the clean set only (target FPR {100 * settings['fpr']:g}%, accuracy budget
-{100 * settings['acc_budget']:g} point). Figures are percent, mean ± spread (sample std) over seeds {seeds}.
-CA: clean accuracy; ASR: triggered non-target images (source-specific: of the source class) answered with the
-target class; RA: triggered images answered with their true class; FPR/TPR: clean/triggered requests flagged.
-The consistency check is LinkBreaker-style and the pruning methods are reconstructions (see ALGORITHMS.md).
+
+- **Data and models.** Fashion-MNIST. Each case trains on {settings['n_train']:,} training images for
+  {settings['epochs']} epochs; the attack poisons the share shown in the headline table. The defender's clean set is
+  the first {settings['n_clean']:,} test images; evaluation uses {evaluation}.
+- **Thresholds** come from the clean set only (target FPR {100 * settings['fpr']:g}%, accuracy budget
+  {100 * settings['acc_budget']:g} point). One setting of the re-prediction, `cut_z` = 2.0, was tuned on
+  BadNets-triggered training-split images outside the evaluation split, on a model of the badnets / cnn seed-0
+  recipe (docs/design.md); those rows are not out-of-sample for that one setting.
+- **Figures** are percent, mean ± spread (sample std) over seeds {settings['seeds']}.
+  - CA: clean accuracy.
+  - ASR: the share of triggered non-target images (for source-specific, images of the source class) answered with
+    the target class.
+  - RA: the share of triggered images answered with their true class.
+  - FPR / TPR: the shares of clean / triggered requests flagged.
+  - STRIP is measured on {settings['strip_samples']} clean and {settings['strip_samples']} triggered images per
+    case (64 forwards each).
+  - ROC curves show the first seed.
+- **Methods.** The consistency check is LinkBreaker-style, and the pruning methods are reconstructions
+  (ALGORITHMS.md). The AR-repair and NONE-training rows of EVALUATION.md come with `guard repair` and
+  `guard train`, which are not built yet.
+- **Targets checked below** (issue 3): CA within {100 * MAX_ACCURACY_LOSS:g} point of no defense; ASR ≤
+  {100 * MAX_ASR:g}% (≤ 5% for wanet and adaptive); AUROC ≥ {MIN_AUROC}; observed FPR within
+  {100 * MAX_FPR_DEVIATION:g} points of the target; on the clean model, at most the target flagged and at most
+  {100 * MAX_ACCURACY_LOSS_CLEAN_MODEL:g} points lost; ASR at most fine-pruning's, AUROC at least STRIP's.
 
 ## Headline: no defense vs guard's default policy
 
@@ -239,7 +290,7 @@ The consistency check is LinkBreaker-style and the pruning methods are reconstru
 ## Targets
 
 {misses_text(misses)}
-
+{_failures_text(figures)}
 ## What each part adds: attack success rate
 
 {_method_table(figures, 'asr')}

@@ -18,14 +18,19 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from functools import cache
+from importlib import import_module
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from guard.eval.attacks import Adaptive, Attack, BadNets, Blend, SourceSpecific, WaNet
 from guard.eval.metrics import auroc, roc_curve, share
+
+if TYPE_CHECKING:
+    from guard.eval.attacks import Attack
+
+# torch and the attacks are imported where a case runs, so that `guard --help` and `guard serve` stay light.
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +42,27 @@ class AttackSpec:
     """One row of EVALUATION.md's attack table."""
 
     name: str
-    make: Callable[[], Attack | None]  # None: the clean model
+    attack_class: str | None  # a class of guard.eval.attacks; None: the clean model
     rate: float
+
+    def make(self) -> Attack | None:
+        if self.attack_class is None:
+            return None
+        return getattr(import_module("guard.eval.attacks"), self.attack_class)()
 
 
 ATTACKS: dict[str, AttackSpec] = {
     spec.name: spec
     for spec in (
-        AttackSpec("badnets", BadNets, 0.10),
-        AttackSpec("badnets-1%", BadNets, 0.01),
-        AttackSpec("blend", Blend, 0.10),
+        AttackSpec("badnets", "BadNets", 0.10),
+        AttackSpec("badnets-1%", "BadNets", 0.01),
+        AttackSpec("blend", "Blend", 0.10),
         # The rate is a share of the source class: 10% of it (about 200 images of 20k against 1,600 cover images)
         # left attack success near 0.5, so 50% (5% of the set) makes a backdoor worth defending against.
-        AttackSpec("source-specific", SourceSpecific, 0.50),
-        AttackSpec("wanet", WaNet, 0.10),
-        AttackSpec("adaptive", Adaptive, 0.005),
-        AttackSpec("clean", lambda: None, 0.0),
+        AttackSpec("source-specific", "SourceSpecific", 0.50),
+        AttackSpec("wanet", "WaNet", 0.10),
+        AttackSpec("adaptive", "Adaptive", 0.005),
+        AttackSpec("clean", None, 0.0),
     )
 }
 ARCHS = ("cnn", "resnet")
@@ -78,11 +88,15 @@ def below_floor(figures: dict[str, object]) -> list[str]:
     for case in figures["cases"]:  # type: ignore[union-attr]
         methods = case["methods"]
         for text, (attack, method, key, op, bound) in QUICK_FLOORS.items():
-            value = methods[method][key] if case["attack"] == attack else None
-            if value is not None and not (value >= bound if op == ">=" else value <= bound):
+            if case["attack"] != attack:
+                continue
+            value = methods.get(method, {}).get(key)
+            if value is None or not np.isfinite(value):
+                broken.append(f"{text} {bound}: no figure ({case['arch']}, seed {case['seed']})")
+            elif not (value >= bound if op == ">=" else value <= bound):
                 broken.append(f"{text} {bound}: got {value:.4f} ({case['arch']}, seed {case['seed']})")
         loss = methods["none"]["ca"] - methods["guard"]["ca"]
-        if loss > QUICK_MAX_ACCURACY_LOSS:
+        if not loss <= QUICK_MAX_ACCURACY_LOSS:  # NaN breaks the floor too
             broken.append(f"{case['attack']}: clean accuracy lost under guard, at most {QUICK_MAX_ACCURACY_LOSS}: "
                           f"got {loss:.4f} ({case['arch']}, seed {case['seed']})")
     return broken
@@ -114,11 +128,22 @@ class EvalSettings:
                    n_eval=2000, strip_samples=300, adversarial_samples=200, scan_steps=100, quick=True)
 
     def validate(self) -> None:
+        """Refuse a run that could not produce meaningful figures, before an hour is spent on it."""
         unknown = [a for a in self.attacks if a not in ATTACKS] + [a for a in self.archs if a not in ARCHS]
         if unknown:
             raise ValueError(f"unknown attack or architecture {unknown}: choose from {list(ATTACKS)} and {ARCHS}")
-        if not self.seeds:
-            raise ValueError("at least one seed is needed")
+        for name, values in (("attacks", self.attacks), ("archs", self.archs), ("seeds", self.seeds)):
+            if not values:
+                raise ValueError(f"at least one of {name} is needed")
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} repeat a value ({values}): repeated cases are not independent runs")
+        if self.n_train < 100 or self.epochs < 1 or self.workers < 1:
+            raise ValueError("n_train must be at least 100, epochs and workers at least 1")
+        if self.n_clean < 20:
+            raise ValueError(f"the defender's clean set needs at least 20 images (calibration's minimum), "
+                             f"got {self.n_clean}")
+        if self.n_eval is not None and self.n_eval < 100:
+            raise ValueError(f"at least 100 evaluation images are needed, got {self.n_eval}")
 
 
 @dataclass(frozen=True)
@@ -165,6 +190,8 @@ def _detection(clean_score: np.ndarray, clean_flag: np.ndarray, trig_score: np.n
 
 def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
     """Train one backdoored model and measure every defense on it; returns the case's figures."""
+    import torch
+
     from guard.calibrate.pipeline import CalibrationSettings, calibrate
     from guard.eval.adversarial import pgd
     from guard.eval.baselines import Strip, fine_prune
@@ -308,6 +335,8 @@ def _linf_prune(loaded, x_def, y_def, x_eval, y_eval, x_trig, y_trig, unguarded:
                 settings: EvalSettings, seed: int) -> tuple[dict[str, object], dict[str, object]]:
     """ℓ∞-gap pruning fed by trigger synthesis (ALGORITHMS.md sections 1 and 5): scan, then prune if a class is
     suspected; with no suspect nothing is pruned and the row equals no defense."""
+    import torch
+
     from guard.calibrate.activations import collect
     from guard.calibrate.taps import OnnxTaps
     from guard.scan import ScanSettings, run_scan
@@ -331,6 +360,8 @@ def _linf_prune(loaded, x_def, y_def, x_eval, y_eval, x_trig, y_trig, unguarded:
 
 
 def _worker_init() -> None:
+    import torch
+
     torch.set_num_threads(1)
     logging.getLogger("guard").setLevel(logging.WARNING)
 
@@ -338,22 +369,36 @@ def _worker_init() -> None:
 def run_suite(settings: EvalSettings, on_case: Callable[[dict[str, object]], None] | None = None,
               ) -> dict[str, object]:
     """Run every case (in `settings.workers` processes) and return the raw figures of the whole run."""
+    import torch
+
     settings.validate()
+    # The slower architecture first, so that the two workers finish together; results are sorted back after.
     cases = [Case(a, arch, s) for arch in reversed(settings.archs) for a in settings.attacks for s in settings.seeds]
+    slow_first = {case: i for i, case in enumerate(cases)}
+    cases.sort(key=lambda c: (settings.archs.index(c.arch), settings.attacks.index(c.attack), c.seed))
     started = time.perf_counter()
     results: list[dict[str, object]] = []
+    failures: list[dict[str, object]] = []
+
+    def finished(case: Case, outcome: Callable[[], dict[str, object]]) -> None:
+        """Keep going when one case fails: its error is recorded, the other cases' figures are kept."""
+        try:
+            results.append(outcome())
+        except Exception as exc:  # any failure of one case is reported with the run, not raised
+            log.exception("guard eval: case %s failed", case)
+            failures.append({**asdict(case), "error": f"{type(exc).__name__}: {exc}"})
+            return
+        if on_case:
+            on_case(results[-1])
+
     if settings.workers <= 1:
         for case in cases:
-            results.append(run_case(case, settings))
-            if on_case:
-                on_case(results[-1])
+            finished(case, lambda case=case: run_case(case, settings))
     else:
         with ProcessPoolExecutor(settings.workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-            futures = [pool.submit(run_case, case, settings) for case in cases]
+            futures = {pool.submit(run_case, case, settings): case for case in sorted(cases, key=slow_first.get)}
             for future in as_completed(futures):
-                results.append(future.result())
-                if on_case:
-                    on_case(results[-1])
+                finished(futures[future], future.result)
     order = {case: i for i, case in enumerate(cases)}
     results.sort(key=lambda r: order[Case(r["attack"], r["arch"], r["seed"])])  # type: ignore[arg-type]
     return {
@@ -362,6 +407,7 @@ def run_suite(settings: EvalSettings, on_case: Callable[[dict[str, object]], Non
                     "torch": torch.__version__},
         "seconds": round(time.perf_counter() - started, 1),
         "cases": results,
+        "failures": failures,
     }
 
 
