@@ -13,33 +13,15 @@ import pytest
 import torch
 
 from guard.eval.baselines import MASK_BUFFER, FinePruning, Strip, fine_prune, last_conv_activation
+from guard.eval.metrics import auroc
 from guard.eval.models import SmallCNN, SmallResNet, accuracy
 
 BUDGET = 0.01
 N_OVERLAYS = 32
 
 
-def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
-    """Mann-Whitney AUROC, from average ranks: the chance a positive outscores a negative, ties half."""
-    values = np.concatenate([negatives, positives])
-    order = values.argsort(kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    for value in np.unique(values):  # average the ranks of ties
-        tied = values == value
-        ranks[tied] = ranks[tied].mean()
-    n_pos, n_neg = len(positives), len(negatives)
-    return float((ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def _has_hooks(model: torch.nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
-def test_auroc_helper() -> None:
-    assert auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 1.0
-    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 0.0
-    assert auroc(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0.5
 
 
 def test_last_conv_activation_names_and_leaves_model_alone() -> None:
