@@ -48,7 +48,6 @@ class GapPruning:
 
     keep: list[np.ndarray]  # per tap, (C,) bool: False = pruned
     gap: list[np.ndarray]  # per tap, (C,): E ℓ∞(x ⊕ t) − E ℓ∞(x)
-    order: list[tuple[int, int]]  # (tap, channel) in the order they were considered, largest gap first
     pruned: int
     success_before: float
     success_after: float
@@ -107,7 +106,7 @@ def prune_by_gap(order: list[tuple[int, int]], channels: list[int],
     if success_now < success_bound:
         stopped = "success"
     return GapPruning(
-        keep=keep, gap=gap if gap is not None else [np.zeros(c) for c in channels], order=list(order),
+        keep=keep, gap=gap if gap is not None else [np.zeros(c) for c in channels],
         pruned=pruned, success_before=success_before, success_after=success_now,
         accuracy_before=accuracy_before, accuracy_after=accuracy_now, stopped=stopped,
     )
