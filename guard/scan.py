@@ -105,6 +105,7 @@ class ScanReport:
 
     @property
     def suspect(self) -> Trigger | None:
+        """The suspected target's trigger, if a class is suspected."""
         return None if self.classes.suspect is None else self.classes.triggers[self.classes.suspect]
 
 
@@ -331,6 +332,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:
+    """Write `image` (see `encode_png`) to `path`; returns the path."""
     path = Path(path)
     path.write_bytes(encode_png(image))
     return path

@@ -55,6 +55,7 @@ class CalibrationSettings:
     extra: dict[str, object] = field(default_factory=dict)
 
     def validate(self) -> None:
+        """Refuse settings that cannot calibrate, naming the option."""
         if not 0 < self.fpr < 1:
             raise GuardError(f"--fpr must lie in (0, 1), got {self.fpr}")
         if not 0 <= self.acc_budget < 1:

@@ -108,6 +108,7 @@ class ScanResult:
 
     @property
     def mask_l1(self) -> np.ndarray:
+        """(K,) the ℓ1 size of each class's mask."""
         return np.array([t.mask_l1 for t in self.triggers])
 
 

@@ -46,6 +46,7 @@ class AttackSpec:
     rate: float
 
     def make(self) -> Attack | None:
+        """A fresh attack object, or None for the clean model."""
         if self.attack_class is None:
             return None
         return getattr(import_module("guard.eval.attacks"), self.attack_class)()
@@ -148,6 +149,8 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class Case:
+    """One attack × architecture × seed: one trained model and every defense measured on it."""
+
     attack: str
     arch: str
     seed: int
