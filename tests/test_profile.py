@@ -330,3 +330,14 @@ def test_calibrating_from_the_torch_module_leaves_no_hooks_behind(setup: Setup) 
     module.load_state_dict(setup.module.state_dict())
     calibrate(setup.model_path, setup.x_cal[:60], setup.y_cal[:60], torch_module=module)
     assert not [name for name, sub in module.named_modules() if sub._forward_hooks]
+
+
+def test_served_guard_flags_the_holdout_as_calibration_measured(setup: Setup) -> None:
+    """Calibration and the runtime apply one rule (check, re-prediction, flag): the served Guard flags the
+    calibration hold-out at the rate calibration recorded, up to one sample of ORT-vs-torch rounding."""
+    settings = setup.profile.settings
+    order = np.random.default_rng(settings["seed"]).permutation(len(setup.x_cal))
+    hold = order[: max(10, round(settings["holdout"] * len(setup.x_cal)))]
+    flagged = Guard.load(setup.model_path, setup.profile_path).predict(setup.x_cal[hold]).flagged
+    assert len(hold) == setup.profile.figures["holdout_samples"]
+    assert abs(flagged.mean() - setup.profile.figures["holdout_flag_rate"]) <= 1 / len(hold)
