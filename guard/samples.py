@@ -31,3 +31,16 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     if y is not None and (y.ndim != 1 or not np.issubdtype(y.dtype, np.integer)):
         raise GuardError(f"y in {path} must be a 1-D integer array, got {y.dtype} {y.shape}")
     return x.astype(np.float32), None if y is None else y.astype(np.int64)
+
+
+def check_samples(x: np.ndarray, y: np.ndarray | None, sample_shape: tuple[int, ...], num_classes: int,
+                  purpose: str) -> None:
+    """Refuse clean data that `purpose` ("calibration", "scan") cannot use, saying what is wrong with it."""
+    if x.ndim != 4 or tuple(x.shape[1:]) != sample_shape:
+        raise GuardError(f"{purpose} data has shape {x.shape}; the model takes (N, {', '.join(map(str, sample_shape))})")
+    if len(x) < 20:
+        raise GuardError(f"{purpose} needs at least 20 clean samples (a few hundred recommended); got {len(x)}")
+    if not np.all(np.isfinite(x)):
+        raise GuardError(f"{purpose} data contains NaN or Inf")
+    if y is not None and (y.shape != (len(x),) or y.min() < 0 or y.max() >= num_classes):
+        raise GuardError(f"labels must be (N,) integers in [0, {num_classes}); got shape {y.shape}")

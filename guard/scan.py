@@ -51,6 +51,7 @@ from guard.calibrate.synthesis import (
 from guard.calibrate.taps import OnnxTaps
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel, default_taps, load_model, tensor_ranks, validate_taps
+from guard.samples import check_samples
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +110,6 @@ class ScanReport:
         return None if self.classes.suspect is None else self.classes.triggers[self.classes.suspect]
 
 
-def _check_data(model: LoadedModel, x: np.ndarray, y: np.ndarray | None) -> None:
-    if x.ndim != 4 or tuple(x.shape[1:]) != model.sample_shape:
-        shape = ", ".join(map(str, model.sample_shape))
-        raise GuardError(f"scan data has shape {x.shape}; the model takes (N, {shape})")
-    if len(x) < 20:
-        raise GuardError(f"a scan needs at least 20 clean samples (a few hundred recommended); got {len(x)}")
-    if not np.all(np.isfinite(x)):
-        raise GuardError("scan data contains NaN or Inf")
-    if y is not None and (y.shape != (len(x),) or y.min() < 0 or y.max() >= model.num_classes):
-        raise GuardError(f"labels must be (N,) integers in [0, {model.num_classes}); got shape {y.shape}")
-
-
 def _pruning_taps(model: LoadedModel, layers: list[str] | None) -> list[str]:
     """The given taps, or the last conv activation (the penultimate features where there is none)."""
     if layers:
@@ -164,7 +153,7 @@ def _run_scan(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     x = np.asarray(x, dtype=np.float32)
     y = None if y is None else np.asarray(y, dtype=np.int64)
-    _check_data(loaded, x, y)
+    check_samples(x, y, loaded.sample_shape, loaded.num_classes, "scan")
     taps = _pruning_taps(loaded, settings.layers)
     tap_model = OnnxTaps(loaded, taps)
     order = np.random.default_rng(settings.seed).permutation(len(x))

@@ -31,6 +31,7 @@ from guard.model.graph import (
     validate_taps,
 )
 from guard.runtime.checks import repredict_masks
+from guard.samples import check_samples
 
 
 @dataclass
@@ -68,17 +69,6 @@ class CalibrationSettings:
             raise GuardError(f"the re-prediction's cut must be a positive z, got {self.cut_z}")
 
 
-def _check_data(model: LoadedModel, x: np.ndarray, y: np.ndarray | None) -> None:
-    if x.ndim != 4 or tuple(x.shape[1:]) != model.sample_shape:
-        raise GuardError(f"calibration data has shape {x.shape}; the model takes (N, {', '.join(map(str, model.sample_shape))})")
-    if len(x) < 20:
-        raise GuardError(f"calibration needs at least 20 clean samples (a few hundred recommended); got {len(x)}")
-    if not np.all(np.isfinite(x)):
-        raise GuardError("calibration data contains NaN or Inf")
-    if y is not None and (y.shape != (len(x),) or y.min() < 0 or y.max() >= model.num_classes):
-        raise GuardError(f"labels must be (N,) integers in [0, {model.num_classes}); got shape {y.shape}")
-
-
 def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None = None, *,
               settings: CalibrationSettings | None = None, torch_module: torch.nn.Module | None = None,
               progress: bool = False) -> Profile:
@@ -96,7 +86,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     x = np.asarray(x, dtype=np.float32)
     y = None if y is None else np.asarray(y, dtype=np.int64)
-    _check_data(loaded, x, y)
+    check_samples(x, y, loaded.sample_shape, loaded.num_classes, "calibration")
     taps = list(settings.layers) if settings.layers else default_taps(loaded)
     validate_taps(loaded, taps)
     rng = np.random.default_rng(settings.seed)

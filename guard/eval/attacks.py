@@ -36,10 +36,15 @@ def _check_poison_args(x: np.ndarray, y: np.ndarray, rate: float) -> None:
         raise ValueError(f"rate must be in [0, 1], got {rate}")
 
 
+def _draw(candidates: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A sorted int64 random subset of ``n`` of ``candidates`` (all of them if there are fewer)."""
+    n = min(n, len(candidates))
+    return np.sort(rng.choice(candidates, size=n, replace=False)).astype(np.int64)
+
+
 def _choose(candidates: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
     """A sorted int64 random subset of ``round(share * len(candidates))`` of ``candidates``."""
-    n = min(round(share * len(candidates)), len(candidates))
-    return np.sort(rng.choice(candidates, size=n, replace=False)).astype(np.int64)
+    return _draw(candidates, round(share * len(candidates)), rng)
 
 
 def _check_patch(size: int, value: float) -> None:
@@ -93,12 +98,10 @@ class Attack(ABC):
         samples exist). Returns new arrays ``(x_poisoned, y_poisoned, poisoned_index)``, the index sorted.
         """
         _check_poison_args(x, y, rate)
-        candidates = np.flatnonzero(y != target)
-        n_poison = min(round(rate * len(x)), len(candidates))
-        index = np.sort(rng.choice(candidates, size=n_poison, replace=False)).astype(np.int64)
+        index = _draw(np.flatnonzero(y != target), round(rate * len(x)), rng)
         x_out = np.array(x, copy=True)
         y_out = np.array(y, copy=True)
-        if n_poison:
+        if len(index):
             x_out[index] = self.apply(x[index], rng)
             y_out[index] = target
         return x_out, y_out, index
@@ -300,10 +303,8 @@ class WaNet(Attack):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Like :meth:`poison`, also returning the sorted index of the noise-mode samples."""
         x_out, y_out, poisoned = super().poison(x, y, rate, target, rng)
-        rest = np.setdiff1d(np.arange(len(x)), poisoned)
-        n_noise = min(round(self.noise_ratio * rate * len(x)), len(rest))
-        noise = np.sort(rng.choice(rest, size=n_noise, replace=False)).astype(np.int64)
-        if n_noise:
+        noise = _draw(np.setdiff1d(np.arange(len(x)), poisoned), round(self.noise_ratio * rate * len(x)), rng)
+        if len(noise):
             x_out[noise] = self.apply_noise(x[noise], rng)
         return x_out, y_out, poisoned, noise
 

@@ -375,10 +375,7 @@ def run_suite(settings: EvalSettings, on_case: Callable[[dict[str, object]], Non
     import torch
 
     settings.validate()
-    # The slower architecture first, so that the two workers finish together; results are sorted back after.
-    cases = [Case(a, arch, s) for arch in reversed(settings.archs) for a in settings.attacks for s in settings.seeds]
-    slow_first = {case: i for i, case in enumerate(cases)}
-    cases.sort(key=lambda c: (settings.archs.index(c.arch), settings.attacks.index(c.attack), c.seed))
+    cases = [Case(a, arch, s) for arch in settings.archs for a in settings.attacks for s in settings.seeds]
     started = time.perf_counter()
     results: list[dict[str, object]] = []
     failures: list[dict[str, object]] = []
@@ -399,7 +396,9 @@ def run_suite(settings: EvalSettings, on_case: Callable[[dict[str, object]], Non
             finished(case, lambda case=case: run_case(case, settings))
     else:
         with ProcessPoolExecutor(settings.workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-            futures = {pool.submit(run_case, case, settings): case for case in sorted(cases, key=slow_first.get)}
+            # The slower (later) architecture first, so that the workers finish together; results are sorted after.
+            slow_first = sorted(cases, key=lambda c: -settings.archs.index(c.arch))
+            futures = {pool.submit(run_case, case, settings): case for case in slow_first}
             for future in as_completed(futures):
                 finished(futures[future], future.result)
     order = {case: i for i, case in enumerate(cases)}
