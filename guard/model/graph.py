@@ -284,6 +284,67 @@ def _fold_into_producer(graph: onnx.GraphProto, tensor: str, channels: np.ndarra
     return False
 
 
+@dataclass(frozen=True)
+class ChannelWeights:
+    """Where a layer keeps the weights of each output channel: `weight` sliced along `axis`, and `bias`."""
+
+    weight: str  # initializer name
+    axis: int  # the weight's output-channel axis
+    bias: str | None  # initializer name, or None for a layer without bias
+
+
+# Ops a channel passes through unchanged in identity, walking back from a tap to the layer that computed it.
+_SAME_CHANNEL = {"Identity", "Dropout", "MaxPool", "AveragePool"}
+_SPATIAL_REDUCE = {"ReduceMean", "ReduceMax", "GlobalAveragePool", "GlobalMaxPool"}
+
+
+def channel_producers(proto: onnx.ModelProto, tensor: str) -> list[ChannelWeights]:
+    """The linear layers whose output channel c becomes channel c of `tensor`: the neurons' own weights.
+
+    Walks back through the activation, pooling, batch norm (whose scale and shift count too) and a spatial reduction
+    with its flatten; at a residual
+    Add both branches count, except a branch that is an earlier layer's activation (an identity shortcut).
+    Raises ModelError when no such layer is found, since then there are no weights to repair.
+    """
+    graph = proto.graph
+    initializers = {init.name for init in graph.initializer}
+    found: list[ChannelWeights] = []
+
+    def walk(name: str, after_add: bool) -> None:
+        node = _producer(graph, name)
+        if node is None:
+            return
+        op = node.op_type
+        if op in _ACTIVATIONS:
+            if not after_add:
+                walk(node.input[0], after_add)
+        elif op in _SAME_CHANNEL or op in _SPATIAL_REDUCE:
+            walk(node.input[0], after_add)
+        elif op == "BatchNormalization":
+            if node.input[1] in initializers and node.input[2] in initializers:
+                found.append(ChannelWeights(node.input[1], 0, node.input[2]))
+            walk(node.input[0], after_add)
+        elif op in {"Reshape", "Flatten"}:
+            source = _producer(graph, node.input[0])
+            if source is not None and source.op_type in _SPATIAL_REDUCE:
+                walk(node.input[0], after_add)
+        elif op == "Add":
+            for branch in node.input:
+                if branch not in initializers:
+                    walk(branch, True)
+        elif op in {"Conv", "Gemm", "MatMul"} and len(node.input) > 1 and node.input[1] in initializers:
+            if op == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
+                return
+            axis = 0 if op == "Conv" or any(a.name == "transB" and a.i for a in node.attribute) else 1
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] in initializers else None
+            found.append(ChannelWeights(node.input[1], axis, bias))
+
+    walk(tensor, False)
+    if not found:
+        raise ModelError(f"found no Conv/Gemm/MatMul layer that computes the channels of {tensor!r}")
+    return found
+
+
 def _insert_mul(graph: onnx.GraphProto, tensor: str, mask_name: str, new_name: str) -> None:
     """Route every consumer of `tensor` (and the graph output, if it is one) through `tensor * mask_name`."""
     for node in graph.node:
