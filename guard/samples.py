@@ -33,6 +33,17 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     return x.astype(np.float32), None if y is None else y.astype(np.int64)
 
 
+def load_poisoned(path: str | Path, count: int) -> np.ndarray | None:
+    """The optional ground truth `poisoned` (N,) of a training .npz (bool, or 0/1), or None when absent."""
+    with np.load(path, allow_pickle=False) as data:
+        if "poisoned" not in data.files:
+            return None
+        poisoned = data["poisoned"]
+    if poisoned.shape != (count,) or not (poisoned.dtype == bool or np.isin(poisoned, (0, 1)).all()):
+        raise GuardError(f"poisoned in {path} must be ({count},) booleans, got {poisoned.dtype} {poisoned.shape}")
+    return poisoned.astype(bool)
+
+
 def check_samples(x: np.ndarray, y: np.ndarray | None, sample_shape: tuple[int, ...], num_classes: int,
                   purpose: str) -> None:
     """Refuse clean data that `purpose` ("calibration", "scan") cannot use, saying what is wrong with it."""

@@ -151,14 +151,15 @@ def train(
     seed: int = 0,
     *,
     num_threads: int | None = 1,
+    freeze_batch_norm: bool = False,
 ) -> nn.Module:
     """Train with Adam and cross-entropy on CPU, reshuffling each epoch from a seeded generator.
 
     Deterministic for a given seed, data and initial model. It runs on one thread by default: these models are
     too small to gain much from more, one thread gives the same result whatever the machine's core count, and
     it avoids the many-fold slowdowns of OpenMP threads competing with other processes for busy cores (seen
-    with 2 threads on a shared 2-core machine). Pass ``num_threads=None`` to keep torch's setting. Returns the
-    model in eval mode.
+    with 2 threads on a shared 2-core machine). Pass ``num_threads=None`` to keep torch's setting. ``freeze_batch_norm``
+    keeps every batch norm's running statistics as they are (NONE's fine-tuning). Returns the model in eval mode.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -167,6 +168,10 @@ def train(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
+    if freeze_batch_norm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     with _torch_threads(num_threads):
         for _ in range(epochs):
             order = torch.randperm(len(inputs), generator=generator)
