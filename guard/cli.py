@@ -134,6 +134,80 @@ def _eval(args: argparse.Namespace) -> int:
     return 1 if broken or figures["failures"] else 0
 
 
+def _write_json(path: Path, data: dict) -> None:
+    try:
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    except OSError as exc:
+        raise GuardError(f"cannot write {path}: {exc}") from None
+
+
+def _repair(args: argparse.Namespace) -> int:
+    import onnx
+
+    from guard.calibrate.synthesis import load_trigger
+    from guard.repair.adaptive_reg import RepairSettings, repair
+    from guard.samples import load_samples
+
+    x, y = load_samples(args.data)
+    given = {"epochs": args.epochs, "lr": args.lr, "strength": args.strength}
+    settings = RepairSettings(method=args.method, layers=args.layers.split(",") if args.layers else None,
+                              seed=args.seed, **{k: v for k, v in given.items() if v is not None})
+    settings.validate()
+    trigger = None
+    if args.trigger:
+        trigger = load_trigger(args.trigger, x.shape[1:])
+    elif args.scan:
+        from guard.scan import run_scan
+
+        trigger = run_scan(args.model, x, y).suspect
+        print(f"guard: scan suspects {'no class' if trigger is None else f'class {trigger.target}'}")
+    repaired, report = repair(args.model, x, y, settings=settings, trigger=trigger)
+    try:
+        onnx.save(repaired, args.out)
+    except OSError as exc:
+        raise GuardError(f"cannot write {args.out}: {exc}") from None
+    report_path = args.report or args.out.with_suffix(".repair.json")
+    _write_json(report_path, {**report.to_dict(), "trigger_target": None if trigger is None else trigger.target})
+    print(f"guard: wrote {args.out} and {report_path}: {report.summary()}")
+    print("guard: the repaired model has new weights: run guard calibrate on it before serving it")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from guard.eval.models import export_onnx, predict, train
+    from guard.repair.architectures import build
+    from guard.repair.none import NoneSettings, train_none
+    from guard.samples import load_poisoned, load_samples
+
+    x, y = load_samples(args.data)
+    if y is None:
+        raise GuardError(f"{args.data} has no labels y: training needs them")
+    poisoned = load_poisoned(args.data, len(x))
+    torch.manual_seed(args.seed)
+    model = build(args.model, x, y)
+    given = {"epochs": args.epochs, "rounds": args.rounds, "finetune_epochs": args.finetune_epochs,
+             "ratio": args.ratio, "lr": args.lr, "finetune_lr": args.finetune_lr, "batch_size": args.batch_size}
+    settings = NoneSettings(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
+    settings.validate()
+    if args.none:
+        report = train_none(model, x, y, settings=settings, poisoned=poisoned)
+        summary = report.summary()
+        facts: dict = report.to_dict()
+    else:
+        train(model, x, y, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=args.seed)
+        summary, facts = "plain training", {"settings": vars(settings)}
+    accuracy = float((predict(model, x) == y).mean())
+    export_onnx(model, args.out, torch.zeros(1, *x.shape[1:]))
+    report_path = args.report or args.out.with_suffix(".train.json")
+    _write_json(report_path, {**facts, "training_accuracy": accuracy, "samples": len(x), "model": args.model})
+    print(f"guard: wrote {args.out} and {report_path}: {summary}; accuracy on the training set {accuracy:.3f}")
+    del np
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from guard.demo import run_demo
 
@@ -188,6 +262,43 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--threshold", type=float, help="anomaly index above which a class is named (default 2.0)")
     scan.add_argument("--seed", type=int, default=0)
     scan.set_defaults(run=_scan)
+
+    rep = commands.add_parser("repair", help="purify a backdoored model's weights with clean data")
+    rep.add_argument("model", help="ONNX image classifier")
+    rep.add_argument("--data", required=True, help=".npz with clean x (N, C, H, W) and optional y (N,)")
+    rep.add_argument("--out", required=True, type=Path, help="where to write the repaired ONNX model")
+    rep.add_argument("--method", choices=["ar", "l2", "finetune", "prune"], default="ar",
+                     help="ar: adaptive regularization (default); l2: plain L2 on the same weights; finetune: no "
+                          "penalty; prune: the calibrated static mask folded in, no training")
+    rep.add_argument("--trigger", help="a candidate trigger (trigger.npz from guard scan): its channels count as "
+                                       "infected and training unlearns it")
+    rep.add_argument("--scan", action="store_true", help="run guard scan first and use its suspect's trigger")
+    rep.add_argument("--layers", help="comma-separated ONNX tensor names whose channels are judged")
+    rep.add_argument("--epochs", type=int, help="fine-tuning epochs (default 10)")
+    rep.add_argument("--lr", type=float, help="Adam learning rate (default 0.003)")
+    rep.add_argument("--strength", type=float, help="weight of the penalty (default 1.0)")
+    rep.add_argument("--report", type=Path, help="report JSON (default: next to --out, .repair.json)")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.set_defaults(run=_repair)
+
+    trn = commands.add_parser("train", help="train a model on possibly poisoned data (--none: NONE training)")
+    trn.add_argument("--data", required=True, help=".npz with x, y and optional poisoned (N,) bool ground truth")
+    trn.add_argument("--model", required=True,
+                     help="architecture: cnn, resnet, or package.module:factory (a callable returning a torch "
+                          "nn.Module; called with num_classes and in_channels if it takes them)")
+    trn.add_argument("--out", required=True, type=Path, help="where to write the trained ONNX model")
+    trn.add_argument("--none", action="store_true", help="NONE training: drop suspected poisoned samples, reset "
+                                                         "backdoor-like channels, fine-tune")
+    trn.add_argument("--epochs", type=int, help="normal training epochs (default 3)")
+    trn.add_argument("--rounds", type=int, help="NONE rounds (default 1; up to 10 for natural backdoors)")
+    trn.add_argument("--finetune-epochs", dest="finetune_epochs", type=int, help="fine-tuning epochs per round")
+    trn.add_argument("--ratio", type=float, help="share of each conv's channels reset per round (default 0.03)")
+    trn.add_argument("--lr", type=float, help="Adam learning rate of normal training (default 0.001)")
+    trn.add_argument("--finetune-lr", dest="finetune_lr", type=float, help="fine-tuning learning rate")
+    trn.add_argument("--batch-size", dest="batch_size", type=int, help="default 128")
+    trn.add_argument("--report", type=Path, help="report JSON (default: next to --out, .train.json)")
+    trn.add_argument("--seed", type=int, default=0)
+    trn.set_defaults(run=_train)
 
     ev = commands.add_parser("eval", help="run the evaluation protocol: attacks, baselines, report (docs/eval)")
     ev.add_argument("--out", type=Path, default=Path("guard-eval"), help="report folder (default guard-eval)")
