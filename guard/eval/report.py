@@ -16,10 +16,20 @@ from guard.eval.metrics import mean_spread
 
 # Rows of the "what each part adds" table, in the order a reader builds up the defense.
 METHODS = ("none", "fine-pruning", "linf-prune", "salience-prune", "check", "guard")
+# Rows of the model-repair table (issue 4): models cleaned offline, served as they are.
+REPAIRS = ("none", "fine-pruning", "fine-tuning", "salience-prune", "ar-repair", "none-train")
 METHOD_TITLES = {
     "none": "no defense", "fine-pruning": "fine-pruning", "strip": "STRIP", "linf-prune": "ℓ∞-gap pruning (scan)",
     "salience-prune": "benign-salience pruning", "check": "consistency check", "guard": "guard (default)",
+    "fine-tuning": "fine-tuning", "ar-repair": "AR repair", "none-train": "NONE training",
 }
+# Issue 4's targets for the repaired models.
+AR_MAX_ASR = 0.02  # on badnets, blend and source-specific
+AR_ATTACKS = ("badnets", "blend", "source-specific")
+AR_MAX_ACCURACY_LOSS = 0.015
+NONE_MIN_ASR_REDUCTION = 20.0  # undefended ASR / NONE's, on average over the suite
+NONE_MAX_ACCURACY_LOSS = 0.02
+REPAIR_MAX_ACCURACY_LOSS_CLEAN_MODEL = 0.01
 # The default policy's targets (issue 3; EVALUATION.md's "ASR under 2%" with the issue's 5% for wanet and adaptive).
 MAX_ACCURACY_LOSS = 0.01  # points of clean accuracy, on an attacked model
 MAX_ACCURACY_LOSS_CLEAN_MODEL = 0.002  # "no accuracy lost" on the clean model: at most 0.2 points of sampling noise
@@ -108,6 +118,54 @@ def _group_misses(attack: str, arch: str, cases: list[dict], target_fpr: float) 
     return misses
 
 
+def check_repair_targets(figures: dict) -> list[Miss]:
+    """Issue 4's targets for AR repair and NONE training that the run's means miss."""
+    misses = [m for attack, arch, cases in _groups(figures) for m in _repair_group_misses(attack, arch, cases)]
+    reductions = [_metric(cases, "none", "asr")[0] / max(_metric(cases, "none-train", "asr")[0], 1e-4)
+                  for attack, _, cases in _groups(figures) if attack != "clean"]
+    if reductions:
+        average = float(np.mean(reductions))
+        if not (np.isfinite(average) and average >= NONE_MIN_ASR_REDUCTION):
+            misses.append(Miss("all attacks", "both", f"NONE training: ASR ≥ {NONE_MIN_ASR_REDUCTION:g}× lower on "
+                                                       "average", f"{average:.1f}×"))
+    return misses
+
+
+def _repair_group_misses(attack: str, arch: str, cases: list[dict]) -> list[Miss]:
+    misses: list[Miss] = []
+
+    def require(ok: bool, target: str, value: float) -> None:
+        if not (np.isfinite(value) and ok):
+            misses.append(Miss(attack, arch, target, "no figure" if not np.isfinite(value) else f"{100 * value:.2f}%"))
+
+    for method, title in (("ar-repair", "AR repair"), ("none-train", "NONE training")):
+        loss = _metric(cases, "none", "ca")[0] - _metric(cases, method, "ca")[0]
+        if attack == "clean":
+            require(loss <= REPAIR_MAX_ACCURACY_LOSS_CLEAN_MODEL,
+                    f"clean model: {title} loses ≤ {100 * REPAIR_MAX_ACCURACY_LOSS_CLEAN_MODEL:g} point", loss)
+            continue
+        bound = AR_MAX_ACCURACY_LOSS if method == "ar-repair" else NONE_MAX_ACCURACY_LOSS
+        require(loss <= bound, f"{title}: clean accuracy within {100 * bound:g} points", loss)
+    if attack in AR_ATTACKS:
+        asr = _metric(cases, "ar-repair", "asr")[0]
+        require(asr <= AR_MAX_ASR, f"AR repair: ASR ≤ {100 * AR_MAX_ASR:g}%", asr)
+    return misses
+
+
+def _none_table(figures: dict) -> str:
+    rows = ["| attack | model | samples removed | precision | recall | ASR none | ASR NONE | ratio |",
+            "|---|---|---|---|---|---|---|---|"]
+    for attack, arch, cases in _groups(figures):
+        if attack == "clean":
+            continue
+        none, trained = _metric(cases, "none", "asr")[0], _metric(cases, "none-train", "asr")[0]
+        rows.append(f"| {attack} | {arch} | {_fmt(_metric(cases, 'none-train', 'removed'), False, 0)} | "
+                    f"{_fmt(_metric(cases, 'none-train', 'precision'))} | "
+                    f"{_fmt(_metric(cases, 'none-train', 'recall'))} | {100 * none:.1f} | {100 * trained:.1f} | "
+                    f"{none / max(trained, 1e-4):.1f}× |")
+    return "\n".join(rows)
+
+
 def headline_table(figures: dict) -> str:
     """No defense vs guard's default, per attack and architecture (percent, mean ± spread over seeds)."""
     rows = ["| attack | poisoned | model | CA none | CA guard | ASR none | ASR guard | RA guard | AUROC | TPR | FPR |",
@@ -123,11 +181,11 @@ def headline_table(figures: dict) -> str:
     return "\n".join(rows)
 
 
-def _method_table(figures: dict, key: str) -> str:
-    rows = ["| attack | model | " + " | ".join(METHOD_TITLES[m] for m in METHODS) + " |",
-            "|---|---|" + "---|" * len(METHODS)]
+def _method_table(figures: dict, key: str, methods: tuple[str, ...] = METHODS) -> str:
+    rows = ["| attack | model | " + " | ".join(METHOD_TITLES[m] for m in methods) + " |",
+            "|---|---|" + "---|" * len(methods)]
     for attack, arch, cases in _groups(figures):
-        cells = [_fmt(_metric(cases, m, key)) for m in METHODS]
+        cells = [_fmt(_metric(cases, m, key)) for m in methods]
         rows.append(f"| {attack} | {arch} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -162,10 +220,10 @@ def _extra_table(figures: dict) -> str:
     return "\n".join(rows)
 
 
-def misses_text(misses: list[Miss]) -> str:
+def misses_text(misses: list[Miss], what: str = "of the default policy") -> str:
     """The misses as a Markdown list, or one sentence saying there are none."""
     if not misses:
-        return "Every target of the default policy is met on every attack and architecture in this run."
+        return f"Every target {what} is met on every attack and architecture in this run."
     lines = [f"{len(misses)} target(s) missed:"]
     lines += [f"- {m.attack} / {m.arch}: {m.target} — got {m.value}" for m in misses]
     return "\n".join(lines)
@@ -275,9 +333,9 @@ Produced by `{figures['command']}` in {figures['seconds'] / 60:.1f} minutes on {
   - STRIP is measured on {settings['strip_samples']} clean and {settings['strip_samples']} triggered images per
     case (64 forwards each).
   - ROC curves show the first seed.
-- **Methods.** The consistency check is LinkBreaker-style, and the pruning methods are reconstructions
-  (ALGORITHMS.md). The AR-repair and NONE-training rows of EVALUATION.md come with `guard repair` and
-  `guard train`, which are not built yet.
+- **Methods.** The consistency check is LinkBreaker-style, and the pruning methods and AR repair are
+  reconstructions (ALGORITHMS.md). NONE training starts its rounds from the undefended model, which is exactly its
+  first step (normal training on the same data).
 - **Targets checked below** (issue 3): CA within {100 * MAX_ACCURACY_LOSS:g} point of no defense; ASR ≤
   {100 * MAX_ASR:g}% (≤ 5% for wanet and adaptive); AUROC ≥ {MIN_AUROC}; observed FPR within
   {100 * MAX_FPR_DEVIATION:g} points of the target; on the clean model, at most the target flagged and at most
@@ -298,6 +356,29 @@ Produced by `{figures['command']}` in {figures['seconds'] / 60:.1f} minutes on {
 ## What each part adds: clean accuracy
 
 {_method_table(figures, 'ca')}
+
+## Model repair: attack success rate
+
+Models cleaned offline (`guard repair`, `guard train --none`), each measured as it is, unguarded. Fine-tuning and
+AR train on the defender's clean set for the same epochs; AR also unlearns the scan's suspected trigger when the
+scan names a class. Benign-salience pruning is `guard repair --method prune`. Plain L2 (`--method l2`) is left out
+of the full run to keep it within its hour.
+
+{_method_table(figures, 'asr', REPAIRS)}
+
+## Model repair: clean accuracy
+
+{_method_table(figures, 'ca', REPAIRS)}
+
+## NONE training: the samples it removed
+
+Precision and recall of the removed samples against the poisoned ones (ground truth, used only for this table).
+
+{_none_table(figures)}
+
+## Model repair: targets
+
+{misses_text(check_repair_targets(figures), "for repair") if any(c["methods"].get("ar-repair") for c in _cases(figures)) else "No repair figures in this run."}
 
 ## Detection: guard's per-request score against STRIP
 
