@@ -108,8 +108,9 @@ def channel_scores(peaks: np.ndarray, probs: np.ndarray, confident: float = 0.9,
 
 
 def top_channels(scores: np.ndarray, ratio: float) -> np.ndarray:
-    """The ceil(ratio * C) highest-scoring channels, best first."""
-    count = min(len(scores), math.ceil(ratio * len(scores)))
+    """The ceil(ratio * C) highest-scoring channels, best first; channels without a finite score never count (with
+    no confident class there is no evidence, and nothing is chosen)."""
+    count = min(int(np.isfinite(scores).sum()), math.ceil(ratio * len(scores)))
     return np.argsort(-scores, kind="stable")[:count]
 
 
@@ -273,8 +274,11 @@ def train_none(model: nn.Module, x: np.ndarray, y: np.ndarray, *, settings: None
         probs, peaks = record(model, x[kept])
         chosen = {conv: top_channels(channel_scores(a, probs, settings.confident, settings.unlikely), settings.ratio)
                   for conv, a in peaks.items()}
-        suspicion = sum(peaks[conv][:, top[0]] for conv, top in chosen.items())
-        upper, threshold = jenks_upper(suspicion)
+        chosen = {conv: top for conv, top in chosen.items() if len(top)}
+        if not chosen:  # no class is confident anywhere: no evidence to reset or drop anything on
+            upper, threshold = np.zeros(len(kept), dtype=bool), float("inf")
+        else:
+            upper, threshold = jenks_upper(sum(peaks[conv][:, top[0]] for conv, top in chosen.items()))
         removed = kept[upper]
         kept = kept[~upper]
         for conv, top in chosen.items():
