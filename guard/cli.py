@@ -145,6 +145,7 @@ def _repair(args: argparse.Namespace) -> int:
     import onnx
 
     from guard.calibrate.synthesis import load_trigger
+    from guard.model.graph import load_model
     from guard.repair.adaptive_reg import RepairSettings, repair
     from guard.samples import load_samples
 
@@ -153,15 +154,16 @@ def _repair(args: argparse.Namespace) -> int:
     settings = RepairSettings(method=args.method, layers=args.layers.split(",") if args.layers else None,
                               seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     settings.validate()
+    model = load_model(args.model)
     trigger = None
     if args.trigger:
-        trigger = load_trigger(args.trigger, x.shape[1:])
+        trigger = load_trigger(args.trigger, model.sample_shape, model.num_classes)
     elif args.scan:
         from guard.scan import run_scan
 
-        trigger = run_scan(args.model, x, y).suspect
+        trigger = run_scan(model, x, y).suspect
         print(f"guard: scan suspects {'no class' if trigger is None else f'class {trigger.target}'}")
-    repaired, report = repair(args.model, x, y, settings=settings, trigger=trigger)
+    repaired, report = repair(model, x, y, settings=settings, trigger=trigger)
     try:
         onnx.save(repaired, args.out)
     except OSError as exc:
@@ -174,7 +176,6 @@ def _repair(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
     from guard.eval.models import export_onnx, predict, train
@@ -204,7 +205,6 @@ def _train(args: argparse.Namespace) -> int:
     report_path = args.report or args.out.with_suffix(".train.json")
     _write_json(report_path, {**facts, "training_accuracy": accuracy, "samples": len(x), "model": args.model})
     print(f"guard: wrote {args.out} and {report_path}: {summary}; accuracy on the training set {accuracy:.3f}")
-    del np
     return 0
 
 
@@ -270,9 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--method", choices=["ar", "l2", "finetune", "prune"], default="ar",
                      help="ar: adaptive regularization (default); l2: plain L2 on the same weights; finetune: no "
                           "penalty; prune: the calibrated static mask folded in, no training")
-    rep.add_argument("--trigger", help="a candidate trigger (trigger.npz from guard scan): its channels count as "
-                                       "infected and training unlearns it")
-    rep.add_argument("--scan", action="store_true", help="run guard scan first and use its suspect's trigger")
+    source = rep.add_mutually_exclusive_group()
+    source.add_argument("--trigger", help="a candidate trigger (trigger.npz from guard scan): its channels count as "
+                                          "infected and training unlearns it")
+    source.add_argument("--scan", action="store_true", help="run guard scan first (default settings) and use its "
+                                                            "suspect's trigger")
     rep.add_argument("--layers", help="comma-separated ONNX tensor names whose channels are judged")
     rep.add_argument("--epochs", type=int, help="fine-tuning epochs (default 10)")
     rep.add_argument("--lr", type=float, help="Adam learning rate (default 0.003)")

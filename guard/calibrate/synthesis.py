@@ -96,21 +96,24 @@ class Trigger:
         return apply_trigger(x, self.mask, self.pattern)
 
 
-def load_trigger(path: str | Path, sample_shape: tuple[int, ...]) -> Trigger:
+def load_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classes: int) -> Trigger:
     """A trigger that `guard scan` wrote (trigger.npz: mask (1, H, W), pattern (C, H, W), target), checked against
-    the model's sample shape. Loaded without pickle."""
+    the model's sample shape and classes. Loaded without pickle."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            mask, pattern, target = data["mask"], data["pattern"], int(data["target"])
+            mask, pattern, target = data["mask"], data["pattern"], data["target"]
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise GuardError(f"cannot read a trigger from {path} (expected guard scan's trigger.npz): {exc}") from None
+    if target.shape != () or not np.issubdtype(target.dtype, np.integer) or not 0 <= int(target) < num_classes:
+        raise GuardError(f"the trigger's target in {path} must be one class in [0, {num_classes}), got {target!r}")
     _, *space = sample_shape
     if mask.shape != (1, *space) or pattern.shape != tuple(sample_shape):
         raise GuardError(f"the trigger in {path} is for images {pattern.shape}, the model takes {tuple(sample_shape)}")
     if not (np.isfinite(mask).all() and np.isfinite(pattern).all()):
         raise GuardError(f"the trigger in {path} holds NaN or Inf")
     mask, pattern = mask.astype(np.float32), pattern.astype(np.float32)
-    return Trigger(target=target, mask=mask, pattern=pattern, success=float("nan"), mask_l1=float(np.abs(mask).sum()))
+    return Trigger(target=int(target), mask=mask, pattern=pattern, success=float("nan"),
+                   mask_l1=float(np.abs(mask).sum()))
 
 
 @dataclass
