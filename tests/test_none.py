@@ -1,0 +1,418 @@
+"""`guard train --none`: natural breaks, backdoor-channel scores, channel resets through the traced graph,
+NONE training on a really poisoned set (its report against the ground truth), and the CLI with built-in and
+user architectures."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from guard.cli import main
+from guard.errors import GuardError
+from guard.eval.attacks import BadNets
+from guard.eval.models import SmallCNN, SmallResNet
+from guard.model.graph import load_model
+from guard.repair.architectures import build
+from guard.repair.none import (
+    NoneSettings,
+    channel_scores,
+    jenks_upper,
+    record,
+    reset_channels,
+    reset_targets,
+    top_channels,
+    train_none,
+)
+
+TARGET = 0
+
+
+@pytest.fixture(scope="module")
+def poisoned_set(fashion) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """2,000 Fashion-MNIST training images, 10% BadNets to class 0, and the ground-truth poisoned mask."""
+    x_train, y_train, _, _ = fashion
+    rng = np.random.default_rng(1)
+    subset = rng.choice(len(x_train), 2000, replace=False)
+    x, y, index = BadNets().poison(x_train[subset], y_train[subset], 0.1, TARGET, rng)
+    poisoned = np.zeros(len(x), dtype=bool)
+    poisoned[index] = True
+    return x, y, poisoned
+
+
+# NONE needs a model that is sure of its answers (softmax > 0.9) before its first round: 2 quick epochs.
+QUICK = {"epochs": 2, "lr": 3e-3, "batch_size": 32, "finetune_epochs": 1}
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str]:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(argv)
+    return code, stdout.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- natural breaks
+
+
+def test_jenks_returns_exactly_the_planted_upper_group():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 0.5, 900), rng.normal(10, 0.5, 100)])
+    order = rng.permutation(len(values))
+    upper, threshold = jenks_upper(values[order])
+    assert (upper == (order >= 900)).all()
+    assert threshold == values[:900].max()  # the largest value of the lower class
+    assert upper.dtype == bool and upper.shape == (1000,)
+
+
+def test_jenks_finds_the_best_split_of_an_uneven_sample():
+    values = np.array([1.0, 2.0, 3.0, 20.0, 21.0, 40.0])
+    best = min(range(1, len(values)),
+               key=lambda k: values[:k].var() * k + values[k:].var() * (len(values) - k))
+    upper, threshold = jenks_upper(values[::-1])
+    assert upper[::-1].tolist() == [i >= best for i in range(len(values))]
+    assert threshold == values[best - 1]
+
+
+@pytest.mark.parametrize("values", [np.full(50, 3.0), np.array([7.0]), np.array([]), np.array([2.0, 2.0])])
+def test_jenks_edge_cases_remove_nothing(values):
+    upper, threshold = jenks_upper(values)
+    assert upper.shape == values.shape and not upper.any()
+    assert not np.isnan(threshold)
+
+
+# ------------------------------------------------------------------------------------------- channel scores
+
+
+def _planted(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """300 samples, 3 classes each confident in its own; channel 5 fires only for 20 of class 0's samples."""
+    n, classes, channels = 300, 3, 8
+    label = np.repeat(np.arange(classes), n // classes)
+    probs = np.full((n, classes), 0.02)
+    probs[np.arange(n), label] = 0.96
+    peaks = np.abs(rng.normal(1.0, 0.5, (n, channels)))
+    peaks[:, 5] = np.abs(rng.normal(0.5, 0.1, n))
+    peaks[rng.choice(np.flatnonzero(label == 0), 20, replace=False), 5] = 12.0
+    return peaks, probs
+
+
+def test_channel_scores_rank_a_planted_backdoor_channel_first():
+    peaks, probs = _planted(np.random.default_rng(0))
+    scores = channel_scores(peaks, probs)
+    assert top_channels(scores, 1 / 8).tolist() == [5]
+    assert np.isfinite(scores).all()
+    # The formula, for the planted channel and class 0: its peak over S_0 against mean + 3 std over W_0.
+    unlikely = peaks[probs[:, 0] < 0.1, 5]
+    assert scores[5] >= 12.0 - (unlikely.mean() + 3 * unlikely.std()) - 1e-9
+    ranked = top_channels(scores, 0.5)
+    assert len(ranked) == 4 and ranked[0] == 5
+    assert (np.diff(scores[ranked]) <= 0).all()
+
+
+def test_channel_scores_skip_classes_without_confident_samples():
+    peaks, probs = _planted(np.random.default_rng(1))
+    unsure = probs.copy()
+    unsure[:100] = [0.8, 0.1, 0.1]  # class 0 is never above 0.9 now: its planted channel does not count
+    scores = channel_scores(peaks, unsure)
+    assert top_channels(scores, 1 / 8).tolist() != [5]
+    only_others = np.maximum.reduce([
+        peaks[unsure[:, k] > 0.9].max(axis=0)
+        - (peaks[unsure[:, k] < 0.1].mean(axis=0) + 3 * peaks[unsure[:, k] < 0.1].std(axis=0))
+        for k in (1, 2)
+    ])
+    np.testing.assert_allclose(scores, only_others)
+    nobody_sure = np.full_like(probs, 1 / 3)
+    assert np.isneginf(channel_scores(peaks, nobody_sure)).all()
+    assert top_channels(channel_scores(peaks, nobody_sure), 0.5).tolist() == []  # no evidence: nothing chosen
+
+
+def test_none_without_a_confident_class_resets_and_drops_nothing(poisoned_set):
+    """An untrained model is never sure of a class: NONE has no evidence and must leave model and data alone."""
+    x, y, poisoned = poisoned_set
+    torch.manual_seed(0)
+    model = SmallCNN()
+    before = copy.deepcopy(model)
+    report = train_none(model, x[:300], y[:300], settings=NoneSettings(finetune_epochs=0), poisoned=poisoned[:300],
+                        pretrained=True)
+    assert report.removed == [] and report.kept == 300
+    assert report.rounds[0].reset == {}
+    assert not any(changed.any() for changed in _changed(before, model).values())
+
+
+# --------------------------------------------------------------------------------------------------- resets
+
+
+def _changed(before: torch.nn.Module, after: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Per state entry, where it differs."""
+    old = before.state_dict()
+    return {name: value != old[name] for name, value in after.state_dict().items()}
+
+
+def test_reset_targets_find_each_convs_batch_norm_and_readers():
+    cnn, _ = reset_targets(SmallCNN().eval(), torch.zeros(2, 1, 28, 28))
+    assert {k: (v.batch_norm, v.next_layers) for k, v in cnn.items()} == {
+        "conv1": (None, [("conv2", 1)]),
+        "conv2": (None, [("fc1", 49)]),  # flattened 32 x 7 x 7: each channel is 49 consecutive features
+    }
+    resnet, unknown = reset_targets(SmallResNet().eval(), torch.zeros(2, 1, 28, 28))
+    assert unknown == []
+    assert resnet["block2.conv2"].batch_norm == "block2.bn2"
+    assert resnet["block2.conv2"].next_layers == [("block3.conv1", 1), ("block3.shortcut.0", 1)]
+    assert resnet["block2.shortcut.0"].batch_norm == "block2.shortcut.1"
+    assert resnet["block3.conv2"].next_layers == [("fc", 1)]  # through global pooling
+    assert resnet["block1.conv1"].next_layers == [("block1.conv2", 1)]
+
+
+def test_reset_channels_on_the_cnn_zero_the_filters_and_the_flattened_features():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    original = copy.deepcopy(model)
+    targets, unknown = reset_targets(model, torch.zeros(2, 1, 28, 28))
+    assert unknown == []
+    channels = np.array([1, 4, 30])
+    reset_channels(model, "conv2", channels, targets["conv2"])
+
+    state = model.state_dict()
+    assert (state["conv2.weight"][channels] == 0).all() and (state["conv2.bias"][channels] == 0).all()
+    features = np.concatenate([np.arange(c * 49, (c + 1) * 49) for c in channels])
+    assert (state["fc1.weight"][:, features] == 0).all()
+    expected = {name: torch.zeros_like(value, dtype=torch.bool) for name, value in state.items()}
+    expected["conv2.weight"][channels] = True
+    expected["conv2.bias"][channels] = True
+    expected["fc1.weight"][:, features] = True
+    changed = _changed(original, model)
+    for name, where in changed.items():
+        assert torch.equal(where, expected[name]), name  # everything else is exactly as it was
+    assert all(p.requires_grad for p in model.parameters())
+
+    # What it means: the features of those channels no longer reach the classifier.
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        hidden = model.pool2(model.relu2(model.conv2(model.pool1(model.relu1(model.conv1(x))))))
+        assert (hidden[:, channels] == 0).all()
+        noisy = hidden.clone()
+        noisy[:, channels] = 5.0
+        assert torch.equal(model.fc1(model.flatten(noisy)), model.fc1(model.flatten(hidden)))
+
+
+@pytest.mark.parametrize("conv", ["conv1", "block2.conv2", "block3.shortcut.0"])
+def test_reset_channels_on_the_resnet_zero_conv_batch_norm_and_readers(conv):
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    with torch.no_grad():
+        for module in model.modules():  # non-zero batch norm parameters, so that zeroing them shows
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    original = copy.deepcopy(model)
+    targets, _ = reset_targets(model, torch.zeros(2, 1, 28, 28))
+    target = targets[conv]
+    channels = np.array([0, 3])
+    reset_channels(model, conv, channels, target)
+
+    state = model.state_dict()
+    expected = {name: torch.zeros_like(value, dtype=torch.bool) for name, value in state.items()}
+    for name in (f"{conv}.weight", f"{target.batch_norm}.weight", f"{target.batch_norm}.bias"):
+        expected[name][channels] = True
+    assert target.batch_norm is not None
+    assert target.next_layers and all(block == 1 for _, block in target.next_layers)
+    for layer, _ in target.next_layers:
+        expected[f"{layer}.weight"][:, channels] = True
+    for name, where in expected.items():
+        if where.any():
+            assert (state[name][where] == 0).all(), name
+    for name, where in _changed(original, model).items():
+        assert torch.equal(where, expected[name] & (original.state_dict()[name] != 0)), name
+    # The running statistics stay as they were (they are state too, and were compared above).
+    assert torch.equal(state[f"{target.batch_norm}.running_var"],
+                       original.state_dict()[f"{target.batch_norm}.running_var"])
+
+
+def test_record_gives_softmax_and_per_channel_spatial_maxima():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    probs, peaks = record(model, x, batch_size=2)
+    with torch.no_grad():
+        inputs = torch.as_tensor(x)
+        want = torch.softmax(model(inputs), dim=1).numpy()
+        conv2 = model.conv2(model.pool1(model.relu1(model.conv1(inputs)))).amax(dim=(2, 3)).numpy()
+    np.testing.assert_allclose(probs, want, rtol=1e-5, atol=1e-6)
+    assert set(peaks) == {"conv1", "conv2"} and peaks["conv1"].shape == (5, 16)
+    np.testing.assert_allclose(peaks["conv2"], conv2, rtol=1e-5, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------- NONE training
+
+
+@pytest.fixture(scope="module")
+def none_runs(poisoned_set):
+    """Two rounds of NONE on the same data, once with the ground truth and once without."""
+    x, y, poisoned = poisoned_set
+    settings = NoneSettings(rounds=2, **QUICK)
+    torch.manual_seed(0)
+    with_truth = train_none(SmallCNN(), x, y, settings=settings, poisoned=poisoned)
+    torch.manual_seed(0)
+    model = SmallCNN()
+    without = train_none(model, x, y, settings=copy.deepcopy(settings))
+    return with_truth, without, model
+
+
+def test_none_report_agrees_with_the_ground_truth(poisoned_set, none_runs):
+    x, _, poisoned = poisoned_set
+    report, _, _ = none_runs
+    removed = np.array(report.removed, dtype=int)
+    assert (np.diff(removed) > 0).all() and removed.min() >= 0 and removed.max() < len(x)
+    assert report.kept == len(x) - len(removed)
+    rounds = [np.array(r.removed, dtype=int) for r in report.rounds]
+    assert len(rounds) == 2
+    assert np.array_equal(np.sort(np.concatenate(rounds)), removed)  # each sample is removed at most once
+    assert report.precision == pytest.approx(poisoned[removed].mean())
+    assert report.recall == pytest.approx(poisoned[removed].sum() / poisoned.sum())
+    for r, dropped in zip(report.rounds, rounds, strict=True):
+        if len(dropped):
+            assert r.precision == pytest.approx(poisoned[dropped].mean())
+        assert r.recall == pytest.approx(poisoned[dropped].sum() / poisoned.sum())
+        assert all(len(channels) == math.ceil(0.03 * (16 if conv == "conv1" else 32))
+                   for conv, channels in r.reset.items())
+    # NONE does find the patch: what its first round drops is mostly poisoned, and most poisoned samples are
+    # in it. (Natural breaks always split, so a second round with no backdoor left drops a clean group.)
+    first = report.rounds[0]
+    assert first.recall > 0.8 and first.precision > 0.5
+    assert report.recall >= first.recall
+    assert json.loads(json.dumps(report.to_dict()))["removed"] == report.removed
+
+
+def test_none_without_ground_truth_removes_the_same_and_reports_no_precision(none_runs, poisoned_set):
+    with_truth, without, model = none_runs
+    assert without.precision is None and without.recall is None
+    assert all(r.precision is None and r.recall is None for r in without.rounds)
+    assert without.removed == with_truth.removed  # the ground truth is for the report only
+    assert "precision" not in without.summary() and "precision" in with_truth.summary()
+    x, y, _ = poisoned_set
+    with torch.no_grad():
+        accuracy = (model(torch.as_tensor(x)).argmax(1).numpy() == y).mean()
+    assert accuracy > 0.6  # the fine-tuned model still classifies
+
+
+def test_none_refuses_bad_ground_truth_and_settings(poisoned_set):
+    x, y, poisoned = poisoned_set
+    with pytest.raises(GuardError, match=r"poisoned ground truth must be \(N,\) = \(2000,\)"):
+        train_none(SmallCNN(), x, y, settings=NoneSettings(epochs=0), poisoned=poisoned[:10])
+    for change, message in [({"ratio": 0.0}, "--ratio must lie in"), ({"rounds": -1}, "must be >= 0"),
+                            ({"confident": 0.05}, "softmax bounds"), ({"batch_size": 0}, "batch size >= 1")]:
+        with pytest.raises(GuardError, match=message):
+            NoneSettings(**change).validate()
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def train_file(poisoned_set, tmp_path_factory):
+    x, y, poisoned = poisoned_set
+    path = tmp_path_factory.mktemp("train") / "poisoned.npz"
+    np.savez(path, x=x[:1200], y=y[:1200], poisoned=poisoned[:1200])
+    return path
+
+
+def test_cli_train_none_writes_the_model_and_its_report(train_file, tmp_path):
+    out = tmp_path / "none.onnx"
+    code, stdout = _run_cli(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out),
+                             "--none",
+                             "--epochs", "2", "--lr", "0.003", "--batch-size", "32", "--finetune-epochs", "1",
+                             "--ratio", "0.1", "--seed", "0"])
+    assert code == 0
+    loaded = load_model(out)
+    assert loaded.num_classes == 10 and loaded.sample_shape == (1, 28, 28)
+    report_path = tmp_path / "none.train.json"
+    report = json.loads(report_path.read_text())
+    with np.load(train_file) as data:
+        poisoned = data["poisoned"]
+    removed = np.array(report["removed"], dtype=int)
+    assert report["samples"] == 1200 and report["model"] == "cnn"
+    assert report["kept"] == 1200 - len(removed) and len(removed) > 0
+    assert report["precision"] == pytest.approx(poisoned[removed].mean())
+    assert report["recall"] == pytest.approx(poisoned[removed].sum() / poisoned.sum())
+    assert report["settings"]["ratio"] == 0.1 and report["settings"]["batch_size"] == 32
+    assert [len(c) for c in report["rounds"][0]["reset"].values()] == [2, 4]  # ceil(0.1 * 16), ceil(0.1 * 32)
+    assert 0 <= report["training_accuracy"] <= 1
+    assert str(out) in stdout and "samples removed" in stdout
+
+
+def test_cli_train_builds_a_users_factory(train_file, tmp_path, monkeypatch):
+    (tmp_path / "guard_test_nets_ok.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        def tiny(num_classes, in_channels=3):
+            return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+                                 nn.Flatten(), nn.Linear(4 * 7 * 7, num_classes))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with np.load(train_file) as data:
+        keep = data["y"] < 7  # 7 classes: the factory must be told
+        np.savez(tmp_path / "seven.npz", x=data["x"][keep], y=data["y"][keep])
+    out = tmp_path / "tiny.onnx"
+    code, _ = _run_cli(["train", "--data", str(tmp_path / "seven.npz"), "--model", "guard_test_nets_ok:tiny",
+                        "--out", str(out), "--epochs", "1"])
+    assert code == 0
+    loaded = load_model(out)
+    assert loaded.num_classes == 7 and loaded.sample_shape == (1, 28, 28)  # in_channels came from the data
+    report = json.loads((tmp_path / "tiny.train.json").read_text())
+    assert report["model"] == "guard_test_nets_ok:tiny" and "removed" not in report
+
+
+@pytest.mark.parametrize(("spec", "source", "message"), [
+    ("transformer", None, "--model takes cnn, resnet or package.module:factory, got 'transformer'"),
+    ("guard_test_no_such_module:make", None, "cannot import 'guard_test_no_such_module:make'"),
+    ("guard_test_nets_str:make", "def make():\n    return 'a model'\n",
+     "guard_test_nets_str:make returned str, not a torch nn.Module"),
+    ("guard_test_nets_missing:other", "def make():\n    return None\n",
+     "cannot import 'guard_test_nets_missing:other'"),
+    ("guard_test_nets_narrow:make",
+     "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 3))\n",
+     "output has shape (2, 3); it needs (N, >= 10) logits"),
+])
+def test_cli_train_refuses_an_architecture_it_cannot_build(train_file, tmp_path, monkeypatch, capsys, spec,
+                                                           source, message):
+    if source is not None:
+        (tmp_path / f"{spec.partition(':')[0]}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "model.onnx"
+    argv = ["train", "--data", str(train_file), "--model", spec, "--out", str(out), "--epochs", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("guard: error: ") and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_build_names_the_builtin_architectures():
+    x, y = np.zeros((4, 3, 28, 28), np.float32), np.array([0, 1, 2, 4])
+    cnn = build("cnn", x, y)
+    assert isinstance(cnn, SmallCNN) and cnn.fc2.out_features == 5 and cnn.conv1.in_channels == 3
+    assert isinstance(build("resnet", x, y), SmallResNet)
+
+
+def test_cli_train_refuses_data_without_labels_or_with_bad_ground_truth(train_file, tmp_path, capsys):
+    with np.load(train_file) as data:
+        x, y = data["x"], data["y"]
+    unlabelled = tmp_path / "unlabelled.npz"
+    np.savez(unlabelled, x=x)
+    out = tmp_path / "m.onnx"
+    assert main(["train", "--data", str(unlabelled), "--model", "cnn", "--out", str(out), "--none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"guard: error: {unlabelled} has no labels y: training needs them"
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=x, y=y, poisoned=np.full(len(x), 2))
+    assert main(["train", "--data", str(wrong), "--model", "cnn", "--out", str(out), "--none"]) == 2
+    assert "poisoned in" in capsys.readouterr().err
+    assert main(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out),
+                 "--ratio", "2"]) == 2
+    assert "--ratio must lie in (0, 1], got 2.0" in capsys.readouterr().err
+    assert not out.exists()

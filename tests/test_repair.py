@@ -1,0 +1,447 @@
+"""`guard repair`: the adaptive-regularization penalty, the weights it reaches through the graph, and the
+repair of the real BadNets model (weights only, graph unchanged; with the scan's trigger the real attack
+mostly stops working at little clean accuracy); the prune method and the CLI's files and refusals."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from conftest import TARGET
+from guard.calibrate.synthesis import load_trigger
+from guard.calibrate.taps import OnnxTaps
+from guard.cli import main
+from guard.errors import GuardError, ModelError
+from guard.eval.models import SmallCNN, SmallResNet, export_onnx
+from guard.model.graph import channel_producers, default_taps, load_model
+from guard.repair.adaptive_reg import RepairSettings, penalty_coefficients, repair
+
+SAMPLE_SHAPE = (1, 28, 28)
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+
+
+def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else Path(model).read_bytes()
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+
+def _labels(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
+    session = _session(model)
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: np.asarray(x, dtype=np.float32)})[0].argmax(1)
+
+
+def _rates(model: onnx.ModelProto | Path, backdoored) -> tuple[float, float]:
+    """(clean accuracy on the evaluation images, real attack success on their triggered non-target images)."""
+    accuracy = float((_labels(model, backdoored.x_eval) == backdoored.y_eval).mean())
+    triggered, _ = backdoored.triggered()
+    return accuracy, float((_labels(model, triggered) == TARGET).mean())
+
+
+def _arrays(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str]:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(argv)
+    return code, stdout.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def clean_data(backdoored, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("repair-data") / "clean.npz"
+    np.savez(path, x=backdoored.x_clean, y=backdoored.y_clean)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scan_out(backdoored, clean_data, tmp_path_factory) -> Path:
+    """`guard scan` with few steps (enough to name the BadNets target); its trigger.npz feeds the repairs."""
+    out = tmp_path_factory.mktemp("repair-scan")
+    code, _ = _run_cli(["scan", str(backdoored.model_path), "--data", str(clean_data), "--out", str(out),
+                        "--steps", "50"])
+    assert code == 0
+    assert (out / "trigger.npz").is_file(), "the scan named no suspect, so it wrote no trigger"
+    return out
+
+
+@pytest.fixture(scope="module")
+def trigger(scan_out):
+    loaded = load_trigger(scan_out / "trigger.npz", SAMPLE_SHAPE, 10)
+    assert loaded.target == TARGET
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def ar_repair(backdoored, trigger):
+    """Method ar with the scan's trigger, default settings."""
+    return repair(backdoored.model_path, backdoored.x_clean, backdoored.y_clean,
+                  settings=RepairSettings(method="ar"), trigger=trigger)
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory) -> dict[str, onnx.ModelProto]:
+    """Untrained SmallCNN and SmallResNet exports; the ResNet's batch norms get non-trivial statistics so that
+    folding them leaves a bias on every conv."""
+    root = tmp_path_factory.mktemp("producers")
+    torch.manual_seed(3)
+    resnet = SmallResNet()
+    with torch.no_grad():
+        for m in resnet.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    sample = torch.zeros(1, *SAMPLE_SHAPE)
+    return {
+        "cnn": load_model(export_onnx(SmallCNN(), root / "cnn.onnx", sample)).proto,
+        "resnet": load_model(export_onnx(resnet, root / "resnet.onnx", sample)).proto,
+    }
+
+
+# -------------------------------------------------------------------------------------------------- penalty
+
+
+def test_ar_penalty_gradient_is_2cw_and_zero_outside_the_infected_weights():
+    generator = torch.Generator().manual_seed(0)
+    w0 = torch.randn(8, 4, 3, 3, generator=generator) * torch.logspace(-3, 0, 8)[:, None, None, None]
+    w0[0, 0, 0, 0] = 0.0  # a weight that starts at zero: eps keeps its coefficient finite
+    infected = (torch.rand(w0.shape, generator=generator) < 0.3).float()
+    infected[0, 0, 0, 0] = 1.0
+    eps = 1e-3
+    c = penalty_coefficients(w0, infected, "ar", eps)
+    assert torch.isfinite(c).all()
+    torch.testing.assert_close(c, infected / (w0.abs() + eps) ** 2)
+
+    w = (w0 + 0.1 * torch.randn(w0.shape, generator=generator)).requires_grad_(True)
+    (c * w ** 2).sum().backward()
+    torch.testing.assert_close(w.grad, 2 * c * w.detach())
+    assert (w.grad[infected == 0] == 0).all()
+    assert (w.grad[infected == 1] != 0).all()
+
+    # Relative to the start: halving any infected weight costs 1/4 (up to eps), whatever its magnitude.
+    magnitude = 10 ** torch.empty(200).uniform_(-3, 0, generator=generator)
+    start = magnitude * torch.where(torch.rand(200, generator=generator) < 0.5, -1.0, 1.0)
+    ones = torch.ones(200)
+    relative = penalty_coefficients(start, ones, "ar", 1e-6) * (0.5 * start) ** 2
+    torch.testing.assert_close(relative, torch.full_like(relative, 0.25), rtol=5e-3, atol=0)
+    plain = penalty_coefficients(start, ones, "l2", 1e-6) * (0.5 * start) ** 2
+    assert plain.max() / plain.min() > 1e4  # plain L2 barely touches the small weights
+
+
+def test_l2_coefficients_are_the_mask_and_finetune_has_none():
+    generator = torch.Generator().manual_seed(1)
+    w0 = torch.randn(16, 5, generator=generator)
+    infected = (torch.rand(w0.shape, generator=generator) < 0.5).float()
+    l2 = penalty_coefficients(w0, infected, "l2", 1e-3)
+    assert torch.equal(l2, infected)
+    l2[0, 0] = 123.0  # a copy: changing it leaves the mask alone
+    assert infected[0, 0] != 123.0
+    assert torch.equal(penalty_coefficients(w0, infected, "finetune", 1e-3), torch.zeros_like(w0))
+
+
+# ---------------------------------------------------------------------------------------- channel producers
+
+
+def _tap_channel(proto: onnx.ModelProto, tap: str, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        _, acts = OnnxTaps(load_model(proto), [tap]).run(torch.as_tensor(x))
+    return acts[0].numpy()
+
+
+def _zero_channel(proto: onnx.ModelProto, producers, channel: int) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    names = {p.weight: p.axis for p in producers} | {p.bias: 0 for p in producers if p.bias}
+    for init in out.graph.initializer:
+        if init.name in names:
+            value = numpy_helper.to_array(init).copy()
+            np.moveaxis(value, names[init.name], 0)[channel] = 0
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+    return out
+
+
+def test_channel_producers_name_the_layers_behind_the_default_taps(graphs):
+    cnn = graphs["cnn"]
+    taps = default_taps(load_model(cnn))
+    found = [channel_producers(cnn, t) for t in taps]
+    assert [[(p.weight, p.axis, p.bias) for p in f] for f in found] == [
+        [("conv1.weight", 0, "conv1.bias")],
+        [("conv2.weight", 0, "conv2.bias")],
+        [("fc1.weight", 0, "fc1.bias")],  # Gemm with transB: the output axis of its (out, in) weight is 0
+    ]
+    resnet = graphs["resnet"]
+    taps = default_taps(load_model(resnet))
+    weights = [sorted(p.weight for p in channel_producers(resnet, t)) for t in taps]
+    assert weights == [
+        ["block3.conv1.weight"],
+        ["block3.conv2.weight", "block3.shortcut.0.weight"],  # the residual sum: both branches
+        ["block3.conv2.weight", "block3.shortcut.0.weight"],  # through global pooling and its flatten
+    ]
+    assert all(p.bias is not None and p.axis == 0 for t in taps for p in channel_producers(resnet, t))
+    with pytest.raises(ModelError, match="found no Conv/Gemm/MatMul"):
+        channel_producers(resnet, load_model(resnet).input_name)
+
+
+def test_channel_producers_follow_a_projection_shortcut_but_not_an_identity_one(graphs):
+    proto = graphs["resnet"]
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    after_add = {node.input[0]: node.output[0] for node in proto.graph.node if node.op_type == "Relu"}
+    adds = [node for node in proto.graph.node if node.op_type == "Add"]
+    identity = [a for a in adds if any(producer[i].op_type == "Relu" for i in a.input)]
+    projection = [a for a in adds if all(producer[i].op_type == "Conv" for i in a.input)]
+    assert len(identity) == 1 and len(projection) == 2
+
+    identity_tap = after_add[identity[0].output[0]]
+    found = channel_producers(proto, identity_tap)
+    assert [p.weight for p in found] == ["block1.conv2.weight"]  # not the stem conv that the shortcut carries
+    for add in projection:
+        tap = after_add[add.output[0]]
+        found = channel_producers(proto, tap)
+        assert sorted(p.weight for p in found) == sorted(producer[i].input[1] for i in add.input)
+
+    # What the names mean: zeroing a channel of every producer silences that channel of a projection block's
+    # output; an identity block's output keeps what its shortcut (the stem's activation) carries there.
+    x = np.random.default_rng(0).random((4, *SAMPLE_SHAPE), dtype=np.float32)
+    tap = after_add[projection[0].output[0]]
+    channel = int(_tap_channel(proto, tap, x).sum(axis=(0, 2, 3)).argmax())
+    silenced = _tap_channel(_zero_channel(proto, channel_producers(proto, tap), channel), tap, x)
+    assert (silenced[:, channel] == 0).all() and silenced.any()
+    shortcut = next(i for i in identity[0].input if producer[i].op_type == "Relu")
+    stem = _tap_channel(proto, shortcut, x)
+    channel = int(stem.sum(axis=(0, 2, 3)).argmax())
+    assert stem[:, channel].any()
+    zeroed = _zero_channel(proto, channel_producers(proto, identity_tap), channel)
+    kept = _tap_channel(zeroed, identity_tap, x)
+    np.testing.assert_allclose(kept[:, channel], stem[:, channel], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------- repair
+
+
+def test_ar_repair_changes_only_the_weights(backdoored, ar_repair):
+    repaired, report = ar_repair
+    original = load_model(backdoored.model_path).proto
+    assert [i.name for i in repaired.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in repaired.graph.output] == [o.name for o in original.graph.output]
+    nodes = [n.SerializeToString() for n in repaired.graph.node]
+    assert nodes == [n.SerializeToString() for n in original.graph.node]
+    before, after = _arrays(original), _arrays(repaired)
+    assert list(before) == list(after)
+    changed = {name for name in before if not np.array_equal(before[name], after[name])}
+    layer_weights = {n.input[i] for n in original.graph.node if n.op_type in ("Conv", "Gemm")
+                     for i in (1, 2) if i < len(n.input)}
+    assert changed and changed <= layer_weights
+    for name in before:
+        assert after[name].dtype == before[name].dtype and after[name].shape == before[name].shape
+    assert all(np.issubdtype(before[name].dtype, np.floating) for name in changed)
+    # The Reshape's int64 shape is there too, and untouched.
+    assert any(not np.issubdtype(a.dtype, np.floating) for a in before.values())
+
+    x = backdoored.x_eval[:8]
+    logits = _session(repaired).run(None, {"input": x})[0]
+    assert logits.shape == (8, 10) and np.isfinite(logits).all()
+    assert report.method == "ar" and report.penalized_weights > 0
+    assert report.infected_norm_left is not None and report.infected_norm_left < 1  # the penalty shrank them
+
+
+def test_repair_report_accuracy_is_measured_on_its_holdout(backdoored, ar_repair):
+    repaired, report = ar_repair
+    n = len(backdoored.x_clean)
+    holdout = RepairSettings().holdout
+    assert report.holdout_samples == max(10, round(holdout * n))
+    hold = np.random.default_rng(report.settings["seed"]).permutation(n)[:report.holdout_samples]
+    x, y = backdoored.x_clean[hold], backdoored.y_clean[hold]
+    assert report.accuracy_before == pytest.approx(float((_labels(backdoored.model_path, x) == y).mean()))
+    assert report.accuracy_after == pytest.approx(float((_labels(repaired, x) == y).mean()))
+    assert report.settings["method"] == "ar" and report.settings["layers"] == default_taps(
+        load_model(backdoored.model_path))
+    assert set(report.infected) == set(report.settings["layers"])
+    assert json.loads(json.dumps(report.to_dict()))["accuracy_after"] == report.accuracy_after
+
+
+def test_ar_repair_with_the_scanned_trigger_stops_the_real_attack(backdoored, ar_repair):
+    repaired, _ = ar_repair
+    accuracy_before, attack_before = _rates(backdoored.model_path, backdoored)
+    accuracy_after, attack_after = _rates(repaired, backdoored)
+    assert attack_before > 0.8
+    assert attack_after < 0.2 and attack_after < attack_before / 4
+    assert accuracy_after >= accuracy_before - 0.03
+
+
+def test_repair_methods_judge_the_same_weights_and_only_ar_and_l2_shrink_them(backdoored, trigger):
+    reports = {}
+    for method in ("ar", "l2", "finetune"):
+        _, reports[method] = repair(backdoored.model_path, backdoored.x_clean, backdoored.y_clean,
+                                    settings=RepairSettings(method=method, epochs=3), trigger=trigger)
+    assert reports["ar"].infected == reports["l2"].infected == reports["finetune"].infected
+    assert len({r.penalized_weights for r in reports.values()}) == 1
+    # ar penalises each weight relative to its start: it shrinks the infected weights far more than plain
+    # L2 on weights of size ~0.05, and plain fine-tuning has nothing pulling them down at all.
+    assert reports["ar"].infected_norm_left < 0.8
+    assert reports["ar"].infected_norm_left < reports["l2"].infected_norm_left
+    assert reports["l2"].infected_norm_left <= reports["finetune"].infected_norm_left + 1e-6
+
+
+def test_repair_without_labels_keeps_to_the_models_own_answers(backdoored):
+    settings = RepairSettings(method="finetune", epochs=1)
+    _, report = repair(backdoored.model_path, backdoored.x_clean, settings=settings)
+    assert report.accuracy_before == 1.0  # the labels are the model's own answers
+    assert report.accuracy_after > 0.8
+
+
+def test_prune_folds_the_calibrated_mask_without_training(backdoored):
+    repaired, report = repair(backdoored.model_path, backdoored.x_clean, backdoored.y_clean,
+                              settings=RepairSettings(method="prune", epochs=50))
+    original = load_model(backdoored.model_path).proto
+    assert len(repaired.graph.node) == len(original.graph.node)  # SmallCNN: folded into weights, no Mul
+    before, after = _arrays(original), _arrays(repaired)
+    for name in before:
+        moved = before[name] != after[name]
+        assert (after[name][moved] == 0).all(), f"{name}: pruning only zeroes weights, it does not train them"
+    assert report.penalized_weights == 0 and report.infected_norm_left is None
+    assert sum(report.infected.values()) > 0
+
+    # Each pruned channel is silenced either at the layer computing it or at the layers reading it.
+    def dead_rows(weight: str, bias: str) -> set[int]:
+        rows = after[weight].reshape(len(after[weight]), -1)
+        return {c for c in range(len(rows))
+                if not rows[c].any() and after[bias][c] == 0 and before[weight][c].any()}
+
+    def dead_inputs(weight: str, channels: int) -> set[int]:
+        """Input channels whose (out, channel, features) slice became zero (a flattened channel: a block)."""
+        w = after[weight].reshape(len(after[weight]), channels, -1)
+        was = before[weight].reshape(w.shape)
+        return {c for c in range(channels) if not w[:, c].any() and was[:, c].any()}
+
+    pruned = {
+        "conv1": dead_rows("conv1.weight", "conv1.bias") | dead_inputs("conv2.weight", 16),
+        "conv2": dead_rows("conv2.weight", "conv2.bias") | dead_inputs("fc1.weight", 32),
+        "fc1": dead_rows("fc1.weight", "fc1.bias") | dead_inputs("fc2.weight", 64),
+    }
+    taps = default_taps(load_model(original))
+    assert [len(pruned[layer]) for layer in ("conv1", "conv2", "fc1")] == [report.infected[t] for t in taps]
+
+    n = len(backdoored.x_clean)
+    hold = np.random.default_rng(0).permutation(n)[:report.holdout_samples]
+    x, y = backdoored.x_clean[hold], backdoored.y_clean[hold]
+    assert report.accuracy_after == pytest.approx(float((_labels(repaired, x) == y).mean()))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"method": "dropout"}, "unknown repair method 'dropout'"),
+    ({"lr": -0.1}, "--lr must be a finite number >= 0"),
+    ({"strength": float("nan")}, "--strength must be a finite number >= 0"),
+    ({"eps": float("inf")}, "--eps must be a finite number >= 0"),
+    ({"epochs": -1}, "--epochs must be >= 0"),
+    ({"batch_size": 0}, "the batch size >= 1"),
+    ({"holdout": 1.0}, "holdout share must lie in (0, 1)"),
+    ({"benign_share": 0.0}, "benign share must lie in (0, 1]"),
+])
+def test_repair_settings_refuse_what_cannot_repair(change, message):
+    with pytest.raises(GuardError) as caught:
+        RepairSettings(**change).validate()
+    assert message in str(caught.value)
+
+
+def test_repair_refuses_bad_settings_before_touching_the_model(tmp_path):
+    with pytest.raises(GuardError, match="unknown repair method"):
+        repair(tmp_path / "missing.onnx", np.zeros((4, *SAMPLE_SHAPE), np.float32),
+               settings=RepairSettings(method="nope"))
+    RepairSettings(method="prune", lr=0, strength=0, eps=0, epochs=0).validate()  # boundaries are allowed
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_repair_writes_the_model_and_its_report(backdoored, clean_data, tmp_path):
+    out = tmp_path / "fixed.onnx"
+    code, stdout = _run_cli(["repair", str(backdoored.model_path), "--data", str(clean_data),
+                             "--out", str(out), "--method", "l2", "--epochs", "1", "--lr", "0.001",
+                             "--strength", "2", "--seed", "3"])
+    assert code == 0
+    loaded = load_model(out)
+    assert loaded.num_classes == 10 and loaded.input_name == "input"
+    report_path = tmp_path / "fixed.repair.json"
+    report = json.loads(report_path.read_text())
+    assert report["method"] == "l2" and report["trigger_target"] is None
+    assert (report["settings"]["epochs"], report["settings"]["lr"], report["settings"]["strength"],
+            report["settings"]["seed"]) == (1, 0.001, 2.0, 3)
+    assert report["holdout_samples"] == 100
+    assert str(out) in stdout and str(report_path) in stdout and "guard calibrate" in stdout
+    assert _arrays(loaded.proto).keys() == _arrays(load_model(backdoored.model_path).proto).keys()
+
+
+def test_cli_repair_uses_a_trigger_written_by_guard_scan(backdoored, clean_data, scan_out, tmp_path):
+    out, report_path = tmp_path / "fixed.onnx", tmp_path / "custom.json"
+    code, _ = _run_cli(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(out),
+                        "--trigger", str(scan_out / "trigger.npz"), "--report", str(report_path)])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert report["trigger_target"] == TARGET and report["method"] == "ar"
+    assert not (tmp_path / "fixed.repair.json").exists()
+    _, attack_before = _rates(backdoored.model_path, backdoored)
+    _, attack_after = _rates(out, backdoored)
+    assert attack_after < attack_before / 4
+
+
+def _write_trigger(path: Path, mask_shape=(1, 28, 28), pattern_shape=(1, 28, 28), fill=0.5, **extra) -> Path:
+    arrays = {"mask": np.full(mask_shape, fill, np.float32),
+              "pattern": np.full(pattern_shape, fill, np.float32), "target": np.array(0)}
+    arrays.update(extra)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: p.write_bytes(b"this is not an npz file") and p, "cannot read a trigger from {path}"),
+    (lambda p: _write_trigger(p, target=None), "cannot read a trigger from {path}"),
+    (lambda p: _write_trigger(p, (1, 14, 14), (1, 14, 14)),
+     "the trigger in {path} is for images (1, 14, 14), the model takes (1, 28, 28)"),
+    (lambda p: _write_trigger(p, pattern_shape=(3, 28, 28)),
+     "the trigger in {path} is for images (3, 28, 28), the model takes (1, 28, 28)"),
+    (lambda p: _write_trigger(p, fill=np.nan), "the trigger in {path} holds NaN or Inf"),
+    (lambda p: _write_trigger(p, target=np.array([0, 1])), "the trigger's target in {path} must be one class"),
+    (lambda p: _write_trigger(p, target=np.array(10)), "the trigger's target in {path} must be one class"),
+    (lambda p: _write_trigger(p, target=np.array(3.7)), "the trigger's target in {path} must be one class"),
+])
+def test_cli_repair_refuses_a_bad_trigger_file(backdoored, clean_data, tmp_path, capsys, make, message):
+    path = tmp_path / "trigger.npz"
+    make(path)
+    out = tmp_path / "fixed.onnx"
+    code = main(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(out),
+                 "--trigger", str(path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("guard: error: ") and message.format(path=path) in err
+    assert "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "fixed.repair.json").exists()
+
+
+def test_cli_repair_refuses_bad_numbers_and_data(backdoored, clean_data, tmp_path, capsys):
+    out = tmp_path / "fixed.onnx"
+    assert main(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(out),
+                 "--lr", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "guard: error: --lr must be a finite number >= 0, got -1.0"
+    flat = tmp_path / "flat.npz"
+    np.savez(flat, x=backdoored.x_clean[:, 0], y=backdoored.y_clean)
+    assert main(["repair", str(backdoored.model_path), "--data", str(flat), "--out", str(out)]) == 2
+    assert "repair data has shape (500, 28, 28)" in capsys.readouterr().err
+    assert not out.exists()
