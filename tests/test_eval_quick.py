@@ -35,8 +35,12 @@ def test_quick_eval_writes_report_plots_and_raw_figures(quick_report: tuple[int,
     figures = json.loads((out / "figures.json").read_text())
     assert {(c["attack"], c["arch"]) for c in figures["cases"]} == {("badnets", "cnn"), ("clean", "cnn")}
     badnets = next(c for c in figures["cases"] if c["attack"] == "badnets")
-    expected = {"none", "fine-pruning", "strip", "linf-prune", "salience-prune", "check", "guard"}
+    expected = {"none", "fine-pruning", "strip", "linf-prune", "salience-prune", "check", "guard", "fine-tuning",
+                "ar-repair", "none-train"}
     assert set(badnets["methods"]) == expected
+    assert "## Model repair: targets" in report and "| AR repair | NONE training |" in report
+    none_train = badnets["methods"]["none-train"]
+    assert none_train["removed"] > 0 and 0 <= none_train["precision"] <= 1 and 0 <= none_train["recall"] <= 1
     assert badnets["n_triggered"] > 0 and badnets["n_poisoned"] > 0
     assert 0.5 <= badnets["methods"]["strip"]["auroc"] <= 1.0
 
