@@ -44,6 +44,13 @@ def load_poisoned(path: str | Path, count: int) -> np.ndarray | None:
     return poisoned.astype(bool)
 
 
+def holdout_split(count: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out, fit) indices: a seeded shuffle, `share` of it (at least 10) held out for the decisions."""
+    order = np.random.default_rng(seed).permutation(count)
+    n_hold = max(10, round(share * count))
+    return order[:n_hold], order[n_hold:]
+
+
 def check_samples(x: np.ndarray, y: np.ndarray | None, sample_shape: tuple[int, ...], num_classes: int,
                   purpose: str) -> None:
     """Refuse clean data that `purpose` ("calibration", "scan") cannot use, saying what is wrong with it."""

@@ -51,7 +51,7 @@ from guard.calibrate.synthesis import (
 from guard.calibrate.taps import OnnxTaps
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel, default_taps, load_model, tensor_ranks, validate_taps
-from guard.samples import check_samples
+from guard.samples import check_samples, holdout_split
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +156,7 @@ def _run_scan(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "scan")
     taps = _pruning_taps(loaded, settings.layers)
     tap_model = OnnxTaps(loaded, taps)
-    order = np.random.default_rng(settings.seed).permutation(len(x))
-    n_hold = max(10, round(settings.holdout * len(x)))
-    hold, fit = order[:n_hold], order[n_hold:]
+    hold, fit = holdout_split(len(x), settings.holdout, settings.seed)
     timings: dict[str, float] = {}
 
     with torch.no_grad():

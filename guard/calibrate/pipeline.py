@@ -31,7 +31,7 @@ from guard.model.graph import (
     validate_taps,
 )
 from guard.runtime.checks import repredict_masks
-from guard.samples import check_samples
+from guard.samples import check_samples, holdout_split
 
 
 @dataclass
@@ -89,10 +89,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "calibration")
     taps = list(settings.layers) if settings.layers else default_taps(loaded)
     validate_taps(loaded, taps)
-    rng = np.random.default_rng(settings.seed)
-    order = rng.permutation(len(x))
-    n_hold = max(10, round(settings.holdout * len(x)))
-    hold, fit = order[:n_hold], order[n_hold:]
+    hold, fit = holdout_split(len(x), settings.holdout, settings.seed)
     timings: dict[str, float] = {}
 
     def timed(step: str, fn, *args, **kwargs):

@@ -40,7 +40,7 @@ from guard.model.graph import (
     load_model,
     validate_taps,
 )
-from guard.samples import check_samples
+from guard.samples import check_samples, holdout_split
 
 METHODS = ("ar", "l2", "finetune", "prune")
 _TRAINED_OPS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2)}
@@ -230,9 +230,7 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "repair")
     taps = list(settings.layers) if settings.layers else default_taps(loaded)
     validate_taps(loaded, taps)
-    order = np.random.default_rng(settings.seed).permutation(len(x))
-    n_hold = max(10, round(settings.holdout * len(x)))
-    hold, fit = order[:n_hold], order[n_hold:]
+    hold, fit = holdout_split(len(x), settings.holdout, settings.seed)
     module = OnnxModule(loaded.proto).eval()
     output = loaded.output_name
     labels = y if y is not None else _predict(module, output, x)
