@@ -1,5 +1,5 @@
-"""Graph surgery: the static mask folded into weights, ℓ∞ taps as outputs, the re-prediction twin; each checked in
-real ONNX Runtime against guard's torch path (the one calibration uses)."""
+"""Graph surgery: the static mask folded into weights, the check inside the served graph, the re-prediction tail;
+each checked in real ONNX Runtime against guard's torch path and numpy check (the ones calibration uses)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,9 @@ import torch
 from guard.calibrate.activations import collect
 from guard.calibrate.taps import OnnxTaps
 from guard.eval.models import SmallCNN, SmallResNet, export_onnx
-from guard.model.graph import (
-    LINF_OUTPUT_PREFIX,
-    MASK_INPUT_PREFIX,
-    default_taps,
-    fold_static_mask,
-    load_model,
-    serving_graphs,
-)
+from guard.model.graph import default_taps, fold_static_mask, load_model
+from guard.model.serving import CUT_PREFIX, NEEDS_OUTPUT, ROWS_INPUT, SCORE_OUTPUT, serving_graphs
+from guard.runtime.checks import ConsistencyCheck, repredict_masks
 
 
 @pytest.fixture(scope="module", params=["cnn", "resnet"])
@@ -64,31 +59,60 @@ def test_folded_mask_matches_masked_torch_and_adds_no_nodes_on_the_cnn(exported)
         assert np.all(weight[:, pruned] == 0) and np.all(np.abs(weight[:, ~pruned]).sum(axis=0) > 0)
 
 
-def test_served_and_repredict_graphs_match_the_torch_path(exported) -> None:
+def _check_for(linf: list[np.ndarray], rng) -> ConsistencyCheck:
+    """A check with profiles near these activations, so some samples pass and some do not."""
+    flat = np.concatenate(linf, axis=1)
+    classes = 10
+    mean = np.repeat(flat.mean(axis=0, keepdims=True), classes, axis=0) + rng.normal(0, 0.05, (classes, flat.shape[1]))
+    scale = np.repeat(flat.std(axis=0, keepdims=True) + 0.05, classes, axis=0)
+    return ConsistencyCheck(mean.astype(np.float32), scale.astype(np.float32), rng.random(flat.shape[1]) > 0.1,
+                            top_q=3, k=1.0, cut=0.5)
+
+
+def test_served_graph_computes_the_check_and_the_tail_the_masked_rest(exported) -> None:
     rng = np.random.default_rng(1)
     taps = default_taps(exported)
     keep = random_keep(exported, taps, rng)
     tap_model = OnnxTaps(exported, taps)
-    x = rng.random((5, 1, 28, 28), dtype=np.float32)
+    x = rng.random((8, 1, 28, 28), dtype=np.float32)
     keep_rows = [k.astype(np.float32)[None] for k in keep.values()]
     with torch.no_grad():
         masked = collect(tap_model, x, masks=keep_rows, with_unit_max=True)
     bounds = {tap: 0.5 * b for tap, b in zip(taps, masked.unit_max, strict=True) if b is not None}
-    served, repredict = serving_graphs(exported, taps, keep, bounds)
-    session = ort.InferenceSession(served, providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {exported.input_name: x})
-    linf_names = [o.name for o in session.get_outputs()][1:]
-    assert linf_names == [f"{LINF_OUTPUT_PREFIX}{i}" for i in range(len(taps))]
-    for tap, got, want in zip(taps, outputs[1:], masked.linf, strict=True):
-        observable = keep[tap] | (fold_static_mask(exported, keep)[1][tap] != "producer")
-        np.testing.assert_allclose(got[:, observable], want[:, observable], atol=1e-4)
-    np.testing.assert_allclose(outputs[0], masked.logits, atol=1e-4)
-    sample_masks = [(np.tile(k, (5, 1)) & (rng.random((5, len(k))) > 0.2)).astype(np.float32)
+    folds = fold_static_mask(exported, keep)[1]
+    # What the served graph's ℓ∞ shows: pruned channels folded into their producer read zero there.
+    linf = [np.where(keep[t] | (folds[t] != "producer"), a, 0) for t, a in zip(taps, masked.linf, strict=True)]
+    check = _check_for(linf, rng)
+    check.k = float(np.quantile(check(linf, masked.predictions).z.max(axis=1), 0.6))
+    want = check(linf, masked.predictions)
+    tau = float(np.quantile(want.score, 0.8))
+    graphs = serving_graphs(exported, taps, keep, bounds, check, tau)
+    assert not graphs.tail_from_input and graphs.cut[0] == taps[0]
+
+    session = ort.InferenceSession(graphs.served, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(None, {exported.input_name: x}), strict=True))
+    np.testing.assert_allclose(out[exported.output_name], masked.logits, atol=1e-4)
+    np.testing.assert_allclose(out[SCORE_OUTPUT], want.score, atol=1e-4)
+    decided = np.abs(want.score - tau) > 1e-3  # away from the threshold float32 and float64 agree
+    needs = want.compromised.any(axis=1) | (want.score > tau)
+    assert 0 < needs.sum() < len(x), "the planted profile must pass some samples and not others"
+    np.testing.assert_array_equal(out[NEEDS_OUTPUT][decided], needs[decided])
+    want_masks = repredict_masks(list(keep.values()), [bounds.get(t) for t in taps], want.z, check.cut)
+    for name, mask in zip(graphs.masks, want_masks, strict=True):
+        np.testing.assert_array_equal(out[name], mask)
+
+    tail = ort.InferenceSession(graphs.tail, providers=["CPUExecutionProvider"])
+    assert len(onnx.load_from_string(graphs.tail).graph.node) < len(onnx.load_from_string(graphs.served).graph.node)
+    rows = np.array([0, 3, 4, 7])
+    sample_masks = [(np.tile(k, (len(x), 1)) & (rng.random((len(x), len(k))) > 0.2)).astype(np.float32)
                     for k in keep.values()]
-    twin = ort.InferenceSession(repredict, providers=["CPUExecutionProvider"])
-    got = twin.run(None, {exported.input_name: x,
-                          **{f"{MASK_INPUT_PREFIX}{i}": m for i, m in enumerate(sample_masks)}})[0]
+    feeds = {f"{CUT_PREFIX}{i}": (x if name == exported.input_name else out[name])
+             for i, name in enumerate(graphs.cut)}
+    feeds.update({name: m for name, m in zip(graphs.masks, sample_masks, strict=True)})
+    got = tail.run(None, {**feeds, ROWS_INPUT: rows})[0]
     with torch.no_grad():
-        want = collect(tap_model, x, masks=sample_masks, bounds=[bounds.get(t) for t in taps]).logits
-    np.testing.assert_allclose(got, want, atol=1e-4)
-    assert not np.allclose(want, masked.logits, atol=1e-3), "the masks and bounds must change something"
+        benign = collect(tap_model, x[rows], masks=[m[rows] for m in sample_masks],
+                         bounds=[bounds.get(t) for t in taps]).logits
+    np.testing.assert_allclose(got, benign, atol=1e-4)
+    assert not np.allclose(benign, masked.logits[rows], atol=1e-3), "the masks and bounds must change something"

@@ -606,6 +606,33 @@ def _pad(node: _Node) -> Kernel:
     return run
 
 
+@_register("ArgMax")
+def _argmax(node: _Node) -> Kernel:
+    axis, keepdims = int(node.attrs.get("axis", 0)), bool(node.attrs.get("keepdims", 1))
+    if node.attrs.get("select_last_index", 0):
+        raise node.unsupported("select_last_index=1")
+
+    def run(inputs: list[Any]) -> Tensor:
+        x = inputs[0]
+        return torch.argmax(x, dim=_norm(axis, x.dim()), keepdim=keepdims)  # first maximum, as ONNX says
+
+    return run
+
+
+@_register("TopK")
+def _top_k(node: _Node) -> Kernel:
+    axis, largest = int(node.attrs.get("axis", -1)), bool(node.attrs.get("largest", 1))
+    is_sorted = bool(node.attrs.get("sorted", 1))
+
+    def run(inputs: list[Any]) -> list[Tensor]:
+        x, k = inputs
+        values, indices = torch.topk(x, int(k.reshape(-1)[0]), dim=_norm(axis, x.dim()), largest=largest,
+                                     sorted=is_sorted)
+        return [values, indices]
+
+    return run
+
+
 @_register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
 def _reduce(node: _Node) -> Kernel:
     fn = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax,

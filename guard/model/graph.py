@@ -1,8 +1,9 @@
 """Loading ONNX models and rewriting their graphs for guarded serving.
 
 Everything that touches the ONNX graph lives here: reading and hashing the file, finding default taps, exposing the
-per-channel ℓ∞ of each tap as an extra graph output, folding the static mask into weights, and building the graph
-used for benign re-prediction. A layer is always named by its ONNX tensor name.
+per-channel ℓ∞ of each tap as an extra graph output, folding the static mask into weights, and the rewrites
+guard.model.serving builds the served and re-prediction graphs from. A layer is always named by its ONNX tensor
+name.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from onnx import helper, numpy_helper, shape_inference
 from guard.errors import ModelError
 
 LINF_OUTPUT_PREFIX = "guard_linf_"
-MASK_INPUT_PREFIX = "guard_mask_"
 
 # Ops through which a zeroed channel stays zero and stays the same channel.
 _ZERO_PRESERVING = {"Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Dropout"}
@@ -151,7 +151,7 @@ def tap_channels(model: LoadedModel, taps: list[str]) -> list[int | None]:
     return [dims[t][1] if t in dims and len(dims[t]) > 1 else None for t in taps]
 
 
-def _opset(proto: onnx.ModelProto) -> int:
+def opset_version(proto: onnx.ModelProto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
 
 
@@ -345,7 +345,7 @@ def channel_producers(proto: onnx.ModelProto, tensor: str) -> list[ChannelWeight
     return found
 
 
-def _insert_mul(graph: onnx.GraphProto, tensor: str, mask_name: str, new_name: str) -> None:
+def insert_mul(graph: onnx.GraphProto, tensor: str, mask_name: str, new_name: str) -> None:
     """Route every consumer of `tensor` (and the graph output, if it is one) through `tensor * mask_name`."""
     for node in graph.node:
         for idx, name in enumerate(node.input):
@@ -387,7 +387,7 @@ def fold_static_mask(model: LoadedModel, keep: dict[str, np.ndarray]) -> tuple[o
             const_name = f"guard_static_mask_{len(modes)}"
             shape = (1, -1, 1, 1) if ranks.get(tap) == 4 else (1, -1)
             graph.initializer.append(numpy_helper.from_array(keep_mask.astype(np.float32).reshape(shape), const_name))
-            _insert_mul(graph, tap, const_name, f"{tap}__guard_static")
+            insert_mul(graph, tap, const_name, f"{tap}__guard_static")
     inits.write_back()
     return proto, modes
 
@@ -404,7 +404,7 @@ def _static_spatial(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 def _reduce_max_node(proto: onnx.ModelProto, tap: str, out: str) -> list[onnx.NodeProto]:
-    if _opset(proto) >= 18:
+    if opset_version(proto) >= 18:
         axes = f"{out}__axes"
         proto.graph.initializer.append(numpy_helper.from_array(np.array([2, 3], dtype=np.int64), axes))
         return [helper.make_node("ReduceMax", [tap, axes], [out], keepdims=0)]
@@ -426,32 +426,7 @@ def add_linf_outputs(proto: onnx.ModelProto, taps: list[str]) -> list[str]:
     return names
 
 
-def add_mask_inputs(proto: onnx.ModelProto, taps: list[str], bounds: dict[str, np.ndarray]) -> list[str]:
-    """Multiply each tap by a per-sample channel mask input (N, C) before anything downstream reads it; at taps
-    with a unit bound (C, H, W), also zero every unit above its bound."""
-    ranks = tensor_ranks(proto)
-    names = []
-    for index, tap in enumerate(taps):
-        mask = f"{MASK_INPUT_PREFIX}{index}"
-        proto.graph.input.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, ["batch", None]))
-        source = mask
-        if ranks.get(tap) == 4:
-            source = f"{mask}__4d"
-            axes = f"{mask}__axes"
-            proto.graph.initializer.append(numpy_helper.from_array(np.array([2, 3], dtype=np.int64), axes))
-            if _opset(proto) >= 13:
-                unsqueeze = helper.make_node("Unsqueeze", [mask, axes], [source])
-            else:
-                unsqueeze = helper.make_node("Unsqueeze", [mask], [source], axes=[2, 3])
-            proto.graph.node.insert(0, unsqueeze)
-        _insert_mul(proto.graph, tap, source, f"{tap}__guard_masked")
-        if tap in bounds:
-            _zero_above_bound(proto.graph, tap, f"{tap}__guard_masked", bounds[tap], index)
-        names.append(mask)
-    return names
-
-
-def _zero_above_bound(graph: onnx.GraphProto, tap: str, masked: str, bound: np.ndarray, index: int) -> None:
+def zero_above_bound(graph: onnx.GraphProto, tap: str, masked: str, bound: np.ndarray, index: int) -> None:
     """Rewrite `masked = tap * mask` into `tap * mask * (tap <= bound)`."""
     bound_name, over, within, within_f = (f"guard_bound_{index}", f"{tap}__guard_over", f"{tap}__guard_within",
                                           f"{tap}__guard_within_f")
@@ -462,20 +437,3 @@ def _zero_above_bound(graph: onnx.GraphProto, tap: str, masked: str, bound: np.n
     graph.node.insert(mul_index + 2, helper.make_node("Not", [over], [within]))
     graph.node.insert(mul_index + 3, helper.make_node("Cast", [within], [within_f], to=onnx.TensorProto.FLOAT))
     graph.node.insert(mul_index + 4, helper.make_node("Mul", [f"{masked}__channels", within_f], [masked]))
-
-
-def serving_graphs(model: LoadedModel, taps: list[str], keep: dict[str, np.ndarray],
-                   bounds: dict[str, np.ndarray]) -> tuple[bytes, bytes]:
-    """The two graphs the engine runs: the guarded model with ℓ∞ outputs, and its masked re-prediction twin."""
-    folded, _ = fold_static_mask(model, keep)
-    served = copy.deepcopy(folded)
-    add_linf_outputs(served, taps)
-    repredict = copy.deepcopy(folded)
-    add_mask_inputs(repredict, taps, bounds)
-    del repredict.graph.output[1:]
-    for proto in (served, repredict):
-        try:
-            onnx.checker.check_model(proto)
-        except onnx.checker.ValidationError as exc:
-            raise ModelError(f"rewriting the graph produced an invalid model: {exc}") from None
-    return served.SerializeToString(), repredict.SerializeToString()

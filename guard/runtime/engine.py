@@ -1,12 +1,52 @@
-"""The ONNX Runtime engine: the guarded graph (static mask folded, ℓ∞ of each tap as extra outputs) and its
-re-prediction twin (per-sample channel masks as extra inputs), each a session built once at start-up."""
+"""Engines run the two serving graphs (guard.model.serving): the served graph with the check inside, and the tail.
+
+Both engines keep what the tail needs (the cut tensors and the masks) where the model ran, and bring back to the
+host only the logits, the scores and the needs-re-prediction flags. `OrtEngine` does this with ONNX Runtime's
+IOBinding (on CUDA the input is copied to the device once); `TorchEngine` runs the same graphs through guard's
+torch bridge on any torch device, for users whose model lives in PyTorch on a GPU.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
 from guard.errors import GuardError, ModelError
-from guard.model.graph import LINF_OUTPUT_PREFIX, MASK_INPUT_PREFIX
+from guard.model.serving import CUT_PREFIX, NEEDS_OUTPUT, ROWS_INPUT, SCORE_OUTPUT, ServingGraphs
+
+ENGINES = ("onnxruntime", "torch")
+
+
+@dataclass
+class EngineRun:
+    """One pass of the served graph: host copies of the small outputs, and the rest left on the device."""
+
+    logits: np.ndarray  # (N, K) float32
+    score: np.ndarray  # (N,) float32
+    needs: np.ndarray  # (N,) bool: the sample needs a benign re-prediction
+    carry: dict[str, Any]  # tail input name -> device value (cut tensors, masks)
+
+
+class Engine(Protocol):
+    device: str
+
+    @property
+    def providers(self) -> list[str]: ...
+
+    def run(self, x: np.ndarray) -> EngineRun: ...
+
+    def repredict(self, run: EngineRun, rows: np.ndarray) -> np.ndarray: ...
+
+
+def build_engine(kind: str, graphs: ServingGraphs, input_name: str, output_name: str, device: str = "cpu",
+                 threads: int = 0) -> Engine:
+    if kind == "onnxruntime":
+        return OrtEngine(graphs, input_name, output_name, device, threads)
+    if kind == "torch":
+        return TorchEngine(graphs, input_name, output_name, device, threads)
+    raise GuardError(f"unknown engine {kind!r}: use one of {', '.join(ENGINES)}")
 
 
 def _onnxruntime():
@@ -19,11 +59,20 @@ def _onnxruntime():
     return onnxruntime
 
 
-class OrtEngine:
-    """Runs the guarded model: `run(x)` gives logits and per-tap ℓ∞; `repredict(x, masks)` the benign logits."""
+def _tail_names(graphs: ServingGraphs, input_name: str) -> tuple[list[str], dict[str, str]]:
+    """Served output names to fetch after the head three, and which tail input each feeds (the input, if it is
+    part of the cut, is fed from the request itself)."""
+    outputs = [*graphs.masks, *(name for name in graphs.cut if name != input_name)]
+    feeds = {name: name for name in graphs.masks}
+    feeds.update({name: f"{CUT_PREFIX}{i}" for i, name in enumerate(graphs.cut)})
+    return outputs, feeds
 
-    def __init__(self, served: bytes, repredict: bytes, input_name: str, output_name: str, taps: int,
-                 device: str = "cpu", threads: int = 0) -> None:
+
+class OrtEngine:
+    """ONNX Runtime sessions for the served graph and the tail, driven through IOBinding."""
+
+    def __init__(self, graphs: ServingGraphs, input_name: str, output_name: str, device: str = "cpu",
+                 threads: int = 0) -> None:
         ort = _onnxruntime()
         if device == "cuda":
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -35,8 +84,8 @@ class OrtEngine:
         options.log_severity_level = 3
         options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per core)
         try:
-            self.session = ort.InferenceSession(served, options, providers=providers)
-            self.repredict_session = ort.InferenceSession(repredict, options, providers=providers)
+            self.session = ort.InferenceSession(graphs.served, options, providers=providers)
+            self.tail = ort.InferenceSession(graphs.tail, options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors; report them plainly
             raise ModelError(f"ONNX Runtime could not load the guarded model: {exc}") from None
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
@@ -44,20 +93,84 @@ class OrtEngine:
                 "--device cuda was asked for but ONNX Runtime's CUDA provider did not load "
                 f"(available: {ort.get_available_providers()}); install guard[gpu] and a matching CUDA"
             )
+        self._ort = ort
         self.device = device
         self.input_name = input_name
-        self.output_names = [output_name] + [f"{LINF_OUTPUT_PREFIX}{i}" for i in range(taps)]
-        self.mask_names = [f"{MASK_INPUT_PREFIX}{i}" for i in range(taps)]
-        self.repredict_output = output_name
+        self.output_name = output_name
+        self._carried, self._feeds = _tail_names(graphs, input_name)
 
     @property
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        logits, *linf = self.session.run(self.output_names, {self.input_name: x})
-        return logits, linf
+    def run(self, x: np.ndarray) -> EngineRun:
+        binding = self.session.io_binding()
+        value = self._ort.OrtValue.ortvalue_from_numpy(x, self.device, 0)  # on CUDA: the one host-to-device copy
+        binding.bind_ortvalue_input(self.input_name, value)
+        for name in (self.output_name, SCORE_OUTPUT, NEEDS_OUTPUT, *self._carried):
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        logits, score, needs, *carried = binding.get_outputs()
+        carry = {self._feeds[name]: v for name, v in zip(self._carried, carried, strict=True)}
+        if self.input_name in self._feeds:
+            carry[self._feeds[self.input_name]] = value
+        return EngineRun(logits.numpy(), score.numpy(), needs.numpy(), carry)
 
-    def repredict(self, x: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
-        feeds = {self.input_name: x, **dict(zip(self.mask_names, masks, strict=True))}
-        return self.repredict_session.run([self.repredict_output], feeds)[0]
+    def repredict(self, run: EngineRun, rows: np.ndarray) -> np.ndarray:
+        """Benign logits (len(rows), K) from the tail, reading the run's cut tensors where they are."""
+        binding = self.tail.io_binding()
+        for name, value in run.carry.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_cpu_input(ROWS_INPUT, np.ascontiguousarray(rows, dtype=np.int64))
+        binding.bind_output(self.output_name, self.device)
+        self.tail.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+
+class TorchEngine:
+    """The same two graphs evaluated by guard's torch bridge on a torch device (cpu, cuda, cuda:1, ...)."""
+
+    def __init__(self, graphs: ServingGraphs, input_name: str, output_name: str, device: str = "cpu",
+                 threads: int = 0) -> None:
+        import onnx
+        import torch
+
+        from guard.model.bridge import OnnxModule
+
+        try:
+            self._device = torch.device(device)
+        except RuntimeError as exc:
+            raise GuardError(f"unknown torch device {device!r}: {exc}") from None
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise GuardError("--device cuda was asked for but torch sees no CUDA device")
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self.served = OnnxModule(onnx.load_from_string(graphs.served)).to(self._device).eval()
+        self.tail = OnnxModule(onnx.load_from_string(graphs.tail)).to(self._device).eval()
+        self.device = device
+        self.input_name = input_name
+        self.output_name = output_name
+        self._carried, self._feeds = _tail_names(graphs, input_name)
+
+    @property
+    def providers(self) -> list[str]:
+        return [f"torch:{self._device}"]
+
+    def run(self, x: np.ndarray) -> EngineRun:
+        torch = self._torch
+        with torch.inference_mode():
+            value = torch.from_numpy(x).to(self._device)
+            outputs, _ = self.served.run(value)
+        carry = {self._feeds[name]: outputs[name] for name in self._carried}
+        if self.input_name in self._feeds:
+            carry[self._feeds[self.input_name]] = value
+        host = {name: outputs[name].cpu().numpy() for name in (self.output_name, SCORE_OUTPUT, NEEDS_OUTPUT)}
+        return EngineRun(host[self.output_name], host[SCORE_OUTPUT], host[NEEDS_OUTPUT], carry)
+
+    def repredict(self, run: EngineRun, rows: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            index = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self._device)
+            outputs, _ = self.tail.run({**run.carry, ROWS_INPUT: index})
+        return outputs[self.output_name].cpu().numpy()

@@ -1,7 +1,7 @@
 """`Guard`: a model and its profile, answering guarded predictions in-process (the server calls the same object).
 
-request x -> validate -> engine (masked model, ℓ∞ per tap) -> consistency check -> benign re-prediction for the
-samples with compromised channels -> verdict and policy -> Result.
+request x -> validate -> engine (masked model, ℓ∞ per tap and the consistency check, all in one graph) -> the tail
+of the network re-run for the samples with compromised channels -> verdict and policy -> Result.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 
 from guard.calibrate.profile import Profile
 from guard.errors import ModelError, ProfileError, RequestError
-from guard.model.graph import LoadedModel, load_model, serving_graphs, tap_channels, validate_taps
-from guard.runtime.checks import repredict_masks
-from guard.runtime.engine import OrtEngine
+from guard.model.graph import LoadedModel, load_model, tap_channels, validate_taps
+from guard.model.serving import serving_graphs
+from guard.runtime.engine import build_engine
 from guard.runtime.policy import Policy, apply_policy
 
 
@@ -43,7 +43,7 @@ class Guard:
     """
 
     def __init__(self, model: LoadedModel, profile: Profile, *, device: str = "cpu",
-                 policy: Policy | str = Policy.ENFORCE, threads: int = 0) -> None:
+                 policy: Policy | str = Policy.ENFORCE, threads: int = 0, engine: str = "onnxruntime") -> None:
         profile.verify_model(model.sha256)
         try:
             validate_taps(model, profile.tap_names)
@@ -61,31 +61,33 @@ class Guard:
         self.profile = profile
         self.policy = Policy(policy)
         self.sample_shape = model.sample_shape
-        served, repredict = serving_graphs(model, profile.tap_names, profile.keep_masks(), profile.unit_bounds())
-        self.engine = OrtEngine(served, repredict, model.input_name, model.output_name, len(profile.taps), device,
-                                threads)
-        self.check = profile.check()
+        self.graphs = serving_graphs(model, profile.tap_names, profile.keep_masks(), profile.unit_bounds(),
+                                     profile.check(), profile.thresholds.tau)
+        self.engine = build_engine(engine, self.graphs, model.input_name, model.output_name, device, threads)
         self._warm_up()
 
     @classmethod
     def load(cls, model: str | Path, profile: str | Path, *, device: str = "cpu",
-             policy: Policy | str = Policy.ENFORCE, threads: int = 0) -> Guard:
-        """`threads`: ONNX Runtime intra-op threads (0 = one per core)."""
-        return cls(load_model(model), Profile.load(profile), device=device, policy=policy, threads=threads)
+             policy: Policy | str = Policy.ENFORCE, threads: int = 0, engine: str = "onnxruntime") -> Guard:
+        """`threads`: intra-op threads (0 = the engine's default); `engine`: onnxruntime or torch."""
+        return cls(load_model(model), Profile.load(profile), device=device, policy=policy, threads=threads,
+                   engine=engine)
 
     @property
     def tau(self) -> float:
         return self.profile.thresholds.tau
 
     def _warm_up(self) -> None:
-        """One run before serving: the first real request is not slow, and channel counts are verified."""
+        """Both graphs run once before serving (the first real request is not slow); a profile whose channel
+        counts do not fit the model fails here rather than on a request."""
         x = np.zeros((1, *self.sample_shape), dtype=np.float32)
-        _, linf = self.engine.run(x)
-        got = [a.shape[1] for a in linf]
-        want = [tap.channels for tap in self.profile.taps]
-        if got != want:
-            raise ProfileError(f"the model's taps have {got} channels, the profile expects {want}")
-        self.engine.repredict(x, [np.ones((1, c), dtype=np.float32) for c in want])
+        try:
+            run = self.engine.run(x)
+            self.engine.repredict(run, np.zeros(1, dtype=np.int64))
+        except (ModelError, ProfileError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the engines raise their own types; all mean this pair is unusable
+            raise ProfileError(f"the model and profile do not run together: {exc}") from None
 
     def validate(self, x: np.ndarray) -> np.ndarray:
         """The batch as float32 (N, C, H, W), or a RequestError saying what is wrong with it."""
@@ -106,28 +108,22 @@ class Guard:
         x = self.validate(x)
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
-        logits, linf = self.engine.run(x)
+        run = self.engine.run(np.ascontiguousarray(x))
         t1 = time.perf_counter()
-        model_labels = logits.argmax(axis=1)
-        verdict = self.check(linf, model_labels)
-        t2 = time.perf_counter()
-        seconds["engine"], seconds["check"] = t1 - t0, t2 - t1
-        suspicious = verdict.score > self.tau
-        benign_logits = logits.copy()
-        rows = np.flatnonzero(verdict.compromised.any(axis=1) | suspicious)
+        seconds["engine"] = t1 - t0
+        model_labels = run.logits.argmax(axis=1)
+        benign_logits = run.logits.copy()
+        rows = np.flatnonzero(run.needs)
         if rows.size:
-            taps = self.profile.taps
-            masks = repredict_masks([t.keep for t in taps], [t.unit_bound for t in taps], verdict.z[rows],
-                                    self.check.cut)
-            benign_logits[rows] = self.engine.repredict(x[rows], masks)
-        seconds["repredict"] = time.perf_counter() - t2
-        flagged = suspicious | (benign_logits.argmax(axis=1) != model_labels)
-        answer = apply_policy(self.policy, logits, benign_logits, flagged)
+            benign_logits[rows] = self.engine.repredict(run, rows)
+        seconds["repredict"] = time.perf_counter() - t1
+        flagged = (run.score > self.tau) | (benign_logits.argmax(axis=1) != model_labels)
+        answer = apply_policy(self.policy, run.logits, benign_logits, flagged)
         return Result(
             labels=answer.argmax(axis=1).astype(np.int64),
             logits=answer.astype(np.float32),
             flagged=flagged,
-            score=verdict.score,
+            score=run.score,
             model_labels=model_labels.astype(np.int64),
             stage_seconds=seconds,
         )

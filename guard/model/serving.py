@@ -1,0 +1,253 @@
+"""The two graphs guard serves: the guarded model with the consistency check inside it, and the re-prediction tail.
+
+served: x -> the model (static mask folded into its weights) -> logits; per tap ℓ∞ -> z against the predicted
+class's profile -> score, whether the sample needs a benign re-prediction, and its per-tap re-prediction masks.
+The check is a dozen small ops at the end of the graph, so it runs wherever the model runs: on the GPU next to the
+taps under the CUDA provider, and only (N,)-sized verdicts leave the device.
+
+tail: the tensors that cross the cut before the first tap (that tap and, say, a residual shortcut), the rows that
+need a re-prediction and the masks -> only the layers after the cut, only for those rows -> benign logits.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from guard.errors import ModelError
+from guard.model.graph import (
+    LoadedModel,
+    add_linf_outputs,
+    fold_static_mask,
+    insert_mul,
+    opset_version,
+    tensor_ranks,
+    zero_above_bound,
+)
+
+if TYPE_CHECKING:
+    from guard.runtime.checks import ConsistencyCheck
+
+SCORE_OUTPUT = "guard_score"
+NEEDS_OUTPUT = "guard_needs"
+ROWS_INPUT = "guard_rows"
+MASK_PREFIX = "guard_mask_"
+CUT_PREFIX = "guard_cut_"
+
+
+@dataclass(frozen=True)
+class ServingGraphs:
+    """Serialized graphs plus the names that tie them together."""
+
+    served: bytes
+    tail: bytes
+    cut: list[str]  # tensors of the served graph the tail starts from (served outputs, tail inputs `guard_cut_i`)
+    masks: list[str]  # per tap, the served output and tail input holding its re-prediction mask
+    tail_from_input: bool  # True when the cut could not be placed after the model's input (the tail is everything)
+
+
+def serving_graphs(model: LoadedModel, taps: list[str], keep: dict[str, np.ndarray], bounds: dict[str, np.ndarray],
+                   check: ConsistencyCheck, tau: float) -> ServingGraphs:
+    """Fold the static mask, then build the served graph (check inside) and the re-prediction tail."""
+    if opset_version(model.proto) < 13:
+        raise ModelError(f"guard serves ONNX opset 13 or later; this model uses opset {opset_version(model.proto)}")
+    folded, _ = fold_static_mask(model, keep)
+    cut, from_input = cut_before(folded, taps, model.input_name)
+    served = copy.deepcopy(folded)
+    linf = add_linf_outputs(served, taps)
+    del served.graph.output[1:]
+    channels = [len(keep[tap]) for tap in taps]
+    masks = _add_check(served, model.output_name, linf, channels, [tap in bounds for tap in taps],
+                       [keep[tap] for tap in taps], check, tau)
+    ranks = tensor_ranks(folded)
+    for name in cut:
+        if name != model.input_name:
+            served.graph.output.append(_batch_value(name, ranks[name]))
+    tail = tail_graph(folded, taps, cut, bounds)
+    for proto in (served, tail):
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as exc:
+            raise ModelError(f"rewriting the graph produced an invalid model: {exc}") from None
+    return ServingGraphs(served.SerializeToString(), tail.SerializeToString(), cut, masks, from_input)
+
+
+# ------------------------------------------------------------------------------------------------- the check
+
+
+def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
+    graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def _reduce(proto: onnx.ModelProto, op: str, source: str, out: str, axis: int) -> onnx.NodeProto:
+    """A keepdims=0 reduction over one axis, in the form the model's opset wants (axes became an input in 18)."""
+    if opset_version(proto) >= 18:
+        axes = _const(proto.graph, f"{out}__axes", np.array([axis], dtype=np.int64))
+        return helper.make_node(op, [source, axes], [out], keepdims=0)
+    return helper.make_node(op, [source], [out], axes=[axis], keepdims=0)
+
+
+def _add_check(proto: onnx.ModelProto, logits: str, linf: list[str], channels: list[int], bounded: list[bool],
+               keep: list[np.ndarray], check: ConsistencyCheck, tau: float) -> list[str]:
+    """Append the consistency check (guard.runtime.checks, the same arithmetic in float32) and its outputs:
+    score (N,), needs (N,) = any z > k or score > tau, and per tap the re-prediction mask (N, C) = keep and, at
+    taps without unit bounds, z <= cut. Returns the mask output names."""
+    g = proto.graph
+    q = min(check.top_q, sum(channels))
+    nodes = [
+        helper.make_node("ArgMax", [logits], ["guard_label"], axis=1, keepdims=0),
+        helper.make_node("Concat", linf, ["guard_linf_all"], axis=1),
+        helper.make_node("Gather", [_const(g, "guard_class_mean", check.class_mean.astype(np.float32)),
+                                    "guard_label"], ["guard_mean"], axis=0),
+        helper.make_node("Gather", [_const(g, "guard_class_scale", check.class_scale.astype(np.float32)),
+                                    "guard_label"], ["guard_scale"], axis=0),
+        helper.make_node("Sub", ["guard_linf_all", "guard_mean"], ["guard_centred"]),
+        helper.make_node("Div", ["guard_centred", "guard_scale"], ["guard_z_raw"]),
+        helper.make_node("Where", [_const(g, "guard_active", check.active.astype(bool)[None]), "guard_z_raw",
+                                   _const(g, "guard_zero", np.zeros(1, np.float32))], ["guard_z"]),
+        helper.make_node("TopK", ["guard_z", _const(g, "guard_q", np.array([q], dtype=np.int64))],
+                         ["guard_top", "guard_top_index"], axis=1, largest=1, sorted=0),
+        _reduce(proto, "ReduceMean", "guard_top", SCORE_OUTPUT, 1),
+        _reduce(proto, "ReduceMax", "guard_z", "guard_z_max", 1),
+        helper.make_node("Greater", ["guard_z_max", _const(g, "guard_k", np.array(check.k, np.float32))],
+                         ["guard_compromised"]),
+        helper.make_node("Greater", [SCORE_OUTPUT, _const(g, "guard_tau", np.array(tau, np.float32))],
+                         ["guard_suspicious"]),
+        helper.make_node("Or", ["guard_compromised", "guard_suspicious"], [NEEDS_OUTPUT]),
+    ]
+    masks, start = [], 0
+    for index, (width, has_bound, tap_keep) in enumerate(zip(channels, bounded, keep, strict=True)):
+        mask, z = f"{MASK_PREFIX}{index}", f"guard_z_{index}"
+        # Taps with unit bounds are cut in the tail graph itself; their mask is only the static one (cut = +inf).
+        cut = np.inf if has_bound else check.cut
+        nodes += [
+            helper.make_node("Slice", ["guard_z", _const(g, f"{z}__start", np.array([start], np.int64)),
+                                       _const(g, f"{z}__stop", np.array([start + width], np.int64)),
+                                       _const(g, f"{z}__axis", np.array([1], np.int64))], [z]),
+            helper.make_node("Greater", [z, _const(g, f"{z}__cut", np.array(cut, np.float32))], [f"{z}__high"]),
+            helper.make_node("Not", [f"{z}__high"], [f"{z}__low"]),
+            helper.make_node("And", [f"{z}__low", _const(g, f"{mask}__keep", tap_keep.astype(bool)[None])],
+                             [f"{mask}__bool"]),
+            helper.make_node("Cast", [f"{mask}__bool"], [mask], to=onnx.TensorProto.FLOAT),
+        ]
+        masks.append(mask)
+        start += width
+    g.node.extend(nodes)
+    g.output.extend([
+        helper.make_tensor_value_info(SCORE_OUTPUT, onnx.TensorProto.FLOAT, ["batch"]),
+        helper.make_tensor_value_info(NEEDS_OUTPUT, onnx.TensorProto.BOOL, ["batch"]),
+        *[helper.make_tensor_value_info(m, onnx.TensorProto.FLOAT, ["batch", w]) for m, w in zip(masks, channels)],
+    ])
+    return masks
+
+
+# --------------------------------------------------------------------------------------------------- the tail
+
+
+def _depends_on(graph: onnx.GraphProto, source: str) -> set[str]:
+    """Every tensor computed from `source`."""
+    reached = {source}
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        if any(name in reached for name in node.input):
+            reached.update(node.output)
+    return reached
+
+
+def cut_before(proto: onnx.ModelProto, taps: list[str], input_name: str) -> tuple[list[str], bool]:
+    """The tensors the tail needs from the layers before the first tap: that tap, then anything else the rest of the
+    graph reads from before it (a residual shortcut). Each must be a float tensor whose first axis is the batch, so
+    rows can be picked from it; where one is not (a shape computed from the input), the cut falls back to the model's
+    input and the tail is the whole graph. Returns (cut, fell_back)."""
+    graph = proto.graph
+    position = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    first = min(taps, key=lambda tap: position[tap])
+    head = _ancestors(graph, first)
+    from_input = _depends_on(graph, input_name)
+    cut = [first]
+    for index, node in enumerate(graph.node):
+        if index in head:
+            continue
+        for name in node.input:
+            if name and name not in cut and name in from_input and (name == input_name or position.get(name) in head):
+                cut.append(name)
+    if all(_batch_leading(proto, name, input_name) for name in cut):
+        return cut, False
+    return [input_name], True
+
+
+def _ancestors(graph: onnx.GraphProto, tensor: str) -> set[int]:
+    """Indices of the nodes `tensor` is computed from, its producer included."""
+    producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    wanted, found = [tensor], set()
+    while wanted:
+        index = producers.get(wanted.pop())
+        if index is None or index in found:
+            continue
+        found.add(index)
+        wanted.extend(name for name in graph.node[index].input if name)
+    return found
+
+
+def _batch_leading(proto: onnx.ModelProto, name: str, input_name: str) -> bool:
+    """Whether shape inference shows `name` as float with the input's batch dim first."""
+    inferred = shape_inference.infer_shapes(proto)
+    values = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    value = values.get(name)
+    if value is None or value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        return False
+    dims, batch = value.type.tensor_type.shape.dim, values[input_name].type.tensor_type.shape.dim[0]
+    return len(dims) >= 1 and batch.WhichOneof("value") is not None and dims[0] == batch
+
+
+def _batch_value(name: str, rank: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", *[None] * (rank - 1)])
+
+
+def tail_graph(folded: onnx.ModelProto, taps: list[str], cut: list[str], bounds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The layers after the cut as a graph of their own: inputs `guard_cut_i` (full batch), `guard_rows` (the rows
+    to re-predict) and a mask (full batch, C) per tap; output the benign logits of those rows only."""
+    proto = copy.deepcopy(folded)
+    graph = proto.graph
+    head = _ancestors(graph, cut[0])
+    from_input = _depends_on(graph, next(i.name for i in graph.input if i.name not in
+                                         {init.name for init in graph.initializer}))
+    # Head nodes that do not read the input (constants, shape arithmetic on weights) are cheap: keep them.
+    kept = [node for i, node in enumerate(graph.node) if i not in head or not set(node.output) & from_input]
+    rows_input = helper.make_tensor_value_info(ROWS_INPUT, onnx.TensorProto.INT64, ["rows"])
+    ranks = tensor_ranks(folded)
+    gathers, inputs, masks = [], [], []
+    for index, tap in enumerate(taps):
+        mask = f"{MASK_PREFIX}{index}"
+        inputs.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, ["batch", None]))
+        source = f"{mask}__rows"
+        gathers.append(helper.make_node("Gather", [mask, ROWS_INPUT], [source], axis=0))
+        if ranks.get(tap) == 4:
+            axes = _const(graph, f"{mask}__axes", np.array([2, 3], dtype=np.int64))
+            gathers.append(helper.make_node("Unsqueeze", [source, axes], [f"{mask}__4d"]))
+            source = f"{mask}__4d"
+        masks.append(source)
+    for index, name in enumerate(cut):  # after the masks: a tap's Mul goes right after the Gather producing it
+        source = f"{CUT_PREFIX}{index}"
+        inputs.insert(index, _batch_value(source, ranks[name]))
+        gathers.append(helper.make_node("Gather", [source, ROWS_INPUT], [name], axis=0))
+    del graph.node[:]
+    graph.node.extend([*gathers, *kept])
+    del graph.input[:]
+    graph.input.extend([*inputs, rows_input])
+    del graph.output[1:]
+    for index, (tap, source) in enumerate(zip(taps, masks, strict=True)):
+        insert_mul(graph, tap, source, f"{tap}__guard_masked")
+        if tap in bounds:
+            zero_above_bound(graph, tap, f"{tap}__guard_masked", bounds[tap], index)
+    used = {name for node in graph.node for name in node.input}
+    kept_inits = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits)
+    del graph.value_info[:]
+    return proto

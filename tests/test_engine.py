@@ -1,0 +1,101 @@
+"""The fast path: one served graph with the static mask in its weights and the check inside, a tail run only for the
+rows that need it, inputs to the tail left where the model ran, and the torch engine serving the same profile."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import Backdoored
+from guard.calibrate.activations import collect
+from guard.calibrate.taps import OnnxTaps
+from guard.errors import GuardError
+from guard.model.graph import load_model
+from guard.runtime.checks import repredict_masks
+from guard.runtime.guard import Guard
+
+
+@pytest.fixture(scope="module")
+def guard(backdoored: Backdoored) -> Guard:
+    return Guard.load(backdoored.model_path, backdoored.profile_path)
+
+
+@pytest.fixture(scope="module")
+def requests(backdoored: Backdoored) -> np.ndarray:
+    triggered, _ = backdoored.triggered()
+    return np.concatenate([backdoored.x_eval[:150], triggered[:150]])
+
+
+def test_served_graph_is_the_model_plus_guard_nodes_only(guard: Guard, backdoored: Backdoored) -> None:
+    """The static mask costs nothing at run time: every node that is not guard's own is the model's, in order."""
+    original = load_model(backdoored.model_path).proto.graph.node
+    served = onnx.load_from_string(guard.graphs.served).graph.node
+    model_nodes = [n for n in served if not all(out.startswith("guard_") for out in n.output)]
+    assert [(n.op_type, list(n.input), list(n.output)) for n in model_nodes] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in original]
+    pruned = sum(int((~t.keep).sum()) for t in guard.profile.taps)
+    assert pruned > 0, "the profile must prune something for this test to mean much"
+    extra = [n.op_type for n in served if n not in model_nodes]
+    assert "Mul" not in extra, "a static-mask Mul slipped into the served graph"
+
+
+def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdoored, requests: np.ndarray) -> None:
+    """Fused graph + tail give what calibration's torch path and the numpy check give, step by step."""
+    profile = guard.profile
+    taps = OnnxTaps(load_model(backdoored.model_path), profile.tap_names)
+    keep = [t.keep for t in profile.taps]
+    bounds = [t.unit_bound for t in profile.taps]
+    with torch.no_grad():
+        masked = collect(taps, requests, masks=[k.astype(np.float32)[None] for k in keep])
+    check = profile.check()
+    verdict = check(masked.linf, masked.predictions)
+    needs = verdict.compromised.any(axis=1) | (verdict.score > guard.tau)
+    benign = masked.predictions.copy()
+    rows = np.flatnonzero(needs)
+    with torch.no_grad():
+        benign[rows] = collect(taps, requests[rows], masks=repredict_masks(keep, bounds, verdict.z[rows], check.cut),
+                               bounds=bounds).predictions
+    flagged = (verdict.score > guard.tau) | (benign != masked.predictions)
+
+    result = guard.predict(requests)
+    assert 0 < rows.size < len(requests)
+    np.testing.assert_allclose(result.score, verdict.score, atol=1e-4)
+    decided = np.abs(verdict.score - guard.tau) > 1e-3
+    np.testing.assert_array_equal(result.model_labels, masked.predictions)
+    np.testing.assert_array_equal(result.flagged[decided], flagged[decided])
+    np.testing.assert_array_equal(result.labels[decided], np.where(flagged, benign, masked.predictions)[decided])
+    assert result.flagged[len(requests) // 2:].mean() > 0.8, "triggered requests must be flagged"
+
+
+def test_tail_inputs_stay_in_the_engine(guard: Guard, requests: np.ndarray) -> None:
+    """IOBinding: the cut tensors and masks the tail reads are ONNX Runtime values, never copied to numpy."""
+    import onnxruntime as ort
+
+    run = guard.engine.run(np.ascontiguousarray(requests[:16]))
+    assert run.carry and all(isinstance(v, ort.OrtValue) for v in run.carry.values())
+    assert run.logits.shape == (16, 10) and run.score.shape == (16,) and run.needs.dtype == bool
+    rows = np.array([1, 5])
+    alone = guard.engine.repredict(guard.engine.run(np.ascontiguousarray(requests[[1, 5]])), np.arange(2))
+    np.testing.assert_allclose(guard.engine.repredict(run, rows), alone, atol=1e-5)
+
+
+def test_torch_engine_serves_the_same_profile(guard: Guard, backdoored: Backdoored, requests: np.ndarray) -> None:
+    twin = Guard.load(backdoored.model_path, backdoored.profile_path, engine="torch")
+    assert twin.engine.providers == ["torch:cpu"]
+    want, got = guard.predict(requests), twin.predict(requests)
+    np.testing.assert_allclose(got.score, want.score, atol=1e-4)
+    decided = np.abs(want.score - guard.tau) > 1e-3
+    np.testing.assert_array_equal(got.flagged[decided], want.flagged[decided])
+    np.testing.assert_array_equal(got.labels[decided], want.labels[decided])
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-3)
+
+
+def test_unknown_engine_and_missing_cuda_are_refused(backdoored: Backdoored) -> None:
+    with pytest.raises(GuardError, match="unknown engine"):
+        Guard.load(backdoored.model_path, backdoored.profile_path, engine="tensorrt")
+    if not torch.cuda.is_available():
+        with pytest.raises(GuardError, match="CUDA"):
+            Guard.load(backdoored.model_path, backdoored.profile_path, engine="torch", device="cuda")
+
