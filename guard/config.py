@@ -33,6 +33,11 @@ class ServeSettings(BaseSettings):
     max_batch: int = Field(1024, ge=1, description="most samples one request may carry")
     max_message_mb: int = Field(64, ge=1, description="largest gRPC message accepted, in MiB")
     workers: int = Field(8, ge=1, description="threads answering requests")
+    batch_size: int = Field(0, ge=0, description="dynamic batching: join concurrent requests into engine runs of up "
+                                                 "to this many samples (0: off, each request runs alone)")
+    batch_delay_ms: float = Field(2.0, ge=0, description="dynamic batching: longest a request waits for others")
+    engine: str = Field("onnxruntime", pattern="^(onnxruntime|torch)$",
+                        description="onnxruntime, or torch (the same graphs through guard's torch bridge)")
     grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
 
     @field_validator("model", "profile")

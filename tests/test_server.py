@@ -196,3 +196,47 @@ def test_bad_requests_through_tritonclient_and_guard_v1(client: triton.Inference
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     reply = stub.Predict(guard_pb2.PredictRequest(shape=[1, 1, 28, 28], data=backdoored.x_eval[:1].tobytes()))
     assert len(reply.predictions) == 1 and len(reply.predictions[0].logits) == 10
+
+
+def test_dynamic_batching_joins_requests_and_splits_answers_back_exactly(backdoored: Backdoored) -> None:
+    """Concurrent tritonclient callers share engine runs; each gets exactly what it would get alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    triggered, _ = backdoored.triggered()
+    pool = np.concatenate([backdoored.x_eval[:60], triggered[:60]])
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(1, 6, size=48)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) % (len(pool) - 6)
+    requests = [pool[s:s + n] for s, n in zip(starts, sizes, strict=True)]
+    alone = Guard.load(backdoored.model_path, backdoored.profile_path)
+    settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0, metrics_port=0,
+                             batch_size=32, batch_delay_ms=50, workers=16)
+    server = GuardServer(settings)
+    server.start()
+    try:
+        def call(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as caller:
+                return triton_infer(caller, x)
+
+        with ThreadPoolExecutor(16) as callers:
+            answers = list(callers.map(call, requests))
+        bad = np.full((2, 1, 27, 28), 0.5, dtype=np.float32)  # refused alone, the batcher keeps serving
+        with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as caller, \
+                pytest.raises(InferenceServerException, match="shape"):
+            triton_infer(caller, bad)
+        after = call(requests[0])
+        text = scrape(server)
+    finally:
+        server.stop(grace=1)
+    for x, (logits, flagged, score) in zip(requests, answers, strict=True):
+        want = alone.predict(x)
+        np.testing.assert_array_equal(logits.argmax(axis=1), want.labels)
+        np.testing.assert_array_equal(flagged, want.flagged)
+        np.testing.assert_allclose(logits, want.logits, atol=1e-5)
+        np.testing.assert_allclose(score, want.score, atol=1e-5)
+    np.testing.assert_array_equal(after[1], alone.predict(requests[0]).flagged)
+    runs = metric(text, "guard_engine_batch_samples_count", model=MODEL)
+    samples = metric(text, "guard_engine_batch_samples_sum", model=MODEL)
+    assert samples == sizes.sum() + len(requests[0])
+    assert runs < len(requests) / 2, f"{runs} engine runs for {len(requests) + 1} requests: nothing was batched"
+    assert metric(text, "guard_request_duration_seconds_count", model=MODEL, stage="queue") == len(requests) + 1

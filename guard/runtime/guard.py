@@ -31,6 +31,11 @@ class Result:
     model_labels: np.ndarray  # (N,) int64, what the masked model answered before the check
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
+    def rows(self, start: int, stop: int) -> Result:
+        """Samples start..stop of this result (a dynamic batch split back into its requests)."""
+        return Result(self.labels[start:stop], self.logits[start:stop], self.flagged[start:stop],
+                      self.score[start:stop], self.model_labels[start:stop], dict(self.stage_seconds))
+
 
 class Guard:
     """A guarded model. Build once (`Guard.load`), then call `predict` for each batch.

@@ -34,9 +34,10 @@ class GuardServer:
     def __init__(self, settings: ServeSettings, guard: Guard | None = None) -> None:
         self.settings = settings
         self.guard = guard or Guard.load(settings.model, settings.profile, device=settings.device,
-                                         policy=settings.policy)
+                                         policy=settings.policy, engine=settings.engine)
         self.metrics = Metrics(settings.served_name)
-        self.plane = DataPlane(self.guard, settings.served_name, self.metrics, settings.max_batch)
+        self.plane = DataPlane(self.guard, settings.served_name, self.metrics, settings.max_batch,
+                               settings.batch_size, settings.batch_delay_ms / 1000)
         limit = settings.max_message_mb * 1024 * 1024
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="guard-rpc"),
@@ -84,6 +85,7 @@ class GuardServer:
         self.metrics.ready.labels(model=self.plane.name).set(0)
         self.health.enter_graceful_shutdown()
         self.server.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        self.plane.close()
         self.metrics.close()
         log.info("guard stopped")
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from guard.errors import RequestError
 from guard.runtime.guard import Guard, Result
+from guard.server.batching import Batcher
 from guard.server.metrics import Metrics
 
 
@@ -24,12 +25,22 @@ class UnknownModelError(RequestError):
 class DataPlane:
     """Serves one guarded model under one name."""
 
-    def __init__(self, guard: Guard, name: str, metrics: Metrics, max_batch: int) -> None:
+    def __init__(self, guard: Guard, name: str, metrics: Metrics, max_batch: int, batch_size: int = 0,
+                 batch_delay: float = 0.0) -> None:
         self.guard = guard
         self.name = name
         self.metrics = metrics
         self.max_batch = max_batch
         self.ready = False
+        self.batcher = None
+        if batch_size:
+            self.batcher = Batcher(guard.predict, batch_size, batch_delay,
+                                   on_batch=metrics.batch.labels(model=name).observe)
+
+    def close(self) -> None:
+        """Stop the batcher once the requests it holds have been answered."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     def resolve(self, name: str) -> str:
         """The served model's name; an empty name means the only model served."""
@@ -51,7 +62,10 @@ class DataPlane:
         if x.shape[0] > self.max_batch:
             raise RequestError(f"batch of {x.shape[0]} samples exceeds the server's limit of {self.max_batch}")
         started = time.perf_counter()
-        result = self.guard.predict(x)
+        if self.batcher is None:
+            result = self.guard.predict(x)
+        else:  # a bad request is refused here, alone, before it could fail a batch shared with others
+            result = self.batcher.submit(self.guard.validate(x))
         total = decode_seconds + time.perf_counter() - started
         m, name = self.metrics, self.name
         flagged = int(result.flagged.sum())

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from guard._version import __version__
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _SCORE_BUCKETS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0)
 
 
@@ -33,6 +34,8 @@ class Metrics:
                                   ["model", "stage"], buckets=_LATENCY_BUCKETS, registry=r)
         self.score = Histogram("guard_check_score", "Consistency score per sample", ["model"],
                                buckets=_SCORE_BUCKETS, registry=r)
+        self.batch = Histogram("guard_engine_batch_samples", "Samples per engine run (dynamic batching joins requests)",
+                               ["model"], buckets=_BATCH_BUCKETS, registry=r)
         self.inflight = Gauge("guard_inflight_requests", "Requests being answered now", registry=r)
         self.ready = Gauge("guard_model_ready", "1 when the model is loaded and serving", ["model"], registry=r)
         self.build = Gauge("guard_build_info", "Build information", ["version"], registry=r)

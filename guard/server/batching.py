@@ -1,0 +1,99 @@
+"""Dynamic batching: concurrent requests that arrive within a short delay of each other share one engine run.
+
+A batch closes when it holds `max_size` samples or `max_delay` seconds after its first request arrived, whichever
+comes first; each caller then gets exactly its own rows back. A request never waits for more than one batch ahead
+of it, and one bigger than `max_size` runs alone.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from guard.runtime.guard import Result
+
+
+@dataclass
+class _Pending:
+    x: np.ndarray
+    arrived: float = field(default_factory=time.perf_counter)
+    future: Future[Result] = field(default_factory=Future)
+
+
+class Batcher:
+    """Joins requests into batches for `predict`, on one thread of its own."""
+
+    def __init__(self, predict: Callable[[np.ndarray], Result], max_size: int, max_delay: float,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self._predict = predict
+        self.max_size = max_size
+        self.max_delay = max_delay
+        self._on_batch = on_batch
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._held: _Pending | None = None  # a request that did not fit the last batch; it opens the next one
+        self._thread = threading.Thread(target=self._loop, name="guard-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, x: np.ndarray) -> Result:
+        """Blocks until the batch holding `x` has run; returns the rows of `x` (with a `queue` stage time)."""
+        pending = _Pending(x)
+        self._queue.put(pending)
+        return pending.future.result()
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _collect(self, first: _Pending) -> tuple[list[_Pending], bool]:
+        """The batch opened by `first`; True if the queue has been closed."""
+        batch, size = [first], len(first.x)
+        deadline = first.arrived + self.max_delay
+        while size < self.max_size:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            if size + len(item.x) > self.max_size:
+                self._held = item
+                break
+            batch.append(item)
+            size += len(item.x)
+        return batch, False
+
+    def _loop(self) -> None:
+        closed = False
+        while not closed or self._held is not None:
+            first, self._held = self._held, None
+            if first is None:
+                first = self._queue.get()
+                if first is None:
+                    return
+            batch, closed = self._collect(first)
+            self._run(batch)
+
+    def _run(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        try:
+            result = self._predict(batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch]))
+        except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the failure as its own
+            for pending in batch:
+                pending.future.set_exception(exc)
+            return
+        if self._on_batch is not None:
+            self._on_batch(len(result.labels))
+        start = 0
+        for pending in batch:
+            stop = start + len(pending.x)
+            rows = result.rows(start, stop)
+            rows.stage_seconds["queue"] = started - pending.arrived
+            pending.future.set_result(rows)
+            start = stop
