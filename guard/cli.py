@@ -47,6 +47,39 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import shlex
+    import tempfile
+
+    import numpy as np
+
+    from guard.bench import BenchSettings, format_table, run_bench, write_outputs
+    from guard.model.graph import load_model
+    from guard.samples import load_samples
+
+    if args.data:
+        x, y = load_samples(args.data)
+    else:  # no data: uniform noise exercises the path, though the share re-predicted is not that of real traffic
+        shape = load_model(args.model).sample_shape
+        x, y = np.random.default_rng(0).random((256, *shape), dtype=np.float32), None
+    settings = BenchSettings(seconds=args.seconds, callers=args.callers, device=args.device, threads=args.threads,
+                             server_batch_size=args.server_batch_size, tap_growth=not args.no_tap_growth)
+    if args.batches:
+        try:
+            settings.batches = [int(b) for b in args.batches.split(",")]
+        except ValueError:
+            raise GuardError(f"--batches takes comma-separated integers, got {args.batches!r}") from None
+        if min(settings.batches) < 1:
+            raise GuardError("batch sizes must be >= 1")
+    with tempfile.TemporaryDirectory(prefix="guard-bench-") as tmp:
+        figures = run_bench(args.model, args.profile, x, y, settings, Path(tmp))
+    figures["command"] = "guard " + shlex.join(args.argv)
+    write_outputs(figures, args.out)
+    print(format_table(figures))
+    print(f"guard: wrote {args.out / 'bench.md'}, bench.json and bench.png")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from guard.calibrate.profile import Profile
 
@@ -253,6 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dynamic batching: longest wait for other requests (default 2)")
     srv.add_argument("--grace-seconds", dest="grace_seconds", type=float, help="drain time on SIGTERM (30)")
     srv.set_defaults(run=_serve)
+
+    bench = commands.add_parser("bench", help="time the bare model, the guarded engine and the server side by side")
+    bench.add_argument("model", help="ONNX model")
+    bench.add_argument("--profile", required=True, help="profile from `guard calibrate`")
+    bench.add_argument("--data", help=".npz with x (and y: enables the tap-growth and calibration timings)")
+    bench.add_argument("--batches", help="comma-separated batch sizes (default 1,8,64)")
+    bench.add_argument("--seconds", type=float, default=3.0, help="per measurement (default 3)")
+    bench.add_argument("--callers", type=int, default=8, help="concurrent gRPC callers (default 8)")
+    bench.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: per core)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    bench.add_argument("--server-batch-size", dest="server_batch_size", type=int, default=0,
+                       help="the server's dynamic batching (default 0: off)")
+    bench.add_argument("--no-tap-growth", dest="no_tap_growth", action="store_true",
+                       help="skip timing guards with 1, 2, ... taps")
+    bench.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.md/json/png (./bench)")
+    bench.set_defaults(run=_bench)
 
     ins = commands.add_parser("inspect", help="print what a profile holds")
     ins.add_argument("profile")

@@ -116,3 +116,9 @@ def test_served_graph_computes_the_check_and_the_tail_the_masked_rest(exported) 
                          bounds=[bounds.get(t) for t in taps]).logits
     np.testing.assert_allclose(got, benign, atol=1e-4)
     assert not np.allclose(benign, masked.logits[rows], atol=1e-3), "the masks and bounds must change something"
+
+
+def test_default_taps_with_no_conv_taps_is_the_penultimate_features_alone(exported) -> None:
+    every = default_taps(exported, conv_taps=100)
+    assert default_taps(exported, conv_taps=0) == every[-1:]
+    assert default_taps(exported, conv_taps=1) == every[-2:]

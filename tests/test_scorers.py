@@ -442,3 +442,11 @@ def test_calibration_refuses_a_cut_that_is_not_a_positive_z(cut: float) -> None:
 
     with pytest.raises(GuardError, match="cut"):
         CalibrationSettings(cut_z=cut).validate()
+
+
+def test_calibration_refuses_a_tap_named_twice() -> None:
+    from guard.calibrate.pipeline import CalibrationSettings
+    from guard.errors import GuardError
+
+    with pytest.raises(GuardError, match="twice"):
+        CalibrationSettings(layers=["relu", "linear", "relu"]).validate()

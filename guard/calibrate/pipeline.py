@@ -67,6 +67,8 @@ class CalibrationSettings:
             raise GuardError(f"benign share must lie in (0, 1], got {self.benign_share}")
         if not (np.isfinite(self.cut_z) and self.cut_z > 0):
             raise GuardError(f"the re-prediction's cut must be a positive z, got {self.cut_z}")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise GuardError(f"--layers names a tensor twice: {self.layers}")
 
 
 def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None = None, *,

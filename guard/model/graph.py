@@ -118,7 +118,7 @@ def default_taps(model: LoadedModel, conv_taps: int = 2) -> list[str]:
     ranks = tensor_ranks(model.proto)
     nodes = list(model.proto.graph.node)
     conv = [n.output[0] for n in nodes if n.op_type in _ACTIVATIONS and ranks.get(n.output[0]) == 4]
-    taps = conv[-conv_taps:]
+    taps = conv[max(0, len(conv) - conv_taps):]
     initializers = {init.name for init in model.proto.graph.initializer}
     for node in reversed(nodes):
         if node.op_type in {"Gemm", "MatMul"}:

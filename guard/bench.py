@@ -1,0 +1,341 @@
+"""`guard bench`: what guarding costs, measured side by side in one run on this machine.
+
+At each batch size it times the bare ONNX Runtime session, the guarded engine in-process (interleaved with the bare
+session in short blocks, so both see the same machine state) and the guarded server over gRPC with concurrent
+tritonclient callers (`guard serve` in a process of its own). It also records the peak memory of the server
+process against a process that only runs the bare session, STRIP's cost per request, how the guarded cost grows
+with the number of taps, and the time to calibrate. Output: a Markdown table, JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from guard.errors import GuardError
+from guard.model.graph import default_taps, load_model
+from guard.runtime.guard import Guard
+
+
+@dataclass
+class BenchSettings:
+    batches: list[int] = field(default_factory=lambda: [1, 8, 64])
+    seconds: float = 3.0  # per measurement
+    callers: int = 8  # concurrent gRPC callers against the server
+    threads: int = 0  # ONNX Runtime intra-op threads for both sessions (0: one per core)
+    device: str = "cpu"
+    strip_overlays: int = 64  # STRIP's blends per request, as in guard eval
+    server_batch_size: int = 0  # the server's dynamic batching (0: off)
+    tap_growth: bool = True  # also time guards calibrated with 1, 2, ... taps (needs labelled data)
+    calibration_samples: int = 1000
+
+
+def _percentiles(latencies: list[float], batch: int) -> dict[str, float]:
+    seconds = np.asarray(latencies)
+    return {"p50_ms": round(1e3 * float(np.percentile(seconds, 50)), 4),
+            "p99_ms": round(1e3 * float(np.percentile(seconds, 99)), 4),
+            "throughput": round(batch / float(seconds.mean()), 1), "calls": len(latencies)}
+
+
+def _batches(x: np.ndarray, batch: int, count: int = 8) -> list[np.ndarray]:
+    """`count` different batches of `batch` samples, cycling through x."""
+    index = (np.arange(batch * count) % len(x)).reshape(count, batch)
+    return [np.ascontiguousarray(x[i]) for i in index]
+
+
+def _side_by_side(bare, guarded, batches: list[np.ndarray], seconds: float) -> tuple[list[float], list[float]]:
+    """Alternate blocks of bare and guarded calls until `seconds` pass; latencies of each."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for fn in (bare, guarded):  # warm both
+        fn(batches[0])
+    stop = time.perf_counter() + seconds
+    calls = 0
+    while time.perf_counter() < stop or calls < 10:
+        for fn, out in ((bare, times[0]), (guarded, times[1])):
+            for x in batches[:4]:
+                started = time.perf_counter()
+                fn(x)
+                out.append(time.perf_counter() - started)
+        calls += 4
+        batches = batches[4:] + batches[:4]
+    return times
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """Peak resident memory (VmHWM) of a live process, in MiB."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1)) / 1024
+
+
+_BARE_PROCESS = textwrap.dedent("""
+    import re, sys, time
+    import numpy as np, onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(sys.argv[3])
+    session = ort.InferenceSession(sys.argv[1], options, providers=[sys.argv[4]])
+    name = session.get_inputs()[0].name
+    x = np.load(sys.argv[2])
+    stop = time.perf_counter() + 1.0
+    while time.perf_counter() < stop:
+        session.run(None, {name: x})
+    status = open("/proc/self/status").read()
+    print(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) / 1024)
+""")
+
+
+def bare_process_rss(model_path: Path, x: np.ndarray, threads: int, provider: str, workdir: Path) -> float:
+    """Peak memory of a Python process that only loads the bare model into ONNX Runtime and runs `x`."""
+    batch = workdir / "bench_batch.npy"
+    np.save(batch, x)
+    out = subprocess.run([sys.executable, "-c", _BARE_PROCESS, str(model_path), str(batch), str(threads), provider],
+                         capture_output=True, text=True, check=True, timeout=120)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+class _ServerProcess:
+    """`guard serve` on a free loopback port, in its own process."""
+
+    def __init__(self, model: Path, profile: Path, settings: BenchSettings) -> None:
+        command = [sys.executable, "-m", "guard", "serve", str(model), "--profile", str(profile), "--port", "0",
+                   "--metrics-port", "0", "--device", settings.device, "--workers", str(max(8, settings.callers))]
+        if settings.server_batch_size:
+            command += ["--batch-size", str(settings.server_batch_size)]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        line = self.process.stdout.readline()
+        match = re.search(r"on [\d.]+:(\d+),", line)
+        if not match:
+            self.process.kill()
+            raise GuardError(f"guard serve did not start: {line}{self.process.stderr.read()}")
+        self.port = int(match.group(1))
+
+    def close(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _server_load(port: int, input_name: str, batches: list[np.ndarray], seconds: float,
+                 callers: int) -> tuple[list[float], float, int]:
+    """`callers` threads, one tritonclient each, sending batches for `seconds`: latencies, wall time, samples."""
+    import tritonclient.grpc as triton
+
+    latencies: list[float] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def caller(offset: int) -> None:
+        try:
+            with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
+                mine, calls = [], 0
+                while time.perf_counter() < stop or calls == 0:
+                    x = batches[(offset + calls) % len(batches)]
+                    tensor = triton.InferInput(input_name, list(x.shape), "FP32")
+                    tensor.set_data_from_numpy(x)
+                    started = time.perf_counter()
+                    client.infer("", [tensor])
+                    mine.append(time.perf_counter() - started)
+                    calls += 1
+            with lock:
+                latencies.extend(mine)
+        except BaseException as exc:  # noqa: BLE001 - reported below, after the other callers finish
+            errors.append(exc)
+
+    _warm(port, input_name, batches[0])
+    started = time.perf_counter()
+    stop = started + seconds
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise GuardError(f"a bench caller failed: {errors[0]}")
+    return latencies, wall, len(latencies) * len(batches[0])
+
+
+def _warm(port: int, input_name: str, x: np.ndarray) -> None:
+    """One request before timing, so connection set-up is not measured."""
+    import tritonclient.grpc as triton
+
+    with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
+        tensor = triton.InferInput(input_name, list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        client.infer("", [tensor])
+
+
+def _strip_ratio(session, input_name: str, x: np.ndarray, overlays: int, bare_seconds: float) -> dict[str, float]:
+    """STRIP on one request of len(x) samples (its blends through the same bare session) against one bare call."""
+    import torch
+
+    from guard.eval.baselines import Strip
+
+    class _Session(torch.nn.Module):
+        def forward(self, blends: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {input_name: blends.numpy()})[0])
+
+    strip = Strip(_Session(), x, n_overlays=overlays)
+    strip.score(x)
+    times = []
+    for _ in range(3):
+        strip.score(x)
+        times.append(strip.last_seconds)
+    return {"batch": len(x), "overlays": overlays, "ms_per_request": round(1e3 * min(times), 3),
+            "ratio": round(min(times) / bare_seconds, 2)}
+
+
+def _tap_growth(model_path: Path, x: np.ndarray, y: np.ndarray, bare, settings: BenchSettings,
+                workdir: Path) -> list[dict[str, float]]:
+    """Guards calibrated on the same data with the penultimate features plus 0, 1, 2, ... conv taps; guarded
+    against bare at the largest batch."""
+    from guard.calibrate.pipeline import CalibrationSettings, calibrate
+
+    loaded = load_model(model_path)
+    conv = default_taps(loaded, conv_taps=len(loaded.proto.graph.node))[:-1]
+    penultimate = default_taps(loaded, conv_taps=0)
+    batch = max(settings.batches)
+    batches = _batches(x, batch)
+    rows = []
+    for count in range(min(len(conv), 3) + 1):
+        taps = [*conv[len(conv) - count:], *penultimate]
+        profile = calibrate(model_path, x[:500], y[:500], settings=CalibrationSettings(layers=taps), progress=False)
+        path = profile.save(workdir / f"taps{len(taps)}.safetensors")
+        guard = Guard.load(model_path, path, device=settings.device, threads=settings.threads)
+        bare_t, guarded_t = _side_by_side(bare, guard.predict, batches, settings.seconds / 2)
+        rows.append({"taps": len(taps), "channels": sum(t.channels for t in profile.taps), "batch": batch,
+                     "ratio": round(float(np.median(guarded_t) / np.median(bare_t)), 3)})
+    return rows
+
+
+def machine() -> dict[str, object]:
+    import onnxruntime
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "providers": onnxruntime.get_available_providers()}
+
+
+def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y: np.ndarray | None,
+              settings: BenchSettings, workdir: Path) -> dict[str, object]:
+    """Every figure of the bench as one JSON-ready dict."""
+    import onnxruntime as ort
+
+    model_path, profile_path = Path(model_path), Path(profile_path)
+    guard = Guard.load(model_path, profile_path, device=settings.device, threads=settings.threads)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.threads
+    provider = "CUDAExecutionProvider" if settings.device == "cuda" else "CPUExecutionProvider"
+    session = ort.InferenceSession(str(model_path), options, providers=[provider])
+    input_name = session.get_inputs()[0].name
+
+    def bare(batch: np.ndarray) -> None:
+        session.run(None, {input_name: batch})
+
+    figures: dict[str, object] = {"machine": machine(), "settings": asdict(settings), "model": str(model_path),
+                                  "engine_providers": guard.engine.providers,
+                                  "tail_from_input": guard.graphs.tail_from_input, "rows": []}
+    server = _ServerProcess(model_path, profile_path, settings)
+    try:
+        for batch in settings.batches:
+            batches = _batches(x, batch)
+            bare_t, guarded_t = _side_by_side(bare, guard.predict, batches, settings.seconds)
+            flagged = float(np.mean([guard.predict(b).flagged.mean() for b in batches]))
+            repredicted = float(np.mean([guard.engine.run(b).needs.mean() for b in batches]))
+            latencies, wall, samples = _server_load(server.port, input_name, batches, settings.seconds,
+                                                    settings.callers)
+            row = {"batch": batch, "bare": _percentiles(bare_t, batch), "engine": _percentiles(guarded_t, batch),
+                   "server": {**_percentiles(latencies, batch), "throughput": round(samples / wall, 1)},
+                   "flagged_share": round(flagged, 4), "repredicted_share": round(repredicted, 4)}
+            row["engine_over_bare"] = round(row["engine"]["p50_ms"] / row["bare"]["p50_ms"], 3)
+            row["server_over_engine_throughput"] = round(row["server"]["throughput"] / row["engine"]["throughput"], 3)
+            figures["rows"].append(row)
+        figures["server_peak_rss_mb"] = round(_peak_rss_mb(server.process.pid), 1)
+    finally:
+        server.close()
+    largest = _batches(x, max(settings.batches), 1)[0]
+    figures["bare_process_peak_rss_mb"] = round(
+        bare_process_rss(model_path, largest, settings.threads, provider, workdir), 1)
+    figures["server_over_bare_rss"] = round(figures["server_peak_rss_mb"] / figures["bare_process_peak_rss_mb"], 3)
+    bare_seconds = float(np.median(_side_by_side(bare, bare, [largest], 0.5)[0]))
+    figures["strip"] = _strip_ratio(session, input_name, largest, settings.strip_overlays, bare_seconds)
+    if y is not None and settings.tap_growth:
+        figures["tap_growth"] = _tap_growth(model_path, x, y, bare, settings, workdir)
+    if y is not None and settings.calibration_samples:
+        from guard.calibrate.pipeline import calibrate
+
+        count = min(settings.calibration_samples, len(x))
+        started = time.perf_counter()
+        calibrate(model_path, x[:count], y[:count], progress=False)
+        figures["calibration"] = {"samples": count, "seconds": round(time.perf_counter() - started, 2)}
+    return figures
+
+
+def format_table(figures: dict[str, object]) -> str:
+    lines = ["| batch | bare p50 / p99 ms | guarded engine p50 / p99 ms | engine / bare | server p50 / p99 ms | "
+             "server samples/s | engine samples/s | server / engine | re-predicted |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in figures["rows"]:
+        b, e, s = r["bare"], r["engine"], r["server"]
+        lines.append(f"| {r['batch']} | {b['p50_ms']:.3f} / {b['p99_ms']:.3f} | {e['p50_ms']:.3f} / {e['p99_ms']:.3f}"
+                     f" | {r['engine_over_bare']:.3f} | {s['p50_ms']:.3f} / {s['p99_ms']:.3f} | {s['throughput']:.0f}"
+                     f" | {e['throughput']:.0f} | {r['server_over_engine_throughput']:.3f} | "
+                     f"{r['repredicted_share']:.1%} |")
+    lines.append("")
+    lines.append(f"Peak memory: server process {figures['server_peak_rss_mb']} MiB, bare-session process "
+                 f"{figures['bare_process_peak_rss_mb']} MiB (ratio {figures['server_over_bare_rss']}).")
+    strip = figures["strip"]
+    lines.append(f"STRIP ({strip['overlays']} blends) on a batch of {strip['batch']}: {strip['ms_per_request']} ms, "
+                 f"{strip['ratio']}x the bare call.")
+    if "tap_growth" in figures:
+        growth = ", ".join(f"{g['taps']} taps ({g['channels']} channels): {g['ratio']}x" for g in figures["tap_growth"])
+        lines.append(f"Guarded / bare at batch {figures['tap_growth'][0]['batch']} by taps: {growth}.")
+    if "calibration" in figures:
+        c = figures["calibration"]
+        lines.append(f"Calibration of {c['samples']} samples: {c['seconds']} s.")
+    return "\n".join(lines)
+
+
+def plot(figures: dict[str, object], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = figures["rows"]
+    batches = [r["batch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("bare", "bare ONNX Runtime"), ("engine", "guarded engine"), ("server", "guarded server")):
+        ax.plot(batches, [r[key]["p50_ms"] for r in rows], marker="o", label=f"{label} (p50)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("latency per call (ms)")
+    ax.set_title("guard bench: latency against batch size")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(figures: dict[str, object], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(figures, indent=2))
+    (out / "bench.md").write_text(format_table(figures) + "\n")
+    plot(figures, out / "bench.png")

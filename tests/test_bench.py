@@ -1,0 +1,35 @@
+"""`guard bench` end to end on a small model: every figure it promises is there and plausible."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from conftest import Backdoored
+from guard.cli import main
+
+
+def test_bench_measures_bare_engine_and_server_side_by_side(backdoored: Backdoored, tmp_path, capsys) -> None:
+    data = tmp_path / "clean.npz"
+    np.savez(data, x=backdoored.x_clean, y=backdoored.y_clean)
+    out = tmp_path / "bench"
+    code = main(["bench", str(backdoored.model_path), "--profile", str(backdoored.profile_path), "--data", str(data),
+                 "--batches", "1,16", "--seconds", "0.3", "--callers", "2", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    figures = json.loads((out / "bench.json").read_text())
+    assert [r["batch"] for r in figures["rows"]] == [1, 16]
+    for row in figures["rows"]:
+        for part in ("bare", "engine", "server"):
+            assert row[part]["calls"] >= 10 and 0 < row[part]["p50_ms"] <= row[part]["p99_ms"]
+        assert row["engine_over_bare"] == round(row["engine"]["p50_ms"] / row["bare"]["p50_ms"], 3)
+        assert 0 <= row["repredicted_share"] <= 1
+    assert figures["server_peak_rss_mb"] > figures["bare_process_peak_rss_mb"] > 10
+    assert figures["strip"]["ratio"] > 2, "64 blends per input cannot cost less than two bare calls"
+    growth = figures["tap_growth"]
+    assert [g["taps"] for g in growth] == list(range(1, len(growth) + 1)) and len(growth) >= 3
+    assert figures["calibration"]["samples"] == len(backdoored.x_clean)
+    assert (out / "bench.png").stat().st_size > 1000
+    table = (out / "bench.md").read_text()
+    assert table.startswith("| batch |") and "STRIP" in table
+    assert "engine / bare" in capsys.readouterr().out
