@@ -69,16 +69,24 @@ def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdo
     assert result.flagged[len(requests) // 2:].mean() > 0.8, "triggered requests must be flagged"
 
 
-def test_tail_inputs_stay_in_the_engine(guard: Guard, requests: np.ndarray) -> None:
-    """IOBinding: the cut tensors and masks the tail reads are ONNX Runtime values, never copied to numpy."""
+def test_io_binding_path_keeps_tail_inputs_in_the_engine(guard: Guard, backdoored: Backdoored,
+                                                         requests: np.ndarray) -> None:
+    """The CUDA path (IOBinding), run on CPU: the cut tensors and masks the tail reads stay ONNX Runtime values, never
+    numpy copies, and the answers are the plain path's."""
     import onnxruntime as ort
 
-    run = guard.engine.run(np.ascontiguousarray(requests[:16]))
+    bound = Guard.load(backdoored.model_path, backdoored.profile_path, io_binding=True)
+    assert bound.engine.io_binding and not guard.engine.io_binding
+    run = bound.engine.run(np.ascontiguousarray(requests[:16]))
     assert run.carry and all(isinstance(v, ort.OrtValue) for v in run.carry.values())
     assert run.logits.shape == (16, 10) and run.score.shape == (16,) and run.needs.dtype == bool
     rows = np.array([1, 5])
-    alone = guard.engine.repredict(guard.engine.run(np.ascontiguousarray(requests[[1, 5]])), np.arange(2))
-    np.testing.assert_allclose(guard.engine.repredict(run, rows), alone, atol=1e-5)
+    alone = bound.engine.repredict(bound.engine.run(np.ascontiguousarray(requests[[1, 5]])), np.arange(2))
+    np.testing.assert_allclose(bound.engine.repredict(run, rows), alone, atol=1e-5)
+    want, got = guard.predict(requests), bound.predict(requests)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_array_equal(got.flagged, want.flagged)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-6)
 
 
 def test_torch_engine_serves_the_same_profile(guard: Guard, backdoored: Backdoored, requests: np.ndarray) -> None:

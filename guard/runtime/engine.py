@@ -1,9 +1,11 @@
 """Engines run the two serving graphs (guard.model.serving): the served graph with the check inside, and the tail.
 
 Both engines keep what the tail needs (the cut tensors and the masks) where the model ran, and bring back to the
-host only the logits, the scores and the needs-re-prediction flags. `OrtEngine` does this with ONNX Runtime's
-IOBinding (on CUDA the input is copied to the device once); `TorchEngine` runs the same graphs through guard's
-torch bridge on any torch device, for users whose model lives in PyTorch on a GPU.
+host only the logits, the scores and the needs-re-prediction flags. `OrtEngine` does this on CUDA with ONNX
+Runtime's IOBinding (the input is copied to the device once, the cut tensors stay there); on CPU, where the device
+is the host, a plain run costs fewer Python calls than binding each tensor (measured: 55 against 95 µs a call on the
+SmallCNN at batch 1). `TorchEngine` runs the same graphs through guard's torch bridge on any torch device, for users
+whose model lives in PyTorch on a GPU.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ class Engine(Protocol):
 
 
 def build_engine(kind: str, graphs: ServingGraphs, input_name: str, output_name: str, device: str = "cpu",
-                 threads: int = 0) -> Engine:
+                 threads: int = 0, io_binding: bool | None = None) -> Engine:
     if kind == "onnxruntime":
-        return OrtEngine(graphs, input_name, output_name, device, threads)
+        return OrtEngine(graphs, input_name, output_name, device, threads, io_binding)
     if kind == "torch":
         return TorchEngine(graphs, input_name, output_name, device, threads)
     raise GuardError(f"unknown engine {kind!r}: use one of {', '.join(ENGINES)}")
@@ -72,7 +74,8 @@ class OrtEngine:
     """ONNX Runtime sessions for the served graph and the tail, driven through IOBinding."""
 
     def __init__(self, graphs: ServingGraphs, input_name: str, output_name: str, device: str = "cpu",
-                 threads: int = 0) -> None:
+                 threads: int = 0, io_binding: bool | None = None) -> None:
+        """`io_binding`: None binds on CUDA only; True also on CPU (the CUDA path, testable without a GPU)."""
         ort = _onnxruntime()
         if device == "cuda":
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -98,16 +101,24 @@ class OrtEngine:
         self.input_name = input_name
         self.output_name = output_name
         self._carried, self._feeds = _tail_names(graphs, input_name)
+        self._outputs = [output_name, SCORE_OUTPUT, NEEDS_OUTPUT, *self._carried]
+        self.io_binding = device == "cuda" if io_binding is None else io_binding
 
     @property
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
 
     def run(self, x: np.ndarray) -> EngineRun:
+        if not self.io_binding:
+            logits, score, needs, *carried = self.session.run(self._outputs, {self.input_name: x})
+            carry = {self._feeds[name]: v for name, v in zip(self._carried, carried, strict=True)}
+            if self.input_name in self._feeds:
+                carry[self._feeds[self.input_name]] = x
+            return EngineRun(logits, score, needs, carry)
         binding = self.session.io_binding()
         value = self._ort.OrtValue.ortvalue_from_numpy(x, self.device, 0)  # on CUDA: the one host-to-device copy
         binding.bind_ortvalue_input(self.input_name, value)
-        for name in (self.output_name, SCORE_OUTPUT, NEEDS_OUTPUT, *self._carried):
+        for name in self._outputs:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         logits, score, needs, *carried = binding.get_outputs()
@@ -118,10 +129,13 @@ class OrtEngine:
 
     def repredict(self, run: EngineRun, rows: np.ndarray) -> np.ndarray:
         """Benign logits (len(rows), K) from the tail, reading the run's cut tensors where they are."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if not self.io_binding:
+            return self.tail.run([self.output_name], {**run.carry, ROWS_INPUT: rows})[0]
         binding = self.tail.io_binding()
         for name, value in run.carry.items():
             binding.bind_ortvalue_input(name, value)
-        binding.bind_cpu_input(ROWS_INPUT, np.ascontiguousarray(rows, dtype=np.int64))
+        binding.bind_cpu_input(ROWS_INPUT, rows)
         binding.bind_output(self.output_name, self.device)
         self.tail.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()

@@ -48,7 +48,8 @@ class Guard:
     """
 
     def __init__(self, model: LoadedModel, profile: Profile, *, device: str = "cpu",
-                 policy: Policy | str = Policy.ENFORCE, threads: int = 0, engine: str = "onnxruntime") -> None:
+                 policy: Policy | str = Policy.ENFORCE, threads: int = 0, engine: str = "onnxruntime",
+                 io_binding: bool | None = None) -> None:
         profile.verify_model(model.sha256)
         try:
             validate_taps(model, profile.tap_names)
@@ -68,15 +69,18 @@ class Guard:
         self.sample_shape = model.sample_shape
         self.graphs = serving_graphs(model, profile.tap_names, profile.keep_masks(), profile.unit_bounds(),
                                      profile.check(), profile.thresholds.tau)
-        self.engine = build_engine(engine, self.graphs, model.input_name, model.output_name, device, threads)
+        self.engine = build_engine(engine, self.graphs, model.input_name, model.output_name, device, threads,
+                                   io_binding)
         self._warm_up()
 
     @classmethod
     def load(cls, model: str | Path, profile: str | Path, *, device: str = "cpu",
-             policy: Policy | str = Policy.ENFORCE, threads: int = 0, engine: str = "onnxruntime") -> Guard:
-        """`threads`: intra-op threads (0 = the engine's default); `engine`: onnxruntime or torch."""
+             policy: Policy | str = Policy.ENFORCE, threads: int = 0, engine: str = "onnxruntime",
+             io_binding: bool | None = None) -> Guard:
+        """`threads`: intra-op threads (0 = the engine's default); `engine`: onnxruntime or torch; `io_binding`:
+        ONNX Runtime's IOBinding (default: on CUDA only)."""
         return cls(load_model(model), Profile.load(profile), device=device, policy=policy, threads=threads,
-                   engine=engine)
+                   engine=engine, io_binding=io_binding)
 
     @property
     def tau(self) -> float:

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 import numpy as np
 
 from guard.errors import RequestError
+from guard.runtime.batching import Batcher
 from guard.runtime.guard import Guard, Result
-from guard.server.batching import Batcher
 from guard.server.metrics import Metrics
 
 
