@@ -1,0 +1,83 @@
+"""The dynamic batcher's contract, with a row-wise predict function standing in for the engine: every caller gets
+exactly its rows, batches never exceed their size, a failure reaches only the callers of its batch."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from guard.runtime.batching import Batcher
+from guard.runtime.guard import Result
+
+
+def rowwise(x: np.ndarray) -> Result:
+    """A deterministic per-sample answer that names the sample: label = its first pixel."""
+    if np.any(x < 0):
+        raise ValueError("negative input")
+    labels = x[:, 0, 0, 0].astype(np.int64)
+    return Result(labels=labels, logits=np.repeat(x[:, :, 0, 0], 3, axis=1), flagged=labels % 2 == 1,
+                  score=x[:, 0, 0, 0].copy(), model_labels=labels, stage_seconds={"engine": 0.0})
+
+
+def request(first: int, size: int) -> np.ndarray:
+    return np.arange(first, first + size, dtype=np.float32).reshape(size, 1, 1, 1) * np.ones((1, 1, 2, 2), np.float32)
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows() -> None:
+    sizes: list[int] = []
+    batcher = Batcher(rowwise, max_size=16, max_delay=0.05, on_batch=sizes.append)
+    requests = [request(100 * i, 1 + i % 5) for i in range(40)]
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            results = list(pool.map(batcher.submit, requests))
+    finally:
+        batcher.close()
+    for x, result in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(result.labels, x[:, 0, 0, 0].astype(np.int64))
+        np.testing.assert_array_equal(result.flagged, result.labels % 2 == 1)
+        assert result.logits.shape == (len(x), 3) and result.stage_seconds["queue"] >= 0
+    assert sum(sizes) == sum(len(x) for x in requests)
+    assert max(sizes) <= 16 and len(sizes) < len(requests) / 2
+
+
+def test_a_request_larger_than_the_batch_runs_alone() -> None:
+    sizes: list[int] = []
+    batcher = Batcher(rowwise, max_size=4, max_delay=0.01, on_batch=sizes.append)
+    try:
+        result = batcher.submit(request(0, 10))
+    finally:
+        batcher.close()
+    assert sizes == [10] and len(result.labels) == 10
+
+
+def test_a_failure_reaches_the_callers_of_its_batch_only() -> None:
+    batcher = Batcher(rowwise, max_size=64, max_delay=0.2)
+    go = threading.Barrier(3)
+
+    def submit(x: np.ndarray) -> Result:
+        go.wait()
+        return batcher.submit(x)
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(submit, x) for x in (request(0, 2), -request(1, 1), request(5, 1))]
+        for future in futures:  # all three were joined into one batch, so all three see its failure
+            with pytest.raises(ValueError, match="negative"):
+                future.result()
+        after = batcher.submit(request(7, 2))
+    finally:
+        batcher.close()
+    np.testing.assert_array_equal(after.labels, [7, 8])
+
+
+def test_close_answers_what_is_queued() -> None:
+    batcher = Batcher(rowwise, max_size=8, max_delay=0.5)
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(batcher.submit, request(10 * i, 3)) for i in range(4)]
+        threading.Event().wait(0.05)
+        batcher.close()
+        answers = [f.result(timeout=5) for f in futures]
+    assert [a.labels[0] for a in answers] == [0, 10, 20, 30]
