@@ -122,3 +122,39 @@ def test_default_taps_with_no_conv_taps_is_the_penultimate_features_alone(export
     every = default_taps(exported, conv_taps=100)
     assert default_taps(exported, conv_taps=0) == every[-1:]
     assert default_taps(exported, conv_taps=1) == every[-2:]
+
+
+def test_tail_falls_back_to_the_whole_graph_when_a_shape_crosses_the_cut() -> None:
+    """A shape computed from the input before the first tap and reused after it cannot be row-gathered."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(8, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Concat", ["batch", "minus_one"], ["flat_shape"], axis=0),
+        helper.make_node("Reshape", ["x", "flat_shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["tap"]),
+        helper.make_node("Concat", ["tap", "tap"], ["wide"], axis=1),
+        helper.make_node("Reshape", ["wide", "flat_shape"], ["wide_flat"]),  # the shape crosses the cut
+        helper.make_node("MatMul", ["wide_flat", "w2"], ["logits"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    model = load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9))
+    keep = {"tap": np.ones(4, dtype=bool)}
+    check = ConsistencyCheck(np.zeros((3, 4), np.float32), np.ones((3, 4), np.float32), np.ones(4, dtype=bool),
+                             top_q=1, k=100.0, cut=100.0)
+    graphs = serving_graphs(model, ["tap"], keep, {}, check, tau=100.0)
+    assert graphs.tail_from_input and graphs.cut == ["x"]
+    x = rng.random((5, 1, 4, 4), dtype=np.float32)
+    want = ort.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    tail = ort.InferenceSession(graphs.tail, providers=["CPUExecutionProvider"])
+    rows = np.array([4, 1])
+    got = tail.run(None, {f"{CUT_PREFIX}0": x, graphs.masks[0]: np.ones((5, 4), np.float32), ROWS_INPUT: rows})[0]
+    np.testing.assert_allclose(got, want[0][rows], atol=1e-5)

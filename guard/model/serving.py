@@ -176,7 +176,16 @@ def cut_before(proto: onnx.ModelProto, taps: list[str], input_name: str) -> tupl
         for name in node.input:
             if name and name not in cut and name in from_input and (name == input_name or position.get(name) in head):
                 cut.append(name)
-    if all(_batch_leading(proto, name, input_name) for name in cut):
+    inferred = shape_inference.infer_shapes(proto)
+    values = {v.name: v.type.tensor_type for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    batch = values[input_name].shape.dim[0]
+
+    def batch_leading(name: str) -> bool:
+        value = values.get(name)
+        return (value is not None and value.elem_type == onnx.TensorProto.FLOAT and len(value.shape.dim) >= 1
+                and batch.WhichOneof("value") is not None and value.shape.dim[0] == batch)
+
+    if all(batch_leading(name) for name in cut):
         return cut, False
     return [input_name], True
 
@@ -194,22 +203,12 @@ def _ancestors(graph: onnx.GraphProto, tensor: str) -> set[int]:
     return found
 
 
-def _batch_leading(proto: onnx.ModelProto, name: str, input_name: str) -> bool:
-    """Whether shape inference shows `name` as float with the input's batch dim first."""
-    inferred = shape_inference.infer_shapes(proto)
-    values = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.input]}
-    value = values.get(name)
-    if value is None or value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        return False
-    dims, batch = value.type.tensor_type.shape.dim, values[input_name].type.tensor_type.shape.dim[0]
-    return len(dims) >= 1 and batch.WhichOneof("value") is not None and dims[0] == batch
-
-
 def _batch_value(name: str, rank: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", *[None] * (rank - 1)])
 
 
-def tail_graph(folded: onnx.ModelProto, taps: list[str], cut: list[str], bounds: dict[str, np.ndarray]) -> onnx.ModelProto:
+def tail_graph(folded: onnx.ModelProto, taps: list[str], cut: list[str],
+               bounds: dict[str, np.ndarray]) -> onnx.ModelProto:
     """The layers after the cut as a graph of their own: inputs `guard_cut_i` (full batch), `guard_rows` (the rows
     to re-predict) and a mask (full batch, C) per tap; output the benign logits of those rows only."""
     proto = copy.deepcopy(folded)
