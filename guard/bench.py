@@ -249,7 +249,7 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
 
     figures: dict[str, object] = {"machine": machine(), "settings": asdict(settings), "model": str(model_path),
                                   "engine_providers": guard.engine.providers,
-                                  "tail_from_input": guard.graphs.tail_from_input, "rows": []}
+                                  "tail_from_input": guard.tail_from_input, "rows": []}
     server = _ServerProcess(model_path, profile_path, settings)
     try:
         for batch in settings.batches:

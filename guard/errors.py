@@ -19,3 +19,7 @@ class UnsupportedOpError(ModelError):
 
 class RequestError(GuardError):
     """A request is malformed: wrong shape, dtype, size, or values."""
+
+
+class UnavailableError(GuardError):
+    """The server cannot take the request now (it is shutting down); the caller may retry elsewhere."""

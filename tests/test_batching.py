@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from guard.errors import UnavailableError
 from guard.runtime.batching import Batcher
 from guard.runtime.guard import Result
 
@@ -73,11 +74,22 @@ def test_a_failure_reaches_the_callers_of_its_batch_only() -> None:
     np.testing.assert_array_equal(after.labels, [7, 8])
 
 
-def test_close_answers_what_is_queued() -> None:
-    batcher = Batcher(rowwise, max_size=8, max_delay=0.5)
-    with ThreadPoolExecutor(4) as pool:
+def test_close_answers_what_is_queued_then_refuses() -> None:
+    release = threading.Event()
+
+    def slow(x: np.ndarray) -> Result:
+        release.wait(5)
+        return rowwise(x)
+
+    batcher = Batcher(slow, max_size=3, max_delay=0.01)
+    with ThreadPoolExecutor(5) as pool:
         futures = [pool.submit(batcher.submit, request(10 * i, 3)) for i in range(4)]
-        threading.Event().wait(0.05)
-        batcher.close()
-        answers = [f.result(timeout=5) for f in futures]
-    assert [a.labels[0] for a in answers] == [0, 10, 20, 30]
+        while batcher._queue.qsize() < 3:  # the first request is running (held by `slow`), three wait behind it
+            threading.Event().wait(0.01)
+        closing = pool.submit(batcher.close)
+        release.set()
+        closing.result(timeout=10)
+        answers = [f.result(timeout=10) for f in futures]
+    assert sorted(a.labels[0] for a in answers) == [0, 10, 20, 30]
+    with pytest.raises(UnavailableError, match="shutting down"):
+        batcher.submit(request(0, 1))

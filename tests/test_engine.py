@@ -13,6 +13,7 @@ from guard.calibrate.activations import collect
 from guard.calibrate.taps import OnnxTaps
 from guard.errors import GuardError
 from guard.model.graph import load_model
+from guard.model.serving import serving_graphs
 from guard.runtime.checks import repredict_masks
 from guard.runtime.guard import Guard
 
@@ -30,12 +31,16 @@ def requests(backdoored: Backdoored) -> np.ndarray:
 
 def test_served_graph_is_the_model_plus_guard_nodes_only(guard: Guard, backdoored: Backdoored) -> None:
     """The static mask costs nothing at run time: every node that is not guard's own is the model's, in order."""
-    original = load_model(backdoored.model_path).proto.graph.node
-    served = onnx.load_from_string(guard.graphs.served).graph.node
+    profile = guard.profile
+    loaded = load_model(backdoored.model_path)
+    graphs = serving_graphs(loaded, profile.tap_names, profile.keep_masks(), profile.unit_bounds(), profile.check(),
+                            guard.tau)
+    original = loaded.proto.graph.node
+    served = onnx.load_from_string(graphs.served).graph.node
     model_nodes = [n for n in served if not all(out.startswith("guard_") for out in n.output)]
     assert [(n.op_type, list(n.input), list(n.output)) for n in model_nodes] == \
         [(n.op_type, list(n.input), list(n.output)) for n in original]
-    pruned = sum(int((~t.keep).sum()) for t in guard.profile.taps)
+    pruned = sum(int((~t.keep).sum()) for t in profile.taps)
     assert pruned > 0, "the profile must prune something for this test to mean much"
     extra = [n.op_type for n in served if n not in model_nodes]
     assert "Mul" not in extra, "a static-mask Mul slipped into the served graph"
@@ -61,8 +66,9 @@ def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdo
 
     result = guard.predict(requests)
     assert 0 < rows.size < len(requests)
-    np.testing.assert_allclose(result.score, verdict.score, atol=1e-4)
     decided = np.abs(verdict.score - guard.tau) > 1e-3
+    np.testing.assert_array_equal(guard.engine.run(requests).needs[decided], needs[decided])
+    np.testing.assert_allclose(result.score, verdict.score, atol=1e-4)
     np.testing.assert_array_equal(result.model_labels, masked.predictions)
     np.testing.assert_array_equal(result.flagged[decided], flagged[decided])
     np.testing.assert_array_equal(result.labels[decided], np.where(flagged, benign, masked.predictions)[decided])

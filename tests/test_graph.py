@@ -12,17 +12,36 @@ import torch
 from guard.calibrate.activations import collect
 from guard.calibrate.taps import OnnxTaps
 from guard.eval.models import SmallCNN, SmallResNet, export_onnx
-from guard.model.graph import default_taps, fold_static_mask, load_model
+from guard.model.graph import default_taps, fold_static_mask, load_model, opset_version
 from guard.model.serving import CUT_PREFIX, NEEDS_OUTPUT, ROWS_INPUT, SCORE_OUTPUT, serving_graphs
 from guard.runtime.checks import ConsistencyCheck, repredict_masks
 
 
-@pytest.fixture(scope="module", params=["cnn", "resnet"])
+@pytest.fixture(scope="module", params=["cnn", "resnet", "cnn-opset17", "cnn-opset11", "resnet-opset11"])
 def exported(request, tmp_path_factory):
+    """The eval models as torch 2.13 exports them (opset 20), converted down to 17, and from the legacy exporter at
+    opset 11 (where Unsqueeze and the reductions take attributes, not inputs)."""
+    import warnings
+
+    from onnx import version_converter
+
+    arch, _, opset = request.param.partition("-opset")
     torch.manual_seed(1)
-    module = (SmallCNN() if request.param == "cnn" else SmallResNet()).eval()
-    path = export_onnx(module, tmp_path_factory.mktemp(request.param) / "m.onnx", torch.zeros(1, 1, 28, 28))
-    return load_model(path)
+    module = (SmallCNN() if arch == "cnn" else SmallResNet()).eval()
+    path = tmp_path_factory.mktemp(request.param) / "m.onnx"
+    sample = torch.zeros(1, 1, 28, 28)
+    if opset == "11":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (sample,), str(path), dynamo=False, opset_version=11, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    else:
+        export_onnx(module, path, sample)
+        if opset:
+            onnx.save(version_converter.convert_version(onnx.load(path), int(opset)), path)
+    model = load_model(path)
+    assert opset_version(model.proto) == int(opset or 20)
+    return model
 
 
 def random_keep(model, taps, rng) -> dict[str, np.ndarray]:

@@ -221,7 +221,11 @@ def _zero_input_channels(node: onnx.NodeProto, channels: np.ndarray, block: int,
 
 def _fold_into_consumers(graph: onnx.GraphProto, tensor: str, channels: np.ndarray, inits: _Initializers,
                          ranks: dict[str, int], spatial: dict[str, int], outputs: set[str]) -> bool:
-    """Zero channel effects at every linear layer reached through zero-preserving ops; False if any path is not."""
+    """Zero channel effects at every linear layer reached through zero-preserving ops; False if any path is not.
+
+    `outputs` holds the graph outputs and the other taps: a path through one of them fails, because that tap
+    would then show the pruned channels' effects, which calibration (masking the tap itself) never saw.
+    """
     if tensor in outputs:
         return False
     consumers = _consumers(graph, tensor)
@@ -234,7 +238,8 @@ def _fold_into_consumers(graph: onnx.GraphProto, tensor: str, channels: np.ndarr
             if not _fold_into_consumers(graph, node.output[0], channels, inits, ranks, spatial, outputs):
                 return False
         elif node.op_type in {"Flatten", "Reshape"} and ranks.get(tensor) == 4 and ranks.get(node.output[0]) == 2:
-            if tensor not in spatial or not _fold_flat(graph, node.output[0], channels, spatial[tensor], inits):
+            if tensor not in spatial or node.output[0] in outputs or not _fold_flat(
+                    graph, node.output[0], channels, spatial[tensor], inits):
                 return False
         elif node.op_type in {"Conv", "Gemm", "MatMul"}:
             if not _zero_input_channels(node, channels, 1, inits):
@@ -378,7 +383,8 @@ def fold_static_mask(model: LoadedModel, keep: dict[str, np.ndarray]) -> tuple[o
             modes[tap] = "consumer"
             continue
         consumer_fold, producer_fold = inits.copy(), inits.copy()
-        if _fold_into_consumers(graph, tap, pruned, consumer_fold, ranks, shapes, outputs):
+        stops = outputs | (set(keep) - {tap})
+        if _fold_into_consumers(graph, tap, pruned, consumer_fold, ranks, shapes, stops):
             modes[tap], inits = "consumer", consumer_fold
         elif _fold_into_producer(graph, tap, pruned, producer_fold):
             modes[tap], inits = "producer", producer_fold

@@ -54,8 +54,11 @@ class ServingGraphs:
 def serving_graphs(model: LoadedModel, taps: list[str], keep: dict[str, np.ndarray], bounds: dict[str, np.ndarray],
                    check: ConsistencyCheck, tau: float) -> ServingGraphs:
     """Fold the static mask, then build the served graph (check inside) and the re-prediction tail."""
-    if opset_version(model.proto) < 13:
-        raise ModelError(f"guard serves ONNX opset 13 or later; this model uses opset {opset_version(model.proto)}")
+    if opset_version(model.proto) < 10:
+        raise ModelError(f"guard serves ONNX opset 10 or later; this model uses opset {opset_version(model.proto)}")
+    taken = sorted(name for name in _tensor_names(model.proto) if name.startswith("guard_") or "__guard" in name)
+    if taken:
+        raise ModelError(f"the model already has tensors named like guard's own ({taken[:5]}); rename them")
     folded, _ = fold_static_mask(model, keep)
     cut, from_input = cut_before(folded, taps, model.input_name)
     served = copy.deepcopy(folded)
@@ -78,6 +81,18 @@ def serving_graphs(model: LoadedModel, taps: list[str], keep: dict[str, np.ndarr
 
 
 # ------------------------------------------------------------------------------------------------- the check
+
+
+def _tensor_names(proto: onnx.ModelProto) -> set[str]:
+    graph = proto.graph
+    return ({i.name for i in graph.input} | {o.name for o in graph.output} | {i.name for i in graph.initializer}
+            | {name for node in graph.node for name in node.output})
+
+
+def _threshold(value: float) -> np.ndarray:
+    """The largest float32 at or below `value`: for a float32 z, z > it exactly when z > value, as in numpy."""
+    rounded = np.float32(value)
+    return np.nextafter(rounded, np.float32(-np.inf)) if rounded > value else rounded
 
 
 def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
@@ -114,11 +129,12 @@ def _add_check(proto: onnx.ModelProto, logits: str, linf: list[str], channels: l
         helper.make_node("TopK", ["guard_z", _const(g, "guard_q", np.array([q], dtype=np.int64))],
                          ["guard_top", "guard_top_index"], axis=1, largest=1, sorted=0),
         _reduce(proto, "ReduceMean", "guard_top", SCORE_OUTPUT, 1),
-        _reduce(proto, "ReduceMax", "guard_z", "guard_z_max", 1),
-        helper.make_node("Greater", ["guard_z_max", _const(g, "guard_k", np.array(check.k, np.float32))],
-                         ["guard_compromised"]),
-        helper.make_node("Greater", [SCORE_OUTPUT, _const(g, "guard_tau", np.array(tau, np.float32))],
-                         ["guard_suspicious"]),
+        # any(z > k), as a max over 0/1 so that a NaN z cannot hide another channel's excess
+        helper.make_node("Greater", ["guard_z", _const(g, "guard_k", _threshold(check.k))], ["guard_over"]),
+        helper.make_node("Cast", ["guard_over"], ["guard_over_f"], to=onnx.TensorProto.FLOAT),
+        _reduce(proto, "ReduceMax", "guard_over_f", "guard_any_over", 1),
+        helper.make_node("Cast", ["guard_any_over"], ["guard_compromised"], to=onnx.TensorProto.BOOL),
+        helper.make_node("Greater", [SCORE_OUTPUT, _const(g, "guard_tau", _threshold(tau))], ["guard_suspicious"]),
         helper.make_node("Or", ["guard_compromised", "guard_suspicious"], [NEEDS_OUTPUT]),
     ]
     masks, start = [], 0
@@ -130,7 +146,7 @@ def _add_check(proto: onnx.ModelProto, logits: str, linf: list[str], channels: l
             helper.make_node("Slice", ["guard_z", _const(g, f"{z}__start", np.array([start], np.int64)),
                                        _const(g, f"{z}__stop", np.array([start + width], np.int64)),
                                        _const(g, f"{z}__axis", np.array([1], np.int64))], [z]),
-            helper.make_node("Greater", [z, _const(g, f"{z}__cut", np.array(cut, np.float32))], [f"{z}__high"]),
+            helper.make_node("Greater", [z, _const(g, f"{z}__cut", _threshold(cut))], [f"{z}__high"]),
             helper.make_node("Not", [f"{z}__high"], [f"{z}__low"]),
             helper.make_node("And", [f"{z}__low", _const(g, f"{mask}__keep", tap_keep.astype(bool)[None])],
                              [f"{mask}__bool"]),
@@ -227,8 +243,11 @@ def tail_graph(folded: onnx.ModelProto, taps: list[str], cut: list[str],
         source = f"{mask}__rows"
         gathers.append(helper.make_node("Gather", [mask, ROWS_INPUT], [source], axis=0))
         if ranks.get(tap) == 4:
-            axes = _const(graph, f"{mask}__axes", np.array([2, 3], dtype=np.int64))
-            gathers.append(helper.make_node("Unsqueeze", [source, axes], [f"{mask}__4d"]))
+            if opset_version(proto) >= 13:
+                axes = _const(graph, f"{mask}__axes", np.array([2, 3], dtype=np.int64))
+                gathers.append(helper.make_node("Unsqueeze", [source, axes], [f"{mask}__4d"]))
+            else:
+                gathers.append(helper.make_node("Unsqueeze", [source], [f"{mask}__4d"], axes=[2, 3]))
             source = f"{mask}__4d"
         masks.append(source)
     for index, name in enumerate(cut):  # after the masks: a tap's Mul goes right after the Gather producing it

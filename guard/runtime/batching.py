@@ -1,8 +1,8 @@
 """Dynamic batching: concurrent requests that arrive within a short delay of each other share one engine run.
 
 A batch closes when it holds `max_size` samples or `max_delay` seconds after its first request arrived, whichever
-comes first; each caller then gets exactly its own rows back. A request never waits for more than one batch ahead
-of it, and one bigger than `max_size` runs alone.
+comes first; each caller then gets exactly its own rows back. Requests run in arrival order; one bigger than
+`max_size` runs alone.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from guard.errors import UnavailableError
 from guard.runtime.guard import Result
 
 
@@ -37,18 +38,27 @@ class Batcher:
         self._on_batch = on_batch
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._held: _Pending | None = None  # a request that did not fit the last batch; it opens the next one
+        self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="guard-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, x: np.ndarray) -> Result:
         """Blocks until the batch holding `x` has run; returns the rows of `x` (with a `queue` stage time)."""
         pending = _Pending(x)
-        self._queue.put(pending)
+        with self._lock:
+            if self._closed:
+                raise UnavailableError("the server is shutting down")
+            self._queue.put(pending)
         return pending.future.result()
 
     def close(self) -> None:
-        """Finish what is queued, then stop the thread."""
-        self._queue.put(None)
+        """Finish what is queued, then stop the thread; later submits are refused."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
         self._thread.join()
 
     def _collect(self, first: _Pending) -> tuple[list[_Pending], bool]:
@@ -81,19 +91,22 @@ class Batcher:
             self._run(batch)
 
     def _run(self, batch: list[_Pending]) -> None:
+        """Predict the batch and answer each caller; whatever fails, every caller gets an answer or the error."""
         started = time.perf_counter()
         try:
             result = self._predict(batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch]))
+            if self._on_batch is not None:
+                self._on_batch(len(result.labels))
+            answers, start = [], 0
+            for pending in batch:
+                stop = start + len(pending.x)
+                rows = result.rows(start, stop)
+                rows.stage_seconds["queue"] = started - pending.arrived
+                answers.append(rows)
+                start = stop
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the failure as its own
             for pending in batch:
                 pending.future.set_exception(exc)
             return
-        if self._on_batch is not None:
-            self._on_batch(len(result.labels))
-        start = 0
-        for pending in batch:
-            stop = start + len(pending.x)
-            rows = result.rows(start, stop)
-            rows.stage_seconds["queue"] = started - pending.arrived
+        for pending, rows in zip(batch, answers, strict=True):
             pending.future.set_result(rows)
-            start = stop

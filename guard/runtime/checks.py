@@ -2,7 +2,8 @@
 
 A request's per-channel ℓ∞ is compared with the clean profile of the class the model predicted: z_j = (ℓ∞_j − μ_ŷj)
 / s_ŷj. Channels with z above k form the compromised set C(x); the score is the mean of the q largest z. Calibration
-and serving both call this one function, so the thresholds calibrated offline mean the same online.
+calls this function; serving runs the same arithmetic as ONNX ops inside the served graph (guard.model.serving),
+tested to agree with it, so the thresholds calibrated offline mean the same online.
 """
 
 from __future__ import annotations

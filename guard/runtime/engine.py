@@ -71,7 +71,7 @@ def _tail_names(graphs: ServingGraphs, input_name: str) -> tuple[list[str], dict
 
 
 class OrtEngine:
-    """ONNX Runtime sessions for the served graph and the tail, driven through IOBinding."""
+    """ONNX Runtime sessions for the served graph and the tail (IOBinding on CUDA, plain runs on CPU)."""
 
     def __init__(self, graphs: ServingGraphs, input_name: str, output_name: str, device: str = "cpu",
                  threads: int = 0, io_binding: bool | None = None) -> None:
@@ -142,7 +142,10 @@ class OrtEngine:
 
 
 class TorchEngine:
-    """The same two graphs evaluated by guard's torch bridge on a torch device (cpu, cuda, cuda:1, ...)."""
+    """The same two graphs evaluated by guard's torch bridge on a torch device (cpu, cuda, cuda:1, ...).
+
+    `threads` sets torch's intra-op threads, which is process-wide.
+    """
 
     def __init__(self, graphs: ServingGraphs, input_name: str, output_name: str, device: str = "cpu",
                  threads: int = 0) -> None:
@@ -173,6 +176,8 @@ class TorchEngine:
 
     def run(self, x: np.ndarray) -> EngineRun:
         torch = self._torch
+        if not x.flags.writeable:  # a request decoded straight from gRPC's buffer; torch wants its own memory
+            x = x.copy()
         with torch.inference_mode():
             value = torch.from_numpy(x).to(self._device)
             outputs, _ = self.served.run(value)

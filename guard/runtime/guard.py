@@ -1,7 +1,8 @@
 """`Guard`: a model and its profile, answering guarded predictions in-process (the server calls the same object).
 
 request x -> validate -> engine (masked model, ℓ∞ per tap and the consistency check, all in one graph) -> the tail
-of the network re-run for the samples with compromised channels -> verdict and policy -> Result.
+of the network re-run for the samples with compromised channels or a score above tau -> verdict and policy ->
+Result.
 """
 
 from __future__ import annotations
@@ -67,10 +68,10 @@ class Guard:
         self.profile = profile
         self.policy = Policy(policy)
         self.sample_shape = model.sample_shape
-        self.graphs = serving_graphs(model, profile.tap_names, profile.keep_masks(), profile.unit_bounds(),
-                                     profile.check(), profile.thresholds.tau)
-        self.engine = build_engine(engine, self.graphs, model.input_name, model.output_name, device, threads,
-                                   io_binding)
+        graphs = serving_graphs(model, profile.tap_names, profile.keep_masks(), profile.unit_bounds(),
+                                profile.check(), profile.thresholds.tau)
+        self.tail_from_input = graphs.tail_from_input  # the graphs' bytes are not kept: the sessions hold them
+        self.engine = build_engine(engine, graphs, model.input_name, model.output_name, device, threads, io_binding)
         self._warm_up()
 
     @classmethod
@@ -96,7 +97,7 @@ class Guard:
         except (ModelError, ProfileError):
             raise
         except Exception as exc:  # noqa: BLE001 - the engines raise their own types; all mean this pair is unusable
-            raise ProfileError(f"the model and profile do not run together: {exc}") from None
+            raise ModelError(f"the guarded model failed its warm-up run ({type(exc).__name__}): {exc}") from None
 
     def validate(self, x: np.ndarray) -> np.ndarray:
         """The batch as float32 (N, C, H, W), or a RequestError saying what is wrong with it."""

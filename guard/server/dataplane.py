@@ -64,6 +64,7 @@ class DataPlane:
         started = time.perf_counter()
         if self.batcher is None:
             result = self.guard.predict(x)
+            self.metrics.batch.labels(model=self.name).observe(len(x))
         else:  # a bad request is refused here, alone, before it could fail a batch shared with others
             result = self.batcher.submit(self.guard.validate(x))
         total = decode_seconds + time.perf_counter() - started
