@@ -105,28 +105,36 @@ def bare_process_rss(model_path: Path, x: np.ndarray, threads: int, provider: st
 
 
 class _ServerProcess:
-    """`guard serve` on a free loopback port, in its own process."""
+    """`guard serve` on a free loopback port, in its own process, with the engine settings of the in-process one."""
 
-    def __init__(self, model: Path, profile: Path, settings: BenchSettings) -> None:
+    def __init__(self, model: Path, profile: Path, settings: BenchSettings, workdir: Path) -> None:
         command = [sys.executable, "-m", "guard", "serve", str(model), "--profile", str(profile), "--port", "0",
-                   "--metrics-port", "0", "--device", settings.device, "--workers", str(max(8, settings.callers))]
+                   "--metrics-port", "0", "--device", settings.device, "--threads", str(settings.threads),
+                   "--workers", str(max(8, settings.callers))]
         if settings.server_batch_size:
             command += ["--batch-size", str(settings.server_batch_size)]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        line = self.process.stdout.readline()
-        match = re.search(r"on [\d.]+:(\d+),", line)
+        self.log = workdir / "server.log"
+        with self.log.open("w") as log:  # a file, not a pipe: a chatty server can never block on it
+            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+        ready: list[str] = []
+        reader = threading.Thread(target=lambda: ready.append(self.process.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=120)
+        match = re.search(r"on [\d.]+:(\d+),", ready[0]) if ready else None
         if not match:
-            self.process.kill()
-            raise GuardError(f"guard serve did not start: {line}{self.process.stderr.read()}")
+            self.close()
+            raise GuardError(f"guard serve did not start within 120 s: {self.log.read_text()[-2000:]}")
         self.port = int(match.group(1))
 
     def close(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()
 
 
 def _server_load(port: int, input_name: str, batches: list[np.ndarray], seconds: float,
@@ -147,7 +155,7 @@ def _server_load(port: int, input_name: str, batches: list[np.ndarray], seconds:
                     tensor = triton.InferInput(input_name, list(x.shape), "FP32")
                     tensor.set_data_from_numpy(x)
                     started = time.perf_counter()
-                    client.infer("", [tensor])
+                    client.infer("", [tensor], client_timeout=60)
                     mine.append(time.perf_counter() - started)
                     calls += 1
             with lock:
@@ -176,7 +184,7 @@ def _warm(port: int, input_name: str, x: np.ndarray) -> None:
     with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
         tensor = triton.InferInput(input_name, list(x.shape), "FP32")
         tensor.set_data_from_numpy(x)
-        client.infer("", [tensor])
+        client.infer("", [tensor], client_timeout=60)
 
 
 def _strip_ratio(session, input_name: str, x: np.ndarray, overlays: int, bare_seconds: float) -> dict[str, float]:
@@ -250,7 +258,7 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
     figures: dict[str, object] = {"machine": machine(), "settings": asdict(settings), "model": str(model_path),
                                   "engine_providers": guard.engine.providers,
                                   "tail_from_input": guard.tail_from_input, "rows": []}
-    server = _ServerProcess(model_path, profile_path, settings)
+    server = _ServerProcess(model_path, profile_path, settings, workdir)
     try:
         for batch in settings.batches:
             batches = _batches(x, batch)

@@ -34,7 +34,7 @@ class GuardServer:
     def __init__(self, settings: ServeSettings, guard: Guard | None = None) -> None:
         self.settings = settings
         self.guard = guard or Guard.load(settings.model, settings.profile, device=settings.device,
-                                         policy=settings.policy, engine=settings.engine)
+                                         policy=settings.policy, engine=settings.engine, threads=settings.threads)
         self.metrics = Metrics(settings.served_name)
         self.plane = DataPlane(self.guard, settings.served_name, self.metrics, settings.max_batch,
                                settings.batch_size, settings.batch_delay_ms / 1000)
