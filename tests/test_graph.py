@@ -13,7 +13,14 @@ from guard.calibrate.activations import collect
 from guard.calibrate.taps import OnnxTaps
 from guard.eval.models import SmallCNN, SmallResNet, export_onnx
 from guard.model.graph import default_taps, fold_static_mask, load_model, opset_version
-from guard.model.serving import CUT_PREFIX, NEEDS_OUTPUT, ROWS_INPUT, SCORE_OUTPUT, serving_graphs
+from guard.model.serving import (
+    CUT_PREFIX,
+    MASK_PREFIX,
+    NEEDS_OUTPUT,
+    ROWS_INPUT,
+    SCORE_OUTPUT,
+    serving_graphs,
+)
 from guard.runtime.checks import ConsistencyCheck, repredict_masks
 
 
@@ -118,17 +125,21 @@ def test_served_graph_computes_the_check_and_the_tail_the_masked_rest(exported) 
     assert 0 < needs.sum() < len(x), "the planted profile must pass some samples and not others"
     np.testing.assert_array_equal(out[NEEDS_OUTPUT][decided], needs[decided])
     want_masks = repredict_masks(list(keep.values()), [bounds.get(t) for t in taps], want.z, check.cut)
-    for name, mask in zip(graphs.masks, want_masks, strict=True):
-        np.testing.assert_array_equal(out[name], mask)
+    unbounded = [i for i, t in enumerate(taps) if t not in bounds]
+    assert graphs.masks == [f"{MASK_PREFIX}{i}" for i in unbounded] and unbounded
+    for index in unbounded:
+        np.testing.assert_array_equal(out[f"{MASK_PREFIX}{index}"], want_masks[index])
 
     tail = ort.InferenceSession(graphs.tail, providers=["CPUExecutionProvider"])
     assert len(onnx.load_from_string(graphs.tail).graph.node) < len(onnx.load_from_string(graphs.served).graph.node)
     rows = np.array([0, 3, 4, 7])
-    sample_masks = [(np.tile(k, (len(x), 1)) & (rng.random((len(x), len(k))) > 0.2)).astype(np.float32)
-                    for k in keep.values()]
+    # Taps with unit bounds re-predict with their static mask; the others with whatever masks they are given.
+    sample_masks = [np.tile(k, (len(x), 1)).astype(np.float32) if t in bounds else
+                    (np.tile(k, (len(x), 1)) & (rng.random((len(x), len(k))) > 0.2)).astype(np.float32)
+                    for t, k in keep.items()]
     feeds = {f"{CUT_PREFIX}{i}": (x if name == exported.input_name else out[name])
              for i, name in enumerate(graphs.cut)}
-    feeds.update({name: m for name, m in zip(graphs.masks, sample_masks, strict=True)})
+    feeds.update({f"{MASK_PREFIX}{i}": sample_masks[i] for i in unbounded})
     got = tail.run(None, {**feeds, ROWS_INPUT: rows})[0]
     with torch.no_grad():
         benign = collect(tap_model, x[rows], masks=[m[rows] for m in sample_masks],
@@ -175,5 +186,5 @@ def test_tail_falls_back_to_the_whole_graph_when_a_shape_crosses_the_cut() -> No
     want = ort.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     tail = ort.InferenceSession(graphs.tail, providers=["CPUExecutionProvider"])
     rows = np.array([4, 1])
-    got = tail.run(None, {f"{CUT_PREFIX}0": x, graphs.masks[0]: np.ones((5, 4), np.float32), ROWS_INPUT: rows})[0]
+    got = tail.run(None, {f"{CUT_PREFIX}0": x, f"{MASK_PREFIX}0": np.ones((5, 4), np.float32), ROWS_INPUT: rows})[0]
     np.testing.assert_allclose(got, want[0][rows], atol=1e-5)

@@ -1,7 +1,7 @@
 """Loading ONNX models and rewriting their graphs for guarded serving.
 
 Everything that touches the ONNX graph lives here: reading and hashing the file, finding default taps, exposing the
-per-channel ℓ∞ of each tap as an extra graph output, folding the static mask into weights, and the rewrites
+per-channel ℓ∞ of each tap, folding the static mask into weights, and the rewrites
 guard.model.serving builds the served and re-prediction graphs from. A layer is always named by its ONNX tensor
 name.
 """
@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from guard.errors import ModelError
 
-LINF_OUTPUT_PREFIX = "guard_linf_"
+LINF_PREFIX = "guard_linf_"
 
 # Ops through which a zeroed channel stays zero and stays the same channel.
 _ZERO_PRESERVING = {"Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Dropout"}
@@ -409,26 +409,26 @@ def _static_spatial(proto: onnx.ModelProto) -> dict[str, int]:
     return spatial
 
 
-def _reduce_max_node(proto: onnx.ModelProto, tap: str, out: str) -> list[onnx.NodeProto]:
-    if opset_version(proto) >= 18:
-        axes = f"{out}__axes"
-        proto.graph.initializer.append(numpy_helper.from_array(np.array([2, 3], dtype=np.int64), axes))
-        return [helper.make_node("ReduceMax", [tap, axes], [out], keepdims=0)]
-    return [helper.make_node("ReduceMax", [tap], [out], axes=[2, 3], keepdims=0)]
+def _spatial_max_nodes(proto: onnx.ModelProto, tap: str, out: str) -> list[onnx.NodeProto]:
+    """(N, C, H, W) -> (N, C) spatial max as GlobalMaxPool + Flatten: ONNX Runtime can run GlobalMaxPool on its
+    blocked conv layout, where a ReduceMax needs the activation reordered to NCHW first; only the (N, C, 1, 1)
+    result is reordered."""
+    return [helper.make_node("GlobalMaxPool", [tap], [f"{out}__pooled"]),
+            helper.make_node("Flatten", [f"{out}__pooled"], [out], axis=1)]
 
 
-def add_linf_outputs(proto: onnx.ModelProto, taps: list[str]) -> list[str]:
-    """Expose each tap's per-channel ℓ∞ (spatial max; the value itself for (N, C) taps) as a graph output."""
+def add_linf(proto: onnx.ModelProto, taps: list[str]) -> list[str]:
+    """The tensors holding each tap's per-channel ℓ∞: a spatial max added for (N, C, H, W) taps, the tap itself for
+    (N, C) ones."""
     ranks = tensor_ranks(proto)
     names = []
     for index, tap in enumerate(taps):
-        out = f"{LINF_OUTPUT_PREFIX}{index}"
         if ranks.get(tap) == 4:
-            proto.graph.node.extend(_reduce_max_node(proto, tap, out))
+            out = f"{LINF_PREFIX}{index}"
+            proto.graph.node.extend(_spatial_max_nodes(proto, tap, out))
+            names.append(out)
         else:
-            proto.graph.node.append(helper.make_node("Identity", [tap], [out]))
-        proto.graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, ["batch", None]))
-        names.append(out)
+            names.append(tap)
     return names
 
 

@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper, shape_inference
 from guard.errors import ModelError
 from guard.model.graph import (
     LoadedModel,
-    add_linf_outputs,
+    add_linf,
     fold_static_mask,
     insert_mul,
     opset_version,
@@ -47,7 +47,7 @@ class ServingGraphs:
     served: bytes
     tail: bytes
     cut: list[str]  # tensors of the served graph the tail starts from (served outputs, tail inputs `guard_cut_i`)
-    masks: list[str]  # per tap, the served output and tail input holding its re-prediction mask
+    masks: list[str]  # per tap without unit bounds, the served output and tail input holding its masks
     tail_from_input: bool  # True when the cut could not be placed after the model's input (the tail is everything)
 
 
@@ -62,7 +62,7 @@ def serving_graphs(model: LoadedModel, taps: list[str], keep: dict[str, np.ndarr
     folded, _ = fold_static_mask(model, keep)
     cut, from_input = cut_before(folded, taps, model.input_name)
     served = copy.deepcopy(folded)
-    linf = add_linf_outputs(served, taps)
+    linf = add_linf(served, taps)
     del served.graph.output[1:]
     channels = [len(keep[tap]) for tap in taps]
     masks = _add_check(served, model.output_name, linf, channels, [tap in bounds for tap in taps],
@@ -71,7 +71,7 @@ def serving_graphs(model: LoadedModel, taps: list[str], keep: dict[str, np.ndarr
     for name in cut:
         if name != model.input_name:
             served.graph.output.append(_batch_value(name, ranks[name]))
-    tail = tail_graph(folded, taps, cut, bounds)
+    tail = tail_graph(folded, taps, cut, bounds, keep)
     for proto in (served, tail):
         try:
             onnx.checker.check_model(proto)
@@ -108,11 +108,19 @@ def _reduce(proto: onnx.ModelProto, op: str, source: str, out: str, axis: int) -
     return helper.make_node(op, [source], [out], axes=[axis], keepdims=0)
 
 
+def _at_most(proto: onnx.ModelProto, a: str, b: str, out: str) -> list[onnx.NodeProto]:
+    """out = a <= b: one LessOrEqual from opset 12, Not(Greater) before."""
+    if opset_version(proto) >= 12:
+        return [helper.make_node("LessOrEqual", [a, b], [out])]
+    return [helper.make_node("Greater", [a, b], [f"{out}__greater"]),
+            helper.make_node("Not", [f"{out}__greater"], [out])]
+
+
 def _add_check(proto: onnx.ModelProto, logits: str, linf: list[str], channels: list[int], bounded: list[bool],
                keep: list[np.ndarray], check: ConsistencyCheck, tau: float) -> list[str]:
     """Append the consistency check (guard.runtime.checks, the same arithmetic in float32) and its outputs:
-    score (N,), needs (N,) = any z > k or score > tau, and per tap the re-prediction mask (N, C) = keep and, at
-    taps without unit bounds, z <= cut. Returns the mask output names."""
+    score (N,), needs (N,) = any z > k or score > tau, and for each tap without unit bounds the re-prediction mask
+    (N, C) = keep and z <= cut. Returns the mask output names `guard_mask_<tap index>`."""
     g = proto.graph
     q = min(check.top_q, sum(channels))
     nodes = [
@@ -139,28 +147,27 @@ def _add_check(proto: onnx.ModelProto, logits: str, linf: list[str], channels: l
     ]
     masks, start = [], 0
     for index, (width, has_bound, tap_keep) in enumerate(zip(channels, bounded, keep, strict=True)):
+        start += width
+        if has_bound:  # cut in the tail graph itself, by the unit bounds; nothing per sample to pass on
+            continue
         mask, z = f"{MASK_PREFIX}{index}", f"guard_z_{index}"
-        # Taps with unit bounds are cut in the tail graph itself; their mask is only the static one (cut = +inf).
-        cut = np.inf if has_bound else check.cut
         nodes += [
-            helper.make_node("Slice", ["guard_z", _const(g, f"{z}__start", np.array([start], np.int64)),
-                                       _const(g, f"{z}__stop", np.array([start + width], np.int64)),
+            helper.make_node("Slice", ["guard_z", _const(g, f"{z}__start", np.array([start - width], np.int64)),
+                                       _const(g, f"{z}__stop", np.array([start], np.int64)),
                                        _const(g, f"{z}__axis", np.array([1], np.int64))], [z]),
-            helper.make_node("Greater", [z, _const(g, f"{z}__cut", _threshold(cut))], [f"{z}__high"]),
-            helper.make_node("Not", [f"{z}__high"], [f"{z}__low"]),
+            *_at_most(proto, z, _const(g, f"{z}__cut", _threshold(check.cut)), f"{z}__low"),
             helper.make_node("And", [f"{z}__low", _const(g, f"{mask}__keep", tap_keep.astype(bool)[None])],
                              [f"{mask}__bool"]),
             helper.make_node("Cast", [f"{mask}__bool"], [mask], to=onnx.TensorProto.FLOAT),
         ]
-        masks.append(mask)
-        start += width
+        masks.append((mask, width))
     g.node.extend(nodes)
     g.output.extend([
         helper.make_tensor_value_info(SCORE_OUTPUT, onnx.TensorProto.FLOAT, ["batch"]),
         helper.make_tensor_value_info(NEEDS_OUTPUT, onnx.TensorProto.BOOL, ["batch"]),
-        *[helper.make_tensor_value_info(m, onnx.TensorProto.FLOAT, ["batch", w]) for m, w in zip(masks, channels)],
+        *[helper.make_tensor_value_info(m, onnx.TensorProto.FLOAT, ["batch", w]) for m, w in masks],
     ])
-    return masks
+    return [m for m, _ in masks]
 
 
 # --------------------------------------------------------------------------------------------------- the tail
@@ -223,10 +230,11 @@ def _batch_value(name: str, rank: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", *[None] * (rank - 1)])
 
 
-def tail_graph(folded: onnx.ModelProto, taps: list[str], cut: list[str],
-               bounds: dict[str, np.ndarray]) -> onnx.ModelProto:
+def tail_graph(folded: onnx.ModelProto, taps: list[str], cut: list[str], bounds: dict[str, np.ndarray],
+               keep: dict[str, np.ndarray]) -> onnx.ModelProto:
     """The layers after the cut as a graph of their own: inputs `guard_cut_i` (full batch), `guard_rows` (the rows
-    to re-predict) and a mask (full batch, C) per tap; output the benign logits of those rows only."""
+    to re-predict) and, per tap without unit bounds, its masks `guard_mask_<tap index>` (full batch, C); output the
+    benign logits of those rows only. Taps with unit bounds get their static mask and bounds as constants."""
     proto = copy.deepcopy(folded)
     graph = proto.graph
     head = _ancestors(graph, cut[0])
@@ -239,6 +247,10 @@ def tail_graph(folded: onnx.ModelProto, taps: list[str], cut: list[str],
     gathers, inputs, masks = [], [], []
     for index, tap in enumerate(taps):
         mask = f"{MASK_PREFIX}{index}"
+        if tap in bounds:
+            shape = (1, -1, 1, 1) if ranks.get(tap) == 4 else (1, -1)
+            masks.append(_const(graph, f"{mask}__static", keep[tap].astype(np.float32).reshape(shape)))
+            continue
         inputs.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, ["batch", None]))
         source = f"{mask}__rows"
         gathers.append(helper.make_node("Gather", [mask, ROWS_INPUT], [source], axis=0))

@@ -116,24 +116,25 @@ class Guard:
 
     def predict(self, x: np.ndarray) -> Result:
         x = self.validate(x)
-        seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         run = self.engine.run(np.ascontiguousarray(x))
         t1 = time.perf_counter()
-        seconds["engine"] = t1 - t0
         model_labels = run.logits.argmax(axis=1)
-        benign_logits = run.logits.copy()
-        rows = np.flatnonzero(run.needs)
-        if rows.size:
+        flagged = run.score > self.tau
+        labels, answer = model_labels, run.logits
+        if run.needs.any():  # most clean batches skip all of this
+            rows = np.flatnonzero(run.needs)
+            benign_logits = run.logits.copy()
             benign_logits[rows] = self.engine.repredict(run, rows)
-        seconds["repredict"] = time.perf_counter() - t1
-        flagged = (run.score > self.tau) | (benign_logits.argmax(axis=1) != model_labels)
-        answer = apply_policy(self.policy, run.logits, benign_logits, flagged)
+            flagged |= benign_logits.argmax(axis=1) != model_labels
+            answer = apply_policy(self.policy, run.logits, benign_logits, flagged)
+            labels = answer.argmax(axis=1)
+        seconds = {"engine": t1 - t0, "repredict": time.perf_counter() - t1}
         return Result(
-            labels=answer.argmax(axis=1).astype(np.int64),
-            logits=answer.astype(np.float32),
+            labels=labels.astype(np.int64, copy=False),
+            logits=answer.astype(np.float32, copy=False),
             flagged=flagged,
             score=run.score,
-            model_labels=model_labels.astype(np.int64),
+            model_labels=model_labels.astype(np.int64, copy=False),
             stage_seconds=seconds,
         )
