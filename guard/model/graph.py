@@ -417,15 +417,39 @@ def _spatial_max_nodes(proto: onnx.ModelProto, tap: str, out: str) -> list[onnx.
             helper.make_node("Flatten", [f"{out}__pooled"], [out], axis=1)]
 
 
+def _covering_max_pool(proto: onnx.ModelProto, tap: str, dims: dict[str, tuple[int | None, ...]]) -> str | None:
+    """The output of a MaxPool that reads `tap` and whose windows cover every position of it, if the model has one:
+    its spatial max is the tap's, from a tensor a quarter the size or less (the SmallCNN's 2x2 pools)."""
+    for node in _consumers(proto.graph, tap):
+        if node.op_type != "MaxPool" or node.input[0] != tap or len(node.output) != 1:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        kernel = list(attrs.get("kernel_shape", []))
+        strides = list(attrs.get("strides", [1] * len(kernel)))
+        pads = list(attrs.get("pads", [0] * 2 * len(kernel)))
+        if (len(kernel) != 2 or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+                or any(d != 1 for d in attrs.get("dilations", [1, 1]))):
+            continue
+        size_in, size_out = dims.get(tap, ()), dims.get(node.output[0], ())
+        if len(size_in) != 4 or len(size_out) != 4 or None in (*size_in[2:], *size_out[2:]):
+            continue
+        if all(k >= st and (o - 1) * st - pad + k >= h
+               for k, st, pad, h, o in zip(kernel, strides, pads[:2], size_in[2:], size_out[2:], strict=True)):
+            return node.output[0]
+    return None
+
+
 def add_linf(proto: onnx.ModelProto, taps: list[str]) -> list[str]:
     """The tensors holding each tap's per-channel ℓ∞: a spatial max added for (N, C, H, W) taps, the tap itself for
     (N, C) ones."""
     ranks = tensor_ranks(proto)
+    inferred = shape_inference.infer_shapes(proto)
+    dims = {v.name: _dims(v.type) for v in inferred.graph.value_info}
     names = []
     for index, tap in enumerate(taps):
         if ranks.get(tap) == 4:
             out = f"{LINF_PREFIX}{index}"
-            proto.graph.node.extend(_spatial_max_nodes(proto, tap, out))
+            proto.graph.node.extend(_spatial_max_nodes(proto, _covering_max_pool(proto, tap, dims) or tap, out))
             names.append(out)
         else:
             names.append(tap)
