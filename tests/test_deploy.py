@@ -1,0 +1,169 @@
+"""deploy/ checked with real parts: promtool on the rules and the scrape config, and a real Prometheus scraping a real
+`guard serve` on loopback, asked every expression the Grafana dashboard and the alert rules use."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import yaml
+from tritonclient.utils import InferenceServerException
+
+from conftest import Backdoored
+from guard.config import ServeSettings
+from guard.server.app import GuardServer
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+RULES = DEPLOY / "prometheus" / "rules.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "guard.json"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is needed for the deploy tests: apt-get install prometheus")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_promtool_accepts_the_rules() -> None:
+    out = subprocess.run([tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_promtool_accepts_the_scrape_config(tmp_path) -> None:
+    """Debian's Prometheus is built without Kubernetes discovery, so promtool here checks the file with that one
+    block swapped for a static target; the block itself is checked by shape (it must keep the port the sidecar
+    manifest names)."""
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    job = config["scrape_configs"][0]
+    assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
+    keep = next(r for r in job["relabel_configs"] if r.get("action") == "keep")
+    assert keep["source_labels"] == ["__meta_kubernetes_pod_container_port_name"] and keep["regex"] == "guard-metrics"
+    del job["kubernetes_sd_configs"]
+    job["static_configs"] = [{"targets": ["127.0.0.1:8002"]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    shutil.copy(RULES, tmp_path / "rules.yml")
+    out = subprocess.run([tool("promtool"), "check", "config", str(tmp_path / "prometheus.yml")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def stack(backdoored: Backdoored, tmp_path_factory):
+    """guard serve + a Prometheus scraping it every second and evaluating guard's rules every second."""
+    server = GuardServer(ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0,
+                                       metrics_port=0))
+    server.start()
+    root = tmp_path_factory.mktemp("prometheus")
+    rules = yaml.safe_load(RULES.read_text())
+    for group in rules["groups"]:
+        group["interval"] = "1s"
+    (root / "rules.yml").write_text(yaml.safe_dump(rules))
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": ["rules.yml"],
+              "scrape_configs": [{"job_name": "guard",
+                                  "static_configs": [{"targets": [f"127.0.0.1:{server.metrics_port}"]}]}]}
+    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = (root / "prometheus.log").open("w")
+    process = subprocess.Popen([tool("prometheus"), f"--config.file={root / 'prometheus.yml'}",
+                                f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                               stdout=log, stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: query(api, 'up{job="guard"}') == [1.0], "Prometheus to scrape guard", root)
+        yield server, api, root
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+        server.stop(grace=1)
+
+
+def query(api: str, expr: str) -> list[float]:
+    url = f"{api}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = json.load(response)
+    except OSError:
+        return []
+    assert body["status"] == "success", body
+    return [float(item["value"][1]) for item in body["data"]["result"]]
+
+
+def wait_for(condition, what: str, root: Path, seconds: float = 60) -> None:
+    stop = time.monotonic() + seconds
+    while time.monotonic() < stop:
+        if condition():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"waited {seconds} s for {what}; Prometheus said: {(root / 'prometheus.log').read_text()[-2000:]}")
+
+
+def dashboard_expressions() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    exprs.append(dashboard["templating"]["list"][0]["query"]["query"].replace("label_values(", "").split(",")[0])
+    # Grafana fills these in; a minute holds plenty of 1-second scrapes.
+    return [e.replace("$__rate_interval", "1m").replace("$model", ".*") for e in exprs]
+
+
+def test_dashboard_and_rules_answer_from_real_traffic(stack, backdoored: Backdoored) -> None:
+    server, api, root = stack
+    triggered, _ = backdoored.triggered()
+    sent = flagged = 0
+    with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
+        for x in [*np.split(backdoored.x_eval[:200], 10), *np.split(triggered[:100], 5)]:
+            tensor = triton.InferInput("input", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(np.ascontiguousarray(x))
+            flagged += int(client.infer("badnets", [tensor]).as_numpy("guard_flagged").sum())
+            sent += len(x)
+        for _ in range(3):  # refused requests, for the error panel and the error-share rule
+            bad = triton.InferInput("input", [1, 1, 27, 28], "FP32")
+            bad.set_data_from_numpy(np.zeros((1, 1, 27, 28), np.float32))
+            with pytest.raises(InferenceServerException):
+                client.infer("badnets", [bad])
+    share = flagged / sent
+    assert 0.2 < share < 0.6, "the traffic must hold both clean and flagged samples"
+    wait_for(lambda: query(api, "sum(guard_samples_total)") == [float(sent)], "the traffic to be scraped", root)
+    time.sleep(3)  # a few more scrapes and rule evaluations
+
+    for expr in dashboard_expressions():
+        assert query(api, expr), f"no data for the dashboard's {expr!r}"
+    dashboard_share = query(api, dashboard_expressions()[5])
+    assert dashboard_share == pytest.approx([share], abs=0.01), "the flagged-share panel must match what was sent"
+
+    rules = yaml.safe_load(RULES.read_text())
+    for rule in rules["groups"][0]["rules"]:
+        assert query(api, rule["record"]), f"recording rule {rule['record']} has no data"
+    assert query(api, "guard:flagged_share:rate5m") == pytest.approx([share], abs=0.01)
+    assert query(api, "guard:error_share:rate5m")[0] == pytest.approx(3 / 18, abs=0.03)
+    with urllib.request.urlopen(f"{api}/api/v1/rules", timeout=5) as response:
+        groups = json.load(response)["data"]["groups"]
+    evaluated = {rule["name"]: rule for group in groups for rule in group["rules"]}
+    assert set(evaluated) == {r.get("alert", r.get("record")) for g in rules["groups"] for r in g["rules"]}
+    assert all(rule["health"] == "ok" for rule in evaluated.values()), evaluated
+    # The traffic above should put these two alerts into pending (their `for` has not run out) and no others.
+    wait_for(lambda: {name for name, rule in _alert_states(api).items() if rule != "inactive"}
+             == {"GuardFlaggedShareHigh", "GuardErrorsHigh"}, "the flagged-share and error alerts to go pending",
+             root, seconds=20)
+
+
+def _alert_states(api: str) -> dict[str, str]:
+    with urllib.request.urlopen(f"{api}/api/v1/rules?type=alert", timeout=5) as response:
+        groups = json.load(response)["data"]["groups"]
+    return {rule["name"]: rule["state"] for group in groups for rule in group["rules"]}
