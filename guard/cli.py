@@ -80,6 +80,23 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 if the server reports SERVING for the service: a container healthcheck that needs no other tool."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"{args.host}:{args.port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                              timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"guard: unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"guard: {args.host}:{args.port} {args.service or '(server)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from guard.calibrate.profile import Profile
 
@@ -248,6 +265,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from guard.config import DEFAULT_PORT
     from guard.eval.suite import ARCHS, ATTACKS, EvalSettings
 
     defaults = EvalSettings()
@@ -303,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip timing guards with 1, 2, ... taps")
     bench.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.md/json/png (./bench)")
     bench.set_defaults(run=_bench)
+
+    hlt = commands.add_parser("health", help="ask a running server's gRPC health service; exit 0 if SERVING")
+    hlt.add_argument("--host", default="127.0.0.1")
+    hlt.add_argument("--port", type=int, default=DEFAULT_PORT)
+    hlt.add_argument("--service", default="", help="health service name (default: the whole server)")
+    hlt.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    hlt.set_defaults(run=_health)
 
     ins = commands.add_parser("inspect", help="print what a profile holds")
     ins.add_argument("profile")

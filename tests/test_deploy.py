@@ -41,7 +41,8 @@ def free_port() -> int:
 
 
 def test_promtool_accepts_the_rules() -> None:
-    out = subprocess.run([tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True)
+    out = subprocess.run([tool("promtool"), "check", "rules", str(RULES)], check=False,
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -59,7 +60,7 @@ def test_promtool_accepts_the_scrape_config(tmp_path) -> None:
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     shutil.copy(RULES, tmp_path / "rules.yml")
     out = subprocess.run([tool("promtool"), "check", "config", str(tmp_path / "prometheus.yml")],
-                         capture_output=True, text=True)
+                         check=False, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -167,3 +168,83 @@ def _alert_states(api: str) -> dict[str, str]:
     with urllib.request.urlopen(f"{api}/api/v1/rules?type=alert", timeout=5) as response:
         groups = json.load(response)["data"]["groups"]
     return {rule["name"]: rule["state"] for group in groups for rule in group["rules"]}
+
+
+# ------------------------------------------------------------------------------------- manifests and images
+
+
+def manifests() -> list[dict]:
+    docs = []
+    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return docs
+
+
+def test_sidecar_manifest_matches_what_guard_serve_really_does() -> None:
+    from guard.cli import build_parser
+    from guard.config import ServeSettings
+    from guard.server.app import HEALTH_SERVICES
+
+    deployment = next(d for d in manifests() if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]
+    guard = next(c for c in pod["spec"]["initContainers"] if c["name"] == "guard")
+    assert guard["restartPolicy"] == "Always", "a native sidecar is an init container that restarts always"
+    args = build_parser().parse_args(["serve", *guard["args"]])  # every flag is one `guard serve` knows
+    given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
+    assert {"model", "profile", "port", "metrics_port", "host", "metrics_host"} <= set(given)
+    ports = {p["name"]: p["containerPort"] for p in guard["ports"]}
+    assert ports == {"guard-grpc": args.port, "guard-metrics": args.metrics_port}
+    assert args.host == "0.0.0.0", "kubelet gRPC probes reach the pod IP, so guard must not listen on loopback only"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        grpc_probe = guard[probe]["grpc"]
+        assert grpc_probe["port"] == args.port and grpc_probe["service"] in HEALTH_SERVICES, probe
+    mounts = {m["name"]: m for m in guard["volumeMounts"]}
+    for path in (args.model, args.profile):
+        assert any(path.startswith(m["mountPath"] + "/") for m in mounts.values()), path
+    assert all(m.get("readOnly") for m in mounts.values())
+    assert guard["resources"]["requests"]["cpu"] and guard["resources"]["requests"]["memory"]
+    volumes = {v["name"] for v in pod["spec"]["volumes"]}
+    assert set(mounts) <= volumes
+
+    monitor = next(d for d in manifests() if d["kind"] == "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["guard-metrics"]
+    policy = next(d for d in manifests() if d["kind"] == "NetworkPolicy")
+    allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert args.metrics_port in allowed and args.port not in allowed
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
+def test_dockerfiles_agree_with_the_server_defaults(name: str) -> None:
+    import shlex
+
+    from guard.cli import build_parser
+    from guard.config import DEFAULT_METRICS_PORT, DEFAULT_PORT
+
+    text = (DEPLOY / "docker" / name).read_text().replace("\\\n", " ")  # join continued lines
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    instruction = {line.split()[0]: line.split(None, 1)[1] for line in lines}
+    assert {int(p) for p in instruction["EXPOSE"].split()} == {DEFAULT_PORT, DEFAULT_METRICS_PORT}
+    assert json.loads(instruction["ENTRYPOINT"]) == ["guard", "serve"]
+    args = build_parser().parse_args(["serve", *json.loads(instruction["CMD"])])
+    assert args.model.startswith("/models/") and args.profile.startswith("/models/")
+    health = json.loads(instruction["HEALTHCHECK"].split("CMD", 1)[1])
+    parsed = build_parser().parse_args(health[1:])
+    assert health[0] == "guard" and parsed.command == "health" and parsed.port == DEFAULT_PORT
+    assert instruction["USER"] not in ("root", "0")
+    assert sum(line.startswith("FROM ") for line in lines) >= 2, "multi-stage: build tools stay out of the image"
+    env = dict(item.split("=", 1) for item in shlex.split(instruction["ENV"]))
+    assert env["GUARD_HOST"] == env["GUARD_METRICS_HOST"] == "0.0.0.0"  # published ports must reach the server
+    if name.endswith("cuda"):
+        assert env["GUARD_DEVICE"] == "cuda" and '".[gpu]"' in "\n".join(lines)
+
+
+def test_health_command_reports_the_real_server(stack, capsys) -> None:
+    from guard.cli import main
+
+    server, _, _ = stack
+    assert main(["health", "--port", str(server.port)]) == 0
+    assert main(["health", "--port", str(server.port), "--service", "guard.v1.Guard"]) == 0
+    assert "SERVING" in capsys.readouterr().out
+    assert main(["health", "--port", str(server.port), "--service", "no.such.Service"]) == 1
+    assert main(["health", "--port", str(free_port()), "--timeout", "1"]) == 1
