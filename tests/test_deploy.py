@@ -209,6 +209,8 @@ def test_sidecar_manifest_matches_what_guard_serve_really_does() -> None:
     monitor = next(d for d in manifests() if d["kind"] == "PodMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["guard-metrics"]
+    rule = next(d for d in manifests() if d["kind"] == "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"], "prometheusrule.yaml drifted"
     policy = next(d for d in manifests() if d["kind"] == "NetworkPolicy")
     allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert args.metrics_port in allowed and args.port not in allowed
