@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import shutil
 import socket
 import subprocess
@@ -67,32 +69,39 @@ def test_promtool_accepts_the_scrape_config(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def stack(backdoored: Backdoored, tmp_path_factory):
     """guard serve + a Prometheus scraping it every second and evaluating guard's rules every second."""
-    server = GuardServer(ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0,
-                                       metrics_port=0))
-    server.start()
+    prometheus = tool("prometheus")
     root = tmp_path_factory.mktemp("prometheus")
-    rules = yaml.safe_load(RULES.read_text())
-    for group in rules["groups"]:
-        group["interval"] = "1s"
-    (root / "rules.yml").write_text(yaml.safe_dump(rules))
-    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": ["rules.yml"],
-              "scrape_configs": [{"job_name": "guard",
-                                  "static_configs": [{"targets": [f"127.0.0.1:{server.metrics_port}"]}]}]}
-    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = (root / "prometheus.log").open("w")
-    process = subprocess.Popen([tool("prometheus"), f"--config.file={root / 'prometheus.yml'}",
-                                f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                               stdout=log, stderr=subprocess.STDOUT)
-    api = f"http://127.0.0.1:{port}"
-    try:
+    with contextlib.ExitStack() as cleanup:
+        server = GuardServer(ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0,
+                                           metrics_port=0))
+        server.start()
+        cleanup.callback(server.stop, grace=1)
+        rules = yaml.safe_load(RULES.read_text())
+        for group in rules["groups"]:
+            group["interval"] = "1s"
+        (root / "rules.yml").write_text(yaml.safe_dump(rules))
+        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": ["rules.yml"],
+                  "scrape_configs": [{"job_name": "guard",
+                                      "static_configs": [{"targets": [f"127.0.0.1:{server.metrics_port}"]}]}]}
+        (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        log = cleanup.enter_context((root / "prometheus.log").open("w"))
+        process = subprocess.Popen([prometheus, f"--config.file={root / 'prometheus.yml'}",
+                                    f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                   stdout=log, stderr=subprocess.STDOUT)
+        cleanup.callback(stop_process, process)
+        api = f"http://127.0.0.1:{port}"
         wait_for(lambda: query(api, 'up{job="guard"}') == [1.0], "Prometheus to scrape guard", root)
         yield server, api, root
-    finally:
-        process.terminate()
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
         process.wait(timeout=30)
-        log.close()
-        server.stop(grace=1)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def query(api: str, expr: str) -> list[float]:
@@ -115,12 +124,20 @@ def wait_for(condition, what: str, root: Path, seconds: float = 60) -> None:
     pytest.fail(f"waited {seconds} s for {what}; Prometheus said: {(root / 'prometheus.log').read_text()[-2000:]}")
 
 
-def dashboard_expressions() -> list[str]:
+def dashboard_expressions() -> dict[str, str]:
+    """Every PromQL expression of the dashboard, keyed by panel title and target, with Grafana's variables filled in
+    (a minute holds plenty of 1-second scrapes)."""
     dashboard = json.loads(DASHBOARD.read_text())
-    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
-    exprs.append(dashboard["templating"]["list"][0]["query"]["query"].replace("label_values(", "").split(",")[0])
-    # Grafana fills these in; a minute holds plenty of 1-second scrapes.
-    return [e.replace("$__rate_interval", "1m").replace("$model", ".*") for e in exprs]
+    exprs = {f"{panel['title']} / {target['refId']}": target["expr"]
+             for panel in dashboard["panels"] for target in panel["targets"]}
+    model = next(v for v in dashboard["templating"]["list"] if v["name"] == "model")
+    exprs["variable model"] = model["query"]["query"].removeprefix("label_values(").split(",")[0]
+    return {k: e.replace("$__rate_interval", "1m").replace("$__interval", "1m").replace("$model", ".*")
+            for k, e in exprs.items()}
+
+
+def finite(values: list[float]) -> bool:
+    return any(math.isfinite(v) for v in values)
 
 
 def test_dashboard_and_rules_answer_from_real_traffic(stack, backdoored: Backdoored) -> None:
@@ -143,14 +160,17 @@ def test_dashboard_and_rules_answer_from_real_traffic(stack, backdoored: Backdoo
     wait_for(lambda: query(api, "sum(guard_samples_total)") == [float(sent)], "the traffic to be scraped", root)
     time.sleep(3)  # a few more scrapes and rule evaluations
 
-    for expr in dashboard_expressions():
-        assert query(api, expr), f"no data for the dashboard's {expr!r}"
-    dashboard_share = query(api, dashboard_expressions()[5])
+    panels = dashboard_expressions()
+    for name, expr in panels.items():
+        assert finite(query(api, expr)), f"no finite value for the dashboard's {name}: {expr!r}"
+    dashboard_share = query(api, panels["Flagged share of samples / A"])
     assert dashboard_share == pytest.approx([share], abs=0.01), "the flagged-share panel must match what was sent"
+    assert max(query(api, panels["Errors by gRPC code / A"])) > 0, "the refused requests must show as errors"
 
     rules = yaml.safe_load(RULES.read_text())
     for rule in rules["groups"][0]["rules"]:
-        assert query(api, rule["record"]), f"recording rule {rule['record']} has no data"
+        assert finite(query(api, rule["record"])), f"recording rule {rule['record']} has no finite value"
+    assert query(api, "guard:latency_seconds:p99_5m")[0] > 0
     assert query(api, "guard:flagged_share:rate5m") == pytest.approx([share], abs=0.01)
     assert query(api, "guard:error_share:rate5m")[0] == pytest.approx(3 / 18, abs=0.03)
     with urllib.request.urlopen(f"{api}/api/v1/rules", timeout=5) as response:
@@ -158,10 +178,12 @@ def test_dashboard_and_rules_answer_from_real_traffic(stack, backdoored: Backdoo
     evaluated = {rule["name"]: rule for group in groups for rule in group["rules"]}
     assert set(evaluated) == {r.get("alert", r.get("record")) for g in rules["groups"] for r in g["rules"]}
     assert all(rule["health"] == "ok" for rule in evaluated.values()), evaluated
-    # The traffic above should put these two alerts into pending (their `for` has not run out) and no others.
-    wait_for(lambda: {name for name, rule in _alert_states(api).items() if rule != "inactive"}
-             == {"GuardFlaggedShareHigh", "GuardErrorsHigh"}, "the flagged-share and error alerts to go pending",
-             root, seconds=20)
+    # The traffic above puts these two alerts into pending (their `for` has not run out); a ready, scraped server
+    # must not look unready.
+    wait_for(lambda: {"GuardFlaggedShareHigh", "GuardErrorsHigh"}
+             <= {name for name, state in _alert_states(api).items() if state != "inactive"},
+             "the flagged-share and error alerts to go pending", root, seconds=20)
+    assert _alert_states(api)["GuardModelNotReady"] == "inactive"
 
 
 def _alert_states(api: str) -> dict[str, str]:

@@ -15,6 +15,8 @@ from guard._version import __version__
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # The gRPC codes guard's handlers answer errors with (guard/server/status.py).
 ERROR_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", "INTERNAL")
+# The stages a request's time is split into (guard/server/dataplane.py, Result.stage_seconds, the batcher).
+STAGES = ("decode", "queue", "engine", "repredict", "total")
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _SCORE_BUCKETS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0)
 
@@ -48,6 +50,10 @@ class Metrics:
             self.samples.labels(model=model, verdict=verdict)
         for code in ERROR_CODES:
             self.errors.labels(model=model, code=code)
+        for stage in STAGES:
+            self.duration.labels(model=model, stage=stage)
+        self.score.labels(model=model)
+        self.batch.labels(model=model)
         self.ready.labels(model=model).set(0)
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
