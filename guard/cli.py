@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -324,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     hlt = commands.add_parser("health", help="ask a running server's gRPC health service; exit 0 if SERVING")
     hlt.add_argument("--host", default="127.0.0.1")
-    hlt.add_argument("--port", type=int, default=DEFAULT_PORT)
+    hlt.add_argument("--port", type=int, default=int(os.environ.get("GUARD_PORT", DEFAULT_PORT)),
+                     help=f"default: $GUARD_PORT, else {DEFAULT_PORT} (so a container healthcheck follows the server)")
     hlt.add_argument("--service", default="", help="health service name (default: the whole server)")
     hlt.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     hlt.set_defaults(run=_health)
