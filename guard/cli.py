@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--policy", choices=["monitor", "enforce"], help="default enforce")
     srv.add_argument("--max-batch", dest="max_batch", type=int, help="samples per request (default 1024)")
     srv.add_argument("--workers", type=int, help="request threads (default 8)")
+    srv.add_argument("--max-inflight", dest="max_inflight", type=int,
+                     help="calls held at once, running or queued; more get RESOURCE_EXHAUSTED (default 64)")
     srv.add_argument("--engine", choices=["onnxruntime", "torch"], help="default onnxruntime")
     srv.add_argument("--threads", type=int, help="the engine's intra-op threads per run (default 0: one per core)")
     srv.add_argument("--batch-size", dest="batch_size", type=int,

@@ -23,3 +23,7 @@ class RequestError(GuardError):
 
 class UnavailableError(GuardError):
     """The server cannot take the request now (it is shutting down); the caller may retry elsewhere."""
+
+
+class DeadlineExceededError(GuardError):
+    """The caller's deadline passed before the request was computed; it is dropped, not run."""

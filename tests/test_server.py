@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 import urllib.request
 
 import grpc
@@ -240,3 +242,66 @@ def test_dynamic_batching_joins_requests_and_splits_answers_back_exactly(backdoo
     assert samples == sizes.sum() + len(requests[0])
     assert runs < len(requests) / 2, f"{runs} engine runs for {len(requests) + 1} requests: nothing was batched"
     assert metric(text, "guard_request_duration_seconds_count", model=MODEL, stage="queue") == len(requests) + 1
+
+
+def test_deadline_passed_while_queued_is_dropped_not_computed(backdoored: Backdoored) -> None:
+    """A request whose deadline runs out while it waits for a dynamic batch gets DEADLINE_EXCEEDED and never reaches
+    the engine (the sample counters do not move); the server then serves the next request."""
+    settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0, metrics_port=0,
+                             batch_size=64, batch_delay_ms=600)
+    server = GuardServer(settings)
+    server.start()
+    try:
+        with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
+            tensor = triton.InferInput("input", [2, 1, 28, 28], "FP32")
+            tensor.set_data_from_numpy(backdoored.x_eval[:2])
+            with pytest.raises(InferenceServerException, match="Deadline"):
+                client.infer(MODEL, [tensor], client_timeout=0.2)
+            time.sleep(0.8)  # the batch closes after 0.6 s, finds the request out of time and drops it
+            text = scrape(server)
+            assert metric(text, "guard_samples_total", model=MODEL, verdict="clean") == 0
+            assert metric(text, "guard_samples_total", model=MODEL, verdict="flagged") == 0
+            assert metric(text, "guard_request_errors_total", model=MODEL, code="DEADLINE_EXCEEDED") == 1
+            labels = client.infer(MODEL, [tensor], client_timeout=10).as_numpy("logits").argmax(axis=1)
+        assert len(labels) == 2
+    finally:
+        server.stop(grace=1)
+
+
+def test_calls_beyond_max_inflight_are_refused_at_once(backdoored: Backdoored) -> None:
+    """With two calls held (waiting for a slow dynamic batch), four more get RESOURCE_EXHAUSTED instead of a queue;
+    the held ones are answered and the server serves on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0, metrics_port=0,
+                             batch_size=64, batch_delay_ms=1500, max_inflight=2)
+    server = GuardServer(settings)
+    server.start()
+    go = threading.Barrier(6)
+
+    def call(_: int) -> str:
+        with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
+            tensor = triton.InferInput("input", [1, 1, 28, 28], "FP32")
+            tensor.set_data_from_numpy(backdoored.x_eval[:1])
+            go.wait()
+            try:
+                client.infer(MODEL, [tensor], client_timeout=20)
+            except InferenceServerException as exc:
+                return exc.status()
+            return "OK"
+
+    try:
+        with ThreadPoolExecutor(6) as callers:
+            outcomes = sorted(callers.map(call, range(6)))
+        assert outcomes.count("OK") == 2, outcomes
+        assert all("RESOURCE_EXHAUSTED" in o for o in outcomes if o != "OK"), outcomes
+        assert call_once(server, backdoored.x_eval[:3]) == 3
+    finally:
+        server.stop(grace=1)
+
+
+def call_once(server: GuardServer, x: np.ndarray) -> int:
+    with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
+        tensor = triton.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        return len(client.infer(MODEL, [tensor], client_timeout=20).as_numpy("logits"))

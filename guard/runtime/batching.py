@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from guard.errors import UnavailableError
+from guard.errors import DeadlineExceededError, UnavailableError
 from guard.runtime.guard import Result
 
 
 @dataclass
 class _Pending:
     x: np.ndarray
+    deadline: float | None = None  # time.perf_counter() after which the caller no longer waits
     arrived: float = field(default_factory=time.perf_counter)
     future: Future[Result] = field(default_factory=Future)
 
@@ -43,9 +44,13 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="guard-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, x: np.ndarray) -> Result:
-        """Blocks until the batch holding `x` has run; returns the rows of `x` (with a `queue` stage time)."""
-        pending = _Pending(x)
+    def submit(self, x: np.ndarray, timeout: float | None = None) -> Result:
+        """Blocks until the batch holding `x` has run; returns the rows of `x` (with a `queue` stage time).
+
+        `timeout`: seconds the caller still waits. A request whose time has run out when its batch starts is
+        dropped from the batch, not computed, and gets a DeadlineExceededError.
+        """
+        pending = _Pending(x, None if timeout is None else time.perf_counter() + timeout)
         with self._lock:
             if self._closed:
                 raise UnavailableError("the server is shutting down")
@@ -93,6 +98,13 @@ class Batcher:
     def _run(self, batch: list[_Pending]) -> None:
         """Predict the batch and answer each caller; whatever fails, every caller gets an answer or the error."""
         started = time.perf_counter()
+        expired = [p for p in batch if p.deadline is not None and p.deadline <= started]
+        for pending in expired:
+            pending.future.set_exception(DeadlineExceededError(
+                f"the deadline passed after {started - pending.arrived:.3f} s waiting for a batch; not computed"))
+        batch = [p for p in batch if p not in expired]
+        if not batch:
+            return
         try:
             result = self._predict(batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch]))
             if self._on_batch is not None:

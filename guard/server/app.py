@@ -42,6 +42,7 @@ class GuardServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="guard-rpc"),
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            maximum_concurrent_rpcs=settings.max_inflight,  # gRPC refuses the rest before they queue
         )
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), self.server)
         guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(self.plane), self.server)

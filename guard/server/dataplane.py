@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from guard.errors import RequestError
+from guard.errors import DeadlineExceededError, RequestError
 from guard.runtime.batching import Batcher
 from guard.runtime.guard import Guard, Result
 from guard.server.metrics import Metrics
@@ -57,16 +57,22 @@ class DataPlane:
         finally:
             self.metrics.inflight.dec()
 
-    def infer(self, x: np.ndarray, decode_seconds: float) -> Result:
-        """Guarded answers for a decoded batch; counts samples, verdicts, scores and stage times."""
+    def infer(self, x: np.ndarray, decode_seconds: float, time_left: float | None = None) -> Result:
+        """Guarded answers for a decoded batch; counts samples, verdicts, scores and stage times.
+
+        `time_left`: seconds until the caller's deadline (None: no deadline). A request out of time is dropped
+        before the engine runs it.
+        """
         if x.shape[0] > self.max_batch:
             raise RequestError(f"batch of {x.shape[0]} samples exceeds the server's limit of {self.max_batch}")
+        if time_left is not None and time_left <= 0:
+            raise DeadlineExceededError("the deadline passed before the request reached the engine; not computed")
         started = time.perf_counter()
         if self.batcher is None:
             result = self.guard.predict(x)
             self.metrics.batch.labels(model=self.name).observe(len(x))
         else:  # a bad request is refused here, alone, before it could fail a batch shared with others
-            result = self.batcher.submit(self.guard.validate(x))
+            result = self.batcher.submit(self.guard.validate(x), time_left)
         total = decode_seconds + time.perf_counter() - started
         m, name = self.metrics, self.name
         flagged = int(result.flagged.sum())

@@ -21,7 +21,7 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
             started = time.perf_counter()
             name = self.plane.resolve(request.model)
             x = codecs.decode_predict(request, self.plane.guard.sample_shape)
-            result = self.plane.infer(x, time.perf_counter() - started)
+            result = self.plane.infer(x, time.perf_counter() - started, context.time_remaining())
             return codecs.encode_predict(result, name, self.plane.guard.policy.value)
 
         with self.plane.request():

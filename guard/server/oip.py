@@ -59,7 +59,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             name = self.plane.resolve(request.model_name)
             model = self.plane.guard.model
             x = codecs.decode_oip(request, model.input_name, model.sample_shape)
-            result = self.plane.infer(x, time.perf_counter() - started)
+            result = self.plane.infer(x, time.perf_counter() - started, context.time_remaining())
             return codecs.encode_oip(result, name, request, model.output_name, self.plane.guard.policy.value)
 
         with self.plane.request():
