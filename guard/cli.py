@@ -86,7 +86,19 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(f"{args.host}:{args.port}") as channel:
+    from guard.server.security import read_secret
+
+    target = f"{args.host}:{args.port}"
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise GuardError("--tls-cert and --tls-key go together")
+    if args.tls_ca:
+        key, cert = (None, None) if not args.tls_cert else (read_secret(Path(args.tls_key), "TLS key"),
+                                                             read_secret(Path(args.tls_cert), "TLS certificate"))
+        credentials = grpc.ssl_channel_credentials(read_secret(Path(args.tls_ca), "CA"), key, cert)
+        channel = grpc.secure_channel(target, credentials)
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
                                                               timeout=args.timeout)
@@ -307,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--batch-delay-ms", dest="batch_delay_ms", type=float,
                      help="dynamic batching: longest wait for other requests (default 2)")
     srv.add_argument("--grace-seconds", dest="grace_seconds", type=float, help="drain time on SIGTERM (30)")
+    srv.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain: gRPC over TLS (with --tls-key)")
+    srv.add_argument("--tls-key", dest="tls_key", help="PEM private key")
+    srv.add_argument("--tls-client-ca", dest="tls_client_ca", help="PEM CA: require client certificates (mTLS)")
+    srv.add_argument("--auth-token-file", dest="auth_token_file",
+                     help="file with a bearer token every call except health checks must send")
     srv.set_defaults(run=_serve)
 
     bench = commands.add_parser("bench", help="time the bare model, the guarded engine and the server side by side")
@@ -331,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"default: $GUARD_PORT, else {DEFAULT_PORT} (so a container healthcheck follows the server)")
     hlt.add_argument("--service", default="", help="health service name (default: the whole server)")
     hlt.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    hlt.add_argument("--tls-ca", dest="tls_ca", help="PEM CA that signed the server's certificate: connect over TLS")
+    hlt.add_argument("--tls-cert", dest="tls_cert", help="PEM client certificate, for a server that wants mTLS")
+    hlt.add_argument("--tls-key", dest="tls_key", help="PEM key of --tls-cert")
     hlt.set_defaults(run=_health)
 
     ins = commands.add_parser("inspect", help="print what a profile holds")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from guard.runtime.policy import Policy
@@ -42,13 +42,26 @@ class ServeSettings(BaseSettings):
     engine: str = Field("onnxruntime", pattern="^(onnxruntime|torch)$",
                         description="onnxruntime, or torch (the same graphs through guard's torch bridge)")
     grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain: serve gRPC over TLS (with tls_key)")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(None, description="PEM CA: require client certificates it signed (mutual TLS)")
+    auth_token_file: Path | None = Field(None, description="file holding a bearer token every call but health "
+                                                           "checks must send (authorization: Bearer <token>)")
 
-    @field_validator("model", "profile")
+    @field_validator("model", "profile", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file")
     @classmethod
-    def _exists(cls, path: Path) -> Path:
-        if not path.is_file():
+    def _exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
             raise ValueError(f"file not found: {path}")
         return path
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> ServeSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self
 
     @property
     def served_name(self) -> str:

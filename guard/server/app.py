@@ -23,6 +23,7 @@ from guard.server.dataplane import DataPlane
 from guard.server.guard_v1 import GuardServicer
 from guard.server.metrics import Metrics
 from guard.server.oip import InferenceServicer
+from guard.server.security import BearerToken, read_secret, server_credentials
 
 log = logging.getLogger("guard.server")
 HEALTH_SERVICES = ("", "inference.GRPCInferenceService", "guard.v1.Guard")
@@ -39,10 +40,15 @@ class GuardServer:
         self.plane = DataPlane(self.guard, settings.served_name, self.metrics, settings.max_batch,
                                settings.batch_size, settings.batch_delay_ms / 1000)
         limit = settings.max_message_mb * 1024 * 1024
+        interceptors = []
+        if settings.auth_token_file is not None:
+            token = read_secret(settings.auth_token_file, "token file").decode().strip()
+            interceptors.append(BearerToken(token, lambda: self.plane.count_error("UNAUTHENTICATED")))
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="guard-rpc"),
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
             maximum_concurrent_rpcs=settings.max_inflight,  # gRPC refuses the rest before they queue
+            interceptors=interceptors,
         )
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), self.server)
         guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(self.plane), self.server)
@@ -57,7 +63,12 @@ class GuardServer:
     def start(self) -> None:
         address = f"{self.settings.host}:{self.settings.port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            if self.settings.tls_cert is not None:
+                credentials = server_credentials(self.settings.tls_cert, self.settings.tls_key,
+                                                 self.settings.tls_client_ca)
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
         except RuntimeError as exc:
             raise GuardError(f"cannot listen on {address}: {exc}") from None
         if self.port == 0:

@@ -1,0 +1,61 @@
+"""Who may talk to the server: TLS (and mutual TLS) for the gRPC port, and an optional bearer token.
+
+The health service stays open without a token, so that probes and `guard health` need no secret; everything else
+(inference, metadata, guard.v1) needs `authorization: Bearer <token>` when a token is configured.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from guard.errors import GuardError
+
+OPEN_METHODS = ("/grpc.health.v1.Health/",)
+
+
+def read_secret(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise GuardError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+    if not data.strip():
+        raise GuardError(f"the {what} {path} is empty")
+    return data
+
+
+def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
+    """TLS with this certificate chain and key; with `client_ca`, clients must present a certificate it signed."""
+    pair = (read_secret(key, "TLS key"), read_secret(cert, "TLS certificate"))
+    if client_ca is None:
+        return grpc.ssl_server_credentials([pair])
+    return grpc.ssl_server_credentials([pair], root_certificates=read_secret(client_ca, "client CA"),
+                                       require_client_auth=True)
+
+
+class BearerToken(grpc.ServerInterceptor):
+    """Refuses calls without the right `authorization: Bearer <token>` (UNAUTHENTICATED), health checks excepted."""
+
+    def __init__(self, token: str, on_refused: Callable[[], None]) -> None:
+        if not token:
+            raise GuardError("the bearer token is empty")
+        self._expected = f"Bearer {token}".encode()
+        self._on_refused = on_refused
+
+        def refuse(_request: bytes, context: grpc.ServicerContext) -> None:
+            self._on_refused()
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+
+        self._refusal = grpc.unary_unary_rpc_method_handler(refuse)
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+                          handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method.startswith(OPEN_METHODS):
+            return continuation(handler_call_details)
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(given).encode(), self._expected):
+            return continuation(handler_call_details)
+        return self._refusal

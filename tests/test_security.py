@@ -1,0 +1,128 @@
+"""Access to the real server: TLS, mutual TLS and the bearer token, with certificates made here by openssl."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from conftest import Backdoored
+from guard.cli import main
+from guard.config import ServeSettings
+from guard.server.app import GuardServer
+
+MODEL = "badnets"
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    binary = shutil.which("openssl")
+    if binary is None:
+        pytest.fail("openssl is needed to make the test certificates")
+    subprocess.run([binary, *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate, all signed by the CA."""
+    root = tmp_path_factory.mktemp("pki")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=guard test CA", cwd=root)
+    (root / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, subject in (("server", "/CN=localhost"), ("client", "/CN=guard test client")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", subject, cwd=root)
+        extra = ["-extfile", "server.ext"] if name == "server" else []
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", *extra, cwd=root)
+    (root / "token").write_text("s3cret-token\n")
+    return root
+
+
+def serve(backdoored: Backdoored, **settings: object) -> GuardServer:
+    server = GuardServer(ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0,
+                                       metrics_port=0, **settings))
+    server.start()
+    return server
+
+
+def infer(url: str, x: np.ndarray, headers: dict[str, str] | None = None, **tls: object) -> np.ndarray:
+    with triton.InferenceServerClient(url, **tls) as client:
+        tensor = triton.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        return client.infer(MODEL, [tensor], headers=headers, client_timeout=10).as_numpy("guard_flagged")
+
+
+def test_tls_serves_clients_that_trust_the_ca_only(backdoored: Backdoored, pki: Path) -> None:
+    server = serve(backdoored, tls_cert=pki / "server.pem", tls_key=pki / "server.key")
+    try:
+        url = f"localhost:{server.port}"
+        x = backdoored.x_eval[:4]
+        assert len(infer(url, x, ssl=True, root_certificates=str(pki / "ca.pem"))) == 4
+        with pytest.raises(InferenceServerException):  # plaintext against a TLS port
+            infer(url, x)
+        assert main(["health", "--host", "localhost", "--port", str(server.port), "--tls-ca",
+                     str(pki / "ca.pem")]) == 0
+        assert main(["health", "--host", "localhost", "--port", str(server.port), "--timeout", "1"]) == 1
+    finally:
+        server.stop(grace=1)
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate(backdoored: Backdoored, pki: Path) -> None:
+    server = serve(backdoored, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
+                   tls_client_ca=pki / "ca.pem")
+    try:
+        url = f"localhost:{server.port}"
+        x = backdoored.x_eval[:2]
+        with pytest.raises(InferenceServerException):
+            infer(url, x, ssl=True, root_certificates=str(pki / "ca.pem"))
+        flagged = infer(url, x, ssl=True, root_certificates=str(pki / "ca.pem"),
+                        private_key=str(pki / "client.key"), certificate_chain=str(pki / "client.pem"))
+        assert len(flagged) == 2
+        assert main(["health", "--host", "localhost", "--port", str(server.port), "--tls-ca", str(pki / "ca.pem"),
+                     "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]) == 0
+    finally:
+        server.stop(grace=1)
+
+
+def test_bearer_token_guards_everything_but_health(backdoored: Backdoored, pki: Path) -> None:
+    server = serve(backdoored, auth_token_file=pki / "token")
+    try:
+        url = f"127.0.0.1:{server.port}"
+        x = backdoored.x_eval[:3]
+        for headers in (None, {"authorization": "Bearer wrong"}, {"authorization": "s3cret-token"}):
+            with pytest.raises(InferenceServerException, match="UNAUTHENTICATED|bearer"):
+                infer(url, x, headers=headers)
+        assert len(infer(url, x, headers={"authorization": "Bearer s3cret-token"})) == 3
+        with grpc.insecure_channel(url) as channel:  # probes carry no token
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with triton.InferenceServerClient(url) as client, pytest.raises(InferenceServerException):
+            client.get_model_metadata(MODEL)  # metadata needs the token too
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        assert f'guard_request_errors_total{{code="UNAUTHENTICATED",model="{MODEL}"}} 4.0' in text
+    finally:
+        server.stop(grace=1)
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"tls_cert": "server.pem"}, "both tls_cert and tls_key"),
+    ({"tls_client_ca": "ca.pem"}, "needs tls_cert"),
+    ({"tls_cert": "server.pem", "tls_key": "missing.key"}, "file not found"),
+    ({"auth_token_file": "missing-token"}, "file not found"),
+])
+def test_incomplete_security_settings_refuse_to_start(backdoored: Backdoored, pki: Path, given: dict,
+                                                      message: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path,
+                      **{k: pki / v for k, v in given.items()})
