@@ -55,3 +55,54 @@ def test_serve_refuses_missing_profile_with_one_line(backdoored: Backdoored, tmp
     assert done.returncode == 2
     assert "guard: error:" in done.stderr and "file not found" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_sigterm_finishes_every_request_in_flight(backdoored: Backdoored) -> None:
+    """Six requests are held in a slow dynamic batch when SIGTERM arrives: health watchers see NOT_SERVING at once,
+    all six are answered, then the process exits 0."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guard", "serve", str(backdoored.model_path), "--profile", str(backdoored.profile_path),
+         "--port", "0", "--metrics-port", "0", "--batch-size", "64", "--batch-delay-ms", "1500"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        match = None
+        for line in process.stdout:
+            match = re.search(r"serving '\w+' on 127\.0\.0\.1:(\d+),", line)
+            if match:
+                break
+        assert match
+        target = f"127.0.0.1:{match.group(1)}"
+        x = backdoored.x_eval[:2]
+        statuses: list[str] = []
+        with grpc.insecure_channel(target) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(next(watch).status))
+            def follow() -> None:
+                try:
+                    statuses.extend(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status) for r in watch)
+                except grpc.RpcError:  # the stream ends when the server is gone
+                    pass
+
+            watcher = threading.Thread(target=follow, daemon=True)
+            watcher.start()
+            stub = guard_pb2_grpc.GuardStub(channel)
+            request = guard_pb2.PredictRequest(shape=list(x.shape), data=x.tobytes())
+            with ThreadPoolExecutor(6) as callers:
+                replies = [callers.submit(stub.Predict, request, timeout=30) for _ in range(6)]
+                time.sleep(0.5)  # all six are waiting for their batch now
+                process.send_signal(signal.SIGTERM)
+                answered = [len(r.result().predictions) for r in replies]
+        assert answered == [2] * 6, "every request in flight at SIGTERM must be answered"
+        output, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, output
+        assert statuses[0] == "SERVING" and "NOT_SERVING" in statuses[1:], statuses
+    finally:
+        if process.poll() is None:
+            process.kill()
