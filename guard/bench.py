@@ -73,12 +73,6 @@ def _side_by_side(bare, guarded, batches: list[np.ndarray], seconds: float) -> t
     return times
 
 
-def _peak_rss_mb(pid: int) -> float:
-    """Peak resident memory (VmHWM) of a live process, in MiB."""
-    text = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1)) / 1024
-
-
 _BARE_PROCESS = textwrap.dedent("""
     import re, sys, time
     import numpy as np, onnxruntime as ort
@@ -104,15 +98,12 @@ def bare_process_rss(model_path: Path, x: np.ndarray, threads: int, provider: st
     return float(out.stdout.strip().splitlines()[-1])
 
 
-class _ServerProcess:
-    """`guard serve` on a free loopback port, in its own process, with the engine settings of the in-process one."""
+class ServerProcess:
+    """`guard serve` on a free loopback port, in a process of its own, with `args` added to its command line."""
 
-    def __init__(self, model: Path, profile: Path, settings: BenchSettings, workdir: Path) -> None:
+    def __init__(self, model: Path, profile: Path, args: list[str], workdir: Path) -> None:
         command = [sys.executable, "-m", "guard", "serve", str(model), "--profile", str(profile), "--port", "0",
-                   "--metrics-port", "0", "--device", settings.device, "--threads", str(settings.threads),
-                   "--workers", str(max(8, settings.callers))]
-        if settings.server_batch_size:
-            command += ["--batch-size", str(settings.server_batch_size)]
+                   "--metrics-port", "0", *args]
         self.log = workdir / "server.log"
         with self.log.open("w") as log:  # a file, not a pipe: a chatty server can never block on it
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -125,6 +116,11 @@ class _ServerProcess:
             self.close()
             raise GuardError(f"guard serve did not start within 120 s: {self.log.read_text()[-2000:]}")
         self.port = int(match.group(1))
+
+    def rss_mb(self, field: str = "VmRSS") -> float:
+        """Resident memory of the server process now (VmRSS) or at its peak (VmHWM), in MiB."""
+        text = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) / 1024
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -258,7 +254,10 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
     figures: dict[str, object] = {"machine": machine(), "settings": asdict(settings), "model": str(model_path),
                                   "engine_providers": guard.engine.providers,
                                   "tail_from_input": guard.tail_from_input, "rows": []}
-    server = _ServerProcess(model_path, profile_path, settings, workdir)
+    args = ["--device", settings.device, "--threads", str(settings.threads), "--workers", str(max(8, settings.callers))]
+    if settings.server_batch_size:
+        args += ["--batch-size", str(settings.server_batch_size)]
+    server = ServerProcess(model_path, profile_path, args, workdir)
     try:
         for batch in settings.batches:
             batches = _batches(x, batch)
@@ -273,7 +272,7 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
             row["engine_over_bare"] = round(row["engine"]["p50_ms"] / row["bare"]["p50_ms"], 3)
             row["server_over_engine_throughput"] = round(row["server"]["throughput"] / row["engine"]["throughput"], 3)
             figures["rows"].append(row)
-        figures["server_peak_rss_mb"] = round(_peak_rss_mb(server.process.pid), 1)
+        figures["server_peak_rss_mb"] = round(server.rss_mb("VmHWM"), 1)
     finally:
         server.close()
     largest = _batches(x, max(settings.batches), 1)[0]

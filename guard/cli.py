@@ -81,6 +81,29 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import numpy as np
+
+    from guard.loadtest import LoadSettings, format_run, run_load
+    from guard.model.graph import load_model
+    from guard.samples import load_samples
+
+    x = (load_samples(args.data)[0] if args.data else
+         np.random.default_rng(0).random((256, *load_model(args.model).sample_shape), dtype=np.float32))
+    settings = LoadSettings(callers=args.callers, seconds=args.seconds, batch=args.batch,
+                            max_inflight=args.max_inflight, workers=args.workers)
+    if min(settings.callers, settings.batch, settings.max_inflight, settings.workers) < 1 or settings.seconds <= 0:
+        raise GuardError("callers, batch, max-inflight and workers must be >= 1, seconds > 0")
+    with tempfile.TemporaryDirectory(prefix="guard-load-") as tmp:
+        figures = run_load(args.model, args.profile, x, settings, Path(tmp))
+    print(format_run(figures))
+    if args.out:
+        _write_json(args.out, figures)
+    return 0 if figures["failed"] == 0 else 1
+
+
 def _health(args: argparse.Namespace) -> int:
     """Exit 0 if the server reports SERVING for the service: a container healthcheck that needs no other tool."""
     import grpc
@@ -341,6 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip timing guards with 1, 2, ... taps")
     bench.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.md/json/png (./bench)")
     bench.set_defaults(run=_bench)
+
+    ld = commands.add_parser("load", help="a bounded load run against `guard serve` on loopback; exit 1 on failures")
+    ld.add_argument("model", help="ONNX model")
+    ld.add_argument("--profile", required=True)
+    ld.add_argument("--data", help=".npz with x to send (default: uniform noise)")
+    ld.add_argument("--callers", type=int, default=64, help="concurrent tritonclient callers (default 64)")
+    ld.add_argument("--seconds", type=float, default=60.0, help="default 60")
+    ld.add_argument("--batch", type=int, default=1, help="samples per call (default 1)")
+    ld.add_argument("--max-inflight", dest="max_inflight", type=int, default=64, help="the server's (default 64)")
+    ld.add_argument("--workers", type=int, default=8, help="the server's request threads (default 8)")
+    ld.add_argument("--out", type=Path, help="write the figures as JSON here")
+    ld.set_defaults(run=_load)
 
     hlt = commands.add_parser("health", help="ask a running server's gRPC health service; exit 0 if SERVING")
     hlt.add_argument("--host", default="127.0.0.1")

@@ -1,0 +1,120 @@
+"""`guard load`: a bounded load run against `guard serve` on loopback, to show it holds up.
+
+Concurrent tritonclient callers send for a fixed time; every call ends as answered, rejected (RESOURCE_EXHAUSTED:
+more calls than `--max-inflight` allows) or failed (anything else). The server's resident memory is sampled every
+second, so a leak shows as growth between the start and the end of the run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from guard.bench import ServerProcess
+from guard.errors import GuardError
+
+
+@dataclass
+class LoadSettings:
+    callers: int = 64
+    seconds: float = 60.0
+    batch: int = 1  # samples per call
+    max_inflight: int = 64  # the server's --max-inflight
+    workers: int = 8  # the server's --workers
+    timeout: float = 30.0  # each call's deadline
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float | None]:
+    if not seconds:
+        return {"p50_ms": None, "p99_ms": None}
+    values = np.asarray(seconds) * 1e3
+    return {"p50_ms": round(float(np.percentile(values, 50)), 3), "p99_ms": round(float(np.percentile(values, 99)), 3)}
+
+
+def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, workdir: Path) -> dict[str, object]:
+    """One run; returns counts, latencies and the server's memory as a JSON-ready dict."""
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    server = ServerProcess(Path(model), Path(profile), ["--max-inflight", str(settings.max_inflight),
+                                                        "--workers", str(settings.workers)], workdir)
+    outcomes: dict[str, list[float]] = {"answered": [], "rejected": []}
+    failures: list[str] = []
+    lock = threading.Lock()
+    rss: list[float] = []
+    try:
+        batches = [np.ascontiguousarray(x[(np.arange(settings.batch) + i) % len(x)]) for i in range(16)]
+        with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:  # warm: the start of the run
+            for batch in batches:
+                tensor = triton.InferInput("input", list(batch.shape), "FP32")
+                tensor.set_data_from_numpy(batch)
+                client.infer("", [tensor], client_timeout=settings.timeout)
+        rss.append(server.rss_mb())
+        stop = time.perf_counter() + settings.seconds
+        done = threading.Event()
+
+        def watch_memory() -> None:
+            while not done.wait(1.0):
+                rss.append(server.rss_mb())
+
+        def caller(offset: int) -> None:
+            with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
+                calls = 0
+                while time.perf_counter() < stop:
+                    batch = batches[(offset + calls) % len(batches)]
+                    tensor = triton.InferInput("input", list(batch.shape), "FP32")
+                    tensor.set_data_from_numpy(batch)
+                    started = time.perf_counter()
+                    try:
+                        client.infer("", [tensor], client_timeout=settings.timeout)
+                        kind = "answered"
+                    except InferenceServerException as exc:
+                        if "RESOURCE_EXHAUSTED" not in str(exc.status()):
+                            with lock:
+                                failures.append(f"{exc.status()}: {exc.message()}")
+                            kind = None
+                        else:
+                            kind = "rejected"
+                    elapsed = time.perf_counter() - started
+                    if kind:
+                        with lock:
+                            outcomes[kind].append(elapsed)
+                    calls += 1
+
+        monitor = threading.Thread(target=watch_memory, daemon=True)
+        monitor.start()
+        started = time.perf_counter()
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(settings.callers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - started
+        done.set()
+        monitor.join()
+        rss.append(server.rss_mb())
+    finally:
+        server.close()
+    if not outcomes["answered"]:
+        raise GuardError(f"no call was answered; the server said: {server.log.read_text()[-2000:]}")
+    sent = len(outcomes["answered"]) + len(outcomes["rejected"]) + len(failures)
+    return {
+        "settings": asdict(settings), "sent": sent, "answered": len(outcomes["answered"]),
+        "rejected": len(outcomes["rejected"]), "failed": len(failures), "failures": sorted(set(failures))[:10],
+        "seconds": round(wall, 1), "answered_per_second": round(len(outcomes["answered"]) / wall, 1),
+        "answered_latency": _percentiles(outcomes["answered"]), "rejected_latency": _percentiles(outcomes["rejected"]),
+        "rss_mb": {"start": round(rss[0], 1), "end": round(rss[-1], 1), "max": round(max(rss), 1)},
+    }
+
+
+def format_run(figures: dict[str, object]) -> str:
+    s, a, r, m = figures["settings"], figures["answered_latency"], figures["rejected_latency"], figures["rss_mb"]
+    return (f"{s['callers']} callers x {s['seconds']:.0f} s, batch {s['batch']}, --max-inflight {s['max_inflight']}: "
+            f"sent {figures['sent']}, answered {figures['answered']} ({figures['answered_per_second']}/s, "
+            f"p50 {a['p50_ms']} ms, p99 {a['p99_ms']} ms), rejected {figures['rejected']} (p50 {r['p50_ms']} ms, "
+            f"p99 {r['p99_ms']} ms), failed {figures['failed']}; server RSS {m['start']} -> {m['end']} MiB "
+            f"(max {m['max']})")
