@@ -289,6 +289,14 @@ def test_cli_serve_with_a_corrupt_profile_fails_in_one_line(setup: Setup, tmp_pa
     assert_one_line_error(done, "not a readable profile")
 
 
+def test_cli_serve_with_a_corrupt_model_fails_in_one_line(setup: Setup, tmp_path: Path) -> None:
+    data = Path(setup.model_path).read_bytes()
+    (tmp_path / "corrupt.onnx").write_bytes(data[: len(data) // 3])
+    done = run_cli("serve", "corrupt.onnx", "--profile", setup.profile_path, "--port", "0", "--metrics-port", "0",
+                   cwd=tmp_path)
+    assert_one_line_error(done, "cannot read ONNX model")
+
+
 def test_cli_serve_with_another_models_profile_fails_in_one_line(setup: Setup, tmp_path: Path) -> None:
     done = run_cli("serve", setup.other_path, "--profile", setup.profile_path, "--port", "0", "--metrics-port", "0",
                    cwd=tmp_path)
