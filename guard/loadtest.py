@@ -107,7 +107,10 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
         "rejected": len(outcomes["rejected"]), "failed": len(failures), "failures": sorted(set(failures))[:10],
         "seconds": round(wall, 1), "answered_per_second": round(len(outcomes["answered"]) / wall, 1),
         "answered_latency": _percentiles(outcomes["answered"]), "rejected_latency": _percentiles(outcomes["rejected"]),
-        "rss_mb": {"start": round(rss[0], 1), "end": round(rss[-1], 1), "max": round(max(rss), 1)},
+        # One sample a second: growth that stops after the first seconds is allocators warming up to the
+        # concurrency; growth that goes on is a leak.
+        "rss_mb": {"start": round(rss[0], 1), "at_10s": round(rss[min(10, len(rss) - 1)], 1),
+                   "end": round(rss[-1], 1), "max": round(max(rss), 1), "every_second": [round(v, 1) for v in rss]},
     }
 
 
@@ -116,5 +119,5 @@ def format_run(figures: dict[str, object]) -> str:
     return (f"{s['callers']} callers x {s['seconds']:.0f} s, batch {s['batch']}, --max-inflight {s['max_inflight']}: "
             f"sent {figures['sent']}, answered {figures['answered']} ({figures['answered_per_second']}/s, "
             f"p50 {a['p50_ms']} ms, p99 {a['p99_ms']} ms), rejected {figures['rejected']} (p50 {r['p50_ms']} ms, "
-            f"p99 {r['p99_ms']} ms), failed {figures['failed']}; server RSS {m['start']} -> {m['end']} MiB "
-            f"(max {m['max']})")
+            f"p99 {r['p99_ms']} ms), failed {figures['failed']}; server RSS {m['start']} MiB at the start, "
+            f"{m['at_10s']} after 10 s, {m['end']} at the end (max {m['max']})")
