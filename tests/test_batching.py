@@ -93,3 +93,26 @@ def test_close_answers_what_is_queued_then_refuses() -> None:
     assert sorted(a.labels[0] for a in answers) == [0, 10, 20, 30]
     with pytest.raises(UnavailableError, match="shutting down"):
         batcher.submit(request(0, 1))
+
+
+def test_an_expired_request_leaves_its_batch_and_the_rest_is_answered() -> None:
+    from guard.errors import DeadlineExceededError
+
+    batcher = Batcher(rowwise, max_size=64, max_delay=0.3)
+    go = threading.Barrier(3)
+
+    def submit(x: np.ndarray, timeout: float) -> Result:
+        go.wait()
+        return batcher.submit(x, timeout)
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(submit, request(0, 2), 10.0), pool.submit(submit, request(5, 1), 0.05),
+                       pool.submit(submit, request(9, 3), 0.05)]
+        np.testing.assert_array_equal(futures[0].result().labels, [0, 1])
+        for future in futures[1:]:
+            with pytest.raises(DeadlineExceededError):
+                future.result()
+        np.testing.assert_array_equal(batcher.submit(request(7, 1)).labels, [7])  # the batcher is alive
+    finally:
+        batcher.close()

@@ -20,7 +20,7 @@ from guard.errors import DeadlineExceededError, UnavailableError
 from guard.runtime.guard import Result
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the default __eq__ would compare the arrays
 class _Pending:
     x: np.ndarray
     deadline: float | None = None  # time.perf_counter() after which the caller no longer waits
@@ -102,7 +102,7 @@ class Batcher:
         for pending in expired:
             pending.future.set_exception(DeadlineExceededError(
                 f"the deadline passed after {started - pending.arrived:.3f} s waiting for a batch; not computed"))
-        batch = [p for p in batch if p not in expired]
+        batch = [p for p in batch if p.deadline is None or p.deadline > started]
         if not batch:
             return
         try:
