@@ -114,6 +114,8 @@ def _health(args: argparse.Namespace) -> int:
     target = f"{args.host}:{args.port}"
     if bool(args.tls_cert) != bool(args.tls_key):
         raise GuardError("--tls-cert and --tls-key go together")
+    if args.tls_cert and not args.tls_ca:
+        raise GuardError("--tls-cert needs --tls-ca: a client certificate is only sent over TLS")
     if args.tls_ca:
         key, cert = (None, None) if not args.tls_cert else (read_secret(Path(args.tls_key), "TLS key"),
                                                              read_secret(Path(args.tls_cert), "TLS certificate"))
@@ -332,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", choices=["cpu", "cuda"])
     srv.add_argument("--policy", choices=["monitor", "enforce"], help="default enforce")
     srv.add_argument("--max-batch", dest="max_batch", type=int, help="samples per request (default 1024)")
-    srv.add_argument("--workers", type=int, help="request threads (default 8)")
+    srv.add_argument("--workers", type=int, help="requests the engine works on at once (default 8)")
     srv.add_argument("--max-inflight", dest="max_inflight", type=int,
-                     help="calls held at once, running or queued; more get RESOURCE_EXHAUSTED (default 64)")
+                     help="requests held at once, running or waiting; more get RESOURCE_EXHAUSTED (default 64)")
     srv.add_argument("--engine", choices=["onnxruntime", "torch"], help="default onnxruntime")
     srv.add_argument("--threads", type=int, help="the engine's intra-op threads per run (default 0: one per core)")
     srv.add_argument("--batch-size", dest="batch_size", type=int,

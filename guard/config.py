@@ -32,9 +32,9 @@ class ServeSettings(BaseSettings):
     policy: Policy = Field(Policy.ENFORCE, description="monitor: flag only; enforce: answer benign re-predictions")
     max_batch: int = Field(1024, ge=1, description="most samples one request may carry")
     max_message_mb: int = Field(64, ge=1, description="largest gRPC message accepted, in MiB")
-    workers: int = Field(8, ge=1, description="threads answering requests")
-    max_inflight: int = Field(64, ge=1, description="calls held at once, running or queued for a thread; more are "
-                                                    "refused at once with RESOURCE_EXHAUSTED")
+    workers: int = Field(8, ge=1, description="inference requests the engine works on at once")
+    max_inflight: int = Field(64, ge=1, description="inference requests held at once, running or waiting for one "
+                                                    "of the workers; more are refused at once (RESOURCE_EXHAUSTED)")
     threads: int = Field(0, ge=0, description="the engine's intra-op threads per run (0: one per core)")
     batch_size: int = Field(0, ge=0, description="dynamic batching: join concurrent requests into engine runs of up "
                                                  "to this many samples (0: off, each request runs alone)")

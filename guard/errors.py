@@ -27,3 +27,7 @@ class UnavailableError(GuardError):
 
 class DeadlineExceededError(GuardError):
     """The caller's deadline passed before the request was computed; it is dropped, not run."""
+
+
+class OverloadedError(GuardError):
+    """The server already holds as many requests as it may (--max-inflight); this one is refused at once."""

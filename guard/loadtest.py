@@ -58,7 +58,7 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
         done = threading.Event()
 
         def watch_memory() -> None:
-            while not done.wait(1.0):
+            while not done.wait(1.0) and server.process.poll() is None:
                 rss.append(server.rss_mb())
 
         def caller(offset: int) -> None:
@@ -73,12 +73,16 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
                         client.infer("", [tensor], client_timeout=settings.timeout)
                         kind = "answered"
                     except InferenceServerException as exc:
-                        if "RESOURCE_EXHAUSTED" not in str(exc.status()):
+                        if "RESOURCE_EXHAUSTED" in str(exc.status()) and "max-inflight" in str(exc.message()):
+                            kind = "rejected"
+                        else:
                             with lock:
                                 failures.append(f"{exc.status()}: {exc.message()}")
                             kind = None
-                        else:
-                            kind = "rejected"
+                    except Exception as exc:  # noqa: BLE001 - any other failure counts as failed, the run goes on
+                        with lock:
+                            failures.append(f"{type(exc).__name__}: {exc}")
+                        kind = None
                     elapsed = time.perf_counter() - started
                     if kind:
                         with lock:
@@ -96,6 +100,8 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
         wall = time.perf_counter() - started
         done.set()
         monitor.join()
+        if server.process.poll() is not None:
+            raise GuardError(f"guard serve exited during the run: {server.log.read_text()[-2000:]}")
         rss.append(server.rss_mb())
     finally:
         server.close()

@@ -103,12 +103,16 @@ def test_bearer_token_guards_everything_but_health(backdoored: Backdoored, pki: 
         assert len(infer(url, x, headers={"authorization": "Bearer s3cret-token"})) == 3
         with grpc.insecure_channel(url) as channel:  # probes carry no token
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            with pytest.raises(grpc.RpcError) as refused:  # a stream would hold a slot: it needs the token
+                next(watch)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         with triton.InferenceServerClient(url) as client, pytest.raises(InferenceServerException):
             client.get_model_metadata(MODEL)  # metadata needs the token too
         with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
             text = response.read().decode()
-        assert f'guard_request_errors_total{{code="UNAUTHENTICATED",model="{MODEL}"}} 4.0' in text
+        assert f'guard_request_errors_total{{code="UNAUTHENTICATED",model="{MODEL}"}} 5.0' in text
     finally:
         server.stop(grace=1)
 

@@ -291,11 +291,16 @@ def test_calls_beyond_max_inflight_are_refused_at_once(backdoored: Backdoored) -
             return "OK"
 
     try:
-        with ThreadPoolExecutor(6) as callers:
-            outcomes = sorted(callers.map(call, range(6)))
+        with ThreadPoolExecutor(6) as callers, grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            pending = [callers.submit(call, i) for i in range(6)]
+            time.sleep(0.5)  # two held in the batch, four refused: probes must still be answered
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            outcomes = sorted(p.result() for p in pending)
         assert outcomes.count("OK") == 2, outcomes
         assert all("RESOURCE_EXHAUSTED" in o for o in outcomes if o != "OK"), outcomes
         assert call_once(server, backdoored.x_eval[:3]) == 3
+        assert metric(scrape(server), "guard_request_errors_total", model=MODEL, code="RESOURCE_EXHAUSTED") == 4
     finally:
         server.stop(grace=1)
 

@@ -27,6 +27,7 @@ from guard.server.security import BearerToken, read_secret, server_credentials
 
 log = logging.getLogger("guard.server")
 HEALTH_SERVICES = ("", "inference.GRPCInferenceService", "guard.v1.Guard")
+CONTROL_CALLS = 16  # threads and gRPC slots beyond --max-inflight, kept for health checks and metadata
 
 
 class GuardServer:
@@ -38,16 +39,23 @@ class GuardServer:
                                          policy=settings.policy, engine=settings.engine, threads=settings.threads)
         self.metrics = Metrics(settings.served_name)
         self.plane = DataPlane(self.guard, settings.served_name, self.metrics, settings.max_batch,
-                               settings.batch_size, settings.batch_delay_ms / 1000)
+                               settings.batch_size, settings.batch_delay_ms / 1000, settings.max_inflight,
+                               settings.workers)
         limit = settings.max_message_mb * 1024 * 1024
         interceptors = []
         if settings.auth_token_file is not None:
-            token = read_secret(settings.auth_token_file, "token file").decode().strip()
+            try:
+                token = read_secret(settings.auth_token_file, "token file").decode().strip()
+            except UnicodeDecodeError:
+                raise GuardError(f"the token file {settings.auth_token_file} is not UTF-8 text") from None
             interceptors.append(BearerToken(token, lambda: self.plane.count_error("UNAUTHENTICATED")))
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="guard-rpc"),
+            # A thread for every admitted request plus room for health checks and metadata, so nothing waits in
+            # the executor's queue: inference beyond --max-inflight is refused by the data plane at once, engine
+            # runs are limited to --workers there, and probes always find a thread.
+            futures.ThreadPoolExecutor(max_workers=settings.max_inflight + CONTROL_CALLS, thread_name_prefix="guard-rpc"),
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-            maximum_concurrent_rpcs=settings.max_inflight,  # gRPC refuses the rest before they queue
+            maximum_concurrent_rpcs=settings.max_inflight + CONTROL_CALLS,  # gRPC refuses the rest before they queue
             interceptors=interceptors,
         )
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), self.server)

@@ -6,13 +6,14 @@ so both protocols answer and count identically.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 
-from guard.errors import DeadlineExceededError, RequestError
+from guard.errors import DeadlineExceededError, OverloadedError, RequestError
 from guard.runtime.batching import Batcher
 from guard.runtime.guard import Guard, Result
 from guard.server.metrics import Metrics
@@ -26,12 +27,15 @@ class DataPlane:
     """Serves one guarded model under one name."""
 
     def __init__(self, guard: Guard, name: str, metrics: Metrics, max_batch: int, batch_size: int = 0,
-                 batch_delay: float = 0.0) -> None:
+                 batch_delay: float = 0.0, max_inflight: int = 64, workers: int = 8) -> None:
         self.guard = guard
         self.name = name
         self.metrics = metrics
         self.max_batch = max_batch
         self.ready = False
+        self.max_inflight = max_inflight
+        self._admitted = threading.BoundedSemaphore(max_inflight)  # held from arrival to answer
+        self._running = threading.BoundedSemaphore(workers)  # held while the engine works for the request
         self.batcher = None
         if batch_size:
             self.batcher = Batcher(guard.predict, batch_size, batch_delay,
@@ -50,26 +54,33 @@ class DataPlane:
 
     @contextmanager
     def request(self) -> Iterator[None]:
-        """Wraps one request: counts it in flight while it runs."""
+        """Wraps one inference request: admits it if fewer than `max_inflight` are held, else refuses it at once
+        (RESOURCE_EXHAUSTED), and counts it in flight while it is held."""
+        if not self._admitted.acquire(blocking=False):
+            raise OverloadedError(f"the server holds its limit of {self.max_inflight} requests (--max-inflight); "
+                                  "retry later or elsewhere")
         self.metrics.inflight.inc()
         try:
             yield
         finally:
             self.metrics.inflight.dec()
+            self._admitted.release()
 
     def infer(self, x: np.ndarray, decode_seconds: float, time_left: float | None = None) -> Result:
         """Guarded answers for a decoded batch; counts samples, verdicts, scores and stage times.
 
-        `time_left`: seconds until the caller's deadline (None: no deadline). A request out of time is dropped
-        before the engine runs it.
+        `time_left`: seconds until the caller's deadline (gRPC gives a huge number when there is none). A request
+        out of time is dropped before the engine runs it.
         """
         if x.shape[0] > self.max_batch:
             raise RequestError(f"batch of {x.shape[0]} samples exceeds the server's limit of {self.max_batch}")
-        if time_left is not None and time_left <= 0:
-            raise DeadlineExceededError("the deadline passed before the request reached the engine; not computed")
         started = time.perf_counter()
         if self.batcher is None:
-            result = self.guard.predict(x)
+            with self._running:  # at most `workers` engine runs at once; the other admitted requests wait here
+                if time_left is not None and time_left - (time.perf_counter() - started) <= 0:
+                    raise DeadlineExceededError("the deadline passed while the request waited for the engine; "
+                                                "not computed")
+                result = self.guard.predict(x)
             self.metrics.batch.labels(model=self.name).observe(len(x))
         else:  # a bad request is refused here, alone, before it could fail a batch shared with others
             result = self.batcher.submit(self.guard.validate(x), time_left)

@@ -24,5 +24,8 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
             result = self.plane.infer(x, time.perf_counter() - started, context.time_remaining())
             return codecs.encode_predict(result, name, self.plane.guard.policy.value)
 
-        with self.plane.request():
-            return answer(self.plane, context, predict)
+        def admitted() -> guard_pb2.PredictResponse:
+            with self.plane.request():  # refused at once beyond --max-inflight
+                return predict()
+
+        return answer(self.plane, context, admitted)

@@ -62,5 +62,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             result = self.plane.infer(x, time.perf_counter() - started, context.time_remaining())
             return codecs.encode_oip(result, name, request, model.output_name, self.plane.guard.policy.value)
 
-        with self.plane.request():
-            return answer(self.plane, context, infer)
+        def admitted() -> oip.ModelInferResponse:
+            with self.plane.request():  # refused at once beyond --max-inflight
+                return infer()
+
+        return answer(self.plane, context, admitted)

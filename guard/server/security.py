@@ -1,7 +1,8 @@
 """Who may talk to the server: TLS (and mutual TLS) for the gRPC port, and an optional bearer token.
 
-The health service stays open without a token, so that probes and `guard health` need no secret; everything else
-(inference, metadata, guard.v1) needs `authorization: Bearer <token>` when a token is configured.
+Health checks (`Check`) stay open without a token, so that probes and `guard health` need no secret; everything
+else (inference, metadata, guard.v1, and health `Watch`, a stream that would hold a slot for as long as it pleases)
+needs `authorization: Bearer <token>` when a token is configured. The token is read once, at start-up.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import grpc
 
 from guard.errors import GuardError
 
-OPEN_METHODS = ("/grpc.health.v1.Health/",)
+OPEN_METHODS = ("/grpc.health.v1.Health/Check",)
 
 
 def read_secret(path: Path, what: str) -> bytes:
@@ -53,7 +54,7 @@ class BearerToken(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
                           handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        if handler_call_details.method.startswith(OPEN_METHODS):
+        if handler_call_details.method in OPEN_METHODS:
             return continuation(handler_call_details)
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(str(given).encode(), self._expected):

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import grpc
 
-from guard.errors import DeadlineExceededError, RequestError, UnavailableError
+from guard.errors import DeadlineExceededError, OverloadedError, RequestError, UnavailableError
 from guard.server.dataplane import DataPlane, UnknownModelError
 
 log = logging.getLogger("guard.server")
@@ -27,6 +27,8 @@ def answer(plane: DataPlane, context: grpc.ServicerContext, handler: Callable[[]
         code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
     except DeadlineExceededError as exc:
         code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    except OverloadedError as exc:
+        code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     except Exception as exc:
         log.exception("request failed")
         code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
