@@ -1,7 +1,8 @@
 """`guard load`: a bounded load run against `guard serve` on loopback, to show it holds up.
 
 Concurrent tritonclient callers send for a fixed time; every call ends as answered, rejected (RESOURCE_EXHAUSTED:
-more calls than `--max-inflight` allows) or failed (anything else). The server's resident memory is sampled every
+more requests than `--max-inflight` allows, refused by guard, or by gRPC itself beyond the threads and slots guard
+keeps) or failed (anything else). The server's resident memory is sampled every
 second, so a leak shows as growth between the start and the end of the run.
 """
 
@@ -73,7 +74,8 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
                         client.infer("", [tensor], client_timeout=settings.timeout)
                         kind = "answered"
                     except InferenceServerException as exc:
-                        if "RESOURCE_EXHAUSTED" in str(exc.status()) and "max-inflight" in str(exc.message()):
+                        refusal = ("max-inflight", "Concurrent RPC limit")  # guard's, and gRPC's own beyond it
+                        if "RESOURCE_EXHAUSTED" in str(exc.status()) and any(r in str(exc.message()) for r in refusal):
                             kind = "rejected"
                         else:
                             with lock:
