@@ -31,3 +31,7 @@ class DeadlineExceededError(GuardError):
 
 class OverloadedError(GuardError):
     """The server already holds as many requests as it may (--max-inflight); this one is refused at once."""
+
+
+class CheckFailedError(UnavailableError):
+    """The guard could not check the request (its run failed or overran its budget) and fails closed."""

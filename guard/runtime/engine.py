@@ -10,6 +10,10 @@ whose model lives in PyTorch on a GPU.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,9 +41,9 @@ class Engine(Protocol):
     @property
     def providers(self) -> list[str]: ...
 
-    def run(self, x: np.ndarray) -> EngineRun: ...
+    def run(self, x: np.ndarray, deadline: float | None = None) -> EngineRun: ...
 
-    def repredict(self, run: EngineRun, rows: np.ndarray) -> np.ndarray: ...
+    def repredict(self, run: EngineRun, rows: np.ndarray, deadline: float | None = None) -> np.ndarray: ...
 
 
 def build_engine(kind: str, graphs: ServingGraphs, input_name: str, output_name: str, device: str = "cpu",
@@ -70,6 +74,50 @@ def _tail_names(graphs: ServingGraphs, input_name: str) -> tuple[list[str], dict
     return outputs, feeds
 
 
+def _sessions(ort: Any, device: str, threads: int) -> tuple[Any, list[str]]:
+    if device == "cuda":
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    elif device == "cpu":
+        providers = ["CPUExecutionProvider"]
+    else:
+        raise GuardError(f"unknown device {device!r}: use cpu or cuda")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per core)
+    return options, providers
+
+
+class UnguardedModel:
+    """The model exactly as it was given, no mask and no check: what a guard that fails open answers with."""
+
+    def __init__(self, model: bytes, input_name: str, device: str = "cpu", threads: int = 0) -> None:
+        ort = _onnxruntime()
+        options, providers = _sessions(ort, device, threads)
+        try:
+            self.session = ort.InferenceSession(model, options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors; report them plainly
+            raise ModelError(f"ONNX Runtime could not load the model: {exc}") from None
+        self.input_name = input_name
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+@contextmanager
+def _run_options(ort: Any, deadline: float | None) -> Iterator[Any]:
+    """RunOptions that ONNX Runtime aborts (raising) once `deadline` (time.perf_counter()) passes; None without one."""
+    if deadline is None:
+        yield None
+        return
+    options = ort.RunOptions()
+    timer = threading.Timer(max(0.0, deadline - time.perf_counter()), setattr, (options, "terminate", True))
+    timer.start()
+    try:
+        yield options
+    finally:
+        timer.cancel()
+
+
 class OrtEngine:
     """ONNX Runtime sessions for the served graph and the tail (IOBinding on CUDA, plain runs on CPU)."""
 
@@ -77,15 +125,7 @@ class OrtEngine:
                  threads: int = 0, io_binding: bool | None = None) -> None:
         """`io_binding`: None binds on CUDA only; True also on CPU (the CUDA path, testable without a GPU)."""
         ort = _onnxruntime()
-        if device == "cuda":
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        elif device == "cpu":
-            providers = ["CPUExecutionProvider"]
-        else:
-            raise GuardError(f"unknown device {device!r}: use cpu or cuda")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per core)
+        options, providers = _sessions(ort, device, threads)
         try:
             self.session = ort.InferenceSession(graphs.served, options, providers=providers)
             self.tail = ort.InferenceSession(graphs.tail, options, providers=providers)
@@ -108,9 +148,14 @@ class OrtEngine:
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
 
-    def run(self, x: np.ndarray) -> EngineRun:
+    def run(self, x: np.ndarray, deadline: float | None = None) -> EngineRun:
+        """`deadline` (time.perf_counter()): abort the run, raising, once it passes."""
+        with _run_options(self._ort, deadline) as options:
+            return self._run(x, options)
+
+    def _run(self, x: np.ndarray, options: Any) -> EngineRun:
         if not self.io_binding:
-            logits, score, needs, *carried = self.session.run(self._outputs, {self.input_name: x})
+            logits, score, needs, *carried = self.session.run(self._outputs, {self.input_name: x}, options)
             carry = {self._feeds[name]: v for name, v in zip(self._carried, carried, strict=True)}
             if self.input_name in self._feeds:
                 carry[self._feeds[self.input_name]] = x
@@ -120,24 +165,28 @@ class OrtEngine:
         binding.bind_ortvalue_input(self.input_name, value)
         for name in self._outputs:
             binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, options)
         logits, score, needs, *carried = binding.get_outputs()
         carry = {self._feeds[name]: v for name, v in zip(self._carried, carried, strict=True)}
         if self.input_name in self._feeds:
             carry[self._feeds[self.input_name]] = value
         return EngineRun(logits.numpy(), score.numpy(), needs.numpy(), carry)
 
-    def repredict(self, run: EngineRun, rows: np.ndarray) -> np.ndarray:
+    def repredict(self, run: EngineRun, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Benign logits (len(rows), K) from the tail, reading the run's cut tensors where they are."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
+        with _run_options(self._ort, deadline) as options:
+            return self._repredict(run, rows, options)
+
+    def _repredict(self, run: EngineRun, rows: np.ndarray, options: Any) -> np.ndarray:
         if not self.io_binding:
-            return self.tail.run([self.output_name], {**run.carry, ROWS_INPUT: rows})[0]
+            return self.tail.run([self.output_name], {**run.carry, ROWS_INPUT: rows}, options)[0]
         binding = self.tail.io_binding()
         for name, value in run.carry.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_cpu_input(ROWS_INPUT, rows)
         binding.bind_output(self.output_name, self.device)
-        self.tail.run_with_iobinding(binding)
+        self.tail.run_with_iobinding(binding, options)
         return binding.get_outputs()[0].numpy()
 
 
@@ -174,7 +223,8 @@ class TorchEngine:
     def providers(self) -> list[str]:
         return [f"torch:{self._device}"]
 
-    def run(self, x: np.ndarray) -> EngineRun:
+    def run(self, x: np.ndarray, deadline: float | None = None) -> EngineRun:
+        """`deadline` is not supported: torch has no way to abort a forward pass (Guard refuses a budget here)."""
         torch = self._torch
         if not x.flags.writeable:  # a request decoded straight from gRPC's buffer; torch wants its own memory
             x = x.copy()
@@ -187,7 +237,7 @@ class TorchEngine:
         host = {name: outputs[name].cpu().numpy() for name in (self.output_name, SCORE_OUTPUT, NEEDS_OUTPUT)}
         return EngineRun(host[self.output_name], host[SCORE_OUTPUT], host[NEEDS_OUTPUT], carry)
 
-    def repredict(self, run: EngineRun, rows: np.ndarray) -> np.ndarray:
+    def repredict(self, run: EngineRun, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
             index = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self._device)

@@ -7,6 +7,7 @@ Result.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from guard.calibrate.profile import Profile
-from guard.errors import ModelError, ProfileError, RequestError
+from guard.errors import CheckFailedError, GuardError, ModelError, ProfileError, RequestError
 from guard.model.graph import LoadedModel, load_model, tap_channels, validate_taps
 from guard.model.serving import serving_graphs
-from guard.runtime.engine import build_engine
-from guard.runtime.policy import Policy, apply_policy
+from guard.runtime.engine import UnguardedModel, build_engine
+from guard.runtime.policy import FailurePolicy, Policy, apply_policy
+
+log = logging.getLogger("guard.runtime")
 
 
 @dataclass
@@ -31,11 +34,12 @@ class Result:
     score: np.ndarray  # (N,) float32, the consistency score (flagged above the profile's tau)
     model_labels: np.ndarray  # (N,) int64, what the masked model answered before the check
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    unchecked: bool = False  # the check failed and the policy failed open: the unguarded model answered
 
     def rows(self, start: int, stop: int) -> Result:
         """Samples start..stop of this result (a dynamic batch split back into its requests)."""
         return Result(self.labels[start:stop], self.logits[start:stop], self.flagged[start:stop],
-                      self.score[start:stop], self.model_labels[start:stop], dict(self.stage_seconds))
+                      self.score[start:stop], self.model_labels[start:stop], dict(self.stage_seconds), self.unchecked)
 
 
 class Guard:
@@ -50,7 +54,10 @@ class Guard:
 
     def __init__(self, model: LoadedModel, profile: Profile, *, device: str = "cpu",
                  policy: Policy | str = Policy.ENFORCE, threads: int = 0, engine: str = "onnxruntime",
-                 io_binding: bool | None = None) -> None:
+                 io_binding: bool | None = None, on_failure: FailurePolicy | str = FailurePolicy.CLOSED,
+                 check_budget: float | None = None) -> None:
+        """`on_failure`: what a failed check does (refuse, or answer unguarded); `check_budget`: seconds the guarded
+        run may take before it counts as failed (None: no limit; the ONNX Runtime engine only)."""
         profile.verify_model(model.sha256)
         try:
             validate_taps(model, profile.tap_names)
@@ -72,16 +79,24 @@ class Guard:
                                 profile.check(), profile.thresholds.tau)
         self.tail_from_input = graphs.tail_from_input  # the graphs' bytes are not kept: the sessions hold them
         self.engine = build_engine(engine, graphs, model.input_name, model.output_name, device, threads, io_binding)
+        self.on_failure = FailurePolicy(on_failure)
+        if check_budget is not None and (engine != "onnxruntime" or check_budget <= 0):
+            raise GuardError("a check budget needs the onnxruntime engine and a positive number of seconds")
+        self.check_budget = check_budget
         self._warm_up()
+        # Failing open answers with the model as it is, so it needs a session of its own, built before serving.
+        self._unguarded = (UnguardedModel(model.proto.SerializeToString(), model.input_name, device, threads)
+                           if self.on_failure is FailurePolicy.OPEN else None)
 
     @classmethod
     def load(cls, model: str | Path, profile: str | Path, *, device: str = "cpu",
              policy: Policy | str = Policy.ENFORCE, threads: int = 0, engine: str = "onnxruntime",
-             io_binding: bool | None = None) -> Guard:
+             io_binding: bool | None = None, on_failure: FailurePolicy | str = FailurePolicy.CLOSED,
+             check_budget: float | None = None) -> Guard:
         """`threads`: intra-op threads (0 = the engine's default); `engine`: onnxruntime or torch; `io_binding`:
         ONNX Runtime's IOBinding (default: on CUDA only)."""
         return cls(load_model(model), Profile.load(profile), device=device, policy=policy, threads=threads,
-                   engine=engine, io_binding=io_binding)
+                   engine=engine, io_binding=io_binding, on_failure=on_failure, check_budget=check_budget)
 
     @property
     def tau(self) -> float:
@@ -115,9 +130,26 @@ class Guard:
         return x
 
     def predict(self, x: np.ndarray) -> Result:
-        x = self.validate(x)
+        """Guarded answers for a batch. A bad batch raises RequestError; a failure of the guard itself (an engine
+        error, or the check over its budget) does what `on_failure` says."""
+        x = np.ascontiguousarray(self.validate(x))
+        try:
+            return self._guarded(x)
+        except Exception as exc:  # whatever broke inside the guard, the policy decides
+            if self._unguarded is None:
+                raise CheckFailedError(f"the guard could not check this request ({type(exc).__name__}: {exc}); "
+                                       "refused (fail-closed)") from exc
+            log.warning("check failed, answering unguarded (fail-open): %s: %s", type(exc).__name__, exc)
+            logits = self._unguarded.logits(x)
+            labels = logits.argmax(axis=1).astype(np.int64)
+            return Result(labels=labels, logits=logits.astype(np.float32, copy=False),
+                          flagged=np.zeros(len(x), dtype=bool), score=np.full(len(x), np.nan, dtype=np.float32),
+                          model_labels=labels, unchecked=True)
+
+    def _guarded(self, x: np.ndarray) -> Result:
         t0 = time.perf_counter()
-        run = self.engine.run(np.ascontiguousarray(x))
+        deadline = None if self.check_budget is None else t0 + self.check_budget
+        run = self.engine.run(x, deadline)
         t1 = time.perf_counter()
         model_labels = run.logits.argmax(axis=1)
         flagged = run.score > self.tau
@@ -125,7 +157,7 @@ class Guard:
         if run.needs.any():  # most clean batches skip all of this
             rows = np.flatnonzero(run.needs)
             benign_logits = run.logits.copy()
-            benign_logits[rows] = self.engine.repredict(run, rows)
+            benign_logits[rows] = self.engine.repredict(run, rows, deadline)
             flagged |= benign_logits.argmax(axis=1) != model_labels
             answer = apply_policy(self.policy, run.logits, benign_logits, flagged)
             labels = answer.argmax(axis=1)

@@ -12,6 +12,13 @@ class Policy(str, Enum):
     ENFORCE = "enforce"  # flagged samples get the answer of the model restricted to their benign neurons
 
 
+class FailurePolicy(str, Enum):
+    """What the guard does when its own check fails (an engine error, or the check over its time budget)."""
+
+    CLOSED = "closed"  # refuse the request: nothing unchecked reaches the caller
+    OPEN = "open"  # answer with the unguarded model, mark the answer unchecked, and count it
+
+
 def apply_policy(policy: Policy, logits: np.ndarray, benign_logits: np.ndarray, flagged: np.ndarray) -> np.ndarray:
     """The logits to answer with, one row per sample."""
     if policy is Policy.MONITOR:

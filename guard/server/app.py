@@ -36,7 +36,9 @@ class GuardServer:
     def __init__(self, settings: ServeSettings, guard: Guard | None = None) -> None:
         self.settings = settings
         self.guard = guard or Guard.load(settings.model, settings.profile, device=settings.device,
-                                         policy=settings.policy, engine=settings.engine, threads=settings.threads)
+                                         policy=settings.policy, engine=settings.engine, threads=settings.threads,
+                                         on_failure=settings.on_check_failure,
+                                         check_budget=settings.check_budget_ms / 1000 or None)
         self.metrics = Metrics(settings.served_name)
         self.plane = DataPlane(self.guard, settings.served_name, self.metrics, settings.max_batch,
                                settings.batch_size, settings.batch_delay_ms / 1000, settings.max_inflight,

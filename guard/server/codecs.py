@@ -69,6 +69,7 @@ def encode_oip(result: Result, model_name: str, request: oip.ModelInferRequest, 
     response.parameters["guard_policy"].string_param = policy
     response.parameters["guard_flagged_count"].int64_param = flagged
     response.parameters["guard_samples"].int64_param = len(result.flagged)
+    response.parameters["guard_unchecked"].bool_param = result.unchecked
     return response
 
 

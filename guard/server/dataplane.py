@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from guard.errors import DeadlineExceededError, OverloadedError, RequestError
+from guard.errors import CheckFailedError, DeadlineExceededError, OverloadedError, RequestError
 from guard.runtime.batching import Batcher
 from guard.runtime.guard import Guard, Result
 from guard.server.metrics import Metrics
@@ -67,7 +67,7 @@ class DataPlane:
             self._admitted.release()
 
     def infer(self, x: np.ndarray, decode_seconds: float, time_left: float | None = None) -> Result:
-        """Guarded answers for a decoded batch; counts samples, verdicts, scores and stage times.
+        """Guarded answers for a decoded batch; counts samples, verdicts, scores, stage times and failed checks.
 
         `time_left`: seconds until the caller's deadline (gRPC gives a huge number when there is none). A request
         out of time is dropped before the engine runs it.
@@ -75,15 +75,13 @@ class DataPlane:
         if x.shape[0] > self.max_batch:
             raise RequestError(f"batch of {x.shape[0]} samples exceeds the server's limit of {self.max_batch}")
         started = time.perf_counter()
-        if self.batcher is None:
-            with self._running:  # at most `workers` engine runs at once; the other admitted requests wait here
-                if time_left is not None and time_left - (time.perf_counter() - started) <= 0:
-                    raise DeadlineExceededError("the deadline passed while the request waited for the engine; "
-                                                "not computed")
-                result = self.guard.predict(x)
-            self.metrics.batch.labels(model=self.name).observe(len(x))
-        else:  # a bad request is refused here, alone, before it could fail a batch shared with others
-            result = self.batcher.submit(self.guard.validate(x), time_left)
+        try:
+            result = self._predict(x, time_left, started)
+        except CheckFailedError:
+            self.metrics.check_failures.labels(model=self.name, outcome="refused").inc()
+            raise
+        if result.unchecked:
+            self.metrics.check_failures.labels(model=self.name, outcome="answered_unguarded").inc()
         total = decode_seconds + time.perf_counter() - started
         m, name = self.metrics, self.name
         flagged = int(result.flagged.sum())
@@ -92,9 +90,21 @@ class DataPlane:
         m.requests.labels(model=name, verdict="flagged" if flagged else "clean").inc()
         for stage, seconds in {"decode": decode_seconds, **result.stage_seconds, "total": total}.items():
             m.duration.labels(model=name, stage=stage).observe(seconds)
-        score = m.score.labels(model=name)
-        for value in result.score.tolist():
-            score.observe(value)
+        if not result.unchecked:  # an unguarded answer has no score
+            score = m.score.labels(model=name)
+            for value in result.score.tolist():
+                score.observe(value)
+        return result
+
+    def _predict(self, x: np.ndarray, time_left: float | None, started: float) -> Result:
+        if self.batcher is not None:  # a bad request is refused here, alone, before it could fail a shared batch
+            return self.batcher.submit(self.guard.validate(x), time_left)
+        with self._running:  # at most `workers` engine runs at once; the other admitted requests wait here
+            if time_left is not None and time_left - (time.perf_counter() - started) <= 0:
+                raise DeadlineExceededError("the deadline passed while the request waited for the engine; "
+                                            "not computed")
+            result = self.guard.predict(x)
+        self.metrics.batch.labels(model=self.name).observe(len(x))
         return result
 
     def count_error(self, code: str) -> None:

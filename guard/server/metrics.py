@@ -41,6 +41,9 @@ class Metrics:
                                buckets=_SCORE_BUCKETS, registry=r)
         self.batch = Histogram("guard_engine_batch_samples", "Samples per engine run (dynamic batching joins requests)",
                                ["model"], buckets=_BATCH_BUCKETS, registry=r)
+        self.check_failures = Counter("guard_check_failures_total",
+                                      "Requests the guard could not check, by what the failure policy did",
+                                      ["model", "outcome"], registry=r)
         self.inflight = Gauge("guard_inflight_requests", "Requests being answered now", registry=r)
         self.ready = Gauge("guard_model_ready", "1 when the model is loaded and serving", ["model"], registry=r)
         self.build = Gauge("guard_build_info", "Build information", ["version"], registry=r)
@@ -54,6 +57,8 @@ class Metrics:
         for stage in STAGES:
             self.duration.labels(model=model, stage=stage)
         self.score.labels(model=model)
+        for outcome in ("refused", "answered_unguarded"):
+            self.check_failures.labels(model=model, outcome=outcome)
         self.batch.labels(model=model)
         self.ready.labels(model=model).set(0)
         self._http: WSGIServer | None = None

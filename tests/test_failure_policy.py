@@ -1,0 +1,73 @@
+"""When the guard itself fails: a check budget so small that ONNX Runtime aborts every guarded run (a real failure
+inside the check, not a stub), under each failure policy, in-process and through the real server."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from conftest import Backdoored
+from guard.config import ServeSettings
+from guard.errors import CheckFailedError, GuardError
+from guard.model.graph import load_model
+from guard.runtime.engine import UnguardedModel
+from guard.runtime.guard import Guard
+from guard.server.app import GuardServer
+
+MODEL = "badnets"
+BUDGET = 1e-6  # seconds: the abort lands before a 256-image batch is through the graph
+
+
+@pytest.fixture(scope="module")
+def big_batch(backdoored: Backdoored) -> np.ndarray:
+    triggered, _ = backdoored.triggered()
+    return np.ascontiguousarray(np.concatenate([backdoored.x_eval[:128], triggered[:128]]))
+
+
+def test_fail_closed_refuses_and_fail_open_answers_unguarded(backdoored: Backdoored, big_batch: np.ndarray) -> None:
+    closed = Guard.load(backdoored.model_path, backdoored.profile_path, check_budget=BUDGET)
+    with pytest.raises(CheckFailedError, match="terminate"):
+        closed.predict(big_batch)
+    opened = Guard.load(backdoored.model_path, backdoored.profile_path, check_budget=BUDGET, on_failure="open")
+    result = opened.predict(big_batch)
+    bare = UnguardedModel(load_model(backdoored.model_path).proto.SerializeToString(), "input").logits(big_batch)
+    assert result.unchecked and not result.flagged.any() and np.isnan(result.score).all()
+    np.testing.assert_array_equal(result.labels, bare.argmax(axis=1))  # the model's own answers, triggers and all
+    unlimited = Guard.load(backdoored.model_path, backdoored.profile_path, on_failure="open").predict(big_batch)
+    assert not unlimited.unchecked and unlimited.flagged[128:].mean() > 0.8  # no failure: guarded as usual
+
+
+def test_a_budget_needs_the_onnxruntime_engine(backdoored: Backdoored) -> None:
+    with pytest.raises(GuardError, match="budget"):
+        Guard.load(backdoored.model_path, backdoored.profile_path, engine="torch", check_budget=0.1)
+
+
+@pytest.mark.parametrize("policy", ["closed", "open"])
+def test_the_server_applies_the_policy_and_counts_it(backdoored: Backdoored, big_batch: np.ndarray,
+                                                     policy: str) -> None:
+    server = GuardServer(ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0,
+                                       metrics_port=0, on_check_failure=policy, check_budget_ms=BUDGET * 1000))
+    server.start()
+    try:
+        with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
+            tensor = triton.InferInput("input", list(big_batch.shape), "FP32")
+            tensor.set_data_from_numpy(big_batch)
+            if policy == "closed":
+                with pytest.raises(InferenceServerException, match="fail-closed"):
+                    client.infer(MODEL, [tensor])
+            else:
+                reply = client.infer(MODEL, [tensor])
+                assert reply.get_response().parameters["guard_unchecked"].bool_param
+                assert not reply.as_numpy("guard_flagged").any()
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    finally:
+        server.stop(grace=1)
+    outcome = "refused" if policy == "closed" else "answered_unguarded"
+    assert f'guard_check_failures_total{{model="{MODEL}",outcome="{outcome}"}} 1.0' in text
+    if policy == "closed":
+        assert f'guard_request_errors_total{{code="UNAVAILABLE",model="{MODEL}"}} 1.0' in text
