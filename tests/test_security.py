@@ -130,3 +130,27 @@ def test_incomplete_security_settings_refuse_to_start(backdoored: Backdoored, pk
     with pytest.raises(ValidationError, match=message):
         ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path,
                       **{k: pki / v for k, v in given.items()})
+
+
+def test_defaults_listen_on_loopback_and_metrics_can_bind_elsewhere(backdoored: Backdoored) -> None:
+    defaults = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path)
+    assert defaults.host == defaults.metrics_host == "127.0.0.1"
+    server = serve(backdoored, metrics_host="127.0.0.2")  # Linux routes all of 127/8 to loopback
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.2:{server.metrics_port}/metrics", timeout=5) as response:
+            assert b"guard_model_ready" in response.read()
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5)
+        assert len(infer(f"127.0.0.1:{server.port}", backdoored.x_eval[:1])) == 1
+    finally:
+        server.stop(grace=1)
+
+
+def test_data_files_holding_pickles_are_refused(tmp_path: Path) -> None:
+    from guard.errors import GuardError
+    from guard.samples import load_samples
+
+    path = tmp_path / "evil.npz"
+    np.savez(path, x=np.array([{"run": "code"}], dtype=object))  # an object array is stored as a pickle
+    with pytest.raises(GuardError):
+        load_samples(path)
