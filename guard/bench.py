@@ -21,12 +21,16 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from guard.errors import GuardError
 from guard.model.graph import default_taps, load_model
 from guard.runtime.guard import Guard
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import InferInput
 
 
 @dataclass
@@ -49,7 +53,16 @@ def _percentiles(latencies: list[float], batch: int) -> dict[str, float]:
             "throughput": round(batch / float(seconds.mean()), 1), "calls": len(latencies)}
 
 
-def _batches(x: np.ndarray, batch: int, count: int = 8) -> list[np.ndarray]:
+def triton_input(name: str, x: np.ndarray) -> InferInput:
+    """A tritonclient FP32 input tensor holding `x`."""
+    import tritonclient.grpc as triton
+
+    tensor = triton.InferInput(name, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor
+
+
+def cycled_batches(x: np.ndarray, batch: int, count: int = 8) -> list[np.ndarray]:
     """`count` different batches of `batch` samples, cycling through x."""
     index = (np.arange(batch * count) % len(x)).reshape(count, batch)
     return [np.ascontiguousarray(x[i]) for i in index]
@@ -147,9 +160,7 @@ def _server_load(port: int, input_name: str, batches: list[np.ndarray], seconds:
             with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
                 mine, calls = [], 0
                 while time.perf_counter() < stop or calls == 0:
-                    x = batches[(offset + calls) % len(batches)]
-                    tensor = triton.InferInput(input_name, list(x.shape), "FP32")
-                    tensor.set_data_from_numpy(x)
+                    tensor = triton_input(input_name, batches[(offset + calls) % len(batches)])
                     started = time.perf_counter()
                     client.infer("", [tensor], client_timeout=60)
                     mine.append(time.perf_counter() - started)
@@ -178,9 +189,7 @@ def _warm(port: int, input_name: str, x: np.ndarray) -> None:
     import tritonclient.grpc as triton
 
     with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
-        tensor = triton.InferInput(input_name, list(x.shape), "FP32")
-        tensor.set_data_from_numpy(x)
-        client.infer("", [tensor], client_timeout=60)
+        client.infer("", [triton_input(input_name, x)], client_timeout=60)
 
 
 def _strip_ratio(session, input_name: str, x: np.ndarray, overlays: int, bare_seconds: float) -> dict[str, float]:
@@ -213,7 +222,7 @@ def _tap_growth(model_path: Path, x: np.ndarray, y: np.ndarray, bare, settings: 
     conv = default_taps(loaded, conv_taps=len(loaded.proto.graph.node))[:-1]
     penultimate = default_taps(loaded, conv_taps=0)
     batch = max(settings.batches)
-    batches = _batches(x, batch)
+    batches = cycled_batches(x, batch)
     rows = []
     for count in range(min(len(conv), 3) + 1):
         taps = [*conv[len(conv) - count:], *penultimate]
@@ -260,7 +269,7 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
     server = ServerProcess(model_path, profile_path, args, workdir)
     try:
         for batch in settings.batches:
-            batches = _batches(x, batch)
+            batches = cycled_batches(x, batch)
             bare_t, guarded_t = _side_by_side(bare, guard.predict, batches, settings.seconds)
             flagged = float(np.mean([guard.predict(b).flagged.mean() for b in batches]))
             repredicted = float(np.mean([guard.engine.run(b).needs.mean() for b in batches]))
@@ -275,11 +284,11 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
         figures["server_peak_rss_mb"] = round(server.rss_mb("VmHWM"), 1)
     finally:
         server.close()
-    largest = _batches(x, max(settings.batches), 1)[0]
+    largest = cycled_batches(x, max(settings.batches), 1)[0]
     figures["bare_process_peak_rss_mb"] = round(
         bare_process_rss(model_path, largest, settings.threads, provider, workdir), 1)
     figures["server_over_bare_rss"] = round(figures["server_peak_rss_mb"] / figures["bare_process_peak_rss_mb"], 3)
-    bare_seconds = float(np.median(_side_by_side(bare, bare, [largest], 0.5)[0]))
+    bare_seconds = next(r["bare"]["p50_ms"] for r in figures["rows"] if r["batch"] == len(largest)) / 1e3
     figures["strip"] = _strip_ratio(session, input_name, largest, settings.strip_overlays, bare_seconds)
     if y is not None and settings.tap_growth:
         figures["tap_growth"] = _tap_growth(model_path, x, y, bare, settings, workdir)

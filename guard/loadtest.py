@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.bench import ServerProcess
+from guard.bench import ServerProcess, cycled_batches, triton_input
 from guard.errors import GuardError
+from guard.model.graph import load_model
 
 
 @dataclass
@@ -41,6 +42,7 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
     import tritonclient.grpc as triton
     from tritonclient.utils import InferenceServerException
 
+    input_name = load_model(model).input_name
     server = ServerProcess(Path(model), Path(profile), ["--max-inflight", str(settings.max_inflight),
                                                         "--workers", str(settings.workers)], workdir)
     outcomes: dict[str, list[float]] = {"answered": [], "rejected": []}
@@ -48,12 +50,10 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
     lock = threading.Lock()
     rss: list[float] = []
     try:
-        batches = [np.ascontiguousarray(x[(np.arange(settings.batch) + i) % len(x)]) for i in range(16)]
+        batches = cycled_batches(x, settings.batch, 16)
         with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:  # warm: the start of the run
             for batch in batches:
-                tensor = triton.InferInput("input", list(batch.shape), "FP32")
-                tensor.set_data_from_numpy(batch)
-                client.infer("", [tensor], client_timeout=settings.timeout)
+                client.infer("", [triton_input(input_name, batch)], client_timeout=settings.timeout)
         rss.append(server.rss_mb())
         stop = time.perf_counter() + settings.seconds
         done = threading.Event()
@@ -66,9 +66,7 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
             with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
                 calls = 0
                 while time.perf_counter() < stop:
-                    batch = batches[(offset + calls) % len(batches)]
-                    tensor = triton.InferInput("input", list(batch.shape), "FP32")
-                    tensor.set_data_from_numpy(batch)
+                    tensor = triton_input(input_name, batches[(offset + calls) % len(batches)])
                     started = time.perf_counter()
                     try:
                         client.infer("", [tensor], client_timeout=settings.timeout)

@@ -99,14 +99,17 @@ def _dims(type_proto: onnx.TypeProto) -> tuple[int | None, ...]:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in shape.dim)
 
 
+def tensor_dims(proto: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Dims (None where symbolic) of every tensor whose shape inference can tell; one inference pass."""
+    inferred = shape_inference.infer_shapes(proto)
+    return {value.name: _dims(value.type)
+            for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+            if value.type.tensor_type.HasField("shape")}
+
+
 def tensor_ranks(proto: onnx.ModelProto) -> dict[str, int]:
     """Rank of every tensor that shape inference can tell."""
-    inferred = shape_inference.infer_shapes(proto)
-    ranks: dict[str, int] = {}
-    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        if value.type.tensor_type.HasField("shape"):
-            ranks[value.name] = len(value.type.tensor_type.shape.dim)
-    return ranks
+    return {name: len(dims) for name, dims in tensor_dims(proto).items()}
 
 
 def default_taps(model: LoadedModel, conv_taps: int = 2) -> list[str]:
@@ -439,15 +442,12 @@ def _covering_max_pool(proto: onnx.ModelProto, tap: str, dims: dict[str, tuple[i
     return None
 
 
-def add_linf(proto: onnx.ModelProto, taps: list[str]) -> list[str]:
+def add_linf(proto: onnx.ModelProto, taps: list[str], dims: dict[str, tuple[int | None, ...]]) -> list[str]:
     """The tensors holding each tap's per-channel ℓ∞: a spatial max added for (N, C, H, W) taps, the tap itself for
-    (N, C) ones."""
-    ranks = tensor_ranks(proto)
-    inferred = shape_inference.infer_shapes(proto)
-    dims = {v.name: _dims(v.type) for v in inferred.graph.value_info}
+    (N, C) ones. `dims`: tensor_dims(proto), which the caller already has."""
     names = []
     for index, tap in enumerate(taps):
-        if ranks.get(tap) == 4:
+        if len(dims.get(tap, ())) == 4:
             out = f"{LINF_PREFIX}{index}"
             proto.graph.node.extend(_spatial_max_nodes(proto, _covering_max_pool(proto, tap, dims) or tap, out))
             names.append(out)

@@ -26,7 +26,7 @@ from guard.model.graph import (
     fold_static_mask,
     insert_mul,
     opset_version,
-    tensor_ranks,
+    tensor_dims,
     zero_above_bound,
 )
 
@@ -61,17 +61,17 @@ def serving_graphs(model: LoadedModel, taps: list[str], keep: dict[str, np.ndarr
         raise ModelError(f"the model already has tensors named like guard's own ({taken[:5]}); rename them")
     folded, _ = fold_static_mask(model, keep)
     cut, from_input = cut_before(folded, taps, model.input_name)
+    dims = tensor_dims(folded)  # folding changed weights only: the same shapes serve every graph built below
     served = copy.deepcopy(folded)
-    linf = add_linf(served, taps)
+    linf = add_linf(served, taps, dims)
     del served.graph.output[1:]
     channels = [len(keep[tap]) for tap in taps]
     masks = _add_check(served, model.output_name, linf, channels, [tap in bounds for tap in taps],
                        [keep[tap] for tap in taps], check, tau)
-    ranks = tensor_ranks(folded)
     for name in cut:
         if name != model.input_name:
-            served.graph.output.append(_batch_value(name, ranks[name]))
-    tail = tail_graph(folded, taps, cut, bounds, keep)
+            served.graph.output.append(_batch_value(name, len(dims[name])))
+    tail = tail_graph(folded, taps, cut, bounds, keep, dims)
     for proto in (served, tail):
         try:
             onnx.checker.check_model(proto)
@@ -258,7 +258,7 @@ def _batch_value(name: str, rank: int) -> onnx.ValueInfoProto:
 
 
 def tail_graph(folded: onnx.ModelProto, taps: list[str], cut: list[str], bounds: dict[str, np.ndarray],
-               keep: dict[str, np.ndarray]) -> onnx.ModelProto:
+               keep: dict[str, np.ndarray], dims: dict[str, tuple[int | None, ...]]) -> onnx.ModelProto:
     """The layers after the cut as a graph of their own: inputs `guard_cut_i` (full batch), `guard_rows` (the rows
     to re-predict) and, per tap without unit bounds, its masks `guard_mask_<tap index>` (full batch, C); output the
     benign logits of those rows only. Taps with unit bounds get their static mask and bounds as constants."""
@@ -270,7 +270,7 @@ def tail_graph(folded: onnx.ModelProto, taps: list[str], cut: list[str], bounds:
     # Head nodes that do not read the input (constants, shape arithmetic on weights) are cheap: keep them.
     kept = [node for i, node in enumerate(graph.node) if i not in head or not set(node.output) & from_input]
     rows_input = helper.make_tensor_value_info(ROWS_INPUT, onnx.TensorProto.INT64, ["rows"])
-    ranks = tensor_ranks(folded)
+    ranks = {name: len(d) for name, d in dims.items()}
     gathers, inputs, masks = [], [], []
     for index, tap in enumerate(taps):
         mask = f"{MASK_PREFIX}{index}"

@@ -58,6 +58,8 @@ class Guard:
                  check_budget: float | None = None) -> None:
         """`on_failure`: what a failed check does (refuse, or answer unguarded); `check_budget`: seconds the guarded
         run may take before it counts as failed (None: no limit; the ONNX Runtime engine only)."""
+        if check_budget is not None and (engine != "onnxruntime" or check_budget <= 0):
+            raise GuardError("a check budget needs the onnxruntime engine and a positive number of seconds")
         profile.verify_model(model.sha256)
         try:
             validate_taps(model, profile.tap_names)
@@ -80,8 +82,6 @@ class Guard:
         self.tail_from_input = graphs.tail_from_input  # the graphs' bytes are not kept: the sessions hold them
         self.engine = build_engine(engine, graphs, model.input_name, model.output_name, device, threads, io_binding)
         self.on_failure = FailurePolicy(on_failure)
-        if check_budget is not None and (engine != "onnxruntime" or check_budget <= 0):
-            raise GuardError("a check budget needs the onnxruntime engine and a positive number of seconds")
         self.check_budget = check_budget
         self._warm_up()
         # Failing open answers with the model as it is, so it needs a session of its own, built before serving.
