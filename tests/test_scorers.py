@@ -314,17 +314,28 @@ def test_benign_set_at_full_share_leaves_out_channels_without_salience() -> None
 # ---------------------------------------------------------------------------------------------- score_threshold
 
 
-def test_score_threshold_hits_the_false_positive_rate_exactly() -> None:
+def test_score_threshold_is_the_split_conformal_quantile() -> None:
     scores = np.random.default_rng(0).permutation(np.arange(200, dtype=np.float64))
     none = np.zeros(200, dtype=bool)
-    for fpr in (0.01, 0.05, 0.1, 0.5):
+    for fpr, allowed in ((0.01, 1), (0.05, 9), (0.1, 19), (0.5, 99)):  # 200 - ceil(201 * (1 - fpr))
         tau = score_threshold(scores, none, fpr)
-        assert (scores > tau).sum() == round(fpr * 200)
-        assert (scores > tau - 1).sum() == round(fpr * 200) + 1  # the lowest such threshold
+        assert (scores > tau).sum() == allowed
+        assert (scores > tau - 1).sum() == allowed + 1  # the lowest such threshold
+    # too few samples for the rate: nothing above the threshold
+    assert (np.arange(10.0) > score_threshold(np.arange(10.0), np.zeros(10, dtype=bool), 0.05)).sum() == 0
     # ties at the boundary: never more than the budget
     tied = np.array([9.0, 8.0, 7.0, 7.0, 7.0, 1.0, 1.0, 1.0, 1.0, 1.0] * 10)
     tau = score_threshold(tied, np.zeros(100, dtype=bool), 0.25)
     assert (tied > tau).sum() <= 25
+
+
+def test_score_threshold_keeps_the_fresh_false_positive_rate_at_the_target() -> None:
+    # Uniform clean scores: a fresh request's chance of scoring above τ is 1 - τ. Over 2,000 calibrations on 300
+    # samples its mean must not exceed the target (the plain empirical quantile gives about 0.053 here).
+    rng = np.random.default_rng(2)
+    none = np.zeros(300, dtype=bool)
+    fresh_rates = [1 - score_threshold(rng.random(300), none, 0.05) for _ in range(2000)]
+    assert 0.045 <= np.mean(fresh_rates) <= 0.0505
 
 
 def test_score_threshold_counts_disagreements_against_the_budget() -> None:
@@ -332,15 +343,15 @@ def test_score_threshold_counts_disagreements_against_the_budget() -> None:
     scores = rng.permutation(np.arange(100, dtype=np.float64))
     disagree = np.zeros(100, dtype=bool)
     disagree[np.argsort(scores)[:3]] = True  # three low-score samples the re-prediction disagrees on
-    tau = score_threshold(scores, disagree, 0.05)
+    tau = score_threshold(scores, disagree, 0.05)  # a budget of 100 - ceil(101 * 0.95) = 4 samples
     flagged = (scores > tau) | disagree
-    assert flagged.sum() == 5
-    assert ((scores > tau) & ~disagree).sum() == 2
+    assert flagged.sum() == 4
+    assert ((scores > tau) & ~disagree).sum() == 1
     # disagreeing samples with high scores are not counted twice
     high = np.zeros(100, dtype=bool)
     high[np.argsort(scores)[-2:]] = True
     tau = score_threshold(scores, high, 0.05)
-    assert ((scores > tau) | high).sum() == 5
+    assert ((scores > tau) | high).sum() == 4
     # more disagreements than the budget: no agreeing sample is flagged by its score
     many = np.zeros(100, dtype=bool)
     many[:8] = True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # Classes with few calibration samples borrow strength from the all-class statistics (pseudo-count).
@@ -39,10 +41,17 @@ def compromise_threshold(z: np.ndarray, active: np.ndarray, quantile: float = 0.
 
 
 def score_threshold(scores: np.ndarray, disagree: np.ndarray, fpr: float) -> float:
-    """τ: the lowest threshold at which at most `fpr` of clean samples are flagged (score > τ or disagreement)."""
+    """τ: the lowest threshold at which a fresh clean request is flagged (score > τ or disagreement) with probability
+    at most `fpr`.
+
+    This is the split-conformal quantile: with n held-out samples, at most n - ceil((n + 1)(1 - fpr)) of them may
+    lie above τ. Allowing floor(fpr * n), the plain empirical quantile, flags (floor(fpr * n) + 1) / (n + 1) of fresh
+    requests on average, 5.3% instead of 5% at n = 300; guard's own eval saw 5.1-6.0% on clean models.
+    """
     if not 0 < fpr < 1:
         raise ValueError(f"the target false-positive rate must lie in (0, 1), got {fpr}")
-    allowed = int(np.floor(fpr * len(scores)))
+    n = len(scores)
+    allowed = max(0, n - math.ceil((n + 1) * (1 - fpr) - 1e-9))
     always = int(disagree.sum())
     by_score = np.sort(scores[~disagree])[::-1]
     extra = max(0, allowed - always)  # how many agreeing samples may still be flagged by their score
