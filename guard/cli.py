@@ -238,7 +238,7 @@ def _repair(args: argparse.Namespace) -> int:
     from guard.samples import load_samples
 
     x, y = load_samples(args.data)
-    given = {"epochs": args.epochs, "lr": args.lr, "strength": args.strength}
+    given = {"epochs": args.epochs, "lr": args.lr, "strength": args.strength, "schedule": args.schedule}
     settings = RepairSettings(method=args.method, layers=args.layers.split(",") if args.layers else None,
                               seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     settings.validate()
@@ -422,7 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "suspect's trigger")
     rep.add_argument("--layers", help="comma-separated ONNX tensor names whose channels are judged")
     rep.add_argument("--epochs", type=int, help="fine-tuning epochs (default 10)")
-    rep.add_argument("--lr", type=float, help="Adam learning rate (default 0.003)")
+    rep.add_argument("--lr", type=float, help="Adam learning rate at the start (default 0.005)")
+    rep.add_argument("--schedule", choices=["cosine", "constant"],
+                     help="learning rate over the run: cosine decays it to 0 (default), constant keeps it")
     rep.add_argument("--strength", type=float, help="weight of the penalty (default 1.0)")
     rep.add_argument("--report", type=Path, help="report JSON (default: next to --out, .repair.json)")
     rep.add_argument("--seed", type=int, default=0)

@@ -286,6 +286,22 @@ def test_ar_repair_with_the_scanned_trigger_stops_the_real_attack(backdoored, ar
     assert accuracy_after >= accuracy_before - 0.03
 
 
+def test_repair_backs_off_the_learning_rate_when_it_costs_too_much_accuracy(backdoored, trigger):
+    def run(**change):
+        settings = RepairSettings(method="ar", epochs=2, lr=1.0, max_accuracy_loss=0.15, **change)
+        return repair(backdoored.model_path, backdoored.x_clean, backdoored.y_clean, settings=settings,
+                      trigger=trigger)[1]
+
+    wrecked = run(backoffs=0)  # Adam at lr 1 ruins the model, and without back-offs that run is kept
+    assert wrecked.attempts == 1 and wrecked.lr_used == 1.0
+    assert wrecked.accuracy_before - wrecked.accuracy_after > 0.15
+    backed_off = run(backoffs=10)
+    assert 1 < backed_off.attempts < 11
+    assert backed_off.lr_used == pytest.approx(1.0 / 2 ** (backed_off.attempts - 1))
+    assert backed_off.accuracy_before - backed_off.accuracy_after <= 0.15  # the first run that kept within bound
+    assert f"lr backed off to {backed_off.lr_used:g}" in backed_off.summary()
+
+
 def test_repair_methods_judge_the_same_weights_and_only_ar_and_l2_shrink_them(backdoored, trigger):
     reports = {}
     for method in ("ar", "l2", "finetune"):
@@ -347,6 +363,9 @@ def test_prune_folds_the_calibrated_mask_without_training(backdoored):
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"method": "dropout"}, "unknown repair method 'dropout'"),
+    ({"schedule": "step"}, "unknown learning-rate schedule 'step'"),
+    ({"backoffs": -1}, "the back-offs be >= 0"),
+    ({"max_accuracy_loss": 1.5}, "the accuracy bound must lie in [0, 1]"),
     ({"lr": -0.1}, "--lr must be a finite number >= 0"),
     ({"strength": float("nan")}, "--strength must be a finite number >= 0"),
     ({"eps": float("inf")}, "--eps must be a finite number >= 0"),

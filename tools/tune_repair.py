@@ -1,0 +1,93 @@
+"""Tune `guard repair`'s settings on data outside the evaluation split, and print what each variant gives.
+
+The models follow `guard eval`'s recipe (20k training images, 3 epochs) but with seeds the eval never uses; the
+defender's clean set and the measuring set are training-split images outside the model's training subset, so
+nothing here touches the test split `guard eval` reports on.
+
+    python -m tools.tune_repair --arch cnn --attacks badnets blend clean --seeds 10 11
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from guard.eval.models import build_model, export_onnx, train
+from guard.eval.suite import ATTACKS, TARGET, _fashion
+from guard.model.graph import load_model
+from guard.repair.adaptive_reg import RepairSettings, repair
+from guard.scan import ScanSettings, run_scan
+
+VARIANTS: dict[str, dict[str, object]] = {
+    "current": {},
+    "cosine": {"schedule": "cosine"},
+    "cosine-15": {"schedule": "cosine", "epochs": 15},
+    "cosine-lr5e-3": {"schedule": "cosine", "lr": 5e-3},
+    "cosine-unlearn0.3": {"schedule": "cosine", "unlearn_share": 0.3},
+    "cosine-lr5e-3-15": {"schedule": "cosine", "lr": 5e-3, "epochs": 15},
+    "cosine-lr5e-3-unlearn0.4": {"schedule": "cosine", "lr": 5e-3, "unlearn_share": 0.4},
+    "cosine-lr1e-2": {"schedule": "cosine", "lr": 1e-2},
+    "cosine-15-unlearn0.4": {"schedule": "cosine", "epochs": 15, "unlearn_share": 0.4},
+    "cosine-lr5e-3-gap0.2": {"schedule": "cosine", "lr": 5e-3, "gap_share": 0.2},
+}
+
+
+def _answers(session: ort.InferenceSession, name: str, x: np.ndarray) -> np.ndarray:
+    return session.run(None, {name: x})[0].argmax(axis=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="cnn")
+    parser.add_argument("--attacks", nargs="+", default=["badnets", "blend", "clean"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[10])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    x_all, y_all, _, _ = _fashion()
+    for seed, attack_name in ((s, a) for s in args.seeds for a in args.attacks):
+        spec = ATTACKS[attack_name]
+        attack = spec.make()
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(x_all))
+        train_idx, def_idx, meas_idx = np.sort(order[:20000]), order[20000:21000], order[21000:26000]
+        x_train, y_train = x_all[train_idx], y_all[train_idx]
+        if attack is not None:
+            x_train, y_train, _ = attack.poison(x_train, y_train, spec.rate, TARGET, rng)
+        torch.manual_seed(seed)
+        module = build_model(args.arch)
+        train(module, x_train, y_train, epochs=3, seed=seed)
+        x_def, y_def = x_all[def_idx], y_all[def_idx]
+        x_meas, y_meas = x_all[meas_idx], y_all[meas_idx]
+        x_trig = None
+        if attack is not None:
+            victims = attack.victims(y_meas, TARGET)
+            x_trig = attack.apply(x_meas[victims], np.random.default_rng(seed + 1))
+        path = export_onnx(module, f"/tmp/tune-{args.arch}-{attack_name}.onnx", torch.zeros(1, *x_def.shape[1:]))
+        loaded = load_model(path)
+        scan = run_scan(loaded, x_def, y_def, settings=ScanSettings(seed=seed))
+        base = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ca0 = float((_answers(base, loaded.input_name, x_meas) == y_meas).mean())
+        asr0 = None if x_trig is None else float((_answers(base, loaded.input_name, x_trig) == TARGET).mean())
+        print(json.dumps({"attack": attack_name, "arch": args.arch, "seed": seed, "variant": "none", "ca": ca0, "asr": asr0,
+                          "suspect": scan.classes.suspect}), flush=True)
+        for variant in args.variants:
+            settings = replace(RepairSettings(method="ar", seed=seed), **VARIANTS[variant])
+            started = time.perf_counter()
+            repaired, report = repair(loaded, x_def, y_def, settings=settings, trigger=scan.suspect)
+            session = ort.InferenceSession(repaired.SerializeToString(), providers=["CPUExecutionProvider"])
+            ca = float((_answers(session, loaded.input_name, x_meas) == y_meas).mean())
+            asr = None if x_trig is None else float((_answers(session, loaded.input_name, x_trig) == TARGET).mean())
+            print(json.dumps({"attack": attack_name, "arch": args.arch, "seed": seed, "variant": variant, "ca": ca, "asr": asr,
+                              "ca_loss": round(ca0 - ca, 4), "seconds": round(time.perf_counter() - started, 1)}),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
