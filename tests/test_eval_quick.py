@@ -45,6 +45,22 @@ def test_quick_eval_writes_report_plots_and_raw_figures(quick_report: tuple[int,
     assert 0.5 <= badnets["methods"]["strip"]["auroc"] <= 1.0
 
 
+def test_clean_model_case_measures_the_trigger_floor(quick_report: tuple[int, Path]) -> None:
+    _, out = quick_report
+    figures = json.loads((out / "figures.json").read_text())
+    clean = next(c for c in figures["cases"] if c["attack"] == "clean")
+    badnets = next(c for c in figures["cases"] if c["attack"] == "badnets")
+    floor = clean["trigger_floor"]
+    assert set(floor) == {"clean", "badnets", "badnets-1%", "blend", "source-specific", "wanet", "adaptive"}
+    assert all(0 <= v <= 1 for v in floor.values())
+    # a clean model answers the target for a few triggered images; the backdoored one for nearly all
+    assert floor["badnets"] < 0.2 < 0.8 < badnets["methods"]["none"]["asr"]
+    assert "trigger_floor" not in badnets  # only a clean model shows the floor
+    report = (out / "report.md").read_text()
+    assert "## The floor: a clean model's answers to each trigger" in report
+    assert "| model | untouched images | badnets |" in report
+
+
 def test_floor_check_names_a_broken_figure(quick_report: tuple[int, Path]) -> None:
     _, out = quick_report
     figures = json.loads((out / "figures.json").read_text())

@@ -204,6 +204,20 @@ def _detection_table(figures: dict) -> str:
     return "\n".join(rows)
 
 
+def _floor_table(figures: dict) -> str:
+    """The clean model's answers to each trigger: the attack success rate no defense can go below."""
+    floors = [(arch, [c["trigger_floor"] for c in cases]) for attack, arch, cases in _groups(figures)
+              if attack == "clean" and all("trigger_floor" in c for c in cases)]
+    if not floors:
+        return "No clean-model case in this run."
+    names = list(floors[0][1][0])
+    rows = ["| model | " + " | ".join("untouched images" if n == "clean" else n for n in names) + " |",
+            "|---|" + "---|" * len(names)]
+    for arch, per_seed in floors:
+        rows.append(f"| {arch} | " + " | ".join(_fmt(mean_spread([f.get(n) for f in per_seed])) for n in names) + " |")
+    return "\n".join(rows)
+
+
 def _extra_table(figures: dict) -> str:
     rows = ["| attack | model | PGD acc. unguarded | PGD acc. guarded | PGD flagged | scan suspect (per seed) | "
             "calibration s | overhead × (batch 64) | case s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -356,6 +370,15 @@ Produced by `{figures['command']}` in {figures['seconds'] / 60:.1f} minutes on {
 ## What each part adds: clean accuracy
 
 {_method_table(figures, 'ca')}
+
+## The floor: a clean model's answers to each trigger
+
+The clean models (no poison) answer the target class for this share of each attack's triggered images, measured
+like ASR (for source-specific, source-class images). The first column is the same share for untouched non-target
+images. With no backdoor to remove, this is the attack success rate a perfect guard or repair would still show;
+the 2% targets sit at or below it on some attacks.
+
+{_floor_table(figures)}
 
 ## Model repair: attack success rate
 

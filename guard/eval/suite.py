@@ -282,9 +282,29 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
         methods["none-train"] = _none_train(module, x_train, y_train, poisoned, settings, case.seed, both, y_eval,
                                             y_trig)
 
+    if attack is None:
+        figures["trigger_floor"] = _trigger_floor(clean_labels, module, x_eval, y_eval, case.seed)
     figures["methods"] = methods
     figures["seconds"] = round(time.perf_counter() - started, 1)
     return figures
+
+
+def _trigger_floor(clean_labels: np.ndarray, module, x_eval: np.ndarray, y_eval: np.ndarray,
+                   seed: int) -> dict[str, float]:
+    """On the clean model: the share of each attack's triggered images it answers with the target class anyway, and
+    (key "clean") the share of untouched non-target images it answers so. No backdoor is there to remove, so this
+    is the attack success rate that even a perfect repair or guard leaves."""
+    from guard.eval.models import predict
+
+    floor = {"clean": float((clean_labels[y_eval != TARGET] == TARGET).mean())}
+    for name, spec in ATTACKS.items():
+        attack = spec.make()
+        if attack is None:
+            continue
+        victims = attack.victims(y_eval, TARGET)
+        triggered = attack.apply(x_eval[victims], np.random.default_rng(seed + 1))
+        floor[name] = float((predict(module, triggered) == TARGET).mean())
+    return floor
 
 
 def _overhead(loaded, guarded, x: np.ndarray, batch: int = 64) -> dict[str, float]:
