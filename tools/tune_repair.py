@@ -25,16 +25,17 @@ from guard.repair.adaptive_reg import RepairSettings, repair
 from guard.scan import ScanSettings, run_scan
 
 VARIANTS: dict[str, dict[str, object]] = {
-    "current": {},
-    "cosine": {"schedule": "cosine"},
-    "cosine-15": {"schedule": "cosine", "epochs": 15},
-    "cosine-lr5e-3": {"schedule": "cosine", "lr": 5e-3},
-    "cosine-unlearn0.3": {"schedule": "cosine", "unlearn_share": 0.3},
-    "cosine-lr5e-3-15": {"schedule": "cosine", "lr": 5e-3, "epochs": 15},
-    "cosine-lr5e-3-unlearn0.4": {"schedule": "cosine", "lr": 5e-3, "unlearn_share": 0.4},
-    "cosine-lr1e-2": {"schedule": "cosine", "lr": 1e-2},
-    "cosine-15-unlearn0.4": {"schedule": "cosine", "epochs": 15, "unlearn_share": 0.4},
-    "cosine-lr5e-3-gap0.2": {"schedule": "cosine", "lr": 5e-3, "gap_share": 0.2},
+    "default": {},
+    "constant-3e-3": {"schedule": "constant", "lr": 3e-3, "backoffs": 0},  # the defaults before tuning
+    "cosine": {"lr": 3e-3, "backoffs": 0},
+    "cosine-15": {"lr": 3e-3, "epochs": 15, "backoffs": 0},
+    "cosine-unlearn0.3": {"lr": 3e-3, "unlearn_share": 0.3, "backoffs": 0},
+    "cosine-lr5e-3": {"backoffs": 0},
+    "cosine-lr5e-3-15": {"epochs": 15, "backoffs": 0},
+    "cosine-lr5e-3-unlearn0.4": {"unlearn_share": 0.4, "backoffs": 0},
+    "cosine-lr5e-3-gap0.2": {"gap_share": 0.2, "backoffs": 0},
+    "cosine-lr1e-2": {"lr": 1e-2, "backoffs": 0},
+    "cosine-15-unlearn0.4": {"lr": 3e-3, "epochs": 15, "unlearn_share": 0.4, "backoffs": 0},
 }
 
 
