@@ -59,12 +59,11 @@ class RepairSettings:
     benign_share: float = 0.99  # share of a tap's benign salience the benign set covers
     holdout: float = 0.2  # share of the clean data kept out of training, to measure accuracy
     epochs: int = 10
-    # Adam. Measured on training-split images outside the evaluation split (SmallCNN, BadNets and blend, with the
-    # scan's trigger): 1e-3 left 3.4% / 16.5% attack success, 3e-3 2.7% / 3.5% at 1.8 / 1.4 points of accuracy.
-    lr: float = 5e-3  # the starting rate; it decays along the schedule
-    # "cosine" decays the rate to 0 over the run; "constant" keeps it. Measured with tools/tune_repair.py (seeds
-    # 10-12, training-split data outside the evaluation split): a constant 3e-3 cost the clean SmallCNN 1.4-1.6
-    # points, cosine gained 0.2-0.3; cosine from 5e-3 left BadNets and blend at 2.4-3.1% attack success.
+    # Adam's starting rate, and "cosine" (decay to 0 over the run) or "constant". Measured with tools/tune_repair.py
+    # (SmallCNN, seeds 10-12, training-split data outside the evaluation split; docs/design.md): a constant 3e-3
+    # cost the clean model 1.4-3.4 points; cosine from 5e-3 cost it 0.1-0.5 and left BadNets and blend at 2.4-3.1%
+    # attack success.
+    lr: float = 5e-3
     schedule: str = "cosine"
     # If the held-out accuracy falls by more than this, training restarts from the original weights at half the
     # rate, at most `backoffs` times: from 5e-3 the SmallResNet lost 6-10 points, from 3e-3 none.
