@@ -86,7 +86,8 @@ def main() -> None:
             ca = float((_answers(session, loaded.input_name, x_meas) == y_meas).mean())
             asr = None if x_trig is None else float((_answers(session, loaded.input_name, x_trig) == TARGET).mean())
             print(json.dumps({"attack": attack_name, "arch": args.arch, "seed": seed, "variant": variant, "ca": ca, "asr": asr,
-                              "ca_loss": round(ca0 - ca, 4), "seconds": round(time.perf_counter() - started, 1)}),
+                              "ca_loss": round(ca0 - ca, 4), "lr_used": report.lr_used, "attempts": report.attempts,
+                              "seconds": round(time.perf_counter() - started, 1)}),
                   flush=True)
 
 
