@@ -18,8 +18,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from guard.eval.datasets import load_fashion_mnist
 from guard.eval.models import build_model, export_onnx, train
-from guard.eval.suite import ATTACKS, TARGET, _fashion
+from guard.eval.suite import ATTACKS, TARGET
 from guard.model.graph import load_model
 from guard.repair.adaptive_reg import RepairSettings, repair
 from guard.scan import ScanSettings, run_scan
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    x_all, y_all, _, _ = _fashion()
+    x_all, y_all = load_fashion_mnist("train")
     for seed, attack_name in ((s, a) for s in args.seeds for a in args.attacks):
         spec = ATTACKS[attack_name]
         attack = spec.make()
