@@ -59,7 +59,7 @@ def run_demo(workdir: Path | None = None, epochs: int = 4, seed: int = 0) -> int
         profile_path = profile.save(root / "demo.safetensors")
         f = profile.figures
         print(f"   taps {profile.tap_names}; pruned {sum(f['pruned_channels'].values())} channels; "
-              f"held-out flag rate {f['holdout_flag_rate']:.3f}; {f['seconds']:.1f} s")
+              f"cross-fitted flag rate {f['calibration_flag_rate']:.3f}; {f['seconds']:.1f} s")
 
         settings = ServeSettings(model=model_path, profile=profile_path, port=0, metrics_port=0)
         server = GuardServer(settings)

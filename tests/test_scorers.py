@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from guard.calibrate.activations import Activations, channel_summaries, collect
-from guard.calibrate.consistency import class_profiles, compromise_threshold, score_threshold
+from guard.calibrate.consistency import (
+    allowed_above,
+    class_profiles,
+    compromise_threshold,
+    out_of_fold,
+    score_threshold,
+)
 from guard.calibrate.linf import linf_stats
 from guard.calibrate.masking import candidate_order, choose_static_mask
 from guard.calibrate.salience import benign_salience, benign_set
@@ -258,6 +264,24 @@ def test_consistency_check_singles_out_planted_channel_on_triggered_inputs(plant
     assert (clean_result.score > tau).mean() <= 0.12
 
 
+def test_out_of_fold_scores_look_like_fresh_requests(planted: Planted, check: ConsistencyCheck) -> None:
+    """Scored against profiles that include them, calibration samples look cleaner than fresh ones; cross-fitted
+    scores do not, so τ chosen on them flags fresh requests at the rate it flags calibration samples."""
+    clean = planted.clean
+    crossed = out_of_fold(check, clean.linf, clean.predictions, CLASSES, folds=5, seed=0)
+    in_sample = check(clean.linf, clean.predictions)
+    fresh = collect(planted.taps, planted.x_test)
+    fresh_scores = check(fresh.linf, fresh.predictions).score
+    assert crossed.score.shape == in_sample.score.shape and crossed.z.shape == in_sample.z.shape
+    assert np.array_equal(crossed.compromised, crossed.z > check.k)
+    assert crossed.score.mean() > in_sample.score.mean()
+    gap = abs(np.quantile(crossed.score, 0.95) - np.quantile(fresh_scores, 0.95))
+    assert gap < abs(np.quantile(in_sample.score, 0.95) - np.quantile(fresh_scores, 0.95))
+    # folds are seeded: the same seed, the same scores
+    again = out_of_fold(check, clean.linf, clean.predictions, CLASSES, folds=5, seed=0)
+    assert np.array_equal(again.score, crossed.score)
+
+
 def test_consistency_score_is_mean_of_top_q_z_and_inactive_channels_are_ignored(planted: Planted,
                                                                                check: ConsistencyCheck) -> None:
     triggered = planted.triggered
@@ -314,7 +338,7 @@ def test_benign_set_at_full_share_leaves_out_channels_without_salience() -> None
 # ---------------------------------------------------------------------------------------------- score_threshold
 
 
-def test_score_threshold_is_the_split_conformal_quantile() -> None:
+def test_score_threshold_at_even_odds_is_the_split_conformal_quantile() -> None:
     scores = np.random.default_rng(0).permutation(np.arange(200, dtype=np.float64))
     none = np.zeros(200, dtype=bool)
     for fpr, allowed in ((0.01, 1), (0.05, 9), (0.1, 19), (0.5, 99)):  # 200 - ceil(201 * (1 - fpr))
@@ -329,13 +353,29 @@ def test_score_threshold_is_the_split_conformal_quantile() -> None:
     assert (tied > tau).sum() <= 25
 
 
-def test_score_threshold_keeps_the_fresh_false_positive_rate_at_the_target() -> None:
+def test_allowed_above_is_the_binomial_bound() -> None:
+    # P(Binomial(1000, 0.05) <= a) is 0.081 at a = 40 and 0.106 at a = 41 (0.48 at 49, 0.54 at 50)
+    assert allowed_above(1000, 0.05, 0.9) == 40
+    assert allowed_above(1000, 0.05, 0.5) == 49
+    assert allowed_above(44, 0.05, 0.9) == 0  # 0.95 ** 44 > 0.1: no sample may lie above
+    assert allowed_above(1000, 0.05, 0.99) < allowed_above(1000, 0.05, 0.9) < allowed_above(1000, 0.05, 0.5)
+    with pytest.raises(ValueError, match="confidence"):
+        allowed_above(100, 0.05, 1.0)
+
+
+@pytest.mark.parametrize("confidence", [0.5, 0.9])
+def test_score_threshold_keeps_the_fresh_false_positive_rate_at_the_target(confidence: float) -> None:
     # Uniform clean scores: a fresh request's chance of scoring above τ is 1 - τ. Over 2,000 calibrations on 300
-    # samples its mean must not exceed the target (the plain empirical quantile gives about 0.053 here).
+    # samples: at even odds its mean must not exceed the target (the plain empirical quantile gives about 0.053);
+    # at 0.9 it may exceed the target in at most one calibration in ten: P(Binomial(300, 0.05) <= 9) = 0.067.
     rng = np.random.default_rng(2)
     none = np.zeros(300, dtype=bool)
-    fresh_rates = [1 - score_threshold(rng.random(300), none, 0.05) for _ in range(2000)]
-    assert 0.045 <= np.mean(fresh_rates) <= 0.0505
+    fresh_rates = np.array([1 - score_threshold(rng.random(300), none, 0.05, confidence) for _ in range(2000)])
+    if confidence == 0.5:
+        assert 0.045 <= fresh_rates.mean() <= 0.0505
+    else:
+        assert 0.05 <= (fresh_rates > 0.05).mean() <= 0.085
+        assert 0.030 <= fresh_rates.mean() <= 0.036  # (9 + 1) / 301
 
 
 def test_score_threshold_counts_disagreements_against_the_budget() -> None:

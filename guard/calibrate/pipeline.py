@@ -1,7 +1,8 @@
 """`calibrate`: from a model and clean samples to a Profile.
 
 model -> taps -> activations (ℓ∞, salience) -> benign sets -> static mask under the accuracy budget -> per-class
-profiles of the masked model -> thresholds k and τ on a held-out split at the target false-positive rate.
+profiles of the masked model -> thresholds k and τ at the target false-positive rate, on cross-fitted scores of every
+clean sample.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from guard.calibrate.activations import Activations, collect
-from guard.calibrate.consistency import class_profiles, compromise_threshold, score_threshold
+from guard.calibrate.consistency import class_profiles, compromise_threshold, out_of_fold, score_threshold
 from guard.calibrate.linf import linf_stats
 from guard.calibrate.masking import candidate_order, choose_static_mask
 from guard.calibrate.profile import Profile, TapProfile, Thresholds
@@ -39,10 +40,12 @@ class CalibrationSettings:
     """Every knob of calibration; all of them are recorded in the profile."""
 
     layers: list[str] | None = None  # ONNX tensor names to tap; None = the last conv activations + penultimate
-    fpr: float = 0.05  # target share of clean requests flagged
+    fpr: float = 0.05  # target share of clean requests flagged ...
+    fpr_confidence: float = 0.9  # ... with this chance over the draw of the clean data (0.5: on average)
     acc_budget: float = 0.01  # clean accuracy the static mask may cost (absolute, on the held-out split)
     benign_share: float = 0.99  # share of a layer's benign salience the benign set covers
-    holdout: float = 0.3  # share of the clean data held out for the mask and threshold decisions
+    holdout: float = 0.3  # share of the clean data held out for the static mask's accuracy
+    folds: int = 5  # k and τ come from scores of each sample against class profiles fit on the other folds
     top_q: int = 3  # the score is the mean of the top_q channel z values
     k_quantile: float = 0.999  # k is this quantile of clean channel z values ...
     k_min: float = 3.0  # ... and never below this
@@ -59,6 +62,10 @@ class CalibrationSettings:
         """Refuse settings that cannot calibrate, naming the option."""
         if not 0 < self.fpr < 1:
             raise GuardError(f"--fpr must lie in (0, 1), got {self.fpr}")
+        if not 0.5 <= self.fpr_confidence < 1:
+            raise GuardError(f"--fpr-confidence must lie in [0.5, 1), got {self.fpr_confidence}")
+        if self.folds < 2:
+            raise GuardError(f"cross-fitting needs at least 2 folds, got {self.folds}")
         if not 0 <= self.acc_budget < 1:
             raise GuardError(f"--acc-budget must lie in [0, 1), got {self.acc_budget}")
         if not 0 < self.holdout < 1:
@@ -125,15 +132,19 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     else:
         choice = timed("static_mask", choose_static_mask, [], channels, accuracy, 0.0)
     keep = choice.keep
-    _, folds = fold_static_mask(loaded, dict(zip(taps, keep, strict=True)))
+    _, graph_folds = fold_static_mask(loaded, dict(zip(taps, keep, strict=True)))
 
     guarded_fit = timed("profiles", run, x[fit], masks=keep, with_unit_max=True)
+    guarded_hold = run(x[hold], masks=keep)
+    order = np.concatenate([fit, hold])
+    linf = [np.concatenate(pair) for pair in zip(guarded_fit.linf, guarded_hold.linf, strict=True)]
+    labels = np.concatenate([guarded_fit.predictions, guarded_hold.predictions])
     bounds = guarded_fit.unit_max or [None] * len(taps)
-    class_mean, class_scale = class_profiles(guarded_fit.linf, guarded_fit.predictions, loaded.num_classes)
+    class_mean, class_scale = class_profiles(linf, labels, loaded.num_classes)
     ranks = tensor_ranks(loaded.proto)
     tap_profiles = [
         TapProfile(
-            name=tap, kind="conv" if ranks.get(tap) == 4 else "dense", fold=folds[tap],
+            name=tap, kind="conv" if ranks.get(tap) == 4 else "dense", fold=graph_folds[tap],
             linf_mean=s.mean, linf_std=s.std, linf_p99=s.p99, linf_p999=s.p999, peakedness=s.peakedness,
             salience=bs, benign=b, keep=k, unit_bound=u,
         )
@@ -146,15 +157,13 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     )
 
     t0 = time.perf_counter()
-    guarded_hold = run(x[hold], masks=keep)
-    labels = guarded_hold.predictions
     check = draft.check()
-    result = check(guarded_hold.linf, labels)
+    result = out_of_fold(check, linf, labels, loaded.num_classes, settings.folds, settings.seed)
     k = compromise_threshold(result.z, check.active, settings.k_quantile, settings.k_min)
-    benign_labels = run.benign_repredict(x[hold], keep, bounds, result.z, (result.z > k).any(axis=1),
+    benign_labels = run.benign_repredict(x[order], keep, bounds, result.z, (result.z > k).any(axis=1),
                                          settings.cut_z, labels)
     disagree = benign_labels != labels
-    tau = score_threshold(result.score, disagree, settings.fpr)
+    tau = score_threshold(result.score, disagree, settings.fpr, settings.fpr_confidence)
     flagged = (result.score > tau) | disagree
     timings["thresholds"] = round(time.perf_counter() - t0, 3)
     bar.close()
@@ -166,7 +175,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "holdout_accuracy_unguarded": choice.accuracy_before, "holdout_accuracy_masked": choice.accuracy_after,
         "pruned_channels": {tap: int((~k_).sum()) for tap, k_ in zip(taps, keep, strict=True)},
         "prune_candidates": choice.candidates,
-        "holdout_flag_rate": float(flagged.mean()), "holdout_disagreement_rate": float(disagree.mean()),
+        "calibration_flag_rate": float(flagged.mean()), "calibration_disagreement_rate": float(disagree.mean()),
         "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
     }
     return draft
