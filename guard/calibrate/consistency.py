@@ -69,8 +69,9 @@ def allowed_above(n: int, fpr: float, confidence: float) -> int:
     τ is then the (a + 1)-th highest clean score, and the fresh false-positive rate exceeds `fpr` exactly when at most
     a of the n samples lie above the clean (1 - fpr) quantile: a Binomial(n, fpr) event. The largest a whose
     probability is at most 1 - confidence is taken; 0 when even a = 0 is too likely (too few samples). At confidence
-    0.5 the rate is the target on average, as split-conformal prediction gives; at 0.9 it is 4.1% on average at
-    n = 1,000 and fpr = 5%, and above 5% for one calibration in ten.
+    0.5 the rate is about the target on average (a equals the split-conformal n - ceil((n + 1)(1 - fpr)) at
+    n = 200, 300 and 1,000 for fpr = 5%); at 0.9 it is 4.1% on average at n = 1,000, and above 5% for one calibration
+    in ten.
     """
     if not 0 < fpr < 1:
         raise ValueError(f"the target false-positive rate must lie in (0, 1), got {fpr}")
