@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--defender", type=int, default=1000, help="clean samples per calibration")
     parser.add_argument("--settings", default="{}", help="CalibrationSettings fields as JSON")
     args = parser.parse_args()
+    extra = json.loads(args.settings)
+    target = CalibrationSettings(**extra).fpr
     torch.set_num_threads(1)
     x_train, y_train = load_fashion_mnist("train")
     x_test, y_test = load_fashion_mnist("test")
@@ -46,14 +48,13 @@ def main() -> None:
         for trial in range(args.trials):
             order = np.random.default_rng(1000 + trial).permutation(len(x_test))
             defender, fresh = order[: args.defender], order[args.defender :]
-            settings = CalibrationSettings(seed=trial, **json.loads(args.settings))
+            settings = CalibrationSettings(**{**extra, "seed": trial})
             profile = calibrate(loaded, x_test[defender], y_test[defender], settings=settings)
             flagged = Guard(loaded, profile, policy=Policy.ENFORCE, threads=1).predict(x_test[fresh]).flagged
             rates.append(float(flagged.mean()))
             print(json.dumps({"trial": trial, "fresh_fpr": rates[-1],
                               "calibration_flag_rate": profile.figures["calibration_flag_rate"],
                               "k": profile.thresholds.k, "tau": profile.thresholds.tau}), flush=True)
-    target = CalibrationSettings(**json.loads(args.settings)).fpr
     print(json.dumps({"mean_fpr": float(np.mean(rates)), "std": float(np.std(rates)),
                       "share_above_target": float(np.mean(np.array(rates) > target)), "trials": len(rates)}))
 
