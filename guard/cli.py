@@ -243,21 +243,22 @@ def _repair(args: argparse.Namespace) -> int:
                               seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     settings.validate()
     model = load_model(args.model)
-    trigger = None
-    if args.trigger:
-        trigger = load_trigger(args.trigger, model.sample_shape, model.num_classes)
-    elif args.scan:
+    triggers = [load_trigger(path, model.sample_shape, model.num_classes) for path in args.trigger or []]
+    if args.scan:
         from guard.scan import run_scan
 
-        trigger = run_scan(model, x, y).suspect
-        print(f"guard: scan suspects {'no class' if trigger is None else f'class {trigger.target}'}")
-    repaired, report = repair(model, x, y, settings=settings, trigger=trigger)
+        scan = run_scan(model, x, y)
+        triggers = scan.candidates
+        suspect = scan.classes.suspect
+        print(f"guard: scan suspects {'no class' if suspect is None else f'class {suspect}'}; unlearning the "
+              f"triggers of {'no class' if not triggers else 'classes ' + ', '.join(str(t.target) for t in triggers)}")
+    repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
     try:
         onnx.save(repaired, args.out)
     except OSError as exc:
         raise GuardError(f"cannot write {args.out}: {exc}") from None
     report_path = args.report or args.out.with_suffix(".repair.json")
-    _write_json(report_path, {**report.to_dict(), "trigger_target": None if trigger is None else trigger.target})
+    _write_json(report_path, {**report.to_dict(), "trigger_targets": [t.target for t in triggers]})
     print(f"guard: wrote {args.out} and {report_path}: {report.summary()}")
     print("guard: the repaired model has new weights: run guard calibrate on it before serving it")
     return 0
@@ -418,10 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ar: adaptive regularization (default); l2: plain L2 on the same weights; finetune: no "
                           "penalty; prune: the calibrated static mask folded in, no training")
     source = rep.add_mutually_exclusive_group()
-    source.add_argument("--trigger", help="a candidate trigger (trigger.npz from guard scan): its channels count as "
-                                          "infected and training unlearns it")
-    source.add_argument("--scan", action="store_true", help="run guard scan first (default settings) and use its "
-                                                            "suspect's trigger")
+    source.add_argument("--trigger", action="append",
+                        help="a candidate trigger (trigger.npz from guard scan): its channels count as infected and "
+                             "training unlearns it; give it again for more triggers")
+    source.add_argument("--scan", action="store_true",
+                        help="run guard scan first (default settings) and unlearn its candidates' triggers: every "
+                             "class whose anomaly index reaches 1, the suspect first")
     rep.add_argument("--layers", help="comma-separated ONNX tensor names whose channels are judged")
     rep.add_argument("--epochs", type=int, help="fine-tuning epochs (default 10)")
     rep.add_argument("--lr", type=float, help="Adam learning rate at the start (default 0.005)")

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRIGGER_FILE = "trigger.npz"
 REPORT_FILE = "scan.json"
+CANDIDATE_INDEX = 1.0  # see ScanSettings.candidate_index
 
 
 @dataclass
@@ -66,6 +67,9 @@ class ScanSettings:
 
     steps: int = SynthesisSettings.steps
     threshold: float = DEFAULT_THRESHOLD  # anomaly index above which the smallest-trigger class is named
+    # Classes whose anomaly index reaches this are candidates: too few to name, but `guard repair --scan` unlearns
+    # all their triggers. A class with a natural small trigger can outrank the real target (docs/design.md).
+    candidate_index: float = CANDIDATE_INDEX
     index_scale: IndexScale = "log"
     holdout: float = 0.5  # share of the clean data held out for the pruning's stopping rule
     success_bound: float = DEFAULT_SUCCESS_BOUND
@@ -89,6 +93,8 @@ class ScanSettings:
             raise GuardError(f"accuracy budget must lie in [0, 1), got {self.acc_budget}")
         if not 1 <= self.png_scale <= 64:
             raise GuardError(f"png scale must lie in [1, 64], got {self.png_scale}")
+        if not np.isfinite(self.candidate_index):
+            raise GuardError(f"the candidate index must be a finite number, got {self.candidate_index}")
         if self.num_threads is not None and self.num_threads < 1:
             raise GuardError(f"thread count must be positive, got {self.num_threads}")
 
@@ -108,6 +114,16 @@ class ScanReport:
     def suspect(self) -> Trigger | None:
         """The suspected target's trigger, if a class is suspected."""
         return None if self.classes.suspect is None else self.classes.triggers[self.classes.suspect]
+
+    @property
+    def candidates(self) -> list[Trigger]:
+        """The triggers of every class whose anomaly index reaches `candidate_index`, most anomalous first; the
+        suspect's is always among them."""
+        index = self.classes.anomaly_index
+        chosen = [k for k in np.argsort(-index, kind="stable") if index[k] >= self.settings.candidate_index]
+        if self.classes.suspect is not None and self.classes.suspect not in chosen:
+            chosen.insert(0, self.classes.suspect)
+        return [self.classes.triggers[int(k)] for k in chosen]
 
 
 def _pruning_taps(model: LoadedModel, layers: list[str] | None) -> list[str]:
@@ -225,6 +241,7 @@ def report_dict(report: ScanReport) -> dict[str, object]:
         "model_sha256": report.model_sha256,
         "suspect": result.suspect,
         "threshold": result.threshold,
+        "candidates": [t.target for t in report.candidates],
         "index_scale": result.index_scale,
         "classes": [
             {"class": t.target, "mask_l1": round(t.mask_l1, 4), "success": round(t.success, 4),

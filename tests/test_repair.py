@@ -17,13 +17,13 @@ import torch
 from onnx import numpy_helper
 
 from conftest import TARGET
-from guard.calibrate.synthesis import load_trigger
+from guard.calibrate.synthesis import Trigger, load_trigger
 from guard.calibrate.taps import OnnxTaps
 from guard.cli import main
 from guard.errors import GuardError, ModelError
 from guard.eval.models import SmallCNN, SmallResNet, export_onnx
 from guard.model.graph import channel_producers, default_taps, load_model
-from guard.repair.adaptive_reg import RepairSettings, penalty_coefficients, repair
+from guard.repair.adaptive_reg import RepairSettings, _unlearning_batch, penalty_coefficients, repair
 
 SAMPLE_SHAPE = (1, 28, 28)
 
@@ -92,7 +92,7 @@ def trigger(scan_out):
 def ar_repair(backdoored, trigger):
     """Method ar with the scan's trigger, default settings."""
     return repair(backdoored.model_path, backdoored.x_clean, backdoored.y_clean,
-                  settings=RepairSettings(method="ar"), trigger=trigger)
+                  settings=RepairSettings(method="ar"), triggers=[trigger])
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +144,26 @@ def test_ar_penalty_gradient_is_2cw_and_zero_outside_the_infected_weights():
     torch.testing.assert_close(relative, torch.full_like(relative, 0.25), rtol=5e-3, atol=0)
     plain = penalty_coefficients(start, ones, "l2", 1e-6) * (0.5 * start) ** 2
     assert plain.max() / plain.min() > 1e4  # plain L2 barely touches the small weights
+
+
+def test_unlearning_stamps_the_share_asked_each_image_with_one_of_the_triggers():
+    def trigger(target: int, column: int, value: float) -> Trigger:
+        mask = np.zeros((1, 4, 4), np.float32)
+        mask[0, :, column] = 1
+        return Trigger(target=target, mask=mask, pattern=np.full((1, 4, 4), value, np.float32), success=1.0,
+                       mask_l1=4.0)
+
+    images = torch.full((4000, 1, 4, 4), 0.5)
+    triggers = [trigger(0, 0, 1.0), trigger(3, 3, 0.0)]
+    out = _unlearning_batch(images, triggers, 0.3, torch.Generator().manual_seed(0))
+    first = (out[:, 0, :, 0] == 1.0).all(dim=1)
+    second = (out[:, 0, :, 3] == 0.0).all(dim=1)
+    untouched = (out == 0.5).flatten(1).all(dim=1)
+    assert not (first & second).any()  # one trigger per image, never both
+    assert (first | second | untouched).all()
+    assert 0.27 < (first | second).float().mean() < 0.33
+    assert 0.4 < first.sum() / (first | second).sum() < 0.6  # both triggers drawn alike
+    assert (_unlearning_batch(images, triggers, 0.0, torch.Generator()) == images).all()
 
 
 def test_l2_coefficients_are_the_mask_and_finetune_has_none():
@@ -290,7 +310,7 @@ def test_repair_backs_off_the_learning_rate_when_it_costs_too_much_accuracy(back
     def run(**change):
         settings = RepairSettings(method="ar", epochs=2, lr=1.0, max_accuracy_loss=0.15, **change)
         return repair(backdoored.model_path, backdoored.x_clean, backdoored.y_clean, settings=settings,
-                      trigger=trigger)[1]
+                      triggers=[trigger])[1]
 
     wrecked = run(backoffs=0)  # Adam at lr 1 ruins the model, and without back-offs that run is kept
     assert wrecked.attempts == 1 and wrecked.lr_used == 1.0
@@ -306,7 +326,7 @@ def test_repair_methods_judge_the_same_weights_and_only_ar_and_l2_shrink_them(ba
     reports = {}
     for method in ("ar", "l2", "finetune"):
         _, reports[method] = repair(backdoored.model_path, backdoored.x_clean, backdoored.y_clean,
-                                    settings=RepairSettings(method=method, epochs=3), trigger=trigger)
+                                    settings=RepairSettings(method=method, epochs=3), triggers=[trigger])
     assert reports["ar"].infected == reports["l2"].infected == reports["finetune"].infected
     assert len({r.penalized_weights for r in reports.values()}) == 1
     # ar penalises each weight relative to its start: it shrinks the infected weights far more than plain
@@ -400,7 +420,7 @@ def test_cli_repair_writes_the_model_and_its_report(backdoored, clean_data, tmp_
     assert loaded.num_classes == 10 and loaded.input_name == "input"
     report_path = tmp_path / "fixed.repair.json"
     report = json.loads(report_path.read_text())
-    assert report["method"] == "l2" and report["trigger_target"] is None
+    assert report["method"] == "l2" and report["trigger_targets"] == []
     assert (report["settings"]["epochs"], report["settings"]["lr"], report["settings"]["strength"],
             report["settings"]["seed"]) == (1, 0.001, 2.0, 3)
     assert report["holdout_samples"] == 100
@@ -414,11 +434,24 @@ def test_cli_repair_uses_a_trigger_written_by_guard_scan(backdoored, clean_data,
                         "--trigger", str(scan_out / "trigger.npz"), "--report", str(report_path)])
     assert code == 0
     report = json.loads(report_path.read_text())
-    assert report["trigger_target"] == TARGET and report["method"] == "ar"
+    assert report["trigger_targets"] == [TARGET] and report["method"] == "ar"
     assert not (tmp_path / "fixed.repair.json").exists()
     _, attack_before = _rates(backdoored.model_path, backdoored)
     _, attack_after = _rates(out, backdoored)
     assert attack_after < attack_before / 4
+
+
+def test_cli_repair_unlearns_every_trigger_it_is_given(backdoored, clean_data, scan_out, tmp_path):
+    decoy = _write_trigger(tmp_path / "decoy.npz", target=np.array(3))  # a half-grey veil
+    out = tmp_path / "fixed.onnx"
+    code, stdout = _run_cli(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(out),
+                             "--trigger", str(scan_out / "trigger.npz"), "--trigger", str(decoy)])
+    assert code == 0, stdout
+    report = json.loads((tmp_path / "fixed.repair.json").read_text())
+    assert report["trigger_targets"] == [TARGET, 3]
+    _, attack_before = _rates(backdoored.model_path, backdoored)
+    _, attack_after = _rates(out, backdoored)
+    assert attack_after < attack_before / 4  # a decoy beside the real trigger does not stop the repair
 
 
 def _write_trigger(path: Path, mask_shape=(1, 28, 28), pattern_shape=(1, 28, 28), fill=0.5, **extra) -> Path:

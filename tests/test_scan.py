@@ -16,11 +16,12 @@ import torch
 
 from conftest import TARGET
 from guard.calibrate.linf import prune_by_gap
-from guard.calibrate.synthesis import anomaly_index, pick_suspect
+from guard.calibrate.synthesis import ScanResult, Trigger, anomaly_index, pick_suspect
 from guard.calibrate.taps import OnnxTaps
 from guard.cli import main
+from guard.errors import GuardError
 from guard.model.graph import load_model
-from guard.scan import PNG_SIGNATURE, encode_png, run_scan
+from guard.scan import PNG_SIGNATURE, ScanReport, ScanSettings, encode_png, run_scan
 
 
 def _decode_png(data: bytes) -> np.ndarray:
@@ -167,6 +168,25 @@ def test_anomaly_index_names_only_a_small_outlier():
     assert pick_suspect(anomaly_index(large)) is None
     # The linear index cannot reach 2 when the natural sizes spread this much, whatever the outlier's size.
     assert pick_suspect(anomaly_index(small, "linear")) is None
+
+
+def _report(index: list[float], suspect: int | None, **settings: float) -> ScanReport:
+    blank = np.zeros((1, 2, 2), np.float32)
+    triggers = [Trigger(target=k, mask=blank, pattern=blank, success=1.0, mask_l1=1.0) for k in range(len(index))]
+    result = ScanResult(triggers=triggers, anomaly_index=np.array(index), suspect=suspect, threshold=2.0)
+    return ScanReport(model_sha256="", classes=result, pruning=None, taps=[], settings=ScanSettings(**settings),
+                      figures={})
+
+
+def test_candidates_are_the_classes_at_or_above_the_floor_most_anomalous_first():
+    index = [1.3, -0.2, 0.4, 2.8, 1.0, -1.5, 0.99, 0.0, 1.7, -0.4]
+    assert [t.target for t in _report(index, 3).candidates] == [3, 8, 0, 4]
+    assert [t.target for t in _report(index, None, candidate_index=1.5).candidates] == [3, 8]
+    assert _report(index, None, candidate_index=3.0).candidates == []
+    # A floor above the naming threshold still keeps the suspect: a named target is always unlearned.
+    assert [t.target for t in _report(index, 3, candidate_index=5.0).candidates] == [3]
+    with pytest.raises(GuardError, match="candidate index"):
+        ScanSettings(candidate_index=float("nan")).validate()
 
 
 def test_gap_pruning_stops_at_the_bound_or_the_budget():

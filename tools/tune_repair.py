@@ -37,6 +37,13 @@ VARIANTS: dict[str, dict[str, object]] = {
     "cosine-lr5e-3-gap0.2": {"gap_share": 0.2, "backoffs": 0},
     "cosine-lr1e-2": {"lr": 1e-2, "backoffs": 0},
     "cosine-15-unlearn0.4": {"lr": 3e-3, "epochs": 15, "unlearn_share": 0.4, "backoffs": 0},
+    # Which of the scan's triggers AR unlearns: classes whose anomaly index reaches this floor (None: the suspect
+    # only, "all": every class).
+    "suspect-only": {"candidates": None},
+    "index1": {"candidates": 1.0},
+    "index1.5": {"candidates": 1.5},
+    "index0.5": {"candidates": 0.5},
+    "all": {"candidates": "all"},
 }
 
 
@@ -78,16 +85,25 @@ def main() -> None:
         ca0 = float((_answers(base, loaded.input_name, x_meas) == y_meas).mean())
         asr0 = None if x_trig is None else float((_answers(base, loaded.input_name, x_trig) == TARGET).mean())
         print(json.dumps({"attack": attack_name, "arch": args.arch, "seed": seed, "variant": "none", "ca": ca0, "asr": asr0,
-                          "suspect": scan.classes.suspect}), flush=True)
+                          "suspect": scan.classes.suspect,
+                          "index": [round(float(v), 2) for v in scan.classes.anomaly_index]}), flush=True)
         for variant in args.variants:
-            settings = replace(RepairSettings(method="ar", seed=seed), **VARIANTS[variant])
+            knobs = dict(VARIANTS[variant])
+            floor = knobs.pop("candidates", None)
+            index = scan.classes.anomaly_index
+            if floor is None:
+                triggers = [] if scan.suspect is None else [scan.suspect]
+            else:
+                chosen = range(len(index)) if floor == "all" else np.flatnonzero(index >= floor)
+                triggers = [scan.classes.triggers[int(k)] for k in chosen]
+            settings = replace(RepairSettings(method="ar", seed=seed), **knobs)
             started = time.perf_counter()
-            repaired, report = repair(loaded, x_def, y_def, settings=settings, trigger=scan.suspect)
+            repaired, report = repair(loaded, x_def, y_def, settings=settings, triggers=triggers)
             session = ort.InferenceSession(repaired.SerializeToString(), providers=["CPUExecutionProvider"])
             ca = float((_answers(session, loaded.input_name, x_meas) == y_meas).mean())
             asr = None if x_trig is None else float((_answers(session, loaded.input_name, x_trig) == TARGET).mean())
             print(json.dumps({"attack": attack_name, "arch": args.arch, "seed": seed, "variant": variant, "ca": ca, "asr": asr,
-                              "ca_loss": round(ca0 - ca, 4), "lr_used": report.lr_used, "attempts": report.attempts,
+                              "ca_loss": round(ca0 - ca, 4), "unlearned": [t.target for t in triggers], "lr_used": report.lr_used, "attempts": report.attempts,
                               "seconds": round(time.perf_counter() - started, 1)}),
                   flush=True)
 

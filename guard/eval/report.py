@@ -218,16 +218,26 @@ def _floor_table(figures: dict) -> str:
     return "\n".join(rows)
 
 
+def _unlearned(case: dict) -> str:
+    """The classes whose triggers AR unlearned in one case, as "0 8" ("–" for none)."""
+    classes = case["methods"]["ar-repair"].get("unlearned")
+    if not isinstance(classes, list):  # figures from before AR took several triggers held a flag
+        return "?"
+    return " ".join(map(str, classes)) or "–"
+
+
 def _extra_table(figures: dict) -> str:
     rows = ["| attack | model | PGD acc. unguarded | PGD acc. guarded | PGD flagged | scan suspect (per seed) | "
-            "calibration s | overhead × (batch 64) | case s |", "|---|---|---|---|---|---|---|---|---|"]
+            "AR unlearned (per seed) | calibration s | overhead × (batch 64) | case s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for attack, arch, cases in _groups(figures):
         adv = [c["adversarial"] for c in cases]
         suspects = ", ".join("–" if c["scan"]["suspect"] is None else str(c["scan"]["suspect"]) for c in cases)
+        unlearned = "; ".join(_unlearned(c) for c in cases if "ar-repair" in c["methods"])
         rows.append(
             f"| {attack} | {arch} | {_fmt(mean_spread([a['accuracy_unguarded'] for a in adv]))} | "
             f"{_fmt(mean_spread([a['accuracy_guarded'] for a in adv]))} | "
-            f"{_fmt(mean_spread([a['flagged'] for a in adv]))} | {suspects} | "
+            f"{_fmt(mean_spread([a['flagged'] for a in adv]))} | {suspects} | {unlearned or '–'} | "
             f"{_fmt(_metric(cases, 'guard', 'calibration_seconds'), False, 1)} | "
             f"{_fmt(mean_spread([c['overhead']['ratio'] for c in cases]), False, 2)} | "
             f"{_fmt(mean_spread([c['seconds'] for c in cases]), False, 0)} |")
@@ -383,8 +393,8 @@ the 2% targets sit at or below it on some attacks.
 ## Model repair: attack success rate
 
 Models cleaned offline (`guard repair`, `guard train --none`), each measured as it is, unguarded. Fine-tuning and
-AR train on the defender's clean set for the same epochs; AR also unlearns the scan's suspected trigger when the
-scan names a class. Benign-salience pruning is `guard repair --method prune`. Plain L2 (`--method l2`) is left out
+AR train on the defender's clean set for the same epochs; AR also unlearns the synthesised triggers of the scan's
+candidate classes (anomaly index at least 1, and the suspect), listed per seed in the last table. Benign-salience pruning is `guard repair --method prune`. Plain L2 (`--method l2`) is left out
 of the full run to keep it within its hour.
 
 {_method_table(figures, 'asr', REPAIRS)}

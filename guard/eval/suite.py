@@ -278,7 +278,7 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
                                                                      acc_budget=settings.acc_budget, seed=case.seed))
         methods["linf-prune"], figures["scan"] = _linf_prune(loaded, scan, x_eval, y_eval, x_trig, y_trig,
                                                             (clean_labels, trig_labels))
-        methods.update(_repairs(loaded, scan.suspect, x_def, y_def, both, y_eval, y_trig, case.seed))
+        methods.update(_repairs(loaded, scan.candidates, x_def, y_def, both, y_eval, y_trig, case.seed))
         methods["none-train"] = _none_train(module, x_train, y_train, poisoned, settings, case.seed, both, y_eval,
                                             y_trig)
 
@@ -385,14 +385,15 @@ def _linf_prune(loaded, scan, x_eval, y_eval, x_trig, y_trig, unguarded: tuple[n
     row = _answers(labels, y_eval, trig_labels, y_trig)
     row["pruned"] = pruned
     index = scan.classes.anomaly_index
-    return row, {"suspect": scan.classes.suspect, "anomaly_index": [round(float(v), 3) for v in index],
+    return row, {"suspect": scan.classes.suspect, "candidates": [t.target for t in scan.candidates],
+                 "anomaly_index": [round(float(v), 3) for v in index],
                  "seconds": scan.figures["seconds"]}
 
 
-def _repairs(loaded, trigger, x_def: np.ndarray, y_def: np.ndarray, both, y_eval: np.ndarray,
+def _repairs(loaded, triggers: list, x_def: np.ndarray, y_def: np.ndarray, both, y_eval: np.ndarray,
              y_trig: np.ndarray | None, seed: int) -> dict[str, dict[str, object]]:
     """`guard repair` on the defender's clean set: plain fine-tuning (the baseline, no trigger), then AR on the
-    infected weights, which also unlearns the scan's suspected trigger when the scan names one. (L2 is left out of
+    infected weights, which also unlearns the triggers of the scan's candidate classes. (L2 is left out of
     the full run to keep it within its hour; `guard repair --method l2` measures it.)"""
     import onnxruntime as ort
 
@@ -400,15 +401,16 @@ def _repairs(loaded, trigger, x_def: np.ndarray, y_def: np.ndarray, both, y_eval
 
     rows: dict[str, dict[str, object]] = {}
     for name, method in (("fine-tuning", "finetune"), ("ar-repair", "ar")):
+        unlearned = [] if method == "finetune" else triggers
         repaired, report = repair(loaded, x_def, y_def, settings=RepairSettings(method=method, seed=seed),
-                                  trigger=None if method == "finetune" else trigger)
+                                  triggers=unlearned)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         session = ort.InferenceSession(repaired.SerializeToString(), options, providers=["CPUExecutionProvider"])
         clean, trig = both(lambda x, s=session: s.run(None, {loaded.input_name: x})[0].argmax(axis=1))
         rows[name] = _answers(clean, y_eval, trig, y_trig)
         rows[name].update(seconds=report.seconds, infected=sum(report.infected.values()),
-                          unlearned=trigger is not None and method != "finetune")
+                          unlearned=[t.target for t in unlearned])
     return rows
 
 

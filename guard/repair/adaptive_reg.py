@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -73,9 +74,10 @@ class RepairSettings:
     strength: float = 1.0  # lambda: weight of the penalty (the mean over infected weights) against cross-entropy
     eps: float = 1e-3  # keeps the AR penalty finite for weights that start at zero
     acc_budget: float = 0.01  # prune only: clean accuracy the mask may cost
-    # With a candidate trigger (from `guard scan`): the channels with the largest ℓ∞ gap count as infected too ...
+    # With candidate triggers (from `guard scan`): the channels with the largest ℓ∞ gap under each count as
+    # infected too ...
     gap_share: float = 0.1
-    # ... and this share of each training batch is stamped with it, labels kept (unlearning the trigger).
+    # ... and this share of each training batch is stamped with one of them, labels kept (unlearning the triggers).
     unlearn_share: float = 0.2
     seed: int = 0
 
@@ -174,7 +176,7 @@ def _predict(module: OnnxModule, output: str, x: np.ndarray, batch_size: int = 5
 
 def _fine_tune(module: OnnxModule, output: str, params: dict[str, torch.nn.Parameter],
                coefficients: dict[str, torch.Tensor], x: np.ndarray, y: np.ndarray,
-               settings: RepairSettings, trigger: Trigger | None, lr: float) -> None:
+               settings: RepairSettings, triggers: Sequence[Trigger], lr: float) -> None:
     for param in params.values():
         param.requires_grad_(True)
     optimizer = torch.optim.Adam(params.values(), lr=lr)
@@ -189,9 +191,8 @@ def _fine_tune(module: OnnxModule, output: str, params: dict[str, torch.nn.Param
         for start in range(0, len(order), settings.batch_size):
             batch = order[start:start + settings.batch_size]
             images = inputs[batch]
-            if trigger is not None and settings.unlearn_share > 0:
-                stamp = torch.rand(len(batch), generator=generator) < settings.unlearn_share
-                images = torch.where(stamp[:, None, None, None], _stamp(images, trigger), images)
+            if triggers and settings.unlearn_share > 0:
+                images = _unlearning_batch(images, triggers, settings.unlearn_share, generator)
             logits = module.run(images)[0][output]
             loss = F.cross_entropy(logits, targets[batch])
             if count:
@@ -206,9 +207,15 @@ def _fine_tune(module: OnnxModule, output: str, params: dict[str, torch.nn.Param
         param.requires_grad_(False)
 
 
-def _stamp(images: torch.Tensor, trigger: Trigger) -> torch.Tensor:
-    mask, pattern = torch.as_tensor(trigger.mask), torch.as_tensor(trigger.pattern)
-    return (1 - mask) * images + mask * pattern
+def _unlearning_batch(images: torch.Tensor, triggers: Sequence[Trigger], share: float,
+                      generator: torch.Generator) -> torch.Tensor:
+    """`images` with about `share` of them stamped, each with one of `triggers` drawn at random."""
+    stamp = torch.rand(len(images), generator=generator) < share
+    which = torch.randint(len(triggers), (len(images),), generator=generator)
+    masks = torch.stack([torch.as_tensor(t.mask) for t in triggers])[which]
+    patterns = torch.stack([torch.as_tensor(t.pattern) for t in triggers])[which]
+    stamped = (1 - masks) * images + masks * patterns
+    return torch.where(stamp[:, None, None, None], stamped, images)
 
 
 def _write_weights(proto: onnx.ModelProto, params: dict[str, torch.nn.Parameter]) -> onnx.ModelProto:
@@ -222,23 +229,26 @@ def _write_weights(proto: onnx.ModelProto, params: dict[str, torch.nn.Parameter]
     return out
 
 
-def _gap_infected(tap_model: OnnxTaps, x: np.ndarray, trigger: Trigger, share: float) -> list[np.ndarray]:
-    """Per tap, (C,) bool: the `share` of channels whose mean ℓ∞ the trigger raises most (positive gaps only)."""
+def _gap_infected(tap_model: OnnxTaps, x: np.ndarray, triggers: Sequence[Trigger], share: float,
+                  ) -> list[np.ndarray]:
+    """Per tap, (C,) bool: for each trigger, the `share` of channels whose mean ℓ∞ it raises most (positive gaps
+    only); the union over the triggers."""
     with torch.no_grad():
-        gap = linf_gap(collect(tap_model, x).linf, collect(tap_model, trigger.apply(x)).linf)
-    marked = []
-    for values in gap:
-        top = np.argsort(-values, kind="stable")[: math.ceil(share * len(values))]
-        mask = np.zeros(len(values), dtype=bool)
-        mask[top[values[top] > 0]] = True
-        marked.append(mask)
+        clean = collect(tap_model, x).linf
+        gaps = [linf_gap(clean, collect(tap_model, trigger.apply(x)).linf) for trigger in triggers]
+    marked = [np.zeros(len(values), dtype=bool) for values in gaps[0]]
+    for gap in gaps:
+        for mask, values in zip(marked, gap, strict=True):
+            top = np.argsort(-values, kind="stable")[: math.ceil(share * len(values))]
+            mask[top[values[top] > 0]] = True
     return marked
 
 
 def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None = None, *,
-           settings: RepairSettings | None = None, trigger: Trigger | None = None) -> tuple[onnx.ModelProto, RepairReport]:
+           settings: RepairSettings | None = None, triggers: Sequence[Trigger] = ()) -> tuple[onnx.ModelProto, RepairReport]:
     """Purify `model` with clean samples `x` (and labels `y`, else the model's own answers); returns the repaired
-    ONNX model (same inputs and outputs; recalibrate before serving it) and a report.
+    ONNX model (same inputs and outputs; recalibrate before serving it) and a report. `triggers` are candidate
+    triggers (from `guard scan`) to unlearn; AR and L2 also penalise the channels they light up.
 
     Example::
 
@@ -274,8 +284,8 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
         with torch.enable_grad():
             acts = collect(OnnxTaps(loaded, taps), x[fit], labels[fit], with_salience=True)
         benign = [benign_set(benign_salience(s), settings.benign_share) for s in acts.salience or []]
-        if trigger is not None:
-            gap = _gap_infected(OnnxTaps(loaded, taps), x[fit], trigger, settings.gap_share)
+        if triggers:
+            gap = _gap_infected(OnnxTaps(loaded, taps), x[fit], triggers, settings.gap_share)
             benign = [inside & ~hit for inside, hit in zip(benign, gap, strict=True)]
         infected = {tap: int((~inside).sum()) for tap, inside in zip(taps, benign, strict=True)}
         masks = _infected_masks(module, loaded.proto, taps, benign)
@@ -287,7 +297,7 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
         lr, attempts = settings.lr, 0
         while True:
             attempts += 1
-            _fine_tune(module, output, params, coefficients, x[fit], labels[fit], settings, trigger, lr)
+            _fine_tune(module, output, params, coefficients, x[fit], labels[fit], settings, triggers, lr)
             accuracy = float((_predict(module, output, x[hold]) == labels[hold]).mean())
             if accuracy_before - accuracy <= settings.max_accuracy_loss or attempts > settings.backoffs:
                 break
