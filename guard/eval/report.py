@@ -394,8 +394,9 @@ the 2% targets sit at or below it on some attacks.
 
 Models cleaned offline (`guard repair`, `guard train --none`), each measured as it is, unguarded. Fine-tuning and
 AR train on the defender's clean set for the same epochs; AR also unlearns the synthesised triggers of the scan's
-candidate classes (anomaly index at least 1, and the suspect), listed per seed in the last table. Benign-salience pruning is `guard repair --method prune`. Plain L2 (`--method l2`) is left out
-of the full run to keep it within its hour.
+candidate classes (the suspect and any class with anomaly index at least 1, listed per seed in the last table).
+Benign-salience pruning is `guard repair --method prune`. Plain L2 (`--method l2`) is left out of the full run to
+keep it within its hour.
 
 {_method_table(figures, 'asr', REPAIRS)}
 
