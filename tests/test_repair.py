@@ -454,6 +454,19 @@ def test_cli_repair_unlearns_every_trigger_it_is_given(backdoored, clean_data, s
     assert attack_after < attack_before / 4  # a decoy beside the real trigger does not stop the repair
 
 
+def test_cli_repair_scan_unlearns_the_candidates_suspect_first(backdoored, clean_data, tmp_path):
+    out = tmp_path / "fixed.onnx"
+    code, stdout = _run_cli(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(out),
+                             "--scan"])
+    assert code == 0, stdout
+    targets = json.loads((tmp_path / "fixed.repair.json").read_text())["trigger_targets"]
+    assert targets[0] == TARGET
+    assert f"scan suspects class {TARGET}; unlearning the triggers of classes {', '.join(map(str, targets))}" in stdout
+    _, attack_before = _rates(backdoored.model_path, backdoored)
+    _, attack_after = _rates(out, backdoored)
+    assert attack_after < attack_before / 4
+
+
 def _write_trigger(path: Path, mask_shape=(1, 28, 28), pattern_shape=(1, 28, 28), fill=0.5, **extra) -> Path:
     arrays = {"mask": np.full(mask_shape, fill, np.float32),
               "pattern": np.full(pattern_shape, fill, np.float32), "target": np.array(0)}

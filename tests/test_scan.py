@@ -78,6 +78,8 @@ def test_scan_names_the_backdoor_target(cli_scan):
     sizes = [c["mask_l1"] for c in report["classes"]]
     assert report["suspect"] == TARGET
     assert index[TARGET] > report["threshold"]
+    assert report["candidates"][0] == TARGET
+    assert report["candidates"] == [k for k in np.argsort(index)[::-1] if index[k] >= 1.0]
     assert sizes[TARGET] < 0.2 * np.median(sizes)  # the 3×3 patch is tiny next to any natural trigger
     assert f"class {TARGET} is the likely backdoor target" in stdout
 
