@@ -249,9 +249,10 @@ def _repair(args: argparse.Namespace) -> int:
 
         scan = run_scan(model, x, y)
         triggers = scan.candidates
-        suspect = scan.classes.suspect
-        print(f"guard: scan suspects {'no class' if suspect is None else f'class {suspect}'}; unlearning the "
-              f"triggers of {'no class' if not triggers else 'classes ' + ', '.join(str(t.target) for t in triggers)}")
+        suspect = "no class" if scan.classes.suspect is None else f"class {scan.classes.suspect}"
+        unlearned = ", ".join(str(t.target) for t in triggers)
+        print(f"guard: scan suspects {suspect}; unlearning the triggers of "
+              f"{'classes ' + unlearned if triggers else 'no class'}")
     repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
     try:
         onnx.save(repaired, args.out)

@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRIGGER_FILE = "trigger.npz"
 REPORT_FILE = "scan.json"
-CANDIDATE_INDEX = 1.0  # see ScanSettings.candidate_index
 
 
 @dataclass
@@ -69,7 +68,7 @@ class ScanSettings:
     threshold: float = DEFAULT_THRESHOLD  # anomaly index above which the smallest-trigger class is named
     # Classes whose anomaly index reaches this are candidates: too few to name, but `guard repair --scan` unlearns
     # all their triggers. A class with a natural small trigger can outrank the real target (docs/design.md).
-    candidate_index: float = CANDIDATE_INDEX
+    candidate_index: float = 1.0
     index_scale: IndexScale = "log"
     holdout: float = 0.5  # share of the clean data held out for the pruning's stopping rule
     success_bound: float = DEFAULT_SUCCESS_BOUND

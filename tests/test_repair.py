@@ -155,7 +155,9 @@ def test_unlearning_stamps_the_share_asked_each_image_with_one_of_the_triggers()
 
     images = torch.full((4000, 1, 4, 4), 0.5)
     triggers = [trigger(0, 0, 1.0), trigger(3, 3, 0.0)]
-    out = _unlearning_batch(images, triggers, 0.3, torch.Generator().manual_seed(0))
+    masks = torch.stack([torch.as_tensor(t.mask) for t in triggers])
+    patterns = torch.stack([torch.as_tensor(t.pattern) for t in triggers])
+    out = _unlearning_batch(images, masks, patterns, 0.3, torch.Generator().manual_seed(0))
     first = (out[:, 0, :, 0] == 1.0).all(dim=1)
     second = (out[:, 0, :, 3] == 0.0).all(dim=1)
     untouched = (out == 0.5).flatten(1).all(dim=1)
@@ -163,7 +165,7 @@ def test_unlearning_stamps_the_share_asked_each_image_with_one_of_the_triggers()
     assert (first | second | untouched).all()
     assert 0.27 < (first | second).float().mean() < 0.33
     assert 0.4 < first.sum() / (first | second).sum() < 0.6  # both triggers drawn alike
-    assert (_unlearning_batch(images, triggers, 0.0, torch.Generator()) == images).all()
+    assert (_unlearning_batch(images, masks, patterns, 0.0, torch.Generator()) == images).all()
 
 
 def test_l2_coefficients_are_the_mask_and_finetune_has_none():

@@ -186,13 +186,15 @@ def _fine_tune(module: OnnxModule, output: str, params: dict[str, torch.nn.Param
     count = sum(int(c.count_nonzero()) for c in coefficients.values())
     generator = torch.Generator().manual_seed(settings.seed)
     inputs, targets = torch.as_tensor(x), torch.as_tensor(y)
+    masks = torch.stack([torch.as_tensor(t.mask) for t in triggers]) if triggers else None
+    patterns = torch.stack([torch.as_tensor(t.pattern) for t in triggers]) if triggers else None
     for _ in range(settings.epochs):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(order), settings.batch_size):
             batch = order[start:start + settings.batch_size]
             images = inputs[batch]
-            if triggers and settings.unlearn_share > 0:
-                images = _unlearning_batch(images, triggers, settings.unlearn_share, generator)
+            if masks is not None and settings.unlearn_share > 0:
+                images = _unlearning_batch(images, masks, patterns, settings.unlearn_share, generator)
             logits = module.run(images)[0][output]
             loss = F.cross_entropy(logits, targets[batch])
             if count:
@@ -207,14 +209,13 @@ def _fine_tune(module: OnnxModule, output: str, params: dict[str, torch.nn.Param
         param.requires_grad_(False)
 
 
-def _unlearning_batch(images: torch.Tensor, triggers: Sequence[Trigger], share: float,
+def _unlearning_batch(images: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor, share: float,
                       generator: torch.Generator) -> torch.Tensor:
-    """`images` with about `share` of them stamped, each with one of `triggers` drawn at random."""
+    """`images` with about `share` of them stamped, each with one trigger (masks (K, 1, H, W), patterns
+    (K, C, H, W)) drawn at random."""
     stamp = torch.rand(len(images), generator=generator) < share
-    which = torch.randint(len(triggers), (len(images),), generator=generator)
-    masks = torch.stack([torch.as_tensor(t.mask) for t in triggers])[which]
-    patterns = torch.stack([torch.as_tensor(t.pattern) for t in triggers])[which]
-    stamped = (1 - masks) * images + masks * patterns
+    which = torch.randint(len(masks), (len(images),), generator=generator)
+    stamped = (1 - masks[which]) * images + masks[which] * patterns[which]
     return torch.where(stamp[:, None, None, None], stamped, images)
 
 
