@@ -23,14 +23,16 @@ def _calibrate(args: argparse.Namespace) -> int:
     x, y = load_samples(args.data)
     settings = CalibrationSettings(
         layers=args.layers.split(",") if args.layers else None, fpr=args.fpr,
-        fpr_confidence=args.fpr_confidence, acc_budget=args.acc_budget, prune=not args.no_prune, seed=args.seed,
+        fpr_confidence=args.fpr_confidence, demote_rate=args.demote_rate, acc_budget=args.acc_budget,
+        prune=not args.no_prune, seed=args.seed,
     )
     profile = calibrate(args.model, x, y, settings=settings, progress=not args.quiet)
     profile.save(args.out)
     f = profile.figures
     print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
           f"channels, held-out accuracy {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
-          f"cross-fitted flag rate {f['calibration_flag_rate']:.3f} (target {args.fpr}), {f['seconds']:.1f} s")
+          f"cross-fitted flag rate {f['calibration_flag_rate']:.3f} (target {args.fpr}), demote rate "
+          f"{f['calibration_demote_rate']:.3f} (at most {args.demote_rate}), {f['seconds']:.1f} s")
     return 0
 
 
@@ -321,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--fpr", type=float, default=0.05, help="target false-positive rate (default 0.05)")
     cal.add_argument("--fpr-confidence", type=float, default=0.9,
                      help="chance that the false-positive rate stays within --fpr (default 0.9; 0.5: on average)")
+    cal.add_argument("--demote-rate", type=float, default=0.015,
+                     help="share of clean requests, bounded like --fpr, so far outside their class's profile that "
+                          "guard answers another class (default 0.015; 0: never)")
     cal.add_argument("--acc-budget", type=float, default=0.01, help="clean accuracy the mask may cost (0.01)")
     cal.add_argument("--no-prune", action="store_true", help="do not choose a static mask")
     cal.add_argument("--seed", type=int, default=0)

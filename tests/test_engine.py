@@ -3,6 +3,9 @@ rows that need it, inputs to the tail left where the model ran, and the torch en
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import onnx
 import pytest
@@ -16,6 +19,7 @@ from guard.model.graph import load_model
 from guard.model.serving import serving_graphs
 from guard.runtime.checks import repredict_masks
 from guard.runtime.guard import Guard
+from guard.runtime.policy import Policy, apply_policy
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +61,55 @@ def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdo
     check = profile.check()
     verdict = check(masked.linf, masked.predictions)
     needs = verdict.compromised.any(axis=1) | (verdict.score > guard.tau)
-    benign = masked.predictions.copy()
+    benign_logits = masked.logits.copy()
     rows = np.flatnonzero(needs)
     with torch.no_grad():
-        benign[rows] = collect(taps, requests[rows], masks=repredict_masks(keep, bounds, verdict.z[rows], check.cut),
-                               bounds=bounds).predictions
+        benign_logits[rows] = collect(taps, requests[rows], bounds=bounds,
+                                      masks=repredict_masks(keep, bounds, verdict.z[rows], check.cut)).logits
+    benign = benign_logits.argmax(axis=1)
     flagged = (verdict.score > guard.tau) | (benign != masked.predictions)
+    demoted = (verdict.score > profile.thresholds.demote) & (benign == masked.predictions)
+    runner_up = benign_logits.copy()
+    runner_up[np.arange(len(requests)), masked.predictions] = -np.inf
+    expected = np.where(demoted, runner_up.argmax(axis=1), np.where(flagged, benign, masked.predictions))
 
     result = guard.predict(requests)
     assert 0 < rows.size < len(requests)
-    decided = np.abs(verdict.score - guard.tau) > 1e-3
+    assert demoted.any(), "some request must be demoted for this test to mean much"
+    decided = (np.abs(verdict.score - guard.tau) > 1e-3) & (np.abs(verdict.score - profile.thresholds.demote) > 1e-3)
     np.testing.assert_array_equal(guard.engine.run(requests).needs[decided], needs[decided])
     np.testing.assert_allclose(result.score, verdict.score, atol=1e-4)
     np.testing.assert_array_equal(result.model_labels, masked.predictions)
     np.testing.assert_array_equal(result.flagged[decided], flagged[decided])
-    np.testing.assert_array_equal(result.labels[decided], np.where(flagged, benign, masked.predictions)[decided])
+    np.testing.assert_array_equal(result.labels[decided], expected[decided])
     assert result.flagged[len(requests) // 2:].mean() > 0.8, "triggered requests must be flagged"
+
+
+def test_demoted_rows_answer_the_runner_up_and_keep_the_other_classes_in_order() -> None:
+    logits = np.array([[0.0, 3.0, 2.0, -1.0], [0.0, 3.0, 2.0, -1.0]], dtype=np.float32)
+    benign = logits.copy()
+    flagged, demoted = np.array([True, False]), np.array([True, False])
+    answer = apply_policy(Policy.ENFORCE, logits, benign, flagged, demoted)
+    assert answer.argmax(axis=1).tolist() == [2, 1]
+    assert answer[0, 1] < answer[0, 3] and answer.dtype == np.float32
+    assert np.array_equal(np.argsort(-answer[0])[:3], [2, 0, 3])
+    two = np.array([[5.0, 1.0]], dtype=np.float32)  # two classes: the own class must not tie with the other
+    assert apply_policy(Policy.ENFORCE, two, two, np.array([True]), np.array([True])).argmax() == 1
+    assert np.array_equal(apply_policy(Policy.MONITOR, logits, benign, flagged, demoted), logits)
+
+
+def test_profile_without_demotion_answers_every_agreeing_row_as_the_model(guard: Guard, backdoored: Backdoored,
+                                                                         requests: np.ndarray) -> None:
+    profile = guard.profile
+    off = Guard(load_model(backdoored.model_path),
+                dataclasses.replace(profile, thresholds=dataclasses.replace(profile.thresholds, demote=math.inf)))
+    demoting, plain = guard.predict(requests), off.predict(requests)
+    extreme = plain.score > profile.thresholds.demote + 1e-3
+    agreeing = extreme & (plain.labels == plain.model_labels)
+    assert agreeing.any()
+    assert np.array_equal(plain.labels[agreeing], plain.model_labels[agreeing])
+    assert not (demoting.labels[agreeing] == demoting.model_labels[agreeing]).any()
+    np.testing.assert_array_equal(demoting.labels[~extreme], plain.labels[~extreme])
 
 
 def test_io_binding_path_keeps_tail_inputs_in_the_engine(guard: Guard, backdoored: Backdoored,

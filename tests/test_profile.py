@@ -198,6 +198,13 @@ CORRUPTIONS = {
     "cut-not-finite": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "cut", float("nan"))),
                        "thresholds must be finite"),
     "cut-missing": (lambda s, p: _edited(s, p, lambda t, m: m["thresholds"].pop("cut")), "cut"),
+    "demote-below-tau": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "demote",
+                                                                       m["thresholds"]["tau"] - 1)),
+                         "demote threshold must be null or a number at least tau"),
+    "demote-nan": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "demote", float("nan"))),
+                   "demote threshold"),
+    "demote-not-a-number": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "demote", "high")),
+                            "malformed"),
 }
 
 
@@ -311,12 +318,27 @@ def test_cli_calibrate_with_a_missing_data_file_fails_in_one_line(setup: Setup, 
     assert not (tmp_path / "p.safetensors").exists()
 
 
-def test_cli_calibrate_with_an_impossible_confidence_fails_in_one_line(setup: Setup, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("option", "value"), [("--fpr-confidence", "1"), ("--demote-rate", "-0.1")])
+def test_cli_calibrate_with_an_impossible_setting_fails_in_one_line(setup: Setup, tmp_path: Path, option: str,
+                                                                   value: str) -> None:
     np.savez(tmp_path / "clean.npz", x=setup.x_cal[:40], y=setup.y_cal[:40])
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "p.safetensors", "--quiet",
-                   "--fpr-confidence", "1", cwd=tmp_path)
-    assert_one_line_error(done, "--fpr-confidence")
+                   option, value, cwd=tmp_path)
+    assert_one_line_error(done, option)
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_profile_without_a_demote_threshold_loads_with_demotion_off(setup: Setup, tmp_path: Path) -> None:
+    """Profiles written before demotion existed (and those calibrated with --demote-rate 0) never demote."""
+    assert np.isfinite(setup.profile.thresholds.demote)
+    assert setup.profile.thresholds.demote >= setup.profile.thresholds.tau
+    older = Profile.load(_edited(setup, tmp_path / "older.safetensors", lambda t, m: m["thresholds"].pop("demote")))
+    assert older.thresholds.demote == float("inf")
+    assert older.thresholds.tau == setup.profile.thresholds.tau
+    off = calibrate(setup.model_path, setup.x_cal, setup.y_cal, settings=CalibrationSettings(demote_rate=0))
+    assert off.thresholds.demote == float("inf") and off.figures["calibration_demote_rate"] == 0
+    assert raw_parts(off.save(tmp_path / "off.safetensors"))[1]["thresholds"]["demote"] is None
+    assert Profile.load(tmp_path / "off.safetensors").thresholds.demote == float("inf")
 
 
 def test_a_higher_fpr_confidence_never_lowers_tau(setup: Setup) -> None:
@@ -328,6 +350,8 @@ def test_a_higher_fpr_confidence_never_lowers_tau(setup: Setup) -> None:
     assert sure.thresholds.k == even.thresholds.k
     assert sure.thresholds.tau > even.thresholds.tau
     assert sure.figures["calibration_flag_rate"] < even.figures["calibration_flag_rate"] <= 0.05
+    assert sure.thresholds.demote >= even.thresholds.demote
+    assert 0 < even.figures["calibration_demote_rate"] <= even.settings["demote_rate"]
 
 
 # ---------------------------------------------------------------------------------------------- torch module path

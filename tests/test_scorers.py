@@ -24,6 +24,7 @@ from guard.calibrate.consistency import (
     allowed_above,
     class_profiles,
     compromise_threshold,
+    demote_threshold,
     out_of_fold,
     score_threshold,
 )
@@ -405,6 +406,24 @@ def test_score_threshold_counts_disagreements_against_the_budget() -> None:
 def test_score_threshold_rejects_rates_outside_the_open_unit_interval(fpr: float) -> None:
     with pytest.raises(ValueError, match="false-positive rate"):
         score_threshold(np.arange(10.0), np.zeros(10, dtype=bool), fpr)
+
+
+def test_demote_threshold_counts_only_agreeing_samples_and_never_falls_below_tau() -> None:
+    rng = np.random.default_rng(2)
+    scores = rng.permutation(np.arange(1000, dtype=np.float64))
+    none = np.zeros(1000, dtype=bool)
+    allowed = allowed_above(1000, 0.015, 0.9)
+    threshold = demote_threshold(scores, none, tau=0.0, rate=0.015, confidence=0.9)
+    assert (scores > threshold).sum() == allowed == 9
+    # the top scorers disagree: they are answered differently already and leave the budget to the next ones
+    top = scores >= 995
+    threshold = demote_threshold(scores, top, tau=0.0, rate=0.015, confidence=0.9)
+    assert ((scores > threshold) & ~top).sum() == allowed
+    assert demote_threshold(scores, none, tau=999.5, rate=0.015) == 999.5
+    assert demote_threshold(scores, none, tau=0.0, rate=0.0) == float("inf")
+    few_agree = np.ones(1000, dtype=bool)
+    few_agree[:5] = False  # fewer agreeing samples than the budget: every flagged one may be demoted
+    assert demote_threshold(scores, few_agree, tau=-1.0, rate=0.015, confidence=0.9) == -1.0
 
 
 # ---------------------------------------------------------------------------------------------- static mask

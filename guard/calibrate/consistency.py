@@ -99,3 +99,20 @@ def score_threshold(scores: np.ndarray, disagree: np.ndarray, fpr: float, confid
     if extra >= len(by_score):
         return float(by_score[-1]) - 1e-6 if len(by_score) else 0.0
     return float(by_score[extra])
+
+
+def demote_threshold(scores: np.ndarray, disagree: np.ndarray, tau: float, rate: float,
+                     confidence: float = 0.5) -> float:
+    """The score above which the guard refuses a request's own class: the lowest threshold (never below τ) at which a
+    fresh clean request is demoted with probability at most `rate`, with chance `confidence`; inf when `rate` is 0.
+
+    Only requests whose benign re-prediction agrees with the model are demoted (the others are answered differently
+    already), so only those count against the rate.
+    """
+    if rate == 0:
+        return math.inf
+    allowed = allowed_above(len(scores), rate, confidence)
+    by_score = np.sort(scores[~disagree])[::-1]
+    if allowed >= len(by_score):
+        return tau
+    return max(tau, float(by_score[allowed]))

@@ -16,7 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from guard.calibrate.activations import Activations, collect
-from guard.calibrate.consistency import class_profiles, compromise_threshold, out_of_fold, score_threshold
+from guard.calibrate.consistency import (
+    class_profiles,
+    compromise_threshold,
+    demote_threshold,
+    out_of_fold,
+    score_threshold,
+)
 from guard.calibrate.linf import linf_stats
 from guard.calibrate.masking import candidate_order, choose_static_mask
 from guard.calibrate.profile import Profile, TapProfile, Thresholds
@@ -42,6 +48,11 @@ class CalibrationSettings:
     layers: list[str] | None = None  # ONNX tensor names to tap; None = the last conv activations + penultimate
     fpr: float = 0.05  # target share of clean requests flagged ...
     fpr_confidence: float = 0.9  # ... with this chance over the draw of the clean data (0.5: on average)
+    # Share of clean requests (bounded with the same confidence) so far outside their class's profile that the guard
+    # answers the best other class. Spread-out triggers (blend, warping) survive the benign re-prediction; refusing
+    # the target outright for the most extreme requests is what undoes them. Tuned on training-split images (seed 10,
+    # both architectures): docs/design.md.
+    demote_rate: float = 0.015
     acc_budget: float = 0.01  # clean accuracy the static mask may cost (absolute, on the held-out split)
     benign_share: float = 0.99  # share of a layer's benign salience the benign set covers
     holdout: float = 0.3  # share of the clean data held out for the static mask's accuracy
@@ -66,6 +77,8 @@ class CalibrationSettings:
             raise GuardError(f"--fpr-confidence must lie in [0.5, 1), got {self.fpr_confidence}")
         if self.folds < 2:
             raise GuardError(f"cross-fitting needs at least 2 folds, got {self.folds}")
+        if not 0 <= self.demote_rate < 1:
+            raise GuardError(f"--demote-rate must lie in [0, 1), got {self.demote_rate}")
         if not 0 <= self.acc_budget < 1:
             raise GuardError(f"--acc-budget must lie in [0, 1), got {self.acc_budget}")
         if not 0 < self.holdout < 1:
@@ -165,10 +178,11 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     disagree = benign_labels != labels
     tau = score_threshold(result.score, disagree, settings.fpr, settings.fpr_confidence)
     flagged = (result.score > tau) | disagree
+    demote = demote_threshold(result.score, disagree, tau, settings.demote_rate, settings.fpr_confidence)
     timings["thresholds"] = round(time.perf_counter() - t0, 3)
     bar.close()
 
-    draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q, cut=settings.cut_z)
+    draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q, cut=settings.cut_z, demote=demote)
     draft.settings = {**asdict(settings), "layers": taps}
     draft.figures = {
         "samples": len(x), "fit_samples": len(fit), "holdout_samples": len(hold), "labels_given": y is not None,
@@ -176,6 +190,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "pruned_channels": {tap: int((~k_).sum()) for tap, k_ in zip(taps, keep, strict=True)},
         "prune_candidates": choice.candidates,
         "calibration_flag_rate": float(flagged.mean()), "calibration_disagreement_rate": float(disagree.mean()),
+        "calibration_demote_rate": float(((result.score > demote) & ~disagree).mean()),
         "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
     }
     return draft

@@ -8,6 +8,7 @@ anything malformed is reported as a ProfileError naming what is wrong.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ class Thresholds:
     tau: float  # a request is flagged when its score exceeds tau
     top_q: int  # the score is the mean of the top_q z values
     cut: float  # the benign re-prediction zeroes channels of taps without unit bounds whose z exceeds this
+    # Above this score the guard answers the best class other than the model's own (inf: never). Profiles written
+    # before it existed load with inf, and behave as they did.
+    demote: float = math.inf
 
 
 @dataclass
@@ -119,7 +123,8 @@ class Profile:
             "output_name": self.output_name,
             "num_classes": self.num_classes,
             "taps": [{"name": t.name, "kind": t.kind, "fold": t.fold} for t in self.taps],
-            "thresholds": asdict(self.thresholds),
+            "thresholds": {**asdict(self.thresholds),
+                           "demote": None if math.isinf(self.thresholds.demote) else self.thresholds.demote},
             "settings": self.settings,
             "figures": self.figures,
         }
@@ -197,4 +202,7 @@ def _thresholds(raw: dict[str, Any]) -> Thresholds:
     k, tau, top_q, cut = float(raw["k"]), float(raw["tau"]), raw["top_q"], float(raw["cut"])
     if not (np.isfinite(k) and np.isfinite(tau) and np.isfinite(cut)) or not isinstance(top_q, int) or top_q < 1:
         raise ValueError(f"thresholds must be finite numbers with an integer top_q >= 1, got {raw}")
-    return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut)
+    demote = math.inf if raw.get("demote") is None else float(raw["demote"])
+    if not (demote >= tau and (math.isinf(demote) or np.isfinite(demote))):
+        raise ValueError(f"the demote threshold must be null or a number at least tau, got {raw}")
+    return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut, demote=demote)

@@ -1,8 +1,8 @@
 """`Guard`: a model and its profile, answering guarded predictions in-process (the server calls the same object).
 
 request x -> validate -> engine (masked model, ℓ∞ per tap and the consistency check, all in one graph) -> the tail
-of the network re-run for the samples with compromised channels or a score above tau -> verdict and policy ->
-Result.
+of the network re-run for the samples with compromised channels or a score above tau -> verdict and policy (a
+score above the demote threshold refuses the model's own class) -> Result.
 """
 
 from __future__ import annotations
@@ -158,8 +158,10 @@ class Guard:
             rows = np.flatnonzero(run.needs)
             benign_logits = run.logits.copy()
             benign_logits[rows] = self.engine.repredict(run, rows, deadline)
-            flagged |= benign_logits.argmax(axis=1) != model_labels
-            answer = apply_policy(self.policy, run.logits, benign_logits, flagged)
+            agree = benign_logits.argmax(axis=1) == model_labels
+            flagged |= ~agree
+            demoted = agree & (run.score > self.profile.thresholds.demote)
+            answer = apply_policy(self.policy, run.logits, benign_logits, flagged, demoted)
             labels = answer.argmax(axis=1)
         seconds = {"engine": t1 - t0, "repredict": time.perf_counter() - t1}
         return Result(

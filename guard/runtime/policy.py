@@ -1,4 +1,5 @@
-"""What the guard does with a flagged request: `monitor` reports it, `enforce` answers with the benign re-prediction."""
+"""What the guard does with a flagged request: `monitor` reports it, `enforce` answers with the benign re-prediction,
+or, for a request far outside its class's profile, with the best class other than the model's own."""
 
 from __future__ import annotations
 
@@ -19,8 +20,15 @@ class FailurePolicy(str, Enum):
     OPEN = "open"  # answer with the unguarded model, mark the answer unchecked, and count it
 
 
-def apply_policy(policy: Policy, logits: np.ndarray, benign_logits: np.ndarray, flagged: np.ndarray) -> np.ndarray:
-    """The logits to answer with, one row per sample."""
+def apply_policy(policy: Policy, logits: np.ndarray, benign_logits: np.ndarray, flagged: np.ndarray,
+                 demoted: np.ndarray) -> np.ndarray:
+    """The logits to answer with, one row per sample. A demoted row's own class (the model's answer) gets a logit
+    just below the row's smallest, so the answer is the runner-up and the other classes keep their order."""
     if policy is Policy.MONITOR:
         return logits
-    return np.where(flagged[:, None], benign_logits, logits)
+    answer = np.where(flagged[:, None], benign_logits, logits)
+    rows = np.flatnonzero(demoted)
+    if rows.size:
+        own = logits[rows].argmax(axis=1)
+        answer[rows, own] = np.nextafter(answer[rows].min(axis=1), -np.inf)
+    return answer
