@@ -146,7 +146,7 @@ def _inspect(args: argparse.Namespace) -> int:
         "guard_version": profile.guard_version,
         "taps": [{"name": t.name, "kind": t.kind, "channels": t.channels, "pruned": int((~t.keep).sum()),
                   "benign": int(t.benign.sum()), "fold": t.fold} for t in profile.taps],
-        "thresholds": vars(profile.thresholds),
+        "thresholds": profile.thresholds.as_json(),
         "settings": profile.settings,
         "figures": profile.figures,
     }

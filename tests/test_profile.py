@@ -339,6 +339,13 @@ def test_profile_without_a_demote_threshold_loads_with_demotion_off(setup: Setup
     assert off.thresholds.demote == float("inf") and off.figures["calibration_demote_rate"] == 0
     assert raw_parts(off.save(tmp_path / "off.safetensors"))[1]["thresholds"]["demote"] is None
     assert Profile.load(tmp_path / "off.safetensors").thresholds.demote == float("inf")
+    shown = run_cli("inspect", "off.safetensors", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"guard inspect printed {constant}, which is not JSON")
+
+    assert json.loads(shown.stdout, parse_constant=refuse)["thresholds"]["demote"] is None
 
 
 def test_a_higher_fpr_confidence_never_lowers_tau(setup: Setup) -> None:

@@ -62,6 +62,10 @@ class Thresholds:
     # before it existed load with inf, and behave as they did.
     demote: float = math.inf
 
+    def as_json(self) -> dict[str, Any]:
+        """The thresholds as a JSON object (an infinite demote threshold, demotion off, is null)."""
+        return {**asdict(self), "demote": None if math.isinf(self.demote) else self.demote}
+
 
 @dataclass
 class Profile:
@@ -123,8 +127,7 @@ class Profile:
             "output_name": self.output_name,
             "num_classes": self.num_classes,
             "taps": [{"name": t.name, "kind": t.kind, "fold": t.fold} for t in self.taps],
-            "thresholds": {**asdict(self.thresholds),
-                           "demote": None if math.isinf(self.thresholds.demote) else self.thresholds.demote},
+            "thresholds": self.thresholds.as_json(),
             "settings": self.settings,
             "figures": self.figures,
         }
