@@ -19,7 +19,7 @@ from guard.model.graph import load_model
 from guard.model.serving import serving_graphs
 from guard.runtime.checks import repredict_masks
 from guard.runtime.guard import Guard
-from guard.runtime.policy import Policy, apply_policy
+from guard.runtime.policy import Policy, apply_policy, margin
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,13 @@ def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdo
                                       masks=repredict_masks(keep, bounds, verdict.z[rows], check.cut)).logits
     benign = benign_logits.argmax(axis=1)
     flagged = (verdict.score > guard.tau) | (benign != masked.predictions)
-    demoted = (verdict.score > profile.thresholds.demote) & (benign == masked.predictions)
+    top_two = np.sort(masked.logits, axis=1)[:, -2:]
+    own = masked.predictions
+    model_margin = top_two[:, 1] - top_two[:, 0]  # the model's answer is its top logit
+    others = benign_logits.copy()
+    others[np.arange(len(requests)), own] = -np.inf
+    benign_margin = benign_logits[np.arange(len(requests)), own] - others.max(axis=1)
+    demoted = (verdict.score > profile.thresholds.demote) & (benign == own) & (benign_margin < model_margin)
     runner_up = benign_logits.copy()
     runner_up[np.arange(len(requests)), masked.predictions] = -np.inf
     expected = np.where(demoted, runner_up.argmax(axis=1), np.where(flagged, benign, masked.predictions))
@@ -76,7 +82,8 @@ def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdo
     result = guard.predict(requests)
     assert 0 < rows.size < len(requests)
     assert demoted.any(), "some request must be demoted for this test to mean much"
-    decided = (np.abs(verdict.score - guard.tau) > 1e-3) & (np.abs(verdict.score - profile.thresholds.demote) > 1e-3)
+    decided = ((np.abs(verdict.score - guard.tau) > 1e-3) & (np.abs(verdict.score - profile.thresholds.demote) > 1e-3)
+               & (np.abs(benign_margin - model_margin) > 1e-3))
     np.testing.assert_array_equal(guard.engine.run(requests).needs[decided], needs[decided])
     np.testing.assert_allclose(result.score, verdict.score, atol=1e-4)
     np.testing.assert_array_equal(result.model_labels, masked.predictions)
@@ -98,6 +105,11 @@ def test_demoted_rows_answer_the_runner_up_and_keep_the_other_classes_in_order()
     assert np.array_equal(apply_policy(Policy.MONITOR, logits, benign, flagged, demoted), logits)
 
 
+def test_margin_is_the_lead_over_the_best_other_class() -> None:
+    logits = np.array([[3.0, 1.0, 2.0], [3.0, 1.0, 2.0]], dtype=np.float32)
+    assert margin(logits, np.array([0, 1])).tolist() == [1.0, -2.0]
+
+
 def test_profile_without_demotion_answers_every_agreeing_row_as_the_model(guard: Guard, backdoored: Backdoored,
                                                                          requests: np.ndarray) -> None:
     profile = guard.profile
@@ -106,10 +118,11 @@ def test_profile_without_demotion_answers_every_agreeing_row_as_the_model(guard:
     demoting, plain = guard.predict(requests), off.predict(requests)
     extreme = plain.score > profile.thresholds.demote + 1e-3
     agreeing = extreme & (plain.labels == plain.model_labels)
-    assert agreeing.any()
     assert np.array_equal(plain.labels[agreeing], plain.model_labels[agreeing])
-    assert not (demoting.labels[agreeing] == demoting.model_labels[agreeing]).any()
-    np.testing.assert_array_equal(demoting.labels[~extreme], plain.labels[~extreme])
+    changed = demoting.labels != plain.labels
+    assert changed.any()
+    assert not changed[~agreeing].any()
+    assert (demoting.labels[changed] != demoting.model_labels[changed]).all()
 
 
 def test_io_binding_path_keeps_tail_inputs_in_the_engine(guard: Guard, backdoored: Backdoored,

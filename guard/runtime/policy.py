@@ -20,6 +20,14 @@ class FailurePolicy(str, Enum):
     OPEN = "open"  # answer with the unguarded model, mark the answer unchecked, and count it
 
 
+def margin(logits: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Per row, how far the logit of `classes` lies above the best other class's."""
+    rows = np.arange(len(logits))
+    others = logits.copy()
+    others[rows, classes] = -np.inf
+    return logits[rows, classes] - others.max(axis=1)
+
+
 def apply_policy(policy: Policy, logits: np.ndarray, benign_logits: np.ndarray, flagged: np.ndarray,
                  demoted: np.ndarray) -> np.ndarray:
     """The logits to answer with, one row per sample. A demoted row's own class (the model's answer) gets a logit
