@@ -1,0 +1,86 @@
+"""Tune the guard's demotion on data outside the evaluation split, and print what each rate gives.
+
+The models follow `guard eval`'s recipe (20k training images, 3 epochs) with seeds the eval never uses; the
+defender's clean set and the measuring set are training-split images outside the model's training subset. For each
+`--demote-rate`, the guard is calibrated and its clean accuracy and attack success are measured, next to the guard
+with demotion off and the guard demoting every extreme request (without the margin proviso).
+
+    python -m tools.tune_demote --arch cnn --attacks badnets-1% blend source-specific clean --seeds 10 --rates 0.01 0.015
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from guard.calibrate.pipeline import CalibrationSettings, calibrate
+from guard.eval.datasets import load_fashion_mnist
+from guard.eval.models import build_model, export_onnx, train
+from guard.eval.suite import ATTACKS, TARGET
+from guard.model.graph import load_model
+from guard.runtime.guard import Guard
+
+
+def _share(labels: np.ndarray, want: np.ndarray | int) -> float:
+    return round(float((labels == want).mean()), 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="cnn")
+    parser.add_argument("--attacks", nargs="+", default=["badnets-1%", "blend", "source-specific", "clean"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[10])
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.01, 0.015])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    x_all, y_all = load_fashion_mnist("train")
+    for seed, attack_name in ((s, a) for s in args.seeds for a in args.attacks):
+        spec = ATTACKS[attack_name]
+        attack = spec.make()
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(x_all))
+        train_idx, def_idx, meas_idx = np.sort(order[:20000]), order[20000:21000], order[21000:24000]
+        x_train, y_train = x_all[train_idx], y_all[train_idx]
+        if attack is not None:
+            x_train, y_train, _ = attack.poison(x_train, y_train, spec.rate, TARGET, rng)
+        torch.manual_seed(seed)
+        module = build_model(args.arch)
+        train(module, x_train, y_train, epochs=3, seed=seed)
+        x_def, y_def, x_meas, y_meas = x_all[def_idx], y_all[def_idx], x_all[meas_idx], y_all[meas_idx]
+        x_trig = None
+        if attack is not None:
+            victims = attack.victims(y_meas, TARGET)
+            x_trig = attack.apply(x_meas[victims], np.random.default_rng(seed + 1))
+        with tempfile.TemporaryDirectory() as tmp:
+            loaded = load_model(export_onnx(module, Path(tmp) / "model.onnx", torch.zeros(1, *x_def.shape[1:])))
+        for rate in args.rates:
+            profile = calibrate(loaded, x_def, y_def, settings=CalibrationSettings(demote_rate=rate, seed=seed),
+                                progress=False)
+            off = dataclasses.replace(profile, thresholds=dataclasses.replace(profile.thresholds, demote=math.inf))
+            row: dict[str, object] = {"attack": attack_name, "arch": args.arch, "seed": seed, "rate": rate}
+            guards = {"off": Guard(loaded, off, threads=1), "default": Guard(loaded, profile, threads=1)}
+            for variant, guard in guards.items():
+                row[f"ca_{variant}"] = _share(guard.predict(x_meas).labels, y_meas)
+                if x_trig is not None:
+                    row[f"asr_{variant}"] = _share(guard.predict(x_trig).labels, TARGET)
+            # Demoting every extreme request whose re-prediction agrees, without the margin proviso.
+            for key, x, want in (("ca_no_proviso", x_meas, y_meas), ("asr_no_proviso", x_trig, TARGET)):
+                if x is None:
+                    continue
+                result = guards["off"].predict(x)
+                extreme = (result.labels == result.model_labels) & (result.score > profile.thresholds.demote)
+                runner_up = result.logits.copy()
+                runner_up[np.arange(len(x)), result.model_labels] = -np.inf
+                row[key] = _share(np.where(extreme, runner_up.argmax(axis=1), result.labels), want)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
