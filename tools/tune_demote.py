@@ -22,10 +22,11 @@ import torch
 
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.eval.datasets import load_fashion_mnist
-from guard.eval.models import build_model, export_onnx, train
-from guard.eval.suite import ATTACKS, TARGET
+from guard.eval.models import export_onnx
+from guard.eval.suite import TARGET
 from guard.model.graph import load_model
 from guard.runtime.guard import Guard
+from tools.tuning import tuning_case
 
 
 def _share(labels: np.ndarray, want: np.ndarray | int) -> float:
@@ -40,26 +41,12 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.01, 0.015])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    x_all, y_all = load_fashion_mnist("train")
+    data = load_fashion_mnist("train")
     for seed, attack_name in ((s, a) for s in args.seeds for a in args.attacks):
-        spec = ATTACKS[attack_name]
-        attack = spec.make()
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(x_all))
-        train_idx, def_idx, meas_idx = np.sort(order[:20000]), order[20000:21000], order[21000:24000]
-        x_train, y_train = x_all[train_idx], y_all[train_idx]
-        if attack is not None:
-            x_train, y_train, _ = attack.poison(x_train, y_train, spec.rate, TARGET, rng)
-        torch.manual_seed(seed)
-        module = build_model(args.arch)
-        train(module, x_train, y_train, epochs=3, seed=seed)
-        x_def, y_def, x_meas, y_meas = x_all[def_idx], y_all[def_idx], x_all[meas_idx], y_all[meas_idx]
-        x_trig = None
-        if attack is not None:
-            victims = attack.victims(y_meas, TARGET)
-            x_trig = attack.apply(x_meas[victims], np.random.default_rng(seed + 1))
+        case = tuning_case(args.arch, attack_name, seed, n_measure=3000, data=data)
+        x_def, y_def, x_meas, y_meas, x_trig = case.x_def, case.y_def, case.x_meas, case.y_meas, case.x_trig
         with tempfile.TemporaryDirectory() as tmp:
-            loaded = load_model(export_onnx(module, Path(tmp) / "model.onnx", torch.zeros(1, *x_def.shape[1:])))
+            loaded = load_model(export_onnx(case.module, Path(tmp) / "model.onnx", torch.zeros(1, *x_def.shape[1:])))
         for rate in args.rates:
             profile = calibrate(loaded, x_def, y_def, settings=CalibrationSettings(demote_rate=rate, seed=seed),
                                 progress=False)

@@ -19,11 +19,12 @@ import onnxruntime as ort
 import torch
 
 from guard.eval.datasets import load_fashion_mnist
-from guard.eval.models import build_model, export_onnx, train
-from guard.eval.suite import ATTACKS, TARGET
+from guard.eval.models import export_onnx
+from guard.eval.suite import TARGET
 from guard.model.graph import load_model
 from guard.repair.adaptive_reg import RepairSettings, repair
 from guard.scan import ScanSettings, run_scan
+from tools.tuning import tuning_case
 
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
@@ -59,25 +60,11 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    x_all, y_all = load_fashion_mnist("train")
+    data = load_fashion_mnist("train")
     for seed, attack_name in ((s, a) for s in args.seeds for a in args.attacks):
-        spec = ATTACKS[attack_name]
-        attack = spec.make()
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(x_all))
-        train_idx, def_idx, meas_idx = np.sort(order[:20000]), order[20000:21000], order[21000:26000]
-        x_train, y_train = x_all[train_idx], y_all[train_idx]
-        if attack is not None:
-            x_train, y_train, _ = attack.poison(x_train, y_train, spec.rate, TARGET, rng)
-        torch.manual_seed(seed)
-        module = build_model(args.arch)
-        train(module, x_train, y_train, epochs=3, seed=seed)
-        x_def, y_def = x_all[def_idx], y_all[def_idx]
-        x_meas, y_meas = x_all[meas_idx], y_all[meas_idx]
-        x_trig = None
-        if attack is not None:
-            victims = attack.victims(y_meas, TARGET)
-            x_trig = attack.apply(x_meas[victims], np.random.default_rng(seed + 1))
+        case = tuning_case(args.arch, attack_name, seed, n_measure=5000, data=data)
+        module, x_def, y_def, x_meas, y_meas, x_trig = (case.module, case.x_def, case.y_def, case.x_meas, case.y_meas,
+                                                        case.x_trig)
         path = export_onnx(module, f"/tmp/tune-{args.arch}-{attack_name}.onnx", torch.zeros(1, *x_def.shape[1:]))
         loaded = load_model(path)
         scan = run_scan(loaded, x_def, y_def, settings=ScanSettings(seed=seed))

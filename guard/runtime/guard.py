@@ -19,7 +19,7 @@ from guard.errors import CheckFailedError, GuardError, ModelError, ProfileError,
 from guard.model.graph import LoadedModel, load_model, tap_channels, validate_taps
 from guard.model.serving import serving_graphs
 from guard.runtime.engine import UnguardedModel, build_engine
-from guard.runtime.policy import FailurePolicy, Policy, apply_policy, margin
+from guard.runtime.policy import FailurePolicy, Policy, apply_policy, demotions
 
 log = logging.getLogger("guard.runtime")
 
@@ -160,13 +160,8 @@ class Guard:
             benign_logits[rows] = self.engine.repredict(run, rows, deadline)
             agree = benign_logits.argmax(axis=1) == model_labels
             flagged |= ~agree
-            # Demote only where the out-of-profile features were holding the answer up: cutting them narrowed its
-            # margin. Where they pushed towards another class (a trigger that did not take), the runner-up is
-            # often the attacker's target, and the model's own answer is the safer one.
-            extreme = np.flatnonzero(agree & (run.score > self.profile.thresholds.demote))
-            demoted = np.zeros(len(x), dtype=bool)
-            demoted[extreme] = (margin(benign_logits[extreme], model_labels[extreme])
-                                < margin(run.logits[extreme], model_labels[extreme]))
+            demoted = demotions(run.logits, benign_logits, model_labels,
+                                agree & (run.score > self.profile.thresholds.demote))
             answer = apply_policy(self.policy, run.logits, benign_logits, flagged, demoted)
             labels = answer.argmax(axis=1)
         seconds = {"engine": t1 - t0, "repredict": time.perf_counter() - t1}

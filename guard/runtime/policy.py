@@ -28,6 +28,17 @@ def margin(logits: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return logits[rows, classes] - others.max(axis=1)
 
 
+def demotions(logits: np.ndarray, benign_logits: np.ndarray, labels: np.ndarray, extreme: np.ndarray) -> np.ndarray:
+    """Of the `extreme` rows (past the demote threshold, re-prediction agreeing with the model's `labels`), those to
+    demote: where cutting the out-of-profile features narrowed the answer's margin, so they were holding it up.
+    Where they pushed towards another class (a trigger that did not take), the runner-up is often the attacker's
+    target, and the model's own answer is the safer one."""
+    demoted = extreme.copy()
+    rows = np.flatnonzero(extreme)
+    demoted[rows] = margin(benign_logits[rows], labels[rows]) < margin(logits[rows], labels[rows])
+    return demoted
+
+
 def apply_policy(policy: Policy, logits: np.ndarray, benign_logits: np.ndarray, flagged: np.ndarray,
                  demoted: np.ndarray) -> np.ndarray:
     """The logits to answer with, one row per sample. A demoted row's own class (the model's answer) gets a logit
