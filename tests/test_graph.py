@@ -3,6 +3,8 @@ each checked in real ONNX Runtime against guard's torch path and numpy check (th
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from guard.calibrate.activations import collect
+from guard.calibrate.consistency import fit_parts
 from guard.calibrate.taps import OnnxTaps
 from guard.eval.models import SmallCNN, SmallResNet, export_onnx
 from guard.model.graph import default_taps, fold_static_mask, load_model, opset_version
@@ -109,7 +112,13 @@ def test_served_graph_computes_the_check_and_the_tail_the_masked_rest(exported) 
     # What the served graph's ℓ∞ shows: pruned channels folded into their producer read zero there.
     linf = [np.where(keep[t] | (folds[t] != "producer"), a, 0) for t, a in zip(taps, masked.linf, strict=True)]
     check = _check_for(linf, rng)
-    check.k = float(np.quantile(check(linf, masked.predictions).z.max(axis=1), 0.6))
+    z = check(linf, masked.predictions).z
+    check.k = float(np.quantile(z.max(axis=1), 0.6))
+    # Two score parts, as calibration makes them: every channel, and the last tap's on their own.
+    everything = np.arange(z.shape[1])
+    every, last = fit_parts(z, [everything, everything[-linf[-1].shape[1]:]], check.top_q)
+    # On the CNN both parts' raw scores can coincide; a narrower last part still makes each the maximum somewhere.
+    check.parts = (every, replace(last, spread=last.spread / 2))
     want = check(linf, masked.predictions)
     tau = float(np.quantile(want.score, 0.8))
     graphs = serving_graphs(exported, taps, keep, bounds, check, tau)
@@ -123,6 +132,8 @@ def test_served_graph_computes_the_check_and_the_tail_the_masked_rest(exported) 
     out = dict(zip(names, session.run(None, {exported.input_name: x}), strict=True))
     np.testing.assert_allclose(out[exported.output_name], masked.logits, atol=1e-4)
     np.testing.assert_allclose(out[SCORE_OUTPUT], want.score, atol=1e-4)
+    by_part = np.stack([part.standardised(want.z, check.top_q) for part in check.parts])
+    assert len(set(by_part.argmax(axis=0))) == 2, "each score part must be the maximum for some sample"
     decided = np.abs(want.score - tau) > 1e-3  # away from the threshold float32 and float64 agree
     needs = want.compromised.any(axis=1) | (want.score > tau)
     assert 0 < needs.sum() < len(x), "the planted profile must pass some samples and not others"

@@ -232,7 +232,9 @@ def test_guard_metadata_that_is_not_an_object_is_a_profile_error(setup: Setup, t
 
 def test_profile_naming_a_tap_the_model_lacks_is_refused_naming_the_tap(setup: Setup, tmp_path: Path) -> None:
     forged = Profile.load(setup.profile_path)
-    forged.taps[0].name = "no_such_tensor"
+    old_name, forged.taps[0].name = forged.taps[0].name, "no_such_tensor"
+    for part in forged.thresholds.parts:  # a consistent profile: its score parts name the renamed tap too
+        part.taps = ["no_such_tensor" if name == old_name else name for name in part.taps]
     forged.model_sha256 = hashlib.sha256(setup.model_path.read_bytes()).hexdigest()  # the sha256 check passes
     forged.save(tmp_path / "forged.safetensors")
     with pytest.raises(ProfileError, match="no_such_tensor"):

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from guard.runtime.checks import CheckResult, ConsistencyCheck
+from guard.runtime.checks import CheckResult, ConsistencyCheck, ScorePart
 
 # Classes with few calibration samples borrow strength from the all-class statistics (pseudo-count).
 _SHRINK = 5.0
@@ -60,6 +60,20 @@ def out_of_fold(check: ConsistencyCheck, linf: list[np.ndarray], labels: np.ndar
         part = replace(check, class_mean=mean, class_scale=scale)(flat[out], labels[out])
         score[out], z[out] = part.score, part.z
     return CheckResult(score=score, z=z, compromised=z > check.k)
+
+
+def fit_parts(z: np.ndarray, groups: list[np.ndarray], top_q: int) -> tuple[ScorePart, ...]:
+    """Score parts over the channel `groups`, each standardised on clean z (cross-fitted): centre = the median of the
+    part's raw score, spread = its 95th percentile minus the median (1 where that is not positive, a part that never
+    varies on clean data). On this scale the parts' tails are alike, so the maximum over parts lets none of them
+    dominate by its units alone."""
+    parts = []
+    for channels in groups:
+        raw = ScorePart(np.asarray(channels, dtype=np.int64)).raw(z, top_q)
+        centre = float(np.median(raw))
+        spread = float(np.quantile(raw, 0.95)) - centre
+        parts.append(ScorePart(np.asarray(channels, dtype=np.int64), centre, spread if spread > 1e-6 else 1.0))
+    return tuple(parts)
 
 
 def allowed_above(n: int, fpr: float, confidence: float) -> int:

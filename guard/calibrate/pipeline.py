@@ -8,7 +8,7 @@ clean sample.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +20,13 @@ from guard.calibrate.consistency import (
     class_profiles,
     compromise_threshold,
     demote_threshold,
+    fit_parts,
     out_of_fold,
     score_threshold,
 )
 from guard.calibrate.linf import linf_stats
 from guard.calibrate.masking import candidate_order, choose_static_mask
-from guard.calibrate.profile import Profile, TapProfile, Thresholds
+from guard.calibrate.profile import PartScale, Profile, TapProfile, Thresholds
 from guard.calibrate.salience import benign_salience, benign_set
 from guard.calibrate.taps import ModuleTaps, OnnxTaps, TapModel
 from guard.errors import GuardError
@@ -57,7 +58,11 @@ class CalibrationSettings:
     benign_share: float = 0.99  # share of a layer's benign salience the benign set covers
     holdout: float = 0.3  # share of the clean data held out for the static mask's accuracy
     folds: int = 5  # k and τ come from scores of each sample against class profiles fit on the other folds
-    top_q: int = 3  # the score is the mean of the top_q channel z values
+    top_q: int = 3  # a score part is the mean of its top_q channel z values
+    # The dense taps (the penultimate features) also form a score part of their own, next to the part over all taps.
+    # Blend and warp triggers show there and nowhere else. Tuned on training-split images (seeds 10-12, both
+    # architectures): detection AUROC on blend ResNet 0.955-0.995 -> 0.984-0.995 (docs/design.md, "Score parts").
+    dense_part: bool = True
     k_quantile: float = 0.999  # k is this quantile of clean channel z values ...
     k_min: float = 3.0  # ... and never below this
     # The benign re-prediction zeroes penultimate features with z above this. Tuned on training-split images
@@ -172,17 +177,22 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     t0 = time.perf_counter()
     check = draft.check()
     result = out_of_fold(check, linf, labels, loaded.num_classes, settings.folds, settings.seed)
+    groups = score_groups(tap_profiles, settings.dense_part)
+    parts = fit_parts(result.z, [draft.channels_of(group) for group in groups], settings.top_q)
+    score = replace(check, parts=parts).score(result.z)  # the parts' scales come from the cross-fitted z
     k = compromise_threshold(result.z, check.active, settings.k_quantile, settings.k_min)
     benign_labels = run.benign_repredict(x[order], keep, bounds, result.z, (result.z > k).any(axis=1),
                                          settings.cut_z, labels)
     disagree = benign_labels != labels
-    tau = score_threshold(result.score, disagree, settings.fpr, settings.fpr_confidence)
-    flagged = (result.score > tau) | disagree
-    demote = demote_threshold(result.score, disagree, tau, settings.demote_rate, settings.fpr_confidence)
+    tau = score_threshold(score, disagree, settings.fpr, settings.fpr_confidence)
+    flagged = (score > tau) | disagree
+    demote = demote_threshold(score, disagree, tau, settings.demote_rate, settings.fpr_confidence)
     timings["thresholds"] = round(time.perf_counter() - t0, 3)
     bar.close()
 
-    draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q, cut=settings.cut_z, demote=demote)
+    draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q, cut=settings.cut_z, demote=demote,
+                                  parts=[PartScale(group, part.centre, part.spread)
+                                         for group, part in zip(groups, parts, strict=True)])
     draft.settings = {**asdict(settings), "layers": taps}
     draft.figures = {
         "samples": len(x), "fit_samples": len(fit), "holdout_samples": len(hold), "labels_given": y is not None,
@@ -190,10 +200,17 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "pruned_channels": {tap: int((~k_).sum()) for tap, k_ in zip(taps, keep, strict=True)},
         "prune_candidates": choice.candidates,
         "calibration_flag_rate": float(flagged.mean()), "calibration_disagreement_rate": float(disagree.mean()),
-        "calibration_demote_rate": float(((result.score > demote) & ~disagree).mean()),
+        "calibration_demote_rate": float(((score > demote) & ~disagree).mean()),
         "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
     }
     return draft
+
+
+def score_groups(taps: list[TapProfile], dense_part: bool) -> list[list[str]]:
+    """The taps of each score part: all of them, and the dense ones on their own where there are both kinds."""
+    everything = [tap.name for tap in taps]
+    dense = [tap.name for tap in taps if tap.kind == "dense"]
+    return [everything, dense] if dense_part and 0 < len(dense) < len(taps) else [everything]
 
 
 class _Runner:

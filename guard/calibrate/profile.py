@@ -19,9 +19,12 @@ from safetensors.numpy import load_file, save_file
 
 from guard._version import __version__
 from guard.errors import ProfileError
-from guard.runtime.checks import ConsistencyCheck
+from guard.runtime.checks import ConsistencyCheck, ScorePart
 
-FORMAT = "guard.profile/2"  # 2: thresholds gained `cut`
+# 2: thresholds gained `cut`. 3: thresholds gained the score's `parts`, which change what tau means; a guard that
+# reads only format 2 would score a format-3 profile the old way against the new tau, so it must refuse it instead.
+FORMAT = "guard.profile/3"
+_READABLE = (FORMAT, "guard.profile/2")  # format 2 reads as one unstandardised part, as it scored
 _TAP_ARRAYS = ("linf_mean", "linf_std", "linf_p99", "linf_p999", "peakedness", "salience", "benign", "keep")
 
 
@@ -53,6 +56,15 @@ class TapProfile:
 
 
 @dataclass
+class PartScale:
+    """One part of the score (guard.runtime.checks.ScorePart), named by its taps, with its clean standardisation."""
+
+    taps: list[str]
+    centre: float
+    spread: float
+
+
+@dataclass
 class Thresholds:
     k: float  # a channel is compromised when its z exceeds k
     tau: float  # a request is flagged when its score exceeds tau
@@ -61,6 +73,8 @@ class Thresholds:
     # Above this score the guard answers the best class other than the model's own (inf: never). Profiles written
     # before it existed load with inf, and behave as they did.
     demote: float = math.inf
+    # The score's parts; [] = one unstandardised part over all taps, as profiles written before parts existed score.
+    parts: list[PartScale] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         """The thresholds as a JSON object (an infinite demote threshold, demotion off, is null)."""
@@ -93,7 +107,14 @@ class Profile:
     def unit_bounds(self) -> dict[str, np.ndarray]:
         return {tap.name: tap.unit_bound for tap in self.taps if tap.unit_bound is not None}
 
+    def channels_of(self, tap_names: list[str]) -> np.ndarray:
+        """Indices of the named taps' channels in the concatenated channel order."""
+        starts = np.cumsum([0] + [tap.channels for tap in self.taps])
+        index = {tap.name: i for i, tap in enumerate(self.taps)}
+        return np.concatenate([np.arange(starts[index[name]], starts[index[name] + 1]) for name in tap_names])
+
     def check(self) -> ConsistencyCheck:
+        parts = tuple(ScorePart(self.channels_of(p.taps), p.centre, p.spread) for p in self.thresholds.parts)
         return ConsistencyCheck(
             class_mean=self.class_mean,
             class_scale=self.class_scale,
@@ -101,6 +122,7 @@ class Profile:
             top_q=self.thresholds.top_q,
             k=self.thresholds.k,
             cut=self.thresholds.cut,
+            parts=parts,
         )
 
     def verify_model(self, sha256: str) -> None:
@@ -163,7 +185,7 @@ class Profile:
             raise ValueError(f"the guard metadata must be a JSON object, got {type(meta).__name__}")
         if meta.get("format") == "guard.profile/1":
             raise ValueError("this profile was written by an older guard (format 1); run `guard calibrate` again")
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in _READABLE:
             raise ValueError(f"unknown profile format {meta.get('format')!r}, expected {FORMAT!r}")
         taps = []
         for index, tap in enumerate(meta["taps"]):
@@ -193,14 +215,14 @@ class Profile:
             taps=taps,
             class_mean=tensors["class_mean"],
             class_scale=tensors["class_scale"],
-            thresholds=_thresholds(meta["thresholds"]),
+            thresholds=_thresholds(meta["thresholds"], [tap.name for tap in taps]),
             settings=dict(meta["settings"]),
             figures=dict(meta["figures"]),
             guard_version=str(meta["guard_version"]),
         )
 
 
-def _thresholds(raw: dict[str, Any]) -> Thresholds:
+def _thresholds(raw: dict[str, Any], tap_names: list[str]) -> Thresholds:
     """Thresholds with their types and ranges checked: a profile is untrusted input."""
     k, tau, top_q, cut = float(raw["k"]), float(raw["tau"]), raw["top_q"], float(raw["cut"])
     if not (np.isfinite(k) and np.isfinite(tau) and np.isfinite(cut)) or not isinstance(top_q, int) or top_q < 1:
@@ -208,4 +230,15 @@ def _thresholds(raw: dict[str, Any]) -> Thresholds:
     demote = math.inf if raw.get("demote") is None else float(raw["demote"])
     if not (demote >= tau and (math.isinf(demote) or np.isfinite(demote))):
         raise ValueError(f"the demote threshold must be null or a number at least tau, got {raw}")
-    return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut, demote=demote)
+    parts = [_part(part, tap_names) for part in raw.get("parts", [])]
+    return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut, demote=demote, parts=parts)
+
+
+def _part(raw: dict[str, Any], tap_names: list[str]) -> PartScale:
+    taps, centre, spread = raw["taps"], float(raw["centre"]), float(raw["spread"])
+    if not (isinstance(taps, list) and taps and all(isinstance(t, str) and t in tap_names for t in taps)
+            and len(set(taps)) == len(taps)):
+        raise ValueError(f"a score part must name distinct taps of the profile, got {taps!r}")
+    if not (np.isfinite(centre) and np.isfinite(spread) and spread > 0):
+        raise ValueError(f"a score part needs a finite centre and a positive spread, got {raw}")
+    return PartScale(taps=list(taps), centre=centre, spread=spread)

@@ -116,13 +116,33 @@ def _at_most(proto: onnx.ModelProto, a: str, b: str, out: str) -> list[onnx.Node
             helper.make_node("Not", [f"{out}__greater"], [out])]
 
 
+def _score_nodes(proto: onnx.ModelProto, check: ConsistencyCheck) -> list[onnx.NodeProto]:
+    """SCORE_OUTPUT from guard_z: per part, gather its channels, mean of the top q, standardise; then the maximum."""
+    g, nodes, scores = proto.graph, [], []
+    for index, part in enumerate(check.score_parts()):
+        name = f"guard_part_{index}"
+        q = min(check.top_q, len(part.channels))
+        nodes += [
+            helper.make_node("Gather", ["guard_z", _const(g, f"{name}__channels", part.channels.astype(np.int64))],
+                             [f"{name}__z"], axis=1),
+            helper.make_node("TopK", [f"{name}__z", _const(g, f"{name}__q", np.array([q], dtype=np.int64))],
+                             [f"{name}__top", f"{name}__top_index"], axis=1, largest=1, sorted=0),
+            _reduce(proto, "ReduceMean", f"{name}__top", f"{name}__raw", 1),
+            helper.make_node("Sub", [f"{name}__raw", _const(g, f"{name}__centre", np.array(part.centre, np.float32))],
+                             [f"{name}__centred"]),
+            helper.make_node("Div", [f"{name}__centred", _const(g, f"{name}__spread", np.array(part.spread, np.float32))],
+                             [name]),
+        ]
+        scores.append(name)
+    return [*nodes, helper.make_node("Max", scores, [SCORE_OUTPUT])]
+
+
 def _add_check(proto: onnx.ModelProto, logits: str, linf: list[str], channels: list[int], bounded: list[bool],
                keep: list[np.ndarray], check: ConsistencyCheck, tau: float) -> list[str]:
     """Append the consistency check (guard.runtime.checks, the same arithmetic in float32) and its outputs:
     score (N,), needs (N,) = any z > k or score > tau, and for each tap without unit bounds the re-prediction mask
     (N, C) = keep and z <= cut. Returns the mask output names `guard_mask_<tap index>`."""
     g = proto.graph
-    q = min(check.top_q, sum(channels))
     nodes = [
         helper.make_node("ArgMax", [logits], ["guard_label"], axis=1, keepdims=0),
         helper.make_node("Concat", linf, ["guard_linf_all"], axis=1),
@@ -134,9 +154,7 @@ def _add_check(proto: onnx.ModelProto, logits: str, linf: list[str], channels: l
         helper.make_node("Div", ["guard_centred", "guard_scale"], ["guard_z_raw"]),
         helper.make_node("Where", [_const(g, "guard_active", check.active.astype(bool)[None]), "guard_z_raw",
                                    _const(g, "guard_zero", np.zeros(1, np.float32))], ["guard_z"]),
-        helper.make_node("TopK", ["guard_z", _const(g, "guard_q", np.array([q], dtype=np.int64))],
-                         ["guard_top", "guard_top_index"], axis=1, largest=1, sorted=0),
-        _reduce(proto, "ReduceMean", "guard_top", SCORE_OUTPUT, 1),
+        *_score_nodes(proto, check),
         # any(z > k), as a max over 0/1 so that a NaN z cannot hide another channel's excess
         helper.make_node("Greater", ["guard_z", _const(g, "guard_k", _threshold(check.k))], ["guard_over"]),
         helper.make_node("Cast", ["guard_over"], ["guard_over_f"], to=onnx.TensorProto.FLOAT),
