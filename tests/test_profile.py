@@ -22,8 +22,10 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from guard.calibrate.activations import collect
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import FORMAT, Profile
+from guard.calibrate.taps import OnnxTaps
 from guard.errors import ProfileError
 from guard.eval.attacks import BadNets
 from guard.eval.models import SmallCNN, export_onnx, load_eval_data, train
@@ -205,6 +207,16 @@ CORRUPTIONS = {
                    "demote threshold"),
     "demote-not-a-number": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "demote", "high")),
                             "malformed"),
+    "part-unknown-tap": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][1], "taps", ["x"])),
+                         "a score part must name distinct taps of the profile"),
+    "part-no-taps": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][0], "taps", [])),
+                     "a score part must name distinct taps"),
+    "part-zero-spread": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][0], "spread", 0)),
+                         "positive spread"),
+    "part-nan-centre": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][1], "centre",
+                                                                      float("nan"))), "finite centre"),
+    "parts-not-a-list": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "parts", "all")),
+                         "malformed"),
 }
 
 
@@ -348,6 +360,36 @@ def test_profile_without_a_demote_threshold_loads_with_demotion_off(setup: Setup
         raise AssertionError(f"guard inspect printed {constant}, which is not JSON")
 
     assert json.loads(shown.stdout, parse_constant=refuse)["thresholds"]["demote"] is None
+
+
+def test_score_parts_cover_all_taps_and_the_dense_ones_and_format_2_profiles_score_as_before(
+        setup: Setup, tmp_path: Path) -> None:
+    """Calibration scores all taps together and the penultimate features on their own; a format-2 profile (before
+    parts) has no parts and scores with the raw top-q over all taps, the meaning its tau was calibrated for."""
+    parts = setup.profile.thresholds.parts
+    dense = [tap.name for tap in setup.profile.taps if tap.kind == "dense"]
+    assert [p.taps for p in parts] == [setup.profile.tap_names, dense] and 0 < len(dense) < len(setup.profile.taps)
+    assert all(p.spread > 0 for p in parts)
+    single = calibrate(setup.model_path, setup.x_cal, setup.y_cal, settings=CalibrationSettings(dense_part=False))
+    assert [p.taps for p in single.thresholds.parts] == [setup.profile.tap_names]
+
+    def as_format_2(tensors: dict, meta: dict) -> None:
+        meta["format"] = "guard.profile/2"
+        meta["thresholds"].pop("parts")
+
+    older = Profile.load(_edited(setup, tmp_path / "format2.safetensors", as_format_2))
+    assert older.thresholds.parts == [] and len(older.check().score_parts()) == 1
+    x = np.concatenate([setup.x_eval, BadNets(size=4).apply(setup.x_eval[:50])])
+    now, before = Guard(load_model(setup.model_path), setup.profile), Guard(load_model(setup.model_path), older)
+    taps = OnnxTaps(load_model(setup.model_path), setup.profile.tap_names)
+    served = collect(taps, x, masks=[t.keep.astype(np.float32)[None] for t in setup.profile.taps])
+    labels = served.logits.argmax(axis=1)
+    raw, parted = before.predict(x).score, now.predict(x).score
+    np.testing.assert_allclose(raw, older.check()(served.linf, labels).score, atol=1e-4)
+    z = older.check().z_scores(np.concatenate(served.linf, axis=1), labels)
+    np.testing.assert_allclose(raw, np.sort(z, axis=1)[:, -older.thresholds.top_q:].mean(axis=1), atol=1e-4)
+    np.testing.assert_allclose(parted, setup.profile.check()(served.linf, labels).score, atol=1e-4)
+    assert not np.allclose(raw, parted, atol=1e-2), "the parts must change the score"
 
 
 def test_a_higher_fpr_confidence_never_lowers_tau(setup: Setup) -> None:

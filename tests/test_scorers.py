@@ -11,7 +11,7 @@ the small pieces (benign set, threshold, mask search) on constructed inputs.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -25,6 +25,7 @@ from guard.calibrate.consistency import (
     class_profiles,
     compromise_threshold,
     demote_threshold,
+    fit_parts,
     out_of_fold,
     score_threshold,
 )
@@ -33,6 +34,7 @@ from guard.calibrate.masking import candidate_order, choose_static_mask
 from guard.calibrate.salience import benign_salience, benign_set
 from guard.calibrate.taps import OnnxTaps
 from guard.eval.attacks import BadNets
+from guard.eval.metrics import auroc
 from guard.eval.models import export_onnx
 from guard.model.graph import LoadedModel, default_taps, load_model
 from guard.runtime.checks import ConsistencyCheck
@@ -301,6 +303,45 @@ def test_consistency_score_is_mean_of_top_q_z_and_inactive_channels_are_ignored(
                              check.k, check.cut)
     assert not blind(triggered.linf, triggered.predictions).compromised[:, PLANTED].any()
     assert np.all(blind.z_scores(flat, triggered.predictions)[:, PLANTED] == 0)
+
+
+def test_score_parts_are_standardised_by_their_clean_median_and_95th_percentile() -> None:
+    rng = np.random.default_rng(3)
+    clean = rng.normal(0, 1, (2000, 12)).astype(np.float32)
+    groups = [np.arange(12), np.arange(8, 12)]
+    parts = fit_parts(clean, groups, top_q=3)
+    assert [list(p.channels) for p in parts] == [list(g) for g in groups]
+    for part, channels in zip(parts, groups, strict=True):
+        raw = np.sort(clean[:, channels], axis=1)[:, -3:].mean(axis=1)
+        assert part.centre == pytest.approx(np.median(raw), rel=1e-5)
+        assert part.spread == pytest.approx(np.quantile(raw, 0.95) - np.median(raw), rel=1e-5)
+        standardised = part.standardised(clean, 3)
+        assert np.median(standardised) == pytest.approx(0, abs=1e-5)
+        assert (standardised > 1).mean() == pytest.approx(0.05, abs=0.002)
+    # A part that never varies on clean data keeps its raw units rather than dividing by zero.
+    flat = fit_parts(np.zeros((100, 4), np.float32), [np.arange(4)], top_q=2)[0]
+    assert (flat.centre, flat.spread) == (0.0, 1.0)
+
+
+def test_a_shift_spread_over_a_small_part_is_seen_by_that_part_and_lost_in_the_whole() -> None:
+    """A spread-out trigger nudges every penultimate feature a little; the conv channels' own clean outliers hide
+    that in the top-q over all channels, and the part over the dense channels alone shows it."""
+    rng = np.random.default_rng(4)
+    conv, dense = 200, 16
+    clean = np.concatenate([rng.standard_t(3, (3000, conv)), rng.normal(0, 1, (3000, dense))], axis=1)
+    fresh = np.concatenate([rng.standard_t(3, (1000, conv)), rng.normal(0, 1, (1000, dense))], axis=1)
+    triggered = fresh.copy()
+    triggered[:, conv:] += 1.5
+    flat = np.zeros((1, conv + dense), np.float32)
+    everything = np.arange(conv + dense)
+    one = ConsistencyCheck(flat, np.ones_like(flat), np.ones(conv + dense, dtype=bool), top_q=3, k=3.0, cut=2.0)
+    two = replace(one, parts=fit_parts(clean.astype(np.float32), [everything, everything[conv:]], top_q=3))
+    assert one.score_parts()[0].centre == 0 and len(one.score_parts()) == 1  # no parts: the raw top-q over all
+    for check, better in ((one, False), (two, True)):
+        fresh_score, triggered_score = check.score(fresh.astype(np.float32)), check.score(triggered.astype(np.float32))
+        assert (auroc(fresh_score, triggered_score) > 0.95) is better
+    np.testing.assert_allclose(two.score(clean.astype(np.float32)),
+                               np.maximum(*[p.standardised(clean.astype(np.float32), 3) for p in two.parts]))
 
 
 # ---------------------------------------------------------------------------------------------- benign_set
