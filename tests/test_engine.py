@@ -89,6 +89,7 @@ def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdo
     np.testing.assert_array_equal(result.model_labels, masked.predictions)
     np.testing.assert_array_equal(result.flagged[decided], flagged[decided])
     np.testing.assert_array_equal(result.labels[decided], expected[decided])
+    np.testing.assert_array_equal(result.demoted[decided], demoted[decided])
     assert result.flagged[len(requests) // 2:].mean() > 0.8, "triggered requests must be flagged"
 
 

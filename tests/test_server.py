@@ -133,6 +133,11 @@ def test_metrics_count_exactly_what_was_sent(server: GuardServer, client: triton
     requests = sum(metric(after, "guard_requests_total", model=MODEL, verdict=v)
                    - metric(before, "guard_requests_total", model=MODEL, verdict=v) for v in ("clean", "flagged"))
     assert requests == len(sent)
+    local = Guard.load(backdoored.model_path, backdoored.profile_path)
+    demoted = sum(int(local.predict(x).demoted.sum()) for x in sent)
+    assert demoted > 0, "some triggered request must be demoted for the count to mean much"
+    assert (metric(after, "guard_demoted_samples_total", model=MODEL)
+            - metric(before, "guard_demoted_samples_total", model=MODEL)) == demoted
     assert metric(after, "guard_model_ready", model=MODEL) == 1
     assert metric(after, "guard_inflight_requests") == 0
     assert metric(after, "guard_request_duration_seconds_count", model=MODEL, stage="engine") >= len(sent)

@@ -33,13 +33,17 @@ class Result:
     flagged: np.ndarray  # (N,) bool
     score: np.ndarray  # (N,) float32, the consistency score (flagged above the profile's tau)
     model_labels: np.ndarray  # (N,) int64, what the masked model answered before the check
+    # (N,) bool: far enough outside its class's profile that the model's own class was refused (under `monitor`, the
+    # answer is the model's all the same)
+    demoted: np.ndarray
     stage_seconds: dict[str, float] = field(default_factory=dict)
     unchecked: bool = False  # the check failed and the policy failed open: the unguarded model answered
 
     def rows(self, start: int, stop: int) -> Result:
         """Samples start..stop of this result (a dynamic batch split back into its requests)."""
         return Result(self.labels[start:stop], self.logits[start:stop], self.flagged[start:stop],
-                      self.score[start:stop], self.model_labels[start:stop], dict(self.stage_seconds), self.unchecked)
+                      self.score[start:stop], self.model_labels[start:stop], self.demoted[start:stop],
+                      dict(self.stage_seconds), self.unchecked)
 
 
 class Guard:
@@ -144,7 +148,7 @@ class Guard:
             labels = logits.argmax(axis=1).astype(np.int64)
             return Result(labels=labels, logits=logits.astype(np.float32, copy=False),
                           flagged=np.zeros(len(x), dtype=bool), score=np.full(len(x), np.nan, dtype=np.float32),
-                          model_labels=labels, unchecked=True)
+                          model_labels=labels, demoted=np.zeros(len(x), dtype=bool), unchecked=True)
 
     def _guarded(self, x: np.ndarray) -> Result:
         t0 = time.perf_counter()
@@ -154,6 +158,7 @@ class Guard:
         model_labels = run.logits.argmax(axis=1)
         flagged = run.score > self.tau
         labels, answer = model_labels, run.logits
+        demoted = np.zeros(len(x), dtype=bool)
         if run.needs.any():  # most clean batches skip all of this
             rows = np.flatnonzero(run.needs)
             benign_logits = run.logits.copy()
@@ -172,4 +177,5 @@ class Guard:
             score=run.score,
             model_labels=model_labels.astype(np.int64, copy=False),
             stage_seconds=seconds,
+            demoted=demoted,
         )

@@ -19,7 +19,9 @@ ERROR_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "RESOURCE_EXH
 # The stages a request's time is split into (guard/server/dataplane.py, Result.stage_seconds, the batcher).
 STAGES = ("decode", "queue", "engine", "repredict", "total")
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-_SCORE_BUCKETS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0)
+# The score is in units of its clean spread (a part's 95th percentile sits at 1): on the eval's models tau is about
+# 1.2 and the demote threshold about 2.
+_SCORE_BUCKETS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0)
 
 
 class Metrics:
@@ -41,6 +43,9 @@ class Metrics:
                                buckets=_SCORE_BUCKETS, registry=r)
         self.batch = Histogram("guard_engine_batch_samples", "Samples per engine run (dynamic batching joins requests)",
                                ["model"], buckets=_BATCH_BUCKETS, registry=r)
+        self.demoted = Counter("guard_demoted_samples_total",
+                               "Flagged samples so far outside their class's profile that the model's own class was "
+                               "refused (under the monitor policy: would have been)", ["model"], registry=r)
         self.check_failures = Counter("guard_check_failures_total",
                                       "Requests the guard could not check, by what the failure policy did",
                                       ["model", "outcome"], registry=r)
@@ -57,6 +62,7 @@ class Metrics:
         for stage in STAGES:
             self.duration.labels(model=model, stage=stage)
         self.score.labels(model=model)
+        self.demoted.labels(model=model)
         for outcome in ("refused", "answered_unguarded"):
             self.check_failures.labels(model=model, outcome=outcome)
         self.batch.labels(model=model)
