@@ -128,9 +128,9 @@ def _score_nodes(proto: onnx.ModelProto, check: ConsistencyCheck) -> list[onnx.N
             helper.make_node("TopK", [f"{name}__z", _const(g, f"{name}__q", np.array([q], dtype=np.int64))],
                              [f"{name}__top", f"{name}__top_index"], axis=1, largest=1, sorted=0),
             _reduce(proto, "ReduceMean", f"{name}__top", f"{name}__raw", 1),
-            helper.make_node("Sub", [f"{name}__raw", _const(g, f"{name}__centre", np.array(part.centre, np.float32))],
+            helper.make_node("Sub", [f"{name}__raw", _const(g, f"{name}__centre", np.float32([part.centre]))],
                              [f"{name}__centred"]),
-            helper.make_node("Div", [f"{name}__centred", _const(g, f"{name}__spread", np.array(part.spread, np.float32))],
+            helper.make_node("Div", [f"{name}__centred", _const(g, f"{name}__spread", np.float32([part.spread]))],
                              [name]),
         ]
         scores.append(name)

@@ -2,9 +2,10 @@
 
 A request's per-channel ℓ∞ is compared with the clean profile of the class the model predicted: z_j = (ℓ∞_j − μ_ŷj)
 / s_ŷj. Channels with z above k form the compromised set C(x). The score looks at one or more parts (groups of
-channels): each part's raw score is the mean of its q largest z, standardised by that part's clean median and spread,
-and the score is the largest of them. Calibration calls this function; serving runs the same arithmetic as ONNX ops inside the served graph (guard.model.serving),
-tested to agree with it, so the thresholds calibrated offline mean the same online.
+channels): each part's raw score is the mean of its q largest z, standardised by that part's clean median and
+spread, and the score is the largest of them. Calibration calls this function; serving runs the same arithmetic as
+ONNX ops inside the served graph (guard.model.serving), tested to agree with it, so the thresholds calibrated
+offline mean the same online.
 """
 
 from __future__ import annotations
