@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import Backdoored
 from guard.config import ServeSettings
+from guard.runtime.guard import Guard
 from guard.server.app import GuardServer
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -144,8 +145,9 @@ def test_dashboard_and_rules_answer_from_real_traffic(stack, backdoored: Backdoo
     server, api, root = stack
     triggered, _ = backdoored.triggered()
     sent = flagged = 0
+    batches = [*np.split(backdoored.x_eval[:200], 10), *np.split(triggered[:100], 5)]
     with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
-        for x in [*np.split(backdoored.x_eval[:200], 10), *np.split(triggered[:100], 5)]:
+        for x in batches:
             tensor = triton.InferInput("input", list(x.shape), "FP32")
             tensor.set_data_from_numpy(np.ascontiguousarray(x))
             flagged += int(client.infer("badnets", [tensor]).as_numpy("guard_flagged").sum())
@@ -163,8 +165,12 @@ def test_dashboard_and_rules_answer_from_real_traffic(stack, backdoored: Backdoo
     panels = dashboard_expressions()
     for name, expr in panels.items():
         assert finite(query(api, expr)), f"no finite value for the dashboard's {name}: {expr!r}"
-    dashboard_share = query(api, panels["Flagged share of samples / A"])
+    dashboard_share = query(api, panels["Flagged and demoted share of samples / A"])
     assert dashboard_share == pytest.approx([share], abs=0.01), "the flagged-share panel must match what was sent"
+    local = Guard.load(backdoored.model_path, backdoored.profile_path)
+    demoted = sum(int(local.predict(x).demoted.sum()) for x in batches)
+    assert demoted > 0, "some triggered request must be demoted for the demoted series to mean much"
+    assert query(api, panels["Flagged and demoted share of samples / B"]) == pytest.approx([demoted / sent], abs=0.01)
     assert max(query(api, panels["Errors by gRPC code / A"])) > 0, "the refused requests must show as errors"
 
     rules = yaml.safe_load(RULES.read_text())
