@@ -370,8 +370,13 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_format_2_profiles_sco
     dense = [tap.name for tap in setup.profile.taps if tap.kind == "dense"]
     assert [p.taps for p in parts] == [setup.profile.tap_names, dense] and 0 < len(dense) < len(setup.profile.taps)
     assert all(p.spread > 0 for p in parts)
-    single = calibrate(setup.model_path, setup.x_cal, setup.y_cal, settings=CalibrationSettings(dense_part=False))
+    np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
+    done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "single.safetensors", "--quiet",
+                   "--no-dense-part", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    single = Profile.load(tmp_path / "single.safetensors")
     assert [p.taps for p in single.thresholds.parts] == [setup.profile.tap_names]
+    assert single.settings["dense_part"] is False
 
     def as_format_2(tensors: dict, meta: dict) -> None:
         meta["format"] = "guard.profile/2"
