@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-from pathlib import Path
 
 import torch
 
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.eval.datasets import load_fashion_mnist
 from guard.eval.metrics import auroc
-from guard.eval.models import export_onnx
 from guard.eval.suite import TARGET
-from guard.model.graph import load_model
 from guard.runtime.guard import Guard
 from tools.tuning import tuning_case
 
@@ -54,9 +50,7 @@ def main() -> None:
     data = load_fashion_mnist("train")
     for seed, attack_name in ((s, a) for s in args.seeds for a in args.attacks):
         case = tuning_case(args.arch, attack_name, seed, n_measure=args.measure, data=data)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = export_onnx(case.module, Path(tmp) / "model.onnx", torch.zeros(1, *case.x_def.shape[1:]))
-            loaded = load_model(path)
+        loaded = case.loaded()
         row: dict[str, object] = {"arch": args.arch, "attack": attack_name, "seed": seed}
         for name, fields in args.variant:
             settings = CalibrationSettings(**{"seed": seed, **fields})

@@ -14,17 +14,13 @@ import argparse
 import dataclasses
 import json
 import math
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.eval.datasets import load_fashion_mnist
-from guard.eval.models import export_onnx
 from guard.eval.suite import TARGET
-from guard.model.graph import load_model
 from guard.runtime.guard import Guard
 from tools.tuning import tuning_case
 
@@ -45,8 +41,7 @@ def main() -> None:
     for seed, attack_name in ((s, a) for s in args.seeds for a in args.attacks):
         case = tuning_case(args.arch, attack_name, seed, n_measure=3000, data=data)
         x_def, y_def, x_meas, y_meas, x_trig = case.x_def, case.y_def, case.x_meas, case.y_meas, case.x_trig
-        with tempfile.TemporaryDirectory() as tmp:
-            loaded = load_model(export_onnx(case.module, Path(tmp) / "model.onnx", torch.zeros(1, *x_def.shape[1:])))
+        loaded = case.loaded()
         for rate in args.rates:
             profile = calibrate(loaded, x_def, y_def, settings=CalibrationSettings(demote_rate=rate, seed=seed),
                                 progress=False)

@@ -4,14 +4,17 @@ model's training subset, so nothing touches the test split `guard eval` reports 
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from guard.eval.datasets import load_fashion_mnist
-from guard.eval.models import build_model, train
+from guard.eval.models import build_model, export_onnx, train
 from guard.eval.suite import ATTACKS, TARGET
+from guard.model.graph import LoadedModel, load_model
 
 
 @dataclass
@@ -22,6 +25,12 @@ class TuningCase:
     x_meas: np.ndarray  # clean images to measure on
     y_meas: np.ndarray
     x_trig: np.ndarray | None  # the measuring set's victims with the trigger; None for the clean model
+
+    def loaded(self) -> LoadedModel:
+        """The trained module as the ONNX model guard calibrates and serves (the file is not kept)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_model(export_onnx(self.module, Path(tmp) / "model.onnx",
+                                          torch.zeros(1, *self.x_def.shape[1:])))
 
 
 def tuning_case(arch: str, attack_name: str, seed: int, n_measure: int,

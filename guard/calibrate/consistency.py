@@ -68,11 +68,12 @@ def fit_parts(z: np.ndarray, groups: list[np.ndarray], top_q: int) -> tuple[Scor
     varies on clean data). On this scale the parts' tails are alike, so the maximum over parts lets none of them
     dominate by its units alone."""
     parts = []
-    for channels in groups:
-        raw = ScorePart(np.asarray(channels, dtype=np.int64)).raw(z, top_q)
+    for group in groups:
+        channels = np.asarray(group, dtype=np.int64)
+        raw = ScorePart(channels).raw(z, top_q)
         centre = float(np.median(raw))
         spread = float(np.quantile(raw, 0.95)) - centre
-        parts.append(ScorePart(np.asarray(channels, dtype=np.int64), centre, spread if spread > 1e-6 else 1.0))
+        parts.append(ScorePart(channels, centre, spread if spread > 1e-6 else 1.0))
     return tuple(parts)
 
 
