@@ -24,7 +24,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     settings = CalibrationSettings(
         layers=args.layers.split(",") if args.layers else None, fpr=args.fpr,
         fpr_confidence=args.fpr_confidence, demote_rate=args.demote_rate, acc_budget=args.acc_budget,
-        prune=not args.no_prune, dense_part=not args.no_dense_part, seed=args.seed,
+        prune=not args.no_prune, dense_part=not args.no_dense_part, dense_score=args.dense_score, seed=args.seed,
     )
     profile = calibrate(args.model, x, y, settings=settings, progress=not args.quiet)
     profile.save(args.out)
@@ -330,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--no-prune", action="store_true", help="do not choose a static mask")
     cal.add_argument("--no-dense-part", action="store_true",
                      help="score all taps together only, not also the penultimate features on their own")
+    cal.add_argument("--dense-score", choices=["distance", "top_q"], default="distance",
+                     help="how the penultimate features are scored on their own: their Mahalanobis distance from the "
+                          "predicted class's mean (default), or the mean of their top-q z")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(run=_calibrate)

@@ -346,13 +346,13 @@ CASES: dict[str, tuple[list[onnx.NodeProto], dict[str, np.ndarray], dict[str, in
         [N("GlobalAveragePool", ["x"], ["a"]), N("GlobalMaxPool", ["x"], ["b"])], X4, {"a": F, "b": F}, 13, {}),
     "reduce-attribute-axes": (
         [N("ReduceMean", ["x"], ["a"], axes=[1, -1], keepdims=0), N("ReduceMax", ["x"], ["b"], axes=[2]),
-         N("ReduceSum", ["x"], ["c"], axes=[0, 3])],
-        X4, {"a": F, "b": F, "c": F}, 11, {}),
+         N("ReduceSum", ["x"], ["c"], axes=[0, 3]), N("ReduceSumSquare", ["x"], ["d"], axes=[1], keepdims=0)],
+        X4, {"a": F, "b": F, "c": F, "d": F}, 11, {}),
     "reduce-input-axes": (
         [N("ReduceMean", ["x", "ax"], ["a"]), N("ReduceMax", ["x"], ["b"], keepdims=0),
          N("ReduceSum", ["x", "ax"], ["c"], keepdims=0), N("ReduceMin", ["x", "ax"], ["d"]),
-         N("ReduceSum", ["x", "none"], ["e"], noop_with_empty_axes=1)],
-        X4, dict.fromkeys("abcde", F), 18, {"ax": _i64(-1, 1), "none": _i64()}),
+         N("ReduceSum", ["x", "none"], ["e"], noop_with_empty_axes=1), N("ReduceSumSquare", ["x", "ax"], ["f"])],
+        X4, dict.fromkeys("abcdef", F), 18, {"ax": _i64(-1, 1), "none": _i64()}),
     "shape-arithmetic": (  # the pattern exporters emit for flatten with a dynamic batch
         [N("Shape", ["x"], ["s"]), N("Gather", ["s", "first"], ["n"], axis=0), N("Unsqueeze", ["n", "zero"], ["n1"]),
          N("Concat", ["n1", "minus1"], ["shape"], axis=0), N("Reshape", ["x", "shape"], ["y"]),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from guard.calibrate.activations import collect
-from guard.calibrate.consistency import fit_parts
+from guard.calibrate.consistency import fit_distance_part, fit_parts
 from guard.calibrate.taps import OnnxTaps
 from guard.eval.models import SmallCNN, SmallResNet, export_onnx
 from guard.model.graph import default_taps, fold_static_mask, load_model, opset_version
@@ -114,26 +114,36 @@ def test_served_graph_computes_the_check_and_the_tail_the_masked_rest(exported) 
     check = _check_for(linf, rng)
     z = check(linf, masked.predictions).z
     check.k = float(np.quantile(z.max(axis=1), 0.6))
-    # Two score parts, as calibration makes them: every channel, and the last tap's on their own.
+    # Score parts as calibration makes them: the top-q z over every channel, and the last tap on its own, either as
+    # its own top-q z or as a distance over its active channels. Each part must be the maximum for some sample.
     everything = np.arange(z.shape[1])
-    every, last = fit_parts(z, [everything, everything[-linf[-1].shape[1]:]], check.top_q)
-    # On the CNN both parts' raw scores can coincide; a narrower last part still makes each the maximum somewhere.
-    check.parts = (every, replace(last, spread=last.spread / 2))
-    want = check(linf, masked.predictions)
-    tau = float(np.quantile(want.score, 0.8))
-    graphs = serving_graphs(exported, taps, keep, bounds, check, tau)
+    last_tap = everything[-linf[-1].shape[1]:]
+    every, last = fit_parts(z, [everything, last_tap], check.top_q)
+    flat = np.concatenate(linf, axis=1)
+    labels = masked.predictions
+    distance, _ = fit_distance_part(flat, labels, last_tap[check.active[last_tap]], 10, shrink=0.1, folds=2, seed=0)
+    # Eight samples cannot set a part's scale; put the distance above the other part where it is largest, below it
+    # where it is smallest. On the CNN the top-q parts' raw scores can coincide; a narrower last part still wins some.
+    raw, other = distance.distance(flat, labels), every.standardised(flat, z, labels, check.top_q)
+    high, low = raw.argmax(), raw.argmin()
+    spread = float(raw[high] - raw[low]) / float(other[high] - other[low] + 1)
+    distance = replace(distance, centre=float(raw[high]) - (float(other[high]) + 0.5) * spread, spread=spread)
+    for parts in ((every, distance), (every, replace(last, spread=last.spread / 2))):
+        check.parts = parts
+        want = check(linf, labels)
+        tau = float(np.quantile(want.score, 0.8))
+        graphs = serving_graphs(exported, taps, keep, bounds, check, tau)
+        session = ort.InferenceSession(graphs.served, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        out = dict(zip(names, session.run(None, {exported.input_name: x}), strict=True))
+        np.testing.assert_allclose(out[exported.output_name], masked.logits, atol=1e-4)
+        np.testing.assert_allclose(out[SCORE_OUTPUT], want.score, atol=1e-4)
+        by_part = np.stack([part.standardised(flat, want.z, labels, check.top_q) for part in parts])
+        assert len(set(by_part.argmax(axis=0))) == 2, "each score part must be the maximum for some sample"
     # The ResNet's first tap is deep, so its tail is short; the CNN's is its first conv, so it re-runs from the input.
     cut_at_tap = "resnet" in str(exported.path)
     assert graphs.tail_from_input is not cut_at_tap
     assert graphs.cut[0] == (taps[0] if cut_at_tap else exported.input_name)
-
-    session = ort.InferenceSession(graphs.served, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    out = dict(zip(names, session.run(None, {exported.input_name: x}), strict=True))
-    np.testing.assert_allclose(out[exported.output_name], masked.logits, atol=1e-4)
-    np.testing.assert_allclose(out[SCORE_OUTPUT], want.score, atol=1e-4)
-    by_part = np.stack([part.standardised(want.z, check.top_q) for part in check.parts])
-    assert len(set(by_part.argmax(axis=0))) == 2, "each score part must be the maximum for some sample"
     decided = np.abs(want.score - tau) > 1e-3  # away from the threshold float32 and float64 agree
     needs = want.compromised.any(axis=1) | (want.score > tau)
     assert 0 < needs.sum() < len(x), "the planted profile must pass some samples and not others"

@@ -217,6 +217,18 @@ CORRUPTIONS = {
                                                                       float("nan"))), "finite centre"),
     "parts-not-a-list": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "parts", "all")),
                          "malformed"),
+    "part-unknown-kind": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][1], "kind", "max")),
+                          "kind must be one of"),
+    "distance-missing-whiten": (lambda s, p: _edited(s, p, lambda t, m: t.pop("parts.1.whiten")),
+                                "distance part 1 has no whiten tensor"),
+    "distance-mean-shape": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "parts.1.class_mean",
+                                                                         t["parts.1.class_mean"][:, 1:])),
+                            "class_mean must be finite with shape"),
+    "distance-whiten-nan": (lambda s, p: _edited(s, p, lambda t, m: t["parts.1.whiten"].__setitem__((0, 0), np.nan)),
+                            "whiten must be finite"),
+    "distance-on-a-top-q-part": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][0], "kind",
+                                                                               "distance")),
+                                 "distance part 0 has no class_mean tensor"),
 }
 
 
@@ -362,14 +374,17 @@ def test_profile_without_a_demote_threshold_loads_with_demotion_off(setup: Setup
     assert json.loads(shown.stdout, parse_constant=refuse)["thresholds"]["demote"] is None
 
 
-def test_score_parts_cover_all_taps_and_the_dense_ones_and_format_2_profiles_score_as_before(
+def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_as_before(
         setup: Setup, tmp_path: Path) -> None:
-    """Calibration scores all taps together and the penultimate features on their own; a format-2 profile (before
-    parts) has no parts and scores with the raw top-q over all taps, the meaning its tau was calibrated for."""
+    """Calibration scores the top-q z over all taps and the distance of the penultimate features; a format-3 profile
+    (a top-q dense part) and a format-2 profile (no parts: the raw top-q over all taps) score as they were
+    calibrated, which is what their tau means."""
     parts = setup.profile.thresholds.parts
     dense = [tap.name for tap in setup.profile.taps if tap.kind == "dense"]
     assert [p.taps for p in parts] == [setup.profile.tap_names, dense] and 0 < len(dense) < len(setup.profile.taps)
-    assert all(p.spread > 0 for p in parts)
+    assert [p.kind for p in parts] == ["top_q", "distance"] and all(p.spread > 0 for p in parts)
+    width = sum(t.channels for t in setup.profile.taps if t.kind == "dense")
+    assert parts[1].class_mean.shape == (setup.profile.num_classes, width) and parts[1].whiten.shape == (width, width)
     np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "single.safetensors", "--quiet",
                    "--no-dense-part", cwd=tmp_path)
@@ -381,20 +396,43 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_format_2_profiles_sco
     def as_format_2(tensors: dict, meta: dict) -> None:
         meta["format"] = "guard.profile/2"
         meta["thresholds"].pop("parts")
+        for name in [name for name in tensors if name.startswith("parts.")]:
+            tensors.pop(name)
 
+    done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "top_q.safetensors", "--quiet",
+                   "--dense-score", "top_q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    top_q = Profile.load(tmp_path / "top_q.safetensors")
+    assert [p.kind for p in top_q.thresholds.parts] == ["top_q", "top_q"] and top_q.settings["dense_score"] == "top_q"
+    tensors, meta = raw_parts(tmp_path / "top_q.safetensors")
+    meta["format"] = "guard.profile/3"
+    for part in meta["thresholds"]["parts"]:
+        assert part.pop("kind") == "top_q"  # format 3 had no kinds
+    format_3 = Profile.load(write_parts(tmp_path / "format3.safetensors", tensors, meta))
+    assert format_3.thresholds.parts == top_q.thresholds.parts and len(format_3.check().score_parts()) == 2
     older = Profile.load(_edited(setup, tmp_path / "format2.safetensors", as_format_2))
     assert older.thresholds.parts == [] and len(older.check().score_parts()) == 1
     x = np.concatenate([setup.x_eval, BadNets(size=4).apply(setup.x_eval[:50])])
-    now, before = Guard(load_model(setup.model_path), setup.profile), Guard(load_model(setup.model_path), older)
     taps = OnnxTaps(load_model(setup.model_path), setup.profile.tap_names)
     served = collect(taps, x, masks=[t.keep.astype(np.float32)[None] for t in setup.profile.taps])
     labels = served.logits.argmax(axis=1)
-    raw, parted = before.predict(x).score, now.predict(x).score
-    np.testing.assert_allclose(raw, older.check()(served.linf, labels).score, atol=1e-4)
-    z = older.check().z_scores(np.concatenate(served.linf, axis=1), labels)
-    np.testing.assert_allclose(raw, np.sort(z, axis=1)[:, -older.thresholds.top_q:].mean(axis=1), atol=1e-4)
-    np.testing.assert_allclose(parted, setup.profile.check()(served.linf, labels).score, atol=1e-4)
-    assert not np.allclose(raw, parted, atol=1e-2), "the parts must change the score"
+    flat = np.concatenate(served.linf, axis=1)
+    scores = {}
+    for name, profile in (("raw", older), ("top_q", format_3), ("distance", setup.profile)):
+        scores[name] = Guard(load_model(setup.model_path), profile).predict(x).score
+        np.testing.assert_allclose(scores[name], profile.check()(served.linf, labels).score, atol=1e-4)
+    z = older.check().z_scores(flat, labels)
+    np.testing.assert_allclose(scores["raw"], np.sort(z, axis=1)[:, -older.thresholds.top_q:].mean(axis=1), atol=1e-4)
+    dense_z = format_3.check().z_scores(flat, labels)[:, -width:]
+    every, last = format_3.thresholds.parts
+    np.testing.assert_allclose(scores["top_q"], np.maximum(
+        (np.sort(z, axis=1)[:, -3:].mean(axis=1) - every.centre) / every.spread,
+        (np.sort(dense_z, axis=1)[:, -3:].mean(axis=1) - last.centre) / last.spread), atol=1e-4)
+    centred = flat[:, -width:] - parts[1].class_mean[labels]
+    distance = np.sqrt(np.einsum("nd,nd->n", centred @ parts[1].whiten, centred @ parts[1].whiten))
+    assert np.all(scores["distance"] >= (distance - parts[1].centre) / parts[1].spread - 1e-4)
+    assert not np.allclose(scores["raw"], scores["top_q"], atol=1e-2), "the parts must change the score"
+    assert not np.allclose(scores["top_q"], scores["distance"], atol=1e-2), "the distance must change the score"
 
 
 def test_a_higher_fpr_confidence_never_lowers_tau(setup: Setup) -> None:

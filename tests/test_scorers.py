@@ -22,9 +22,11 @@ from torch import nn
 from guard.calibrate.activations import Activations, channel_summaries, collect
 from guard.calibrate.consistency import (
     allowed_above,
+    class_gaussian,
     class_profiles,
     compromise_threshold,
     demote_threshold,
+    fit_distance_part,
     fit_parts,
     out_of_fold,
     score_threshold,
@@ -37,7 +39,7 @@ from guard.eval.attacks import BadNets
 from guard.eval.metrics import auroc
 from guard.eval.models import export_onnx
 from guard.model.graph import LoadedModel, default_taps, load_model
-from guard.runtime.checks import ConsistencyCheck
+from guard.runtime.checks import ConsistencyCheck, DistancePart, ScorePart
 
 CHANNELS, PLANTED, CLASSES, SIZE, TARGET = 8, 5, 3, 12, 0
 TRIGGER = BadNets(size=3, value=1.0)
@@ -315,7 +317,7 @@ def test_score_parts_are_standardised_by_their_clean_median_and_95th_percentile(
         raw = np.sort(clean[:, channels], axis=1)[:, -3:].mean(axis=1)
         assert part.centre == pytest.approx(np.median(raw), rel=1e-5)
         assert part.spread == pytest.approx(np.quantile(raw, 0.95) - np.median(raw), rel=1e-5)
-        standardised = part.standardised(clean, 3)
+        standardised = part.standardised(clean, clean, np.zeros(len(clean), np.int64), 3)
         assert np.median(standardised) == pytest.approx(0, abs=1e-5)
         assert (standardised > 1).mean() == pytest.approx(0.05, abs=0.002)
     # A part that never varies on clean data keeps its raw units rather than dividing by zero.
@@ -337,11 +339,71 @@ def test_a_shift_spread_over_a_small_part_is_seen_by_that_part_and_lost_in_the_w
     one = ConsistencyCheck(flat, np.ones_like(flat), np.ones(conv + dense, dtype=bool), top_q=3, k=3.0, cut=2.0)
     two = replace(one, parts=fit_parts(clean.astype(np.float32), [everything, everything[conv:]], top_q=3))
     assert one.score_parts()[0].centre == 0 and len(one.score_parts()) == 1  # no parts: the raw top-q over all
+    def score(check: ConsistencyCheck, x: np.ndarray) -> np.ndarray:  # profiles at 0 and 1: ℓ∞ and z coincide
+        x = x.astype(np.float32)
+        return check.score(x, x, np.zeros(len(x), np.int64))
+
     for check, better in ((one, False), (two, True)):
-        fresh_score, triggered_score = check.score(fresh.astype(np.float32)), check.score(triggered.astype(np.float32))
-        assert (auroc(fresh_score, triggered_score) > 0.95) is better
-    np.testing.assert_allclose(two.score(clean.astype(np.float32)),
-                               np.maximum(*[p.standardised(clean.astype(np.float32), 3) for p in two.parts]))
+        assert (auroc(score(check, fresh), score(check, triggered)) > 0.95) is better
+    labels = np.zeros(len(clean), np.int64)
+    np.testing.assert_allclose(score(two, clean), np.maximum(*[
+        p.standardised(clean.astype(np.float32), clean.astype(np.float32), labels, 3) for p in two.parts]))
+
+
+def _correlated(n: int, rng: np.random.Generator, classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate-like features: 16 of them driven by 3 latent factors plus a little noise, offset per class."""
+    mixing = np.random.default_rng(0).normal(0, 1, (3, 16))
+    offsets = np.random.default_rng(1).normal(0, 2, (classes, 16))
+    labels = rng.integers(0, classes, n)
+    return rng.normal(0, 1, (n, 3)) @ mixing + rng.normal(0, 0.2, (n, 16)) + offsets[labels], labels
+
+
+def test_class_gaussian_whitens_the_shrunk_pooled_covariance() -> None:
+    rng = np.random.default_rng(5)
+    x, labels = _correlated(3000, rng)
+    means, whiten = class_gaussian(x, labels, 3, shrink=0.1)
+    for cls in range(3):  # the class mean, pulled toward the overall mean by a pseudo-count of 5
+        rows = x[labels == cls]
+        np.testing.assert_allclose(means[cls], (rows.sum(0) + 5 * x.mean(0)) / (len(rows) + 5), rtol=1e-4, atol=1e-4)
+    residual = x - means[labels]
+    pooled = residual.T @ residual / (len(x) - 1)
+    shrunk = 0.9 * pooled + 0.1 * np.trace(pooled) / 16 * np.eye(16)
+    centred = x[:50] - means[labels[:50]]
+    np.testing.assert_allclose(np.square(centred @ whiten).sum(1),
+                               np.einsum("nd,de,ne->n", centred, np.linalg.inv(shrunk), centred), rtol=1e-3)
+    # A group that never varied (a dead unit) still gives finite distances.
+    flat_means, flat_whiten = class_gaussian(np.zeros((100, 4)), np.zeros(100, np.int64), 3, shrink=0.1)
+    assert np.all(np.isfinite(flat_whiten)) and np.all(flat_means == 0)
+
+
+def test_distance_part_is_cross_fitted_and_sees_a_shift_per_channel_z_misses() -> None:
+    """A shift against the features' correlations moves no feature past its own spread, so the top-q z misses it;
+    the distance, which knows the correlations, sees it. Its cross-fitted clean scores are distributed like a fresh
+    request's: 5% of fresh clean requests score above 1."""
+    rng = np.random.default_rng(6)
+    clean, labels = _correlated(2000, rng)
+    fresh, fresh_labels = _correlated(4000, rng)
+    _, _, across = np.linalg.svd(clean - clean.mean(0))
+    triggered = fresh + 3.0 * across[-1]  # the direction clean data varies least in: at most ~1 std per feature
+    channels = np.arange(16)
+    part, crossed = fit_distance_part(clean, labels, channels, 3, shrink=0.1, folds=5, seed=0)
+    assert isinstance(part, DistancePart) and part.class_mean.shape == (3, 16) and part.whiten.shape == (16, 16)
+    assert np.median(crossed) == pytest.approx(0, abs=1e-5) and (crossed > 1).mean() == pytest.approx(0.05, abs=0.002)
+    fresh_score = part.standardised(fresh, fresh, fresh_labels, 3)
+    assert (fresh_score > 1).mean() == pytest.approx(0.05, abs=0.015)
+    in_sample = part.standardised(clean, clean, labels, 3)
+    assert (in_sample > 1).mean() < (crossed > 1).mean()  # a sample scored against its own fit looks cleaner
+
+    mean, scale = class_profiles([clean], labels, 3)
+    check = ConsistencyCheck(mean, scale, np.ones(16, dtype=bool), top_q=3, k=3.0, cut=2.0)
+    z_clean = check.z_scores(clean, labels)
+    top = fit_parts(z_clean, [channels], top_q=3)[0]
+
+    def scored(p: ScorePart | DistancePart, x: np.ndarray) -> np.ndarray:
+        return p.standardised(x, check.z_scores(x, fresh_labels), fresh_labels, 3)
+
+    assert auroc(scored(top, fresh), scored(top, triggered)) < 0.7
+    assert auroc(scored(part, fresh), scored(part, triggered)) > 0.97
 
 
 # ---------------------------------------------------------------------------------------------- benign_set
@@ -561,3 +623,15 @@ def test_calibration_refuses_a_tap_named_twice() -> None:
 
     with pytest.raises(GuardError, match="twice"):
         CalibrationSettings(layers=["relu", "linear", "relu"]).validate()
+
+
+@pytest.mark.parametrize(("fields", "message"), [({"dense_score": "max"}, "'distance' or 'top_q'"),
+                                                 ({"distance_shrink": 0.0}, "shrinkage"),
+                                                 ({"distance_shrink": 1.5}, "shrinkage"),
+                                                 ({"distance_shrink": float("nan")}, "shrinkage")])
+def test_calibration_refuses_a_dense_score_it_does_not_know(fields: dict, message: str) -> None:
+    from guard.calibrate.pipeline import CalibrationSettings
+    from guard.errors import GuardError
+
+    with pytest.raises(GuardError, match=message):
+        CalibrationSettings(**fields).validate()

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from guard.runtime.checks import CheckResult, ConsistencyCheck, ScorePart
+from guard.runtime.checks import CheckResult, ConsistencyCheck, DistancePart, ScorePart
 
 # Classes with few calibration samples borrow strength from the all-class statistics (pseudo-count).
 _SHRINK = 5.0
@@ -51,7 +51,7 @@ def out_of_fold(check: ConsistencyCheck, linf: list[np.ndarray], labels: np.ndar
     against profiles that include it looks cleaner than it is.
     """
     flat = np.concatenate(linf, axis=1)
-    fold_of = np.random.default_rng(seed).permutation(len(labels)) % folds
+    fold_of = _folds(len(labels), folds, seed)
     score = np.empty(len(labels), dtype=np.float32)
     z = np.empty(flat.shape, dtype=np.float32)
     for fold in range(folds):
@@ -62,19 +62,72 @@ def out_of_fold(check: ConsistencyCheck, linf: list[np.ndarray], labels: np.ndar
     return CheckResult(score=score, z=z, compromised=z > check.k)
 
 
+def _folds(n: int, folds: int, seed: int) -> np.ndarray:
+    """The fold of each of n samples: the same assignment for every cross-fitted quantity of one calibration."""
+    return np.random.default_rng(seed).permutation(n) % folds
+
+
+def _scale(raw: np.ndarray) -> tuple[float, float]:
+    """A part's clean centre (median) and spread (95th percentile minus the median; 1 where that is not positive, a
+    part that never varies on clean data keeps its raw units)."""
+    centre = float(np.median(raw))
+    spread = float(np.quantile(raw, 0.95)) - centre
+    return centre, spread if spread > 1e-6 else 1.0
+
+
 def fit_parts(z: np.ndarray, groups: list[np.ndarray], top_q: int) -> tuple[ScorePart, ...]:
-    """Score parts over the channel `groups`, each standardised on clean z (cross-fitted): centre = the median of the
-    part's raw score, spread = its 95th percentile minus the median (1 where that is not positive, a part that never
-    varies on clean data). On this scale the parts' tails are alike, so the maximum over parts lets none of them
-    dominate by its units alone."""
+    """Top-q score parts over the channel `groups`, each standardised on clean z (cross-fitted)."""
     parts = []
     for group in groups:
         channels = np.asarray(group, dtype=np.int64)
-        raw = ScorePart(channels).raw(z, top_q)
-        centre = float(np.median(raw))
-        spread = float(np.quantile(raw, 0.95)) - centre
-        parts.append(ScorePart(channels, centre, spread if spread > 1e-6 else 1.0))
+        parts.append(ScorePart(channels, *_scale(ScorePart(channels).top_mean(z, top_q))))
     return tuple(parts)
+
+
+def class_gaussian(values: np.ndarray, labels: np.ndarray, num_classes: int,
+                   shrink: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class means (K, D) and a whitening matrix (D, D) for the covariance the classes share.
+
+    Class means borrow strength from the all-class mean like `class_profiles` does. The pooled within-class
+    covariance is shrunk toward its average variance times the identity by `shrink` (a few hundred samples in tens of
+    dimensions leave the smallest eigenvalues noisy, and the distance divides by them); whiten = L⁻ᵀ for its
+    Cholesky factor L, so that ‖(x − μ) @ whiten‖² = (x − μ)ᵀ Σ⁻¹ (x − μ).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    overall = values.mean(axis=0)
+    means = np.empty((num_classes, values.shape[1]))
+    for cls in range(num_classes):
+        rows = values[labels == cls]
+        means[cls] = (rows.sum(axis=0) + _SHRINK * overall) / (len(rows) + _SHRINK)
+    residual = values - means[labels]
+    covariance = residual.T @ residual / max(len(values) - 1, 1)
+    dim = covariance.shape[0]
+    average = np.trace(covariance) / dim if dim else 0.0
+    average = average if average > 1e-12 else 1.0  # a group that never varied: unit distances, still finite
+    covariance = (1 - shrink) * covariance + (shrink * average + 1e-9 * average) * np.eye(dim)
+    cholesky = np.linalg.cholesky(covariance)
+    whiten = np.linalg.inv(cholesky).T
+    return means.astype(np.float32), whiten.astype(np.float32)
+
+
+def fit_distance_part(flat: np.ndarray, labels: np.ndarray, channels: np.ndarray, num_classes: int, *,
+                      shrink: float, folds: int, seed: int) -> tuple[DistancePart, np.ndarray]:
+    """A distance part over `channels` of the flat ℓ∞, and its standardised cross-fitted score of every sample.
+
+    The means and covariance come from all samples; the centre and spread, and the scores returned for choosing τ,
+    from each sample's distance to a Gaussian fit on the other folds, as a fresh request's would be.
+    """
+    channels = np.asarray(channels, dtype=np.int64)
+    values = flat[:, channels]
+    fold_of = _folds(len(labels), folds, seed)
+    raw = np.empty(len(labels), dtype=np.float32)
+    for fold in range(folds):
+        out = fold_of == fold
+        means, whiten = class_gaussian(values[~out], labels[~out], num_classes, shrink)
+        raw[out] = DistancePart(channels, means, whiten).distance(flat[out], labels[out])
+    means, whiten = class_gaussian(values, labels, num_classes, shrink)
+    part = DistancePart(channels, means, whiten, *_scale(raw))
+    return part, ((raw - np.float32(part.centre)) / np.float32(part.spread)).astype(np.float32)
 
 
 def allowed_above(n: int, fpr: float, confidence: float) -> int:

@@ -8,7 +8,7 @@ clean sample.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from guard.calibrate.consistency import (
     class_profiles,
     compromise_threshold,
     demote_threshold,
+    fit_distance_part,
     fit_parts,
     out_of_fold,
     score_threshold,
@@ -38,7 +39,7 @@ from guard.model.graph import (
     tensor_ranks,
     validate_taps,
 )
-from guard.runtime.checks import repredict_masks
+from guard.runtime.checks import Part, repredict_masks
 from guard.samples import check_samples, holdout_split
 
 
@@ -63,6 +64,11 @@ class CalibrationSettings:
     # Blend and warp triggers show there and nowhere else. Tuned on training-split images (seeds 10-12, both
     # architectures): detection AUROC on blend ResNet 0.955-0.995 -> 0.984-0.995 (docs/design.md, "Score parts").
     dense_part: bool = True
+    # What that part scores: "distance", the Mahalanobis distance from the predicted class's mean (a covariance
+    # shared by the classes, shrunk toward its average variance by `distance_shrink`), or "top_q", the mean of its
+    # top-q z like the part over all taps. Tuned on the same models: docs/design.md, "A distance part".
+    dense_score: str = "distance"
+    distance_shrink: float = 0.1
     k_quantile: float = 0.999  # k is this quantile of clean channel z values ...
     k_min: float = 3.0  # ... and never below this
     # The benign re-prediction zeroes penultimate features with z above this. Tuned on training-split images
@@ -90,6 +96,10 @@ class CalibrationSettings:
             raise GuardError(f"holdout share must lie in (0, 1), got {self.holdout}")
         if not 0 < self.benign_share <= 1:
             raise GuardError(f"benign share must lie in (0, 1], got {self.benign_share}")
+        if self.dense_score not in ("distance", "top_q"):
+            raise GuardError(f"the dense part scores 'distance' or 'top_q', got {self.dense_score!r}")
+        if not 0 < self.distance_shrink <= 1:
+            raise GuardError(f"the distance's covariance shrinkage must lie in (0, 1], got {self.distance_shrink}")
         if not (np.isfinite(self.cut_z) and self.cut_z > 0):
             raise GuardError(f"the re-prediction's cut must be a positive z, got {self.cut_z}")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
@@ -178,8 +188,19 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     check = draft.check()
     result = out_of_fold(check, linf, labels, loaded.num_classes, settings.folds, settings.seed)
     groups = score_groups(tap_profiles, settings.dense_part)
-    parts = fit_parts(result.z, [draft.channels_of(group) for group in groups], settings.top_q)
-    score = replace(check, parts=parts).score(result.z)  # the parts' scales come from the cross-fitted z
+    distance = settings.dense_score == "distance" and len(groups) > 1
+    flat = np.concatenate(linf, axis=1)
+    # Every part's scale, and the scores τ is chosen on, are cross-fitted: z against profiles without the sample, a
+    # distance to a Gaussian fit without it.
+    top_groups = groups[:1] if distance else groups
+    parts: tuple[Part, ...] = fit_parts(result.z, [draft.channels_of(g) for g in top_groups], settings.top_q)
+    scores = [part.standardised(flat, result.z, labels, settings.top_q) for part in parts]
+    if distance:
+        channels = draft.channels_of(groups[1])
+        part, crossed = fit_distance_part(flat, labels, channels[check.active[channels]], loaded.num_classes,
+                                          shrink=settings.distance_shrink, folds=settings.folds, seed=settings.seed)
+        parts, scores = (*parts, part), [*scores, crossed]
+    score = np.max(scores, axis=0)
     k = compromise_threshold(result.z, check.active, settings.k_quantile, settings.k_min)
     benign_labels = run.benign_repredict(x[order], keep, bounds, result.z, (result.z > k).any(axis=1),
                                          settings.cut_z, labels)
@@ -191,8 +212,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     bar.close()
 
     draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q, cut=settings.cut_z, demote=demote,
-                                  parts=[PartScale(group, part.centre, part.spread)
-                                         for group, part in zip(groups, parts, strict=True)])
+                                  parts=[PartScale.of(group, part) for group, part in zip(groups, parts, strict=True)])
     draft.settings = {**asdict(settings), "layers": taps}
     draft.figures = {
         "samples": len(x), "fit_samples": len(fit), "holdout_samples": len(hold), "labels_given": y is not None,

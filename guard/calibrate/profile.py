@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,16 @@ from safetensors.numpy import load_file, save_file
 
 from guard._version import __version__
 from guard.errors import ProfileError
-from guard.runtime.checks import ConsistencyCheck, ScorePart
+from guard.runtime.checks import ConsistencyCheck, DistancePart, Part, ScorePart
 
 # 2: thresholds gained `cut`. 3: thresholds gained the score's `parts`, which change what tau means; a guard that
 # reads only format 2 would score a format-3 profile the old way against the new tau, so it must refuse it instead.
-FORMAT = "guard.profile/3"
-_READABLE = (FORMAT, "guard.profile/2")  # format 2 reads as one unstandardised part, as it scored
+# 4: a part may be a distance (`kind`, with its class means and whitening matrix among the tensors); a format-3 guard
+# would read it as a top-q part, so format 4 is refused there.
+FORMAT = "guard.profile/4"
+# Format 3 reads as top-q parts, format 2 as one unstandardised part, each as it scored.
+_READABLE = (FORMAT, "guard.profile/3", "guard.profile/2")
+_PART_KINDS = ("top_q", "distance")
 _TAP_ARRAYS = ("linf_mean", "linf_std", "linf_p99", "linf_p999", "peakedness", "salience", "benign", "keep")
 
 
@@ -55,13 +59,33 @@ class TapProfile:
         return self.keep.copy() if self.fold == "producer" else np.ones_like(self.keep)
 
 
-@dataclass
+@dataclass(eq=False)
 class PartScale:
-    """One part of the score (guard.runtime.checks.ScorePart), named by its taps, with its clean standardisation."""
+    """One part of the score (guard.runtime.checks), named by its taps, with its clean standardisation. A distance part
+    covers the observable channels of its taps and carries its class means and whitening matrix."""
 
     taps: list[str]
     centre: float
     spread: float
+    kind: str = "top_q"  # "top_q" (ScorePart) or "distance" (DistancePart)
+    class_mean: np.ndarray | None = None  # distance: (K, D)
+    whiten: np.ndarray | None = None  # distance: (D, D)
+
+    @classmethod
+    def of(cls, taps: list[str], part: Part) -> PartScale:
+        if isinstance(part, DistancePart):
+            return cls(list(taps), part.centre, part.spread, "distance", part.class_mean, part.whiten)
+        return cls(list(taps), part.centre, part.spread)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"taps": self.taps, "centre": self.centre, "spread": self.spread, "kind": self.kind}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PartScale):
+            return NotImplemented
+        return self.as_json() == other.as_json() and all(
+            (mine is None) == (theirs is None) and (mine is None or np.array_equal(mine, theirs))
+            for mine, theirs in ((self.class_mean, other.class_mean), (self.whiten, other.whiten)))
 
 
 @dataclass
@@ -77,8 +101,11 @@ class Thresholds:
     parts: list[PartScale] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
-        """The thresholds as a JSON object (an infinite demote threshold, demotion off, is null)."""
-        return {**asdict(self), "demote": None if math.isinf(self.demote) else self.demote}
+        """The thresholds as a JSON object (an infinite demote threshold, demotion off, is null; a distance part's
+        arrays live among the profile's tensors)."""
+        return {"k": self.k, "tau": self.tau, "top_q": self.top_q, "cut": self.cut,
+                "demote": None if math.isinf(self.demote) else self.demote,
+                "parts": [part.as_json() for part in self.parts]}
 
 
 @dataclass
@@ -113,16 +140,33 @@ class Profile:
         index = {tap.name: i for i, tap in enumerate(self.taps)}
         return np.concatenate([np.arange(starts[index[name]], starts[index[name] + 1]) for name in tap_names])
 
+    @property
+    def active(self) -> np.ndarray:
+        """(C_total,) the channels the check reads, in the concatenated order."""
+        return np.concatenate([tap.observable for tap in self.taps])
+
+    def part_channels(self, part: PartScale) -> np.ndarray:
+        """A part's channels: all of its taps' for a top-q part (inactive ones read z = 0), the observable ones for a
+        distance."""
+        channels = self.channels_of(part.taps)
+        return channels[self.active[channels]] if part.kind == "distance" else channels
+
     def check(self) -> ConsistencyCheck:
-        parts = tuple(ScorePart(self.channels_of(p.taps), p.centre, p.spread) for p in self.thresholds.parts)
+        parts: list[Part] = []
+        for part in self.thresholds.parts:
+            channels = self.part_channels(part)
+            if part.kind == "distance":
+                parts.append(DistancePart(channels, part.class_mean, part.whiten, part.centre, part.spread))
+            else:
+                parts.append(ScorePart(channels, part.centre, part.spread))
         return ConsistencyCheck(
             class_mean=self.class_mean,
             class_scale=self.class_scale,
-            active=np.concatenate([tap.observable for tap in self.taps]),
+            active=self.active,
             top_q=self.thresholds.top_q,
             k=self.thresholds.k,
             cut=self.thresholds.cut,
-            parts=parts,
+            parts=tuple(parts),
         )
 
     def verify_model(self, sha256: str) -> None:
@@ -141,6 +185,10 @@ class Profile:
                 tensors[f"taps.{index}.{name}"] = value.astype(np.uint8 if value.dtype == bool else np.float32)
             if tap.unit_bound is not None:
                 tensors[f"taps.{index}.unit_bound"] = tap.unit_bound.astype(np.float32)
+        for index, part in enumerate(self.thresholds.parts):
+            if part.kind == "distance":
+                tensors[f"parts.{index}.class_mean"] = part.class_mean.astype(np.float32)
+                tensors[f"parts.{index}.whiten"] = part.whiten.astype(np.float32)
         meta = {
             "format": FORMAT,
             "guard_version": self.guard_version,
@@ -207,7 +255,7 @@ class Profile:
                 raise ValueError(f"{key} has shape {tensors[key].shape}, expected {(num_classes, total)}")
         if not np.all(tensors["class_scale"] > 0) or not np.all(np.isfinite(tensors["class_mean"])):
             raise ValueError("class statistics must be finite with positive scales")
-        return cls(
+        profile = cls(
             model_sha256=str(meta["model_sha256"]),
             input_name=str(meta["input_name"]),
             output_name=str(meta["output_name"]),
@@ -220,6 +268,10 @@ class Profile:
             figures=dict(meta["figures"]),
             guard_version=str(meta["guard_version"]),
         )
+        for index, part in enumerate(profile.thresholds.parts):
+            if part.kind == "distance":
+                part.class_mean, part.whiten = _distance_arrays(profile, part, index, tensors)
+        return profile
 
 
 def _thresholds(raw: dict[str, Any], tap_names: list[str]) -> Thresholds:
@@ -236,9 +288,29 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str]) -> Thresholds:
 
 def _part(raw: dict[str, Any], tap_names: list[str]) -> PartScale:
     taps, centre, spread = raw["taps"], float(raw["centre"]), float(raw["spread"])
+    kind = raw.get("kind", "top_q")  # format 3 has top-q parts only
     if not (isinstance(taps, list) and taps and all(isinstance(t, str) and t in tap_names for t in taps)
             and len(set(taps)) == len(taps)):
         raise ValueError(f"a score part must name distinct taps of the profile, got {taps!r}")
     if not (np.isfinite(centre) and np.isfinite(spread) and spread > 0):
         raise ValueError(f"a score part needs a finite centre and a positive spread, got {raw}")
-    return PartScale(taps=list(taps), centre=centre, spread=spread)
+    if kind not in _PART_KINDS:
+        raise ValueError(f"a score part's kind must be one of {_PART_KINDS}, got {kind!r}")
+    return PartScale(taps=list(taps), centre=centre, spread=spread, kind=kind)
+
+
+def _distance_arrays(profile: Profile, part: PartScale, index: int,
+                     tensors: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A distance part's class means (K, D) and whitening matrix (D, D), D its observable channels, checked."""
+    dim = len(profile.part_channels(part))
+    arrays = []
+    for name, shape in (("class_mean", (profile.num_classes, dim)), ("whiten", (dim, dim))):
+        value = tensors.get(f"parts.{index}.{name}")
+        if value is None:
+            raise ValueError(f"distance part {index} has no {name} tensor")
+        if value.shape != shape or not np.all(np.isfinite(value)):
+            raise ValueError(f"distance part {index}'s {name} must be finite with shape {shape}, got {value.shape}")
+        arrays.append(value.astype(np.float32))
+    if dim == 0:
+        raise ValueError(f"distance part {index} covers no observable channel")
+    return arrays[0], arrays[1]

@@ -633,9 +633,13 @@ def _top_k(node: _Node) -> Kernel:
     return run
 
 
-@_register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
+def _sum_square(x: Tensor, dim: tuple[int, ...], keepdim: bool) -> Tensor:
+    return torch.sum(x * x, dim=dim, keepdim=keepdim)
+
+
+@_register("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceMax", "ReduceMin")
 def _reduce(node: _Node) -> Kernel:
-    fn = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax,
+    fn = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceSumSquare": _sum_square, "ReduceMax": torch.amax,
           "ReduceMin": torch.amin}[node.op_type]
     keepdims = bool(node.attrs.get("keepdims", 1))
     noop_empty = bool(node.attrs.get("noop_with_empty_axes", 0))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -29,9 +28,7 @@ from guard.model.graph import (
     tensor_dims,
     zero_above_bound,
 )
-
-if TYPE_CHECKING:
-    from guard.runtime.checks import ConsistencyCheck
+from guard.runtime.checks import ConsistencyCheck, DistancePart
 
 SCORE_OUTPUT = "guard_score"
 NEEDS_OUTPUT = "guard_needs"
@@ -101,7 +98,8 @@ def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
 
 
 def _reduce(proto: onnx.ModelProto, op: str, source: str, out: str, axis: int) -> onnx.NodeProto:
-    """A keepdims=0 reduction over one axis, in the form the model's opset wants (axes became an input in 18)."""
+    """A keepdims=0 reduction over one axis, in the form the model's opset wants (axes became an input in 18; guard
+    does not emit ReduceSum, whose axes moved in 13)."""
     if opset_version(proto) >= 18:
         axes = _const(proto.graph, f"{out}__axes", np.array([axis], dtype=np.int64))
         return helper.make_node(op, [source, axes], [out], keepdims=0)
@@ -117,17 +115,33 @@ def _at_most(proto: onnx.ModelProto, a: str, b: str, out: str) -> list[onnx.Node
 
 
 def _score_nodes(proto: onnx.ModelProto, check: ConsistencyCheck) -> list[onnx.NodeProto]:
-    """SCORE_OUTPUT from guard_z: per part, gather its channels, mean of the top q, standardise; then the maximum."""
+    """SCORE_OUTPUT from guard_z (top-q parts) or guard_linf_all and guard_label (distance parts): each part's raw
+    score, standardised; then the maximum."""
     g, nodes, scores = proto.graph, [], []
     for index, part in enumerate(check.score_parts()):
         name = f"guard_part_{index}"
-        q = min(check.top_q, len(part.channels))
+        channels = _const(g, f"{name}__channels", part.channels.astype(np.int64))
+        if isinstance(part, DistancePart):
+            nodes += [
+                helper.make_node("Gather", ["guard_linf_all", channels], [f"{name}__x"], axis=1),
+                helper.make_node("Gather", [_const(g, f"{name}__class_mean", part.class_mean.astype(np.float32)),
+                                            "guard_label"], [f"{name}__mean"], axis=0),
+                helper.make_node("Sub", [f"{name}__x", f"{name}__mean"], [f"{name}__centred_x"]),
+                helper.make_node("MatMul", [f"{name}__centred_x",
+                                            _const(g, f"{name}__whiten", part.whiten.astype(np.float32))],
+                                 [f"{name}__white"]),
+                _reduce(proto, "ReduceSumSquare", f"{name}__white", f"{name}__sum", 1),
+                helper.make_node("Sqrt", [f"{name}__sum"], [f"{name}__raw"]),
+            ]
+        else:
+            q = min(check.top_q, len(part.channels))
+            nodes += [
+                helper.make_node("Gather", ["guard_z", channels], [f"{name}__z"], axis=1),
+                helper.make_node("TopK", [f"{name}__z", _const(g, f"{name}__q", np.array([q], dtype=np.int64))],
+                                 [f"{name}__top", f"{name}__top_index"], axis=1, largest=1, sorted=0),
+                _reduce(proto, "ReduceMean", f"{name}__top", f"{name}__raw", 1),
+            ]
         nodes += [
-            helper.make_node("Gather", ["guard_z", _const(g, f"{name}__channels", part.channels.astype(np.int64))],
-                             [f"{name}__z"], axis=1),
-            helper.make_node("TopK", [f"{name}__z", _const(g, f"{name}__q", np.array([q], dtype=np.int64))],
-                             [f"{name}__top", f"{name}__top_index"], axis=1, largest=1, sorted=0),
-            _reduce(proto, "ReduceMean", f"{name}__top", f"{name}__raw", 1),
             helper.make_node("Sub", [f"{name}__raw", _const(g, f"{name}__centre", np.float32([part.centre]))],
                              [f"{name}__centred"]),
             helper.make_node("Div", [f"{name}__centred", _const(g, f"{name}__spread", np.float32([part.spread]))],

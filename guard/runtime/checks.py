@@ -2,10 +2,10 @@
 
 A request's per-channel ℓ∞ is compared with the clean profile of the class the model predicted: z_j = (ℓ∞_j − μ_ŷj)
 / s_ŷj. Channels with z above k form the compromised set C(x). The score looks at one or more parts (groups of
-channels): each part's raw score is the mean of its q largest z, standardised by that part's clean median and
-spread, and the score is the largest of them. Calibration calls this function; serving runs the same arithmetic as
-ONNX ops inside the served graph (guard.model.serving), tested to agree with it, so the thresholds calibrated
-offline mean the same online.
+channels): a part's raw score is the mean of its q largest z (all taps), or the Mahalanobis distance from the
+class's mean (the penultimate features), standardised by that part's clean median and spread, and the score is the
+largest of them. Calibration calls this function; serving runs the same arithmetic as ONNX ops inside the served graph
+(guard.model.serving), tested to agree with it, so the thresholds calibrated offline mean the same online.
 """
 
 from __future__ import annotations
@@ -24,24 +24,65 @@ class CheckResult:
     compromised: np.ndarray  # (N, C_total) bool, channels whose z exceeds k
 
 
+class _Standardised:
+    """A part's raw score in clean units: minus its clean median, over its clean spread (95th percentile minus the
+    median), both cross-fitted. On this scale the parts' tails are alike, so the maximum over parts lets none of them
+    dominate by its units alone."""
+
+    centre: float
+    spread: float
+
+    def raw(self, linf: np.ndarray, z: np.ndarray, labels: np.ndarray, top_q: int) -> np.ndarray:
+        """(N,) the part's score in its own units, from the flat ℓ∞, its z and the predicted classes."""
+        raise NotImplementedError
+
+    def standardised(self, linf: np.ndarray, z: np.ndarray, labels: np.ndarray, top_q: int) -> np.ndarray:
+        raw = self.raw(linf, z, labels, top_q)
+        return ((raw - np.float32(self.centre)) / np.float32(self.spread)).astype(np.float32)
+
+
 @dataclass(frozen=True)
-class ScorePart:
-    """A group of channels the score looks at on its own. A trigger spread over the whole image barely moves single
-    conv channels but shifts the penultimate features; in the top-q over all channels those shifts drown among the
-    conv channels' clean outliers, so the dense taps also form a part of their own."""
+class ScorePart(_Standardised):
+    """The mean of the q largest z over a group of channels: a trigger that drives a few channels far out of their
+    class's profile."""
 
     channels: np.ndarray  # (C_part,) int64 indices into the concatenated channels
-    centre: float = 0.0  # median of the part's raw score on clean requests (cross-fitted)
-    spread: float = 1.0  # 95th percentile minus that median: a part's score above 1 is rarer than 1 in 20 clean
+    centre: float = 0.0
+    spread: float = 1.0
 
-    def raw(self, z: np.ndarray, top_q: int) -> np.ndarray:
+    def raw(self, linf: np.ndarray, z: np.ndarray, labels: np.ndarray, top_q: int) -> np.ndarray:
+        return self.top_mean(z, top_q)
+
+    def top_mean(self, z: np.ndarray, top_q: int) -> np.ndarray:
         """(N,) mean of the part's top_q z values (all of them where the part has fewer)."""
         part = z[:, self.channels]
         q = min(top_q, part.shape[1])
         return np.partition(part, part.shape[1] - q, axis=1)[:, -q:].mean(axis=1, dtype=np.float32)
 
-    def standardised(self, z: np.ndarray, top_q: int) -> np.ndarray:
-        return ((self.raw(z, top_q) - np.float32(self.centre)) / np.float32(self.spread)).astype(np.float32)
+
+@dataclass(frozen=True)
+class DistancePart(_Standardised):
+    """The Mahalanobis distance of a group of channels' ℓ∞ from the predicted class's mean, under a covariance the
+    classes share. A trigger spread over the whole image (blend, warp) moves no single channel far; it shifts the
+    penultimate features together, in a direction clean variation does not take, which per-channel z values miss and
+    a distance that knows the features' correlations sees."""
+
+    channels: np.ndarray  # (D,) int64 indices into the concatenated channels
+    class_mean: np.ndarray  # (K, D) float32
+    whiten: np.ndarray  # (D, D) float32: the distance is the norm of (ℓ∞ − μ_ŷ) @ whiten
+    centre: float = 0.0
+    spread: float = 1.0
+
+    def raw(self, linf: np.ndarray, z: np.ndarray, labels: np.ndarray, top_q: int) -> np.ndarray:
+        return self.distance(linf, labels)
+
+    def distance(self, linf: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """(N,) the distance of each sample (flat ℓ∞) from its predicted class's mean."""
+        centred = linf[:, self.channels].astype(np.float32) - self.class_mean[labels]
+        return np.sqrt(np.square(centred @ self.whiten).sum(axis=1, dtype=np.float32)).astype(np.float32)
+
+
+Part = ScorePart | DistancePart
 
 
 @dataclass
@@ -54,14 +95,14 @@ class ConsistencyCheck:
     top_q: int
     k: float
     cut: float  # z above which the benign re-prediction zeroes a channel of a tap without unit bounds
-    parts: tuple[ScorePart, ...] = ()  # () = one unstandardised part over all channels (profiles before parts)
+    parts: tuple[Part, ...] = ()  # () = one unstandardised top-q part over all channels (profiles before parts)
 
-    def score_parts(self) -> tuple[ScorePart, ...]:
+    def score_parts(self) -> tuple[Part, ...]:
         return self.parts or (ScorePart(np.arange(len(self.active), dtype=np.int64)),)
 
-    def score(self, z: np.ndarray) -> np.ndarray:
-        """(N,) the largest standardised part score of each sample's z."""
-        return np.max([part.standardised(z, self.top_q) for part in self.score_parts()], axis=0)
+    def score(self, linf: np.ndarray, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """(N,) the largest standardised part score of each sample (flat ℓ∞, its z, its predicted class)."""
+        return np.max([part.standardised(linf, z, labels, self.top_q) for part in self.score_parts()], axis=0)
 
     def z_scores(self, linf: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """(N, C_total) standardised ℓ∞ against each sample's predicted class; inactive channels are 0."""
@@ -71,7 +112,7 @@ class ConsistencyCheck:
     def __call__(self, linf: list[np.ndarray] | np.ndarray, labels: np.ndarray) -> CheckResult:
         flat = np.concatenate(linf, axis=1) if isinstance(linf, list) else linf
         z = self.z_scores(flat, labels)
-        return CheckResult(score=self.score(z), z=z, compromised=z > self.k)
+        return CheckResult(score=self.score(flat, z, labels), z=z, compromised=z > self.k)
 
 
 def repredict_masks(keep: list[np.ndarray], bounds: list[np.ndarray | None], z: np.ndarray,
