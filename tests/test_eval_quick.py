@@ -29,6 +29,8 @@ def test_quick_eval_writes_report_plots_and_raw_figures(quick_report: tuple[int,
     _, out = quick_report
     report = (out / "report.md").read_text()
     assert "guard eval --quick" in report and "## Targets" in report
+    cpu = json.loads((out / "figures.json").read_text())["machine"]["cpu"]
+    assert cpu and cpu in report  # run times and even the trained models depend on the processor
     for name in ("roc.png", "bars.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in report

@@ -339,7 +339,8 @@ def write_report(figures: dict, out: str | Path, command: str) -> Path:
     text = f"""# guard eval report
 
 Produced by `{figures['command']}` in {figures['seconds'] / 60:.1f} minutes on {machine['cpus']} CPU cores
-({machine['platform']}, Python {machine['python']}, torch {machine['torch']}), no GPU.
+({machine.get('cpu', 'processor not recorded')}, {machine['platform']}, Python {machine['python']},
+torch {machine['torch']}), no GPU.
 
 - **Data and models.** Fashion-MNIST. Each case trains on {settings['n_train']:,} training images for
   {settings['epochs']} epochs; the attack poisons the share shown in the headline table. The defender's clean set is

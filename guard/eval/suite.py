@@ -432,6 +432,19 @@ def _none_train(module, x_train: np.ndarray, y_train: np.ndarray, poisoned: np.n
     return row
 
 
+def _cpu_model() -> str:
+    """The processor's name: run times, and on CPU even the trained models (kernels differ by instruction set),
+    depend on it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def _worker_init() -> None:
     import torch
 
@@ -475,8 +488,8 @@ def run_suite(settings: EvalSettings, on_case: Callable[[dict[str, object]], Non
     results.sort(key=lambda r: order[Case(r["attack"], r["arch"], r["seed"])])  # type: ignore[arg-type]
     return {
         "settings": asdict(settings),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__},
+        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "python": platform.python_version(),
+                    "cpus": os.cpu_count(), "torch": torch.__version__},
         "seconds": round(time.perf_counter() - started, 1),
         "cases": results,
         "failures": failures,
