@@ -66,7 +66,7 @@ class CalibrationSettings:
     dense_part: bool = True
     # What that part scores: "distance", the Mahalanobis distance from the predicted class's mean (a covariance
     # shared by the classes, shrunk toward its average variance by `distance_shrink`), or "top_q", the mean of its
-    # top-q z like the part over all taps. Tuned on the same models: docs/design.md, "A distance part".
+    # top-q z like the part over all taps. Tuned on the same models: docs/design.md, "The dense part is a distance".
     dense_score: str = "distance"
     distance_shrink: float = 0.1
     k_quantile: float = 0.999  # k is this quantile of clean channel z values ...
