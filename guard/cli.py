@@ -282,7 +282,8 @@ def _train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = build(args.model, x, y)
     given = {"epochs": args.epochs, "rounds": args.rounds, "finetune_epochs": args.finetune_epochs,
-             "ratio": args.ratio, "lr": args.lr, "finetune_lr": args.finetune_lr, "batch_size": args.batch_size}
+             "ratio": args.ratio, "lr": args.lr, "finetune_lr": args.finetune_lr, "batch_size": args.batch_size,
+             "unlearn": args.unlearn}
     settings = NoneSettings(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     settings.validate()
     if args.none:
@@ -461,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--lr", type=float, help="Adam learning rate of normal training (default 0.001)")
     trn.add_argument("--finetune-lr", dest="finetune_lr", type=float, help="fine-tuning learning rate")
     trn.add_argument("--batch-size", dest="batch_size", type=int, help="default 128")
+    trn.add_argument("--unlearn", type=float,
+                     help="weight of pushing the removed samples that look poisoned off their label while "
+                          "fine-tuning (default 0.3; 0: fine-tune on the kept samples only, as the paper does)")
     trn.add_argument("--report", type=Path, help="report JSON (default: next to --out, .train.json)")
     trn.add_argument("--seed", type=int, default=0)
     trn.set_defaults(run=_train)

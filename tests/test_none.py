@@ -28,8 +28,10 @@ from guard.repair.none import (
     record,
     reset_channels,
     reset_targets,
+    runner_up_spread,
     top_channels,
     train_none,
+    unlearning_set,
 )
 
 TARGET = 0
@@ -301,12 +303,71 @@ def test_none_without_ground_truth_removes_the_same_and_reports_no_precision(non
     assert accuracy > 0.6  # the fine-tuned model still classifies
 
 
+def test_none_pushes_the_removed_poison_off_its_label_and_the_report_says_which(none_runs, poisoned_set):
+    """The first round's drop is the patch's poison: labelled 0, images of many classes. It is what gets pushed off
+    its label, and afterwards the model no longer answers the target for it; the second round's drop is a clean group
+    and is left alone."""
+    x, y, poisoned = poisoned_set
+    report, _, model = none_runs
+    first, second = report.rounds
+    pushed = np.array(first.unlearned, dtype=int)
+    assert first.spread >= 0.75 and len(pushed) > 0
+    assert set(pushed) <= set(first.removed) and np.all(y[pushed] == TARGET)
+    assert first.unlearned_precision == pytest.approx(poisoned[pushed].mean()) and first.unlearned_precision > 0.9
+    assert second.spread is not None and second.spread < 0.75 and second.unlearned == []
+    assert report.unlearned == len(pushed)
+    assert "pushed off their label" in report.summary()
+    # The same run with unlearning off drops the same samples and pushes none; its model still answers the target
+    # for most of the poison it dropped, the pushed model for far fewer.
+    torch.manual_seed(0)
+    plain = SmallCNN()
+    off = train_none(plain, x, y, settings=NoneSettings(rounds=2, unlearn=0.0, **QUICK), poisoned=poisoned)
+    assert off.rounds[0].removed == first.removed and off.rounds[0].spread == pytest.approx(first.spread)
+    assert off.unlearned == 0 and all(r.unlearned == [] for r in off.rounds)
+    with torch.no_grad():
+        target_share = [(m(torch.as_tensor(x[pushed])).argmax(1).numpy() == TARGET).mean() for m in (plain, model)]
+    assert target_share[0] > 0.6 and target_share[1] < target_share[0] - 0.3
+
+
+def test_runner_up_spread_tells_many_source_classes_from_one_neighbour():
+    rng = np.random.default_rng(0)
+    many = np.full((900, 10), 0.001)
+    many[:, 0] = 0.9
+    many[np.arange(900), 1 + np.arange(900) % 9] = 0.09  # runner-ups spread evenly over the 9 other classes
+    assert runner_up_spread(many, 0) == pytest.approx(1.0)
+    one = np.full((900, 10), 0.001)
+    one[:, 0], one[:, 6] = 0.9, 0.09  # every runner-up is class 6 (a shirt behind a T-shirt)
+    assert runner_up_spread(one, 0) == pytest.approx(0.0)
+    labels = np.zeros(900, dtype=int)
+    removed = rng.random(900) < 0.5
+    suspicion = np.where(removed, 5.0, 1.0) + rng.normal(0, 0.1, 900)
+    chosen, spread = unlearning_set(many, labels, suspicion, removed, 0.75)
+    assert spread == pytest.approx(1.0, abs=0.01) and np.array_equal(chosen, removed)
+    chosen, spread = unlearning_set(one, labels, suspicion, removed, 0.75)
+    assert spread == pytest.approx(0.0) and not chosen.any()
+    # Only the removed group's most common label is pushed ...
+    mixed = labels.copy()
+    mixed[:100] = 3
+    chosen, _ = unlearning_set(many, mixed, suspicion, removed, 0.0)
+    assert np.array_equal(chosen, removed & (mixed == 0))
+    # ... and of it, only what stands out within that label: the split over all samples took some of the label's
+    # clean samples (suspicion 2.5, between the label's clean 1 and its poison 5), the split within it does not.
+    taken_too = ~removed & (rng.random(900) < 0.2)
+    suspicion[taken_too] = 2.5
+    chosen, _ = unlearning_set(many, labels, suspicion, removed | taken_too, 0.0)
+    assert np.array_equal(chosen, removed)
+    chosen, spread = unlearning_set(many, labels, suspicion, np.zeros(900, dtype=bool), 0.75)
+    assert not chosen.any() and spread is None
+
+
 def test_none_refuses_bad_ground_truth_and_settings(poisoned_set):
     x, y, poisoned = poisoned_set
     with pytest.raises(GuardError, match=r"poisoned ground truth must be \(N,\) = \(2000,\)"):
         train_none(SmallCNN(), x, y, settings=NoneSettings(epochs=0), poisoned=poisoned[:10])
     for change, message in [({"ratio": 0.0}, "--ratio must lie in"), ({"rounds": -1}, "must be >= 0"),
-                            ({"confident": 0.05}, "softmax bounds"), ({"batch_size": 0}, "batch size >= 1")]:
+                            ({"confident": 0.05}, "softmax bounds"), ({"batch_size": 0}, "batch size >= 1"),
+                            ({"unlearn": -0.1}, "--unlearn must be"), ({"unlearn": float("nan")}, "--unlearn must be"),
+                            ({"min_spread": 1.5}, "spread lie in")]:
         with pytest.raises(GuardError, match=message):
             NoneSettings(**change).validate()
 
@@ -327,7 +388,7 @@ def test_cli_train_none_writes_the_model_and_its_report(train_file, tmp_path):
     code, stdout = _run_cli(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out),
                              "--none",
                              "--epochs", "2", "--lr", "0.003", "--batch-size", "32", "--finetune-epochs", "1",
-                             "--ratio", "0.1", "--seed", "0"])
+                             "--ratio", "0.1", "--unlearn", "0.5", "--seed", "0"])
     assert code == 0
     loaded = load_model(out)
     assert loaded.num_classes == 10 and loaded.sample_shape == (1, 28, 28)
@@ -341,6 +402,8 @@ def test_cli_train_none_writes_the_model_and_its_report(train_file, tmp_path):
     assert report["precision"] == pytest.approx(poisoned[removed].mean())
     assert report["recall"] == pytest.approx(poisoned[removed].sum() / poisoned.sum())
     assert report["settings"]["ratio"] == 0.1 and report["settings"]["batch_size"] == 32
+    assert report["settings"]["unlearn"] == 0.5 and report["unlearned"] == sum(len(r["unlearned"])
+                                                                                for r in report["rounds"])
     assert [len(c) for c in report["rounds"][0]["reset"].values()] == [2, 4]  # ceil(0.1 * 16), ceil(0.1 * 32)
     assert 0 <= report["training_accuracy"] <= 1
     assert str(out) in stdout and "samples removed" in stdout
@@ -415,4 +478,7 @@ def test_cli_train_refuses_data_without_labels_or_with_bad_ground_truth(train_fi
     assert main(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out),
                  "--ratio", "2"]) == 2
     assert "--ratio must lie in (0, 1], got 2.0" in capsys.readouterr().err
+    assert main(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out), "--none",
+                 "--unlearn", "-1"]) == 2
+    assert "--unlearn must be a finite number >= 0" in capsys.readouterr().err
     assert not out.exists()

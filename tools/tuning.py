@@ -25,6 +25,9 @@ class TuningCase:
     x_meas: np.ndarray  # clean images to measure on
     y_meas: np.ndarray
     x_trig: np.ndarray | None  # the measuring set's victims with the trigger; None for the clean model
+    x_train: np.ndarray  # the (possibly poisoned) training subset the module was trained on
+    y_train: np.ndarray
+    poisoned: np.ndarray  # (N,) bool over the training subset: the ground truth, for reports only
 
     def loaded(self) -> LoadedModel:
         """The trained module as the ONNX model guard calibrates and serves (the file is not kept)."""
@@ -43,8 +46,10 @@ def tuning_case(arch: str, attack_name: str, seed: int, n_measure: int,
     order = rng.permutation(len(x_all))
     train_idx, def_idx, meas_idx = np.sort(order[:20000]), order[20000:21000], order[21000:21000 + n_measure]
     x_train, y_train = x_all[train_idx], y_all[train_idx]
+    poisoned = np.zeros(len(x_train), dtype=bool)
     if attack is not None:
-        x_train, y_train, _ = attack.poison(x_train, y_train, spec.rate, TARGET, rng)
+        x_train, y_train, index = attack.poison(x_train, y_train, spec.rate, TARGET, rng)
+        poisoned[index] = True
     torch.manual_seed(seed)
     module = build_model(arch)
     train(module, x_train, y_train, epochs=3, seed=seed)
@@ -53,4 +58,4 @@ def tuning_case(arch: str, attack_name: str, seed: int, n_measure: int,
     if attack is not None:
         victims = attack.victims(y_meas, TARGET)
         x_trig = attack.apply(x_meas[victims], np.random.default_rng(seed + 1))
-    return TuningCase(module, x_all[def_idx], y_all[def_idx], x_meas, y_meas, x_trig)
+    return TuningCase(module, x_all[def_idx], y_all[def_idx], x_meas, y_meas, x_trig, x_train, y_train, poisoned)

@@ -152,6 +152,8 @@ def train(
     *,
     num_threads: int | None = 1,
     freeze_batch_norm: bool = False,
+    push_off: tuple[np.ndarray, np.ndarray] | None = None,
+    push_weight: float = 1.0,
 ) -> nn.Module:
     """Train with Adam and cross-entropy on CPU, reshuffling each epoch from a seeded generator.
 
@@ -159,12 +161,16 @@ def train(
     too small to gain much from more, one thread gives the same result whatever the machine's core count, and
     it avoids the many-fold slowdowns of OpenMP threads competing with other processes for busy cores (seen
     with 2 threads on a shared 2-core machine). Pass ``num_threads=None`` to keep torch's setting. ``freeze_batch_norm``
-    keeps every batch norm's running statistics as they are (NONE's fine-tuning). Returns the model in eval mode.
+    keeps every batch norm's running statistics as they are (NONE's fine-tuning). ``push_off`` (x, y) are samples
+    pushed off their labels (NONE's unlearning of samples it removed as poisoned): each step adds ``push_weight``
+    times the mean of -log(1 - p_y) over a quarter-batch of them, cycling through them in a shuffled order. Returns
+    the model in eval mode.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
     targets = torch.as_tensor(np.asarray(y), dtype=torch.int64)
+    off = _PushOff(push_off, max(1, batch_size // 4), generator) if push_off is not None and len(push_off[0]) else None
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -179,9 +185,31 @@ def train(
                 batch = order[start : start + batch_size]
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(inputs[batch]), targets[batch])
+                if off is not None:
+                    loss = loss + push_weight * off.loss(model)
                 loss.backward()
                 optimizer.step()
     return model.eval()
+
+
+class _PushOff:
+    """Batches of samples to push off their labels: the loss -log(1 - p_y) is 0 when the model gives the label no
+    probability and grows without bound as it gives it all, so unlike gradient ascent on cross-entropy it stops
+    pushing once a sample has left its label, whatever else the model answers for it."""
+
+    def __init__(self, samples: tuple[np.ndarray, np.ndarray], batch_size: int, generator: torch.Generator) -> None:
+        self.inputs = torch.as_tensor(np.ascontiguousarray(samples[0]), dtype=torch.float32)
+        self.labels = torch.as_tensor(np.asarray(samples[1]), dtype=torch.int64)
+        self.batch_size, self.generator = batch_size, generator
+        self.order, self.at = torch.randperm(len(self.inputs), generator=generator), 0
+
+    def loss(self, model: nn.Module) -> torch.Tensor:
+        if self.at >= len(self.order):
+            self.order, self.at = torch.randperm(len(self.inputs), generator=self.generator), 0
+        batch = self.order[self.at : self.at + self.batch_size]
+        self.at += self.batch_size
+        log_p = torch.log_softmax(model(self.inputs[batch]), dim=1).gather(1, self.labels[batch, None])[:, 0]
+        return -torch.log(-torch.expm1(log_p.clamp(max=-1e-6))).mean()  # -log(1 - p), stable near p = 1
 
 
 @torch.no_grad()

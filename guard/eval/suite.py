@@ -428,7 +428,10 @@ def _none_train(module, x_train: np.ndarray, y_train: np.ndarray, poisoned: np.n
                         poisoned=poisoned if poisoned.any() else None, pretrained=True)
     clean, trig = both(lambda x: predict(model, x))
     row = _answers(clean, y_eval, trig, y_trig)
-    row.update(seconds=report.seconds, removed=len(report.removed), precision=report.precision, recall=report.recall)
+    unlearned = [i for r in report.rounds for i in r.unlearned]
+    row.update(seconds=report.seconds, removed=len(report.removed), precision=report.precision, recall=report.recall,
+               unlearned=len(unlearned),
+               unlearned_precision=float(poisoned[unlearned].mean()) if unlearned and poisoned.any() else None)
     return row
 
 
