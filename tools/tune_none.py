@@ -11,33 +11,20 @@ against the ground truth, are printed per variant:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 
 import torch
 
-from guard.eval.datasets import load_fashion_mnist
 from guard.eval.models import predict
 from guard.eval.suite import TARGET
 from guard.repair.none import NoneSettings, train_none
-from tools.compare_settings import _variant
-from tools.tuning import tuning_case
+from tools.tuning import comparison_args, comparison_cases
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="cnn")
-    parser.add_argument("--attacks", nargs="+", default=["badnets", "clean"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[10])
-    parser.add_argument("--variant", type=_variant, action="append", required=True,
-                        help="NAME=JSON of NoneSettings fields; give two or more")
-    parser.add_argument("--measure", type=int, default=3000, help="measuring images per case")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    data = load_fashion_mnist("train")
-    for seed, attack_name in ((s, a) for s in args.seeds for a in args.attacks):
-        case = tuning_case(args.arch, attack_name, seed, n_measure=args.measure, data=data)
+    args = comparison_args(__doc__.splitlines()[0], ["badnets", "clean"], "NoneSettings")
+    for seed, attack_name, case in comparison_cases(args):
         truth = case.poisoned if case.poisoned.any() else None
         row: dict[str, object] = {"arch": args.arch, "attack": attack_name, "seed": seed,
                                   "before": _measured(case.module, case)}

@@ -4,7 +4,10 @@ model's training subset, so nothing touches the test split `guard eval` reports 
 
 from __future__ import annotations
 
+import argparse
+import json
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,3 +62,37 @@ def tuning_case(arch: str, attack_name: str, seed: int, n_measure: int,
         victims = attack.victims(y_meas, TARGET)
         x_trig = attack.apply(x_meas[victims], np.random.default_rng(seed + 1))
     return TuningCase(module, x_all[def_idx], y_all[def_idx], x_meas, y_meas, x_trig, x_train, y_train, poisoned)
+
+
+def variant(text: str) -> tuple[str, dict[str, object]]:
+    """One `--variant NAME=JSON` argument: a name and the settings fields it changes."""
+    name, _, settings = text.partition("=")
+    if not name or not settings:
+        raise argparse.ArgumentTypeError(f"a variant is NAME=JSON, got {text!r}")
+    try:
+        fields = json.loads(settings)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"variant {name!r}: {exc}") from None
+    if not isinstance(fields, dict):
+        raise argparse.ArgumentTypeError(f"variant {name!r} must be a JSON object")
+    return name, fields
+
+
+def comparison_args(description: str, attacks: list[str], settings_name: str) -> argparse.Namespace:
+    """The command line the side-by-side tools share: architecture, attacks, seeds, variants, measuring images."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--arch", default="cnn")
+    parser.add_argument("--attacks", nargs="+", default=attacks)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[10])
+    parser.add_argument("--variant", type=variant, action="append", required=True,
+                        help=f"NAME=JSON of {settings_name} fields; give two or more")
+    parser.add_argument("--measure", type=int, default=3000, help="measuring images per case")
+    return parser.parse_args()
+
+
+def comparison_cases(args: argparse.Namespace) -> Iterator[tuple[int, str, TuningCase]]:
+    """Each (seed, attack, case) of `comparison_args`, trained one at a time on one thread."""
+    torch.set_num_threads(1)
+    data = load_fashion_mnist("train")
+    for seed, attack_name in ((s, a) for s in args.seeds for a in args.attacks):
+        yield seed, attack_name, tuning_case(args.arch, attack_name, seed, n_measure=args.measure, data=data)

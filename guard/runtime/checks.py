@@ -10,6 +10,7 @@ largest of them. Calibration calls this function; serving runs the same arithmet
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ class CheckResult:
     compromised: np.ndarray  # (N, C_total) bool, channels whose z exceeds k
 
 
-class _Standardised:
+class _Standardised(ABC):
     """A part's raw score in clean units: minus its clean median, over its clean spread (95th percentile minus the
     median), both cross-fitted. On this scale the parts' tails are alike, so the maximum over parts lets none of them
     dominate by its units alone."""
@@ -32,9 +33,9 @@ class _Standardised:
     centre: float
     spread: float
 
+    @abstractmethod
     def raw(self, linf: np.ndarray, z: np.ndarray, labels: np.ndarray, top_q: int) -> np.ndarray:
         """(N,) the part's score in its own units, from the flat ℓ∞, its z and the predicted classes."""
-        raise NotImplementedError
 
     def standardised(self, linf: np.ndarray, z: np.ndarray, labels: np.ndarray, top_q: int) -> np.ndarray:
         raw = self.raw(linf, z, labels, top_q)
