@@ -43,6 +43,8 @@ def test_quick_eval_writes_report_plots_and_raw_figures(quick_report: tuple[int,
     assert "## Model repair: targets" in report and "| AR repair | NONE training |" in report
     none_train = badnets["methods"]["none-train"]
     assert none_train["removed"] > 0 and 0 <= none_train["precision"] <= 1 and 0 <= none_train["recall"] <= 1
+    assert len(none_train["spread"]) == len(none_train["agreement"]) >= 1  # the push's gate, per round
+    assert all(a is None or 0 <= a <= 1 for a in none_train["agreement"])
     assert badnets["n_triggered"] > 0 and badnets["n_poisoned"] > 0
     assert 0.5 <= badnets["methods"]["strip"]["auroc"] <= 1.0
 

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from guard.repair.none import (
     NoneSettings,
     channel_scores,
     jenks_upper,
+    neighbour_labels,
     record,
     reset_channels,
     reset_targets,
@@ -314,7 +316,9 @@ def test_none_pushes_the_removed_poison_off_its_label_and_the_report_says_which(
     assert first.spread >= 0.75 and len(pushed) > 0
     assert set(pushed) <= set(first.removed) and np.all(y[pushed] == TARGET)
     assert first.unlearned_precision == pytest.approx(poisoned[pushed].mean()) and first.unlearned_precision > 0.9
-    assert second.spread is not None and second.spread < 0.75 and second.unlearned == []
+    assert first.agreement is not None and first.agreement >= 0.45
+    assert second.spread is not None and second.unlearned == []
+    assert second.spread < 0.75 or (second.agreement is not None and second.agreement < 0.45)
     assert report.unlearned == len(pushed)
     assert "pushed off their label" in report.summary()
     # The same run with unlearning off drops the same samples and pushes none; its model still answers the target
@@ -330,7 +334,6 @@ def test_none_pushes_the_removed_poison_off_its_label_and_the_report_says_which(
 
 
 def test_runner_up_spread_tells_many_source_classes_from_one_neighbour():
-    rng = np.random.default_rng(0)
     many = np.full((900, 10), 0.001)
     many[:, 0] = 0.9
     many[np.arange(900), 1 + np.arange(900) % 9] = 0.09  # runner-ups spread evenly over the 9 other classes
@@ -338,26 +341,75 @@ def test_runner_up_spread_tells_many_source_classes_from_one_neighbour():
     one = np.full((900, 10), 0.001)
     one[:, 0], one[:, 6] = 0.9, 0.09  # every runner-up is class 6 (a shirt behind a T-shirt)
     assert runner_up_spread(one, 0) == pytest.approx(0.0)
-    labels = np.zeros(900, dtype=int)
-    removed = rng.random(900) < 0.5
-    suspicion = np.where(removed, 5.0, 1.0) + rng.normal(0, 0.1, 900)
-    chosen, spread = unlearning_set(many, labels, suspicion, removed, 0.75)
-    assert spread == pytest.approx(1.0, abs=0.01) and np.array_equal(chosen, removed)
-    chosen, spread = unlearning_set(one, labels, suspicion, removed, 0.75)
-    assert spread == pytest.approx(0.0) and not chosen.any()
+
+
+def test_neighbour_labels_vote_among_the_nearest_inputs():
+    reference = np.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [5.0, 5.0], [5.1, 5.0]])
+    labels = np.array([2, 2, 7, 4, 4])
+    queries = np.array([[0.05, 0.05], [4.9, 5.2], [0.0, 0.2]])
+    assert neighbour_labels(queries, reference, labels, k=3).tolist() == [2, 4, 2]
+    assert neighbour_labels(queries, reference, labels, k=1).tolist() == [2, 4, 7]
+    assert neighbour_labels(queries[:1], reference, labels, k=50).tolist() == [2]  # k capped at the reference
+
+
+def _gate_set(rng: np.random.Generator, poisoned_looks: str) -> tuple[np.ndarray, ...]:
+    """1,800 samples in 10 well-separated pixel clusters: 900 labelled 0, the upper half of which the split removed,
+    and 100 kept samples of each other class. The removed ones are either poison (images of class 1 + i % 9 under
+    label 0) or a natural group of class 0's own images; the model ranks class 1 + i % 9 second for all of them."""
+    centres = rng.normal(0, 10, (10, 16))
+    truth = np.concatenate([np.zeros(900, dtype=int), np.repeat(np.arange(1, 10), 100)])
+    removed = np.zeros(1800, dtype=bool)
+    removed[:450] = True
+    if poisoned_looks == "true class":
+        truth[:450] = 1 + np.arange(450) % 9
+    x = centres[truth] + rng.normal(0, 0.5, (1800, 16))
+    labels = np.concatenate([np.zeros(900, dtype=int), truth[900:]])
+    probs = np.full((1800, 10), 0.001)
+    probs[np.arange(1800), labels] = 0.9
+    probs[np.arange(900), 1 + np.arange(900) % 9] = 0.09
+    suspicion = np.where(removed, 5.0, 1.0) + rng.normal(0, 0.1, 1800)
+    return probs, labels, suspicion, removed, x
+
+
+def test_unlearning_set_pushes_poison_that_looks_like_its_runner_up_only():
+    rng = np.random.default_rng(0)
+    settings = NoneSettings()
+    probs, labels, suspicion, removed, x = _gate_set(rng, "true class")
+    chosen, spread, agreement = unlearning_set(probs, labels, suspicion, removed, x, settings)
+    assert spread == pytest.approx(1.0, abs=0.01) and agreement == pytest.approx(1.0)
+    assert np.array_equal(chosen, removed)
+    # The same runner-ups, but the removed samples look like their own label: a natural group, not poison. The
+    # spread alone would push them; the agreement does not.
+    probs, labels, suspicion, removed, x = _gate_set(rng, "own label")
+    chosen, spread, agreement = unlearning_set(probs, labels, suspicion, removed, x, settings)
+    assert spread == pytest.approx(1.0, abs=0.01) and agreement < 0.2 and not chosen.any()
+    chosen, _, _ = unlearning_set(probs, labels, suspicion, removed, x, replace(settings, min_agreement=0.0))
+    assert np.array_equal(chosen, removed)
+    # Runner-ups that all name one class fail the spread, and the agreement is not measured.
+    one = probs.copy()
+    one[:900, 1:] = 0.001
+    one[:900, 6] = 0.09
+    chosen, spread, agreement = unlearning_set(one, labels, suspicion, removed, x, settings)
+    assert spread == pytest.approx(0.0) and agreement is None and not chosen.any()
+
+
+def test_unlearning_set_takes_the_common_label_and_what_stands_out_within_it():
+    rng = np.random.default_rng(1)
+    probs, labels, suspicion, removed, x = _gate_set(rng, "true class")
+    anything = NoneSettings(min_spread=0.0, min_agreement=0.0)
     # Only the removed group's most common label is pushed ...
     mixed = labels.copy()
-    mixed[:100] = 3
-    chosen, _ = unlearning_set(many, mixed, suspicion, removed, 0.0)
+    mixed[:50] = 3
+    chosen, _, _ = unlearning_set(probs, mixed, suspicion, removed, x, anything)
     assert np.array_equal(chosen, removed & (mixed == 0))
     # ... and of it, only what stands out within that label: the split over all samples took some of the label's
     # clean samples (suspicion 2.5, between the label's clean 1 and its poison 5), the split within it does not.
-    taken_too = ~removed & (rng.random(900) < 0.2)
+    taken_too = ~removed & (labels == 0) & (rng.random(1800) < 0.2)
     suspicion[taken_too] = 2.5
-    chosen, _ = unlearning_set(many, labels, suspicion, removed | taken_too, 0.0)
+    chosen, _, _ = unlearning_set(probs, labels, suspicion, removed | taken_too, x, anything)
     assert np.array_equal(chosen, removed)
-    chosen, spread = unlearning_set(many, labels, suspicion, np.zeros(900, dtype=bool), 0.75)
-    assert not chosen.any() and spread is None
+    chosen, spread, agreement = unlearning_set(probs, labels, suspicion, np.zeros(1800, dtype=bool), x, anything)
+    assert not chosen.any() and spread is None and agreement is None
 
 
 def test_none_refuses_bad_ground_truth_and_settings(poisoned_set):
@@ -367,7 +419,8 @@ def test_none_refuses_bad_ground_truth_and_settings(poisoned_set):
     for change, message in [({"ratio": 0.0}, "--ratio must lie in"), ({"rounds": -1}, "must be >= 0"),
                             ({"confident": 0.05}, "softmax bounds"), ({"batch_size": 0}, "batch size >= 1"),
                             ({"unlearn": -0.1}, "--unlearn must be"), ({"unlearn": float("nan")}, "--unlearn must be"),
-                            ({"min_spread": 1.5}, "spread lie in")]:
+                            ({"min_spread": 1.5}, "spread lie in"), ({"min_agreement": -0.1}, "agreement must lie"),
+                            ({"neighbours": 0}, "neighbours be >= 1")]:
         with pytest.raises(GuardError, match=message):
             NoneSettings(**change).validate()
 

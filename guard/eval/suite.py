@@ -431,7 +431,8 @@ def _none_train(module, x_train: np.ndarray, y_train: np.ndarray, poisoned: np.n
     unlearned = [i for r in report.rounds for i in r.unlearned]
     row.update(seconds=report.seconds, removed=len(report.removed), precision=report.precision, recall=report.recall,
                unlearned=len(unlearned),
-               unlearned_precision=float(poisoned[unlearned].mean()) if unlearned and poisoned.any() else None)
+               unlearned_precision=float(poisoned[unlearned].mean()) if unlearned and poisoned.any() else None,
+               spread=[r.spread for r in report.rounds], agreement=[r.agreement for r in report.rounds])
     return row
 
 
