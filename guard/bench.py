@@ -192,17 +192,12 @@ def _warm(port: int, input_name: str, x: np.ndarray) -> None:
         client.infer("", [triton_input(input_name, x)], client_timeout=60)
 
 
-def _strip_ratio(session, input_name: str, x: np.ndarray, overlays: int, bare_seconds: float) -> dict[str, float]:
+def _strip_ratio(session, x: np.ndarray, overlays: int, bare_seconds: float) -> dict[str, float]:
     """STRIP on one request of len(x) samples (its blends through the same bare session) against one bare call."""
-    import torch
-
     from guard.eval.baselines import Strip
+    from guard.eval.models import OnnxModule
 
-    class _Session(torch.nn.Module):
-        def forward(self, blends: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {input_name: blends.numpy()})[0])
-
-    strip = Strip(_Session(), x, n_overlays=overlays)
+    strip = Strip(OnnxModule(session), x, n_overlays=overlays)
     strip.score(x)
     times = []
     for _ in range(3):
@@ -289,7 +284,7 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
         bare_process_rss(model_path, largest, settings.threads, provider, workdir), 1)
     figures["server_over_bare_rss"] = round(figures["server_peak_rss_mb"] / figures["bare_process_peak_rss_mb"], 3)
     bare_seconds = next(r["bare"]["p50_ms"] for r in figures["rows"] if r["batch"] == len(largest)) / 1e3
-    figures["strip"] = _strip_ratio(session, input_name, largest, settings.strip_overlays, bare_seconds)
+    figures["strip"] = _strip_ratio(session, largest, settings.strip_overlays, bare_seconds)
     if y is not None and settings.tap_growth:
         figures["tap_growth"] = _tap_growth(model_path, x, y, bare, settings, workdir)
     if y is not None and settings.calibration_samples:

@@ -14,7 +14,7 @@ import torch
 
 from guard.eval.baselines import MASK_BUFFER, FinePruning, Strip, fine_prune, last_conv_activation
 from guard.eval.metrics import auroc
-from guard.eval.models import SmallCNN, SmallResNet, accuracy
+from guard.eval.models import OnnxModule, SmallCNN, SmallResNet, accuracy, predict
 
 BUDGET = 0.01
 N_OVERLAYS = 32
@@ -151,3 +151,21 @@ def test_strip_is_reproducible_for_a_seed(backdoored, strip_setup) -> None:
     assert again.last_seconds > 0 and again.forwards_per_input == N_OVERLAYS
     other = Strip(backdoored.module, backdoored.x_clean, n_overlays=N_OVERLAYS, seed=1)
     assert not np.allclose(other.score(clean[:40]), clean_scores[:40])
+
+
+def test_strip_and_predict_run_the_exported_model_in_onnx_runtime_alike(backdoored, strip_setup) -> None:
+    """`guard eval` runs its forward-only passes (labels, STRIP) through ONNX Runtime: the same answers and scores
+    as the torch module."""
+    _, clean, triggered, clean_scores, triggered_scores = strip_setup
+    served = OnnxModule.export(backdoored.module, torch.zeros(1, 1, 28, 28))
+    assert not list(served.parameters())
+    images = np.concatenate([clean, triggered])
+    torch_labels, onnx_labels = predict(backdoored.module, images), predict(served, images)
+    assert onnx_labels.dtype == np.int64 and (onnx_labels == torch_labels).mean() >= 0.998  # argmax ties aside
+    onnx_strip = Strip(served, backdoored.x_clean, n_overlays=N_OVERLAYS, seed=0)
+    np.testing.assert_allclose(onnx_strip.score(clean[:60]), clean_scores[:60], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(onnx_strip.score(triggered[:60]), triggered_scores[:60], rtol=1e-4, atol=1e-5)
+    with open(backdoored.model_path, "rb") as model_file:
+        loaded = OnnxModule.load(model_file.read())
+    np.testing.assert_array_equal(predict(loaded, images), onnx_labels)
+    assert predict(served, images[:0]).shape == (0,)

@@ -27,6 +27,7 @@ from guard.eval.attacks import Attack
 from guard.eval.datasets import load_bundled, load_fashion_mnist
 
 __all__ = [
+    "OnnxModule",
     "SmallCNN",
     "SmallResNet",
     "accuracy",
@@ -213,14 +214,50 @@ class _PushOff:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Predicted labels (int64, shape (N,)) in eval mode."""
+def predict(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Predicted labels (int64, shape (N,)) in eval mode. 256 images per forward were the cheapest per image for
+    both small models on one CPU thread (64 and 1024 were slower, 1024 by up to 1.9x)."""
     model.eval()
     inputs = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
-    labels = [model(inputs[i : i + batch_size]).argmax(dim=1) for i in range(0, len(inputs), batch_size)]
+    with torch.inference_mode():
+        labels = [model(inputs[i : i + batch_size]).argmax(dim=1) for i in range(0, len(inputs), batch_size)]
     if not labels:
         return np.zeros(0, dtype=np.int64)
     return torch.cat(labels).numpy().astype(np.int64)
+
+
+class OnnxModule(nn.Module):
+    """An exported model run by ONNX Runtime (CPU, one thread) behind a torch module's forward, for forward-only
+    passes: `predict` and STRIP take it as they take the torch model. On this project's CPUs it runs the small
+    models 4-8x faster than eager torch, which is most of what `guard eval` spends outside training. No gradient
+    flows through it."""
+
+    def __init__(self, session) -> None:
+        """`session`: an onnxruntime InferenceSession of a model with one input, logits first among its outputs."""
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    @classmethod
+    def load(cls, model_bytes: bytes) -> OnnxModule:
+        """A CPU session of the serialised model, on one thread (the eval's workers each have one core)."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        return cls(ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"]))
+
+    @classmethod
+    def export(cls, model: nn.Module, sample: torch.Tensor) -> OnnxModule:
+        """`model` exported with :func:`export_onnx` (the file is not kept) and loaded."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="guard-onnx-") as tmp:
+            return cls.load(export_onnx(model, Path(tmp) / "model.onnx", sample).read_bytes())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:

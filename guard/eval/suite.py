@@ -200,7 +200,7 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
     from guard.calibrate.pipeline import CalibrationSettings, calibrate
     from guard.eval.adversarial import pgd
     from guard.eval.baselines import Strip, fine_prune
-    from guard.eval.models import build_model, export_onnx, predict, train
+    from guard.eval.models import OnnxModule, build_model, export_onnx, predict, train
     from guard.model.graph import load_model
     from guard.runtime.guard import Guard
     from guard.runtime.policy import Policy
@@ -241,12 +241,12 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
         "n_triggered": 0 if x_trig is None else len(x_trig), "train_seconds": round(train_seconds, 1),
     }
     methods: dict[str, dict[str, object]] = {}
-    clean_labels, trig_labels = both(lambda x: predict(module, x))
-    methods["none"] = _answers(clean_labels, y_eval, trig_labels, y_trig)
-
     with tempfile.TemporaryDirectory(prefix="guard-eval-") as tmp:
         model_path = export_onnx(module, Path(tmp) / "model.onnx", torch.zeros(1, *x_def.shape[1:]))
         loaded = load_model(model_path)
+        served = OnnxModule.load(model_path.read_bytes())  # the forward-only passes, as the guard runs the model
+        clean_labels, trig_labels = both(lambda x: predict(served, x))
+        methods["none"] = _answers(clean_labels, y_eval, trig_labels, y_trig)
 
         # guard: the default combination, and the consistency check alone (no static mask)
         for name, prune in (("guard", True), ("check", False)):
@@ -273,7 +273,7 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
         methods["fine-pruning"] = _answers(pruned_clean, y_eval, pruned_trig, y_trig)
         methods["fine-pruning"].update(pruned=len(pruning.pruned))  # type: ignore[arg-type]
 
-        methods["strip"] = _strip(module, x_def, x_eval, x_trig, settings, case.seed, Strip)
+        methods["strip"] = _strip(served, x_def, x_eval, x_trig, settings, case.seed, Strip)
         scan = run_scan(loaded, x_def, y_def, settings=ScanSettings(steps=settings.scan_steps,
                                                                      acc_budget=settings.acc_budget, seed=case.seed))
         methods["linf-prune"], figures["scan"] = _linf_prune(loaded, scan, x_eval, y_eval, x_trig, y_trig,
@@ -283,7 +283,7 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
                                             y_trig)
 
     if attack is None:
-        figures["trigger_floor"] = _trigger_floor(clean_labels, module, x_eval, y_eval, case.seed)
+        figures["trigger_floor"] = _trigger_floor(clean_labels, served, x_eval, y_eval, case.seed)
     figures["methods"] = methods
     figures["seconds"] = round(time.perf_counter() - started, 1)
     return figures
@@ -420,13 +420,16 @@ def _none_train(module, x_train: np.ndarray, y_train: np.ndarray, poisoned: np.n
     so the rounds start from a copy of it."""
     import copy
 
-    from guard.eval.models import predict
+    import torch
+
+    from guard.eval.models import OnnxModule, predict
     from guard.repair.none import NoneSettings, train_none
 
     model = copy.deepcopy(module)
     report = train_none(model, x_train, y_train, settings=NoneSettings(epochs=settings.epochs, seed=seed),
                         poisoned=poisoned if poisoned.any() else None, pretrained=True)
-    clean, trig = both(lambda x: predict(model, x))
+    served = OnnxModule.export(model, torch.zeros(1, *x_train.shape[1:]))
+    clean, trig = both(lambda x: predict(served, x))
     row = _answers(clean, y_eval, trig, y_trig)
     unlearned = [i for r in report.rounds for i in r.unlearned]
     row.update(seconds=report.seconds, removed=len(report.removed), precision=report.precision, recall=report.recall,
