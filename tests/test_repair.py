@@ -386,6 +386,7 @@ def test_prune_folds_the_calibrated_mask_without_training(backdoored):
 @pytest.mark.parametrize(("change", "message"), [
     ({"method": "dropout"}, "unknown repair method 'dropout'"),
     ({"schedule": "step"}, "unknown learning-rate schedule 'step'"),
+    ({"lr_floor": 1.5}, "the learning rate's floor is a share of it in [0, 1]"),
     ({"backoffs": -1}, "the back-offs be >= 0"),
     ({"max_accuracy_loss": 1.5}, "the accuracy bound must lie in [0, 1]"),
     ({"lr": -0.1}, "--lr must be a finite number >= 0"),

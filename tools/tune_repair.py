@@ -38,6 +38,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     "cosine-lr5e-3-gap0.2": {"gap_share": 0.2, "backoffs": 0},
     "cosine-lr1e-2": {"lr": 1e-2, "backoffs": 0},
     "cosine-15-unlearn0.4": {"lr": 3e-3, "epochs": 15, "unlearn_share": 0.4, "backoffs": 0},
+    # A floor under the cosine (a share of the starting rate), with the default back-offs.
+    "floor0.2": {"lr_floor": 0.2, "candidates": 1.0},
+    "floor0.5": {"lr_floor": 0.5, "candidates": 1.0},
     # Which of the scan's triggers AR unlearns: classes whose anomaly index reaches this floor (None: the suspect
     # only, "all": every class).
     "suspect-only": {"candidates": None},

@@ -66,6 +66,7 @@ class RepairSettings:
     # attack success.
     lr: float = 5e-3
     schedule: str = "cosine"
+    lr_floor: float = 0.0  # the cosine decays to this share of the starting rate
     # If the held-out accuracy falls by more than this, training restarts from the original weights at half the
     # rate, at most `backoffs` times: from 5e-3 the SmallResNet lost 6-10 points, from 3e-3 none.
     max_accuracy_loss: float = 0.015
@@ -91,6 +92,8 @@ class RepairSettings:
             raise GuardError(f"benign share must lie in (0, 1], got {self.benign_share}")
         if self.schedule not in SCHEDULES:
             raise GuardError(f"unknown learning-rate schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.lr_floor <= 1:
+            raise GuardError(f"the learning rate's floor is a share of it in [0, 1], got {self.lr_floor}")
         if not 0 <= self.max_accuracy_loss <= 1 or self.backoffs < 0:
             raise GuardError(f"the accuracy bound must lie in [0, 1] and the back-offs be >= 0, got "
                              f"{self.max_accuracy_loss}, {self.backoffs}")
@@ -181,7 +184,7 @@ def _fine_tune(module: OnnxModule, output: str, params: dict[str, torch.nn.Param
         param.requires_grad_(True)
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     steps = settings.epochs * math.ceil(len(x) / settings.batch_size)
-    decay = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    decay = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1), eta_min=settings.lr_floor * lr)
              if settings.schedule == "cosine" else None)
     count = sum(int(c.count_nonzero()) for c in coefficients.values())
     generator = torch.Generator().manual_seed(settings.seed)
