@@ -12,7 +12,7 @@ statistics frozen), pushing the dropped samples that look poisoned off their lab
 The push is guard's addition (docs/design.md, "NONE unlearns what it removed"): on these small models a model never
 shown the trigger again keeps answering it, however exactly the poison was removed. Only dropped samples of the
 dropped group's most common label that also stand out within that label are pushed, and only when the model's
-runner-up classes for them spread over many classes and are mostly the classes their nearest kept inputs carry:
+runner-up classes for them spread over many classes and are often the classes their nearest kept inputs carry:
 all-to-one poison is images of many classes under one label, each still looking like its true class, while a
 natural group of one class that the split took has one or two neighbouring classes as runner-up and looks like its
 own label.
