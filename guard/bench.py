@@ -195,9 +195,9 @@ def _warm(port: int, input_name: str, x: np.ndarray) -> None:
 def _strip_ratio(session, x: np.ndarray, overlays: int, bare_seconds: float) -> dict[str, float]:
     """STRIP on one request of len(x) samples (its blends through the same bare session) against one bare call."""
     from guard.eval.baselines import Strip
-    from guard.eval.models import OnnxModule
+    from guard.eval.models import OrtClassifier
 
-    strip = Strip(OnnxModule(session), x, n_overlays=overlays)
+    strip = Strip(OrtClassifier(session), x, n_overlays=overlays)
     strip.score(x)
     times = []
     for _ in range(3):

@@ -14,7 +14,7 @@ import torch
 
 from guard.eval.baselines import MASK_BUFFER, FinePruning, Strip, fine_prune, last_conv_activation
 from guard.eval.metrics import auroc
-from guard.eval.models import OnnxModule, SmallCNN, SmallResNet, accuracy, predict
+from guard.eval.models import OrtClassifier, SmallCNN, SmallResNet, accuracy, predict
 
 BUDGET = 0.01
 N_OVERLAYS = 32
@@ -157,7 +157,8 @@ def test_strip_and_predict_run_the_exported_model_in_onnx_runtime_alike(backdoor
     """`guard eval` runs its forward-only passes (labels, STRIP) through ONNX Runtime: the same answers and scores
     as the torch module."""
     _, clean, triggered, clean_scores, triggered_scores = strip_setup
-    served = OnnxModule.export(backdoored.module, torch.zeros(1, 1, 28, 28))
+    with open(backdoored.model_path, "rb") as model_file:  # the module's own export
+        served = OrtClassifier.load(model_file.read())
     assert not list(served.parameters())
     images = np.concatenate([clean, triggered])
     torch_labels, onnx_labels = predict(backdoored.module, images), predict(served, images)
@@ -165,7 +166,4 @@ def test_strip_and_predict_run_the_exported_model_in_onnx_runtime_alike(backdoor
     onnx_strip = Strip(served, backdoored.x_clean, n_overlays=N_OVERLAYS, seed=0)
     np.testing.assert_allclose(onnx_strip.score(clean[:60]), clean_scores[:60], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(onnx_strip.score(triggered[:60]), triggered_scores[:60], rtol=1e-4, atol=1e-5)
-    with open(backdoored.model_path, "rb") as model_file:
-        loaded = OnnxModule.load(model_file.read())
-    np.testing.assert_array_equal(predict(loaded, images), onnx_labels)
     assert predict(served, images[:0]).shape == (0,)

@@ -27,7 +27,7 @@ from guard.eval.attacks import Attack
 from guard.eval.datasets import load_bundled, load_fashion_mnist
 
 __all__ = [
-    "OnnxModule",
+    "OrtClassifier",
     "SmallCNN",
     "SmallResNet",
     "accuracy",
@@ -225,10 +225,10 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarra
     return torch.cat(labels).numpy().astype(np.int64)
 
 
-class OnnxModule(nn.Module):
-    """An exported model run by ONNX Runtime (CPU, one thread) behind a torch module's forward, for forward-only
-    passes: `predict` and STRIP take it as they take the torch model. On this project's CPUs it runs the small
-    models 4-8x faster than eager torch, which is most of what `guard eval` spends outside training. No gradient
+class OrtClassifier(nn.Module):
+    """An ONNX Runtime session of a classifier behind a torch module's forward, for forward-only passes: `predict`
+    and STRIP take it as they take the torch model. On this project's CPUs it runs the small models 2.7-8x faster
+    than eager torch (docs/design.md), which is most of what `guard eval` spends outside training. No gradient
     flows through it."""
 
     def __init__(self, session) -> None:
@@ -238,21 +238,13 @@ class OnnxModule(nn.Module):
         self.input_name = session.get_inputs()[0].name
 
     @classmethod
-    def load(cls, model_bytes: bytes) -> OnnxModule:
+    def load(cls, model_bytes: bytes) -> OrtClassifier:
         """A CPU session of the serialised model, on one thread (the eval's workers each have one core)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         return cls(ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"]))
-
-    @classmethod
-    def export(cls, model: nn.Module, sample: torch.Tensor) -> OnnxModule:
-        """`model` exported with :func:`export_onnx` (the file is not kept) and loaded."""
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="guard-onnx-") as tmp:
-            return cls.load(export_onnx(model, Path(tmp) / "model.onnx", sample).read_bytes())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)

@@ -200,7 +200,7 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
     from guard.calibrate.pipeline import CalibrationSettings, calibrate
     from guard.eval.adversarial import pgd
     from guard.eval.baselines import Strip, fine_prune
-    from guard.eval.models import OnnxModule, build_model, export_onnx, predict, train
+    from guard.eval.models import OrtClassifier, build_model, export_onnx, predict, train
     from guard.model.graph import load_model
     from guard.runtime.guard import Guard
     from guard.runtime.policy import Policy
@@ -244,7 +244,7 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="guard-eval-") as tmp:
         model_path = export_onnx(module, Path(tmp) / "model.onnx", torch.zeros(1, *x_def.shape[1:]))
         loaded = load_model(model_path)
-        served = OnnxModule.load(model_path.read_bytes())  # the forward-only passes, as the guard runs the model
+        served = OrtClassifier.load(model_path.read_bytes())  # the forward-only passes, as the guard runs the model
         clean_labels, trig_labels = both(lambda x: predict(served, x))
         methods["none"] = _answers(clean_labels, y_eval, trig_labels, y_trig)
 
@@ -265,7 +265,7 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
                 methods["salience-prune"] = _answers(clean.model_labels, y_eval,
                                                      None if trig is None else trig.model_labels, y_trig)
                 methods["salience-prune"]["pruned"] = sum(profile.figures["pruned_channels"].values())
-                figures["overhead"] = _overhead(loaded, guarded, x_eval)
+                figures["overhead"] = _overhead(served, guarded, x_eval)
                 figures["adversarial"] = _adversarial(module, guarded, x_eval, y_eval, settings, case.seed, pgd)
 
         pruning = fine_prune(module, x_def, y_def, budget=settings.acc_budget)
@@ -307,18 +307,14 @@ def _trigger_floor(clean_labels: np.ndarray, module, x_eval: np.ndarray, y_eval:
     return floor
 
 
-def _overhead(loaded, guarded, x: np.ndarray, batch: int = 64) -> dict[str, float]:
-    """Per-request cost of the guarded engine against the bare model, timed side by side at one batch size."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    bare = ort.InferenceSession(loaded.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+def _overhead(bare, guarded, x: np.ndarray, batch: int = 64) -> dict[str, float]:
+    """Per-request cost of the guarded engine against the bare model (an `OrtClassifier`: its ONNX Runtime session
+    on one thread), timed side by side at one batch size."""
     chunks = [x[i : i + batch] for i in range(0, min(len(x), 64 * batch), batch)]
 
     def run_bare() -> None:
         for chunk in chunks:
-            bare.run(None, {loaded.input_name: chunk})
+            bare.session.run(None, {bare.input_name: chunk})
 
     def run_guarded() -> None:
         for chunk in chunks:
@@ -395,8 +391,7 @@ def _repairs(loaded, triggers: list, x_def: np.ndarray, y_def: np.ndarray, both,
     """`guard repair` on the defender's clean set: plain fine-tuning (the baseline, no trigger), then AR on the
     infected weights, which also unlearns the triggers of the scan's candidate classes. (L2 is left out of
     the full run to keep it within its hour; `guard repair --method l2` measures it.)"""
-    import onnxruntime as ort
-
+    from guard.eval.models import OrtClassifier, predict
     from guard.repair.adaptive_reg import RepairSettings, repair
 
     rows: dict[str, dict[str, object]] = {}
@@ -404,10 +399,8 @@ def _repairs(loaded, triggers: list, x_def: np.ndarray, y_def: np.ndarray, both,
         unlearned = [] if method == "finetune" else triggers
         repaired, report = repair(loaded, x_def, y_def, settings=RepairSettings(method=method, seed=seed),
                                   triggers=unlearned)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        session = ort.InferenceSession(repaired.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        clean, trig = both(lambda x, s=session: s.run(None, {loaded.input_name: x})[0].argmax(axis=1))
+        served = OrtClassifier.load(repaired.SerializeToString())
+        clean, trig = both(lambda x, served=served: predict(served, x))
         rows[name] = _answers(clean, y_eval, trig, y_trig)
         rows[name].update(seconds=report.seconds, infected=sum(report.infected.values()),
                           unlearned=[t.target for t in unlearned])
@@ -420,16 +413,13 @@ def _none_train(module, x_train: np.ndarray, y_train: np.ndarray, poisoned: np.n
     so the rounds start from a copy of it."""
     import copy
 
-    import torch
-
-    from guard.eval.models import OnnxModule, predict
+    from guard.eval.models import predict
     from guard.repair.none import NoneSettings, train_none
 
     model = copy.deepcopy(module)
     report = train_none(model, x_train, y_train, settings=NoneSettings(epochs=settings.epochs, seed=seed),
                         poisoned=poisoned if poisoned.any() else None, pretrained=True)
-    served = OnnxModule.export(model, torch.zeros(1, *x_train.shape[1:]))
-    clean, trig = both(lambda x: predict(served, x))
+    clean, trig = both(lambda x: predict(model, x))  # exporting it for ONNX Runtime would cost what it saves
     row = _answers(clean, y_eval, trig, y_trig)
     unlearned = [i for r in report.rounds for i in r.unlearned]
     row.update(seconds=report.seconds, removed=len(report.removed), precision=report.precision, recall=report.recall,
