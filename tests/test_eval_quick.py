@@ -42,7 +42,10 @@ def test_quick_eval_writes_report_plots_and_raw_figures(quick_report: tuple[int,
     assert set(badnets["methods"]) == expected
     assert "## Model repair: targets" in report and "| AR repair | NONE training |" in report
     none_train = badnets["methods"]["none-train"]
-    assert none_train["removed"] > 0 and 0 <= none_train["precision"] <= 1 and 0 <= none_train["recall"] <= 1
+    assert 0 <= none_train["precision"] <= 1 and 0 <= none_train["recall"] <= 1
+    # The split always takes a group; by default only what was pushed off its label is dropped.
+    assert none_train["drop"] == "gated" and none_train["split"][0] > 0
+    assert none_train["removed"] == none_train["unlearned"] <= sum(none_train["split"])
     assert len(none_train["spread"]) == len(none_train["agreement"]) >= 1  # the push's gate, per round
     assert all(a is None or 0 <= a <= 1 for a in none_train["agreement"])
     assert badnets["n_triggered"] > 0 and badnets["n_poisoned"] > 0

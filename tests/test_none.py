@@ -286,10 +286,13 @@ def test_none_report_agrees_with_the_ground_truth(poisoned_set, none_runs):
         assert all(len(channels) == math.ceil(0.03 * (16 if conv == "conv1" else 32))
                    for conv, channels in r.reset.items())
     # NONE does find the patch: what its first round drops is mostly poisoned, and most poisoned samples are
-    # in it. (Natural breaks always split, so a second round with no backdoor left drops a clean group.)
-    first = report.rounds[0]
-    assert first.recall > 0.8 and first.precision > 0.5
+    # in it. Natural breaks always split, so the second round, with no backdoor left, splits off a clean group; it
+    # does not look poisoned, and by default nothing of it is dropped.
+    first, second = report.rounds
+    assert first.recall > 0.8 and first.precision > 0.9
     assert report.recall >= first.recall
+    assert all(r.split >= len(r.removed) for r in report.rounds)
+    assert second.split > 0 and second.removed == []
     assert json.loads(json.dumps(report.to_dict()))["removed"] == report.removed
 
 
@@ -303,6 +306,21 @@ def test_none_without_ground_truth_removes_the_same_and_reports_no_precision(non
     with torch.no_grad():
         accuracy = (model(torch.as_tensor(x)).argmax(1).numpy() == y).mean()
     assert accuracy > 0.6  # the fine-tuned model still classifies
+
+
+def test_none_drops_the_whole_split_when_told_to(none_runs, poisoned_set):
+    """`drop="split"` is the paper's rule: every round drops its split's whole upper group, the clean group of the
+    second round too. The first round starts from the same model, so its split is the default run's."""
+    x, y, poisoned = poisoned_set
+    gated, _, _ = none_runs
+    torch.manual_seed(0)
+    report = train_none(SmallCNN(), x, y, settings=NoneSettings(rounds=2, drop="split", **QUICK), poisoned=poisoned)
+    first, second = report.rounds
+    assert first.split == gated.rounds[0].split and len(first.removed) == first.split
+    assert set(gated.rounds[0].removed) < set(first.removed)
+    assert len(second.removed) == second.split > 0
+    assert report.kept == len(x) - first.split - second.split
+    assert first.unlearned == gated.rounds[0].unlearned  # what is pushed does not depend on what is dropped
 
 
 def test_none_pushes_the_removed_poison_off_its_label_and_the_report_says_which(none_runs, poisoned_set):
@@ -420,7 +438,8 @@ def test_none_refuses_bad_ground_truth_and_settings(poisoned_set):
                             ({"confident": 0.05}, "softmax bounds"), ({"batch_size": 0}, "batch size >= 1"),
                             ({"unlearn": -0.1}, "--unlearn must be"), ({"unlearn": float("nan")}, "--unlearn must be"),
                             ({"min_spread": 1.5}, "spread lie in"), ({"min_agreement": -0.1}, "agreement must lie"),
-                            ({"neighbours": 0}, "neighbours be >= 1")]:
+                            ({"neighbours": 0}, "neighbours be >= 1"),
+                            ({"drop": "all"}, "--drop must be one of gated, split")]:
         with pytest.raises(GuardError, match=message):
             NoneSettings(**change).validate()
 
@@ -441,7 +460,7 @@ def test_cli_train_none_writes_the_model_and_its_report(train_file, tmp_path):
     code, stdout = _run_cli(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out),
                              "--none",
                              "--epochs", "2", "--lr", "0.003", "--batch-size", "32", "--finetune-epochs", "1",
-                             "--ratio", "0.1", "--unlearn", "0.5", "--seed", "0"])
+                             "--ratio", "0.1", "--unlearn", "0.5", "--drop", "split", "--seed", "0"])
     assert code == 0
     loaded = load_model(out)
     assert loaded.num_classes == 10 and loaded.sample_shape == (1, 28, 28)
@@ -455,6 +474,7 @@ def test_cli_train_none_writes_the_model_and_its_report(train_file, tmp_path):
     assert report["precision"] == pytest.approx(poisoned[removed].mean())
     assert report["recall"] == pytest.approx(poisoned[removed].sum() / poisoned.sum())
     assert report["settings"]["ratio"] == 0.1 and report["settings"]["batch_size"] == 32
+    assert report["settings"]["drop"] == "split" and report["rounds"][0]["split"] == len(removed)
     assert report["settings"]["unlearn"] == 0.5 and report["unlearned"] == sum(len(r["unlearned"])
                                                                                 for r in report["rounds"])
     assert [len(c) for c in report["rounds"][0]["reset"].values()] == [2, 4]  # ceil(0.1 * 16), ceil(0.1 * 32)

@@ -37,6 +37,7 @@ def main() -> None:
                          "recall": report.recall, "pushed": len(pushed),
                          "pushed_precision": float(case.poisoned[pushed].mean()) if pushed and truth is not None
                          else None,
+                         "split": [r.split for r in report.rounds],
                          "spread": [None if r.spread is None else round(r.spread, 3) for r in report.rounds],
                          "agreement": [None if r.agreement is None else round(r.agreement, 3) for r in report.rounds]}
         print(json.dumps(row, default=lambda v: round(float(v), 4)), flush=True)

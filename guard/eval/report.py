@@ -153,20 +153,23 @@ def _repair_group_misses(attack: str, arch: str, cases: list[dict]) -> list[Miss
 
 
 def _none_table(figures: dict) -> str:
-    rows = ["| attack | model | samples removed | precision | recall | pushed off their label (per seed) | "
+    rows = ["| attack | model | samples dropped (rule) | precision | recall | pushed off their label (per seed) | "
             "ASR none | ASR NONE | ratio |", "|---|---|---|---|---|---|---|---|---|"]
     reductions, undefended, trained_all = [], [], []
     for attack, arch, cases in _groups(figures):
         none, trained = _metric(cases, "none", "asr")[0], _metric(cases, "none-train", "asr")[0]
         pushed = ", ".join(str(c["methods"]["none-train"].get("unlearned", "–")) for c in cases)
+        # Runs before the rule was recorded all dropped the split's whole upper group.
+        rule = "/".join(sorted({str(c["methods"]["none-train"].get("drop", "split")) for c in cases}))
+        dropped = f"{_fmt(_metric(cases, 'none-train', 'removed'), False, 0)} ({rule})"
         if attack == "clean":
-            rows.append(f"| clean | {arch} | {_fmt(_metric(cases, 'none-train', 'removed'), False, 0)} | – | – | "
+            rows.append(f"| clean | {arch} | {dropped} | – | – | "
                         f"{pushed} | – | – | – |")
             continue
         reductions.append(none / max(trained, 1e-4))
         undefended.append(none)
         trained_all.append(trained)
-        rows.append(f"| {attack} | {arch} | {_fmt(_metric(cases, 'none-train', 'removed'), False, 0)} | "
+        rows.append(f"| {attack} | {arch} | {dropped} | "
                     f"{_fmt(_metric(cases, 'none-train', 'precision'))} | "
                     f"{_fmt(_metric(cases, 'none-train', 'recall'))} | {pushed} | {100 * none:.1f} | "
                     f"{100 * trained:.1f} | {reductions[-1]:.1f}× |")
@@ -419,10 +422,11 @@ keep it within its hour.
 
 ## NONE training: the samples it removed
 
-Precision and recall of the removed samples against the poisoned ones (ground truth, used only for this table), and
-how many removed samples the fine-tuning pushed off their label: those of the removed group's most common label,
-when the model's runner-up classes for them spread over many classes, as images of many classes poisoned under one
-label do (docs/design.md).
+Precision and recall of the samples dropped from fine-tuning against the poisoned ones (ground truth, used only for
+this table), and how many the fine-tuning pushed off their label: those of the split's most common label, when the
+model's runner-up classes for them spread over many classes, as images of many classes poisoned under one label do
+(docs/design.md). The rule says what was dropped: `split`, the natural-breaks split's whole upper group (the paper);
+`gated`, only the samples pushed off their label.
 
 {_none_table(figures)}
 

@@ -422,10 +422,11 @@ def _none_train(module, x_train: np.ndarray, y_train: np.ndarray, poisoned: np.n
     clean, trig = both(lambda x: predict(model, x))  # exporting it for ONNX Runtime would cost what it saves
     row = _answers(clean, y_eval, trig, y_trig)
     unlearned = [i for r in report.rounds for i in r.unlearned]
-    row.update(seconds=report.seconds, removed=len(report.removed), precision=report.precision, recall=report.recall,
-               unlearned=len(unlearned),
+    row.update(seconds=report.seconds, drop=report.settings["drop"], removed=len(report.removed),
+               precision=report.precision, recall=report.recall, unlearned=len(unlearned),
                unlearned_precision=float(poisoned[unlearned].mean()) if unlearned and poisoned.any() else None,
-               spread=[r.spread for r in report.rounds], agreement=[r.agreement for r in report.rounds])
+               split=[r.split for r in report.rounds], spread=[r.spread for r in report.rounds],
+               agreement=[r.agreement for r in report.rounds])
     return row
 
 
