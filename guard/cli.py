@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--batch-size", dest="batch_size", type=int, help="default 128")
     trn.add_argument("--unlearn", type=float,
                      help="weight of pushing the removed samples that look poisoned off their label while "
-                          "fine-tuning (default 0.3; 0: fine-tune on the kept samples only, as the paper does)")
+                          "fine-tuning (default 0.3; 0 with --drop split is the paper)")
     trn.add_argument("--drop",
                      help="which suspects a round drops from fine-tuning: 'gated' (default), those that look "
                           "poisoned; 'split', the natural-breaks split's whole upper group, as the paper does")

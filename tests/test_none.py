@@ -325,7 +325,7 @@ def test_none_drops_the_whole_split_when_told_to(none_runs, poisoned_set):
 
 def test_none_pushes_the_removed_poison_off_its_label_and_the_report_says_which(none_runs, poisoned_set):
     """The first round's drop is the patch's poison: labelled 0, images of many classes. It is what gets pushed off
-    its label, and afterwards the model no longer answers the target for it; the second round's drop is a clean group
+    its label, and afterwards the model no longer answers the target for it; the second round's split is a clean group
     and is left alone."""
     x, y, poisoned = poisoned_set
     report, _, model = none_runs
