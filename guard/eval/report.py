@@ -160,7 +160,7 @@ def _none_table(figures: dict) -> str:
         none, trained = _metric(cases, "none", "asr")[0], _metric(cases, "none-train", "asr")[0]
         pushed = ", ".join(str(c["methods"]["none-train"].get("unlearned", "–")) for c in cases)
         # Runs before the rule was recorded all dropped the split's whole upper group.
-        rule = "/".join(sorted({str(c["methods"]["none-train"].get("drop", "split")) for c in cases}))
+        rule = "/".join(sorted({c["methods"]["none-train"].get("drop", "split") for c in cases}))
         dropped = f"{_fmt(_metric(cases, 'none-train', 'removed'), False, 0)} ({rule})"
         if attack == "clean":
             rows.append(f"| clean | {arch} | {dropped} | – | – | "

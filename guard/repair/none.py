@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
@@ -73,7 +72,7 @@ class NoneSettings:
     # pushed off their label); "split", the split's whole upper group, as the paper does. On the 5 clean tuning
     # models dropping the split moved accuracy by -2.4 to +1.1 points, dropping what is gated by -0.1 to +2.8
     # (docs/design.md, "NONE drops only what looks poisoned").
-    drop: Literal["gated", "split"] = "gated"
+    drop: str = "gated"
     seed: int = 0
 
     def validate(self) -> None:
