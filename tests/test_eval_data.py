@@ -20,6 +20,8 @@ from guard.eval.models import (
     SmallCNN,
     SmallResNet,
     accuracy,
+    build_model,
+    channels_last,
     export_onnx,
     predict,
     train,
@@ -278,6 +280,26 @@ def test_train_is_deterministic() -> None:
     labels = predict(a, x, batch_size=10)
     assert labels.dtype == np.int64 and labels.shape == (64,)
     assert accuracy(a, x, y) == float(np.mean(labels == y))
+
+
+@pytest.mark.parametrize("arch", ["cnn", "resnet"])
+def test_channels_last_is_only_a_layout(arch) -> None:
+    """Training and prediction run on channels-last weights for speed; the weights come back in the default layout
+    (ONNX export fails on channels-last ones) and the answers do not depend on the layout."""
+    x, y = _batch(n=64, seed=4)
+    torch.manual_seed(0)
+    model = train(build_model(arch), x, y, epochs=1, batch_size=16, seed=1)
+    assert all(p.is_contiguous() for p in model.parameters())
+    inputs = torch.as_tensor(x)
+    with torch.no_grad():
+        reference = model(inputs)
+        with channels_last(model) as same:
+            assert same is model and model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+            fast = model(inputs)
+    assert model.conv1.weight.is_contiguous()
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+    assert np.array_equal(predict(model, x), reference.argmax(1).numpy())
+    assert all(p.is_contiguous() for p in model.parameters())
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ __all__ = [
     "accuracy",
     "attack_success_rate",
     "build_model",
+    "channels_last",
     "export_onnx",
     "load_eval_data",
     "predict",
@@ -142,6 +143,22 @@ def _torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@contextmanager
+def channels_last(model: nn.Module) -> Iterator[nn.Module]:
+    """Hold the model's 4-D weights in channels-last memory format for the block, then restore the default format.
+
+    On this project's CPUs (oneDNN kernels) a channels-last training step of batch 128 on one thread was measured
+    1.5x faster for the SmallResNet and 1.5-2x for the SmallCNN, and a forward pass 1.4x (docs/design.md). The
+    answers are the same to float rounding. The weights go back afterwards because ONNX export (`torch.export`)
+    fails on channels-last parameters, and saving needs contiguous tensors.
+    """
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
 def train(
     model: nn.Module,
     x: np.ndarray,
@@ -172,6 +189,8 @@ def train(
     inputs = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
     targets = torch.as_tensor(np.asarray(y), dtype=torch.int64)
     off = _PushOff(push_off, max(1, batch_size // 4), generator) if push_off is not None and len(push_off[0]) else None
+    if inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)  # with the weights: 1.3x more on the ResNet
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -179,7 +198,7 @@ def train(
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
-    with _torch_threads(num_threads):
+    with _torch_threads(num_threads), channels_last(model):
         for _ in range(epochs):
             order = torch.randperm(len(inputs), generator=generator)
             for start in range(0, len(order), batch_size):
@@ -219,7 +238,8 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarra
     both small models on one CPU thread (64 and 1024 were slower, 1024 by up to 1.9x)."""
     model.eval()
     inputs = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
-    labels = [model(inputs[i : i + batch_size]).argmax(dim=1) for i in range(0, len(inputs), batch_size)]
+    with channels_last(model):
+        labels = [model(inputs[i : i + batch_size]).argmax(dim=1) for i in range(0, len(inputs), batch_size)]
     if not labels:
         return np.zeros(0, dtype=np.int64)
     return torch.cat(labels).numpy().astype(np.int64)

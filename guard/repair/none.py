@@ -339,17 +339,20 @@ def reset_channels(model: nn.Module, conv: str, channels: np.ndarray, targets: R
 @torch.no_grad()
 def record(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Softmax (N, K) and, per Conv2d (its output, before batch norm), the per-channel spatial max (N, C)."""
+    from guard.eval.models import channels_last
+
     model.eval()
     convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     peaks: dict[str, list[np.ndarray]] = {name: [] for name in convs}
     handles = [
-        m.register_forward_hook(lambda _m, _i, out, name=name: peaks[name].append(out.flatten(2).amax(2).numpy()))
+        m.register_forward_hook(lambda _m, _i, out, name=name: peaks[name].append(out.amax((2, 3)).numpy()))
         for name, m in convs.items()
     ]
     probs = []
     try:
-        for start in range(0, len(x), batch_size):
-            probs.append(torch.softmax(model(torch.as_tensor(x[start:start + batch_size])), dim=1).numpy())
+        with channels_last(model):
+            for start in range(0, len(x), batch_size):
+                probs.append(torch.softmax(model(torch.as_tensor(x[start:start + batch_size])), dim=1).numpy())
     finally:
         for handle in handles:
             handle.remove()
