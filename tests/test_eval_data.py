@@ -299,7 +299,9 @@ def test_channels_last_is_only_a_layout(arch) -> None:
     assert model.conv1.weight.is_contiguous()
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
     assert np.array_equal(predict(model, x), reference.argmax(1).numpy())
-    assert all(p.is_contiguous() for p in model.parameters())
+    assert all(p.is_contiguous() and not p.is_inference() for p in model.parameters())
+    model(inputs).sum().backward()  # predict's inference mode left the weights usable by autograd
+    assert model.conv1.weight.grad is not None
 
 
 @pytest.fixture(scope="module")
