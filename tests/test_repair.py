@@ -23,7 +23,7 @@ from guard.cli import main
 from guard.errors import GuardError, ModelError
 from guard.eval.models import SmallCNN, SmallResNet, export_onnx
 from guard.model.graph import channel_producers, default_taps, load_model
-from guard.repair.adaptive_reg import RepairSettings, _unlearning_batch, penalty_coefficients, repair
+from guard.repair.adaptive_reg import RepairSettings, _costly, _unlearning_batch, penalty_coefficients, repair
 
 SAMPLE_SHAPE = (1, 28, 28)
 
@@ -324,6 +324,31 @@ def test_repair_backs_off_the_learning_rate_when_it_costs_too_much_accuracy(back
     assert f"lr backed off to {backed_off.lr_used:g}" in backed_off.summary()
 
 
+def _flipped(held: int, lost: int, gained: int) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out correctness before and after a run that lost `lost` samples and gained `gained`."""
+    before = np.zeros(held, dtype=bool)
+    before[: held // 2] = True
+    after = before.copy()
+    after[:lost] = False
+    after[held // 2 : held // 2 + gained] = True
+    return before, after
+
+
+@pytest.mark.parametrize(("lost", "gained", "z", "costly"), [
+    (4, 0, 0.0, True),  # a 2-point fall on 200 samples, past the 1.5 allowed
+    (3, 0, 0.0, False),  # exactly 1.5 points: within the bound
+    (6, 2, 0.0, True),
+    (6, 2, 1.645, False),  # 4 net lost of 8 flipped: 1.4 standard errors, chance
+    (12, 2, 1.645, True),  # 10 net of 14: 2.7 standard errors
+    (12, 2, 3.0, False),
+    (30, 0, 3.0, True),  # a wrecked run stays costly at any sensible z
+])
+def test_a_back_off_needs_a_fall_past_the_bound_and_past_chance(lost, gained, z, costly):
+    before, after = _flipped(200, lost, gained)
+    assert before.sum() - after.sum() == lost - gained
+    assert _costly(before, after, RepairSettings(max_accuracy_loss=0.015, backoff_z=z)) is costly
+
+
 def test_repair_methods_judge_the_same_weights_and_only_ar_and_l2_shrink_them(backdoored, trigger):
     reports = {}
     for method in ("ar", "l2", "finetune"):
@@ -389,6 +414,8 @@ def test_prune_folds_the_calibrated_mask_without_training(backdoored):
     ({"lr_floor": 1.5}, "the learning rate's floor is a share of it in [0, 1]"),
     ({"backoffs": -1}, "the back-offs be >= 0"),
     ({"max_accuracy_loss": 1.5}, "the accuracy bound must lie in [0, 1]"),
+    ({"backoff_z": -1.0}, "their z finite and >= 0"),
+    ({"backoff_z": float("nan")}, "their z finite and >= 0"),
     ({"lr": -0.1}, "--lr must be a finite number >= 0"),
     ({"strength": float("nan")}, "--strength must be a finite number >= 0"),
     ({"eps": float("inf")}, "--eps must be a finite number >= 0"),

@@ -48,6 +48,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "index1.5": {"candidates": 1.5},
     "index0.5": {"candidates": 0.5},
     "all": {"candidates": "all"},
+    # The held-out check's back-off: off, or only for a fall this many standard errors of the paired difference.
+    "index1-nobackoff": {"candidates": 1.0, "backoffs": 0},
+    "index1-z1.64": {"candidates": 1.0, "backoff_z": 1.645},
+    "index1-z2.33": {"candidates": 1.0, "backoff_z": 2.326},
 }
 
 
