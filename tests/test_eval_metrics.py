@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from guard.eval.metrics import auroc, mean_spread, roc_curve, share
-from guard.eval.report import check_targets, headline_table, misses_text
+from guard.eval.report import _none_table, check_targets, headline_table, misses_text
 
 
 def brute_auroc(negative: np.ndarray, positive: np.ndarray) -> float:
@@ -111,3 +111,16 @@ def test_a_missing_figure_is_a_miss_not_a_pass() -> None:
     missed = {m.target.split(" ")[0]: m.value for m in check_targets(_figures(case))}
     assert missed["ASR"] == "no figure"
     assert missed["AUROC"] == "no figure"  # the comparison with STRIP's AUROC has nothing to compare with
+
+
+def test_none_table_takes_precision_only_from_seeds_that_dropped_something() -> None:
+    cases = []
+    for seed, removed, precision in ((0, 0, 1.0), (1, 200, 0.9), (2, 0, None)):  # seed 0: an older run's 1.0
+        case = _case("badnets", seed)
+        case["methods"]["none-train"] = {"asr": 0.5, "ca": 0.88, "removed": removed, "precision": precision,
+                                         "recall": removed / 100, "unlearned": removed, "drop": "gated"}
+        cases.append(case)
+    row = _none_table(_figures(*cases)).splitlines()[2].split(" | ")
+    assert row[3] == "90.0"  # seed 1's alone, not a mean with seed 0's "perfect" empty removal
+    nothing = _none_table(_figures(cases[0], cases[2])).splitlines()[2].split(" | ")
+    assert nothing[3] == "–"

@@ -282,6 +282,8 @@ def test_none_report_agrees_with_the_ground_truth(poisoned_set, none_runs):
     for r, dropped in zip(report.rounds, rounds, strict=True):
         if len(dropped):
             assert r.precision == pytest.approx(poisoned[dropped].mean())
+        else:
+            assert r.precision is None  # a share of nothing: not 1.0, which would read as a perfect removal
         assert r.recall == pytest.approx(poisoned[dropped].sum() / poisoned.sum())
         assert all(len(channels) == math.ceil(0.03 * (16 if conv == "conv1" else 32))
                    for conv, channels in r.reset.items())

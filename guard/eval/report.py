@@ -169,8 +169,10 @@ def _none_table(figures: dict) -> str:
         reductions.append(none / max(trained, 1e-4))
         undefended.append(none)
         trained_all.append(trained)
-        rows.append(f"| {attack} | {arch} | {dropped} | "
-                    f"{_fmt(_metric(cases, 'none-train', 'precision'))} | "
+        # Precision is over the seeds that dropped something (older runs recorded 1.0 for dropping nothing).
+        precision = mean_spread([c["methods"]["none-train"].get("precision") for c in cases
+                                 if c["methods"]["none-train"].get("removed")])
+        rows.append(f"| {attack} | {arch} | {dropped} | {_fmt(precision)} | "
                     f"{_fmt(_metric(cases, 'none-train', 'recall'))} | {pushed} | {100 * none:.1f} | "
                     f"{100 * trained:.1f} | {reductions[-1]:.1f}× |")
     if reductions:
@@ -426,7 +428,7 @@ Precision and recall of the samples dropped from fine-tuning against the poisone
 this table), and how many the fine-tuning pushed off their label: those of the split's most common label, when the
 model's runner-up classes for them spread over many classes, as images of many classes poisoned under one label do
 (docs/design.md). The rule says what was dropped: `split`, the natural-breaks split's whole upper group (the paper);
-`gated`, only the samples pushed off their label.
+`gated`, only the samples pushed off their label. Precision is over the seeds that dropped anything; – where none did.
 
 {_none_table(figures)}
 

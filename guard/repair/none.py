@@ -104,7 +104,7 @@ class RoundReport:
     spread: float | None  # how far the model's runner-ups for the candidates to push spread (`unlearning_set`)
     agreement: float | None  # how often their runner-up is their nearest kept inputs' label (None: not measured)
     unlearned: list[int]  # the removed samples pushed off their label (empty when they did not look poisoned)
-    precision: float | None = None  # of the removed samples, the share truly poisoned (with ground truth)
+    precision: float | None = None  # of the removed samples, the share truly poisoned (ground truth, some removed)
     recall: float | None = None  # of the poisoned samples, the share removed
     unlearned_precision: float | None = None  # of the unlearned samples, the share truly poisoned
 
@@ -127,7 +127,8 @@ class NoneReport:
         return asdict(self)
 
     def summary(self) -> str:
-        truth = "" if self.precision is None else f", precision {self.precision:.3f}, recall {self.recall:.3f}"
+        precision = "–" if self.precision is None else f"{self.precision:.3f}"
+        truth = "" if self.recall is None else f", precision {precision}, recall {self.recall:.3f}"
         resets = sum(len(c) for r in self.rounds for c in r.reset.values())
         return (f"NONE: {len(self.rounds)} round(s), {resets} channels reset, {len(self.removed)} samples removed "
                 f"({self.kept} kept){truth}, {self.unlearned} pushed off their label, {self.seconds:.1f} s")
@@ -360,10 +361,11 @@ def record(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> tuple[np.n
 
 
 def _truth(removed: np.ndarray, poisoned: np.ndarray | None) -> tuple[float | None, float | None]:
+    """Precision and recall of `removed` against the ground truth; no precision where nothing was removed."""
     if poisoned is None:
         return None, None
     hit = poisoned[removed].sum()
-    precision = float(hit / len(removed)) if len(removed) else 1.0
+    precision = float(hit / len(removed)) if len(removed) else None
     recall = float(hit / poisoned.sum()) if poisoned.sum() else 1.0
     return precision, recall
 
