@@ -68,7 +68,7 @@ class RepairSettings:
     schedule: str = "cosine"
     lr_floor: float = 0.0  # the cosine decays to this share of the starting rate
     # If the held-out accuracy falls by more than this, training restarts from the original weights at half the
-    # rate, at most `backoffs` times: from 5e-3 the SmallResNet lost 6-10 points, from 3e-3 none.
+    # rate, at most `backoffs` times: from 5e-3 the stride-1-stem SmallResNet lost 6-10 points, from 3e-3 none.
     max_accuracy_loss: float = 0.015
     backoffs: int = 2
     # ... and only if the fall is also this many standard errors of the paired difference above zero (held-out
