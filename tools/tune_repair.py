@@ -52,6 +52,15 @@ VARIANTS: dict[str, dict[str, object]] = {
     "index1-nobackoff": {"candidates": 1.0, "backoffs": 0},
     "index1-z0": {"candidates": 1.0, "backoff_z": 0.0},  # the default before: any fall past the bound
     "index1-z1.64": {"candidates": 1.0, "backoff_z": 1.645},
+    # A lower starting rate, for the stride-2-stem SmallResNet.
+    "index1-lr3e-3": {"candidates": 1.0, "lr": 3e-3},
+    "index1-lr2e-3": {"candidates": 1.0, "lr": 2e-3},
+    "index0.5-lr3e-3": {"candidates": 0.5, "lr": 3e-3},
+    "index1-lr2e-3-20": {"candidates": 1.0, "lr": 2e-3, "epochs": 20},
+    "index1-lr3e-3-unlearn0.4": {"candidates": 1.0, "lr": 3e-3, "unlearn_share": 0.4},
+    "index1-lr2e-3-unlearn0.4": {"candidates": 1.0, "lr": 2e-3, "unlearn_share": 0.4},
+    "index1-lr3e-3-strength4": {"candidates": 1.0, "lr": 3e-3, "strength": 4.0},
+    "index0.5-lr2e-3-unlearn0.4": {"candidates": 0.5, "lr": 2e-3, "unlearn_share": 0.4},
 }
 
 
