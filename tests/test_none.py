@@ -333,12 +333,13 @@ def test_none_pushes_the_removed_poison_off_its_label_and_the_report_says_which(
     report, _, model = none_runs
     first, second = report.rounds
     pushed = np.array(first.unlearned, dtype=int)
-    assert first.spread >= 0.75 and len(pushed) > 0
+    bars = NoneSettings()
+    assert first.spread >= bars.min_spread and len(pushed) > 0
     assert set(pushed) <= set(first.removed) and np.all(y[pushed] == TARGET)
     assert first.unlearned_precision == pytest.approx(poisoned[pushed].mean()) and first.unlearned_precision > 0.9
-    assert first.agreement is not None and first.agreement >= 0.45
+    assert first.agreement is not None and first.agreement >= bars.min_agreement
     assert second.spread is not None and second.unlearned == []
-    assert second.spread < 0.75 or (second.agreement is not None and second.agreement < 0.45)
+    assert second.spread < bars.min_spread or (second.agreement is not None and second.agreement < bars.min_agreement)
     assert report.unlearned == len(pushed)
     assert "pushed off their label" in report.summary()
     # The same run with unlearning off drops the same samples and pushes none; its model still answers the target

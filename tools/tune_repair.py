@@ -18,9 +18,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from guard.calibrate.synthesis import Trigger
 from guard.eval.datasets import load_fashion_mnist
 from guard.eval.models import export_onnx
-from guard.eval.suite import TARGET
+from guard.eval.suite import ATTACKS, TARGET
 from guard.model.graph import load_model
 from guard.repair.adaptive_reg import RepairSettings, repair
 from guard.scan import ScanSettings, run_scan
@@ -61,7 +62,27 @@ VARIANTS: dict[str, dict[str, object]] = {
     "index1-lr2e-3-unlearn0.4": {"candidates": 1.0, "lr": 2e-3, "unlearn_share": 0.4},
     "index1-lr3e-3-strength4": {"candidates": 1.0, "lr": 3e-3, "strength": 4.0},
     "index0.5-lr2e-3-unlearn0.4": {"candidates": 0.5, "lr": 2e-3, "unlearn_share": 0.4},
+    # A diagnosis, not a setting a user has: unlearn the attack's real trigger in place of the scan's (fixed stamps
+    # only: BadNets, source-specific, blend), to tell a poor synthesised trigger from unlearning that falls short.
+    "true-trigger": {"candidates": "true"},
 }
+
+
+def _true_trigger(attack_name: str, shape: tuple[int, ...]) -> Trigger:
+    """The attack's own trigger as a `Trigger` (x -> (1 - mask) * x + mask * pattern), read off its stamps on an
+    all-zeros and an all-ones image; refused for triggers that are not one fixed stamp (warps, moving patches)."""
+    attack = ATTACKS[attack_name].make()
+    if attack is None:
+        raise SystemExit(f"{attack_name} has no trigger to unlearn")
+    zeros, ones = np.zeros((1, *shape), np.float32), np.ones((1, *shape), np.float32)
+    on_zeros, on_ones = attack.apply(zeros)[0], attack.apply(ones)[0]
+    mask = 1.0 - (on_ones - on_zeros)  # per pixel and channel
+    probe = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
+    pattern = np.divide(on_zeros, mask, out=np.zeros_like(mask), where=mask > 0)
+    if not (np.allclose(mask, mask[:1]) and np.allclose(attack.apply(probe, np.random.default_rng(1))[0], (1 - mask) * probe[0] + mask * pattern,
+                                                       atol=1e-5)):
+        raise SystemExit(f"{attack_name}'s trigger is not one fixed stamp")
+    return Trigger(target=TARGET, mask=mask[:1], pattern=pattern, success=1.0, mask_l1=float(mask[0].sum()))
 
 
 def _answers(session: ort.InferenceSession, name: str, x: np.ndarray) -> np.ndarray:
@@ -94,7 +115,9 @@ def main() -> None:
             knobs = dict(VARIANTS[variant])
             floor = knobs.pop("candidates", None)
             index = scan.classes.anomaly_index
-            if floor is None:
+            if floor == "true":
+                triggers = [_true_trigger(attack_name, x_def.shape[1:])]
+            elif floor is None:
                 triggers = [] if scan.suspect is None else [scan.suspect]
             else:
                 chosen = range(len(index)) if floor == "all" else np.flatnonzero(index >= floor)

@@ -61,12 +61,13 @@ class NoneSettings:
     # `drop="split"`, is the paper); how far the model's runner-up classes for them must spread (normalised
     # entropy), and how often their runner-up must be the label of their nearest kept inputs, for them to look
     # poisoned. Tuned on training-split images outside the evaluation split (docs/design.md): poisoned groups spread
-    # 0.88-0.97 and agree 0.61-0.76; clean ones spread up to 0.72 (0.82 on one eval model) and agree at most 0.34
-    # (0.13 where they spread past 0.7). The agreement's bar sits below the middle of that gap because smaller
-    # models and reference sets agree less: the tests' 2,000-image BadNets model agrees 0.49.
+    # 0.71-0.97 and agree 0.47-0.76; clean ones spread up to 0.72 (0.82 on one eval model) and agree at most 0.34
+    # (0.15 where they spread past 0.65). The spread only screens; the agreement separates, and its bar sits below
+    # the middle of its gap because smaller models and reference sets agree less: the tests' 2,000-image BadNets
+    # model agrees 0.49.
     unlearn: float = 0.3
-    min_spread: float = 0.75
-    min_agreement: float = 0.45
+    min_spread: float = 0.65
+    min_agreement: float = 0.4
     neighbours: int = 5  # k of the nearest kept inputs whose most common label is compared with the runner-up
     # Which samples a round drops from fine-tuning: "gated", only those of the split that look poisoned (the ones
     # pushed off their label); "split", the split's whole upper group, as the paper does. On the 5 clean tuning
