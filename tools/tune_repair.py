@@ -79,8 +79,8 @@ def _true_trigger(attack_name: str, shape: tuple[int, ...]) -> Trigger:
     mask = 1.0 - (on_ones - on_zeros)  # per pixel and channel
     probe = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
     pattern = np.divide(on_zeros, mask, out=np.zeros_like(mask), where=mask > 0)
-    if not (np.allclose(mask, mask[:1]) and np.allclose(attack.apply(probe, np.random.default_rng(1))[0], (1 - mask) * probe[0] + mask * pattern,
-                                                       atol=1e-5)):
+    stamped = attack.apply(probe, np.random.default_rng(1))[0]  # another draw: a moving patch moves
+    if not (np.allclose(mask, mask[:1]) and np.allclose(stamped, (1 - mask) * probe[0] + mask * pattern, atol=1e-5)):
         raise SystemExit(f"{attack_name}'s trigger is not one fixed stamp")
     return Trigger(target=TARGET, mask=mask[:1], pattern=pattern, success=1.0, mask_l1=float(mask[0].sum()))
 
