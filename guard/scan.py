@@ -9,11 +9,12 @@ trigger's success rate and the clean accuracy budget) is judged on the held-out 
 images it was fitted to.
 
 What to expect (Fashion-MNIST, 500 clean images, defaults): the scan named the target of all 11 backdoored models
-tried (BadNets and Blend; SmallCNN and the stride-1-stem SmallResNet before 6cd2142) and no class of 5 clean SmallCNNs, but a natural small trigger
-class in 2 of 3 clean SmallResNets. Pruning at the last conv tap within the 1-point budget took real BadNets
-success from 0.94 to 0.02-0.07 on two SmallResNets, but only 0.95 -> 0.90 on SmallCNNs, whose last conv layer
-carries the backdoor only in part; against Blend (whose synthesised trigger is a patch, not the blend) it did not
-help. The pruning result is a lead to follow (`guard calibrate`, repair), not a repair by itself.
+tried (BadNets and Blend; SmallCNN and the stride-1-stem SmallResNet before 6cd2142) and no class of 5 clean
+SmallCNNs, but a natural small trigger class in 2 of 3 clean SmallResNets. Pruning at the last conv tap within the
+1-point budget took real BadNets success from 0.94 to 0.02-0.07 on two SmallResNets, but only 0.95 -> 0.90 on
+SmallCNNs, whose last conv layer carries the backdoor only in part; against Blend (whose synthesised trigger is a
+patch, not the blend) it did not help. The pruning result is a lead to follow (`guard calibrate`, repair), not a
+repair by itself.
 """
 
 from __future__ import annotations

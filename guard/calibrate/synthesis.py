@@ -12,8 +12,8 @@ about 50 to 400 pixels, so the linear MAD is about half the median and the linea
 median / (1.4826·MAD) ≈ 1.0-1.7 even for a zero-size mask. Measured with the defaults (scan of 250 images): on 7
 backdoored SmallCNNs (BadNets and Blend, 3-4 seeds each) the linear index named no target (at most 1.65), the log
 index named all of them (target 2.8-5.3); on 5 clean SmallCNNs the log index stayed at or below 1.7. Clean models
-can still carry small *natural* triggers: 2 of 3 clean stride-1-stem SmallResNets (before 6cd2142) had a class ("bag") with a 20-45 pixel trigger
-and index 3.0-3.8, the false positive Neural Cleanse is known for.
+can still carry small *natural* triggers: 2 of 3 clean stride-1-stem SmallResNets (before 6cd2142) had a class
+("bag") with a 20-45 pixel trigger and index 3.0-3.8, the false positive Neural Cleanse is known for.
 
 The penalty weight λ_t adapts per class: it starts at 0 (first find *a* trigger), is set to `init_cost` once the
 success rate first reaches `target_success`, then is multiplied up while success stays at the target (shrink the

@@ -245,10 +245,10 @@ class WaNet(Attack):
     jitter, labels kept, which forces the model to learn this exact warp rather than "any warp" or "blurred".
 
     ``strength`` defaults to 1.0, twice the paper's 0.5, and still hard to see. Measured with 3 epochs of
-    ``models.train`` on 20,000 Fashion-MNIST images, noise mode on: the stride-1-stem SmallResNet learned it (ASR 0.92-0.99
-    over 3 seeds at 1.0; 0.84-0.92 over 2 at 0.5; 0.79 at 2.0), while the SmallCNN reaches only 0.2-0.5 at any
-    strength from 0.5 to 6 (1.0 a little above 0.5) because it cannot yet tell the warp from its noise-mode
-    variant. Without noise mode 2.0 gives the CNN 0.9, but then any jittered warp fires the backdoor too.
+    ``models.train`` on 20,000 Fashion-MNIST images, noise mode on: the stride-1-stem SmallResNet learned it
+    (ASR 0.92-0.99 over 3 seeds at 1.0; 0.84-0.92 over 2 at 0.5; 0.79 at 2.0), while the SmallCNN reaches only
+    0.2-0.5 at any strength from 0.5 to 6 (1.0 a little above 0.5) because it cannot yet tell the warp from its
+    noise-mode variant. Without noise mode 2.0 gives the CNN 0.9, but then any jittered warp fires the backdoor too.
     Expect the CNN to need longer training for WaNet.
     """
 

@@ -152,9 +152,9 @@ def _torch_threads(num_threads: int | None) -> Iterator[None]:
 def channels_last(model: nn.Module) -> Iterator[nn.Module]:
     """Hold the model's 4-D weights in channels-last memory format for the block, then restore the default format.
 
-    On this project's CPUs (oneDNN kernels) a channels-last training step of batch 128 on one thread was measured
-    1.5x faster for the SmallResNet (stride-1 stem) and 1.5-2x for the SmallCNN, and a forward pass 1.4x (docs/design.md). The
-    answers are the same to float rounding. The weights go back afterwards because ONNX export (`torch.export`)
+    On this project's CPUs (oneDNN kernels) a channels-last training step of batch 128 on one thread was measured 1.5x
+    faster for the SmallResNet (stride-1 stem) and 1.5-2x for the SmallCNN, and a forward pass 1.4x (docs/design.md).
+    The answers are the same to float rounding. The weights go back afterwards because ONNX export (`torch.export`)
     fails on channels-last parameters, and saving needs contiguous tensors.
     """
     model.to(memory_format=torch.channels_last)
