@@ -283,7 +283,7 @@ def _train(args: argparse.Namespace) -> int:
     model = build(args.model, x, y)
     given = {"epochs": args.epochs, "rounds": args.rounds, "finetune_epochs": args.finetune_epochs,
              "ratio": args.ratio, "lr": args.lr, "finetune_lr": args.finetune_lr, "batch_size": args.batch_size,
-             "unlearn": args.unlearn, "drop": args.drop}
+             "unlearn": args.unlearn, "drop": args.drop, "class_contrast": args.class_contrast}
     settings = NoneSettings(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     settings.validate()
     if args.none:
@@ -468,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--drop",
                      help="which suspects a round drops from fine-tuning: 'gated' (default), those that look "
                           "poisoned; 'split', the natural-breaks split's whole upper group, as the paper does")
+    trn.add_argument("--class-contrast", dest="class_contrast", type=float,
+                     help="also split each class's own samples, and drop and push a class's upper group when it "
+                          "looks like other classes this much more often than the rest of the class (default "
+                          "0.6; 0 turns it off, the paper)")
     trn.add_argument("--report", type=Path, help="report JSON (default: next to --out, .train.json)")
     trn.add_argument("--seed", type=int, default=0)
     trn.set_defaults(run=_train)

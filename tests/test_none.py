@@ -27,6 +27,7 @@ from guard.repair.none import (
     channel_scores,
     jenks_upper,
     neighbour_labels,
+    per_class_suspects,
     record,
     reset_channels,
     reset_targets,
@@ -433,6 +434,38 @@ def test_unlearning_set_takes_the_common_label_and_what_stands_out_within_it():
     assert not chosen.any() and spread is None and agreement is None
 
 
+def _per_class_set(rng: np.random.Generator, upper_looks: str) -> tuple[np.ndarray, ...]:
+    """1,000 samples of 10 classes in well-separated pixel clusters, every class confident in its label; on one conv,
+    channel 3 peaks for 60 of class 0's samples. Those 60 are images of class 1 + i % 9 (poison under label 0), or of
+    class 0 itself (a natural group)."""
+    centres = rng.normal(0, 10, (10, 16))
+    labels = np.repeat(np.arange(10), 100)
+    truth = labels.copy()
+    marked = np.arange(60)
+    if upper_looks == "other classes":
+        truth[marked] = 1 + marked % 9
+    x = centres[truth] + rng.normal(0, 0.5, (1000, 16))
+    probs = np.full((1000, 10), 0.005)
+    probs[np.arange(1000), labels] = 0.955
+    peaks = np.abs(rng.normal(1.0, 0.2, (1000, 6)))
+    peaks[marked, 3] = 8.0
+    return probs, {"conv": peaks}, labels, x, marked
+
+
+def test_per_class_split_takes_a_class_whose_upper_group_looks_like_other_classes():
+    rng = np.random.default_rng(0)
+    settings = NoneSettings(class_contrast=0.6)
+    probs, peaks, labels, x, marked = _per_class_set(rng, "other classes")
+    chosen, contrast = per_class_suspects(probs, peaks, labels, x, settings)
+    assert np.array_equal(np.flatnonzero(chosen), marked)
+    assert contrast[0] == pytest.approx(1.0)
+    assert all(abs(c) < 0.6 for k, c in contrast.items() if k != 0)  # the other classes' splits look like them
+    # The same split of class 0, but its upper group looks like class 0: a natural group, left alone.
+    probs, peaks, labels, x, marked = _per_class_set(rng, "own label")
+    chosen, contrast = per_class_suspects(probs, peaks, labels, x, settings)
+    assert not chosen.any() and contrast[0] == pytest.approx(0.0)
+
+
 def test_none_refuses_bad_ground_truth_and_settings(poisoned_set):
     x, y, poisoned = poisoned_set
     with pytest.raises(GuardError, match=r"poisoned ground truth must be \(N,\) = \(2000,\)"):
@@ -442,7 +475,10 @@ def test_none_refuses_bad_ground_truth_and_settings(poisoned_set):
                             ({"unlearn": -0.1}, "--unlearn must be"), ({"unlearn": float("nan")}, "--unlearn must be"),
                             ({"min_spread": 1.5}, "spread lie in"), ({"min_agreement": -0.1}, "agreement must lie"),
                             ({"neighbours": 0}, "neighbours be >= 1"),
-                            ({"drop": "all"}, "--drop must be one of gated, split")]:
+                            ({"drop": "all"}, "--drop must be one of gated, split"),
+                            ({"class_contrast": -0.1}, "--class-contrast must lie in"),
+                            ({"class_contrast": 1.5}, "--class-contrast must lie in"),
+                            ({"reference": 0}, "reference set be >= 1")]:
         with pytest.raises(GuardError, match=message):
             NoneSettings(**change).validate()
 

@@ -39,7 +39,9 @@ def main() -> None:
                          else None,
                          "split": [r.split for r in report.rounds],
                          "spread": [None if r.spread is None else round(r.spread, 3) for r in report.rounds],
-                         "agreement": [None if r.agreement is None else round(r.agreement, 3) for r in report.rounds]}
+                         "agreement": [None if r.agreement is None else round(r.agreement, 3) for r in report.rounds],
+                         "contrast": [sorted(r.contrast.items(), key=lambda kv: -kv[1])[:3] for r in report.rounds],
+                         "poisoned_classes": [r.poisoned_classes for r in report.rounds]}
         print(json.dumps(row, default=lambda v: round(float(v), 4)), flush=True)
 
 

@@ -426,7 +426,8 @@ def _none_train(module, x_train: np.ndarray, y_train: np.ndarray, poisoned: np.n
                precision=report.precision, recall=report.recall, unlearned=len(unlearned),
                unlearned_precision=float(poisoned[unlearned].mean()) if unlearned and poisoned.any() else None,
                split=[r.split for r in report.rounds], spread=[r.spread for r in report.rounds],
-               agreement=[r.agreement for r in report.rounds])
+               agreement=[r.agreement for r in report.rounds],
+               poisoned_classes=[r.poisoned_classes for r in report.rounds])
     return row
 
 
