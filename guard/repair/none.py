@@ -82,7 +82,7 @@ class NoneSettings:
     # (the most common label of an input's nearest inputs outside the group is another) this much more often than
     # the rest of the class does is taken as poisoned, and its whole upper group is dropped and pushed off its label
     # as well. It finds poison under one label that the split over all samples misses, one source class's included.
-    # On the tuning models (docs/design.md, "NONE's per-class split") poisoned groups stood 0.74-0.80 above the rest
+    # On the tuning models (docs/design.md, "NONE's per-class split") poisoned groups stood 0.63-0.80 above the rest
     # of their class, natural groups at most 0.40.
     class_contrast: float = 0.6
     reference: int = 5000  # the per-class test's nearest inputs are looked for among at most this many
