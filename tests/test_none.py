@@ -499,7 +499,8 @@ def test_cli_train_none_writes_the_model_and_its_report(train_file, tmp_path):
     code, stdout = _run_cli(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out),
                              "--none",
                              "--epochs", "2", "--lr", "0.003", "--batch-size", "32", "--finetune-epochs", "1",
-                             "--ratio", "0.1", "--unlearn", "0.5", "--drop", "split", "--seed", "0"])
+                             "--ratio", "0.1", "--unlearn", "0.5", "--drop", "split", "--class-contrast", "0.5",
+                             "--seed", "0"])
     assert code == 0
     loaded = load_model(out)
     assert loaded.num_classes == 10 and loaded.sample_shape == (1, 28, 28)
@@ -517,6 +518,9 @@ def test_cli_train_none_writes_the_model_and_its_report(train_file, tmp_path):
     assert report["settings"]["unlearn"] == 0.5 and report["unlearned"] == sum(len(r["unlearned"])
                                                                                 for r in report["rounds"])
     assert [len(c) for c in report["rounds"][0]["reset"].values()] == [2, 4]  # ceil(0.1 * 16), ceil(0.1 * 32)
+    contrast = report["rounds"][0]["contrast"]
+    assert report["settings"]["class_contrast"] == 0.5 and contrast and {int(k) for k in contrast} <= set(range(10))
+    assert report["rounds"][0]["poisoned_classes"] == [int(k) for k, c in contrast.items() if c >= 0.5]
     assert 0 <= report["training_accuracy"] <= 1
     assert str(out) in stdout and "samples removed" in stdout
 

@@ -115,7 +115,7 @@ class RoundReport:
 
     reset: dict[str, list[int]]
     threshold: float  # suspicion above which the split put samples
-    split: int  # how many samples the split put above it
+    split: int  # how many samples the split put above it, with the upper groups of the classes taken per class
     removed: list[int]  # the samples dropped from fine-tuning, indices into the original training set
     spread: float | None  # how far the model's runner-ups for the candidates to push spread (`unlearning_set`)
     agreement: float | None  # how often their runner-up is their nearest kept inputs' label (None: not measured)
