@@ -176,8 +176,10 @@ def _none_table(figures: dict) -> str:
                     f"{_fmt(_metric(cases, 'none-train', 'recall'))} | {pushed} | {100 * none:.1f} | "
                     f"{100 * trained:.1f} | {reductions[-1]:.1f}× |")
     if reductions:
-        rows += ["", f"The mean of the ratios, which issue 4's target is checked on, is {np.mean(reductions):.1f}×: one "
-                     f"row near 0% dominates it. Their median is {np.median(reductions):.1f}×, and the mean "
+        carried = sum(r >= 10 for r in reductions)
+        rows += ["", f"The mean of the ratios, which issue 4's target is checked on, is {np.mean(reductions):.1f}×, "
+                     f"carried by the {carried} of {len(reductions)} rows at 10× or more. Their median is "
+                     f"{np.median(reductions):.1f}×, and the mean "
                      f"undefended ASR over the mean ASR after NONE is "
                      f"{np.mean(undefended) / max(np.mean(trained_all), 1e-4):.1f}×."]
     return "\n".join(rows)
