@@ -428,9 +428,11 @@ keep it within its hour.
 
 Precision and recall of the samples dropped from fine-tuning against the poisoned ones (ground truth, used only for
 this table), and how many the fine-tuning pushed off their label: those of the split's most common label, when the
-model's runner-up classes for them spread over many classes, as images of many classes poisoned under one label do
-(docs/design.md). The rule says what was dropped: `split`, the natural-breaks split's whole upper group (the paper);
-`gated`, only the samples pushed off their label. Precision is over the seeds that dropped anything; – where none did.
+model's runner-up classes for them spread over many classes, as images of many classes poisoned under one label do,
+and the upper group of any class whose own split looks like other classes far more often than the rest of the class
+(docs/design.md, "NONE's per-class split"). The rule says what was dropped: `split`, the natural-breaks split's whole
+upper group (the paper); `gated`, only the samples pushed off their label. Precision is over the seeds that dropped
+anything; – where none did.
 
 {_none_table(figures)}
 
