@@ -289,10 +289,12 @@ def per_class_suspects(probs: np.ndarray, peaks: dict[str, np.ndarray], labels: 
     contrast: dict[int, float] = {}
     for k in range(probs.shape[1]):
         rows = np.flatnonzero(labels == k)
+        if len(rows) < 2:
+            continue
         scores = [(conv, class_channel_scores(a, probs, k, settings.confident, settings.unlikely))
                   for conv, a in peaks.items()]
         tops = [(conv, int(np.argmax(diff))) for conv, diff in scores if diff is not None]
-        if len(rows) < 2 or not tops:
+        if not tops:
             continue
         upper = jenks_upper(sum(peaks[conv][rows, top] for conv, top in tops))[0]
         high, low = rows[upper], rows[~upper]
