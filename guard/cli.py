@@ -283,7 +283,7 @@ def _train(args: argparse.Namespace) -> int:
     model = build(args.model, x, y)
     given = {"epochs": args.epochs, "rounds": args.rounds, "finetune_epochs": args.finetune_epochs,
              "ratio": args.ratio, "lr": args.lr, "finetune_lr": args.finetune_lr, "batch_size": args.batch_size,
-             "unlearn": args.unlearn, "drop": args.drop, "class_contrast": args.class_contrast}
+             "unlearn": args.unlearn, "unlearn_epochs": args.unlearn_epochs, "drop": args.drop, "class_contrast": args.class_contrast}
     settings = NoneSettings(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     settings.validate()
     if args.none:
@@ -465,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--unlearn", type=float,
                      help="weight of pushing the removed samples that look poisoned off their label while "
                           "fine-tuning (default 0.3; 0 with --drop split is the paper)")
+    trn.add_argument("--unlearn-epochs", dest="unlearn_epochs", type=int,
+                     help="extra fine-tuning epochs in a round that pushes samples off their label (default 1)")
     trn.add_argument("--drop",
                      help="which suspects a round drops from fine-tuning: 'gated' (default), those that look "
                           "poisoned; 'split', the natural-breaks split's whole upper group, as the paper does")

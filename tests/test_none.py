@@ -343,13 +343,15 @@ def test_none_pushes_the_removed_poison_off_its_label_and_the_report_says_which(
     assert second.spread < bars.min_spread or (second.agreement is not None and second.agreement < bars.min_agreement)
     assert report.unlearned == len(pushed)
     assert "pushed off their label" in report.summary()
+    # A round that pushes fine-tunes `unlearn_epochs` longer; one that pushes nothing runs E2 alone.
+    assert first.epochs == QUICK["finetune_epochs"] + bars.unlearn_epochs and second.epochs == QUICK["finetune_epochs"]
     # The same run with unlearning off drops the same samples and pushes none; its model still answers the target
     # for most of the poison it dropped, the pushed model for far fewer.
     torch.manual_seed(0)
     plain = SmallCNN()
     off = train_none(plain, x, y, settings=NoneSettings(rounds=2, unlearn=0.0, **QUICK), poisoned=poisoned)
     assert off.rounds[0].removed == first.removed and off.rounds[0].spread == pytest.approx(first.spread)
-    assert off.unlearned == 0 and all(r.unlearned == [] for r in off.rounds)
+    assert off.unlearned == 0 and all(r.unlearned == [] and r.epochs == QUICK["finetune_epochs"] for r in off.rounds)
     with torch.no_grad():
         target_share = [(m(torch.as_tensor(x[pushed])).argmax(1).numpy() == TARGET).mean() for m in (plain, model)]
     assert target_share[0] > 0.6 and target_share[1] < target_share[0] - 0.3
@@ -471,6 +473,7 @@ def test_none_refuses_bad_ground_truth_and_settings(poisoned_set):
     with pytest.raises(GuardError, match=r"poisoned ground truth must be \(N,\) = \(2000,\)"):
         train_none(SmallCNN(), x, y, settings=NoneSettings(epochs=0), poisoned=poisoned[:10])
     for change, message in [({"ratio": 0.0}, "--ratio must lie in"), ({"rounds": -1}, "must be >= 0"),
+                            ({"unlearn_epochs": -1}, "unlearn epochs must be >= 0"),
                             ({"confident": 0.05}, "softmax bounds"), ({"batch_size": 0}, "batch size >= 1"),
                             ({"unlearn": -0.1}, "--unlearn must be"), ({"unlearn": float("nan")}, "--unlearn must be"),
                             ({"min_spread": 1.5}, "spread lie in"), ({"min_agreement": -0.1}, "agreement must lie"),
@@ -499,7 +502,7 @@ def test_cli_train_none_writes_the_model_and_its_report(train_file, tmp_path):
     code, stdout = _run_cli(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out),
                              "--none",
                              "--epochs", "2", "--lr", "0.003", "--batch-size", "32", "--finetune-epochs", "1",
-                             "--ratio", "0.1", "--unlearn", "0.5", "--drop", "split", "--class-contrast", "0.5",
+                             "--ratio", "0.1", "--unlearn", "0.5", "--unlearn-epochs", "0", "--drop", "split", "--class-contrast", "0.5",
                              "--seed", "0"])
     assert code == 0
     loaded = load_model(out)
@@ -517,6 +520,7 @@ def test_cli_train_none_writes_the_model_and_its_report(train_file, tmp_path):
     assert report["settings"]["drop"] == "split" and report["rounds"][0]["split"] == len(removed)
     assert report["settings"]["unlearn"] == 0.5 and report["unlearned"] == sum(len(r["unlearned"])
                                                                                 for r in report["rounds"])
+    assert report["settings"]["unlearn_epochs"] == 0 and all(r["epochs"] == 1 for r in report["rounds"])
     assert [len(c) for c in report["rounds"][0]["reset"].values()] == [2, 4]  # ceil(0.1 * 16), ceil(0.1 * 32)
     contrast = report["rounds"][0]["contrast"]
     assert report["settings"]["class_contrast"] == 0.5 and contrast and {int(k) for k in contrast} <= set(range(10))
