@@ -430,9 +430,9 @@ Precision and recall of the samples dropped from fine-tuning against the poisone
 this table), and how many the fine-tuning pushed off their label: those of the split's most common label, when the
 model's runner-up classes for them spread over many classes, as images of many classes poisoned under one label do,
 and the upper group of any class whose own split looks like other classes far more often than the rest of the class
-(docs/design.md, "NONE's per-class split"). The rule says what was dropped: `split`, the natural-breaks split's whole
-upper group (the paper); `gated`, only the samples pushed off their label. Precision is over the seeds that dropped
-anything; – where none did.
+(docs/design.md, "NONE's per-class split"); a round that pushes fine-tunes one epoch longer. The rule says what was
+dropped: `split`, the natural-breaks split's whole upper group (the paper); `gated`, only the samples pushed off their
+label. Precision is over the seeds that dropped anything; – where none did.
 
 {_none_table(figures)}
 
