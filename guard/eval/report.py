@@ -432,7 +432,8 @@ model's runner-up classes for them spread over many classes, as images of many c
 and the upper group of any class whose own split looks like other classes far more often than the rest of the class
 (docs/design.md, "NONE's per-class split"); a round that pushes fine-tunes one epoch longer. The rule says what was
 dropped: `split`, the natural-breaks split's whole upper group (the paper); `gated`, only the samples pushed off their
-label. Precision is over the seeds that dropped anything; – where none did.
+label; with either, the rest of a taken class that looks like another class is dropped too, not pushed. Precision is
+over the seeds that dropped anything; – where none did.
 
 {_none_table(figures)}
 
