@@ -283,7 +283,8 @@ def _train(args: argparse.Namespace) -> int:
     model = build(args.model, x, y)
     given = {"epochs": args.epochs, "rounds": args.rounds, "finetune_epochs": args.finetune_epochs,
              "ratio": args.ratio, "lr": args.lr, "finetune_lr": args.finetune_lr, "batch_size": args.batch_size,
-             "unlearn": args.unlearn, "unlearn_epochs": args.unlearn_epochs, "drop": args.drop, "class_contrast": args.class_contrast}
+             "unlearn": args.unlearn, "unlearn_epochs": args.unlearn_epochs, "drop": args.drop,
+             "class_contrast": args.class_contrast}
     settings = NoneSettings(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     settings.validate()
     if args.none:

@@ -302,6 +302,7 @@ def per_class_suspects(probs: np.ndarray, peaks: dict[str, np.ndarray], labels: 
     rng = np.random.default_rng(settings.seed)
     chosen = np.zeros(len(labels), dtype=bool)
     contrast: dict[int, float] = {}
+    taken: list[int] = []
     for k in range(probs.shape[1]):
         rows = np.flatnonzero(labels == k)
         if len(rows) < 2:
@@ -320,36 +321,37 @@ def per_class_suspects(probs: np.ndarray, peaks: dict[str, np.ndarray], labels: 
                   rng.choice(low, min(500, len(low) // 2), replace=False)]
         outside = np.ones(len(labels), dtype=bool)
         outside[high] = outside[groups[1]] = False  # no input is its own neighbour
-        reference = np.flatnonzero(outside)
-        reference = rng.choice(reference, min(settings.reference, len(reference)), replace=False)
-        shares = [float((neighbour_labels(x[g], x[reference], labels[reference], settings.neighbours) != k).mean())
+        reference = _reference(outside, settings, rng)
+        shares = [float(_looks_like_another(x[g], x[reference], labels[reference], k, settings).mean())
                   for g in groups]
         contrast[k] = round(shares[0] - shares[1], 4)
         if contrast[k] >= settings.class_contrast:
             chosen[high] = True
+            taken.append(k)
     lookalikes = np.zeros(len(labels), dtype=bool)
     if settings.drop_lookalikes:
         rng = np.random.default_rng(settings.seed + 1)
-        for k, value in contrast.items():
-            if value >= settings.class_contrast:
-                rest = np.flatnonzero((labels == k) & ~chosen)
-                lookalikes[rest[_looks_like_another(rest, chosen, labels, x, k, settings, rng)]] = True
+        for k in taken:
+            # The rest of the class in two halves, each looked up among inputs neither taken nor in that half.
+            rest = rng.permutation(np.flatnonzero((labels == k) & ~chosen))
+            for half in np.array_split(rest, 2):
+                outside = ~chosen
+                outside[half] = False
+                reference = _reference(outside, settings, rng)
+                lookalikes[half] = _looks_like_another(x[half], x[reference], labels[reference], k, settings)
     return chosen, lookalikes, contrast
 
 
-def _looks_like_another(rows: np.ndarray, taken: np.ndarray, labels: np.ndarray, x: np.ndarray, k: int,
-                        settings: NoneSettings, rng: np.random.Generator) -> np.ndarray:
-    """Which of `rows` (samples of class k) have nearest inputs that mostly carry another label. Each half is looked
-    up among other inputs that are neither taken nor in that half, so no input is its own neighbour."""
-    looks = np.zeros(len(rows), dtype=bool)
-    order = rng.permutation(len(rows))
-    for half in np.array_split(order, 2):
-        outside = ~taken
-        outside[rows[half]] = False
-        reference = np.flatnonzero(outside)
-        reference = rng.choice(reference, min(settings.reference, len(reference)), replace=False)
-        looks[half] = neighbour_labels(x[rows[half]], x[reference], labels[reference], settings.neighbours) != k
-    return looks
+def _reference(outside: np.ndarray, settings: NoneSettings, rng: np.random.Generator) -> np.ndarray:
+    """At most `settings.reference` of the inputs marked `outside`, drawn at random: where nearest inputs are sought."""
+    reference = np.flatnonzero(outside)
+    return rng.choice(reference, min(settings.reference, len(reference)), replace=False)
+
+
+def _looks_like_another(queries: np.ndarray, reference: np.ndarray, labels: np.ndarray, k: int,
+                        settings: NoneSettings) -> np.ndarray:
+    """Whether each query's nearest reference inputs mostly carry a label other than k."""
+    return neighbour_labels(queries, reference, labels, settings.neighbours) != k
 
 
 @dataclass
