@@ -25,14 +25,30 @@ def _calibrate(args: argparse.Namespace) -> int:
         layers=args.layers.split(",") if args.layers else None, fpr=args.fpr,
         fpr_confidence=args.fpr_confidence, demote_rate=args.demote_rate, acc_budget=args.acc_budget,
         prune=not args.no_prune, dense_part=not args.no_dense_part, dense_score=args.dense_score, seed=args.seed,
+        suspect=args.suspect,
     )
-    profile = calibrate(args.model, x, y, settings=settings, progress=not args.quiet)
+    settings.validate()  # before the scan's seconds are spent
+    model = args.model
+    if args.suspect is None and args.scan:
+        from guard.model.graph import load_model
+        from guard.scan import run_scan
+
+        model = load_model(args.model)
+        scanned = run_scan(model, x, y)
+        suspect = scanned.classes.suspect
+        settings.suspect = None if suspect is None else int(suspect)
+        print(f"guard: scan suspects {'no class' if suspect is None else f'class {suspect}'} "
+              f"({scanned.figures['seconds']:.1f} s)")
+    profile = calibrate(model, x, y, settings=settings, progress=not args.quiet)
     profile.save(args.out)
     f = profile.figures
+    suspected = ("" if profile.thresholds.suspect is None else
+                 f", class {profile.thresholds.suspect}'s answers demoted at rate "
+                 f"{f['calibration_suspect_demote_rate']:.3f} (at most {settings.suspect_rate})")
     print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
           f"channels, held-out accuracy {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
           f"cross-fitted flag rate {f['calibration_flag_rate']:.3f} (target {args.fpr}), demote rate "
-          f"{f['calibration_demote_rate']:.3f} (at most {args.demote_rate}), {f['seconds']:.1f} s")
+          f"{f['calibration_demote_rate']:.3f} (at most {args.demote_rate}){suspected}, {f['seconds']:.1f} s")
     return 0
 
 
@@ -335,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--dense-score", choices=["distance", "top_q"], default="distance",
                      help="how the penultimate features are scored on their own: their Mahalanobis distance from the "
                           "predicted class's mean (default), or the mean of their top-q z")
+    suspicion = cal.add_mutually_exclusive_group()
+    suspicion.add_argument("--suspect", type=int,
+                           help="the class guard scan named as the likely backdoor target (scan.json's suspect): "
+                                "requests answered with it are demoted from a lower threshold")
+    suspicion.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True,
+                           help="run guard scan first (default settings) and take its suspect, if it names one "
+                                "(default; --no-scan skips it, for a model too large to scan)")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(run=_calibrate)

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import Backdoored
+from conftest import TARGET, Backdoored
 from guard.calibrate.activations import collect
 from guard.calibrate.taps import OnnxTaps
 from guard.errors import GuardError
@@ -124,6 +124,26 @@ def test_profile_without_demotion_answers_every_agreeing_row_as_the_model(guard:
     assert changed.any()
     assert not changed[~agreeing].any()
     assert (demoting.labels[changed] != demoting.model_labels[changed]).all()
+
+
+def test_answers_of_the_suspect_are_refused_from_its_own_threshold(guard: Guard, backdoored: Backdoored,
+                                                                   requests: np.ndarray) -> None:
+    """A profile naming the backdoor's target as the suspect demotes the rows the model answers with it past the
+    suspect's threshold (here τ itself, the lowest a profile allows), whatever the margin; every other row is
+    answered as without a suspect."""
+    profile = guard.profile
+    plain_thresholds = dataclasses.replace(profile.thresholds, demote=math.inf)
+    plain = Guard(load_model(backdoored.model_path), dataclasses.replace(profile, thresholds=plain_thresholds))
+    named = Guard(load_model(backdoored.model_path), dataclasses.replace(profile, thresholds=dataclasses.replace(
+        plain_thresholds, suspect=TARGET, suspect_demote=profile.thresholds.tau)))
+    before, after = plain.predict(requests), named.predict(requests)
+    suspected = ((before.model_labels == TARGET) & (before.labels == TARGET)
+                 & (before.score > profile.thresholds.tau + 1e-3))
+    decided = suspected | (before.score < profile.thresholds.tau - 1e-3) | (before.model_labels != TARGET)
+    assert suspected[len(requests) // 2:].sum() > 10, "triggered requests must answer the target for this to test"
+    np.testing.assert_array_equal(after.demoted[decided], suspected[decided])
+    assert (after.labels[suspected] != TARGET).all()
+    np.testing.assert_array_equal(after.labels[decided & ~suspected], before.labels[decided & ~suspected])
 
 
 def test_io_binding_path_keeps_tail_inputs_in_the_engine(guard: Guard, backdoored: Backdoored,

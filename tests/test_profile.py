@@ -26,11 +26,12 @@ from guard.calibrate.activations import collect
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import FORMAT, Profile
 from guard.calibrate.taps import OnnxTaps
-from guard.errors import ProfileError
+from guard.errors import GuardError, ProfileError
 from guard.eval.attacks import BadNets
 from guard.eval.models import SmallCNN, export_onnx, load_eval_data, train
 from guard.model.graph import load_model
 from guard.runtime.guard import Guard
+from guard.scan import run_scan
 
 CALIBRATION_SAMPLES = 300
 
@@ -207,6 +208,15 @@ CORRUPTIONS = {
                    "demote threshold"),
     "demote-not-a-number": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "demote", "high")),
                             "malformed"),
+    "suspect-out-of-range": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "suspect", 10)),
+                             "suspect must be a class number below 10"),
+    "suspect-not-an-integer": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "suspect", 1.5)),
+                               "suspect must be a class number"),
+    "suspect-threshold-alone": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "suspect_demote",
+                                                                              m["thresholds"]["tau"] + 1)),
+                                "needs a suspect class"),
+    "suspect-threshold-below-tau": (lambda s, p: _edited(s, p, lambda t, m: m["thresholds"].update(
+        suspect=0, suspect_demote=m["thresholds"]["tau"] - 1)), "suspect's demote threshold must be null or a number"),
     "part-unknown-tap": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][1], "taps", ["x"])),
                          "a score part must name distinct taps of the profile"),
     "part-no-taps": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][0], "taps", [])),
@@ -304,7 +314,12 @@ def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(setup: Setup
     profile = Profile.load(tmp_path / "p.safetensors")
     assert profile.model_sha256 == setup.profile.model_sha256
     assert profile.tap_names == setup.profile.tap_names
-    assert profile.settings == setup.profile.settings  # the CLI's defaults are the library's
+    # the CLI's defaults are the library's, and it runs guard scan first and takes its suspect
+    scanned = run_scan(setup.model_path, setup.x_cal, setup.y_cal).classes.suspect
+    said = "no class" if scanned is None else f"class {scanned}"
+    assert f"guard: scan suspects {said}" in done.stdout
+    assert profile.settings == {**setup.profile.settings, "suspect": scanned}
+    assert profile.thresholds.suspect == scanned
     np.testing.assert_allclose(profile.class_mean, setup.profile.class_mean, rtol=1e-4, atol=1e-5)
     Guard.load(setup.model_path, tmp_path / "p.safetensors").predict(setup.x_eval[:8])
 
@@ -344,7 +359,8 @@ def test_cli_calibrate_with_a_missing_data_file_fails_in_one_line(setup: Setup, 
     assert not (tmp_path / "p.safetensors").exists()
 
 
-@pytest.mark.parametrize(("option", "value"), [("--fpr-confidence", "1"), ("--demote-rate", "-0.1")])
+@pytest.mark.parametrize(("option", "value"), [("--fpr-confidence", "1"), ("--demote-rate", "-0.1"),
+                                               ("--suspect", "10")])
 def test_cli_calibrate_with_an_impossible_setting_fails_in_one_line(setup: Setup, tmp_path: Path, option: str,
                                                                    value: str) -> None:
     np.savez(tmp_path / "clean.npz", x=setup.x_cal[:40], y=setup.y_cal[:40])
@@ -387,7 +403,7 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
     assert parts[1].class_mean.shape == (setup.profile.num_classes, width) and parts[1].whiten.shape == (width, width)
     np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "single.safetensors", "--quiet",
-                   "--no-dense-part", cwd=tmp_path)
+                   "--no-dense-part", "--no-scan", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     single = Profile.load(tmp_path / "single.safetensors")
     assert [p.taps for p in single.thresholds.parts] == [setup.profile.tap_names]
@@ -400,7 +416,7 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
             tensors.pop(name)
 
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "top_q.safetensors", "--quiet",
-                   "--dense-score", "top_q", cwd=tmp_path)
+                   "--dense-score", "top_q", "--no-scan", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     top_q = Profile.load(tmp_path / "top_q.safetensors")
     assert [p.kind for p in top_q.thresholds.parts] == ["top_q", "top_q"] and top_q.settings["dense_score"] == "top_q"
@@ -433,6 +449,43 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
     assert np.all(scores["distance"] >= (distance - parts[1].centre) / parts[1].spread - 1e-4)
     assert not np.allclose(scores["raw"], scores["top_q"], atol=1e-2), "the parts must change the score"
     assert not np.allclose(scores["top_q"], scores["distance"], atol=1e-2), "the distance must change the score"
+
+
+def test_a_suspect_gets_its_own_demote_threshold_on_its_clean_answers(setup: Setup, tmp_path: Path) -> None:
+    """Named as the likely backdoor target, a class's answers are demoted from a threshold that passes at most
+    `suspect_rate` of its clean answers (bounded like the FPR), never below τ; the rest of the profile is the same.
+    The profile keeps it, and a format-4 profile (before suspects) loads with none."""
+    # the class the masked model answers most often, and a rate that 300 samples can bound below the general one
+    suspect = int(np.bincount(_served(setup, setup.x_cal)[1], minlength=10).argmax())
+    named = calibrate(setup.model_path, setup.x_cal, setup.y_cal,
+                      settings=CalibrationSettings(suspect=suspect, suspect_rate=0.2))
+    plain, thresholds = setup.profile.thresholds, named.thresholds
+    assert (thresholds.suspect, plain.suspect) == (suspect, None) and plain.suspect_demote == float("inf")
+    assert (thresholds.k, thresholds.tau, thresholds.demote) == (plain.k, plain.tau, plain.demote)
+    assert plain.tau <= thresholds.suspect_demote < plain.demote
+    assert 0 <= named.figures["calibration_suspect_demote_rate"] <= named.settings["suspect_rate"]
+    assert setup.profile.figures["calibration_suspect_demote_rate"] is None
+    loaded = Profile.load(named.save(tmp_path / "named.safetensors"))
+    assert loaded.thresholds == thresholds
+    raw = raw_parts(tmp_path / "named.safetensors")[1]["thresholds"]
+    assert (raw["suspect"], raw["suspect_demote"]) == (suspect, thresholds.suspect_demote)
+
+    def as_format_4(tensors: dict, meta: dict) -> None:
+        meta["format"] = "guard.profile/4"
+        meta["thresholds"].pop("suspect")
+        meta["thresholds"].pop("suspect_demote")
+
+    older = Profile.load(_edited(setup, tmp_path / "format4.safetensors", as_format_4))
+    assert older.thresholds == plain
+    with pytest.raises(GuardError, match="--suspect 10 is not a class of this model"):
+        calibrate(setup.model_path, setup.x_cal, setup.y_cal, settings=CalibrationSettings(suspect=10))
+
+
+def _served(setup: Setup, x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """The statically masked model's ℓ∞ per tap and its answers, as the guard serves them."""
+    taps = OnnxTaps(load_model(setup.model_path), setup.profile.tap_names)
+    served = collect(taps, x, masks=[t.keep.astype(np.float32)[None] for t in setup.profile.taps])
+    return served.linf, served.logits.argmax(axis=1)
 
 
 def test_a_higher_fpr_confidence_never_lowers_tau(setup: Setup) -> None:

@@ -7,6 +7,7 @@ clean sample.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,12 @@ class CalibrationSettings:
     # the target outright for the most extreme requests is what undoes them. Tuned on training-split images (seed 10,
     # both architectures): docs/design.md.
     demote_rate: float = 0.015
+    # The class `guard scan` named as the likely backdoor target, if any. A request the model answers with it is
+    # demoted from a lower threshold: one that at most `suspect_rate` of the clean requests answered with it pass
+    # (bounded like the FPR). A request out of profile that claims the suspected target is evidence twice over.
+    # Tuned on training-split images (seeds 10-12, both architectures): docs/design.md, "The scan's suspect".
+    suspect: int | None = None
+    suspect_rate: float = 0.05
     acc_budget: float = 0.01  # clean accuracy the static mask may cost (absolute, on the held-out split)
     benign_share: float = 0.99  # share of a layer's benign salience the benign set covers
     holdout: float = 0.3  # share of the clean data held out for the static mask's accuracy
@@ -90,6 +97,11 @@ class CalibrationSettings:
             raise GuardError(f"cross-fitting needs at least 2 folds, got {self.folds}")
         if not 0 <= self.demote_rate < 1:
             raise GuardError(f"--demote-rate must lie in [0, 1), got {self.demote_rate}")
+        if not 0 < self.suspect_rate < 1:
+            raise GuardError(f"the suspect's demote rate must lie in (0, 1), got {self.suspect_rate}")
+        if self.suspect is not None and (isinstance(self.suspect, bool) or not isinstance(self.suspect, int)
+                                         or self.suspect < 0):
+            raise GuardError(f"--suspect must be a class number, got {self.suspect!r}")
         if not 0 <= self.acc_budget < 1:
             raise GuardError(f"--acc-budget must lie in [0, 1), got {self.acc_budget}")
         if not 0 < self.holdout < 1:
@@ -124,6 +136,8 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     x = np.asarray(x, dtype=np.float32)
     y = None if y is None else np.asarray(y, dtype=np.int64)
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "calibration")
+    if settings.suspect is not None and settings.suspect >= loaded.num_classes:
+        raise GuardError(f"--suspect {settings.suspect} is not a class of this model ({loaded.num_classes} classes)")
     taps = list(settings.layers) if settings.layers else default_taps(loaded)
     validate_taps(loaded, taps)
     hold, fit = holdout_split(len(x), settings.holdout, settings.seed)
@@ -208,11 +222,20 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     tau = score_threshold(score, disagree, settings.fpr, settings.fpr_confidence)
     flagged = (score > tau) | disagree
     demote = demote_threshold(score, disagree, tau, settings.demote_rate, settings.fpr_confidence)
+    suspect_demote, suspect_rate = math.inf, None
+    if settings.suspect is not None:
+        # With no clean sample answered with the suspect there is nothing to bound its rate on: the general
+        # threshold stands.
+        suspected = labels == settings.suspect
+        suspect_demote = (demote_threshold(score[suspected], disagree[suspected], tau, settings.suspect_rate,
+                                           settings.fpr_confidence) if suspected.any() else demote)
+        suspect_rate = float((~disagree & (score > suspect_demote))[suspected].mean()) if suspected.any() else 0.0
     timings["thresholds"] = round(time.perf_counter() - t0, 3)
     bar.close()
 
     draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q, cut=settings.cut_z, demote=demote,
-                                  parts=[PartScale.of(group, part) for group, part in zip(groups, parts, strict=True)])
+                                  parts=[PartScale.of(group, part) for group, part in zip(groups, parts, strict=True)],
+                                  suspect=settings.suspect, suspect_demote=suspect_demote)
     draft.settings = {**asdict(settings), "layers": taps}
     draft.figures = {
         "samples": len(x), "fit_samples": len(fit), "holdout_samples": len(hold), "labels_given": y is not None,
@@ -221,6 +244,8 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "prune_candidates": choice.candidates,
         "calibration_flag_rate": float(flagged.mean()), "calibration_disagreement_rate": float(disagree.mean()),
         "calibration_demote_rate": float(((score > demote) & ~disagree).mean()),
+        # of the clean samples answered with the suspect, the share past its own threshold (None: no suspect)
+        "calibration_suspect_demote_rate": suspect_rate,
         "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
     }
     return draft

@@ -24,10 +24,12 @@ from guard.runtime.checks import ConsistencyCheck, DistancePart, Part, ScorePart
 # 2: thresholds gained `cut`. 3: thresholds gained the score's `parts`, which change what tau means; a guard that
 # reads only format 2 would score a format-3 profile the old way against the new tau, so it must refuse it instead.
 # 4: a part may be a distance (`kind`, with its class means and whitening matrix among the tensors); a format-3 guard
-# would read it as a top-q part, so format 4 is refused there.
-FORMAT = "guard.profile/4"
-# Format 3 reads as top-q parts, format 2 as one unstandardised part, each as it scored.
-_READABLE = (FORMAT, "guard.profile/3", "guard.profile/2")
+# would read it as a top-q part, so format 4 is refused there. 5: thresholds may name a suspected backdoor target
+# (`suspect`, `suspect_demote`); a format-4 guard would answer that class as before, with less protection than the
+# profile promises, so format 5 is refused there.
+FORMAT = "guard.profile/5"
+# Format 4 and 3 read with no suspect, format 3 as top-q parts, format 2 as one unstandardised part, each as it scored.
+_READABLE = (FORMAT, "guard.profile/4", "guard.profile/3", "guard.profile/2")
 _PART_KINDS = ("top_q", "distance")
 _TAP_ARRAYS = ("linf_mean", "linf_std", "linf_p99", "linf_p999", "peakedness", "salience", "benign", "keep")
 
@@ -99,13 +101,21 @@ class Thresholds:
     demote: float = math.inf
     # The score's parts; [] = one unstandardised part over all taps, as profiles written before parts existed score.
     parts: list[PartScale] = field(default_factory=list)
+    # The class `guard scan` named as the likely backdoor target (None: none named), and the lower threshold above
+    # which a request the model answers with it is demoted (inf: never).
+    suspect: int | None = None
+    suspect_demote: float = math.inf
 
     def as_json(self) -> dict[str, Any]:
         """The thresholds as a JSON object (an infinite demote threshold, demotion off, is null; a distance part's
         arrays live among the profile's tensors)."""
         return {"k": self.k, "tau": self.tau, "top_q": self.top_q, "cut": self.cut,
-                "demote": None if math.isinf(self.demote) else self.demote,
-                "parts": [part.as_json() for part in self.parts]}
+                "demote": _finite_or_null(self.demote), "parts": [part.as_json() for part in self.parts],
+                "suspect": self.suspect, "suspect_demote": _finite_or_null(self.suspect_demote)}
+
+
+def _finite_or_null(value: float) -> float | None:
+    return None if math.isinf(value) else value
 
 
 @dataclass
@@ -263,7 +273,7 @@ class Profile:
             taps=taps,
             class_mean=tensors["class_mean"],
             class_scale=tensors["class_scale"],
-            thresholds=_thresholds(meta["thresholds"], [tap.name for tap in taps]),
+            thresholds=_thresholds(meta["thresholds"], [tap.name for tap in taps], num_classes),
             settings=dict(meta["settings"]),
             figures=dict(meta["figures"]),
             guard_version=str(meta["guard_version"]),
@@ -274,7 +284,7 @@ class Profile:
         return profile
 
 
-def _thresholds(raw: dict[str, Any], tap_names: list[str]) -> Thresholds:
+def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int) -> Thresholds:
     """Thresholds with their types and ranges checked: a profile is untrusted input."""
     k, tau, top_q, cut = float(raw["k"]), float(raw["tau"]), raw["top_q"], float(raw["cut"])
     if not (np.isfinite(k) and np.isfinite(tau) and np.isfinite(cut)) or not isinstance(top_q, int) or top_q < 1:
@@ -283,7 +293,17 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str]) -> Thresholds:
     if not (demote >= tau and (math.isinf(demote) or np.isfinite(demote))):
         raise ValueError(f"the demote threshold must be null or a number at least tau, got {raw}")
     parts = [_part(part, tap_names) for part in raw.get("parts", [])]
-    return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut, demote=demote, parts=parts)
+    suspect = raw.get("suspect")  # formats before 5 name none
+    suspect_demote = math.inf if raw.get("suspect_demote") is None else float(raw["suspect_demote"])
+    if not (suspect_demote >= tau and (math.isinf(suspect_demote) or np.isfinite(suspect_demote))):
+        raise ValueError(f"the suspect's demote threshold must be null or a number at least tau, got {raw}")
+    if suspect is None and not math.isinf(suspect_demote):
+        raise ValueError(f"a suspect's demote threshold needs a suspect class, got {raw}")
+    if suspect is not None and not (isinstance(suspect, int) and not isinstance(suspect, bool)
+                                    and 0 <= suspect < num_classes):
+        raise ValueError(f"the suspect must be a class number below {num_classes}, got {suspect!r}")
+    return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut, demote=demote, parts=parts, suspect=suspect,
+                      suspect_demote=suspect_demote)
 
 
 def _part(raw: dict[str, Any], tap_names: list[str]) -> PartScale:

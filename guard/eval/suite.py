@@ -248,10 +248,13 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
         clean_labels, trig_labels = both(lambda x: predict(served, x))
         methods["none"] = _answers(clean_labels, y_eval, trig_labels, y_trig)
 
-        # guard: the default combination, and the consistency check alone (no static mask)
+        scan = run_scan(loaded, x_def, y_def, settings=ScanSettings(steps=settings.scan_steps,
+                                                                     acc_budget=settings.acc_budget, seed=case.seed))
+        suspect = None if scan.classes.suspect is None else int(scan.classes.suspect)
+        # guard: the default combination (static mask, check, the scan's suspect), and the consistency check alone
         for name, prune in (("guard", True), ("check", False)):
             cal = CalibrationSettings(fpr=settings.fpr, acc_budget=settings.acc_budget, prune=prune,
-                                      seed=case.seed)
+                                      suspect=suspect if prune else None, seed=case.seed)
             profile, seconds = _timed(lambda cal=cal: calibrate(loaded, x_def, y_def, settings=cal))
             guarded = Guard(loaded, profile, policy=Policy.ENFORCE, threads=1)  # type: ignore[arg-type]
             clean, trig = both(guarded.predict)
@@ -274,8 +277,6 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
         methods["fine-pruning"].update(pruned=len(pruning.pruned))  # type: ignore[arg-type]
 
         methods["strip"] = _strip(served, x_def, x_eval, x_trig, settings, case.seed, Strip)
-        scan = run_scan(loaded, x_def, y_def, settings=ScanSettings(steps=settings.scan_steps,
-                                                                     acc_budget=settings.acc_budget, seed=case.seed))
         methods["linf-prune"], figures["scan"] = _linf_prune(loaded, scan, x_eval, y_eval, x_trig, y_trig,
                                                             (clean_labels, trig_labels))
         methods.update(_repairs(loaded, scan.candidates, x_def, y_def, both, y_eval, y_trig, case.seed))

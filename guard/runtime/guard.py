@@ -2,7 +2,8 @@
 
 request x -> validate -> engine (masked model, ℓ∞ per tap and the consistency check, all in one graph) -> the tail
 of the network re-run for the samples with compromised channels or a score above tau -> verdict and policy (a
-score above the demote threshold refuses the model's own class) -> Result.
+score above the demote threshold, or above the suspect's for an answer of the class the scan suspects, refuses the
+model's own class) -> Result.
 """
 
 from __future__ import annotations
@@ -165,8 +166,11 @@ class Guard:
             benign_logits[rows] = self.engine.repredict(run, rows, deadline)
             agree = benign_logits.argmax(axis=1) == model_labels
             flagged |= ~agree
-            demoted = demotions(run.logits, benign_logits, model_labels,
-                                agree & (run.score > self.profile.thresholds.demote))
+            thresholds = self.profile.thresholds
+            suspected = (agree & (model_labels == thresholds.suspect) & (run.score > thresholds.suspect_demote)
+                         if thresholds.suspect is not None else np.zeros(len(x), dtype=bool))
+            demoted = demotions(run.logits, benign_logits, model_labels, agree & (run.score > thresholds.demote),
+                                suspected)
             answer = apply_policy(self.policy, run.logits, benign_logits, flagged, demoted)
             labels = answer.argmax(axis=1)
         seconds = {"engine": t1 - t0, "repredict": time.perf_counter() - t1}

@@ -28,15 +28,17 @@ def margin(logits: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return logits[rows, classes] - others.max(axis=1)
 
 
-def demotions(logits: np.ndarray, benign_logits: np.ndarray, labels: np.ndarray, extreme: np.ndarray) -> np.ndarray:
-    """Of the `extreme` rows (past the demote threshold, re-prediction agreeing with the model's `labels`), those to
-    demote: where cutting the out-of-profile features narrowed the answer's margin, so they were holding it up.
-    Where they pushed towards another class (a trigger that did not take), the runner-up is often the attacker's
-    target, and the model's own answer is the safer one."""
+def demotions(logits: np.ndarray, benign_logits: np.ndarray, labels: np.ndarray, extreme: np.ndarray,
+              suspected: np.ndarray) -> np.ndarray:
+    """The rows to demote. Of the `extreme` rows (past the demote threshold, re-prediction agreeing with the model's
+    `labels`), those where cutting the out-of-profile features narrowed the answer's margin, so they were holding it
+    up; where they pushed towards another class (a trigger that did not take), the runner-up is often the attacker's
+    target, and the model's own answer is the safer one. The `suspected` rows (answered with the scan's suspected
+    target, past its own threshold) are demoted whatever the margin: the class refused is the target itself."""
     demoted = extreme.copy()
     rows = np.flatnonzero(extreme)
     demoted[rows] = margin(benign_logits[rows], labels[rows]) < margin(logits[rows], labels[rows])
-    return demoted
+    return demoted | suspected
 
 
 def apply_policy(policy: Policy, logits: np.ndarray, benign_logits: np.ndarray, flagged: np.ndarray,
