@@ -31,12 +31,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     model = args.model
     if args.suspect is None and args.scan:
         from guard.model.graph import load_model
-        from guard.scan import run_scan
+        from guard.scan import ScanSettings, run_scan
 
         model = load_model(args.model)
-        scanned = run_scan(model, x, y)
-        suspect = scanned.classes.suspect
-        settings.suspect = None if suspect is None else int(suspect)
+        scanned = run_scan(model, x, y, settings=ScanSettings(seed=args.seed))
+        settings.suspect = suspect = scanned.classes.suspect
         print(f"guard: scan suspects {'no class' if suspect is None else f'class {suspect}'} "
               f"({scanned.figures['seconds']:.1f} s)")
     profile = calibrate(model, x, y, settings=settings, progress=not args.quiet)
@@ -356,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the class guard scan named as the likely backdoor target (scan.json's suspect): "
                                 "requests answered with it are demoted from a lower threshold")
     suspicion.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True,
-                           help="run guard scan first (default settings) and take its suspect, if it names one "
-                                "(default; --no-scan skips it, for a model too large to scan)")
+                           help="run guard scan first (default settings, this --seed) and take its suspect, if "
+                                "it names one (default; --no-scan skips it, for a model too large to scan)")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(run=_calibrate)
