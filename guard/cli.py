@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     suspicion = cal.add_mutually_exclusive_group()
     suspicion.add_argument("--suspect", type=int,
                            help="the class guard scan named as the likely backdoor target (scan.json's suspect): "
-                                "requests answered with it are demoted from a lower threshold")
+                                "requests answered with it are demoted from a threshold of their own")
     suspicion.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True,
                            help="run guard scan first (default settings, this --seed) and take its suspect, if "
                                 "it names one (default; --no-scan skips it, for a model too large to scan)")

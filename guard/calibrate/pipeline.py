@@ -57,8 +57,8 @@ class CalibrationSettings:
     # both architectures): docs/design.md.
     demote_rate: float = 0.015
     # The class `guard scan` named as the likely backdoor target, if any. A request the model answers with it is
-    # demoted from a lower threshold: one that at most `suspect_rate` of the clean requests answered with it pass
-    # (bounded like the FPR). A request out of profile that claims the suspected target is evidence twice over.
+    # demoted from a threshold of its own, which at most `suspect_rate` of the clean requests answered with it pass
+    # (bounded like the FPR; usually below the general one). A request out of profile that claims the suspected target is evidence twice over.
     # Tuned on training-split images (seeds 10-12, both architectures): docs/design.md, "The scan's suspect".
     suspect: int | None = None
     suspect_rate: float = 0.05

@@ -101,8 +101,8 @@ class Thresholds:
     demote: float = math.inf
     # The score's parts; [] = one unstandardised part over all taps, as profiles written before parts existed score.
     parts: list[PartScale] = field(default_factory=list)
-    # The class `guard scan` named as the likely backdoor target (None: none named), and the lower threshold above
-    # which a request the model answers with it is demoted (inf: never).
+    # The class `guard scan` named as the likely backdoor target (None: none named), and the threshold of its own
+    # above which a request the model answers with it is demoted (inf: never).
     suspect: int | None = None
     suspect_demote: float = math.inf
 
