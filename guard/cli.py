@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="chance that the false-positive rate stays within --fpr (default 0.9; 0.5: on average)")
     cal.add_argument("--demote-rate", type=float, default=0.015,
                      help="share of clean requests, bounded like --fpr, so far outside their class's profile that "
-                          "guard answers another class (default 0.015; 0: never)")
+                          "guard answers another class (default 0.015; 0: never, the suspect's answers too)")
     cal.add_argument("--acc-budget", type=float, default=0.01, help="clean accuracy the mask may cost (0.01)")
     cal.add_argument("--no-prune", action="store_true", help="do not choose a static mask")
     cal.add_argument("--no-dense-part", action="store_true",

@@ -212,6 +212,17 @@ CORRUPTIONS = {
                              "suspect must be a class number below 10"),
     "suspect-not-an-integer": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "suspect", 1.5)),
                                "suspect must be a class number"),
+    "suspect-a-bool": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "suspect", True)),
+                       "suspect must be a class number"),
+    "suspect-threshold-nan": (lambda s, p: _edited(s, p, lambda t, m: m["thresholds"].update(
+        suspect=0, suspect_demote=float("nan"))), "suspect's demote threshold must be null or a number"),
+    "suspect-threshold-a-string": (lambda s, p: _edited(s, p, lambda t, m: m["thresholds"].update(
+        suspect=0, suspect_demote="5")), "suspect_demote threshold must be a number or null"),
+    "suspect-in-format-4": (lambda s, p: _edited(s, p, lambda t, m: (_set(m, "format", "guard.profile/4"),
+                                                                      _set(m["thresholds"], "suspect", 0))),
+                            "only a format-5 profile may name a suspect"),
+    "demote-a-bool": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "demote", True)),
+                      "demote threshold must be a number or null"),
     "suspect-threshold-alone": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "suspect_demote",
                                                                               m["thresholds"]["tau"] + 1)),
                                 "needs a suspect class"),
@@ -329,6 +340,21 @@ def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(setup: Setup
     assert summary["model_sha256"] == setup.profile.model_sha256
     assert [t["name"] for t in summary["taps"]] == setup.profile.tap_names
     assert summary["thresholds"]["tau"] == profile.thresholds.tau
+
+
+def test_cli_calibrate_with_a_named_suspect_skips_the_scan(setup: Setup, tmp_path: Path) -> None:
+    np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
+    done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "p.safetensors", "--quiet",
+                   "--suspect", "3", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "scan suspects" not in done.stdout and "guard.scan" not in done.stderr
+    assert "class 3's answers demoted at rate" in done.stdout
+    profile = Profile.load(tmp_path / "p.safetensors")
+    assert profile.thresholds.suspect == 3 and profile.settings["suspect"] == 3
+    assert profile.thresholds.suspect_demote >= profile.thresholds.tau
+    both = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "q.safetensors", "--quiet",
+                   "--suspect", "3", "--scan", cwd=tmp_path)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 
 def test_cli_serve_with_a_corrupt_profile_fails_in_one_line(setup: Setup, tmp_path: Path) -> None:
@@ -479,6 +505,22 @@ def test_a_suspect_gets_its_own_demote_threshold_on_its_clean_answers(setup: Set
     assert older.thresholds == plain
     with pytest.raises(GuardError, match="--suspect 10 is not a class of this model"):
         calibrate(setup.model_path, setup.x_cal, setup.y_cal, settings=CalibrationSettings(suspect=10))
+
+
+def test_a_suspect_with_too_few_clean_answers_or_with_demotion_off(setup: Setup) -> None:
+    """Fewer than 45 clean answers of a class cannot bound 5% with 90% confidence: the suspect is demoted from the
+    general threshold. --demote-rate 0 demotes nothing, the suspect's answers included."""
+    answers = np.bincount(_served(setup, setup.x_cal)[1], minlength=10)
+    suspect = int(np.where(answers < 45, answers, 0).argmax())  # the class with the most answers short of 45
+    assert answers[suspect] > 10
+    few = calibrate(setup.model_path, setup.x_cal, setup.y_cal,
+                    settings=CalibrationSettings(suspect=np.int64(suspect)))
+    assert few.thresholds.suspect == suspect and type(few.settings["suspect"]) is int
+    assert few.thresholds.suspect_demote == few.thresholds.demote == setup.profile.thresholds.demote
+    off = calibrate(setup.model_path, setup.x_cal, setup.y_cal,
+                    settings=CalibrationSettings(suspect=suspect, suspect_rate=0.2, demote_rate=0))
+    assert off.thresholds.suspect == suspect and off.thresholds.suspect_demote == float("inf")
+    assert off.figures["calibration_suspect_demote_rate"] == 0
 
 
 def _served(setup: Setup, x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:

@@ -87,6 +87,10 @@ class CalibrationSettings:
     seed: int = 0
     extra: dict[str, object] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.suspect, np.integer):  # a class number from numpy is still a class number (and JSON-able)
+            self.suspect = int(self.suspect)
+
     def validate(self) -> None:
         """Refuse settings that cannot calibrate, naming the option."""
         if not 0 < self.fpr < 1:
@@ -101,7 +105,7 @@ class CalibrationSettings:
             raise GuardError(f"the suspect's demote rate must lie in (0, 1), got {self.suspect_rate}")
         if self.suspect is not None and (isinstance(self.suspect, bool) or not isinstance(self.suspect, int)
                                          or self.suspect < 0):
-            raise GuardError(f"--suspect must be a class number, got {self.suspect!r}")
+            raise GuardError(f"the suspect must be a class number, got {self.suspect!r}")
         if not 0 <= self.acc_budget < 1:
             raise GuardError(f"--acc-budget must lie in [0, 1), got {self.acc_budget}")
         if not 0 < self.holdout < 1:
@@ -224,11 +228,16 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     demote = demote_threshold(score, disagree, tau, settings.demote_rate, settings.fpr_confidence)
     suspect_demote, suspect_rate = math.inf, None
     if settings.suspect is not None:
-        # With no clean sample answered with the suspect there is nothing to bound its rate on: the general
-        # threshold stands.
         suspected = labels == settings.suspect
-        suspect_demote = (demote_threshold(score[suspected], disagree[suspected], tau, settings.suspect_rate,
-                                           settings.fpr_confidence) if suspected.any() else demote)
+        if settings.demote_rate == 0:  # --demote-rate 0: nothing is demoted
+            suspect_demote = math.inf
+        elif (1 - settings.suspect_rate) ** int((suspected & ~disagree).sum()) > 1 - settings.fpr_confidence:
+            # Too few clean answers of the suspect to bound its rate with the confidence asked for (fewer than 45 at
+            # 5% and 0.9): it is demoted from the general threshold, whose rate is bounded over all samples.
+            suspect_demote = demote
+        else:
+            suspect_demote = demote_threshold(score[suspected], disagree[suspected], tau, settings.suspect_rate,
+                                              settings.fpr_confidence)
         suspect_rate = float((~disagree & (score > suspect_demote))[suspected].mean()) if suspected.any() else 0.0
     timings["thresholds"] = round(time.perf_counter() - t0, 3)
     bar.close()

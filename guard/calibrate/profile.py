@@ -273,7 +273,8 @@ class Profile:
             taps=taps,
             class_mean=tensors["class_mean"],
             class_scale=tensors["class_scale"],
-            thresholds=_thresholds(meta["thresholds"], [tap.name for tap in taps], num_classes),
+            thresholds=_thresholds(meta["thresholds"], [tap.name for tap in taps], num_classes,
+                                   with_suspect=meta["format"] == FORMAT),
             settings=dict(meta["settings"]),
             figures=dict(meta["figures"]),
             guard_version=str(meta["guard_version"]),
@@ -284,17 +285,20 @@ class Profile:
         return profile
 
 
-def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int) -> Thresholds:
-    """Thresholds with their types and ranges checked: a profile is untrusted input."""
+def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, with_suspect: bool) -> Thresholds:
+    """Thresholds with their types and ranges checked: a profile is untrusted input. Only format 5 (`with_suspect`)
+    may name a suspect."""
     k, tau, top_q, cut = float(raw["k"]), float(raw["tau"]), raw["top_q"], float(raw["cut"])
     if not (np.isfinite(k) and np.isfinite(tau) and np.isfinite(cut)) or not isinstance(top_q, int) or top_q < 1:
         raise ValueError(f"thresholds must be finite numbers with an integer top_q >= 1, got {raw}")
-    demote = math.inf if raw.get("demote") is None else float(raw["demote"])
+    demote = _threshold_or_inf(raw, "demote")
     if not (demote >= tau and (math.isinf(demote) or np.isfinite(demote))):
         raise ValueError(f"the demote threshold must be null or a number at least tau, got {raw}")
     parts = [_part(part, tap_names) for part in raw.get("parts", [])]
-    suspect = raw.get("suspect")  # formats before 5 name none
-    suspect_demote = math.inf if raw.get("suspect_demote") is None else float(raw["suspect_demote"])
+    if not with_suspect and (raw.get("suspect") is not None or raw.get("suspect_demote") is not None):
+        raise ValueError("only a format-5 profile may name a suspect")
+    suspect = raw.get("suspect")
+    suspect_demote = _threshold_or_inf(raw, "suspect_demote")
     if not (suspect_demote >= tau and (math.isinf(suspect_demote) or np.isfinite(suspect_demote))):
         raise ValueError(f"the suspect's demote threshold must be null or a number at least tau, got {raw}")
     if suspect is None and not math.isinf(suspect_demote):
@@ -304,6 +308,16 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int) -> 
         raise ValueError(f"the suspect must be a class number below {num_classes}, got {suspect!r}")
     return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut, demote=demote, parts=parts, suspect=suspect,
                       suspect_demote=suspect_demote)
+
+
+def _threshold_or_inf(raw: dict[str, Any], key: str) -> float:
+    """An optional threshold: null (or absent) is inf; anything else must be a JSON number."""
+    value = raw.get(key)
+    if value is None:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"the {key} threshold must be a number or null, got {value!r}")
+    return float(value)
 
 
 def _part(raw: dict[str, Any], tap_names: list[str]) -> PartScale:

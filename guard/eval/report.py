@@ -381,8 +381,9 @@ torch {machine['torch']}), no GPU.
   reconstructions (ALGORITHMS.md). NONE training starts its rounds from the undefended model, which is exactly its
   first step (normal training on the same data).
 - **Guard's default** is what `guard calibrate` does with its defaults: the static mask, the consistency check, and
-  the class `guard scan` suspects (the scan in the last table, {settings['scan_steps']} steps), whose answers are
-  demoted from a threshold of their own. The consistency check's column is the check alone: no mask, no suspect.
+  the class `guard scan` suspects, whose answers are demoted from a threshold of their own. The suspect is the
+  scan's in the last table, run at {settings['scan_steps']} steps (the command's scan runs 200). The consistency
+  check's column is the check alone: no mask, no suspect.
 - **Targets checked below** (issue 3): CA within {100 * MAX_ACCURACY_LOSS:g} point of no defense; ASR ≤
   {100 * MAX_ASR:g}% (≤ 5% for wanet and adaptive); AUROC ≥ {MIN_AUROC}; observed FPR within
   {100 * MAX_FPR_DEVIATION:g} points of the target; on the clean model, at most the target flagged and at most
