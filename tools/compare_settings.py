@@ -7,6 +7,11 @@ clean accuracy, clean flag rate, attack success and detection AUROC are printed 
 
     python -m tools.compare_settings --arch resnet --attacks blend wanet --seeds 10 11 12 \\
         --variant single='{"dense_part": false}' --variant parts='{}'
+
+A variant whose `suspect` is "scan" takes the class `guard scan` suspects on that model (as `guard calibrate` does
+by default; the scan runs once per model, at the eval's 150 steps):
+
+    python -m tools.compare_settings --variant plain='{}' --variant scan='{"suspect": "scan"}'
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.eval.metrics import auroc
 from guard.eval.suite import TARGET
 from guard.runtime.guard import Guard
+from guard.scan import ScanSettings, run_scan
 from tools.tuning import comparison_args, comparison_cases
 
 
@@ -25,7 +31,12 @@ def main() -> None:
     for seed, attack_name, case in comparison_cases(args):
         loaded = case.loaded()
         row: dict[str, object] = {"arch": args.arch, "attack": attack_name, "seed": seed}
+        if any(fields.get("suspect") == "scan" for _, fields in args.variant):
+            scan = run_scan(loaded, case.x_def, case.y_def, settings=ScanSettings(steps=150, seed=seed))
+            row["scan_suspect"] = scan.classes.suspect
         for name, fields in args.variant:
+            if fields.get("suspect") == "scan":
+                fields = {**fields, "suspect": row["scan_suspect"]}
             settings = CalibrationSettings(**{"seed": seed, **fields})
             guard = Guard(loaded, calibrate(loaded, case.x_def, case.y_def, settings=settings), threads=1)
             clean = guard.predict(case.x_meas)
