@@ -184,3 +184,16 @@ def demote_threshold(scores: np.ndarray, disagree: np.ndarray, tau: float, rate:
     if allowed >= len(by_score):
         return tau
     return max(tau, float(by_score[allowed]))
+
+
+def suspect_threshold(scores: np.ndarray, disagree: np.ndarray, suspected: np.ndarray, tau: float, demote: float,
+                      rate: float, confidence: float) -> float:
+    """The demote threshold of the `suspected` samples' class (the scan's suspect): `demote_threshold` over them
+    alone. Where too few of them agree with their re-prediction to bound `rate` with `confidence` (fewer than 45 at
+    5% and 0.9), the general threshold `demote` stands, whose rate is bounded over all samples; inf when `demote` is
+    (demotion off)."""
+    if math.isinf(demote):
+        return math.inf
+    if (1 - rate) ** int((suspected & ~disagree).sum()) > 1 - confidence:
+        return demote
+    return demote_threshold(scores[suspected], disagree[suspected], tau, rate, confidence)

@@ -25,6 +25,7 @@ from guard.calibrate.consistency import (
     fit_parts,
     out_of_fold,
     score_threshold,
+    suspect_threshold,
 )
 from guard.calibrate.linf import linf_stats
 from guard.calibrate.masking import candidate_order, choose_static_mask
@@ -58,8 +59,9 @@ class CalibrationSettings:
     demote_rate: float = 0.015
     # The class `guard scan` named as the likely backdoor target, if any. A request the model answers with it is
     # demoted from a threshold of its own, which at most `suspect_rate` of the clean requests answered with it pass
-    # (bounded like the FPR; usually below the general one). A request out of profile that claims the suspected target is evidence twice over.
-    # Tuned on training-split images (seeds 10-12, both architectures): docs/design.md, "The scan's suspect".
+    # (bounded like the FPR; usually below the general one): a request out of profile that claims the suspected
+    # target is evidence twice over. Tuned on training-split images (seeds 10-14, both architectures): docs/design.md,
+    # "The scan's suspect".
     suspect: int | None = None
     suspect_rate: float = 0.05
     acc_budget: float = 0.01  # clean accuracy the static mask may cost (absolute, on the held-out split)
@@ -229,15 +231,8 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     suspect_demote, suspect_rate = math.inf, None
     if settings.suspect is not None:
         suspected = labels == settings.suspect
-        if settings.demote_rate == 0:  # --demote-rate 0: nothing is demoted
-            suspect_demote = math.inf
-        elif (1 - settings.suspect_rate) ** int((suspected & ~disagree).sum()) > 1 - settings.fpr_confidence:
-            # Too few clean answers of the suspect to bound its rate with the confidence asked for (fewer than 45 at
-            # 5% and 0.9): it is demoted from the general threshold, whose rate is bounded over all samples.
-            suspect_demote = demote
-        else:
-            suspect_demote = demote_threshold(score[suspected], disagree[suspected], tau, settings.suspect_rate,
-                                              settings.fpr_confidence)
+        suspect_demote = suspect_threshold(score, disagree, suspected, tau, demote, settings.suspect_rate,
+                                           settings.fpr_confidence)
         suspect_rate = float((~disagree & (score > suspect_demote))[suspected].mean()) if suspected.any() else 0.0
     timings["thresholds"] = round(time.perf_counter() - t0, 3)
     bar.close()

@@ -291,16 +291,12 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
     k, tau, top_q, cut = float(raw["k"]), float(raw["tau"]), raw["top_q"], float(raw["cut"])
     if not (np.isfinite(k) and np.isfinite(tau) and np.isfinite(cut)) or not isinstance(top_q, int) or top_q < 1:
         raise ValueError(f"thresholds must be finite numbers with an integer top_q >= 1, got {raw}")
-    demote = _threshold_or_inf(raw, "demote")
-    if not (demote >= tau and (math.isinf(demote) or np.isfinite(demote))):
-        raise ValueError(f"the demote threshold must be null or a number at least tau, got {raw}")
+    demote = _threshold_or_inf(raw, "demote", tau, "the demote threshold")
     parts = [_part(part, tap_names) for part in raw.get("parts", [])]
     if not with_suspect and (raw.get("suspect") is not None or raw.get("suspect_demote") is not None):
         raise ValueError("only a format-5 profile may name a suspect")
     suspect = raw.get("suspect")
-    suspect_demote = _threshold_or_inf(raw, "suspect_demote")
-    if not (suspect_demote >= tau and (math.isinf(suspect_demote) or np.isfinite(suspect_demote))):
-        raise ValueError(f"the suspect's demote threshold must be null or a number at least tau, got {raw}")
+    suspect_demote = _threshold_or_inf(raw, "suspect_demote", tau, "the suspect's demote threshold")
     if suspect is None and not math.isinf(suspect_demote):
         raise ValueError(f"a suspect's demote threshold needs a suspect class, got {raw}")
     if suspect is not None and not (isinstance(suspect, int) and not isinstance(suspect, bool)
@@ -310,13 +306,15 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
                       suspect_demote=suspect_demote)
 
 
-def _threshold_or_inf(raw: dict[str, Any], key: str) -> float:
-    """An optional threshold: null (or absent) is inf; anything else must be a JSON number."""
+def _threshold_or_inf(raw: dict[str, Any], key: str, tau: float, name: str) -> float:
+    """An optional threshold above τ: null (or absent) is inf (off); anything else must be a number at least τ."""
     value = raw.get(key)
     if value is None:
         return math.inf
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"the {key} threshold must be a number or null, got {value!r}")
+    if not value >= tau:  # NaN fails too
+        raise ValueError(f"{name} must be null or a number at least tau, got {raw}")
     return float(value)
 
 
