@@ -25,7 +25,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         layers=args.layers.split(",") if args.layers else None, fpr=args.fpr,
         fpr_confidence=args.fpr_confidence, demote_rate=args.demote_rate, acc_budget=args.acc_budget,
         prune=not args.no_prune, dense_part=not args.no_dense_part, dense_score=args.dense_score, seed=args.seed,
-        suspect=args.suspect,
+        suspect=args.suspect, reference=args.reference, reference_rate=args.reference_rate,
     )
     settings.validate()  # before the scan's seconds are spent
     model = args.model
@@ -44,10 +44,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     suspected = ("" if profile.thresholds.suspect is None else
                  f", class {profile.thresholds.suspect}'s answers demoted at rate "
                  f"{f['calibration_suspect_demote_rate']:.3f} (at most {settings.suspect_rate})")
+    referred = ("" if not profile.reference else
+                f", reference overrules {f['reference_overrule_rate']:.3f} of {f['reference_holdout_samples']} "
+                f"held-out samples (held-out accuracy {f['reference_holdout_accuracy']:.3f})")
     print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
           f"channels, held-out accuracy {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
           f"cross-fitted flag rate {f['calibration_flag_rate']:.3f} (target {args.fpr}), demote rate "
-          f"{f['calibration_demote_rate']:.3f} (at most {args.demote_rate}){suspected}, {f['seconds']:.1f} s")
+          f"{f['calibration_demote_rate']:.3f} (at most {args.demote_rate}){suspected}{referred}, "
+          f"{f['seconds']:.1f} s")
     return 0
 
 
@@ -357,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     suspicion.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True,
                            help="run guard scan first (default settings, this --seed) and take its suspect, if "
                                 "it names one (default; --no-scan skips it, for a model too large to scan)")
+    cal.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                     help="fine-tune a copy of the model on the clean samples and store it in the profile; at serve "
+                          "time it answers the requests it firmly disagrees with the model on (default; "
+                          "--no-reference: the profile holds no weights, and serving runs the model only)")
+    cal.add_argument("--reference-rate", type=float, default=0.05,
+                     help="share of clean requests, measured on samples the fine-tuning held out, that the "
+                          "reference answers (default 0.05)")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(run=_calibrate)

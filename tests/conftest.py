@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,12 @@ class Backdoored:
         """Triggered evaluation images whose true class is not the target, with their true labels."""
         victims = self.y_eval != TARGET
         return self.attack.apply(self.x_eval[victims]), self.y_eval[victims]
+
+
+def run_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`guard ARGS...` in a fresh interpreter, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "guard", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, check=False)
 
 
 @pytest.fixture(scope="session", autouse=True)

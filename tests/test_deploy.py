@@ -165,12 +165,17 @@ def test_dashboard_and_rules_answer_from_real_traffic(stack, backdoored: Backdoo
     panels = dashboard_expressions()
     for name, expr in panels.items():
         assert finite(query(api, expr)), f"no finite value for the dashboard's {name}: {expr!r}"
-    dashboard_share = query(api, panels["Flagged and demoted share of samples / A"])
+    shares = "Flagged, demoted and overruled share of samples"
+    dashboard_share = query(api, panels[f"{shares} / A"])
     assert dashboard_share == pytest.approx([share], abs=0.01), "the flagged-share panel must match what was sent"
     local = Guard.load(backdoored.model_path, backdoored.profile_path)
-    demoted = sum(int(local.predict(x).demoted.sum()) for x in batches)
+    answered = [local.predict(x) for x in batches]
+    demoted = sum(int(result.demoted.sum()) for result in answered)
     assert demoted > 0, "some triggered request must be demoted for the demoted series to mean much"
-    assert query(api, panels["Flagged and demoted share of samples / B"]) == pytest.approx([demoted / sent], abs=0.01)
+    assert query(api, panels[f"{shares} / B"]) == pytest.approx([demoted / sent], abs=0.01)
+    overruled = sum(int(result.overruled.sum()) for result in answered)
+    assert overruled > 0, "the reference must overrule some request for the overruled series to mean much"
+    assert query(api, panels[f"{shares} / C"]) == pytest.approx([overruled / sent], abs=0.01)
     assert max(query(api, panels["Errors by gRPC code / A"])) > 0, "the refused requests must show as errors"
 
     rules = yaml.safe_load(RULES.read_text())

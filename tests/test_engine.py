@@ -13,8 +13,10 @@ import torch
 
 from conftest import TARGET, Backdoored
 from guard.calibrate.activations import collect
+from guard.calibrate.reference import reference_model
 from guard.calibrate.taps import OnnxTaps
 from guard.errors import GuardError
+from guard.model.bridge import OnnxModule
 from guard.model.graph import load_model
 from guard.model.serving import serving_graphs
 from guard.runtime.checks import repredict_masks
@@ -51,9 +53,10 @@ def test_served_graph_is_the_model_plus_guard_nodes_only(guard: Guard, backdoore
 
 
 def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdoored, requests: np.ndarray) -> None:
-    """Fused graph + tail give what calibration's torch path and the numpy check give, step by step."""
+    """Fused graph + tail + reference give what calibration's torch path and the numpy check give, step by step."""
     profile = guard.profile
-    taps = OnnxTaps(load_model(backdoored.model_path), profile.tap_names)
+    loaded = load_model(backdoored.model_path)
+    taps = OnnxTaps(loaded, profile.tap_names)
     keep = [t.keep for t in profile.taps]
     bounds = [t.unit_bound for t in profile.taps]
     with torch.no_grad():
@@ -78,18 +81,27 @@ def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdo
     runner_up = benign_logits.copy()
     runner_up[np.arange(len(requests)), masked.predictions] = -np.inf
     expected = np.where(demoted, runner_up.argmax(axis=1), np.where(flagged, benign, masked.predictions))
+    # the reference: the model with the profile's weights, run in torch; it answers where it disagrees enough
+    reference = OnnxModule(reference_model(loaded.proto, profile.reference)).eval()
+    with torch.no_grad():
+        log_probs = torch.log_softmax(reference.run(torch.as_tensor(requests))[0][loaded.output_name], dim=1).numpy()
+    gap = log_probs.max(axis=1) - log_probs[np.arange(len(requests)), own]
+    overruled = gap > profile.thresholds.overrule
+    expected = np.where(overruled, log_probs.argmax(axis=1), expected)
 
     result = guard.predict(requests)
     assert 0 < rows.size < len(requests)
     assert demoted.any(), "some request must be demoted for this test to mean much"
     decided = ((np.abs(verdict.score - guard.tau) > 1e-3) & (np.abs(verdict.score - profile.thresholds.demote) > 1e-3)
-               & (np.abs(benign_margin - model_margin) > 1e-3))
+               & (np.abs(benign_margin - model_margin) > 1e-3) & (np.abs(gap - profile.thresholds.overrule) > 1e-3))
+    assert 0 < overruled.sum() < len(requests), "the reference must overrule some requests, not all"
     np.testing.assert_array_equal(guard.engine.run(requests).needs[decided], needs[decided])
     np.testing.assert_allclose(result.score, verdict.score, atol=1e-4)
     np.testing.assert_array_equal(result.model_labels, masked.predictions)
     np.testing.assert_array_equal(result.flagged[decided], flagged[decided])
     np.testing.assert_array_equal(result.labels[decided], expected[decided])
     np.testing.assert_array_equal(result.demoted[decided], demoted[decided])
+    np.testing.assert_array_equal(result.overruled[decided], overruled[decided])
     assert result.flagged[len(requests) // 2:].mean() > 0.8, "triggered requests must be flagged"
 
 
@@ -131,8 +143,8 @@ def test_answers_of_the_suspect_are_refused_from_its_own_threshold(guard: Guard,
     """A profile naming the backdoor's target as the suspect demotes the rows the model answers with it past the
     suspect's threshold (here τ itself, the lowest a profile allows), whatever the margin; every other row is
     answered as without a suspect."""
-    profile = guard.profile
-    plain_thresholds = dataclasses.replace(profile.thresholds, demote=math.inf)
+    profile = dataclasses.replace(guard.profile, reference={})  # without the reference, which answers the target less
+    plain_thresholds = dataclasses.replace(profile.thresholds, demote=math.inf, overrule=math.inf)
     plain = Guard(load_model(backdoored.model_path), dataclasses.replace(profile, thresholds=plain_thresholds))
     named = Guard(load_model(backdoored.model_path), dataclasses.replace(profile, thresholds=dataclasses.replace(
         plain_thresholds, suspect=TARGET, suspect_demote=profile.thresholds.tau)))

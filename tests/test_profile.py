@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from conftest import run_cli
 from guard.calibrate.activations import collect
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import FORMAT, Profile
@@ -134,14 +135,15 @@ def test_guard_loaded_from_files_answers_like_guard_built_in_memory(setup: Setup
     in_memory = Guard(load_model(setup.model_path), setup.profile)
     x = np.concatenate([setup.x_eval, BadNets(size=4).apply(setup.x_eval[:50])])
     a, b = from_files.predict(x), in_memory.predict(x)
-    for field in ("labels", "logits", "flagged", "score", "model_labels"):
+    for field in ("labels", "logits", "flagged", "score", "model_labels", "overruled"):
         assert np.array_equal(getattr(a, field), getattr(b, field)), field
     assert a.labels.shape == (len(x),) and a.logits.shape == (len(x), 10)
     assert np.array_equal(a.labels, a.logits.argmax(axis=1))
     assert a.flagged[: len(setup.x_eval)].mean() < 0.3  # clean data: about the calibrated 5%, not everything
-    # without a flag, the answer is the served model's own
-    calm = ~a.flagged
+    # without a flag or the reference's veto, the answer is the served model's own; with the veto, the reference's
+    calm = ~a.flagged & ~a.overruled
     assert np.array_equal(a.labels[calm], a.model_labels[calm])
+    assert a.overruled.any() and np.all(a.labels[a.overruled] != a.model_labels[a.overruled])
 
 
 # ---------------------------------------------------------------------------------------------- refusals
@@ -168,6 +170,17 @@ def _edited(setup: Setup, path: Path, edit) -> Path:
 
 def _set(mapping: dict, key: str, value: object) -> None:
     mapping[key] = value
+
+
+def _without_reference_weights(tensors: dict[str, np.ndarray], meta: dict) -> None:
+    for name in [name for name in tensors if name.startswith("reference/")]:
+        tensors.pop(name)
+
+
+def _without_reference(tensors: dict[str, np.ndarray], meta: dict) -> None:
+    """As a profile written before format 6: no reference."""
+    _without_reference_weights(tensors, meta)
+    meta["thresholds"].pop("overrule")
 
 
 def _pad_channel(tensors: dict[str, np.ndarray], key: str) -> None:
@@ -220,7 +233,17 @@ CORRUPTIONS = {
         suspect=0, suspect_demote="5")), "suspect_demote threshold must be a number or null"),
     "suspect-in-format-4": (lambda s, p: _edited(s, p, lambda t, m: (_set(m, "format", "guard.profile/4"),
                                                                       _set(m["thresholds"], "suspect", 0))),
-                            "only a format-5 profile may name a suspect"),
+                            "only a format-5 profile or later may name a suspect"),
+    "reference-in-format-5": (lambda s, p: _edited(s, p, lambda t, m: _set(m, "format", "guard.profile/5")),
+                              "only a format-6 profile may carry a reference"),
+    "reference-weights-alone": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "overrule", None)),
+                                "a reference's weights and its overrule threshold come together"),
+    "overrule-threshold-alone": (lambda s, p: _edited(s, p, _without_reference_weights),
+                                 "a reference's weights and its overrule threshold come together"),
+    "overrule-negative": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "overrule", -1.0)),
+                          "overrule threshold must be null or a number at least 0"),
+    "overrule-a-string": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "overrule", "1")),
+                          "overrule threshold must be a number or null"),
     "demote-a-bool": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "demote", True)),
                       "demote threshold must be a number or null"),
     "suspect-threshold-alone": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "suspect_demote",
@@ -302,11 +325,6 @@ def test_profile_whose_tap_has_more_channels_than_the_model_is_refused(setup: Se
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
-def run_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "guard", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, check=False)
-
-
 def assert_one_line_error(done: subprocess.CompletedProcess, fragment: str) -> None:
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
@@ -386,7 +404,7 @@ def test_cli_calibrate_with_a_missing_data_file_fails_in_one_line(setup: Setup, 
 
 
 @pytest.mark.parametrize(("option", "value"), [("--fpr-confidence", "1"), ("--demote-rate", "-0.1"),
-                                               ("--suspect", "10")])
+                                               ("--suspect", "10"), ("--reference-rate", "1")])
 def test_cli_calibrate_with_an_impossible_setting_fails_in_one_line(setup: Setup, tmp_path: Path, option: str,
                                                                    value: str) -> None:
     np.savez(tmp_path / "clean.npz", x=setup.x_cal[:40], y=setup.y_cal[:40])
@@ -436,6 +454,7 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
     assert single.settings["dense_part"] is False
 
     def as_format_2(tensors: dict, meta: dict) -> None:
+        _without_reference(tensors, meta)
         meta["format"] = "guard.profile/2"
         meta["thresholds"].pop("parts")
         for name in [name for name in tensors if name.startswith("parts.")]:
@@ -447,6 +466,7 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
     top_q = Profile.load(tmp_path / "top_q.safetensors")
     assert [p.kind for p in top_q.thresholds.parts] == ["top_q", "top_q"] and top_q.settings["dense_score"] == "top_q"
     tensors, meta = raw_parts(tmp_path / "top_q.safetensors")
+    _without_reference(tensors, meta)
     meta["format"] = "guard.profile/3"
     for part in meta["thresholds"]["parts"]:
         assert part.pop("kind") == "top_q"  # format 3 had no kinds
@@ -497,12 +517,13 @@ def test_a_suspect_gets_its_own_demote_threshold_on_its_clean_answers(setup: Set
     assert (raw["suspect"], raw["suspect_demote"]) == (suspect, thresholds.suspect_demote)
 
     def as_format_4(tensors: dict, meta: dict) -> None:
+        _without_reference(tensors, meta)
         meta["format"] = "guard.profile/4"
         meta["thresholds"].pop("suspect")
         meta["thresholds"].pop("suspect_demote")
 
     older = Profile.load(_edited(setup, tmp_path / "format4.safetensors", as_format_4))
-    assert older.thresholds == plain
+    assert older.thresholds == dataclasses.replace(plain, overrule=math.inf) and not older.reference
     with pytest.raises(GuardError, match="--suspect 10 is not a class of this model"):
         calibrate(setup.model_path, setup.x_cal, setup.y_cal, settings=CalibrationSettings(suspect=10))
 

@@ -138,6 +138,10 @@ def test_metrics_count_exactly_what_was_sent(server: GuardServer, client: triton
     assert demoted > 0, "some triggered request must be demoted for the count to mean much"
     assert (metric(after, "guard_demoted_samples_total", model=MODEL)
             - metric(before, "guard_demoted_samples_total", model=MODEL)) == demoted
+    overruled = sum(int(local.predict(x).overruled.sum()) for x in sent)
+    assert overruled > 0, "the fixture's profile carries a reference, which must overrule some request"
+    assert (metric(after, "guard_overruled_samples_total", model=MODEL)
+            - metric(before, "guard_overruled_samples_total", model=MODEL)) == overruled
     assert metric(after, "guard_model_ready", model=MODEL) == 1
     assert metric(after, "guard_inflight_requests") == 0
     assert metric(after, "guard_request_duration_seconds_count", model=MODEL, stage="engine") >= len(sent)

@@ -30,6 +30,7 @@ from guard.calibrate.consistency import (
 from guard.calibrate.linf import linf_stats
 from guard.calibrate.masking import candidate_order, choose_static_mask
 from guard.calibrate.profile import PartScale, Profile, TapProfile, Thresholds
+from guard.calibrate.reference import fit_reference
 from guard.calibrate.salience import benign_salience, benign_set
 from guard.calibrate.taps import ModuleTaps, OnnxTaps, TapModel
 from guard.errors import GuardError
@@ -64,6 +65,12 @@ class CalibrationSettings:
     # "The scan's suspect".
     suspect: int | None = None
     suspect_rate: float = 0.05
+    # Fine-tune a copy of the model on the clean samples (the reference) and answer with it where it firmly
+    # disagrees with the model: about `reference_rate` of clean requests, measured on samples the fine-tuning held
+    # out. Spread-out triggers that the check lets through fade under fine-tuning. Tuned on training-split images
+    # (seeds 10-11, both architectures): docs/design.md, "The reference".
+    reference: bool = True
+    reference_rate: float = 0.05
     acc_budget: float = 0.01  # clean accuracy the static mask may cost (absolute, on the held-out split)
     benign_share: float = 0.99  # share of a layer's benign salience the benign set covers
     holdout: float = 0.3  # share of the clean data held out for the static mask's accuracy
@@ -103,6 +110,8 @@ class CalibrationSettings:
             raise GuardError(f"cross-fitting needs at least 2 folds, got {self.folds}")
         if not 0 <= self.demote_rate < 1:
             raise GuardError(f"--demote-rate must lie in [0, 1), got {self.demote_rate}")
+        if not 0 < self.reference_rate < 1:
+            raise GuardError(f"--reference-rate must lie in (0, 1), got {self.reference_rate}")
         if not 0 < self.suspect_rate < 1:
             raise GuardError(f"the suspect's demote rate must lie in (0, 1), got {self.suspect_rate}")
         if self.suspect is not None and (isinstance(self.suspect, bool) or not isinstance(self.suspect, int)
@@ -236,10 +245,18 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         suspect_rate = float((~disagree & (score > suspect_demote))[suspected].mean()) if suspected.any() else 0.0
     timings["thresholds"] = round(time.perf_counter() - t0, 3)
     bar.close()
+    reference = None
+    if settings.reference:
+        model_labels = np.empty(len(x), dtype=np.int64)
+        model_labels[order] = labels
+        reference = timed("reference", fit_reference, loaded, x, y, model_labels, rate=settings.reference_rate,
+                          seed=settings.seed)
 
     draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q, cut=settings.cut_z, demote=demote,
                                   parts=[PartScale.of(group, part) for group, part in zip(groups, parts, strict=True)],
-                                  suspect=settings.suspect, suspect_demote=suspect_demote)
+                                  suspect=settings.suspect, suspect_demote=suspect_demote,
+                                  overrule=math.inf if not reference or not reference.weights else reference.threshold)
+    draft.reference = reference.weights if reference else {}
     draft.settings = {**asdict(settings), "layers": taps}
     draft.figures = {
         "samples": len(x), "fit_samples": len(fit), "holdout_samples": len(hold), "labels_given": y is not None,
@@ -250,6 +267,10 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "calibration_demote_rate": float(((score > demote) & ~disagree).mean()),
         # of the clean samples answered with the suspect, the share past its own threshold (None: no suspect)
         "calibration_suspect_demote_rate": suspect_rate,
+        # the reference on the samples its fine-tuning held out (None: no reference)
+        "reference_holdout_samples": reference.holdout_samples if reference else None,
+        "reference_holdout_accuracy": reference.holdout_accuracy if reference else None,
+        "reference_overrule_rate": reference.overrule_rate if reference else None,
         "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
     }
     return draft

@@ -26,10 +26,14 @@ from guard.runtime.checks import ConsistencyCheck, DistancePart, Part, ScorePart
 # 4: a part may be a distance (`kind`, with its class means and whitening matrix among the tensors); a format-3 guard
 # would read it as a top-q part, so format 4 is refused there. 5: thresholds may name a suspected backdoor target
 # (`suspect`, `suspect_demote`); a format-4 guard would answer that class as before, with less protection than the
-# profile promises, so format 5 is refused there.
-FORMAT = "guard.profile/5"
-# Format 4 and 3 read with no suspect, format 3 as top-q parts, format 2 as one unstandardised part, each as it scored.
-_READABLE = (FORMAT, "guard.profile/4", "guard.profile/3", "guard.profile/2")
+# profile promises, so format 5 is refused there. 6: the profile may carry a reference (a fine-tuned copy of the
+# model's weights, tensors "reference/NAME") and the threshold past which it overrules the model (`overrule`); a
+# format-5 guard would ignore it, so format 6 is refused there.
+FORMAT = "guard.profile/6"
+# Format 5 reads with no reference; 4 and 3 with no suspect either, format 3 as top-q parts, format 2 as one
+# unstandardised part, each as it scored.
+_READABLE = (FORMAT, "guard.profile/5", "guard.profile/4", "guard.profile/3", "guard.profile/2")
+_REFERENCE = "reference/"  # the prefix of the reference's tensors
 _PART_KINDS = ("top_q", "distance")
 _TAP_ARRAYS = ("linf_mean", "linf_std", "linf_p99", "linf_p999", "peakedness", "salience", "benign", "keep")
 
@@ -105,13 +109,17 @@ class Thresholds:
     # above which a request the model answers with it is demoted (inf: never).
     suspect: int | None = None
     suspect_demote: float = math.inf
+    # Where the profile carries a reference: the disagreement (guard.calibrate.reference) past which the reference's
+    # answer replaces the model's (inf: no reference).
+    overrule: float = math.inf
 
     def as_json(self) -> dict[str, Any]:
         """The thresholds as a JSON object (an infinite demote threshold, demotion off, is null; a distance part's
         arrays live among the profile's tensors)."""
         return {"k": self.k, "tau": self.tau, "top_q": self.top_q, "cut": self.cut,
                 "demote": _finite_or_null(self.demote), "parts": [part.as_json() for part in self.parts],
-                "suspect": self.suspect, "suspect_demote": _finite_or_null(self.suspect_demote)}
+                "suspect": self.suspect, "suspect_demote": _finite_or_null(self.suspect_demote),
+                "overrule": _finite_or_null(self.overrule)}
 
 
 def _finite_or_null(value: float) -> float | None:
@@ -133,6 +141,8 @@ class Profile:
     settings: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
     guard_version: str = __version__
+    # The reference's weights (guard.calibrate.reference): the model's initializers that fine-tuning changed, by name.
+    reference: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def tap_names(self) -> list[str]:
@@ -199,6 +209,7 @@ class Profile:
             if part.kind == "distance":
                 tensors[f"parts.{index}.class_mean"] = part.class_mean.astype(np.float32)
                 tensors[f"parts.{index}.whiten"] = part.whiten.astype(np.float32)
+        tensors.update({_REFERENCE + name: value for name, value in self.reference.items()})
         meta = {
             "format": FORMAT,
             "guard_version": self.guard_version,
@@ -274,7 +285,7 @@ class Profile:
             class_mean=tensors["class_mean"],
             class_scale=tensors["class_scale"],
             thresholds=_thresholds(meta["thresholds"], [tap.name for tap in taps], num_classes,
-                                   with_suspect=meta["format"] == FORMAT),
+                                   version=int(meta["format"].rsplit("/", 1)[1])),
             settings=dict(meta["settings"]),
             figures=dict(meta["figures"]),
             guard_version=str(meta["guard_version"]),
@@ -282,19 +293,25 @@ class Profile:
         for index, part in enumerate(profile.thresholds.parts):
             if part.kind == "distance":
                 part.class_mean, part.whiten = _distance_arrays(profile, part, index, tensors)
+        profile.reference = {key[len(_REFERENCE):]: value for key, value in tensors.items()
+                             if key.startswith(_REFERENCE)}
+        if bool(profile.reference) == math.isinf(profile.thresholds.overrule):
+            raise ValueError("a reference's weights and its overrule threshold come together, or neither")
         return profile
 
 
-def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, with_suspect: bool) -> Thresholds:
-    """Thresholds with their types and ranges checked: a profile is untrusted input. Only format 5 (`with_suspect`)
-    may name a suspect."""
+def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, version: int) -> Thresholds:
+    """Thresholds with their types and ranges checked: a profile is untrusted input. Only format 5 and later may name
+    a suspect, only format 6 a reference's threshold."""
     k, tau, top_q, cut = float(raw["k"]), float(raw["tau"]), raw["top_q"], float(raw["cut"])
     if not (np.isfinite(k) and np.isfinite(tau) and np.isfinite(cut)) or not isinstance(top_q, int) or top_q < 1:
         raise ValueError(f"thresholds must be finite numbers with an integer top_q >= 1, got {raw}")
     demote = _threshold_or_inf(raw, "demote", tau, "the demote threshold")
     parts = [_part(part, tap_names) for part in raw.get("parts", [])]
-    if not with_suspect and (raw.get("suspect") is not None or raw.get("suspect_demote") is not None):
-        raise ValueError("only a format-5 profile may name a suspect")
+    if version < 5 and (raw.get("suspect") is not None or raw.get("suspect_demote") is not None):
+        raise ValueError("only a format-5 profile or later may name a suspect")
+    if version < 6 and raw.get("overrule") is not None:
+        raise ValueError("only a format-6 profile may carry a reference")
     suspect = raw.get("suspect")
     suspect_demote = _threshold_or_inf(raw, "suspect_demote", tau, "the suspect's demote threshold")
     if suspect is None and not math.isinf(suspect_demote):
@@ -302,19 +319,21 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
     if suspect is not None and not (isinstance(suspect, int) and not isinstance(suspect, bool)
                                     and 0 <= suspect < num_classes):
         raise ValueError(f"the suspect must be a class number below {num_classes}, got {suspect!r}")
+    overrule = _threshold_or_inf(raw, "overrule", 0.0, "the reference's overrule threshold", "0")
     return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut, demote=demote, parts=parts, suspect=suspect,
-                      suspect_demote=suspect_demote)
+                      suspect_demote=suspect_demote, overrule=overrule)
 
 
-def _threshold_or_inf(raw: dict[str, Any], key: str, tau: float, name: str) -> float:
-    """An optional threshold above τ: null (or absent) is inf (off); anything else must be a number at least τ."""
+def _threshold_or_inf(raw: dict[str, Any], key: str, floor: float, name: str, floor_name: str = "tau") -> float:
+    """An optional threshold: null (or absent) is inf (off); anything else must be a number at least `floor` (τ for
+    a demote threshold)."""
     value = raw.get(key)
     if value is None:
         return math.inf
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"the {key} threshold must be a number or null, got {value!r}")
-    if not value >= tau:  # NaN fails too
-        raise ValueError(f"{name} must be null or a number at least tau, got {raw}")
+    if not value >= floor:  # NaN fails too
+        raise ValueError(f"{name} must be null or a number at least {floor_name}, got {raw}")
     return float(value)
 
 

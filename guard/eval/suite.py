@@ -250,10 +250,11 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
 
         scan = run_scan(loaded, x_def, y_def, settings=ScanSettings(steps=settings.scan_steps,
                                                                      acc_budget=settings.acc_budget, seed=case.seed))
-        # guard: the default combination (static mask, check, the scan's suspect), and the consistency check alone
+        # guard: the default combination (static mask, check, the scan's suspect, the reference), and the consistency
+        # check alone
         for name, prune in (("guard", True), ("check", False)):
             cal = CalibrationSettings(fpr=settings.fpr, acc_budget=settings.acc_budget, prune=prune,
-                                      suspect=scan.classes.suspect if prune else None,
+                                      suspect=scan.classes.suspect if prune else None, reference=prune,
                                       seed=case.seed)
             profile, seconds = _timed(lambda cal=cal: calibrate(loaded, x_def, y_def, settings=cal))
             guarded = Guard(loaded, profile, policy=Policy.ENFORCE, threads=1)  # type: ignore[arg-type]

@@ -88,7 +88,8 @@ def _sessions(ort: Any, device: str, threads: int) -> tuple[Any, list[str]]:
 
 
 class UnguardedModel:
-    """The model exactly as it was given, no mask and no check: what a guard that fails open answers with."""
+    """A model as it is, no mask and no check: the model itself, which a guard that fails open answers with, or the
+    profile's reference (a fine-tuned copy)."""
 
     def __init__(self, model: bytes, input_name: str, device: str = "cpu", threads: int = 0) -> None:
         ort = _onnxruntime()
@@ -97,10 +98,13 @@ class UnguardedModel:
             self.session = ort.InferenceSession(model, options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors; report them plainly
             raise ModelError(f"ONNX Runtime could not load the model: {exc}") from None
+        self._ort = ort
         self.input_name = input_name
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+    def logits(self, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """`deadline` (time.perf_counter()): abort the run, raising, once it passes."""
+        with _run_options(self._ort, deadline) as options:
+            return self.session.run(None, {self.input_name: x}, options)[0]
 
 
 @contextmanager

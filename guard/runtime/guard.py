@@ -3,7 +3,7 @@
 request x -> validate -> engine (masked model, ℓ∞ per tap and the consistency check, all in one graph) -> the tail
 of the network re-run for the samples with compromised channels or a score above tau -> verdict and policy (a
 score above the demote threshold, or above the suspect's for an answer of the class the scan suspects, refuses the
-model's own class) -> Result.
+model's own class) -> the reference (a fine-tuned copy) overrules the answers it firmly disagrees with -> Result.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from guard.calibrate.profile import Profile
+from guard.calibrate.reference import disagreement, reference_model
 from guard.errors import CheckFailedError, GuardError, ModelError, ProfileError, RequestError
 from guard.model.graph import LoadedModel, load_model, tap_channels, validate_taps
 from guard.model.serving import serving_graphs
 from guard.runtime.engine import UnguardedModel, build_engine
-from guard.runtime.policy import FailurePolicy, Policy, apply_policy, demotions
+from guard.runtime.policy import FailurePolicy, Policy, apply_policy, demotions, overrule
 
 log = logging.getLogger("guard.runtime")
 
@@ -37,6 +38,8 @@ class Result:
     # (N,) bool: far enough outside its class's profile that the model's own class was refused (under `monitor`, the
     # answer is the model's all the same)
     demoted: np.ndarray
+    # (N,) bool: the profile's reference firmly disagreed with the model's answer, and (under `enforce`) answered
+    overruled: np.ndarray
     stage_seconds: dict[str, float] = field(default_factory=dict)
     unchecked: bool = False  # the check failed and the policy failed open: the unguarded model answered
 
@@ -44,7 +47,7 @@ class Result:
         """Samples start..stop of this result (a dynamic batch split back into its requests)."""
         return Result(self.labels[start:stop], self.logits[start:stop], self.flagged[start:stop],
                       self.score[start:stop], self.model_labels[start:stop], self.demoted[start:stop],
-                      dict(self.stage_seconds), self.unchecked)
+                      self.overruled[start:stop], dict(self.stage_seconds), self.unchecked)
 
 
 class Guard:
@@ -88,6 +91,9 @@ class Guard:
         self.engine = build_engine(engine, graphs, model.input_name, model.output_name, device, threads, io_binding)
         self.on_failure = FailurePolicy(on_failure)
         self.check_budget = check_budget
+        # The reference runs beside the served graph, as a plain session of the model with the profile's weights.
+        self._reference = (UnguardedModel(reference_model(model.proto, profile.reference).SerializeToString(),
+                                          model.input_name, device, threads) if profile.reference else None)
         self._warm_up()
         # Failing open answers with the model as it is, so it needs a session of its own, built before serving.
         self._unguarded = (UnguardedModel(model.proto.SerializeToString(), model.input_name, device, threads)
@@ -114,6 +120,8 @@ class Guard:
         try:
             run = self.engine.run(x)
             self.engine.repredict(run, np.zeros(1, dtype=np.int64))
+            if self._reference is not None:
+                self._reference.logits(x)
         except (ModelError, ProfileError):
             raise
         except Exception as exc:  # noqa: BLE001 - the engines raise their own types; all mean this pair is unusable
@@ -149,7 +157,8 @@ class Guard:
             labels = logits.argmax(axis=1).astype(np.int64)
             return Result(labels=labels, logits=logits.astype(np.float32, copy=False),
                           flagged=np.zeros(len(x), dtype=bool), score=np.full(len(x), np.nan, dtype=np.float32),
-                          model_labels=labels, demoted=np.zeros(len(x), dtype=bool), unchecked=True)
+                          model_labels=labels, demoted=np.zeros(len(x), dtype=bool),
+                          overruled=np.zeros(len(x), dtype=bool), unchecked=True)
 
     def _guarded(self, x: np.ndarray) -> Result:
         t0 = time.perf_counter()
@@ -173,7 +182,16 @@ class Guard:
                                 suspected)
             answer = apply_policy(self.policy, run.logits, benign_logits, flagged, demoted)
             labels = answer.argmax(axis=1)
-        seconds = {"engine": t1 - t0, "repredict": time.perf_counter() - t1}
+        t2 = time.perf_counter()
+        overruled = np.zeros(len(x), dtype=bool)
+        if self._reference is not None:
+            reference_logits = self._reference.logits(x, deadline)
+            overruled = disagreement(reference_logits, model_labels) > self.profile.thresholds.overrule
+            answer = overrule(self.policy, answer, reference_logits, overruled)
+            labels = answer.argmax(axis=1)
+        seconds = {"engine": t1 - t0, "repredict": t2 - t1}
+        if self._reference is not None:
+            seconds["reference"] = time.perf_counter() - t2
         return Result(
             labels=labels.astype(np.int64, copy=False),
             logits=answer.astype(np.float32, copy=False),
@@ -182,4 +200,5 @@ class Guard:
             model_labels=model_labels.astype(np.int64, copy=False),
             stage_seconds=seconds,
             demoted=demoted,
+            overruled=overruled,
         )

@@ -1,5 +1,6 @@
 """What the guard does with a flagged request: `monitor` reports it, `enforce` answers with the benign re-prediction,
-or, for a request far outside its class's profile, with the best class other than the model's own."""
+or, for a request far outside its class's profile, with the best class other than the model's own; and with a
+request its reference firmly disagrees with: `enforce` answers with the reference."""
 
 from __future__ import annotations
 
@@ -53,3 +54,13 @@ def apply_policy(policy: Policy, logits: np.ndarray, benign_logits: np.ndarray, 
         own = logits[rows].argmax(axis=1)
         answer[rows, own] = np.nextafter(answer[rows].min(axis=1), -np.inf)
     return answer
+
+
+def overrule(policy: Policy, answer: np.ndarray, reference_logits: np.ndarray, overruled: np.ndarray) -> np.ndarray:
+    """Under `enforce`, the `overruled` rows answer with the reference's logits, whatever the check made of them: the
+    reference has lost most of a backdoor that fine-tuning undoes, and a trigger the check missed is one of those."""
+    if policy is Policy.MONITOR or not overruled.any():
+        return answer
+    out = answer.copy()
+    out[overruled] = reference_logits[overruled]
+    return out

@@ -89,6 +89,7 @@ class DataPlane:
         m.samples.labels(model=name, verdict="clean").inc(len(result.flagged) - flagged)
         m.requests.labels(model=name, verdict="flagged" if flagged else "clean").inc()
         m.demoted.labels(model=name).inc(int(result.demoted.sum()))
+        m.overruled.labels(model=name).inc(int(result.overruled.sum()))
         for stage, seconds in {"decode": decode_seconds, **result.stage_seconds, "total": total}.items():
             m.duration.labels(model=name, stage=stage).observe(seconds)
         if not result.unchecked:  # an unguarded answer has no score

@@ -17,7 +17,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 ERROR_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
                "DEADLINE_EXCEEDED", "INTERNAL")
 # The stages a request's time is split into (guard/server/dataplane.py, Result.stage_seconds, the batcher).
-STAGES = ("decode", "queue", "engine", "repredict", "total")
+STAGES = ("decode", "queue", "engine", "repredict", "reference", "total")
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # The score is in units of its clean spread (a part's 95th percentile sits at 1): on the eval's models tau is about
 # 1.2 and the demote threshold about 2.
@@ -46,6 +46,9 @@ class Metrics:
         self.demoted = Counter("guard_demoted_samples_total",
                                "Flagged samples so far outside their class's profile that the model's own class was "
                                "refused (under the monitor policy: would have been)", ["model"], registry=r)
+        self.overruled = Counter("guard_overruled_samples_total",
+                                 "Samples the profile's reference (a fine-tuned copy) firmly disagreed with, and "
+                                 "answered (under the monitor policy: would have)", ["model"], registry=r)
         self.check_failures = Counter("guard_check_failures_total",
                                       "Requests the guard could not check, by what the failure policy did",
                                       ["model", "outcome"], registry=r)
@@ -63,6 +66,7 @@ class Metrics:
             self.duration.labels(model=model, stage=stage)
         self.score.labels(model=model)
         self.demoted.labels(model=model)
+        self.overruled.labels(model=model)
         for outcome in ("refused", "answered_unguarded"):
             self.check_failures.labels(model=model, outcome=outcome)
         self.batch.labels(model=model)

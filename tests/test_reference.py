@@ -1,0 +1,132 @@
+"""The reference: a copy of the model fine-tuned on the clean set, stored in the profile, that answers the requests it
+firmly disagrees with the model on. Its mechanics on small data, its refusal of weights that do not fit the model,
+and what it does against a blend backdoor the check alone lets through."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from onnx import numpy_helper
+
+from conftest import TARGET, Backdoored, run_cli
+from guard.calibrate.pipeline import CalibrationSettings, calibrate
+from guard.calibrate.profile import Profile
+from guard.calibrate.reference import disagreement, overrule_threshold
+from guard.errors import ProfileError
+from guard.eval.attacks import Blend
+from guard.eval.models import SmallCNN, export_onnx, train
+from guard.model.graph import load_model
+from guard.runtime.guard import Guard
+from guard.runtime.policy import Policy
+
+
+def test_disagreement_is_the_log_probability_the_reference_prefers_its_own_answer_by() -> None:
+    logits = np.array([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0], [1.0, 1.0, 0.0]], dtype=np.float32)
+    labels = np.array([0, 0, 1])
+    log_probs = torch.log_softmax(torch.as_tensor(logits), dim=1).numpy()
+    expected = log_probs.max(axis=1) - log_probs[np.arange(3), labels]
+    np.testing.assert_allclose(disagreement(logits, labels), expected, atol=1e-6)
+    assert disagreement(logits, labels)[0] == 0  # agreeing: nothing to overrule
+    assert disagreement(logits, labels)[2] == 0  # a tie with the answer is no disagreement either
+
+
+def test_overrule_threshold_passes_about_the_rate_and_never_an_agreeing_answer() -> None:
+    gaps = np.random.default_rng(0).exponential(size=999).astype(np.float32)
+    threshold = overrule_threshold(gaps, 0.05)
+    # floor(0.05 * 1000) above it: a fresh sample lies above the 51st highest of 999 with chance 50 / 1000
+    assert (gaps > threshold).sum() == 50
+    assert overrule_threshold(np.zeros(100, dtype=np.float32), 0.05) == 0.0  # agreement is never overruled
+    mostly_agreeing = np.concatenate([np.zeros(97), [1.0, 2.0, 3.0]]).astype(np.float32)
+    assert overrule_threshold(mostly_agreeing, 0.05) == 0.0  # fewer disagreements than the rate: all of them pass
+
+
+def test_calibration_stores_the_fine_tuned_weights_and_a_threshold_set_on_held_out_samples(
+        backdoored: Backdoored, tmp_path: Path) -> None:
+    profile = Profile.load(backdoored.profile_path)
+    loaded = load_model(backdoored.model_path)
+    own = {init.name: numpy_helper.to_array(init) for init in loaded.proto.graph.initializer}
+    assert profile.reference and set(profile.reference) <= set(own)
+    for name, value in profile.reference.items():
+        assert value.shape == own[name].shape and value.dtype == own[name].dtype
+        assert not np.array_equal(value, own[name]), f"{name} is stored but unchanged"
+    assert 0 < profile.thresholds.overrule < math.inf
+    figures = profile.figures
+    assert figures["reference_holdout_samples"] == 100  # repair's held-out fifth of the 500 clean samples
+    assert 0 < figures["reference_overrule_rate"] <= 0.06  # the split-conformal count over 100: at most 5 of them
+    assert profile.settings["reference"] is True and profile.settings["reference_rate"] == 0.05
+    # fresh clean requests: about the rate overruled, and the answers no worse for it
+    guard = Guard(loaded, profile)
+    fresh = guard.predict(backdoored.x_eval)
+    assert 0.005 < fresh.overruled.mean() < 0.15
+    assert (fresh.labels == backdoored.y_eval).mean() >= (fresh.model_labels == backdoored.y_eval).mean() - 0.01
+
+
+def test_monitor_reports_the_overruled_requests_and_answers_as_the_model(backdoored: Backdoored) -> None:
+    x = np.concatenate([backdoored.x_eval[:200], backdoored.triggered()[0][:100]])
+    enforce = Guard.load(backdoored.model_path, backdoored.profile_path).predict(x)
+    monitor = Guard.load(backdoored.model_path, backdoored.profile_path, policy=Policy.MONITOR).predict(x)
+    assert np.array_equal(monitor.overruled, enforce.overruled) and enforce.overruled.any()
+    assert np.array_equal(monitor.labels, monitor.model_labels)
+    assert np.all(enforce.labels[enforce.overruled] != enforce.model_labels[enforce.overruled])
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda weights, name: {**weights, "no_such_weight": weights[name]}, "not a weight of this model"),
+    (lambda weights, name: {**weights, name: weights[name][..., :1]}, "the model's is float32"),
+    (lambda weights, name: {**weights, name: weights[name].astype(np.float64)}, "the model's is float32"),
+    (lambda weights, name: {**weights, name: np.full_like(weights[name], np.nan)}, "is not finite"),
+], ids=["unknown-name", "wrong-shape", "wrong-dtype", "nan"])
+def test_reference_weights_that_do_not_fit_the_model_are_refused(backdoored: Backdoored, tmp_path: Path, edit,
+                                                                 message: str) -> None:
+    profile = Profile.load(backdoored.profile_path)
+    name = next(iter(profile.reference))
+    edited = dataclasses.replace(profile, reference=edit(profile.reference, name))
+    path = edited.save(tmp_path / "edited.safetensors")
+    with pytest.raises(ProfileError, match=message):
+        Guard.load(backdoored.model_path, path)
+
+
+def test_a_profile_without_a_reference_runs_the_model_only(backdoored: Backdoored, tmp_path: Path) -> None:
+    np.savez(tmp_path / "clean.npz", x=backdoored.x_clean, y=backdoored.y_clean)
+    done = run_cli("calibrate", backdoored.model_path, "--data", "clean.npz", "--out", "plain.safetensors", "--quiet",
+                   "--no-scan", "--no-reference", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "reference" not in done.stdout
+    plain = Profile.load(tmp_path / "plain.safetensors")
+    assert not plain.reference and plain.thresholds.overrule == math.inf
+    assert plain.figures["reference_overrule_rate"] is None
+    result = Guard.load(backdoored.model_path, tmp_path / "plain.safetensors").predict(backdoored.x_eval)
+    assert not result.overruled.any() and "reference" not in result.stage_seconds
+    with_reference = Profile.load(backdoored.profile_path)
+    assert plain.thresholds == dataclasses.replace(with_reference.thresholds, overrule=math.inf)
+
+
+def test_the_reference_answers_blended_requests_the_check_lets_through(fashion, tmp_path: Path) -> None:
+    """A blend backdoor raises no unit past its clean range, so the check alone answers the target for many blended
+    requests; fine-tuning on the clean set fades the backdoor, and the reference answers them."""
+    x_train, y_train, x_test, y_test = fashion
+    rng = np.random.default_rng(3)
+    subset = rng.choice(len(x_train), 5000, replace=False)
+    blend = Blend()
+    x_poisoned, y_poisoned, _ = blend.poison(x_train[subset], y_train[subset], 0.1, TARGET, rng)
+    torch.manual_seed(3)
+    module = train(SmallCNN(), x_poisoned, y_poisoned, epochs=3, seed=3).eval()
+    loaded = load_model(export_onnx(module, tmp_path / "blend.onnx", torch.zeros(1, 1, 28, 28)))
+    profile = calibrate(loaded, x_test[:500], y_test[:500], settings=CalibrationSettings(seed=3))
+    without = dataclasses.replace(profile, reference={},
+                                  thresholds=dataclasses.replace(profile.thresholds, overrule=math.inf))
+    x_eval, y_eval = x_test[1000:2000], y_test[1000:2000]
+    victims = y_eval != TARGET
+    triggered = blend.apply(x_eval[victims], np.random.default_rng(4))
+    asr = {name: float((Guard(loaded, p).predict(triggered).labels == TARGET).mean())
+           for name, p in (("with", profile), ("without", without))}
+    clean = {name: float((Guard(loaded, p).predict(x_eval).labels == y_eval).mean())
+             for name, p in (("with", profile), ("without", without))}
+    assert asr["without"] > 0.1, f"the check alone must leave the blend backdoor some success for this to test: {asr}"
+    assert asr["with"] < asr["without"] - 0.2, asr  # measured: 0.93 -> 0.55
+    assert clean["with"] >= clean["without"] - 0.01, clean
