@@ -166,6 +166,9 @@ def _inspect(args: argparse.Namespace) -> int:
         "taps": [{"name": t.name, "kind": t.kind, "channels": t.channels, "pruned": int((~t.keep).sum()),
                   "benign": int(t.benign.sum()), "fold": t.fold} for t in profile.taps],
         "thresholds": profile.thresholds.as_json(),
+        # the reference's weights: how many tensors and values the profile swaps into the model
+        "reference": {"tensors": len(profile.reference),
+                      "values": sum(int(value.size) for value in profile.reference.values())},
         "settings": profile.settings,
         "figures": profile.figures,
     }

@@ -358,6 +358,11 @@ def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(setup: Setup
     assert summary["model_sha256"] == setup.profile.model_sha256
     assert [t["name"] for t in summary["taps"]] == setup.profile.tap_names
     assert summary["thresholds"]["tau"] == profile.thresholds.tau
+    assert summary["thresholds"]["overrule"] == profile.thresholds.overrule
+    assert summary["reference"] == {"tensors": len(profile.reference),
+                                    "values": sum(v.size for v in profile.reference.values())}
+    assert summary["reference"]["tensors"] > 0
+    assert "reference overrules" in done.stdout  # the calibration's printout says what the reference does
 
 
 def test_cli_calibrate_with_a_named_suspect_skips_the_scan(setup: Setup, tmp_path: Path) -> None:
