@@ -368,9 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fine-tune a copy of the model on the clean samples and store it in the profile; at serve "
                           "time it answers the requests it firmly disagrees with the model on (default; "
                           "--no-reference: the profile holds no weights, and serving runs the model only)")
-    cal.add_argument("--reference-rate", type=float, default=0.05,
+    cal.add_argument("--reference-rate", type=float, default=0.08,
                      help="share of clean requests, measured on samples the fine-tuning held out, that the "
-                          "reference answers (default 0.05)")
+                          "reference answers (default 0.08)")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(run=_calibrate)

@@ -37,9 +37,12 @@ def test_quick_eval_writes_report_plots_and_raw_figures(quick_report: tuple[int,
     figures = json.loads((out / "figures.json").read_text())
     assert {(c["attack"], c["arch"]) for c in figures["cases"]} == {("badnets", "cnn"), ("clean", "cnn")}
     badnets = next(c for c in figures["cases"] if c["attack"] == "badnets")
-    expected = {"none", "fine-pruning", "strip", "linf-prune", "salience-prune", "check", "guard", "fine-tuning",
-                "ar-repair", "none-train"}
+    expected = {"none", "fine-pruning", "strip", "linf-prune", "salience-prune", "check", "guard-no-reference",
+                "guard", "fine-tuning", "ar-repair", "none-train"}
     assert set(badnets["methods"]) == expected
+    assert "| guard without the reference | guard (default) |" in report
+    guard = badnets["methods"]["guard"]
+    assert 0 < guard["overruled_clean"] < 0.15 < guard["overruled_triggered"]  # the reference vetoes the trigger
     assert "## Model repair: targets" in report and "| AR repair | NONE training |" in report
     none_train = badnets["methods"]["none-train"]
     assert 0 <= none_train["recall"] <= 1

@@ -57,12 +57,12 @@ def test_calibration_stores_the_fine_tuned_weights_and_a_threshold_set_on_held_o
     assert 0 < profile.thresholds.overrule < math.inf
     figures = profile.figures
     assert figures["reference_holdout_samples"] == 100  # repair's held-out fifth of the 500 clean samples
-    assert 0 < figures["reference_overrule_rate"] <= 0.06  # the split-conformal count over 100: at most 5 of them
-    assert profile.settings["reference"] is True and profile.settings["reference_rate"] == 0.05
+    assert 0 < figures["reference_overrule_rate"] <= 0.08  # the split-conformal count over 100: at most 8 of them
+    assert profile.settings["reference"] is True and profile.settings["reference_rate"] == 0.08
     # fresh clean requests: about the rate overruled, and the answers no worse for it
     guard = Guard(loaded, profile)
     fresh = guard.predict(backdoored.x_eval)
-    assert 0.005 < fresh.overruled.mean() < 0.15
+    assert 0.01 < fresh.overruled.mean() < 0.2
     assert (fresh.labels == backdoored.y_eval).mean() >= (fresh.model_labels == backdoored.y_eval).mean() - 0.01
 
 

@@ -67,10 +67,12 @@ class CalibrationSettings:
     suspect_rate: float = 0.05
     # Fine-tune a copy of the model on the clean samples (the reference) and answer with it where it firmly
     # disagrees with the model: about `reference_rate` of clean requests, measured on samples the fine-tuning held
-    # out. Spread-out triggers that the check lets through fade under fine-tuning. Tuned on training-split images
-    # (seeds 10-11, both architectures): docs/design.md, "The reference".
+    # out. Spread-out triggers that the check lets through fade under fine-tuning. `reference_lr` is the fine-tuning's
+    # starting rate (Adam, cosine decay, 10 epochs): 5e-3 faded backdoors a little more but cost a clean ResNet 2.4
+    # points. Tuned on training-split images (seeds 10-12, both architectures): docs/design.md, "The reference".
     reference: bool = True
-    reference_rate: float = 0.05
+    reference_rate: float = 0.08
+    reference_lr: float = 2e-3
     acc_budget: float = 0.01  # clean accuracy the static mask may cost (absolute, on the held-out split)
     benign_share: float = 0.99  # share of a layer's benign salience the benign set covers
     holdout: float = 0.3  # share of the clean data held out for the static mask's accuracy
@@ -112,6 +114,8 @@ class CalibrationSettings:
             raise GuardError(f"--demote-rate must lie in [0, 1), got {self.demote_rate}")
         if not 0 < self.reference_rate < 1:
             raise GuardError(f"--reference-rate must lie in (0, 1), got {self.reference_rate}")
+        if not (np.isfinite(self.reference_lr) and self.reference_lr > 0):
+            raise GuardError(f"the reference's learning rate must be a positive number, got {self.reference_lr}")
         if not 0 < self.suspect_rate < 1:
             raise GuardError(f"the suspect's demote rate must lie in (0, 1), got {self.suspect_rate}")
         if self.suspect is not None and (isinstance(self.suspect, bool) or not isinstance(self.suspect, int)
@@ -250,7 +254,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         model_labels = np.empty(len(x), dtype=np.int64)
         model_labels[order] = labels
         reference = timed("reference", fit_reference, loaded, x, y, model_labels, rate=settings.reference_rate,
-                          seed=settings.seed)
+                          lr=settings.reference_lr, seed=settings.seed)
 
     draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q, cut=settings.cut_z, demote=demote,
                                   parts=[PartScale.of(group, part) for group, part in zip(groups, parts, strict=True)],

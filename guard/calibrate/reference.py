@@ -54,10 +54,10 @@ def overrule_threshold(gaps: np.ndarray, rate: float) -> float:
 
 
 def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, model_labels: np.ndarray, *,
-                  rate: float, seed: int) -> ReferenceFit:
+                  rate: float, lr: float, seed: int) -> ReferenceFit:
     """Fine-tune a copy of `loaded` on `x` (labels `y`, else the model's answers) and set the threshold on the
     samples fine-tuning held out, against `model_labels` (the served model's answers to `x`)."""
-    settings = RepairSettings(method="finetune", seed=seed)
+    settings = RepairSettings(method="finetune", lr=lr, seed=seed)
     tuned, report = repair(loaded, x, y, settings=settings)
     hold, _ = holdout_split(len(x), settings.holdout, seed)  # the split repair made: these were not trained on
     session = UnguardedModel(tuned.SerializeToString(), loaded.input_name)

@@ -15,12 +15,13 @@ import numpy as np
 from guard.eval.metrics import mean_spread
 
 # Rows of the "what each part adds" table, in the order a reader builds up the defense.
-METHODS = ("none", "fine-pruning", "linf-prune", "salience-prune", "check", "guard")
+METHODS = ("none", "fine-pruning", "linf-prune", "salience-prune", "check", "guard-no-reference", "guard")
 # Rows of the model-repair table (issue 4): models cleaned offline, served as they are.
 REPAIRS = ("none", "fine-pruning", "fine-tuning", "salience-prune", "ar-repair", "none-train")
 METHOD_TITLES = {
     "none": "no defense", "fine-pruning": "fine-pruning", "strip": "STRIP", "linf-prune": "ℓ∞-gap pruning (scan)",
-    "salience-prune": "benign-salience pruning", "check": "consistency check", "guard": "guard (default)",
+    "salience-prune": "benign-salience pruning", "check": "consistency check",
+    "guard-no-reference": "guard without the reference", "guard": "guard (default)",
     "fine-tuning": "fine-tuning", "ar-repair": "AR repair", "none-train": "NONE training",
 }
 # Issue 4's targets for the repaired models.
@@ -380,10 +381,12 @@ torch {machine['torch']}), no GPU.
 - **Methods.** The consistency check is LinkBreaker-style, and the pruning methods and AR repair are
   reconstructions (ALGORITHMS.md). NONE training starts its rounds from the undefended model, which is exactly its
   first step (normal training on the same data).
-- **Guard's default** is what `guard calibrate` does with its defaults: the static mask, the consistency check, and
-  the class `guard scan` suspects, whose answers are demoted from a threshold of their own. The suspect is the
-  scan's in the last table, run at {settings['scan_steps']} steps (the command's scan runs 200). The consistency
-  check's column is the check alone: no mask, no suspect.
+- **Guard's default** is what `guard calibrate` does with its defaults: the static mask, the consistency check,
+  the class `guard scan` suspects, whose answers are demoted from a threshold of their own, and the reference, a copy
+  of the model fine-tuned on the clean set that answers the requests it firmly disagrees with the model on (about 8%
+  of clean ones). The suspect is the scan's in the last table, run at {settings['scan_steps']} steps (the command's
+  scan runs 200). The consistency check's column is the check alone: no mask, no suspect, no reference; "guard
+  without the reference" is the default's profile with its reference taken out.
 - **Targets checked below** (issue 3): CA within {100 * MAX_ACCURACY_LOSS:g} point of no defense; ASR ≤
   {100 * MAX_ASR:g}% (≤ 5% for wanet and adaptive); AUROC ≥ {MIN_AUROC}; observed FPR within
   {100 * MAX_FPR_DEVIATION:g} points of the target; on the clean model, at most the target flagged and at most

@@ -10,13 +10,14 @@ Thresholds come from the defender's clean set only; triggered images are used fo
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from importlib import import_module
 from multiprocessing import get_context
@@ -265,6 +266,15 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
             row["calibration_seconds"] = round(seconds, 2)
             methods[name] = row
             if prune:
+                # what the reference adds: the same profile without it
+                plain = Guard(loaded, replace(profile, reference={}, thresholds=replace(profile.thresholds,
+                                                                                          overrule=math.inf)),
+                              policy=Policy.ENFORCE, threads=1)  # type: ignore[arg-type]
+                plain_clean, plain_trig = both(plain.predict)
+                methods["guard-no-reference"] = _answers(plain_clean.labels, y_eval,
+                                                         None if plain_trig is None else plain_trig.labels, y_trig)
+                row["overruled_clean"] = float(clean.overruled.mean())
+                row["overruled_triggered"] = None if trig is None else float(trig.overruled.mean())
                 # benign-salience pruning alone: the statically masked model's own answers (the monitor view)
                 methods["salience-prune"] = _answers(clean.model_labels, y_eval,
                                                      None if trig is None else trig.model_labels, y_trig)
