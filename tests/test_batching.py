@@ -42,6 +42,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows() -> None:
         np.testing.assert_array_equal(result.labels, x[:, 0, 0, 0].astype(np.int64))
         np.testing.assert_array_equal(result.flagged, result.labels % 2 == 1)
         np.testing.assert_array_equal(result.demoted, result.labels % 3 == 0)
+        np.testing.assert_array_equal(result.overruled, result.labels % 5 == 0)
         assert result.logits.shape == (len(x), 3) and result.stage_seconds["queue"] >= 0
     assert sum(sizes) == sum(len(x) for x in requests)
     assert max(sizes) <= 16 and len(sizes) < len(requests) / 2

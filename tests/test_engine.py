@@ -13,7 +13,6 @@ import torch
 
 from conftest import TARGET, Backdoored
 from guard.calibrate.activations import collect
-from guard.calibrate.reference import reference_model
 from guard.calibrate.taps import OnnxTaps
 from guard.errors import GuardError
 from guard.model.bridge import OnnxModule
@@ -22,6 +21,7 @@ from guard.model.serving import serving_graphs
 from guard.runtime.checks import repredict_masks
 from guard.runtime.guard import Guard
 from guard.runtime.policy import Policy, apply_policy, margin
+from guard.runtime.reference import reference_model
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +143,8 @@ def test_answers_of_the_suspect_are_refused_from_its_own_threshold(guard: Guard,
     """A profile naming the backdoor's target as the suspect demotes the rows the model answers with it past the
     suspect's threshold (here τ itself, the lowest a profile allows), whatever the margin; every other row is
     answered as without a suspect."""
-    profile = dataclasses.replace(guard.profile, reference={})  # without the reference, which answers the target less
-    plain_thresholds = dataclasses.replace(profile.thresholds, demote=math.inf, overrule=math.inf)
+    profile = guard.profile.without_reference()  # the reference answers the target less
+    plain_thresholds = dataclasses.replace(profile.thresholds, demote=math.inf)
     plain = Guard(load_model(backdoored.model_path), dataclasses.replace(profile, thresholds=plain_thresholds))
     named = Guard(load_model(backdoored.model_path), dataclasses.replace(profile, thresholds=dataclasses.replace(
         plain_thresholds, suspect=TARGET, suspect_demote=profile.thresholds.tau)))
@@ -180,8 +180,10 @@ def test_io_binding_path_keeps_tail_inputs_in_the_engine(guard: Guard, backdoore
 
 def test_torch_engine_serves_the_same_profile(guard: Guard, backdoored: Backdoored, requests: np.ndarray) -> None:
     twin = Guard.load(backdoored.model_path, backdoored.profile_path, engine="torch")
-    assert twin.engine.providers == ["torch:cpu"]
+    assert twin.engine.providers == ["torch:cpu"] and twin.profile.reference  # the reference runs in torch too
     want, got = guard.predict(requests), twin.predict(requests)
+    assert want.overruled.any()
+    np.testing.assert_array_equal(got.overruled, want.overruled)
     np.testing.assert_allclose(got.score, want.score, atol=1e-4)
     decided = np.abs(want.score - guard.tau) > 1e-3
     np.testing.assert_array_equal(got.flagged[decided], want.flagged[decided])

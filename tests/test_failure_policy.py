@@ -14,7 +14,7 @@ from conftest import Backdoored
 from guard.config import ServeSettings
 from guard.errors import CheckFailedError, GuardError
 from guard.model.graph import load_model
-from guard.runtime.engine import UnguardedModel
+from guard.runtime.engine import PlainSession
 from guard.runtime.guard import Guard
 from guard.server.app import GuardServer
 
@@ -34,7 +34,7 @@ def test_fail_closed_refuses_and_fail_open_answers_unguarded(backdoored: Backdoo
         closed.predict(big_batch)
     opened = Guard.load(backdoored.model_path, backdoored.profile_path, check_budget=BUDGET, on_failure="open")
     result = opened.predict(big_batch)
-    bare = UnguardedModel(load_model(backdoored.model_path).proto.SerializeToString(), "input").logits(big_batch)
+    bare = PlainSession(load_model(backdoored.model_path).proto.SerializeToString(), "input").logits(big_batch)
     assert result.unchecked and not result.flagged.any() and np.isnan(result.score).all()
     np.testing.assert_array_equal(result.labels, bare.argmax(axis=1))  # the model's own answers, triggers and all
     unlimited = Guard.load(backdoored.model_path, backdoored.profile_path, on_failure="open").predict(big_batch)

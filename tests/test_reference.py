@@ -16,13 +16,16 @@ from onnx import numpy_helper
 from conftest import TARGET, Backdoored, run_cli
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import Profile
-from guard.calibrate.reference import disagreement, overrule_threshold
-from guard.errors import ProfileError
+from guard.calibrate.reference import fit_reference, overrule_threshold
+from guard.errors import GuardError, ProfileError
 from guard.eval.attacks import Blend
 from guard.eval.models import SmallCNN, export_onnx, train
 from guard.model.graph import load_model
+from guard.runtime.engine import PlainSession
 from guard.runtime.guard import Guard
 from guard.runtime.policy import Policy
+from guard.runtime.reference import disagreement, reference_model, trained_initializers
+from guard.samples import holdout_split
 
 
 def test_disagreement_is_the_log_probability_the_reference_prefers_its_own_answer_by() -> None:
@@ -38,11 +41,18 @@ def test_disagreement_is_the_log_probability_the_reference_prefers_its_own_answe
 def test_overrule_threshold_passes_about_the_rate_and_never_an_agreeing_answer() -> None:
     gaps = np.random.default_rng(0).exponential(size=999).astype(np.float32)
     threshold = overrule_threshold(gaps, 0.05)
-    # floor(0.05 * 1000) above it: a fresh sample lies above the 51st highest of 999 with chance 50 / 1000
+    # floor(0.05 * 1000) = 50 above it: a fresh sample lies above the 51st highest of 999 with chance 51 / 1000
     assert (gaps > threshold).sum() == 50
     assert overrule_threshold(np.zeros(100, dtype=np.float32), 0.05) == 0.0  # agreement is never overruled
     mostly_agreeing = np.concatenate([np.zeros(97), [1.0, 2.0, 3.0]]).astype(np.float32)
     assert overrule_threshold(mostly_agreeing, 0.05) == 0.0  # fewer disagreements than the rate: all of them pass
+
+
+def test_impossible_reference_settings_are_refused() -> None:
+    for fields, option in (({"reference_rate": 0.0}, "--reference-rate"), ({"reference_lr": 0.0}, "learning rate"),
+                           ({"reference_lr": float("nan")}, "learning rate")):
+        with pytest.raises(GuardError, match=option):
+            CalibrationSettings(**fields).validate()
 
 
 def test_calibration_stores_the_fine_tuned_weights_and_a_threshold_set_on_held_out_samples(
@@ -50,7 +60,7 @@ def test_calibration_stores_the_fine_tuned_weights_and_a_threshold_set_on_held_o
     profile = Profile.load(backdoored.profile_path)
     loaded = load_model(backdoored.model_path)
     own = {init.name: numpy_helper.to_array(init) for init in loaded.proto.graph.initializer}
-    assert profile.reference and set(profile.reference) <= set(own)
+    assert profile.reference and set(profile.reference) <= trained_initializers(loaded.proto)
     for name, value in profile.reference.items():
         assert value.shape == own[name].shape and value.dtype == own[name].dtype
         assert not np.array_equal(value, own[name]), f"{name} is stored but unchanged"
@@ -66,20 +76,41 @@ def test_calibration_stores_the_fine_tuned_weights_and_a_threshold_set_on_held_o
     assert (fresh.labels == backdoored.y_eval).mean() >= (fresh.model_labels == backdoored.y_eval).mean() - 0.01
 
 
+def test_the_threshold_is_set_on_the_held_out_samples_against_the_served_models_answers(
+        backdoored: Backdoored) -> None:
+    """Calibration hands fit_reference the masked model's answers in the samples' own order: refitting with the
+    answers the guard serves gives the profile's threshold, and the held-out share past it."""
+    profile = Profile.load(backdoored.profile_path)
+    loaded = load_model(backdoored.model_path)
+    x, y = backdoored.x_clean, backdoored.y_clean
+    answers = Guard(loaded, profile.without_reference()).predict(x).model_labels
+    fit = fit_reference(loaded, x, y, answers, rate=0.08, lr=2e-3, seed=0)
+    assert fit.threshold == pytest.approx(profile.thresholds.overrule, abs=1e-5)
+    hold, _ = holdout_split(len(x), 0.2, 0)
+    reference = PlainSession(reference_model(loaded.proto, fit.weights).SerializeToString(), loaded.input_name)
+    gaps = disagreement(reference.logits(x[hold]), answers[hold])
+    assert fit.overrule_rate == pytest.approx(float((gaps > fit.threshold).mean()))
+    shuffled = np.roll(answers, 1)  # answers out of order disagree with the reference far more often
+    assert (disagreement(reference.logits(x[hold]), shuffled[hold]) > fit.threshold).mean() > 3 * fit.overrule_rate
+
+
 def test_monitor_reports_the_overruled_requests_and_answers_as_the_model(backdoored: Backdoored) -> None:
     x = np.concatenate([backdoored.x_eval[:200], backdoored.triggered()[0][:100]])
-    enforce = Guard.load(backdoored.model_path, backdoored.profile_path).predict(x)
+    guard = Guard.load(backdoored.model_path, backdoored.profile_path)
+    enforce = guard.predict(x)
     monitor = Guard.load(backdoored.model_path, backdoored.profile_path, policy=Policy.MONITOR).predict(x)
     assert np.array_equal(monitor.overruled, enforce.overruled) and enforce.overruled.any()
     assert np.array_equal(monitor.labels, monitor.model_labels)
-    assert np.all(enforce.labels[enforce.overruled] != enforce.model_labels[enforce.overruled])
+    reference = PlainSession(reference_model(guard.model.proto, guard.profile.reference).SerializeToString(), "input")
+    own = reference.logits(x).argmax(axis=1)
+    assert np.array_equal(enforce.labels[enforce.overruled], own[enforce.overruled])  # the reference's answer
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (lambda weights, name: {**weights, "no_such_weight": weights[name]}, "not a weight of this model"),
+    (lambda weights, name: {**weights, "no_such_weight": weights[name]}, "not a trained weight of this model"),
     (lambda weights, name: {**weights, name: weights[name][..., :1]}, "the model's is float32"),
     (lambda weights, name: {**weights, name: weights[name].astype(np.float64)}, "the model's is float32"),
-    (lambda weights, name: {**weights, name: np.full_like(weights[name], np.nan)}, "is not finite"),
+    (lambda weights, name: {**weights, name: np.full_like(weights[name], np.nan)}, "floating-point and finite"),
 ], ids=["unknown-name", "wrong-shape", "wrong-dtype", "nan"])
 def test_reference_weights_that_do_not_fit_the_model_are_refused(backdoored: Backdoored, tmp_path: Path, edit,
                                                                  message: str) -> None:
@@ -87,8 +118,20 @@ def test_reference_weights_that_do_not_fit_the_model_are_refused(backdoored: Bac
     name = next(iter(profile.reference))
     edited = dataclasses.replace(profile, reference=edit(profile.reference, name))
     path = edited.save(tmp_path / "edited.safetensors")
-    with pytest.raises(ProfileError, match=message):
+    with pytest.raises(ProfileError, match=message):  # on reading the file, or on building the guard
         Guard.load(backdoored.model_path, path)
+    with pytest.raises(ProfileError, match=message if "finite" not in message else "is not finite"):
+        Guard(load_model(backdoored.model_path), edited)  # a profile built in memory is checked too
+
+
+def test_a_reference_may_replace_trained_weights_only(backdoored: Backdoored) -> None:
+    """A profile is untrusted: its reference may not rewrite a shape, a scale or anything but a layer's weights."""
+    proto = load_model(backdoored.model_path).proto
+    trained = trained_initializers(proto)
+    assert trained == {f"{layer}.{kind}" for layer in ("conv1", "conv2", "fc1", "fc2") for kind in ("weight", "bias")}
+    other = next(init for init in proto.graph.initializer if init.name not in trained)  # the flatten's shape
+    with pytest.raises(ProfileError, match="not a trained weight of this model"):
+        reference_model(proto, {other.name: numpy_helper.to_array(other).astype(np.float32)})
 
 
 def test_a_profile_without_a_reference_runs_the_model_only(backdoored: Backdoored, tmp_path: Path) -> None:
@@ -118,8 +161,7 @@ def test_the_reference_answers_blended_requests_the_check_lets_through(fashion, 
     module = train(SmallCNN(), x_poisoned, y_poisoned, epochs=3, seed=3).eval()
     loaded = load_model(export_onnx(module, tmp_path / "blend.onnx", torch.zeros(1, 1, 28, 28)))
     profile = calibrate(loaded, x_test[:500], y_test[:500], settings=CalibrationSettings(seed=3))
-    without = dataclasses.replace(profile, reference={},
-                                  thresholds=dataclasses.replace(profile.thresholds, overrule=math.inf))
+    without = profile.without_reference()
     x_eval, y_eval = x_test[1000:2000], y_test[1000:2000]
     victims = y_eval != TARGET
     triggered = blend.apply(x_eval[victims], np.random.default_rng(4))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -295,9 +295,18 @@ class Profile:
                 part.class_mean, part.whiten = _distance_arrays(profile, part, index, tensors)
         profile.reference = {key[len(_REFERENCE):]: value for key, value in tensors.items()
                              if key.startswith(_REFERENCE)}
+        if profile.reference and meta["format"] != FORMAT:
+            raise ValueError("only a format-6 profile may carry a reference")
         if bool(profile.reference) == math.isinf(profile.thresholds.overrule):
             raise ValueError("a reference's weights and its overrule threshold come together, or neither")
+        for name, value in profile.reference.items():  # which weights they may replace, the model says (Guard)
+            if not name or not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
+                raise ValueError(f"the reference's weight {name!r} must be named, floating-point and finite")
         return profile
+
+    def without_reference(self) -> Profile:
+        """The same profile with no reference: the guard answers as the model and the check decide."""
+        return replace(self, reference={}, thresholds=replace(self.thresholds, overrule=math.inf))
 
 
 def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, version: int) -> Thresholds:

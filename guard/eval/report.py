@@ -248,8 +248,9 @@ def _unlearned(case: dict) -> str:
 
 def _extra_table(figures: dict) -> str:
     rows = ["| attack | model | PGD acc. unguarded | PGD acc. guarded | PGD flagged | scan suspect (per seed) | "
-            "AR unlearned (per seed) | calibration s | overhead × (batch 64) | case s |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "AR unlearned (per seed) | reference answered, clean | reference answered, triggered | calibration s | "
+            "overhead × (batch 64) | case s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for attack, arch, cases in _groups(figures):
         adv = [c["adversarial"] for c in cases]
         suspects = ", ".join("–" if c["scan"]["suspect"] is None else str(c["scan"]["suspect"]) for c in cases)
@@ -258,6 +259,7 @@ def _extra_table(figures: dict) -> str:
             f"| {attack} | {arch} | {_fmt(mean_spread([a['accuracy_unguarded'] for a in adv]))} | "
             f"{_fmt(mean_spread([a['accuracy_guarded'] for a in adv]))} | "
             f"{_fmt(mean_spread([a['flagged'] for a in adv]))} | {suspects} | {unlearned or '–'} | "
+            f"{_fmt(_metric(cases, 'guard', 'overruled_clean'))} | {_fmt(_metric(cases, 'guard', 'overruled_triggered'))} | "
             f"{_fmt(_metric(cases, 'guard', 'calibration_seconds'), False, 1)} | "
             f"{_fmt(mean_spread([c['overhead']['ratio'] for c in cases]), False, 2)} | "
             f"{_fmt(mean_spread([c['seconds'] for c in cases]), False, 0)} |")
@@ -452,7 +454,10 @@ over the seeds that dropped anything; – where none did.
 
 {_detection_table(figures)}
 
-## Adversarial examples (PGD ℓ∞ 0.1, 10 steps, against the unguarded model), scan and cost
+## Adversarial examples (PGD ℓ∞ 0.1, 10 steps, against the unguarded model), scan, reference and cost
+
+"Reference answered" is the share of requests the default guard's reference answered instead of the model (clean
+images; triggered ones).
 
 {_extra_table(figures)}
 

@@ -10,14 +10,13 @@ Thresholds come from the defender's clean set only; triggered images are used fo
 from __future__ import annotations
 
 import logging
-import math
 import os
 import platform
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib import import_module
 from multiprocessing import get_context
@@ -267,9 +266,8 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
             methods[name] = row
             if prune:
                 # what the reference adds: the same profile without it
-                plain = Guard(loaded, replace(profile, reference={}, thresholds=replace(profile.thresholds,
-                                                                                          overrule=math.inf)),
-                              policy=Policy.ENFORCE, threads=1)  # type: ignore[arg-type]
+                plain = Guard(loaded, profile.without_reference(), policy=Policy.ENFORCE,  # type: ignore[arg-type]
+                              threads=1)
                 plain_clean, plain_trig = both(plain.predict)
                 methods["guard-no-reference"] = _answers(plain_clean.labels, y_eval,
                                                          None if plain_trig is None else plain_trig.labels, y_trig)

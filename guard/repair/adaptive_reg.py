@@ -42,13 +42,13 @@ from guard.model.graph import (
     load_model,
     validate_taps,
 )
+from guard.runtime.reference import TRAINED_INPUTS
 from guard.samples import check_samples, holdout_split
 
 log = logging.getLogger("guard.repair")
 
 METHODS = ("ar", "l2", "finetune", "prune")
 SCHEDULES = ("constant", "cosine")
-_TRAINED_OPS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2)}
 
 
 @dataclass
@@ -171,7 +171,7 @@ def _trainable(proto: onnx.ModelProto, module: OnnxModule) -> dict[str, torch.nn
     """The float weights and biases of the linear layers and batch norms (not their running statistics)."""
     params: dict[str, torch.nn.Parameter] = {}
     for node in proto.graph.node:
-        for index in _TRAINED_OPS.get(node.op_type, ()):
+        for index in TRAINED_INPUTS.get(node.op_type, ()):
             if index < len(node.input) and node.input[index] in module.param_keys:
                 params[node.input[index]] = module.initializer(node.input[index])
     return params

@@ -55,6 +55,14 @@ def build_engine(kind: str, graphs: ServingGraphs, input_name: str, output_name:
     raise GuardError(f"unknown engine {kind!r}: use one of {', '.join(ENGINES)}")
 
 
+def plain_model(kind: str, model: bytes, input_name: str, output_name: str, device: str = "cpu",
+                threads: int = 0) -> PlainSession | TorchPlain:
+    """A model as it is (no mask, no check) on the same engine and device as the served graph."""
+    if kind == "torch":
+        return TorchPlain(model, input_name, output_name, device)
+    return PlainSession(model, input_name, device, threads)
+
+
 def _onnxruntime():
     try:
         import onnxruntime
@@ -87,9 +95,9 @@ def _sessions(ort: Any, device: str, threads: int) -> tuple[Any, list[str]]:
     return options, providers
 
 
-class UnguardedModel:
-    """A model as it is, no mask and no check: the model itself, which a guard that fails open answers with, or the
-    profile's reference (a fine-tuned copy)."""
+class PlainSession:
+    """A model as it is, no mask and no check, in ONNX Runtime: the model itself, which a guard that fails open
+    answers with, or the profile's reference (a fine-tuned copy)."""
 
     def __init__(self, model: bytes, input_name: str, device: str = "cpu", threads: int = 0) -> None:
         ort = _onnxruntime()
@@ -98,6 +106,9 @@ class UnguardedModel:
             self.session = ort.InferenceSession(model, options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors; report them plainly
             raise ModelError(f"ONNX Runtime could not load the model: {exc}") from None
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise GuardError("--device cuda was asked for but ONNX Runtime's CUDA provider did not load "
+                             f"(available: {ort.get_available_providers()}); install guard[gpu] and a matching CUDA")
         self._ort = ort
         self.input_name = input_name
 
@@ -207,12 +218,7 @@ class TorchEngine:
 
         from guard.model.bridge import OnnxModule
 
-        try:
-            self._device = torch.device(device)
-        except RuntimeError as exc:
-            raise GuardError(f"unknown torch device {device!r}: {exc}") from None
-        if self._device.type == "cuda" and not torch.cuda.is_available():
-            raise GuardError("--device cuda was asked for but torch sees no CUDA device")
+        self._device = _torch_device(device)
         if threads:
             torch.set_num_threads(threads)
         self._torch = torch
@@ -246,4 +252,39 @@ class TorchEngine:
         with torch.inference_mode():
             index = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self._device)
             outputs, _ = self.tail.run({**run.carry, ROWS_INPUT: index})
+        return outputs[self.output_name].cpu().numpy()
+
+
+def _torch_device(device: str) -> Any:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise GuardError(f"unknown torch device {device!r}: {exc}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise GuardError("--device cuda was asked for but torch sees no CUDA device")
+    return parsed
+
+
+class TorchPlain:
+    """A model as it is (the profile's reference) through guard's torch bridge, beside the torch engine."""
+
+    def __init__(self, model: bytes, input_name: str, output_name: str, device: str = "cpu") -> None:
+        import onnx
+        import torch
+
+        from guard.model.bridge import OnnxModule
+
+        self._torch = torch
+        self._device = _torch_device(device)
+        self.module = OnnxModule(onnx.load_from_string(model)).to(self._device).eval()
+        self.input_name = input_name
+        self.output_name = output_name
+
+    def logits(self, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """`deadline` is not supported, as for TorchEngine."""
+        torch = self._torch
+        with torch.inference_mode():
+            outputs, _ = self.module.run(torch.from_numpy(x.copy() if not x.flags.writeable else x).to(self._device))
         return outputs[self.output_name].cpu().numpy()

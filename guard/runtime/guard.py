@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from guard.calibrate.profile import Profile
-from guard.calibrate.reference import disagreement, reference_model
 from guard.errors import CheckFailedError, GuardError, ModelError, ProfileError, RequestError
 from guard.model.graph import LoadedModel, load_model, tap_channels, validate_taps
 from guard.model.serving import serving_graphs
-from guard.runtime.engine import UnguardedModel, build_engine
+from guard.runtime.engine import PlainSession, build_engine, plain_model
 from guard.runtime.policy import FailurePolicy, Policy, apply_policy, demotions, overrule
+from guard.runtime.reference import disagreement, reference_model
 
 log = logging.getLogger("guard.runtime")
 
@@ -91,12 +91,13 @@ class Guard:
         self.engine = build_engine(engine, graphs, model.input_name, model.output_name, device, threads, io_binding)
         self.on_failure = FailurePolicy(on_failure)
         self.check_budget = check_budget
-        # The reference runs beside the served graph, as a plain session of the model with the profile's weights.
-        self._reference = (UnguardedModel(reference_model(model.proto, profile.reference).SerializeToString(),
-                                          model.input_name, device, threads) if profile.reference else None)
+        # The reference runs beside the served graph, on the same engine: the model with the profile's weights.
+        self._reference = (plain_model(engine, reference_model(model.proto, profile.reference).SerializeToString(),
+                                       model.input_name, model.output_name, device, threads)
+                           if profile.reference else None)
         self._warm_up()
         # Failing open answers with the model as it is, so it needs a session of its own, built before serving.
-        self._unguarded = (UnguardedModel(model.proto.SerializeToString(), model.input_name, device, threads)
+        self._unguarded = (PlainSession(model.proto.SerializeToString(), model.input_name, device, threads)
                            if self.on_failure is FailurePolicy.OPEN else None)
 
     @classmethod
@@ -114,8 +115,8 @@ class Guard:
         return self.profile.thresholds.tau
 
     def _warm_up(self) -> None:
-        """Both graphs run once before serving (the first real request is not slow); a profile whose channel
-        counts do not fit the model fails here rather than on a request."""
+        """The served graph, the tail and the reference run once before serving (the first real request is not
+        slow); a profile whose channel counts do not fit the model fails here rather than on a request."""
         x = np.zeros((1, *self.sample_shape), dtype=np.float32)
         try:
             run = self.engine.run(x)
