@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from guard.eval.attacks import BadNets
+from guard.eval.attacks import Attack, BadNets
 from guard.eval.datasets import load_fashion_mnist
 
 TARGET = 0
@@ -55,19 +55,26 @@ def fashion() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x_train, y_train, x_test, y_test
 
 
+def poisoned_cnn(x_train: np.ndarray, y_train: np.ndarray, attack: Attack, seed: int) -> torch.nn.Module:
+    """A SmallCNN trained for 3 epochs on a 5k subset of which `attack` poisoned 10% (target class 0)."""
+    from guard.eval.models import SmallCNN, train
+
+    rng = np.random.default_rng(seed)
+    subset = rng.choice(len(x_train), 5000, replace=False)
+    x_poisoned, y_poisoned, _ = attack.poison(x_train[subset], y_train[subset], 0.1, TARGET, rng)
+    torch.manual_seed(seed)
+    return train(SmallCNN(), x_poisoned, y_poisoned, epochs=3, seed=seed).eval()
+
+
 @pytest.fixture(scope="session")
 def backdoored(fashion, tmp_path_factory) -> Backdoored:
     """BadNets 10% on a 5k subset, 3 epochs: clean accuracy about 0.75, attack success about 0.9."""
     from guard.calibrate.pipeline import calibrate
-    from guard.eval.models import SmallCNN, export_onnx, train
+    from guard.eval.models import export_onnx
 
     x_train, y_train, x_test, y_test = fashion
-    rng = np.random.default_rng(0)
-    subset = rng.choice(len(x_train), 5000, replace=False)
     attack = BadNets()
-    x_poisoned, y_poisoned, _ = attack.poison(x_train[subset], y_train[subset], 0.1, TARGET, rng)
-    torch.manual_seed(0)
-    module = train(SmallCNN(), x_poisoned, y_poisoned, epochs=3, seed=0).eval()
+    module = poisoned_cnn(x_train, y_train, attack, seed=0)
     root = tmp_path_factory.mktemp("backdoored")
     model_path = export_onnx(module, root / "badnets.onnx", torch.zeros(1, 1, 28, 28))
     x_clean, y_clean = x_test[:500], y_test[:500]

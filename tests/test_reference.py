@@ -13,13 +13,13 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import TARGET, Backdoored, run_cli
+from conftest import TARGET, Backdoored, poisoned_cnn, run_cli
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import Profile
 from guard.calibrate.reference import fit_reference, overrule_threshold
 from guard.errors import GuardError, ProfileError
 from guard.eval.attacks import Blend
-from guard.eval.models import SmallCNN, export_onnx, train
+from guard.eval.models import export_onnx
 from guard.model.graph import load_model
 from guard.runtime.engine import PlainSession
 from guard.runtime.guard import Guard
@@ -153,12 +153,8 @@ def test_the_reference_answers_blended_requests_the_check_lets_through(fashion, 
     """A blend backdoor raises no unit past its clean range, so the check alone answers the target for many blended
     requests; fine-tuning on the clean set fades the backdoor, and the reference answers them."""
     x_train, y_train, x_test, y_test = fashion
-    rng = np.random.default_rng(3)
-    subset = rng.choice(len(x_train), 5000, replace=False)
     blend = Blend()
-    x_poisoned, y_poisoned, _ = blend.poison(x_train[subset], y_train[subset], 0.1, TARGET, rng)
-    torch.manual_seed(3)
-    module = train(SmallCNN(), x_poisoned, y_poisoned, epochs=3, seed=3).eval()
+    module = poisoned_cnn(x_train, y_train, blend, seed=3)
     loaded = load_model(export_onnx(module, tmp_path / "blend.onnx", torch.zeros(1, 1, 28, 28)))
     profile = calibrate(loaded, x_test[:500], y_test[:500], settings=CalibrationSettings(seed=3))
     without = profile.without_reference()
