@@ -60,7 +60,7 @@ def test_calibration_stores_the_fine_tuned_weights_and_a_threshold_set_on_held_o
     profile = Profile.load(backdoored.profile_path)
     loaded = load_model(backdoored.model_path)
     own = {init.name: numpy_helper.to_array(init) for init in loaded.proto.graph.initializer}
-    assert profile.reference and set(profile.reference) <= trained_initializers(loaded.proto)
+    assert profile.reference and set(profile.reference) <= set(trained_initializers(loaded.proto))
     for name, value in profile.reference.items():
         assert value.shape == own[name].shape and value.dtype == own[name].dtype
         assert not np.array_equal(value, own[name]), f"{name} is stored but unchanged"
@@ -127,7 +127,7 @@ def test_reference_weights_that_do_not_fit_the_model_are_refused(backdoored: Bac
 def test_a_reference_may_replace_trained_weights_only(backdoored: Backdoored) -> None:
     """A profile is untrusted: its reference may not rewrite a shape, a scale or anything but a layer's weights."""
     proto = load_model(backdoored.model_path).proto
-    trained = trained_initializers(proto)
+    trained = set(trained_initializers(proto))
     assert trained == {f"{layer}.{kind}" for layer in ("conv1", "conv2", "fc1", "fc2") for kind in ("weight", "bias")}
     other = next(init for init in proto.graph.initializer if init.name not in trained)  # the flatten's shape
     with pytest.raises(ProfileError, match="not a trained weight of this model"):

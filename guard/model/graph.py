@@ -366,6 +366,16 @@ def insert_mul(graph: onnx.GraphProto, tensor: str, mask_name: str, new_name: st
     graph.node.insert(producer_index + 1, helper.make_node("Mul", [tensor, mask_name], [new_name]))
 
 
+def with_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `proto` whose named initializers hold `values`; graph, names and everything else unchanged."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for init in out.graph.initializer:
+        if init.name in values:
+            init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
+    return out
+
+
 def fold_static_mask(model: LoadedModel, keep: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, FoldMode]]:
     """Bake the static mask (per tap, True = keep) into a copy of the graph.
 

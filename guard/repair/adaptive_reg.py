@@ -25,7 +25,6 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import numpy_helper
 
 from guard.calibrate.activations import collect
 from guard.calibrate.linf import linf_gap
@@ -41,8 +40,9 @@ from guard.model.graph import (
     fold_static_mask,
     load_model,
     validate_taps,
+    with_initializers,
 )
-from guard.runtime.reference import TRAINED_INPUTS
+from guard.runtime.reference import trained_initializers
 from guard.samples import check_samples, holdout_split
 
 log = logging.getLogger("guard.repair")
@@ -169,12 +169,7 @@ def _infected_masks(module: OnnxModule, proto: onnx.ModelProto, taps: list[str],
 
 def _trainable(proto: onnx.ModelProto, module: OnnxModule) -> dict[str, torch.nn.Parameter]:
     """The float weights and biases of the linear layers and batch norms (not their running statistics)."""
-    params: dict[str, torch.nn.Parameter] = {}
-    for node in proto.graph.node:
-        for index in TRAINED_INPUTS.get(node.op_type, ()):
-            if index < len(node.input) and node.input[index] in module.param_keys:
-                params[node.input[index]] = module.initializer(node.input[index])
-    return params
+    return {name: module.initializer(name) for name in trained_initializers(proto) if name in module.param_keys}
 
 
 def _predict(module: OnnxModule, output: str, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
@@ -239,14 +234,10 @@ def _unlearning_batch(images: torch.Tensor, masks: torch.Tensor, patterns: torch
 
 
 def _write_weights(proto: onnx.ModelProto, params: dict[str, torch.nn.Parameter]) -> onnx.ModelProto:
-    """A copy of `proto` whose initializers hold the trained values; graph, names and everything else unchanged."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    for init in out.graph.initializer:
-        if init.name in params:
-            value = params[init.name].detach().numpy().astype(numpy_helper.to_array(init).dtype)
-            init.CopyFrom(numpy_helper.from_array(value, init.name))
-    return out
+    """A copy of `proto` whose initializers hold the trained values, in their own dtypes."""
+    dtypes = {init.name: onnx.helper.tensor_dtype_to_np_dtype(init.data_type) for init in proto.graph.initializer}
+    return with_initializers(proto, {name: param.detach().numpy().astype(dtypes[name])
+                                     for name, param in params.items()})
 
 
 def _gap_infected(tap_model: OnnxTaps, x: np.ndarray, triggers: Sequence[Trigger], share: float,

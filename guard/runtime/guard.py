@@ -184,14 +184,13 @@ class Guard:
             answer = apply_policy(self.policy, run.logits, benign_logits, flagged, demoted)
             labels = answer.argmax(axis=1)
         t2 = time.perf_counter()
+        seconds = {"engine": t1 - t0, "repredict": t2 - t1}
         overruled = np.zeros(len(x), dtype=bool)
         if self._reference is not None:
             reference_logits = self._reference.logits(x, deadline)
             overruled = disagreement(reference_logits, model_labels) > self.profile.thresholds.overrule
             answer = overrule(self.policy, answer, reference_logits, overruled)
             labels = answer.argmax(axis=1)
-        seconds = {"engine": t1 - t0, "repredict": t2 - t1}
-        if self._reference is not None:
             seconds["reference"] = time.perf_counter() - t2
         return Result(
             labels=labels.astype(np.int64, copy=False),

@@ -8,17 +8,20 @@ import onnx
 from onnx import numpy_helper
 
 from guard.errors import ProfileError
+from guard.model.graph import with_initializers
 
 # The weights fine-tuning trains, by op: input indices of the weight and bias (a batch norm's scale and bias, not
 # its running statistics). A reference may change these and nothing else.
 TRAINED_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2)}
 
 
-def trained_initializers(proto: onnx.ModelProto) -> set[str]:
-    """Names of the initializers that are weights or biases of the model's linear layers and batch norms."""
+def trained_initializers(proto: onnx.ModelProto) -> list[str]:
+    """Names of the initializers that are weights or biases of the model's linear layers and batch norms, in the
+    order the graph uses them."""
     initializers = {init.name for init in proto.graph.initializer}
-    return {node.input[index] for node in proto.graph.node for index in TRAINED_INPUTS.get(node.op_type, ())
-            if index < len(node.input) and node.input[index] in initializers}
+    names = (node.input[index] for node in proto.graph.node for index in TRAINED_INPUTS.get(node.op_type, ())
+             if index < len(node.input))
+    return list(dict.fromkeys(name for name in names if name in initializers))
 
 
 def disagreement(reference_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -33,20 +36,16 @@ def reference_model(original: onnx.ModelProto, weights: dict[str, np.ndarray]) -
     """`original` with the reference's weights in place of its own. The weights come from a profile, which is
     untrusted: each must be a trained weight of the model (a linear layer's or a batch norm's weight or bias, never
     a shape, a scale or a running statistic) and keep its shape and dtype, finite."""
-    out = onnx.ModelProto()
-    out.CopyFrom(original)
-    initializers = {init.name: init for init in out.graph.initializer}
-    trained = trained_initializers(out)
+    initializers = {init.name: numpy_helper.to_array(init) for init in original.graph.initializer}
+    trained = set(trained_initializers(original))
     for name, value in weights.items():
         if name not in trained:
             raise ProfileError(f"the profile's reference changes {name!r}, which is not a trained weight of this "
                                "model (a linear layer's or batch norm's weight or bias)")
-        init = initializers[name]
-        own = numpy_helper.to_array(init)
+        own = initializers[name]
         if value.shape != own.shape or value.dtype != own.dtype or not np.issubdtype(own.dtype, np.floating):
             raise ProfileError(f"the profile's reference weight {name!r} is {value.dtype}{list(value.shape)}; the "
                                f"model's is {own.dtype}{list(own.shape)}")
         if not np.isfinite(value).all():
             raise ProfileError(f"the profile's reference weight {name!r} is not finite")
-        init.CopyFrom(numpy_helper.from_array(value, name))
-    return out
+    return with_initializers(original, weights)
