@@ -59,7 +59,7 @@ def plain_model(kind: str, model: bytes, input_name: str, output_name: str, devi
                 threads: int = 0) -> PlainSession | TorchPlain:
     """A model as it is (no mask, no check) on the same engine and device as the served graph."""
     if kind == "torch":
-        return TorchPlain(model, input_name, output_name, device)
+        return TorchPlain(model, output_name, device)
     return PlainSession(model, input_name, device, threads)
 
 
@@ -95,6 +95,13 @@ def _sessions(ort: Any, device: str, threads: int) -> tuple[Any, list[str]]:
     return options, providers
 
 
+def _require_cuda_provider(ort: Any, session: Any, device: str) -> None:
+    """ONNX Runtime falls back to the CPU silently when the CUDA provider cannot load; asked for CUDA, refuse."""
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise GuardError("--device cuda was asked for but ONNX Runtime's CUDA provider did not load "
+                         f"(available: {ort.get_available_providers()}); install guard[gpu] and a matching CUDA")
+
+
 class PlainSession:
     """A model as it is, no mask and no check, in ONNX Runtime: the model itself, which a guard that fails open
     answers with, or the profile's reference (a fine-tuned copy)."""
@@ -106,9 +113,7 @@ class PlainSession:
             self.session = ort.InferenceSession(model, options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors; report them plainly
             raise ModelError(f"ONNX Runtime could not load the model: {exc}") from None
-        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise GuardError("--device cuda was asked for but ONNX Runtime's CUDA provider did not load "
-                             f"(available: {ort.get_available_providers()}); install guard[gpu] and a matching CUDA")
+        _require_cuda_provider(ort, self.session, device)
         self._ort = ort
         self.input_name = input_name
 
@@ -146,11 +151,7 @@ class OrtEngine:
             self.tail = ort.InferenceSession(graphs.tail, options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors; report them plainly
             raise ModelError(f"ONNX Runtime could not load the guarded model: {exc}") from None
-        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise GuardError(
-                "--device cuda was asked for but ONNX Runtime's CUDA provider did not load "
-                f"(available: {ort.get_available_providers()}); install guard[gpu] and a matching CUDA"
-            )
+        _require_cuda_provider(ort, self.session, device)
         self._ort = ort
         self.device = device
         self.input_name = input_name
@@ -270,7 +271,7 @@ def _torch_device(device: str) -> Any:
 class TorchPlain:
     """A model as it is (the profile's reference) through guard's torch bridge, beside the torch engine."""
 
-    def __init__(self, model: bytes, input_name: str, output_name: str, device: str = "cpu") -> None:
+    def __init__(self, model: bytes, output_name: str, device: str = "cpu") -> None:
         import onnx
         import torch
 
@@ -279,7 +280,6 @@ class TorchPlain:
         self._torch = torch
         self._device = _torch_device(device)
         self.module = OnnxModule(onnx.load_from_string(model)).to(self._device).eval()
-        self.input_name = input_name
         self.output_name = output_name
 
     def logits(self, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
