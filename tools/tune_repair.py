@@ -62,9 +62,6 @@ VARIANTS: dict[str, dict[str, object]] = {
     "index1-lr2e-3-unlearn0.4": {"candidates": 1.0, "lr": 2e-3, "unlearn_share": 0.4},
     "index1-lr3e-3-strength4": {"candidates": 1.0, "lr": 3e-3, "strength": 4.0},
     "index0.5-lr2e-3-unlearn0.4": {"candidates": 0.5, "lr": 2e-3, "unlearn_share": 0.4},
-    # Sharpness-aware steps (adaptive SAM, FT-SAM's recipe) at this radius.
-    "index1-sam0.5": {"candidates": 1.0, "sam_rho": 0.5},
-    "index1-sam1": {"candidates": 1.0, "sam_rho": 1.0},
     # A diagnosis, not a setting a user has: unlearn the attack's real trigger in place of the scan's (fixed stamps
     # only: BadNets, source-specific, blend), to tell a poor synthesised trigger from unlearning that falls short.
     "true-trigger": {"candidates": "true"},

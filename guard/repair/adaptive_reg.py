@@ -86,10 +86,6 @@ class RepairSettings:
     gap_share: float = 0.1
     # ... and this share of each training batch is stamped with one of them, labels kept (unlearning the triggers).
     unlearn_share: float = 0.2
-    # Adaptive sharpness-aware minimisation (FT-SAM, Zhu et al. 2023): each step takes the gradient at the weights
-    # shifted, within this radius in units of each weight's magnitude, towards higher loss. A backdoor sits in a
-    # sharp valley that a flat minimum of the clean loss leaves; 0 = plain steps.
-    sam_rho: float = 0.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -109,7 +105,7 @@ class RepairSettings:
                              f">= 0, got {self.max_accuracy_loss}, {self.backoffs}, {self.backoff_z}")
         if self.epochs < 0 or self.batch_size < 1:
             raise GuardError(f"--epochs must be >= 0 and the batch size >= 1, got {self.epochs}, {self.batch_size}")
-        for name in ("lr", "strength", "eps", "sam_rho"):
+        for name in ("lr", "strength", "eps"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise GuardError(f"--{name} must be a finite number >= 0, got {value}")
@@ -192,7 +188,6 @@ def _fine_tune(module: OnnxModule, output: str, params: dict[str, torch.nn.Param
     decay = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1), eta_min=settings.lr_floor * lr)
              if settings.schedule == "cosine" else None)
     count = sum(int(c.count_nonzero()) for c in coefficients.values())
-    weight = settings.strength / count if count else 0.0  # the penalty is a mean over the penalised weights
     generator = torch.Generator().manual_seed(settings.seed)
     inputs, targets = torch.as_tensor(x), torch.as_tensor(y)
     masks = torch.stack([torch.as_tensor(t.mask) for t in triggers]) if triggers else None
@@ -204,44 +199,18 @@ def _fine_tune(module: OnnxModule, output: str, params: dict[str, torch.nn.Param
             images = inputs[batch]
             if masks is not None and settings.unlearn_share > 0:
                 images = _unlearning_batch(images, masks, patterns, settings.unlearn_share, generator)
-            labels = targets[batch]
+            logits = module.run(images)[0][output]
+            loss = F.cross_entropy(logits, targets[batch])
+            if count:
+                penalty = sum((c * params[name] ** 2).sum() for name, c in coefficients.items())
+                loss = loss + settings.strength * penalty / count
             optimizer.zero_grad(set_to_none=True)
-            _loss(module, output, params, coefficients, images, labels, weight).backward()
-            if settings.sam_rho > 0:  # the gradient again, at the sharpest point within the radius
-                shifts = _sharpest_shifts(params, settings.sam_rho)
-                _shift(params, shifts, 1.0)
-                optimizer.zero_grad(set_to_none=True)
-                _loss(module, output, params, coefficients, images, labels, weight).backward()
-                _shift(params, shifts, -1.0)
+            loss.backward()
             optimizer.step()
             if decay is not None:
                 decay.step()
     for param in params.values():
         param.requires_grad_(False)
-
-
-def _loss(module: OnnxModule, output: str, params: dict[str, torch.nn.Parameter],
-          coefficients: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
-          weight: float) -> torch.Tensor:
-    """Cross-entropy on a batch, plus `weight` times the penalty sum(c * w^2)."""
-    loss = F.cross_entropy(module.run(images)[0][output], labels)
-    if weight:
-        loss = loss + weight * sum((c * params[name] ** 2).sum() for name, c in coefficients.items())
-    return loss
-
-
-def _shift(params: dict[str, torch.nn.Parameter], shifts: dict[str, torch.Tensor], sign: float) -> None:
-    with torch.no_grad():
-        for name, shift in shifts.items():
-            params[name].add_(shift, alpha=sign)
-
-
-def _sharpest_shifts(params: dict[str, torch.nn.Parameter], rho: float) -> dict[str, torch.Tensor]:
-    """Adaptive SAM's weight perturbation (Kwon et al. 2021): the step of radius `rho`, in the scale of each
-    weight's magnitude, that raises the loss most to first order."""
-    scaled = {name: (p.detach().abs() + 0.01) for name, p in params.items() if p.grad is not None}
-    norm = torch.sqrt(sum(((s * params[n].grad) ** 2).sum() for n, s in scaled.items()))
-    return {name: rho * s ** 2 * params[name].grad / (norm + 1e-12) for name, s in scaled.items()}
 
 
 def _costly(right_before: np.ndarray, right: np.ndarray, settings: RepairSettings) -> bool:
