@@ -26,6 +26,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         fpr_confidence=args.fpr_confidence, demote_rate=args.demote_rate, acc_budget=args.acc_budget,
         prune=not args.no_prune, dense_part=not args.no_dense_part, dense_score=args.dense_score, seed=args.seed,
         suspect=args.suspect, reference=args.reference, reference_rate=args.reference_rate,
+        reference_folds=args.reference_folds,
     )
     settings.validate()  # before the scan's seconds are spent
     model = args.model
@@ -46,7 +47,8 @@ def _calibrate(args: argparse.Namespace) -> int:
                  f"{f['calibration_suspect_demote_rate']:.3f} (at most {settings.suspect_rate})")
     referred = ("" if not profile.reference else
                 f", reference overrules {f['reference_overrule_rate']:.3f} of {f['reference_holdout_samples']} "
-                f"held-out samples (held-out accuracy {f['reference_holdout_accuracy']:.3f})")
+                f"held-out samples of {f['reference_folds']} fine-tuning(s) (held-out accuracy "
+                f"{f['reference_holdout_accuracy']:.3f})")
     print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
           f"channels, held-out accuracy {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
           f"cross-fitted flag rate {f['calibration_flag_rate']:.3f} (target {args.fpr}), demote rate "
@@ -371,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--reference-rate", type=float, default=0.08,
                      help="share of clean requests, measured on samples the fine-tuning held out, that the "
                           "reference answers (default 0.08)")
+    cal.add_argument("--reference-folds", type=int, default=5,
+                     help="fine-tunings, each holding out another fifth of the clean samples, whose held-out samples "
+                          "set the reference's threshold (1-5, default 5; 1 is fastest, 5 steadiest)")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(run=_calibrate)

@@ -51,6 +51,16 @@ def holdout_split(count: int, share: float, seed: int) -> tuple[np.ndarray, np.n
     return order[:n_hold], order[n_hold:]
 
 
+def holdout_folds(count: int, share: float, seed: int, folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Up to `folds` (held-out, fit) splits whose held-out sets are disjoint, of `holdout_split`'s size, cut from its
+    shuffle one after another (as many as `count` holds); the rest of the shuffle, in its order, is fit. The first
+    is `holdout_split`'s."""
+    order = np.random.default_rng(seed).permutation(count)
+    n_hold = max(10, round(share * count))
+    starts = range(0, n_hold * min(folds, count // n_hold), n_hold)
+    return [(order[start:start + n_hold], np.concatenate([order[:start], order[start + n_hold:]])) for start in starts]
+
+
 def check_samples(x: np.ndarray, y: np.ndarray | None, sample_shape: tuple[int, ...], num_classes: int,
                   purpose: str) -> None:
     """Refuse clean data that `purpose` ("calibration", "scan") cannot use, saying what is wrong with it."""

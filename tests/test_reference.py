@@ -21,11 +21,12 @@ from guard.errors import GuardError, ProfileError
 from guard.eval.attacks import Blend
 from guard.eval.models import export_onnx
 from guard.model.graph import load_model
+from guard.repair.adaptive_reg import RepairSettings, repair
 from guard.runtime.engine import PlainSession
 from guard.runtime.guard import Guard
 from guard.runtime.policy import Policy
 from guard.runtime.reference import disagreement, reference_model, trained_initializers
-from guard.samples import holdout_split
+from guard.samples import holdout_folds, holdout_split
 
 
 def test_disagreement_is_the_log_probability_the_reference_prefers_its_own_answer_by() -> None:
@@ -50,7 +51,8 @@ def test_overrule_threshold_passes_about_the_rate_and_never_an_agreeing_answer()
 
 def test_impossible_reference_settings_are_refused() -> None:
     for fields, option in (({"reference_rate": 0.0}, "--reference-rate"), ({"reference_lr": 0.0}, "learning rate"),
-                           ({"reference_lr": float("nan")}, "learning rate")):
+                           ({"reference_lr": float("nan")}, "learning rate"), ({"reference_folds": 0}, "--reference-folds"),
+                           ({"reference_folds": 6}, "--reference-folds")):
         with pytest.raises(GuardError, match=option):
             CalibrationSettings(**fields).validate()
 
@@ -66,8 +68,9 @@ def test_calibration_stores_the_fine_tuned_weights_and_a_threshold_set_on_held_o
         assert not np.array_equal(value, own[name]), f"{name} is stored but unchanged"
     assert 0 < profile.thresholds.overrule < math.inf
     figures = profile.figures
-    assert figures["reference_holdout_samples"] == 100  # repair's held-out fifth of the 500 clean samples
-    assert 0 < figures["reference_overrule_rate"] <= 0.08  # the split-conformal count over 100: at most 8 of them
+    # five fine-tunings, each holding out another fifth of the 500 clean samples: every sample is held out once
+    assert figures["reference_folds"] == 5 and figures["reference_holdout_samples"] == 500
+    assert 0 < figures["reference_overrule_rate"] <= 0.08  # the split-conformal count over 500: at most 40 of them
     assert profile.settings["reference"] is True and profile.settings["reference_rate"] == 0.08
     # fresh clean requests: about the rate overruled, and the answers no worse for it
     guard = Guard(loaded, profile)
@@ -79,19 +82,65 @@ def test_calibration_stores_the_fine_tuned_weights_and_a_threshold_set_on_held_o
 def test_the_threshold_is_set_on_the_held_out_samples_against_the_served_models_answers(
         backdoored: Backdoored) -> None:
     """Calibration hands fit_reference the masked model's answers in the samples' own order: refitting with the
-    answers the guard serves gives the profile's threshold, and the held-out share past it."""
+    answers the guard serves gives the profile's threshold and weights."""
     profile = Profile.load(backdoored.profile_path)
     loaded = load_model(backdoored.model_path)
     x, y = backdoored.x_clean, backdoored.y_clean
     answers = Guard(loaded, profile.without_reference()).predict(x).model_labels
-    fit = fit_reference(loaded, x, y, answers, rate=0.08, lr=2e-3, seed=0)
+    fit = fit_reference(loaded, x, y, answers, rate=0.08, lr=2e-3, seed=0, folds=5)
     assert fit.threshold == pytest.approx(profile.thresholds.overrule, abs=1e-5)
+    assert fit.weights.keys() == profile.reference.keys()
+    assert all(np.array_equal(fit.weights[name], profile.reference[name]) for name in fit.weights)
     hold, _ = holdout_split(len(x), 0.2, 0)
     reference = PlainSession(reference_model(loaded.proto, fit.weights).SerializeToString(), loaded.input_name)
     gaps = disagreement(reference.logits(x[hold]), answers[hold])
-    assert fit.overrule_rate == pytest.approx(float((gaps > fit.threshold).mean()))
     shuffled = np.roll(answers, 1)  # answers out of order disagree with the reference far more often
-    assert (disagreement(reference.logits(x[hold]), shuffled[hold]) > fit.threshold).mean() > 3 * fit.overrule_rate
+    assert (disagreement(reference.logits(x[hold]), shuffled[hold]) > fit.threshold).mean() > 3 * max(
+        float((gaps > fit.threshold).mean()), 0.01)
+
+
+def test_the_threshold_pools_each_folds_held_out_samples_against_that_folds_copy(backdoored: Backdoored) -> None:
+    """With two folds: the kept copy is the one-fold fit, trained without the first held-out fifth; the threshold is
+    the quantile of both fifths' disagreement, each with the copy that did not train on it."""
+    loaded = load_model(backdoored.model_path)
+    x, y = backdoored.x_clean, backdoored.y_clean
+    answers = Guard(loaded, Profile.load(backdoored.profile_path).without_reference()).predict(x).model_labels
+    one = fit_reference(loaded, x, y, answers, rate=0.08, lr=2e-3, seed=0)
+    two = fit_reference(loaded, x, y, answers, rate=0.08, lr=2e-3, seed=0, folds=2)
+    assert (one.folds, one.holdout_samples, two.folds, two.holdout_samples) == (1, 100, 2, 200)
+    assert all(np.array_equal(one.weights[name], two.weights[name]) for name in one.weights)
+    gaps = []
+    for hold, fit in holdout_folds(len(x), 0.2, 0, 2):
+        tuned, report = repair(loaded, x, y, settings=RepairSettings(method="finetune", lr=2e-3, seed=0),
+                               split=(hold, fit))
+        assert report.holdout_samples == len(hold)
+        gaps.append(disagreement(PlainSession(tuned.SerializeToString(), loaded.input_name).logits(x[hold]),
+                                 answers[hold]))
+    assert one.threshold == pytest.approx(overrule_threshold(gaps[0], 0.08), abs=1e-5)
+    pooled = np.concatenate(gaps)
+    assert two.threshold == pytest.approx(overrule_threshold(pooled, 0.08), abs=1e-5)
+    assert two.overrule_rate == pytest.approx(float((pooled > two.threshold).mean()))
+
+
+def test_held_out_folds_are_disjoint_and_as_many_as_the_data_holds() -> None:
+    folds = holdout_folds(1000, 0.2, 3, 5)
+    assert [(len(hold), len(fit)) for hold, fit in folds] == [(200, 800)] * 5
+    assert len(np.unique(np.concatenate([hold for hold, _ in folds]))) == 1000
+    assert all(np.array_equal(np.sort(np.concatenate(split)), np.arange(1000)) for split in folds)
+    first = holdout_split(1000, 0.2, 3)  # the first fold is the default split, in the same order
+    assert np.array_equal(folds[0][0], first[0]) and np.array_equal(folds[0][1], first[1])
+    assert len(holdout_folds(30, 0.2, 0, 5)) == 3  # at least 10 held out each: three fit in 30
+    assert len(holdout_folds(1000, 0.2, 0, 2)) == 2
+
+
+def test_repair_refuses_a_split_that_is_not_two_disjoint_sets_of_indices(backdoored: Backdoored) -> None:
+    x, y = backdoored.x_clean, backdoored.y_clean
+    settings = RepairSettings(method="finetune", epochs=1)
+    rest = np.arange(3, len(x))
+    for split in ((np.array([0, 0, 1]), rest), (np.array([len(x)]), rest), (np.array([0, 1, 3]), rest),
+                  (np.arange(len(x)), np.array([], dtype=np.int64))):
+        with pytest.raises(GuardError, match="held-out and fit samples"):
+            repair(backdoored.model_path, x, y, settings=settings, split=split)
 
 
 def test_monitor_reports_the_overruled_requests_and_answers_as_the_model(backdoored: Backdoored) -> None:
@@ -147,6 +196,18 @@ def test_a_profile_without_a_reference_runs_the_model_only(backdoored: Backdoore
     assert not result.overruled.any() and "reference" not in result.stage_seconds
     with_reference = Profile.load(backdoored.profile_path)
     assert plain.thresholds == dataclasses.replace(with_reference.thresholds, overrule=math.inf)
+
+
+def test_cli_reference_folds_set_how_many_fine_tunings_the_threshold_pools(backdoored: Backdoored,
+                                                                        tmp_path: Path) -> None:
+    np.savez(tmp_path / "clean.npz", x=backdoored.x_clean, y=backdoored.y_clean)
+    done = run_cli("calibrate", backdoored.model_path, "--data", "clean.npz", "--out", "two.safetensors", "--quiet",
+                   "--no-scan", "--reference-folds", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "of 200 held-out samples of 2 fine-tuning(s)" in done.stdout
+    two = Profile.load(tmp_path / "two.safetensors")
+    assert two.settings["reference_folds"] == two.figures["reference_folds"] == 2
+    assert two.reference and 0 <= two.thresholds.overrule < math.inf
 
 
 def test_the_reference_answers_blended_requests_the_check_lets_through(fashion, tmp_path: Path) -> None:

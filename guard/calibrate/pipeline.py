@@ -70,9 +70,12 @@ class CalibrationSettings:
     # out. Spread-out triggers that the check lets through fade under fine-tuning. `reference_lr` is the fine-tuning's
     # starting rate (Adam, cosine decay, 10 epochs): 5e-3 faded backdoors a little more but cost a clean ResNet 2.4
     # points. Tuned on training-split images (seeds 10-12, both architectures): docs/design.md, "The reference".
+    # The threshold pools the held-out samples of `reference_folds` fine-tunings, each holding out another fifth
+    # (1: the kept copy's own fifth only; each fold more costs one fine-tuning).
     reference: bool = True
     reference_rate: float = 0.08
     reference_lr: float = 2e-3
+    reference_folds: int = 5
     acc_budget: float = 0.01  # clean accuracy the static mask may cost (absolute, on the held-out split)
     benign_share: float = 0.99  # share of a layer's benign salience the benign set covers
     holdout: float = 0.3  # share of the clean data held out for the static mask's accuracy
@@ -114,6 +117,8 @@ class CalibrationSettings:
             raise GuardError(f"--demote-rate must lie in [0, 1), got {self.demote_rate}")
         if not 0 < self.reference_rate < 1:
             raise GuardError(f"--reference-rate must lie in (0, 1), got {self.reference_rate}")
+        if not 1 <= self.reference_folds <= 5:
+            raise GuardError(f"--reference-folds must lie in 1..5 (each holds out a fifth), got {self.reference_folds}")
         if not (np.isfinite(self.reference_lr) and self.reference_lr > 0):
             raise GuardError(f"the reference's learning rate must be a positive number, got {self.reference_lr}")
         if not 0 < self.suspect_rate < 1:
@@ -254,7 +259,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         model_labels = np.empty(len(x), dtype=np.int64)
         model_labels[order] = labels
         reference = timed("reference", fit_reference, loaded, x, y, model_labels, rate=settings.reference_rate,
-                          lr=settings.reference_lr, seed=settings.seed)
+                          lr=settings.reference_lr, seed=settings.seed, folds=settings.reference_folds)
 
     draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q, cut=settings.cut_z, demote=demote,
                                   parts=[PartScale.of(group, part) for group, part in zip(groups, parts, strict=True)],
@@ -275,6 +280,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "reference_holdout_samples": reference.holdout_samples if reference else None,
         "reference_holdout_accuracy": reference.holdout_accuracy if reference else None,
         "reference_overrule_rate": reference.overrule_rate if reference else None,
+        "reference_folds": reference.folds if reference else None,
         "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
     }
     return draft

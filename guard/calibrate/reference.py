@@ -5,8 +5,9 @@ lets many through; but a backdoor learnt from poisoned data fades when the model
 (`guard repair --method finetune`), while what the model knows of the task stays. A request that the model answers
 with a class its fine-tuned copy finds far less likely than its own answer is answered by the copy instead.
 
-model + clean samples -> fine-tuning on all but a held-out share -> the held-out samples' disagreement -> the
-threshold that about `rate` of them pass -> the changed weights and the threshold, stored in the profile.
+model + clean samples -> fine-tuning on all but a held-out fifth, once per fold (each holds out another fifth) ->
+the held-out samples' disagreement with their fold's copy, pooled -> the threshold that about `rate` of them pass ->
+the first fold's changed weights and the threshold, stored in the profile.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from guard.model.graph import LoadedModel
 from guard.repair.adaptive_reg import RepairSettings, repair
 from guard.runtime.engine import PlainSession
 from guard.runtime.reference import disagreement
-from guard.samples import holdout_split
+from guard.samples import holdout_folds
 
 
 @dataclass
@@ -30,9 +31,10 @@ class ReferenceFit:
 
     weights: dict[str, np.ndarray]  # the initializers fine-tuning changed, by name
     threshold: float  # overrule where the disagreement exceeds this
-    holdout_samples: int
-    holdout_accuracy: float  # of the reference on the held-out samples (against the labels, else the model's answers)
+    holdout_samples: int  # over all folds
+    holdout_accuracy: float  # of the stored reference on its held-out samples (the labels, else the model's answers)
     overrule_rate: float  # share of the held-out samples past the threshold
+    folds: int  # fine-tunings whose held-out samples set the threshold
 
 
 def overrule_threshold(gaps: np.ndarray, rate: float) -> float:
@@ -46,19 +48,27 @@ def overrule_threshold(gaps: np.ndarray, rate: float) -> float:
 
 
 def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, model_labels: np.ndarray, *,
-                  rate: float, lr: float, seed: int) -> ReferenceFit:
+                  rate: float, lr: float, seed: int, folds: int = 1) -> ReferenceFit:
     """Fine-tune a copy of `loaded` on `x` (labels `y`, else the model's answers) and set the threshold on the
-    samples fine-tuning held out, against `model_labels` (the served model's answers to `x`)."""
+    samples fine-tuning held out, against `model_labels` (the served model's answers to `x`).
+
+    With `folds` > 1 the fine-tuning runs again for each of up to `folds` disjoint held-out sets, and the threshold
+    is set on all their samples, each against its own fold's copy; the first fold's copy is the one kept. One
+    held-out fifth (200 of 1,000 samples) let the fresh overrule rate range from 4% to 11% around 8%; a quantile of
+    the pooled samples is steadier, at one more fine-tuning per fold."""
     settings = RepairSettings(method="finetune", lr=lr, seed=seed)
-    tuned, report = repair(loaded, x, y, settings=settings)
-    hold, _ = holdout_split(len(x), settings.holdout, seed)  # the split repair made: not trained on (its back-off
-    # measured accuracy on them)
-    session = PlainSession(tuned.SerializeToString(), loaded.input_name, threads=1)
-    gaps = disagreement(session.logits(np.ascontiguousarray(x[hold])), model_labels[hold])
-    threshold = overrule_threshold(gaps, rate)
-    return ReferenceFit(weights=changed_weights(loaded.proto, tuned), threshold=threshold,
-                        holdout_samples=len(hold), holdout_accuracy=report.accuracy_after,
-                        overrule_rate=float((gaps > threshold).mean()))
+    kept, accuracy, gaps = None, 0.0, []
+    for hold, fit in holdout_folds(len(x), settings.holdout, seed, folds):  # the first is repair's default split
+        tuned, report = repair(loaded, x, y, settings=settings, split=(hold, fit))
+        session = PlainSession(tuned.SerializeToString(), loaded.input_name, threads=1)
+        gaps.append(disagreement(session.logits(np.ascontiguousarray(x[hold])), model_labels[hold]))
+        if kept is None:
+            kept, accuracy = tuned, report.accuracy_after
+    pooled = np.concatenate(gaps)
+    threshold = overrule_threshold(pooled, rate)
+    return ReferenceFit(weights=changed_weights(loaded.proto, kept), threshold=threshold,
+                        holdout_samples=len(pooled), holdout_accuracy=accuracy,
+                        overrule_rate=float((pooled > threshold).mean()), folds=len(gaps))
 
 
 def changed_weights(original: onnx.ModelProto, tuned: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -256,10 +256,13 @@ def _gap_infected(tap_model: OnnxTaps, x: np.ndarray, triggers: Sequence[Trigger
 
 
 def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None = None, *,
-           settings: RepairSettings | None = None, triggers: Sequence[Trigger] = ()) -> tuple[onnx.ModelProto, RepairReport]:
+           settings: RepairSettings | None = None, triggers: Sequence[Trigger] = (),
+           split: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[onnx.ModelProto, RepairReport]:
     """Purify `model` with clean samples `x` (and labels `y`, else the model's own answers); returns the repaired
     ONNX model (same inputs and outputs; recalibrate before serving it) and a report. `triggers` are candidate
-    triggers (from `guard scan`) to unlearn; AR and L2 also penalise the channels they light up.
+    triggers (from `guard scan`) to unlearn; AR and L2 also penalise the channels they light up. `split`: indices of
+    the samples kept out of training to measure accuracy, and of those trained on (default: `holdout_split` with the
+    settings' share and seed).
 
     Example::
 
@@ -276,7 +279,10 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "repair")
     taps = list(settings.layers) if settings.layers else default_taps(loaded)
     validate_taps(loaded, taps)
-    hold, fit = holdout_split(len(x), settings.holdout, settings.seed)
+    hold, fit = split if split is not None else holdout_split(len(x), settings.holdout, settings.seed)
+    both = np.concatenate([hold, fit])
+    if not (len(hold) and len(fit)) or len(np.unique(both)) != len(both) or not ((0 <= both) & (both < len(x))).all():
+        raise GuardError("the held-out and fit samples must be distinct indices into the data, some of each")
     module = OnnxModule(loaded.proto).eval()
     output = loaded.output_name
     labels = y if y is not None else _predict(module, output, x)
