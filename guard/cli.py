@@ -47,8 +47,8 @@ def _calibrate(args: argparse.Namespace) -> int:
                  f"{f['calibration_suspect_demote_rate']:.3f} (at most {settings.suspect_rate})")
     referred = ("" if not profile.reference else
                 f", reference overrules {f['reference_overrule_rate']:.3f} of {f['reference_holdout_samples']} "
-                f"held-out samples of {f['reference_folds']} fine-tuning(s) (held-out accuracy "
-                f"{f['reference_holdout_accuracy']:.3f})")
+                f"held-out samples of {f['reference_folds']} fine-tuning(s) (the kept copy's accuracy on its own "
+                f"held-out fold {f['reference_holdout_accuracy']:.3f})")
     print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
           f"channels, held-out accuracy {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
           f"cross-fitted flag rate {f['calibration_flag_rate']:.3f} (target {args.fpr}), demote rate "

@@ -44,21 +44,36 @@ def load_poisoned(path: str | Path, count: int) -> np.ndarray | None:
     return poisoned.astype(bool)
 
 
+MIN_HELD_OUT = 10  # fewer held-out samples measure nothing
+
+
+def _shuffle(count: int, share: float, seed: int) -> tuple[np.ndarray, int]:
+    """The seeded order of `count` samples, and how many of them a held-out `share` is."""
+    return np.random.default_rng(seed).permutation(count), max(MIN_HELD_OUT, round(share * count))
+
+
 def holdout_split(count: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(held-out, fit) indices: a seeded shuffle, `share` of it (at least 10) held out for the decisions."""
-    order = np.random.default_rng(seed).permutation(count)
-    n_hold = max(10, round(share * count))
+    order, n_hold = _shuffle(count, share, seed)
     return order[:n_hold], order[n_hold:]
 
 
 def holdout_folds(count: int, share: float, seed: int, folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Up to `folds` (held-out, fit) splits whose held-out sets are disjoint, of `holdout_split`'s size, cut from its
-    shuffle one after another (as many as `count` holds); the rest of the shuffle, in its order, is fit. The first
-    is `holdout_split`'s."""
-    order = np.random.default_rng(seed).permutation(count)
-    n_hold = max(10, round(share * count))
-    starts = range(0, n_hold * min(folds, count // n_hold), n_hold)
-    return [(order[start:start + n_hold], np.concatenate([order[:start], order[start + n_hold:]])) for start in starts]
+    """Up to `folds` (held-out, fit) splits whose held-out sets are disjoint, cut one after another from
+    `holdout_split`'s shuffle, each of its size; the rest of the shuffle, in its order, is fit. The first is
+    `holdout_split`'s. Of several, the last also takes a remainder too short to be a fold (under 10), so that with
+    folds = 1 / share every sample is held out once: 999 samples at a fifth make four folds of 200 and one of 199,
+    1,002 four of 200 and one of 202."""
+    order, n_hold = _shuffle(count, share, seed)
+    starts = list(range(0, count, n_hold))[:folds]
+    if count < MIN_HELD_OUT or not starts:
+        return []
+    if len(starts) > 1 and count - starts[-1] < MIN_HELD_OUT:
+        starts.pop()
+    stops = [*starts[1:], starts[-1] + n_hold]
+    if len(starts) > 1 and count - stops[-1] < MIN_HELD_OUT:
+        stops[-1] = count
+    return [(order[start:stop], np.concatenate([order[:start], order[stop:]])) for start, stop in zip(starts, stops)]
 
 
 def check_samples(x: np.ndarray, y: np.ndarray | None, sample_shape: tuple[int, ...], num_classes: int,

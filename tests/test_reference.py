@@ -52,7 +52,8 @@ def test_overrule_threshold_passes_about_the_rate_and_never_an_agreeing_answer()
 def test_impossible_reference_settings_are_refused() -> None:
     for fields, option in (({"reference_rate": 0.0}, "--reference-rate"), ({"reference_lr": 0.0}, "learning rate"),
                            ({"reference_lr": float("nan")}, "learning rate"), ({"reference_folds": 0}, "--reference-folds"),
-                           ({"reference_folds": 6}, "--reference-folds")):
+                           ({"reference_folds": 6}, "--reference-folds"), ({"reference_folds": 2.5}, "--reference-folds"),
+                           ({"reference_folds": 5.0}, "--reference-folds"), ({"reference_folds": True}, "--reference-folds")):
         with pytest.raises(GuardError, match=option):
             CalibrationSettings(**fields).validate()
 
@@ -70,7 +71,7 @@ def test_calibration_stores_the_fine_tuned_weights_and_a_threshold_set_on_held_o
     figures = profile.figures
     # five fine-tunings, each holding out another fifth of the 500 clean samples: every sample is held out once
     assert figures["reference_folds"] == 5 and figures["reference_holdout_samples"] == 500
-    assert 0 < figures["reference_overrule_rate"] <= 0.08  # the split-conformal count over 500: at most 40 of them
+    assert 0 < figures["reference_overrule_rate"] <= 0.08  # the conformal count over 500: at most 40 of them
     assert profile.settings["reference"] is True and profile.settings["reference_rate"] == 0.08
     # fresh clean requests: about the rate overruled, and the answers no worse for it
     guard = Guard(loaded, profile)
@@ -105,9 +106,10 @@ def test_the_threshold_pools_each_folds_held_out_samples_against_that_folds_copy
     loaded = load_model(backdoored.model_path)
     x, y = backdoored.x_clean, backdoored.y_clean
     answers = Guard(loaded, Profile.load(backdoored.profile_path).without_reference()).predict(x).model_labels
-    one = fit_reference(loaded, x, y, answers, rate=0.08, lr=2e-3, seed=0)
+    one = fit_reference(loaded, x, y, answers, rate=0.08, lr=2e-3, seed=0, folds=1)
     two = fit_reference(loaded, x, y, answers, rate=0.08, lr=2e-3, seed=0, folds=2)
     assert (one.folds, one.holdout_samples, two.folds, two.holdout_samples) == (1, 100, 2, 200)
+    assert one.weights.keys() == two.weights.keys()
     assert all(np.array_equal(one.weights[name], two.weights[name]) for name in one.weights)
     gaps = []
     for hold, fit in holdout_folds(len(x), 0.2, 0, 2):
@@ -131,6 +133,18 @@ def test_held_out_folds_are_disjoint_and_as_many_as_the_data_holds() -> None:
     assert np.array_equal(folds[0][0], first[0]) and np.array_equal(folds[0][1], first[1])
     assert len(holdout_folds(30, 0.2, 0, 5)) == 3  # at least 10 held out each: three fit in 30
     assert len(holdout_folds(1000, 0.2, 0, 2)) == 2
+    # a fifth of 999 rounds to 200: the fifth fold is the remainder, and every sample is still held out once
+    odd = holdout_folds(999, 0.2, 0, 5)
+    assert [len(hold) for hold, _ in odd] == [200, 200, 200, 200, 199]
+    assert len(np.unique(np.concatenate([hold for hold, _ in odd]))) == 999
+    for count, sizes in ((1002, [200] * 4 + [202]), (1004, [201] * 4 + [200]), (45, [10, 10, 10, 15]),
+                         (30, [10, 10, 10])):
+        folds = holdout_folds(count, 0.2, 0, 5)
+        assert [len(hold) for hold, _ in folds] == sizes, count
+        assert all(np.array_equal(np.sort(np.concatenate(split)), np.arange(count)) for split in folds)
+        assert len(np.unique(np.concatenate([hold for hold, _ in folds]))) == count  # each held out once
+    hold, fit = holdout_folds(18, 0.2, 0, 5)[0]  # one fold only, and it leaves its fit samples
+    assert (len(hold), len(fit)) == (10, 8)
 
 
 def test_repair_refuses_a_split_that_is_not_two_disjoint_sets_of_indices(backdoored: Backdoored) -> None:
@@ -138,9 +152,20 @@ def test_repair_refuses_a_split_that_is_not_two_disjoint_sets_of_indices(backdoo
     settings = RepairSettings(method="finetune", epochs=1)
     rest = np.arange(3, len(x))
     for split in ((np.array([0, 0, 1]), rest), (np.array([len(x)]), rest), (np.array([0, 1, 3]), rest),
-                  (np.arange(len(x)), np.array([], dtype=np.int64))):
+                  (np.array([-1]), rest), (np.array([], dtype=np.int64), rest), (np.array([0.0, 1.0, 2.0]), rest)):
         with pytest.raises(GuardError, match="held-out and fit samples"):
             repair(backdoored.model_path, x, y, settings=settings, split=split)
+    with pytest.raises(GuardError, match="leaves none to train on"):
+        repair(backdoored.model_path, x, y, settings=settings, split=(np.arange(len(x)), np.array([], dtype=np.int64)))
+
+
+def test_fit_reference_refuses_folds_it_cannot_make(backdoored: Backdoored) -> None:
+    loaded = load_model(backdoored.model_path)
+    x, y = backdoored.x_clean, backdoored.y_clean
+    for folds, data in ((0, x), (6, x), (1, x[:9])):
+        with pytest.raises(GuardError, match="1 to 5 folds"):
+            fit_reference(loaded, data, y[:len(data)], np.zeros(len(data), dtype=np.int64), rate=0.08, lr=2e-3,
+                          seed=0, folds=folds)
 
 
 def test_monitor_reports_the_overruled_requests_and_answers_as_the_model(backdoored: Backdoored) -> None:

@@ -30,7 +30,7 @@ from guard.calibrate.consistency import (
 from guard.calibrate.linf import linf_stats
 from guard.calibrate.masking import candidate_order, choose_static_mask
 from guard.calibrate.profile import PartScale, Profile, TapProfile, Thresholds
-from guard.calibrate.reference import fit_reference
+from guard.calibrate.reference import MAX_FOLDS, fit_reference
 from guard.calibrate.salience import benign_salience, benign_set
 from guard.calibrate.taps import ModuleTaps, OnnxTaps, TapModel
 from guard.errors import GuardError
@@ -117,8 +117,10 @@ class CalibrationSettings:
             raise GuardError(f"--demote-rate must lie in [0, 1), got {self.demote_rate}")
         if not 0 < self.reference_rate < 1:
             raise GuardError(f"--reference-rate must lie in (0, 1), got {self.reference_rate}")
-        if not 1 <= self.reference_folds <= 5:
-            raise GuardError(f"--reference-folds must lie in 1..5 (each holds out a fifth), got {self.reference_folds}")
+        folds = self.reference_folds
+        if isinstance(folds, bool) or not isinstance(folds, int) or not 1 <= folds <= MAX_FOLDS:
+            raise GuardError(f"--reference-folds must be a whole number in 1..{MAX_FOLDS} (each holds out another "
+                             f"fifth), got {folds!r}")
         if not (np.isfinite(self.reference_lr) and self.reference_lr > 0):
             raise GuardError(f"the reference's learning rate must be a positive number, got {self.reference_lr}")
         if not 0 < self.suspect_rate < 1:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from guard.errors import GuardError
 from guard.model.graph import LoadedModel
 from guard.repair.adaptive_reg import RepairSettings, repair
 from guard.runtime.engine import PlainSession
@@ -32,23 +33,29 @@ class ReferenceFit:
     weights: dict[str, np.ndarray]  # the initializers fine-tuning changed, by name
     threshold: float  # overrule where the disagreement exceeds this
     holdout_samples: int  # over all folds
-    holdout_accuracy: float  # of the stored reference on its held-out samples (the labels, else the model's answers)
+    # of the kept copy on its own fold's held-out samples (the labels, else the model's answers)
+    holdout_accuracy: float
     overrule_rate: float  # share of the held-out samples past the threshold
     folds: int  # fine-tunings whose held-out samples set the threshold
 
 
 def overrule_threshold(gaps: np.ndarray, rate: float) -> float:
     """The disagreement that about a share `rate` of clean samples exceed: of n samples, the (a + 1)-th highest with
-    a = floor(rate (n + 1)). a of them lie above it, and a fresh clean request exceeds it with chance (a + 1) / (n + 1),
-    above `rate` by less than 1 / (n + 1) (8.5% at 8% and n = 200). Never below 0, so an agreeing answer is never
-    overruled."""
+    a = floor(rate (n + 1)). a of them lie above it. Were the n exchangeable with a fresh clean request (one copy's
+    own held-out samples), it would exceed it with chance (a + 1) / (n + 1), above `rate` by less than 1 / (n + 1);
+    pooled over several copies' folds the bound is approximate (cross-conformal). Never below 0, so an agreeing
+    answer is never overruled."""
     allowed = int(np.floor(rate * (len(gaps) + 1)))
     ordered = np.sort(gaps)[::-1]
     return 0.0 if allowed >= len(ordered) else max(0.0, float(ordered[allowed]))
 
 
+# The most folds: repair holds out a fifth of the samples, so five disjoint fifths hold out each sample once.
+MAX_FOLDS = round(1 / RepairSettings.holdout)
+
+
 def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, model_labels: np.ndarray, *,
-                  rate: float, lr: float, seed: int, folds: int = 1) -> ReferenceFit:
+                  rate: float, lr: float, seed: int, folds: int) -> ReferenceFit:
     """Fine-tune a copy of `loaded` on `x` (labels `y`, else the model's answers) and set the threshold on the
     samples fine-tuning held out, against `model_labels` (the served model's answers to `x`).
 
@@ -57,8 +64,13 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
     held-out fifth (200 of 1,000 samples) let the fresh overrule rate range from 4% to 11% around 8%; a quantile of
     the pooled samples is steadier, at one more fine-tuning per fold."""
     settings = RepairSettings(method="finetune", lr=lr, seed=seed)
-    kept, accuracy, gaps = None, 0.0, []
-    for hold, fit in holdout_folds(len(x), settings.holdout, seed, folds):  # the first is repair's default split
+    splits = holdout_folds(len(x), settings.holdout, seed, folds)  # the first is repair's default split
+    if not 1 <= folds <= MAX_FOLDS or not splits or not all(len(fit) for _, fit in splits):
+        raise GuardError(f"the reference needs 1 to {MAX_FOLDS} folds of at least 10 held-out samples and some to "
+                         f"train on; got {folds} fold(s) of {len(x)} samples")
+    kept: onnx.ModelProto | None = None
+    accuracy, gaps = 0.0, []
+    for hold, fit in splits:
         tuned, report = repair(loaded, x, y, settings=settings, split=(hold, fit))
         session = PlainSession(tuned.SerializeToString(), loaded.input_name, threads=1)
         gaps.append(disagreement(session.logits(np.ascontiguousarray(x[hold])), model_labels[hold]))

@@ -386,9 +386,10 @@ torch {machine['torch']}), no GPU.
 - **Guard's default** is what `guard calibrate` does with its defaults: the static mask, the consistency check,
   the class `guard scan` suspects, whose answers are demoted from a threshold of their own, and the reference, a copy
   of the model fine-tuned on the clean set that answers the requests it firmly disagrees with the model on (about 8%
-  of clean ones, a threshold set over five fine-tunings, each holding out another fifth). The suspect is the scan's in the last table, run at {settings['scan_steps']} steps (the command's
-  scan runs 200). The consistency check's column is the check alone: no mask, no suspect, no reference; "guard
-  without the reference" is the default's profile with its reference taken out.
+  of clean ones, a threshold set over five fine-tunings, each holding out another fifth). The suspect is the
+  scan's in the last table, run at {settings['scan_steps']} steps (the command's scan runs 200). The consistency
+  check's column is the check alone: no mask, no suspect, no reference; "guard without the reference" is the
+  default's profile with its reference taken out.
 - **Targets checked below** (issue 3): CA within {100 * MAX_ACCURACY_LOSS:g} point of no defense; ASR ≤
   {100 * MAX_ASR:g}% (≤ 5% for wanet and adaptive); AUROC ≥ {MIN_AUROC}; observed FPR within
   {100 * MAX_FPR_DEVIATION:g} points of the target; on the clean model, at most the target flagged and at most

@@ -261,8 +261,8 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
     """Purify `model` with clean samples `x` (and labels `y`, else the model's own answers); returns the repaired
     ONNX model (same inputs and outputs; recalibrate before serving it) and a report. `triggers` are candidate
     triggers (from `guard scan`) to unlearn; AR and L2 also penalise the channels they light up. `split`: indices of
-    the samples kept out of training to measure accuracy, and of those trained on (default: `holdout_split` with the
-    settings' share and seed).
+    the samples that measure accuracy, kept out of training, and of those trained on (default: `holdout_split` with
+    the settings' share and seed; `prune` calibrates on all of `x` and measures on the first).
 
     Example::
 
@@ -280,9 +280,12 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
     taps = list(settings.layers) if settings.layers else default_taps(loaded)
     validate_taps(loaded, taps)
     hold, fit = split if split is not None else holdout_split(len(x), settings.holdout, settings.seed)
+    if not len(fit):
+        raise GuardError(f"holding out {len(hold)} of {len(x)} samples leaves none to train on")
     both = np.concatenate([hold, fit])
-    if not (len(hold) and len(fit)) or len(np.unique(both)) != len(both) or not ((0 <= both) & (both < len(x))).all():
-        raise GuardError("the held-out and fit samples must be distinct indices into the data, some of each")
+    if (not len(hold) or not np.issubdtype(both.dtype, np.integer) or len(np.unique(both)) != len(both)
+            or not ((0 <= both) & (both < len(x))).all()):
+        raise GuardError("the held-out and fit samples must be distinct integer indices into the data, some of each")
     module = OnnxModule(loaded.proto).eval()
     output = loaded.output_name
     labels = y if y is not None else _predict(module, output, x)
