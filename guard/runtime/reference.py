@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper
 
 from guard.errors import ProfileError
 from guard.model.graph import with_initializers
@@ -36,16 +36,17 @@ def reference_model(original: onnx.ModelProto, weights: dict[str, np.ndarray]) -
     """`original` with the reference's weights in place of its own. The weights come from a profile, which is
     untrusted: each must be a trained weight of the model (a linear layer's or a batch norm's weight or bias, never
     a shape, a scale or a running statistic) and keep its shape and dtype, finite."""
-    initializers = {init.name: numpy_helper.to_array(init) for init in original.graph.initializer}
+    initializers = {init.name: init for init in original.graph.initializer}  # read from the protos, not copied
     trained = set(trained_initializers(original))
     for name, value in weights.items():
         if name not in trained:
             raise ProfileError(f"the profile's reference changes {name!r}, which is not a trained weight of this "
                                "model (a linear layer's or batch norm's weight or bias)")
-        own = initializers[name]
-        if value.shape != own.shape or value.dtype != own.dtype or not np.issubdtype(own.dtype, np.floating):
+        shape = tuple(initializers[name].dims)
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(initializers[name].data_type))
+        if value.shape != shape or value.dtype != dtype or not np.issubdtype(dtype, np.floating):
             raise ProfileError(f"the profile's reference weight {name!r} is {value.dtype}{list(value.shape)}; the "
-                               f"model's is {own.dtype}{list(own.shape)}")
+                               f"model's is {dtype}{list(shape)}")
         if not np.isfinite(value).all():
             raise ProfileError(f"the profile's reference weight {name!r} is not finite")
     return with_initializers(original, weights)
