@@ -49,6 +49,37 @@ def test_overrule_threshold_passes_about_the_rate_and_never_an_agreeing_answer()
     assert overrule_threshold(mostly_agreeing, 0.05) == 0.0  # fewer disagreements than the rate: all of them pass
 
 
+def test_the_overrule_count_stops_where_the_reference_has_lost_as_often_as_it_won() -> None:
+    gaps = np.random.default_rng(0).exponential(size=999).astype(np.float32)
+    firmest = np.argsort(-gaps)
+    gains = np.zeros(999, dtype=np.int64)
+    gains[firmest[:20]], gains[firmest[20:60]] = 1, -1  # 20 won, then 40 lost: even after 40, 10 behind after 50
+    assert (gaps > overrule_threshold(gaps, 0.05, gains)).sum() == 40
+    gains[firmest[:60]] = 1
+    assert (gaps > overrule_threshold(gaps, 0.05, gains)).sum() == 50  # never more than the rate lets through
+    gains[firmest[0]] = -1  # the firmest disagreement lost, and the one after it won: even after 2
+    assert (gaps > overrule_threshold(gaps, 0.05, gains)).sum() == 50
+    gains[firmest[:60]] = -1
+    assert (gaps > overrule_threshold(gaps, 0.05, gains)).sum() == 0
+
+
+def test_a_reference_that_wins_none_of_its_disagreements_is_not_kept(backdoored: Backdoored) -> None:
+    """Labelled with the model's own answers, the model is right wherever the reference disagrees: the reference has
+    earned no overrule, so none is kept and the guard runs the model alone. Without labels the rate alone rules."""
+    loaded = load_model(backdoored.model_path)
+    x = backdoored.x_clean
+    answers = Guard(loaded, Profile.load(backdoored.profile_path).without_reference()).predict(x).model_labels
+    lost = fit_reference(loaded, x, answers, answers, rate=0.08, lr=2e-3, seed=0, folds=2)
+    assert lost.weights == {} and lost.threshold == math.inf
+    assert lost.overrule_rate == 0 and lost.net_gain == 0
+    unlabelled = fit_reference(loaded, x, None, answers, rate=0.08, lr=2e-3, seed=0, folds=2)
+    assert unlabelled.weights and unlabelled.net_gain is None and 0 < unlabelled.overrule_rate <= 0.08
+    profile = calibrate(loaded, x, answers, settings=CalibrationSettings(seed=0, reference_folds=2))
+    assert not profile.reference and profile.thresholds.overrule == math.inf
+    assert profile.figures["reference_overrule_rate"] == 0
+    assert not Guard(loaded, profile).predict(backdoored.x_eval).overruled.any()
+
+
 def test_impossible_reference_settings_are_refused() -> None:
     for fields, option in (({"reference_rate": 0.0}, "--reference-rate"), ({"reference_lr": 0.0}, "learning rate"),
                            ({"reference_lr": float("nan")}, "learning rate"), ({"reference_folds": 0}, "--reference-folds"),
@@ -111,17 +142,20 @@ def test_the_threshold_pools_each_folds_held_out_samples_against_that_folds_copy
     assert (one.folds, one.holdout_samples, two.folds, two.holdout_samples) == (1, 100, 2, 200)
     assert one.weights.keys() == two.weights.keys()
     assert all(np.array_equal(one.weights[name], two.weights[name]) for name in one.weights)
-    gaps = []
+    gaps, gains = [], []
     for hold, fit in holdout_folds(len(x), 0.2, 0, 2):
         tuned, report = repair(loaded, x, y, settings=RepairSettings(method="finetune", lr=2e-3, seed=0),
                                split=(hold, fit))
         assert report.holdout_samples == len(hold)
-        gaps.append(disagreement(PlainSession(tuned.SerializeToString(), loaded.input_name).logits(x[hold]),
-                                 answers[hold]))
-    assert one.threshold == pytest.approx(overrule_threshold(gaps[0], 0.08), abs=1e-5)
-    pooled = np.concatenate(gaps)
-    assert two.threshold == pytest.approx(overrule_threshold(pooled, 0.08), abs=1e-5)
+        logits = PlainSession(tuned.SerializeToString(), loaded.input_name).logits(x[hold])
+        gaps.append(disagreement(logits, answers[hold]))
+        # +1 where the copy's answer is right and the model's wrong, -1 the other way round, where they disagree
+        gains.append((gaps[-1] > 0) * ((logits.argmax(axis=1) == y[hold]).astype(int) - (answers[hold] == y[hold])))
+    assert one.threshold == pytest.approx(overrule_threshold(gaps[0], 0.08, gains[0]), abs=1e-5)
+    pooled, pooled_gains = np.concatenate(gaps), np.concatenate(gains)
+    assert two.threshold == pytest.approx(overrule_threshold(pooled, 0.08, pooled_gains), abs=1e-5)
     assert two.overrule_rate == pytest.approx(float((pooled > two.threshold).mean()))
+    assert two.net_gain == pooled_gains[pooled > two.threshold].sum() >= 0
 
 
 def test_held_out_folds_are_disjoint_and_as_many_as_the_data_holds() -> None:

@@ -283,6 +283,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "reference_holdout_accuracy": reference.holdout_accuracy if reference else None,
         "reference_overrule_rate": reference.overrule_rate if reference else None,
         "reference_folds": reference.folds if reference else None,
+        "reference_overrule_net": reference.net_gain if reference else None,
         "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
     }
     return draft

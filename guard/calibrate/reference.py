@@ -6,12 +6,14 @@ lets many through; but a backdoor learnt from poisoned data fades when the model
 with a class its fine-tuned copy finds far less likely than its own answer is answered by the copy instead.
 
 model + clean samples -> fine-tuning on all but a held-out fifth, once per fold (each holds out another fifth) ->
-the held-out samples' disagreement with their fold's copy, pooled -> the threshold that about `rate` of them pass ->
-the first fold's changed weights and the threshold, stored in the profile.
+the held-out samples' disagreement with their fold's copy, pooled -> the threshold that about `rate` of them pass,
+or fewer where overruling them cost right answers on balance -> the first fold's changed weights and the threshold,
+stored in the profile.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,17 +39,26 @@ class ReferenceFit:
     holdout_accuracy: float
     overrule_rate: float  # share of the held-out samples past the threshold
     folds: int  # fine-tunings whose held-out samples set the threshold
+    # held-out answers the overrules corrected minus those they broke, at the threshold (None: no labels to tell)
+    net_gain: int | None
 
 
-def overrule_threshold(gaps: np.ndarray, rate: float) -> float:
+def overrule_threshold(gaps: np.ndarray, rate: float, gains: np.ndarray | None = None) -> float:
     """The disagreement that about a share `rate` of clean samples exceed: of n samples, the (a + 1)-th highest with
     a = floor(rate (n + 1)). a of them lie above it. Were the n exchangeable with a fresh clean request (one copy's
     own held-out samples), it would exceed it with chance (a + 1) / (n + 1), above `rate` by less than 1 / (n + 1);
     pooled over several copies' folds the bound is approximate (cross-conformal). Never below 0, so an agreeing
-    answer is never overruled."""
-    allowed = int(np.floor(rate * (len(gaps) + 1)))
-    ordered = np.sort(gaps)[::-1]
-    return 0.0 if allowed >= len(ordered) else max(0.0, float(ordered[allowed]))
+    answer is never overruled.
+
+    `gains` (per sample: +1 where the reference's answer is right and the model's wrong, -1 the other way round, else
+    0) may lower a: to the largest count, at most a, whose firmest disagreements the reference wins at least as often
+    as it loses. A reference worse than the model where they disagree most answers no more than it has earned."""
+    order = np.argsort(-gaps, kind="stable")
+    allowed = min(int(np.floor(rate * (len(gaps) + 1))), len(gaps))
+    if gains is not None:
+        running = np.concatenate([[0], np.cumsum(gains[order][:allowed])])
+        allowed = int(np.flatnonzero(running >= 0).max())
+    return 0.0 if allowed >= len(gaps) else max(0.0, float(gaps[order][allowed]))
 
 
 # The most folds: repair holds out a fifth of the samples, so five disjoint fifths hold out each sample once.
@@ -62,25 +73,39 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
     With `folds` > 1 the fine-tuning runs again for each of up to `folds` disjoint held-out sets, and the threshold
     is set on all their samples, each against its own fold's copy; the first fold's copy is the one kept. One
     held-out fifth (200 of 1,000 samples) let the fresh overrule rate range from 4% to 11% around 8%; a quantile of
-    the pooled samples is steadier, at one more fine-tuning per fold."""
+    the pooled samples is steadier, at one more fine-tuning per fold.
+
+    With labels `y`, the threshold lets through no more of the firmest disagreements than the reference won on
+    balance against the model (`overrule_threshold`'s gains); where it won none, no reference is kept (no weights,
+    an infinite threshold) and the guard runs the model alone."""
     settings = RepairSettings(method="finetune", lr=lr, seed=seed)
     splits = holdout_folds(len(x), settings.holdout, seed, folds)  # the first is repair's default split
     if not 1 <= folds <= MAX_FOLDS or not splits or not all(len(fit) for _, fit in splits):
         raise GuardError(f"the reference needs 1 to {MAX_FOLDS} folds of at least 10 held-out samples and some to "
                          f"train on; got {folds} fold(s) of {len(x)} samples")
     kept: onnx.ModelProto | None = None
-    accuracy, gaps = 0.0, []
+    accuracy, gaps, gains = 0.0, [], []
     for hold, fit in splits:
         tuned, report = repair(loaded, x, y, settings=settings, split=(hold, fit))
         session = PlainSession(tuned.SerializeToString(), loaded.input_name, threads=1)
-        gaps.append(disagreement(session.logits(np.ascontiguousarray(x[hold])), model_labels[hold]))
+        logits = session.logits(np.ascontiguousarray(x[hold]))
+        gap = disagreement(logits, model_labels[hold])
+        gaps.append(gap)
+        if y is not None:
+            won = logits.argmax(axis=1) == y[hold]
+            gains.append(np.where(gap > 0, won.astype(np.int64) - (model_labels[hold] == y[hold]), 0))
         if kept is None:
             kept, accuracy = tuned, report.accuracy_after
     pooled = np.concatenate(gaps)
-    threshold = overrule_threshold(pooled, rate)
-    return ReferenceFit(weights=changed_weights(loaded.proto, kept), threshold=threshold,
-                        holdout_samples=len(pooled), holdout_accuracy=accuracy,
-                        overrule_rate=float((pooled > threshold).mean()), folds=len(gaps))
+    pooled_gains = np.concatenate(gains) if y is not None else None
+    threshold = overrule_threshold(pooled, rate, pooled_gains)
+    passed = pooled > threshold
+    net_gain = None if pooled_gains is None else int(pooled_gains[passed].sum())
+    weights = changed_weights(loaded.proto, kept)
+    if pooled_gains is not None and not passed.any():
+        weights, threshold = {}, math.inf  # it won no disagreement it would have answered: keep no reference
+    return ReferenceFit(weights=weights, threshold=threshold, holdout_samples=len(pooled), holdout_accuracy=accuracy,
+                        overrule_rate=float(passed.mean()), folds=len(gaps), net_gain=net_gain)
 
 
 def changed_weights(original: onnx.ModelProto, tuned: onnx.ModelProto) -> dict[str, np.ndarray]:
