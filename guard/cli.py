@@ -47,7 +47,8 @@ def _calibrate(args: argparse.Namespace) -> int:
                  f"{f['calibration_suspect_demote_rate']:.3f} (at most {settings.suspect_rate})")
     net = f["reference_overrule_net"]
     referred = ("" if not settings.reference else
-                ", no reference kept (it won none of its firm held-out disagreements with the model)"
+                ", no reference kept" + (" (it won none of its firm held-out disagreements with the model)"
+                                         if net == 0 else "")
                 if not profile.reference else
                 f", reference overrules {f['reference_overrule_rate']:.3f} of {f['reference_holdout_samples']} "
                 f"held-out samples of {f['reference_folds']} fine-tuning(s)"

@@ -371,7 +371,10 @@ def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(setup: Setup
     assert summary["reference"] == {"tensors": len(profile.reference),
                                     "values": sum(v.size for v in profile.reference.values())}
     assert summary["reference"]["tensors"] > 0
-    assert "reference overrules" in done.stdout  # the calibration's printout says what the reference does
+    # the calibration's printout says what the reference does, and what it won on the held-out samples
+    assert "reference overrules" in done.stdout
+    assert f"{profile.figures['reference_overrule_net']:+d} right answers on them" in done.stdout
+    assert profile.figures["reference_overrule_net"] >= 0
 
 
 def test_cli_calibrate_with_a_named_suspect_skips_the_scan(setup: Setup, tmp_path: Path) -> None:

@@ -63,7 +63,8 @@ def test_the_overrule_count_stops_where_the_reference_has_lost_as_often_as_it_wo
     assert (gaps > overrule_threshold(gaps, 0.05, gains)).sum() == 0
 
 
-def test_a_reference_that_wins_none_of_its_disagreements_is_not_kept(backdoored: Backdoored) -> None:
+def test_a_reference_that_wins_none_of_its_disagreements_is_not_kept(backdoored: Backdoored,
+                                                                     tmp_path: Path) -> None:
     """Labelled with the model's own answers, the model is right wherever the reference disagrees: the reference has
     earned no overrule, so none is kept and the guard runs the model alone. Without labels the rate alone rules."""
     loaded = load_model(backdoored.model_path)
@@ -74,7 +75,12 @@ def test_a_reference_that_wins_none_of_its_disagreements_is_not_kept(backdoored:
     assert lost.overrule_rate == 0 and lost.net_gain == 0
     unlabelled = fit_reference(loaded, x, None, answers, rate=0.08, lr=2e-3, seed=0, folds=2)
     assert unlabelled.weights and unlabelled.net_gain is None and 0 < unlabelled.overrule_rate <= 0.08
-    profile = calibrate(loaded, x, answers, settings=CalibrationSettings(seed=0, reference_folds=2))
+    np.savez(tmp_path / "own.npz", x=x, y=answers)
+    done = run_cli("calibrate", backdoored.model_path, "--data", "own.npz", "--out", "p.safetensors", "--quiet",
+                   "--no-scan", "--reference-folds", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "no reference kept (it won none of its firm held-out disagreements" in done.stdout
+    profile = Profile.load(tmp_path / "p.safetensors")
     assert not profile.reference and profile.thresholds.overrule == math.inf
     assert profile.figures["reference_overrule_rate"] == 0
     assert not Guard(loaded, profile).predict(backdoored.x_eval).overruled.any()
