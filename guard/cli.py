@@ -46,14 +46,15 @@ def _calibrate(args: argparse.Namespace) -> int:
                  f", class {profile.thresholds.suspect}'s answers demoted at rate "
                  f"{f['calibration_suspect_demote_rate']:.3f} (at most {settings.suspect_rate})")
     net = f["reference_overrule_net"]
-    referred = ("" if not settings.reference else
-                ", no reference kept" + (" (it won none of its firm held-out disagreements with the model)"
-                                         if net == 0 else "")
-                if not profile.reference else
-                f", reference overrules {f['reference_overrule_rate']:.3f} of {f['reference_holdout_samples']} "
-                f"held-out samples of {f['reference_folds']} fine-tuning(s)"
-                f"{'' if net is None else f', {net:+d} right answers on them'} (the kept copy's accuracy on its own "
-                f"held-out fold {f['reference_holdout_accuracy']:.3f})")
+    if not settings.reference:
+        referred = ""
+    elif not profile.reference:
+        referred = ", no reference kept (it would answer none of the held-out samples it disagrees on)"
+    else:
+        referred = (f", reference overrules {f['reference_overrule_rate']:.3f} of {f['reference_holdout_samples']} "
+                    f"held-out samples of {f['reference_folds']} fine-tuning(s)"
+                    f"{'' if net is None else f', {net:+d} right answers on them'} (the kept copy's accuracy on its "
+                    f"own held-out fold {f['reference_holdout_accuracy']:.3f})")
     print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
           f"channels, held-out accuracy {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
           f"cross-fitted flag rate {f['calibration_flag_rate']:.3f} (target {args.fpr}), demote rate "

@@ -61,6 +61,13 @@ def test_the_overrule_count_stops_where_the_reference_has_lost_as_often_as_it_wo
     assert (gaps > overrule_threshold(gaps, 0.05, gains)).sum() == 50
     gains[firmest[:60]] = -1
     assert (gaps > overrule_threshold(gaps, 0.05, gains)).sum() == 0
+    # a tie at a cut lets none of the tied through: the net is counted over what passes, never below 0
+    tied, won = np.array([4, 2, 2, 1, 0.5], dtype=np.float32), np.array([-1, 1, -1, 0, 0])
+    assert overrule_threshold(tied, 0.5, won) == 4.0  # above 2 only the lost 4; above 1 the three: net -1
+    assert overrule_threshold(tied, 0.5, np.array([1, 1, -1, 0, 0])) == 1.0  # above 1: net +1, the rate's three
+    assert overrule_threshold(tied, 0.99, np.zeros(5, dtype=int)) == 0.0  # as many as there are: every positive one
+    with pytest.raises(ValueError, match="4 gains for 5"):
+        overrule_threshold(tied, 0.5, np.zeros(4, dtype=int))
 
 
 def test_a_reference_that_wins_none_of_its_disagreements_is_not_kept(backdoored: Backdoored,
@@ -75,11 +82,13 @@ def test_a_reference_that_wins_none_of_its_disagreements_is_not_kept(backdoored:
     assert lost.overrule_rate == 0 and lost.net_gain == 0
     unlabelled = fit_reference(loaded, x, None, answers, rate=0.08, lr=2e-3, seed=0, folds=2)
     assert unlabelled.weights and unlabelled.net_gain is None and 0 < unlabelled.overrule_rate <= 0.08
-    np.savez(tmp_path / "own.npz", x=x, y=answers)
+    # the same through the command, unpruned so that the answers it measures against are the bare model's
+    bare = PlainSession(loaded.proto.SerializeToString(), loaded.input_name).logits(x).argmax(axis=1)
+    np.savez(tmp_path / "own.npz", x=x, y=bare)
     done = run_cli("calibrate", backdoored.model_path, "--data", "own.npz", "--out", "p.safetensors", "--quiet",
-                   "--no-scan", "--reference-folds", "2", cwd=tmp_path)
+                   "--no-scan", "--no-prune", "--reference-folds", "2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "no reference kept (it won none of its firm held-out disagreements" in done.stdout
+    assert "no reference kept (it would answer none of the held-out samples" in done.stdout
     profile = Profile.load(tmp_path / "p.safetensors")
     assert not profile.reference and profile.thresholds.overrule == math.inf
     assert profile.figures["reference_overrule_rate"] == 0

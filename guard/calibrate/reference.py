@@ -51,14 +51,20 @@ def overrule_threshold(gaps: np.ndarray, rate: float, gains: np.ndarray | None =
     answer is never overruled.
 
     `gains` (per sample: +1 where the reference's answer is right and the model's wrong, -1 the other way round, else
-    0) may lower a: to the largest count, at most a, whose firmest disagreements the reference wins at least as often
-    as it loses. A reference worse than the model where they disagree most answers no more than it has earned."""
-    order = np.argsort(-gaps, kind="stable")
-    allowed = min(int(np.floor(rate * (len(gaps) + 1))), len(gaps))
-    if gains is not None:
-        running = np.concatenate([[0], np.cumsum(gains[order][:allowed])])
-        allowed = int(np.flatnonzero(running >= 0).max())
-    return 0.0 if allowed >= len(gaps) else max(0.0, float(gaps[order][allowed]))
+    0) may raise it: to the lowest of the candidates (the (b + 1)-th highest, b at most a) above which the reference
+    has won at least as often as it lost. A reference worse than the model where they disagree most answers no more
+    than it has earned."""
+    ordered = np.sort(gaps)[::-1]
+    allowed = int(np.floor(rate * (len(gaps) + 1)))
+    candidates = np.maximum(0.0, np.append(ordered, 0.0)[:min(allowed, len(gaps)) + 1])
+    if gains is None:
+        return float(candidates[-1])
+    if len(gains) != len(gaps):
+        raise ValueError(f"{len(gains)} gains for {len(gaps)} disagreements")
+    # above each candidate: the firmest samples, as many as lie strictly above it (a tie at a cut passes none)
+    running = np.concatenate([[0], np.cumsum(gains[np.argsort(-gaps, kind="stable")])])
+    above = len(gaps) - np.searchsorted(np.sort(gaps), candidates, side="right")
+    return float(candidates[np.flatnonzero(running[above] >= 0).max()])
 
 
 # The most folds: repair holds out a fifth of the samples, so five disjoint fifths hold out each sample once.
@@ -76,8 +82,8 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
     the pooled samples is steadier, at one more fine-tuning per fold.
 
     With labels `y`, the threshold lets through no more of the firmest disagreements than the reference won on
-    balance against the model (`overrule_threshold`'s gains); where it won none, no reference is kept (no weights,
-    an infinite threshold) and the guard runs the model alone."""
+    balance against the model (`overrule_threshold`'s gains); where that lets none through, no reference is kept
+    (no weights, an infinite threshold) and the guard runs the model alone."""
     settings = RepairSettings(method="finetune", lr=lr, seed=seed)
     splits = holdout_folds(len(x), settings.holdout, seed, folds)  # the first is repair's default split
     if not 1 <= folds <= MAX_FOLDS or not splits or not all(len(fit) for _, fit in splits):
@@ -101,9 +107,11 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
     threshold = overrule_threshold(pooled, rate, pooled_gains)
     passed = pooled > threshold
     net_gain = None if pooled_gains is None else int(pooled_gains[passed].sum())
-    weights = changed_weights(loaded.proto, kept)
-    if pooled_gains is not None and not passed.any():
-        weights, threshold = {}, math.inf  # it won no disagreement it would have answered: keep no reference
+    # a reference that answers none of the held-out samples it has earned, or that fine-tuning left as the model
+    # was, is not kept: the guard runs the model alone
+    weights = changed_weights(loaded.proto, kept) if passed.any() or pooled_gains is None else {}
+    if not weights:
+        threshold = math.inf
     return ReferenceFit(weights=weights, threshold=threshold, holdout_samples=len(pooled), holdout_accuracy=accuracy,
                         overrule_rate=float(passed.mean()), folds=len(gaps), net_gain=net_gain)
 
