@@ -25,7 +25,7 @@ from guard.model.graph import LoadedModel
 from guard.repair.adaptive_reg import RepairSettings, repair
 from guard.runtime.engine import PlainSession
 from guard.runtime.reference import disagreement
-from guard.samples import holdout_folds
+from guard.samples import MIN_HELD_OUT, holdout_folds
 
 
 @dataclass
@@ -54,7 +54,8 @@ def overrule_threshold(gaps: np.ndarray, rate: float, gains: np.ndarray | None =
     0) may raise it: to the lowest of the candidates (the (b + 1)-th highest, b at most a) above which the reference
     has won at least as often as it lost. A reference worse than the model where they disagree most answers no more
     than it has earned."""
-    ordered = np.sort(gaps)[::-1]
+    order = np.argsort(-gaps, kind="stable")  # firmest first
+    ordered = gaps[order]
     allowed = int(np.floor(rate * (len(gaps) + 1)))
     candidates = np.maximum(0.0, np.append(ordered, 0.0)[:min(allowed, len(gaps)) + 1])
     if gains is None:
@@ -62,8 +63,8 @@ def overrule_threshold(gaps: np.ndarray, rate: float, gains: np.ndarray | None =
     if len(gains) != len(gaps):
         raise ValueError(f"{len(gains)} gains for {len(gaps)} disagreements")
     # above each candidate: the firmest samples, as many as lie strictly above it (a tie at a cut passes none)
-    running = np.concatenate([[0], np.cumsum(gains[np.argsort(-gaps, kind="stable")])])
-    above = len(gaps) - np.searchsorted(np.sort(gaps), candidates, side="right")
+    running = np.concatenate([[0], np.cumsum(gains[order])])
+    above = np.searchsorted(-ordered, -candidates, side="left")
     return float(candidates[np.flatnonzero(running[above] >= 0).max()])
 
 
@@ -87,8 +88,8 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
     settings = RepairSettings(method="finetune", lr=lr, seed=seed)
     splits = holdout_folds(len(x), settings.holdout, seed, folds)  # the first is repair's default split
     if not 1 <= folds <= MAX_FOLDS or not splits or not all(len(fit) for _, fit in splits):
-        raise GuardError(f"the reference needs 1 to {MAX_FOLDS} folds of at least 10 held-out samples and some to "
-                         f"train on; got {folds} fold(s) of {len(x)} samples")
+        raise GuardError(f"the reference needs 1 to {MAX_FOLDS} folds of at least {MIN_HELD_OUT} held-out samples "
+                         f"and some to train on; got {folds} fold(s) of {len(x)} samples")
     kept: onnx.ModelProto | None = None
     accuracy, gaps, gains = 0.0, [], []
     for hold, fit in splits:
