@@ -26,10 +26,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         fpr_confidence=args.fpr_confidence, demote_rate=args.demote_rate, acc_budget=args.acc_budget,
         prune=not args.no_prune, dense_part=not args.no_dense_part, dense_score=args.dense_score, seed=args.seed,
         suspect=args.suspect, reference=args.reference, reference_rate=args.reference_rate,
-        reference_folds=args.reference_folds,
+        reference_folds=args.reference_folds, reference_unlearn=args.reference_unlearn,
     )
     settings.validate()  # before the scan's seconds are spent
-    model = args.model
+    model, triggers = args.model, []
     if args.suspect is None and args.scan:
         from guard.model.graph import load_model
         from guard.scan import ScanSettings, run_scan
@@ -37,9 +37,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         model = load_model(args.model)
         scanned = run_scan(model, x, y, settings=ScanSettings(seed=args.seed))
         settings.suspect = suspect = scanned.classes.suspect
-        print(f"guard: scan suspects {'no class' if suspect is None else f'class {suspect}'} "
-              f"({scanned.figures['seconds']:.1f} s)")
-    profile = calibrate(model, x, y, settings=settings, progress=not args.quiet)
+        triggers = scanned.candidates
+        print(f"guard: scan suspects {'no class' if suspect is None else f'class {suspect}'}, candidates "
+              f"{[t.target for t in triggers]} ({scanned.figures['seconds']:.1f} s)")
+    profile = calibrate(model, x, y, settings=settings, progress=not args.quiet, triggers=triggers)
     profile.save(args.out)
     f = profile.figures
     suspected = ("" if profile.thresholds.suspect is None else
@@ -54,7 +55,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         referred = (f", reference overrules {f['reference_overrule_rate']:.3f} of {f['reference_holdout_samples']} "
                     f"held-out samples of {f['reference_folds']} fine-tuning(s)"
                     f"{'' if net is None else f', {net:+d} right answers on them'} (the kept copy's accuracy on its "
-                    f"own held-out fold {f['reference_holdout_accuracy']:.3f})")
+                    f"own held-out fold {f['reference_holdout_accuracy']:.3f}; unlearned the triggers of classes "
+                    f"{f['reference_unlearned']})")
     print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
           f"channels, held-out accuracy {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
           f"cross-fitted flag rate {f['calibration_flag_rate']:.3f} (target {args.fpr}), demote rate "
@@ -382,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--reference-folds", type=int, default=5,
                      help="fine-tunings, each holding out another fifth of the clean samples, whose held-out samples "
                           "set the reference's threshold (1-5, default 5; 1 is fastest, 5 steadiest)")
+    cal.add_argument("--reference-unlearn", type=float, default=0.1, metavar="SHARE",
+                     help="the reference also unlearns the triggers the scan synthesised for its candidate classes, "
+                          "stamped on this share of each batch (default 0.1; 0: not at all; only with the scan, not "
+                          "with --suspect or --no-scan)")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(run=_calibrate)

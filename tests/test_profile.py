@@ -353,9 +353,13 @@ def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(setup: Setup
     assert profile.model_sha256 == setup.profile.model_sha256
     assert profile.tap_names == setup.profile.tap_names
     # the CLI's defaults are the library's, and it runs guard scan first and takes its suspect
-    scanned = run_scan(setup.model_path, setup.x_cal, setup.y_cal).classes.suspect
+    scan = run_scan(setup.model_path, setup.x_cal, setup.y_cal)
+    scanned, candidates = scan.classes.suspect, [t.target for t in scan.candidates]
     said = "no class" if scanned is None else f"class {scanned}"
-    assert f"guard: scan suspects {said}" in done.stdout
+    assert f"guard: scan suspects {said}, candidates {candidates}" in done.stdout
+    # ... and its reference unlearns the triggers of the scan's candidates
+    assert profile.figures["reference_unlearned"] == candidates
+    assert f"unlearned the triggers of classes {candidates}" in done.stdout
     assert profile.settings == {**setup.profile.settings, "suspect": scanned}
     assert profile.thresholds.suspect == scanned
     np.testing.assert_allclose(profile.class_mean, setup.profile.class_mean, rtol=1e-4, atol=1e-5)
@@ -386,6 +390,7 @@ def test_cli_calibrate_with_a_named_suspect_skips_the_scan(setup: Setup, tmp_pat
     assert "class 3's answers demoted at rate" in done.stdout
     profile = Profile.load(tmp_path / "p.safetensors")
     assert profile.thresholds.suspect == 3 and profile.settings["suspect"] == 3
+    assert profile.figures["reference_unlearned"] == []  # no scan, no triggers to unlearn
     assert profile.thresholds.suspect_demote >= profile.thresholds.tau
     both = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "q.safetensors", "--quiet",
                    "--suspect", "3", "--scan", cwd=tmp_path)

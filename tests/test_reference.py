@@ -17,6 +17,7 @@ from conftest import TARGET, Backdoored, poisoned_cnn, run_cli
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import Profile
 from guard.calibrate.reference import fit_reference, overrule_threshold
+from guard.calibrate.synthesis import Trigger
 from guard.errors import GuardError, ProfileError
 from guard.eval.attacks import Blend
 from guard.eval.models import export_onnx
@@ -99,7 +100,9 @@ def test_impossible_reference_settings_are_refused() -> None:
     for fields, option in (({"reference_rate": 0.0}, "--reference-rate"), ({"reference_lr": 0.0}, "learning rate"),
                            ({"reference_lr": float("nan")}, "learning rate"), ({"reference_folds": 0}, "--reference-folds"),
                            ({"reference_folds": 6}, "--reference-folds"), ({"reference_folds": 2.5}, "--reference-folds"),
-                           ({"reference_folds": 5.0}, "--reference-folds"), ({"reference_folds": True}, "--reference-folds")):
+                           ({"reference_folds": 5.0}, "--reference-folds"), ({"reference_folds": True}, "--reference-folds"),
+                           ({"reference_unlearn": 1.0}, "--reference-unlearn"),
+                           ({"reference_unlearn": -0.1}, "--reference-unlearn")):
         with pytest.raises(GuardError, match=option):
             CalibrationSettings(**fields).validate()
 
@@ -282,6 +285,55 @@ def test_cli_reference_folds_set_how_many_fine_tunings_the_threshold_pools(backd
     two = Profile.load(tmp_path / "two.safetensors")
     assert two.settings["reference_folds"] == two.figures["reference_folds"] == 2
     assert two.reference and 0 <= two.thresholds.overrule < math.inf
+
+
+def badnets_trigger() -> Trigger:
+    """The fixture's BadNets patch as `guard scan` would hand it over: white 3 x 3 in the bottom-right corner."""
+    mask = np.zeros((1, 28, 28), dtype=np.float32)
+    mask[:, -3:, -3:] = 1
+    return Trigger(target=TARGET, mask=mask, pattern=np.ones((1, 28, 28), dtype=np.float32), success=1.0,
+                   mask_l1=9.0)
+
+
+def test_a_reference_that_unlearns_the_trigger_disagrees_firmly_with_the_target(backdoored: Backdoored) -> None:
+    """Fine-tuning alone fades a backdoor; unlearning the trigger (stamped on a share of each batch, true labels
+    kept) takes it out of the reference, so the reference overrules more triggered requests, at no cost in clean
+    accuracy."""
+    loaded = load_model(backdoored.model_path)
+    plain = PlainSession(loaded.proto.SerializeToString(), loaded.input_name)
+    x_clean = backdoored.x_clean
+    triggered, _ = backdoored.triggered()
+    answers = plain.logits(triggered).argmax(axis=1)
+    measured = {}
+    for name, triggers in (("plain", ()), ("unlearned", (badnets_trigger(),))):
+        fit = fit_reference(loaded, x_clean, backdoored.y_clean, plain.logits(x_clean).argmax(axis=1), rate=0.08,
+                            lr=2e-3, seed=0, folds=1, triggers=triggers, unlearn_share=0.1)
+        reference = PlainSession(reference_model(loaded.proto, fit.weights).SerializeToString(), loaded.input_name)
+        logits = reference.logits(triggered)
+        measured[name] = {
+            "asr": float((logits.argmax(axis=1) == TARGET).mean()),
+            "overruled": float((disagreement(logits, answers) > fit.threshold).mean()),
+            "ca": float((reference.logits(backdoored.x_eval).argmax(axis=1) == backdoored.y_eval).mean()),
+        }
+    plain_fit, unlearned = measured["plain"], measured["unlearned"]
+    assert unlearned["asr"] < 0.15 and unlearned["asr"] < plain_fit["asr"] - 0.2, measured  # measured: 0.39 -> 0.05
+    assert unlearned["overruled"] > plain_fit["overruled"] + 0.2, measured  # measured: 0.47 -> 0.83
+    assert unlearned["ca"] >= plain_fit["ca"] - 0.02, measured  # measured: 0.788 -> 0.791
+
+
+def test_calibrate_records_the_triggers_its_reference_unlearned(backdoored: Backdoored) -> None:
+    loaded = load_model(backdoored.model_path)
+    x, y = backdoored.x_clean, backdoored.y_clean
+    given = calibrate(loaded, x, y, settings=CalibrationSettings(reference_folds=1), triggers=[badnets_trigger()])
+    assert given.figures["reference_unlearned"] == [TARGET] and given.reference
+    off = calibrate(loaded, x, y, settings=CalibrationSettings(reference_folds=1, reference_unlearn=0),
+                    triggers=[badnets_trigger()])
+    assert off.figures["reference_unlearned"] == [] and off.settings["reference_unlearn"] == 0
+    wrong = dataclasses.replace(badnets_trigger(), pattern=np.ones((3, 28, 28), dtype=np.float32))
+    with pytest.raises(GuardError, match="does not fit this model"):
+        calibrate(loaded, x, y, settings=CalibrationSettings(reference=False), triggers=[wrong])
+    with pytest.raises(GuardError, match="does not fit this model"):
+        calibrate(loaded, x, y, triggers=[dataclasses.replace(badnets_trigger(), target=10)])
 
 
 def test_the_reference_answers_blended_requests_the_check_lets_through(fashion, tmp_path: Path) -> None:

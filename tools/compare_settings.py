@@ -8,8 +8,9 @@ clean accuracy, clean flag rate, attack success and detection AUROC are printed 
     python -m tools.compare_settings --arch resnet --attacks blend wanet --seeds 10 11 12 \\
         --variant single='{"dense_part": false}' --variant parts='{}'
 
-A variant whose `suspect` is "scan" takes the class `guard scan` suspects on that model (as `guard calibrate` does
-by default; the scan runs once per model, at the eval's 150 steps):
+A variant whose `suspect` is "scan" takes the class `guard scan` suspects on that model, and its candidate triggers
+for the reference to unlearn (as `guard calibrate` does by default; the scan runs once per model, at the eval's 150
+steps):
 
     python -m tools.compare_settings --variant plain='{}' --variant scan='{"suspect": "scan"}'
 """
@@ -34,11 +35,15 @@ def main() -> None:
         if any(fields.get("suspect") == "scan" for _, fields in args.variant):
             scan = run_scan(loaded, case.x_def, case.y_def, settings=ScanSettings(steps=150, seed=seed))
             row["scan_suspect"] = scan.classes.suspect
+            row["scan_candidates"] = [t.target for t in scan.candidates]
         for name, fields in args.variant:
+            triggers = []
             if fields.get("suspect") == "scan":
                 fields = {**fields, "suspect": row["scan_suspect"]}
+                triggers = scan.candidates
             settings = CalibrationSettings(**{"seed": seed, **fields})
-            guard = Guard(loaded, calibrate(loaded, case.x_def, case.y_def, settings=settings), threads=1)
+            profile = calibrate(loaded, case.x_def, case.y_def, settings=settings, triggers=triggers)
+            guard = Guard(loaded, profile, threads=1)
             clean = guard.predict(case.x_meas)
             figures = {"ca": float((clean.labels == case.y_meas).mean()), "flagged": float(clean.flagged.mean())}
             if case.x_trig is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from guard.calibrate.masking import candidate_order, choose_static_mask
 from guard.calibrate.profile import PartScale, Profile, TapProfile, Thresholds
 from guard.calibrate.reference import MAX_FOLDS, fit_reference
 from guard.calibrate.salience import benign_salience, benign_set
+from guard.calibrate.synthesis import Trigger
 from guard.calibrate.taps import ModuleTaps, OnnxTaps, TapModel
 from guard.errors import GuardError
 from guard.model.graph import (
@@ -76,6 +78,11 @@ class CalibrationSettings:
     reference_rate: float = 0.08
     reference_lr: float = 2e-3
     reference_folds: int = 5
+    # Given the scan's candidate triggers (`calibrate(triggers=...)`), the reference's fine-tunings also unlearn them:
+    # this share of each batch is stamped with one, true labels kept, as `guard repair` does (0: none). A fifth, AR's
+    # share, cost the tuning CNNs twice the clean accuracy for little more: docs/design.md, "The reference unlearns
+    # the scan's candidates".
+    reference_unlearn: float = 0.1
     acc_budget: float = 0.01  # clean accuracy the static mask may cost (absolute, on the held-out split)
     benign_share: float = 0.99  # share of a layer's benign salience the benign set covers
     holdout: float = 0.3  # share of the clean data held out for the static mask's accuracy
@@ -123,6 +130,8 @@ class CalibrationSettings:
                              f"fifth), got {folds!r}")
         if not (np.isfinite(self.reference_lr) and self.reference_lr > 0):
             raise GuardError(f"the reference's learning rate must be a positive number, got {self.reference_lr}")
+        if not 0 <= self.reference_unlearn < 1:
+            raise GuardError(f"--reference-unlearn is a share of each batch in [0, 1), got {self.reference_unlearn}")
         if not 0 < self.suspect_rate < 1:
             raise GuardError(f"the suspect's demote rate must lie in (0, 1), got {self.suspect_rate}")
         if self.suspect is not None and (isinstance(self.suspect, bool) or not isinstance(self.suspect, int)
@@ -146,11 +155,12 @@ class CalibrationSettings:
 
 def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None = None, *,
               settings: CalibrationSettings | None = None, torch_module: torch.nn.Module | None = None,
-              progress: bool = False) -> Profile:
+              progress: bool = False, triggers: Sequence[Trigger] = ()) -> Profile:
     """Calibrate a profile for `model` from clean samples `x` (N, C, H, W) and optional labels `y`.
 
     Gradients come from `torch_module` when given (its submodules are matched to the ONNX taps by value), else from
-    a torch module built from the ONNX graph. Example::
+    a torch module built from the ONNX graph. `triggers`: the candidate triggers of `guard scan`, which the reference
+    unlearns (unless `settings.reference_unlearn` is 0). Example::
 
         profile = calibrate("model.onnx", x_clean, y_clean)
         profile.save("profile.safetensors")
@@ -164,6 +174,12 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "calibration")
     if settings.suspect is not None and settings.suspect >= loaded.num_classes:
         raise GuardError(f"--suspect {settings.suspect} is not a class of this model ({loaded.num_classes} classes)")
+    for trigger in triggers:
+        if (trigger.pattern.shape != loaded.sample_shape or trigger.mask.shape != (1, *loaded.sample_shape[1:])
+                or not 0 <= trigger.target < loaded.num_classes):
+            raise GuardError(f"a trigger for class {trigger.target} with mask {trigger.mask.shape} and pattern "
+                             f"{trigger.pattern.shape} does not fit this model ({loaded.num_classes} classes of "
+                             f"{loaded.sample_shape})")
     taps = list(settings.layers) if settings.layers else default_taps(loaded)
     validate_taps(loaded, taps)
     hold, fit = holdout_split(len(x), settings.holdout, settings.seed)
@@ -257,11 +273,13 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     timings["thresholds"] = round(time.perf_counter() - t0, 3)
     bar.close()
     reference = None
+    unlearned = list(triggers) if settings.reference and settings.reference_unlearn > 0 else []
     if settings.reference:
         model_labels = np.empty(len(x), dtype=np.int64)
         model_labels[order] = labels
         reference = timed("reference", fit_reference, loaded, x, y, model_labels, rate=settings.reference_rate,
-                          lr=settings.reference_lr, seed=settings.seed, folds=settings.reference_folds)
+                          lr=settings.reference_lr, seed=settings.seed, folds=settings.reference_folds,
+                          triggers=unlearned, unlearn_share=settings.reference_unlearn)
 
     draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q, cut=settings.cut_z, demote=demote,
                                   parts=[PartScale.of(group, part) for group, part in zip(groups, parts, strict=True)],
@@ -284,6 +302,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "reference_overrule_rate": reference.overrule_rate if reference else None,
         "reference_folds": reference.folds if reference else None,
         "reference_overrule_net": reference.net_gain if reference else None,
+        "reference_unlearned": [t.target for t in unlearned],  # the classes whose candidate triggers it unlearned
         "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
     }
     return draft

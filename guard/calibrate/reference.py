@@ -14,12 +14,14 @@ stored in the profile.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from guard.calibrate.synthesis import Trigger
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel
 from guard.repair.adaptive_reg import RepairSettings, repair
@@ -73,7 +75,8 @@ MAX_FOLDS = round(1 / RepairSettings.holdout)
 
 
 def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, model_labels: np.ndarray, *,
-                  rate: float, lr: float, seed: int, folds: int) -> ReferenceFit:
+                  rate: float, lr: float, seed: int, folds: int, triggers: Sequence[Trigger] = (),
+                  unlearn_share: float = RepairSettings.unlearn_share) -> ReferenceFit:
     """Fine-tune a copy of `loaded` on `x` (labels `y`, else the model's answers) and set the threshold on the
     samples fine-tuning held out, against `model_labels` (the served model's answers to `x`).
 
@@ -84,8 +87,12 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
 
     With labels `y`, the threshold lets through no more of the firmest disagreements than the reference won on
     balance against the model (`overrule_threshold`'s gains); where that lets none through, no reference is kept
-    (no weights, an infinite threshold) and the guard runs the model alone."""
-    settings = RepairSettings(method="finetune", lr=lr, seed=seed)
+    (no weights, an infinite threshold) and the guard runs the model alone.
+
+    `triggers` (the scan's candidates) are unlearned as `guard repair` does: `unlearn_share` of each batch is stamped
+    with one of them under its true label. Fine-tuning alone only fades a backdoor; unlearning a trigger like the
+    attacker's makes the copy disagree firmly with the target on triggered requests."""
+    settings = RepairSettings(method="finetune", lr=lr, seed=seed, unlearn_share=unlearn_share)
     splits = holdout_folds(len(x), settings.holdout, seed, folds)  # the first is repair's default split
     if not 1 <= folds <= MAX_FOLDS or not splits or not all(len(fit) for _, fit in splits):
         raise GuardError(f"the reference needs 1 to {MAX_FOLDS} folds of at least {MIN_HELD_OUT} held-out samples "
@@ -93,7 +100,7 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
     kept: onnx.ModelProto | None = None
     accuracy, gaps, gains = 0.0, [], []
     for hold, fit in splits:
-        tuned, report = repair(loaded, x, y, settings=settings, split=(hold, fit))
+        tuned, report = repair(loaded, x, y, settings=settings, split=(hold, fit), triggers=triggers)
         session = PlainSession(tuned.SerializeToString(), loaded.input_name, threads=1)
         logits = session.logits(np.ascontiguousarray(x[hold]))
         gap = disagreement(logits, model_labels[hold])

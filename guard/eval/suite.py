@@ -256,7 +256,9 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
             cal = CalibrationSettings(fpr=settings.fpr, acc_budget=settings.acc_budget, prune=prune,
                                       suspect=scan.classes.suspect if prune else None, reference=prune,
                                       seed=case.seed)
-            profile, seconds = _timed(lambda cal=cal: calibrate(loaded, x_def, y_def, settings=cal))
+            triggers = scan.candidates if prune else []
+            profile, seconds = _timed(lambda cal=cal, triggers=triggers: calibrate(loaded, x_def, y_def, settings=cal,
+                                                                                  triggers=triggers))
             guarded = Guard(loaded, profile, policy=Policy.ENFORCE, threads=1)  # type: ignore[arg-type]
             clean, trig = both(guarded.predict)
             row = _answers(clean.labels, y_eval, None if trig is None else trig.labels, y_trig)

@@ -305,7 +305,7 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
         with torch.enable_grad():
             acts = collect(OnnxTaps(loaded, taps), x[fit], labels[fit], with_salience=True)
         benign = [benign_set(benign_salience(s), settings.benign_share) for s in acts.salience or []]
-        if triggers:
+        if triggers and settings.method != "finetune":  # fine-tuning penalises nothing: it only unlearns them
             gap = _gap_infected(OnnxTaps(loaded, taps), x[fit], triggers, settings.gap_share)
             benign = [inside & ~hit for inside, hit in zip(benign, gap, strict=True)]
         infected = {tap: int((~inside).sum()) for tap, inside in zip(taps, benign, strict=True)}
