@@ -92,7 +92,8 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
     `triggers` (the scan's candidates) are unlearned as `guard repair` does: `unlearn_share` of each batch is stamped
     with one of them under its true label. Fine-tuning alone only fades a backdoor; unlearning a trigger like the
     attacker's makes the copy disagree firmly with the target on triggered requests."""
-    settings = RepairSettings(method="finetune", lr=lr, seed=seed, unlearn_share=unlearn_share)
+    # fine-tuning penalises no channel, so the triggers' gap channels are not measured
+    settings = RepairSettings(method="finetune", lr=lr, seed=seed, unlearn_share=unlearn_share, gap_share=0.0)
     splits = holdout_folds(len(x), settings.holdout, seed, folds)  # the first is repair's default split
     if not 1 <= folds <= MAX_FOLDS or not splits or not all(len(fit) for _, fit in splits):
         raise GuardError(f"the reference needs 1 to {MAX_FOLDS} folds of at least {MIN_HELD_OUT} held-out samples "

@@ -82,7 +82,7 @@ class RepairSettings:
     eps: float = 1e-3  # keeps the AR penalty finite for weights that start at zero
     acc_budget: float = 0.01  # prune only: clean accuracy the mask may cost
     # With candidate triggers (from `guard scan`): the channels with the largest ℓ∞ gap under each count as
-    # infected too ...
+    # infected too (0: none, and the gaps are not measured) ...
     gap_share: float = 0.1
     # ... and this share of each training batch is stamped with one of them, labels kept (unlearning the triggers).
     unlearn_share: float = 0.2
@@ -305,7 +305,7 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
         with torch.enable_grad():
             acts = collect(OnnxTaps(loaded, taps), x[fit], labels[fit], with_salience=True)
         benign = [benign_set(benign_salience(s), settings.benign_share) for s in acts.salience or []]
-        if triggers and settings.method != "finetune":  # fine-tuning penalises nothing: it only unlearns them
+        if triggers and settings.gap_share > 0:
             gap = _gap_infected(OnnxTaps(loaded, taps), x[fit], triggers, settings.gap_share)
             benign = [inside & ~hit for inside, hit in zip(benign, gap, strict=True)]
         infected = {tap: int((~inside).sum()) for tap, inside in zip(taps, benign, strict=True)}
