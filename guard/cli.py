@@ -52,11 +52,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     elif not profile.reference:
         referred = ", no reference kept (it would answer none of the held-out samples it disagrees on)"
     else:
+        classes = f["reference_unlearned"]
+        unlearned = f"the triggers of classes {classes}" if classes else "no trigger"
         referred = (f", reference overrules {f['reference_overrule_rate']:.3f} of {f['reference_holdout_samples']} "
                     f"held-out samples of {f['reference_folds']} fine-tuning(s)"
                     f"{'' if net is None else f', {net:+d} right answers on them'} (the kept copy's accuracy on its "
-                    f"own held-out fold {f['reference_holdout_accuracy']:.3f}; unlearned the triggers of classes "
-                    f"{f['reference_unlearned']})")
+                    f"own held-out fold {f['reference_holdout_accuracy']:.3f}; unlearned {unlearned})")
     print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
           f"channels, held-out accuracy {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
           f"cross-fitted flag rate {f['calibration_flag_rate']:.3f} (target {args.fpr}), demote rate "
@@ -372,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the class guard scan named as the likely backdoor target (scan.json's suspect): "
                                 "requests answered with it are demoted from a threshold of their own")
     suspicion.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True,
-                           help="run guard scan first (default settings, this --seed) and take its suspect, if "
-                                "it names one (default; --no-scan skips it, for a model too large to scan)")
+                           help="run guard scan first (default settings, this --seed), take its suspect, if it "
+                                "names one, and hand its candidates' triggers to the reference to unlearn (default; "
+                                "--no-scan skips it, for a model too large to scan)")
     cal.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                      help="fine-tune a copy of the model on the clean samples and store it in the profile; at serve "
                           "time it answers the requests it firmly disagrees with the model on (default; "

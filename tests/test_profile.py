@@ -358,6 +358,7 @@ def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(setup: Setup
     said = "no class" if scanned is None else f"class {scanned}"
     assert f"guard: scan suspects {said}, candidates {candidates}" in done.stdout
     # ... and its reference unlearns the triggers of the scan's candidates
+    assert candidates, "the fixture's scan names no candidate, so this cannot tell unlearning from none"
     assert profile.figures["reference_unlearned"] == candidates
     assert f"unlearned the triggers of classes {candidates}" in done.stdout
     assert profile.settings == {**setup.profile.settings, "suspect": scanned}

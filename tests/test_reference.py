@@ -1,6 +1,7 @@
-"""The reference: a copy of the model fine-tuned on the clean set, stored in the profile, that answers the requests it
-firmly disagrees with the model on. Its mechanics on small data, its refusal of weights that do not fit the model,
-and what it does against a blend backdoor the check alone lets through."""
+"""The reference: a copy of the model fine-tuned on the clean set (unlearning the scan's candidate triggers where it is
+given them), stored in the profile, that answers the requests it firmly disagrees with the model on. Its mechanics on
+small data, its refusal of weights that do not fit the model, what unlearning a trigger adds, and what it does
+against a blend backdoor the check alone lets through."""
 
 from __future__ import annotations
 
@@ -94,6 +95,15 @@ def test_a_reference_that_wins_none_of_its_disagreements_is_not_kept(backdoored:
     assert not profile.reference and profile.thresholds.overrule == math.inf
     assert profile.figures["reference_overrule_rate"] == 0
     assert not Guard(loaded, profile).predict(backdoored.x_eval).overruled.any()
+
+
+def test_cli_refuses_an_unlearning_share_outside_0_to_1(backdoored: Backdoored, tmp_path: Path) -> None:
+    np.savez(tmp_path / "clean.npz", x=backdoored.x_clean, y=backdoored.y_clean)
+    done = run_cli("calibrate", backdoored.model_path, "--data", "clean.npz", "--out", "p.safetensors", "--quiet",
+                   "--reference-unlearn", "1", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == "guard: error: --reference-unlearn is a share of each batch in [0, 1), got 1.0"
+    assert not (tmp_path / "p.safetensors").exists()
 
 
 def test_impossible_reference_settings_are_refused() -> None:
@@ -282,13 +292,15 @@ def test_cli_reference_folds_set_how_many_fine_tunings_the_threshold_pools(backd
                    "--no-scan", "--reference-folds", "2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "of 200 held-out samples of 2 fine-tuning(s)" in done.stdout
+    assert "unlearned no trigger)" in done.stdout  # no scan, no triggers
     two = Profile.load(tmp_path / "two.safetensors")
     assert two.settings["reference_folds"] == two.figures["reference_folds"] == 2
     assert two.reference and 0 <= two.thresholds.overrule < math.inf
 
 
 def badnets_trigger() -> Trigger:
-    """The fixture's BadNets patch as `guard scan` would hand it over: white 3 x 3 in the bottom-right corner."""
+    """The fixture's own BadNets patch (white 3 x 3 in the bottom-right corner) as a `Trigger`: the best case a
+    synthesised trigger can approach."""
     mask = np.zeros((1, 28, 28), dtype=np.float32)
     mask[:, -3:, -3:] = 1
     return Trigger(target=TARGET, mask=mask, pattern=np.ones((1, 28, 28), dtype=np.float32), success=1.0,
@@ -326,14 +338,30 @@ def test_calibrate_records_the_triggers_its_reference_unlearned(backdoored: Back
     x, y = backdoored.x_clean, backdoored.y_clean
     given = calibrate(loaded, x, y, settings=CalibrationSettings(reference_folds=1), triggers=[badnets_trigger()])
     assert given.figures["reference_unlearned"] == [TARGET] and given.reference
+    # the same seed without triggers: they alone changed the reference
+    plain = calibrate(loaded, x, y, settings=CalibrationSettings(reference_folds=1))
+    assert set(given.reference) == set(plain.reference)
+    assert any(not np.array_equal(given.reference[name], plain.reference[name]) for name in plain.reference)
+    # a share of 0 is no unlearning at all
     off = calibrate(loaded, x, y, settings=CalibrationSettings(reference_folds=1, reference_unlearn=0),
                     triggers=[badnets_trigger()])
     assert off.figures["reference_unlearned"] == [] and off.settings["reference_unlearn"] == 0
-    wrong = dataclasses.replace(badnets_trigger(), pattern=np.ones((3, 28, 28), dtype=np.float32))
-    with pytest.raises(GuardError, match="does not fit this model"):
-        calibrate(loaded, x, y, settings=CalibrationSettings(reference=False), triggers=[wrong])
-    with pytest.raises(GuardError, match="does not fit this model"):
-        calibrate(loaded, x, y, triggers=[dataclasses.replace(badnets_trigger(), target=10)])
+    assert all(np.array_equal(off.reference[name], plain.reference[name]) for name in plain.reference)
+    without = calibrate(loaded, x, y, settings=CalibrationSettings(reference=False), triggers=[badnets_trigger()])
+    assert without.figures["reference_unlearned"] == [] and not without.reference
+    trigger = badnets_trigger()
+    for wrong, message in ((dataclasses.replace(trigger, pattern=np.ones((3, 28, 28), dtype=np.float32)),
+                            r"trigger 1 is for images \(3, 28, 28\), the model takes \(1, 28, 28\)"),
+                           (dataclasses.replace(trigger, mask=np.ones((1, 14, 14), dtype=np.float32)),
+                            r"trigger 1 has a mask of shape \(1, 14, 14\)"),
+                           (dataclasses.replace(trigger, target=10), r"trigger 1's target must be one class in \[0, 10\)"),
+                           (dataclasses.replace(trigger, target=2.0), "trigger 1's target must be one class"),
+                           (dataclasses.replace(trigger, pattern=trigger.pattern.astype(np.float64)),
+                            "trigger 1 must be float32"),
+                           (dataclasses.replace(trigger, mask=np.full((1, 28, 28), np.nan, dtype=np.float32)),
+                            "trigger 1 holds NaN or Inf")):
+        with pytest.raises(GuardError, match=message):  # refused before any work, with or without a reference
+            calibrate(loaded, x, y, settings=CalibrationSettings(reference=False), triggers=[trigger, wrong])
 
 
 def test_the_reference_answers_blended_requests_the_check_lets_through(fashion, tmp_path: Path) -> None:

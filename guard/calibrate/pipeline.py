@@ -31,9 +31,9 @@ from guard.calibrate.consistency import (
 from guard.calibrate.linf import linf_stats
 from guard.calibrate.masking import candidate_order, choose_static_mask
 from guard.calibrate.profile import PartScale, Profile, TapProfile, Thresholds
-from guard.calibrate.reference import MAX_FOLDS, fit_reference
+from guard.calibrate.reference import MAX_FOLDS, UNLEARN_SHARE, fit_reference
 from guard.calibrate.salience import benign_salience, benign_set
-from guard.calibrate.synthesis import Trigger
+from guard.calibrate.synthesis import Trigger, check_trigger
 from guard.calibrate.taps import ModuleTaps, OnnxTaps, TapModel
 from guard.errors import GuardError
 from guard.model.graph import (
@@ -79,10 +79,8 @@ class CalibrationSettings:
     reference_lr: float = 2e-3
     reference_folds: int = 5
     # Given the scan's candidate triggers (`calibrate(triggers=...)`), the reference's fine-tunings also unlearn them:
-    # this share of each batch is stamped with one, true labels kept, as `guard repair` does (0: none). A fifth, AR's
-    # share, cost the tuning CNNs twice the clean accuracy for little more: docs/design.md, "The reference unlearns
-    # the scan's candidates".
-    reference_unlearn: float = 0.1
+    # this share of each batch is stamped with one, true labels kept, as `guard repair` does (0: none).
+    reference_unlearn: float = UNLEARN_SHARE
     acc_budget: float = 0.01  # clean accuracy the static mask may cost (absolute, on the held-out split)
     benign_share: float = 0.99  # share of a layer's benign salience the benign set covers
     holdout: float = 0.3  # share of the clean data held out for the static mask's accuracy
@@ -174,12 +172,8 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "calibration")
     if settings.suspect is not None and settings.suspect >= loaded.num_classes:
         raise GuardError(f"--suspect {settings.suspect} is not a class of this model ({loaded.num_classes} classes)")
-    for trigger in triggers:
-        if (trigger.pattern.shape != loaded.sample_shape or trigger.mask.shape != (1, *loaded.sample_shape[1:])
-                or not 0 <= trigger.target < loaded.num_classes):
-            raise GuardError(f"a trigger for class {trigger.target} with mask {trigger.mask.shape} and pattern "
-                             f"{trigger.pattern.shape} does not fit this model ({loaded.num_classes} classes of "
-                             f"{loaded.sample_shape})")
+    for number, trigger in enumerate(triggers):
+        check_trigger(trigger, loaded.sample_shape, loaded.num_classes, f"trigger {number}")
     taps = list(settings.layers) if settings.layers else default_taps(loaded)
     validate_taps(loaded, taps)
     hold, fit = holdout_split(len(x), settings.holdout, settings.seed)

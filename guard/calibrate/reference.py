@@ -5,7 +5,11 @@ lets many through; but a backdoor learnt from poisoned data fades when the model
 (`guard repair --method finetune`), while what the model knows of the task stays. A request that the model answers
 with a class its fine-tuned copy finds far less likely than its own answer is answered by the copy instead.
 
-model + clean samples -> fine-tuning on all but a held-out fifth, once per fold (each holds out another fifth) ->
+Fine-tuning only fades a backdoor, so where `guard scan` has synthesised triggers for its candidate classes, the
+fine-tuning also unlearns them: a share of each batch is stamped with one, true labels kept.
+
+model + clean samples (+ the scan's candidate triggers, stamped on a share of each batch) -> fine-tuning on all but a
+held-out fifth, once per fold (each holds out another fifth) ->
 the held-out samples' disagreement with their fold's copy, pooled -> the threshold that about `rate` of them pass,
 or fewer where overruling them cost right answers on balance -> the first fold's changed weights and the threshold,
 stored in the profile.
@@ -70,13 +74,17 @@ def overrule_threshold(gaps: np.ndarray, rate: float, gains: np.ndarray | None =
     return float(candidates[np.flatnonzero(running[above] >= 0).max()])
 
 
+# The share of each fine-tuning batch stamped with a candidate trigger. AR's fifth cost the tuning CNNs twice the clean
+# accuracy for little more: docs/design.md, "The reference unlearns the scan's candidates".
+UNLEARN_SHARE = 0.1
+
 # The most folds: repair holds out a fifth of the samples, so five disjoint fifths hold out each sample once.
 MAX_FOLDS = round(1 / RepairSettings.holdout)
 
 
 def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, model_labels: np.ndarray, *,
                   rate: float, lr: float, seed: int, folds: int, triggers: Sequence[Trigger] = (),
-                  unlearn_share: float = RepairSettings.unlearn_share) -> ReferenceFit:
+                  unlearn_share: float = UNLEARN_SHARE) -> ReferenceFit:
     """Fine-tune a copy of `loaded` on `x` (labels `y`, else the model's answers) and set the threshold on the
     samples fine-tuning held out, against `model_labels` (the served model's answers to `x`).
 

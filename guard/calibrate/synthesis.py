@@ -96,6 +96,25 @@ class Trigger:
         return apply_trigger(x, self.mask, self.pattern)
 
 
+def check_trigger(trigger: Trigger, sample_shape: tuple[int, ...], num_classes: int,
+                  source: str = "the trigger") -> None:
+    """Refuse a trigger that does not fit the model: one class, a mask (1, H, W) and a pattern (C, H, W) of its
+    images, float32 and finite (stamping mixes them with the model's float32 inputs)."""
+    target = trigger.target
+    if isinstance(target, bool) or not isinstance(target, int | np.integer) or not 0 <= target < num_classes:
+        raise GuardError(f"{source}'s target must be one class in [0, {num_classes}), got {target!r}")
+    _, *space = sample_shape
+    if trigger.pattern.shape != tuple(sample_shape):
+        raise GuardError(f"{source} is for images {trigger.pattern.shape}, the model takes {tuple(sample_shape)}")
+    if trigger.mask.shape != (1, *space):
+        raise GuardError(f"{source} has a mask of shape {trigger.mask.shape}; its images need {(1, *space)}")
+    if trigger.mask.dtype != np.float32 or trigger.pattern.dtype != np.float32:
+        raise GuardError(f"{source} must be float32, got a {trigger.mask.dtype} mask and a {trigger.pattern.dtype} "
+                         "pattern")
+    if not (np.isfinite(trigger.mask).all() and np.isfinite(trigger.pattern).all()):
+        raise GuardError(f"{source} holds NaN or Inf")
+
+
 def load_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classes: int) -> Trigger:
     """A trigger that `guard scan` wrote (trigger.npz: mask (1, H, W), pattern (C, H, W), target), checked against
     the model's sample shape and classes. Loaded without pickle."""
@@ -104,16 +123,15 @@ def load_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classes: i
             mask, pattern, target = data["mask"], data["pattern"], data["target"]
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise GuardError(f"cannot read a trigger from {path} (expected guard scan's trigger.npz): {exc}") from None
-    if target.shape != () or not np.issubdtype(target.dtype, np.integer) or not 0 <= int(target) < num_classes:
+    if target.shape != () or not np.issubdtype(target.dtype, np.integer):
         raise GuardError(f"the trigger's target in {path} must be one class in [0, {num_classes}), got {target!r}")
-    _, *space = sample_shape
-    if mask.shape != (1, *space) or pattern.shape != tuple(sample_shape):
-        raise GuardError(f"the trigger in {path} is for images {pattern.shape}, the model takes {tuple(sample_shape)}")
-    if not (np.isfinite(mask).all() and np.isfinite(pattern).all()):
-        raise GuardError(f"the trigger in {path} holds NaN or Inf")
     mask, pattern = mask.astype(np.float32), pattern.astype(np.float32)
-    return Trigger(target=int(target), mask=mask, pattern=pattern, success=float("nan"),
-                   mask_l1=float(np.abs(mask).sum()))
+    trigger = Trigger(target=int(target), mask=mask, pattern=pattern, success=float("nan"),
+                      mask_l1=float(np.abs(mask).sum()))
+    if not 0 <= trigger.target < num_classes:
+        raise GuardError(f"the trigger's target in {path} must be one class in [0, {num_classes}), got {target!r}")
+    check_trigger(trigger, sample_shape, num_classes, f"the trigger in {path}")
+    return trigger
 
 
 @dataclass

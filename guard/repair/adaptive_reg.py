@@ -103,6 +103,9 @@ class RepairSettings:
         if not 0 <= self.max_accuracy_loss <= 1 or self.backoffs < 0 or not 0 <= self.backoff_z < math.inf:
             raise GuardError(f"the accuracy bound must lie in [0, 1], the back-offs be >= 0 and their z finite and "
                              f">= 0, got {self.max_accuracy_loss}, {self.backoffs}, {self.backoff_z}")
+        if not (0 <= self.gap_share <= 1 and 0 <= self.unlearn_share < 1):
+            raise GuardError(f"the gap share must lie in [0, 1] and the unlearning share in [0, 1), got "
+                             f"{self.gap_share}, {self.unlearn_share}")
         if self.epochs < 0 or self.batch_size < 1:
             raise GuardError(f"--epochs must be >= 0 and the batch size >= 1, got {self.epochs}, {self.batch_size}")
         for name in ("lr", "strength", "eps"):
@@ -297,7 +300,7 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
 
         profile = calibrate(loaded, x, y, settings=CalibrationSettings(
             layers=taps, acc_budget=settings.acc_budget, benign_share=settings.benign_share,
-            holdout=settings.holdout, seed=settings.seed))
+            holdout=settings.holdout, seed=settings.seed, reference=False))  # the mask alone: no fine-tuned copy
         repaired, _ = fold_static_mask(loaded, profile.keep_masks())
         infected = {t.name: int((~t.keep).sum()) for t in profile.taps}
         penalized, norm_left, lr_used, attempts = 0, None, None, 0
