@@ -68,7 +68,8 @@ class ScanSettings:
     steps: int = SynthesisSettings.steps
     threshold: float = DEFAULT_THRESHOLD  # anomaly index above which the smallest-trigger class is named
     # Classes whose anomaly index reaches this are candidates: too few to name, but `guard repair --scan` and the
-    # reference of `guard calibrate` unlearn all their triggers. A class with a natural small trigger can outrank the real target (docs/design.md).
+    # reference of `guard calibrate` unlearn all their triggers. A class with a natural small trigger can outrank the
+    # real target (docs/design.md).
     candidate_index: float = 1.0
     index_scale: IndexScale = "log"
     holdout: float = 0.5  # share of the clean data held out for the pruning's stopping rule

@@ -20,7 +20,7 @@ from guard.calibrate.profile import Profile
 from guard.calibrate.reference import fit_reference, overrule_threshold
 from guard.calibrate.synthesis import Trigger
 from guard.errors import GuardError, ProfileError
-from guard.eval.attacks import Blend
+from guard.eval.attacks import BadNets, Blend
 from guard.eval.models import export_onnx
 from guard.model.graph import load_model
 from guard.repair.adaptive_reg import RepairSettings, repair
@@ -298,13 +298,13 @@ def test_cli_reference_folds_set_how_many_fine_tunings_the_threshold_pools(backd
     assert two.reference and 0 <= two.thresholds.overrule < math.inf
 
 
-def badnets_trigger() -> Trigger:
-    """The fixture's own BadNets patch (white 3 x 3 in the bottom-right corner) as a `Trigger`: the best case a
-    synthesised trigger can approach."""
-    mask = np.zeros((1, 28, 28), dtype=np.float32)
-    mask[:, -3:, -3:] = 1
-    return Trigger(target=TARGET, mask=mask, pattern=np.ones((1, 28, 28), dtype=np.float32), success=1.0,
-                   mask_l1=9.0)
+def badnets_trigger(attack: BadNets) -> Trigger:
+    """The fixture's own BadNets patch as a `Trigger` (what the attack stamps on a blank image, and where): the best
+    case a synthesised trigger can approach."""
+    blank = np.zeros((1, 1, 28, 28), dtype=np.float32)
+    mask = (attack.apply(blank) == attack.apply(blank + 0.5))[0].astype(np.float32)  # where it stamps
+    return Trigger(target=TARGET, mask=mask, pattern=attack.apply(blank)[0], success=1.0,
+                   mask_l1=float(mask.sum()))
 
 
 def test_a_reference_that_unlearns_the_trigger_disagrees_firmly_with_the_target(backdoored: Backdoored) -> None:
@@ -317,7 +317,7 @@ def test_a_reference_that_unlearns_the_trigger_disagrees_firmly_with_the_target(
     triggered, _ = backdoored.triggered()
     answers = plain.logits(triggered).argmax(axis=1)
     measured = {}
-    for name, triggers in (("plain", ()), ("unlearned", (badnets_trigger(),))):
+    for name, triggers in (("plain", ()), ("unlearned", (badnets_trigger(backdoored.attack),))):
         fit = fit_reference(loaded, x_clean, backdoored.y_clean, plain.logits(x_clean).argmax(axis=1), rate=0.08,
                             lr=2e-3, seed=0, folds=1, triggers=triggers, unlearn_share=0.1)
         reference = PlainSession(reference_model(loaded.proto, fit.weights).SerializeToString(), loaded.input_name)
@@ -336,7 +336,8 @@ def test_a_reference_that_unlearns_the_trigger_disagrees_firmly_with_the_target(
 def test_calibrate_records_the_triggers_its_reference_unlearned(backdoored: Backdoored) -> None:
     loaded = load_model(backdoored.model_path)
     x, y = backdoored.x_clean, backdoored.y_clean
-    given = calibrate(loaded, x, y, settings=CalibrationSettings(reference_folds=1), triggers=[badnets_trigger()])
+    trigger = badnets_trigger(backdoored.attack)
+    given = calibrate(loaded, x, y, settings=CalibrationSettings(reference_folds=1), triggers=[trigger])
     assert given.figures["reference_unlearned"] == [TARGET] and given.reference
     # the same seed without triggers: they alone changed the reference
     plain = calibrate(loaded, x, y, settings=CalibrationSettings(reference_folds=1))
@@ -344,12 +345,11 @@ def test_calibrate_records_the_triggers_its_reference_unlearned(backdoored: Back
     assert any(not np.array_equal(given.reference[name], plain.reference[name]) for name in plain.reference)
     # a share of 0 is no unlearning at all
     off = calibrate(loaded, x, y, settings=CalibrationSettings(reference_folds=1, reference_unlearn=0),
-                    triggers=[badnets_trigger()])
+                    triggers=[trigger])
     assert off.figures["reference_unlearned"] == [] and off.settings["reference_unlearn"] == 0
     assert all(np.array_equal(off.reference[name], plain.reference[name]) for name in plain.reference)
-    without = calibrate(loaded, x, y, settings=CalibrationSettings(reference=False), triggers=[badnets_trigger()])
+    without = calibrate(loaded, x, y, settings=CalibrationSettings(reference=False), triggers=[trigger])
     assert without.figures["reference_unlearned"] == [] and not without.reference
-    trigger = badnets_trigger()
     for wrong, message in ((dataclasses.replace(trigger, pattern=np.ones((3, 28, 28), dtype=np.float32)),
                             r"trigger 1 is for images \(3, 28, 28\), the model takes \(1, 28, 28\)"),
                            (dataclasses.replace(trigger, mask=np.ones((1, 14, 14), dtype=np.float32)),

@@ -123,13 +123,11 @@ def load_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classes: i
             mask, pattern, target = data["mask"], data["pattern"], data["target"]
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise GuardError(f"cannot read a trigger from {path} (expected guard scan's trigger.npz): {exc}") from None
-    if target.shape != () or not np.issubdtype(target.dtype, np.integer):
+    if target.shape != () or not np.issubdtype(target.dtype, np.integer) or not 0 <= int(target) < num_classes:
         raise GuardError(f"the trigger's target in {path} must be one class in [0, {num_classes}), got {target!r}")
     mask, pattern = mask.astype(np.float32), pattern.astype(np.float32)
     trigger = Trigger(target=int(target), mask=mask, pattern=pattern, success=float("nan"),
                       mask_l1=float(np.abs(mask).sum()))
-    if not 0 <= trigger.target < num_classes:
-        raise GuardError(f"the trigger's target in {path} must be one class in [0, {num_classes}), got {target!r}")
     check_trigger(trigger, sample_shape, num_classes, f"the trigger in {path}")
     return trigger
 
