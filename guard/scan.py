@@ -71,6 +71,11 @@ class ScanSettings:
     # reference of `guard calibrate` unlearn all their triggers. A class with a natural small trigger can outrank the
     # real target (docs/design.md).
     candidate_index: float = 1.0
+    # Where no class reaches `candidate_index` and none is named, the this-many most anomalous classes are the
+    # candidates instead: a planted target can rank under the floor, and with no candidate the reference has nothing
+    # to unlearn. On the tuning models' source-specific ResNets this cut attack success under the guard from 21/31/11%
+    # to 7/12/0.3% (docs/design.md). 0 leaves such a model without candidates.
+    fill_candidates: int = 2
     index_scale: IndexScale = "log"
     holdout: float = 0.5  # share of the clean data held out for the pruning's stopping rule
     success_bound: float = DEFAULT_SUCCESS_BOUND
@@ -96,6 +101,8 @@ class ScanSettings:
             raise GuardError(f"png scale must lie in [1, 64], got {self.png_scale}")
         if not np.isfinite(self.candidate_index):
             raise GuardError(f"the candidate index must be a finite number, got {self.candidate_index}")
+        if self.fill_candidates < 0:
+            raise GuardError(f"the candidates' fill must be zero or more classes, got {self.fill_candidates}")
         if self.num_threads is not None and self.num_threads < 1:
             raise GuardError(f"thread count must be positive, got {self.num_threads}")
 
@@ -119,11 +126,14 @@ class ScanReport:
     @property
     def candidates(self) -> list[Trigger]:
         """The triggers of every class whose anomaly index reaches `candidate_index`, most anomalous first; the
-        suspect's is always among them."""
+        suspect's is always among them; where there are none, the `fill_candidates` most anomalous classes'."""
         index = self.classes.anomaly_index
-        chosen = [k for k in np.argsort(-index, kind="stable") if index[k] >= self.settings.candidate_index]
+        ranked = [int(k) for k in np.argsort(-index, kind="stable")]
+        chosen = [k for k in ranked if index[k] >= self.settings.candidate_index]
         if self.classes.suspect is not None and self.classes.suspect not in chosen:
             chosen.insert(0, self.classes.suspect)
+        if not chosen:
+            chosen = ranked[:self.settings.fill_candidates]
         return [self.classes.triggers[int(k)] for k in chosen]
 
 

@@ -184,11 +184,25 @@ def test_candidates_are_the_classes_at_or_above_the_floor_most_anomalous_first()
     index = [1.3, -0.2, 0.4, 2.8, 1.0, -1.5, 0.99, 0.0, 1.7, -0.4]
     assert [t.target for t in _report(index, 3).candidates] == [3, 8, 0, 4]
     assert [t.target for t in _report(index, None, candidate_index=1.5).candidates] == [3, 8]
-    assert _report(index, None, candidate_index=3.0).candidates == []
+    assert _report(index, None, candidate_index=3.0, fill_candidates=0).candidates == []
+    # ... and by default the two most anomalous classes fill an empty list
+    assert [t.target for t in _report(index, None, candidate_index=3.0).candidates] == [3, 8]
     # A floor above the naming threshold still keeps the suspect: a named target is always unlearned.
     assert [t.target for t in _report(index, 3, candidate_index=5.0).candidates] == [3]
     with pytest.raises(GuardError, match="candidate index"):
         ScanSettings(candidate_index=float("nan")).validate()
+
+
+def test_the_fill_takes_the_most_anomalous_classes_only_where_none_reaches_the_floor():
+    index = [0.45, -0.02, 0.02, -0.49, 0.43, -1.29, 0.86, -1.21, 0.92, -1.01]
+    assert _report(index, None, fill_candidates=0).candidates == []
+    assert [t.target for t in _report(index, None, fill_candidates=2).candidates] == [8, 6]
+    assert [t.target for t in _report(index, None, fill_candidates=3).candidates] == [8, 6, 0]
+    # a class at the floor, or a named suspect, is a candidate already: nothing is added
+    assert [t.target for t in _report(index, None, candidate_index=0.9, fill_candidates=3).candidates] == [8]
+    assert [t.target for t in _report(index, 4, candidate_index=5.0, fill_candidates=3).candidates] == [4]
+    with pytest.raises(GuardError, match="fill"):
+        ScanSettings(fill_candidates=-1).validate()
 
 
 def test_gap_pruning_stops_at_the_bound_or_the_budget():

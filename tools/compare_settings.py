@@ -13,11 +13,17 @@ for the reference to unlearn (as `guard calibrate` does by default; the scan run
 steps):
 
     python -m tools.compare_settings --variant plain='{}' --variant scan='{"suspect": "scan"}'
+
+Such a variant may also set the scan's `fill_candidates` (ScanSettings), which only changes the candidates of a
+model whose scan names none:
+
+    python -m tools.compare_settings --variant top2='{"suspect": "scan", "fill_candidates": 2}' ...
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.eval.metrics import auroc
@@ -40,7 +46,9 @@ def main() -> None:
             triggers = []
             if fields.get("suspect") == "scan":
                 fields = {**fields, "suspect": row["scan_suspect"]}
-                triggers = scan.candidates
+                fill = fields.pop("fill_candidates", scan.settings.fill_candidates)
+                triggers = replace(scan, settings=replace(scan.settings, fill_candidates=fill)).candidates
+                row[f"{name}_unlearned"] = [t.target for t in triggers]
             settings = CalibrationSettings(**{"seed": seed, **fields})
             profile = calibrate(loaded, case.x_def, case.y_def, settings=settings, triggers=triggers)
             guard = Guard(loaded, profile, threads=1)

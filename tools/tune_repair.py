@@ -65,6 +65,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     # A diagnosis, not a setting a user has: unlearn the attack's real trigger in place of the scan's (fixed stamps
     # only: BadNets, source-specific, blend), to tell a poor synthesised trigger from unlearning that falls short.
     "true-trigger": {"candidates": "true"},
+    # Where no class reaches the floor, the this-many most anomalous classes (ScanSettings.fill_candidates).
+    "index1-fill2": {"candidates": 1.0, "fill": 2},
+    "index1-fill3": {"candidates": 1.0, "fill": 3},
 }
 
 
@@ -114,6 +117,7 @@ def main() -> None:
         for variant in args.variants:
             knobs = dict(VARIANTS[variant])
             floor = knobs.pop("candidates", None)
+            fill = int(knobs.pop("fill", 0))
             index = scan.classes.anomaly_index
             if floor == "true":
                 triggers = [_true_trigger(attack_name, x_def.shape[1:])]
@@ -121,6 +125,8 @@ def main() -> None:
                 triggers = [] if scan.suspect is None else [scan.suspect]
             else:
                 chosen = range(len(index)) if floor == "all" else np.flatnonzero(index >= floor)
+                if not len(chosen):
+                    chosen = np.argsort(-index, kind="stable")[:fill]
                 triggers = [scan.classes.triggers[int(k)] for k in chosen]
             settings = replace(RepairSettings(method="ar", seed=seed), **knobs)
             started = time.perf_counter()
