@@ -492,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "training unlearns it; give it again for more triggers")
     source.add_argument("--scan", action="store_true",
                         help="run guard scan first (default settings) and unlearn its candidates' triggers: every "
-                             "class whose anomaly index reaches 1, the suspect first")
+                             "class whose anomaly index reaches 1, the suspect first (the two most anomalous where none "
+                             "does)")
     rep.add_argument("--layers", help="comma-separated ONNX tensor names whose channels are judged")
     rep.add_argument("--epochs", type=int, help="fine-tuning epochs (default 10)")
     rep.add_argument("--lr", type=float, help="Adam learning rate at the start (default 0.005)")
