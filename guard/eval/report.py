@@ -426,7 +426,8 @@ the 2% targets sit at or below it on some attacks.
 
 Models cleaned offline (`guard repair`, `guard train --none`), each measured as it is, unguarded. Fine-tuning and
 AR train on the defender's clean set for the same epochs; AR also unlearns the synthesised triggers of the scan's
-candidate classes (the suspect and any class with anomaly index at least 1, listed per seed in the last table).
+candidate classes (the suspect and any class with anomaly index at least 1, or where there is neither the scan's two
+most anomalous classes; listed per seed in the last table).
 Benign-salience pruning is `guard repair --method prune`. Plain L2 (`--method l2`) is left out of the full run to
 keep it within its hour.
 
