@@ -205,10 +205,25 @@ CORRUPTIONS = {
                         r"tap '.*' has inconsistent array shapes"),
     "unit-bound-shape": (lambda s, p: _edited(s, p, lambda t, m: _pad_channel(t, "taps.0.unit_bound")),
                          r"unit bound of shape"),
+    "unit-bound-nan": (lambda s, p: _edited(s, p, lambda t, m: t["taps.0.unit_bound"].__setitem__(0, np.nan)),
+                       r"unit bound that is not finite"),
+    "tap-unknown-kind": (lambda s, p: _edited(s, p, lambda t, m: _set(m["taps"][0], "kind", "pool")),
+                         "has kind 'pool'"),
+    "tap-unknown-fold": (lambda s, p: _edited(s, p, lambda t, m: _set(m["taps"][0], "fold", "magic")),
+                         "fold 'magic'"),
+    "num-classes-infinite": (lambda s, p: _edited(s, p, lambda t, m: _set(m, "num_classes", float("inf"))),
+                             "num_classes must be an integer"),
+    "num-classes-fractional": (lambda s, p: _edited(s, p, lambda t, m: _set(m, "num_classes", 10.7)),
+                               "num_classes must be an integer"),
+    "deeply-nested-metadata": (lambda s, p: write_parts(p, raw_parts(s.profile_path)[0],
+                                                        '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+                               "malformed"),
     "missing-tensor": (lambda s, p: _edited(s, p, lambda t, m: t.pop("class_scale")), "class_scale"),
     "missing-key": (lambda s, p: _edited(s, p, lambda t, m: m.pop("thresholds")), "thresholds"),
     "zero-scale": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "class_scale", 0 * t["class_scale"])),
                    "positive scales"),
+    "infinite-scale": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "class_scale", np.inf * t["class_scale"])),
+                       "finite with positive scales"),
     "older-format": (lambda s, p: _edited(s, p, lambda t, m: _set(m, "format", "guard.profile/1")),
                      "older guard .* run `guard calibrate` again"),
     "cut-not-finite": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "cut", float("nan"))),
@@ -328,6 +343,16 @@ def test_profile_whose_tap_has_more_channels_than_the_model_is_refused(setup: Se
     path = write_parts(tmp_path / "wide.safetensors", tensors, meta)
     profile = Profile.load(path)  # consistent in itself, with the model's sha256
     with pytest.raises(ProfileError, match="channels"):
+        Guard(load_model(setup.model_path), profile)
+
+
+def test_profile_whose_static_mask_folds_otherwise_in_the_model_is_refused(setup: Setup, tmp_path: Path) -> None:
+    """The fold decides which channels the served graph reports; a profile that assumes another is not this model's."""
+    tensors, meta = raw_parts(setup.profile_path)
+    assert meta["taps"][0]["fold"] in ("consumer", "producer", "mul")
+    meta["taps"][0]["fold"] = "mul" if meta["taps"][0]["fold"] != "mul" else "consumer"
+    profile = Profile.load(write_parts(tmp_path / "refolded.safetensors", tensors, meta))  # valid in itself
+    with pytest.raises(ProfileError, match="folds differently into this model"):
         Guard(load_model(setup.model_path), profile)
 
 

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from guard._version import __version__
 from guard.errors import ProfileError
+from guard.model.graph import FoldMode
 from guard.runtime.checks import ConsistencyCheck, DistancePart, Part, ScorePart
 
 # 2: thresholds gained `cut`. 3: thresholds gained the score's `parts`, which change what tau means; a guard that
@@ -35,6 +36,8 @@ FORMAT = "guard.profile/6"
 _READABLE = (FORMAT, "guard.profile/5", "guard.profile/4", "guard.profile/3", "guard.profile/2")
 _REFERENCE = "reference/"  # the prefix of the reference's tensors
 _PART_KINDS = ("top_q", "distance")
+TAP_KINDS = ("conv", "dense")
+FOLD_MODES = get_args(FoldMode)
 _TAP_ARRAYS = ("linf_mean", "linf_std", "linf_p99", "linf_p999", "peakedness", "salience", "benign", "keep")
 
 
@@ -245,7 +248,7 @@ class Profile:
         try:
             meta = json.loads(raw_meta)
             return cls._from_parts(meta, tensors)
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise ProfileError(f"{path} is a malformed guard profile: {type(exc).__name__}: {exc}") from None
 
     @classmethod
@@ -267,14 +270,22 @@ class Profile:
             bound = tensors.get(f"taps.{index}.unit_bound")
             if bound is not None and (bound.ndim != 3 or bound.shape[0] != len(arrays["keep"])):
                 raise ValueError(f"tap {tap['name']!r} has a unit bound of shape {bound.shape}")
+            if bound is not None and not np.isfinite(bound).all():  # a NaN bound would switch the cut off
+                raise ValueError(f"tap {tap['name']!r} has a unit bound that is not finite")
+            if tap["kind"] not in TAP_KINDS or tap["fold"] not in FOLD_MODES:
+                raise ValueError(f"tap {tap['name']!r} has kind {tap['kind']!r} and fold {tap['fold']!r}; expected "
+                                 f"one of {TAP_KINDS} and one of {FOLD_MODES}")
             taps.append(TapProfile(name=str(tap["name"]), kind=str(tap["kind"]), fold=str(tap["fold"]),
                                    unit_bound=bound, **arrays))
         total = sum(t.channels for t in taps)
-        num_classes = int(meta["num_classes"])
+        num_classes = meta["num_classes"]
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
         for key in ("class_mean", "class_scale"):
             if tensors[key].shape != (num_classes, total):
                 raise ValueError(f"{key} has shape {tensors[key].shape}, expected {(num_classes, total)}")
-        if not np.all(tensors["class_scale"] > 0) or not np.all(np.isfinite(tensors["class_mean"])):
+        scale = tensors["class_scale"]
+        if not (np.all(scale > 0) and np.isfinite(scale).all() and np.isfinite(tensors["class_mean"]).all()):
             raise ValueError("class statistics must be finite with positive scales")
         profile = cls(
             model_sha256=str(meta["model_sha256"]),

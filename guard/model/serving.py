@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from guard.errors import ModelError
 from guard.model.graph import (
+    FoldMode,
     LoadedModel,
     add_linf,
     fold_static_mask,
@@ -46,6 +47,7 @@ class ServingGraphs:
     cut: list[str]  # tensors of the served graph the tail starts from (served outputs, tail inputs `guard_cut_i`)
     masks: list[str]  # per tap without unit bounds, the served output and tail input holding its masks
     tail_from_input: bool  # True when the cut could not be placed after the model's input (the tail is everything)
+    folds: dict[str, FoldMode]  # per tap, how its static mask was folded (which channels the served graph reports)
 
 
 def serving_graphs(model: LoadedModel, taps: list[str], keep: dict[str, np.ndarray], bounds: dict[str, np.ndarray],
@@ -56,7 +58,7 @@ def serving_graphs(model: LoadedModel, taps: list[str], keep: dict[str, np.ndarr
     taken = sorted(name for name in _tensor_names(model.proto) if name.startswith("guard_") or "__guard" in name)
     if taken:
         raise ModelError(f"the model already has tensors named like guard's own ({taken[:5]}); rename them")
-    folded, _ = fold_static_mask(model, keep)
+    folded, folds = fold_static_mask(model, keep)
     cut, from_input = cut_before(folded, taps, model.input_name)
     dims = tensor_dims(folded)  # folding changed weights only: the same shapes serve every graph built below
     served = copy.deepcopy(folded)
@@ -74,7 +76,7 @@ def serving_graphs(model: LoadedModel, taps: list[str], keep: dict[str, np.ndarr
             onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"rewriting the graph produced an invalid model: {exc}") from None
-    return ServingGraphs(served.SerializeToString(), tail.SerializeToString(), cut, masks, from_input)
+    return ServingGraphs(served.SerializeToString(), tail.SerializeToString(), cut, masks, from_input, folds)
 
 
 # ------------------------------------------------------------------------------------------------- the check

@@ -87,6 +87,10 @@ class Guard:
         self.sample_shape = model.sample_shape
         graphs = serving_graphs(model, profile.tap_names, profile.keep_masks(), profile.unit_bounds(),
                                 profile.check(), profile.thresholds.tau)
+        misfolded = [tap.name for tap in profile.taps if graphs.folds[tap.name] != tap.fold]
+        if misfolded:  # the profile's statistics assume channels the served graph would not report, or the reverse
+            raise ProfileError(f"the profile's static mask folds differently into this model at {misfolded}; "
+                               "run `guard calibrate` on this model again")
         self.tail_from_input = graphs.tail_from_input  # the graphs' bytes are not kept: the sessions hold them
         self.engine = build_engine(engine, graphs, model.input_name, model.output_name, device, threads, io_binding)
         self.on_failure = FailurePolicy(on_failure)
