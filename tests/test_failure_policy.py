@@ -71,3 +71,15 @@ def test_the_server_applies_the_policy_and_counts_it(backdoored: Backdoored, big
     assert f'guard_check_failures_total{{model="{MODEL}",outcome="{outcome}"}} 1.0' in text
     if policy == "closed":
         assert f'guard_request_errors_total{{code="UNAVAILABLE",model="{MODEL}"}} 1.0' in text
+
+
+def test_an_input_the_model_overflows_on_is_flagged_never_clean(backdoored: Backdoored) -> None:
+    """Finite values so large that the model's logits and the score come out NaN: in-process the sample is flagged
+    (the server refuses it, tests/test_server.py), and the ordinary samples beside it are answered as alone."""
+    guard = Guard.load(backdoored.model_path, backdoored.profile_path)
+    x = np.concatenate([backdoored.x_eval[:4], np.full((1, 1, 28, 28), 3e38, np.float32)])
+    result = guard.predict(x)
+    assert np.isnan(result.score[4]) and result.flagged[4]
+    alone = guard.predict(backdoored.x_eval[:4])
+    np.testing.assert_array_equal(result.labels[:4], alone.labels)
+    np.testing.assert_array_equal(result.flagged[:4], alone.flagged)

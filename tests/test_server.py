@@ -75,6 +75,10 @@ def test_metadata_and_health(client: triton.InferenceServerClient, channel: grpc
     assert meta["inputs"][0]["name"] == "input" and meta["inputs"][0]["shape"] == ["-1", "1", "28", "28"]
     assert [o["name"] for o in meta["outputs"]] == ["logits", "guard_flagged", "guard_score"]
     assert client.get_server_metadata(as_json=True)["name"] == "guard"
+    assert meta["versions"] == ["1"] and client.is_model_ready(MODEL, "1")
+    for ask in (lambda: client.get_model_metadata(MODEL, "9"), lambda: client.is_model_ready(MODEL, "9")):
+        with pytest.raises(InferenceServerException, match="unknown version '9'"):
+            ask()
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "inference.GRPCInferenceService", "guard.v1.Guard"):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service))
@@ -149,12 +153,15 @@ def test_metrics_count_exactly_what_was_sent(server: GuardServer, client: triton
 
 
 def _raw_request(x: np.ndarray, **overrides: object) -> oip.ModelInferRequest:
-    fields = {"model_name": MODEL, "name": "input", "datatype": "FP32", "shape": list(x.shape),
-              "raw": x.astype("<f4").tobytes()}
+    fields = {"model_name": MODEL, "version": "", "name": "input", "datatype": "FP32", "shape": list(x.shape),
+              "raw": x.astype("<f4").tobytes(), "typed": [], "outputs": []}
     fields.update(overrides)
-    request = oip.ModelInferRequest(model_name=fields["model_name"])
-    request.inputs.add(name=fields["name"], datatype=fields["datatype"], shape=fields["shape"])
+    request = oip.ModelInferRequest(model_name=fields["model_name"], model_version=fields["version"])
+    tensor = request.inputs.add(name=fields["name"], datatype=fields["datatype"], shape=fields["shape"])
+    tensor.contents.fp32_contents.extend(fields["typed"])
     request.raw_input_contents.append(fields["raw"])
+    for name in fields["outputs"]:
+        request.outputs.add(name=name)
     return request
 
 
@@ -171,6 +178,17 @@ BAD_REQUESTS = {
                          grpc.StatusCode.INVALID_ARGUMENT, "exceeds the server's limit"),
     "oversized message": ({"shape": [1400, 1, 28, 28], "raw": np.zeros((1400, 1, 28, 28), "<f4").tobytes()},
                           grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+    # 2**60 + 1 samples of 784 floats wrap around to 784 in int64: the byte count must not
+    "overflowing shape": ({"shape": [2**60 + 1, 1, 28, 28], "raw": np.zeros((1, 1, 28, 28), "<f4").tobytes()},
+                          grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
+    "raw and typed contents": ({"typed": [0.0, 0.0, 0.0]}, grpc.StatusCode.INVALID_ARGUMENT,
+                               "both raw_input_contents and typed contents"),
+    "unknown version": ({"version": "7"}, grpc.StatusCode.NOT_FOUND, "unknown version '7'"),
+    "unknown output": ({"outputs": ["probabilities"]}, grpc.StatusCode.INVALID_ARGUMENT, "unknown output"),
+    "output asked twice": ({"outputs": ["logits", "logits"]}, grpc.StatusCode.INVALID_ARGUMENT, "more than once"),
+    # finite, but the model overflows on it: its logits and score would be NaN
+    "overflowing values": ({"raw": np.full((2, 1, 28, 28), 3e38, "<f4").tobytes()}, grpc.StatusCode.INVALID_ARGUMENT,
+                           "NaN or Inf for sample(s) [0, 1]"),
 }
 
 
@@ -181,14 +199,20 @@ def test_bad_request_is_refused_and_server_keeps_serving(case: str, channel: grp
     overrides, code, message = BAD_REQUESTS[case]
     x = backdoored.x_eval[:2]
     stub = oip_grpc.GRPCInferenceServiceStub(channel)
-    errors_before = metric(scrape(server), "guard_request_errors_total", model=MODEL, code=code.name)
+    before = scrape(server)
     with pytest.raises(grpc.RpcError) as raised:
         stub.ModelInfer(_raw_request(x, **overrides))
     assert raised.value.code() == code
     assert message in raised.value.details()
+    after = scrape(server)
     if code != grpc.StatusCode.RESOURCE_EXHAUSTED:  # that one is refused by the transport before guard sees it
-        after = metric(scrape(server), "guard_request_errors_total", model=MODEL, code=code.name)
-        assert after == errors_before + 1
+        assert (metric(after, "guard_request_errors_total", model=MODEL, code=code.name)
+                == metric(before, "guard_request_errors_total", model=MODEL, code=code.name) + 1)
+    for verdict in ("clean", "flagged"):  # a refused request is not counted as answered
+        assert (metric(after, "guard_samples_total", model=MODEL, verdict=verdict)
+                == metric(before, "guard_samples_total", model=MODEL, verdict=verdict))
+        assert (metric(after, "guard_requests_total", model=MODEL, verdict=verdict)
+                == metric(before, "guard_requests_total", model=MODEL, verdict=verdict))
     logits, flagged, _ = triton_infer(client, backdoored.x_eval[:8])
     assert logits.shape == (8, 10) and flagged.shape == (8,)
 
@@ -205,6 +229,9 @@ def test_bad_requests_through_tritonclient_and_guard_v1(client: triton.Inference
     with pytest.raises(grpc.RpcError) as raised:
         stub.Predict(guard_pb2.PredictRequest(shape=[2, 1, 28, 28], data=b"\0" * 100))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Predict(guard_pb2.PredictRequest(shape=[2**60 + 1, 1, 28, 28], data=b"\0" * 3136))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bytes" in raised.value.details()
     reply = stub.Predict(guard_pb2.PredictRequest(shape=[1, 1, 28, 28], data=backdoored.x_eval[:1].tobytes()))
     assert len(reply.predictions) == 1 and len(reply.predictions[0].logits) == 10
 
@@ -235,10 +262,27 @@ def test_dynamic_batching_joins_requests_and_splits_answers_back_exactly(backdoo
         with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as caller, \
                 pytest.raises(InferenceServerException, match="shape"):
             triton_infer(caller, bad)
+
+        def try_call(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | InferenceServerException:
+            try:
+                return call(x)
+            except InferenceServerException as exc:
+                return exc
+
+        # an input the model overflows on may share a run with others: it alone is refused
+        overflowing = np.full((1, 1, 28, 28), 3e38, dtype=np.float32)
+        mixed = [requests[1], overflowing, requests[2], overflowing, requests[3]]
+        with ThreadPoolExecutor(len(mixed)) as callers:
+            mixed_answers = list(callers.map(try_call, mixed))
         after = call(requests[0])
         text = scrape(server)
     finally:
         server.stop(grace=1)
+    for x, answer in zip(mixed, mixed_answers, strict=True):
+        if x is overflowing:
+            assert isinstance(answer, InferenceServerException) and "NaN or Inf" in str(answer)
+        else:
+            np.testing.assert_array_equal(answer[0].argmax(axis=1), alone.predict(x).labels)
     for x, (logits, flagged, score) in zip(requests, answers, strict=True):
         want = alone.predict(x)
         np.testing.assert_array_equal(logits.argmax(axis=1), want.labels)
@@ -248,9 +292,10 @@ def test_dynamic_batching_joins_requests_and_splits_answers_back_exactly(backdoo
     np.testing.assert_array_equal(after[1], alone.predict(requests[0]).flagged)
     runs = metric(text, "guard_engine_batch_samples_count", model=MODEL)
     samples = metric(text, "guard_engine_batch_samples_sum", model=MODEL)
-    assert samples == sizes.sum() + len(requests[0])
+    assert samples == sizes.sum() + sum(map(len, mixed)) + len(requests[0])
     assert runs < len(requests) / 2, f"{runs} engine runs for {len(requests) + 1} requests: nothing was batched"
-    assert metric(text, "guard_request_duration_seconds_count", model=MODEL, stage="queue") == len(requests) + 1
+    queued = len(requests) + sum(x is not overflowing for x in mixed) + 1  # the refused ones have no timings
+    assert metric(text, "guard_request_duration_seconds_count", model=MODEL, stage="queue") == queued
 
 
 def test_deadline_passed_while_queued_is_dropped_not_computed(backdoored: Backdoored) -> None:

@@ -171,7 +171,8 @@ class Guard:
         run = self.engine.run(x, deadline)
         t1 = time.perf_counter()
         model_labels = run.logits.argmax(axis=1)
-        flagged = run.score > self.tau
+        # a NaN score (an input that overflows the model) is flagged, never clean
+        flagged = ~(run.score <= self.tau) | ~np.isfinite(run.logits).all(axis=1)
         labels, answer = model_labels, run.logits
         demoted = np.zeros(len(x), dtype=bool)
         if run.needs.any():  # most clean batches skip all of this

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from guard.errors import RequestError
@@ -22,7 +24,7 @@ def _shape(dims: list[int], sample_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _from_bytes(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    expected = int(np.prod(shape)) * 4
+    expected = math.prod(shape) * 4  # Python ints: a hostile shape cannot wrap around as np.prod's int64 does
     if len(data) != expected:
         raise RequestError(f"raw contents hold {len(data)} bytes; shape {list(shape)} of FP32 needs {expected}")
     return np.frombuffer(data, dtype="<f4").reshape(shape)
@@ -41,11 +43,25 @@ def decode_oip(request: oip.ModelInferRequest, input_name: str, sample_shape: tu
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise RequestError(f"got {len(request.raw_input_contents)} raw_input_contents for one input")
+        if tensor.contents.ByteSize():  # the protocol allows one or the other; which one was meant is unknowable
+            raise RequestError(f"input {input_name!r} has both raw_input_contents and typed contents; send one")
         return _from_bytes(request.raw_input_contents[0], shape)
     values = tensor.contents.fp32_contents
-    if len(values) != int(np.prod(shape)):
-        raise RequestError(f"fp32_contents holds {len(values)} values; shape {list(shape)} needs {int(np.prod(shape))}")
+    if len(values) != math.prod(shape):
+        raise RequestError(f"fp32_contents holds {len(values)} values; shape {list(shape)} needs {math.prod(shape)}")
     return np.asarray(values, dtype=np.float32).reshape(shape)
+
+
+def check_outputs(request: oip.ModelInferRequest, output_name: str) -> list[str]:
+    """The outputs a request asks for (all of them where it names none), checked before the engine runs for it."""
+    available = [output_name, FLAGGED_OUTPUT, SCORE_OUTPUT]
+    wanted = [o.name for o in request.outputs] or available
+    unknown = [name for name in wanted if name not in available]
+    if unknown:
+        raise RequestError(f"unknown output {unknown}; available outputs are {available}")
+    if len(set(wanted)) != len(wanted):
+        raise RequestError(f"an output is requested more than once: {wanted}")
+    return wanted
 
 
 def encode_oip(result: Result, model_name: str, request: oip.ModelInferRequest, output_name: str,
@@ -56,10 +72,7 @@ def encode_oip(result: Result, model_name: str, request: oip.ModelInferRequest, 
         FLAGGED_OUTPUT: ("BOOL", result.flagged.astype(np.bool_)),
         SCORE_OUTPUT: ("FP32", result.score.astype("<f4")),
     }
-    wanted = [o.name for o in request.outputs] or list(available)
-    unknown = [name for name in wanted if name not in available]
-    if unknown:
-        raise RequestError(f"unknown output {unknown}; available outputs are {list(available)}")
+    wanted = check_outputs(request, output_name)
     response = oip.ModelInferResponse(model_name=model_name, id=request.id)
     for name in wanted:
         datatype, array = available[name]

@@ -18,6 +18,8 @@ from guard.runtime.batching import Batcher
 from guard.runtime.guard import Guard, Result
 from guard.server.metrics import Metrics
 
+VERSION = "1"  # the served model's only version, as ModelMetadata lists it
+
 
 class UnknownModelError(RequestError):
     """The request names a model this server does not serve."""
@@ -46,10 +48,12 @@ class DataPlane:
         if self.batcher is not None:
             self.batcher.close()
 
-    def resolve(self, name: str) -> str:
-        """The served model's name; an empty name means the only model served."""
+    def resolve(self, name: str, version: str = "") -> str:
+        """The served model's name; an empty name means the only model served, an empty version its only version."""
         if name not in ("", self.name):
             raise UnknownModelError(f"unknown model {name!r}; this server serves {self.name!r}")
+        if version not in ("", VERSION):
+            raise UnknownModelError(f"unknown version {version!r} of model {self.name!r}; it has version {VERSION!r}")
         return self.name
 
     @contextmanager
@@ -82,6 +86,12 @@ class DataPlane:
             raise
         if result.unchecked:
             self.metrics.check_failures.labels(model=self.name, outcome="answered_unguarded").inc()
+        broken = ~np.isfinite(result.logits).all(axis=1)
+        if not result.unchecked:  # an unguarded answer has no score
+            broken |= ~np.isfinite(result.score)
+        if broken.any():  # finite inputs the model overflows on: no answer is better than a NaN one
+            raise RequestError(f"the model's outputs are NaN or Inf for sample(s) {np.flatnonzero(broken).tolist()[:10]}"
+                               ": the input is far outside what the model computes with; not answered")
         total = decode_seconds + time.perf_counter() - started
         m, name = self.metrics, self.name
         flagged = int(result.flagged.sum())

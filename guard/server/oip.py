@@ -10,7 +10,7 @@ from guard._version import __version__
 from guard.server import codecs
 from guard.server._proto.inference import grpc_service_pb2 as oip
 from guard.server._proto.inference import grpc_service_pb2_grpc as oip_grpc
-from guard.server.dataplane import DataPlane
+from guard.server.dataplane import VERSION, DataPlane
 from guard.server.status import answer
 
 SERVER_NAME = "guard"
@@ -29,7 +29,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     def ModelReady(self, request: oip.ModelReadyRequest, context: grpc.ServicerContext) -> oip.ModelReadyResponse:
         return answer(self.plane, context, lambda: oip.ModelReadyResponse(
-            ready=bool(self.plane.resolve(request.name)) and self.plane.ready))
+            ready=bool(self.plane.resolve(request.name, request.version)) and self.plane.ready))
 
     def ServerMetadata(self, request: oip.ServerMetadataRequest,
                        context: grpc.ServicerContext) -> oip.ServerMetadataResponse:
@@ -38,11 +38,11 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     def ModelMetadata(self, request: oip.ModelMetadataRequest,
                       context: grpc.ServicerContext) -> oip.ModelMetadataResponse:
         def metadata() -> oip.ModelMetadataResponse:
-            name = self.plane.resolve(request.name)
+            name = self.plane.resolve(request.name, request.version)
             model = self.plane.guard.model
             tensor = oip.ModelMetadataResponse.TensorMetadata
             return oip.ModelMetadataResponse(
-                name=name, versions=["1"], platform=PLATFORM,
+                name=name, versions=[VERSION], platform=PLATFORM,
                 inputs=[tensor(name=model.input_name, datatype="FP32", shape=[-1, *model.sample_shape])],
                 outputs=[
                     tensor(name=model.output_name, datatype="FP32", shape=[-1, model.num_classes]),
@@ -56,9 +56,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.ServicerContext) -> oip.ModelInferResponse:
         def infer() -> oip.ModelInferResponse:
             started = time.perf_counter()
-            name = self.plane.resolve(request.model_name)
+            name = self.plane.resolve(request.model_name, request.model_version)
             model = self.plane.guard.model
             x = codecs.decode_oip(request, model.input_name, model.sample_shape)
+            codecs.check_outputs(request, model.output_name)
             result = self.plane.infer(x, time.perf_counter() - started, context.time_remaining())
             return codecs.encode_oip(result, name, request, model.output_name, self.plane.guard.policy.value)
 
