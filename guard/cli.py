@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -29,6 +29,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         reference_folds=args.reference_folds, reference_unlearn=args.reference_unlearn,
     )
     settings.validate()  # before the scan's seconds are spent
+    _writable(args.out)
     model, triggers = args.model, []
     if args.suspect is None and args.scan:
         from guard.model.graph import load_model
@@ -104,6 +105,12 @@ def _bench(args: argparse.Namespace) -> int:
             raise GuardError(f"--batches takes comma-separated integers, got {args.batches!r}") from None
         if min(settings.batches) < 1:
             raise GuardError("batch sizes must be >= 1")
+    if settings.callers < 1 or not settings.seconds > 0 or settings.threads < 0:
+        raise GuardError("--callers must be >= 1, --seconds > 0 and --threads >= 0 (0: the engine's default)")
+    try:  # before the run, not after it
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GuardError(f"cannot write the bench results to {args.out}: {exc}") from None
     with tempfile.TemporaryDirectory(prefix="guard-bench-") as tmp:
         figures = run_bench(args.model, args.profile, x, y, settings, Path(tmp))
     figures["command"] = "guard " + shlex.join(args.argv)
@@ -218,7 +225,12 @@ def _eval(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise GuardError(f"cannot write the report to {args.out}: {exc}") from None
     if args.figures:
-        figures = json.loads(Path(args.figures).read_text())
+        try:
+            figures = json.loads(Path(args.figures).read_text())
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not text
+            raise GuardError(f"cannot read the figures {args.figures}: {exc}") from None
+        if not isinstance(figures, dict) or not isinstance(figures.get("cases"), list):
+            raise GuardError(f"{args.figures} is not a guard eval figures.json (no list of cases)")
         print(f"guard: wrote {write_report(figures, args.out, figures.get('command', 'unknown'))}")
         return 0
 
@@ -257,11 +269,30 @@ def _eval(args: argparse.Namespace) -> int:
     return 1 if broken or figures["failures"] else 0
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _writable(*paths: Path) -> None:
+    """Make the output files' folders before a long run rather than fail after it; refuse a folder as a file."""
+    for path in paths:
+        if path.is_dir():
+            raise GuardError(f"{path} is a folder; give a file name to write")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GuardError(f"cannot create the folder of {path}: {exc}") from None
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """`write` a file next to `path`, then rename it there: a failed write leaves no half-written output."""
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        write(tmp)
+        tmp.replace(path)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise GuardError(f"cannot write {path}: {exc}") from None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def _repair(args: argparse.Namespace) -> int:
@@ -288,12 +319,10 @@ def _repair(args: argparse.Namespace) -> int:
         unlearned = ", ".join(str(t.target) for t in triggers)
         print(f"guard: scan suspects {suspect}; unlearning the triggers of "
               f"{'classes ' + unlearned if triggers else 'no class'}")
-    repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
-    try:
-        onnx.save(repaired, args.out)
-    except OSError as exc:
-        raise GuardError(f"cannot write {args.out}: {exc}") from None
     report_path = args.report or args.out.with_suffix(".repair.json")
+    _writable(args.out, report_path)
+    repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
+    _write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
     _write_json(report_path, {**report.to_dict(), "trigger_targets": [t.target for t in triggers]})
     print(f"guard: wrote {args.out} and {report_path}: {report.summary()}")
     print("guard: the repaired model has new weights: run guard calibrate on it before serving it")
@@ -306,12 +335,22 @@ def _train(args: argparse.Namespace) -> int:
     from guard.eval.models import export_onnx, predict, train
     from guard.repair.architectures import build
     from guard.repair.none import NoneSettings, train_none
-    from guard.samples import load_poisoned, load_samples
+    from guard.samples import check_samples, load_poisoned, load_samples
 
     x, y = load_samples(args.data)
     if y is None:
         raise GuardError(f"{args.data} has no labels y: training needs them")
+    if x.ndim != 4:
+        raise GuardError(f"training data x must be (N, C, H, W), got shape {x.shape}")
+    num_classes = int(y.max()) + 1 if y.size else 0
+    check_samples(x, y, tuple(x.shape[1:]), num_classes, "training")
+    missing = sorted(set(range(num_classes)) - set(y.tolist()))
+    if missing:  # a stray label would otherwise size the model's output
+        raise GuardError(f"training labels must number the classes 0..K-1, each with samples; classes {missing[:10]} "
+                         f"have none (the largest label is {num_classes - 1})")
     poisoned = load_poisoned(args.data, len(x))
+    report_path = args.report or args.out.with_suffix(".train.json")
+    _writable(args.out, report_path)
     torch.manual_seed(args.seed)
     model = build(args.model, x, y)
     given = {"epochs": args.epochs, "rounds": args.rounds, "finetune_epochs": args.finetune_epochs,
@@ -328,8 +367,7 @@ def _train(args: argparse.Namespace) -> int:
         train(model, x, y, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=args.seed)
         summary, facts = "plain training", {"settings": vars(settings)}
     accuracy = float((predict(model, x) == y).mean())
-    export_onnx(model, args.out, torch.zeros(1, *x.shape[1:]))
-    report_path = args.report or args.out.with_suffix(".train.json")
+    _write_atomic(args.out, lambda tmp: export_onnx(model, tmp, torch.zeros(1, *x.shape[1:])))
     _write_json(report_path, {**facts, "training_accuracy": accuracy, "samples": len(x), "model": args.model})
     print(f"guard: wrote {args.out} and {report_path}: {summary}; accuracy on the training set {accuracy:.3f}")
     return 0
@@ -353,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal = commands.add_parser("calibrate", help="compute a profile from a model and clean samples")
     cal.add_argument("model", help="ONNX image classifier")
     cal.add_argument("--data", required=True, help=".npz with x (N, C, H, W) and optional y (N,)")
-    cal.add_argument("--out", required=True, help="where to write the profile (.safetensors)")
+    cal.add_argument("--out", required=True, type=Path, help="where to write the profile (.safetensors)")
     cal.add_argument("--layers", help="comma-separated ONNX tensor names to tap (default: chosen automatically)")
     cal.add_argument("--fpr", type=float, default=0.05, help="target false-positive rate (default 0.05)")
     cal.add_argument("--fpr-confidence", type=float, default=0.9,

@@ -6,9 +6,12 @@ Loaded with allow_pickle=False: a data file from anyone cannot run code.
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.npyio import NpzFile
 
 from guard.errors import GuardError
 
@@ -18,14 +21,11 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     path = Path(path)
     if not path.is_file():
         raise GuardError(f"data file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "x" not in data.files:
-                raise GuardError(f"{path} has no array 'x' (found {data.files}); save with np.savez(path, x=..., y=...)")
-            x = data["x"]
-            y = data["y"] if "y" in data.files else None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise GuardError(f"cannot read {path} as .npz: {exc}") from None
+    with _npz(path) as data:
+        if "x" not in data.files:
+            raise GuardError(f"{path} has no array 'x' (found {data.files}); save with np.savez(path, x=..., y=...)")
+        x = _array(data, "x", path)
+        y = _array(data, "y", path) if "y" in data.files else None
     if not np.issubdtype(x.dtype, np.number):
         raise GuardError(f"x in {path} must be numeric, got {x.dtype}")
     if y is not None and (y.ndim != 1 or not np.issubdtype(y.dtype, np.integer)):
@@ -35,13 +35,37 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 def load_poisoned(path: str | Path, count: int) -> np.ndarray | None:
     """The optional ground truth `poisoned` (N,) of a training .npz (bool, or 0/1), or None when absent."""
-    with np.load(path, allow_pickle=False) as data:
+    with _npz(Path(path)) as data:
         if "poisoned" not in data.files:
             return None
-        poisoned = data["poisoned"]
+        poisoned = _array(data, "poisoned", path)
     if poisoned.shape != (count,) or not (poisoned.dtype == bool or np.isin(poisoned, (0, 1)).all()):
         raise GuardError(f"poisoned in {path} must be ({count},) booleans, got {poisoned.dtype} {poisoned.shape}")
     return poisoned.astype(bool)
+
+
+@contextmanager
+def _npz(path: Path) -> Iterator[NpzFile]:
+    """The open archive, or a GuardError saying why it is not one (an .npy holds one bare array, not named ones)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise GuardError(f"cannot read {path} as .npz: {exc}") from None
+    if not isinstance(data, NpzFile):
+        raise GuardError(f"{path} is a single .npy array, not an .npz of named arrays; save with "
+                         "np.savez(path, x=..., y=...)")
+    with data:
+        yield data
+
+
+def _array(data: NpzFile, key: str, path: str | Path) -> np.ndarray:
+    """One array of the archive; a corrupt member, a pickled one or one too large for memory is a GuardError."""
+    try:
+        return data[key]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise GuardError(f"cannot read {key!r} from {path}: {exc}") from None
+    except MemoryError:
+        raise GuardError(f"{key!r} in {path} declares a shape too large for this machine's memory") from None
 
 
 MIN_HELD_OUT = 10  # fewer held-out samples measure nothing

@@ -99,6 +99,8 @@ class ScanSettings:
             raise GuardError(f"accuracy budget must lie in [0, 1), got {self.acc_budget}")
         if not 1 <= self.png_scale <= 64:
             raise GuardError(f"png scale must lie in [1, 64], got {self.png_scale}")
+        if not (np.isfinite(self.threshold) and self.threshold > 0):  # at or below 0 every model has a suspect
+            raise GuardError(f"--threshold must be a finite anomaly index above 0, got {self.threshold}")
         if not np.isfinite(self.candidate_index):
             raise GuardError(f"the candidate index must be a finite number, got {self.candidate_index}")
         if self.fill_candidates < 0:
@@ -291,10 +293,14 @@ def format_report(report: ScanReport) -> str:
 
 
 def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
-    """scan.json always; trigger.npz and the two PNGs (mask·pattern, mask) when a class is suspected."""
+    """scan.json always; trigger.npz and the two PNGs (mask·pattern, mask) when a class is suspected. An earlier
+    scan's trigger files in the folder are removed, so none is taken for this scan's."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in [out / TRIGGER_FILE, *(out / f"{kind}_{k}.png" for kind in ("trigger", "mask")
+                                             for k in range(len(report.classes.triggers)))]:
+            stale.unlink(missing_ok=True)
         written = []
         trigger = report.suspect
         files: dict[str, str] = {}

@@ -225,11 +225,15 @@ class Profile:
             "settings": self.settings,
             "figures": self.figures,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-                  metadata={"guard": json.dumps(meta)})
-        tmp.replace(path)  # never leave a half-written profile behind
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                      metadata={"guard": json.dumps(meta)})
+            tmp.replace(path)  # never leave a half-written profile behind
+        except (OSError, SafetensorError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise ProfileError(f"cannot write the profile to {path}: {exc}") from None
         return path
 
     @classmethod

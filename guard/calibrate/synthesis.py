@@ -113,6 +113,8 @@ def check_trigger(trigger: Trigger, sample_shape: tuple[int, ...], num_classes: 
                          "pattern")
     if not (np.isfinite(trigger.mask).all() and np.isfinite(trigger.pattern).all()):
         raise GuardError(f"{source} holds NaN or Inf")
+    if trigger.mask.min() < 0 or trigger.mask.max() > 1:  # a mask is a blend weight per pixel
+        raise GuardError(f"{source}'s mask must lie in [0, 1], got [{trigger.mask.min()}, {trigger.mask.max()}]")
 
 
 def load_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classes: int) -> Trigger:
@@ -121,8 +123,11 @@ def load_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classes: i
     try:
         with np.load(path, allow_pickle=False) as data:
             mask, pattern, target = data["mask"], data["pattern"], data["target"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:  # TypeError: an .npy
         raise GuardError(f"cannot read a trigger from {path} (expected guard scan's trigger.npz): {exc}") from None
+    if not (np.issubdtype(mask.dtype, np.number) and np.issubdtype(pattern.dtype, np.number)):
+        raise GuardError(f"the trigger in {path} must hold numbers, got a {mask.dtype} mask and a {pattern.dtype} "
+                         "pattern")
     if target.shape != () or not np.issubdtype(target.dtype, np.integer) or not 0 <= int(target) < num_classes:
         raise GuardError(f"the trigger's target in {path} must be one class in [0, {num_classes}), got {target!r}")
     mask, pattern = mask.astype(np.float32), pattern.astype(np.float32)

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper, shape_inference
+from onnx.external_data_helper import uses_external_data
 
 from guard.errors import ModelError
 
@@ -77,12 +78,23 @@ def load_model(source: str | Path | bytes | onnx.ModelProto) -> LoadedModel:
         raise ModelError(f"guard serves models with exactly one input; this one has {[i.name for i in inputs]}")
     if not proto.graph.output:
         raise ModelError("the model has no outputs")
+    tensors = [*proto.graph.initializer, *(a.t for n in proto.graph.node for a in n.attribute if a.HasField("t"))]
+    if any(uses_external_data(t) for t in tensors):  # the sha256 a profile checks would not cover those weights
+        raise ModelError("the model keeps weights in external data files; guard reads self-contained models: save "
+                         "it with onnx.save(model, path, save_as_external_data=False)")
     input_shape = _dims(inputs[0].type)
     if len(input_shape) != 4:
         raise ModelError(f"expected an image input (N, C, H, W); {inputs[0].name!r} has shape {input_shape}")
+    if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise ModelError(f"guard serves float32 inputs; {inputs[0].name!r} is "
+                         f"{onnx.TensorProto.DataType.Name(inputs[0].type.tensor_type.elem_type)}")
+    if input_shape[0] is not None:  # calibration and serving run batches
+        raise ModelError(f"the input's batch dimension is fixed at {input_shape[0]}; export the model with a dynamic "
+                         "batch dimension (torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes)")
     output_shape = _dims(proto.graph.output[0].type)
-    if len(output_shape) != 2 or output_shape[1] is None:
-        raise ModelError(f"expected a first output (N, classes); {proto.graph.output[0].name!r} is {output_shape}")
+    if len(output_shape) != 2 or output_shape[1] is None or output_shape[1] < 2:
+        raise ModelError(f"expected a first output (N, classes) of at least 2 classes; {proto.graph.output[0].name!r} "
+                         f"is {output_shape}")
     return LoadedModel(
         proto=proto,
         sha256=sha256_bytes(data),

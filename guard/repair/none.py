@@ -106,6 +106,8 @@ class NoneSettings:
             raise GuardError("epochs, rounds, finetune and unlearn epochs must be >= 0, the batch size >= 1")
         if not 0 < self.ratio <= 1:
             raise GuardError(f"--ratio must lie in (0, 1], got {self.ratio}")
+        if not all(np.isfinite(rate) and rate > 0 for rate in (self.lr, self.finetune_lr)):
+            raise GuardError(f"--lr and --finetune-lr must be finite and positive, got {self.lr}, {self.finetune_lr}")
         if not 0 <= self.unlikely < self.confident <= 1:
             raise GuardError("the softmax bounds need 0 <= unlikely < confident <= 1")
         if not (np.isfinite(self.unlearn) and self.unlearn >= 0) or not 0 <= self.min_spread <= 1:

@@ -1,0 +1,212 @@
+"""What the offline commands (calibrate, scan, repair, train, bench, eval) do with a user's bad files and settings:
+one line `guard: error: ...` and exit code 2, before any long run where it can be told then, and no output left
+half-written or stale."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import Backdoored
+from guard.calibrate.synthesis import load_trigger
+from guard.cli import main
+from guard.errors import GuardError, ModelError
+from guard.model.graph import load_model
+from guard.samples import load_poisoned, load_samples
+from guard.scan import ScanSettings, run_scan, write_outputs
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str | Path) -> str:
+    """`guard ARGS...` in this process; the one line it printed on stderr, having exited with 2."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("guard: error: "), err
+    return err[0]
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- data files
+
+
+def test_a_bare_npy_is_not_taken_for_an_npz(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((30, 1, 28, 28), np.float32))
+    with pytest.raises(GuardError, match=r"single \.npy array"):
+        load_samples(tmp_path / "x.npy")
+
+
+def test_a_member_declaring_a_huge_shape_is_refused_not_allocated(tmp_path: Path) -> None:
+    path = tmp_path / "huge.npz"
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10**6, 1, 28, 28_000)}
+    with zipfile.ZipFile(path, "w") as archive, archive.open("x.npy", "w") as member:
+        np.lib.format.write_array_header_1_0(member, header)  # and no data
+    with pytest.raises(GuardError, match="'x'"):
+        load_samples(path)
+
+
+def test_a_pickled_ground_truth_is_refused(tmp_path: Path) -> None:
+    path = write_npz(tmp_path / "train.npz", x=np.zeros((30, 1, 8, 8), np.float32), y=np.zeros(30, np.int64),
+                     poisoned=np.array([object()] * 30, dtype=object))
+    with pytest.raises(GuardError, match="cannot read 'poisoned'"):
+        load_poisoned(path, 30)
+
+
+@pytest.fixture
+def training_set(tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.random((40, 1, 28, 28), dtype=np.float32), np.arange(40) % 4
+
+
+@pytest.mark.parametrize(("edit", "options", "fragment"), [
+    (lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x), y), [], "NaN or Inf"),
+    (lambda x, y: (x, np.where(y == 3, 9, y)), [], "classes [3, 4, 5, 6, 7, 8] have none"),
+    (lambda x, y: (x, -y), [], "labels must be (N,) integers"),
+    (lambda x, y: (x[:, 0], y), [], "must be (N, C, H, W)"),
+    (lambda x, y: (x, y), ["--lr", "nan"], "--lr and --finetune-lr must be finite and positive"),
+    (lambda x, y: (x, y), ["--finetune-lr", "-1"], "--lr and --finetune-lr must be finite and positive"),
+])
+def test_train_refuses_data_and_rates_it_cannot_train_on(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         training_set, edit, options: list[str],
+                                                         fragment: str) -> None:
+    x, y = edit(*training_set)
+    data = write_npz(tmp_path / "train.npz", x=x, y=y)
+    line = run(capsys, "train", "--data", data, "--model", "cnn", "--out", tmp_path / "m.onnx", *options)
+    assert fragment in line
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_outputs_that_are_folders_are_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             training_set, backdoored: Backdoored) -> None:
+    x, y = training_set
+    data = write_npz(tmp_path / "train.npz", x=x, y=y)
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    assert "is a folder" in run(capsys, "train", "--data", data, "--model", "cnn", "--out", folder)
+    clean = write_npz(tmp_path / "clean.npz", x=backdoored.x_clean[:100], y=backdoored.y_clean[:100])
+    for command in (["calibrate", backdoored.model_path, "--data", clean, "--no-scan", "--out", folder],
+                    ["repair", backdoored.model_path, "--data", clean, "--out", folder]):
+        assert "is a folder" in run(capsys, *command)
+    assert list(folder.iterdir()) == []  # nothing half-written inside either
+
+
+def test_train_writes_into_a_new_folder_and_leaves_no_temporary_file(tmp_path: Path, training_set) -> None:
+    x, y = training_set
+    data = write_npz(tmp_path / "train.npz", x=x, y=y)
+    out = tmp_path / "new" / "deeper" / "m.onnx"
+    assert main(["train", "--data", str(data), "--model", "cnn", "--out", str(out), "--epochs", "1"]) == 0
+    assert load_model(out).num_classes == 4
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx", "m.train.json"]
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+def tiny_model(batch: int | str = "N", elem: int = TensorProto.FLOAT, classes: int = 3) -> onnx.ModelProto:
+    weight = numpy_helper.from_array(np.ones((16, classes), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["logits"])], "tiny",
+        [helper.make_tensor_value_info("x", elem, [batch, 1, 4, 4])],
+        [helper.make_tensor_value_info("logits", elem, [batch, classes])], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_tiny_model_of_the_right_form_loads() -> None:
+    assert load_model(tiny_model()).num_classes == 3  # the refusals below are for their one defect
+
+
+@pytest.mark.parametrize(("model", "fragment"), [
+    (tiny_model(batch=1), "batch dimension is fixed at 1"),
+    (tiny_model(elem=TensorProto.DOUBLE), "float32 inputs; 'x' is DOUBLE"),
+    (tiny_model(classes=1), "at least 2 classes"),
+])
+def test_models_guard_cannot_serve_are_refused_at_load(model: onnx.ModelProto, fragment: str) -> None:
+    with pytest.raises(ModelError, match=fragment.replace("(", r"\(")):
+        load_model(model)
+
+
+def test_a_model_with_external_weights_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "external.onnx"
+    onnx.save_model(tiny_model(), path, save_as_external_data=True, location="w.bin", size_threshold=0)
+    assert (tmp_path / "w.bin").is_file()
+    with pytest.raises(ModelError, match="external data"):
+        load_model(path)
+
+
+# ------------------------------------------------------------------------------------------------- triggers, scan
+
+
+@pytest.mark.parametrize(("mask", "fragment"), [
+    (np.full((1, 28, 28), 50.0, np.float32), r"mask must lie in \[0, 1\]"),
+    (np.full((1, 28, 28), -5.0, np.float32), r"mask must lie in \[0, 1\]"),
+    (np.full((1, 28, 28), "a"), "must hold numbers"),
+])
+def test_a_trigger_mask_outside_zero_one_is_refused(tmp_path: Path, mask: np.ndarray, fragment: str) -> None:
+    path = write_npz(tmp_path / "trigger.npz", mask=mask, pattern=np.zeros((1, 28, 28), np.float32),
+                     target=np.int64(0))
+    with pytest.raises(GuardError, match=fragment):
+        load_trigger(path, (1, 28, 28), 10)
+
+
+def test_a_trigger_given_as_npy_is_refused(tmp_path: Path) -> None:
+    np.save(tmp_path / "mask.npy", np.zeros((1, 28, 28), np.float32))
+    with pytest.raises(GuardError, match="cannot read a trigger"):
+        load_trigger(tmp_path / "mask.npy", (1, 28, 28), 10)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), -100.0, 0.0])
+def test_a_scan_threshold_that_names_nothing_or_everything_is_refused(threshold: float) -> None:
+    with pytest.raises(GuardError, match="--threshold must be a finite anomaly index above 0"):
+        ScanSettings(threshold=threshold).validate()
+
+
+def test_a_scan_naming_no_class_removes_an_earlier_scans_trigger_files(tmp_path: Path,
+                                                                        backdoored: Backdoored) -> None:
+    report = run_scan(backdoored.model_path, backdoored.x_clean[:60], backdoored.y_clean[:60],
+                      settings=ScanSettings(steps=5, threshold=1e9))  # a threshold nothing reaches
+    assert report.suspect is None
+    for name in ("trigger.npz", "trigger_0.png", "mask_0.png", "notes.txt"):
+        (tmp_path / name).write_text("from an earlier scan")
+    write_outputs(report, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "scan.json"]  # the user's own file stays
+    assert json.loads((tmp_path / "scan.json").read_text())["files"] == {}
+
+
+# ------------------------------------------------------------------------------------------------- bench, eval
+
+
+@pytest.mark.parametrize("option", [["--callers", "0"], ["--seconds", "0"], ["--threads", "-1"]])
+def test_bench_refuses_settings_it_cannot_measure_with(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                       backdoored: Backdoored, option: list[str]) -> None:
+    line = run(capsys, "bench", backdoored.model_path, "--profile", backdoored.profile_path, "--out", tmp_path / "b",
+               *option)
+    assert "--callers must be >= 1" in line
+
+
+def test_bench_refuses_an_output_folder_that_is_a_file_before_measuring(capsys: pytest.CaptureFixture[str],
+                                                                        tmp_path: Path,
+                                                                        backdoored: Backdoored) -> None:
+    taken = tmp_path / "file"
+    taken.write_text("")
+    assert "cannot write the bench results" in run(capsys, "bench", backdoored.model_path, "--profile",
+                                                   backdoored.profile_path, "--out", taken)
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    (None, "cannot read the figures"), ("{not json", "cannot read the figures"),
+    ("[1, 2]", "not a guard eval figures.json"),
+])
+def test_eval_refuses_figures_it_cannot_read(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                             content: str | None, fragment: str) -> None:
+    figures = tmp_path / "figures.json"
+    if content is not None:
+        figures.write_text(content)
+    assert fragment in run(capsys, "eval", "--figures", figures, "--out", tmp_path / "report")
