@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -280,19 +280,10 @@ def _writable(*paths: Path) -> None:
             raise GuardError(f"cannot create the folder of {path}: {exc}") from None
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """`write` a file next to `path`, then rename it there: a failed write leaves no half-written output."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise GuardError(f"cannot write {path}: {exc}") from None
-
-
 def _write_json(path: Path, data: dict) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    from guard.samples import write_atomic
+
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def _repair(args: argparse.Namespace) -> int:
@@ -301,7 +292,7 @@ def _repair(args: argparse.Namespace) -> int:
     from guard.calibrate.synthesis import load_trigger
     from guard.model.graph import load_model
     from guard.repair.adaptive_reg import RepairSettings, repair
-    from guard.samples import load_samples
+    from guard.samples import load_samples, write_atomic
 
     x, y = load_samples(args.data)
     given = {"epochs": args.epochs, "lr": args.lr, "strength": args.strength, "schedule": args.schedule}
@@ -322,7 +313,7 @@ def _repair(args: argparse.Namespace) -> int:
     report_path = args.report or args.out.with_suffix(".repair.json")
     _writable(args.out, report_path)
     repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
-    _write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
+    write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
     _write_json(report_path, {**report.to_dict(), "trigger_targets": [t.target for t in triggers]})
     print(f"guard: wrote {args.out} and {report_path}: {report.summary()}")
     print("guard: the repaired model has new weights: run guard calibrate on it before serving it")
@@ -335,7 +326,7 @@ def _train(args: argparse.Namespace) -> int:
     from guard.eval.models import export_onnx, predict, train
     from guard.repair.architectures import build
     from guard.repair.none import NoneSettings, train_none
-    from guard.samples import check_samples, load_poisoned, load_samples
+    from guard.samples import check_samples, load_poisoned, load_samples, write_atomic
 
     x, y = load_samples(args.data)
     if y is None:
@@ -367,7 +358,7 @@ def _train(args: argparse.Namespace) -> int:
         train(model, x, y, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=args.seed)
         summary, facts = "plain training", {"settings": vars(settings)}
     accuracy = float((predict(model, x) == y).mean())
-    _write_atomic(args.out, lambda tmp: export_onnx(model, tmp, torch.zeros(1, *x.shape[1:])))
+    write_atomic(args.out, lambda tmp: export_onnx(model, tmp, torch.zeros(1, *x.shape[1:])))
     _write_json(report_path, {**facts, "training_accuracy": accuracy, "samples": len(x), "model": args.model})
     print(f"guard: wrote {args.out} and {report_path}: {summary}; accuracy on the training set {accuracy:.3f}")
     return 0

@@ -1,4 +1,5 @@
-"""Reading user data files: `.npz` with `x` (N, C, H, W) in the model's input range and optional `y` (N,) labels.
+"""Reading user data files: `.npz` with `x` (N, C, H, W) in the model's input range and optional `y` (N,) labels;
+and writing output files whole.
 
 Loaded with allow_pickle=False: a data file from anyone cannot run code.
 """
@@ -6,7 +7,7 @@ Loaded with allow_pickle=False: a data file from anyone cannot run code.
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,6 +15,21 @@ import numpy as np
 from numpy.lib.npyio import NpzFile
 
 from guard.errors import GuardError
+
+
+def write_atomic(path: Path, write: Callable[[Path], object],
+                 errors: tuple[type[Exception], ...] = (OSError,)) -> Path:
+    """`write` a file next to `path`, then rename it there: a failed write leaves no half-written output. The
+    `errors` a write may raise become a GuardError naming the path."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        tmp.replace(path)
+    except errors as exc:
+        tmp.unlink(missing_ok=True)
+        raise GuardError(f"cannot write {path}: {exc}") from None
+    return path
 
 
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:

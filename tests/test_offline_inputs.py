@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import Backdoored
+from guard.calibrate.profile import Profile
 from guard.calibrate.synthesis import load_trigger
 from guard.cli import main
 from guard.errors import GuardError, ModelError
@@ -96,6 +97,14 @@ def test_outputs_that_are_folders_are_refused_before_the_run(tmp_path: Path, cap
                     ["repair", backdoored.model_path, "--data", clean, "--out", folder]):
         assert "is a folder" in run(capsys, *command)
     assert list(folder.iterdir()) == []  # nothing half-written inside either
+
+
+def test_a_profile_that_cannot_be_written_leaves_no_temporary_file(tmp_path: Path, backdoored: Backdoored) -> None:
+    folder = tmp_path / "taken.safetensors"
+    folder.mkdir()
+    with pytest.raises(GuardError, match="cannot write"):
+        Profile.load(backdoored.profile_path).save(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.safetensors"]
 
 
 def test_train_writes_into_a_new_folder_and_leaves_no_temporary_file(tmp_path: Path, training_set) -> None:

@@ -21,6 +21,7 @@ from guard._version import __version__
 from guard.errors import ProfileError
 from guard.model.graph import FoldMode
 from guard.runtime.checks import ConsistencyCheck, DistancePart, Part, ScorePart
+from guard.samples import write_atomic
 
 # 2: thresholds gained `cut`. 3: thresholds gained the score's `parts`, which change what tau means; a guard that
 # reads only format 2 would score a format-3 profile the old way against the new tau, so it must refuse it instead.
@@ -225,16 +226,9 @@ class Profile:
             "settings": self.settings,
             "figures": self.figures,
         }
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-                      metadata={"guard": json.dumps(meta)})
-            tmp.replace(path)  # never leave a half-written profile behind
-        except (OSError, SafetensorError) as exc:
-            tmp.unlink(missing_ok=True)
-            raise ProfileError(f"cannot write the profile to {path}: {exc}") from None
-        return path
+        return write_atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                                        str(tmp), metadata={"guard": json.dumps(meta)}),
+                            errors=(OSError, SafetensorError))
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:

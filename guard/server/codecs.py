@@ -64,15 +64,15 @@ def check_outputs(request: oip.ModelInferRequest, output_name: str) -> list[str]
     return wanted
 
 
-def encode_oip(result: Result, model_name: str, request: oip.ModelInferRequest, output_name: str,
+def encode_oip(result: Result, model_name: str, request: oip.ModelInferRequest, wanted: list[str], output_name: str,
                policy: str) -> oip.ModelInferResponse:
-    """Logits under the model's output name plus the per-sample verdict tensors, as raw little-endian bytes."""
+    """The `wanted` outputs (`check_outputs`'s) of the logits under the model's output name and the per-sample
+    verdict tensors, as raw little-endian bytes."""
     available = {
         output_name: ("FP32", result.logits.astype("<f4")),
         FLAGGED_OUTPUT: ("BOOL", result.flagged.astype(np.bool_)),
         SCORE_OUTPUT: ("FP32", result.score.astype("<f4")),
     }
-    wanted = check_outputs(request, output_name)
     response = oip.ModelInferResponse(model_name=model_name, id=request.id)
     for name in wanted:
         datatype, array = available[name]

@@ -59,9 +59,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             name = self.plane.resolve(request.model_name, request.model_version)
             model = self.plane.guard.model
             x = codecs.decode_oip(request, model.input_name, model.sample_shape)
-            codecs.check_outputs(request, model.output_name)
+            wanted = codecs.check_outputs(request, model.output_name)
             result = self.plane.infer(x, time.perf_counter() - started, context.time_remaining())
-            return codecs.encode_oip(result, name, request, model.output_name, self.plane.guard.policy.value)
+            return codecs.encode_oip(result, name, request, wanted, model.output_name, self.plane.guard.policy.value)
 
         def admitted() -> oip.ModelInferResponse:
             with self.plane.request():  # refused at once beyond --max-inflight
