@@ -42,8 +42,8 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
             raise GuardError(f"{path} has no array 'x' (found {data.files}); save with np.savez(path, x=..., y=...)")
         x = _array(data, "x", path)
         y = _array(data, "y", path) if "y" in data.files else None
-    if not np.issubdtype(x.dtype, np.number):
-        raise GuardError(f"x in {path} must be numeric, got {x.dtype}")
+    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):  # float32 of a complex drops its imaginary part
+        raise GuardError(f"x in {path} must be real numbers, got {x.dtype}")
     if y is not None and (y.ndim != 1 or not np.issubdtype(y.dtype, np.integer)):
         raise GuardError(f"y in {path} must be a 1-D integer array, got {y.dtype} {y.shape}")
     return x.astype(np.float32), None if y is None else y.astype(np.int64)

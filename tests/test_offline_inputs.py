@@ -61,6 +61,15 @@ def test_a_pickled_ground_truth_is_refused(tmp_path: Path) -> None:
         load_poisoned(path, 30)
 
 
+@pytest.mark.parametrize(("x", "fragment"), [
+    (np.zeros((30, 1, 8, 8), np.complex64), "real numbers, got complex64"),  # float32 would drop the imaginary part
+    (np.full((30, 1, 8, 8), "a"), "real numbers, got <U1"),
+])
+def test_data_that_is_not_real_numbers_is_refused(tmp_path: Path, x: np.ndarray, fragment: str) -> None:
+    with pytest.raises(GuardError, match=fragment):
+        load_samples(write_npz(tmp_path / "data.npz", x=x, y=np.zeros(30, np.int64)))
+
+
 @pytest.fixture
 def training_set(tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)

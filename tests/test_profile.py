@@ -346,6 +346,18 @@ def test_profile_whose_tap_has_more_channels_than_the_model_is_refused(setup: Se
         Guard(load_model(setup.model_path), profile)
 
 
+def test_profile_whose_unit_bound_has_other_spatial_dims_than_the_model_is_refused(setup: Setup,
+                                                                                   tmp_path: Path) -> None:
+    """A bound of the right channels but the wrong height is consistent in itself; it is this model's profile that it
+    does not fit, said before the engine is built rather than as a failed warm-up run."""
+    tensors, meta = raw_parts(setup.profile_path)
+    bound = tensors["taps.0.unit_bound"]
+    tensors["taps.0.unit_bound"] = np.concatenate([bound, bound[:, :1]], axis=1)  # one row more
+    profile = Profile.load(write_parts(tmp_path / "taller.safetensors", tensors, meta))
+    with pytest.raises(ProfileError, match=r"unit bound of shape .* the model's tensor there is"):
+        Guard(load_model(setup.model_path), profile)
+
+
 def test_profile_whose_static_mask_folds_otherwise_in_the_model_is_refused(setup: Setup, tmp_path: Path) -> None:
     """The fold decides which channels the served graph reports; a profile that assumes another is not this model's."""
     tensors, meta = raw_parts(setup.profile_path)

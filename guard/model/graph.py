@@ -159,11 +159,11 @@ def validate_taps(model: LoadedModel, taps: list[str]) -> None:
         raise ModelError(f"taps must be (N, C, H, W) or (N, C) tensors; got ranks {bad_rank}")
 
 
-def tap_channels(model: LoadedModel, taps: list[str]) -> list[int | None]:
-    """Channel count (dim 1) of each tap, where shape inference can tell."""
-    inferred = shape_inference.infer_shapes(model.proto)
-    dims = {v.name: _dims(v.type) for v in inferred.graph.value_info}
-    return [dims[t][1] if t in dims and len(dims[t]) > 1 else None for t in taps]
+def tap_shapes(model: LoadedModel, taps: list[str]) -> list[tuple[int | None, ...] | None]:
+    """Each tap's dims after the batch ((C, H, W) or (C,), None where symbolic), or None where shape inference
+    cannot tell."""
+    dims = tensor_dims(model.proto)
+    return [dims[t][1:] if t in dims and len(dims[t]) > 1 else None for t in taps]
 
 
 def opset_version(proto: onnx.ModelProto) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 
 from guard.calibrate.profile import Profile
 from guard.errors import CheckFailedError, GuardError, ModelError, ProfileError, RequestError
-from guard.model.graph import LoadedModel, load_model, tap_channels, validate_taps
+from guard.model.graph import LoadedModel, load_model, tap_shapes, validate_taps
 from guard.model.serving import serving_graphs
 from guard.runtime.engine import PlainSession, build_engine, plain_model
 from guard.runtime.policy import FailurePolicy, Policy, apply_policy, demotions, overrule
@@ -77,10 +77,16 @@ class Guard:
             raise ProfileError("the profile names other input/output tensors than the model has")
         if profile.num_classes != model.num_classes:
             raise ProfileError(f"the profile is for {profile.num_classes} classes, the model has {model.num_classes}")
+        shapes = tap_shapes(model, profile.tap_names)
         want = [tap.channels for tap in profile.taps]
-        got = tap_channels(model, profile.tap_names)
+        got = [None if shape is None else shape[0] for shape in shapes]
         if any(g is not None and g != w for g, w in zip(got, want, strict=True)):
             raise ProfileError(f"the model's taps have {got} channels, the profile expects {want}")
+        for tap, shape in zip(profile.taps, shapes, strict=True):
+            if tap.unit_bound is not None and shape is not None and (len(shape) != 3 or any(
+                    d is not None and d != b for d, b in zip(shape, tap.unit_bound.shape, strict=True))):
+                raise ProfileError(f"tap {tap.name!r} has a unit bound of shape {tap.unit_bound.shape}, but the "
+                                   f"model's tensor there is {shape}")
         self.model = model
         self.profile = profile
         self.policy = Policy(policy)
