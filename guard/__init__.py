@@ -1,8 +1,10 @@
 """guard: an inference-time backdoor guard.
 
-Offline, `calibrate` turns a model and a few hundred clean samples into a `Profile`; online, `Guard` runs the model
-restricted to its benign neurons and checks every request for the activation pattern of a trigger.
-Names are imported on first use, so `import guard.server` or the CLI does not pay for torch until it needs it.
+Offline, `guard.calibrate.pipeline.calibrate` turns a model and a few hundred clean samples into a `Profile`; online,
+`Guard` runs the model restricted to its benign neurons and checks every request for the activation pattern of a
+trigger. Names are imported on first use, so `import guard.server` or the CLI does not pay for torch until it needs
+it. (`calibrate` is not one of them: `guard.calibrate` is the subpackage, and importing any of it puts the package
+under that name.)
 """
 
 from __future__ import annotations
@@ -13,18 +15,16 @@ from typing import TYPE_CHECKING, Any
 from guard._version import __version__
 
 if TYPE_CHECKING:
-    from guard.calibrate.pipeline import calibrate
     from guard.calibrate.profile import Profile
     from guard.runtime.guard import Guard, Result
 
 _LAZY = {
-    "calibrate": "guard.calibrate.pipeline",
     "Profile": "guard.calibrate.profile",
     "Guard": "guard.runtime.guard",
     "Result": "guard.runtime.guard",
 }
 
-__all__ = ["Guard", "Profile", "Result", "__version__", "calibrate"]
+__all__ = ["Guard", "Profile", "Result", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

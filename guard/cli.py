@@ -114,9 +114,11 @@ def _bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="guard-bench-") as tmp:
         figures = run_bench(args.model, args.profile, x, y, settings, Path(tmp))
     figures["command"] = "guard " + shlex.join(args.argv)
-    write_outputs(figures, args.out)
+    written = write_outputs(figures, args.out)
     print(format_table(figures))
-    print(f"guard: wrote {args.out / 'bench.md'}, bench.json and bench.png")
+    print(f"guard: wrote {', '.join(str(path) for path in written)}")
+    if args.out / "bench.png" not in written:
+        print("guard: bench.png not drawn: matplotlib is not installed (pip install 'guard[eval]')")
     return 0
 
 
@@ -485,7 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     hlt = commands.add_parser("health", help="ask a running server's gRPC health service; exit 0 if SERVING")
     hlt.add_argument("--host", default="127.0.0.1")
-    hlt.add_argument("--port", type=int, default=int(os.environ.get("GUARD_PORT", DEFAULT_PORT)),
+    # A string default goes through `type` when `health` runs, so a bad $GUARD_PORT is a usage error there, not a
+    # traceback from every command.
+    hlt.add_argument("--port", type=int, default=os.environ.get("GUARD_PORT", str(DEFAULT_PORT)),
                      help=f"default: $GUARD_PORT, else {DEFAULT_PORT} (so a container healthcheck follows the server)")
     hlt.add_argument("--service", default="", help="health service name (default: the whole server)")
     hlt.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")

@@ -293,31 +293,47 @@ def format_report(report: ScanReport) -> str:
 
 
 def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
-    """scan.json always; trigger.npz and the two PNGs (mask·pattern, mask) when a class is suspected. An earlier
-    scan's trigger files in the folder are removed, so none is taken for this scan's."""
+    """scan.json always; candidate_K.npz for each candidate class K (what `guard repair --scan` and `guard calibrate`
+    unlearn, so `guard repair --trigger` can be given the same); and trigger.npz and the two PNGs (mask·pattern,
+    mask) when a class is suspected. An earlier scan's trigger files in the folder are removed, so none is taken
+    for this scan's."""
     out = Path(out_dir)
+    classes = range(len(report.classes.triggers))
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in [out / TRIGGER_FILE, *(out / f"{kind}_{k}.png" for kind in ("trigger", "mask")
-                                             for k in range(len(report.classes.triggers)))]:
+        for stale in [out / TRIGGER_FILE, *(out / candidate_file(k) for k in classes),
+                      *(out / f"{kind}_{k}.png" for kind in ("trigger", "mask") for k in classes)]:
             stale.unlink(missing_ok=True)
         written = []
+        for candidate in report.candidates:
+            written.append(out / candidate_file(candidate.target))
+            _save_trigger(candidate, written[-1])
+        files: dict[str, object] = {"candidates": [path.name for path in written]}
         trigger = report.suspect
-        files: dict[str, str] = {}
         if trigger is not None:
             npz = out / TRIGGER_FILE
-            np.savez(npz, mask=trigger.mask, pattern=trigger.pattern, target=np.int64(trigger.target))
+            _save_trigger(trigger, npz)
             stamp = out / f"trigger_{trigger.target}.png"
             mask = out / f"mask_{trigger.target}.png"
             write_png(stamp, trigger_image(trigger.mask * trigger.pattern, report.settings.png_scale))
             write_png(mask, trigger_image(trigger.mask, report.settings.png_scale))
             written += [npz, stamp, mask]
-            files = {"trigger": npz.name, "trigger_png": stamp.name, "mask_png": mask.name}
+            files.update(trigger=npz.name, trigger_png=stamp.name, mask_png=mask.name)
         summary = out / REPORT_FILE
         summary.write_text(json.dumps({**report_dict(report), "files": files}, indent=2) + "\n")
     except OSError as exc:
         raise GuardError(f"cannot write the scan results to {out}: {exc}") from None
     return [summary, *written]
+
+
+def candidate_file(target: int) -> str:
+    return f"candidate_{target}.npz"
+
+
+def _save_trigger(trigger: Trigger, path: Path) -> None:
+    """The format `load_trigger` reads (a file object, so numpy appends no second `.npz`)."""
+    with path.open("wb") as file:
+        np.savez(file, mask=trigger.mask, pattern=trigger.pattern, target=np.int64(trigger.target))
 
 
 def trigger_image(array: np.ndarray, scale: int = 1) -> np.ndarray:

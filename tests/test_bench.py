@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 
 from conftest import Backdoored
+from guard.bench import write_outputs
 from guard.cli import main
 
 
-def test_bench_measures_bare_engine_and_server_side_by_side(backdoored: Backdoored, tmp_path, capsys) -> None:
+def test_bench_measures_bare_engine_and_server_side_by_side(backdoored: Backdoored, tmp_path, capsys,
+                                                           monkeypatch) -> None:
     data = tmp_path / "clean.npz"
     np.savez(data, x=backdoored.x_clean, y=backdoored.y_clean)
     out = tmp_path / "bench"
@@ -33,3 +36,8 @@ def test_bench_measures_bare_engine_and_server_side_by_side(backdoored: Backdoor
     table = (out / "bench.md").read_text()
     assert table.startswith("| batch |") and "STRIP" in table
     assert "engine / bare" in capsys.readouterr().out
+    # Without matplotlib (a runtime-only install) the figures are still written, and only the plot is left out.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    bare = tmp_path / "bare"
+    assert write_outputs(figures, bare) == [bare / "bench.json", bare / "bench.md"]
+    assert sorted(p.name for p in bare.iterdir()) == ["bench.json", "bench.md"]

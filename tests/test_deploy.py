@@ -283,3 +283,15 @@ def test_health_command_reports_the_real_server(stack, capsys) -> None:
     assert "SERVING" in capsys.readouterr().out
     assert main(["health", "--port", str(server.port), "--service", "no.such.Service"]) == 1
     assert main(["health", "--port", str(free_port()), "--timeout", "1"]) == 1
+
+
+def test_a_bad_guard_port_fails_only_the_health_command_and_names_it(monkeypatch, capsys) -> None:
+    from guard.cli import build_parser, main
+
+    monkeypatch.setenv("GUARD_PORT", "8001x")
+    assert main([]) == 2  # other commands (here: none, so the help) still build their parser
+    with pytest.raises(SystemExit) as exited:
+        main(["health"])
+    assert exited.value.code == 2 and "argument --port: invalid int value: '8001x'" in capsys.readouterr().err
+    monkeypatch.setenv("GUARD_PORT", "9123")
+    assert build_parser().parse_args(["health"]).port == 9123

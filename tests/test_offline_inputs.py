@@ -186,16 +186,22 @@ def test_a_scan_threshold_that_names_nothing_or_everything_is_refused(threshold:
         ScanSettings(threshold=threshold).validate()
 
 
-def test_a_scan_naming_no_class_removes_an_earlier_scans_trigger_files(tmp_path: Path,
+def test_a_scan_replaces_an_earlier_scans_trigger_files_and_writes_its_candidates(tmp_path: Path,
                                                                         backdoored: Backdoored) -> None:
     report = run_scan(backdoored.model_path, backdoored.x_clean[:60], backdoored.y_clean[:60],
                       settings=ScanSettings(steps=5, threshold=1e9))  # a threshold nothing reaches
     assert report.suspect is None
-    for name in ("trigger.npz", "trigger_0.png", "mask_0.png", "notes.txt"):
+    for name in ("trigger.npz", "trigger_0.png", "mask_0.png", "candidate_0.npz", "candidate_9.npz", "notes.txt"):
         (tmp_path / name).write_text("from an earlier scan")
     write_outputs(report, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "scan.json"]  # the user's own file stays
-    assert json.loads((tmp_path / "scan.json").read_text())["files"] == {}
+    candidates = sorted(f"candidate_{t.target}.npz" for t in report.candidates)  # filled: the two most anomalous
+    assert len(candidates) == 2
+    # the user's own file stays; the earlier scan's suspect and candidates go, whatever this scan's candidates are
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["notes.txt", "scan.json", *candidates])
+    assert sorted(json.loads((tmp_path / "scan.json").read_text())["files"]["candidates"]) == candidates
+    for trigger in report.candidates:
+        loaded = load_trigger(tmp_path / f"candidate_{trigger.target}.npz", (1, 28, 28), 10)
+        assert loaded.target == trigger.target and np.array_equal(loaded.mask, trigger.mask)
 
 
 # ------------------------------------------------------------------------------------------------- bench, eval

@@ -472,6 +472,16 @@ def test_cli_repair_uses_a_trigger_written_by_guard_scan(backdoored, clean_data,
     assert attack_after < attack_before / 4
 
 
+def test_cli_scan_writes_the_candidates_repair_scan_would_unlearn(backdoored, clean_data, scan_out, trigger):
+    """`--trigger candidate_K.npz ...` gives `guard repair` what `--scan` would, so a team can review the triggers
+    between the two steps."""
+    summary = json.loads((scan_out / "scan.json").read_text())
+    assert summary["files"]["candidates"] == [f"candidate_{k}.npz" for k in summary["candidates"]]
+    loaded = [load_trigger(scan_out / name, SAMPLE_SHAPE, 10) for name in summary["files"]["candidates"]]
+    assert [t.target for t in loaded] == summary["candidates"] and loaded[0].target == TARGET  # the suspect first
+    assert np.array_equal(loaded[0].mask, trigger.mask) and np.array_equal(loaded[0].pattern, trigger.pattern)
+
+
 def test_cli_repair_unlearns_every_trigger_it_is_given(backdoored, clean_data, scan_out, tmp_path):
     decoy = _write_trigger(tmp_path / "decoy.npz", target=np.array(3))  # a half-grey veil
     out = tmp_path / "fixed.onnx"

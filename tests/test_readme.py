@@ -1,0 +1,53 @@
+"""README.md's Python examples run as written: a user copies them first, and an example that fails teaches nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import Backdoored
+from guard.config import ServeSettings
+from guard.server.app import GuardServer
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_example(containing: str) -> str:
+    """The README's one ```python block that contains `containing`."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if containing in b]
+    assert len(blocks) == 1, f"expected one Python example with {containing!r}, found {len(blocks)}"
+    return blocks[0]
+
+
+def test_the_calibration_example_builds_the_profile_the_cli_would(backdoored: Backdoored, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copy(backdoored.model_path, tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)
+    x, _ = backdoored.triggered()
+    names = {"x_clean": backdoored.x_clean, "y_clean": backdoored.y_clean, "my_module": backdoored.module, "x": x}
+    exec(python_example("calibrate("), names)
+    profile, result, scan = names["profile"], names["result"], names["scan"]
+    assert (tmp_path / "profile.safetensors").is_file()
+    assert profile.figures["reference_unlearned"] == [t.target for t in scan.candidates] != []
+    assert profile.thresholds.suspect == scan.classes.suspect
+    assert result.labels.shape == (len(x),) and result.flagged.mean() > 0.5  # BadNets-triggered images
+
+
+def test_the_tritonclient_example_gets_answers_and_verdicts(backdoored: Backdoored) -> None:
+    server = GuardServer(ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0,
+                                       metrics_port=0, model_name="model"))
+    server.start()
+    try:
+        example = python_example("tritonclient")
+        assert "127.0.0.1:8001" in example  # the default port; the test's server has its own
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(example.replace("127.0.0.1:8001", f"127.0.0.1:{server.port}"), {})
+    finally:
+        server.stop(grace=1)
+    assert re.fullmatch(r"\[[\d ]+\] \[.*\] \[.*\]\n", printed.getvalue(), re.S), printed.getvalue()
