@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = commands.add_parser("calibrate", help="compute a profile from a model and clean samples")
     cal.add_argument("model", help="ONNX image classifier")
-    cal.add_argument("--data", required=True, help=".npz with x (N, C, H, W) and optional y (N,)")
+    cal.add_argument("--data", required=True, help=".npz with x (N, C, H, W) and optional y (N,), or an image folder (README)")
     cal.add_argument("--out", required=True, type=Path, help="where to write the profile (.safetensors)")
     cal.add_argument("--layers", help="comma-separated ONNX tensor names to tap (default: chosen automatically)")
     cal.add_argument("--fpr", type=float, default=0.05, help="target false-positive rate (default 0.05)")
@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time the bare model, the guarded engine and the server side by side")
     bench.add_argument("model", help="ONNX model")
     bench.add_argument("--profile", required=True, help="profile from `guard calibrate`")
-    bench.add_argument("--data", help=".npz with x (and y: enables the tap-growth and calibration timings)")
+    bench.add_argument("--data", help=".npz with x (and y: enables the tap-growth and calibration timings), or an image folder")
     bench.add_argument("--batches", help="comma-separated batch sizes (default 1,8,64)")
     bench.add_argument("--seconds", type=float, default=3.0, help="per measurement (default 3)")
     bench.add_argument("--callers", type=int, default=8, help="concurrent gRPC callers (default 8)")
@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld = commands.add_parser("load", help="a bounded load run against `guard serve` on loopback; exit 1 on failures")
     ld.add_argument("model", help="ONNX model")
     ld.add_argument("--profile", required=True)
-    ld.add_argument("--data", help=".npz with x to send (default: uniform noise)")
+    ld.add_argument("--data", help=".npz with x to send, or an image folder (default: uniform noise)")
     ld.add_argument("--callers", type=int, default=64, help="concurrent tritonclient callers (default 64)")
     ld.add_argument("--seconds", type=float, default=60.0, help="default 60")
     ld.add_argument("--batch", type=int, default=1, help="samples per call (default 1)")
@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     scan = commands.add_parser("scan", help="synthesise a trigger per class and name the likely backdoor target")
     scan.add_argument("model", help="ONNX image classifier")
-    scan.add_argument("--data", required=True, help=".npz with clean x (N, C, H, W) and optional y (N,)")
+    scan.add_argument("--data", required=True, help=".npz with clean x (N, C, H, W) and optional y (N,), or an image folder")
     scan.add_argument("--out", type=Path, default=Path("guard-scan"),
                       help="folder for scan.json, trigger.npz and the trigger pictures (default guard-scan)")
     scan.add_argument("--steps", type=int, help="optimisation steps for the triggers (default 200)")
@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = commands.add_parser("repair", help="purify a backdoored model's weights with clean data")
     rep.add_argument("model", help="ONNX image classifier")
-    rep.add_argument("--data", required=True, help=".npz with clean x (N, C, H, W) and optional y (N,)")
+    rep.add_argument("--data", required=True, help=".npz with clean x (N, C, H, W) and optional y (N,), or an image folder")
     rep.add_argument("--out", required=True, type=Path, help="where to write the repaired ONNX model")
     rep.add_argument("--method", choices=["ar", "l2", "finetune", "prune"], default="ar",
                      help="ar: adaptive regularization (default); l2: plain L2 on the same weights; finetune: no "
@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(run=_repair)
 
     trn = commands.add_parser("train", help="train a model on possibly poisoned data (--none: NONE training)")
-    trn.add_argument("--data", required=True, help=".npz with x, y and optional poisoned (N,) bool ground truth")
+    trn.add_argument("--data", required=True, help=".npz with x, y and optional poisoned (N,) bool ground truth, or a folder of class folders")
     trn.add_argument("--model", required=True,
                      help="architecture: cnn, resnet, or package.module:factory (a callable returning a torch "
                           "nn.Module; called with num_classes and in_channels if it takes them)")

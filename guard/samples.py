@@ -1,5 +1,5 @@
-"""Reading user data files: `.npz` with `x` (N, C, H, W) in the model's input range and optional `y` (N,) labels;
-and writing output files whole.
+"""Reading user data: `.npz` with `x` (N, C, H, W) in the model's input range and optional `y` (N,) labels, or a
+folder of images (scaled to [0, 1]); and writing output files whole.
 
 Loaded with allow_pickle=False: a data file from anyone cannot run code.
 """
@@ -33,8 +33,10 @@ def write_atomic(path: Path, write: Callable[[Path], object],
 
 
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(x float32, y int64 or None) from an .npz file, with clear errors for anything else."""
+    """(x float32, y int64 or None) from an .npz file or an image folder, with clear errors for anything else."""
     path = Path(path)
+    if path.is_dir():
+        return _image_folder(path)
     if not path.is_file():
         raise GuardError(f"data file not found: {path}")
     with _npz(path) as data:
@@ -50,7 +52,10 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def load_poisoned(path: str | Path, count: int) -> np.ndarray | None:
-    """The optional ground truth `poisoned` (N,) of a training .npz (bool, or 0/1), or None when absent."""
+    """The optional ground truth `poisoned` (N,) of a training .npz (bool, or 0/1), or None when absent (always for
+    an image folder)."""
+    if Path(path).is_dir():
+        return None
     with _npz(Path(path)) as data:
         if "poisoned" not in data.files:
             return None
@@ -82,6 +87,56 @@ def _array(data: NpzFile, key: str, path: str | Path) -> np.ndarray:
         raise GuardError(f"cannot read {key!r} from {path}: {exc}") from None
     except MemoryError:
         raise GuardError(f"{key!r} in {path} declares a shape too large for this machine's memory") from None
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images as (N, C, H, W) in [0, 1] (grey: C = 1, else RGB: C = 3), in file-name order. Labelled: one subfolder
+    per class, named by the class index the model answers (`0/`, `1/`, ...); unlabelled: the images directly in
+    `folder`. Class names are refused, because an order guessed from them would mislabel every sample silently."""
+    entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
+    classes = [p for p in entries if p.is_dir()]
+    loose = [p for p in entries if _is_image(p)]
+    if classes and loose:
+        raise GuardError(f"{folder} holds both images and class folders; put every image in its class's folder")
+    if classes:
+        named = [p.name for p in classes if not p.name.isdigit()]
+        if named:
+            raise GuardError(f"class folders in {folder} must be named by the class index the model answers (0, 1, "
+                             f"...), got {named[:5]}; a guessed order of names would mislabel samples")
+        files = [(f, int(c.name)) for c in classes for f in sorted(c.iterdir()) if _is_image(f)]
+    else:
+        files = [(f, None) for f in loose]
+    if not files:
+        raise GuardError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    images = [_read_image(f) for f, _ in files]
+    first = images[0].shape
+    odd = next((f for (f, _), image in zip(files, images, strict=True) if image.shape != first), None)
+    if odd is not None:
+        raise GuardError(f"the images must share one size and colour mode: {files[0][0]} is {first} (C, H, W), "
+                         f"{odd} is {_read_image(odd).shape}")
+    labels = None if not classes else np.array([label for _, label in files], dtype=np.int64)
+    return np.stack(images), labels
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """One 8-bit image as float32 (C, H, W) in [0, 1]; an unreadable or oversized one is a GuardError."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:  # Pillow refuses decompression bombs (DecompressionBombError)
+            image = image.convert("L" if image.mode in GREY_MODES else "RGB")
+            array = np.asarray(image, dtype=np.float32) / 255.0
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        raise GuardError(f"cannot read image {path}: {exc}") from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
 MIN_HELD_OUT = 10  # fewer held-out samples measure nothing

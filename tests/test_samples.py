@@ -1,0 +1,89 @@
+"""Image folders as data: what `--data FOLDER` reads, and how it refuses a folder it cannot read right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import Backdoored
+from guard.calibrate.profile import Profile
+from guard.cli import main
+from guard.errors import GuardError
+from guard.samples import load_poisoned, load_samples
+
+
+def write_images(folder: Path, x: np.ndarray, y: np.ndarray | None, suffix: str = ".png") -> Path:
+    """`x` (N, C, H, W) in [0, 1] as 8-bit images: under class folders `y[i]/` where labelled, else directly."""
+    for i, sample in enumerate(x):
+        where = folder if y is None else folder / str(int(y[i]))
+        where.mkdir(parents=True, exist_ok=True)
+        pixels = np.rint(sample * 255).astype(np.uint8)
+        image = Image.fromarray(pixels[0]) if len(pixels) == 1 else Image.fromarray(pixels.transpose(1, 2, 0))
+        image.save(where / f"{i:05d}{suffix}")
+    return folder
+
+
+def test_class_folders_give_the_images_and_their_labels(tmp_path: Path, backdoored: Backdoored) -> None:
+    x, y = backdoored.x_clean[:40], backdoored.y_clean[:40]
+    loaded_x, loaded_y = load_samples(write_images(tmp_path / "clean", x, y))
+    order = np.lexsort((np.arange(len(y)), y))  # read class by class, each in file-name order
+    assert loaded_x.dtype == np.float32 and loaded_x.shape == x.shape
+    assert np.array_equal(loaded_y, y[order])
+    assert np.abs(loaded_x - x[order]).max() <= 0.5 / 255 + 1e-6  # only 8-bit rounding
+    assert load_poisoned(tmp_path / "clean", len(x)) is None
+
+
+def test_loose_images_are_unlabelled_and_colour_ones_have_three_channels(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).random((5, 3, 8, 6), dtype=np.float32)
+    write_images(tmp_path / "rgb", rgb, None)
+    (tmp_path / "rgb" / "notes.txt").write_text("not an image, skipped")
+    (tmp_path / "rgb" / ".DS_Store").write_bytes(b"\0")
+    x, y = load_samples(tmp_path / "rgb")
+    assert y is None and x.shape == (5, 3, 8, 6) and np.abs(x - rgb).max() <= 0.5 / 255 + 1e-6
+    Image.fromarray(np.zeros((8, 6, 4), np.uint8), "RGBA").save(tmp_path / "rgb" / "00005.png")  # alpha is dropped
+    assert load_samples(tmp_path / "rgb")[0].shape == (6, 3, 8, 6)
+
+
+def _named_classes(folder: Path) -> None:
+    (folder / "cat").mkdir(parents=True)
+    Image.new("L", (4, 4)).save(folder / "cat" / "0.png")
+
+
+@pytest.mark.parametrize(("build", "fragment"), [
+    (_named_classes, r"named by the class index .* \['cat'\]"),
+    (lambda f: (write_images(f, np.zeros((2, 1, 4, 4), np.float32), np.array([0, 1])),
+                write_images(f, np.zeros((1, 1, 4, 4), np.float32), None)), "both images and class folders"),
+    (lambda f: (write_images(f, np.zeros((1, 1, 4, 4), np.float32), None),
+                Image.new("L", (5, 4)).save(f / "00001.png")), r"one size .* is \(1, 4, 4\) .* is \(1, 4, 5\)"),
+    (lambda f: (write_images(f, np.zeros((1, 1, 4, 4), np.float32), None),
+                (f / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")), "cannot read image .*00001.png"),
+    (lambda f: (f.mkdir(), (f / "readme.txt").write_text("no images")), "no images"),
+])
+def test_folders_it_cannot_read_right_are_refused_in_one_line(tmp_path: Path, build, fragment: str) -> None:
+    folder = tmp_path / "data"
+    build(folder)
+    with pytest.raises(GuardError, match=fragment):
+        load_samples(folder)
+
+
+def test_a_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_images(tmp_path / "data", np.zeros((1, 1, 28, 28), np.float32), None)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 784 pixels is then past twice the limit, as a bomb is
+    with pytest.raises(GuardError, match=r"cannot read image .*decompression bomb"):
+        load_samples(tmp_path / "data")
+
+
+def test_calibrate_from_an_image_folder_matches_the_same_images_as_npz(tmp_path: Path,
+                                                                       backdoored: Backdoored) -> None:
+    folder = write_images(tmp_path / "clean", backdoored.x_clean[:300], backdoored.y_clean[:300])
+    x, y = load_samples(folder)
+    np.savez(tmp_path / "clean.npz", x=x, y=y)
+    for data, out in ((folder, "folder.safetensors"), (tmp_path / "clean.npz", "npz.safetensors")):
+        assert main(["calibrate", str(backdoored.model_path), "--data", str(data), "--no-scan", "--no-reference",
+                     "--quiet", "--out", str(tmp_path / out)]) == 0
+    from_folder, from_npz = (Profile.load(tmp_path / name) for name in ("folder.safetensors", "npz.safetensors"))
+    assert from_folder.thresholds.tau == from_npz.thresholds.tau
+    assert all(np.array_equal(a.keep, b.keep) for a, b in zip(from_folder.taps, from_npz.taps, strict=True))
