@@ -366,6 +366,53 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from guard.eval.models import export_onnx
+    from guard.model.graph import load_model
+    from guard.repair.architectures import check_logits, load_weights, make
+    from guard.samples import write_atomic
+
+    try:
+        shape = tuple(int(d) for d in args.input_shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise GuardError(f"--input-shape takes one sample's C,H,W (e.g. 1,28,28), got {args.input_shape!r}")
+    if args.num_classes is not None and args.num_classes < 2:
+        raise GuardError(f"--num-classes must be at least 2, got {args.num_classes}")
+    _writable(args.out)
+    model = make(args.model, args.num_classes, shape[0])
+    load_weights(model, args.weights)
+    classes = check_logits(model, args.model, shape, args.num_classes or 2)
+    probe = np.random.default_rng(0).random((4, *shape), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.as_tensor(probe)).numpy()
+
+    def write(tmp: Path) -> None:
+        try:
+            export_onnx(model, tmp, torch.zeros(1, *shape))
+        except Exception as exc:  # noqa: BLE001 - the exporter raises many types; each means this module does not export
+            raise GuardError(f"torch.onnx.export failed on {args.model} ({type(exc).__name__}): "
+                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+        load_model(tmp)  # a file guard cannot read is not written
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: probe})[0]
+        worst = float(np.abs(got - expected).max())
+        if not worst <= 1e-3 * max(1.0, float(np.abs(expected).max())):
+            raise GuardError(f"the exported graph answers differently from the torch module (max difference "
+                             f"{worst:.3g}); export it yourself with torch.onnx.export")
+
+    write_atomic(args.out, write)
+    print(f"guard: wrote {args.out}: input 'input' (N, {', '.join(map(str, shape))}), output 'logits' (N, {classes}); "
+          f"it answers as the torch module does. Next: guard calibrate {args.out} --data clean.npz --out "
+          f"{args.out.with_suffix('.safetensors')}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from guard.demo import run_demo
 
@@ -536,6 +583,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--report", type=Path, help="report JSON (default: next to --out, .repair.json)")
     rep.add_argument("--seed", type=int, default=0)
     rep.set_defaults(run=_repair)
+
+    exp = commands.add_parser("export", help="export a torch architecture with its trained weights to the ONNX file "
+                              "guard reads")
+    exp.add_argument("model", help="cnn, resnet, or package.module:factory (a function returning the nn.Module; it is "
+                     "given num_classes and in_channels if it takes them)")
+    exp.add_argument("--weights", type=Path, required=True,
+                     help="the state dict: .safetensors, or a torch file (.pt, .pth) read with weights_only")
+    exp.add_argument("--input-shape", dest="input_shape", required=True, help="one sample's C,H,W, e.g. 1,28,28")
+    exp.add_argument("--num-classes", dest="num_classes", type=int,
+                     help="passed to the factory if it takes num_classes (default: the factory's own; cnn and resnet: 10)")
+    exp.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    exp.set_defaults(run=_export)
 
     trn = commands.add_parser("train", help="train a model on possibly poisoned data (--none: NONE training)")
     trn.add_argument("--data", required=True, help=".npz with x, y and optional poisoned (N,) bool ground truth, or a folder of class folders")

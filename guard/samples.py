@@ -29,6 +29,9 @@ def write_atomic(path: Path, write: Callable[[Path], object],
     except errors as exc:
         tmp.unlink(missing_ok=True)
         raise GuardError(f"cannot write {path}: {exc}") from None
+    except BaseException:  # a write that refuses its own output (a GuardError) or is interrupted leaves nothing either
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -577,7 +577,7 @@ def test_cli_train_builds_a_users_factory(train_file, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("spec", "source", "message"), [
-    ("transformer", None, "--model takes cnn, resnet or package.module:factory, got 'transformer'"),
+    ("transformer", None, "the architecture must be cnn, resnet or package.module:factory, got 'transformer'"),
     ("guard_test_no_such_module:make", None, "cannot import 'guard_test_no_such_module:make'"),
     ("guard_test_nets_str:make", "def make():\n    return 'a model'\n",
      "guard_test_nets_str:make returned str, not a torch nn.Module"),

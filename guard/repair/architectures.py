@@ -1,4 +1,5 @@
-"""Naming the architecture `guard train` builds: `cnn`, `resnet`, or `package.module:factory` for the user's own.
+"""Naming the architecture `guard train` builds and `guard export` exports: `cnn`, `resnet`, or
+`package.module:factory` for the user's own.
 
 NONE retrains a model from scratch, so it needs the architecture as code (an ONNX file holds a graph with batch norm
 folded away, which does not train like the original). A factory is imported and called; importing it runs the
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pickle
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,25 +25,81 @@ BUILT_IN = ("cnn", "resnet")
 
 def build(spec: str, x: np.ndarray, y: np.ndarray) -> nn.Module:
     """An untrained module for data `x` (N, C, H, W) with labels `y`; its output must have a logit per class."""
-    num_classes, in_channels = int(y.max()) + 1, int(x.shape[1])
+    num_classes = int(y.max()) + 1
+    model = make(spec, num_classes, int(x.shape[1]))
+    check_logits(model, spec, tuple(x.shape[1:]), num_classes)
+    return model
+
+
+def make(spec: str, num_classes: int | None, in_channels: int) -> nn.Module:
+    """The module `spec` names, built for `num_classes` (None: the factory's own default) and `in_channels`; a
+    factory is given those of the two it takes."""
     if spec in BUILT_IN:
         from guard.eval.models import build_model
 
-        return build_model(spec, num_classes=num_classes, in_channels=in_channels)  # type: ignore[arg-type]
+        return build_model(spec, num_classes=10 if num_classes is None else num_classes,  # type: ignore[arg-type]
+                           in_channels=in_channels)
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise GuardError(f"--model takes {', '.join(BUILT_IN)} or package.module:factory, got {spec!r}")
+        raise GuardError(f"the architecture must be {', '.join(BUILT_IN)} or package.module:factory, got {spec!r}")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
         raise GuardError(f"cannot import {spec!r}: {exc}") from None
     accepted = inspect.signature(factory).parameters
-    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if k in accepted}
-    model = factory(**kwargs)
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
+              if k in accepted and v is not None}
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:  # a required argument it was not given
+        raise GuardError(f"{spec}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) failed: {exc}") from None
     if not isinstance(model, nn.Module):
         raise GuardError(f"{spec} returned {type(model).__name__}, not a torch nn.Module")
-    with torch.no_grad():
-        out = model.eval()(torch.as_tensor(x[:2]))
-    if out.ndim != 2 or out.shape[1] < num_classes:
-        raise GuardError(f"{spec}'s output has shape {tuple(out.shape)}; it needs (N, >= {num_classes}) logits")
     return model
+
+
+def check_logits(model: nn.Module, spec: str, sample_shape: tuple[int, ...], num_classes: int) -> int:
+    """The number of logits `model` answers two zero samples of `sample_shape` with; a GuardError unless (N, K) with
+    K >= `num_classes` (and at least 2)."""
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, *sample_shape))
+    except RuntimeError as exc:  # a shape the architecture cannot take
+        raise GuardError(f"{spec} cannot run on samples of shape {sample_shape}: {exc}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] < max(num_classes, 2):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise GuardError(f"{spec}'s output has shape {shape}; it needs (N, >= {max(num_classes, 2)}) logits")
+    return int(out.shape[1])
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a state dict into `model`, strictly: `.safetensors`, or a torch file read with weights_only (no pickled
+    code runs). Missing, unexpected and misshapen entries are a GuardError naming them."""
+    if not path.is_file():
+        raise GuardError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            raise GuardError(f"cannot read weights from {path}: not a torch.save (zip) or .safetensors file") \
+                from None
+        raise GuardError(f"{path} holds pickled objects besides tensors (a whole module?); guard loads weights "
+                         "with weights_only, so no code from the file runs: save model.state_dict(), or "
+                         ".safetensors") from None
+    except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many types; each means unreadable
+        raise GuardError(f"cannot read weights from {path} ({type(exc).__name__}): {str(exc).splitlines()[0]}") \
+            from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a checkpoint that wraps its state dict
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GuardError(f"{path} holds no state dict of tensors (save with torch.save(model.state_dict(), ...))")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise GuardError(f"the weights in {path} do not fit the architecture: {' '.join(str(exc).split())}") \
+            from None

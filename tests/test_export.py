@@ -1,0 +1,120 @@
+"""`guard export`: a torch architecture plus its weights become the ONNX file guard calibrates and serves, answering as
+the torch module does; weights are read without running pickled code, and a bad part is refused in one line."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from guard.cli import main
+from guard.eval.models import SmallCNN
+from guard.model.graph import load_model
+
+FACTORY = textwrap.dedent("""
+    from torch import nn
+
+    def tiny(num_classes, in_channels=3):
+        return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(2),
+                             nn.Flatten(), nn.Linear(16, num_classes))
+
+    def not_a_module():
+        return "a model"
+""")
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def answers(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+@pytest.fixture
+def factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "guard_test_export_nets.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "guard_test_export_nets"
+
+
+def test_a_factory_with_safetensors_weights_exports_what_torch_answers(tmp_path: Path, factory: str,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(2), nn.Flatten(),
+                           nn.Linear(16, 7))
+    save_file(module.state_dict(), tmp_path / "tiny.safetensors")
+    out = tmp_path / "models" / "tiny.onnx"
+    code, stdout, _ = run(capsys, "export", f"{factory}:tiny", "--weights", tmp_path / "tiny.safetensors",
+                          "--input-shape", "3,12,10", "--num-classes", "7", "--out", out)
+    assert code == 0 and "output 'logits' (N, 7)" in stdout
+    loaded = load_model(out)
+    assert loaded.sample_shape == (3, 12, 10) and loaded.num_classes == 7
+    x = np.random.default_rng(1).random((5, 3, 12, 10), dtype=np.float32)
+    with torch.no_grad():
+        expected = module(torch.as_tensor(x)).numpy()
+    np.testing.assert_allclose(answers(out, x), expected, atol=1e-5)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny.onnx"]  # no temporary file left
+
+
+def test_a_builtin_architecture_with_a_torch_state_dict_exports(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    module = SmallCNN().eval()
+    torch.save(module.state_dict(), tmp_path / "cnn.pt")
+    out = tmp_path / "cnn.onnx"
+    assert run(capsys, "export", "cnn", "--weights", tmp_path / "cnn.pt", "--input-shape", "1,28,28",
+               "--out", out)[0] == 0
+    x = np.random.default_rng(2).random((3, 1, 28, 28), dtype=np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(answers(out, x), module(torch.as_tensor(x)).numpy(), atol=1e-4)
+
+
+def _pickled_module(path: Path) -> None:
+    torch.save(SmallCNN(), path)  # a whole pickled module: loading it would run code from the file
+
+
+@pytest.mark.parametrize(("weights", "options", "fragment"), [
+    (_pickled_module, [], "holds pickled objects besides tensors .* weights_only, so no code from the file runs"),
+    (lambda p: torch.save({"conv1.weight": torch.zeros(1)}, p), [],
+     "do not fit the architecture: .*Missing key"),
+    (lambda p: p.write_bytes(b"not a torch file"), [], "cannot read weights from"),
+    (lambda p: torch.save([1, 2, 3], p), [], "holds no state dict of tensors"),
+    (lambda p: torch.save(SmallCNN().state_dict(), p), ["--input-shape", "1,28"], "--input-shape takes one sample's"),
+    (lambda p: torch.save(SmallCNN().state_dict(), p), ["--input-shape", "3,28,28"], "size mismatch for conv1"),
+    (lambda p: torch.save(SmallCNN().state_dict(), p), ["--input-shape", "1,10,10"], "cannot run on samples of shape"),
+    (lambda p: torch.save(SmallCNN().state_dict(), p), ["--num-classes", "1"], "--num-classes must be at least 2"),
+])
+def test_weights_and_settings_it_cannot_export_are_refused_in_one_line(tmp_path: Path, weights, options: list[str],
+                                                                        fragment: str,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    weights(tmp_path / "w.pt")
+    shape = [] if "--input-shape" in options else ["--input-shape", "1,28,28"]
+    code, _, err = run(capsys, "export", "cnn", "--weights", tmp_path / "w.pt", *shape, *options,
+                       "--out", tmp_path / "m.onnx")
+    assert code == 2 and err.startswith("guard: error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(fragment, err), err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    ("not_a_module", "returned str, not a torch nn.Module"),
+    ("tiny", r"tiny\(in_channels=1\) failed: .*num_classes"),  # it needs a class count nobody gave
+])
+def test_a_factory_that_builds_no_usable_module_is_refused(tmp_path: Path, factory: str, spec: str, fragment: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save(SmallCNN().state_dict(), tmp_path / "w.pt")
+    code, _, err = run(capsys, "export", f"{factory}:{spec}", "--weights", tmp_path / "w.pt", "--input-shape",
+                       "1,28,28", "--out", tmp_path / "m.onnx")
+    assert code == 2
+    assert re.search(fragment, err), err
