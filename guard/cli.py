@@ -68,12 +68,13 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from guard.config import ServeSettings
+    from guard.config import ServeSettings, load_settings
     from guard.server.app import serve
 
     given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
+    config = args.config or os.environ.get("GUARD_CONFIG")
     try:
-        settings = ServeSettings(**given)
+        settings = load_settings(given, Path(config) if config else None)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise GuardError(f"invalid settings: {problems}") from None
@@ -473,8 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(run=_calibrate)
 
     srv = commands.add_parser("serve", help="serve guarded predictions over gRPC (settings also from GUARD_*)")
-    srv.add_argument("model", help="ONNX model")
+    srv.add_argument("model", nargs="?", help="ONNX model (or GUARD_MODEL, or `model` in the settings file)")
     srv.add_argument("--profile", help="profile from `guard calibrate`")
+    srv.add_argument("--config", help="settings file, JSON or TOML, keyed like the flags (max_batch = 64); flags and "
+                     "GUARD_* variables override it (default: $GUARD_CONFIG)")
     srv.add_argument("--model-name", dest="model_name", help="name clients use (default: the file's stem)")
     srv.add_argument("--host", help="gRPC interface (default 127.0.0.1)")
     srv.add_argument("--port", type=int, help="gRPC port (default 8001)")
@@ -483,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", choices=["cpu", "cuda"])
     srv.add_argument("--policy", choices=["monitor", "enforce"], help="default enforce")
     srv.add_argument("--max-batch", dest="max_batch", type=int, help="samples per request (default 1024)")
+    srv.add_argument("--max-message-mb", dest="max_message_mb", type=int,
+                     help="largest gRPC message accepted, in MiB (default 64); gRPC refuses larger ones itself")
     srv.add_argument("--workers", type=int, help="requests the engine works on at once (default 8)")
     srv.add_argument("--max-inflight", dest="max_inflight", type=int,
                      help="requests held at once, running or waiting; more get RESOURCE_EXHAUSTED (default 64)")

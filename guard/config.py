@@ -1,15 +1,21 @@
-"""Serving settings: flags override environment variables (GUARD_*), which override the defaults here.
+"""Serving settings: flags override environment variables (GUARD_*), which override an optional settings file (JSON
+or TOML), which overrides the defaults here.
 
 Defaults are safe for a sidecar: both ports listen on loopback unless told otherwise.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from guard.errors import GuardError
 from guard.runtime.policy import FailurePolicy, Policy
 
 DEFAULT_PORT = 8001
@@ -70,3 +76,41 @@ class ServeSettings(BaseSettings):
     @property
     def served_name(self) -> str:
         return self.model_name or self.model.stem
+
+
+def load_settings(flags: dict[str, Any], config: Path | None = None) -> ServeSettings:
+    """The settings from `flags` (the ones given), then GUARD_* variables, then the `config` file, then the defaults.
+    Raises pydantic's ValidationError for a bad value, and a GuardError for a file that cannot be read or names a
+    setting that does not exist."""
+    from_file = {} if config is None else read_settings_file(config)
+    in_env = {name.upper() for name in os.environ}  # pydantic-settings matches the variables' names in any case
+    kept = {k: v for k, v in from_file.items() if f"GUARD_{k.upper()}" not in in_env}
+    return ServeSettings(**{**kept, **flags})
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """A JSON object or TOML table of settings, keyed by their names (`max_batch`, or `max-batch` as the flag)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GuardError(f"cannot read the settings file {path}: {exc}") from None
+    try:
+        if path.suffix == ".json":
+            values = json.loads(text)
+        elif path.suffix == ".toml":
+            if sys.version_info < (3, 11):
+                raise GuardError("TOML settings files need Python 3.11 or later; use JSON")
+            import tomllib
+
+            values = tomllib.loads(text)
+        else:
+            raise GuardError(f"the settings file must be .json or .toml, got {path.name}")
+    except (ValueError, RecursionError) as exc:  # json and tomllib decode errors are ValueErrors
+        raise GuardError(f"the settings file {path} is malformed: {exc}") from None
+    if not isinstance(values, dict):
+        raise GuardError(f"the settings file {path} must hold one object of settings, got {type(values).__name__}")
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - set(ServeSettings.model_fields))
+    if unknown:
+        raise GuardError(f"the settings file {path} names unknown settings {unknown}; `guard serve --help` lists them")
+    return values

@@ -15,11 +15,15 @@ from conftest import Backdoored
 from guard.server._proto.guard.v1 import guard_pb2, guard_pb2_grpc
 
 
-def test_serve_answers_then_drains_on_sigterm(backdoored: Backdoored) -> None:
-    env = {**os.environ, "GUARD_POLICY": "monitor", "GUARD_METRICS_PORT": "0"}
+def test_serve_answers_then_drains_on_sigterm(backdoored: Backdoored, tmp_path) -> None:
+    """Configured from all three places: the settings file names the model, the profile and a policy, GUARD_POLICY
+    overrides that policy, and the flags pick the ports."""
+    config = tmp_path / "guard.toml"
+    config.write_text(f'model = "{backdoored.model_path}"\nprofile = "{backdoored.profile_path}"\n'
+                      f'model-name = "victim"\npolicy = "enforce"\n')
+    env = {**os.environ, "GUARD_POLICY": "monitor", "GUARD_CONFIG": str(config)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "guard", "serve", str(backdoored.model_path), "--profile",
-         str(backdoored.profile_path), "--port", "0", "--model-name", "victim"],
+        [sys.executable, "-m", "guard", "serve", "--port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:

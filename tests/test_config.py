@@ -1,0 +1,61 @@
+"""Where `guard serve`'s settings come from: flags, then GUARD_* variables, then a settings file, then defaults; and
+a settings file it cannot use is refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from conftest import Backdoored
+from guard.config import DEFAULT_PORT, load_settings
+from guard.errors import GuardError
+from guard.runtime.policy import Policy
+
+
+def test_flags_beat_variables_which_beat_the_file_which_beats_the_defaults(
+        backdoored: Backdoored, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "guard.json"
+    config.write_text(json.dumps({"model": str(backdoored.model_path), "profile": str(backdoored.profile_path),
+                                  "port": 1111, "max-batch": 7, "policy": "monitor", "workers": 3}))
+    monkeypatch.setenv("GUARD_POLICY", "enforce")
+    monkeypatch.setenv("guard_workers", "5")  # pydantic-settings reads the variables in any case; so does the filter
+    settings = load_settings({"port": 2222}, config)
+    assert settings.port == 2222  # flag over file
+    assert settings.policy is Policy.ENFORCE and settings.workers == 5  # variables over file
+    assert settings.max_batch == 7 and settings.model == backdoored.model_path  # file over defaults
+    assert settings.metrics_port == 8002 and load_settings({"model": backdoored.model_path,
+                                                            "profile": backdoored.profile_path}).port == DEFAULT_PORT
+
+
+def test_a_toml_file_reads_like_json(backdoored: Backdoored, tmp_path: Path) -> None:
+    config = tmp_path / "guard.toml"
+    config.write_text(f'model = "{backdoored.model_path}"\nprofile = "{backdoored.profile_path}"\n'
+                      'batch_size = 16\nbatch-delay-ms = 0.5\n')
+    settings = load_settings({}, config)
+    assert (settings.batch_size, settings.batch_delay_ms) == (16, 0.5)
+
+
+@pytest.mark.parametrize(("name", "text", "fragment"), [
+    ("guard.json", '{"port": 1, "max_bach": 3}', r"unknown settings \['max_bach'\]"),
+    ("guard.json", '{"port": ', "is malformed"),
+    ("guard.json", "[1, 2]", "must hold one object of settings, got list"),
+    ("guard.toml", "port = = 3", "is malformed"),
+    ("guard.yaml", "port: 3", "must be .json or .toml"),
+])
+def test_a_settings_file_it_cannot_use_is_refused(tmp_path: Path, name: str, text: str, fragment: str) -> None:
+    (tmp_path / name).write_text(text)
+    with pytest.raises(GuardError, match=fragment):
+        load_settings({}, tmp_path / name)
+    with pytest.raises(GuardError, match="cannot read the settings file"):
+        load_settings({}, tmp_path / "absent.json")
+
+
+def test_a_bad_value_in_the_file_is_a_validation_error_naming_it(backdoored: Backdoored, tmp_path: Path) -> None:
+    config = tmp_path / "guard.json"
+    config.write_text(json.dumps({"model": str(backdoored.model_path), "profile": str(backdoored.profile_path),
+                                  "port": 70000}))
+    with pytest.raises(ValidationError, match="port"):
+        load_settings({}, config)
