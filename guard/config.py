@@ -57,6 +57,8 @@ class ServeSettings(BaseSettings):
     tls_client_ca: Path | None = Field(None, description="PEM CA: require client certificates it signed (mutual TLS)")
     auth_token_file: Path | None = Field(None, description="file holding a bearer token every call but health "
                                                            "checks must send (authorization: Bearer <token>)")
+    reflection: bool = Field(False, description="serve gRPC reflection, so grpcurl can list and describe the "
+                                                "services (off: it tells any caller the API's shape)")
 
     @field_validator("model", "profile", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file")
     @classmethod

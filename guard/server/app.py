@@ -66,6 +66,10 @@ class GuardServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if settings.reflection:
+            from guard.server.reflection import enable_reflection
+
+            enable_reflection(self.server, ("inference.GRPCInferenceService", "guard.v1.Guard", health.SERVICE_NAME))
         self.port = 0
         self.metrics_port = 0
         self._stopped = threading.Event()

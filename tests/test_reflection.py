@@ -1,0 +1,69 @@
+"""Opt-in gRPC reflection: a generic client (grpc_reflection's own, as grpcurl does) lists and describes guard's
+services when `--reflection` is on, gets UNIMPLEMENTED when it is off, and needs the bearer token where one is set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from conftest import Backdoored
+from guard.config import ServeSettings
+from guard.server.app import GuardServer
+
+
+def start(backdoored: Backdoored, **settings: object) -> GuardServer:
+    server = GuardServer(ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0,
+                                       metrics_port=0, **settings))
+    server.start()
+    return server
+
+
+def list_services(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> list[str]:
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    reply = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([request]),
+                                                                                       metadata=metadata, timeout=5))
+    return sorted(service.name for service in reply.list_services_response.service)
+
+
+def test_reflection_lists_and_describes_every_service(backdoored: Backdoored) -> None:
+    server = start(backdoored, reflection=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            assert sorted(database.get_services()) == ["grpc.health.v1.Health",
+                                                       "grpc.reflection.v1alpha.ServerReflection",
+                                                       "guard.v1.Guard", "inference.GRPCInferenceService"]
+            pool = descriptor_pool.DescriptorPool(database)
+            infer = pool.FindServiceByName("inference.GRPCInferenceService").FindMethodByName("ModelInfer")
+            assert infer.input_type.full_name == "inference.ModelInferRequest"
+            assert "raw_input_contents" in infer.input_type.fields_by_name
+            predict = pool.FindServiceByName("guard.v1.Guard").FindMethodByName("Predict")
+            assert "flagged" in predict.output_type.fields_by_name["predictions"].message_type.fields_by_name
+            assert pool.FindServiceByName("grpc.health.v1.Health").FindMethodByName("Check")
+    finally:
+        server.stop(grace=1)
+
+
+def test_reflection_is_off_by_default_and_behind_the_token(backdoored: Backdoored, tmp_path: Path) -> None:
+    server = start(backdoored)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel, pytest.raises(grpc.RpcError) as off:
+            list_services(channel)
+        assert off.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        server.stop(grace=1)
+    (tmp_path / "token").write_text("s3cret\n")
+    server = start(backdoored, reflection=True, auth_token_file=tmp_path / "token")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                list_services(channel)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "guard.v1.Guard" in list_services(channel, (("authorization", "Bearer s3cret"),))
+    finally:
+        server.stop(grace=1)
