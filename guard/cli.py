@@ -507,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tls-client-ca", dest="tls_client_ca", help="PEM CA: require client certificates (mTLS)")
     srv.add_argument("--auth-token-file", dest="auth_token_file",
                      help="file with a bearer token every call except health checks must send")
+    srv.add_argument("--audit-log", dest="audit_log",
+                     help="append one JSON line per request with a flagged sample, naming the caller (- : stdout)")
     srv.add_argument("--reflection", action="store_true", default=None,
                      help="serve gRPC reflection (grpcurl list / describe); off by default")
     srv.set_defaults(run=_serve)

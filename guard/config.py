@@ -57,6 +57,8 @@ class ServeSettings(BaseSettings):
     tls_client_ca: Path | None = Field(None, description="PEM CA: require client certificates it signed (mutual TLS)")
     auth_token_file: Path | None = Field(None, description="file holding a bearer token every call but health "
                                                            "checks must send (authorization: Bearer <token>)")
+    audit_log: str | None = Field(None, description="append a JSON line per request with a flagged sample (or "
+                                                    "answered unguarded), naming the caller, to this file; - for stdout")
     reflection: bool = Field(False, description="serve gRPC reflection, so grpcurl can list and describe the "
                                                 "services (off: it tells any caller the API's shape)")
 

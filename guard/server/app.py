@@ -19,6 +19,7 @@ from guard.errors import GuardError
 from guard.runtime.guard import Guard
 from guard.server._proto.guard.v1 import guard_pb2_grpc
 from guard.server._proto.inference import grpc_service_pb2_grpc as oip_grpc
+from guard.server.audit import AuditLog
 from guard.server.dataplane import DataPlane
 from guard.server.guard_v1 import GuardServicer
 from guard.server.metrics import Metrics
@@ -40,9 +41,10 @@ class GuardServer:
                                          on_failure=settings.on_check_failure,
                                          check_budget=settings.check_budget_ms / 1000 or None)
         self.metrics = Metrics(settings.served_name)
+        audit = None if settings.audit_log is None else AuditLog(settings.audit_log)
         self.plane = DataPlane(self.guard, settings.served_name, self.metrics, settings.max_batch,
                                settings.batch_size, settings.batch_delay_ms / 1000, settings.max_inflight,
-                               settings.workers)
+                               settings.workers, audit)
         limit = settings.max_message_mb * 1024 * 1024
         interceptors = []
         if settings.auth_token_file is not None:

@@ -16,6 +16,7 @@ import numpy as np
 from guard.errors import CheckFailedError, DeadlineExceededError, OverloadedError, RequestError
 from guard.runtime.batching import Batcher
 from guard.runtime.guard import Guard, Result
+from guard.server.audit import AuditLog, Caller
 from guard.server.metrics import Metrics
 
 VERSION = "1"  # the served model's only version, as ModelMetadata lists it
@@ -29,8 +30,10 @@ class DataPlane:
     """Serves one guarded model under one name."""
 
     def __init__(self, guard: Guard, name: str, metrics: Metrics, max_batch: int, batch_size: int = 0,
-                 batch_delay: float = 0.0, max_inflight: int = 64, workers: int = 8) -> None:
+                 batch_delay: float = 0.0, max_inflight: int = 64, workers: int = 8,
+                 audit: AuditLog | None = None) -> None:
         self.guard = guard
+        self.audit = audit
         self.name = name
         self.metrics = metrics
         self.max_batch = max_batch
@@ -44,9 +47,11 @@ class DataPlane:
                                    on_batch=metrics.batch.labels(model=name).observe)
 
     def close(self) -> None:
-        """Stop the batcher once the requests it holds have been answered."""
+        """Stop the batcher once the requests it holds have been answered; then close the audit log."""
         if self.batcher is not None:
             self.batcher.close()
+        if self.audit is not None:
+            self.audit.close()
 
     def resolve(self, name: str, version: str = "") -> str:
         """The served model's name; an empty name means the only model served, an empty version its only version."""
@@ -70,8 +75,10 @@ class DataPlane:
             self.metrics.inflight.dec()
             self._admitted.release()
 
-    def infer(self, x: np.ndarray, decode_seconds: float, time_left: float | None = None) -> Result:
-        """Guarded answers for a decoded batch; counts samples, verdicts, scores, stage times and failed checks.
+    def infer(self, x: np.ndarray, decode_seconds: float, time_left: float | None = None,
+              caller: Caller | None = None) -> Result:
+        """Guarded answers for a decoded batch; counts samples, verdicts, scores, stage times and failed checks, and
+        writes the audit log's line for `caller` where the request holds a flagged sample.
 
         `time_left`: seconds until the caller's deadline (gRPC gives a huge number when there is none). A request
         out of time is dropped before the engine runs it.
@@ -106,6 +113,8 @@ class DataPlane:
             score = m.score.labels(model=name)
             for value in result.score.tolist():
                 score.observe(value)
+        if self.audit is not None and caller is not None:
+            self.audit.record(name, self.guard.policy.value, caller, result)
         return result
 
     def _predict(self, x: np.ndarray, time_left: float | None, started: float) -> Result:

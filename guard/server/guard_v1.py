@@ -8,6 +8,7 @@ import grpc
 
 from guard.server import codecs
 from guard.server._proto.guard.v1 import guard_pb2, guard_pb2_grpc
+from guard.server.audit import caller_of
 from guard.server.dataplane import DataPlane
 from guard.server.status import answer
 
@@ -21,7 +22,8 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
             started = time.perf_counter()
             name = self.plane.resolve(request.model)
             x = codecs.decode_predict(request, self.plane.guard.sample_shape)
-            result = self.plane.infer(x, time.perf_counter() - started, context.time_remaining())
+            result = self.plane.infer(x, time.perf_counter() - started, context.time_remaining(),
+                                      caller_of(context, "guard.v1"))
             return codecs.encode_predict(result, name, self.plane.guard.policy.value)
 
         def admitted() -> guard_pb2.PredictResponse:

@@ -10,6 +10,7 @@ from guard._version import __version__
 from guard.server import codecs
 from guard.server._proto.inference import grpc_service_pb2 as oip
 from guard.server._proto.inference import grpc_service_pb2_grpc as oip_grpc
+from guard.server.audit import caller_of
 from guard.server.dataplane import VERSION, DataPlane
 from guard.server.status import answer
 
@@ -60,7 +61,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             model = self.plane.guard.model
             x = codecs.decode_oip(request, model.input_name, model.sample_shape)
             wanted = codecs.check_outputs(request, model.output_name)
-            result = self.plane.infer(x, time.perf_counter() - started, context.time_remaining())
+            result = self.plane.infer(x, time.perf_counter() - started, context.time_remaining(),
+                                      caller_of(context, "oip", request.id))
             return codecs.encode_oip(result, name, request, wanted, model.output_name, self.plane.guard.policy.value)
 
         def admitted() -> oip.ModelInferResponse:

@@ -1,0 +1,69 @@
+"""The audit log: a real server writes one JSON line per request holding a flagged sample, naming the caller, the
+request id and each flagged sample's evidence; clean requests write nothing; the lines agree with the metrics."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+
+from conftest import TARGET, Backdoored
+from guard.config import ServeSettings
+from guard.errors import GuardError
+from guard.runtime.guard import Guard
+from guard.server._proto.guard.v1 import guard_pb2, guard_pb2_grpc
+from guard.server.app import GuardServer
+from guard.server.audit import AuditLog
+
+
+def scrape(port: int, line_start: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+
+def test_flagged_requests_are_audited_with_their_caller_and_evidence(backdoored: Backdoored, tmp_path: Path) -> None:
+    log = tmp_path / "audit" / "guard.jsonl"
+    log.parent.mkdir()
+    guard = Guard.load(backdoored.model_path, backdoored.profile_path)
+    clean = backdoored.x_eval[:200]
+    unflagged = clean[~guard.predict(clean).flagged][:8]
+    triggered = backdoored.triggered()[0][:8]
+    server = GuardServer(ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0,
+                                       metrics_port=0, audit_log=str(log)), guard=guard)
+    server.start()
+    try:
+        with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
+            for x, request_id in ((unflagged, "clean-1"), (triggered, "attack-7")):
+                tensor = triton.InferInput("input", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x)
+                answer = client.infer("badnets", [tensor], request_id=request_id)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            guard_pb2_grpc.GuardStub(channel).Predict(
+                guard_pb2.PredictRequest(model="badnets", shape=list(triggered.shape), data=triggered.tobytes()))
+        flagged_samples = scrape(server.metrics_port, 'guard_samples_total{model="badnets",verdict="flagged"}')
+    finally:
+        server.stop(grace=1)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(line["protocol"], line["request_id"]) for line in lines] == [("oip", "attack-7"), ("guard.v1", "")]
+    oip = lines[0]
+    assert oip["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:[::1]:")) and oip["identity"] is None
+    assert oip["model"] == "badnets" and oip["policy"] == "enforce" and oip["samples"] == 8
+    flagged = answer.as_numpy("guard_flagged")
+    assert [entry["index"] for entry in oip["flagged"]] == np.flatnonzero(flagged).tolist() != []
+    labels, scores = answer.as_numpy("logits").argmax(1), answer.as_numpy("guard_score")
+    for entry in oip["flagged"]:
+        assert entry["label"] == labels[entry["index"]] and entry["score"] == pytest.approx(scores[entry["index"]])
+        assert entry["score"] > guard.tau
+    assert sum(entry["model_label"] == TARGET for entry in oip["flagged"]) >= len(oip["flagged"]) // 2
+    assert flagged_samples == sum(len(line["flagged"]) for line in lines)  # the log and the metrics agree
+
+
+def test_an_audit_log_that_cannot_be_opened_stops_the_start(tmp_path: Path) -> None:
+    with pytest.raises(GuardError, match="cannot open the audit log"):
+        AuditLog(str(tmp_path / "no-such-folder" / "audit.jsonl"))
