@@ -146,6 +146,19 @@ def _load(args: argparse.Namespace) -> int:
     return 0 if figures["failed"] == 0 else 1
 
 
+def served_port() -> int:
+    """The port `guard serve` takes when no flag gives one: $GUARD_PORT, else the settings file's, else the default."""
+    from guard.config import DEFAULT_PORT, read_settings_file
+
+    given = os.environ.get("GUARD_PORT")
+    if given is None and os.environ.get("GUARD_CONFIG"):
+        given = read_settings_file(Path(os.environ["GUARD_CONFIG"])).get("port")
+    try:
+        return DEFAULT_PORT if given is None else int(given)
+    except (TypeError, ValueError):
+        raise GuardError(f"the port must be an integer, got {given!r} (GUARD_PORT or the settings file)") from None
+
+
 def _health(args: argparse.Namespace) -> int:
     """Exit 0 if the server reports SERVING for the service: a container healthcheck that needs no other tool."""
     import grpc
@@ -153,7 +166,7 @@ def _health(args: argparse.Namespace) -> int:
 
     from guard.server.security import read_secret
 
-    target = f"{args.host}:{args.port}"
+    target = f"{args.host}:{args.port if args.port is not None else served_port()}"
     if bool(args.tls_cert) != bool(args.tls_key):
         raise GuardError("--tls-cert and --tls-key go together")
     if args.tls_cert and not args.tls_ca:
@@ -509,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="file with a bearer token every call except health checks must send")
     srv.add_argument("--audit-log", dest="audit_log",
                      help="append one JSON line per request with a flagged sample, naming the caller (- : stdout)")
-    srv.add_argument("--reflection", action="store_true", default=None,
+    srv.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=None,
                      help="serve gRPC reflection (grpcurl list / describe); off by default")
     srv.set_defaults(run=_serve)
 
@@ -543,10 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     hlt = commands.add_parser("health", help="ask a running server's gRPC health service; exit 0 if SERVING")
     hlt.add_argument("--host", default="127.0.0.1")
-    # A string default goes through `type` when `health` runs, so a bad $GUARD_PORT is a usage error there, not a
-    # traceback from every command.
-    hlt.add_argument("--port", type=int, default=os.environ.get("GUARD_PORT", str(DEFAULT_PORT)),
-                     help=f"default: $GUARD_PORT, else {DEFAULT_PORT} (so a container healthcheck follows the server)")
+    hlt.add_argument("--port", type=int, help=f"default: $GUARD_PORT, else `port` in $GUARD_CONFIG's file, else "
+                     f"{DEFAULT_PORT} (so a container healthcheck follows the server)")
     hlt.add_argument("--service", default="", help="health service name (default: the whole server)")
     hlt.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     hlt.add_argument("--tls-ca", dest="tls_ca", help="PEM CA that signed the server's certificate: connect over TLS")

@@ -37,7 +37,8 @@ class ServeSettings(BaseSettings):
     device: str = Field("cpu", pattern="^(cpu|cuda)$", description="where the model runs")
     policy: Policy = Field(Policy.ENFORCE, description="monitor: flag only; enforce: answer benign re-predictions")
     max_batch: int = Field(1024, ge=1, description="most samples one request may carry")
-    max_message_mb: int = Field(64, ge=1, description="largest gRPC message accepted, in MiB")
+    max_message_mb: int = Field(64, ge=1, le=2047, description="largest gRPC message accepted, in MiB (gRPC's "
+                                                                "limit is a 32-bit byte count)")
     workers: int = Field(8, ge=1, description="inference requests the engine works on at once")
     max_inflight: int = Field(64, ge=1, description="inference requests held at once, running or waiting for one "
                                                     "of the workers; more are refused at once (RESOURCE_EXHAUSTED)")

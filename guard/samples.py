@@ -93,36 +93,46 @@ def _array(data: NpzFile, key: str, path: str | Path) -> np.ndarray:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 
 
 def _image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images as (N, C, H, W) in [0, 1] (grey: C = 1, else RGB: C = 3), in file-name order. Labelled: one subfolder
-    per class, named by the class index the model answers (`0/`, `1/`, ...); unlabelled: the images directly in
-    `folder`. Class names are refused, because an order guessed from them would mislabel every sample silently."""
-    entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
+    """Images as (N, C, H, W) in [0, 1], in file-name order: C = 1 if every image is grey (whatever its mode), else
+    RGB, C = 3. Labelled: one subfolder per class, named by the class index the model answers (`0/`, `1/`, ...);
+    unlabelled: the images directly in `folder`. Class names are refused, because an order guessed from them would
+    mislabel every sample silently."""
+    entries = [p for p in _listing(folder) if not p.name.startswith(".")]
     classes = [p for p in entries if p.is_dir()]
     loose = [p for p in entries if _is_image(p)]
     if classes and loose:
         raise GuardError(f"{folder} holds both images and class folders; put every image in its class's folder")
     if classes:
-        named = [p.name for p in classes if not p.name.isdigit()]
+        named = [p.name for p in classes if not (p.name.isascii() and p.name.isdigit())]
         if named:
             raise GuardError(f"class folders in {folder} must be named by the class index the model answers (0, 1, "
                              f"...), got {named[:5]}; a guessed order of names would mislabel samples")
-        files = [(f, int(c.name)) for c in classes for f in sorted(c.iterdir()) if _is_image(f)]
+        files = [(f, int(c.name)) for c in classes for f in _listing(c) if _is_image(f)]
     else:
         files = [(f, None) for f in loose]
     if not files:
         raise GuardError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     images = [_read_image(f) for f, _ in files]
     first = images[0].shape
-    odd = next((f for (f, _), image in zip(files, images, strict=True) if image.shape != first), None)
+    odd = next((i for i, image in enumerate(images) if image.shape != first), None)
     if odd is not None:
-        raise GuardError(f"the images must share one size and colour mode: {files[0][0]} is {first} (C, H, W), "
-                         f"{odd} is {_read_image(odd).shape}")
+        raise GuardError(f"the images must share one size: {files[0][0]} is {first[1]}x{first[0]} (width x height), "
+                         f"{files[odd][0]} is {images[odd].shape[1]}x{images[odd].shape[0]}")
+    x = np.stack(images).transpose(0, 3, 1, 2)  # (N, 3, H, W)
+    grey = bool((x[:, :1] == x[:, 1:]).all())
     labels = None if not classes else np.array([label for _, label in files], dtype=np.int64)
-    return np.stack(images), labels
+    return np.ascontiguousarray(x[:, :1] if grey else x), labels
+
+
+def _listing(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise GuardError(f"cannot list {folder}: {exc}") from None
 
 
 def _is_image(path: Path) -> bool:
@@ -130,16 +140,21 @@ def _is_image(path: Path) -> bool:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    """One 8-bit image as float32 (C, H, W) in [0, 1]; an unreadable or oversized one is a GuardError."""
+    """One 8-bit image as float32 RGB (H, W, 3) in [0, 1] (grey ones repeat their channel); one that is not 8-bit,
+    cannot be read or is oversized is a GuardError."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:  # Pillow refuses decompression bombs (DecompressionBombError)
-            image = image.convert("L" if image.mode in GREY_MODES else "RGB")
-            array = np.asarray(image, dtype=np.float32) / 255.0
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
-        raise GuardError(f"cannot read image {path}: {exc}") from None
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+            if image.mode not in EIGHT_BIT_MODES:  # 16-bit or float: converting would clip, not scale
+                raise GuardError(f"{path} is a {image.mode!r} image; guard reads 8-bit images only (save an .npz "
+                                 "of x scaled as the model expects instead)")
+            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except GuardError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise OSError, ValueError, SyntaxError, ...
+        raise GuardError(f"cannot read image {path} ({type(exc).__name__}): {exc}") from None
+    return array
 
 
 MIN_HELD_OUT = 10  # fewer held-out samples measure nothing

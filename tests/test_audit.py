@@ -67,3 +67,19 @@ def test_flagged_requests_are_audited_with_their_caller_and_evidence(backdoored:
 def test_an_audit_log_that_cannot_be_opened_stops_the_start(tmp_path: Path) -> None:
     with pytest.raises(GuardError, match="cannot open the audit log"):
         AuditLog(str(tmp_path / "no-such-folder" / "audit.jsonl"))
+
+
+def test_a_request_answered_after_the_log_closed_is_not_failed(tmp_path: Path) -> None:
+    """A handler that outlives the server's grace period finds the log closed: its line is dropped (and logged),
+    and the caller still gets the answer."""
+    from guard.runtime.guard import Result
+    from guard.server.audit import Caller
+
+    audit = AuditLog(str(tmp_path / "audit.jsonl"))
+    audit.close()
+    flagged = np.array([True])
+    result = Result(labels=np.array([3]), logits=np.zeros((1, 10), np.float32), flagged=flagged,
+                    score=np.array([9.0], np.float32), model_labels=np.array([0]), demoted=~flagged,
+                    overruled=~flagged)
+    audit.record("badnets", "enforce", Caller("oip", "ipv4:127.0.0.1:1", None, "late"), result)
+    assert (tmp_path / "audit.jsonl").read_text() == ""

@@ -59,3 +59,16 @@ def test_a_bad_value_in_the_file_is_a_validation_error_naming_it(backdoored: Bac
                                   "port": 70000}))
     with pytest.raises(ValidationError, match="port"):
         load_settings({}, config)
+
+
+def test_limits_and_switches_a_flag_can_set(backdoored: Backdoored) -> None:
+    """The message limit stays within gRPC's 32-bit option (2048 MiB overflowed it at start-up), and --no-reflection
+    can switch off what a settings file switched on."""
+    from guard.cli import build_parser
+
+    paths = {"model": backdoored.model_path, "profile": backdoored.profile_path}
+    assert load_settings({**paths, "max_message_mb": 2047}).max_message_mb == 2047
+    with pytest.raises(ValidationError, match="max_message_mb"):
+        load_settings({**paths, "max_message_mb": 2048})
+    assert build_parser().parse_args(["serve", "--no-reflection"]).reflection is False
+    assert build_parser().parse_args(["serve"]).reflection is None  # not given: the variable or the file decides

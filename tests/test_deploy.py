@@ -265,7 +265,7 @@ def test_dockerfiles_agree_with_the_server_defaults(name: str) -> None:
     assert args.model.startswith("/models/") and args.profile.startswith("/models/")
     health = json.loads(instruction["HEALTHCHECK"].split("CMD", 1)[1])
     parsed = build_parser().parse_args(health[1:])
-    assert health[0] == "guard" and parsed.command == "health" and parsed.port == DEFAULT_PORT
+    assert health[0] == "guard" and parsed.command == "health" and parsed.port is None  # served_port() decides
     assert instruction["USER"] not in ("root", "0")
     assert sum(line.startswith("FROM ") for line in lines) >= 2, "multi-stage: build tools stay out of the image"
     env = dict(item.split("=", 1) for item in shlex.split(instruction["ENV"]))
@@ -285,13 +285,23 @@ def test_health_command_reports_the_real_server(stack, capsys) -> None:
     assert main(["health", "--port", str(free_port()), "--timeout", "1"]) == 1
 
 
-def test_a_bad_guard_port_fails_only_the_health_command_and_names_it(monkeypatch, capsys) -> None:
-    from guard.cli import build_parser, main
+def test_health_finds_the_port_where_serve_does(monkeypatch, capsys, tmp_path) -> None:
+    """`guard health` with no --port probes $GUARD_PORT, else the settings file's port, else the default; a bad value
+    fails only that command, in one line."""
+    from guard.cli import main, served_port
+    from guard.config import DEFAULT_PORT
 
+    monkeypatch.delenv("GUARD_PORT", raising=False)
+    monkeypatch.delenv("GUARD_CONFIG", raising=False)
+    assert served_port() == DEFAULT_PORT
+    config = tmp_path / "guard.json"
+    config.write_text(json.dumps({"port": 9124}))
+    monkeypatch.setenv("GUARD_CONFIG", str(config))
+    assert served_port() == 9124
+    monkeypatch.setenv("GUARD_PORT", "9123")
+    assert served_port() == 9123
     monkeypatch.setenv("GUARD_PORT", "8001x")
     assert main([]) == 2  # other commands (here: none, so the help) still build their parser
-    with pytest.raises(SystemExit) as exited:
-        main(["health"])
-    assert exited.value.code == 2 and "argument --port: invalid int value: '8001x'" in capsys.readouterr().err
-    monkeypatch.setenv("GUARD_PORT", "9123")
-    assert build_parser().parse_args(["health"]).port == 9123
+    assert main(["health"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["guard: error: the port must be an integer, got '8001x' (GUARD_PORT or the settings file)"]

@@ -27,6 +27,14 @@ FACTORY = textwrap.dedent("""
 
     def not_a_module():
         return "a model"
+
+    class Picky(nn.Module):
+        def forward(self, x):
+            assert x.shape[-1] == 32, "wants 32 pixels"
+            return x
+
+    def picky():
+        return Picky()
 """)
 
 
@@ -109,11 +117,12 @@ def test_weights_and_settings_it_cannot_export_are_refused_in_one_line(tmp_path:
 
 @pytest.mark.parametrize(("spec", "fragment"), [
     ("not_a_module", "returned str, not a torch nn.Module"),
-    ("tiny", r"tiny\(in_channels=1\) failed: .*num_classes"),  # it needs a class count nobody gave
+    ("tiny", r"tiny\(in_channels=1\) failed \(TypeError\): .*num_classes"),  # it needs a class count nobody gave
+    ("picky", r"cannot run on samples of shape \(1, 28, 28\) \(AssertionError\): wants 32 pixels"),
 ])
 def test_a_factory_that_builds_no_usable_module_is_refused(tmp_path: Path, factory: str, spec: str, fragment: str,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    torch.save(SmallCNN().state_dict(), tmp_path / "w.pt")
+    torch.save({} if spec == "picky" else SmallCNN().state_dict(), tmp_path / "w.pt")  # Picky has no weights
     code, _, err = run(capsys, "export", f"{factory}:{spec}", "--weights", tmp_path / "w.pt", "--input-shape",
                        "1,28,28", "--out", tmp_path / "m.onnx")
     assert code == 2

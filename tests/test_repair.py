@@ -472,9 +472,10 @@ def test_cli_repair_uses_a_trigger_written_by_guard_scan(backdoored, clean_data,
     assert attack_after < attack_before / 4
 
 
-def test_cli_scan_writes_the_candidates_repair_scan_would_unlearn(backdoored, clean_data, scan_out, trigger):
-    """`--trigger candidate_K.npz ...` gives `guard repair` what `--scan` would, so a team can review the triggers
-    between the two steps."""
+def test_cli_scan_writes_every_candidate_trigger_in_the_format_repair_reads(backdoored, clean_data, scan_out,
+                                                                           trigger):
+    """scan.json's candidates, suspect first, each as candidate_K.npz that `load_trigger` (`repair --trigger`) reads,
+    the suspect's the same as trigger.npz: a team can review the triggers between the two steps."""
     summary = json.loads((scan_out / "scan.json").read_text())
     assert summary["files"]["candidates"] == [f"candidate_{k}.npz" for k in summary["candidates"]]
     loaded = [load_trigger(scan_out / name, SAMPLE_SHAPE, 10) for name in summary["files"]["candidates"]]

@@ -47,6 +47,21 @@ def test_loose_images_are_unlabelled_and_colour_ones_have_three_channels(tmp_pat
     assert load_samples(tmp_path / "rgb")[0].shape == (6, 3, 8, 6)
 
 
+def test_a_folder_is_grey_only_if_every_image_is(tmp_path: Path) -> None:
+    """A palette image of greys is grey; one colour image makes the whole folder RGB, the grey ones repeated."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    grey = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4) * 16)
+    grey.convert("P").save(folder / "a.png")
+    grey.save(folder / "b.jpg", quality=100)
+    x, _ = load_samples(folder)
+    assert x.shape == (2, 1, 4, 4)
+    Image.fromarray(np.dstack([np.zeros((4, 4), np.uint8), np.full((4, 4), 200, np.uint8),
+                               np.zeros((4, 4), np.uint8)])).save(folder / "c.png")
+    x, _ = load_samples(folder)
+    assert x.shape == (3, 3, 4, 4) and np.array_equal(x[0, 0], x[0, 2]) and x[2, 1].min() == np.float32(200 / 255)
+
+
 def _named_classes(folder: Path) -> None:
     (folder / "cat").mkdir(parents=True)
     Image.new("L", (4, 4)).save(folder / "cat" / "0.png")
@@ -57,7 +72,13 @@ def _named_classes(folder: Path) -> None:
     (lambda f: (write_images(f, np.zeros((2, 1, 4, 4), np.float32), np.array([0, 1])),
                 write_images(f, np.zeros((1, 1, 4, 4), np.float32), None)), "both images and class folders"),
     (lambda f: (write_images(f, np.zeros((1, 1, 4, 4), np.float32), None),
-                Image.new("L", (5, 4)).save(f / "00001.png")), r"one size .* is \(1, 4, 4\) .* is \(1, 4, 5\)"),
+                Image.new("L", (5, 4)).save(f / "00001.png")), r"one size: .* is 4x4 \(width x height\), .* is 5x4"),
+    (lambda f: (f.mkdir(), Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(f / "deep.png")),
+     "is a 'I;16' image; guard reads 8-bit images only"),
+    (lambda f: (f.mkdir(), Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(f / "float.tif")),
+     "is a 'F' image; guard reads 8-bit images only"),
+    (lambda f: ((f / "\u00b2").mkdir(parents=True), Image.new("L", (4, 4)).save(f / "\u00b2" / "0.png")),
+     "named by the class index"),  # a superscript two is a digit to str.isdigit, not to int
     (lambda f: (write_images(f, np.zeros((1, 1, 4, 4), np.float32), None),
                 (f / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")), "cannot read image .*00001.png"),
     (lambda f: (f.mkdir(), (f / "readme.txt").write_text("no images")), "no images"),
@@ -87,3 +108,15 @@ def test_calibrate_from_an_image_folder_matches_the_same_images_as_npz(tmp_path:
     from_folder, from_npz = (Profile.load(tmp_path / name) for name in ("folder.safetensors", "npz.safetensors"))
     assert from_folder.thresholds.tau == from_npz.thresholds.tau
     assert all(np.array_equal(a.keep, b.keep) for a, b in zip(from_folder.taps, from_npz.taps, strict=True))
+
+
+def test_any_decoder_failure_is_one_guard_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's PNG decoder raises SyntaxError on some broken chunks (a fuzzed file did); it is an unreadable image."""
+    write_images(tmp_path / "data", np.zeros((1, 1, 4, 4), np.float32), None)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise SyntaxError("broken PNG file (chunk b'n\\x00\\x00\\x00')")
+
+    monkeypatch.setattr(Image, "open", broken)
+    with pytest.raises(GuardError, match=r"cannot read image .*00000.png \(SyntaxError\): broken PNG"):
+        load_samples(tmp_path / "data")

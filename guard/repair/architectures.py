@@ -44,15 +44,16 @@ def make(spec: str, num_classes: int | None, in_channels: int) -> nn.Module:
         raise GuardError(f"the architecture must be {', '.join(BUILT_IN)} or package.module:factory, got {spec!r}")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the user's module may fail to import in any way
         raise GuardError(f"cannot import {spec!r}: {exc}") from None
     accepted = inspect.signature(factory).parameters
     kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
               if k in accepted and v is not None}
     try:
         model = factory(**kwargs)
-    except TypeError as exc:  # a required argument it was not given
-        raise GuardError(f"{spec}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) failed: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's code; a required argument it was not given is a TypeError
+        raise GuardError(f"{spec}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) failed "
+                         f"({type(exc).__name__}): {exc}") from None
     if not isinstance(model, nn.Module):
         raise GuardError(f"{spec} returned {type(model).__name__}, not a torch nn.Module")
     return model
@@ -64,8 +65,9 @@ def check_logits(model: nn.Module, spec: str, sample_shape: tuple[int, ...], num
     try:
         with torch.no_grad():
             out = model.eval()(torch.zeros(2, *sample_shape))
-    except RuntimeError as exc:  # a shape the architecture cannot take
-        raise GuardError(f"{spec} cannot run on samples of shape {sample_shape}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's forward: a shape it cannot take, an assertion, ...
+        raise GuardError(f"{spec} cannot run on samples of shape {sample_shape} ({type(exc).__name__}): "
+                         f"{' '.join(str(exc).split())}") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] < max(num_classes, 2):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise GuardError(f"{spec}'s output has shape {shape}; it needs (N, >= {max(num_classes, 2)}) logits")

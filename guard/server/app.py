@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from concurrent import futures
 
@@ -41,10 +42,9 @@ class GuardServer:
                                          on_failure=settings.on_check_failure,
                                          check_budget=settings.check_budget_ms / 1000 or None)
         self.metrics = Metrics(settings.served_name)
-        audit = None if settings.audit_log is None else AuditLog(settings.audit_log)
         self.plane = DataPlane(self.guard, settings.served_name, self.metrics, settings.max_batch,
                                settings.batch_size, settings.batch_delay_ms / 1000, settings.max_inflight,
-                               settings.workers, audit)
+                               settings.workers)
         limit = settings.max_message_mb * 1024 * 1024
         interceptors = []
         if settings.auth_token_file is not None:
@@ -95,6 +95,8 @@ class GuardServer:
             raise GuardError(
                 f"cannot serve metrics on {self.settings.metrics_host}:{self.settings.metrics_port}: {exc}"
             ) from None
+        if self.settings.audit_log is not None:  # opened last, so a failed start leaves no file open
+            self.plane.audit = AuditLog(self.settings.audit_log)
         self.server.start()
         self.plane.ready = True
         self.metrics.ready.labels(model=self.plane.name).set(1)
@@ -125,12 +127,13 @@ def serve(settings: ServeSettings) -> None:
     """Run until SIGTERM or SIGINT, then drain and return."""
     server = GuardServer(settings)
     server.start()
+    status = sys.stderr if settings.audit_log == "-" else sys.stdout  # stdout is then the audit log's alone
     print(f"guard: serving {server.plane.name!r} on {settings.host}:{server.port}, "
-          f"metrics on {settings.metrics_host}:{server.metrics_port}", flush=True)
+          f"metrics on {settings.metrics_host}:{server.metrics_port}", file=status, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):  # short waits keep the main thread responsive to signals
         pass
-    print("guard: draining in-flight requests", flush=True)
+    print("guard: draining in-flight requests", file=status, flush=True)
     server.stop()

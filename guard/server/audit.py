@@ -51,6 +51,7 @@ class AuditLog:
             raise GuardError(f"cannot open the audit log {target}: {exc}") from None
         self._lock = threading.Lock()
         self._failing = False
+        self._closed = False
 
     def record(self, model: str, policy: str, caller: Caller, result: Result) -> None:
         flagged = np.flatnonzero(result.flagged)
@@ -67,6 +68,9 @@ class AuditLog:
         }
         text = json.dumps(line) + "\n"
         with self._lock:
+            if self._closed:  # a handler that outlived the server's grace period: nowhere left to write
+                log.error("audit log closed; not recorded: %s", text.strip())
+                return
             try:
                 self._file.write(text)
                 self._file.flush()
@@ -77,8 +81,10 @@ class AuditLog:
                 self._failing = True
 
     def close(self) -> None:
-        if self._file is not sys.stdout:
-            self._file.close()
+        with self._lock:
+            self._closed = True
+            if self._file is not sys.stdout:
+                self._file.close()
 
 
 def _number(value: float) -> float | None:

@@ -30,10 +30,9 @@ class DataPlane:
     """Serves one guarded model under one name."""
 
     def __init__(self, guard: Guard, name: str, metrics: Metrics, max_batch: int, batch_size: int = 0,
-                 batch_delay: float = 0.0, max_inflight: int = 64, workers: int = 8,
-                 audit: AuditLog | None = None) -> None:
+                 batch_delay: float = 0.0, max_inflight: int = 64, workers: int = 8) -> None:
         self.guard = guard
-        self.audit = audit
+        self.audit: AuditLog | None = None  # the server opens it as it starts
         self.name = name
         self.metrics = metrics
         self.max_batch = max_batch
