@@ -72,9 +72,8 @@ def _serve(args: argparse.Namespace) -> int:
     from guard.server.app import serve
 
     given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
-    config = args.config or os.environ.get("GUARD_CONFIG")
     try:
-        settings = load_settings(given, Path(config) if config else None)
+        settings = load_settings(given, Path(args.config) if args.config else None)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise GuardError(f"invalid settings: {problems}") from None
@@ -148,11 +147,11 @@ def _load(args: argparse.Namespace) -> int:
 
 def served_port() -> int:
     """The port `guard serve` takes when no flag gives one: $GUARD_PORT, else the settings file's, else the default."""
-    from guard.config import DEFAULT_PORT, read_settings_file
+    from guard.config import DEFAULT_PORT, file_settings
 
     given = os.environ.get("GUARD_PORT")
-    if given is None and os.environ.get("GUARD_CONFIG"):
-        given = read_settings_file(Path(os.environ["GUARD_CONFIG"])).get("port")
+    if given is None:
+        given = file_settings().get("port")
     try:
         return DEFAULT_PORT if given is None else int(given)
     except (TypeError, ValueError):
@@ -444,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = commands.add_parser("calibrate", help="compute a profile from a model and clean samples")
     cal.add_argument("model", help="ONNX image classifier")
-    cal.add_argument("--data", required=True, help=".npz with x (N, C, H, W) and optional y (N,), or an image folder (README)")
+    cal.add_argument("--data", required=True,
+                     help=".npz with x (N, C, H, W) and optional y (N,), or an image folder (README)")
     cal.add_argument("--out", required=True, type=Path, help="where to write the profile (.safetensors)")
     cal.add_argument("--layers", help="comma-separated ONNX tensor names to tap (default: chosen automatically)")
     cal.add_argument("--fpr", type=float, default=0.05, help="target false-positive rate (default 0.05)")
@@ -529,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time the bare model, the guarded engine and the server side by side")
     bench.add_argument("model", help="ONNX model")
     bench.add_argument("--profile", required=True, help="profile from `guard calibrate`")
-    bench.add_argument("--data", help=".npz with x (and y: enables the tap-growth and calibration timings), or an image folder")
+    bench.add_argument("--data", help=".npz with x (and y: enables the tap-growth and calibration timings), or an "
+                       "image folder")
     bench.add_argument("--batches", help="comma-separated batch sizes (default 1,8,64)")
     bench.add_argument("--seconds", type=float, default=3.0, help="per measurement (default 3)")
     bench.add_argument("--callers", type=int, default=8, help="concurrent gRPC callers (default 8)")
@@ -571,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     scan = commands.add_parser("scan", help="synthesise a trigger per class and name the likely backdoor target")
     scan.add_argument("model", help="ONNX image classifier")
-    scan.add_argument("--data", required=True, help=".npz with clean x (N, C, H, W) and optional y (N,), or an image folder")
+    scan.add_argument("--data", required=True,
+                      help=".npz with clean x (N, C, H, W) and optional y (N,), or an image folder")
     scan.add_argument("--out", type=Path, default=Path("guard-scan"),
                       help="folder for scan.json, trigger.npz and the trigger pictures (default guard-scan)")
     scan.add_argument("--steps", type=int, help="optimisation steps for the triggers (default 200)")
@@ -581,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = commands.add_parser("repair", help="purify a backdoored model's weights with clean data")
     rep.add_argument("model", help="ONNX image classifier")
-    rep.add_argument("--data", required=True, help=".npz with clean x (N, C, H, W) and optional y (N,), or an image folder")
+    rep.add_argument("--data", required=True,
+                     help=".npz with clean x (N, C, H, W) and optional y (N,), or an image folder")
     rep.add_argument("--out", required=True, type=Path, help="where to write the repaired ONNX model")
     rep.add_argument("--method", choices=["ar", "l2", "finetune", "prune"], default="ar",
                      help="ar: adaptive regularization (default); l2: plain L2 on the same weights; finetune: no "
@@ -612,12 +615,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the state dict: .safetensors, or a torch file (.pt, .pth) read with weights_only")
     exp.add_argument("--input-shape", dest="input_shape", required=True, help="one sample's C,H,W, e.g. 1,28,28")
     exp.add_argument("--num-classes", dest="num_classes", type=int,
-                     help="passed to the factory if it takes num_classes (default: the factory's own; cnn and resnet: 10)")
+                     help="passed to the factory if it takes num_classes (default: the factory's own; cnn and "
+                     "resnet: 10)")
     exp.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     exp.set_defaults(run=_export)
 
     trn = commands.add_parser("train", help="train a model on possibly poisoned data (--none: NONE training)")
-    trn.add_argument("--data", required=True, help=".npz with x, y and optional poisoned (N,) bool ground truth, or a folder of class folders")
+    trn.add_argument("--data", required=True,
+                     help=".npz with x, y and optional poisoned (N,) bool ground truth, or a folder of class folders")
     trn.add_argument("--model", required=True,
                      help="architecture: cnn, resnet, or package.module:factory (a callable returning a torch "
                           "nn.Module; called with num_classes and in_channels if it takes them)")

@@ -84,13 +84,19 @@ class ServeSettings(BaseSettings):
 
 
 def load_settings(flags: dict[str, Any], config: Path | None = None) -> ServeSettings:
-    """The settings from `flags` (the ones given), then GUARD_* variables, then the `config` file, then the defaults.
-    Raises pydantic's ValidationError for a bad value, and a GuardError for a file that cannot be read or names a
-    setting that does not exist."""
-    from_file = {} if config is None else read_settings_file(config)
+    """The settings from `flags` (the ones given), then GUARD_* variables, then the settings file (`config`, else
+    $GUARD_CONFIG), then the defaults. Raises pydantic's ValidationError for a bad value, and a GuardError for a file
+    that cannot be read or names a setting that does not exist."""
+    from_file = file_settings(config)
     in_env = {name.upper() for name in os.environ}  # pydantic-settings matches the variables' names in any case
     kept = {k: v for k, v in from_file.items() if f"GUARD_{k.upper()}" not in in_env}
     return ServeSettings(**{**kept, **flags})
+
+
+def file_settings(config: Path | None = None) -> dict[str, Any]:
+    """The settings file's values: `config`, else $GUARD_CONFIG's file, else none."""
+    path = config or (Path(os.environ["GUARD_CONFIG"]) if os.environ.get("GUARD_CONFIG") else None)
+    return {} if path is None else read_settings_file(path)
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from guard.calibrate.synthesis import (
     ScanResult,
     SynthesisSettings,
     Trigger,
+    save_trigger,
     scan_classes,
 )
 from guard.calibrate.taps import OnnxTaps
@@ -307,12 +308,12 @@ def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
         written = []
         for candidate in report.candidates:
             written.append(out / candidate_file(candidate.target))
-            _save_trigger(candidate, written[-1])
+            save_trigger(candidate, written[-1])
         files: dict[str, object] = {"candidates": [path.name for path in written]}
         trigger = report.suspect
         if trigger is not None:
             npz = out / TRIGGER_FILE
-            _save_trigger(trigger, npz)
+            save_trigger(trigger, npz)
             stamp = out / f"trigger_{trigger.target}.png"
             mask = out / f"mask_{trigger.target}.png"
             write_png(stamp, trigger_image(trigger.mask * trigger.pattern, report.settings.png_scale))
@@ -328,12 +329,6 @@ def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
 
 def candidate_file(target: int) -> str:
     return f"candidate_{target}.npz"
-
-
-def _save_trigger(trigger: Trigger, path: Path) -> None:
-    """The format `load_trigger` reads (a file object, so numpy appends no second `.npz`)."""
-    with path.open("wb") as file:
-        np.savez(file, mask=trigger.mask, pattern=trigger.pattern, target=np.int64(trigger.target))
 
 
 def trigger_image(array: np.ndarray, scale: int = 1) -> np.ndarray:

@@ -117,6 +117,13 @@ def check_trigger(trigger: Trigger, sample_shape: tuple[int, ...], num_classes: 
         raise GuardError(f"{source}'s mask must lie in [0, 1], got [{trigger.mask.min()}, {trigger.mask.max()}]")
 
 
+def save_trigger(trigger: Trigger, path: Path) -> None:
+    """The file `load_trigger` reads: mask, pattern and target in an .npz (written through a file object, so numpy
+    appends no second `.npz` to the name)."""
+    with path.open("wb") as file:
+        np.savez(file, mask=trigger.mask, pattern=trigger.pattern, target=np.int64(trigger.target))
+
+
 def load_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classes: int) -> Trigger:
     """A trigger that `guard scan` wrote (trigger.npz: mask (1, H, W), pattern (C, H, W), target), checked against
     the model's sample shape and classes. Loaded without pickle."""
