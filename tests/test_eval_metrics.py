@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from guard.eval.metrics import auroc, mean_spread, roc_curve, share
-from guard.eval.report import _none_table, check_targets, headline_table, misses_text
+from guard.eval.report import _detection_table, _none_table, check_targets, headline_table, misses_text
+from guard.eval.suite import _detection
 
 
 def brute_auroc(negative: np.ndarray, positive: np.ndarray) -> float:
@@ -124,3 +125,27 @@ def test_none_table_takes_precision_only_from_seeds_that_dropped_something() -> 
     assert row[3] == "90.0"  # seed 1's alone, not a mean with seed 0's "perfect" empty removal
     nothing = _none_table(_figures(cases[0], cases[2])).splitlines()[2].split(" | ")
     assert nothing[3] == "–"
+
+
+def test_detection_on_the_triggers_that_took() -> None:
+    rng = np.random.default_rng(0)
+    clean = rng.normal(size=400)
+    took = np.arange(300) < 100  # a third of the triggers took and score high; the rest look clean
+    triggered = np.where(took, 10.0, rng.normal(size=300))
+    row = _detection(clean, clean > 1.6, triggered, triggered > 1.6, took)
+    assert row["auroc_took"] == 1.0 and row["tpr_took"] == 1.0
+    assert abs(row["auroc"] - (1 / 3 + 2 / 3 / 2)) < 0.05  # took + (1 - took) / 2
+    assert row["tpr"] < 0.5
+    untold = _detection(clean, clean > 1.6, triggered, triggered > 1.6)
+    assert untold["auroc_took"] is None and untold["auroc"] == row["auroc"]
+
+
+def test_detection_table_shows_the_took_columns() -> None:
+    case = _case("wanet", 0, auroc=0.65, auroc_took=0.97)
+    case["methods"]["none"]["asr"] = 0.3
+    case["methods"]["strip"]["auroc_took"] = 0.8
+    header, _, row = _detection_table(_figures(case)).splitlines()
+    cells = dict(zip(header.strip("|").split(" | "), row.strip("|").split(" | ")))
+    assert cells["took"].strip() == "30.0"
+    assert cells["AUROC guard, took"].strip() == "0.970" and cells["AUROC STRIP, took"].strip() == "0.800"
+    assert cells["AUROC guard"].strip() == "0.650"

@@ -55,6 +55,11 @@ def test_quick_eval_writes_report_plots_and_raw_figures(quick_report: tuple[int,
     assert all(a is None or 0 <= a <= 1 for a in none_train["agreement"])
     assert badnets["n_triggered"] > 0 and badnets["n_poisoned"] > 0
     assert 0.5 <= badnets["methods"]["strip"]["auroc"] <= 1.0
+    # BadNets takes on nearly every image, so the AUROC on the triggers that took is the whole AUROC, near enough
+    for method in ("guard", "check", "strip"):
+        row = badnets["methods"][method]
+        assert abs(row["auroc_took"] - row["auroc"]) < 0.05 and 0 <= row["tpr_took"] <= 1
+    assert "| took | AUROC guard, took | AUROC STRIP, took |" in report
 
 
 def test_clean_model_case_measures_the_trigger_floor(quick_report: tuple[int, Path]) -> None:

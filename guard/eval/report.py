@@ -211,16 +211,18 @@ def _method_table(figures: dict, key: str, methods: tuple[str, ...] = METHODS) -
 
 
 def _detection_table(figures: dict) -> str:
-    rows = ["| attack | model | AUROC guard | AUROC check alone | AUROC STRIP | TPR guard | TPR STRIP | "
-            "FPR guard | FPR STRIP |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| attack | model | AUROC guard | AUROC check alone | AUROC STRIP | took | AUROC guard, took | "
+            "AUROC STRIP, took | TPR guard | TPR STRIP | FPR guard | FPR STRIP |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for attack, arch, cases in _groups(figures):
         if attack == "clean":
             continue
-        rows.append(
-            f"| {attack} | {arch} | {_fmt(_metric(cases, 'guard', 'auroc'), False, 3)} | "
-            f"{_fmt(_metric(cases, 'check', 'auroc'), False, 3)} | {_fmt(_metric(cases, 'strip', 'auroc'), False, 3)} | "
-            f"{_fmt(_metric(cases, 'guard', 'tpr'))} | {_fmt(_metric(cases, 'strip', 'tpr'))} | "
-            f"{_fmt(_metric(cases, 'guard', 'fpr'))} | {_fmt(_metric(cases, 'strip', 'fpr'))} |")
+        auc = [_fmt(_metric(cases, m, k), False, 3) for m, k in (("guard", "auroc"), ("check", "auroc"),
+                                                                ("strip", "auroc"))]
+        took = [_fmt(_metric(cases, m, "auroc_took"), False, 3) for m in ("guard", "strip")]
+        rates = [_fmt(_metric(cases, m, k)) for k in ("tpr", "fpr") for m in ("guard", "strip")]
+        rows.append(f"| {attack} | {arch} | " + " | ".join([*auc, _fmt(_metric(cases, "none", "asr")), *took, *rates])
+                    + " |")
     return "\n".join(rows)
 
 
@@ -455,6 +457,13 @@ over the seeds that dropped anything; – where none did.
 {misses_text(check_repair_targets(figures), "for repair") if any(c["methods"].get("ar-repair") for c in _cases(figures)) else "No repair figures in this run."}
 
 ## Detection: guard's per-request score against STRIP
+
+"Took" is the share of triggered images the undefended model answers with the target class (its attack success);
+the "took" AUROCs are measured on those images alone, against the same clean ones. A score of the model's state
+sees a trigger that did not take only as far as it disturbs the model anyway; one that does not disturb it scores
+like a clean image, and where a trigger takes on a minority of images such a score's AUROC over all of them stays
+near took + (1 − took) / 2 even if it finds every trigger that took. The targets are checked on the AUROC over all
+triggered images, as EVALUATION.md states it; the "took" columns say how much of a miss that accounts for.
 
 {_detection_table(figures)}
 

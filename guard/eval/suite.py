@@ -184,12 +184,18 @@ def _answers(labels: np.ndarray, truth: np.ndarray, trig_labels: np.ndarray | No
 
 
 def _detection(clean_score: np.ndarray, clean_flag: np.ndarray, trig_score: np.ndarray | None,
-               trig_flag: np.ndarray | None) -> dict[str, object]:
-    row: dict[str, object] = {"fpr": share(clean_flag), "tpr": None, "auroc": None, "roc": None}
+               trig_flag: np.ndarray | None, took: np.ndarray | None = None) -> dict[str, object]:
+    """FPR, TPR and AUROC of a per-request score; with `took` (the triggered images the undefended model answers
+    with the target class) also TPR and AUROC on those alone: a trigger that did not take leaves the model as it
+    is on a clean image, so no score of the model's state can tell it apart, and the protocol's AUROC mixes the two."""
+    row: dict[str, object] = {"fpr": share(clean_flag), "tpr": None, "auroc": None, "roc": None,
+                              "tpr_took": None, "auroc_took": None}
     if trig_score is not None and trig_flag is not None:
         fpr, tpr = roc_curve(clean_score, trig_score, points=51)
         row.update(tpr=share(trig_flag), auroc=auroc(clean_score, trig_score),
                    roc={"fpr": fpr.round(4).tolist(), "tpr": tpr.round(4).tolist()})
+        if took is not None:
+            row.update(tpr_took=share(trig_flag[took]), auroc_took=auroc(clean_score, trig_score[took]))
     return row
 
 
@@ -247,6 +253,7 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
         served = OrtClassifier.load(model_path.read_bytes())  # the forward-only passes, as the guard runs the model
         clean_labels, trig_labels = both(lambda x: predict(served, x))
         methods["none"] = _answers(clean_labels, y_eval, trig_labels, y_trig)
+        took = None if trig_labels is None else trig_labels == TARGET
 
         scan = run_scan(loaded, x_def, y_def, settings=ScanSettings(steps=settings.scan_steps,
                                                                      acc_budget=settings.acc_budget, seed=case.seed))
@@ -263,7 +270,7 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
             clean, trig = both(guarded.predict)
             row = _answers(clean.labels, y_eval, None if trig is None else trig.labels, y_trig)
             row.update(_detection(clean.score, clean.flagged, None if trig is None else trig.score,
-                                  None if trig is None else trig.flagged))
+                                  None if trig is None else trig.flagged, took))
             row["calibration_seconds"] = round(seconds, 2)
             methods[name] = row
             if prune:
@@ -287,7 +294,7 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
         methods["fine-pruning"] = _answers(pruned_clean, y_eval, pruned_trig, y_trig)
         methods["fine-pruning"].update(pruned=len(pruning.pruned))  # type: ignore[arg-type]
 
-        methods["strip"] = _strip(served, x_def, x_eval, x_trig, settings, case.seed, Strip)
+        methods["strip"] = _strip(served, x_def, x_eval, x_trig, took, settings, case.seed, Strip)
         methods["linf-prune"], figures["scan"] = _linf_prune(loaded, scan, x_eval, y_eval, x_trig, y_trig,
                                                             (clean_labels, trig_labels))
         methods.update(_repairs(loaded, scan.candidates, x_def, y_def, both, y_eval, y_trig, case.seed))
@@ -352,8 +359,8 @@ def _adversarial(module, guarded, x: np.ndarray, y: np.ndarray, settings: EvalSe
             "accuracy_guarded": share(result.labels == y[index]), "flagged": share(result.flagged)}
 
 
-def _strip(module, x_def: np.ndarray, x_eval: np.ndarray, x_trig: np.ndarray | None, settings: EvalSettings,
-           seed: int, strip_cls) -> dict[str, object]:
+def _strip(module, x_def: np.ndarray, x_eval: np.ndarray, x_trig: np.ndarray | None, took: np.ndarray | None,
+           settings: EvalSettings, seed: int, strip_cls) -> dict[str, object]:
     """STRIP on a subsample (64 forwards per image): threshold at the target FPR on the defender's set."""
     rng = np.random.default_rng(seed)
     half = len(x_def) // 2  # overlays from one half, threshold from the other (an image blended with itself
@@ -363,12 +370,13 @@ def _strip(module, x_def: np.ndarray, x_eval: np.ndarray, x_trig: np.ndarray | N
     clean = x_eval[rng.choice(len(x_eval), size=n, replace=False)]
     clean_score = strip.score(clean)
     row = {"ca": None, "asr": None, "ra": None}
-    trig_score = trig_flag = None
+    trig_score = trig_flag = trig_took = None
     if x_trig is not None:
-        trig = x_trig[rng.choice(len(x_trig), size=min(n, len(x_trig)), replace=False)]
-        trig_score = strip.score(trig)
+        picked = rng.choice(len(x_trig), size=min(n, len(x_trig)), replace=False)
+        trig_score = strip.score(x_trig[picked])
         trig_flag = trig_score > strip.threshold
-    row.update(_detection(clean_score, clean_score > strip.threshold, trig_score, trig_flag))
+        trig_took = None if took is None else took[picked]
+    row.update(_detection(clean_score, clean_score > strip.threshold, trig_score, trig_flag, trig_took))
     return row
 
 
