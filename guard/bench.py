@@ -28,6 +28,7 @@ import numpy as np
 from guard.errors import GuardError
 from guard.model.graph import default_taps, load_model
 from guard.runtime.guard import Guard
+from guard.samples import write_atomic
 
 if TYPE_CHECKING:
     from tritonclient.grpc import InferInput
@@ -341,17 +342,18 @@ def plot(figures: dict[str, object], path: Path) -> None:
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_outputs(figures: dict[str, object], out: Path) -> list[Path]:
     """bench.json and bench.md, and the plot bench.png where matplotlib is installed (the `eval` extra; the
     figures do not need it, so a runtime-only install still gets them). Returns the files written."""
-    out.mkdir(parents=True, exist_ok=True)
     written = [out / "bench.json", out / "bench.md"]
-    written[0].write_text(json.dumps(figures, indent=2))
-    written[1].write_text(format_table(figures) + "\n")
+    for path, text in zip(written, (json.dumps(figures, indent=2) + "\n", format_table(figures) + "\n")):
+        write_atomic(path, lambda tmp, text=text: tmp.write_text(text))
     try:
         import matplotlib  # noqa: F401
     except ImportError:

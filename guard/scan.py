@@ -53,7 +53,7 @@ from guard.calibrate.synthesis import (
 from guard.calibrate.taps import OnnxTaps
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel, default_taps, load_model, tensor_ranks, validate_taps
-from guard.samples import check_samples, holdout_split
+from guard.samples import check_samples, holdout_split, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -296,13 +296,13 @@ def format_report(report: ScanReport) -> str:
 def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
     """scan.json always; candidate_K.npz for each candidate class K (what `guard repair --scan` and `guard calibrate`
     unlearn, so `guard repair --trigger` can be given the same); and trigger.npz and the two PNGs (mask·pattern,
-    mask) when a class is suspected. An earlier scan's trigger files in the folder are removed, so none is taken
-    for this scan's."""
+    mask) when a class is suspected, each written whole or not at all. An earlier scan's files in the folder are
+    removed first, so none is taken for this scan's."""
     out = Path(out_dir)
     classes = range(len(report.classes.triggers))
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in [out / TRIGGER_FILE, *(out / candidate_file(k) for k in classes),
+        for stale in [out / REPORT_FILE, out / TRIGGER_FILE, *(out / candidate_file(k) for k in classes),
                       *(out / f"{kind}_{k}.png" for kind in ("trigger", "mask") for k in classes)]:
             stale.unlink(missing_ok=True)
         written = []
@@ -321,7 +321,8 @@ def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
             written += [npz, stamp, mask]
             files.update(trigger=npz.name, trigger_png=stamp.name, mask_png=mask.name)
         summary = out / REPORT_FILE
-        summary.write_text(json.dumps({**report_dict(report), "files": files}, indent=2) + "\n")
+        text = json.dumps({**report_dict(report), "files": files}, indent=2) + "\n"
+        write_atomic(summary, lambda tmp: tmp.write_text(text))  # last: a scan.json names only files written whole
     except OSError as exc:
         raise GuardError(f"cannot write the scan results to {out}: {exc}") from None
     return [summary, *written]
@@ -364,7 +365,6 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:
-    """Write `image` (see `encode_png`) to `path`; returns the path."""
-    path = Path(path)
-    path.write_bytes(encode_png(image))
-    return path
+    """Write `image` (see `encode_png`) to `path`, whole or not at all; returns the path."""
+    data = encode_png(image)
+    return write_atomic(Path(path), lambda tmp: tmp.write_bytes(data))

@@ -32,7 +32,8 @@ def test_bench_measures_bare_engine_and_server_side_by_side(backdoored: Backdoor
     growth = figures["tap_growth"]
     assert [g["taps"] for g in growth] == list(range(1, len(growth) + 1)) and len(growth) >= 3
     assert figures["calibration"]["samples"] == len(backdoored.x_clean)
-    assert (out / "bench.png").stat().st_size > 1000
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # written to a temporary name, as PNG
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "bench.png"]
     table = (out / "bench.md").read_text()
     assert table.startswith("| batch |") and "STRIP" in table
     assert "engine / bare" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from guard.calibrate.taps import OnnxTaps
 from guard.cli import main
 from guard.errors import GuardError
 from guard.model.graph import load_model
-from guard.scan import PNG_SIGNATURE, ScanReport, ScanSettings, encode_png, run_scan
+from guard.scan import PNG_SIGNATURE, ScanReport, ScanSettings, encode_png, run_scan, write_outputs
 
 
 def _decode_png(data: bytes) -> np.ndarray:
@@ -216,6 +216,20 @@ def test_gap_pruning_stops_at_the_bound_or_the_budget():
     assert result.keep[0].tolist() == [False, True, False] and result.keep[1].tolist() == [True, False]
     costly = prune_by_gap(order, [3, 2], accuracy=lambda keep: 0.8 if keep[0][0] else 0.7, success=success)
     assert costly.stopped == "budget" and costly.pruned == 1 and costly.accuracy_after == 0.8
+
+
+def test_scan_outputs_are_written_whole_and_a_failed_write_leaves_no_stale_summary(tmp_path):
+    report = _report([0.1, 0.2, 3.0, -0.5], 2)
+    written = write_outputs(report, tmp_path)
+    assert {p.name for p in written} == {"scan.json", "candidate_2.npz", "trigger.npz", "trigger_2.png", "mask_2.png"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)  # no .tmp left behind
+    assert json.loads((tmp_path / "scan.json").read_text())["files"]["candidates"] == ["candidate_2.npz"]
+    # A later scan that cannot write its files must not leave the old scan.json naming files it removed.
+    (tmp_path / "trigger.npz").unlink()
+    (tmp_path / "trigger.npz").mkdir()
+    with pytest.raises(GuardError, match=r"trigger\.npz"):
+        write_outputs(report, tmp_path)
+    assert not (tmp_path / "scan.json").exists() and not list(tmp_path.glob("*.tmp"))
 
 
 def test_png_encoder_writes_grey_and_rgb():

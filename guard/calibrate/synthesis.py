@@ -41,6 +41,7 @@ from torch.nn import functional as F
 from guard.errors import GuardError
 from guard.model.bridge import OnnxModule
 from guard.model.graph import LoadedModel
+from guard.samples import write_atomic
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD an estimate of the standard deviation for normal data
 DEFAULT_THRESHOLD = 2.0  # anomaly index above which a class is named (Neural Cleanse's choice)
@@ -118,10 +119,13 @@ def check_trigger(trigger: Trigger, sample_shape: tuple[int, ...], num_classes: 
 
 
 def save_trigger(trigger: Trigger, path: Path) -> None:
-    """The file `load_trigger` reads: mask, pattern and target in an .npz (written through a file object, so numpy
-    appends no second `.npz` to the name)."""
-    with path.open("wb") as file:
-        np.savez(file, mask=trigger.mask, pattern=trigger.pattern, target=np.int64(trigger.target))
+    """The file `load_trigger` reads: mask, pattern and target in an .npz, written whole or not at all (through a
+    file object, so numpy appends no second `.npz` to the name)."""
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as file:
+            np.savez(file, mask=trigger.mask, pattern=trigger.pattern, target=np.int64(trigger.target))
+
+    write_atomic(path, write)
 
 
 def load_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classes: int) -> Trigger:
