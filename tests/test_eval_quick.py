@@ -31,6 +31,7 @@ def test_quick_eval_writes_report_plots_and_raw_figures(quick_report: tuple[int,
     assert "guard eval --quick" in report and "## Targets" in report
     cpu = json.loads((out / "figures.json").read_text())["machine"]["cpu"]
     assert cpu and cpu in report  # run times and even the trained models depend on the processor
+    assert not list(out.glob("*.tmp"))  # each file went to a temporary name first, and was renamed
     for name in ("roc.png", "bars.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in report

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from guard.eval.metrics import mean_spread
+from guard.samples import write_atomic
 
 # Rows of the "what each part adds" table, in the order a reader builds up the defense.
 METHODS = ("none", "fine-pruning", "linf-prune", "salience-prune", "check", "guard-no-reference", "guard")
@@ -311,9 +312,7 @@ def plot(figures: dict, out: Path) -> list[Path]:
         for ax in list(axes.flat)[len(attacks):]:
             ax.axis("off")
         fig.tight_layout()
-        written.append(out / "roc.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save_png(fig, out / "roc.png"))
 
     names = [a for a in dict.fromkeys(attack for attack, _, _ in groups)]
     fig, axes = plt.subplots(2, len(archs), figsize=(max(6, 1.3 * len(names) * len(archs) + 2), 7), squeeze=False)
@@ -330,10 +329,18 @@ def plot(figures: dict, out: Path) -> list[Path]:
             ax.set(title=f"{title}, {arch}", ylim=(0, 1))
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    written.append(out / "bars.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save_png(fig, out / "bars.png"))
     return written
+
+
+def _save_png(fig, path: Path) -> Path:
+    """Write a matplotlib figure whole (to a temporary name, so the format is given) and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _failures_text(figures: dict) -> str:
@@ -353,7 +360,8 @@ def write_report(figures: dict, out: str | Path, command: str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = {**figures, "command": figures.get("command", command)}
-    (out / "figures.json").write_text(json.dumps(figures, indent=1) + "\n")
+    raw = json.dumps(figures, indent=1) + "\n"
+    write_atomic(out / "figures.json", lambda tmp: tmp.write_text(raw))  # first: the report can be redrawn from it
     images = plot(figures, out)
     misses = check_targets(figures)
     settings = figures["settings"]
@@ -477,6 +485,4 @@ images; triggered ones).
 ## Plots
 
 """ + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n"
-    report = out / "report.md"
-    report.write_text(text)
-    return report
+    return write_atomic(out / "report.md", lambda tmp: tmp.write_text(text))
