@@ -6,9 +6,12 @@ Defaults are safe for a sidecar: both ports listen on loopback unless told other
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,14 @@ from guard.runtime.policy import FailurePolicy, Policy
 
 DEFAULT_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
+
+#: GUARD_* variables that are not serve settings: the settings file, the eval's data, and the address the deploy
+#: examples give an app for calling guard (a ConfigMap shared by both containers may carry it).
+OTHER_VARIABLES = frozenset({"GUARD_CONFIG", "GUARD_FASHION_MNIST_DIR", "GUARD_ADDRESS"})
+# Kubernetes gives every pod variables for each Service in its namespace; one named guard… makes GUARD_SERVICE_HOST,
+# GUARD_SERVICE_PORT[_NAME], GUARD_PORT=tcp://ip:port and GUARD_PORT_<n>_TCP[_PROTO|_PORT|_ADDR].
+_LINK_NAME = re.compile(r"_SERVICE_HOST$|_SERVICE_PORT(_\w+)?$|_PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?$")
+_LINK_VALUE = re.compile(r"^(tcp|udp|sctp)://", re.IGNORECASE)
 
 
 class ServeSettings(BaseSettings):
@@ -86,11 +97,37 @@ class ServeSettings(BaseSettings):
 def load_settings(flags: dict[str, Any], config: Path | None = None) -> ServeSettings:
     """The settings from `flags` (the ones given), then GUARD_* variables, then the settings file (`config`, else
     $GUARD_CONFIG), then the defaults. Raises pydantic's ValidationError for a bad value, and a GuardError for a file
-    that cannot be read or names a setting that does not exist."""
+    that cannot be read or names a setting that does not exist, and for a variable that sets nothing."""
+    check_variables(os.environ, given=set(flags))
     from_file = file_settings(config)
     in_env = {name.upper() for name in os.environ}  # pydantic-settings matches the variables' names in any case
     kept = {k: v for k, v in from_file.items() if f"GUARD_{k.upper()}" not in in_env}
     return ServeSettings(**{**kept, **flags})
+
+
+def check_variables(environ: Mapping[str, str], given: set[str] = frozenset()) -> None:
+    """Refuse GUARD_* variables that would be ignored: a misspelt name (GUARD_AUTH_TOKEN for GUARD_AUTH_TOKEN_FILE)
+    leaves its setting at the default without a word, which for a security setting is a guard serving open. Refuse
+    too a port variable that holds a Kubernetes service link (tcp://…) where no flag (`given`) overrides it. The
+    other variables Kubernetes makes for a Service named guard… are let be."""
+    known = {f"GUARD_{name.upper()}" for name in ServeSettings.model_fields}
+    problems = []
+    for name, value in sorted(environ.items()):
+        upper = name.upper()
+        if not upper.startswith("GUARD_") or upper in OTHER_VARIABLES:
+            continue
+        if upper in known:
+            setting = upper.removeprefix("GUARD_").lower()
+            if _LINK_VALUE.match(value) and setting not in given:
+                problems.append(f"{name}={value!r} is a Kubernetes service link (a Service named like guard in this "
+                                f"namespace), not a port: pass --{setting.replace('_', '-')}, or set "
+                                "enableServiceLinks: false on the pod")
+        elif not (_LINK_NAME.search(upper) or upper.endswith("_PORT") and _LINK_VALUE.match(value)):
+            close = difflib.get_close_matches(upper, sorted(known | OTHER_VARIABLES), n=1)
+            problems.append(f"{name} sets nothing" + (f" (did you mean {close[0]}?)" if close else ""))
+    if problems:
+        raise GuardError("; ".join(problems) + " (unset it; `guard serve --help` lists the settings, each also a "
+                         "GUARD_<NAME> variable)")
 
 
 def file_settings(config: Path | None = None) -> dict[str, Any]:

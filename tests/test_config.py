@@ -72,3 +72,32 @@ def test_limits_and_switches_a_flag_can_set(backdoored: Backdoored) -> None:
         load_settings({**paths, "max_message_mb": 2048})
     assert build_parser().parse_args(["serve", "--no-reflection"]).reflection is False
     assert build_parser().parse_args(["serve"]).reflection is None  # not given: the variable or the file decides
+
+
+def test_a_variable_that_sets_nothing_is_refused(backdoored: Backdoored, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A misspelt GUARD_* name would leave its setting at the default: for the token file, a guard serving open."""
+    paths = {"model": backdoored.model_path, "profile": backdoored.profile_path}
+    monkeypatch.setenv("GUARD_AUTH_TOKEN", "s3cret")
+    with pytest.raises(GuardError, match=r"GUARD_AUTH_TOKEN sets nothing \(did you mean GUARD_AUTH_TOKEN_FILE\?\)"):
+        load_settings(paths)
+    monkeypatch.delenv("GUARD_AUTH_TOKEN")
+    monkeypatch.setenv("guard_max_bach", "3")  # read in any case, as pydantic-settings reads the real ones
+    with pytest.raises(GuardError, match="guard_max_bach sets nothing"):
+        load_settings(paths)
+
+
+def test_kubernetes_service_links_are_let_be_unless_they_take_a_port(backdoored: Backdoored,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Service named guard (or guard-metrics) in the namespace gives every pod its address in GUARD_* variables."""
+    paths = {"model": backdoored.model_path, "profile": backdoored.profile_path}
+    links = {"GUARD_SERVICE_HOST": "10.96.0.7", "GUARD_SERVICE_PORT": "8001", "GUARD_SERVICE_PORT_GRPC": "8001",
+             "GUARD_PORT_8001_TCP": "tcp://10.96.0.7:8001", "GUARD_PORT_8001_TCP_PROTO": "tcp",
+             "GUARD_PORT_8001_TCP_PORT": "8001", "GUARD_PORT_8001_TCP_ADDR": "10.96.0.7",
+             "GUARD_GRPC_PORT": "tcp://10.96.0.8:8001", "GUARD_CONFIG": "", "GUARD_ADDRESS": "localhost:8001"}
+    for name, value in links.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings(paths).port == DEFAULT_PORT
+    monkeypatch.setenv("GUARD_PORT", "tcp://10.96.0.7:8001")  # would be read as the port
+    with pytest.raises(GuardError, match="GUARD_PORT='tcp://10.96.0.7:8001' is a Kubernetes service link.*--port"):
+        load_settings(paths)
+    assert load_settings({**paths, "port": 9001}).port == 9001  # a flag overrides it, so it is harmless
