@@ -122,7 +122,7 @@ def check_variables(environ: Mapping[str, str], given: set[str] = frozenset()) -
                 problems.append(f"{name}={value!r} is a Kubernetes service link (a Service named like guard in this "
                                 f"namespace), not a port: pass --{setting.replace('_', '-')}, or set "
                                 "enableServiceLinks: false on the pod")
-        elif not (_LINK_NAME.search(upper) or upper.endswith("_PORT") and _LINK_VALUE.match(value)):
+        elif not (_LINK_NAME.search(upper) or (upper.endswith("_PORT") and _LINK_VALUE.match(value))):
             close = difflib.get_close_matches(upper, sorted(known | OTHER_VARIABLES), n=1)
             problems.append(f"{name} sets nothing" + (f" (did you mean {close[0]}?)" if close else ""))
     if problems:

@@ -83,3 +83,25 @@ def test_a_request_answered_after_the_log_closed_is_not_failed(tmp_path: Path) -
                     overruled=~flagged)
     audit.record("badnets", "enforce", Caller("oip", "ipv4:127.0.0.1:1", None, "late"), result)
     assert (tmp_path / "audit.jsonl").read_text() == ""
+
+
+def test_a_reopen_that_fails_keeps_writing_to_the_open_file(tmp_path: Path) -> None:
+    """SIGHUP with the log's folder gone (a rotation gone wrong): no line is lost, the old file takes it."""
+    from guard.runtime.guard import Result
+    from guard.server.audit import Caller
+
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    audit = AuditLog(str(folder / "audit.jsonl"))
+    moved = folder.rename(tmp_path / "moved")
+    audit.reopen()
+    flagged = np.array([True])
+    result = Result(labels=np.array([3]), logits=np.zeros((1, 10), np.float32), flagged=flagged,
+                    score=np.array([9.0], np.float32), model_labels=np.array([0]), demoted=~flagged,
+                    overruled=~flagged)
+    audit.record("badnets", "enforce", Caller("oip", "ipv4:127.0.0.1:1", None, "after"), result)
+    audit.close()
+    assert json.loads((moved / "audit.jsonl").read_text())["request_id"] == "after"
+    folder.mkdir()
+    audit.reopen()  # after close: nothing is opened again
+    assert not (folder / "audit.jsonl").exists()

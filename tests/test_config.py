@@ -98,6 +98,6 @@ def test_kubernetes_service_links_are_let_be_unless_they_take_a_port(backdoored:
         monkeypatch.setenv(name, value)
     assert load_settings(paths).port == DEFAULT_PORT
     monkeypatch.setenv("GUARD_PORT", "tcp://10.96.0.7:8001")  # would be read as the port
-    with pytest.raises(GuardError, match="GUARD_PORT='tcp://10.96.0.7:8001' is a Kubernetes service link.*--port"):
+    with pytest.raises(GuardError, match=r"GUARD_PORT='tcp://10\.96\.0\.7:8001' is a Kubernetes service link.*--port"):
         load_settings(paths)
     assert load_settings({**paths, "port": 9001}).port == 9001  # a flag overrides it, so it is harmless

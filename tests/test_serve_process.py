@@ -110,3 +110,47 @@ def test_sigterm_finishes_every_request_in_flight(backdoored: Backdoored) -> Non
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_sighup_reopens_the_audit_log_after_rotation(backdoored: Backdoored, tmp_path) -> None:
+    """logrotate moves the file away, then sends SIGHUP: later lines go to a new file at the same path."""
+    import json
+    import time
+
+    audit = tmp_path / "audit.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guard", "serve", str(backdoored.model_path), "--profile", str(backdoored.profile_path),
+         "--port", "0", "--metrics-port", "0", "--audit-log", str(audit)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        match = None
+        for line in process.stdout:
+            match = re.search(r"serving '\w+' on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                break
+        assert match
+        x = backdoored.triggered()[0][:4].astype(np.float32)
+        with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+            stub = guard_pb2_grpc.GuardStub(channel)
+
+            def predict() -> None:
+                stub.Predict(guard_pb2.PredictRequest(shape=list(x.shape), data=x.tobytes()))
+
+            predict()
+            rotated = audit.rename(tmp_path / "audit.jsonl.1")
+            process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while not audit.exists() and time.monotonic() < deadline:  # the main loop reopens within half a second
+                time.sleep(0.05)
+            predict()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, output
+        assert "audit log" in output and "reopened" in output
+        for path in (rotated, audit):
+            lines = [json.loads(line) for line in path.read_text().splitlines()]
+            assert len(lines) == 1 and lines[0]["flagged"], path
+    finally:
+        if process.poll() is None:
+            process.kill()

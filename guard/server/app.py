@@ -124,7 +124,7 @@ class GuardServer:
 
 
 def serve(settings: ServeSettings) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return."""
+    """Run until SIGTERM or SIGINT, then drain and return; on SIGHUP reopen the audit log (log rotation)."""
     server = GuardServer(settings)
     server.start()
     status = sys.stderr if settings.audit_log == "-" else sys.stdout  # stdout is then the audit log's alone
@@ -133,7 +133,13 @@ def serve(settings: ServeSettings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    rotated = threading.Event()  # the handler only says so; the reopen runs here, outside the signal handler
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        signal.signal(signal.SIGHUP, lambda *_: rotated.set())
     while not stop.wait(0.5):  # short waits keep the main thread responsive to signals
-        pass
+        if rotated.is_set():
+            rotated.clear()
+            if server.plane.audit is not None:
+                server.plane.audit.reopen()
     print("guard: draining in-flight requests", file=status, flush=True)
     server.stop()

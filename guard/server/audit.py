@@ -80,6 +80,24 @@ class AuditLog:
                     log.error("cannot write the audit log %s: %s; answering on, unaudited", self.target, exc)
                 self._failing = True
 
+    def reopen(self) -> None:
+        """Open `target` afresh (on SIGHUP, after logrotate moved the file away), so that no line is appended to a
+        file that has been rotated out. Where the new file cannot be opened, the lines go on to the old one."""
+        if self.target == "-" or self._closed:
+            return
+        try:
+            fresh = open(self.target, "a", encoding="utf-8")
+        except OSError as exc:
+            log.error("cannot reopen the audit log %s: %s; writing on to the file already open", self.target, exc)
+            return
+        with self._lock:
+            if self._closed:
+                fresh.close()
+                return
+            rotated, self._file = self._file, fresh
+        rotated.close()
+        log.info("audit log %s reopened", self.target)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
