@@ -147,9 +147,11 @@ def _load(args: argparse.Namespace) -> int:
 
 def served_port() -> int:
     """The port `guard serve` takes when no flag gives one: $GUARD_PORT, else the settings file's, else the default."""
-    from guard.config import DEFAULT_PORT, file_settings
+    from guard.config import DEFAULT_PORT, file_settings, is_link
 
-    given = os.environ.get("GUARD_PORT")
+    # read as `guard serve` reads it (any case); a service link there is not a port (serve refuses it unless --port
+    # overrides it, so the file or the default is the better guess)
+    given = next((v for k, v in os.environ.items() if k.lower() == "guard_port" and not is_link(k.lower(), v)), None)
     if given is None:
         given = file_settings().get("port")
     try:

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,21 @@ DEFAULT_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
 
 #: GUARD_* variables that are not serve settings: the settings file, the eval's data, and the address the deploy
-#: examples give an app for calling guard (a ConfigMap shared by both containers may carry it).
+#: examples give an app for calling guard (a ConfigMap shared by both containers may carry it). Read in this case only.
 OTHER_VARIABLES = frozenset({"GUARD_CONFIG", "GUARD_FASHION_MNIST_DIR", "GUARD_ADDRESS"})
+PORT_SETTINGS = ("port", "metrics_port")
 # Kubernetes gives every pod variables for each Service in its namespace; one named guard… makes GUARD_SERVICE_HOST,
-# GUARD_SERVICE_PORT[_NAME], GUARD_PORT=tcp://ip:port and GUARD_PORT_<n>_TCP[_PROTO|_PORT|_ADDR].
-_LINK_NAME = re.compile(r"_SERVICE_HOST$|_SERVICE_PORT(_\w+)?$|_PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?$")
+# GUARD_SERVICE_PORT[_NAME], GUARD_PORT=tcp://ip:port and GUARD_PORT_<n>_TCP[_PROTO|_PORT|_ADDR]. Docker's legacy
+# links (--link x:guard) make the same _PORT forms, GUARD_NAME=/… and GUARD_ENV_<name>.
+_LINK_NAME = re.compile(r"_service_host$|_service_port(_\w+)?$|_port_\d+_(tcp|udp|sctp)(_proto|_port|_addr)?$"
+                        r"|_env_")
 _LINK_VALUE = re.compile(r"^(tcp|udp|sctp)://", re.IGNORECASE)
+
+
+def is_link(lower: str, value: str) -> bool:
+    """Whether a variable (its name lowercased) is one Kubernetes or Docker made to say where a service is."""
+    return bool(_LINK_NAME.search(lower) or (lower.endswith("_port") and _LINK_VALUE.match(value))
+                or (lower.endswith("_name") and value.startswith("/")))
 
 
 class ServeSettings(BaseSettings):
@@ -100,34 +110,38 @@ def load_settings(flags: dict[str, Any], config: Path | None = None) -> ServeSet
     that cannot be read or names a setting that does not exist, and for a variable that sets nothing."""
     check_variables(os.environ, given=set(flags))
     from_file = file_settings(config)
-    in_env = {name.upper() for name in os.environ}  # pydantic-settings matches the variables' names in any case
-    kept = {k: v for k, v in from_file.items() if f"GUARD_{k.upper()}" not in in_env}
+    in_env = {name.lower() for name in os.environ}  # pydantic-settings lowercases the variables' names
+    kept = {k: v for k, v in from_file.items() if f"guard_{k}" not in in_env}
     return ServeSettings(**{**kept, **flags})
 
 
-def check_variables(environ: Mapping[str, str], given: set[str] = frozenset()) -> None:
+def check_variables(environ: Mapping[str, str], given: AbstractSet[str] = frozenset()) -> None:
     """Refuse GUARD_* variables that would be ignored: a misspelt name (GUARD_AUTH_TOKEN for GUARD_AUTH_TOKEN_FILE)
-    leaves its setting at the default without a word, which for a security setting is a guard serving open. Refuse
-    too a port variable that holds a Kubernetes service link (tcp://…) where no flag (`given`) overrides it. The
-    other variables Kubernetes makes for a Service named guard… are let be."""
-    known = {f"GUARD_{name.upper()}" for name in ServeSettings.model_fields}
-    problems = []
+    leaves its setting at the default without a word, which for a security setting is a guard serving open. Names
+    are matched as pydantic-settings matches them (lowercased). The variables Kubernetes and Docker make for a
+    service named guard… are let be, unless one lands on a port setting that no flag (`given`) overrides."""
+    settings = {f"guard_{name}": name for name in ServeSettings.model_fields}
+    unknown, links = [], []
     for name, value in sorted(environ.items()):
-        upper = name.upper()
-        if not upper.startswith("GUARD_") or upper in OTHER_VARIABLES:
+        lower = name.lower()
+        if not lower.startswith("guard_") or name in OTHER_VARIABLES:
             continue
-        if upper in known:
-            setting = upper.removeprefix("GUARD_").lower()
-            if _LINK_VALUE.match(value) and setting not in given:
-                problems.append(f"{name}={value!r} is a Kubernetes service link (a Service named like guard in this "
-                                f"namespace), not a port: pass --{setting.replace('_', '-')}, or set "
-                                "enableServiceLinks: false on the pod")
-        elif not (_LINK_NAME.search(upper) or (upper.endswith("_PORT") and _LINK_VALUE.match(value))):
-            close = difflib.get_close_matches(upper, sorted(known | OTHER_VARIABLES), n=1)
-            problems.append(f"{name} sets nothing" + (f" (did you mean {close[0]}?)" if close else ""))
+        setting = settings.get(lower)
+        if setting in PORT_SETTINGS and _LINK_VALUE.match(value) and setting not in given:
+            service = lower.removesuffix("_port").replace("_", "-")
+            links.append(f"{name}={value!r} is the address of a Service named {service} (Kubernetes makes it for "
+                         f"every pod in the namespace), not a port: pass --{setting.replace('_', '-')}, or set "
+                         "enableServiceLinks: false on the pod")
+        elif setting is None and not is_link(lower, value):
+            names = sorted([f"GUARD_{n.upper()}" for n in settings.values()] + list(OTHER_VARIABLES))
+            close = difflib.get_close_matches(name.upper(), names, n=1)
+            unknown.append(f"{name} sets nothing" + (f" (did you mean {close[0]}?)" if close else ""))
+    problems = links
+    if unknown:
+        problems.append("; ".join(unknown) + " (unset it; `guard serve --help` lists the settings, each also a "
+                        "GUARD_<NAME> variable)")
     if problems:
-        raise GuardError("; ".join(problems) + " (unset it; `guard serve --help` lists the settings, each also a "
-                         "GUARD_<NAME> variable)")
+        raise GuardError("; ".join(problems))
 
 
 def file_settings(config: Path | None = None) -> dict[str, Any]:

@@ -105,3 +105,20 @@ def test_a_reopen_that_fails_keeps_writing_to_the_open_file(tmp_path: Path) -> N
     folder.mkdir()
     audit.reopen()  # after close: nothing is opened again
     assert not (folder / "audit.jsonl").exists()
+
+
+def test_a_reopen_after_a_write_the_disk_refused_does_not_raise(tmp_path: Path) -> None:
+    """/dev/full refuses every write: the failed line stays in the old file's buffer, and closing it fails too."""
+    from guard.runtime.guard import Result
+    from guard.server.audit import Caller
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    audit = AuditLog("/dev/full")
+    flagged = np.array([True])
+    result = Result(labels=np.array([3]), logits=np.zeros((1, 10), np.float32), flagged=flagged,
+                    score=np.array([9.0], np.float32), model_labels=np.array([0]), demoted=~flagged,
+                    overruled=~flagged)
+    audit.record("badnets", "enforce", Caller("oip", "ipv4:127.0.0.1:1", None, "lost"), result)  # logged, not raised
+    audit.reopen()
+    audit.close()

@@ -84,6 +84,11 @@ def test_a_variable_that_sets_nothing_is_refused(backdoored: Backdoored, monkeyp
     monkeypatch.setenv("guard_max_bach", "3")  # read in any case, as pydantic-settings reads the real ones
     with pytest.raises(GuardError, match="guard_max_bach sets nothing"):
         load_settings(paths)
+    monkeypatch.delenv("guard_max_bach")
+    # GUARD_CONFIG is read in that case only: a lowercase one would be a settings file silently not read
+    monkeypatch.setenv("guard_config", "/etc/guard.json")
+    with pytest.raises(GuardError, match=r"guard_config sets nothing \(did you mean GUARD_CONFIG\?\)"):
+        load_settings(paths)
 
 
 def test_kubernetes_service_links_are_let_be_unless_they_take_a_port(backdoored: Backdoored,
@@ -93,11 +98,21 @@ def test_kubernetes_service_links_are_let_be_unless_they_take_a_port(backdoored:
     links = {"GUARD_SERVICE_HOST": "10.96.0.7", "GUARD_SERVICE_PORT": "8001", "GUARD_SERVICE_PORT_GRPC": "8001",
              "GUARD_PORT_8001_TCP": "tcp://10.96.0.7:8001", "GUARD_PORT_8001_TCP_PROTO": "tcp",
              "GUARD_PORT_8001_TCP_PORT": "8001", "GUARD_PORT_8001_TCP_ADDR": "10.96.0.7",
-             "GUARD_GRPC_PORT": "tcp://10.96.0.8:8001", "GUARD_CONFIG": "", "GUARD_ADDRESS": "localhost:8001"}
+             "GUARD_GRPC_PORT": "tcp://10.96.0.8:8001", "GUARD_CONFIG": "", "GUARD_ADDRESS": "localhost:8001",
+             "GUARD_NAME": "/app/guard", "GUARD_ENV_LANG": "C.UTF-8"}  # the last two: a Docker legacy link
     for name, value in links.items():
         monkeypatch.setenv(name, value)
     assert load_settings(paths).port == DEFAULT_PORT
-    monkeypatch.setenv("GUARD_PORT", "tcp://10.96.0.7:8001")  # would be read as the port
-    with pytest.raises(GuardError, match=r"GUARD_PORT='tcp://10\.96\.0\.7:8001' is a Kubernetes service link.*--port"):
+    monkeypatch.setenv("GUARD_METRICS_PORT", "tcp://10.96.0.9:8002")  # a Service named guard-metrics
+    with pytest.raises(GuardError, match=r"address of a Service named guard-metrics.*--metrics-port"):
         load_settings(paths)
-    assert load_settings({**paths, "port": 9001}).port == 9001  # a flag overrides it, so it is harmless
+    monkeypatch.setenv("GUARD_PORT", "tcp://10.96.0.7:8001")  # would be read as the port
+    with pytest.raises(GuardError, match=r"GUARD_PORT='tcp://10\.96\.0\.7:8001' is the address of a Service named "
+                                         r"guard .*--port"):
+        load_settings({**paths, "metrics_port": 0})
+    settings = load_settings({**paths, "port": 9001, "metrics_port": 0})  # flags override both, so they are harmless
+    assert (settings.port, settings.metrics_port) == (9001, 0)
+    # guard health, which has no --port of serve's to see, takes the file's port or the default over a link
+    from guard.cli import served_port
+
+    assert served_port() == DEFAULT_PORT

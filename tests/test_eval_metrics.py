@@ -133,7 +133,7 @@ def test_detection_on_the_triggers_that_took() -> None:
     took = np.arange(300) < 100  # a third of the triggers took and score high; the rest look clean
     triggered = np.where(took, 10.0, rng.normal(size=300))
     row = _detection(clean, clean > 1.6, triggered, triggered > 1.6, took)
-    assert row["auroc_took"] == 1.0 and row["tpr_took"] == 1.0
+    assert row["auroc_took"] == 1.0 and row["tpr_took"] == 1.0 and row["n_took"] == 100
     assert abs(row["auroc"] - (1 / 3 + 2 / 3 / 2)) < 0.05  # took + (1 - took) / 2
     assert row["tpr"] < 0.5
     untold = _detection(clean, clean > 1.6, triggered, triggered > 1.6)

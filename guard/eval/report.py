@@ -472,6 +472,8 @@ sees a trigger that did not take only as far as it disturbs the model anyway; on
 like a clean image, and where a trigger takes on a minority of images such a score's AUROC over all of them stays
 near took + (1 − took) / 2 even if it finds every trigger that took. The targets are checked on the AUROC over all
 triggered images, as EVALUATION.md states it; the "took" columns say how much of a miss that accounts for.
+STRIP's are measured on its own subsample (above), so where little took they rest on few images (`n_took` in
+figures.json).
 
 {_detection_table(figures)}
 

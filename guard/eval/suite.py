@@ -186,16 +186,17 @@ def _answers(labels: np.ndarray, truth: np.ndarray, trig_labels: np.ndarray | No
 def _detection(clean_score: np.ndarray, clean_flag: np.ndarray, trig_score: np.ndarray | None,
                trig_flag: np.ndarray | None, took: np.ndarray | None = None) -> dict[str, object]:
     """FPR, TPR and AUROC of a per-request score; with `took` (the triggered images the undefended model answers
-    with the target class) also TPR and AUROC on those alone: a trigger that did not take leaves the model as it
-    is on a clean image, so no score of the model's state can tell it apart, and the protocol's AUROC mixes the two."""
+    with the target class) also TPR and AUROC on those alone, and how many there were: a trigger that did not take
+    leaves the model much as a clean image does, and the protocol's AUROC mixes the two."""
     row: dict[str, object] = {"fpr": share(clean_flag), "tpr": None, "auroc": None, "roc": None,
-                              "tpr_took": None, "auroc_took": None}
+                              "tpr_took": None, "auroc_took": None, "n_took": None}
     if trig_score is not None and trig_flag is not None:
         fpr, tpr = roc_curve(clean_score, trig_score, points=51)
         row.update(tpr=share(trig_flag), auroc=auroc(clean_score, trig_score),
                    roc={"fpr": fpr.round(4).tolist(), "tpr": tpr.round(4).tolist()})
         if took is not None:
-            row.update(tpr_took=share(trig_flag[took]), auroc_took=auroc(clean_score, trig_score[took]))
+            row.update(tpr_took=share(trig_flag[took]), auroc_took=auroc(clean_score, trig_score[took]),
+                       n_took=int(took.sum()))
     return row
 
 

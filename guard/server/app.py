@@ -125,6 +125,9 @@ class GuardServer:
 
 def serve(settings: ServeSettings) -> None:
     """Run until SIGTERM or SIGINT, then drain and return; on SIGHUP reopen the audit log (log rotation)."""
+    rotated = threading.Event()  # SIGHUP (log rotation) is only noted here: the reopen runs in the loop below
+    if hasattr(signal, "SIGHUP"):  # not on Windows; set before the slow start, so an early HUP does not kill guard
+        signal.signal(signal.SIGHUP, lambda *_: rotated.set())
     server = GuardServer(settings)
     server.start()
     status = sys.stderr if settings.audit_log == "-" else sys.stdout  # stdout is then the audit log's alone
@@ -133,9 +136,6 @@ def serve(settings: ServeSettings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    rotated = threading.Event()  # the handler only says so; the reopen runs here, outside the signal handler
-    if hasattr(signal, "SIGHUP"):  # not on Windows
-        signal.signal(signal.SIGHUP, lambda *_: rotated.set())
     while not stop.wait(0.5):  # short waits keep the main thread responsive to signals
         if rotated.is_set():
             rotated.clear()

@@ -95,7 +95,10 @@ class AuditLog:
                 fresh.close()
                 return
             rotated, self._file = self._file, fresh
-        rotated.close()
+        try:
+            rotated.close()
+        except OSError as exc:  # its buffer held a line a full disk refused: lost already, and logged then
+            log.error("closing the rotated audit log %s: %s", self.target, exc)
         log.info("audit log %s reopened", self.target)
 
     def close(self) -> None:
