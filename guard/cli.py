@@ -22,7 +22,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     x, y = load_samples(args.data)
     settings = CalibrationSettings(
-        layers=args.layers.split(",") if args.layers else None, fpr=args.fpr,
+        layers=args.layers.split(",") if args.layers else None, conv_taps=args.conv_taps, fpr=args.fpr,
         fpr_confidence=args.fpr_confidence, demote_rate=args.demote_rate, acc_budget=args.acc_budget,
         prune=not args.no_prune, dense_part=not args.no_dense_part, dense_score=args.dense_score, seed=args.seed,
         suspect=args.suspect, reference=args.reference, reference_rate=args.reference_rate,
@@ -448,7 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--data", required=True,
                      help=".npz with x (N, C, H, W) and optional y (N,), or an image folder (README)")
     cal.add_argument("--out", required=True, type=Path, help="where to write the profile (.safetensors)")
-    cal.add_argument("--layers", help="comma-separated ONNX tensor names to tap (default: chosen automatically)")
+    cal.add_argument("--layers", help="comma-separated ONNX tensor names to tap (default: the last --conv-taps conv "
+                     "activations and the penultimate features)")
+    cal.add_argument("--conv-taps", type=int, default=4,
+                     help="without --layers, how many of the last conv activations to tap (default 4)")
     cal.add_argument("--fpr", type=float, default=0.05, help="target false-positive rate (default 0.05)")
     cal.add_argument("--fpr-confidence", type=float, default=0.9,
                      help="chance that the false-positive rate stays within --fpr (default 0.9; 0.5: on average)")

@@ -53,6 +53,7 @@ class CalibrationSettings:
     """Every knob of calibration; all of them are recorded in the profile."""
 
     layers: list[str] | None = None  # ONNX tensor names to tap; None = the last conv activations + penultimate
+    conv_taps: int = 4  # how many of the last conv activations, where `layers` is None (docs/design.md)
     fpr: float = 0.05  # target share of clean requests flagged ...
     fpr_confidence: float = 0.9  # ... with this chance over the draw of the clean data (0.5: on average)
     # Share of clean requests (bounded with the same confidence) so far outside their class's profile that the guard
@@ -147,6 +148,8 @@ class CalibrationSettings:
             raise GuardError(f"the distance's covariance shrinkage must lie in (0, 1], got {self.distance_shrink}")
         if not (np.isfinite(self.cut_z) and self.cut_z > 0):
             raise GuardError(f"the re-prediction's cut must be a positive z, got {self.cut_z}")
+        if isinstance(self.conv_taps, bool) or not isinstance(self.conv_taps, int) or self.conv_taps < 0:
+            raise GuardError(f"--conv-taps must be a whole number >= 0, got {self.conv_taps!r}")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise GuardError(f"--layers names a tensor twice: {self.layers}")
 
@@ -174,7 +177,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         raise GuardError(f"--suspect {settings.suspect} is not a class of this model ({loaded.num_classes} classes)")
     for number, trigger in enumerate(triggers):
         check_trigger(trigger, loaded.sample_shape, loaded.num_classes, f"trigger {number}")
-    taps = list(settings.layers) if settings.layers else default_taps(loaded)
+    taps = list(settings.layers) if settings.layers else default_taps(loaded, conv_taps=settings.conv_taps)
     validate_taps(loaded, taps)
     hold, fit = holdout_split(len(x), settings.holdout, settings.seed)
     timings: dict[str, float] = {}
