@@ -435,6 +435,20 @@ def test_cli_calibrate_with_a_named_suspect_skips_the_scan(setup: Setup, tmp_pat
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 
+def test_cli_calibrate_taps_as_many_conv_activations_as_asked(setup: Setup, tmp_path: Path) -> None:
+    from guard.model.graph import default_taps, load_model
+
+    model = load_model(setup.model_path)
+    assert setup.profile.tap_names == default_taps(model, conv_taps=CalibrationSettings().conv_taps)
+    np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
+    done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "p.safetensors", "--quiet",
+                   "--suspect", "3", "--no-reference", "--conv-taps", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    profile = Profile.load(tmp_path / "p.safetensors")
+    assert profile.tap_names == default_taps(model, conv_taps=1) == setup.profile.tap_names[-2:]
+    assert profile.settings["conv_taps"] == 1
+
+
 def test_cli_serve_with_a_corrupt_profile_fails_in_one_line(setup: Setup, tmp_path: Path) -> None:
     _truncated(setup, tmp_path / "corrupt.safetensors", 0.5)
     done = run_cli("serve", setup.model_path, "--profile", "corrupt.safetensors", "--port", "0", "--metrics-port",
@@ -465,7 +479,7 @@ def test_cli_calibrate_with_a_missing_data_file_fails_in_one_line(setup: Setup, 
 
 @pytest.mark.parametrize(("option", "value"), [("--fpr-confidence", "1"), ("--demote-rate", "-0.1"),
                                                ("--suspect", "10"), ("--reference-rate", "1"),
-                                               ("--reference-folds", "0")])
+                                               ("--reference-folds", "0"), ("--conv-taps", "-1")])
 def test_cli_calibrate_with_an_impossible_setting_fails_in_one_line(setup: Setup, tmp_path: Path, option: str,
                                                                    value: str) -> None:
     np.savez(tmp_path / "clean.npz", x=setup.x_cal[:40], y=setup.y_cal[:40])
