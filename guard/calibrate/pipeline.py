@@ -53,7 +53,7 @@ class CalibrationSettings:
     """Every knob of calibration; all of them are recorded in the profile."""
 
     layers: list[str] | None = None  # ONNX tensor names to tap; None = the last conv activations + penultimate
-    conv_taps: int = 4  # how many of the last conv activations, where `layers` is None (docs/design.md)
+    conv_taps: int = 2  # how many of the last conv activations, where `layers` is None (docs/design.md)
     fpr: float = 0.05  # target share of clean requests flagged ...
     fpr_confidence: float = 0.9  # ... with this chance over the draw of the clean data (0.5: on average)
     # Share of clean requests (bounded with the same confidence) so far outside their class's profile that the guard
