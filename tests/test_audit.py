@@ -72,22 +72,17 @@ def test_an_audit_log_that_cannot_be_opened_stops_the_start(tmp_path: Path) -> N
 def test_a_request_answered_after_the_log_closed_is_not_failed(tmp_path: Path) -> None:
     """A handler that outlives the server's grace period finds the log closed: its line is dropped (and logged),
     and the caller still gets the answer."""
-    from guard.runtime.guard import Result
     from guard.server.audit import Caller
 
     audit = AuditLog(str(tmp_path / "audit.jsonl"))
     audit.close()
-    flagged = np.array([True])
-    result = Result(labels=np.array([3]), logits=np.zeros((1, 10), np.float32), flagged=flagged,
-                    score=np.array([9.0], np.float32), model_labels=np.array([0]), demoted=~flagged,
-                    overruled=~flagged)
+    result = _one_flagged_sample()
     audit.record("badnets", "enforce", Caller("oip", "ipv4:127.0.0.1:1", None, "late"), result)
     assert (tmp_path / "audit.jsonl").read_text() == ""
 
 
 def test_a_reopen_that_fails_keeps_writing_to_the_open_file(tmp_path: Path) -> None:
     """SIGHUP with the log's folder gone (a rotation gone wrong): no line is lost, the old file takes it."""
-    from guard.runtime.guard import Result
     from guard.server.audit import Caller
 
     folder = tmp_path / "logs"
@@ -95,10 +90,7 @@ def test_a_reopen_that_fails_keeps_writing_to_the_open_file(tmp_path: Path) -> N
     audit = AuditLog(str(folder / "audit.jsonl"))
     moved = folder.rename(tmp_path / "moved")
     audit.reopen()
-    flagged = np.array([True])
-    result = Result(labels=np.array([3]), logits=np.zeros((1, 10), np.float32), flagged=flagged,
-                    score=np.array([9.0], np.float32), model_labels=np.array([0]), demoted=~flagged,
-                    overruled=~flagged)
+    result = _one_flagged_sample()
     audit.record("badnets", "enforce", Caller("oip", "ipv4:127.0.0.1:1", None, "after"), result)
     audit.close()
     assert json.loads((moved / "audit.jsonl").read_text())["request_id"] == "after"
@@ -109,16 +101,21 @@ def test_a_reopen_that_fails_keeps_writing_to_the_open_file(tmp_path: Path) -> N
 
 def test_a_reopen_after_a_write_the_disk_refused_does_not_raise(tmp_path: Path) -> None:
     """/dev/full refuses every write: the failed line stays in the old file's buffer, and closing it fails too."""
-    from guard.runtime.guard import Result
     from guard.server.audit import Caller
 
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full on this system")
     audit = AuditLog("/dev/full")
-    flagged = np.array([True])
-    result = Result(labels=np.array([3]), logits=np.zeros((1, 10), np.float32), flagged=flagged,
-                    score=np.array([9.0], np.float32), model_labels=np.array([0]), demoted=~flagged,
-                    overruled=~flagged)
+    result = _one_flagged_sample()
     audit.record("badnets", "enforce", Caller("oip", "ipv4:127.0.0.1:1", None, "lost"), result)  # logged, not raised
     audit.reopen()
     audit.close()
+
+
+def _one_flagged_sample():
+    """A result of one sample, flagged: what the log records."""
+    from guard.runtime.guard import Result
+
+    flagged = np.array([True])
+    return Result(labels=np.array([3]), logits=np.zeros((1, 10), np.float32), flagged=flagged,
+                  score=np.array([9.0], np.float32), model_labels=np.array([0]), demoted=~flagged, overruled=~flagged)
