@@ -27,6 +27,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         prune=not args.no_prune, dense_part=not args.no_dense_part, dense_score=args.dense_score, seed=args.seed,
         suspect=args.suspect, reference=args.reference, reference_rate=args.reference_rate,
         reference_folds=args.reference_folds, reference_unlearn=args.reference_unlearn,
+        demote_confirm=args.demote_confirm or None,
     )
     settings.validate()  # before the scan's seconds are spent
     _writable(args.out)
@@ -487,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the reference also unlearns the triggers the scan synthesised for its candidate classes, "
                           "stamped on this share of each batch (default 0.1; 0: not at all; only with the scan, not "
                           "with --suspect or --no-scan)")
+    cal.add_argument("--demote-confirm", type=float, default=0.99, metavar="P",
+                     help="a request past a demote threshold keeps the model's answer where the reference gives "
+                          "it at least this probability (default 0.99; 0: demote it all the same)")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(run=_calibrate)

@@ -77,15 +77,20 @@ def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdo
     others = benign_logits.copy()
     others[np.arange(len(requests)), own] = -np.inf
     benign_margin = benign_logits[np.arange(len(requests)), own] - others.max(axis=1)
-    demoted = (verdict.score > profile.thresholds.demote) & (benign == own) & (benign_margin < model_margin)
-    runner_up = benign_logits.copy()
-    runner_up[np.arange(len(requests)), masked.predictions] = -np.inf
-    expected = np.where(demoted, runner_up.argmax(axis=1), np.where(flagged, benign, masked.predictions))
-    # the reference: the model with the profile's weights, run in torch; it answers where it disagrees enough
+    # the reference: the model with the profile's weights, run in torch; a demotion is spared where it gives the
+    # model's answer at least the confirming probability, and it answers where it disagrees enough
     reference = OnnxModule(reference_model(loaded.proto, profile.reference)).eval()
     with torch.no_grad():
         log_probs = torch.log_softmax(reference.run(torch.as_tensor(requests))[0][loaded.output_name], dim=1).numpy()
-    gap = log_probs.max(axis=1) - log_probs[np.arange(len(requests)), own]
+    own_log_prob = log_probs[np.arange(len(requests)), own]
+    log_confirm = math.log(profile.thresholds.confirm)
+    confirmed = own_log_prob >= log_confirm
+    demoted = ((verdict.score > profile.thresholds.demote) & (benign == own) & (benign_margin < model_margin)
+               & ~confirmed)
+    runner_up = benign_logits.copy()
+    runner_up[np.arange(len(requests)), masked.predictions] = -np.inf
+    expected = np.where(demoted, runner_up.argmax(axis=1), np.where(flagged, benign, masked.predictions))
+    gap = log_probs.max(axis=1) - own_log_prob
     overruled = gap > profile.thresholds.overrule
     expected = np.where(overruled, log_probs.argmax(axis=1), expected)
 
@@ -93,8 +98,12 @@ def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdo
     assert 0 < rows.size < len(requests)
     assert demoted.any(), "some request must be demoted for this test to mean much"
     decided = ((np.abs(verdict.score - guard.tau) > 1e-3) & (np.abs(verdict.score - profile.thresholds.demote) > 1e-3)
-               & (np.abs(benign_margin - model_margin) > 1e-3) & (np.abs(gap - profile.thresholds.overrule) > 1e-3))
+               & (np.abs(benign_margin - model_margin) > 1e-3) & (np.abs(gap - profile.thresholds.overrule) > 1e-3)
+               & (np.abs(own_log_prob - log_confirm) > 1e-4))
     assert 0 < overruled.sum() < len(requests), "the reference must overrule some requests, not all"
+    spared = ((verdict.score > profile.thresholds.demote) & (benign == own) & (benign_margin < model_margin)
+              & confirmed)
+    assert spared[decided].any(), "the reference must spare some demotion for this test to mean much"
     np.testing.assert_array_equal(guard.engine.run(requests).needs[decided], needs[decided])
     np.testing.assert_allclose(result.score, verdict.score, atol=1e-4)
     np.testing.assert_array_equal(result.model_labels, masked.predictions)

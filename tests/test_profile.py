@@ -181,6 +181,7 @@ def _without_reference(tensors: dict[str, np.ndarray], meta: dict) -> None:
     """As a profile written before format 6: no reference."""
     _without_reference_weights(tensors, meta)
     meta["thresholds"].pop("overrule")
+    meta["thresholds"].pop("confirm")
 
 
 def _pad_channel(tensors: dict[str, np.ndarray], key: str) -> None:
@@ -268,6 +269,17 @@ CORRUPTIONS = {
                           "overrule threshold must be null or a number at least 0"),
     "overrule-a-string": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "overrule", "1")),
                           "overrule threshold must be a number or null"),
+    "confirm-above-one": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "confirm", 1.5)),
+                          "confirming probability must be null or a number in \\[0.5, 1\\]"),
+    "confirm-below-half": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "confirm", 0.2)),
+                           "confirming probability must be null or a number in \\[0.5, 1\\]"),
+    "confirm-nan": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "confirm", float("nan"))),
+                    "confirming probability must be null or a number"),
+    "confirm-a-bool": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "confirm", True)),
+                       "confirming probability must be null or a number"),
+    "confirm-without-reference": (lambda s, p: _edited(s, p, lambda t, m: (
+        _without_reference_weights(t, m), _set(m["thresholds"], "overrule", None))),
+        "a confirming probability needs a reference"),
     "demote-a-bool": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "demote", True)),
                       "demote threshold must be a number or null"),
     "suspect-threshold-alone": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "suspect_demote",
@@ -598,7 +610,7 @@ def test_a_suspect_gets_its_own_demote_threshold_on_its_clean_answers(setup: Set
         meta["thresholds"].pop("suspect_demote")
 
     older = Profile.load(_edited(setup, tmp_path / "format4.safetensors", as_format_4))
-    assert older.thresholds == dataclasses.replace(plain, overrule=math.inf) and not older.reference
+    assert older.thresholds == dataclasses.replace(plain, overrule=math.inf, confirm=None) and not older.reference
     with pytest.raises(GuardError, match="--suspect 10 is not a class of this model"):
         calibrate(setup.model_path, setup.x_cal, setup.y_cal, settings=CalibrationSettings(suspect=10))
 

@@ -27,7 +27,7 @@ from guard.repair.adaptive_reg import RepairSettings, repair
 from guard.runtime.engine import PlainSession
 from guard.runtime.guard import Guard
 from guard.runtime.policy import Policy
-from guard.runtime.reference import disagreement, reference_model, trained_initializers
+from guard.runtime.reference import confirms, disagreement, reference_model, trained_initializers
 from guard.samples import holdout_folds, holdout_split
 
 
@@ -112,7 +112,10 @@ def test_impossible_reference_settings_are_refused() -> None:
                            ({"reference_folds": 6}, "--reference-folds"), ({"reference_folds": 2.5}, "--reference-folds"),
                            ({"reference_folds": 5.0}, "--reference-folds"), ({"reference_folds": True}, "--reference-folds"),
                            ({"reference_unlearn": 1.0}, "--reference-unlearn"),
-                           ({"reference_unlearn": -0.1}, "--reference-unlearn")):
+                           ({"reference_unlearn": -0.1}, "--reference-unlearn"),
+                           ({"demote_confirm": 0.3}, "--demote-confirm"), ({"demote_confirm": 1.01}, "--demote-confirm"),
+                           ({"demote_confirm": True}, "--demote-confirm"),
+                           ({"demote_confirm": float("nan")}, "--demote-confirm")):
         with pytest.raises(GuardError, match=option):
             CalibrationSettings(**fields).validate()
 
@@ -282,20 +285,33 @@ def test_a_profile_without_a_reference_runs_the_model_only(backdoored: Backdoore
     result = Guard.load(backdoored.model_path, tmp_path / "plain.safetensors").predict(backdoored.x_eval)
     assert not result.overruled.any() and "reference" not in result.stage_seconds
     with_reference = Profile.load(backdoored.profile_path)
-    assert plain.thresholds == dataclasses.replace(with_reference.thresholds, overrule=math.inf)
+    assert plain.thresholds == dataclasses.replace(with_reference.thresholds, overrule=math.inf, confirm=None)
 
 
 def test_cli_reference_folds_set_how_many_fine_tunings_the_threshold_pools(backdoored: Backdoored,
                                                                         tmp_path: Path) -> None:
     np.savez(tmp_path / "clean.npz", x=backdoored.x_clean, y=backdoored.y_clean)
     done = run_cli("calibrate", backdoored.model_path, "--data", "clean.npz", "--out", "two.safetensors", "--quiet",
-                   "--no-scan", "--reference-folds", "2", cwd=tmp_path)
+                   "--no-scan", "--reference-folds", "2", "--demote-confirm", "0", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "of 200 held-out samples of 2 fine-tuning(s)" in done.stdout
     assert "unlearned no trigger)" in done.stdout  # no scan, no triggers
     two = Profile.load(tmp_path / "two.safetensors")
     assert two.settings["reference_folds"] == two.figures["reference_folds"] == 2
     assert two.reference and 0 <= two.thresholds.overrule < math.inf
+    assert two.thresholds.confirm is None and two.settings["demote_confirm"] is None  # 0: demote all the same
+    assert Profile.load(backdoored.profile_path).thresholds.confirm == 0.99  # the default
+
+
+def test_the_reference_confirms_an_answer_it_gives_at_least_the_probability() -> None:
+    logits = np.array([[3.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 0.0], [50.0, -50.0, 0.0]], dtype=np.float32)
+    labels = np.array([0, 1, 0, 0])
+    probability = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()[np.arange(4), labels]
+    assert confirms(logits, labels, 0.9).tolist() == (probability >= 0.9).tolist() == [True, False, False, True]
+    assert confirms(logits, labels, float(probability[0]) * 0.999).tolist()[0]
+    assert not confirms(logits, labels, float(probability[0]) * 1.001).tolist()[0]
+    assert confirms(logits, labels, 1.0).tolist() == [False, False, False, True]  # certain, to float precision
+    assert not confirms(logits, labels, None).any()
 
 
 def badnets_trigger(attack: BadNets) -> Trigger:

@@ -82,6 +82,12 @@ class CalibrationSettings:
     # Given the scan's candidate triggers (`calibrate(triggers=...)`), the reference's fine-tunings also unlearn them:
     # this share of each batch is stamped with one, true labels kept, as `guard repair` does (0: none).
     reference_unlearn: float = UNLEARN_SHARE
+    # A request past a demote threshold (the general one or the suspect's) keeps the model's answer where the
+    # reference gives that answer at least this probability (None: demoted all the same). Demoted clean requests are
+    # mostly right, and the reference confirms most of them; it has unlearned or faded the triggers that took, and
+    # confirms few of those. Chosen on training-split images (seeds 10-11, both architectures; checked on seed 12):
+    # docs/design.md, "The reference spares the demotions it confirms".
+    demote_confirm: float | None = 0.99
     acc_budget: float = 0.01  # clean accuracy the static mask may cost (absolute, on the held-out split)
     benign_share: float = 0.99  # share of a layer's benign salience the benign set covers
     holdout: float = 0.3  # share of the clean data held out for the static mask's accuracy
@@ -129,6 +135,10 @@ class CalibrationSettings:
                              f"fifth), got {folds!r}")
         if not (np.isfinite(self.reference_lr) and self.reference_lr > 0):
             raise GuardError(f"the reference's learning rate must be a positive number, got {self.reference_lr}")
+        confirm = self.demote_confirm
+        if confirm is not None and (isinstance(confirm, bool) or not isinstance(confirm, (int, float))
+                                    or not 0.5 <= confirm <= 1):
+            raise GuardError(f"--demote-confirm must be 0 (off) or a probability in [0.5, 1], got {confirm!r}")
         if not 0 <= self.reference_unlearn < 1:
             raise GuardError(f"--reference-unlearn is a share of each batch in [0, 1), got {self.reference_unlearn}")
         if not 0 < self.suspect_rate < 1:
@@ -278,10 +288,12 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
                           lr=settings.reference_lr, seed=settings.seed, folds=settings.reference_folds,
                           triggers=unlearned, unlearn_share=settings.reference_unlearn)
 
+    kept = reference is not None and bool(reference.weights)
     draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q, cut=settings.cut_z, demote=demote,
                                   parts=[PartScale.of(group, part) for group, part in zip(groups, parts, strict=True)],
                                   suspect=settings.suspect, suspect_demote=suspect_demote,
-                                  overrule=math.inf if not reference or not reference.weights else reference.threshold)
+                                  overrule=math.inf if not kept else reference.threshold,
+                                  confirm=settings.demote_confirm if kept else None)
     draft.reference = reference.weights if reference else {}
     draft.settings = {**asdict(settings), "layers": taps}
     draft.figures = {

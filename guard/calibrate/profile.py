@@ -30,7 +30,9 @@ from guard.samples import write_atomic
 # (`suspect`, `suspect_demote`); a format-4 guard would answer that class as before, with less protection than the
 # profile promises, so format 5 is refused there. 6: the profile may carry a reference (a fine-tuned copy of the
 # model's weights, tensors "reference/NAME") and the threshold past which it overrules the model (`overrule`); a
-# format-5 guard would ignore it, so format 6 is refused there.
+# format-5 guard would ignore it, so format 6 is refused there. Format 6 later gained `confirm` (the reference's
+# probability that spares a demotion); a format-6 guard that ignores it demotes more requests, never fewer, so it
+# reads such a profile with as much protection as it promises, and the format stayed.
 FORMAT = "guard.profile/6"
 # Format 5 reads with no reference; 4 and 3 with no suspect either, format 3 as top-q parts, format 2 as one
 # unstandardised part, each as it scored.
@@ -116,6 +118,9 @@ class Thresholds:
     # Where the profile carries a reference: the disagreement (guard.calibrate.reference) past which the reference's
     # answer replaces the model's (inf: no reference).
     overrule: float = math.inf
+    # Where the profile carries a reference: the probability the reference must give the model's answer for a request
+    # past a demote threshold (the general one or the suspect's) to keep it (None: every such request is demoted).
+    confirm: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The thresholds as a JSON object (an infinite demote threshold, demotion off, is null; a distance part's
@@ -123,7 +128,7 @@ class Thresholds:
         return {"k": self.k, "tau": self.tau, "top_q": self.top_q, "cut": self.cut,
                 "demote": _finite_or_null(self.demote), "parts": [part.as_json() for part in self.parts],
                 "suspect": self.suspect, "suspect_demote": _finite_or_null(self.suspect_demote),
-                "overrule": _finite_or_null(self.overrule)}
+                "overrule": _finite_or_null(self.overrule), "confirm": self.confirm}
 
 
 def _finite_or_null(value: float) -> float | None:
@@ -308,6 +313,8 @@ class Profile:
             raise ValueError("only a format-6 profile may carry a reference")
         if bool(profile.reference) == math.isinf(profile.thresholds.overrule):
             raise ValueError("a reference's weights and its overrule threshold come together, or neither")
+        if profile.thresholds.confirm is not None and not profile.reference:
+            raise ValueError("a confirming probability needs a reference to confirm with")
         for name, value in profile.reference.items():  # which weights they may replace, the model says (Guard)
             if not name or not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
                 raise ValueError(f"the reference's weight {name!r} must be named, floating-point and finite")
@@ -315,7 +322,7 @@ class Profile:
 
     def without_reference(self) -> Profile:
         """The same profile with no reference: the guard answers as the model and the check decide."""
-        return replace(self, reference={}, thresholds=replace(self.thresholds, overrule=math.inf))
+        return replace(self, reference={}, thresholds=replace(self.thresholds, overrule=math.inf, confirm=None))
 
 
 def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, version: int) -> Thresholds:
@@ -338,8 +345,13 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
                                     and 0 <= suspect < num_classes):
         raise ValueError(f"the suspect must be a class number below {num_classes}, got {suspect!r}")
     overrule = _threshold_or_inf(raw, "overrule", 0.0, "the reference's overrule threshold", "0")
+    confirm = raw.get("confirm")
+    if confirm is not None and (isinstance(confirm, bool) or not isinstance(confirm, (int, float))
+                                or not 0.5 <= confirm <= 1):
+        raise ValueError(f"the reference's confirming probability must be null or a number in [0.5, 1], got {raw}")
     return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut, demote=demote, parts=parts, suspect=suspect,
-                      suspect_demote=suspect_demote, overrule=overrule)
+                      suspect_demote=suspect_demote, overrule=overrule,
+                      confirm=None if confirm is None else float(confirm))
 
 
 def _threshold_or_inf(raw: dict[str, Any], key: str, floor: float, name: str, floor_name: str = "tau") -> float:

@@ -3,7 +3,8 @@
 request x -> validate -> engine (masked model, ℓ∞ per tap and the consistency check, all in one graph) -> the tail
 of the network re-run for the samples with compromised channels or a score above tau -> verdict and policy (a
 score above the demote threshold, or above the suspect's for an answer of the class the scan suspects, refuses the
-model's own class) -> the reference (a fine-tuned copy) overrules the answers it firmly disagrees with -> Result.
+model's own class, unless the reference, a fine-tuned copy, firmly confirms it) -> the reference overrules the
+answers it firmly disagrees with -> Result.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from guard.model.graph import LoadedModel, load_model, tap_shapes, validate_taps
 from guard.model.serving import serving_graphs
 from guard.runtime.engine import PlainSession, build_engine, plain_model
 from guard.runtime.policy import FailurePolicy, Policy, apply_policy, demotions, overrule
-from guard.runtime.reference import disagreement, reference_model
+from guard.runtime.reference import confirms, disagreement, reference_model
 
 log = logging.getLogger("guard.runtime")
 
@@ -176,33 +177,38 @@ class Guard:
         deadline = None if self.check_budget is None else t0 + self.check_budget
         run = self.engine.run(x, deadline)
         t1 = time.perf_counter()
+        seconds = {"engine": t1 - t0}
+        reference_logits = None
+        if self._reference is not None:  # before the tail: its firm agreement spares a demotion
+            reference_logits = self._reference.logits(x, deadline)
+            seconds["reference"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
         model_labels = run.logits.argmax(axis=1)
         # a NaN score (an input that overflows the model) is flagged, never clean
         flagged = ~(run.score <= self.tau) | ~np.isfinite(run.logits).all(axis=1)
         labels, answer = model_labels, run.logits
         demoted = np.zeros(len(x), dtype=bool)
+        thresholds = self.profile.thresholds
         if run.needs.any():  # most clean batches skip all of this
             rows = np.flatnonzero(run.needs)
             benign_logits = run.logits.copy()
             benign_logits[rows] = self.engine.repredict(run, rows, deadline)
             agree = benign_logits.argmax(axis=1) == model_labels
             flagged |= ~agree
-            thresholds = self.profile.thresholds
             suspected = (agree & (model_labels == thresholds.suspect) & (run.score > thresholds.suspect_demote)
                          if thresholds.suspect is not None else np.zeros(len(x), dtype=bool))
             demoted = demotions(run.logits, benign_logits, model_labels, agree & (run.score > thresholds.demote),
                                 suspected)
+            if reference_logits is not None:
+                demoted &= ~confirms(reference_logits, model_labels, thresholds.confirm)
             answer = apply_policy(self.policy, run.logits, benign_logits, flagged, demoted)
             labels = answer.argmax(axis=1)
-        t2 = time.perf_counter()
-        seconds = {"engine": t1 - t0, "repredict": t2 - t1}
+        seconds["repredict"] = time.perf_counter() - t2
         overruled = np.zeros(len(x), dtype=bool)
-        if self._reference is not None:
-            reference_logits = self._reference.logits(x, deadline)
-            overruled = disagreement(reference_logits, model_labels) > self.profile.thresholds.overrule
+        if reference_logits is not None:
+            overruled = disagreement(reference_logits, model_labels) > thresholds.overrule
             answer = overrule(self.policy, answer, reference_logits, overruled)
             labels = answer.argmax(axis=1)
-            seconds["reference"] = time.perf_counter() - t2
         return Result(
             labels=labels.astype(np.int64, copy=False),
             logits=answer.astype(np.float32, copy=False),

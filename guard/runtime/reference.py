@@ -32,6 +32,18 @@ def disagreement(reference_logits: np.ndarray, labels: np.ndarray) -> np.ndarray
     return (logits.max(axis=1) - logits[rows, labels]).astype(np.float32)  # the softmax's normaliser cancels
 
 
+def confirms(reference_logits: np.ndarray, labels: np.ndarray, confirm: float | None) -> np.ndarray:
+    """Per row, whether the reference gives `labels` (the model's answers) at least probability `confirm` (None:
+    no row). The reference has unlearned the scan's candidate triggers and faded the rest, so an extreme request it
+    still answers firmly as the model does is more likely an odd clean image than a trigger that took."""
+    if confirm is None:
+        return np.zeros(len(labels), dtype=bool)
+    logits = reference_logits.astype(np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return logits[np.arange(len(logits)), labels] - log_norm >= np.log(confirm)
+
+
 def reference_model(original: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     """`original` with the reference's weights in place of its own. The weights come from a profile, which is
     untrusted: each must be a trained weight of the model (a linear layer's or a batch norm's weight or bias, never
