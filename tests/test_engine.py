@@ -19,7 +19,7 @@ from guard.model.bridge import OnnxModule
 from guard.model.graph import load_model
 from guard.model.serving import serving_graphs
 from guard.runtime.checks import repredict_masks
-from guard.runtime.guard import Guard
+from guard.runtime.guard import Guard, Result
 from guard.runtime.policy import Policy, apply_policy, margin
 from guard.runtime.reference import reference_model
 
@@ -78,15 +78,20 @@ def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdo
     others[np.arange(len(requests)), own] = -np.inf
     benign_margin = benign_logits[np.arange(len(requests)), own] - others.max(axis=1)
     # the reference: the model with the profile's weights, run in torch; a demotion is spared where it gives the
-    # model's answer at least the confirming probability, and it answers where it disagrees enough
+    # model's answer at least the confirming probability and the score is within the ceiling, and it answers where
+    # it disagrees enough
     reference = OnnxModule(reference_model(loaded.proto, profile.reference)).eval()
     with torch.no_grad():
         log_probs = torch.log_softmax(reference.run(torch.as_tensor(requests))[0][loaded.output_name], dim=1).numpy()
     own_log_prob = log_probs[np.arange(len(requests)), own]
     log_confirm = math.log(profile.thresholds.confirm)
-    confirmed = own_log_prob >= log_confirm
-    demoted = ((verdict.score > profile.thresholds.demote) & (benign == own) & (benign_margin < model_margin)
-               & ~confirmed)
+    eligible = (verdict.score > profile.thresholds.demote) & (benign == own) & (benign_margin < model_margin)
+    # a ceiling halfway through the scores of the demotions the reference confirms, so both sides of it are tested
+    ceiling = float(np.median(verdict.score[eligible & (own_log_prob >= log_confirm)]))
+    ceiled = Guard(loaded, dataclasses.replace(profile, thresholds=dataclasses.replace(profile.thresholds,
+                                                                                      confirm_ceiling=ceiling)))
+    confirmed = (own_log_prob >= log_confirm) & (verdict.score <= ceiling)
+    demoted = eligible & ~confirmed
     runner_up = benign_logits.copy()
     runner_up[np.arange(len(requests)), masked.predictions] = -np.inf
     expected = np.where(demoted, runner_up.argmax(axis=1), np.where(flagged, benign, masked.predictions))
@@ -94,17 +99,16 @@ def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdo
     overruled = gap > profile.thresholds.overrule
     expected = np.where(overruled, log_probs.argmax(axis=1), expected)
 
-    result = guard.predict(requests)
+    result = ceiled.predict(requests)
     assert 0 < rows.size < len(requests)
     assert demoted.any(), "some request must be demoted for this test to mean much"
     decided = ((np.abs(verdict.score - guard.tau) > 1e-3) & (np.abs(verdict.score - profile.thresholds.demote) > 1e-3)
                & (np.abs(benign_margin - model_margin) > 1e-3) & (np.abs(gap - profile.thresholds.overrule) > 1e-3)
-               & (np.abs(own_log_prob - log_confirm) > 1e-4))
+               & (np.abs(own_log_prob - log_confirm) > 1e-4) & (np.abs(verdict.score - ceiling) > 1e-3))
     assert 0 < overruled.sum() < len(requests), "the reference must overrule some requests, not all"
-    spared = ((verdict.score > profile.thresholds.demote) & (benign == own) & (benign_margin < model_margin)
-              & confirmed)
-    assert spared[decided].any(), "the reference must spare some demotion for this test to mean much"
-    np.testing.assert_array_equal(guard.engine.run(requests).needs[decided], needs[decided])
+    assert (eligible & confirmed)[decided].any(), "the reference must spare some demotion for this to mean much"
+    assert (eligible & (own_log_prob >= log_confirm) & ~confirmed)[decided].any(), "and the ceiling refuse some"
+    np.testing.assert_array_equal(ceiled.engine.run(requests).needs[decided], needs[decided])
     np.testing.assert_allclose(result.score, verdict.score, atol=1e-4)
     np.testing.assert_array_equal(result.model_labels, masked.predictions)
     np.testing.assert_array_equal(result.flagged[decided], flagged[decided])
@@ -145,6 +149,30 @@ def test_profile_without_demotion_answers_every_agreeing_row_as_the_model(guard:
     assert changed.any()
     assert not changed[~agreeing].any()
     assert (demoting.labels[changed] != demoting.model_labels[changed]).all()
+
+
+def test_the_reference_confirms_no_demotion_above_the_ceiling(guard: Guard, backdoored: Backdoored,
+                                                              requests: np.ndarray) -> None:
+    """The fixture's reference never unlearned the trigger (it was calibrated without a scan): with no ceiling it
+    confirms the target on triggered requests past the demote threshold. The calibrated ceiling (the highest clean
+    calibration score) spares none above it, and a ceiling at the lower demote threshold spares none at all."""
+    profile, loaded = guard.profile, load_model(backdoored.model_path)
+    thresholds = profile.thresholds
+
+    def with_thresholds(**changes: object) -> Result:
+        changed = dataclasses.replace(profile, thresholds=dataclasses.replace(thresholds, **changes))
+        return Guard(loaded, changed).predict(requests)
+
+    calibrated, unconfirmed = guard.predict(requests), with_thresholds(confirm=None, confirm_ceiling=math.inf)
+    unbounded = with_thresholds(confirm_ceiling=math.inf)
+    lowest = with_thresholds(confirm_ceiling=min(thresholds.demote, thresholds.suspect_demote))
+    above = unconfirmed.score > thresholds.confirm_ceiling + 1e-3
+    spared_unbounded = unconfirmed.demoted & ~unbounded.demoted
+    assert spared_unbounded[len(requests) // 2:].sum() >= 3, "the reference must confirm triggered requests"
+    assert (spared_unbounded & above).any()
+    np.testing.assert_array_equal(calibrated.demoted[above], unconfirmed.demoted[above])
+    np.testing.assert_array_equal(lowest.demoted, unconfirmed.demoted)
+    np.testing.assert_array_equal(lowest.labels, unconfirmed.labels)
 
 
 def test_answers_of_the_suspect_are_refused_from_its_own_threshold(guard: Guard, backdoored: Backdoored,

@@ -182,6 +182,7 @@ def _without_reference(tensors: dict[str, np.ndarray], meta: dict) -> None:
     _without_reference_weights(tensors, meta)
     meta["thresholds"].pop("overrule")
     meta["thresholds"].pop("confirm")
+    meta["thresholds"].pop("confirm_ceiling")
 
 
 def _pad_channel(tensors: dict[str, np.ndarray], key: str) -> None:
@@ -280,6 +281,14 @@ CORRUPTIONS = {
     "confirm-without-reference": (lambda s, p: _edited(s, p, lambda t, m: (
         _without_reference_weights(t, m), _set(m["thresholds"], "overrule", None))),
         "a confirming probability needs a reference"),
+    "confirm-ceiling-below-tau": (lambda s, p: _edited(s, p, lambda t, m: _set(
+        m["thresholds"], "confirm_ceiling", m["thresholds"]["tau"] - 1)),
+        "confirmation's score ceiling must be null or a number at least tau"),
+    "confirm-ceiling-nan": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "confirm_ceiling",
+                                                                         float("nan"))),
+                            "confirmation's score ceiling must be null or a number at least tau"),
+    "confirm-ceiling-alone": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "confirm", None)),
+                              "score ceiling needs a confirming probability"),
     "demote-a-bool": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "demote", True)),
                       "demote threshold must be a number or null"),
     "suspect-threshold-alone": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "suspect_demote",
@@ -610,7 +619,8 @@ def test_a_suspect_gets_its_own_demote_threshold_on_its_clean_answers(setup: Set
         meta["thresholds"].pop("suspect_demote")
 
     older = Profile.load(_edited(setup, tmp_path / "format4.safetensors", as_format_4))
-    assert older.thresholds == dataclasses.replace(plain, overrule=math.inf, confirm=None) and not older.reference
+    assert older.thresholds == dataclasses.replace(plain, overrule=math.inf, confirm=None,
+                                                   confirm_ceiling=math.inf) and not older.reference
     with pytest.raises(GuardError, match="--suspect 10 is not a class of this model"):
         calibrate(setup.model_path, setup.x_cal, setup.y_cal, settings=CalibrationSettings(suspect=10))
 

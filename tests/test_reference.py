@@ -285,7 +285,8 @@ def test_a_profile_without_a_reference_runs_the_model_only(backdoored: Backdoore
     result = Guard.load(backdoored.model_path, tmp_path / "plain.safetensors").predict(backdoored.x_eval)
     assert not result.overruled.any() and "reference" not in result.stage_seconds
     with_reference = Profile.load(backdoored.profile_path)
-    assert plain.thresholds == dataclasses.replace(with_reference.thresholds, overrule=math.inf, confirm=None)
+    assert plain.thresholds == dataclasses.replace(with_reference.thresholds, overrule=math.inf, confirm=None,
+                                                   confirm_ceiling=math.inf)
 
 
 def test_cli_reference_folds_set_how_many_fine_tunings_the_threshold_pools(backdoored: Backdoored,
@@ -300,7 +301,9 @@ def test_cli_reference_folds_set_how_many_fine_tunings_the_threshold_pools(backd
     assert two.settings["reference_folds"] == two.figures["reference_folds"] == 2
     assert two.reference and 0 <= two.thresholds.overrule < math.inf
     assert two.thresholds.confirm is None and two.settings["demote_confirm"] is None  # 0: demote all the same
-    assert Profile.load(backdoored.profile_path).thresholds.confirm == 0.99  # the default
+    assert two.thresholds.confirm_ceiling == math.inf
+    default = Profile.load(backdoored.profile_path).thresholds
+    assert default.confirm == 0.99 and default.tau <= default.confirm_ceiling < math.inf
 
 
 def test_the_reference_confirms_an_answer_it_gives_at_least_the_probability() -> None:

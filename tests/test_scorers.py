@@ -25,6 +25,7 @@ from guard.calibrate.consistency import (
     class_gaussian,
     class_profiles,
     compromise_threshold,
+    confirm_ceiling,
     demote_threshold,
     fit_distance_part,
     fit_parts,
@@ -527,6 +528,14 @@ def test_demote_threshold_counts_only_agreeing_samples_and_never_falls_below_tau
     few_agree = np.ones(1000, dtype=bool)
     few_agree[:5] = False  # fewer agreeing samples than the budget: every flagged one may be demoted
     assert demote_threshold(scores, few_agree, tau=-1.0, rate=0.015, confidence=0.9) == -1.0
+
+
+def test_confirm_ceiling_is_the_highest_agreeing_clean_score_never_below_tau() -> None:
+    scores = np.array([0.5, 3.0, 2.0, 9.0, 1.0])
+    disagree = np.array([False, False, False, True, False])  # the 9.0 is answered differently already
+    assert confirm_ceiling(scores, disagree, tau=1.0) == 3.0
+    assert confirm_ceiling(scores, disagree, tau=4.0) == 4.0
+    assert confirm_ceiling(scores, np.ones(5, dtype=bool), tau=1.0) == 1.0  # none agree: only τ
 
 
 # ---------------------------------------------------------------------------------------------- static mask

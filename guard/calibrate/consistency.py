@@ -186,6 +186,14 @@ def demote_threshold(scores: np.ndarray, disagree: np.ndarray, tau: float, rate:
     return max(tau, float(by_score[allowed]))
 
 
+def confirm_ceiling(scores: np.ndarray, disagree: np.ndarray, tau: float) -> float:
+    """The score above which the reference's confirmation spares no demotion: the highest score of a clean request
+    that agrees with its re-prediction (never below τ). Past it, the request is stranger than any clean one, and a
+    trigger the reference did not unlearn is as likely a reason for its agreement as the answer being right."""
+    agreeing = scores[~disagree]
+    return max(tau, float(agreeing.max())) if agreeing.size else tau
+
+
 def suspect_threshold(scores: np.ndarray, disagree: np.ndarray, suspected: np.ndarray, tau: float, demote: float,
                       rate: float, confidence: float) -> float:
     """The demote threshold of the `suspected` samples' class (the scan's suspect): `demote_threshold` over them

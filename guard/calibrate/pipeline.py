@@ -21,6 +21,7 @@ from guard.calibrate.activations import Activations, collect
 from guard.calibrate.consistency import (
     class_profiles,
     compromise_threshold,
+    confirm_ceiling,
     demote_threshold,
     fit_distance_part,
     fit_parts,
@@ -86,7 +87,8 @@ class CalibrationSettings:
     # reference gives that answer at least this probability (None: demoted all the same). Demoted clean requests are
     # mostly right, and the reference confirms most of them; it has unlearned or faded the triggers that took, and
     # confirms few of those. Chosen on training-split images (seeds 10-11, both architectures; checked on seed 12):
-    # docs/design.md, "The reference spares the demotions it confirms".
+    # docs/design.md, "The reference spares the demotions it confirms". No request scoring above every clean
+    # calibration request (that agrees with its re-prediction) is spared: a trigger the reference kept scores there.
     demote_confirm: float | None = 0.99
     acc_budget: float = 0.01  # clean accuracy the static mask may cost (absolute, on the held-out split)
     benign_share: float = 0.99  # share of a layer's benign salience the benign set covers
@@ -293,7 +295,9 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
                                   parts=[PartScale.of(group, part) for group, part in zip(groups, parts, strict=True)],
                                   suspect=settings.suspect, suspect_demote=suspect_demote,
                                   overrule=math.inf if not kept else reference.threshold,
-                                  confirm=settings.demote_confirm if kept else None)
+                                  confirm=settings.demote_confirm if kept else None,
+                                  confirm_ceiling=confirm_ceiling(score, disagree, tau)
+                                  if kept and settings.demote_confirm is not None else math.inf)
     draft.reference = reference.weights if reference else {}
     draft.settings = {**asdict(settings), "layers": taps}
     draft.figures = {

@@ -31,8 +31,9 @@ from guard.samples import write_atomic
 # profile promises, so format 5 is refused there. 6: the profile may carry a reference (a fine-tuned copy of the
 # model's weights, tensors "reference/NAME") and the threshold past which it overrules the model (`overrule`); a
 # format-5 guard would ignore it, so format 6 is refused there. Format 6 later gained `confirm` (the reference's
-# probability that spares a demotion); a format-6 guard that ignores it demotes more requests, never fewer, so it
-# reads such a profile with as much protection as it promises, and the format stayed.
+# probability that spares a demotion) and `confirm_ceiling` (the score above which nothing is spared); a format-6
+# guard that ignores them demotes more requests, never fewer, so it reads such a profile with as much protection as
+# it promises, and the format stayed.
 FORMAT = "guard.profile/6"
 # Format 5 reads with no reference; 4 and 3 with no suspect either, format 3 as top-q parts, format 2 as one
 # unstandardised part, each as it scored.
@@ -119,8 +120,10 @@ class Thresholds:
     # answer replaces the model's (inf: no reference).
     overrule: float = math.inf
     # Where the profile carries a reference: the probability the reference must give the model's answer for a request
-    # past a demote threshold (the general one or the suspect's) to keep it (None: every such request is demoted).
+    # past a demote threshold (the general one or the suspect's) to keep it (None: every such request is demoted),
+    # and the score above which no confirmation spares one (the highest clean calibration score; inf: no ceiling).
     confirm: float | None = None
+    confirm_ceiling: float = math.inf
 
     def as_json(self) -> dict[str, Any]:
         """The thresholds as a JSON object (an infinite demote threshold, demotion off, is null; a distance part's
@@ -128,7 +131,8 @@ class Thresholds:
         return {"k": self.k, "tau": self.tau, "top_q": self.top_q, "cut": self.cut,
                 "demote": _finite_or_null(self.demote), "parts": [part.as_json() for part in self.parts],
                 "suspect": self.suspect, "suspect_demote": _finite_or_null(self.suspect_demote),
-                "overrule": _finite_or_null(self.overrule), "confirm": self.confirm}
+                "overrule": _finite_or_null(self.overrule), "confirm": self.confirm,
+                "confirm_ceiling": _finite_or_null(self.confirm_ceiling)}
 
 
 def _finite_or_null(value: float) -> float | None:
@@ -322,7 +326,8 @@ class Profile:
 
     def without_reference(self) -> Profile:
         """The same profile with no reference: the guard answers as the model and the check decide."""
-        return replace(self, reference={}, thresholds=replace(self.thresholds, overrule=math.inf, confirm=None))
+        return replace(self, reference={}, thresholds=replace(self.thresholds, overrule=math.inf, confirm=None,
+                                                              confirm_ceiling=math.inf))
 
 
 def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, version: int) -> Thresholds:
@@ -349,9 +354,12 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
     if confirm is not None and (isinstance(confirm, bool) or not isinstance(confirm, (int, float))
                                 or not 0.5 <= confirm <= 1):
         raise ValueError(f"the reference's confirming probability must be null or a number in [0.5, 1], got {raw}")
+    confirm_ceiling = _threshold_or_inf(raw, "confirm_ceiling", tau, "the confirmation's score ceiling")
+    if confirm is None and not math.isinf(confirm_ceiling):
+        raise ValueError(f"a confirmation's score ceiling needs a confirming probability, got {raw}")
     return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut, demote=demote, parts=parts, suspect=suspect,
                       suspect_demote=suspect_demote, overrule=overrule,
-                      confirm=None if confirm is None else float(confirm))
+                      confirm=None if confirm is None else float(confirm), confirm_ceiling=confirm_ceiling)
 
 
 def _threshold_or_inf(raw: dict[str, Any], key: str, floor: float, name: str, floor_name: str = "tau") -> float:

@@ -3,7 +3,8 @@
 request x -> validate -> engine (masked model, ℓ∞ per tap and the consistency check, all in one graph) -> the tail
 of the network re-run for the samples with compromised channels or a score above tau -> verdict and policy (a
 score above the demote threshold, or above the suspect's for an answer of the class the scan suspects, refuses the
-model's own class, unless the reference, a fine-tuned copy, firmly confirms it) -> the reference overrules the
+model's own class, unless the reference, a fine-tuned copy, firmly confirms it and the score is within the clean
+calibration scores' range) -> the reference overrules the
 answers it firmly disagrees with -> Result.
 """
 
@@ -199,8 +200,9 @@ class Guard:
                          if thresholds.suspect is not None else np.zeros(len(x), dtype=bool))
             demoted = demotions(run.logits, benign_logits, model_labels, agree & (run.score > thresholds.demote),
                                 suspected)
-            if reference_logits is not None:
-                demoted &= ~confirms(reference_logits, model_labels, thresholds.confirm)
+            if reference_logits is not None:  # never past every clean score: there the trigger may fool it too
+                demoted &= ~(confirms(reference_logits, model_labels, thresholds.confirm)
+                             & (run.score <= thresholds.confirm_ceiling))
             answer = apply_policy(self.policy, run.logits, benign_logits, flagged, demoted)
             labels = answer.argmax(axis=1)
         seconds["repredict"] = time.perf_counter() - t2
