@@ -401,8 +401,9 @@ torch {machine['torch']}), no GPU.
   the triggers the scan synthesised for its candidate classes, stamped on a tenth of each batch under their true
   labels. A demotion whose answer the reference gives probability 0.99 or more is spared, unless the request scores
   above every clean calibration request. The suspect and the candidates are the scan's in the last table, run at
-  {settings['scan_steps']} steps (the command's scan runs 200). The consistency check's column is the check alone: no mask, no suspect, no
-  reference; "guard without the reference" is the default's profile with its reference taken out.
+  {settings['scan_steps']} steps (the command's scan runs 200). The consistency check's column is the check alone:
+  no mask, no suspect, no reference; "guard without the reference" is the default's profile with its reference
+  taken out.
 - **Targets checked below** (issue 3): CA within {100 * MAX_ACCURACY_LOSS:g} point of no defense; ASR ≤
   {100 * MAX_ASR:g}% (≤ 5% for wanet and adaptive); AUROC ≥ {MIN_AUROC}; observed FPR within
   {100 * MAX_FPR_DEVIATION:g} points of the target; on the clean model, at most the target flagged and at most

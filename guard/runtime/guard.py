@@ -4,8 +4,7 @@ request x -> validate -> engine (masked model, ℓ∞ per tap and the consistenc
 of the network re-run for the samples with compromised channels or a score above tau -> verdict and policy (a
 score above the demote threshold, or above the suspect's for an answer of the class the scan suspects, refuses the
 model's own class, unless the reference, a fine-tuned copy, firmly confirms it and the score is within the clean
-calibration scores' range) -> the reference overrules the
-answers it firmly disagrees with -> Result.
+calibration scores' range) -> the reference overrules the answers it firmly disagrees with -> Result.
 """
 
 from __future__ import annotations
