@@ -490,8 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "with --suspect or --no-scan)")
     cal.add_argument("--demote-confirm", type=float, default=0.99, metavar="P",
                      help="a request past a demote threshold keeps the model's answer where the reference gives "
-                          "it at least this probability and it scores no higher than every clean calibration "
-                          "sample (default 0.99; 0: demote it all the same)")
+                          "it at least this probability and the request scores no higher than the highest clean "
+                          "calibration sample (default 0.99; 0: demote it all the same)")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(run=_calibrate)

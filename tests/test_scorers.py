@@ -536,6 +536,7 @@ def test_confirm_ceiling_is_the_highest_agreeing_clean_score_never_below_tau() -
     assert confirm_ceiling(scores, disagree, tau=1.0) == 3.0
     assert confirm_ceiling(scores, disagree, tau=4.0) == 4.0
     assert confirm_ceiling(scores, np.ones(5, dtype=bool), tau=1.0) == 1.0  # none agree: only τ
+    assert confirm_ceiling(np.array([np.nan, 2.0, np.inf]), np.zeros(3, dtype=bool), tau=1.0) == 2.0
 
 
 # ---------------------------------------------------------------------------------------------- static mask

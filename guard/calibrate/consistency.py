@@ -190,7 +190,7 @@ def confirm_ceiling(scores: np.ndarray, disagree: np.ndarray, tau: float) -> flo
     """The score above which the reference's confirmation spares no demotion: the highest score of a clean request
     that agrees with its re-prediction (never below τ). Past it, the request is stranger than any clean one, and a
     trigger the reference did not unlearn is as likely a reason for its agreement as the answer being right."""
-    agreeing = scores[~disagree]
+    agreeing = scores[~disagree & np.isfinite(scores)]
     return max(tau, float(agreeing.max())) if agreeing.size else tau
 
 

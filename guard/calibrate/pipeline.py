@@ -140,7 +140,8 @@ class CalibrationSettings:
         confirm = self.demote_confirm
         if confirm is not None and (isinstance(confirm, bool) or not isinstance(confirm, (int, float))
                                     or not 0.5 <= confirm <= 1):
-            raise GuardError(f"--demote-confirm must be 0 (off) or a probability in [0.5, 1], got {confirm!r}")
+            raise GuardError(f"--demote-confirm must be 0 (off; None in the settings) or a probability in [0.5, 1], "
+                             f"got {confirm!r}")
         if not 0 <= self.reference_unlearn < 1:
             raise GuardError(f"--reference-unlearn is a share of each batch in [0, 1), got {self.reference_unlearn}")
         if not 0 < self.suspect_rate < 1:

@@ -355,8 +355,8 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
                                 or not 0.5 <= confirm <= 1):
         raise ValueError(f"the reference's confirming probability must be null or a number in [0.5, 1], got {raw}")
     confirm_ceiling = _threshold_or_inf(raw, "confirm_ceiling", tau, "the confirmation's score ceiling")
-    if confirm is None and not math.isinf(confirm_ceiling):
-        raise ValueError(f"a confirmation's score ceiling needs a confirming probability, got {raw}")
+    if (confirm is None) != math.isinf(confirm_ceiling):  # unbounded, the reference would spare triggers it kept
+        raise ValueError(f"a confirming probability and its score ceiling come together, or neither, got {raw}")
     return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut, demote=demote, parts=parts, suspect=suspect,
                       suspect_demote=suspect_demote, overrule=overrule,
                       confirm=None if confirm is None else float(confirm), confirm_ceiling=confirm_ceiling)

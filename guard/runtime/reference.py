@@ -1,5 +1,6 @@
-"""The profile's reference at serve time: the model's graph with the profile's fine-tuned weights swapped in, and the
-disagreement past which its answer replaces the model's (guard.calibrate.reference fits both)."""
+"""The profile's reference at serve time: the model's graph with the profile's fine-tuned weights swapped in, the
+disagreement past which its answer replaces the model's (guard.calibrate.reference fits both), and the confirmation
+that spares a demotion."""
 
 from __future__ import annotations
 
