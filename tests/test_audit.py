@@ -61,6 +61,11 @@ def test_flagged_requests_are_audited_with_their_caller_and_evidence(backdoored:
         assert entry["label"] == labels[entry["index"]] and entry["score"] == pytest.approx(scores[entry["index"]])
         assert entry["score"] > guard.tau
     assert sum(entry["model_label"] == TARGET for entry in oip["flagged"]) >= len(oip["flagged"]) // 2
+    local = guard.predict(triggered)
+    for entry in oip["flagged"]:  # why each one was answered as it was
+        i = entry["index"]
+        assert (entry["demoted"], entry["overruled"], entry["spared"]) == (local.demoted[i], local.overruled[i],
+                                                                           local.spared[i])
     assert flagged_samples == sum(len(line["flagged"]) for line in lines)  # the log and the metrics agree
 
 
@@ -118,4 +123,5 @@ def _one_flagged_sample():
 
     flagged = np.array([True])
     return Result(labels=np.array([3]), logits=np.zeros((1, 10), np.float32), flagged=flagged,
-                  score=np.array([9.0], np.float32), model_labels=np.array([0]), demoted=~flagged, overruled=~flagged)
+                  score=np.array([9.0], np.float32), model_labels=np.array([0]), demoted=~flagged, overruled=~flagged,
+                  spared=flagged)

@@ -21,7 +21,7 @@ def rowwise(x: np.ndarray) -> Result:
     labels = x[:, 0, 0, 0].astype(np.int64)
     return Result(labels=labels, logits=np.repeat(x[:, :, 0, 0], 3, axis=1), flagged=labels % 2 == 1,
                   score=x[:, 0, 0, 0].copy(), model_labels=labels, demoted=labels % 3 == 0,
-                  overruled=labels % 5 == 0,
+                  overruled=labels % 5 == 0, spared=labels % 7 == 0,
                   stage_seconds={"engine": 0.0})
 
 
@@ -43,6 +43,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows() -> None:
         np.testing.assert_array_equal(result.flagged, result.labels % 2 == 1)
         np.testing.assert_array_equal(result.demoted, result.labels % 3 == 0)
         np.testing.assert_array_equal(result.overruled, result.labels % 5 == 0)
+        np.testing.assert_array_equal(result.spared, result.labels % 7 == 0)
         assert result.logits.shape == (len(x), 3) and result.stage_seconds["queue"] >= 0
     assert sum(sizes) == sum(len(x) for x in requests)
     assert max(sizes) <= 16 and len(sizes) < len(requests) / 2

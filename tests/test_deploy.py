@@ -145,7 +145,9 @@ def test_dashboard_and_rules_answer_from_real_traffic(stack, backdoored: Backdoo
     server, api, root = stack
     triggered, _ = backdoored.triggered()
     sent = flagged = 0
-    batches = [*np.split(backdoored.x_eval[:200], 10), *np.split(triggered[:100], 5)]
+    local = Guard.load(backdoored.model_path, backdoored.profile_path)
+    confirmed = backdoored.x_eval[local.predict(backdoored.x_eval).spared]  # past the demote threshold, yet kept
+    batches = [*np.split(backdoored.x_eval[:200], 10), *np.split(triggered[:100], 5), confirmed]
     with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
         for x in batches:
             tensor = triton.InferInput("input", list(x.shape), "FP32")
@@ -165,10 +167,9 @@ def test_dashboard_and_rules_answer_from_real_traffic(stack, backdoored: Backdoo
     panels = dashboard_expressions()
     for name, expr in panels.items():
         assert finite(query(api, expr)), f"no finite value for the dashboard's {name}: {expr!r}"
-    shares = "Flagged, demoted and overruled share of samples"
+    shares = "Flagged, demoted, spared and overruled share of samples"
     dashboard_share = query(api, panels[f"{shares} / A"])
     assert dashboard_share == pytest.approx([share], abs=0.01), "the flagged-share panel must match what was sent"
-    local = Guard.load(backdoored.model_path, backdoored.profile_path)
     answered = [local.predict(x) for x in batches]
     demoted = sum(int(result.demoted.sum()) for result in answered)
     assert demoted > 0, "some triggered request must be demoted for the demoted series to mean much"
@@ -176,6 +177,9 @@ def test_dashboard_and_rules_answer_from_real_traffic(stack, backdoored: Backdoo
     overruled = sum(int(result.overruled.sum()) for result in answered)
     assert overruled > 0, "the reference must overrule some request for the overruled series to mean much"
     assert query(api, panels[f"{shares} / C"]) == pytest.approx([overruled / sent], abs=0.01)
+    spared = sum(int(result.spared.sum()) for result in answered)
+    assert spared > 0, "the reference must spare some request's demotion for the spared series to mean much"
+    assert query(api, panels[f"{shares} / D"]) == pytest.approx([spared / sent], rel=0.1)
     assert max(query(api, panels["Errors by gRPC code / A"])) > 0, "the refused requests must show as errors"
 
     rules = yaml.safe_load(RULES.read_text())

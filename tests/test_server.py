@@ -127,7 +127,9 @@ def test_metrics_count_exactly_what_was_sent(server: GuardServer, client: triton
                                              backdoored: Backdoored) -> None:
     before = scrape(server)
     x_trig = backdoored.triggered()[0][:50]
-    sent = [backdoored.x_eval[:30], x_trig, backdoored.x_eval[30:37]]
+    local = Guard.load(backdoored.model_path, backdoored.profile_path)
+    confirmed = backdoored.x_eval[local.predict(backdoored.x_eval).spared]  # past the demote threshold, yet kept
+    sent = [backdoored.x_eval[:30], x_trig, backdoored.x_eval[30:37], confirmed]
     flagged = sum(int(triton_infer(client, x)[1].sum()) for x in sent)
     after = scrape(server)
     delta = {v: metric(after, "guard_samples_total", model=MODEL, verdict=v)
@@ -137,7 +139,6 @@ def test_metrics_count_exactly_what_was_sent(server: GuardServer, client: triton
     requests = sum(metric(after, "guard_requests_total", model=MODEL, verdict=v)
                    - metric(before, "guard_requests_total", model=MODEL, verdict=v) for v in ("clean", "flagged"))
     assert requests == len(sent)
-    local = Guard.load(backdoored.model_path, backdoored.profile_path)
     demoted = sum(int(local.predict(x).demoted.sum()) for x in sent)
     assert demoted > 0, "some triggered request must be demoted for the count to mean much"
     assert (metric(after, "guard_demoted_samples_total", model=MODEL)
@@ -146,6 +147,10 @@ def test_metrics_count_exactly_what_was_sent(server: GuardServer, client: triton
     assert overruled > 0, "the fixture's profile carries a reference, which must overrule some request"
     assert (metric(after, "guard_overruled_samples_total", model=MODEL)
             - metric(before, "guard_overruled_samples_total", model=MODEL)) == overruled
+    spared = sum(int(local.predict(x).spared.sum()) for x in sent)
+    assert spared > 0, "the reference must spare some clean request's demotion for the count to mean much"
+    assert (metric(after, "guard_spared_samples_total", model=MODEL)
+            - metric(before, "guard_spared_samples_total", model=MODEL)) == spared
     assert metric(after, "guard_model_ready", model=MODEL) == 1
     assert metric(after, "guard_inflight_requests") == 0
     assert metric(after, "guard_request_duration_seconds_count", model=MODEL, stage="engine") >= len(sent)

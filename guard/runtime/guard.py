@@ -41,6 +41,8 @@ class Result:
     demoted: np.ndarray
     # (N,) bool: the profile's reference firmly disagreed with the model's answer, and (under `enforce`) answered
     overruled: np.ndarray
+    # (N,) bool: past a demote threshold, but the reference firmly confirmed the model's answer, which was kept
+    spared: np.ndarray
     stage_seconds: dict[str, float] = field(default_factory=dict)
     unchecked: bool = False  # the check failed and the policy failed open: the unguarded model answered
 
@@ -48,7 +50,7 @@ class Result:
         """Samples start..stop of this result (a dynamic batch split back into its requests)."""
         return Result(self.labels[start:stop], self.logits[start:stop], self.flagged[start:stop],
                       self.score[start:stop], self.model_labels[start:stop], self.demoted[start:stop],
-                      self.overruled[start:stop], dict(self.stage_seconds), self.unchecked)
+                      self.overruled[start:stop], self.spared[start:stop], dict(self.stage_seconds), self.unchecked)
 
 
 class Guard:
@@ -170,7 +172,8 @@ class Guard:
             return Result(labels=labels, logits=logits.astype(np.float32, copy=False),
                           flagged=np.zeros(len(x), dtype=bool), score=np.full(len(x), np.nan, dtype=np.float32),
                           model_labels=labels, demoted=np.zeros(len(x), dtype=bool),
-                          overruled=np.zeros(len(x), dtype=bool), unchecked=True)
+                          overruled=np.zeros(len(x), dtype=bool), spared=np.zeros(len(x), dtype=bool),
+                          unchecked=True)
 
     def _guarded(self, x: np.ndarray) -> Result:
         t0 = time.perf_counter()
@@ -187,7 +190,7 @@ class Guard:
         # a NaN score (an input that overflows the model) is flagged, never clean
         flagged = ~(run.score <= self.tau) | ~np.isfinite(run.logits).all(axis=1)
         labels, answer = model_labels, run.logits
-        demoted = np.zeros(len(x), dtype=bool)
+        demoted, spared = np.zeros(len(x), dtype=bool), np.zeros(len(x), dtype=bool)
         thresholds = self.profile.thresholds
         if run.needs.any():  # most clean batches skip all of this
             rows = np.flatnonzero(run.needs)
@@ -200,8 +203,9 @@ class Guard:
             demoted = demotions(run.logits, benign_logits, model_labels, agree & (run.score > thresholds.demote),
                                 suspected)
             if reference_logits is not None:  # never past every clean score: there the trigger may fool it too
-                demoted &= ~(confirms(reference_logits, model_labels, thresholds.confirm)
-                             & (run.score <= thresholds.confirm_ceiling))
+                spared = (demoted & confirms(reference_logits, model_labels, thresholds.confirm)
+                          & (run.score <= thresholds.confirm_ceiling))
+                demoted &= ~spared
             answer = apply_policy(self.policy, run.logits, benign_logits, flagged, demoted)
             labels = answer.argmax(axis=1)
         seconds["repredict"] = time.perf_counter() - t2
@@ -219,4 +223,5 @@ class Guard:
             stage_seconds=seconds,
             demoted=demoted,
             overruled=overruled,
+            spared=spared,
         )

@@ -64,7 +64,7 @@ class AuditLog:
             "unchecked": result.unchecked,
             "flagged": [{"index": int(i), "score": _number(result.score[i]), "model_label": int(result.model_labels[i]),
                          "label": int(result.labels[i]), "demoted": bool(result.demoted[i]),
-                         "overruled": bool(result.overruled[i])} for i in flagged],
+                         "overruled": bool(result.overruled[i]), "spared": bool(result.spared[i])} for i in flagged],
         }
         text = json.dumps(line) + "\n"
         with self._lock:

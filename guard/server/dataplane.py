@@ -106,6 +106,7 @@ class DataPlane:
         m.requests.labels(model=name, verdict="flagged" if flagged else "clean").inc()
         m.demoted.labels(model=name).inc(int(result.demoted.sum()))
         m.overruled.labels(model=name).inc(int(result.overruled.sum()))
+        m.spared.labels(model=name).inc(int(result.spared.sum()))
         for stage, seconds in {"decode": decode_seconds, **result.stage_seconds, "total": total}.items():
             m.duration.labels(model=name, stage=stage).observe(seconds)
         if not result.unchecked:  # an unguarded answer has no score

@@ -50,6 +50,9 @@ class Metrics:
         self.overruled = Counter("guard_overruled_samples_total",
                                  "Samples the profile's reference (a fine-tuned copy) firmly disagreed with, and "
                                  "answered (under the monitor policy: would have)", ["model"], registry=r)
+        self.spared = Counter("guard_spared_samples_total",
+                              "Samples past a demote threshold whose answer the profile's reference firmly confirmed, "
+                              "so the model's own class was kept", ["model"], registry=r)
         self.check_failures = Counter("guard_check_failures_total",
                                       "Requests the guard could not check, by what the failure policy did",
                                       ["model", "outcome"], registry=r)
@@ -68,6 +71,7 @@ class Metrics:
         self.score.labels(model=model)
         self.demoted.labels(model=model)
         self.overruled.labels(model=model)
+        self.spared.labels(model=model)
         for outcome in ("refused", "answered_unguarded"):
             self.check_failures.labels(model=model, outcome=outcome)
         self.batch.labels(model=model)
