@@ -34,15 +34,19 @@ def test_flagged_requests_are_audited_with_their_caller_and_evidence(backdoored:
     clean = backdoored.x_eval[:200]
     unflagged = clean[~guard.predict(clean).flagged][:8]
     triggered = backdoored.triggered()[0][:8]
+    confirmed = backdoored.x_eval[guard.predict(backdoored.x_eval).spared]  # past the demote threshold, yet kept
+    assert len(confirmed), "the reference must spare some clean request's demotion for this to mean much"
     server = GuardServer(ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0,
                                        metrics_port=0, audit_log=str(log)), guard=guard)
     server.start()
     try:
         with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
-            for x, request_id in ((unflagged, "clean-1"), (triggered, "attack-7")):
+            answers = {}
+            for x, request_id in ((unflagged, "clean-1"), (triggered, "attack-7"), (confirmed, "kept-2")):
                 tensor = triton.InferInput("input", list(x.shape), "FP32")
                 tensor.set_data_from_numpy(x)
-                answer = client.infer("badnets", [tensor], request_id=request_id)
+                answers[request_id] = client.infer("badnets", [tensor], request_id=request_id)
+            answer = answers["attack-7"]
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             guard_pb2_grpc.GuardStub(channel).Predict(
                 guard_pb2.PredictRequest(model="badnets", shape=list(triggered.shape), data=triggered.tobytes()))
@@ -50,7 +54,8 @@ def test_flagged_requests_are_audited_with_their_caller_and_evidence(backdoored:
     finally:
         server.stop(grace=1)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [(line["protocol"], line["request_id"]) for line in lines] == [("oip", "attack-7"), ("guard.v1", "")]
+    assert [(line["protocol"], line["request_id"]) for line in lines] == [("oip", "attack-7"), ("oip", "kept-2"),
+                                                                          ("guard.v1", "")]
     oip = lines[0]
     assert oip["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:[::1]:")) and oip["identity"] is None
     assert oip["model"] == "badnets" and oip["policy"] == "enforce" and oip["samples"] == 8
@@ -66,6 +71,9 @@ def test_flagged_requests_are_audited_with_their_caller_and_evidence(backdoored:
         i = entry["index"]
         assert (entry["demoted"], entry["overruled"], entry["spared"]) == (local.demoted[i], local.overruled[i],
                                                                            local.spared[i])
+    kept = lines[1]["flagged"]  # flagged (past the demote threshold), yet answered with the model's own class
+    assert [entry["index"] for entry in kept] == list(range(len(confirmed)))
+    assert all(entry["spared"] and not entry["demoted"] and entry["label"] == entry["model_label"] for entry in kept)
     assert flagged_samples == sum(len(line["flagged"]) for line in lines)  # the log and the metrics agree
 
 

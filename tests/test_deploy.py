@@ -147,6 +147,7 @@ def test_dashboard_and_rules_answer_from_real_traffic(stack, backdoored: Backdoo
     sent = flagged = 0
     local = Guard.load(backdoored.model_path, backdoored.profile_path)
     confirmed = backdoored.x_eval[local.predict(backdoored.x_eval).spared]  # past the demote threshold, yet kept
+    assert len(confirmed), "the reference must spare some clean request's demotion for the spared series to mean much"
     batches = [*np.split(backdoored.x_eval[:200], 10), *np.split(triggered[:100], 5), confirmed]
     with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
         for x in batches:
@@ -167,7 +168,7 @@ def test_dashboard_and_rules_answer_from_real_traffic(stack, backdoored: Backdoo
     panels = dashboard_expressions()
     for name, expr in panels.items():
         assert finite(query(api, expr)), f"no finite value for the dashboard's {name}: {expr!r}"
-    shares = "Flagged, demoted, spared and overruled share of samples"
+    shares = "Flagged, demoted, overruled and spared share of samples"
     dashboard_share = query(api, panels[f"{shares} / A"])
     assert dashboard_share == pytest.approx([share], abs=0.01), "the flagged-share panel must match what was sent"
     answered = [local.predict(x) for x in batches]
@@ -178,7 +179,6 @@ def test_dashboard_and_rules_answer_from_real_traffic(stack, backdoored: Backdoo
     assert overruled > 0, "the reference must overrule some request for the overruled series to mean much"
     assert query(api, panels[f"{shares} / C"]) == pytest.approx([overruled / sent], abs=0.01)
     spared = sum(int(result.spared.sum()) for result in answered)
-    assert spared > 0, "the reference must spare some request's demotion for the spared series to mean much"
     assert query(api, panels[f"{shares} / D"]) == pytest.approx([spared / sent], rel=0.1)
     assert max(query(api, panels["Errors by gRPC code / A"])) > 0, "the refused requests must show as errors"
 
@@ -187,7 +187,7 @@ def test_dashboard_and_rules_answer_from_real_traffic(stack, backdoored: Backdoo
         assert finite(query(api, rule["record"])), f"recording rule {rule['record']} has no finite value"
     assert query(api, "guard:latency_seconds:p99_5m")[0] > 0
     assert query(api, "guard:flagged_share:rate5m") == pytest.approx([share], abs=0.01)
-    assert query(api, "guard:error_share:rate5m")[0] == pytest.approx(3 / 18, abs=0.03)
+    assert query(api, "guard:error_share:rate5m")[0] == pytest.approx(3 / (len(batches) + 3), abs=0.03)
     with urllib.request.urlopen(f"{api}/api/v1/rules", timeout=5) as response:
         groups = json.load(response)["data"]["groups"]
     evaluated = {rule["name"]: rule for group in groups for rule in group["rules"]}

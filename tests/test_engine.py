@@ -173,6 +173,11 @@ def test_the_reference_confirms_no_demotion_above_the_ceiling(guard: Guard, back
     np.testing.assert_array_equal(calibrated.demoted[above], unconfirmed.demoted[above])
     np.testing.assert_array_equal(lowest.demoted, unconfirmed.demoted)
     np.testing.assert_array_equal(lowest.labels, unconfirmed.labels)
+    # `spared` names exactly the demotions the confirmation cancelled
+    np.testing.assert_array_equal(unbounded.spared, spared_unbounded)
+    np.testing.assert_array_equal(calibrated.spared, unconfirmed.demoted & ~calibrated.demoted)
+    assert not (calibrated.spared & calibrated.demoted).any() and not lowest.spared.any()
+    assert not unconfirmed.spared.any()
 
 
 def test_answers_of_the_suspect_are_refused_from_its_own_threshold(guard: Guard, backdoored: Backdoored,

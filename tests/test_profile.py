@@ -135,7 +135,7 @@ def test_guard_loaded_from_files_answers_like_guard_built_in_memory(setup: Setup
     in_memory = Guard(load_model(setup.model_path), setup.profile)
     x = np.concatenate([setup.x_eval, BadNets(size=4).apply(setup.x_eval[:50])])
     a, b = from_files.predict(x), in_memory.predict(x)
-    for field in ("labels", "logits", "flagged", "score", "model_labels", "overruled"):
+    for field in ("labels", "logits", "flagged", "score", "model_labels", "demoted", "overruled", "spared"):
         assert np.array_equal(getattr(a, field), getattr(b, field)), field
     assert a.labels.shape == (len(x),) and a.logits.shape == (len(x), 10)
     assert np.array_equal(a.labels, a.logits.argmax(axis=1))

@@ -129,6 +129,7 @@ def test_metrics_count_exactly_what_was_sent(server: GuardServer, client: triton
     x_trig = backdoored.triggered()[0][:50]
     local = Guard.load(backdoored.model_path, backdoored.profile_path)
     confirmed = backdoored.x_eval[local.predict(backdoored.x_eval).spared]  # past the demote threshold, yet kept
+    assert len(confirmed), "the reference must spare some clean request's demotion for the count to mean much"
     sent = [backdoored.x_eval[:30], x_trig, backdoored.x_eval[30:37], confirmed]
     flagged = sum(int(triton_infer(client, x)[1].sum()) for x in sent)
     after = scrape(server)
@@ -148,7 +149,6 @@ def test_metrics_count_exactly_what_was_sent(server: GuardServer, client: triton
     assert (metric(after, "guard_overruled_samples_total", model=MODEL)
             - metric(before, "guard_overruled_samples_total", model=MODEL)) == overruled
     spared = sum(int(local.predict(x).spared.sum()) for x in sent)
-    assert spared > 0, "the reference must spare some clean request's demotion for the count to mean much"
     assert (metric(after, "guard_spared_samples_total", model=MODEL)
             - metric(before, "guard_spared_samples_total", model=MODEL)) == spared
     assert metric(after, "guard_model_ready", model=MODEL) == 1
