@@ -31,7 +31,7 @@ from guard.calibrate.consistency import (
 )
 from guard.calibrate.linf import linf_stats
 from guard.calibrate.masking import candidate_order, choose_static_mask
-from guard.calibrate.profile import PartScale, Profile, TapProfile, Thresholds
+from guard.calibrate.profile import PartScale, Profile, TapProfile, Thresholds, confirming_probability
 from guard.calibrate.reference import MAX_FOLDS, UNLEARN_SHARE, fit_reference
 from guard.calibrate.salience import benign_salience, benign_set
 from guard.calibrate.synthesis import Trigger, check_trigger
@@ -137,11 +137,9 @@ class CalibrationSettings:
                              f"fifth), got {folds!r}")
         if not (np.isfinite(self.reference_lr) and self.reference_lr > 0):
             raise GuardError(f"the reference's learning rate must be a positive number, got {self.reference_lr}")
-        confirm = self.demote_confirm
-        if confirm is not None and (isinstance(confirm, bool) or not isinstance(confirm, (int, float))
-                                    or not 0.5 <= confirm <= 1):
+        if self.demote_confirm is not None and not confirming_probability(self.demote_confirm):
             raise GuardError(f"--demote-confirm must be 0 (off; None in the settings) or a probability in [0.5, 1], "
-                             f"got {confirm!r}")
+                             f"got {self.demote_confirm!r}")
         if not 0 <= self.reference_unlearn < 1:
             raise GuardError(f"--reference-unlearn is a share of each batch in [0, 1), got {self.reference_unlearn}")
         if not 0 < self.suspect_rate < 1:
@@ -292,13 +290,13 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
                           triggers=unlearned, unlearn_share=settings.reference_unlearn)
 
     kept = reference is not None and bool(reference.weights)
+    confirm = settings.demote_confirm if kept else None
     draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q, cut=settings.cut_z, demote=demote,
                                   parts=[PartScale.of(group, part) for group, part in zip(groups, parts, strict=True)],
                                   suspect=settings.suspect, suspect_demote=suspect_demote,
                                   overrule=math.inf if not kept else reference.threshold,
-                                  confirm=settings.demote_confirm if kept else None,
-                                  confirm_ceiling=confirm_ceiling(score, disagree, tau)
-                                  if kept and settings.demote_confirm is not None else math.inf)
+                                  confirm=confirm, confirm_ceiling=math.inf if confirm is None
+                                  else confirm_ceiling(score, disagree, tau))
     draft.reference = reference.weights if reference else {}
     draft.settings = {**asdict(settings), "layers": taps}
     draft.figures = {

@@ -135,6 +135,12 @@ class Thresholds:
                 "confirm_ceiling": _finite_or_null(self.confirm_ceiling)}
 
 
+def confirming_probability(value: object) -> bool:
+    """Whether `value` may be the reference's confirming probability: a number in [0.5, 1] (below a half, the
+    reference would confirm an answer it thinks more likely wrong)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.5 <= value <= 1
+
+
 def _finite_or_null(value: float) -> float | None:
     return None if math.isinf(value) else value
 
@@ -351,8 +357,7 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
         raise ValueError(f"the suspect must be a class number below {num_classes}, got {suspect!r}")
     overrule = _threshold_or_inf(raw, "overrule", 0.0, "the reference's overrule threshold", "0")
     confirm = raw.get("confirm")
-    if confirm is not None and (isinstance(confirm, bool) or not isinstance(confirm, (int, float))
-                                or not 0.5 <= confirm <= 1):
+    if confirm is not None and not confirming_probability(confirm):
         raise ValueError(f"the reference's confirming probability must be null or a number in [0.5, 1], got {raw}")
     confirm_ceiling = _threshold_or_inf(raw, "confirm_ceiling", tau, "the confirmation's score ceiling")
     if (confirm is None) != math.isinf(confirm_ceiling):  # unbounded, the reference would spare triggers it kept
