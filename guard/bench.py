@@ -210,8 +210,8 @@ def _strip_ratio(session, x: np.ndarray, overlays: int, bare_seconds: float) -> 
 
 def _tap_growth(model_path: Path, x: np.ndarray, y: np.ndarray, bare, settings: BenchSettings,
                 workdir: Path) -> list[dict[str, float]]:
-    """Guards calibrated on the same data with the penultimate features plus 0, 1, 2, ... conv taps; guarded
-    against bare at the largest batch."""
+    """Guards calibrated on the same data with the penultimate features plus 0, 1, 2, ... conv taps, up to
+    calibration's default; guarded against bare at the largest batch."""
     from guard.calibrate.pipeline import CalibrationSettings, calibrate
 
     loaded = load_model(model_path)
@@ -220,7 +220,7 @@ def _tap_growth(model_path: Path, x: np.ndarray, y: np.ndarray, bare, settings: 
     batch = max(settings.batches)
     batches = cycled_batches(x, batch)
     rows = []
-    for count in range(min(len(conv), 3) + 1):
+    for count in range(min(len(conv), CalibrationSettings().conv_taps) + 1):
         taps = [*conv[len(conv) - count:], *penultimate]
         profile = calibrate(model_path, x[:500], y[:500], settings=CalibrationSettings(layers=taps), progress=False)
         path = profile.save(workdir / f"taps{len(taps)}.safetensors")

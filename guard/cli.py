@@ -451,8 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", required=True, type=Path, help="where to write the profile (.safetensors)")
     cal.add_argument("--layers", help="comma-separated ONNX tensor names to tap (default: the last --conv-taps conv "
                      "activations and the penultimate features)")
-    cal.add_argument("--conv-taps", type=int, default=2,
-                     help="without --layers, how many of the last conv activations to tap (default 2)")
+    cal.add_argument("--conv-taps", type=int, default=4,
+                     help="without --layers, how many of the last conv activations to tap (default 4)")
     cal.add_argument("--fpr", type=float, default=0.05, help="target false-positive rate (default 0.05)")
     cal.add_argument("--fpr-confidence", type=float, default=0.9,
                      help="chance that the false-positive rate stays within --fpr (default 0.9; 0.5: on average)")

@@ -60,8 +60,11 @@ def random_keep(model, taps, rng) -> dict[str, np.ndarray]:
 
 
 def test_default_taps_are_last_conv_activations_and_penultimate_features(exported) -> None:
-    taps = default_taps(exported)
+    taps = default_taps(exported, conv_taps=2)
     assert len(taps) == 3
+    # calibration's default of four: the ResNet's last four of its seven, all of the CNN's two
+    assert default_taps(exported, conv_taps=4)[-3:] == taps
+    assert len(default_taps(exported, conv_taps=4)) == (5 if "resnet" in str(exported.path) else 3)
     ranks = {v.name: len(v.type.tensor_type.shape.dim)
              for v in onnx.shape_inference.infer_shapes(exported.proto).graph.value_info}
     assert [ranks[t] for t in taps] == [4, 4, 2]
@@ -69,7 +72,7 @@ def test_default_taps_are_last_conv_activations_and_penultimate_features(exporte
 
 def test_folded_mask_matches_masked_torch_and_adds_no_nodes_on_the_cnn(exported) -> None:
     rng = np.random.default_rng(0)
-    taps = default_taps(exported)
+    taps = default_taps(exported, conv_taps=2)
     keep = random_keep(exported, taps, rng)
     folded, modes = fold_static_mask(exported, keep)
     x = rng.random((6, 1, 28, 28), dtype=np.float32)
@@ -100,7 +103,7 @@ def _check_for(linf: list[np.ndarray], rng) -> ConsistencyCheck:
 
 def test_served_graph_computes_the_check_and_the_tail_the_masked_rest(exported) -> None:
     rng = np.random.default_rng(1)
-    taps = default_taps(exported)
+    taps = default_taps(exported, conv_taps=2)
     keep = random_keep(exported, taps, rng)
     tap_model = OnnxTaps(exported, taps)
     x = rng.random((8, 1, 28, 28), dtype=np.float32)

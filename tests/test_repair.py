@@ -202,7 +202,7 @@ def _zero_channel(proto: onnx.ModelProto, producers, channel: int) -> onnx.Model
 
 def test_channel_producers_name_the_layers_behind_the_default_taps(graphs):
     cnn = graphs["cnn"]
-    taps = default_taps(load_model(cnn))
+    taps = default_taps(load_model(cnn), conv_taps=RepairSettings().conv_taps)
     found = [channel_producers(cnn, t) for t in taps]
     assert [[(p.weight, p.axis, p.bias) for p in f] for f in found] == [
         [("conv1.weight", 0, "conv1.bias")],
@@ -210,7 +210,7 @@ def test_channel_producers_name_the_layers_behind_the_default_taps(graphs):
         [("fc1.weight", 0, "fc1.bias")],  # Gemm with transB: the output axis of its (out, in) weight is 0
     ]
     resnet = graphs["resnet"]
-    taps = default_taps(load_model(resnet))
+    taps = default_taps(load_model(resnet), conv_taps=RepairSettings().conv_taps)
     weights = [sorted(p.weight for p in channel_producers(resnet, t)) for t in taps]
     assert weights == [
         ["block3.conv1.weight"],
@@ -294,7 +294,7 @@ def test_repair_report_accuracy_is_measured_on_its_holdout(backdoored, ar_repair
     assert report.accuracy_before == pytest.approx(float((_labels(backdoored.model_path, x) == y).mean()))
     assert report.accuracy_after == pytest.approx(float((_labels(repaired, x) == y).mean()))
     assert report.settings["method"] == "ar" and report.settings["layers"] == default_taps(
-        load_model(backdoored.model_path))
+        load_model(backdoored.model_path), conv_taps=RepairSettings().conv_taps)
     assert set(report.infected) == set(report.settings["layers"])
     assert json.loads(json.dumps(report.to_dict()))["accuracy_after"] == report.accuracy_after
 
@@ -400,7 +400,7 @@ def test_prune_folds_the_calibrated_mask_without_training(backdoored):
         "conv2": dead_rows("conv2.weight", "conv2.bias") | dead_inputs("fc1.weight", 32),
         "fc1": dead_rows("fc1.weight", "fc1.bias") | dead_inputs("fc2.weight", 64),
     }
-    taps = default_taps(load_model(original))
+    taps = default_taps(load_model(original), conv_taps=RepairSettings().conv_taps)
     assert [len(pruned[layer]) for layer in ("conv1", "conv2", "fc1")] == [report.infected[t] for t in taps]
 
     n = len(backdoored.x_clean)
@@ -424,6 +424,8 @@ def test_prune_folds_the_calibrated_mask_without_training(backdoored):
     ({"batch_size": 0}, "the batch size >= 1"),
     ({"holdout": 1.0}, "holdout share must lie in (0, 1)"),
     ({"benign_share": 0.0}, "benign share must lie in (0, 1]"),
+    ({"conv_taps": -1}, "conv taps must be a whole number >= 0"),
+    ({"conv_taps": 2.5}, "conv taps must be a whole number >= 0"),
 ])
 def test_repair_settings_refuse_what_cannot_repair(change, message):
     with pytest.raises(GuardError) as caught:

@@ -34,6 +34,7 @@ from guard.calibrate.consistency import (
 )
 from guard.calibrate.linf import linf_stats
 from guard.calibrate.masking import candidate_order, choose_static_mask
+from guard.calibrate.pipeline import CalibrationSettings
 from guard.calibrate.salience import benign_salience, benign_set
 from guard.calibrate.taps import OnnxTaps
 from guard.eval.attacks import BadNets
@@ -129,7 +130,7 @@ def test_planted_model_is_a_working_backdoor(planted: Planted) -> None:
     assert (planted.triggered.predictions == TARGET).mean() >= 0.99
     clean_planted = planted.clean.linf[0][:, PLANTED]
     assert (clean_planted > 0).mean() <= 0.05
-    assert default_taps(planted.loaded) == [planted.conv_tap, planted.dense_tap]
+    assert default_taps(planted.loaded, conv_taps=CalibrationSettings().conv_taps) == [planted.conv_tap, planted.dense_tap]
 
 
 # ---------------------------------------------------------------------------------------------- ℓ∞ statistics
@@ -620,7 +621,6 @@ def test_repredict_masks_zero_high_z_features_only_at_taps_without_unit_bounds()
 
 @pytest.mark.parametrize("cut", [0.0, -1.0, float("nan"), float("inf")])
 def test_calibration_refuses_a_cut_that_is_not_a_positive_z(cut: float) -> None:
-    from guard.calibrate.pipeline import CalibrationSettings
     from guard.errors import GuardError
 
     with pytest.raises(GuardError, match="cut"):

@@ -124,7 +124,7 @@ def tensor_ranks(proto: onnx.ModelProto) -> dict[str, int]:
     return {name: len(dims) for name, dims in tensor_dims(proto).items()}
 
 
-def default_taps(model: LoadedModel, conv_taps: int = 2) -> list[str]:
+def default_taps(model: LoadedModel, conv_taps: int) -> list[str]:
     """The last `conv_taps` conv activation outputs and the penultimate feature vector.
 
     Conv activations are rank-4 outputs of activation nodes; the penultimate feature vector is the input of the

@@ -56,7 +56,10 @@ class RepairSettings:
     """Every knob of a repair; all are recorded in its report."""
 
     method: str = "ar"
-    layers: list[str] | None = None  # ONNX tensor names whose channels are judged; None = calibrate's default taps
+    # ONNX tensor names whose channels are judged; None = the last `conv_taps` conv activations and the penultimate
+    # features. Two, where calibration taps four: AR's rate, shares and back-off were tuned on two (docs/design.md).
+    layers: list[str] | None = None
+    conv_taps: int = 2
     benign_share: float = 0.99  # share of a tap's benign salience the benign set covers
     holdout: float = 0.2  # share of the clean data kept out of training, to measure accuracy
     epochs: int = 10
@@ -94,6 +97,8 @@ class RepairSettings:
             raise GuardError(f"unknown repair method {self.method!r}: choose one of {', '.join(METHODS)}")
         if not 0 < self.holdout < 1:
             raise GuardError(f"holdout share must lie in (0, 1), got {self.holdout}")
+        if isinstance(self.conv_taps, bool) or not isinstance(self.conv_taps, int) or self.conv_taps < 0:
+            raise GuardError(f"conv taps must be a whole number >= 0, got {self.conv_taps!r}")
         if not 0 < self.benign_share <= 1:
             raise GuardError(f"benign share must lie in (0, 1], got {self.benign_share}")
         if self.schedule not in SCHEDULES:
@@ -280,7 +285,7 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
     x = np.asarray(x, dtype=np.float32)
     y = None if y is None else np.asarray(y, dtype=np.int64)
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "repair")
-    taps = list(settings.layers) if settings.layers else default_taps(loaded)
+    taps = list(settings.layers) if settings.layers else default_taps(loaded, conv_taps=settings.conv_taps)
     validate_taps(loaded, taps)
     hold, fit = split if split is not None else holdout_split(len(x), settings.holdout, settings.seed)
     if not len(fit):
