@@ -607,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run guard scan first (default settings) and unlearn its candidates' triggers: every "
                              "class whose anomaly index reaches 1, the suspect first (the two most anomalous where none "
                              "does)")
-    rep.add_argument("--layers", help="comma-separated ONNX tensor names whose channels are judged")
+    rep.add_argument("--layers", help="comma-separated ONNX tensor names whose channels are judged (default: the "
+                     "last two conv activations and the penultimate features)")
     rep.add_argument("--epochs", type=int, help="fine-tuning epochs (default 10)")
     rep.add_argument("--lr", type=float, help="Adam learning rate at the start (default 0.005)")
     rep.add_argument("--schedule", choices=["cosine", "constant"],

@@ -68,6 +68,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     # Where no class reaches the floor, the this-many most anomalous classes (ScanSettings.fill_candidates).
     "index1-fill2": {"candidates": 1.0, "fill": 2},
     "index1-fill3": {"candidates": 1.0, "fill": 3},
+    # The infected channels judged at the last four conv activations, as calibration taps them (AR's default: two).
+    "index1-fill2-taps4": {"candidates": 1.0, "fill": 2, "conv_taps": 4},
 }
 
 
