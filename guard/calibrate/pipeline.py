@@ -54,9 +54,9 @@ class CalibrationSettings:
     """Every knob of calibration; all of them are recorded in the profile."""
 
     layers: list[str] | None = None  # ONNX tensor names to tap; None = the last conv activations + penultimate
-    # How many of the last conv activations to tap, where `layers` is None. Four, not two: on the SmallResNet (seven
-    # conv activations) the earlier blocks' channels see a source-specific patch the last ones blur; a model with
-    # fewer convs taps all it has. Tuned on training-split images (seeds 10-12): docs/design.md, "Four conv taps".
+    # How many of the last conv activations to tap, where `layers` is None (a model with fewer taps all it has). Four,
+    # not two: on the SmallResNet (seven) they halved source-specific attack success under the guard on the tuning
+    # models (training-split images, seeds 10-12) for 0.1 points of clean accuracy: docs/design.md, "Four conv taps".
     conv_taps: int = 4
     fpr: float = 0.05  # target share of clean requests flagged ...
     fpr_confidence: float = 0.9  # ... with this chance over the draw of the clean data (0.5: on average)
