@@ -70,15 +70,6 @@ VARIANTS: dict[str, dict[str, object]] = {
     "index1-fill3": {"candidates": 1.0, "fill": 3},
     # The infected channels judged at the last four conv activations, as calibration taps them (AR's default: two).
     "index1-fill2-taps4": {"candidates": 1.0, "fill": 2, "conv_taps": 4},
-    # The reference's fine-tuning (guard calibrate's first fold), without and with a universal perturbation trained
-    # against it (free universal adversarial training; share of each batch / bound as a share of the data's range).
-    "reference": {"candidates": 1.0, "fill": 2, "method": "finetune", "lr": 2e-3, "unlearn_share": 0.1,
-                  "gap_share": 0.0},
-    "reference-adv0.2-0.1": {"candidates": 1.0, "fill": 2, "method": "finetune", "lr": 2e-3, "unlearn_share": 0.1,
-                             "gap_share": 0.0, "adversarial_share": 0.2, "adversarial_eps": 0.1},
-    "reference-adv0.2-0.2": {"candidates": 1.0, "fill": 2, "method": "finetune", "lr": 2e-3, "unlearn_share": 0.1,
-                             "gap_share": 0.0, "adversarial_share": 0.2, "adversarial_eps": 0.2},
-    "index1-fill2-adv0.2-0.1": {"candidates": 1.0, "fill": 2, "adversarial_share": 0.2, "adversarial_eps": 0.1},
 }
 
 

@@ -89,11 +89,6 @@ class RepairSettings:
     gap_share: float = 0.1
     # ... and this share of each training batch is stamped with one of them, labels kept (unlearning the triggers).
     unlearn_share: float = 0.2
-    # A universal perturbation, bounded by `adversarial_eps` of the data's range per pixel, is added to this share of
-    # each batch, labels kept, and climbs the loss's gradient by a quarter of the bound each step (free universal
-    # adversarial training): the fine-tuning unlearns whatever shortcut a small change to every image still finds.
-    adversarial_share: float = 0.0
-    adversarial_eps: float = 0.1
     seed: int = 0
 
     def validate(self) -> None:
@@ -205,9 +200,6 @@ def _fine_tune(module: OnnxModule, output: str, params: dict[str, torch.nn.Param
     inputs, targets = torch.as_tensor(x), torch.as_tensor(y)
     masks = torch.stack([torch.as_tensor(t.mask) for t in triggers]) if triggers else None
     patterns = torch.stack([torch.as_tensor(t.pattern) for t in triggers]) if triggers else None
-    low, high = float(inputs.min()), float(inputs.max())
-    bound = settings.adversarial_eps * (high - low)
-    delta = torch.zeros(1, *inputs.shape[1:], requires_grad=True) if settings.adversarial_share > 0 else None
     for _ in range(settings.epochs):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(order), settings.batch_size):
@@ -215,9 +207,6 @@ def _fine_tune(module: OnnxModule, output: str, params: dict[str, torch.nn.Param
             images = inputs[batch]
             if masks is not None and settings.unlearn_share > 0:
                 images = _unlearning_batch(images, masks, patterns, settings.unlearn_share, generator)
-            if delta is not None:
-                perturb = torch.rand(len(images), generator=generator) < settings.adversarial_share
-                images = torch.where(perturb[:, None, None, None], (images + delta).clamp(low, high), images)
             logits = module.run(images)[0][output]
             loss = F.cross_entropy(logits, targets[batch])
             if count:
@@ -226,10 +215,6 @@ def _fine_tune(module: OnnxModule, output: str, params: dict[str, torch.nn.Param
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if delta is not None and delta.grad is not None:
-                with torch.no_grad():
-                    delta.add_(bound / 4 * delta.grad.sign()).clamp_(-bound, bound)
-                delta.grad = None
             if decay is not None:
                 decay.step()
     for param in params.values():
