@@ -307,7 +307,7 @@ def _write_json(path: Path, data: dict) -> None:
 def _repair(args: argparse.Namespace) -> int:
     import onnx
 
-    from guard.calibrate.synthesis import load_trigger
+    from guard.calibrate.warps import load_any_trigger
     from guard.model.graph import load_model
     from guard.repair.adaptive_reg import RepairSettings, repair
     from guard.samples import load_samples, write_atomic
@@ -318,7 +318,7 @@ def _repair(args: argparse.Namespace) -> int:
                               seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     settings.validate()
     model = load_model(args.model)
-    triggers = [load_trigger(path, model.sample_shape, model.num_classes) for path in args.trigger or []]
+    triggers = [load_any_trigger(path, model.sample_shape, model.num_classes) for path in args.trigger or []]
     if args.scan:
         from guard.scan import run_scan
 

@@ -51,6 +51,7 @@ from guard.calibrate.synthesis import (
     scan_classes,
 )
 from guard.calibrate.taps import OnnxTaps
+from guard.calibrate.warps import AnyTrigger, WarpScan, WarpSettings, WarpTrigger, save_warp, scan_warps
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel, default_taps, load_model, tensor_ranks, validate_taps
 from guard.samples import check_samples, holdout_split, write_atomic
@@ -89,6 +90,10 @@ class ScanSettings:
     # little from more, and on a shared 2-core machine 2 threads made a scan 2.5x slower than 1 (65 s vs 25 s).
     num_threads: int | None = 1
     synthesis: dict[str, object] = field(default_factory=dict)  # extra SynthesisSettings fields
+    # The warp scan (guard.calibrate.warps): a class that a small smooth warp reaches is a candidate too, its warp
+    # unlearned beside the stamps. Off: a model whose inputs are not images, or to save its seconds.
+    warp_scan: bool = True
+    warps: dict[str, object] = field(default_factory=dict)  # extra WarpSettings fields
 
     def validate(self) -> None:
         """Refuse settings that cannot work, with the option's name."""
@@ -120,6 +125,7 @@ class ScanReport:
     taps: list[str]  # where the pruning looked
     settings: ScanSettings
     figures: dict[str, object]
+    warps: WarpScan | None = None  # None when the warp scan is off
 
     @property
     def suspect(self) -> Trigger | None:
@@ -127,9 +133,20 @@ class ScanReport:
         return None if self.classes.suspect is None else self.classes.triggers[self.classes.suspect]
 
     @property
-    def candidates(self) -> list[Trigger]:
+    def candidates(self) -> list[AnyTrigger]:
         """The triggers of every class whose anomaly index reaches `candidate_index`, most anomalous first; the
-        suspect's is always among them; where there are none, the `fill_candidates` most anomalous classes'."""
+        suspect's is always among them; where there are none, the `fill_candidates` most anomalous classes'. Then
+        the warp of the class the warp scan names, if any."""
+        return [*self._stamp_candidates(), *([] if self.warp is None else [self.warp])]
+
+    @property
+    def warp(self) -> WarpTrigger | None:
+        """The warp of the class the warp scan names, if it names one."""
+        if self.warps is None or self.warps.suspect is None:
+            return None
+        return self.warps.triggers[self.warps.suspect]
+
+    def _stamp_candidates(self) -> list[Trigger]:
         index = self.classes.anomaly_index
         ranked = [int(k) for k in np.argsort(-index, kind="stable")]
         chosen = [k for k in ranked if index[k] >= self.settings.candidate_index]
@@ -198,6 +215,12 @@ def _run_scan(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     result = scan_classes(tap_model.module, x[fit], labels[fit], threshold=settings.threshold,
                           index_scale=settings.index_scale, settings=synthesis)
     timings["synthesis"] = round(time.perf_counter() - t0, 3)
+    warps = None
+    if settings.warp_scan:
+        t0 = time.perf_counter()
+        warps = scan_warps(tap_model.module, x[fit], labels[fit],
+                           WarpSettings(**{"seed": settings.seed, **settings.warps}))
+        timings["warps"] = round(time.perf_counter() - t0, 3)
 
     pruning = None
     if result.suspect is not None:
@@ -209,7 +232,7 @@ def _run_scan(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
     }
     return ScanReport(model_sha256=loaded.sha256, classes=result, pruning=pruning, taps=taps, settings=settings,
-                      figures=figures)
+                      figures=figures, warps=warps)
 
 
 def _prune(tap_model: OnnxTaps, trigger: Trigger, x: np.ndarray, labels: np.ndarray, fit: np.ndarray,
@@ -263,6 +286,12 @@ def report_dict(report: ScanReport) -> dict[str, object]:
             for t, a in zip(result.triggers, result.anomaly_index, strict=True)
         ],
         "pruning": pruning,
+        "warps": None if report.warps is None else {
+            "suspect": report.warps.suspect,
+            "classes": [{"class": t.target, "success": round(t.success, 4), "anomaly_index": round(float(a), 4)}
+                        for t, a in zip(report.warps.triggers, report.warps.anomaly_index, strict=True)],
+            "settings": asdict(report.warps.settings),
+        },
         "settings": {**asdict(report.settings), "synthesis": result.settings},
         "figures": report.figures,
     }
@@ -270,6 +299,20 @@ def report_dict(report: ScanReport) -> dict[str, object]:
 
 def format_report(report: ScanReport) -> str:
     """The per-class table and the verdict, for a terminal."""
+    return "\n".join([_format_stamps(report), *([] if report.warps is None else [_format_warps(report.warps)])])
+
+
+def _format_warps(warps: WarpScan) -> str:
+    best = int(np.argmax(warps.anomaly_index))
+    figures = (f"its warp of at most {warps.settings.budget:g} px sends {warps.success[best]:.3f} of other classes' "
+               f"images there (anomaly index {warps.anomaly_index[best]:.2f}; named above "
+               f"{warps.settings.threshold:g} with at least {warps.settings.min_success:g})")
+    if warps.suspect is None:
+        return f"warp scan: no class is named; the nearest is class {best}: {figures}"
+    return f"warp scan: class {best} is the likely target of a warping trigger: {figures}"
+
+
+def _format_stamps(report: ScanReport) -> str:
     result = report.classes
     lines = [f"{'class':>5}  {'mask l1':>8}  {'success':>7}  {'anomaly index':>13}"]
     for trigger, index in zip(result.triggers, result.anomaly_index, strict=True):
@@ -294,8 +337,9 @@ def format_report(report: ScanReport) -> str:
 
 
 def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
-    """scan.json always; candidate_K.npz for each candidate class K (what `guard repair --scan` and `guard calibrate`
-    unlearn, so `guard repair --trigger` can be given the same); and trigger.npz and the two PNGs (mask·pattern,
+    """scan.json always; candidate_K.npz for each candidate class K and warp_K.npz for the class the warp scan names
+    (what `guard repair --scan` and `guard calibrate` unlearn, so `guard repair --trigger` can be given the same);
+    and trigger.npz and the two PNGs (mask·pattern,
     mask) when a class is suspected, each written whole or not at all. An earlier scan's files in the folder are
     removed first, so none is taken for this scan's."""
     out = Path(out_dir)
@@ -303,12 +347,17 @@ def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
         for stale in [out / REPORT_FILE, out / TRIGGER_FILE, *(out / candidate_file(k) for k in classes),
+                      *(out / warp_file(k) for k in classes),
                       *(out / f"{kind}_{k}.png" for kind in ("trigger", "mask") for k in classes)]:
             stale.unlink(missing_ok=True)
         written = []
         for candidate in report.candidates:
-            written.append(out / candidate_file(candidate.target))
-            save_trigger(candidate, written[-1])
+            if isinstance(candidate, WarpTrigger):
+                written.append(out / warp_file(candidate.target))
+                save_warp(candidate, written[-1])
+            else:
+                written.append(out / candidate_file(candidate.target))
+                save_trigger(candidate, written[-1])
         files: dict[str, object] = {"candidates": [path.name for path in written]}
         trigger = report.suspect
         if trigger is not None:
@@ -330,6 +379,10 @@ def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
 
 def candidate_file(target: int) -> str:
     return f"candidate_{target}.npz"
+
+
+def warp_file(target: int) -> str:
+    return f"warp_{target}.npz"
 
 
 def trigger_image(array: np.ndarray, scale: int = 1) -> np.ndarray:

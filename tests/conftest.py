@@ -67,6 +67,18 @@ def poisoned_cnn(x_train: np.ndarray, y_train: np.ndarray, attack: Attack, seed:
 
 
 @pytest.fixture(scope="session")
+def clean_model(fashion, tmp_path_factory) -> Path:
+    """The backdoored fixture's recipe without poisoning: same 5k subset, 3 epochs."""
+    from guard.eval.models import SmallCNN, export_onnx, train
+
+    x_train, y_train, _, _ = fashion
+    subset = np.random.default_rng(0).choice(len(x_train), 5000, replace=False)
+    torch.manual_seed(0)
+    module = train(SmallCNN(), x_train[subset], y_train[subset], epochs=3, seed=0)
+    return export_onnx(module, tmp_path_factory.mktemp("clean") / "clean.onnx", torch.zeros(1, 1, 28, 28))
+
+
+@pytest.fixture(scope="session")
 def backdoored(fashion, tmp_path_factory) -> Backdoored:
     """BadNets 10% on a 5k subset, 3 epochs: clean accuracy about 0.75, attack success about 0.9."""
     from guard.calibrate.pipeline import calibrate

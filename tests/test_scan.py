@@ -59,18 +59,6 @@ def cli_scan(backdoored, tmp_path_factory) -> tuple[Path, str]:
     return out, stdout.getvalue()
 
 
-@pytest.fixture(scope="module")
-def clean_model(fashion, tmp_path_factory) -> Path:
-    """The fixture's recipe without poisoning: same 5k subset, 3 epochs."""
-    from guard.eval.models import SmallCNN, export_onnx, train
-
-    x_train, y_train, _, _ = fashion
-    subset = np.random.default_rng(0).choice(len(x_train), 5000, replace=False)
-    torch.manual_seed(0)
-    module = train(SmallCNN(), x_train[subset], y_train[subset], epochs=3, seed=0)
-    return export_onnx(module, tmp_path_factory.mktemp("clean") / "clean.onnx", torch.zeros(1, 1, 28, 28))
-
-
 def test_scan_names_the_backdoor_target(cli_scan):
     out, stdout = cli_scan
     report = json.loads((out / "scan.json").read_text())

@@ -34,8 +34,8 @@ from guard.calibrate.masking import candidate_order, choose_static_mask
 from guard.calibrate.profile import PartScale, Profile, TapProfile, Thresholds, confirming_probability
 from guard.calibrate.reference import MAX_FOLDS, UNLEARN_SHARE, fit_reference
 from guard.calibrate.salience import benign_salience, benign_set
-from guard.calibrate.synthesis import Trigger, check_trigger
 from guard.calibrate.taps import ModuleTaps, OnnxTaps, TapModel
+from guard.calibrate.warps import AnyTrigger, check_any_trigger
 from guard.errors import GuardError
 from guard.model.graph import (
     LoadedModel,
@@ -170,7 +170,7 @@ class CalibrationSettings:
 
 def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None = None, *,
               settings: CalibrationSettings | None = None, torch_module: torch.nn.Module | None = None,
-              progress: bool = False, triggers: Sequence[Trigger] = ()) -> Profile:
+              progress: bool = False, triggers: Sequence[AnyTrigger] = ()) -> Profile:
     """Calibrate a profile for `model` from clean samples `x` (N, C, H, W) and optional labels `y`.
 
     Gradients come from `torch_module` when given (its submodules are matched to the ONNX taps by value), else from
@@ -190,7 +190,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     if settings.suspect is not None and settings.suspect >= loaded.num_classes:
         raise GuardError(f"--suspect {settings.suspect} is not a class of this model ({loaded.num_classes} classes)")
     for number, trigger in enumerate(triggers):
-        check_trigger(trigger, loaded.sample_shape, loaded.num_classes, f"trigger {number}")
+        check_any_trigger(trigger, loaded.sample_shape, loaded.num_classes, f"trigger {number}")
     taps = list(settings.layers) if settings.layers else default_taps(loaded, conv_taps=settings.conv_taps)
     validate_taps(loaded, taps)
     hold, fit = holdout_split(len(x), settings.holdout, settings.seed)

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from guard.calibrate.synthesis import Trigger
+from guard.calibrate.warps import AnyTrigger
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel
 from guard.repair.adaptive_reg import RepairSettings, repair
@@ -83,7 +83,7 @@ MAX_FOLDS = round(1 / RepairSettings.holdout)
 
 
 def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, model_labels: np.ndarray, *,
-                  rate: float, lr: float, seed: int, folds: int, triggers: Sequence[Trigger] = (),
+                  rate: float, lr: float, seed: int, folds: int, triggers: Sequence[AnyTrigger] = (),
                   unlearn_share: float = UNLEARN_SHARE) -> ReferenceFit:
     """Fine-tune a copy of `loaded` on `x` (labels `y`, else the model's answers) and set the threshold on the
     samples fine-tuning held out, against `model_labels` (the served model's answers to `x`).

@@ -96,6 +96,10 @@ class Trigger:
         """Stamp this trigger on a batch (N, C, H, W)."""
         return apply_trigger(x, self.mask, self.pattern)
 
+    def stamp(self, images: torch.Tensor) -> torch.Tensor:
+        """Stamp this trigger on a torch batch (N, C, H, W), differentiably (what fine-tuning unlearns)."""
+        return (1 - torch.as_tensor(self.mask)) * images + torch.as_tensor(self.mask) * torch.as_tensor(self.pattern)
+
 
 def check_trigger(trigger: Trigger, sample_shape: tuple[int, ...], num_classes: int,
                   source: str = "the trigger") -> None:

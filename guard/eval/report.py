@@ -249,14 +249,22 @@ def _unlearned(case: dict) -> str:
     return " ".join(map(str, classes)) or "–"
 
 
+def _suspects(scan: dict) -> str:
+    """One case's scan suspect, and the warp scan's as "w0" where it names one: "8 w0", "–"."""
+    named = [] if scan["suspect"] is None else [str(scan["suspect"])]
+    if scan.get("warp_suspect") is not None:  # figures from before the warp scan hold none
+        named.append(f"w{scan['warp_suspect']}")
+    return " ".join(named) or "–"
+
+
 def _extra_table(figures: dict) -> str:
-    rows = ["| attack | model | PGD acc. unguarded | PGD acc. guarded | PGD flagged | scan suspect (per seed) | "
+    rows = ["| attack | model | PGD acc. unguarded | PGD acc. guarded | PGD flagged | scan suspect (per seed; w: warp scan) | "
             "AR unlearned (per seed) | reference answered, clean | reference answered, triggered | calibration s | "
             "overhead × (batch 64) | case s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for attack, arch, cases in _groups(figures):
         adv = [c["adversarial"] for c in cases]
-        suspects = ", ".join("–" if c["scan"]["suspect"] is None else str(c["scan"]["suspect"]) for c in cases)
+        suspects = ", ".join(_suspects(c["scan"]) for c in cases)
         unlearned = "; ".join(_unlearned(c) for c in cases if "ar-repair" in c["methods"])
         rows.append(
             f"| {attack} | {arch} | {_fmt(mean_spread([a['accuracy_unguarded'] for a in adv]))} | "
@@ -399,7 +407,7 @@ torch {machine['torch']}), no GPU.
   about 8% of clean ones: a threshold set over five fine-tunings, each holding out another fifth, that lets through
   no more of the held-out disagreements than the reference won against the model). The fine-tunings also unlearn
   the triggers the scan synthesised for its candidate classes, stamped on a tenth of each batch under their true
-  labels. A demotion whose answer the reference gives probability 0.99 or more is spared, unless the request scores
+  labels, and the warp of the class its warp scan names (a small smooth warp that sends most images there). A demotion whose answer the reference gives probability 0.99 or more is spared, unless the request scores
   above every clean calibration request. The suspect and the candidates are the scan's in the last table, run at
   {settings['scan_steps']} steps (the command's scan runs 200). The consistency check's column is the check alone:
   no mask, no suspect, no reference; "guard without the reference" is the default's profile with its reference
@@ -439,7 +447,7 @@ the 2% targets sit at or below it on some attacks.
 Models cleaned offline (`guard repair`, `guard train --none`), each measured as it is, unguarded. Fine-tuning and
 AR train on the defender's clean set for the same epochs; AR also unlearns the synthesised triggers of the scan's
 candidate classes (the suspect and any class with anomaly index at least 1, or where there is neither the scan's two
-most anomalous classes; listed per seed in the last table).
+most anomalous classes; listed per seed in the last table), and the warp of the class the warp scan names.
 Benign-salience pruning is `guard repair --method prune`. Plain L2 (`--method l2`) is left out of the full run to
 keep it within its hour.
 

@@ -404,6 +404,9 @@ def _linf_prune(loaded, scan, x_eval, y_eval, x_trig, y_trig, unguarded: tuple[n
     index = scan.classes.anomaly_index
     return row, {"suspect": scan.classes.suspect, "candidates": [t.target for t in scan.candidates],
                  "anomaly_index": [round(float(v), 3) for v in index],
+                 "warp_suspect": None if scan.warps is None else scan.warps.suspect,
+                 "warp_index": None if scan.warps is None else [round(float(v), 3) for v in scan.warps.anomaly_index],
+                 "warp_success": None if scan.warps is None else [round(float(v), 3) for v in scan.warps.success],
                  "seconds": scan.figures["seconds"]}
 
 

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from guard.calibrate.activations import collect
 from guard.calibrate.linf import linf_gap
 from guard.calibrate.salience import benign_salience, benign_set
-from guard.calibrate.synthesis import Trigger
 from guard.calibrate.taps import OnnxTaps
+from guard.calibrate.warps import AnyTrigger
 from guard.errors import GuardError, ModelError
 from guard.model.bridge import OnnxModule
 from guard.model.graph import (
@@ -188,7 +188,7 @@ def _predict(module: OnnxModule, output: str, x: np.ndarray, batch_size: int = 5
 
 def _fine_tune(module: OnnxModule, output: str, params: dict[str, torch.nn.Parameter],
                coefficients: dict[str, torch.Tensor], x: np.ndarray, y: np.ndarray,
-               settings: RepairSettings, triggers: Sequence[Trigger], lr: float) -> None:
+               settings: RepairSettings, triggers: Sequence[AnyTrigger], lr: float) -> None:
     for param in params.values():
         param.requires_grad_(True)
     optimizer = torch.optim.Adam(params.values(), lr=lr)
@@ -198,15 +198,13 @@ def _fine_tune(module: OnnxModule, output: str, params: dict[str, torch.nn.Param
     count = sum(int(c.count_nonzero()) for c in coefficients.values())
     generator = torch.Generator().manual_seed(settings.seed)
     inputs, targets = torch.as_tensor(x), torch.as_tensor(y)
-    masks = torch.stack([torch.as_tensor(t.mask) for t in triggers]) if triggers else None
-    patterns = torch.stack([torch.as_tensor(t.pattern) for t in triggers]) if triggers else None
     for _ in range(settings.epochs):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(order), settings.batch_size):
             batch = order[start:start + settings.batch_size]
             images = inputs[batch]
-            if masks is not None and settings.unlearn_share > 0:
-                images = _unlearning_batch(images, masks, patterns, settings.unlearn_share, generator)
+            if triggers and settings.unlearn_share > 0:
+                images = _unlearning_batch(images, triggers, settings.unlearn_share, generator)
             logits = module.run(images)[0][output]
             loss = F.cross_entropy(logits, targets[batch])
             if count:
@@ -231,14 +229,17 @@ def _costly(right_before: np.ndarray, right: np.ndarray, settings: RepairSetting
             and lost - gained > settings.backoff_z * math.sqrt(lost + gained))
 
 
-def _unlearning_batch(images: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor, share: float,
+def _unlearning_batch(images: torch.Tensor, triggers: Sequence[AnyTrigger], share: float,
                       generator: torch.Generator) -> torch.Tensor:
-    """`images` with about `share` of them stamped, each with one trigger (masks (K, 1, H, W), patterns
-    (K, C, H, W)) drawn at random."""
+    """`images` with about `share` of them stamped (or warped), each with one of `triggers` drawn at random."""
     stamp = torch.rand(len(images), generator=generator) < share
-    which = torch.randint(len(masks), (len(images),), generator=generator)
-    stamped = (1 - masks[which]) * images + masks[which] * patterns[which]
-    return torch.where(stamp[:, None, None, None], stamped, images)
+    which = torch.randint(len(triggers), (len(images),), generator=generator)
+    out = images.clone()
+    for number, trigger in enumerate(triggers):
+        rows = stamp & (which == number)
+        if rows.any():
+            out[rows] = trigger.stamp(images[rows])
+    return out
 
 
 def _write_weights(proto: onnx.ModelProto, params: dict[str, torch.nn.Parameter]) -> onnx.ModelProto:
@@ -248,7 +249,7 @@ def _write_weights(proto: onnx.ModelProto, params: dict[str, torch.nn.Parameter]
                                      for name, param in params.items()})
 
 
-def _gap_infected(tap_model: OnnxTaps, x: np.ndarray, triggers: Sequence[Trigger], share: float,
+def _gap_infected(tap_model: OnnxTaps, x: np.ndarray, triggers: Sequence[AnyTrigger], share: float,
                   ) -> list[np.ndarray]:
     """Per tap, (C,) bool: for each trigger, the `share` of channels whose mean ℓ∞ it raises most (positive gaps
     only); the union over the triggers."""
@@ -264,7 +265,7 @@ def _gap_infected(tap_model: OnnxTaps, x: np.ndarray, triggers: Sequence[Trigger
 
 
 def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None = None, *,
-           settings: RepairSettings | None = None, triggers: Sequence[Trigger] = (),
+           settings: RepairSettings | None = None, triggers: Sequence[AnyTrigger] = (),
            split: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[onnx.ModelProto, RepairReport]:
     """Purify `model` with clean samples `x` (and labels `y`, else the model's own answers); returns the repaired
     ONNX model (same inputs and outputs; recalibrate before serving it) and a report. `triggers` are candidate
