@@ -217,7 +217,7 @@ def _scan(args: argparse.Namespace) -> int:
     from guard.scan import ScanSettings, format_report, run_scan, write_outputs
 
     x, y = load_samples(args.data)
-    given = {"steps": args.steps, "threshold": args.threshold}
+    given = {"steps": args.steps, "threshold": args.threshold, "warp_scan": args.warps}
     settings = ScanSettings(**{k: v for k, v in given.items() if v is not None}, seed=args.seed)
     report = run_scan(args.model, x, y, settings=settings)
     print(format_report(report))
@@ -588,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder for scan.json, trigger.npz and the trigger pictures (default guard-scan)")
     scan.add_argument("--steps", type=int, help="optimisation steps for the triggers (default 200)")
     scan.add_argument("--threshold", type=float, help="anomaly index above which a class is named (default 2.0)")
+    scan.add_argument("--warps", action=argparse.BooleanOptionalAction, default=True,
+                      help="also look for a warping trigger: the class a small smooth warp sends most images to "
+                           "(default; --no-warps skips it, about 16 s on a small CNN)")
     scan.add_argument("--seed", type=int, default=0)
     scan.set_defaults(run=_scan)
 

@@ -70,6 +70,9 @@ def test_scan_names_the_backdoor_target(cli_scan):
     assert report["candidates"] == [k for k in np.argsort(index)[::-1] if index[k] >= 1.0]
     assert sizes[TARGET] < 0.2 * np.median(sizes)  # the 3×3 patch is tiny next to any natural trigger
     assert f"class {TARGET} is the likely backdoor target" in stdout
+    # A patch backdoor is no warp: the warp scan ran and named nothing.
+    assert len(report["warps"]["classes"]) == 10 and report["warps"]["suspect"] is None
+    assert "warp scan: no class is named" in stdout
 
 
 def test_scan_names_no_class_of_a_clean_model(clean_model, backdoored):

@@ -3,6 +3,7 @@ clean one, and its warps travel through the scan's files and fine-tuning's unlea
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from guard.calibrate.warps import (
     scan_warps,
     warp_index,
 )
+from guard.cli import main
 from guard.errors import GuardError
 from guard.eval.attacks import WaNet
 from guard.eval.models import export_onnx
@@ -127,3 +129,14 @@ def test_warp_settings_are_validated() -> None:
                 WarpSettings(threshold=float("nan")), WarpSettings(min_success=1.5)):
         with pytest.raises(GuardError):
             bad.validate()
+
+
+def test_cli_scan_without_warps(wanet_model, fashion, tmp_path) -> None:
+    _, _, x_test, y_test = fashion
+    np.savez(tmp_path / "clean.npz", x=x_test[:100], y=y_test[:100])
+    out = tmp_path / "out"
+    assert main(["scan", str(wanet_model), "--data", str(tmp_path / "clean.npz"), "--out", str(out), "--steps", "5",
+                 "--no-warps"]) == 0
+    report = json.loads((out / "scan.json").read_text())
+    assert report["warps"] is None and report["settings"]["warp_scan"] is False
+    assert not list(out.glob("warp_*.npz"))

@@ -18,6 +18,11 @@ Such a variant may also set the scan's `fill_candidates` (ScanSettings), which o
 model whose scan names none:
 
     python -m tools.compare_settings --variant top2='{"suspect": "scan", "fill_candidates": 2}' ...
+
+or leave out the warp that the scan's warp scan names (`"warp_scan": false`), to measure what unlearning it gives:
+
+    python -m tools.compare_settings --variant stamps='{"suspect": "scan", "warp_scan": false}' \\
+        --variant warps='{"suspect": "scan"}'
 """
 
 from __future__ import annotations
@@ -42,12 +47,15 @@ def main() -> None:
             scan = run_scan(loaded, case.x_def, case.y_def, settings=ScanSettings(steps=150, seed=seed))
             row["scan_suspect"] = scan.classes.suspect
             row["scan_candidates"] = [t.target for t in scan.candidates]
+            row["warp_suspect"] = None if scan.warps is None else scan.warps.suspect
+            row["warp_success"] = None if scan.warps is None else [round(v, 3) for v in scan.warps.success.tolist()]
         for name, fields in args.variant:
             triggers = []
             if fields.get("suspect") == "scan":
                 fields = {**fields, "suspect": row["scan_suspect"]}
                 fill = fields.pop("fill_candidates", scan.settings.fill_candidates)
-                triggers = replace(scan, settings=replace(scan.settings, fill_candidates=fill)).candidates
+                warps = scan.warps if fields.pop("warp_scan", True) else None
+                triggers = replace(scan, settings=replace(scan.settings, fill_candidates=fill), warps=warps).candidates
                 row[f"{name}_unlearned"] = [t.target for t in triggers]
             settings = CalibrationSettings(**{"seed": seed, **fields})
             profile = calibrate(loaded, case.x_def, case.y_def, settings=settings, triggers=triggers)
