@@ -54,8 +54,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     elif not profile.reference:
         referred = ", no reference kept (it would answer none of the held-out samples it disagrees on)"
     else:
-        classes = f["reference_unlearned"]
-        unlearned = f"the triggers of classes {classes}" if classes else "no trigger"
+        warps = f.get("reference_unlearned_warps", [])
+        stamps = [k for k in f["reference_unlearned"] if k not in warps]
+        unlearned = " and ".join([*([f"the triggers of classes {stamps}"] if stamps else []),
+                                  *([f"the warp of class {warps}"] if warps else [])]) or "no trigger"
         referred = (f", reference overrules {f['reference_overrule_rate']:.3f} of {f['reference_holdout_samples']} "
                     f"held-out samples of {f['reference_folds']} fine-tuning(s)"
                     f"{'' if net is None else f', {net:+d} right answers on them'} (the kept copy's accuracy on its "

@@ -140,3 +140,15 @@ def test_cli_scan_without_warps(wanet_model, fashion, tmp_path) -> None:
     report = json.loads((out / "scan.json").read_text())
     assert report["warps"] is None and report["settings"]["warp_scan"] is False
     assert not list(out.glob("warp_*.npz"))
+
+
+def test_calibrate_unlearns_a_warp_and_refuses_a_bad_one(clean_model, fashion) -> None:
+    from guard.calibrate.pipeline import CalibrationSettings, calibrate
+
+    x, y = fashion[2][:300], fashion[3][:300]
+    shifted = WarpTrigger(target=3, grid=np.clip(identity_grid() + 2 / 27, -1, 1).astype(np.float32), success=1.0)
+    profile = calibrate(clean_model, x, y, settings=CalibrationSettings(reference_folds=1), triggers=[shifted])
+    assert profile.figures["reference_unlearned"] == [3] and profile.figures["reference_unlearned_warps"] == [3]
+    small = WarpTrigger(target=3, grid=identity_grid(14, 14), success=1.0)
+    with pytest.raises(GuardError, match="trigger 0 must be a float32 grid of shape"):
+        calibrate(clean_model, x, y, triggers=[small])

@@ -35,7 +35,7 @@ from guard.calibrate.profile import PartScale, Profile, TapProfile, Thresholds, 
 from guard.calibrate.reference import MAX_FOLDS, UNLEARN_SHARE, fit_reference
 from guard.calibrate.salience import benign_salience, benign_set
 from guard.calibrate.taps import ModuleTaps, OnnxTaps, TapModel
-from guard.calibrate.warps import AnyTrigger, check_any_trigger
+from guard.calibrate.warps import AnyTrigger, WarpTrigger, check_any_trigger
 from guard.errors import GuardError
 from guard.model.graph import (
     LoadedModel,
@@ -318,6 +318,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "reference_folds": reference.folds if reference else None,
         "reference_overrule_net": reference.net_gain if reference else None,
         "reference_unlearned": [t.target for t in unlearned],  # the classes whose candidate triggers it unlearned
+        "reference_unlearned_warps": [t.target for t in unlearned if isinstance(t, WarpTrigger)],  # ... as warps
         "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
     }
     return draft
