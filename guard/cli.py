@@ -606,8 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "penalty; prune: the calibrated static mask folded in, no training")
     source = rep.add_mutually_exclusive_group()
     source.add_argument("--trigger", action="append",
-                        help="a candidate trigger (trigger.npz from guard scan): its channels count as infected and "
-                             "training unlearns it; give it again for more triggers")
+                        help="a candidate trigger (guard scan's trigger.npz, candidate_K.npz or warp_K.npz): its channels "
+                             "count as infected and training unlearns it; give it again for more triggers")
     source.add_argument("--scan", action="store_true",
                         help="run guard scan first (default settings) and unlearn its candidates' triggers: every "
                              "class whose anomaly index reaches 1, the suspect first (the two most anomalous where none "
