@@ -34,14 +34,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     model, triggers = args.model, []
     if args.suspect is None and args.scan:
         from guard.model.graph import load_model
-        from guard.scan import ScanSettings, run_scan
+        from guard.scan import ScanSettings, describe_triggers, run_scan
 
         model = load_model(args.model)
         scanned = run_scan(model, x, y, settings=ScanSettings(seed=args.seed))
         settings.suspect = suspect = scanned.classes.suspect
         triggers = scanned.candidates
-        print(f"guard: scan suspects {'no class' if suspect is None else f'class {suspect}'}, candidates "
-              f"{[t.target for t in triggers]} ({scanned.figures['seconds']:.1f} s)")
+        print(f"guard: scan suspects {'no class' if suspect is None else f'class {suspect}'}; candidates: "
+              f"{describe_triggers(triggers)} ({scanned.figures['seconds']:.1f} s)")
     profile = calibrate(model, x, y, settings=settings, progress=not args.quiet, triggers=triggers)
     profile.save(args.out)
     f = profile.figures
@@ -54,10 +54,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     elif not profile.reference:
         referred = ", no reference kept (it would answer none of the held-out samples it disagrees on)"
     else:
-        warps = f.get("reference_unlearned_warps", [])
-        stamps = [k for k in f["reference_unlearned"] if k not in warps]
+        stamps, warps = f["reference_unlearned"], f["reference_unlearned_warps"]
         unlearned = " and ".join([*([f"the triggers of classes {stamps}"] if stamps else []),
-                                  *([f"the warp of class {warps}"] if warps else [])]) or "no trigger"
+                                  *(f"the warp of class {k}" for k in warps)]) or "no trigger"
         referred = (f", reference overrules {f['reference_overrule_rate']:.3f} of {f['reference_holdout_samples']} "
                     f"held-out samples of {f['reference_folds']} fine-tuning(s)"
                     f"{'' if net is None else f', {net:+d} right answers on them'} (the kept copy's accuracy on its "
@@ -309,7 +308,7 @@ def _write_json(path: Path, data: dict) -> None:
 def _repair(args: argparse.Namespace) -> int:
     import onnx
 
-    from guard.calibrate.warps import load_any_trigger
+    from guard.calibrate.warps import WarpTrigger, load_any_trigger
     from guard.model.graph import load_model
     from guard.repair.adaptive_reg import RepairSettings, repair
     from guard.samples import load_samples, write_atomic
@@ -322,19 +321,18 @@ def _repair(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     triggers = [load_any_trigger(path, model.sample_shape, model.num_classes) for path in args.trigger or []]
     if args.scan:
-        from guard.scan import run_scan
+        from guard.scan import describe_triggers, run_scan
 
         scan = run_scan(model, x, y)
         triggers = scan.candidates
         suspect = "no class" if scan.classes.suspect is None else f"class {scan.classes.suspect}"
-        unlearned = ", ".join(str(t.target) for t in triggers)
-        print(f"guard: scan suspects {suspect}; unlearning the triggers of "
-              f"{'classes ' + unlearned if triggers else 'no class'}")
+        print(f"guard: scan suspects {suspect}; unlearning {describe_triggers(triggers)}")
     report_path = args.report or args.out.with_suffix(".repair.json")
     _writable(args.out, report_path)
     repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
     write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
-    _write_json(report_path, {**report.to_dict(), "trigger_targets": [t.target for t in triggers]})
+    _write_json(report_path, {**report.to_dict(), "trigger_targets": [t.target for t in triggers if not isinstance(t, WarpTrigger)],
+                               "warp_targets": [t.target for t in triggers if isinstance(t, WarpTrigger)]})
     print(f"guard: wrote {args.out} and {report_path}: {report.summary()}")
     print("guard: the repaired model has new weights: run guard calibrate on it before serving it")
     return 0

@@ -27,6 +27,7 @@ from guard.calibrate.activations import collect
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import FORMAT, Profile
 from guard.calibrate.taps import OnnxTaps
+from guard.calibrate.warps import WarpTrigger
 from guard.errors import GuardError, ProfileError
 from guard.eval.attacks import BadNets
 from guard.eval.models import SmallCNN, export_onnx, load_eval_data, train
@@ -414,13 +415,17 @@ def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(setup: Setup
     assert profile.tap_names == setup.profile.tap_names
     # the CLI's defaults are the library's, and it runs guard scan first and takes its suspect
     scan = run_scan(setup.model_path, setup.x_cal, setup.y_cal)
-    scanned, candidates = scan.classes.suspect, [t.target for t in scan.candidates]
+    scanned = scan.classes.suspect
+    candidates = [t.target for t in scan.candidates if not isinstance(t, WarpTrigger)]
+    warps = [t.target for t in scan.candidates if isinstance(t, WarpTrigger)]
     said = "no class" if scanned is None else f"class {scanned}"
-    assert f"guard: scan suspects {said}, candidates {candidates}" in done.stdout
+    unlearned = " and ".join([f"the triggers of classes {candidates}", *(f"the warp of class {k}" for k in warps)])
+    assert f"guard: scan suspects {said}; candidates: {unlearned}" in done.stdout
     # ... and its reference unlearns the triggers of the scan's candidates
     assert candidates, "the fixture's scan names no candidate, so this cannot tell unlearning from none"
     assert profile.figures["reference_unlearned"] == candidates
-    assert f"unlearned the triggers of classes {candidates}" in done.stdout
+    assert profile.figures["reference_unlearned_warps"] == warps
+    assert f"unlearned {unlearned}" in done.stdout
     assert profile.settings == {**setup.profile.settings, "suspect": scanned}
     assert profile.thresholds.suspect == scanned
     np.testing.assert_allclose(profile.class_mean, setup.profile.class_mean, rtol=1e-4, atol=1e-5)

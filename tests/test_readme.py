@@ -33,7 +33,8 @@ def test_the_calibration_example_builds_the_profile_the_cli_would(backdoored: Ba
     exec(python_example("calibrate("), names)
     profile, result, scan = names["profile"], names["result"], names["scan"]
     assert (tmp_path / "profile.safetensors").is_file()
-    assert profile.figures["reference_unlearned"] == [t.target for t in scan.candidates] != []
+    assert profile.figures["reference_unlearned"] + profile.figures["reference_unlearned_warps"] == [
+        t.target for t in scan.candidates] != []
     assert profile.thresholds.suspect == scan.classes.suspect
     assert result.labels.shape == (len(x),) and result.flagged.mean() > 0.5  # BadNets-triggered images
 

@@ -155,9 +155,7 @@ def test_unlearning_stamps_the_share_asked_each_image_with_one_of_the_triggers()
 
     images = torch.full((4000, 1, 4, 4), 0.5)
     triggers = [trigger(0, 0, 1.0), trigger(3, 3, 0.0)]
-    masks = torch.stack([torch.as_tensor(t.mask) for t in triggers])
-    patterns = torch.stack([torch.as_tensor(t.pattern) for t in triggers])
-    out = _unlearning_batch(images, masks, patterns, 0.3, torch.Generator().manual_seed(0))
+    out = _unlearning_batch(images, triggers, 0.3, torch.Generator().manual_seed(0))
     first = (out[:, 0, :, 0] == 1.0).all(dim=1)
     second = (out[:, 0, :, 3] == 0.0).all(dim=1)
     untouched = (out == 0.5).flatten(1).all(dim=1)
@@ -165,7 +163,7 @@ def test_unlearning_stamps_the_share_asked_each_image_with_one_of_the_triggers()
     assert (first | second | untouched).all()
     assert 0.27 < (first | second).float().mean() < 0.33
     assert 0.4 < first.sum() / (first | second).sum() < 0.6  # both triggers drawn alike
-    assert (_unlearning_batch(images, masks, patterns, 0.0, torch.Generator()) == images).all()
+    assert (_unlearning_batch(images, triggers, 0.0, torch.Generator()) == images).all()
 
 
 def test_l2_coefficients_are_the_mask_and_finetune_has_none():
@@ -503,9 +501,11 @@ def test_cli_repair_scan_unlearns_the_candidates_suspect_first(backdoored, clean
     code, stdout = _run_cli(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(out),
                              "--scan"])
     assert code == 0, stdout
-    targets = json.loads((tmp_path / "fixed.repair.json").read_text())["trigger_targets"]
+    written = json.loads((tmp_path / "fixed.repair.json").read_text())
+    targets, warps = written["trigger_targets"], written["warp_targets"]
     assert targets[0] == TARGET
-    assert f"scan suspects class {TARGET}; unlearning the triggers of classes {', '.join(map(str, targets))}" in stdout
+    said = " and ".join([f"the triggers of classes {targets}", *(f"the warp of class {k}" for k in warps)])
+    assert f"scan suspects class {TARGET}; unlearning {said}" in stdout
     _, attack_before = _rates(backdoored.model_path, backdoored)
     _, attack_after = _rates(out, backdoored)
     assert attack_after < attack_before / 4

@@ -26,7 +26,7 @@ from guard.eval.attacks import WaNet
 from guard.eval.models import export_onnx
 from guard.model.graph import load_model
 from guard.repair.adaptive_reg import _unlearning_batch
-from guard.scan import ScanSettings, run_scan, write_outputs
+from guard.scan import ScanSettings, describe_triggers, run_scan, write_outputs
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,9 @@ def test_scan_names_the_warp_target_and_the_files_carry_it(wanet_model, fashion,
     warp = report.warp
     assert warp is not None and warp.success >= WarpSettings.min_success
     assert warp in report.candidates  # the reference and AR unlearn it beside the stamps
+    stamps = [t.target for t in report.candidates if t is not warp]
+    assert describe_triggers(report.candidates) == " and ".join(
+        [*([f"the triggers of classes {stamps}"] if stamps else []), f"the warp of class {TARGET}"])
     # The found warp moves no pixel much past the budget (a pixel is 2/27 in grid coordinates; bicubic
     # interpolation between the control points overshoots them by at most a quarter).
     assert np.abs(warp.grid - identity_grid()).max() <= 1.25 * 2 / 27
@@ -148,7 +151,7 @@ def test_calibrate_unlearns_a_warp_and_refuses_a_bad_one(clean_model, fashion) -
     x, y = fashion[2][:300], fashion[3][:300]
     shifted = WarpTrigger(target=3, grid=np.clip(identity_grid() + 2 / 27, -1, 1).astype(np.float32), success=1.0)
     profile = calibrate(clean_model, x, y, settings=CalibrationSettings(reference_folds=1), triggers=[shifted])
-    assert profile.figures["reference_unlearned"] == [3] and profile.figures["reference_unlearned_warps"] == [3]
+    assert profile.figures["reference_unlearned"] == [] and profile.figures["reference_unlearned_warps"] == [3]
     small = WarpTrigger(target=3, grid=identity_grid(14, 14), success=1.0)
     with pytest.raises(GuardError, match="trigger 0 must be a float32 grid of shape"):
         calibrate(clean_model, x, y, triggers=[small])

@@ -43,7 +43,7 @@ def main() -> None:
     for seed, attack_name, case in comparison_cases(args):
         loaded = case.loaded()
         row: dict[str, object] = {"arch": args.arch, "attack": attack_name, "seed": seed}
-        if any(fields.get("suspect") in ("scan", "warp") for _, fields in args.variant):
+        if any(fields.get("suspect") == "scan" for _, fields in args.variant):
             scan = run_scan(loaded, case.x_def, case.y_def, settings=ScanSettings(steps=150, seed=seed))
             row["scan_suspect"] = scan.classes.suspect
             row["scan_candidates"] = [t.target for t in scan.candidates]
@@ -51,11 +51,8 @@ def main() -> None:
             row["warp_success"] = None if scan.warps is None else [round(v, 3) for v in scan.warps.success.tolist()]
         for name, fields in args.variant:
             triggers = []
-            if fields.get("suspect") in ("scan", "warp"):
-                # "warp": the warp scan's class where it names one, else the patch scan's (scratch)
-                named = row["warp_suspect"] if fields["suspect"] == "warp" and row["warp_suspect"] is not None \
-                    else row["scan_suspect"]
-                fields = {**fields, "suspect": named}
+            if fields.get("suspect") == "scan":
+                fields = {**fields, "suspect": row["scan_suspect"]}
                 fill = fields.pop("fill_candidates", scan.settings.fill_candidates)
                 warps = scan.warps if fields.pop("warp_scan", True) else None
                 triggers = replace(scan, settings=replace(scan.settings, fill_candidates=fill), warps=warps).candidates

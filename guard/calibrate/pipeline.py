@@ -317,8 +317,9 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "reference_overrule_rate": reference.overrule_rate if reference else None,
         "reference_folds": reference.folds if reference else None,
         "reference_overrule_net": reference.net_gain if reference else None,
-        "reference_unlearned": [t.target for t in unlearned],  # the classes whose candidate triggers it unlearned
-        "reference_unlearned_warps": [t.target for t in unlearned if isinstance(t, WarpTrigger)],  # ... as warps
+        # the classes whose candidate triggers it unlearned: stamps, and warps (guard.calibrate.warps)
+        "reference_unlearned": [t.target for t in unlearned if not isinstance(t, WarpTrigger)],
+        "reference_unlearned_warps": [t.target for t in unlearned if isinstance(t, WarpTrigger)],
         "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
     }
     return draft
