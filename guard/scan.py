@@ -113,6 +113,11 @@ class ScanSettings:
             raise GuardError(f"the candidates' fill must be zero or more classes, got {self.fill_candidates}")
         if self.num_threads is not None and self.num_threads < 1:
             raise GuardError(f"thread count must be positive, got {self.num_threads}")
+        if self.warp_scan:  # before the patch scan's seconds are spent
+            try:
+                WarpSettings(**self.warps).validate()
+            except TypeError as exc:
+                raise GuardError(f"unknown warp setting: {exc}") from None
 
 
 @dataclass
@@ -147,6 +152,7 @@ class ScanReport:
         return self.warps.triggers[self.warps.suspect]
 
     def _stamp_candidates(self) -> list[Trigger]:
+        """The patch scan's part of `candidates`."""
         index = self.classes.anomaly_index
         ranked = [int(k) for k in np.argsort(-index, kind="stable")]
         chosen = [k for k in ranked if index[k] >= self.settings.candidate_index]
@@ -339,9 +345,8 @@ def _format_stamps(report: ScanReport) -> str:
 def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
     """scan.json always; candidate_K.npz for each candidate class K and warp_K.npz for the class the warp scan names
     (what `guard repair --scan` and `guard calibrate` unlearn, so `guard repair --trigger` can be given the same);
-    and trigger.npz and the two PNGs (mask·pattern,
-    mask) when a class is suspected, each written whole or not at all. An earlier scan's files in the folder are
-    removed first, so none is taken for this scan's."""
+    and trigger.npz and the two PNGs (mask·pattern, mask) when a class is suspected, each written whole or not at
+    all. An earlier scan's files in the folder are removed first, so none is taken for this scan's."""
     out = Path(out_dir)
     classes = range(len(report.classes.triggers))
     try:

@@ -132,6 +132,11 @@ def test_warp_settings_are_validated() -> None:
                 WarpSettings(threshold=float("nan")), WarpSettings(min_success=1.5)):
         with pytest.raises(GuardError):
             bad.validate()
+    with pytest.raises(GuardError, match="budget"):  # through the scan's own settings, before any work
+        ScanSettings(warps={"budget": -1.0}).validate()
+    with pytest.raises(GuardError, match="unknown warp setting"):
+        ScanSettings(warps={"bugdet": 1.0}).validate()
+    ScanSettings(warp_scan=False, warps={"bugdet": 1.0}).validate()  # no warp scan, nothing to check
 
 
 def test_cli_scan_without_warps(wanet_model, fashion, tmp_path) -> None:
