@@ -9,8 +9,9 @@ backdoor's target it moves most of them, because the model learnt a warp of that
 
 The anomaly index is the class's success rate in robust standard deviations (1.4826·MAD) above the classes' median,
 and a class is named when its index exceeds `threshold` and its success reaches `min_success`. Measured on the tuning
-models (seeds 10-12, docs/design.md): the wanet targets' success was 0.6-0.94 at index 19-74, while no class of a
-clean, BadNets, blend, source-specific or adaptive model went past an index of 3.
+models (seeds 10-12, docs/design.md): the wanet targets' success was 0.58-0.99 at index 9.6-74 (but for one CNN whose
+warp had barely taken), while no class of a clean, BadNets, blend, source-specific or adaptive model went past a
+success of 0.21 or an index of 2.9.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from guard.calibrate.synthesis import Trigger, check_trigger, load_trigger, logits_of
+from guard.calibrate.synthesis import MAD_CONSISTENCY, Trigger, check_trigger, load_trigger, logits_of
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel
 from guard.samples import write_atomic
 
-MAD_CONSISTENCY = 1.4826
 MIN_SPREAD = 0.01  # the smallest MAD of success rates the index divides by: one image in a hundred
 
 
