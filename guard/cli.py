@@ -33,8 +33,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     _writable(args.out)
     model, triggers = args.model, []
     if args.suspect is None and args.scan:
+        from guard.calibrate.warps import describe_triggers
         from guard.model.graph import load_model
-        from guard.scan import ScanSettings, describe_triggers, run_scan
+        from guard.scan import ScanSettings, run_scan
 
         model = load_model(args.model)
         scanned = run_scan(model, x, y, settings=ScanSettings(seed=args.seed))
@@ -54,9 +55,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     elif not profile.reference:
         referred = ", no reference kept (it would answer none of the held-out samples it disagrees on)"
     else:
-        stamps, warps = f["reference_unlearned"], f["reference_unlearned_warps"]
-        unlearned = " and ".join([*([f"the triggers of classes {stamps}"] if stamps else []),
-                                  *(f"the warp of class {k}" for k in warps)]) or "no trigger"
+        from guard.calibrate.warps import describe_targets
+
+        unlearned = describe_targets(f["reference_unlearned"], f["reference_unlearned_warps"])
         referred = (f", reference overrules {f['reference_overrule_rate']:.3f} of {f['reference_holdout_samples']} "
                     f"held-out samples of {f['reference_folds']} fine-tuning(s)"
                     f"{'' if net is None else f', {net:+d} right answers on them'} (the kept copy's accuracy on its "
@@ -308,7 +309,7 @@ def _write_json(path: Path, data: dict) -> None:
 def _repair(args: argparse.Namespace) -> int:
     import onnx
 
-    from guard.calibrate.warps import WarpTrigger, load_any_trigger
+    from guard.calibrate.warps import describe_triggers, load_any_trigger, split_targets
     from guard.model.graph import load_model
     from guard.repair.adaptive_reg import RepairSettings, repair
     from guard.samples import load_samples, write_atomic
@@ -321,7 +322,7 @@ def _repair(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     triggers = [load_any_trigger(path, model.sample_shape, model.num_classes) for path in args.trigger or []]
     if args.scan:
-        from guard.scan import describe_triggers, run_scan
+        from guard.scan import run_scan
 
         scan = run_scan(model, x, y)
         triggers = scan.candidates
@@ -331,8 +332,8 @@ def _repair(args: argparse.Namespace) -> int:
     _writable(args.out, report_path)
     repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
     write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
-    _write_json(report_path, {**report.to_dict(), "trigger_targets": [t.target for t in triggers if not isinstance(t, WarpTrigger)],
-                               "warp_targets": [t.target for t in triggers if isinstance(t, WarpTrigger)]})
+    stamps, warps = split_targets(triggers)
+    _write_json(report_path, {**report.to_dict(), "trigger_targets": stamps, "warp_targets": warps})
     print(f"guard: wrote {args.out} and {report_path}: {report.summary()}")
     print("guard: the repaired model has new weights: run guard calibrate on it before serving it")
     return 0
@@ -604,8 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "penalty; prune: the calibrated static mask folded in, no training")
     source = rep.add_mutually_exclusive_group()
     source.add_argument("--trigger", action="append",
-                        help="a candidate trigger (guard scan's trigger.npz, candidate_K.npz or warp_K.npz): its channels "
-                             "count as infected and training unlearns it; give it again for more triggers")
+                        help="a candidate trigger (guard scan's trigger.npz, candidate_K.npz or warp_K.npz): its "
+                             "channels count as infected and training unlearns it; give it again for more triggers")
     source.add_argument("--scan", action="store_true",
                         help="run guard scan first (default settings) and unlearn its candidates' triggers: every "
                              "class whose anomaly index reaches 1, the suspect first (the two most anomalous where none "

@@ -24,7 +24,7 @@ import logging
 import struct
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -380,14 +380,6 @@ def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
     except OSError as exc:
         raise GuardError(f"cannot write the scan results to {out}: {exc}") from None
     return [summary, *written]
-
-
-def describe_triggers(triggers: Sequence[AnyTrigger]) -> str:
-    """"the triggers of classes [8, 9] and the warp of class 0", for messages ("no trigger" for none)."""
-    stamps = [t.target for t in triggers if not isinstance(t, WarpTrigger)]
-    parts = [f"the triggers of classes {stamps}"] if stamps else []
-    parts += [f"the warp of class {t.target}" for t in triggers if isinstance(t, WarpTrigger)]
-    return " and ".join(parts) or "no trigger"
 
 
 def candidate_file(target: int) -> str:

@@ -15,6 +15,7 @@ from guard.calibrate.synthesis import Trigger
 from guard.calibrate.warps import (
     WarpSettings,
     WarpTrigger,
+    describe_triggers,
     load_any_trigger,
     save_warp,
     scan_warps,
@@ -26,7 +27,7 @@ from guard.eval.attacks import WaNet
 from guard.eval.models import export_onnx
 from guard.model.graph import load_model
 from guard.repair.adaptive_reg import _unlearning_batch
-from guard.scan import ScanSettings, describe_triggers, run_scan, write_outputs
+from guard.scan import ScanSettings, run_scan, write_outputs
 
 
 @pytest.fixture(scope="module")

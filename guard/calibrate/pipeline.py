@@ -35,7 +35,7 @@ from guard.calibrate.profile import PartScale, Profile, TapProfile, Thresholds, 
 from guard.calibrate.reference import MAX_FOLDS, UNLEARN_SHARE, fit_reference
 from guard.calibrate.salience import benign_salience, benign_set
 from guard.calibrate.taps import ModuleTaps, OnnxTaps, TapModel
-from guard.calibrate.warps import AnyTrigger, WarpTrigger, check_any_trigger
+from guard.calibrate.warps import AnyTrigger, check_any_trigger, split_targets
 from guard.errors import GuardError
 from guard.model.graph import (
     LoadedModel,
@@ -302,6 +302,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
                                   else confirm_ceiling(score, disagree, tau))
     draft.reference = reference.weights if reference else {}
     draft.settings = {**asdict(settings), "layers": taps}
+    unlearned_stamps, unlearned_warps = split_targets(unlearned)
     draft.figures = {
         "samples": len(x), "fit_samples": len(fit), "holdout_samples": len(hold), "labels_given": y is not None,
         "holdout_accuracy_unguarded": choice.accuracy_before, "holdout_accuracy_masked": choice.accuracy_after,
@@ -318,8 +319,8 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "reference_folds": reference.folds if reference else None,
         "reference_overrule_net": reference.net_gain if reference else None,
         # the classes whose candidate triggers it unlearned: stamps, and warps (guard.calibrate.warps)
-        "reference_unlearned": [t.target for t in unlearned if not isinstance(t, WarpTrigger)],
-        "reference_unlearned_warps": [t.target for t in unlearned if isinstance(t, WarpTrigger)],
+        "reference_unlearned": unlearned_stamps,
+        "reference_unlearned_warps": unlearned_warps,
         "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
     }
     return draft

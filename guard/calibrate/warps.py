@@ -17,6 +17,7 @@ success of 0.21 or an index of 2.9.
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,24 @@ class WarpTrigger:
 
 
 AnyTrigger = Trigger | WarpTrigger  # what fine-tuning can unlearn: a stamp or a warp
+
+
+def split_targets(triggers: Sequence[AnyTrigger]) -> tuple[list[int], list[int]]:
+    """The classes of the stamps and of the warps among `triggers`, each in order."""
+    stamps = [t.target for t in triggers if not isinstance(t, WarpTrigger)]
+    return stamps, [t.target for t in triggers if isinstance(t, WarpTrigger)]
+
+
+def describe_targets(stamps: Sequence[int], warps: Sequence[int]) -> str:
+    """"the triggers of classes [8, 9] and the warp of class 0", for messages ("no trigger" for none)."""
+    parts = [f"the triggers of classes {list(stamps)}"] if stamps else []
+    parts += [f"the warp of class {k}" for k in warps]
+    return " and ".join(parts) or "no trigger"
+
+
+def describe_triggers(triggers: Sequence[AnyTrigger]) -> str:
+    """`describe_targets` of the classes of `triggers`."""
+    return describe_targets(*split_targets(triggers))
 
 
 def check_any_trigger(trigger: AnyTrigger, sample_shape: tuple[int, ...], num_classes: int,
