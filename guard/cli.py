@@ -27,6 +27,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         prune=not args.no_prune, dense_part=not args.no_dense_part, dense_score=args.dense_score, seed=args.seed,
         suspect=args.suspect, reference=args.reference, reference_rate=args.reference_rate,
         reference_folds=args.reference_folds, reference_unlearn=args.reference_unlearn,
+        warp_overrule_rate=args.warp_overrule_rate,
         demote_confirm=args.demote_confirm or None,
     )
     settings.validate()  # before the scan's seconds are spent
@@ -62,6 +63,9 @@ def _calibrate(args: argparse.Namespace) -> int:
                     f"held-out samples of {f['reference_folds']} fine-tuning(s)"
                     f"{'' if net is None else f', {net:+d} right answers on them'} (the kept copy's accuracy on its "
                     f"own held-out fold {f['reference_holdout_accuracy']:.3f}; unlearned {unlearned})")
+        if profile.thresholds.warp_class is not None:
+            referred += (f", class {profile.thresholds.warp_class}'s answers (the warp's) overruled past "
+                         f"{profile.thresholds.warp_overrule:.3f}")
     print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
           f"channels, held-out accuracy {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
           f"cross-fitted flag rate {f['calibration_flag_rate']:.3f} (target {args.fpr}), demote rate "
@@ -489,6 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the reference also unlearns the triggers the scan synthesised for its candidate classes, "
                           "stamped on this share of each batch (default 0.1; 0: not at all; only with the scan, not "
                           "with --suspect or --no-scan)")
+    cal.add_argument("--warp-overrule-rate", type=float, default=0.0, metavar="RATE",
+                     help="where the reference unlearned a warp the scan named, its class's answers get an overrule "
+                          "threshold of their own, set on the held-out samples answered with it at this rate, no "
+                          "more than the reference won there (default 0: off; 0.5 measured in docs/design.md)")
     cal.add_argument("--demote-confirm", type=float, default=0.99, metavar="P",
                      help="a request past a demote threshold keeps the model's answer where the reference gives "
                           "it at least this probability and the request scores no higher than the highest clean "

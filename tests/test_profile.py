@@ -184,6 +184,19 @@ def _without_reference(tensors: dict[str, np.ndarray], meta: dict) -> None:
     meta["thresholds"].pop("overrule")
     meta["thresholds"].pop("confirm")
     meta["thresholds"].pop("confirm_ceiling")
+    _as_format_6(tensors, meta)
+
+
+def _as_format_6(tensors: dict[str, np.ndarray], meta: dict) -> None:
+    """As a profile written before format 7: no warp class."""
+    meta["format"] = "guard.profile/6"
+    meta["thresholds"].pop("warp_class")
+    meta["thresholds"].pop("warp_overrule")
+
+
+def _with_warp_class(tensors: dict[str, np.ndarray], meta: dict, warp_class: object = 0,
+                     warp_overrule: object = 0.0) -> None:
+    meta["thresholds"].update(warp_class=warp_class, warp_overrule=warp_overrule)
 
 
 def _pad_channel(tensors: dict[str, np.ndarray], key: str) -> None:
@@ -253,10 +266,27 @@ CORRUPTIONS = {
                                                                       _set(m["thresholds"], "suspect", 0))),
                             "only a format-5 profile or later may name a suspect"),
     "reference-in-format-5": (lambda s, p: _edited(s, p, lambda t, m: _set(m, "format", "guard.profile/5")),
-                              "only a format-6 profile may carry a reference"),
+                              "only a format-6 profile or later may carry a reference"),
     "reference-tensors-in-format-5": (lambda s, p: _edited(s, p, lambda t, m: (
         _set(m, "format", "guard.profile/5"), m["thresholds"].pop("overrule"))),
-        "only a format-6 profile may carry a reference"),
+        "only a format-6 profile or later may carry a reference"),
+    "warp-class-in-format-6": (lambda s, p: _edited(s, p, lambda t, m: (_as_format_6(t, m), _with_warp_class(t, m))),
+                               "only a format-7 profile may name a warp class"),
+    "warp-class-alone": (lambda s, p: _edited(s, p, lambda t, m: _with_warp_class(t, m, warp_overrule=None)),
+                         "a warp class and its overrule threshold, at most the reference's, come together"),
+    "warp-threshold-alone": (lambda s, p: _edited(s, p, lambda t, m: _with_warp_class(t, m, warp_class=None)),
+                             "a warp class and its overrule threshold, at most the reference's, come together"),
+    "warp-threshold-above-the-references": (lambda s, p: _edited(s, p, lambda t, m: _with_warp_class(
+        t, m, warp_overrule=m["thresholds"]["overrule"] + 1)), "at most the reference's, come together"),
+    "warp-threshold-negative": (lambda s, p: _edited(s, p, lambda t, m: _with_warp_class(t, m, warp_overrule=-1.0)),
+                                "warp class's overrule threshold must be null or a number at least 0"),
+    "warp-class-out-of-range": (lambda s, p: _edited(s, p, lambda t, m: _with_warp_class(t, m, warp_class=10)),
+                                "warp class must be a class number below 10"),
+    "warp-class-a-bool": (lambda s, p: _edited(s, p, lambda t, m: _with_warp_class(t, m, warp_class=True)),
+                          "warp class must be a class number"),
+    "warp-class-without-reference": (lambda s, p: _edited(s, p, lambda t, m: (
+        _without_reference_weights(t, m), m["thresholds"].update(overrule=None, confirm=None, confirm_ceiling=None),
+        _with_warp_class(t, m))), "a warp class's overrule threshold needs a reference"),
     "reference-weight-integer": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "reference/fc2.bias",
                                                                               t["reference/fc2.bias"].astype(np.int32))),
                                  "must be named, floating-point and finite"),

@@ -169,7 +169,8 @@ def test_the_threshold_pools_each_folds_held_out_samples_against_that_folds_copy
     x, y = backdoored.x_clean, backdoored.y_clean
     answers = Guard(loaded, Profile.load(backdoored.profile_path).without_reference()).predict(x).model_labels
     one = fit_reference(loaded, x, y, answers, rate=0.08, lr=2e-3, seed=0, folds=1)
-    two = fit_reference(loaded, x, y, answers, rate=0.08, lr=2e-3, seed=0, folds=2)
+    two = fit_reference(loaded, x, y, answers, rate=0.08, lr=2e-3, seed=0, folds=2, class_target=TARGET,
+                        class_rate=1.0)
     assert (one.folds, one.holdout_samples, two.folds, two.holdout_samples) == (1, 100, 2, 200)
     assert one.weights.keys() == two.weights.keys()
     assert all(np.array_equal(one.weights[name], two.weights[name]) for name in one.weights)
@@ -187,6 +188,11 @@ def test_the_threshold_pools_each_folds_held_out_samples_against_that_folds_copy
     assert two.threshold == pytest.approx(overrule_threshold(pooled, 0.08, pooled_gains), abs=1e-5)
     assert two.overrule_rate == pytest.approx(float((pooled > two.threshold).mean()))
     assert two.net_gain == pooled_gains[pooled > two.threshold].sum() >= 0
+    # the class's own threshold: the same rule on the held-out samples the model answers with it, never above
+    answered = np.concatenate([answers[hold] for hold, _ in holdout_folds(len(x), 0.2, 0, 2)]) == TARGET
+    assert answered.any() and one.class_threshold == math.inf  # no class named
+    assert two.class_threshold == pytest.approx(min(two.threshold, overrule_threshold(
+        pooled[answered], 1.0, pooled_gains[answered])), abs=1e-5)
 
 
 def test_held_out_folds_are_disjoint_and_as_many_as_the_data_holds() -> None:
@@ -243,6 +249,48 @@ def test_monitor_reports_the_overruled_requests_and_answers_as_the_model(backdoo
     reference = PlainSession(reference_model(guard.model.proto, guard.profile.reference).SerializeToString(), "input")
     own = reference.logits(x).argmax(axis=1)
     assert np.array_equal(enforce.labels[enforce.overruled], own[enforce.overruled])  # the reference's answer
+
+
+def test_the_warp_class_is_overruled_past_its_own_threshold(backdoored: Backdoored, tmp_path: Path) -> None:
+    """A profile naming a warp class (format 7) overrules that class's answers past its lower threshold, and every
+    other answer past the reference's own, as before."""
+    profile = Profile.load(backdoored.profile_path)
+    x = np.concatenate([backdoored.x_eval, backdoored.triggered()[0][:100]])
+    plain = Guard(load_model(backdoored.model_path), profile).predict(x)
+    named = dataclasses.replace(profile, thresholds=dataclasses.replace(profile.thresholds, warp_class=TARGET,
+                                                                         warp_overrule=0.0))
+    loaded_back = Profile.load(named.save(tmp_path / "warp.safetensors"))
+    assert (loaded_back.thresholds.warp_class, loaded_back.thresholds.warp_overrule) == (TARGET, 0.0)
+    guard = Guard(load_model(backdoored.model_path), loaded_back)
+    result = guard.predict(x)
+    reference = PlainSession(reference_model(guard.model.proto, profile.reference).SerializeToString(), "input")
+    gap = disagreement(reference.logits(x), result.model_labels)
+    expected = (gap > profile.thresholds.overrule) | ((result.model_labels == TARGET) & (gap > 0))
+    assert np.array_equal(result.overruled, expected)
+    assert result.overruled.sum() > plain.overruled.sum() and np.array_equal(plain.overruled & ~expected,
+                                                                              np.zeros(len(x), dtype=bool))
+    assert loaded_back.without_reference().thresholds.warp_class is None
+
+
+def test_calibrate_sets_the_warp_class_threshold_only_when_asked(backdoored: Backdoored) -> None:
+    """With a warp among the unlearned triggers and a rate, the profile names its class with a threshold at most
+    the reference's; without the rate it names none (the default)."""
+    from guard.calibrate.warps import WarpTrigger
+
+    rows, cols = np.meshgrid(np.linspace(-1, 1, 28), np.linspace(-1, 1, 28), indexing="ij")
+    shifted = np.stack([np.clip(cols + 2 / 27, -1, 1), rows], axis=-1).astype(np.float32)  # one pixel to the side
+    warp = WarpTrigger(target=TARGET, grid=shifted, success=0.9)
+    x, y = backdoored.x_clean, backdoored.y_clean
+    asked = calibrate(backdoored.model_path, x, y, triggers=[warp],
+                      settings=CalibrationSettings(reference_folds=2, warp_overrule_rate=1.0))
+    thresholds = asked.thresholds
+    assert thresholds.warp_class == TARGET and 0 <= thresholds.warp_overrule <= thresholds.overrule < math.inf
+    assert asked.figures["reference_warp_overrule"] == thresholds.warp_overrule
+    assert asked.figures["reference_unlearned_warps"] == [TARGET]
+    default = Profile.load(backdoored.profile_path)
+    assert default.thresholds.warp_class is None and default.figures["reference_warp_overrule"] is None
+    with pytest.raises(GuardError, match="--warp-overrule-rate is a share"):
+        CalibrationSettings(warp_overrule_rate=1.5).validate()
 
 
 @pytest.mark.parametrize(("edit", "message"), [

@@ -35,7 +35,7 @@ from guard.calibrate.profile import PartScale, Profile, TapProfile, Thresholds, 
 from guard.calibrate.reference import MAX_FOLDS, UNLEARN_SHARE, fit_reference
 from guard.calibrate.salience import benign_salience, benign_set
 from guard.calibrate.taps import ModuleTaps, OnnxTaps, TapModel
-from guard.calibrate.warps import AnyTrigger, check_any_trigger, split_targets
+from guard.calibrate.warps import AnyTrigger, WarpTrigger, check_any_trigger, split_targets
 from guard.errors import GuardError
 from guard.model.graph import (
     LoadedModel,
@@ -86,6 +86,11 @@ class CalibrationSettings:
     # Given the scan's candidate triggers (`calibrate(triggers=...)`), the reference's fine-tunings also unlearn them:
     # this share of each batch is stamped with one, true labels kept, as `guard repair` does (0: none).
     reference_unlearn: float = UNLEARN_SHARE
+    # Where the reference unlearned a warp the warp scan named, the model's answers of its class get an overrule
+    # threshold of their own: the same won-on-balance rule on the held-out samples answered with it, at this rate (0:
+    # none). Off until a full eval measures it; 0.5 took the wanet tuning models' attack success from 5.4-8.0% to
+    # 2.6-4.8%: docs/design.md, "A reference threshold of its own for the warp's class".
+    warp_overrule_rate: float = 0.0
     # A request past a demote threshold (the general one or the suspect's) keeps the model's answer where the
     # reference gives that answer at least this probability (None: demoted all the same). Demoted clean requests are
     # mostly right, and the reference confirms most of them; it has unlearned or faded the triggers that took, and
@@ -145,6 +150,8 @@ class CalibrationSettings:
                              f"got {self.demote_confirm!r}")
         if not 0 <= self.reference_unlearn < 1:
             raise GuardError(f"--reference-unlearn is a share of each batch in [0, 1), got {self.reference_unlearn}")
+        if not 0 <= self.warp_overrule_rate <= 1:
+            raise GuardError(f"--warp-overrule-rate is a share in [0, 1], got {self.warp_overrule_rate}")
         if not 0 < self.suspect_rate < 1:
             raise GuardError(f"the suspect's demote rate must lie in (0, 1), got {self.suspect_rate}")
         if self.suspect is not None and (isinstance(self.suspect, bool) or not isinstance(self.suspect, int)
@@ -285,12 +292,14 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     bar.close()
     reference = None
     unlearned = list(triggers) if settings.reference and settings.reference_unlearn > 0 else []
+    warp_class = next((t.target for t in unlearned if isinstance(t, WarpTrigger)), None)
     if settings.reference:
         model_labels = np.empty(len(x), dtype=np.int64)
         model_labels[order] = labels
         reference = timed("reference", fit_reference, loaded, x, y, model_labels, rate=settings.reference_rate,
                           lr=settings.reference_lr, seed=settings.seed, folds=settings.reference_folds,
-                          triggers=unlearned, unlearn_share=settings.reference_unlearn)
+                          triggers=unlearned, unlearn_share=settings.reference_unlearn, class_target=warp_class,
+                          class_rate=settings.warp_overrule_rate)
 
     kept = reference is not None and bool(reference.weights)
     confirm = settings.demote_confirm if kept else None
@@ -299,7 +308,9 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
                                   suspect=settings.suspect, suspect_demote=suspect_demote,
                                   overrule=math.inf if not kept else reference.threshold,
                                   confirm=confirm, confirm_ceiling=math.inf if confirm is None
-                                  else confirm_ceiling(score, disagree, tau))
+                                  else confirm_ceiling(score, disagree, tau),
+                                  warp_class=warp_class if kept and math.isfinite(reference.class_threshold) else None,
+                                  warp_overrule=reference.class_threshold if kept else math.inf)
     draft.reference = reference.weights if reference else {}
     draft.settings = {**asdict(settings), "layers": taps}
     unlearned_stamps, unlearned_warps = split_targets(unlearned)
@@ -318,6 +329,9 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "reference_overrule_rate": reference.overrule_rate if reference else None,
         "reference_folds": reference.folds if reference else None,
         "reference_overrule_net": reference.net_gain if reference else None,
+        # the overrule threshold of the warp's class (None: none; at most the reference's own)
+        "reference_warp_overrule": reference.class_threshold if reference and kept and math.isfinite(
+            reference.class_threshold) else None,
         # the classes whose candidate triggers it unlearned: stamps, and warps (guard.calibrate.warps)
         "reference_unlearned": unlearned_stamps,
         "reference_unlearned_warps": unlearned_warps,

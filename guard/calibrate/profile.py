@@ -33,11 +33,13 @@ from guard.samples import write_atomic
 # format-5 guard would ignore it, so format 6 is refused there. Format 6 later gained `confirm` (the reference's
 # probability that spares a demotion) and `confirm_ceiling` (the score above which nothing is spared); a format-6
 # guard that ignores them demotes more requests, never fewer, so it reads such a profile with as much protection as
-# it promises, and the format stayed.
-FORMAT = "guard.profile/6"
+# it promises, and the format stayed. 7: thresholds may name the warp scan's class (`warp_class`) and a lower
+# overrule threshold of its own (`warp_overrule`); a format-6 guard would overrule fewer requests than the profile
+# promises, so format 7 is refused there.
+FORMAT = "guard.profile/7"
 # Format 5 reads with no reference; 4 and 3 with no suspect either, format 3 as top-q parts, format 2 as one
 # unstandardised part, each as it scored.
-_READABLE = (FORMAT, "guard.profile/5", "guard.profile/4", "guard.profile/3", "guard.profile/2")
+_READABLE = (FORMAT, "guard.profile/6", "guard.profile/5", "guard.profile/4", "guard.profile/3", "guard.profile/2")
 _REFERENCE = "reference/"  # the prefix of the reference's tensors
 _PART_KINDS = ("top_q", "distance")
 TAP_KINDS = ("conv", "dense")
@@ -124,6 +126,10 @@ class Thresholds:
     # and the score above which no confirmation spares one (the highest clean calibration score; inf: no ceiling).
     confirm: float | None = None
     confirm_ceiling: float = math.inf
+    # Where the profile carries a reference and the warp scan named a class: that class, and the disagreement past
+    # which the reference overrules the model's answers of it, at most `overrule` (None and inf: no such class).
+    warp_class: int | None = None
+    warp_overrule: float = math.inf
 
     def as_json(self) -> dict[str, Any]:
         """The thresholds as a JSON object (an infinite demote threshold, demotion off, is null; a distance part's
@@ -132,7 +138,8 @@ class Thresholds:
                 "demote": _finite_or_null(self.demote), "parts": [part.as_json() for part in self.parts],
                 "suspect": self.suspect, "suspect_demote": _finite_or_null(self.suspect_demote),
                 "overrule": _finite_or_null(self.overrule), "confirm": self.confirm,
-                "confirm_ceiling": _finite_or_null(self.confirm_ceiling)}
+                "confirm_ceiling": _finite_or_null(self.confirm_ceiling), "warp_class": self.warp_class,
+                "warp_overrule": _finite_or_null(self.warp_overrule)}
 
 
 def confirming_probability(value: object) -> bool:
@@ -319,10 +326,12 @@ class Profile:
                 part.class_mean, part.whiten = _distance_arrays(profile, part, index, tensors)
         profile.reference = {key[len(_REFERENCE):]: value for key, value in tensors.items()
                              if key.startswith(_REFERENCE)}
-        if profile.reference and meta["format"] != FORMAT:
-            raise ValueError("only a format-6 profile may carry a reference")
+        if profile.reference and meta["format"] not in (FORMAT, "guard.profile/6"):
+            raise ValueError("only a format-6 profile or later may carry a reference")
         if bool(profile.reference) == math.isinf(profile.thresholds.overrule):
             raise ValueError("a reference's weights and its overrule threshold come together, or neither")
+        if profile.thresholds.warp_class is not None and not profile.reference:
+            raise ValueError("a warp class's overrule threshold needs a reference to overrule with")
         if profile.thresholds.confirm is not None and not profile.reference:
             raise ValueError("a confirming probability needs a reference to confirm with")
         for name, value in profile.reference.items():  # which weights they may replace, the model says (Guard)
@@ -333,12 +342,13 @@ class Profile:
     def without_reference(self) -> Profile:
         """The same profile with no reference: the guard answers as the model and the check decide."""
         return replace(self, reference={}, thresholds=replace(self.thresholds, overrule=math.inf, confirm=None,
-                                                              confirm_ceiling=math.inf))
+                                                              confirm_ceiling=math.inf, warp_class=None,
+                                                              warp_overrule=math.inf))
 
 
 def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, version: int) -> Thresholds:
     """Thresholds with their types and ranges checked: a profile is untrusted input. Only format 5 and later may name
-    a suspect, only format 6 a reference's threshold."""
+    a suspect, only format 6 a reference's threshold, only format 7 a warp class."""
     k, tau, top_q, cut = float(raw["k"]), float(raw["tau"]), raw["top_q"], float(raw["cut"])
     if not (np.isfinite(k) and np.isfinite(tau) and np.isfinite(cut)) or not isinstance(top_q, int) or top_q < 1:
         raise ValueError(f"thresholds must be finite numbers with an integer top_q >= 1, got {raw}")
@@ -347,7 +357,7 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
     if version < 5 and (raw.get("suspect") is not None or raw.get("suspect_demote") is not None):
         raise ValueError("only a format-5 profile or later may name a suspect")
     if version < 6 and raw.get("overrule") is not None:
-        raise ValueError("only a format-6 profile may carry a reference")
+        raise ValueError("only a format-6 profile or later may carry a reference")
     suspect = raw.get("suspect")
     suspect_demote = _threshold_or_inf(raw, "suspect_demote", tau, "the suspect's demote threshold")
     if suspect is None and not math.isinf(suspect_demote):
@@ -362,9 +372,20 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
     confirm_ceiling = _threshold_or_inf(raw, "confirm_ceiling", tau, "the confirmation's score ceiling")
     if (confirm is None) != math.isinf(confirm_ceiling):  # unbounded, the reference would spare triggers it kept
         raise ValueError(f"a confirming probability and its score ceiling come together, or neither, got {raw}")
+    if version < 7 and (raw.get("warp_class") is not None or raw.get("warp_overrule") is not None):
+        raise ValueError("only a format-7 profile may name a warp class")
+    warp_class = raw.get("warp_class")
+    warp_overrule = _threshold_or_inf(raw, "warp_overrule", 0.0, "the warp class's overrule threshold", "0")
+    if (warp_class is None) != math.isinf(warp_overrule) or (warp_class is not None and warp_overrule > overrule):
+        raise ValueError(f"a warp class and its overrule threshold, at most the reference's, come together, or "
+                         f"neither, got {raw}")
+    if warp_class is not None and not (isinstance(warp_class, int) and not isinstance(warp_class, bool)
+                                       and 0 <= warp_class < num_classes):
+        raise ValueError(f"the warp class must be a class number below {num_classes}, got {warp_class!r}")
     return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut, demote=demote, parts=parts, suspect=suspect,
                       suspect_demote=suspect_demote, overrule=overrule,
-                      confirm=None if confirm is None else float(confirm), confirm_ceiling=confirm_ceiling)
+                      confirm=None if confirm is None else float(confirm), confirm_ceiling=confirm_ceiling,
+                      warp_class=warp_class, warp_overrule=warp_overrule)
 
 
 def _threshold_or_inf(raw: dict[str, Any], key: str, floor: float, name: str, floor_name: str = "tau") -> float:

@@ -47,6 +47,8 @@ class ReferenceFit:
     folds: int  # fine-tunings whose held-out samples set the threshold
     # held-out answers the overrules corrected minus those they broke, at the threshold (None: no labels to tell)
     net_gain: int | None
+    # overrule an answer of `class_target` (the warp scan's class) past this lower threshold (inf: no such class)
+    class_threshold: float = math.inf
 
 
 def overrule_threshold(gaps: np.ndarray, rate: float, gains: np.ndarray | None = None) -> float:
@@ -84,7 +86,8 @@ MAX_FOLDS = round(1 / RepairSettings.holdout)
 
 def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, model_labels: np.ndarray, *,
                   rate: float, lr: float, seed: int, folds: int, triggers: Sequence[AnyTrigger] = (),
-                  unlearn_share: float = UNLEARN_SHARE) -> ReferenceFit:
+                  unlearn_share: float = UNLEARN_SHARE, class_target: int | None = None,
+                  class_rate: float = 0.0) -> ReferenceFit:
     """Fine-tune a copy of `loaded` on `x` (labels `y`, else the model's answers) and set the threshold on the
     samples fine-tuning held out, against `model_labels` (the served model's answers to `x`).
 
@@ -99,7 +102,12 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
 
     `triggers` (the scan's candidates) are unlearned as `guard repair` does: `unlearn_share` of each batch is stamped
     with one of them under its true label. Fine-tuning alone only fades a backdoor; unlearning a trigger like the
-    attacker's makes the copy disagree firmly with the target on triggered requests."""
+    attacker's makes the copy disagree firmly with the target on triggered requests.
+
+    With labels, `class_target` (the class whose warp the warp scan named) gets a threshold of its own, set by the
+    same rule on the pooled held-out samples the model answers with it at `class_rate` (0: none): a warp trigger the
+    check does not see leaves its answers to the reference, which disagrees, but not always past the general
+    threshold (docs/design.md, "A reference threshold of its own for the warp's class")."""
     # fine-tuning penalises no channel, so the triggers' gap channels are not measured
     settings = RepairSettings(method="finetune", lr=lr, seed=seed, unlearn_share=unlearn_share, gap_share=0.0)
     splits = holdout_folds(len(x), settings.holdout, seed, folds)  # the first is repair's default split
@@ -107,13 +115,14 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
         raise GuardError(f"the reference needs 1 to {MAX_FOLDS} folds of at least {MIN_HELD_OUT} held-out samples "
                          f"and some to train on; got {folds} fold(s) of {len(x)} samples")
     kept: onnx.ModelProto | None = None
-    accuracy, gaps, gains = 0.0, [], []
+    accuracy, gaps, gains, answered = 0.0, [], [], []
     for hold, fit in splits:
         tuned, report = repair(loaded, x, y, settings=settings, split=(hold, fit), triggers=triggers)
         session = PlainSession(tuned.SerializeToString(), loaded.input_name, threads=1)
         logits = session.logits(np.ascontiguousarray(x[hold]))
         gap = disagreement(logits, model_labels[hold])
         gaps.append(gap)
+        answered.append(model_labels[hold])
         if y is not None:
             won = logits.argmax(axis=1) == y[hold]
             gains.append(np.where(gap > 0, won.astype(np.int64) - (model_labels[hold] == y[hold]), 0))
@@ -127,10 +136,16 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
     # a reference that answers none of the held-out samples it has earned, or that fine-tuning left as the model
     # was, is not kept: the guard runs the model alone
     weights = changed_weights(loaded.proto, kept) if passed.any() or pooled_gains is None else {}
+    class_threshold = math.inf
     if not weights:
         threshold = math.inf
+    elif pooled_gains is not None and class_target is not None and class_rate > 0:
+        rows = np.concatenate(answered) == class_target
+        if rows.any():
+            class_threshold = min(threshold, overrule_threshold(pooled[rows], class_rate, pooled_gains[rows]))
     return ReferenceFit(weights=weights, threshold=threshold, holdout_samples=len(pooled), holdout_accuracy=accuracy,
-                        overrule_rate=float(passed.mean()), folds=len(gaps), net_gain=net_gain)
+                        overrule_rate=float(passed.mean()), folds=len(gaps), net_gain=net_gain,
+                        class_threshold=class_threshold)
 
 
 def changed_weights(original: onnx.ModelProto, tuned: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -211,7 +211,9 @@ class Guard:
         seconds["repredict"] = time.perf_counter() - t2
         overruled = np.zeros(len(x), dtype=bool)
         if reference_logits is not None:
-            overruled = disagreement(reference_logits, model_labels) > thresholds.overrule
+            gap = disagreement(reference_logits, model_labels)
+            overruled = (gap > thresholds.overrule) | ((model_labels == thresholds.warp_class)
+                                                       & (gap > thresholds.warp_overrule))
             answer = overrule(self.policy, answer, reference_logits, overruled)
             labels = answer.argmax(axis=1)
         return Result(
