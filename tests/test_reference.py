@@ -97,12 +97,17 @@ def test_a_reference_that_wins_none_of_its_disagreements_is_not_kept(backdoored:
     assert not Guard(loaded, profile).predict(backdoored.x_eval).overruled.any()
 
 
-def test_cli_refuses_an_unlearning_share_outside_0_to_1(backdoored: Backdoored, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("option", "message"), [
+    ("--reference-unlearn", "--reference-unlearn is a share of each batch in [0, 1), got 1.5"),
+    ("--warp-overrule-rate", "--warp-overrule-rate is a share in [0, 1], got 1.5"),
+])
+def test_cli_refuses_a_reference_share_outside_0_to_1(backdoored: Backdoored, tmp_path: Path, option: str,
+                                                      message: str) -> None:
     np.savez(tmp_path / "clean.npz", x=backdoored.x_clean, y=backdoored.y_clean)
     done = run_cli("calibrate", backdoored.model_path, "--data", "clean.npz", "--out", "p.safetensors", "--quiet",
-                   "--reference-unlearn", "1", cwd=tmp_path)
+                   option, "1.5", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip() == "guard: error: --reference-unlearn is a share of each batch in [0, 1), got 1.0"
+    assert done.stderr.strip() == f"guard: error: {message}"
     assert not (tmp_path / "p.safetensors").exists()
 
 

@@ -23,6 +23,11 @@ or leave out the warp that the scan's warp scan names (`"warp_scan": false`), to
 
     python -m tools.compare_settings --variant stamps='{"suspect": "scan", "warp_scan": false}' \\
         --variant warps='{"suspect": "scan"}'
+
+or give the named warp's class an overrule threshold of its own (`warp_overrule_rate`, docs/design.md):
+
+    python -m tools.compare_settings --attacks wanet clean --variant default='{"suspect": "scan"}' \\
+        --variant warp='{"suspect": "scan", "warp_overrule_rate": 0.5}'
 """
 
 from __future__ import annotations
