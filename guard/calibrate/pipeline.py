@@ -302,6 +302,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
                           class_rate=settings.warp_overrule_rate)
 
     kept = reference is not None and bool(reference.weights)
+    warp_overrule = reference.class_threshold if reference else math.inf  # inf unless kept and a warp was named
     confirm = settings.demote_confirm if kept else None
     draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q, cut=settings.cut_z, demote=demote,
                                   parts=[PartScale.of(group, part) for group, part in zip(groups, parts, strict=True)],
@@ -309,8 +310,8 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
                                   overrule=math.inf if not kept else reference.threshold,
                                   confirm=confirm, confirm_ceiling=math.inf if confirm is None
                                   else confirm_ceiling(score, disagree, tau),
-                                  warp_class=warp_class if kept and math.isfinite(reference.class_threshold) else None,
-                                  warp_overrule=reference.class_threshold if kept else math.inf)
+                                  warp_class=warp_class if math.isfinite(warp_overrule) else None,
+                                  warp_overrule=warp_overrule)
     draft.reference = reference.weights if reference else {}
     draft.settings = {**asdict(settings), "layers": taps}
     unlearned_stamps, unlearned_warps = split_targets(unlearned)
@@ -330,8 +331,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "reference_folds": reference.folds if reference else None,
         "reference_overrule_net": reference.net_gain if reference else None,
         # the overrule threshold of the warp's class (None: none; at most the reference's own)
-        "reference_warp_overrule": reference.class_threshold if reference and kept and math.isfinite(
-            reference.class_threshold) else None,
+        "reference_warp_overrule": warp_overrule if math.isfinite(warp_overrule) else None,
         # the classes whose candidate triggers it unlearned: stamps, and warps (guard.calibrate.warps)
         "reference_unlearned": unlearned_stamps,
         "reference_unlearned_warps": unlearned_warps,

@@ -279,6 +279,7 @@ class Profile:
             raise ValueError("this profile was written by an older guard (format 1); run `guard calibrate` again")
         if meta.get("format") not in _READABLE:
             raise ValueError(f"unknown profile format {meta.get('format')!r}, expected {FORMAT!r}")
+        version = int(meta["format"].rsplit("/", 1)[1])
         taps = []
         for index, tap in enumerate(meta["taps"]):
             arrays = {name: tensors[f"taps.{index}.{name}"] for name in _TAP_ARRAYS}
@@ -315,8 +316,7 @@ class Profile:
             taps=taps,
             class_mean=tensors["class_mean"],
             class_scale=tensors["class_scale"],
-            thresholds=_thresholds(meta["thresholds"], [tap.name for tap in taps], num_classes,
-                                   version=int(meta["format"].rsplit("/", 1)[1])),
+            thresholds=_thresholds(meta["thresholds"], [tap.name for tap in taps], num_classes, version=version),
             settings=dict(meta["settings"]),
             figures=dict(meta["figures"]),
             guard_version=str(meta["guard_version"]),
@@ -326,7 +326,7 @@ class Profile:
                 part.class_mean, part.whiten = _distance_arrays(profile, part, index, tensors)
         profile.reference = {key[len(_REFERENCE):]: value for key, value in tensors.items()
                              if key.startswith(_REFERENCE)}
-        if profile.reference and meta["format"] not in (FORMAT, "guard.profile/6"):
+        if profile.reference and version < 6:
             raise ValueError("only a format-6 profile or later may carry a reference")
         if bool(profile.reference) == math.isinf(profile.thresholds.overrule):
             raise ValueError("a reference's weights and its overrule threshold come together, or neither")

@@ -115,14 +115,13 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
         raise GuardError(f"the reference needs 1 to {MAX_FOLDS} folds of at least {MIN_HELD_OUT} held-out samples "
                          f"and some to train on; got {folds} fold(s) of {len(x)} samples")
     kept: onnx.ModelProto | None = None
-    accuracy, gaps, gains, answered = 0.0, [], [], []
+    accuracy, gaps, gains = 0.0, [], []
     for hold, fit in splits:
         tuned, report = repair(loaded, x, y, settings=settings, split=(hold, fit), triggers=triggers)
         session = PlainSession(tuned.SerializeToString(), loaded.input_name, threads=1)
         logits = session.logits(np.ascontiguousarray(x[hold]))
         gap = disagreement(logits, model_labels[hold])
         gaps.append(gap)
-        answered.append(model_labels[hold])
         if y is not None:
             won = logits.argmax(axis=1) == y[hold]
             gains.append(np.where(gap > 0, won.astype(np.int64) - (model_labels[hold] == y[hold]), 0))
@@ -140,7 +139,7 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
     if not weights:
         threshold = math.inf
     elif pooled_gains is not None and class_target is not None and class_rate > 0:
-        rows = np.concatenate(answered) == class_target
+        rows = np.concatenate([model_labels[hold] for hold, _ in splits]) == class_target  # pooled's order
         if rows.any():
             class_threshold = min(threshold, overrule_threshold(pooled[rows], class_rate, pooled_gains[rows]))
     return ReferenceFit(weights=weights, threshold=threshold, holdout_samples=len(pooled), holdout_accuracy=accuracy,
