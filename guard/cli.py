@@ -493,10 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the reference also unlearns the triggers the scan synthesised for its candidate classes, "
                           "stamped on this share of each batch (default 0.1; 0: not at all; only with the scan, not "
                           "with --suspect or --no-scan)")
-    cal.add_argument("--warp-overrule-rate", type=float, default=0.0, metavar="RATE",
+    cal.add_argument("--warp-overrule-rate", type=float, default=0.5, metavar="RATE",
                      help="where the reference unlearned a warp the scan named, its class's answers get an overrule "
                           "threshold of their own, set on the held-out samples answered with it at this rate, no "
-                          "more than the reference won there (default 0: off; 0.5 measured in docs/design.md)")
+                          "more than the reference won there (default 0.5; 0: off)")
     cal.add_argument("--demote-confirm", type=float, default=0.99, metavar="P",
                      help="a request past a demote threshold keeps the model's answer where the reference gives "
                           "it at least this probability and the request scores no higher than the highest clean "

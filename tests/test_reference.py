@@ -277,9 +277,9 @@ def test_the_warp_class_is_overruled_past_its_own_threshold(backdoored: Backdoor
     assert loaded_back.without_reference().thresholds.warp_class is None
 
 
-def test_calibrate_sets_the_warp_class_threshold_only_when_asked(backdoored: Backdoored) -> None:
+def test_calibrate_sets_the_warp_class_threshold_only_for_an_unlearned_warp(backdoored: Backdoored) -> None:
     """With a warp among the unlearned triggers and a rate, the profile names its class with a threshold at most
-    the reference's; without the rate it names none (the default)."""
+    the reference's; at rate 0, or with no warp unlearned (the fixture's profile), it names none."""
     from guard.calibrate.warps import WarpTrigger
 
     rows, cols = np.meshgrid(np.linspace(-1, 1, 28), np.linspace(-1, 1, 28), indexing="ij")
@@ -292,8 +292,12 @@ def test_calibrate_sets_the_warp_class_threshold_only_when_asked(backdoored: Bac
     assert thresholds.warp_class == TARGET and 0 <= thresholds.warp_overrule <= thresholds.overrule < math.inf
     assert asked.figures["reference_warp_overrule"] == thresholds.warp_overrule
     assert asked.figures["reference_unlearned_warps"] == [TARGET]
-    default = Profile.load(backdoored.profile_path)
-    assert default.thresholds.warp_class is None and default.figures["reference_warp_overrule"] is None
+    off = calibrate(backdoored.model_path, x, y, triggers=[warp],
+                    settings=CalibrationSettings(reference_folds=1, warp_overrule_rate=0.0))
+    assert off.thresholds.warp_class is None and off.figures["reference_unlearned_warps"] == [TARGET]
+    no_warp = Profile.load(backdoored.profile_path)
+    assert CalibrationSettings().warp_overrule_rate > 0 and no_warp.thresholds.warp_class is None
+    assert no_warp.figures["reference_warp_overrule"] is None
     with pytest.raises(GuardError, match="--warp-overrule-rate is a share"):
         CalibrationSettings(warp_overrule_rate=1.5).validate()
 

@@ -88,9 +88,10 @@ class CalibrationSettings:
     reference_unlearn: float = UNLEARN_SHARE
     # Where the reference unlearned a warp the warp scan named, the model's answers of its class get an overrule
     # threshold of their own: the same won-on-balance rule on the held-out samples answered with it, at this rate (0:
-    # none). Off until a full eval measures it; 0.5 took the wanet tuning models' attack success from 5.4-8.0% to
-    # 2.6-4.8%: docs/design.md, "A reference threshold of its own for the warp's class".
-    warp_overrule_rate: float = 0.0
+    # none). 0.5 took the wanet tuning models' attack success from 5.4-8.1% to 2.6-4.9% at under half a point of clean
+    # accuracy, and named no warp on the other attacks' tuning models: docs/design.md, "A reference threshold of its
+    # own for the warp's class".
+    warp_overrule_rate: float = 0.5
     # A request past a demote threshold (the general one or the suspect's) keeps the model's answer where the
     # reference gives that answer at least this probability (None: demoted all the same). Demoted clean requests are
     # mostly right, and the reference confirms most of them; it has unlearned or faded the triggers that took, and
