@@ -407,9 +407,10 @@ torch {machine['torch']}), no GPU.
   about 8% of clean ones: a threshold set over five fine-tunings, each holding out another fifth, that lets through
   no more of the held-out disagreements than the reference won against the model). The fine-tunings also unlearn
   the triggers the scan synthesised for its candidate classes, stamped on a tenth of each batch under their true
-  labels, and the warp of the class its warp scan names (a small smooth warp that sends most images there). A
-  demotion whose answer the reference gives probability 0.99 or more is spared, unless the request scores above
-  every clean calibration request. The suspect and the candidates are the scan's in the last table, run at
+  labels, and the warp of the class its warp scan names (a small smooth warp that sends most images there); the
+  model's answers of that class are overruled past a threshold of their own, set by the same rule on the held-out
+  samples the model answers with it at rate 0.5 (`--warp-overrule-rate`). A demotion whose answer the reference
+  gives probability 0.99 or more is spared, unless the request scores above every clean calibration request. The suspect and the candidates are the scan's in the last table, run at
   {settings['scan_steps']} steps (the command's scan runs 200). The consistency check's column is the check alone:
   no mask, no suspect, no reference; "guard without the reference" is the default's profile with its reference
   taken out.
