@@ -27,7 +27,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         prune=not args.no_prune, dense_part=not args.no_dense_part, dense_score=args.dense_score, seed=args.seed,
         suspect=args.suspect, reference=args.reference, reference_rate=args.reference_rate,
         reference_folds=args.reference_folds, reference_unlearn=args.reference_unlearn,
-        warp_overrule_rate=args.warp_overrule_rate,
+        warp_overrule_rate=args.warp_overrule_rate, warp_lean=args.warp_lean,
         demote_confirm=args.demote_confirm or None,
     )
     settings.validate()  # before the scan's seconds are spent
@@ -66,6 +66,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         if profile.thresholds.warp_class is not None:
             referred += (f", class {profile.thresholds.warp_class}'s answers (the warp's) overruled past "
                          f"{profile.thresholds.warp_overrule:.3f}")
+        if profile.thresholds.lean_class is not None:
+            referred += f", the model's lean towards class {profile.thresholds.lean_class} (the warp's) scored"
     print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
           f"channels, held-out accuracy {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
           f"cross-fitted flag rate {f['calibration_flag_rate']:.3f} (target {args.fpr}), demote rate "
@@ -497,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the reference unlearned a warp the scan named, its class's answers get an overrule "
                           "threshold of their own, set on the held-out samples answered with it at this rate, no "
                           "more than the reference won there (default 0.5; 0: off)")
+    cal.add_argument("--warp-lean", action=argparse.BooleanOptionalAction, default=True,
+                     help="where the reference unlearned a warp the scan named, score how much more probability the "
+                          "model gives the warp's class than the reference does, beside the check's parts (default; "
+                          "needs --reference-folds 5, so that every clean sample is held out once)")
     cal.add_argument("--demote-confirm", type=float, default=0.99, metavar="P",
                      help="a request past a demote threshold keeps the model's answer where the reference gives "
                           "it at least this probability and the request scores no higher than the highest clean "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from guard.eval.attacks import Attack, BadNets
 from guard.eval.datasets import load_fashion_mnist
@@ -94,3 +97,16 @@ def backdoored(fashion, tmp_path_factory) -> Backdoored:
     profile_path = profile.save(root / "badnets.safetensors")
     return Backdoored(model_path, profile_path, module, attack, x_clean, y_clean, x_test[1000:2000],
                       y_test[1000:2000])
+
+
+def raw_parts(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """A profile file's tensors and its decoded guard metadata."""
+    with safe_open(str(path), framework="numpy") as handle:
+        meta = json.loads(handle.metadata()["guard"])
+    return load_file(str(path)), meta
+
+
+def write_parts(path: Path, tensors: dict[str, np.ndarray], meta: dict | str | None) -> Path:
+    metadata = None if meta is None else {"guard": meta if isinstance(meta, str) else json.dumps(meta)}
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path

@@ -19,10 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
 
-from conftest import run_cli
+from conftest import raw_parts, run_cli, write_parts
 from guard.calibrate.activations import collect
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import FORMAT, Profile
@@ -66,19 +64,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     profile_path = profile.save(workdir / "profile.safetensors")
     x_eval = x_test[CALIBRATION_SAMPLES:CALIBRATION_SAMPLES + 200]
     return Setup(workdir, module, model_path, other_path, x_cal, y_cal, x_eval, profile, profile_path)
-
-
-def raw_parts(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """A profile file's tensors and its decoded guard metadata."""
-    with safe_open(str(path), framework="numpy") as handle:
-        meta = json.loads(handle.metadata()["guard"])
-    return load_file(str(path)), meta
-
-
-def write_parts(path: Path, tensors: dict[str, np.ndarray], meta: dict | str | None) -> Path:
-    metadata = None if meta is None else {"guard": meta if isinstance(meta, str) else json.dumps(meta)}
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- what it records
@@ -190,13 +175,18 @@ def _without_reference(tensors: dict[str, np.ndarray], meta: dict) -> None:
 def _as_format_6(tensors: dict[str, np.ndarray], meta: dict) -> None:
     """As a profile written before format 7: no warp class."""
     meta["format"] = "guard.profile/6"
-    meta["thresholds"].pop("warp_class")
-    meta["thresholds"].pop("warp_overrule")
+    for key in ("warp_class", "warp_overrule", "lean_class", "lean_centre", "lean_spread"):
+        meta["thresholds"].pop(key)
 
 
 def _with_warp_class(tensors: dict[str, np.ndarray], meta: dict, warp_class: object = 0,
                      warp_overrule: object = 0.0) -> None:
     meta["thresholds"].update(warp_class=warp_class, warp_overrule=warp_overrule)
+
+
+def _with_lean(tensors: dict[str, np.ndarray], meta: dict, lean_class: object = 0, lean_centre: object = 0.0,
+               lean_spread: object = 0.1) -> None:
+    meta["thresholds"].update(lean_class=lean_class, lean_centre=lean_centre, lean_spread=lean_spread)
 
 
 def _pad_channel(tensors: dict[str, np.ndarray], key: str) -> None:
@@ -287,6 +277,26 @@ CORRUPTIONS = {
     "warp-class-without-reference": (lambda s, p: _edited(s, p, lambda t, m: (
         _without_reference_weights(t, m), m["thresholds"].update(overrule=None, confirm=None, confirm_ceiling=None),
         _with_warp_class(t, m))), "a warp class's overrule threshold needs a reference"),
+    "lean-in-format-7": (lambda s, p: _edited(s, p, lambda t, m: (_set(m, "format", "guard.profile/7"),
+                                                                    _with_lean(t, m))),
+                         "only a format-8 profile may score a warp's lean"),
+    "lean-class-alone": (lambda s, p: _edited(s, p, lambda t, m: _with_lean(t, m, lean_centre=None, lean_spread=None)),
+                         "the lean's part needs a finite centre and a positive spread"),
+    "lean-scale-alone": (lambda s, p: _edited(s, p, lambda t, m: _with_lean(t, m, lean_class=None)),
+                         "the lean's class must be a class number below 10"),
+    "lean-zero-spread": (lambda s, p: _edited(s, p, lambda t, m: _with_lean(t, m, lean_spread=0.0)),
+                         "positive spread"),
+    "lean-nan-centre": (lambda s, p: _edited(s, p, lambda t, m: _with_lean(t, m, lean_centre=float("nan"))),
+                        "finite centre"),
+    "lean-spread-a-string": (lambda s, p: _edited(s, p, lambda t, m: _with_lean(t, m, lean_spread="0.1")),
+                             "finite centre and a positive spread"),
+    "lean-class-out-of-range": (lambda s, p: _edited(s, p, lambda t, m: _with_lean(t, m, lean_class=10)),
+                                "the lean's class must be a class number below 10"),
+    "lean-class-a-bool": (lambda s, p: _edited(s, p, lambda t, m: _with_lean(t, m, lean_class=False)),
+                          "the lean's class must be a class number"),
+    "lean-without-reference": (lambda s, p: _edited(s, p, lambda t, m: (
+        _without_reference_weights(t, m), m["thresholds"].update(overrule=None, confirm=None, confirm_ceiling=None),
+        _with_lean(t, m))), "a warp's lean needs a reference"),
     "reference-weight-integer": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "reference/fc2.bias",
                                                                               t["reference/fc2.bias"].astype(np.int32))),
                                  "must be named, floating-point and finite"),

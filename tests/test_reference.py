@@ -14,7 +14,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import TARGET, Backdoored, poisoned_cnn, run_cli
+from conftest import TARGET, Backdoored, poisoned_cnn, raw_parts, run_cli, write_parts
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import Profile
 from guard.calibrate.reference import fit_reference, overrule_threshold
@@ -27,7 +27,7 @@ from guard.repair.adaptive_reg import RepairSettings, repair
 from guard.runtime.engine import PlainSession
 from guard.runtime.guard import Guard
 from guard.runtime.policy import Policy
-from guard.runtime.reference import confirms, disagreement, reference_model, trained_initializers
+from guard.runtime.reference import confirms, disagreement, lean, reference_model, trained_initializers
 from guard.samples import holdout_folds, holdout_split
 
 
@@ -39,6 +39,16 @@ def test_disagreement_is_the_log_probability_the_reference_prefers_its_own_answe
     np.testing.assert_allclose(disagreement(logits, labels), expected, atol=1e-6)
     assert disagreement(logits, labels)[0] == 0  # agreeing: nothing to overrule
     assert disagreement(logits, labels)[2] == 0  # a tie with the answer is no disagreement either
+
+
+def test_lean_is_how_much_more_probability_the_model_gives_the_class_than_the_reference() -> None:
+    model = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [np.nan, 0.0, 0.0]], dtype=np.float32)
+    reference = np.array([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32)
+    probs = torch.softmax(torch.as_tensor(model[:2]), dim=1).numpy()
+    leaning = lean(model, reference, 0)
+    np.testing.assert_allclose(leaning[:2], [probs[0, 0] - 1 / 3, 0.0], atol=1e-6)  # the same logits: no lean
+    assert leaning[0] > 0 and np.isnan(leaning[2])  # an input the model overflows on stays NaN (flagged)
+    assert lean(reference, model, 0)[0] == pytest.approx(-leaning[0])  # the reference leaning more: negative
 
 
 def test_overrule_threshold_passes_about_the_rate_and_never_an_agreeing_answer() -> None:
@@ -277,26 +287,64 @@ def test_the_warp_class_is_overruled_past_its_own_threshold(backdoored: Backdoor
     assert loaded_back.without_reference().thresholds.warp_class is None
 
 
-def test_calibrate_sets_the_warp_class_threshold_only_for_an_unlearned_warp(backdoored: Backdoored) -> None:
+def test_a_warps_lean_raises_the_score_to_it_and_flags_past_tau(backdoored: Backdoored, tmp_path: Path) -> None:
+    """A profile scoring the warp's lean (format 8) scores a request by the larger of the check's score and the
+    standardised lean, and flags past tau on it; the tail and the reference are untouched. A format-7 profile, with no
+    lean, reads and guards as before."""
+    profile = Profile.load(backdoored.profile_path)
+    x = np.concatenate([backdoored.x_eval, backdoored.triggered()[0][:100]])
+    plain = Guard(load_model(backdoored.model_path), profile).predict(x)
+    scored = dataclasses.replace(profile, thresholds=dataclasses.replace(profile.thresholds, lean_class=TARGET,
+                                                                          lean_centre=0.01, lean_spread=0.05))
+    loaded_back = Profile.load(scored.save(tmp_path / "lean.safetensors"))
+    assert loaded_back.thresholds == scored.thresholds
+    guard = Guard(load_model(backdoored.model_path), loaded_back)
+    result = guard.predict(x)
+    reference = PlainSession(reference_model(guard.model.proto, profile.reference).SerializeToString(), "input")
+    leaning = lean(guard.engine.run(x, None).logits, reference.logits(x), TARGET)
+    expected = np.maximum(plain.score, (leaning - 0.01) / 0.05)
+    np.testing.assert_allclose(result.score, expected, rtol=1e-5)
+    assert (result.score > plain.score).any() and (result.score == plain.score).any()
+    assert np.array_equal(result.flagged, plain.flagged | (expected > profile.thresholds.tau))
+    assert result.flagged.sum() > plain.flagged.sum()
+    assert np.array_equal(result.overruled, plain.overruled)
+    assert loaded_back.without_reference().thresholds.lean_class is None
+    tensors, meta = raw_parts(backdoored.profile_path)  # as written before format 8
+    meta["format"] = "guard.profile/7"
+    for key in ("lean_class", "lean_centre", "lean_spread"):
+        meta["thresholds"].pop(key)
+    older = Profile.load(write_parts(tmp_path / "format7.safetensors", tensors, meta))
+    assert older.thresholds == profile.thresholds
+    again = Guard(load_model(backdoored.model_path), older).predict(x)
+    assert np.array_equal(again.score, plain.score) and np.array_equal(again.labels, plain.labels)
+
+
+def test_calibrate_sets_the_warp_class_threshold_and_lean_only_for_an_unlearned_warp(backdoored: Backdoored) -> None:
     """With a warp among the unlearned triggers and a rate, the profile names its class with a threshold at most
-    the reference's; at rate 0, or with no warp unlearned (the fixture's profile), it names none."""
+    the reference's, and by default scores the model's lean towards it where every clean sample was held out once
+    (five folds); at rate 0 and without the lean, with fewer folds (no lean), or with no warp unlearned (the fixture's
+    profile), it names none."""
     from guard.calibrate.warps import WarpTrigger
 
     rows, cols = np.meshgrid(np.linspace(-1, 1, 28), np.linspace(-1, 1, 28), indexing="ij")
     shifted = np.stack([np.clip(cols + 2 / 27, -1, 1), rows], axis=-1).astype(np.float32)  # one pixel to the side
     warp = WarpTrigger(target=TARGET, grid=shifted, success=0.9)
     x, y = backdoored.x_clean, backdoored.y_clean
-    asked = calibrate(backdoored.model_path, x, y, triggers=[warp],
-                      settings=CalibrationSettings(reference_folds=2, warp_overrule_rate=1.0))
+    asked = calibrate(backdoored.model_path, x, y, triggers=[warp], settings=CalibrationSettings(warp_overrule_rate=1.0))
     thresholds = asked.thresholds
     assert thresholds.warp_class == TARGET and 0 <= thresholds.warp_overrule <= thresholds.overrule < math.inf
     assert asked.figures["reference_warp_overrule"] == thresholds.warp_overrule
     assert asked.figures["reference_unlearned_warps"] == [TARGET]
+    assert thresholds.lean_class == TARGET and math.isfinite(thresholds.lean_centre) and thresholds.lean_spread > 0
     off = calibrate(backdoored.model_path, x, y, triggers=[warp],
-                    settings=CalibrationSettings(reference_folds=1, warp_overrule_rate=0.0))
-    assert off.thresholds.warp_class is None and off.figures["reference_unlearned_warps"] == [TARGET]
+                    settings=CalibrationSettings(warp_overrule_rate=0.0, warp_lean=False))
+    assert off.thresholds.warp_class is None and off.thresholds.lean_class is None
+    assert off.figures["reference_unlearned_warps"] == [TARGET]
+    few = calibrate(backdoored.model_path, x, y, triggers=[warp], settings=CalibrationSettings(reference_folds=2))
+    assert few.thresholds.warp_class == TARGET and few.thresholds.lean_class is None  # 3 of 5 fifths never held out
     no_warp = Profile.load(backdoored.profile_path)
     assert CalibrationSettings().warp_overrule_rate > 0 and no_warp.thresholds.warp_class is None
+    assert CalibrationSettings().warp_lean and no_warp.thresholds.lean_class is None
     assert no_warp.figures["reference_warp_overrule"] is None
     with pytest.raises(GuardError, match="--warp-overrule-rate is a share"):
         CalibrationSettings(warp_overrule_rate=1.5).validate()

@@ -67,7 +67,7 @@ def _folds(n: int, folds: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n) % folds
 
 
-def _scale(raw: np.ndarray) -> tuple[float, float]:
+def part_scale(raw: np.ndarray) -> tuple[float, float]:
     """A part's clean centre (median) and spread (95th percentile minus the median; 1 where that is not positive, a
     part that never varies on clean data keeps its raw units)."""
     centre = float(np.median(raw))
@@ -80,7 +80,7 @@ def fit_parts(z: np.ndarray, groups: list[np.ndarray], top_q: int) -> tuple[Scor
     parts = []
     for group in groups:
         channels = np.asarray(group, dtype=np.int64)
-        parts.append(ScorePart(channels, *_scale(ScorePart(channels).top_mean(z, top_q))))
+        parts.append(ScorePart(channels, *part_scale(ScorePart(channels).top_mean(z, top_q))))
     return tuple(parts)
 
 
@@ -126,7 +126,7 @@ def fit_distance_part(flat: np.ndarray, labels: np.ndarray, channels: np.ndarray
         means, whiten = class_gaussian(values[~out], labels[~out], num_classes, shrink)
         raw[out] = DistancePart(channels, means, whiten).distance(flat[out], labels[out])
     means, whiten = class_gaussian(values, labels, num_classes, shrink)
-    part = DistancePart(channels, means, whiten, *_scale(raw))
+    part = DistancePart(channels, means, whiten, *part_scale(raw))
     return part, ((raw - np.float32(part.centre)) / np.float32(part.spread)).astype(np.float32)
 
 

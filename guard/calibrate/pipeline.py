@@ -26,6 +26,7 @@ from guard.calibrate.consistency import (
     fit_distance_part,
     fit_parts,
     out_of_fold,
+    part_scale,
     score_threshold,
     suspect_threshold,
 )
@@ -46,6 +47,7 @@ from guard.model.graph import (
     validate_taps,
 )
 from guard.runtime.checks import Part, repredict_masks
+from guard.runtime.reference import lean
 from guard.samples import check_samples, holdout_split
 
 
@@ -92,6 +94,12 @@ class CalibrationSettings:
     # accuracy, and named no warp on the other attacks' tuning models: docs/design.md, "A reference threshold of its
     # own for the warp's class".
     warp_overrule_rate: float = 0.5
+    # Where the reference unlearned a warp the warp scan named (and every clean sample was held out by one of its
+    # `reference_folds` fine-tunings, so all five), the score gains a part: how much more probability the model gives
+    # the warp's class than the reference does, standardised like the other parts on those held-out samples. A warp
+    # that did not take still pulls the model towards its class; the check's parts barely see a warp at all. On the
+    # wanet tuning models detection AUROC rose from 0.58-0.89 to 0.87-0.97: docs/design.md, "The warp's lean".
+    warp_lean: bool = True
     # A request past a demote threshold (the general one or the suspect's) keeps the model's answer where the
     # reference gives that answer at least this probability (None: demoted all the same). Demoted clean requests are
     # mostly right, and the reference confirms most of them; it has unlearned or faded the triggers that took, and
@@ -259,6 +267,18 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         thresholds=Thresholds(k=settings.k_min, tau=0.0, top_q=settings.top_q, cut=settings.cut_z),
     )
 
+    reference = None
+    unlearned = list(triggers) if settings.reference and settings.reference_unlearn > 0 else []
+    warp_class = next((t.target for t in unlearned if isinstance(t, WarpTrigger)), None)
+    if settings.reference:
+        model_labels = np.empty(len(x), dtype=np.int64)
+        model_labels[order] = labels
+        reference = timed("reference", fit_reference, loaded, x, y, model_labels, rate=settings.reference_rate,
+                          lr=settings.reference_lr, seed=settings.seed, folds=settings.reference_folds,
+                          triggers=unlearned, unlearn_share=settings.reference_unlearn, class_target=warp_class,
+                          class_rate=settings.warp_overrule_rate)
+    kept = reference is not None and bool(reference.weights)
+
     t0 = time.perf_counter()
     check = draft.check()
     result = out_of_fold(check, linf, labels, loaded.num_classes, settings.folds, settings.seed)
@@ -275,6 +295,13 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         part, crossed = fit_distance_part(flat, labels, channels[check.active[channels]], loaded.num_classes,
                                           shrink=settings.distance_shrink, folds=settings.folds, seed=settings.seed)
         parts, scores = (*parts, part), [*scores, crossed]
+    # the warp's lean, each sample's against the reference copy that held it out (so only where all were held out)
+    lean_class, lean_centre, lean_spread = None, None, None
+    held_out = reference.holdout_logits if kept and reference.holdout_logits is not None else None
+    if settings.warp_lean and warp_class is not None and held_out is not None and np.isfinite(held_out).all():
+        leaning = lean(np.concatenate([guarded_fit.logits, guarded_hold.logits]), held_out[order], warp_class)
+        lean_class, (lean_centre, lean_spread) = warp_class, part_scale(leaning)
+        scores = [*scores, (leaning - lean_centre) / lean_spread]
     score = np.max(scores, axis=0)
     k = compromise_threshold(result.z, check.active, settings.k_quantile, settings.k_min)
     benign_labels = run.benign_repredict(x[order], keep, bounds, result.z, (result.z > k).any(axis=1),
@@ -291,18 +318,6 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         suspect_rate = float((~disagree & (score > suspect_demote))[suspected].mean()) if suspected.any() else 0.0
     timings["thresholds"] = round(time.perf_counter() - t0, 3)
     bar.close()
-    reference = None
-    unlearned = list(triggers) if settings.reference and settings.reference_unlearn > 0 else []
-    warp_class = next((t.target for t in unlearned if isinstance(t, WarpTrigger)), None)
-    if settings.reference:
-        model_labels = np.empty(len(x), dtype=np.int64)
-        model_labels[order] = labels
-        reference = timed("reference", fit_reference, loaded, x, y, model_labels, rate=settings.reference_rate,
-                          lr=settings.reference_lr, seed=settings.seed, folds=settings.reference_folds,
-                          triggers=unlearned, unlearn_share=settings.reference_unlearn, class_target=warp_class,
-                          class_rate=settings.warp_overrule_rate)
-
-    kept = reference is not None and bool(reference.weights)
     warp_overrule = reference.class_threshold if reference else math.inf  # inf unless kept and a warp was named
     confirm = settings.demote_confirm if kept else None
     draft.thresholds = Thresholds(k=k, tau=tau, top_q=settings.top_q, cut=settings.cut_z, demote=demote,
@@ -312,7 +327,8 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
                                   confirm=confirm, confirm_ceiling=math.inf if confirm is None
                                   else confirm_ceiling(score, disagree, tau),
                                   warp_class=warp_class if math.isfinite(warp_overrule) else None,
-                                  warp_overrule=warp_overrule)
+                                  warp_overrule=warp_overrule, lean_class=lean_class, lean_centre=lean_centre,
+                                  lean_spread=lean_spread)
     draft.reference = reference.weights if reference else {}
     draft.settings = {**asdict(settings), "layers": taps}
     unlearned_stamps, unlearned_warps = split_targets(unlearned)

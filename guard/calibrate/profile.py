@@ -35,11 +35,14 @@ from guard.samples import write_atomic
 # guard that ignores them demotes more requests, never fewer, so it reads such a profile with as much protection as
 # it promises, and the format stayed. 7: thresholds may name the warp scan's class (`warp_class`) and a lower
 # overrule threshold of its own (`warp_overrule`); a format-6 guard would overrule fewer requests than the profile
-# promises, so format 7 is refused there.
-FORMAT = "guard.profile/7"
+# promises, so format 7 is refused there. 8: the score may have a part outside the served graph, the model's lean
+# towards the warp's class beyond the reference's (`lean_class`, standardised by `lean_centre` and `lean_spread`); tau
+# was chosen on the score with it, so a format-7 guard would flag fewer requests than the profile promises, and format 8
+# is refused there.
+FORMAT = "guard.profile/8"
 # Format 5 reads with no reference; 4 and 3 with no suspect either, format 3 as top-q parts, format 2 as one
 # unstandardised part, each as it scored.
-_READABLE = (FORMAT, "guard.profile/6", "guard.profile/5", "guard.profile/4", "guard.profile/3", "guard.profile/2")
+_READABLE = (FORMAT, "guard.profile/7", "guard.profile/6", "guard.profile/5", "guard.profile/4", "guard.profile/3", "guard.profile/2")
 _REFERENCE = "reference/"  # the prefix of the reference's tensors
 _PART_KINDS = ("top_q", "distance")
 TAP_KINDS = ("conv", "dense")
@@ -130,6 +133,12 @@ class Thresholds:
     # which the reference overrules the model's answers of it, at most `overrule` (None and inf: no such class).
     warp_class: int | None = None
     warp_overrule: float = math.inf
+    # Where the profile carries a reference that unlearned a warp: the warp's class, whose lean (the probability the
+    # model gives it minus the reference's, guard.runtime.reference.lean) is a part of the score, standardised by
+    # this centre and spread (None: no such part).
+    lean_class: int | None = None
+    lean_centre: float | None = None
+    lean_spread: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The thresholds as a JSON object (an infinite demote threshold, demotion off, is null; a distance part's
@@ -139,7 +148,8 @@ class Thresholds:
                 "suspect": self.suspect, "suspect_demote": _finite_or_null(self.suspect_demote),
                 "overrule": _finite_or_null(self.overrule), "confirm": self.confirm,
                 "confirm_ceiling": _finite_or_null(self.confirm_ceiling), "warp_class": self.warp_class,
-                "warp_overrule": _finite_or_null(self.warp_overrule)}
+                "warp_overrule": _finite_or_null(self.warp_overrule), "lean_class": self.lean_class,
+                "lean_centre": self.lean_centre, "lean_spread": self.lean_spread}
 
 
 def confirming_probability(value: object) -> bool:
@@ -332,6 +342,8 @@ class Profile:
             raise ValueError("a reference's weights and its overrule threshold come together, or neither")
         if profile.thresholds.warp_class is not None and not profile.reference:
             raise ValueError("a warp class's overrule threshold needs a reference to overrule with")
+        if profile.thresholds.lean_class is not None and not profile.reference:
+            raise ValueError("a warp's lean needs a reference to measure it against")
         if profile.thresholds.confirm is not None and not profile.reference:
             raise ValueError("a confirming probability needs a reference to confirm with")
         for name, value in profile.reference.items():  # which weights they may replace, the model says (Guard)
@@ -343,12 +355,13 @@ class Profile:
         """The same profile with no reference: the guard answers as the model and the check decide."""
         return replace(self, reference={}, thresholds=replace(self.thresholds, overrule=math.inf, confirm=None,
                                                               confirm_ceiling=math.inf, warp_class=None,
-                                                              warp_overrule=math.inf))
+                                                              warp_overrule=math.inf, lean_class=None,
+                                                              lean_centre=None, lean_spread=None))
 
 
 def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, version: int) -> Thresholds:
     """Thresholds with their types and ranges checked: a profile is untrusted input. Only format 5 and later may name
-    a suspect, only format 6 a reference's threshold, only format 7 a warp class."""
+    a suspect, only format 6 a reference's threshold, only format 7 a warp class, only format 8 a warp's lean."""
     k, tau, top_q, cut = float(raw["k"]), float(raw["tau"]), raw["top_q"], float(raw["cut"])
     if not (np.isfinite(k) and np.isfinite(tau) and np.isfinite(cut)) or not isinstance(top_q, int) or top_q < 1:
         raise ValueError(f"thresholds must be finite numbers with an integer top_q >= 1, got {raw}")
@@ -382,10 +395,27 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
     if warp_class is not None and not (isinstance(warp_class, int) and not isinstance(warp_class, bool)
                                        and 0 <= warp_class < num_classes):
         raise ValueError(f"the warp class must be a class number below {num_classes}, got {warp_class!r}")
+    lean_class, lean_centre, lean_spread = _lean(raw, num_classes, version)
     return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut, demote=demote, parts=parts, suspect=suspect,
                       suspect_demote=suspect_demote, overrule=overrule,
                       confirm=None if confirm is None else float(confirm), confirm_ceiling=confirm_ceiling,
-                      warp_class=warp_class, warp_overrule=warp_overrule)
+                      warp_class=warp_class, warp_overrule=warp_overrule, lean_class=lean_class,
+                      lean_centre=lean_centre, lean_spread=lean_spread)
+
+
+def _lean(raw: dict[str, Any], num_classes: int, version: int) -> tuple[int | None, float | None, float | None]:
+    """The warp's lean part: a class with a finite centre and a positive spread, or none of the three."""
+    lean_class, centre, spread = raw.get("lean_class"), raw.get("lean_centre"), raw.get("lean_spread")
+    if lean_class is None and centre is None and spread is None:
+        return None, None, None
+    if version < 8:
+        raise ValueError("only a format-8 profile may score a warp's lean")
+    if not (isinstance(lean_class, int) and not isinstance(lean_class, bool) and 0 <= lean_class < num_classes):
+        raise ValueError(f"the lean's class must be a class number below {num_classes}, got {lean_class!r}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (centre, spread)) \
+            or not spread > 0:
+        raise ValueError(f"the lean's part needs a finite centre and a positive spread, got {raw}")
+    return lean_class, float(centre), float(spread)
 
 
 def _threshold_or_inf(raw: dict[str, Any], key: str, floor: float, name: str, floor_name: str = "tau") -> float:

@@ -49,6 +49,9 @@ class ReferenceFit:
     net_gain: int | None
     # overrule an answer of `class_target` (the warp scan's class) past this lower threshold (inf: no such class)
     class_threshold: float = math.inf
+    # (N, K): each sample's logits from the copy that held it out (NaN rows: no fold held it out), where a warp's
+    # lean is measured against clean samples the reference did not train on
+    holdout_logits: np.ndarray | None = None
 
 
 def overrule_threshold(gaps: np.ndarray, rate: float, gains: np.ndarray | None = None) -> float:
@@ -116,10 +119,12 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
                          f"and some to train on; got {folds} fold(s) of {len(x)} samples")
     kept: onnx.ModelProto | None = None
     accuracy, gaps, gains = 0.0, [], []
+    holdout_logits = np.full((len(x), loaded.num_classes), np.nan, dtype=np.float32)
     for hold, fit in splits:
         tuned, report = repair(loaded, x, y, settings=settings, split=(hold, fit), triggers=triggers)
         session = PlainSession(tuned.SerializeToString(), loaded.input_name, threads=1)
         logits = session.logits(np.ascontiguousarray(x[hold]))
+        holdout_logits[hold] = logits
         gap = disagreement(logits, model_labels[hold])
         gaps.append(gap)
         if y is not None:
@@ -144,7 +149,7 @@ def fit_reference(loaded: LoadedModel, x: np.ndarray, y: np.ndarray | None, mode
             class_threshold = min(threshold, overrule_threshold(pooled[rows], class_rate, pooled_gains[rows]))
     return ReferenceFit(weights=weights, threshold=threshold, holdout_samples=len(pooled), holdout_accuracy=accuracy,
                         overrule_rate=float(passed.mean()), folds=len(gaps), net_gain=net_gain,
-                        class_threshold=class_threshold)
+                        class_threshold=class_threshold, holdout_logits=holdout_logits)
 
 
 def changed_weights(original: onnx.ModelProto, tuned: onnx.ModelProto) -> dict[str, np.ndarray]:

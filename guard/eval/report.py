@@ -409,11 +409,12 @@ torch {machine['torch']}), no GPU.
   the triggers the scan synthesised for its candidate classes, stamped on a tenth of each batch under their true
   labels, and the warp of the class its warp scan names (a small smooth warp that sends most images there); the
   model's answers of that class are overruled past a threshold of their own, set by the same rule on the held-out
-  samples the model answers with it at rate 0.5 (`--warp-overrule-rate`). A demotion whose answer the reference
-  gives probability 0.99 or more is spared, unless the request scores above every clean calibration request. The
-  suspect and the candidates are the scan's in the last table, run at {settings['scan_steps']} steps (the
-  command's scan runs 200). The consistency check's column is the check alone:
-  no mask, no suspect, no reference; "guard without the reference" is the default's profile with its reference
+  samples the model answers with it at rate 0.5 (`--warp-overrule-rate`), and the score gains a part: how much
+  more probability the model gives that class than the reference does (`--warp-lean`). A demotion whose answer the
+  reference gives probability 0.99 or more is spared, unless the request scores above every clean calibration
+  request. The suspect and the candidates are the scan's in the last table, run at {settings['scan_steps']} steps
+  (the command's scan runs 200). The consistency check's column is the check alone: no mask, no suspect, no
+  reference; "guard without the reference" is the default's profile with its reference (and the warp's lean)
   taken out.
 - **Targets checked below** (issue 3): CA within {100 * MAX_ACCURACY_LOSS:g} point of no defense; ASR ≤
   {100 * MAX_ASR:g}% (≤ 5% for wanet and adaptive); AUROC ≥ {MIN_AUROC}; observed FPR within

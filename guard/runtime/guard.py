@@ -1,7 +1,9 @@
 """`Guard`: a model and its profile, answering guarded predictions in-process (the server calls the same object).
 
 request x -> validate -> engine (masked model, ℓ∞ per tap and the consistency check, all in one graph) -> the tail
-of the network re-run for the samples with compromised channels or a score above tau -> verdict and policy (a
+of the network re-run for the samples with compromised channels or a score above tau -> the score raised to the
+warp's lean, where the profile has one (the model's lean towards the warp's class beyond the reference's; flags,
+never re-runs the tail) -> verdict and policy (a
 score above the demote threshold, or above the suspect's for an answer of the class the scan suspects, refuses the
 model's own class, unless the reference, a fine-tuned copy, firmly confirms it and the score is within the clean
 calibration scores' range) -> the reference overrules the answers it firmly disagrees with -> Result.
@@ -22,7 +24,7 @@ from guard.model.graph import LoadedModel, load_model, tap_shapes, validate_taps
 from guard.model.serving import serving_graphs
 from guard.runtime.engine import PlainSession, build_engine, plain_model
 from guard.runtime.policy import FailurePolicy, Policy, apply_policy, demotions, overrule
-from guard.runtime.reference import confirms, disagreement, reference_model
+from guard.runtime.reference import confirms, disagreement, lean, reference_model
 
 log = logging.getLogger("guard.runtime")
 
@@ -34,7 +36,9 @@ class Result:
     labels: np.ndarray  # (N,) int64, the answer under the policy
     logits: np.ndarray  # (N, K) float32, the logits behind `labels`
     flagged: np.ndarray  # (N,) bool
-    score: np.ndarray  # (N,) float32, the consistency score (flagged above the profile's tau)
+    # (N,) float32, the consistency score, or the warp's lean where the profile scores it and that is higher (flagged
+    # above the profile's tau)
+    score: np.ndarray
     model_labels: np.ndarray  # (N,) int64, what the masked model answered before the check
     # (N,) bool: far enough outside its class's profile that the model's own class was refused (under `monitor`, the
     # answer is the model's all the same)
@@ -187,24 +191,28 @@ class Guard:
             seconds["reference"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         model_labels = run.logits.argmax(axis=1)
+        thresholds = self.profile.thresholds
+        score = run.score
+        if reference_logits is not None and thresholds.lean_class is not None:  # the part outside the served graph
+            leaning = lean(run.logits, reference_logits, thresholds.lean_class)
+            score = np.maximum(score, (leaning - thresholds.lean_centre) / thresholds.lean_spread)  # NaN stays NaN
         # a NaN score (an input that overflows the model) is flagged, never clean
-        flagged = ~(run.score <= self.tau) | ~np.isfinite(run.logits).all(axis=1)
+        flagged = ~(score <= self.tau) | ~np.isfinite(run.logits).all(axis=1)
         labels, answer = model_labels, run.logits
         demoted, spared = np.zeros(len(x), dtype=bool), np.zeros(len(x), dtype=bool)
-        thresholds = self.profile.thresholds
         if run.needs.any():  # most clean batches skip all of this
             rows = np.flatnonzero(run.needs)
             benign_logits = run.logits.copy()
             benign_logits[rows] = self.engine.repredict(run, rows, deadline)
             agree = benign_logits.argmax(axis=1) == model_labels
             flagged |= ~agree
-            suspected = (agree & (model_labels == thresholds.suspect) & (run.score > thresholds.suspect_demote)
+            suspected = (agree & (model_labels == thresholds.suspect) & (score > thresholds.suspect_demote)
                          if thresholds.suspect is not None else np.zeros(len(x), dtype=bool))
-            demoted = demotions(run.logits, benign_logits, model_labels, agree & (run.score > thresholds.demote),
+            demoted = demotions(run.logits, benign_logits, model_labels, agree & (score > thresholds.demote),
                                 suspected)
             if reference_logits is not None:  # never past every clean score: there the trigger may fool it too
                 spared = (demoted & confirms(reference_logits, model_labels, thresholds.confirm)
-                          & (run.score <= thresholds.confirm_ceiling))
+                          & (score <= thresholds.confirm_ceiling))
                 demoted &= ~spared
             answer = apply_policy(self.policy, run.logits, benign_logits, flagged, demoted)
             labels = answer.argmax(axis=1)
@@ -220,7 +228,7 @@ class Guard:
             labels=labels.astype(np.int64, copy=False),
             logits=answer.astype(np.float32, copy=False),
             flagged=flagged,
-            score=run.score,
+            score=score.astype(np.float32, copy=False),
             model_labels=model_labels.astype(np.int64, copy=False),
             stage_seconds=seconds,
             demoted=demoted,

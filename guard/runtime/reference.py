@@ -1,6 +1,6 @@
 """The profile's reference at serve time: the model's graph with the profile's fine-tuned weights swapped in, the
-disagreement past which its answer replaces the model's (guard.calibrate.reference fits both), and the confirmation
-that spares a demotion."""
+disagreement past which its answer replaces the model's (guard.calibrate.reference fits both), the confirmation
+that spares a demotion, and the model's lean towards a warp's class beyond the reference's, a part of the score."""
 
 from __future__ import annotations
 
@@ -31,6 +31,19 @@ def disagreement(reference_logits: np.ndarray, labels: np.ndarray) -> np.ndarray
     logits = reference_logits.astype(np.float64)
     rows = np.arange(len(logits))
     return (logits.max(axis=1) - logits[rows, labels]).astype(np.float32)  # the softmax's normaliser cancels
+
+
+def lean(model_logits: np.ndarray, reference_logits: np.ndarray, target: int) -> np.ndarray:
+    """Per row, how much more probability the model gives `target` than the reference does. A warp trigger pulls the
+    model towards its class even where it does not take, and the reference, which unlearned the warp, feels no pull;
+    on clean requests the two give any class about the same probability."""
+    return (_softmax(model_logits)[:, target] - _softmax(reference_logits)[:, target]).astype(np.float32)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def confirms(reference_logits: np.ndarray, labels: np.ndarray, confirm: float | None) -> np.ndarray:
