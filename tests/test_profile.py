@@ -163,6 +163,12 @@ def _without_reference_weights(tensors: dict[str, np.ndarray], meta: dict) -> No
         tensors.pop(name)
 
 
+def _no_reference(tensors: dict[str, np.ndarray], meta: dict) -> None:
+    """A format-8 profile whose reference, weights and thresholds, is gone."""
+    _without_reference_weights(tensors, meta)
+    meta["thresholds"].update(overrule=None, confirm=None, confirm_ceiling=None)
+
+
 def _without_reference(tensors: dict[str, np.ndarray], meta: dict) -> None:
     """As a profile written before format 6: no reference."""
     _without_reference_weights(tensors, meta)
@@ -274,9 +280,9 @@ CORRUPTIONS = {
                                 "warp class must be a class number below 10"),
     "warp-class-a-bool": (lambda s, p: _edited(s, p, lambda t, m: _with_warp_class(t, m, warp_class=True)),
                           "warp class must be a class number"),
-    "warp-class-without-reference": (lambda s, p: _edited(s, p, lambda t, m: (
-        _without_reference_weights(t, m), m["thresholds"].update(overrule=None, confirm=None, confirm_ceiling=None),
-        _with_warp_class(t, m))), "a warp class's overrule threshold needs a reference"),
+    "warp-class-without-reference": (lambda s, p: _edited(s, p, lambda t, m: (_no_reference(t, m),
+                                                                               _with_warp_class(t, m))),
+                                     "a warp class's overrule threshold needs a reference"),
     "lean-in-format-7": (lambda s, p: _edited(s, p, lambda t, m: (_set(m, "format", "guard.profile/7"),
                                                                     _with_lean(t, m))),
                          "only a format-8 profile may score a warp's lean"),
@@ -294,9 +300,8 @@ CORRUPTIONS = {
                                 "the lean's class must be a class number below 10"),
     "lean-class-a-bool": (lambda s, p: _edited(s, p, lambda t, m: _with_lean(t, m, lean_class=False)),
                           "the lean's class must be a class number"),
-    "lean-without-reference": (lambda s, p: _edited(s, p, lambda t, m: (
-        _without_reference_weights(t, m), m["thresholds"].update(overrule=None, confirm=None, confirm_ceiling=None),
-        _with_lean(t, m))), "a warp's lean needs a reference"),
+    "lean-without-reference": (lambda s, p: _edited(s, p, lambda t, m: (_no_reference(t, m), _with_lean(t, m))),
+                               "a warp's lean needs a reference"),
     "reference-weight-integer": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "reference/fc2.bias",
                                                                               t["reference/fc2.bias"].astype(np.int32))),
                                  "must be named, floating-point and finite"),

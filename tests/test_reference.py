@@ -289,8 +289,8 @@ def test_the_warp_class_is_overruled_past_its_own_threshold(backdoored: Backdoor
 
 def test_a_warps_lean_raises_the_score_to_it_and_flags_past_tau(backdoored: Backdoored, tmp_path: Path) -> None:
     """A profile scoring the warp's lean (format 8) scores a request by the larger of the check's score and the
-    standardised lean, and flags past tau on it; the tail and the reference are untouched. A format-7 profile, with no
-    lean, reads and guards as before."""
+    standardised lean, and flags past tau on it; the tail, demotion and the reference are untouched. A format-7
+    profile, with no lean, reads and guards as before."""
     profile = Profile.load(backdoored.profile_path)
     x = np.concatenate([backdoored.x_eval, backdoored.triggered()[0][:100]])
     plain = Guard(load_model(backdoored.model_path), profile).predict(x)
@@ -307,7 +307,8 @@ def test_a_warps_lean_raises_the_score_to_it_and_flags_past_tau(backdoored: Back
     assert (result.score > plain.score).any() and (result.score == plain.score).any()
     assert np.array_equal(result.flagged, plain.flagged | (expected > profile.thresholds.tau))
     assert result.flagged.sum() > plain.flagged.sum()
-    assert np.array_equal(result.overruled, plain.overruled)
+    assert np.array_equal(result.overruled, plain.overruled)  # the lean flags; demotion stays the check's
+    assert np.array_equal(result.demoted, plain.demoted) and np.array_equal(result.labels, plain.labels)
     assert loaded_back.without_reference().thresholds.lean_class is None
     tensors, meta = raw_parts(backdoored.profile_path)  # as written before format 8
     meta["format"] = "guard.profile/7"

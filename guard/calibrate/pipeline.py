@@ -295,20 +295,23 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         part, crossed = fit_distance_part(flat, labels, channels[check.active[channels]], loaded.num_classes,
                                           shrink=settings.distance_shrink, folds=settings.folds, seed=settings.seed)
         parts, scores = (*parts, part), [*scores, crossed]
-    # the warp's lean, each sample's against the reference copy that held it out (so only where all were held out)
+    score = np.max(scores, axis=0)
+    # The warp's lean, each sample's against the reference copy that held it out (so only where all were held out),
+    # is a part of the score τ flags on. The demote thresholds stay on the check's parts: the lean flags, and only
+    # what the check re-predicts can be demoted, so a clean sample's lean must not raise them.
     lean_class, lean_centre, lean_spread = None, None, None
+    flag_score = score
     held_out = reference.holdout_logits if kept and reference.holdout_logits is not None else None
     if settings.warp_lean and warp_class is not None and held_out is not None and np.isfinite(held_out).all():
         leaning = lean(np.concatenate([guarded_fit.logits, guarded_hold.logits]), held_out[order], warp_class)
         lean_class, (lean_centre, lean_spread) = warp_class, part_scale(leaning)
-        scores = [*scores, (leaning - lean_centre) / lean_spread]
-    score = np.max(scores, axis=0)
+        flag_score = np.maximum(score, (leaning - lean_centre) / lean_spread)
     k = compromise_threshold(result.z, check.active, settings.k_quantile, settings.k_min)
     benign_labels = run.benign_repredict(x[order], keep, bounds, result.z, (result.z > k).any(axis=1),
                                          settings.cut_z, labels)
     disagree = benign_labels != labels
-    tau = score_threshold(score, disagree, settings.fpr, settings.fpr_confidence)
-    flagged = (score > tau) | disagree
+    tau = score_threshold(flag_score, disagree, settings.fpr, settings.fpr_confidence)
+    flagged = (flag_score > tau) | disagree
     demote = demote_threshold(score, disagree, tau, settings.demote_rate, settings.fpr_confidence)
     suspect_demote, suspect_rate = math.inf, None
     if settings.suspect is not None:

@@ -2,8 +2,8 @@
 
 request x -> validate -> engine (masked model, ℓ∞ per tap and the consistency check, all in one graph) -> the tail
 of the network re-run for the samples with compromised channels or a score above tau -> the score raised to the
-warp's lean, where the profile has one (the model's lean towards the warp's class beyond the reference's; flags,
-never re-runs the tail) -> verdict and policy (a
+warp's lean, where the profile has one (the model's lean towards the warp's class beyond the reference's; it flags,
+and neither re-runs the tail nor demotes) -> verdict and policy (a
 score above the demote threshold, or above the suspect's for an answer of the class the scan suspects, refuses the
 model's own class, unless the reference, a fine-tuned copy, firmly confirms it and the score is within the clean
 calibration scores' range) -> the reference overrules the answers it firmly disagrees with -> Result.
@@ -192,12 +192,14 @@ class Guard:
         t2 = time.perf_counter()
         model_labels = run.logits.argmax(axis=1)
         thresholds = self.profile.thresholds
-        score = run.score
-        if reference_logits is not None and thresholds.lean_class is not None:  # the part outside the served graph
+        # what τ flags on: the check's score, or the warp's lean (a part outside the served graph) where higher (a NaN
+        # stays NaN); demotion and the confirmation's ceiling stay on the check's own
+        flag_score = run.score
+        if reference_logits is not None and thresholds.lean_class is not None:
             leaning = lean(run.logits, reference_logits, thresholds.lean_class)
-            score = np.maximum(score, (leaning - thresholds.lean_centre) / thresholds.lean_spread)  # NaN stays NaN
+            flag_score = np.maximum(flag_score, (leaning - thresholds.lean_centre) / thresholds.lean_spread)
         # a NaN score (an input that overflows the model) is flagged, never clean
-        flagged = ~(score <= self.tau) | ~np.isfinite(run.logits).all(axis=1)
+        flagged = ~(flag_score <= self.tau) | ~np.isfinite(run.logits).all(axis=1)
         labels, answer = model_labels, run.logits
         demoted, spared = np.zeros(len(x), dtype=bool), np.zeros(len(x), dtype=bool)
         if run.needs.any():  # most clean batches skip all of this
@@ -206,13 +208,13 @@ class Guard:
             benign_logits[rows] = self.engine.repredict(run, rows, deadline)
             agree = benign_logits.argmax(axis=1) == model_labels
             flagged |= ~agree
-            suspected = (agree & (model_labels == thresholds.suspect) & (score > thresholds.suspect_demote)
+            suspected = (agree & (model_labels == thresholds.suspect) & (run.score > thresholds.suspect_demote)
                          if thresholds.suspect is not None else np.zeros(len(x), dtype=bool))
-            demoted = demotions(run.logits, benign_logits, model_labels, agree & (score > thresholds.demote),
+            demoted = demotions(run.logits, benign_logits, model_labels, agree & (run.score > thresholds.demote),
                                 suspected)
             if reference_logits is not None:  # never past every clean score: there the trigger may fool it too
                 spared = (demoted & confirms(reference_logits, model_labels, thresholds.confirm)
-                          & (score <= thresholds.confirm_ceiling))
+                          & (run.score <= thresholds.confirm_ceiling))
                 demoted &= ~spared
             answer = apply_policy(self.policy, run.logits, benign_logits, flagged, demoted)
             labels = answer.argmax(axis=1)
@@ -228,7 +230,7 @@ class Guard:
             labels=labels.astype(np.int64, copy=False),
             logits=answer.astype(np.float32, copy=False),
             flagged=flagged,
-            score=score.astype(np.float32, copy=False),
+            score=flag_score.astype(np.float32, copy=False),
             model_labels=model_labels.astype(np.int64, copy=False),
             stage_seconds=seconds,
             demoted=demoted,
