@@ -98,7 +98,8 @@ class CalibrationSettings:
     # `reference_folds` fine-tunings, so all five), the score gains a part: how much more probability the model gives
     # the warp's class than the reference does, standardised like the other parts on those held-out samples. A warp
     # that did not take still pulls the model towards its class; the check's parts barely see a warp at all. On the
-    # wanet tuning models detection AUROC rose from 0.58-0.89 to 0.87-0.97: docs/design.md, "The warp's lean".
+    # wanet tuning models that named a warp, detection AUROC rose from 0.60-0.89 to 0.88-0.97: docs/design.md, "The
+    # warp's lean".
     warp_lean: bool = True
     # A request past a demote threshold (the general one or the suspect's) keeps the model's answer where the
     # reference gives that answer at least this probability (None: demoted all the same). Demoted clean requests are

@@ -40,9 +40,10 @@ from guard.samples import write_atomic
 # was chosen on the score with it, so a format-7 guard would flag fewer requests than the profile promises, and format 8
 # is refused there.
 FORMAT = "guard.profile/8"
-# Format 5 reads with no reference; 4 and 3 with no suspect either, format 3 as top-q parts, format 2 as one
-# unstandardised part, each as it scored.
-_READABLE = (FORMAT, "guard.profile/7", "guard.profile/6", "guard.profile/5", "guard.profile/4", "guard.profile/3", "guard.profile/2")
+# Format 7 reads with no lean, 6 with no warp class either, 5 with no reference; 4 and 3 with no suspect either,
+# format 3 as top-q parts, format 2 as one unstandardised part, each as it scored.
+_READABLE = (FORMAT, "guard.profile/7", "guard.profile/6", "guard.profile/5", "guard.profile/4", "guard.profile/3",
+             "guard.profile/2")
 _REFERENCE = "reference/"  # the prefix of the reference's tensors
 _PART_KINDS = ("top_q", "distance")
 TAP_KINDS = ("conv", "dense")
@@ -412,8 +413,9 @@ def _lean(raw: dict[str, Any], num_classes: int, version: int) -> tuple[int | No
         raise ValueError("only a format-8 profile may score a warp's lean")
     if not (isinstance(lean_class, int) and not isinstance(lean_class, bool) and 0 <= lean_class < num_classes):
         raise ValueError(f"the lean's class must be a class number below {num_classes}, got {lean_class!r}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (centre, spread)) \
-            or not spread > 0:
+    numbers = all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  for value in (centre, spread))
+    if not numbers or not spread > 0:
         raise ValueError(f"the lean's part needs a finite centre and a positive spread, got {raw}")
     return lean_class, float(centre), float(spread)
 
