@@ -302,9 +302,9 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     # what the check re-predicts can be demoted, so a clean sample's lean must not raise them.
     lean_class, lean_centre, lean_spread = None, None, None
     flag_score = score
-    held_out = reference.holdout_logits if kept and reference.holdout_logits is not None else None
-    if settings.warp_lean and warp_class is not None and held_out is not None and np.isfinite(held_out).all():
-        leaning = lean(np.concatenate([guarded_fit.logits, guarded_hold.logits]), held_out[order], warp_class)
+    if settings.warp_lean and warp_class is not None and kept and np.isfinite(reference.holdout_logits).all():
+        leaning = lean(np.concatenate([guarded_fit.logits, guarded_hold.logits]), reference.holdout_logits[order],
+                       warp_class)
         lean_class, (lean_centre, lean_spread) = warp_class, part_scale(leaning)
         flag_score = np.maximum(score, (leaning - lean_centre) / lean_spread)
     k = compromise_threshold(result.z, check.active, settings.k_quantile, settings.k_min)

@@ -47,11 +47,11 @@ class ReferenceFit:
     folds: int  # fine-tunings whose held-out samples set the threshold
     # held-out answers the overrules corrected minus those they broke, at the threshold (None: no labels to tell)
     net_gain: int | None
-    # overrule an answer of `class_target` (the warp scan's class) past this lower threshold (inf: no such class)
-    class_threshold: float = math.inf
     # (N, K): each sample's logits from the copy that held it out (NaN rows: no fold held it out), where a warp's
     # lean is measured against clean samples the reference did not train on
-    holdout_logits: np.ndarray | None = None
+    holdout_logits: np.ndarray
+    # overrule an answer of `class_target` (the warp scan's class) past this lower threshold (inf: no such class)
+    class_threshold: float = math.inf
 
 
 def overrule_threshold(gaps: np.ndarray, rate: float, gains: np.ndarray | None = None) -> float:
