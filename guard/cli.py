@@ -24,7 +24,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     settings = CalibrationSettings(
         layers=args.layers.split(",") if args.layers else None, conv_taps=args.conv_taps, fpr=args.fpr,
         fpr_confidence=args.fpr_confidence, demote_rate=args.demote_rate, acc_budget=args.acc_budget,
-        prune=not args.no_prune, dense_part=not args.no_dense_part, dense_score=args.dense_score, seed=args.seed,
+        prune=not args.no_prune, dense_part=not args.no_dense_part, dense_score=args.dense_score,
+        first_conv_part=args.first_conv_part, seed=args.seed,
         suspect=args.suspect, reference=args.reference, reference_rate=args.reference_rate,
         reference_folds=args.reference_folds, reference_unlearn=args.reference_unlearn,
         warp_overrule_rate=args.warp_overrule_rate, warp_lean=args.warp_lean,
@@ -473,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--dense-score", choices=["distance", "top_q"], default="distance",
                      help="how the penultimate features are scored on their own: their Mahalanobis distance from the "
                           "predicted class's mean (default), or the mean of their top-q z")
+    cal.add_argument("--first-conv-part", action=argparse.BooleanOptionalAction,
+                     default=True,
+                     help="tap the first conv activation and score it on its own, where a small patch that did not "
+                          "take still shows (default: on)")
     suspicion = cal.add_mutually_exclusive_group()
     suspicion.add_argument("--suspect", type=int,
                            help="the class guard scan named as the likely backdoor target (scan.json's suspect): "

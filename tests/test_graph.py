@@ -183,6 +183,14 @@ def test_default_taps_with_no_conv_taps_is_the_penultimate_features_alone(export
     assert default_taps(exported, conv_taps=1) == every[-2:]
 
 
+def test_default_taps_with_the_first_conv_add_it_once(exported) -> None:
+    """`first_conv` puts the first conv activation in front of the last ones, unless it is among them already."""
+    every = default_taps(exported, conv_taps=100)
+    assert default_taps(exported, conv_taps=1, first_conv=True) == [every[0], *every[-2:]]
+    assert default_taps(exported, conv_taps=100, first_conv=True) == every
+    assert default_taps(exported, conv_taps=0, first_conv=True) == [every[0], every[-1]]
+
+
 def test_tail_falls_back_to_the_whole_graph_when_a_shape_crosses_the_cut() -> None:
     """A shape computed from the input before the first tap and reused after it cannot be row-gathered."""
     from onnx import TensorProto, helper, numpy_helper

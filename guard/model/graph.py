@@ -124,8 +124,9 @@ def tensor_ranks(proto: onnx.ModelProto) -> dict[str, int]:
     return {name: len(dims) for name, dims in tensor_dims(proto).items()}
 
 
-def default_taps(model: LoadedModel, conv_taps: int) -> list[str]:
-    """The last `conv_taps` conv activation outputs and the penultimate feature vector.
+def default_taps(model: LoadedModel, conv_taps: int, first_conv: bool = False) -> list[str]:
+    """The last `conv_taps` conv activation outputs and the penultimate feature vector; with `first_conv`, the first
+    conv activation too, where it is not among them.
 
     Conv activations are rank-4 outputs of activation nodes; the penultimate feature vector is the input of the
     linear layer that produces the logits (the rank-2 tensor feeding the last Gemm/MatMul).
@@ -134,6 +135,8 @@ def default_taps(model: LoadedModel, conv_taps: int) -> list[str]:
     nodes = list(model.proto.graph.node)
     conv = [n.output[0] for n in nodes if n.op_type in _ACTIVATIONS and ranks.get(n.output[0]) == 4]
     taps = conv[max(0, len(conv) - conv_taps):]
+    if first_conv and conv and conv[0] not in taps:
+        taps.insert(0, conv[0])
     initializers = {init.name for init in model.proto.graph.initializer}
     for node in reversed(nodes):
         if node.op_type in {"Gemm", "MatMul"}:
