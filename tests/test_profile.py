@@ -356,12 +356,12 @@ CORRUPTIONS = {
                          "malformed"),
     "part-unknown-kind": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][1], "kind", "max")),
                           "kind must be one of"),
-    "distance-missing-whiten": (lambda s, p: _edited(s, p, lambda t, m: t.pop("parts.2.whiten")),
-                                "distance part 2 has no whiten tensor"),
-    "distance-mean-shape": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "parts.2.class_mean",
-                                                                         t["parts.2.class_mean"][:, 1:])),
+    "distance-missing-whiten": (lambda s, p: _edited(s, p, lambda t, m: t.pop("parts.1.whiten")),
+                                "distance part 1 has no whiten tensor"),
+    "distance-mean-shape": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "parts.1.class_mean",
+                                                                         t["parts.1.class_mean"][:, 1:])),
                             "class_mean must be finite with shape"),
-    "distance-whiten-nan": (lambda s, p: _edited(s, p, lambda t, m: t["parts.2.whiten"].__setitem__((0, 0), np.nan)),
+    "distance-whiten-nan": (lambda s, p: _edited(s, p, lambda t, m: t["parts.1.whiten"].__setitem__((0, 0), np.nan)),
                             "whiten must be finite"),
     "distance-on-a-top-q-part": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][0], "kind",
                                                                                "distance")),
@@ -512,10 +512,10 @@ def test_cli_calibrate_taps_as_many_conv_activations_as_asked(setup: Setup, tmp_
     from guard.model.graph import default_taps, load_model
 
     model = load_model(setup.model_path)
-    assert setup.profile.tap_names == default_taps(model, conv_taps=CalibrationSettings().conv_taps, first_conv=True)
+    assert setup.profile.tap_names == default_taps(model, conv_taps=CalibrationSettings().conv_taps)
     np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "p.safetensors", "--quiet",
-                   "--suspect", "3", "--no-reference", "--conv-taps", "1", "--no-first-conv-part", cwd=tmp_path)
+                   "--suspect", "3", "--no-reference", "--conv-taps", "1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     profile = Profile.load(tmp_path / "p.safetensors")
     assert profile.tap_names == default_taps(model, conv_taps=1) == setup.profile.tap_names[-2:]
@@ -589,14 +589,13 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
     calibrated, which is what their tau means."""
     parts = setup.profile.thresholds.parts
     dense = [tap.name for tap in setup.profile.taps if tap.kind == "dense"]
-    first = setup.profile.tap_names[:1]
-    assert [p.taps for p in parts] == [setup.profile.tap_names, first, dense] and 0 < len(dense) < len(setup.profile.taps)
-    assert [p.kind for p in parts] == ["top_q", "top_q", "distance"] and all(p.spread > 0 for p in parts)
+    assert [p.taps for p in parts] == [setup.profile.tap_names, dense] and 0 < len(dense) < len(setup.profile.taps)
+    assert [p.kind for p in parts] == ["top_q", "distance"] and all(p.spread > 0 for p in parts)
     width = sum(t.channels for t in setup.profile.taps if t.kind == "dense")
-    assert parts[2].class_mean.shape == (setup.profile.num_classes, width) and parts[2].whiten.shape == (width, width)
+    assert parts[1].class_mean.shape == (setup.profile.num_classes, width) and parts[1].whiten.shape == (width, width)
     np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "single.safetensors", "--quiet",
-                   "--no-dense-part", "--no-first-conv-part", "--no-scan", cwd=tmp_path)
+                   "--no-dense-part", "--no-scan", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     single = Profile.load(tmp_path / "single.safetensors")
     assert [p.taps for p in single.thresholds.parts] == [setup.profile.tap_names]
@@ -610,7 +609,7 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
             tensors.pop(name)
 
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "top_q.safetensors", "--quiet",
-                   "--dense-score", "top_q", "--no-first-conv-part", "--no-scan", cwd=tmp_path)
+                   "--dense-score", "top_q", "--no-scan", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     top_q = Profile.load(tmp_path / "top_q.safetensors")
     assert [p.kind for p in top_q.thresholds.parts] == ["top_q", "top_q"] and top_q.settings["dense_score"] == "top_q"
@@ -639,30 +638,36 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
     np.testing.assert_allclose(scores["top_q"], np.maximum(
         (np.sort(z, axis=1)[:, -3:].mean(axis=1) - every.centre) / every.spread,
         (np.sort(dense_z, axis=1)[:, -3:].mean(axis=1) - last.centre) / last.spread), atol=1e-4)
-    centred = flat[:, -width:] - parts[2].class_mean[labels]
-    distance = np.sqrt(np.einsum("nd,nd->n", centred @ parts[2].whiten, centred @ parts[2].whiten))
-    assert np.all(scores["distance"] >= (distance - parts[2].centre) / parts[2].spread - 1e-4)
+    centred = flat[:, -width:] - parts[1].class_mean[labels]
+    distance = np.sqrt(np.einsum("nd,nd->n", centred @ parts[1].whiten, centred @ parts[1].whiten))
+    assert np.all(scores["distance"] >= (distance - parts[1].centre) / parts[1].spread - 1e-4)
     assert not np.allclose(scores["raw"], scores["top_q"], atol=1e-2), "the parts must change the score"
     assert not np.allclose(scores["top_q"], scores["distance"], atol=1e-2), "the distance must change the score"
 
 
-def test_the_first_conv_part_scores_the_first_tap_on_its_own(setup: Setup) -> None:
-    """By default (`first_conv_part`) the score has a top-q part over the first conv tap alone, standardised like the
+def test_the_first_conv_part_scores_the_first_tap_on_its_own(setup: Setup, tmp_path: Path) -> None:
+    """With `--first-conv-part` the score gains a top-q part over the first conv tap alone, standardised like the
     others, before the dense distance; the guard scores the maximum of the three, and a small patch lifts the new
-    part above its clean values."""
-    first, parts = setup.profile.taps[0], setup.profile.thresholds.parts
-    assert first.kind == "conv" and setup.profile.settings["first_conv_part"] is True
-    assert parts[1].taps == [first.name] and parts[1].kind == "top_q" and parts[1].spread > 0
-    saved = Profile.load(setup.profile_path)
-    assert saved.thresholds.parts[1] == parts[1]
+    part above its clean values. It is off by default."""
+    assert setup.profile.settings["first_conv_part"] is False and len(setup.profile.thresholds.parts) == 2
+    np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
+    done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "first.safetensors", "--quiet",
+                   "--first-conv-part", "--no-scan", "--no-reference", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    profile = Profile.load(tmp_path / "first.safetensors")
+    first, parts = profile.taps[0], profile.thresholds.parts
+    dense = [tap.name for tap in profile.taps if tap.kind == "dense"]
+    assert first.kind == "conv" and profile.settings["first_conv_part"] is True
+    assert [p.taps for p in parts] == [profile.tap_names, [first.name], dense]
+    assert [p.kind for p in parts] == ["top_q", "top_q", "distance"] and parts[1].spread > 0
     x = np.concatenate([setup.x_eval, BadNets(size=3).apply(setup.x_eval[:50])])
-    served = collect(OnnxTaps(load_model(setup.model_path), saved.tap_names), x,
-                     masks=[t.keep.astype(np.float32)[None] for t in saved.taps])
+    served = collect(OnnxTaps(load_model(setup.model_path), profile.tap_names), x,
+                     masks=[t.keep.astype(np.float32)[None] for t in profile.taps])
     labels = served.logits.argmax(axis=1)
-    z = saved.check().z_scores(np.concatenate(served.linf, axis=1), labels)[:, :first.channels]
-    own = (np.sort(z, axis=1)[:, -saved.thresholds.top_q:].mean(axis=1) - parts[1].centre) / parts[1].spread
-    score = Guard(load_model(setup.model_path), saved).predict(x).score
-    np.testing.assert_allclose(score, saved.check()(served.linf, labels).score, atol=1e-4)
+    z = profile.check().z_scores(np.concatenate(served.linf, axis=1), labels)[:, :first.channels]
+    own = (np.sort(z, axis=1)[:, -profile.thresholds.top_q:].mean(axis=1) - parts[1].centre) / parts[1].spread
+    score = Guard(load_model(setup.model_path), profile).predict(x).score
+    np.testing.assert_allclose(score, profile.check()(served.linf, labels).score, atol=1e-4)
     assert np.all(score >= own - 1e-4) and np.isclose(score, own, atol=1e-4).any(), "the part must set some scores"
     clean, patched = own[:len(setup.x_eval)], own[len(setup.x_eval):]
     assert patched.mean() > clean.mean() + 0.5
