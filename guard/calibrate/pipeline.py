@@ -117,17 +117,17 @@ class CalibrationSettings:
     # Blend and warp triggers show there and nowhere else. Tuned on training-split images (seeds 10-12, both
     # architectures): detection AUROC on blend ResNet 0.955-0.995 -> 0.984-0.995 (docs/design.md, "Score parts").
     dense_part: bool = True
+    # What that part scores: "distance", the Mahalanobis distance from the predicted class's mean (a covariance
+    # shared by the classes, shrunk toward its average variance by `distance_shrink`), or "top_q", the mean of its
+    # top-q z like the part over all taps. Tuned on the same models: docs/design.md, "The dense part is a distance".
+    dense_score: str = "distance"
+    distance_shrink: float = 0.1
     # The first conv activation is tapped and forms a score part of its own: a small patch that did not take (the
     # adaptive attack's, at a random position) still lights the first layer's units far outside their clean range,
     # where deeper taps and the penultimate features barely move. Off by default: in the full eval it lifted adaptive's
     # AUROC (0.79 -> 0.86 CNN, 0.62 -> 0.74 ResNet) but its clean tail raised the demote thresholds, and blend CNN's
     # attack success rose 2.2 -> 3.6% (docs/design.md, "The first conv part").
     first_conv_part: bool = False
-    # What that part scores: "distance", the Mahalanobis distance from the predicted class's mean (a covariance
-    # shared by the classes, shrunk toward its average variance by `distance_shrink`), or "top_q", the mean of its
-    # top-q z like the part over all taps. Tuned on the same models: docs/design.md, "The dense part is a distance".
-    dense_score: str = "distance"
-    distance_shrink: float = 0.1
     k_quantile: float = 0.999  # k is this quantile of clean channel z values ...
     k_min: float = 3.0  # ... and never below this
     # The benign re-prediction zeroes penultimate features with z above this. Tuned on training-split images
@@ -291,19 +291,18 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     check = draft.check()
     result = out_of_fold(check, linf, labels, loaded.num_classes, settings.folds, settings.seed)
     groups, dense = score_groups(tap_profiles, settings.dense_part, settings.first_conv_part)
-    distance = settings.dense_score == "distance" and dense is not None
+    if dense is not None and settings.dense_score != "distance":  # the dense part scored by its top-q z, like the others
+        groups, dense = [*groups, dense], None
     flat = np.concatenate(linf, axis=1)
     # Every part's scale, and the scores τ is chosen on, are cross-fitted: z against profiles without the sample, a
     # distance to a Gaussian fit without it.
-    top_groups = groups if distance or dense is None else [*groups, dense]
-    parts: tuple[Part, ...] = fit_parts(result.z, [draft.channels_of(g) for g in top_groups], settings.top_q)
+    parts: tuple[Part, ...] = fit_parts(result.z, [draft.channels_of(g) for g in groups], settings.top_q)
     scores = [part.standardised(flat, result.z, labels, settings.top_q) for part in parts]
-    groups = [*groups, dense] if dense is not None else groups
-    if distance:
+    if dense is not None:
         channels = draft.channels_of(dense)
         part, crossed = fit_distance_part(flat, labels, channels[check.active[channels]], loaded.num_classes,
                                           shrink=settings.distance_shrink, folds=settings.folds, seed=settings.seed)
-        parts, scores = (*parts, part), [*scores, crossed]
+        groups, parts, scores = [*groups, dense], (*parts, part), [*scores, crossed]
     score = np.max(scores, axis=0)
     # The warp's lean, each sample's against the reference copy that held it out (so only where all were held out),
     # is a part of the score τ flags on. The demote thresholds stay on the check's parts: the lean flags, and only
@@ -369,8 +368,8 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     return draft
 
 
-def score_groups(taps: list[TapProfile], dense_part: bool, first_conv_part: bool = False,
-                 ) -> tuple[list[list[str]], list[str] | None]:
+def score_groups(taps: list[TapProfile], dense_part: bool,
+                 first_conv_part: bool) -> tuple[list[list[str]], list[str] | None]:
     """The taps of each top-q score part (all of them; with `first_conv_part`, the first tap on its own where it is
     a conv tap and not the only one), and the dense part's (the dense taps, where there are both kinds; None: no
     such part), which comes last."""
