@@ -18,6 +18,7 @@ from guard.eval.models import SmallCNN, SmallResNet, export_onnx
 from guard.model.graph import default_taps, fold_static_mask, load_model, opset_version
 from guard.model.serving import (
     CUT_PREFIX,
+    DEMOTE_SCORE_OUTPUT,
     MASK_PREFIX,
     NEEDS_OUTPUT,
     ROWS_INPUT,
@@ -131,7 +132,8 @@ def test_served_graph_computes_the_check_and_the_tail_the_masked_rest(exported) 
     high, low = raw.argmax(), raw.argmin()
     spread = float(raw[high] - raw[low]) / float(other[high] - other[low] + 1)
     distance = replace(distance, centre=float(raw[high]) - (float(other[high]) + 0.5) * spread, spread=spread)
-    for parts in ((every, distance), (every, replace(last, spread=last.spread / 2))):
+    # The second pair's last part only flags: the demote score is the part over every channel alone.
+    for parts in ((every, distance), (every, replace(last, spread=last.spread / 2, demotes=False))):
         check.parts = parts
         want = check(linf, labels)
         tau = float(np.quantile(want.score, 0.8))
@@ -141,6 +143,9 @@ def test_served_graph_computes_the_check_and_the_tail_the_masked_rest(exported) 
         out = dict(zip(names, session.run(None, {exported.input_name: x}), strict=True))
         np.testing.assert_allclose(out[exported.output_name], masked.logits, atol=1e-4)
         np.testing.assert_allclose(out[SCORE_OUTPUT], want.score, atol=1e-4)
+        np.testing.assert_allclose(out[DEMOTE_SCORE_OUTPUT], want.demote_score, atol=1e-4)
+        demoting = [part.standardised(flat, want.z, labels, check.top_q) for part in parts if part.demotes]
+        np.testing.assert_allclose(want.demote_score, np.max(demoting, axis=0), atol=1e-6)
         by_part = np.stack([part.standardised(flat, want.z, labels, check.top_q) for part in parts])
         assert len(set(by_part.argmax(axis=0))) == 2, "each score part must be the maximum for some sample"
     # The ResNet's first tap is deep, so its tail is short; the CNN's is its first conv, so it re-runs from the input.

@@ -8,6 +8,7 @@ exported to ONNX once per module; calibration uses 300 test images.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -356,6 +357,11 @@ CORRUPTIONS = {
                          "malformed"),
     "part-unknown-kind": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][1], "kind", "max")),
                           "kind must be one of"),
+    "part-demotes-a-string": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][1], "demotes",
+                                                                            "no")), "demotes must be true or false"),
+    "no-part-demotes": (lambda s, p: _edited(s, p, lambda t, m: [part.update(demotes=False)
+                                                                  for part in m["thresholds"]["parts"]]),
+                        "at least one score part must demote"),
     "distance-missing-whiten": (lambda s, p: _edited(s, p, lambda t, m: t.pop("parts.1.whiten")),
                                 "distance part 1 has no whiten tensor"),
     "distance-mean-shape": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "parts.1.class_mean",
@@ -648,7 +654,8 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
 def test_the_first_conv_part_scores_the_first_tap_on_its_own(setup: Setup, tmp_path: Path) -> None:
     """With `--first-conv-part` the score gains a top-q part over the first conv tap alone, standardised like the
     others, before the dense distance; the guard scores the maximum of the three, and a small patch lifts the new
-    part above its clean values. It is off by default."""
+    part above its clean values. The part only flags: the guard demotes on the other two, whose score the demote
+    threshold bounds on the calibration set, and the profile keeps which parts demote. It is off by default."""
     assert setup.profile.settings["first_conv_part"] is False and len(setup.profile.thresholds.parts) == 2
     np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "first.safetensors", "--quiet",
@@ -660,17 +667,31 @@ def test_the_first_conv_part_scores_the_first_tap_on_its_own(setup: Setup, tmp_p
     assert first.kind == "conv" and profile.settings["first_conv_part"] is True
     assert [p.taps for p in parts] == [profile.tap_names, [first.name], dense]
     assert [p.kind for p in parts] == ["top_q", "top_q", "distance"] and parts[1].spread > 0
+    assert [p.demotes for p in parts] == [True, False, True]
+    assert raw_parts(tmp_path / "first.safetensors")[1]["thresholds"]["parts"][1]["demotes"] is False
     x = np.concatenate([setup.x_eval, BadNets(size=3).apply(setup.x_eval[:50])])
     served = collect(OnnxTaps(load_model(setup.model_path), profile.tap_names), x,
                      masks=[t.keep.astype(np.float32)[None] for t in profile.taps])
     labels = served.logits.argmax(axis=1)
     z = profile.check().z_scores(np.concatenate(served.linf, axis=1), labels)[:, :first.channels]
     own = (np.sort(z, axis=1)[:, -profile.thresholds.top_q:].mean(axis=1) - parts[1].centre) / parts[1].spread
-    score = Guard(load_model(setup.model_path), profile).predict(x).score
-    np.testing.assert_allclose(score, profile.check()(served.linf, labels).score, atol=1e-4)
+    result, want = Guard(load_model(setup.model_path), profile).predict(x), profile.check()(served.linf, labels)
+    score = result.score
+    np.testing.assert_allclose(score, want.score, atol=1e-4)
     assert np.all(score >= own - 1e-4) and np.isclose(score, own, atol=1e-4).any(), "the part must set some scores"
     clean, patched = own[:len(setup.x_eval)], own[len(setup.x_eval):]
     assert patched.mean() > clean.mean() + 0.5
+    # The part only flags: shifted above every other part, it flags every request and demotes none that the other
+    # parts would not; shifted and demoting, it demotes more.
+    demote = profile.thresholds.demote
+    assert np.all(want.demote_score <= want.score + 1e-6)
+    assert not result.demoted[want.demote_score < demote - 1e-3].any()
+    shifted = copy.deepcopy(profile)
+    shifted.thresholds.parts[1].centre -= 10 * parts[1].spread
+    flagging = Guard(load_model(setup.model_path), shifted).predict(x)
+    assert flagging.flagged.all() and not flagging.demoted[want.demote_score < demote - 1e-3].any()
+    shifted.thresholds.parts[1].demotes = True
+    assert Guard(load_model(setup.model_path), shifted).predict(x).demoted.sum() > flagging.demoted.sum()
 
 
 def test_a_suspect_gets_its_own_demote_threshold_on_its_clean_answers(setup: Setup, tmp_path: Path) -> None:

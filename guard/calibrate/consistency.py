@@ -52,14 +52,14 @@ def out_of_fold(check: ConsistencyCheck, linf: list[np.ndarray], labels: np.ndar
     """
     flat = np.concatenate(linf, axis=1)
     fold_of = _folds(len(labels), folds, seed)
-    score = np.empty(len(labels), dtype=np.float32)
+    score, demote_score = np.empty(len(labels), dtype=np.float32), np.empty(len(labels), dtype=np.float32)
     z = np.empty(flat.shape, dtype=np.float32)
     for fold in range(folds):
         out = fold_of == fold
         mean, scale = class_profiles([tap[~out] for tap in linf], labels[~out], num_classes)
         part = replace(check, class_mean=mean, class_scale=scale)(flat[out], labels[out])
-        score[out], z[out] = part.score, part.z
-    return CheckResult(score=score, z=z, compromised=z > check.k)
+        score[out], demote_score[out], z[out] = part.score, part.demote_score, part.z
+    return CheckResult(score=score, demote_score=demote_score, z=z, compromised=z > check.k)
 
 
 def _folds(n: int, folds: int, seed: int) -> np.ndarray:

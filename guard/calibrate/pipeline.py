@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -290,13 +290,16 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     t0 = time.perf_counter()
     check = draft.check()
     result = out_of_fold(check, linf, labels, loaded.num_classes, settings.folds, settings.seed)
-    groups, dense = score_groups(tap_profiles, settings.dense_part, settings.first_conv_part)
+    groups, first, dense = score_groups(tap_profiles, settings.dense_part, settings.first_conv_part)
     if dense is not None and settings.dense_score != "distance":  # the dense part scored by its top-q z, like the others
         groups, dense = [*groups, dense], None
     flat = np.concatenate(linf, axis=1)
     # Every part's scale, and the scores τ is chosen on, are cross-fitted: z against profiles without the sample, a
     # distance to a Gaussian fit without it.
     parts: tuple[Part, ...] = fit_parts(result.z, [draft.channels_of(g) for g in groups], settings.top_q)
+    if first is not None:  # it only flags: its long clean tail would raise the demote thresholds
+        part = replace(fit_parts(result.z, [draft.channels_of(first)], settings.top_q)[0], demotes=False)
+        groups, parts = [*groups, first], (*parts, part)
     scores = [part.standardised(flat, result.z, labels, settings.top_q) for part in parts]
     if dense is not None:
         channels = draft.channels_of(dense)
@@ -304,6 +307,8 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
                                           shrink=settings.distance_shrink, folds=settings.folds, seed=settings.seed)
         groups, parts, scores = [*groups, dense], (*parts, part), [*scores, crossed]
     score = np.max(scores, axis=0)
+    # The demote thresholds, the suspect's and the confirmation's ceiling are on the parts that demote.
+    demote_score = np.max([s for s, part in zip(scores, parts, strict=True) if part.demotes], axis=0)
     # The warp's lean, each sample's against the reference copy that held it out (so only where all were held out),
     # is a part of the score τ flags on. The demote thresholds stay on the check's parts: the lean flags, and only
     # what the check re-predicts can be demoted, so a clean sample's lean must not raise them.
@@ -320,13 +325,14 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     disagree = benign_labels != labels
     tau = score_threshold(flag_score, disagree, settings.fpr, settings.fpr_confidence)
     flagged = (flag_score > tau) | disagree
-    demote = demote_threshold(score, disagree, tau, settings.demote_rate, settings.fpr_confidence)
+    demote = demote_threshold(demote_score, disagree, tau, settings.demote_rate, settings.fpr_confidence)
     suspect_demote, suspect_rate = math.inf, None
     if settings.suspect is not None:
         suspected = labels == settings.suspect
-        suspect_demote = suspect_threshold(score, disagree, suspected, tau, demote, settings.suspect_rate,
+        suspect_demote = suspect_threshold(demote_score, disagree, suspected, tau, demote, settings.suspect_rate,
                                            settings.fpr_confidence)
-        suspect_rate = float((~disagree & (score > suspect_demote))[suspected].mean()) if suspected.any() else 0.0
+        suspect_rate = (float((~disagree & (demote_score > suspect_demote))[suspected].mean()) if suspected.any()
+                        else 0.0)
     timings["thresholds"] = round(time.perf_counter() - t0, 3)
     bar.close()
     warp_overrule = reference.class_threshold if reference else math.inf  # inf unless kept and a warp was named
@@ -336,7 +342,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
                                   suspect=settings.suspect, suspect_demote=suspect_demote,
                                   overrule=math.inf if not kept else reference.threshold,
                                   confirm=confirm, confirm_ceiling=math.inf if confirm is None
-                                  else confirm_ceiling(score, disagree, tau),
+                                  else confirm_ceiling(demote_score, disagree, tau),
                                   warp_class=warp_class if math.isfinite(warp_overrule) else None,
                                   warp_overrule=warp_overrule, lean_class=lean_class, lean_centre=lean_centre,
                                   lean_spread=lean_spread)
@@ -349,7 +355,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "pruned_channels": {tap: int((~k_).sum()) for tap, k_ in zip(taps, keep, strict=True)},
         "prune_candidates": choice.candidates,
         "calibration_flag_rate": float(flagged.mean()), "calibration_disagreement_rate": float(disagree.mean()),
-        "calibration_demote_rate": float(((score > demote) & ~disagree).mean()),
+        "calibration_demote_rate": float(((demote_score > demote) & ~disagree).mean()),
         # of the clean samples answered with the suspect, the share past its own threshold (None: no suspect)
         "calibration_suspect_demote_rate": suspect_rate,
         # the reference on the samples its fine-tuning held out (None: no reference)
@@ -369,16 +375,13 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
 
 
 def score_groups(taps: list[TapProfile], dense_part: bool,
-                 first_conv_part: bool) -> tuple[list[list[str]], list[str] | None]:
-    """The taps of each top-q score part (all of them; with `first_conv_part`, the first tap on its own where it is
-    a conv tap and not the only one), and the dense part's (the dense taps, where there are both kinds; None: no
-    such part), which comes last."""
-    everything = [tap.name for tap in taps]
-    groups = [everything]
-    if first_conv_part and len(taps) > 1 and taps[0].kind == "conv":
-        groups.append([taps[0].name])
+                 first_conv_part: bool) -> tuple[list[list[str]], list[str] | None, list[str] | None]:
+    """The taps of the top-q score parts that demote (all of them), the first conv part's (with `first_conv_part`,
+    the first tap on its own where it is a conv tap and not the only one; None: no such part), and the dense part's
+    (the dense taps, where there are both kinds; None: no such part)."""
+    first = [taps[0].name] if first_conv_part and len(taps) > 1 and taps[0].kind == "conv" else None
     dense = [tap.name for tap in taps if tap.kind == "dense"]
-    return groups, dense if dense_part and 0 < len(dense) < len(taps) else None
+    return [[tap.name for tap in taps]], first, dense if dense_part and 0 < len(dense) < len(taps) else None
 
 
 class _Runner:

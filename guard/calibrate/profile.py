@@ -38,7 +38,9 @@ from guard.samples import write_atomic
 # promises, so format 7 is refused there. 8: the score may have a part outside the served graph, the model's lean
 # towards the warp's class beyond the reference's (`lean_class`, standardised by `lean_centre` and `lean_spread`); tau
 # was chosen on the score with it, so a format-7 guard would flag fewer requests than the profile promises, and format 8
-# is refused there.
+# is refused there. Format 8 later gained a part's `demotes` (false: the part flags, and the demote thresholds are
+# quantiles of the score over the other parts); a format-8 guard that ignores it demotes on every part, more requests,
+# never fewer, and the format stayed.
 FORMAT = "guard.profile/8"
 # Format 7 reads with no lean, 6 with no warp class either, 5 with no reference; 4 and 3 with no suspect either,
 # format 3 as top-q parts, format 2 as one unstandardised part, each as it scored.
@@ -89,15 +91,17 @@ class PartScale:
     kind: str = "top_q"  # "top_q" (ScorePart) or "distance" (DistancePart)
     class_mean: np.ndarray | None = None  # distance: (K, D)
     whiten: np.ndarray | None = None  # distance: (D, D)
+    demotes: bool = True  # False: the part only flags (guard.runtime.checks)
 
     @classmethod
     def of(cls, taps: list[str], part: Part) -> PartScale:
         if isinstance(part, DistancePart):
-            return cls(list(taps), part.centre, part.spread, "distance", part.class_mean, part.whiten)
-        return cls(list(taps), part.centre, part.spread)
+            return cls(list(taps), part.centre, part.spread, "distance", part.class_mean, part.whiten, part.demotes)
+        return cls(list(taps), part.centre, part.spread, demotes=part.demotes)
 
     def as_json(self) -> dict[str, Any]:
-        return {"taps": self.taps, "centre": self.centre, "spread": self.spread, "kind": self.kind}
+        return {"taps": self.taps, "centre": self.centre, "spread": self.spread, "kind": self.kind,
+                "demotes": self.demotes}
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PartScale):
@@ -213,9 +217,10 @@ class Profile:
         for part in self.thresholds.parts:
             channels = self.part_channels(part)
             if part.kind == "distance":
-                parts.append(DistancePart(channels, part.class_mean, part.whiten, part.centre, part.spread))
+                parts.append(DistancePart(channels, part.class_mean, part.whiten, part.centre, part.spread,
+                                          part.demotes))
             else:
-                parts.append(ScorePart(channels, part.centre, part.spread))
+                parts.append(ScorePart(channels, part.centre, part.spread, part.demotes))
         return ConsistencyCheck(
             class_mean=self.class_mean,
             class_scale=self.class_scale,
@@ -368,6 +373,8 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
         raise ValueError(f"thresholds must be finite numbers with an integer top_q >= 1, got {raw}")
     demote = _threshold_or_inf(raw, "demote", tau, "the demote threshold")
     parts = [_part(part, tap_names) for part in raw.get("parts", [])]
+    if parts and not any(part.demotes for part in parts):
+        raise ValueError("at least one score part must demote; the demote thresholds are on those parts' score")
     if version < 5 and (raw.get("suspect") is not None or raw.get("suspect_demote") is not None):
         raise ValueError("only a format-5 profile or later may name a suspect")
     if version < 6 and raw.get("overrule") is not None:
@@ -443,7 +450,10 @@ def _part(raw: dict[str, Any], tap_names: list[str]) -> PartScale:
         raise ValueError(f"a score part needs a finite centre and a positive spread, got {raw}")
     if kind not in _PART_KINDS:
         raise ValueError(f"a score part's kind must be one of {_PART_KINDS}, got {kind!r}")
-    return PartScale(taps=list(taps), centre=centre, spread=spread, kind=kind)
+    demotes = raw.get("demotes", True)  # parts written before it existed all demote
+    if not isinstance(demotes, bool):
+        raise ValueError(f"a score part's demotes must be true or false, got {demotes!r}")
+    return PartScale(taps=list(taps), centre=centre, spread=spread, kind=kind, demotes=demotes)
 
 
 def _distance_arrays(profile: Profile, part: PartScale, index: int,

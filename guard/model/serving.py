@@ -32,6 +32,7 @@ from guard.model.graph import (
 from guard.runtime.checks import ConsistencyCheck, DistancePart
 
 SCORE_OUTPUT = "guard_score"
+DEMOTE_SCORE_OUTPUT = "guard_demote_score"
 NEEDS_OUTPUT = "guard_needs"
 ROWS_INPUT = "guard_rows"
 MASK_PREFIX = "guard_mask_"
@@ -118,7 +119,7 @@ def _at_most(proto: onnx.ModelProto, a: str, b: str, out: str) -> list[onnx.Node
 
 def _score_nodes(proto: onnx.ModelProto, check: ConsistencyCheck) -> list[onnx.NodeProto]:
     """SCORE_OUTPUT from guard_z (top-q parts) or guard_linf_all and guard_label (distance parts): each part's raw
-    score, standardised; then the maximum."""
+    score, standardised; then the maximum. DEMOTE_SCORE_OUTPUT: the maximum over the parts that demote."""
     g, nodes, scores = proto.graph, [], []
     for index, part in enumerate(check.score_parts()):
         name = f"guard_part_{index}"
@@ -150,13 +151,16 @@ def _score_nodes(proto: onnx.ModelProto, check: ConsistencyCheck) -> list[onnx.N
                              [name]),
         ]
         scores.append(name)
-    return [*nodes, helper.make_node("Max", scores, [SCORE_OUTPUT])]
+    demoting = [name for name, part in zip(scores, check.score_parts(), strict=True) if part.demotes]
+    return [*nodes, helper.make_node("Max", scores, [SCORE_OUTPUT]),
+            helper.make_node("Identity", [SCORE_OUTPUT], [DEMOTE_SCORE_OUTPUT]) if demoting == scores
+            else helper.make_node("Max", demoting, [DEMOTE_SCORE_OUTPUT])]
 
 
 def _add_check(proto: onnx.ModelProto, logits: str, linf: list[str], channels: list[int], bounded: list[bool],
                keep: list[np.ndarray], check: ConsistencyCheck, tau: float) -> list[str]:
     """Append the consistency check (guard.runtime.checks, the same arithmetic in float32) and its outputs:
-    score (N,), needs (N,) = any z > k or score > tau, and for each tap without unit bounds the re-prediction mask
+    score (N,), demote score (N,), needs (N,) = any z > k or score > tau, and for each tap without unit bounds the re-prediction mask
     (N, C) = keep and z <= cut. Returns the mask output names `guard_mask_<tap index>`."""
     g = proto.graph
     nodes = [
@@ -198,6 +202,7 @@ def _add_check(proto: onnx.ModelProto, logits: str, linf: list[str], channels: l
     g.node.extend(nodes)
     g.output.extend([
         helper.make_tensor_value_info(SCORE_OUTPUT, onnx.TensorProto.FLOAT, ["batch"]),
+        helper.make_tensor_value_info(DEMOTE_SCORE_OUTPUT, onnx.TensorProto.FLOAT, ["batch"]),
         helper.make_tensor_value_info(NEEDS_OUTPUT, onnx.TensorProto.BOOL, ["batch"]),
         *[helper.make_tensor_value_info(m, onnx.TensorProto.FLOAT, ["batch", w]) for m, w in masks],
     ])

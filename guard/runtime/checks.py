@@ -21,6 +21,7 @@ class CheckResult:
     """Per-sample outcome of the consistency check."""
 
     score: np.ndarray  # (N,) float32, higher = less like the clean profile of the predicted class
+    demote_score: np.ndarray  # (N,) float32, the same over the parts that demote (the score itself where all do)
     z: np.ndarray  # (N, C_total) float32, per-channel z against the predicted class (0 where inactive)
     compromised: np.ndarray  # (N, C_total) bool, channels whose z exceeds k
 
@@ -28,10 +29,14 @@ class CheckResult:
 class _Standardised(ABC):
     """A part's raw score in clean units: minus its clean median, over its clean spread (95th percentile minus the
     median), both cross-fitted. On this scale the parts' tails are alike, so the maximum over parts lets none of them
-    dominate by its units alone."""
+    dominate by its units alone.
+
+    A part that does not demote only flags: the demote thresholds are quantiles of the score over the demoting parts,
+    so that a part whose clean tail is long (the first conv layer's) adds detection without raising them."""
 
     centre: float
     spread: float
+    demotes: bool
 
     @abstractmethod
     def raw(self, linf: np.ndarray, z: np.ndarray, labels: np.ndarray, top_q: int) -> np.ndarray:
@@ -50,6 +55,7 @@ class ScorePart(_Standardised):
     channels: np.ndarray  # (C_part,) int64 indices into the concatenated channels
     centre: float = 0.0
     spread: float = 1.0
+    demotes: bool = True
 
     def raw(self, linf: np.ndarray, z: np.ndarray, labels: np.ndarray, top_q: int) -> np.ndarray:
         return self.top_mean(z, top_q)
@@ -73,6 +79,7 @@ class DistancePart(_Standardised):
     whiten: np.ndarray  # (D, D) float32: the distance is the norm of (ℓ∞ − μ_ŷ) @ whiten
     centre: float = 0.0
     spread: float = 1.0
+    demotes: bool = True
 
     def raw(self, linf: np.ndarray, z: np.ndarray, labels: np.ndarray, top_q: int) -> np.ndarray:
         return self.distance(linf, labels)
@@ -103,7 +110,10 @@ class ConsistencyCheck:
 
     def score(self, linf: np.ndarray, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """(N,) the largest standardised part score of each sample (flat ℓ∞, its z, its predicted class)."""
-        return np.max([part.standardised(linf, z, labels, self.top_q) for part in self.score_parts()], axis=0)
+        return np.max(self._part_scores(linf, z, labels), axis=0)
+
+    def _part_scores(self, linf: np.ndarray, z: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+        return [part.standardised(linf, z, labels, self.top_q) for part in self.score_parts()]
 
     def z_scores(self, linf: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """(N, C_total) standardised ℓ∞ against each sample's predicted class; inactive channels are 0."""
@@ -113,7 +123,10 @@ class ConsistencyCheck:
     def __call__(self, linf: list[np.ndarray] | np.ndarray, labels: np.ndarray) -> CheckResult:
         flat = np.concatenate(linf, axis=1) if isinstance(linf, list) else linf
         z = self.z_scores(flat, labels)
-        return CheckResult(score=self.score(flat, z, labels), z=z, compromised=z > self.k)
+        scores = self._part_scores(flat, z, labels)
+        demoting = [score for score, part in zip(scores, self.score_parts(), strict=True) if part.demotes]
+        return CheckResult(score=np.max(scores, axis=0), demote_score=np.max(demoting, axis=0), z=z,
+                           compromised=z > self.k)
 
 
 def repredict_masks(keep: list[np.ndarray], bounds: list[np.ndarray | None], z: np.ndarray,

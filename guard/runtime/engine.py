@@ -20,7 +20,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from guard.errors import GuardError, ModelError
-from guard.model.serving import CUT_PREFIX, NEEDS_OUTPUT, ROWS_INPUT, SCORE_OUTPUT, ServingGraphs
+from guard.model.serving import (
+    CUT_PREFIX,
+    DEMOTE_SCORE_OUTPUT,
+    NEEDS_OUTPUT,
+    ROWS_INPUT,
+    SCORE_OUTPUT,
+    ServingGraphs,
+)
 
 ENGINES = ("onnxruntime", "torch")
 
@@ -31,6 +38,7 @@ class EngineRun:
 
     logits: np.ndarray  # (N, K) float32
     score: np.ndarray  # (N,) float32
+    demote_score: np.ndarray  # (N,) float32: the score over the parts that demote
     needs: np.ndarray  # (N,) bool: the sample needs a benign re-prediction
     carry: dict[str, Any]  # tail input name -> device value (cut tensors, masks)
 
@@ -157,7 +165,7 @@ class OrtEngine:
         self.input_name = input_name
         self.output_name = output_name
         self._carried, self._feeds = _tail_names(graphs, input_name)
-        self._outputs = [output_name, SCORE_OUTPUT, NEEDS_OUTPUT, *self._carried]
+        self._outputs = [output_name, SCORE_OUTPUT, DEMOTE_SCORE_OUTPUT, NEEDS_OUTPUT, *self._carried]
         self.io_binding = device == "cuda" if io_binding is None else io_binding
 
     @property
@@ -171,22 +179,22 @@ class OrtEngine:
 
     def _run(self, x: np.ndarray, options: Any) -> EngineRun:
         if not self.io_binding:
-            logits, score, needs, *carried = self.session.run(self._outputs, {self.input_name: x}, options)
+            logits, score, demote_score, needs, *carried = self.session.run(self._outputs, {self.input_name: x}, options)
             carry = {self._feeds[name]: v for name, v in zip(self._carried, carried, strict=True)}
             if self.input_name in self._feeds:
                 carry[self._feeds[self.input_name]] = x
-            return EngineRun(logits, score, needs, carry)
+            return EngineRun(logits, score, demote_score, needs, carry)
         binding = self.session.io_binding()
         value = self._ort.OrtValue.ortvalue_from_numpy(x, self.device, 0)  # on CUDA: the one host-to-device copy
         binding.bind_ortvalue_input(self.input_name, value)
         for name in self._outputs:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding, options)
-        logits, score, needs, *carried = binding.get_outputs()
+        logits, score, demote_score, needs, *carried = binding.get_outputs()
         carry = {self._feeds[name]: v for name, v in zip(self._carried, carried, strict=True)}
         if self.input_name in self._feeds:
             carry[self._feeds[self.input_name]] = value
-        return EngineRun(logits.numpy(), score.numpy(), needs.numpy(), carry)
+        return EngineRun(logits.numpy(), score.numpy(), demote_score.numpy(), needs.numpy(), carry)
 
     def repredict(self, run: EngineRun, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Benign logits (len(rows), K) from the tail, reading the run's cut tensors where they are."""
@@ -245,8 +253,10 @@ class TorchEngine:
         carry = {self._feeds[name]: outputs[name] for name in self._carried}
         if self.input_name in self._feeds:
             carry[self._feeds[self.input_name]] = value
-        host = {name: outputs[name].cpu().numpy() for name in (self.output_name, SCORE_OUTPUT, NEEDS_OUTPUT)}
-        return EngineRun(host[self.output_name], host[SCORE_OUTPUT], host[NEEDS_OUTPUT], carry)
+        host = {name: outputs[name].cpu().numpy()
+                for name in (self.output_name, SCORE_OUTPUT, DEMOTE_SCORE_OUTPUT, NEEDS_OUTPUT)}
+        return EngineRun(host[self.output_name], host[SCORE_OUTPUT], host[DEMOTE_SCORE_OUTPUT], host[NEEDS_OUTPUT],
+                         carry)
 
     def repredict(self, run: EngineRun, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
         torch = self._torch

@@ -4,7 +4,7 @@ request x -> validate -> engine (masked model, ℓ∞ per tap and the consistenc
 of the network re-run for the samples with compromised channels or a score above tau -> the score raised to the
 warp's lean, where the profile has one (the model's lean towards the warp's class beyond the reference's; it flags,
 and neither re-runs the tail nor demotes) -> verdict and policy (a
-score above the demote threshold, or above the suspect's for an answer of the class the scan suspects, refuses the
+score over the parts that demote above the demote threshold, or above the suspect's for an answer of the class the scan suspects, refuses the
 model's own class, unless the reference, a fine-tuned copy, firmly confirms it and the score is within the clean
 calibration scores' range) -> the reference overrules the answers it firmly disagrees with -> Result.
 """
@@ -193,7 +193,7 @@ class Guard:
         model_labels = run.logits.argmax(axis=1)
         thresholds = self.profile.thresholds
         # what τ flags on: the check's score, or the warp's lean (a part outside the served graph) where higher (a NaN
-        # stays NaN); demotion and the confirmation's ceiling stay on the check's own
+        # stays NaN); demotion and the confirmation's ceiling stay on the check's parts that demote
         flag_score = run.score
         if reference_logits is not None and thresholds.lean_class is not None:
             leaning = lean(run.logits, reference_logits, thresholds.lean_class)
@@ -208,13 +208,13 @@ class Guard:
             benign_logits[rows] = self.engine.repredict(run, rows, deadline)
             agree = benign_logits.argmax(axis=1) == model_labels
             flagged |= ~agree
-            suspected = (agree & (model_labels == thresholds.suspect) & (run.score > thresholds.suspect_demote)
+            suspected = (agree & (model_labels == thresholds.suspect) & (run.demote_score > thresholds.suspect_demote)
                          if thresholds.suspect is not None else np.zeros(len(x), dtype=bool))
-            demoted = demotions(run.logits, benign_logits, model_labels, agree & (run.score > thresholds.demote),
-                                suspected)
+            demoted = demotions(run.logits, benign_logits, model_labels,
+                                agree & (run.demote_score > thresholds.demote), suspected)
             if reference_logits is not None:  # never past every clean score: there the trigger may fool it too
                 spared = (demoted & confirms(reference_logits, model_labels, thresholds.confirm)
-                          & (run.score <= thresholds.confirm_ceiling))
+                          & (run.demote_score <= thresholds.confirm_ceiling))
                 demoted &= ~spared
             answer = apply_policy(self.policy, run.logits, benign_logits, flagged, demoted)
             labels = answer.argmax(axis=1)
