@@ -474,10 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--dense-score", choices=["distance", "top_q"], default="distance",
                      help="how the penultimate features are scored on their own: their Mahalanobis distance from the "
                           "predicted class's mean (default), or the mean of their top-q z")
-    cal.add_argument("--first-conv-part", action=argparse.BooleanOptionalAction,
-                     default=False,
-                     help="tap the first conv activation and score it on its own, where a small patch that did not "
-                          "take still shows, at some cost on spread-out triggers (default: off)")
+    cal.add_argument("--first-conv-part", action=argparse.BooleanOptionalAction, default=True,
+                     help="tap the first conv activation and score it on its own, a part that flags and never "
+                          "demotes, where a small patch that did not take still shows (default: on)")
     suspicion = cal.add_mutually_exclusive_group()
     suspicion.add_argument("--suspect", type=int,
                            help="the class guard scan named as the likely backdoor target (scan.json's suspect): "

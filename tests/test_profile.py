@@ -518,10 +518,10 @@ def test_cli_calibrate_taps_as_many_conv_activations_as_asked(setup: Setup, tmp_
     from guard.model.graph import default_taps, load_model
 
     model = load_model(setup.model_path)
-    assert setup.profile.tap_names == default_taps(model, conv_taps=CalibrationSettings().conv_taps)
+    assert setup.profile.tap_names == default_taps(model, conv_taps=CalibrationSettings().conv_taps, first_conv=True)
     np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "p.safetensors", "--quiet",
-                   "--suspect", "3", "--no-reference", "--conv-taps", "1", cwd=tmp_path)
+                   "--suspect", "3", "--no-reference", "--conv-taps", "1", "--no-first-conv-part", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     profile = Profile.load(tmp_path / "p.safetensors")
     assert profile.tap_names == default_taps(model, conv_taps=1) == setup.profile.tap_names[-2:]
@@ -590,22 +590,23 @@ def test_profile_without_a_demote_threshold_loads_with_demotion_off(setup: Setup
 
 def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_as_before(
         setup: Setup, tmp_path: Path) -> None:
-    """Calibration scores the top-q z over all taps and the distance of the penultimate features; a format-3 profile
-    (a top-q dense part) and a format-2 profile (no parts: the raw top-q over all taps) score as they were
-    calibrated, which is what their tau means."""
+    """Calibration scores the top-q z over all taps, the first conv tap's (test_the_first_conv_part_...) and the
+    distance of the penultimate features; a format-3 profile (a top-q dense part) and a format-2 profile (no parts:
+    the raw top-q over all taps) score as they were calibrated, which is what their tau means."""
     parts = setup.profile.thresholds.parts
     dense = [tap.name for tap in setup.profile.taps if tap.kind == "dense"]
-    assert [p.taps for p in parts] == [setup.profile.tap_names, dense] and 0 < len(dense) < len(setup.profile.taps)
-    assert [p.kind for p in parts] == ["top_q", "distance"] and all(p.spread > 0 for p in parts)
+    assert [p.taps for p in parts] == [setup.profile.tap_names, setup.profile.tap_names[:1], dense]
+    assert 0 < len(dense) < len(setup.profile.taps)
+    assert [p.kind for p in parts] == ["top_q", "top_q", "distance"] and all(p.spread > 0 for p in parts)
     width = sum(t.channels for t in setup.profile.taps if t.kind == "dense")
-    assert parts[1].class_mean.shape == (setup.profile.num_classes, width) and parts[1].whiten.shape == (width, width)
+    assert parts[2].class_mean.shape == (setup.profile.num_classes, width) and parts[2].whiten.shape == (width, width)
     np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "single.safetensors", "--quiet",
-                   "--no-dense-part", "--no-scan", cwd=tmp_path)
+                   "--no-dense-part", "--no-first-conv-part", "--no-scan", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     single = Profile.load(tmp_path / "single.safetensors")
-    assert [p.taps for p in single.thresholds.parts] == [setup.profile.tap_names]
-    assert single.settings["dense_part"] is False
+    assert [p.taps for p in single.thresholds.parts] == [single.tap_names]
+    assert single.settings["dense_part"] is False and single.settings["first_conv_part"] is False
 
     def as_format_2(tensors: dict, meta: dict) -> None:
         _without_reference(tensors, meta)
@@ -615,7 +616,7 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
             tensors.pop(name)
 
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "top_q.safetensors", "--quiet",
-                   "--dense-score", "top_q", "--no-scan", cwd=tmp_path)
+                   "--dense-score", "top_q", "--no-first-conv-part", "--no-scan", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     top_q = Profile.load(tmp_path / "top_q.safetensors")
     assert [p.kind for p in top_q.thresholds.parts] == ["top_q", "top_q"] and top_q.settings["dense_score"] == "top_q"
@@ -623,7 +624,7 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
     _without_reference(tensors, meta)
     meta["format"] = "guard.profile/3"
     for part in meta["thresholds"]["parts"]:
-        assert part.pop("kind") == "top_q"  # format 3 had no kinds
+        assert part.pop("kind") == "top_q" and part.pop("demotes") is True  # format 3 had neither
     format_3 = Profile.load(write_parts(tmp_path / "format3.safetensors", tensors, meta))
     assert format_3.thresholds.parts == top_q.thresholds.parts and len(format_3.check().score_parts()) == 2
     older = Profile.load(_edited(setup, tmp_path / "format2.safetensors", as_format_2))
@@ -644,22 +645,22 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
     np.testing.assert_allclose(scores["top_q"], np.maximum(
         (np.sort(z, axis=1)[:, -3:].mean(axis=1) - every.centre) / every.spread,
         (np.sort(dense_z, axis=1)[:, -3:].mean(axis=1) - last.centre) / last.spread), atol=1e-4)
-    centred = flat[:, -width:] - parts[1].class_mean[labels]
-    distance = np.sqrt(np.einsum("nd,nd->n", centred @ parts[1].whiten, centred @ parts[1].whiten))
-    assert np.all(scores["distance"] >= (distance - parts[1].centre) / parts[1].spread - 1e-4)
+    centred = flat[:, -width:] - parts[2].class_mean[labels]
+    distance = np.sqrt(np.einsum("nd,nd->n", centred @ parts[2].whiten, centred @ parts[2].whiten))
+    assert np.all(scores["distance"] >= (distance - parts[2].centre) / parts[2].spread - 1e-4)
     assert not np.allclose(scores["raw"], scores["top_q"], atol=1e-2), "the parts must change the score"
     assert not np.allclose(scores["top_q"], scores["distance"], atol=1e-2), "the distance must change the score"
 
 
 def test_the_first_conv_part_scores_the_first_tap_on_its_own(setup: Setup, tmp_path: Path) -> None:
-    """With `--first-conv-part` the score gains a top-q part over the first conv tap alone, standardised like the
-    others, before the dense distance; the guard scores the maximum of the three, and a small patch lifts the new
-    part above its clean values. The part only flags: the guard demotes on the other two, whose score the demote
-    threshold bounds on the calibration set, and the profile keeps which parts demote. It is off by default."""
-    assert setup.profile.settings["first_conv_part"] is False and len(setup.profile.thresholds.parts) == 2
+    """By default (`--first-conv-part`) the score has a top-q part over the first conv tap alone, standardised like
+    the others, between the part over all taps and the dense distance; the guard scores the maximum of the three, and
+    a small patch lifts the new part above its clean values. The part only flags: the guard demotes on the other two,
+    whose score the demote threshold bounds on the calibration set, and the profile keeps which parts demote."""
+    assert setup.profile.settings["first_conv_part"] is True and len(setup.profile.thresholds.parts) == 3
     np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "first.safetensors", "--quiet",
-                   "--first-conv-part", "--no-scan", "--no-reference", cwd=tmp_path)
+                   "--no-scan", "--no-reference", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     profile = Profile.load(tmp_path / "first.safetensors")
     first, parts = profile.taps[0], profile.thresholds.parts

@@ -124,10 +124,9 @@ class CalibrationSettings:
     distance_shrink: float = 0.1
     # The first conv activation is tapped and forms a score part of its own: a small patch that did not take (the
     # adaptive attack's, at a random position) still lights the first layer's units far outside their clean range,
-    # where deeper taps and the penultimate features barely move. Off by default: in the full eval it lifted adaptive's
-    # AUROC (0.79 -> 0.86 CNN, 0.62 -> 0.74 ResNet) but its clean tail raised the demote thresholds, and blend CNN's
-    # attack success rose 2.2 -> 3.6% (docs/design.md, "The first conv part").
-    first_conv_part: bool = False
+    # where deeper taps and the penultimate features barely move. The part only flags: demoting on it too, its clean
+    # tail raised the demote thresholds and let more of blend's hits through (docs/design.md, "The first conv part").
+    first_conv_part: bool = True
     k_quantile: float = 0.999  # k is this quantile of clean channel z values ...
     k_min: float = 3.0  # ... and never below this
     # The benign re-prediction zeroes penultimate features with z above this. Tuned on training-split images
