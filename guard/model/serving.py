@@ -160,8 +160,8 @@ def _score_nodes(proto: onnx.ModelProto, check: ConsistencyCheck) -> list[onnx.N
 def _add_check(proto: onnx.ModelProto, logits: str, linf: list[str], channels: list[int], bounded: list[bool],
                keep: list[np.ndarray], check: ConsistencyCheck, tau: float) -> list[str]:
     """Append the consistency check (guard.runtime.checks, the same arithmetic in float32) and its outputs:
-    score (N,), demote score (N,), needs (N,) = any z > k or score > tau, and for each tap without unit bounds the re-prediction mask
-    (N, C) = keep and z <= cut. Returns the mask output names `guard_mask_<tap index>`."""
+    score (N,), demote score (N,), needs (N,) = any z > k or score > tau, and for each tap without unit bounds the
+    re-prediction mask (N, C) = keep and z <= cut. Returns the mask output names `guard_mask_<tap index>`."""
     g = proto.graph
     nodes = [
         helper.make_node("ArgMax", [logits], ["guard_label"], axis=1, keepdims=0),
