@@ -46,7 +46,7 @@ from guard.model.graph import (
     tensor_ranks,
     validate_taps,
 )
-from guard.runtime.checks import Part, repredict_masks
+from guard.runtime.checks import Part, demoting_max, repredict_masks
 from guard.runtime.reference import lean
 from guard.samples import check_samples, holdout_split
 
@@ -290,7 +290,8 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     check = draft.check()
     result = out_of_fold(check, linf, labels, loaded.num_classes, settings.folds, settings.seed)
     groups, first, dense = score_groups(tap_profiles, settings.dense_part, settings.first_conv_part)
-    if dense is not None and settings.dense_score != "distance":  # the dense part scored by its top-q z, like the others
+    # With dense_score "top_q" the dense part is scored by its top-q z, like the others.
+    if dense is not None and settings.dense_score != "distance":
         groups, dense = [*groups, dense], None
     flat = np.concatenate(linf, axis=1)
     # Every part's scale, and the scores τ is chosen on, are cross-fitted: z against profiles without the sample, a
@@ -307,7 +308,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         groups, parts, scores = [*groups, dense], (*parts, part), [*scores, crossed]
     score = np.max(scores, axis=0)
     # The demote thresholds, the suspect's and the confirmation's ceiling are on the parts that demote.
-    demote_score = np.max([s for s, part in zip(scores, parts, strict=True) if part.demotes], axis=0)
+    demote_score = demoting_max(scores, parts)
     # The warp's lean, each sample's against the reference copy that held it out (so only where all were held out),
     # is a part of the score τ flags on. The demote thresholds stay on the check's parts: the lean flags, and only
     # what the check re-predicts can be demoted, so a clean sample's lean must not raise them.

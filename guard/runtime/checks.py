@@ -124,9 +124,13 @@ class ConsistencyCheck:
         flat = np.concatenate(linf, axis=1) if isinstance(linf, list) else linf
         z = self.z_scores(flat, labels)
         scores = self._part_scores(flat, z, labels)
-        demoting = [score for score, part in zip(scores, self.score_parts(), strict=True) if part.demotes]
-        return CheckResult(score=np.max(scores, axis=0), demote_score=np.max(demoting, axis=0), z=z,
+        return CheckResult(score=np.max(scores, axis=0), demote_score=demoting_max(scores, self.score_parts()), z=z,
                            compromised=z > self.k)
+
+
+def demoting_max(scores: list[np.ndarray], parts: tuple[Part, ...]) -> np.ndarray:
+    """(N,) the largest of the standardised `scores` (one per part) of the parts that demote."""
+    return np.max([score for score, part in zip(scores, parts, strict=True) if part.demotes], axis=0)
 
 
 def repredict_masks(keep: list[np.ndarray], bounds: list[np.ndarray | None], z: np.ndarray,

@@ -179,7 +179,8 @@ class OrtEngine:
 
     def _run(self, x: np.ndarray, options: Any) -> EngineRun:
         if not self.io_binding:
-            logits, score, demote_score, needs, *carried = self.session.run(self._outputs, {self.input_name: x}, options)
+            logits, score, demote_score, needs, *carried = self.session.run(self._outputs, {self.input_name: x},
+                                                                            options)
             carry = {self._feeds[name]: v for name, v in zip(self._carried, carried, strict=True)}
             if self.input_name in self._feeds:
                 carry[self._feeds[self.input_name]] = x
