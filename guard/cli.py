@@ -25,7 +25,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         layers=args.layers.split(",") if args.layers else None, conv_taps=args.conv_taps, fpr=args.fpr,
         fpr_confidence=args.fpr_confidence, demote_rate=args.demote_rate, acc_budget=args.acc_budget,
         prune=not args.no_prune, dense_part=not args.no_dense_part, dense_score=args.dense_score,
-        first_conv_part=args.first_conv_part, seed=args.seed,
+        first_conv_part=args.first_conv_part, input_envelope=args.input_envelope, seed=args.seed,
         suspect=args.suspect, reference=args.reference, reference_rate=args.reference_rate,
         reference_folds=args.reference_folds, reference_unlearn=args.reference_unlearn,
         warp_overrule_rate=args.warp_overrule_rate, warp_lean=args.warp_lean,
@@ -477,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--first-conv-part", action=argparse.BooleanOptionalAction, default=True,
                      help="tap the first conv activation and score it on its own, a part that flags and never "
                           "demotes, where a small patch that did not take still shows (default: on)")
+    cal.add_argument("--input-envelope", action=argparse.BooleanOptionalAction, default=True,
+                     help="score the request's excess over the largest value each input element took on the clean "
+                          "data, a part that flags and never demotes, where a stamp on a dark background shows "
+                          "(default: on)")
     suspicion = cal.add_mutually_exclusive_group()
     suspicion.add_argument("--suspect", type=int,
                            help="the class guard scan named as the likely backdoor target (scan.json's suspect): "

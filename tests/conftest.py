@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from guard.calibrate.profile import Profile
 from guard.eval.attacks import Attack, BadNets
 from guard.eval.datasets import load_fashion_mnist
 
@@ -104,6 +106,20 @@ def raw_parts(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     with safe_open(str(path), framework="numpy") as handle:
         meta = json.loads(handle.metadata()["guard"])
     return load_file(str(path)), meta
+
+
+def as_format_8(tensors: dict[str, np.ndarray], meta: dict) -> None:
+    """A profile's parts as written before format 9: no input envelope."""
+    meta["format"] = "guard.profile/8"
+    tensors.pop("input_bound", None)
+    for key in ("envelope_centre", "envelope_spread"):
+        meta["thresholds"].pop(key, None)
+
+
+def without_envelope(profile: Profile) -> Profile:
+    """The same profile with no input envelope: the guard scores the check's parts alone."""
+    return dataclasses.replace(profile, input_bound=None, thresholds=dataclasses.replace(
+        profile.thresholds, envelope_centre=None, envelope_spread=None))
 
 
 def write_parts(path: Path, tensors: dict[str, np.ndarray], meta: dict | str | None) -> Path:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import raw_parts, run_cli, write_parts
+from conftest import as_format_8, raw_parts, run_cli, without_envelope, write_parts
 from guard.calibrate.activations import collect
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import FORMAT, Profile
@@ -181,6 +181,7 @@ def _without_reference(tensors: dict[str, np.ndarray], meta: dict) -> None:
 
 def _as_format_6(tensors: dict[str, np.ndarray], meta: dict) -> None:
     """As a profile written before format 7: no warp class."""
+    as_format_8(tensors, meta)
     meta["format"] = "guard.profile/6"
     for key in ("warp_class", "warp_overrule", "lean_class", "lean_centre", "lean_spread"):
         meta["thresholds"].pop(key)
@@ -265,7 +266,7 @@ CORRUPTIONS = {
     "reference-in-format-5": (lambda s, p: _edited(s, p, lambda t, m: _set(m, "format", "guard.profile/5")),
                               "only a format-6 profile or later may carry a reference"),
     "reference-tensors-in-format-5": (lambda s, p: _edited(s, p, lambda t, m: (
-        _set(m, "format", "guard.profile/5"), m["thresholds"].pop("overrule"))),
+        as_format_8(t, m), _set(m, "format", "guard.profile/5"), m["thresholds"].pop("overrule"))),
         "only a format-6 profile or later may carry a reference"),
     "warp-class-in-format-6": (lambda s, p: _edited(s, p, lambda t, m: (_as_format_6(t, m), _with_warp_class(t, m))),
                                "only a format-7 profile may name a warp class"),
@@ -303,6 +304,21 @@ CORRUPTIONS = {
                           "the lean's class must be a class number"),
     "lean-without-reference": (lambda s, p: _edited(s, p, lambda t, m: (_no_reference(t, m), _with_lean(t, m))),
                                "a warp's lean needs a reference"),
+    "envelope-in-format-8": (lambda s, p: _edited(s, p, lambda t, m: _set(m, "format", "guard.profile/8")),
+                             "only a format-9 profile may score the input envelope"),
+    "envelope-bound-alone": (lambda s, p: _edited(s, p, lambda t, m: m["thresholds"].update(envelope_centre=None,
+                                                                                              envelope_spread=None)),
+                             "the input envelope's bound and its centre and spread come together"),
+    "envelope-scale-alone": (lambda s, p: _edited(s, p, lambda t, m: t.pop("input_bound")),
+                             "the input envelope's bound and its centre and spread come together"),
+    "envelope-zero-spread": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "envelope_spread", 0.0)),
+                             "input envelope's part needs a finite centre and a positive spread"),
+    "envelope-centre-a-bool": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "envelope_centre", True)),
+                               "input envelope's part needs a finite centre"),
+    "envelope-bound-nan": (lambda s, p: _edited(s, p, lambda t, m: t["input_bound"].__setitem__((0, 0, 0), np.nan)),
+                           "the input envelope's bound must be finite with shape"),
+    "envelope-bound-flat": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "input_bound", t["input_bound"][0])),
+                            "the input envelope's bound must be finite with shape"),
     "reference-weight-integer": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "reference/fc2.bias",
                                                                               t["reference/fc2.bias"].astype(np.int32))),
                                  "must be named, floating-point and finite"),
@@ -521,11 +537,14 @@ def test_cli_calibrate_taps_as_many_conv_activations_as_asked(setup: Setup, tmp_
     assert setup.profile.tap_names == default_taps(model, conv_taps=CalibrationSettings().conv_taps, first_conv=True)
     np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "p.safetensors", "--quiet",
-                   "--suspect", "3", "--no-reference", "--conv-taps", "1", "--no-first-conv-part", cwd=tmp_path)
+                   "--suspect", "3", "--no-reference", "--conv-taps", "1", "--no-first-conv-part",
+                   "--no-input-envelope", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     profile = Profile.load(tmp_path / "p.safetensors")
     assert profile.tap_names == default_taps(model, conv_taps=1) == setup.profile.tap_names[-2:]
     assert profile.settings["conv_taps"] == 1
+    assert profile.settings["input_envelope"] is False and profile.envelope() is None
+    assert raw_parts(tmp_path / "p.safetensors")[1]["thresholds"]["envelope_centre"] is None
 
 
 def test_cli_serve_with_a_corrupt_profile_fails_in_one_line(setup: Setup, tmp_path: Path) -> None:
@@ -635,7 +654,7 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
     labels = served.logits.argmax(axis=1)
     flat = np.concatenate(served.linf, axis=1)
     scores = {}
-    for name, profile in (("raw", older), ("top_q", format_3), ("distance", setup.profile)):
+    for name, profile in (("raw", older), ("top_q", format_3), ("distance", without_envelope(setup.profile))):
         scores[name] = Guard(load_model(setup.model_path), profile).predict(x).score
         np.testing.assert_allclose(scores[name], profile.check()(served.linf, labels).score, atol=1e-4)
     z = older.check().z_scores(flat, labels)
@@ -670,6 +689,7 @@ def test_the_first_conv_part_scores_the_first_tap_on_its_own(setup: Setup, tmp_p
     assert [p.kind for p in parts] == ["top_q", "top_q", "distance"] and parts[1].spread > 0
     assert [p.demotes for p in parts] == [True, False, True]
     assert raw_parts(tmp_path / "first.safetensors")[1]["thresholds"]["parts"][1]["demotes"] is False
+    profile = without_envelope(profile)  # the check's parts alone (the envelope: test_the_input_envelope_...)
     x = np.concatenate([setup.x_eval, BadNets(size=3).apply(setup.x_eval[:50])])
     served = collect(OnnxTaps(load_model(setup.model_path), profile.tap_names), x,
                      masks=[t.keep.astype(np.float32)[None] for t in profile.taps])
@@ -693,6 +713,39 @@ def test_the_first_conv_part_scores_the_first_tap_on_its_own(setup: Setup, tmp_p
     assert flagging.flagged.all() and not flagging.demoted[want.demote_score < demote - 1e-3].any()
     shifted.thresholds.parts[1].demotes = True
     assert Guard(load_model(setup.model_path), shifted).predict(x).demoted.sum() > flagging.demoted.sum()
+
+
+def test_the_input_envelope_flags_requests_outside_the_clean_inputs(setup: Setup) -> None:
+    """By default the profile keeps each input element's largest clean value, and the request's excess over it is a
+    part of the score: the guard's score is the larger of the check's and the envelope's, a request flagged by the
+    envelope alone is re-predicted as one the check flags, and the envelope demotes nothing. Without it the score is
+    the check's; a profile whose bound does not fit the model's input is refused."""
+    profile, thresholds = setup.profile, setup.profile.thresholds
+    envelope = profile.envelope()
+    assert profile.settings["input_envelope"] is True and envelope is not None and envelope.spread > 0
+    np.testing.assert_array_equal(profile.input_bound, setup.x_cal.max(axis=0))
+    stamped = setup.x_eval[:60].copy()
+    stamped[:, :, :2, :2] = 1.0  # the top-left corner, dark in every clean image
+    x = np.concatenate([setup.x_eval, stamped])
+    served = collect(OnnxTaps(load_model(setup.model_path), profile.tap_names), x,
+                     masks=[t.keep.astype(np.float32)[None] for t in profile.taps])
+    check = profile.check()(served.linf, served.logits.argmax(axis=1))
+    outside = envelope.standardised(x)
+    guard = Guard(load_model(setup.model_path), profile)
+    result = guard.predict(x)
+    np.testing.assert_allclose(result.score, np.maximum(check.score, outside), atol=1e-4)
+    alone = (outside > thresholds.tau) & (check.score <= thresholds.tau) & ~result.overruled
+    assert alone[len(setup.x_eval):].sum() >= 10 and result.flagged[alone].all()
+    assert not result.demoted[alone].any()
+    run, rows = guard.engine.run(x), np.flatnonzero(alone)
+    tail = guard.engine.repredict(run, rows)  # what a flagged request answers with: the tail's logits
+    np.testing.assert_allclose(result.logits[rows], tail, atol=1e-5)
+    assert not np.allclose(tail, run.logits[rows], atol=1e-3), "the stamp must change what the tail answers"
+    plain = Guard(load_model(setup.model_path), without_envelope(profile)).predict(x)
+    np.testing.assert_allclose(plain.score, check.score, atol=1e-4)
+    wrong = dataclasses.replace(profile, input_bound=profile.input_bound[:, :-1])
+    with pytest.raises(ProfileError, match="input envelope has shape"):
+        Guard(load_model(setup.model_path), wrong)
 
 
 def test_a_suspect_gets_its_own_demote_threshold_on_its_clean_answers(setup: Setup, tmp_path: Path) -> None:
@@ -721,8 +774,9 @@ def test_a_suspect_gets_its_own_demote_threshold_on_its_clean_answers(setup: Set
         meta["thresholds"].pop("suspect_demote")
 
     older = Profile.load(_edited(setup, tmp_path / "format4.safetensors", as_format_4))
-    assert older.thresholds == dataclasses.replace(plain, overrule=math.inf, confirm=None,
-                                                   confirm_ceiling=math.inf) and not older.reference
+    assert older.thresholds == dataclasses.replace(plain, overrule=math.inf, confirm=None, confirm_ceiling=math.inf,
+                                                   envelope_centre=None, envelope_spread=None)
+    assert not older.reference and older.input_bound is None
     with pytest.raises(GuardError, match="--suspect 10 is not a class of this model"):
         calibrate(setup.model_path, setup.x_cal, setup.y_cal, settings=CalibrationSettings(suspect=10))
 

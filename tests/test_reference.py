@@ -14,7 +14,16 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import TARGET, Backdoored, poisoned_cnn, raw_parts, run_cli, write_parts
+from conftest import (
+    TARGET,
+    Backdoored,
+    as_format_8,
+    poisoned_cnn,
+    raw_parts,
+    run_cli,
+    without_envelope,
+    write_parts,
+)
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import Profile
 from guard.calibrate.reference import fit_reference, overrule_threshold
@@ -291,7 +300,7 @@ def test_a_warps_lean_raises_the_score_to_it_and_flags_past_tau(backdoored: Back
     """A profile scoring the warp's lean (format 8) scores a request by the larger of the check's score and the
     standardised lean, and flags past tau on it; the tail, demotion and the reference are untouched. A format-7
     profile, with no lean, reads and guards as before."""
-    profile = Profile.load(backdoored.profile_path)
+    profile = without_envelope(Profile.load(backdoored.profile_path))  # the lean's part beside the check's alone
     x = np.concatenate([backdoored.x_eval, backdoored.triggered()[0][:100]])
     plain = Guard(load_model(backdoored.model_path), profile).predict(x)
     scored = dataclasses.replace(profile, thresholds=dataclasses.replace(profile.thresholds, lean_class=TARGET,
@@ -311,6 +320,7 @@ def test_a_warps_lean_raises_the_score_to_it_and_flags_past_tau(backdoored: Back
     assert np.array_equal(result.demoted, plain.demoted) and np.array_equal(result.labels, plain.labels)
     assert loaded_back.without_reference().thresholds.lean_class is None
     tensors, meta = raw_parts(backdoored.profile_path)  # as written before format 8
+    as_format_8(tensors, meta)
     meta["format"] = "guard.profile/7"
     for key in ("lean_class", "lean_centre", "lean_spread"):
         meta["thresholds"].pop(key)

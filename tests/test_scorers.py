@@ -28,6 +28,7 @@ from guard.calibrate.consistency import (
     confirm_ceiling,
     demote_threshold,
     fit_distance_part,
+    fit_envelope,
     fit_parts,
     out_of_fold,
     score_threshold,
@@ -41,7 +42,7 @@ from guard.eval.attacks import BadNets
 from guard.eval.metrics import auroc
 from guard.eval.models import export_onnx
 from guard.model.graph import LoadedModel, default_taps, load_model
-from guard.runtime.checks import ConsistencyCheck, DistancePart, ScorePart
+from guard.runtime.checks import ConsistencyCheck, DistancePart, InputEnvelope, ScorePart
 
 CHANNELS, PLANTED, CLASSES, SIZE, TARGET = 8, 5, 3, 12, 0
 TRIGGER = BadNets(size=3, value=1.0)
@@ -406,6 +407,33 @@ def test_distance_part_is_cross_fitted_and_sees_a_shift_per_channel_z_misses() -
 
     assert auroc(scored(top, fresh), scored(top, triggered)) < 0.7
     assert auroc(scored(part, fresh), scored(part, triggered)) > 0.97
+
+
+def test_input_envelope_sums_the_excess_over_each_elements_clean_maximum() -> None:
+    """The envelope's raw score is the summed excess of a sample's elements over their bound, 0 inside it; lower
+    values never count."""
+    bound = np.array([[[0.0, 0.5], [1.0, 0.2]]], dtype=np.float32)  # (1, 2, 2)
+    x = np.array([bound, bound - 0.3, bound + np.array([[[0.25, 0.0], [0.0, 0.5]]])], dtype=np.float32)
+    envelope = InputEnvelope(bound, centre=0.25, spread=0.5)
+    np.testing.assert_allclose(envelope.raw(x), [0.0, 0.0, 0.75], atol=1e-6)
+    np.testing.assert_allclose(envelope.standardised(x), [-0.5, -0.5, 1.0], atol=1e-6)
+
+
+def test_fit_envelope_is_cross_fitted_and_scaled_by_its_clean_quantile() -> None:
+    """The served bound is every element's largest value; each calibration sample is scored against the bound of the
+    other folds (against its own it would score 0), and the spread is the chosen quantile of those scores minus
+    their median, so about 1% of clean samples score above 1 at 0.99. A bright patch on the dark border, where no
+    clean sample reaches, scores far above every clean sample."""
+    rng = np.random.default_rng(3)
+    clean = np.zeros((1000, 1, 8, 8), dtype=np.float32)
+    clean[:, :, 2:6, 2:6] = rng.random((1000, 1, 4, 4), dtype=np.float32)  # a bright centre, a dark border
+    envelope, crossed = fit_envelope(clean, folds=5, seed=0, quantile=0.99)
+    np.testing.assert_array_equal(envelope.bound, clean.max(axis=0))
+    assert (envelope.raw(clean) == 0).all() and (crossed > 0).any()
+    assert (crossed > 1).mean() == pytest.approx(0.01, abs=0.002)
+    patched = clean[:50].copy()
+    patched[:, :, -2:, -2:] = 1.0
+    assert envelope.standardised(patched).min() > 10 * max(crossed.max(), 1.0)
 
 
 # ---------------------------------------------------------------------------------------------- benign_set

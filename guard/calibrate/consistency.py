@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from guard.runtime.checks import CheckResult, ConsistencyCheck, DistancePart, ScorePart
+from guard.runtime.checks import CheckResult, ConsistencyCheck, DistancePart, InputEnvelope, ScorePart
 
 # Classes with few calibration samples borrow strength from the all-class statistics (pseudo-count).
 _SHRINK = 5.0
@@ -67,11 +67,11 @@ def _folds(n: int, folds: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n) % folds
 
 
-def part_scale(raw: np.ndarray) -> tuple[float, float]:
-    """A part's clean centre (median) and spread (95th percentile minus the median; 1 where that is not positive, a
+def part_scale(raw: np.ndarray, quantile: float = 0.95) -> tuple[float, float]:
+    """A part's clean centre (median) and spread (the `quantile` minus the median; 1 where that is not positive, a
     part that never varies on clean data keeps its raw units)."""
     centre = float(np.median(raw))
-    spread = float(np.quantile(raw, 0.95)) - centre
+    spread = float(np.quantile(raw, quantile)) - centre
     return centre, spread if spread > 1e-6 else 1.0
 
 
@@ -127,6 +127,19 @@ def fit_distance_part(flat: np.ndarray, labels: np.ndarray, channels: np.ndarray
         raw[out] = DistancePart(channels, means, whiten).distance(flat[out], labels[out])
     means, whiten = class_gaussian(values, labels, num_classes, shrink)
     part = DistancePart(channels, means, whiten, *part_scale(raw))
+    return part, ((raw - np.float32(part.centre)) / np.float32(part.spread)).astype(np.float32)
+
+
+def fit_envelope(x: np.ndarray, *, folds: int, seed: int, quantile: float) -> tuple[InputEnvelope, np.ndarray]:
+    """The input envelope of the samples `x` (bound: each element's largest value), and its standardised cross-fitted
+    score of every sample: its excess over the bound of the other folds, as a fresh request's would be (against its
+    own bound every sample scores 0). Its spread is its clean `quantile` minus its median."""
+    fold_of = _folds(len(x), folds, seed)
+    raw = np.empty(len(x), dtype=np.float32)
+    for fold in range(folds):
+        out = fold_of == fold
+        raw[out] = InputEnvelope(x[~out].max(axis=0)).raw(x[out])
+    part = InputEnvelope(x.max(axis=0), *part_scale(raw, quantile))
     return part, ((raw - np.float32(part.centre)) / np.float32(part.spread)).astype(np.float32)
 
 

@@ -24,6 +24,7 @@ from guard.calibrate.consistency import (
     confirm_ceiling,
     demote_threshold,
     fit_distance_part,
+    fit_envelope,
     fit_parts,
     out_of_fold,
     part_scale,
@@ -127,6 +128,14 @@ class CalibrationSettings:
     # where deeper taps and the penultimate features barely move. The part only flags: demoting on it too, its clean
     # tail raised the demote thresholds and let more of blend's hits through (docs/design.md, "The first conv part").
     first_conv_part: bool = True
+    # The request itself is a part of the score too: how far its input elements rise above the largest value each took
+    # on the clean samples (guard.runtime.checks.InputEnvelope). A stamp where clean images are dark shows there
+    # whether or not it took; the model's taps see it only through what it learnt. Like the first conv part, it flags
+    # and never demotes (docs/design.md, "The input envelope"). Its spread is its clean `envelope_quantile` (the other
+    # parts': their 95th percentile) minus its median: a fresh clean image exceeds the other folds' envelope somewhere
+    # one time in eight, and on the 95th percentile that tail took so much of τ's budget that attack success rose.
+    input_envelope: bool = True
+    envelope_quantile: float = 0.99
     k_quantile: float = 0.999  # k is this quantile of clean channel z values ...
     k_min: float = 3.0  # ... and never below this
     # The benign re-prediction zeroes penultimate features with z above this. Tuned on training-split images
@@ -180,6 +189,8 @@ class CalibrationSettings:
             raise GuardError(f"benign share must lie in (0, 1], got {self.benign_share}")
         if self.dense_score not in ("distance", "top_q"):
             raise GuardError(f"the dense part scores 'distance' or 'top_q', got {self.dense_score!r}")
+        if not 0.5 <= self.envelope_quantile < 1:
+            raise GuardError(f"the input envelope's spread quantile must lie in [0.5, 1), got {self.envelope_quantile}")
         if not 0 < self.distance_shrink <= 1:
             raise GuardError(f"the distance's covariance shrinkage must lie in (0, 1], got {self.distance_shrink}")
         if not (np.isfinite(self.cut_z) and self.cut_z > 0):
@@ -319,6 +330,11 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
                        warp_class)
         lean_class, (lean_centre, lean_spread) = warp_class, part_scale(leaning)
         flag_score = np.maximum(score, (leaning - lean_centre) / lean_spread)
+    envelope = None
+    if settings.input_envelope:
+        envelope, crossed = fit_envelope(x[order], folds=settings.folds, seed=settings.seed,
+                                        quantile=settings.envelope_quantile)
+        flag_score = np.maximum(flag_score, crossed)
     k = compromise_threshold(result.z, check.active, settings.k_quantile, settings.k_min)
     benign_labels = run.benign_repredict(x[order], keep, bounds, result.z, (result.z > k).any(axis=1),
                                          settings.cut_z, labels)
@@ -345,8 +361,11 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
                                   else confirm_ceiling(demote_score, disagree, tau),
                                   warp_class=warp_class if math.isfinite(warp_overrule) else None,
                                   warp_overrule=warp_overrule, lean_class=lean_class, lean_centre=lean_centre,
-                                  lean_spread=lean_spread)
+                                  lean_spread=lean_spread,
+                                  envelope_centre=None if envelope is None else envelope.centre,
+                                  envelope_spread=None if envelope is None else envelope.spread)
     draft.reference = reference.weights if reference else {}
+    draft.input_bound = None if envelope is None else envelope.bound
     draft.settings = {**asdict(settings), "layers": taps}
     unlearned_stamps, unlearned_warps = split_targets(unlearned)
     draft.figures = {

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from guard._version import __version__
 from guard.errors import ProfileError
 from guard.model.graph import FoldMode
-from guard.runtime.checks import ConsistencyCheck, DistancePart, Part, ScorePart
+from guard.runtime.checks import ConsistencyCheck, DistancePart, InputEnvelope, Part, ScorePart
 from guard.samples import write_atomic
 
 # 2: thresholds gained `cut`. 3: thresholds gained the score's `parts`, which change what tau means; a guard that
@@ -40,13 +40,17 @@ from guard.samples import write_atomic
 # was chosen on the score with it, so a format-7 guard would flag fewer requests than the profile promises, and format 8
 # is refused there. Format 8 later gained a part's `demotes` (false: the part flags, and the demote thresholds are
 # quantiles of the score over the other parts); a format-8 guard that ignores it demotes on every part, more requests,
-# never fewer, and the format stayed.
-FORMAT = "guard.profile/8"
-# Format 7 reads with no lean, 6 with no warp class either, 5 with no reference; 4 and 3 with no suspect either,
-# format 3 as top-q parts, format 2 as one unstandardised part, each as it scored.
-_READABLE = (FORMAT, "guard.profile/7", "guard.profile/6", "guard.profile/5", "guard.profile/4", "guard.profile/3",
-             "guard.profile/2")
+# never fewer, and the format stayed. 9: the score may have a part on the request itself, its excess over the clean
+# envelope of the input (tensor "input_bound", standardised by `envelope_centre` and `envelope_spread`); tau was chosen
+# on the score with it, so a format-8 guard would flag fewer requests than the profile promises, and format 9 is
+# refused there.
+FORMAT = "guard.profile/9"
+# Format 8 reads with no envelope, 7 with no lean either, 6 with no warp class either, 5 with no reference; 4 and 3
+# with no suspect either, format 3 as top-q parts, format 2 as one unstandardised part, each as it scored.
+_READABLE = (FORMAT, "guard.profile/8", "guard.profile/7", "guard.profile/6", "guard.profile/5", "guard.profile/4",
+             "guard.profile/3", "guard.profile/2")
 _REFERENCE = "reference/"  # the prefix of the reference's tensors
+_INPUT_BOUND = "input_bound"  # the input envelope's (C, H, W) bound
 _PART_KINDS = ("top_q", "distance")
 TAP_KINDS = ("conv", "dense")
 FOLD_MODES = get_args(FoldMode)
@@ -144,6 +148,10 @@ class Thresholds:
     lean_class: int | None = None
     lean_centre: float | None = None
     lean_spread: float | None = None
+    # Where the profile has an input envelope (Profile.input_bound): the clean centre and spread that standardise its
+    # part of the score (None: no such part).
+    envelope_centre: float | None = None
+    envelope_spread: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The thresholds as a JSON object (an infinite demote threshold, demotion off, is null; a distance part's
@@ -154,7 +162,8 @@ class Thresholds:
                 "overrule": _finite_or_null(self.overrule), "confirm": self.confirm,
                 "confirm_ceiling": _finite_or_null(self.confirm_ceiling), "warp_class": self.warp_class,
                 "warp_overrule": _finite_or_null(self.warp_overrule), "lean_class": self.lean_class,
-                "lean_centre": self.lean_centre, "lean_spread": self.lean_spread}
+                "lean_centre": self.lean_centre, "lean_spread": self.lean_spread,
+                "envelope_centre": self.envelope_centre, "envelope_spread": self.envelope_spread}
 
 
 def confirming_probability(value: object) -> bool:
@@ -184,6 +193,8 @@ class Profile:
     guard_version: str = __version__
     # The reference's weights (guard.calibrate.reference): the model's initializers that fine-tuning changed, by name.
     reference: dict[str, np.ndarray] = field(default_factory=dict)
+    # The largest clean value of each input element (C, H, W), the input envelope's bound (None: no such part).
+    input_bound: np.ndarray | None = None
 
     @property
     def tap_names(self) -> list[str]:
@@ -231,6 +242,12 @@ class Profile:
             parts=tuple(parts),
         )
 
+    def envelope(self) -> InputEnvelope | None:
+        """The score's part on the request itself, if the profile has one."""
+        if self.input_bound is None:
+            return None
+        return InputEnvelope(self.input_bound, self.thresholds.envelope_centre, self.thresholds.envelope_spread)
+
     def verify_model(self, sha256: str) -> None:
         if sha256 != self.model_sha256:
             raise ProfileError(
@@ -252,6 +269,8 @@ class Profile:
                 tensors[f"parts.{index}.class_mean"] = part.class_mean.astype(np.float32)
                 tensors[f"parts.{index}.whiten"] = part.whiten.astype(np.float32)
         tensors.update({_REFERENCE + name: value for name, value in self.reference.items()})
+        if self.input_bound is not None:
+            tensors[_INPUT_BOUND] = self.input_bound.astype(np.float32)
         meta = {
             "format": FORMAT,
             "guard_version": self.guard_version,
@@ -342,6 +361,13 @@ class Profile:
                 part.class_mean, part.whiten = _distance_arrays(profile, part, index, tensors)
         profile.reference = {key[len(_REFERENCE):]: value for key, value in tensors.items()
                              if key.startswith(_REFERENCE)}
+        profile.input_bound = tensors.get(_INPUT_BOUND)
+        if (profile.input_bound is None) != (profile.thresholds.envelope_centre is None):
+            raise ValueError("the input envelope's bound and its centre and spread come together, or neither")
+        if profile.input_bound is not None and (profile.input_bound.ndim != 3
+                                                or not np.isfinite(profile.input_bound).all()):
+            raise ValueError(f"the input envelope's bound must be finite with shape (C, H, W), got "
+                             f"{profile.input_bound.shape}")
         if profile.reference and version < 6:
             raise ValueError("only a format-6 profile or later may carry a reference")
         if bool(profile.reference) == math.isinf(profile.thresholds.overrule):
@@ -367,7 +393,8 @@ class Profile:
 
 def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, version: int) -> Thresholds:
     """Thresholds with their types and ranges checked: a profile is untrusted input. Only format 5 and later may name
-    a suspect, only format 6 a reference's threshold, only format 7 a warp class, only format 8 a warp's lean."""
+    a suspect, only format 6 a reference's threshold, only format 7 a warp class, only format 8 a warp's lean, only
+    format 9 the input envelope."""
     k, tau, top_q, cut = float(raw["k"]), float(raw["tau"]), raw["top_q"], float(raw["cut"])
     if not (np.isfinite(k) and np.isfinite(tau) and np.isfinite(cut)) or not isinstance(top_q, int) or top_q < 1:
         raise ValueError(f"thresholds must be finite numbers with an integer top_q >= 1, got {raw}")
@@ -404,11 +431,27 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
                                        and 0 <= warp_class < num_classes):
         raise ValueError(f"the warp class must be a class number below {num_classes}, got {warp_class!r}")
     lean_class, lean_centre, lean_spread = _lean(raw, num_classes, version)
+    envelope_centre, envelope_spread = _envelope(raw, version)
     return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut, demote=demote, parts=parts, suspect=suspect,
                       suspect_demote=suspect_demote, overrule=overrule,
                       confirm=None if confirm is None else float(confirm), confirm_ceiling=confirm_ceiling,
                       warp_class=warp_class, warp_overrule=warp_overrule, lean_class=lean_class,
-                      lean_centre=lean_centre, lean_spread=lean_spread)
+                      lean_centre=lean_centre, lean_spread=lean_spread, envelope_centre=envelope_centre,
+                      envelope_spread=envelope_spread)
+
+
+def _envelope(raw: dict[str, Any], version: int) -> tuple[float | None, float | None]:
+    """The input envelope part's finite centre and positive spread, or neither."""
+    centre, spread = raw.get("envelope_centre"), raw.get("envelope_spread")
+    if centre is None and spread is None:
+        return None, None
+    if version < 9:
+        raise ValueError("only a format-9 profile may score the input envelope")
+    numbers = all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  for value in (centre, spread))
+    if not numbers or not spread > 0:
+        raise ValueError(f"the input envelope's part needs a finite centre and a positive spread, got {raw}")
+    return float(centre), float(spread)
 
 
 def _lean(raw: dict[str, Any], num_classes: int, version: int) -> tuple[int | None, float | None, float | None]:

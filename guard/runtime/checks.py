@@ -6,6 +6,9 @@ channels): a part's raw score is the mean of its q largest z (all taps), or the 
 class's mean (the penultimate features), standardised by that part's clean median and spread, and the score is the
 largest of them. Calibration calls this function; serving runs the same arithmetic as ONNX ops inside the served graph
 (guard.model.serving), tested to agree with it, so the thresholds calibrated offline mean the same online.
+
+One part looks at the request itself rather than at the model: `InputEnvelope`, how far its pixels rise above the
+largest value clean samples gave each of them. The guard scores it beside the served graph.
 """
 
 from __future__ import annotations
@@ -91,6 +94,26 @@ class DistancePart(_Standardised):
 
 
 Part = ScorePart | DistancePart
+
+
+@dataclass(frozen=True)
+class InputEnvelope:
+    """How far a request's pixels rise above the largest value each pixel took on the clean samples, summed. A stamp
+    (a bright patch, a blended pattern) where clean images are dark lies outside that envelope whether or not it
+    took, and before the model has mixed it with anything. It only flags, like the first conv part: its clean tail is
+    not the demote thresholds' business."""
+
+    bound: np.ndarray  # (C, H, W) float32, the largest clean value of each input element
+    centre: float = 0.0
+    spread: float = 1.0
+
+    def raw(self, x: np.ndarray) -> np.ndarray:
+        """(N,) the sum of each sample's excess over the bound."""
+        excess = np.maximum(x - self.bound[None], np.float32(0))
+        return excess.reshape(len(x), -1).sum(axis=1, dtype=np.float32)
+
+    def standardised(self, x: np.ndarray) -> np.ndarray:
+        return ((self.raw(x) - np.float32(self.centre)) / np.float32(self.spread)).astype(np.float32)
 
 
 @dataclass

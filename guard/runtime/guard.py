@@ -1,9 +1,10 @@
 """`Guard`: a model and its profile, answering guarded predictions in-process (the server calls the same object).
 
-request x -> validate -> engine (masked model, ℓ∞ per tap and the consistency check, all in one graph) -> the tail
-of the network re-run for the samples with compromised channels or a score above tau -> the score raised to the
-warp's lean, where the profile has one (the model's lean towards the warp's class beyond the reference's; it flags,
-and neither re-runs the tail nor demotes) -> verdict and policy (a score over the parts that demote above the demote
+request x -> validate -> engine (masked model, ℓ∞ per tap and the consistency check, all in one graph) -> the score
+raised to the input envelope's part, where the profile has one (the request's excess over the clean inputs' largest
+values; it flags, and does not demote) -> the tail of the network re-run for the samples with compromised channels or
+a score above tau -> the score raised to the warp's lean, where the profile has one (the model's lean towards the
+warp's class beyond the reference's; it flags, and neither re-runs the tail nor demotes) -> verdict and policy (a score over the parts that demote above the demote
 threshold, or above the suspect's for an answer of the class the scan suspects, refuses the model's own class, unless
 the reference, a fine-tuned copy, firmly confirms it and that score is within the clean calibration scores' range)
 -> the reference overrules the answers it firmly disagrees with -> Result.
@@ -36,8 +37,8 @@ class Result:
     labels: np.ndarray  # (N,) int64, the answer under the policy
     logits: np.ndarray  # (N, K) float32, the logits behind `labels`
     flagged: np.ndarray  # (N,) bool
-    # (N,) float32, the consistency score, or the warp's lean where the profile scores it and that is higher (flagged
-    # above the profile's tau)
+    # (N,) float32, the consistency score, or the input envelope's or the warp's lean where the profile scores them
+    # and one is higher (flagged above the profile's tau)
     score: np.ndarray
     model_labels: np.ndarray  # (N,) int64, what the masked model answered before the check
     # (N,) bool: far enough outside its class's profile that the model's own class was refused (under `monitor`, the
@@ -98,6 +99,10 @@ class Guard:
         self.profile = profile
         self.policy = Policy(policy)
         self.sample_shape = model.sample_shape
+        self._envelope = profile.envelope()
+        if self._envelope is not None and self._envelope.bound.shape != tuple(self.sample_shape):
+            raise ProfileError(f"the profile's input envelope has shape {self._envelope.bound.shape}, the model's "
+                               f"samples {tuple(self.sample_shape)}")
         graphs = serving_graphs(model, profile.tap_names, profile.keep_masks(), profile.unit_bounds(),
                                 profile.check(), profile.thresholds.tau)
         misfolded = [tap.name for tap in profile.taps if graphs.folds[tap.name] != tap.fold]
@@ -192,9 +197,13 @@ class Guard:
         t2 = time.perf_counter()
         model_labels = run.logits.argmax(axis=1)
         thresholds = self.profile.thresholds
-        # what τ flags on: the check's score, or the warp's lean (a part outside the served graph) where higher (a NaN
-        # stays NaN); demotion and the confirmation's ceiling stay on the check's parts that demote
-        flag_score = run.score
+        # what τ flags on: the check's score, or the input envelope's or the warp's lean (parts outside the served
+        # graph) where higher (a NaN stays NaN); demotion and the confirmation's ceiling stay on the check's parts that
+        # demote. A request outside the envelope is re-predicted as one the check scores above τ is.
+        flag_score, needs = run.score, run.needs
+        if self._envelope is not None:
+            flag_score = np.maximum(flag_score, self._envelope.standardised(x))
+            needs = needs | (flag_score > self.tau)
         if reference_logits is not None and thresholds.lean_class is not None:
             leaning = lean(run.logits, reference_logits, thresholds.lean_class)
             flag_score = np.maximum(flag_score, (leaning - thresholds.lean_centre) / thresholds.lean_spread)
@@ -202,8 +211,8 @@ class Guard:
         flagged = ~(flag_score <= self.tau) | ~np.isfinite(run.logits).all(axis=1)
         labels, answer = model_labels, run.logits
         demoted, spared = np.zeros(len(x), dtype=bool), np.zeros(len(x), dtype=bool)
-        if run.needs.any():  # most clean batches skip all of this
-            rows = np.flatnonzero(run.needs)
+        if needs.any():  # most clean batches skip all of this
+            rows = np.flatnonzero(needs)
             benign_logits = run.logits.copy()
             benign_logits[rows] = self.engine.repredict(run, rows, deadline)
             agree = benign_logits.argmax(axis=1) == model_labels
