@@ -111,6 +111,7 @@ def test_save_and_load_keep_every_array_threshold_setting_and_figure(setup: Setu
     assert any(t.unit_bound is not None for t in loaded.taps)  # the conv taps carry their unit bounds
     assert np.array_equal(loaded.class_mean, saved.class_mean)
     assert np.array_equal(loaded.class_scale, saved.class_scale)
+    assert saved.input_bound is not None and np.array_equal(loaded.input_bound, saved.input_bound)
     assert raw_parts(setup.profile_path)[1]["format"] == FORMAT
     again = loaded.save(setup.workdir / "again.safetensors")
     assert again.read_bytes() == setup.profile_path.read_bytes()  # saving is a pure function of the profile
@@ -544,6 +545,7 @@ def test_cli_calibrate_taps_as_many_conv_activations_as_asked(setup: Setup, tmp_
     assert profile.tap_names == default_taps(model, conv_taps=1) == setup.profile.tap_names[-2:]
     assert profile.settings["conv_taps"] == 1
     assert profile.settings["input_envelope"] is False and profile.envelope() is None
+    assert profile.figures["calibration_envelope_flag_rate"] is None
     assert raw_parts(tmp_path / "p.safetensors")[1]["thresholds"]["envelope_centre"] is None
 
 
@@ -724,6 +726,7 @@ def test_the_input_envelope_flags_requests_outside_the_clean_inputs(setup: Setup
     envelope = profile.envelope()
     assert profile.settings["input_envelope"] is True and envelope is not None and envelope.spread > 0
     np.testing.assert_array_equal(profile.input_bound, setup.x_cal.max(axis=0))
+    assert 0 <= profile.figures["calibration_envelope_flag_rate"] <= profile.figures["calibration_flag_rate"]
     stamped = setup.x_eval[:60].copy()
     stamped[:, :, :2, :2] = 1.0  # the top-left corner, dark in every clean image
     x = np.concatenate([setup.x_eval, stamped])

@@ -330,11 +330,11 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
                        warp_class)
         lean_class, (lean_centre, lean_spread) = warp_class, part_scale(leaning)
         flag_score = np.maximum(score, (leaning - lean_centre) / lean_spread)
-    envelope = None
+    envelope, outside = None, None
     if settings.input_envelope:
-        envelope, crossed = fit_envelope(x[order], folds=settings.folds, seed=settings.seed,
-                                        quantile=settings.envelope_quantile)
-        flag_score = np.maximum(flag_score, crossed)
+        envelope, outside = fit_envelope(x[order], folds=settings.folds, seed=settings.seed,
+                                         quantile=settings.envelope_quantile)
+        flag_score = np.maximum(flag_score, outside)
     k = compromise_threshold(result.z, check.active, settings.k_quantile, settings.k_min)
     benign_labels = run.benign_repredict(x[order], keep, bounds, result.z, (result.z > k).any(axis=1),
                                          settings.cut_z, labels)
@@ -375,6 +375,8 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "prune_candidates": choice.candidates,
         "calibration_flag_rate": float(flagged.mean()), "calibration_disagreement_rate": float(disagree.mean()),
         "calibration_demote_rate": float(((demote_score > demote) & ~disagree).mean()),
+        # of the clean samples, the share whose input envelope part is past τ (None: no envelope)
+        "calibration_envelope_flag_rate": None if outside is None else float((outside > tau).mean()),
         # of the clean samples answered with the suspect, the share past its own threshold (None: no suspect)
         "calibration_suspect_demote_rate": suspect_rate,
         # the reference on the samples its fine-tuning held out (None: no reference)

@@ -4,10 +4,11 @@ request x -> validate -> engine (masked model, ℓ∞ per tap and the consistenc
 raised to the input envelope's part, where the profile has one (the request's excess over the clean inputs' largest
 values; it flags, and does not demote) -> the tail of the network re-run for the samples with compromised channels or
 a score above tau -> the score raised to the warp's lean, where the profile has one (the model's lean towards the
-warp's class beyond the reference's; it flags, and neither re-runs the tail nor demotes) -> verdict and policy (a score over the parts that demote above the demote
-threshold, or above the suspect's for an answer of the class the scan suspects, refuses the model's own class, unless
-the reference, a fine-tuned copy, firmly confirms it and that score is within the clean calibration scores' range)
--> the reference overrules the answers it firmly disagrees with -> Result.
+warp's class beyond the reference's; it flags, and neither re-runs the tail nor demotes) -> verdict and policy (a
+score over the parts that demote above the demote threshold, or above the suspect's for an answer of the class the
+scan suspects, refuses the model's own class, unless the reference, a fine-tuned copy, firmly confirms it and that
+score is within the clean calibration scores' range) -> the reference overrules the answers it firmly disagrees with
+-> Result.
 """
 
 from __future__ import annotations
