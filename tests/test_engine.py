@@ -55,6 +55,9 @@ def test_served_graph_is_the_model_plus_guard_nodes_only(guard: Guard, backdoore
 def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdoored, requests: np.ndarray) -> None:
     """Fused graph + tail + reference give what calibration's torch path and the numpy check give, step by step."""
     profile = guard.profile
+    stamped = backdoored.x_eval[150:180].copy()
+    stamped[:, :, :2, :2] = 1.0  # a corner dark in every clean image: outside the input envelope
+    requests = np.concatenate([requests, stamped])
     loaded = load_model(backdoored.model_path)
     taps = OnnxTaps(loaded, profile.tap_names)
     keep = [t.keep for t in profile.taps]
@@ -63,14 +66,17 @@ def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdo
         masked = collect(taps, requests, masks=[k.astype(np.float32)[None] for k in keep])
     check = profile.check()
     verdict = check(masked.linf, masked.predictions)
-    needs = verdict.compromised.any(axis=1) | (verdict.score > guard.tau)
+    in_graph = verdict.compromised.any(axis=1) | (verdict.score > guard.tau)  # what the served graph marks
+    # the input envelope, scored beside the graph, raises the score, and past τ asks for a re-prediction too
+    score = np.maximum(verdict.score, profile.envelope().standardised(requests))
+    needs = in_graph | (score > guard.tau)
     benign_logits = masked.logits.copy()
     rows = np.flatnonzero(needs)
     with torch.no_grad():
         benign_logits[rows] = collect(taps, requests[rows], bounds=bounds,
                                       masks=repredict_masks(keep, bounds, verdict.z[rows], check.cut)).logits
     benign = benign_logits.argmax(axis=1)
-    flagged = (verdict.score > guard.tau) | (benign != masked.predictions)
+    flagged = (score > guard.tau) | (benign != masked.predictions)
     top_two = np.sort(masked.logits, axis=1)[:, -2:]
     own = masked.predictions
     model_margin = top_two[:, 1] - top_two[:, 0]  # the model's answer is its top logit
@@ -102,20 +108,22 @@ def test_guard_equals_the_reference_composition(guard: Guard, backdoored: Backdo
     result = ceiled.predict(requests)
     assert 0 < rows.size < len(requests)
     assert demoted.any(), "some request must be demoted for this test to mean much"
-    decided = ((np.abs(verdict.score - guard.tau) > 1e-3) & (np.abs(verdict.score - profile.thresholds.demote) > 1e-3)
+    decided = ((np.abs(verdict.score - guard.tau) > 1e-3) & (np.abs(score - guard.tau) > 1e-3)
+               & (np.abs(verdict.score - profile.thresholds.demote) > 1e-3)
                & (np.abs(benign_margin - model_margin) > 1e-3) & (np.abs(gap - profile.thresholds.overrule) > 1e-3)
                & (np.abs(own_log_prob - log_confirm) > 1e-4) & (np.abs(verdict.score - ceiling) > 1e-3))
     assert 0 < overruled.sum() < len(requests), "the reference must overrule some requests, not all"
     assert (eligible & confirmed)[decided].any(), "the reference must spare some demotion for this to mean much"
     assert (eligible & (own_log_prob >= log_confirm) & ~confirmed)[decided].any(), "and the ceiling refuse some"
-    np.testing.assert_array_equal(ceiled.engine.run(requests).needs[decided], needs[decided])
-    np.testing.assert_allclose(result.score, verdict.score, atol=1e-4)
+    np.testing.assert_array_equal(ceiled.engine.run(requests).needs[decided], in_graph[decided])
+    assert (needs & ~in_graph)[decided].any(), "the envelope must ask for some re-prediction the graph does not"
+    np.testing.assert_allclose(result.score, score, atol=1e-4)
     np.testing.assert_array_equal(result.model_labels, masked.predictions)
     np.testing.assert_array_equal(result.flagged[decided], flagged[decided])
     np.testing.assert_array_equal(result.labels[decided], expected[decided])
     np.testing.assert_array_equal(result.demoted[decided], demoted[decided])
     np.testing.assert_array_equal(result.overruled[decided], overruled[decided])
-    assert result.flagged[len(requests) // 2:].mean() > 0.8, "triggered requests must be flagged"
+    assert result.flagged[150:300].mean() > 0.8, "triggered requests must be flagged"
 
 
 def test_demoted_rows_answer_the_runner_up_and_keep_the_other_classes_in_order() -> None:
