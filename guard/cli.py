@@ -59,7 +59,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     else:
         from guard.calibrate.warps import describe_targets
 
-        unlearned = describe_targets(f["reference_unlearned"], f["reference_unlearned_warps"])
+        unlearned = describe_targets(f["reference_unlearned"], f["reference_unlearned_warps"],
+                                     f["reference_unlearned_blends"])
         referred = (f", reference overrules {f['reference_overrule_rate']:.3f} of {f['reference_holdout_samples']} "
                     f"held-out samples of {f['reference_folds']} fine-tuning(s)"
                     f"{'' if net is None else f', {net:+d} right answers on them'} (the kept copy's accuracy on its "
@@ -226,7 +227,7 @@ def _scan(args: argparse.Namespace) -> int:
     from guard.scan import ScanSettings, format_report, run_scan, write_outputs
 
     x, y = load_samples(args.data)
-    given = {"steps": args.steps, "threshold": args.threshold, "warp_scan": args.warps}
+    given = {"steps": args.steps, "threshold": args.threshold, "warp_scan": args.warps, "blend_scan": args.blends}
     settings = ScanSettings(**{k: v for k, v in given.items() if v is not None}, seed=args.seed)
     report = run_scan(args.model, x, y, settings=settings)
     print(format_report(report))
@@ -339,8 +340,9 @@ def _repair(args: argparse.Namespace) -> int:
     _writable(args.out, report_path)
     repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
     write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
-    stamps, warps = split_targets(triggers)
-    _write_json(report_path, {**report.to_dict(), "trigger_targets": stamps, "warp_targets": warps})
+    stamps, warps, blends = split_targets(triggers)
+    _write_json(report_path, {**report.to_dict(), "trigger_targets": stamps, "warp_targets": warps,
+                              "blend_targets": blends})
     print(f"guard: wrote {args.out} and {report_path}: {report.summary()}")
     print("guard: the repaired model has new weights: run guard calibrate on it before serving it")
     return 0
@@ -614,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--warps", action=argparse.BooleanOptionalAction, default=True,
                       help="also look for a warping trigger: the class a small smooth warp sends most images to "
                            "(default; --no-warps skips it, about 16 s on a small CNN)")
+    scan.add_argument("--blends", action=argparse.BooleanOptionalAction, default=True,
+                      help="also look for a blended trigger: the class a faint pattern blended over the whole image "
+                           "sends most images to (default; --no-blends skips it)")
     scan.add_argument("--seed", type=int, default=0)
     scan.set_defaults(run=_scan)
 

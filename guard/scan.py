@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from guard.calibrate.activations import collect
+from guard.calibrate.blends import BlendScan, BlendSettings, scan_blends
 from guard.calibrate.linf import (
     DEFAULT_ACC_BUDGET,
     DEFAULT_SUCCESS_BOUND,
@@ -43,6 +44,7 @@ from guard.calibrate.linf import (
 )
 from guard.calibrate.synthesis import (
     DEFAULT_THRESHOLD,
+    BlendTrigger,
     IndexScale,
     ScanResult,
     SynthesisSettings,
@@ -94,6 +96,10 @@ class ScanSettings:
     # unlearned beside the stamps. Off: a model whose inputs are not images, or to save its seconds.
     warp_scan: bool = True
     warps: dict[str, object] = field(default_factory=dict)  # extra WarpSettings fields
+    # The blend scan (guard.calibrate.blends): a class that a faint pattern blended over the whole image reaches is a
+    # candidate too, its pattern unlearned beside the stamps.
+    blend_scan: bool = True
+    blends: dict[str, object] = field(default_factory=dict)  # extra BlendSettings fields
 
     def validate(self) -> None:
         """Refuse settings that cannot work, with the option's name."""
@@ -118,6 +124,11 @@ class ScanSettings:
                 WarpSettings(**self.warps).validate()
             except TypeError as exc:
                 raise GuardError(f"unknown warp setting: {exc}") from None
+        if self.blend_scan:
+            try:
+                BlendSettings(**self.blends).validate()
+            except TypeError as exc:
+                raise GuardError(f"unknown blend setting: {exc}") from None
 
 
 @dataclass
@@ -131,6 +142,7 @@ class ScanReport:
     settings: ScanSettings
     figures: dict[str, object]
     warps: WarpScan | None = None  # None when the warp scan is off
+    blends: BlendScan | None = None  # None when the blend scan is off
 
     @property
     def suspect(self) -> Trigger | None:
@@ -141,8 +153,9 @@ class ScanReport:
     def candidates(self) -> list[AnyTrigger]:
         """The triggers of every class whose anomaly index reaches `candidate_index`, most anomalous first; the
         suspect's is always among them; where there are none, the `fill_candidates` most anomalous classes'. Then
-        the warp of the class the warp scan names, if any."""
-        return [*self._stamp_candidates(), *([] if self.warp is None else [self.warp])]
+        the warp of the class the warp scan names, and the blend of the class the blend scan names, if any."""
+        named = [found for found in (self.warp, self.blend) if found is not None]
+        return [*self._stamp_candidates(), *named]
 
     @property
     def warp(self) -> WarpTrigger | None:
@@ -150,6 +163,13 @@ class ScanReport:
         if self.warps is None or self.warps.suspect is None:
             return None
         return self.warps.triggers[self.warps.suspect]
+
+    @property
+    def blend(self) -> BlendTrigger | None:
+        """The blended pattern of the class the blend scan names, if it names one."""
+        if self.blends is None or self.blends.suspect is None:
+            return None
+        return self.blends.triggers[self.blends.suspect]
 
     def _stamp_candidates(self) -> list[Trigger]:
         """The patch scan's part of `candidates`."""
@@ -227,6 +247,12 @@ def _run_scan(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         warps = scan_warps(tap_model.module, x[fit], labels[fit],
                            WarpSettings(**{"seed": settings.seed, **settings.warps}))
         timings["warps"] = round(time.perf_counter() - t0, 3)
+    blends = None
+    if settings.blend_scan:
+        t0 = time.perf_counter()
+        blends = scan_blends(tap_model.module, x[fit], labels[fit],
+                             BlendSettings(**{"seed": settings.seed, **settings.blends}))
+        timings["blends"] = round(time.perf_counter() - t0, 3)
 
     pruning = None
     if result.suspect is not None:
@@ -238,7 +264,7 @@ def _run_scan(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
     }
     return ScanReport(model_sha256=loaded.sha256, classes=result, pruning=pruning, taps=taps, settings=settings,
-                      figures=figures, warps=warps)
+                      figures=figures, warps=warps, blends=blends)
 
 
 def _prune(tap_model: OnnxTaps, trigger: Trigger, x: np.ndarray, labels: np.ndarray, fit: np.ndarray,
@@ -298,6 +324,12 @@ def report_dict(report: ScanReport) -> dict[str, object]:
                         for t, a in zip(report.warps.triggers, report.warps.anomaly_index, strict=True)],
             "settings": asdict(report.warps.settings),
         },
+        "blends": None if report.blends is None else {
+            "suspect": report.blends.suspect,
+            "classes": [{"class": t.target, "success": round(t.success, 4), "anomaly_index": round(float(a), 4)}
+                        for t, a in zip(report.blends.triggers, report.blends.anomaly_index, strict=True)],
+            "settings": asdict(report.blends.settings),
+        },
         "settings": {**asdict(report.settings), "synthesis": result.settings},
         "figures": report.figures,
     }
@@ -305,17 +337,29 @@ def report_dict(report: ScanReport) -> dict[str, object]:
 
 def format_report(report: ScanReport) -> str:
     """The per-class table and the verdict, for a terminal."""
-    return "\n".join([_format_stamps(report), *([] if report.warps is None else [_format_warps(report.warps)])])
+    return "\n".join([_format_stamps(report), *([] if report.warps is None else [_format_warps(report.warps)]),
+                      *([] if report.blends is None else [_format_blends(report.blends)])])
 
 
 def _format_warps(warps: WarpScan) -> str:
-    best = int(np.argmax(warps.anomaly_index))
-    figures = (f"its warp of at most {warps.settings.budget:g} px sends {warps.success[best]:.3f} of other classes' "
-               f"images there (anomaly index {warps.anomaly_index[best]:.2f}; named above "
-               f"{warps.settings.threshold:g} with at least {warps.settings.min_success:g})")
-    if warps.suspect is None:
-        return f"warp scan: no class is named; the nearest is class {best}: {figures}"
-    return f"warp scan: class {best} is the likely target of a warping trigger: {figures}"
+    return _format_named("warp", "a warping trigger", warps.anomaly_index, warps.success, warps.suspect,
+                         f"its warp of at most {warps.settings.budget:g} px", warps.settings)
+
+
+def _format_blends(blends: BlendScan) -> str:
+    return _format_named("blend", "a blended trigger", blends.anomaly_index, blends.success, blends.suspect,
+                         f"its pattern blended in at {blends.settings.strength:g}", blends.settings)
+
+
+def _format_named(scan: str, trigger: str, index: np.ndarray, success: np.ndarray, suspect: int | None,
+                  what: str, settings: WarpSettings | BlendSettings) -> str:
+    """The verdict line of a scan that names a class by its success's anomaly index (the warp and blend scans)."""
+    best = int(np.argmax(index))
+    figures = (f"{what} sends {success[best]:.3f} of other classes' images there (anomaly index {index[best]:.2f}; "
+               f"named above {settings.threshold:g} with at least {settings.min_success:g})")
+    if suspect is None:
+        return f"{scan} scan: no class is named; the nearest is class {best}: {figures}"
+    return f"{scan} scan: class {best} is the likely target of {trigger}: {figures}"
 
 
 def _format_stamps(report: ScanReport) -> str:
@@ -343,8 +387,8 @@ def _format_stamps(report: ScanReport) -> str:
 
 
 def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
-    """scan.json always; candidate_K.npz for each candidate class K and warp_K.npz for the class the warp scan names
-    (what `guard repair --scan` and `guard calibrate` unlearn, so `guard repair --trigger` can be given the same);
+    """scan.json always; candidate_K.npz for each candidate class K, warp_K.npz for the class the warp scan names
+    and blend_K.npz for the class the blend scan names (what `guard repair --scan` and `guard calibrate` unlearn, so `guard repair --trigger` can be given the same);
     and trigger.npz and the two PNGs (mask·pattern, mask) when a class is suspected, each written whole or not at
     all. An earlier scan's files in the folder are removed first, so none is taken for this scan's."""
     out = Path(out_dir)
@@ -352,7 +396,7 @@ def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
         for stale in [out / REPORT_FILE, out / TRIGGER_FILE, *(out / candidate_file(k) for k in classes),
-                      *(out / warp_file(k) for k in classes),
+                      *(out / warp_file(k) for k in classes), *(out / blend_file(k) for k in classes),
                       *(out / f"{kind}_{k}.png" for kind in ("trigger", "mask") for k in classes)]:
             stale.unlink(missing_ok=True)
         written = []
@@ -360,6 +404,9 @@ def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
             if isinstance(candidate, WarpTrigger):
                 written.append(out / warp_file(candidate.target))
                 save_warp(candidate, written[-1])
+            elif isinstance(candidate, BlendTrigger):
+                written.append(out / blend_file(candidate.target))
+                save_trigger(candidate, written[-1])
             else:
                 written.append(out / candidate_file(candidate.target))
                 save_trigger(candidate, written[-1])
@@ -388,6 +435,10 @@ def candidate_file(target: int) -> str:
 
 def warp_file(target: int) -> str:
     return f"warp_{target}.npz"
+
+
+def blend_file(target: int) -> str:
+    return f"blend_{target}.npz"
 
 
 def trigger_image(array: np.ndarray, scale: int = 1) -> np.ndarray:

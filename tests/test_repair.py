@@ -502,9 +502,10 @@ def test_cli_repair_scan_unlearns_the_candidates_suspect_first(backdoored, clean
                              "--scan"])
     assert code == 0, stdout
     written = json.loads((tmp_path / "fixed.repair.json").read_text())
-    targets, warps = written["trigger_targets"], written["warp_targets"]
+    targets, warps, blends = written["trigger_targets"], written["warp_targets"], written["blend_targets"]
     assert targets[0] == TARGET
-    said = " and ".join([f"the triggers of classes {targets}", *(f"the warp of class {k}" for k in warps)])
+    said = " and ".join([f"the triggers of classes {targets}", *(f"the warp of class {k}" for k in warps),
+                         *(f"the blend of class {k}" for k in blends)])
     assert f"scan suspects class {TARGET}; unlearning {said}" in stdout
     _, attack_before = _rates(backdoored.model_path, backdoored)
     _, attack_after = _rates(out, backdoored)

@@ -24,7 +24,8 @@ or leave out the warp that the scan's warp scan names (`"warp_scan": false`), to
     python -m tools.compare_settings --variant stamps='{"suspect": "scan", "warp_scan": false}' \\
         --variant warps='{"suspect": "scan"}'
 
-or give the named warp's class an overrule threshold of its own (`warp_overrule_rate`, docs/design.md):
+(and `"blend_scan": false` likewise leaves out the blend that the blend scan names), or give the named warp's
+class an overrule threshold of its own (`warp_overrule_rate`, docs/design.md):
 
     python -m tools.compare_settings --attacks wanet clean --variant default='{"suspect": "scan"}' \\
         --variant warp='{"suspect": "scan", "warp_overrule_rate": 0.5}'
@@ -54,13 +55,18 @@ def main() -> None:
             row["scan_candidates"] = [t.target for t in scan.candidates]
             row["warp_suspect"] = None if scan.warps is None else scan.warps.suspect
             row["warp_success"] = None if scan.warps is None else [round(v, 3) for v in scan.warps.success.tolist()]
+            row["blend_suspect"] = None if scan.blends is None else scan.blends.suspect
+            row["blend_success"] = (None if scan.blends is None
+                                    else [round(v, 3) for v in scan.blends.success.tolist()])
         for name, fields in args.variant:
             triggers = []
             if fields.get("suspect") == "scan":
                 fields = {**fields, "suspect": row["scan_suspect"]}
                 fill = fields.pop("fill_candidates", scan.settings.fill_candidates)
                 warps = scan.warps if fields.pop("warp_scan", True) else None
-                triggers = replace(scan, settings=replace(scan.settings, fill_candidates=fill), warps=warps).candidates
+                blends = scan.blends if fields.pop("blend_scan", True) else None
+                triggers = replace(scan, settings=replace(scan.settings, fill_candidates=fill), warps=warps,
+                                   blends=blends).candidates
                 row[f"{name}_unlearned"] = [t.target for t in triggers]
             settings = CalibrationSettings(**{"seed": seed, **fields})
             profile = calibrate(loaded, case.x_def, case.y_def, settings=settings, triggers=triggers)

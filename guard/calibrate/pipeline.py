@@ -367,7 +367,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     draft.reference = reference.weights if reference else {}
     draft.input_bound = None if envelope is None else envelope.bound
     draft.settings = {**asdict(settings), "layers": taps}
-    unlearned_stamps, unlearned_warps = split_targets(unlearned)
+    unlearned_stamps, unlearned_warps, unlearned_blends = split_targets(unlearned)
     draft.figures = {
         "samples": len(x), "fit_samples": len(fit), "holdout_samples": len(hold), "labels_given": y is not None,
         "holdout_accuracy_unguarded": choice.accuracy_before, "holdout_accuracy_masked": choice.accuracy_after,
@@ -387,9 +387,11 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         "reference_overrule_net": reference.net_gain if reference else None,
         # the overrule threshold of the warp's class (None: none; at most the reference's own)
         "reference_warp_overrule": warp_overrule if math.isfinite(warp_overrule) else None,
-        # the classes whose candidate triggers it unlearned: stamps, and warps (guard.calibrate.warps)
+        # the classes whose candidate triggers it unlearned: stamps, warps (guard.calibrate.warps) and blends
+        # (guard.calibrate.blends)
         "reference_unlearned": unlearned_stamps,
         "reference_unlearned_warps": unlearned_warps,
+        "reference_unlearned_blends": unlearned_blends,
         "seconds": round(time.perf_counter() - started, 3), "step_seconds": timings,
     }
     return draft

@@ -101,6 +101,13 @@ class Trigger:
         return (1 - torch.as_tensor(self.mask)) * images + torch.as_tensor(self.mask) * torch.as_tensor(self.pattern)
 
 
+@dataclass
+class BlendTrigger(Trigger):
+    """A pattern blended over the whole image (guard.calibrate.blends): a stamp whose mask is one constant, the
+    strength it is unlearnt at. `success` is the share of other classes' images it sent to `target` at the strength
+    it was found at."""
+
+
 def check_trigger(trigger: Trigger, sample_shape: tuple[int, ...], num_classes: int,
                   source: str = "the trigger") -> None:
     """Refuse a trigger that does not fit the model: one class, a mask (1, H, W) and a pattern (C, H, W) of its
@@ -123,11 +130,12 @@ def check_trigger(trigger: Trigger, sample_shape: tuple[int, ...], num_classes: 
 
 
 def save_trigger(trigger: Trigger, path: Path) -> None:
-    """The file `load_trigger` reads: mask, pattern and target in an .npz, written whole or not at all (through a
-    file object, so numpy appends no second `.npz` to the name)."""
+    """The file `load_trigger` reads: mask, pattern and target in an .npz (and `blend` for a BlendTrigger), written
+    whole or not at all (through a file object, so numpy appends no second `.npz` to the name)."""
     def write(tmp: Path) -> None:
         with tmp.open("wb") as file:
-            np.savez(file, mask=trigger.mask, pattern=trigger.pattern, target=np.int64(trigger.target))
+            kind = {"blend": np.bool_(True)} if isinstance(trigger, BlendTrigger) else {}
+            np.savez(file, mask=trigger.mask, pattern=trigger.pattern, target=np.int64(trigger.target), **kind)
 
     write_atomic(path, write)
 
@@ -138,6 +146,7 @@ def load_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classes: i
     try:
         with np.load(path, allow_pickle=False) as data:
             mask, pattern, target = data["mask"], data["pattern"], data["target"]
+            kind = BlendTrigger if "blend" in data else Trigger
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:  # TypeError: an .npy
         raise GuardError(f"cannot read a trigger from {path} (expected guard scan's trigger.npz): {exc}") from None
     if not (np.issubdtype(mask.dtype, np.number) and np.issubdtype(pattern.dtype, np.number)):
@@ -146,8 +155,8 @@ def load_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classes: i
     if target.shape != () or not np.issubdtype(target.dtype, np.integer) or not 0 <= int(target) < num_classes:
         raise GuardError(f"the trigger's target in {path} must be one class in [0, {num_classes}), got {target!r}")
     mask, pattern = mask.astype(np.float32), pattern.astype(np.float32)
-    trigger = Trigger(target=int(target), mask=mask, pattern=pattern, success=float("nan"),
-                      mask_l1=float(np.abs(mask).sum()))
+    trigger = kind(target=int(target), mask=mask, pattern=pattern, success=float("nan"),
+                   mask_l1=float(np.abs(mask).sum()))
     check_trigger(trigger, sample_shape, num_classes, f"the trigger in {path}")
     return trigger
 

@@ -17,7 +17,7 @@ success of 0.21 or an index of 2.9.
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from guard.calibrate.synthesis import MAD_CONSISTENCY, Trigger, check_trigger, load_trigger, logits_of
+from guard.calibrate.synthesis import (
+    MAD_CONSISTENCY,
+    BlendTrigger,
+    Trigger,
+    check_trigger,
+    load_trigger,
+    logits_of,
+)
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel
 from guard.samples import write_atomic
@@ -81,19 +88,22 @@ class WarpTrigger:
             return self.stamp(torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
 
-AnyTrigger = Trigger | WarpTrigger  # what fine-tuning can unlearn: a stamp or a warp
+AnyTrigger = Trigger | WarpTrigger  # what fine-tuning can unlearn: a stamp (a blend is one too) or a warp
 
 
-def split_targets(triggers: Sequence[AnyTrigger]) -> tuple[list[int], list[int]]:
-    """The classes of the stamps and of the warps among `triggers`, each in order."""
-    stamps = [t.target for t in triggers if not isinstance(t, WarpTrigger)]
-    return stamps, [t.target for t in triggers if isinstance(t, WarpTrigger)]
+def split_targets(triggers: Sequence[AnyTrigger]) -> tuple[list[int], list[int], list[int]]:
+    """The classes of the stamps, of the warps and of the blends (guard.calibrate.blends) among `triggers`, each in
+    order."""
+    stamps = [t.target for t in triggers if not isinstance(t, WarpTrigger | BlendTrigger)]
+    warps = [t.target for t in triggers if isinstance(t, WarpTrigger)]
+    return stamps, warps, [t.target for t in triggers if isinstance(t, BlendTrigger)]
 
 
-def describe_targets(stamps: Sequence[int], warps: Sequence[int]) -> str:
+def describe_targets(stamps: Sequence[int], warps: Sequence[int], blends: Sequence[int] = ()) -> str:
     """"the triggers of classes [8, 9] and the warp of class 0", for messages ("no trigger" for none)."""
     parts = [f"the triggers of classes {list(stamps)}"] if stamps else []
     parts += [f"the warp of class {k}" for k in warps]
+    parts += [f"the blend of class {k}" for k in blends]
     return " and ".join(parts) or "no trigger"
 
 
@@ -194,7 +204,7 @@ def scan_warps(model: LoadedModel | torch.nn.Module, x: np.ndarray, y: np.ndarra
     with torch.no_grad():
         num_classes = int(forward(inputs[:1]).shape[1])
     grids = _optimise(forward, inputs, num_classes, settings)
-    success = _success(forward, inputs, labels, grids)
+    success = success_rates(forward, inputs, labels, num_classes, lambda images, k: warp(images, grids[k:k + 1]))
     triggers = [WarpTrigger(target=k, grid=grids[k].numpy(), success=float(success[k])) for k in range(num_classes)]
     index = warp_index(success.numpy())
     best = int(np.argmax(index))
@@ -203,8 +213,9 @@ def scan_warps(model: LoadedModel | torch.nn.Module, x: np.ndarray, y: np.ndarra
 
 
 def warp_index(success: np.ndarray) -> np.ndarray:
-    """(success − median) / (1.4826·MAD) per class, the MAD floored at `MIN_SPREAD` so that classes a warp cannot
-    reach at all (success near 0 everywhere) do not turn a few images into a huge index."""
+    """(success − median) / (1.4826·MAD) per class, the MAD floored at `MIN_SPREAD` so that classes a warp (or a
+    blend, guard.calibrate.blends) cannot reach at all (success near 0 everywhere) do not turn a few images into a
+    huge index."""
     success = np.asarray(success, dtype=np.float64)
     median = np.median(success)
     spread = MAD_CONSISTENCY * max(float(np.median(np.abs(success - median))), MIN_SPREAD)
@@ -242,18 +253,18 @@ def _optimise(forward, inputs: torch.Tensor, num_classes: int, settings: WarpSet
 
 
 @torch.no_grad()
-def _success(forward, inputs: torch.Tensor, labels: torch.Tensor, grids: torch.Tensor,
-             batch_size: int = 256) -> torch.Tensor:
-    """Share of images of other classes that each class's warp sends to it, on all of `inputs`."""
-    hits = torch.zeros(len(grids))
-    seen = torch.zeros(len(grids))
+def success_rates(forward, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                  perturb: Callable[[torch.Tensor, int], torch.Tensor], batch_size: int = 256) -> torch.Tensor:
+    """(K,) the share of images of other classes that `perturb(images, k)` sends to class k, on all of `inputs`."""
+    hits = torch.zeros(num_classes)
+    seen = torch.zeros(num_classes)
     for start in range(0, len(inputs), batch_size):
         chunk, chunk_labels = inputs[start:start + batch_size], labels[start:start + batch_size]
-        for target, grid in enumerate(grids):
+        for target in range(num_classes):
             others = chunk_labels != target
             if not others.any():
                 continue
-            answers = forward(warp(chunk[others], grid[None])).argmax(1)
+            answers = forward(perturb(chunk[others], target)).argmax(1)
             hits[target] += (answers == target).sum()
             seen[target] += others.sum()
     return hits / seen.clamp(min=1)

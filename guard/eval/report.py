@@ -250,15 +250,18 @@ def _unlearned(case: dict) -> str:
 
 
 def _suspects(scan: dict) -> str:
-    """One case's scan suspect, and the warp scan's as "w0" where it names one: "8 w0", "–"."""
+    """One case's scan suspect, and the warp and blend scans' as "w0" and "b0" where they name one: "8 w0",
+    "–"."""
     named = [] if scan["suspect"] is None else [str(scan["suspect"])]
     if scan.get("warp_suspect") is not None:  # figures from before the warp scan hold none
         named.append(f"w{scan['warp_suspect']}")
+    if scan.get("blend_suspect") is not None:  # nor those from before the blend scan
+        named.append(f"b{scan['blend_suspect']}")
     return " ".join(named) or "–"
 
 
 def _extra_table(figures: dict) -> str:
-    rows = ["| attack | model | PGD acc. unguarded | PGD acc. guarded | PGD flagged | scan suspect (per seed; w: warp scan) | "
+    rows = ["| attack | model | PGD acc. unguarded | PGD acc. guarded | PGD flagged | scan suspect (per seed; w: warp scan, b: blend scan) | "
             "AR unlearned (per seed) | reference answered, clean | reference answered, triggered | calibration s | "
             "overhead × (batch 64) | case s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]

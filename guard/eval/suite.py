@@ -407,6 +407,10 @@ def _linf_prune(loaded, scan, x_eval, y_eval, x_trig, y_trig, unguarded: tuple[n
                  "warp_suspect": None if scan.warps is None else scan.warps.suspect,
                  "warp_index": None if scan.warps is None else [round(float(v), 3) for v in scan.warps.anomaly_index],
                  "warp_success": None if scan.warps is None else [round(float(v), 3) for v in scan.warps.success],
+                 "blend_suspect": None if scan.blends is None else scan.blends.suspect,
+                 "blend_index": None if scan.blends is None else [round(float(v), 3)
+                                                                  for v in scan.blends.anomaly_index],
+                 "blend_success": None if scan.blends is None else [round(float(v), 3) for v in scan.blends.success],
                  "seconds": scan.figures["seconds"]}
 
 
