@@ -42,7 +42,7 @@ class Backdoored:
 def run_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
     """`guard ARGS...` in a fresh interpreter, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "guard", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, check=False)
+                          timeout=300, check=False)  # a hang guard: a scan and a calibration take ~1 min
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -26,7 +26,7 @@ from guard.calibrate.activations import collect
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import FORMAT, Profile
 from guard.calibrate.taps import OnnxTaps
-from guard.calibrate.warps import WarpTrigger
+from guard.calibrate.warps import split_targets
 from guard.errors import GuardError, ProfileError
 from guard.eval.attacks import BadNets
 from guard.eval.models import SmallCNN, export_onnx, load_eval_data, train
@@ -484,15 +484,16 @@ def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(setup: Setup
     # the CLI's defaults are the library's, and it runs guard scan first and takes its suspect
     scan = run_scan(setup.model_path, setup.x_cal, setup.y_cal)
     scanned = scan.classes.suspect
-    candidates = [t.target for t in scan.candidates if not isinstance(t, WarpTrigger)]
-    warps = [t.target for t in scan.candidates if isinstance(t, WarpTrigger)]
+    candidates, warps, blends = split_targets(scan.candidates)
     said = "no class" if scanned is None else f"class {scanned}"
-    unlearned = " and ".join([f"the triggers of classes {candidates}", *(f"the warp of class {k}" for k in warps)])
+    unlearned = " and ".join([f"the triggers of classes {candidates}", *(f"the warp of class {k}" for k in warps),
+                              *(f"the blend of class {k}" for k in blends)])
     assert f"guard: scan suspects {said}; candidates: {unlearned}" in done.stdout
     # ... and its reference unlearns the triggers of the scan's candidates
     assert candidates, "the fixture's scan names no candidate, so this cannot tell unlearning from none"
     assert profile.figures["reference_unlearned"] == candidates
     assert profile.figures["reference_unlearned_warps"] == warps
+    assert profile.figures["reference_unlearned_blends"] == blends
     assert f"unlearned {unlearned}" in done.stdout
     assert profile.settings == {**setup.profile.settings, "suspect": scanned}
     assert profile.thresholds.suspect == scanned

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Backdoored
+from guard.calibrate.warps import split_targets
 from guard.config import ServeSettings
 from guard.server.app import GuardServer
 
@@ -33,8 +34,8 @@ def test_the_calibration_example_builds_the_profile_the_cli_would(backdoored: Ba
     exec(python_example("calibrate("), names)
     profile, result, scan = names["profile"], names["result"], names["scan"]
     assert (tmp_path / "profile.safetensors").is_file()
-    assert profile.figures["reference_unlearned"] + profile.figures["reference_unlearned_warps"] == [
-        t.target for t in scan.candidates] != []
+    unlearned = [profile.figures[f"reference_unlearned{kind}"] for kind in ("", "_warps", "_blends")]
+    assert unlearned == list(split_targets(scan.candidates)) and any(unlearned)
     assert profile.thresholds.suspect == scan.classes.suspect
     assert result.labels.shape == (len(x),) and result.flagged.mean() > 0.5  # BadNets-triggered images
 

@@ -410,7 +410,9 @@ torch {machine['torch']}), no GPU.
   about 8% of clean ones: a threshold set over five fine-tunings, each holding out another fifth, that lets through
   no more of the held-out disagreements than the reference won against the model). The fine-tunings also unlearn
   the triggers the scan synthesised for its candidate classes, stamped on a tenth of each batch under their true
-  labels, and the warp of the class its warp scan names (a small smooth warp that sends most images there); the
+  labels, the pattern of the class its blend scan names (a faint pattern over the whole image that sends most
+  images there, unlearned blended in at 0.15), and the warp of the class its warp scan names (a small smooth warp
+  that sends most images there); the
   model's answers of that class are overruled past a threshold of their own, set by the same rule on the held-out
   samples the model answers with it at rate 0.5 (`--warp-overrule-rate`), and the score gains a part: how much
   more probability the model gives that class than the reference does (`--warp-lean`). A demotion whose answer the
@@ -454,7 +456,8 @@ the 2% targets sit at or below it on some attacks.
 Models cleaned offline (`guard repair`, `guard train --none`), each measured as it is, unguarded. Fine-tuning and
 AR train on the defender's clean set for the same epochs; AR also unlearns the synthesised triggers of the scan's
 candidate classes (the suspect and any class with anomaly index at least 1, or where there is neither the scan's two
-most anomalous classes; listed per seed in the last table), and the warp of the class the warp scan names.
+most anomalous classes; listed per seed in the last table), and the pattern and the warp of the classes the blend
+and warp scans name.
 Benign-salience pruning is `guard repair --method prune`. Plain L2 (`--method l2`) is left out of the full run to
 keep it within its hour.
 
