@@ -19,6 +19,7 @@ from guard.calibrate.warps import (
     load_any_trigger,
     save_warp,
     scan_warps,
+    split_targets,
     warp_index,
 )
 from guard.cli import main
@@ -68,9 +69,11 @@ def test_scan_names_the_warp_target_and_the_files_carry_it(wanet_model, fashion,
     warp = report.warp
     assert warp is not None and warp.success >= WarpSettings.min_success
     assert warp in report.candidates  # the reference and AR unlearn it beside the stamps
-    stamps = [t.target for t in report.candidates if t is not warp]
+    stamps, warps, blends = split_targets(report.candidates)
+    assert warps == [TARGET]
     assert describe_triggers(report.candidates) == " and ".join(
-        [*([f"the triggers of classes {stamps}"] if stamps else []), f"the warp of class {TARGET}"])
+        [*([f"the triggers of classes {stamps}"] if stamps else []), f"the warp of class {TARGET}",
+         *(f"the blend of class {k}" for k in blends)])
     # The found warp moves no pixel much past the budget (a pixel is 2/27 in grid coordinates; bicubic
     # interpolation between the control points overshoots them by at most a quarter).
     assert np.abs(warp.grid - identity_grid()).max() <= 1.25 * 2 / 27

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from guard.calibrate.synthesis import BlendTrigger, logits_of
-from guard.calibrate.warps import success_rates, warp_index
+from guard.calibrate.synthesis import BlendTrigger
+from guard.calibrate.warps import named_class, scan_inputs, success_rates
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel
 
@@ -88,24 +88,15 @@ def scan_blends(model: LoadedModel | torch.nn.Module, x: np.ndarray, y: np.ndarr
     """
     settings = settings or BlendSettings()
     settings.validate()
-    forward = logits_of(model)
-    inputs = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
-    labels = torch.as_tensor(np.asarray(y, dtype=np.int64))
-    if inputs.dim() != 4 or len(inputs) == 0 or len(labels) != len(inputs):
-        raise GuardError(f"blend synthesis needs a non-empty (N, C, H, W) batch with a label each, got "
-                         f"{tuple(inputs.shape)} and {len(labels)} labels")
-    with torch.no_grad():
-        num_classes = int(forward(inputs[:1]).shape[1])
+    forward, inputs, labels, num_classes = scan_inputs(model, x, y, "blend synthesis")
     patterns = _optimise(forward, inputs, num_classes, settings)
     success = success_rates(forward, inputs, labels, num_classes,
                             lambda images, k: blend(images, patterns[k:k + 1], settings.strength))
     mask = np.full((1, *inputs.shape[2:]), settings.unlearn_strength, dtype=np.float32)
     triggers = [BlendTrigger(target=k, mask=mask.copy(), pattern=patterns[k].numpy(), success=float(success[k]),
                              mask_l1=float(mask.sum())) for k in range(num_classes)]
-    index = warp_index(success.numpy())
-    best = int(np.argmax(index))
-    named = index[best] > settings.threshold and success[best] >= settings.min_success
-    return BlendScan(triggers=triggers, anomaly_index=index, suspect=best if named else None, settings=settings)
+    index, suspect = named_class(success.numpy(), settings.threshold, settings.min_success)
+    return BlendScan(triggers=triggers, anomaly_index=index, suspect=suspect, settings=settings)
 
 
 def _optimise(forward, inputs: torch.Tensor, num_classes: int, settings: BlendSettings) -> torch.Tensor:

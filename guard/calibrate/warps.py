@@ -195,21 +195,35 @@ def scan_warps(model: LoadedModel | torch.nn.Module, x: np.ndarray, y: np.ndarra
     """
     settings = settings or WarpSettings()
     settings.validate()
+    forward, inputs, labels, num_classes = scan_inputs(model, x, y, "warp synthesis")
+    grids = _optimise(forward, inputs, num_classes, settings)
+    success = success_rates(forward, inputs, labels, num_classes, lambda images, k: warp(images, grids[k:k + 1]))
+    triggers = [WarpTrigger(target=k, grid=grids[k].numpy(), success=float(success[k])) for k in range(num_classes)]
+    index, suspect = named_class(success.numpy(), settings.threshold, settings.min_success)
+    return WarpScan(triggers=triggers, anomaly_index=index, suspect=suspect, settings=settings)
+
+
+def scan_inputs(model: LoadedModel | torch.nn.Module, x: np.ndarray, y: np.ndarray,
+                what: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor, int]:
+    """What a scan by success rates (the warp and blend scans) works on: the model's forward, differentiable in the
+    input, the batch and its labels as tensors, and the number of classes; a batch it cannot use is refused."""
     forward = logits_of(model)
     inputs = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
     labels = torch.as_tensor(np.asarray(y, dtype=np.int64))
     if inputs.dim() != 4 or len(inputs) == 0 or len(labels) != len(inputs):
-        raise GuardError(f"warp synthesis needs a non-empty (N, C, H, W) batch with a label each, got "
+        raise GuardError(f"{what} needs a non-empty (N, C, H, W) batch with a label each, got "
                          f"{tuple(inputs.shape)} and {len(labels)} labels")
     with torch.no_grad():
         num_classes = int(forward(inputs[:1]).shape[1])
-    grids = _optimise(forward, inputs, num_classes, settings)
-    success = success_rates(forward, inputs, labels, num_classes, lambda images, k: warp(images, grids[k:k + 1]))
-    triggers = [WarpTrigger(target=k, grid=grids[k].numpy(), success=float(success[k])) for k in range(num_classes)]
-    index = warp_index(success.numpy())
+    return forward, inputs, labels, num_classes
+
+
+def named_class(success: np.ndarray, threshold: float, min_success: float) -> tuple[np.ndarray, int | None]:
+    """The classes' anomaly indices (`warp_index`), and the class named: the most anomalous, where its index exceeds
+    `threshold` and its success reaches `min_success`."""
+    index = warp_index(success)
     best = int(np.argmax(index))
-    named = index[best] > settings.threshold and success[best] >= settings.min_success
-    return WarpScan(triggers=triggers, anomaly_index=index, suspect=best if named else None, settings=settings)
+    return index, best if index[best] > threshold and success[best] >= min_success else None
 
 
 def warp_index(success: np.ndarray) -> np.ndarray:
