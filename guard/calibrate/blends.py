@@ -31,7 +31,8 @@ from guard.model.graph import LoadedModel
 
 @dataclass
 class BlendSettings:
-    """Knobs of blend synthesis; the defaults scan a 10-class SmallCNN in a few seconds on one CPU thread."""
+    """Knobs of blend synthesis; the defaults take the warp scan's steps and batch (one optimisation of every class at
+    once), so the two scans cost about the same."""
 
     steps: int = 150
     batch_size: int = 32
