@@ -21,18 +21,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import as_format_8, raw_parts, run_cli, without_envelope, write_parts
+from conftest import TARGET, Backdoored, as_format_8, raw_parts, run_cli, without_envelope, write_parts
 from guard.calibrate.activations import collect
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import FORMAT, Profile
 from guard.calibrate.taps import OnnxTaps
-from guard.calibrate.warps import split_targets
 from guard.errors import GuardError, ProfileError
 from guard.eval.attacks import BadNets
 from guard.eval.models import SmallCNN, export_onnx, load_eval_data, train
 from guard.model.graph import load_model
 from guard.runtime.guard import Guard
-from guard.scan import run_scan
 
 CALIBRATION_SAMPLES = 300
 
@@ -472,39 +470,34 @@ def assert_one_line_error(done: subprocess.CompletedProcess, fragment: str) -> N
     assert fragment in lines[0]
 
 
-def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(setup: Setup, tmp_path: Path) -> None:
-    np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
-    done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "p.safetensors", "--quiet",
+def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(backdoored: Backdoored, tmp_path: Path) -> None:
+    np.savez(tmp_path / "clean.npz", x=backdoored.x_clean, y=backdoored.y_clean)
+    done = run_cli("calibrate", backdoored.model_path, "--data", "clean.npz", "--out", "p.safetensors", "--quiet",
                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "p.safetensors" in done.stdout
     profile = Profile.load(tmp_path / "p.safetensors")
-    assert profile.model_sha256 == setup.profile.model_sha256
-    assert profile.tap_names == setup.profile.tap_names
-    # the CLI's defaults are the library's, and it runs guard scan first and takes its suspect
-    scan = run_scan(setup.model_path, setup.x_cal, setup.y_cal)
-    scanned = scan.classes.suspect
-    candidates, warps, blends = split_targets(scan.candidates)
-    said = "no class" if scanned is None else f"class {scanned}"
+    library = Profile.load(backdoored.profile_path)  # the library's calibrate, defaults, no scan
+    assert profile.model_sha256 == library.model_sha256
+    assert profile.tap_names == library.tap_names
+    # the CLI runs guard scan first, takes its suspect (the BadNets target) and says what its reference unlearned
+    candidates, warps, blends = (profile.figures[f"reference_unlearned{kind}"] for kind in ("", "_warps", "_blends"))
+    assert candidates[0] == TARGET
     unlearned = " and ".join([f"the triggers of classes {candidates}", *(f"the warp of class {k}" for k in warps),
                               *(f"the blend of class {k}" for k in blends)])
-    assert f"guard: scan suspects {said}; candidates: {unlearned}" in done.stdout
-    # ... and its reference unlearns the triggers of the scan's candidates
-    assert candidates, "the fixture's scan names no candidate, so this cannot tell unlearning from none"
-    assert profile.figures["reference_unlearned"] == candidates
-    assert profile.figures["reference_unlearned_warps"] == warps
-    assert profile.figures["reference_unlearned_blends"] == blends
+    assert f"guard: scan suspects class {TARGET}; candidates: {unlearned}" in done.stdout
     assert f"unlearned {unlearned}" in done.stdout
-    assert profile.settings == {**setup.profile.settings, "suspect": scanned}
-    assert profile.thresholds.suspect == scanned
-    np.testing.assert_allclose(profile.class_mean, setup.profile.class_mean, rtol=1e-4, atol=1e-5)
-    Guard.load(setup.model_path, tmp_path / "p.safetensors").predict(setup.x_eval[:8])
+    # ... and otherwise the library's defaults
+    assert profile.settings == {**library.settings, "suspect": TARGET}
+    assert profile.thresholds.suspect == TARGET
+    np.testing.assert_allclose(profile.class_mean, library.class_mean, rtol=1e-4, atol=1e-5)
+    Guard.load(backdoored.model_path, tmp_path / "p.safetensors").predict(backdoored.x_eval[:8])
 
     shown = run_cli("inspect", "p.safetensors", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     summary = json.loads(shown.stdout)
-    assert summary["model_sha256"] == setup.profile.model_sha256
-    assert [t["name"] for t in summary["taps"]] == setup.profile.tap_names
+    assert summary["model_sha256"] == library.model_sha256
+    assert [t["name"] for t in summary["taps"]] == library.tap_names
     assert summary["thresholds"]["tau"] == profile.thresholds.tau
     assert summary["thresholds"]["overrule"] == profile.thresholds.overrule
     assert summary["reference"] == {"tensors": len(profile.reference),
