@@ -25,7 +25,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         layers=args.layers.split(",") if args.layers else None, conv_taps=args.conv_taps, fpr=args.fpr,
         fpr_confidence=args.fpr_confidence, demote_rate=args.demote_rate, acc_budget=args.acc_budget,
         prune=not args.no_prune, dense_part=not args.no_dense_part, dense_score=args.dense_score,
-        first_conv_part=args.first_conv_part, input_envelope=args.input_envelope, seed=args.seed,
+        first_conv_part=args.first_conv_part, input_envelope=args.input_envelope,
+        envelope_demote_rate=args.envelope_demote_rate, seed=args.seed,
         suspect=args.suspect, reference=args.reference, reference_rate=args.reference_rate,
         reference_folds=args.reference_folds, reference_unlearn=args.reference_unlearn,
         warp_overrule_rate=args.warp_overrule_rate, warp_lean=args.warp_lean,
@@ -70,10 +71,13 @@ def _calibrate(args: argparse.Namespace) -> int:
                          f"{profile.thresholds.warp_overrule:.3f}")
         if profile.thresholds.lean_class is not None:
             referred += f", the model's lean towards class {profile.thresholds.lean_class} (the warp's) scored"
+    enveloped = ("" if f["calibration_envelope_demote_rate"] is None else
+                 f", envelope demote rate {f['calibration_envelope_demote_rate']:.3f} (at most "
+                 f"{args.envelope_demote_rate})")
     print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
           f"channels, held-out accuracy {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
           f"cross-fitted flag rate {f['calibration_flag_rate']:.3f} (target {args.fpr}), demote rate "
-          f"{f['calibration_demote_rate']:.3f} (at most {args.demote_rate}){suspected}{referred}, "
+          f"{f['calibration_demote_rate']:.3f} (at most {args.demote_rate}){enveloped}{suspected}{referred}, "
           f"{f['seconds']:.1f} s")
     return 0
 
@@ -481,8 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "demotes, where a small patch that did not take still shows (default: on)")
     cal.add_argument("--input-envelope", action=argparse.BooleanOptionalAction, default=True,
                      help="score the request's excess over the largest value each input element took on the clean "
-                          "data, a part that flags and never demotes, where a stamp on a dark background shows "
-                          "(default: on)")
+                          "data, a part of its own, where a stamp on a dark background shows (default: on)")
+    cal.add_argument("--envelope-demote-rate", type=float, default=0.005,
+                     help="share of clean requests, bounded like --fpr, so far outside the input envelope that guard "
+                          "answers another class where the re-prediction kept the model's answer (default 0.005; 0: "
+                          "never)")
     suspicion = cal.add_mutually_exclusive_group()
     suspicion.add_argument("--suspect", type=int,
                            help="the class guard scan named as the likely backdoor target (scan.json's suspect): "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -112,14 +113,14 @@ def as_format_8(tensors: dict[str, np.ndarray], meta: dict) -> None:
     """A profile's parts as written before format 9: no input envelope."""
     meta["format"] = "guard.profile/8"
     tensors.pop("input_bound", None)
-    for key in ("envelope_centre", "envelope_spread"):
+    for key in ("envelope_centre", "envelope_spread", "envelope_demote"):
         meta["thresholds"].pop(key, None)
 
 
 def without_envelope(profile: Profile) -> Profile:
     """The same profile with no input envelope: the guard scores the check's parts alone."""
     return dataclasses.replace(profile, input_bound=None, thresholds=dataclasses.replace(
-        profile.thresholds, envelope_centre=None, envelope_spread=None))
+        profile.thresholds, envelope_centre=None, envelope_spread=None, envelope_demote=math.inf))
 
 
 def write_parts(path: Path, tensors: dict[str, np.ndarray], meta: dict | str | None) -> Path:

@@ -31,6 +31,7 @@ from guard.eval.attacks import BadNets
 from guard.eval.models import SmallCNN, export_onnx, load_eval_data, train
 from guard.model.graph import load_model
 from guard.runtime.guard import Guard
+from guard.runtime.policy import margin
 
 CALIBRATION_SAMPLES = 300
 
@@ -305,9 +306,18 @@ CORRUPTIONS = {
                                "a warp's lean needs a reference"),
     "envelope-in-format-8": (lambda s, p: _edited(s, p, lambda t, m: _set(m, "format", "guard.profile/8")),
                              "only a format-9 profile may score the input envelope"),
-    "envelope-bound-alone": (lambda s, p: _edited(s, p, lambda t, m: m["thresholds"].update(envelope_centre=None,
-                                                                                              envelope_spread=None)),
+    "envelope-bound-alone": (lambda s, p: _edited(s, p, lambda t, m: m["thresholds"].update(
+        envelope_centre=None, envelope_spread=None, envelope_demote=None)),
                              "the input envelope's bound and its centre and spread come together"),
+    "envelope-demote-without-envelope": (lambda s, p: _edited(s, p, lambda t, m: m["thresholds"].update(
+        envelope_centre=None, envelope_spread=None)), "only a format-10 profile with an input envelope may demote"),
+    "envelope-demote-in-format-9": (lambda s, p: _edited(s, p, lambda t, m: _set(m, "format", "guard.profile/9")),
+                                    "only a format-10 profile with an input envelope may demote"),
+    "envelope-demote-below-tau": (lambda s, p: _edited(s, p, lambda t, m: _set(
+        m["thresholds"], "envelope_demote", m["thresholds"]["tau"] - 1)),
+                                  "the input envelope's demote threshold must be null or a number at least tau"),
+    "envelope-demote-a-string": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "envelope_demote", "9")),
+                                 "the envelope_demote threshold must be a number or null"),
     "envelope-scale-alone": (lambda s, p: _edited(s, p, lambda t, m: t.pop("input_bound")),
                              "the input envelope's bound and its centre and spread come together"),
     "envelope-zero-spread": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "envelope_spread", 0.0)),
@@ -713,10 +723,11 @@ def test_the_first_conv_part_scores_the_first_tap_on_its_own(setup: Setup, tmp_p
 
 def test_the_input_envelope_flags_requests_outside_the_clean_inputs(setup: Setup) -> None:
     """By default the profile keeps each input element's largest clean value, and the request's excess over it is a
-    part of the score: the guard's score is the larger of the check's and the envelope's, a request flagged by the
-    envelope alone is re-predicted as one the check flags, and the envelope demotes nothing. Without it the score is
-    the check's; a profile whose bound does not fit the model's input is refused."""
-    profile, thresholds = setup.profile, setup.profile.thresholds
+    part of the score: the guard's score is the larger of the check's and the envelope's, and a request flagged by
+    the envelope alone is re-predicted as one the check flags (with its demotion off: the next test). Without it the
+    score is the check's; a profile whose bound does not fit the model's input is refused."""
+    profile = _flags_only(setup.profile)
+    thresholds = profile.thresholds
     envelope = profile.envelope()
     assert profile.settings["input_envelope"] is True and envelope is not None and envelope.spread > 0
     np.testing.assert_array_equal(profile.input_bound, setup.x_cal.max(axis=0))
@@ -743,6 +754,49 @@ def test_the_input_envelope_flags_requests_outside_the_clean_inputs(setup: Setup
     wrong = dataclasses.replace(profile, input_bound=profile.input_bound[:, :-1])
     with pytest.raises(ProfileError, match="input envelope has shape"):
         Guard(load_model(setup.model_path), wrong)
+
+
+def _flags_only(profile: Profile) -> Profile:
+    """The same profile with the envelope's demotion off."""
+    return dataclasses.replace(profile, thresholds=dataclasses.replace(profile.thresholds, envelope_demote=math.inf))
+
+
+def test_far_outside_the_envelope_an_answer_the_tail_kept_is_demoted(setup: Setup, tmp_path: Path) -> None:
+    """Past the envelope part's own demote threshold (the clean samples' but for `envelope_demote_rate`, never below
+    τ), a request whose re-prediction kept the model's answer is demoted where cutting narrowed that answer's margin,
+    as the check's demotions are; below it the guard answers as with the demotion off, and so does a profile
+    calibrated with rate 0. The reference's confirmation spares such a demotion as it spares the check's."""
+    profile, thresholds = setup.profile, setup.profile.thresholds
+    assert thresholds.tau <= thresholds.envelope_demote < math.inf
+    assert 0 <= profile.figures["calibration_envelope_demote_rate"] <= profile.figures["calibration_envelope_flag_rate"]
+    stamped = setup.x_eval[:100].copy()
+    stamped[:, :, :3, :3] = 1.0  # the top-left corner, dark in every clean image
+    x = np.concatenate([setup.x_eval, stamped])
+    far = profile.envelope().standardised(x) > thresholds.envelope_demote
+    assert far[len(setup.x_eval):].all()
+    model = load_model(setup.model_path)
+    bare = profile.without_reference()
+    guard = Guard(model, bare)
+    on, off = guard.predict(x), Guard(model, _flags_only(bare)).predict(x)
+    run, rows = guard.engine.run(x), np.flatnonzero(far)
+    tail = guard.engine.repredict(run, rows)
+    kept = tail.argmax(axis=1) == on.model_labels[rows]
+    narrowed = margin(tail, on.model_labels[rows]) < margin(run.logits[rows], on.model_labels[rows])
+    np.testing.assert_array_equal(on.demoted[rows], off.demoted[rows] | (kept & narrowed))
+    assert (on.demoted & ~off.demoted).sum() >= 5, "the stamp must demote some answers the tail kept"
+    assert (on.labels != on.model_labels)[on.demoted].all()
+    np.testing.assert_array_equal(on.labels[~far], off.labels[~far])
+    np.testing.assert_array_equal(on.demoted, off.demoted | far & on.demoted)
+    # with the reference, a demotion it firmly confirms is spared, the envelope's like the check's
+    referred = Guard(model, profile).predict(x)
+    assert not (referred.demoted & referred.spared).any()
+    np.testing.assert_array_equal(referred.demoted | referred.spared, on.demoted)
+    # calibrated with rate 0, the profile has no envelope demotion
+    never = calibrate(setup.model_path, setup.x_cal, setup.y_cal, settings=CalibrationSettings(envelope_demote_rate=0))
+    assert never.thresholds.envelope_demote == math.inf and never.figures["calibration_envelope_demote_rate"] == 0
+    assert raw_parts(never.save(tmp_path / "never.safetensors"))[1]["thresholds"]["envelope_demote"] is None
+    with pytest.raises(GuardError, match="--envelope-demote-rate must lie in"):
+        CalibrationSettings(envelope_demote_rate=1.0).validate()
 
 
 def test_a_suspect_gets_its_own_demote_threshold_on_its_clean_answers(setup: Setup, tmp_path: Path) -> None:
@@ -772,7 +826,8 @@ def test_a_suspect_gets_its_own_demote_threshold_on_its_clean_answers(setup: Set
 
     older = Profile.load(_edited(setup, tmp_path / "format4.safetensors", as_format_4))
     assert older.thresholds == dataclasses.replace(plain, overrule=math.inf, confirm=None, confirm_ceiling=math.inf,
-                                                   envelope_centre=None, envelope_spread=None)
+                                                   envelope_centre=None, envelope_spread=None,
+                                                   envelope_demote=math.inf)
     assert not older.reference and older.input_bound is None
     with pytest.raises(GuardError, match="--suspect 10 is not a class of this model"):
         calibrate(setup.model_path, setup.x_cal, setup.y_cal, settings=CalibrationSettings(suspect=10))

@@ -43,11 +43,13 @@ from guard.samples import write_atomic
 # never fewer, and the format stayed. 9: the score may have a part on the request itself, its excess over the clean
 # envelope of the input (tensor "input_bound", standardised by `envelope_centre` and `envelope_spread`); tau was chosen
 # on the score with it, so a format-8 guard would flag fewer requests than the profile promises, and format 9 is
+# refused there. 10: a request far outside the envelope may be demoted (`envelope_demote`, a threshold on the
+# envelope's part alone); a format-9 guard would demote fewer requests than the profile promises, so format 10 is
 # refused there.
-FORMAT = "guard.profile/9"
-# Format 8 reads with no envelope, 7 with no lean either, 6 with no warp class either, 5 with no reference; 4 and 3
+FORMAT = "guard.profile/10"
+# Format 9 reads with no envelope demotion, 8 with no envelope, 7 with no lean either, 6 with no warp class either, 5 with no reference; 4 and 3
 # with no suspect either, format 3 as top-q parts, format 2 as one unstandardised part, each as it scored.
-_READABLE = (FORMAT, "guard.profile/8", "guard.profile/7", "guard.profile/6", "guard.profile/5", "guard.profile/4",
+_READABLE = (FORMAT, "guard.profile/9", "guard.profile/8", "guard.profile/7", "guard.profile/6", "guard.profile/5", "guard.profile/4",
              "guard.profile/3", "guard.profile/2")
 _REFERENCE = "reference/"  # the prefix of the reference's tensors
 _INPUT_BOUND = "input_bound"  # the input envelope's (C, H, W) bound
@@ -152,6 +154,9 @@ class Thresholds:
     # part of the score (None: no such part).
     envelope_centre: float | None = None
     envelope_spread: float | None = None
+    # ... and the envelope part's score above which a request whose re-prediction keeps the model's answer is demoted
+    # (inf: never; a request past it is flagged, so it is at least tau).
+    envelope_demote: float = math.inf
 
     def as_json(self) -> dict[str, Any]:
         """The thresholds as a JSON object (an infinite demote threshold, demotion off, is null; a distance part's
@@ -163,7 +168,8 @@ class Thresholds:
                 "confirm_ceiling": _finite_or_null(self.confirm_ceiling), "warp_class": self.warp_class,
                 "warp_overrule": _finite_or_null(self.warp_overrule), "lean_class": self.lean_class,
                 "lean_centre": self.lean_centre, "lean_spread": self.lean_spread,
-                "envelope_centre": self.envelope_centre, "envelope_spread": self.envelope_spread}
+                "envelope_centre": self.envelope_centre, "envelope_spread": self.envelope_spread,
+                "envelope_demote": _finite_or_null(self.envelope_demote)}
 
 
 def confirming_probability(value: object) -> bool:
@@ -394,7 +400,7 @@ class Profile:
 def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, version: int) -> Thresholds:
     """Thresholds with their types and ranges checked: a profile is untrusted input. Only format 5 and later may name
     a suspect, only format 6 a reference's threshold, only format 7 a warp class, only format 8 a warp's lean, only
-    format 9 the input envelope."""
+    format 9 the input envelope, only format 10 its demotion."""
     k, tau, top_q, cut = float(raw["k"]), float(raw["tau"]), raw["top_q"], float(raw["cut"])
     if not (np.isfinite(k) and np.isfinite(tau) and np.isfinite(cut)) or not isinstance(top_q, int) or top_q < 1:
         raise ValueError(f"thresholds must be finite numbers with an integer top_q >= 1, got {raw}")
@@ -432,12 +438,15 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
         raise ValueError(f"the warp class must be a class number below {num_classes}, got {warp_class!r}")
     lean_class, lean_centre, lean_spread = _lean(raw, num_classes, version)
     envelope_centre, envelope_spread = _envelope(raw, version)
+    envelope_demote = _threshold_or_inf(raw, "envelope_demote", tau, "the input envelope's demote threshold")
+    if not math.isinf(envelope_demote) and (version < 10 or envelope_centre is None):
+        raise ValueError("only a format-10 profile with an input envelope may demote on it")
     return Thresholds(k=k, tau=tau, top_q=top_q, cut=cut, demote=demote, parts=parts, suspect=suspect,
                       suspect_demote=suspect_demote, overrule=overrule,
                       confirm=None if confirm is None else float(confirm), confirm_ceiling=confirm_ceiling,
                       warp_class=warp_class, warp_overrule=warp_overrule, lean_class=lean_class,
                       lean_centre=lean_centre, lean_spread=lean_spread, envelope_centre=envelope_centre,
-                      envelope_spread=envelope_spread)
+                      envelope_spread=envelope_spread, envelope_demote=envelope_demote)
 
 
 def _envelope(raw: dict[str, Any], version: int) -> tuple[float | None, float | None]:

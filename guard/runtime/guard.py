@@ -2,13 +2,13 @@
 
 request x -> validate -> engine (masked model, ℓ∞ per tap and the consistency check, all in one graph) -> the score
 raised to the input envelope's part, where the profile has one (the request's excess over the clean inputs' largest
-values; it flags, and does not demote) -> the tail of the network re-run for the samples with compromised channels or
-a score above tau -> the score raised to the warp's lean, where the profile has one (the model's lean towards the
-warp's class beyond the reference's; it flags, and neither re-runs the tail nor demotes) -> verdict and policy (a
-score over the parts that demote above the demote threshold, or above the suspect's for an answer of the class the
-scan suspects, refuses the model's own class, unless the reference, a fine-tuned copy, firmly confirms it and that
-score is within the clean calibration scores' range) -> the reference overrules the answers it firmly disagrees with
--> Result.
+values) -> the tail of the network re-run for the samples with compromised channels or a score above tau -> the score
+raised to the warp's lean, where the profile has one (the model's lean towards the warp's class beyond the
+reference's; it flags, and neither re-runs the tail nor demotes) -> verdict and policy (a score over the parts that
+demote above the demote threshold, or above the suspect's for an answer of the class the scan suspects, or the
+envelope's part above its own, refuses the model's own class, unless the reference, a fine-tuned copy, firmly
+confirms it and the first score is within the clean calibration scores' range) -> the reference overrules the answers
+it firmly disagrees with -> Result.
 """
 
 from __future__ import annotations
@@ -202,8 +202,10 @@ class Guard:
         # graph) where higher (a NaN stays NaN); demotion and the confirmation's ceiling stay on the check's parts that
         # demote. A request outside the envelope is re-predicted as one the check scores above τ is.
         flag_score, needs = run.score, run.needs
+        outside = None
         if self._envelope is not None:
-            flag_score = np.maximum(flag_score, self._envelope.standardised(x))
+            outside = self._envelope.standardised(x)
+            flag_score = np.maximum(flag_score, outside)
             needs = needs | (flag_score > self.tau)
         if reference_logits is not None and thresholds.lean_class is not None:
             leaning = lean(run.logits, reference_logits, thresholds.lean_class)
@@ -220,8 +222,10 @@ class Guard:
             flagged |= ~agree
             suspected = (agree & (model_labels == thresholds.suspect) & (run.demote_score > thresholds.suspect_demote)
                          if thresholds.suspect is not None else np.zeros(len(x), dtype=bool))
-            demoted = demotions(run.logits, benign_logits, model_labels,
-                                agree & (run.demote_score > thresholds.demote), suspected)
+            extreme = run.demote_score > thresholds.demote
+            if outside is not None:  # far outside the envelope: a patch the re-prediction did not undo
+                extreme |= outside > thresholds.envelope_demote
+            demoted = demotions(run.logits, benign_logits, model_labels, agree & extreme, suspected)
             if reference_logits is not None:  # never past every clean score: there the trigger may fool it too
                 spared = (demoted & confirms(reference_logits, model_labels, thresholds.confirm)
                           & (run.demote_score <= thresholds.confirm_ceiling))
