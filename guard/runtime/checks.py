@@ -100,8 +100,8 @@ Part = ScorePart | DistancePart
 class InputEnvelope:
     """How far a request's pixels rise above the largest value each pixel took on the clean samples, summed. A stamp
     (a bright patch, a blended pattern) where clean images are dark lies outside that envelope whether or not it
-    took, and before the model has mixed it with anything. It only flags, like the first conv part: its clean tail is
-    not the demote thresholds' business."""
+    took, and before the model has mixed it with anything. Its clean tail is not the check's demote thresholds'
+    business: past a threshold of its own (`Thresholds.envelope_demote`) it demotes an answer the re-prediction kept."""
 
     bound: np.ndarray  # (C, H, W) float32, the largest clean value of each input element
     centre: float = 0.0
