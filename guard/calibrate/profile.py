@@ -47,10 +47,10 @@ from guard.samples import write_atomic
 # envelope's part alone); a format-9 guard would demote fewer requests than the profile promises, so format 10 is
 # refused there.
 FORMAT = "guard.profile/10"
-# Format 9 reads with no envelope demotion, 8 with no envelope, 7 with no lean either, 6 with no warp class either, 5 with no reference; 4 and 3
-# with no suspect either, format 3 as top-q parts, format 2 as one unstandardised part, each as it scored.
-_READABLE = (FORMAT, "guard.profile/9", "guard.profile/8", "guard.profile/7", "guard.profile/6", "guard.profile/5", "guard.profile/4",
-             "guard.profile/3", "guard.profile/2")
+# Format 9 reads with no envelope demotion, 8 with no envelope, 7 with no lean either, 6 with no warp class either,
+# 5 with no reference; 4 and 3 with no suspect either, format 3 as top-q parts, format 2 as one unstandardised part,
+# each as it scored.
+_READABLE = (FORMAT, *(f"guard.profile/{version}" for version in range(9, 1, -1)))
 _REFERENCE = "reference/"  # the prefix of the reference's tensors
 _INPUT_BOUND = "input_bound"  # the input envelope's (C, H, W) bound
 _PART_KINDS = ("top_q", "distance")
