@@ -199,8 +199,9 @@ class Guard:
         model_labels = run.logits.argmax(axis=1)
         thresholds = self.profile.thresholds
         # what τ flags on: the check's score, or the input envelope's or the warp's lean (parts outside the served
-        # graph) where higher (a NaN stays NaN); demotion and the confirmation's ceiling stay on the check's parts that
-        # demote. A request outside the envelope is re-predicted as one the check scores above τ is.
+        # graph) where higher (a NaN stays NaN); the demote thresholds and the confirmation's ceiling stay on the
+        # check's parts that demote, the envelope's own threshold on its part. A request outside the envelope is
+        # re-predicted as one the check scores above τ is.
         flag_score, needs = run.score, run.needs
         outside = None
         if self._envelope is not None:
