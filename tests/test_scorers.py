@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from guard.calibrate import consistency
 from guard.calibrate.activations import Activations, channel_summaries, collect
 from guard.calibrate.consistency import (
     allowed_above,
@@ -419,21 +420,40 @@ def test_input_envelope_sums_the_excess_over_each_elements_clean_maximum() -> No
     np.testing.assert_allclose(envelope.standardised(x), [-0.5, -0.5, 1.0], atol=1e-6)
 
 
-def test_fit_envelope_is_cross_fitted_and_scaled_by_its_clean_quantile() -> None:
-    """The served bound is every element's largest value; each calibration sample is scored against the bound of the
-    other folds (against its own it would score 0), and the spread is the chosen quantile of those scores minus
-    their median, so about 1% of clean samples score above 1 at 0.99. A bright patch on the dark border, where no
-    clean sample reaches, scores far above every clean sample."""
+def test_fit_envelope_leaves_one_out_and_is_scaled_by_its_clean_quantile() -> None:
+    """The served bound is every element's largest value; each calibration sample is scored against the bound of all
+    the others (against its own it would score 0), and the spread is the chosen quantile of those scores minus their
+    median, so about 1% of clean samples score above 1 at 0.99. A bright patch on the dark border, where no clean
+    sample reaches, scores far above every clean sample."""
     rng = np.random.default_rng(3)
     clean = np.zeros((1000, 1, 8, 8), dtype=np.float32)
     clean[:, :, 2:6, 2:6] = rng.random((1000, 1, 4, 4), dtype=np.float32)  # a bright centre, a dark border
-    envelope, crossed = fit_envelope(clean, folds=5, seed=0, quantile=0.99)
+    envelope, crossed = fit_envelope(clean, quantile=0.99)
     np.testing.assert_array_equal(envelope.bound, clean.max(axis=0))
+    others = [InputEnvelope(np.delete(clean, i, axis=0).max(axis=0)).raw(clean[i:i + 1])[0] for i in range(len(clean))]
+    np.testing.assert_allclose(crossed * envelope.spread + envelope.centre, others, atol=1e-5)
     assert (envelope.raw(clean) == 0).all() and (crossed > 0).any()
     assert (crossed > 1).mean() == pytest.approx(0.01, abs=0.002)
     patched = clean[:50].copy()
     patched[:, :, -2:, -2:] = 1.0
     assert envelope.standardised(patched).min() > 10 * max(crossed.max(), 1.0)
+
+
+def test_fit_envelope_scores_lookalikes_against_each_other_and_spans_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two samples that alone reach a corner cover each other there: neither exceeds the other's bound, so neither
+    scores for it; one that alone reaches it scores its lead over the runner-up. Blocks of the input elements give
+    the same scores as one pass."""
+    x = np.zeros((6, 1, 3, 3), dtype=np.float32)
+    x[0, 0, 0, 0] = x[1, 0, 0, 0] = 0.9  # lookalikes
+    x[2, 0, 2, 2], x[3, 0, 2, 2] = 0.8, 0.3  # a lone one, and its runner-up
+    x[4, 0, 1, 1] = 0.5
+    envelope, whole = fit_envelope(x, quantile=0.99)
+    np.testing.assert_allclose(whole * envelope.spread + envelope.centre, [0, 0, 0.5, 0, 0.5, 0], atol=1e-6)
+    monkeypatch.setattr(consistency, "_ENVELOPE_CHUNK", 2)
+    _, chunked = fit_envelope(x, quantile=0.99)
+    np.testing.assert_array_equal(chunked, whole)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        fit_envelope(x[:1], quantile=0.99)
 
 
 # ---------------------------------------------------------------------------------------------- benign_set

@@ -132,9 +132,9 @@ class CalibrationSettings:
     # on the clean samples (guard.runtime.checks.InputEnvelope). A stamp where clean images are dark shows there
     # whether or not it took; the model's taps see it only through what it learnt. It does not raise the demote
     # thresholds of the check's parts (docs/design.md, "The input envelope"). Its spread is its clean
-    # `envelope_quantile` (the other parts': their 95th percentile) minus its median: a fresh clean image exceeds the
-    # other folds' envelope somewhere one time in eight, and on the 95th percentile that tail took so much of τ's
-    # budget that attack success rose.
+    # `envelope_quantile` (the other parts': their 95th percentile) minus its median: a clean image often exceeds the
+    # others' envelope somewhere (one time in eight against four folds' of 1,000), and on the 95th percentile that
+    # tail took so much of τ's budget that attack success rose. Its clean scores leave one sample out at a time.
     input_envelope: bool = True
     envelope_quantile: float = 0.99
     # A request whose envelope part alone lies above the clean samples' but for this share (bounded like the FPR)
@@ -341,8 +341,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         flag_score = np.maximum(score, (leaning - lean_centre) / lean_spread)
     envelope, outside = None, None
     if settings.input_envelope:
-        envelope, outside = fit_envelope(x[order], folds=settings.folds, seed=settings.seed,
-                                         quantile=settings.envelope_quantile)
+        envelope, outside = fit_envelope(x[order], quantile=settings.envelope_quantile)
         flag_score = np.maximum(flag_score, outside)
     k = compromise_threshold(result.z, check.active, settings.k_quantile, settings.k_min)
     benign_labels = run.benign_repredict(x[order], keep, bounds, result.z, (result.z > k).any(axis=1),
