@@ -133,8 +133,8 @@ class CalibrationSettings:
     # whether or not it took; the model's taps see it only through what it learnt. It does not raise the demote
     # thresholds of the check's parts (docs/design.md, "The input envelope"). Its spread is its clean
     # `envelope_quantile` (the other parts': their 95th percentile) minus its median: a clean image often exceeds the
-    # others' envelope somewhere (one time in eight against four folds' of 1,000), and on the 95th percentile that
-    # tail took so much of τ's budget that attack success rose. Its clean scores leave one sample out at a time.
+    # others' envelope somewhere (one time in eight against 800 others), and on the 95th percentile that tail took
+    # so much of τ's budget that attack success rose. Its clean scores leave one sample out at a time.
     input_envelope: bool = True
     envelope_quantile: float = 0.99
     # A request whose envelope part alone lies above the clean samples' but for this share (bounded like the FPR)
