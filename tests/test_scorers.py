@@ -450,8 +450,9 @@ def test_fit_envelope_scores_lookalikes_against_each_other_and_spans_chunks(monk
     envelope, whole = fit_envelope(x, quantile=0.99)
     np.testing.assert_allclose(whole * envelope.spread + envelope.centre, [0, 0, 0.5, 0, 0.5, 0], atol=1e-6)
     monkeypatch.setattr(consistency, "_ENVELOPE_CHUNK", 2)
-    _, chunked = fit_envelope(x, quantile=0.99)
+    chunked_envelope, chunked = fit_envelope(x, quantile=0.99)
     np.testing.assert_array_equal(chunked, whole)
+    np.testing.assert_array_equal(chunked_envelope.bound, x.max(axis=0))
     with pytest.raises(ValueError, match="at least 2 samples"):
         fit_envelope(x[:1], quantile=0.99)
 

@@ -147,11 +147,13 @@ def fit_envelope(x: np.ndarray, *, quantile: float) -> tuple[InputEnvelope, np.n
         raise ValueError(f"the input envelope needs at least 2 samples, got {len(x)}")
     flat = x.reshape(len(x), -1)
     raw = np.zeros(len(x), dtype=np.float32)
+    bound = np.empty(flat.shape[1], dtype=x.dtype)
     for start in range(0, flat.shape[1], _ENVELOPE_CHUNK):  # a bounded copy for np.partition
         block = flat[:, start:start + _ENVELOPE_CHUNK]
         runner_up, largest = np.partition(block, len(x) - 2, axis=0)[-2:]
         np.add.at(raw, block.argmax(axis=0), largest - runner_up)
-    part = InputEnvelope(x.max(axis=0), *part_scale(raw, quantile))
+        bound[start:start + _ENVELOPE_CHUNK] = largest
+    part = InputEnvelope(bound.reshape(x.shape[1:]), *part_scale(raw, quantile))
     return part, ((raw - np.float32(part.centre)) / np.float32(part.spread)).astype(np.float32)
 
 
