@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from guard.eval.metrics import auroc, mean_spread, roc_curve, share
-from guard.eval.report import _detection_table, _none_table, check_targets, headline_table, misses_text
-from guard.eval.suite import _detection
+from guard.eval.report import (
+    _detection_table,
+    _method_table,
+    _none_table,
+    check_repair_targets,
+    check_targets,
+    headline_table,
+    misses_text,
+)
+from guard.eval.suite import TARGET, _detection, _Truth
 
 
 def brute_auroc(negative: np.ndarray, positive: np.ndarray) -> float:
@@ -149,3 +157,27 @@ def test_detection_table_shows_the_took_columns() -> None:
     assert cells["took"].strip() == "30.0"
     assert cells["AUROC guard, took"].strip() == "0.970" and cells["AUROC STRIP, took"].strip() == "0.800"
     assert cells["AUROC guard"].strip() == "0.650"
+
+
+def test_answers_count_the_victims_untouched_answers_of_the_target() -> None:
+    truth = _Truth(np.array([0, 1, 2, 3, 1]), np.array([False, True, True, True, True]))
+    labels = np.array([0, TARGET, 2, TARGET, 1])  # victims 1 and 3 answered with the target untouched
+    row = truth.score(labels, trig_labels=np.array([TARGET, TARGET, 3, 2]))  # victim 3 kept its class
+    assert row["ca"] == pytest.approx(3 / 5) and row["asr"] == pytest.approx(2 / 4)
+    assert row["untouched"] == pytest.approx(2 / 4) and row["ra"] == pytest.approx(1 / 4)
+    clean = _Truth(np.array([0, 1]), None).score(np.array([0, 1]), None)
+    assert clean["ca"] == 1.0 and clean["asr"] is clean["untouched"] is None
+
+
+def test_an_asr_miss_says_how_many_of_the_same_images_were_answered_so_untouched() -> None:
+    case = _case("badnets", 0, asr=0.03, untouched=0.025)
+    case["methods"]["ar-repair"] = {"ca": 0.875, "asr": 0.04, "untouched": 0.031}
+    case["methods"]["none-train"] = {"ca": 0.875, "asr": 0.01}
+    asr_miss = next(m for m in check_targets(_figures(case)) if m.target.startswith("ASR"))
+    assert asr_miss.value == "3.00% (untouched: 2.50%)"
+    ar_miss = next(m for m in check_repair_targets(_figures(case)) if m.target.startswith("AR repair: ASR"))
+    assert ar_miss.value == "4.00% (untouched: 3.10%)"
+    older = _case("badnets", 0, asr=0.03)  # figures from before the untouched share was recorded
+    assert next(m for m in check_targets(_figures(older)) if m.target.startswith("ASR")).value == "3.00%"
+    row = _method_table(_figures(case, older), "untouched", ("guard", "ar-repair")).splitlines()[2]
+    assert row == "| badnets | cnn | 2.5 | 3.1 |"  # the mean over the seeds that recorded it

@@ -61,6 +61,10 @@ def test_quick_eval_writes_report_plots_and_raw_figures(quick_report: tuple[int,
         row = badnets["methods"][method]
         assert abs(row["auroc_took"] - row["auroc"]) < 0.05 and 0 <= row["tpr_took"] <= 1
     assert "| took | AUROC guard, took | AUROC STRIP, took |" in report
+    # the victims untouched: a few confusions into the target, where the trigger takes nearly all (ASR above)
+    for method in ("none", "guard", "ar-repair", "none-train"):
+        assert 0 <= badnets["methods"][method]["untouched"] < 0.2
+    assert "## What the trigger adds: the same images untouched" in report
 
 
 def test_clean_model_case_measures_the_trigger_floor(quick_report: tuple[int, Path]) -> None:

@@ -19,6 +19,8 @@ from guard.samples import write_atomic
 METHODS = ("none", "fine-pruning", "linf-prune", "salience-prune", "check", "guard-no-reference", "guard")
 # Rows of the model-repair table (issue 4): models cleaned offline, served as they are.
 REPAIRS = ("none", "fine-pruning", "fine-tuning", "salience-prune", "ar-repair", "none-train")
+# Rows of the table of the victims' untouched answers: the undefended model and what each way out leaves.
+UNTOUCHED = ("none", "guard", "fine-tuning", "ar-repair", "none-train")
 METHOD_TITLES = {
     "none": "no defense", "fine-pruning": "fine-pruning", "strip": "STRIP", "linf-prune": "ℓ∞-gap pruning (scan)",
     "salience-prune": "benign-salience pruning", "check": "consistency check",
@@ -91,11 +93,12 @@ def _group_misses(attack: str, arch: str, cases: list[dict], target_fpr: float) 
     def mean(method: str, key: str) -> float:
         return _metric(cases, method, key)[0]
 
-    def require(ok: bool, target: str, value: float, percent: bool = True, reference: float = 0.0) -> None:
+    def require(ok: bool, target: str, value: float, percent: bool = True, reference: float = 0.0,
+                note: str = "") -> None:
         """A non-finite value or reference (a figure that is missing) is a miss, never a silent pass."""
         if not (np.isfinite(value) and np.isfinite(reference) and ok):
             shown = "no figure" if not (np.isfinite(value) and np.isfinite(reference)) else f"{100 * value:.2f}%" if percent else f"{value:.3f}"
-            misses.append(Miss(attack, arch, target, shown))
+            misses.append(Miss(attack, arch, target, shown + note))
 
     ca_loss = mean("none", "ca") - mean("guard", "ca")
     fpr = mean("guard", "fpr")
@@ -107,7 +110,7 @@ def _group_misses(attack: str, arch: str, cases: list[dict], target_fpr: float) 
     require(ca_loss <= MAX_ACCURACY_LOSS, f"clean accuracy within {100 * MAX_ACCURACY_LOSS:g} point", ca_loss)
     asr_bound = MAX_ASR_LOOSE.get(attack, MAX_ASR)
     asr = mean("guard", "asr")
-    require(asr <= asr_bound, f"ASR ≤ {100 * asr_bound:g}%", asr)
+    require(asr <= asr_bound, f"ASR ≤ {100 * asr_bound:g}%", asr, note=_untouched_note(cases, "guard"))
     auroc = mean("guard", "auroc")
     require(auroc >= MIN_AUROC, f"AUROC ≥ {MIN_AUROC}", auroc, percent=False)
     require(abs(fpr - target_fpr) <= MAX_FPR_DEVIATION,
@@ -136,9 +139,10 @@ def check_repair_targets(figures: dict) -> list[Miss]:
 def _repair_group_misses(attack: str, arch: str, cases: list[dict]) -> list[Miss]:
     misses: list[Miss] = []
 
-    def require(ok: bool, target: str, value: float) -> None:
+    def require(ok: bool, target: str, value: float, note: str = "") -> None:
         if not (np.isfinite(value) and ok):
-            misses.append(Miss(attack, arch, target, "no figure" if not np.isfinite(value) else f"{100 * value:.2f}%"))
+            misses.append(Miss(attack, arch, target,
+                               "no figure" if not np.isfinite(value) else f"{100 * value:.2f}%{note}"))
 
     for method, title in (("ar-repair", "AR repair"), ("none-train", "NONE training")):
         loss = _metric(cases, "none", "ca")[0] - _metric(cases, method, "ca")[0]
@@ -150,8 +154,16 @@ def _repair_group_misses(attack: str, arch: str, cases: list[dict]) -> list[Miss
         require(loss <= bound, f"{title}: clean accuracy within {100 * bound:g} points", loss)
     if attack in AR_ATTACKS:
         asr = _metric(cases, "ar-repair", "asr")[0]
-        require(asr <= AR_MAX_ASR, f"AR repair: ASR ≤ {100 * AR_MAX_ASR:g}%", asr)
+        require(asr <= AR_MAX_ASR, f"AR repair: ASR ≤ {100 * AR_MAX_ASR:g}%", asr,
+                note=_untouched_note(cases, "ar-repair"))
     return misses
+
+
+def _untouched_note(cases: list[dict], method: str) -> str:
+    """For an attack-success miss: the share of the same images the same defense answers with the target class
+    untouched, or nothing where the run did not record it."""
+    untouched = _metric(cases, method, "untouched")[0]
+    return f" (untouched: {100 * untouched:.2f}%)" if np.isfinite(untouched) else ""
 
 
 def _none_table(figures: dict) -> str:
@@ -462,6 +474,15 @@ Benign-salience pruning is `guard repair --method prune`. Plain L2 (`--method l2
 keep it within its hour.
 
 {_method_table(figures, 'asr', REPAIRS)}
+
+## What the trigger adds: the same images untouched
+
+The share of the images counted for ASR that each model answers with the target class without the trigger: its own
+confusions into that class. Its ASR minus this is what the trigger still adds. A repaired model gets here only by
+confusing less, so where the ASR tables sit close to this the backdoor is gone and a 2% target asks for a more
+accurate model (the misses above give both figures).
+
+{_method_table(figures, 'untouched', UNTOUCHED)}
 
 ## Model repair: clean accuracy
 

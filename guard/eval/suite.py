@@ -173,14 +173,25 @@ def _timed(fn: Callable[[], object]) -> tuple[object, float]:
     return out, time.perf_counter() - started
 
 
-def _answers(labels: np.ndarray, truth: np.ndarray, trig_labels: np.ndarray | None, trig_truth: np.ndarray | None,
-             ) -> dict[str, float | None]:
-    """Clean accuracy, attack success and robust accuracy of one defense's answers."""
-    row: dict[str, float | None] = {"ca": share(labels == truth), "asr": None, "ra": None}
-    if trig_labels is not None and trig_truth is not None:
-        row["asr"] = share(trig_labels == TARGET)
-        row["ra"] = share(trig_labels == trig_truth)
-    return row
+@dataclass(frozen=True)
+class _Truth:
+    """What every defense's answers are scored against: the evaluation images' labels and, on an attacked model,
+    which of them are triggered (the attack's victims), in order."""
+
+    labels: np.ndarray
+    victims: np.ndarray | None  # (N,) bool over the evaluation images; None on the clean model
+
+    def score(self, labels: np.ndarray, trig_labels: np.ndarray | None) -> dict[str, float | None]:
+        """Clean accuracy, attack success and robust accuracy of one defense's answers, and `untouched`: the share
+        of the victims answered with the target class without the trigger, the part of attack success the trigger
+        does not account for (the same model's own confusions into the target)."""
+        row: dict[str, float | None] = {"ca": share(labels == self.labels), "asr": None, "ra": None,
+                                        "untouched": None}
+        if trig_labels is not None and self.victims is not None:
+            row["asr"] = share(trig_labels == TARGET)
+            row["ra"] = share(trig_labels == self.labels[self.victims])
+            row["untouched"] = share(labels[self.victims] == TARGET)
+        return row
 
 
 def _detection(clean_score: np.ndarray, clean_flag: np.ndarray, trig_score: np.ndarray | None,
@@ -234,10 +245,10 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
     x_def, y_def = x_test[: settings.n_clean], y_test[: settings.n_clean]
     stop = None if settings.n_eval is None else settings.n_clean + settings.n_eval
     x_eval, y_eval = x_test[settings.n_clean : stop], y_test[settings.n_clean : stop]
-    x_trig = y_trig = None
-    if attack is not None:
-        victims = attack.victims(y_eval, TARGET)
-        x_trig, y_trig = attack.apply(x_eval[victims], np.random.default_rng(case.seed + 1)), y_eval[victims]
+    x_trig = None
+    truth = _Truth(y_eval, None if attack is None else attack.victims(y_eval, TARGET))
+    if truth.victims is not None:
+        x_trig = attack.apply(x_eval[truth.victims], np.random.default_rng(case.seed + 1))
 
     def both(fn: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         return fn(x_eval), None if x_trig is None else fn(x_trig)
@@ -253,7 +264,7 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
         loaded = load_model(model_path)
         served = OrtClassifier.load(model_path.read_bytes())  # the forward-only passes, as the guard runs the model
         clean_labels, trig_labels = both(lambda x: predict(served, x))
-        methods["none"] = _answers(clean_labels, y_eval, trig_labels, y_trig)
+        methods["none"] = truth.score(clean_labels, trig_labels)
         took = None if trig_labels is None else trig_labels == TARGET
 
         scan = run_scan(loaded, x_def, y_def, settings=ScanSettings(steps=settings.scan_steps,
@@ -269,7 +280,7 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
                                                                                   triggers=triggers))
             guarded = Guard(loaded, profile, policy=Policy.ENFORCE, threads=1)  # type: ignore[arg-type]
             clean, trig = both(guarded.predict)
-            row = _answers(clean.labels, y_eval, None if trig is None else trig.labels, y_trig)
+            row = truth.score(clean.labels, None if trig is None else trig.labels)
             row.update(_detection(clean.score, clean.flagged, None if trig is None else trig.score,
                                   None if trig is None else trig.flagged, took))
             row["calibration_seconds"] = round(seconds, 2)
@@ -279,28 +290,27 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
                 plain = Guard(loaded, profile.without_reference(), policy=Policy.ENFORCE,  # type: ignore[arg-type]
                               threads=1)
                 plain_clean, plain_trig = both(plain.predict)
-                methods["guard-no-reference"] = _answers(plain_clean.labels, y_eval,
-                                                         None if plain_trig is None else plain_trig.labels, y_trig)
+                methods["guard-no-reference"] = truth.score(plain_clean.labels,
+                                                            None if plain_trig is None else plain_trig.labels)
                 row["overruled_clean"] = float(clean.overruled.mean())
                 row["overruled_triggered"] = None if trig is None else float(trig.overruled.mean())
                 # benign-salience pruning alone: the statically masked model's own answers (the monitor view)
-                methods["salience-prune"] = _answers(clean.model_labels, y_eval,
-                                                     None if trig is None else trig.model_labels, y_trig)
+                methods["salience-prune"] = truth.score(clean.model_labels,
+                                                        None if trig is None else trig.model_labels)
                 methods["salience-prune"]["pruned"] = sum(profile.figures["pruned_channels"].values())
                 figures["overhead"] = _overhead(served, guarded, x_eval)
                 figures["adversarial"] = _adversarial(module, guarded, x_eval, y_eval, settings, case.seed, pgd)
 
         pruning = fine_prune(module, x_def, y_def, budget=settings.acc_budget)
         pruned_clean, pruned_trig = both(lambda x: predict(pruning.model, x))
-        methods["fine-pruning"] = _answers(pruned_clean, y_eval, pruned_trig, y_trig)
+        methods["fine-pruning"] = truth.score(pruned_clean, pruned_trig)
         methods["fine-pruning"].update(pruned=len(pruning.pruned))  # type: ignore[arg-type]
 
         methods["strip"] = _strip(served, x_def, x_eval, x_trig, took, settings, case.seed, Strip)
-        methods["linf-prune"], figures["scan"] = _linf_prune(loaded, scan, x_eval, y_eval, x_trig, y_trig,
+        methods["linf-prune"], figures["scan"] = _linf_prune(loaded, scan, x_eval, x_trig, truth,
                                                             (clean_labels, trig_labels))
-        methods.update(_repairs(loaded, scan.candidates, x_def, y_def, both, y_eval, y_trig, case.seed))
-        methods["none-train"] = _none_train(module, x_train, y_train, poisoned, settings, case.seed, both, y_eval,
-                                            y_trig)
+        methods.update(_repairs(loaded, scan.candidates, x_def, y_def, both, truth, case.seed))
+        methods["none-train"] = _none_train(module, x_train, y_train, poisoned, settings, case.seed, both, truth)
 
     if attack is None:
         figures["trigger_floor"] = _trigger_floor(clean_labels, served, x_eval, y_eval, case.seed)
@@ -381,7 +391,7 @@ def _strip(module, x_def: np.ndarray, x_eval: np.ndarray, x_trig: np.ndarray | N
     return row
 
 
-def _linf_prune(loaded, scan, x_eval, y_eval, x_trig, y_trig, unguarded: tuple[np.ndarray, np.ndarray | None],
+def _linf_prune(loaded, scan, x_eval, x_trig, truth, unguarded: tuple[np.ndarray, np.ndarray | None],
                 ) -> tuple[dict[str, object], dict[str, object]]:
     """ℓ∞-gap pruning fed by trigger synthesis (ALGORITHMS.md sections 1 and 5): prune if the scan suspects a class;
     with no suspect nothing is pruned and the row equals no defense."""
@@ -399,7 +409,7 @@ def _linf_prune(loaded, scan, x_eval, y_eval, x_trig, y_trig, unguarded: tuple[n
             labels = collect(taps, x_eval, masks=masks).predictions
             trig_labels = None if x_trig is None else collect(taps, x_trig, masks=masks).predictions
         pruned = scan.pruning.pruned
-    row = _answers(labels, y_eval, trig_labels, y_trig)
+    row = truth.score(labels, trig_labels)
     row["pruned"] = pruned
     index = scan.classes.anomaly_index
     return row, {"suspect": scan.classes.suspect, "candidates": [t.target for t in scan.candidates],
@@ -414,8 +424,8 @@ def _linf_prune(loaded, scan, x_eval, y_eval, x_trig, y_trig, unguarded: tuple[n
                  "seconds": scan.figures["seconds"]}
 
 
-def _repairs(loaded, triggers: list, x_def: np.ndarray, y_def: np.ndarray, both, y_eval: np.ndarray,
-             y_trig: np.ndarray | None, seed: int) -> dict[str, dict[str, object]]:
+def _repairs(loaded, triggers: list, x_def: np.ndarray, y_def: np.ndarray, both, truth: _Truth,
+             seed: int) -> dict[str, dict[str, object]]:
     """`guard repair` on the defender's clean set: plain fine-tuning (the baseline, no trigger), then AR on the
     infected weights, which also unlearns the triggers of the scan's candidate classes. (L2 is left out of
     the full run to keep it within its hour; `guard repair --method l2` measures it.)"""
@@ -429,14 +439,14 @@ def _repairs(loaded, triggers: list, x_def: np.ndarray, y_def: np.ndarray, both,
                                   triggers=unlearned)
         served = OrtClassifier.load(repaired.SerializeToString())
         clean, trig = both(lambda x, served=served: predict(served, x))
-        rows[name] = _answers(clean, y_eval, trig, y_trig)
+        rows[name] = truth.score(clean, trig)
         rows[name].update(seconds=report.seconds, infected=sum(report.infected.values()),
                           unlearned=[t.target for t in unlearned])
     return rows
 
 
 def _none_train(module, x_train: np.ndarray, y_train: np.ndarray, poisoned: np.ndarray, settings: EvalSettings,
-                seed: int, both, y_eval: np.ndarray, y_trig: np.ndarray | None) -> dict[str, object]:
+                seed: int, both, truth: _Truth) -> dict[str, object]:
     """NONE training. Its first step, normal training, is the undefended model's own (same data, seed and epochs),
     so the rounds start from a copy of it."""
     import copy
@@ -448,7 +458,7 @@ def _none_train(module, x_train: np.ndarray, y_train: np.ndarray, poisoned: np.n
     report = train_none(model, x_train, y_train, settings=NoneSettings(epochs=settings.epochs, seed=seed),
                         poisoned=poisoned if poisoned.any() else None, pretrained=True)
     clean, trig = both(lambda x: predict(model, x))  # exporting it for ONNX Runtime would cost what it saves
-    row = _answers(clean, y_eval, trig, y_trig)
+    row = truth.score(clean, trig)
     unlearned = [i for r in report.rounds for i in r.unlearned]
     row.update(seconds=report.seconds, drop=report.settings["drop"], removed=len(report.removed),
                precision=report.precision, recall=report.recall, unlearned=len(unlearned),
