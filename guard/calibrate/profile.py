@@ -339,6 +339,9 @@ class Profile:
                                  f"one of {TAP_KINDS} and one of {FOLD_MODES}")
             taps.append(TapProfile(name=str(tap["name"]), kind=str(tap["kind"]), fold=str(tap["fold"]),
                                    unit_bound=bound, **arrays))
+        names = [t.name for t in taps]
+        if not names or len(set(names)) != len(names):  # the served graph reports each tap once, and needs one
+            raise ValueError(f"a profile needs at least one tap, each named once; got {names}")
         total = sum(t.channels for t in taps)
         num_classes = meta["num_classes"]
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
