@@ -556,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--on-check-failure", dest="on_check_failure", choices=["closed", "open"],
                      help="a request the guard could not check: refuse it (closed, default) or answer unguarded")
     srv.add_argument("--check-budget-ms", dest="check_budget_ms", type=float,
-                     help="the guarded run may take this long before it counts as a failed check (default: none)")
+                     help="the guarded run may take this long per sample of its batch before it counts as a "
+                          "failed check (default: none)")
     srv.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain: gRPC over TLS (with --tls-key)")
     srv.add_argument("--tls-key", dest="tls_key", help="PEM private key")
     srv.add_argument("--tls-client-ca", dest="tls_client_ca", help="PEM CA: require client certificates (mTLS)")

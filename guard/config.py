@@ -72,8 +72,8 @@ class ServeSettings(BaseSettings):
     grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
     on_check_failure: FailurePolicy = Field(FailurePolicy.CLOSED, description="closed: refuse a request the guard "
                                             "could not check (UNAVAILABLE); open: answer it unguarded, marked")
-    check_budget_ms: float = Field(0.0, ge=0, description="the guarded run may take this long before it counts as "
-                                                           "a failed check (0: no limit)")
+    check_budget_ms: float = Field(0.0, ge=0, description="the guarded run may take this long per sample of its "
+                                                           "batch before it counts as a failed check (0: no limit)")
     tls_cert: Path | None = Field(None, description="PEM certificate chain: serve gRPC over TLS (with tls_key)")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
     tls_client_ca: Path | None = Field(None, description="PEM CA: require client certificates it signed (mutual TLS)")

@@ -3,6 +3,7 @@ inside the check, not a stub), under each failure policy, in-process and through
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import numpy as np
@@ -19,7 +20,7 @@ from guard.runtime.guard import Guard
 from guard.server.app import GuardServer
 
 MODEL = "badnets"
-BUDGET = 1e-6  # seconds: the abort lands before a 256-image batch is through the graph
+BUDGET = 1e-9  # seconds per sample: the abort lands before a 256-image batch is through the graph
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,22 @@ def test_fail_closed_refuses_and_fail_open_answers_unguarded(backdoored: Backdoo
     np.testing.assert_array_equal(result.labels, bare.argmax(axis=1))  # the model's own answers, triggers and all
     unlimited = Guard.load(backdoored.model_path, backdoored.profile_path, on_failure="open").predict(big_batch)
     assert not unlimited.unchecked and unlimited.flagged[128:].mean() > 0.8  # no failure: guarded as usual
+
+
+def test_the_budget_grows_with_the_batch(backdoored: Backdoored, big_batch: np.ndarray) -> None:
+    """A budget per run would let a caller fail the check at will with a batch large enough to outlast it, and under
+    fail-open read the unguarded model's answers; per sample, a batch gets as long as its samples would alone."""
+    unlimited = Guard.load(backdoored.model_path, backdoored.profile_path)
+    one = big_batch[128:129]
+    times = []
+    for _ in range(7):
+        started = time.perf_counter()
+        unlimited.predict(one)
+        times.append(time.perf_counter() - started)
+    per_sample = 30 * float(np.median(times))  # the 256-image batch takes several times this on the whole
+    opened = Guard.load(backdoored.model_path, backdoored.profile_path, check_budget=per_sample, on_failure="open")
+    result = opened.predict(big_batch)
+    assert not result.unchecked and result.flagged[128:].mean() > 0.8  # checked, the triggers caught
 
 
 def test_a_budget_needs_the_onnxruntime_engine(backdoored: Backdoored) -> None:
@@ -63,6 +80,11 @@ def test_the_server_applies_the_policy_and_counts_it(backdoored: Backdoored, big
                 reply = client.infer(MODEL, [tensor])
                 assert reply.get_response().parameters["guard_unchecked"].bool_param
                 assert not reply.as_numpy("guard_flagged").any()
+                # unguarded logits that overflow are refused, and not counted as an unguarded answer
+                huge = triton.InferInput("input", [1, 1, 28, 28], "FP32")
+                huge.set_data_from_numpy(np.full((1, 1, 28, 28), 3e38, np.float32))
+                with pytest.raises(InferenceServerException, match="NaN or Inf"):
+                    client.infer(MODEL, [huge])
         with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
             text = response.read().decode()
     finally:

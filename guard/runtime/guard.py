@@ -73,8 +73,10 @@ class Guard:
                  policy: Policy | str = Policy.ENFORCE, threads: int = 0, engine: str = "onnxruntime",
                  io_binding: bool | None = None, on_failure: FailurePolicy | str = FailurePolicy.CLOSED,
                  check_budget: float | None = None) -> None:
-        """`on_failure`: what a failed check does (refuse, or answer unguarded); `check_budget`: seconds the guarded
-        run may take before it counts as failed (None: no limit; the ONNX Runtime engine only)."""
+        """`on_failure`: what a failed check does (refuse, or answer unguarded); `check_budget`: seconds per sample
+        the guarded run of a batch may take before it counts as failed (None: no limit; the ONNX Runtime engine
+        only). Per sample, because a fixed budget per run would let a caller fail the check at will, by sending a
+        batch large enough to outlast it, and under fail-open get the unguarded model's answers."""
         if check_budget is not None and (engine != "onnxruntime" or check_budget <= 0):
             raise GuardError("a check budget needs the onnxruntime engine and a positive number of seconds")
         profile.verify_model(model.sha256)
@@ -187,7 +189,7 @@ class Guard:
 
     def _guarded(self, x: np.ndarray) -> Result:
         t0 = time.perf_counter()
-        deadline = None if self.check_budget is None else t0 + self.check_budget
+        deadline = None if self.check_budget is None else t0 + self.check_budget * len(x)
         run = self.engine.run(x, deadline)
         t1 = time.perf_counter()
         seconds = {"engine": t1 - t0}

@@ -90,14 +90,14 @@ class DataPlane:
         except CheckFailedError:
             self.metrics.check_failures.labels(model=self.name, outcome="refused").inc()
             raise
-        if result.unchecked:
-            self.metrics.check_failures.labels(model=self.name, outcome="answered_unguarded").inc()
         broken = ~np.isfinite(result.logits).all(axis=1)
         if not result.unchecked:  # an unguarded answer has no score
             broken |= ~np.isfinite(result.score)
         if broken.any():  # finite inputs the model overflows on: no answer is better than a NaN one
             raise RequestError(f"the model's outputs are NaN or Inf for sample(s) {np.flatnonzero(broken).tolist()[:10]}"
                                ": the input is far outside what the model computes with; not answered")
+        if result.unchecked:  # counted once answered: a refusal above is no unguarded answer
+            self.metrics.check_failures.labels(model=self.name, outcome="answered_unguarded").inc()
         total = decode_seconds + time.perf_counter() - started
         m, name = self.metrics, self.name
         flagged = int(result.flagged.sum())
