@@ -81,6 +81,7 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port."""
+        # (server, thread) since prometheus-client 0.20, the lowest the project allows
         self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
         return int(self._http.server_port)
 
