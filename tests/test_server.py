@@ -364,6 +364,39 @@ def test_calls_beyond_max_inflight_are_refused_at_once(backdoored: Backdoored) -
         server.stop(grace=1)
 
 
+def test_a_request_out_of_time_waiting_for_a_worker_gives_up_its_place(backdoored: Backdoored) -> None:
+    """With the one worker busy on a long request, a request whose deadline passes while it waits for the worker is
+    dropped then, not once the worker is free, so its place among the --max-inflight held requests goes to the
+    next caller rather than refusing it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0, metrics_port=0,
+                             workers=1, max_inflight=2, max_batch=4096)
+    server = GuardServer(settings)
+    server.start()
+    long = np.random.default_rng(0).random((4096, 1, 28, 28), dtype=np.float32)  # about a second in the engine
+    try:
+        with ThreadPoolExecutor(1) as caller, triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
+            running = caller.submit(call_once, server, long)
+            deadline = time.monotonic() + 10
+            while not re.search(r"^guard_inflight_requests 1\.0$", scrape(server), re.MULTILINE):
+                assert time.monotonic() < deadline and not running.done(), "the long request never arrived"
+                time.sleep(0.005)
+            tensor = triton.InferInput("input", [1, 1, 28, 28], "FP32")
+            tensor.set_data_from_numpy(backdoored.x_eval[:1])
+            with pytest.raises(InferenceServerException, match="DEADLINE_EXCEEDED"):
+                client.infer(MODEL, [tensor], client_timeout=0.05)
+            time.sleep(0.05)  # the server's own wait ends at the same deadline
+            assert not running.done(), "the long request ended too soon to hold the worker"
+            assert call_once(server, backdoored.x_eval[:3]) == 3  # admitted: two places, one held by the long one
+            assert running.result() == len(long)
+        text = scrape(server)
+    finally:
+        server.stop(grace=1)
+    assert metric(text, "guard_request_errors_total", model=MODEL, code="DEADLINE_EXCEEDED") == 1
+    assert metric(text, "guard_request_errors_total", model=MODEL, code="RESOURCE_EXHAUSTED") == 0
+
+
 def call_once(server: GuardServer, x: np.ndarray) -> int:
     with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
         tensor = triton.InferInput("input", list(x.shape), "FP32")

@@ -120,11 +120,14 @@ class DataPlane:
     def _predict(self, x: np.ndarray, time_left: float | None, started: float) -> Result:
         if self.batcher is not None:  # a bad request is refused here, alone, before it could fail a shared batch
             return self.batcher.submit(self.guard.validate(x), time_left)
-        with self._running:  # at most `workers` engine runs at once; the other admitted requests wait here
-            if time_left is not None and time_left - (time.perf_counter() - started) <= 0:
-                raise DeadlineExceededError("the deadline passed while the request waited for the engine; "
-                                            "not computed")
+        # at most `workers` engine runs at once; the other admitted requests wait here, until their deadline at most
+        wait = None if time_left is None else min(time_left - (time.perf_counter() - started), threading.TIMEOUT_MAX)
+        if (wait is not None and wait <= 0) or not self._running.acquire(timeout=wait):
+            raise DeadlineExceededError("the deadline passed while the request waited for the engine; not computed")
+        try:
             result = self.guard.predict(x)
+        finally:
+            self._running.release()
         self.metrics.batch.labels(model=self.name).observe(len(x))
         return result
 
