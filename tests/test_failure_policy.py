@@ -46,13 +46,13 @@ def test_the_budget_grows_with_the_batch(backdoored: Backdoored, big_batch: np.n
     """A budget per run would let a caller fail the check at will with a batch large enough to outlast it, and under
     fail-open read the unguarded model's answers; per sample, a batch gets as long as its samples would alone."""
     unlimited = Guard.load(backdoored.model_path, backdoored.profile_path)
-    one = big_batch[128:129]
     times = []
-    for _ in range(7):
+    for _ in range(5):
         started = time.perf_counter()
-        unlimited.predict(one)
+        unlimited.predict(big_batch)
         times.append(time.perf_counter() - started)
-    per_sample = 30 * float(np.median(times))  # the 256-image batch takes several times this on the whole
+    # the batch takes a tenth of its budget per sample, and 25 times a budget that were per run
+    per_sample = 10 * float(np.median(times)) / len(big_batch)
     opened = Guard.load(backdoored.model_path, backdoored.profile_path, check_budget=per_sample, on_failure="open")
     result = opened.predict(big_batch)
     assert not result.unchecked and result.flagged[128:].mean() > 0.8  # checked, the triggers caught
@@ -80,9 +80,10 @@ def test_the_server_applies_the_policy_and_counts_it(backdoored: Backdoored, big
                 reply = client.infer(MODEL, [tensor])
                 assert reply.get_response().parameters["guard_unchecked"].bool_param
                 assert not reply.as_numpy("guard_flagged").any()
-                # unguarded logits that overflow are refused, and not counted as an unguarded answer
-                huge = triton.InferInput("input", [1, 1, 28, 28], "FP32")
-                huge.set_data_from_numpy(np.full((1, 1, 28, 28), 3e38, np.float32))
+                # unguarded logits that overflow are refused, and not counted as an unguarded answer (as large a
+                # batch as above, so that the check fails on it too)
+                huge = triton.InferInput("input", list(big_batch.shape), "FP32")
+                huge.set_data_from_numpy(np.full(big_batch.shape, 3e38, np.float32))
                 with pytest.raises(InferenceServerException, match="NaN or Inf"):
                     client.infer(MODEL, [huge])
         with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:

@@ -365,35 +365,55 @@ def test_calls_beyond_max_inflight_are_refused_at_once(backdoored: Backdoored) -
 
 
 def test_a_request_out_of_time_waiting_for_a_worker_gives_up_its_place(backdoored: Backdoored) -> None:
-    """With the one worker busy on a long request, a request whose deadline passes while it waits for the worker is
-    dropped then, not once the worker is free, so its place among the --max-inflight held requests goes to the
-    next caller rather than refusing it."""
+    """With the one worker busy, a request whose deadline passes while it waits for the worker is dropped then, not
+    once the worker is free, so its place among the --max-inflight held requests goes to the next caller rather than
+    refusing it. The worker is held by a gate in front of the real guard until the end."""
     from concurrent.futures import ThreadPoolExecutor
 
     settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0, metrics_port=0,
-                             workers=1, max_inflight=2, max_batch=4096)
+                             workers=1, max_inflight=2)
     server = GuardServer(settings)
+    entered, release = threading.Event(), threading.Event()
+    predict = server.plane.guard.predict
+
+    def held(x: np.ndarray):
+        entered.set()
+        release.wait(30)
+        return predict(x)
+
+    server.plane.guard.predict = held  # type: ignore[method-assign]
     server.start()
-    long = np.random.default_rng(0).random((4096, 1, 28, 28), dtype=np.float32)  # about a second in the engine
+
+    def until(condition, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+
+    def inflight() -> float:
+        match = re.search(r"^guard_inflight_requests (\S+)$", scrape(server), re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
     try:
-        with ThreadPoolExecutor(1) as caller, triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
-            running = caller.submit(call_once, server, long)
-            deadline = time.monotonic() + 10
-            while not re.search(r"^guard_inflight_requests 1\.0$", scrape(server), re.MULTILINE):
-                assert time.monotonic() < deadline and not running.done(), "the long request never arrived"
-                time.sleep(0.005)
+        with ThreadPoolExecutor(2) as callers, triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
+            assert client.is_server_live()
+            first = callers.submit(call_once, server, backdoored.x_eval[:2])
+            assert entered.wait(10), "the first request never reached the engine"
             tensor = triton.InferInput("input", [1, 1, 28, 28], "FP32")
             tensor.set_data_from_numpy(backdoored.x_eval[:1])
             with pytest.raises(InferenceServerException, match="DEADLINE_EXCEEDED"):
-                client.infer(MODEL, [tensor], client_timeout=0.05)
-            time.sleep(0.05)  # the server's own wait ends at the same deadline
-            assert not running.done(), "the long request ended too soon to hold the worker"
-            assert call_once(server, backdoored.x_eval[:3]) == 3  # admitted: two places, one held by the long one
-            assert running.result() == len(long)
+                client.infer(MODEL, [tensor], client_timeout=0.5)
+            until(lambda: metric(scrape(server), "guard_request_errors_total", model=MODEL,
+                                 code="DEADLINE_EXCEEDED") == 1, "the waiting request was not dropped at its deadline")
+            until(lambda: inflight() == 1, "the dropped request still holds its place")
+            third = callers.submit(call_once, server, backdoored.x_eval[:3])  # admitted, waits for the worker
+            until(lambda: inflight() == 2 or third.done(), "the third request was not admitted")
+            release.set()
+            assert first.result() == 2 and third.result() == 3
         text = scrape(server)
     finally:
+        release.set()
         server.stop(grace=1)
-    assert metric(text, "guard_request_errors_total", model=MODEL, code="DEADLINE_EXCEEDED") == 1
     assert metric(text, "guard_request_errors_total", model=MODEL, code="RESOURCE_EXHAUSTED") == 0
 
 
