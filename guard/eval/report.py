@@ -98,7 +98,7 @@ def _group_misses(attack: str, arch: str, cases: list[dict], target_fpr: float) 
         """A non-finite value or reference (a figure that is missing) is a miss, never a silent pass."""
         if not (np.isfinite(value) and np.isfinite(reference) and ok):
             shown = "no figure" if not (np.isfinite(value) and np.isfinite(reference)) else f"{100 * value:.2f}%" if percent else f"{value:.3f}"
-            misses.append(Miss(attack, arch, target, shown + note))
+            misses.append(Miss(attack, arch, target, shown if shown == "no figure" else shown + note))
 
     ca_loss = mean("none", "ca") - mean("guard", "ca")
     fpr = mean("guard", "fpr")

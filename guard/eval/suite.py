@@ -173,10 +173,10 @@ def _timed(fn: Callable[[], object]) -> tuple[object, float]:
     return out, time.perf_counter() - started
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Truth:
     """What every defense's answers are scored against: the evaluation images' labels and, on an attacked model,
-    which of them are triggered (the attack's victims), in order."""
+    which of them are triggered (the attack's victims; the triggered batch holds them in the same order)."""
 
     labels: np.ndarray
     victims: np.ndarray | None  # (N,) bool over the evaluation images; None on the clean model
@@ -247,7 +247,7 @@ def run_case(case: Case, settings: EvalSettings) -> dict[str, object]:
     x_eval, y_eval = x_test[settings.n_clean : stop], y_test[settings.n_clean : stop]
     x_trig = None
     truth = _Truth(y_eval, None if attack is None else attack.victims(y_eval, TARGET))
-    if truth.victims is not None:
+    if attack is not None:
         x_trig = attack.apply(x_eval[truth.victims], np.random.default_rng(case.seed + 1))
 
     def both(fn: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -391,7 +391,7 @@ def _strip(module, x_def: np.ndarray, x_eval: np.ndarray, x_trig: np.ndarray | N
     return row
 
 
-def _linf_prune(loaded, scan, x_eval, x_trig, truth, unguarded: tuple[np.ndarray, np.ndarray | None],
+def _linf_prune(loaded, scan, x_eval, x_trig, truth: _Truth, unguarded: tuple[np.ndarray, np.ndarray | None],
                 ) -> tuple[dict[str, object], dict[str, object]]:
     """ℓ∞-gap pruning fed by trigger synthesis (ALGORITHMS.md sections 1 and 5): prune if the scan suspects a class;
     with no suspect nothing is pruned and the row equals no defense."""
