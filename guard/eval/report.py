@@ -478,9 +478,9 @@ keep it within its hour.
 ## What the trigger adds: the same images untouched
 
 The share of the images counted for ASR that each model answers with the target class without the trigger: its own
-confusions into that class. Its ASR minus this is what the trigger still adds. A repaired model gets here only by
-confusing less, so where the ASR tables sit close to this the backdoor is gone and a 2% target asks for a more
-accurate model (the misses above give both figures).
+confusions into that class. ASR minus this is what the trigger still adds. A model whose ASR is down to this has no
+backdoor left to remove and goes lower only by confusing less, so where this lies near or above a 2% target, the
+target asks for a more accurate model rather than a cleaner one. The misses above give both figures.
 
 {_method_table(figures, 'untouched', UNTOUCHED)}
 
