@@ -538,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="gRPC port (default 8001)")
     srv.add_argument("--metrics-host", dest="metrics_host", help="metrics interface (default 127.0.0.1)")
     srv.add_argument("--metrics-port", dest="metrics_port", type=int, help="metrics port (default 8002)")
+    srv.add_argument("--health-port", dest="health_port", type=int,
+                     help="also answer health checks on this port, plaintext, from a server of its own (default: none)")
     srv.add_argument("--device", choices=["cpu", "cuda"])
     srv.add_argument("--policy", choices=["monitor", "enforce"], help="default enforce")
     srv.add_argument("--max-batch", dest="max_batch", type=int, help="samples per request (default 1024)")

@@ -28,7 +28,7 @@ DEFAULT_METRICS_PORT = 8002
 #: GUARD_* variables that are not serve settings: the settings file, the eval's data, and the address the deploy
 #: examples give an app for calling guard (a ConfigMap shared by both containers may carry it). Read in this case only.
 OTHER_VARIABLES = frozenset({"GUARD_CONFIG", "GUARD_FASHION_MNIST_DIR", "GUARD_ADDRESS"})
-PORT_SETTINGS = ("port", "metrics_port")
+PORT_SETTINGS = ("port", "metrics_port", "health_port")
 # Kubernetes gives every pod variables for each Service in its namespace; one named guard… makes GUARD_SERVICE_HOST,
 # GUARD_SERVICE_PORT[_NAME], GUARD_PORT=tcp://ip:port and GUARD_PORT_<n>_TCP[_PROTO|_PORT|_ADDR]. Docker's legacy
 # links (--link x:guard) make the same _PORT forms, GUARD_NAME=/… and GUARD_ENV_<name>.
@@ -55,6 +55,10 @@ class ServeSettings(BaseSettings):
     port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     metrics_host: str = Field("127.0.0.1", description="interface for the Prometheus metrics endpoint")
     metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=0, le=65535, description="metrics HTTP port (0: free one)")
+    health_port: int | None = Field(None, ge=0, le=65535,
+                                    description="also answer health checks on this port of `host`, plaintext, from a "
+                                    "server of its own: probes get through while callers hold every call of the main "
+                                    "port, and kubelet gRPC probes work with TLS on (0: a free one; default: none)")
     device: str = Field("cpu", pattern="^(cpu|cuda)$", description="where the model runs")
     policy: Policy = Field(Policy.ENFORCE, description="monitor: flag only; enforce: answer benign re-predictions")
     max_batch: int = Field(1024, ge=1, description="most samples one request may carry")

@@ -228,13 +228,14 @@ def test_sidecar_manifest_matches_what_guard_serve_really_does() -> None:
     assert guard["restartPolicy"] == "Always", "a native sidecar is an init container that restarts always"
     args = build_parser().parse_args(["serve", *guard["args"]])  # every flag is one `guard serve` knows
     given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
-    assert {"model", "profile", "port", "metrics_port", "host", "metrics_host"} <= set(given)
+    assert {"model", "profile", "port", "metrics_port", "health_port", "host", "metrics_host"} <= set(given)
     ports = {p["name"]: p["containerPort"] for p in guard["ports"]}
-    assert ports == {"guard-grpc": args.port, "guard-metrics": args.metrics_port}
+    assert ports == {"guard-grpc": args.port, "guard-metrics": args.metrics_port, "guard-health": args.health_port}
     assert args.host == "0.0.0.0", "kubelet gRPC probes reach the pod IP, so guard must not listen on loopback only"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         grpc_probe = guard[probe]["grpc"]
-        assert grpc_probe["port"] == args.port and grpc_probe["service"] in HEALTH_SERVICES, probe
+        # the health port: a server of its own, which callers holding the main port's calls cannot starve
+        assert grpc_probe["port"] == args.health_port and grpc_probe["service"] in HEALTH_SERVICES, probe
     mounts = {m["name"]: m for m in guard["volumeMounts"]}
     for path in (args.model, args.profile):
         assert any(path.startswith(m["mountPath"] + "/") for m in mounts.values()), path
@@ -250,7 +251,7 @@ def test_sidecar_manifest_matches_what_guard_serve_really_does() -> None:
     assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"], "prometheusrule.yaml drifted"
     policy = next(d for d in manifests() if d["kind"] == "NetworkPolicy")
     allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert args.metrics_port in allowed and args.port not in allowed
+    assert args.metrics_port in allowed and args.port not in allowed and args.health_port not in allowed
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])

@@ -62,8 +62,8 @@ def test_serve_refuses_missing_profile_with_one_line(backdoored: Backdoored, tmp
 
 
 def test_sigterm_finishes_every_request_in_flight(backdoored: Backdoored) -> None:
-    """Six requests are held in a slow dynamic batch when SIGTERM arrives: health watchers see NOT_SERVING at once,
-    all six are answered, then the process exits 0."""
+    """Six requests are held in a slow dynamic batch when SIGTERM arrives: health watchers, on the main port and on
+    the health port, see NOT_SERVING at once, all six are answered, then the process exits 0."""
     import threading
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -72,30 +72,32 @@ def test_sigterm_finishes_every_request_in_flight(backdoored: Backdoored) -> Non
 
     process = subprocess.Popen(
         [sys.executable, "-m", "guard", "serve", str(backdoored.model_path), "--profile", str(backdoored.profile_path),
-         "--port", "0", "--metrics-port", "0", "--batch-size", "64", "--batch-delay-ms", "1500"],
+         "--port", "0", "--metrics-port", "0", "--health-port", "0", "--batch-size", "64", "--batch-delay-ms", "1500"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         match = None
         for line in process.stdout:
-            match = re.search(r"serving '\w+' on 127\.0\.0\.1:(\d+),", line)
+            match = re.search(r"serving '\w+' on 127\.0\.0\.1:(\d+),.*health checks also on 127\.0\.0\.1:(\d+)",
+                              line)
             if match:
                 break
         assert match
-        target = f"127.0.0.1:{match.group(1)}"
+        target, health_target = (f"127.0.0.1:{port}" for port in match.groups())
         x = backdoored.x_eval[:2]
-        statuses: list[str] = []
-        with grpc.insecure_channel(target) as channel:
-            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
-            statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(next(watch).status))
-            def follow() -> None:
-                try:
-                    statuses.extend(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status) for r in watch)
-                except grpc.RpcError:  # the stream ends when the server is gone
-                    pass
+        statuses: dict[str, list[str]] = {target: [], health_target: []}
 
-            watcher = threading.Thread(target=follow, daemon=True)
-            watcher.start()
+        def follow(watch, seen: list[str]) -> None:
+            try:
+                seen.extend(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status) for r in watch)
+            except grpc.RpcError:  # the stream ends when the server is gone
+                pass
+
+        with grpc.insecure_channel(target) as channel, grpc.insecure_channel(health_target) as health_channel:
+            for watched, seen in zip((channel, health_channel), statuses.values(), strict=True):
+                watch = health_pb2_grpc.HealthStub(watched).Watch(health_pb2.HealthCheckRequest(service=""))
+                seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(next(watch).status))
+                threading.Thread(target=follow, args=(watch, seen), daemon=True).start()
             stub = guard_pb2_grpc.GuardStub(channel)
             request = guard_pb2.PredictRequest(shape=list(x.shape), data=x.tobytes())
             with ThreadPoolExecutor(6) as callers:
@@ -106,7 +108,8 @@ def test_sigterm_finishes_every_request_in_flight(backdoored: Backdoored) -> Non
         assert answered == [2] * 6, "every request in flight at SIGTERM must be answered"
         output, _ = process.communicate(timeout=30)
         assert process.returncode == 0, output
-        assert statuses[0] == "SERVING" and "NOT_SERVING" in statuses[1:], statuses
+        for seen in statuses.values():
+            assert seen[0] == "SERVING" and "NOT_SERVING" in seen[1:], statuses
     finally:
         if process.poll() is None:
             process.kill()

@@ -16,11 +16,12 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import TARGET, Backdoored
 from guard.config import ServeSettings
+from guard.errors import GuardError
 from guard.runtime.guard import Guard
 from guard.server._proto.guard.v1 import guard_pb2, guard_pb2_grpc
 from guard.server._proto.inference import grpc_service_pb2 as oip
 from guard.server._proto.inference import grpc_service_pb2_grpc as oip_grpc
-from guard.server.app import GuardServer
+from guard.server.app import CONTROL_CALLS, GuardServer
 
 MODEL = "badnets"
 
@@ -415,6 +416,68 @@ def test_a_request_out_of_time_waiting_for_a_worker_gives_up_its_place(backdoore
         release.set()
         server.stop(grace=1)
     assert metric(text, "guard_request_errors_total", model=MODEL, code="RESOURCE_EXHAUSTED") == 0
+
+
+def test_callers_holding_every_call_open_starve_the_main_port_but_not_the_health_port(backdoored: Backdoored) -> None:
+    """gRPC takes a call's slot when its headers arrive: calls whose messages never come hold them all, health checks
+    on the main port are refused, and the health port, a server of its own, still answers."""
+    settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0, metrics_port=0,
+                             health_port=0, max_inflight=1)
+    server = GuardServer(settings)
+    server.start()
+    never = threading.Event()
+
+    def silent():  # a request stream that sends nothing until the test ends
+        never.wait(30)
+        yield from ()
+
+    def check(port: int) -> int:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                             timeout=5).status
+
+    try:
+        assert server.health_port not in (0, server.port)
+        assert check(server.health_port) == health_pb2.HealthCheckResponse.SERVING
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            infer = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer",
+                                         request_serializer=bytes, response_deserializer=bytes)
+            held = [infer.future(silent(), timeout=30) for _ in range(settings.max_inflight + CONTROL_CALLS)]
+            deadline = time.monotonic() + 10
+            while True:  # until gRPC has given the silent calls every slot
+                try:
+                    check(server.port)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    break
+                assert time.monotonic() < deadline, "the silent calls never filled the main port"
+                time.sleep(0.05)
+            assert check(server.health_port) == health_pb2.HealthCheckResponse.SERVING
+            never.set()
+            for call in held:
+                call.cancel()
+    finally:
+        never.set()
+        server.stop(grace=1)
+    with pytest.raises(grpc.RpcError):  # stopped with the server
+        check(server.health_port)
+
+
+def test_a_port_in_use_is_refused_not_shared(backdoored: Backdoored) -> None:
+    """gRPC would bind a taken port with SO_REUSEPORT and split its callers between two servers; guard refuses."""
+    first = GuardServer(ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0,
+                                      metrics_port=0, health_port=0))
+    first.start()
+    try:
+        for taken, message in (({"port": first.port}, "cannot listen"),
+                               ({"health_port": first.health_port}, "cannot answer health checks")):
+            settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path,
+                                     **{"port": 0, "metrics_port": 0, **taken})
+            with pytest.raises(GuardError, match=message):
+                GuardServer(settings, guard=first.guard).start()
+        assert call_once(first, backdoored.x_eval[:2]) == 2  # the first one serves on
+    finally:
+        first.stop(grace=1)
 
 
 def call_once(server: GuardServer, x: np.ndarray) -> int:

@@ -30,6 +30,10 @@ from guard.server.security import BearerToken, read_secret, server_credentials
 log = logging.getLogger("guard.server")
 HEALTH_SERVICES = ("", "inference.GRPCInferenceService", "guard.v1.Guard")
 CONTROL_CALLS = 16  # threads and gRPC slots beyond --max-inflight, kept for health checks and metadata
+HEALTH_THREADS = 4  # the health port's own server: a Check is answered at once, and a Watch stream holds no thread
+# gRPC binds with SO_REUSEPORT by default on Linux, so a second guard on a taken port would start and silently share
+# its callers with the first (another model or profile, perhaps); without it the bind fails and says so.
+NO_PORT_SHARING = ("grpc.so_reuseport", 0)
 
 
 class GuardServer:
@@ -58,7 +62,8 @@ class GuardServer:
             # the executor's queue: inference beyond --max-inflight is refused by the data plane at once, engine
             # runs are limited to --workers there, and probes always find a thread.
             futures.ThreadPoolExecutor(max_workers=settings.max_inflight + CONTROL_CALLS, thread_name_prefix="guard-rpc"),
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     NO_PORT_SHARING],
             maximum_concurrent_rpcs=settings.max_inflight + CONTROL_CALLS,  # gRPC refuses the rest before they queue
             interceptors=interceptors,
         )
@@ -72,8 +77,17 @@ class GuardServer:
             from guard.server.reflection import enable_reflection
 
             enable_reflection(self.server, ("inference.GRPCInferenceService", "guard.v1.Guard", health.SERVICE_NAME))
+        # gRPC gives a call its slot when its headers arrive, so callers that never send their messages can hold
+        # every slot of the main server, probes' included; --health-port answers probes from a server of their own.
+        self.health_server: grpc.Server | None = None
+        if settings.health_port is not None:
+            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=HEALTH_THREADS,
+                                                                        thread_name_prefix="guard-health"),
+                                             options=[NO_PORT_SHARING])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.port = 0
         self.metrics_port = 0
+        self.health_port = 0
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -89,6 +103,14 @@ class GuardServer:
             raise GuardError(f"cannot listen on {address}: {exc}") from None
         if self.port == 0:
             raise GuardError(f"cannot listen on {address}")
+        if self.health_server is not None:  # plaintext: it says SERVING or not, nothing else
+            address = f"{self.settings.host}:{self.settings.health_port}"
+            try:
+                self.health_port = self.health_server.add_insecure_port(address)
+            except RuntimeError as exc:
+                raise GuardError(f"cannot answer health checks on {address}: {exc}") from None
+            if self.health_port == 0:
+                raise GuardError(f"cannot answer health checks on {address}")
         try:
             self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         except OSError as exc:
@@ -98,6 +120,8 @@ class GuardServer:
         if self.settings.audit_log is not None:  # opened last, so a failed start leaves no file open
             self.plane.audit = AuditLog(self.settings.audit_log)
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         self.plane.ready = True
         self.metrics.ready.labels(model=self.plane.name).set(1)
         for service in HEALTH_SERVICES:
@@ -115,6 +139,8 @@ class GuardServer:
         self.metrics.ready.labels(model=self.plane.name).set(0)
         self.health.enter_graceful_shutdown()
         self.server.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        if self.health_server is not None:  # probes heard NOT_SERVING until the drain was over
+            self.health_server.stop(0).wait()
         self.plane.close()
         self.metrics.close()
         log.info("guard stopped")
@@ -131,8 +157,9 @@ def serve(settings: ServeSettings) -> None:
     server = GuardServer(settings)
     server.start()
     status = sys.stderr if settings.audit_log == "-" else sys.stdout  # stdout is then the audit log's alone
+    health = "" if server.health_server is None else f", health checks also on {settings.host}:{server.health_port}"
     print(f"guard: serving {server.plane.name!r} on {settings.host}:{server.port}, "
-          f"metrics on {settings.metrics_host}:{server.metrics_port}", file=status, flush=True)
+          f"metrics on {settings.metrics_host}:{server.metrics_port}{health}", file=status, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
