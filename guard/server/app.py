@@ -91,26 +91,12 @@ class GuardServer:
         self._stopped = threading.Event()
 
     def start(self) -> None:
-        address = f"{self.settings.host}:{self.settings.port}"
-        try:
-            if self.settings.tls_cert is not None:
-                credentials = server_credentials(self.settings.tls_cert, self.settings.tls_key,
-                                                 self.settings.tls_client_ca)
-                self.port = self.server.add_secure_port(address, credentials)
-            else:
-                self.port = self.server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise GuardError(f"cannot listen on {address}: {exc}") from None
-        if self.port == 0:
-            raise GuardError(f"cannot listen on {address}")
+        credentials = None if self.settings.tls_cert is None else server_credentials(
+            self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca)
+        self.port = _bind(self.server, self.settings.host, self.settings.port, credentials, "listen")
         if self.health_server is not None:  # plaintext: it says SERVING or not, nothing else
-            address = f"{self.settings.host}:{self.settings.health_port}"
-            try:
-                self.health_port = self.health_server.add_insecure_port(address)
-            except RuntimeError as exc:
-                raise GuardError(f"cannot answer health checks on {address}: {exc}") from None
-            if self.health_port == 0:
-                raise GuardError(f"cannot answer health checks on {address}")
+            self.health_port = _bind(self.health_server, self.settings.host, self.settings.health_port, None,
+                                     "answer health checks")
         try:
             self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         except OSError as exc:
@@ -147,6 +133,20 @@ class GuardServer:
 
     def wait(self) -> None:
         self.server.wait_for_termination()
+
+
+def _bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None, what: str) -> int:
+    """The port `server` is bound to on host:port (TLS with `credentials`), or a GuardError saying it cannot `what`
+    there."""
+    address = f"{host}:{port}"
+    try:
+        bound = (server.add_insecure_port(address) if credentials is None
+                 else server.add_secure_port(address, credentials))
+    except RuntimeError as exc:
+        raise GuardError(f"cannot {what} on {address}: {exc}") from None
+    if bound == 0:
+        raise GuardError(f"cannot {what} on {address}")
+    return bound
 
 
 def serve(settings: ServeSettings) -> None:
