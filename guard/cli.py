@@ -33,14 +33,16 @@ def _calibrate(args: argparse.Namespace) -> int:
         demote_confirm=args.demote_confirm or None,
     )
     settings.validate()  # before the scan's seconds are spent
-    _writable(args.out)
+    _writable(args.out, inputs=(args.model, args.data))
     model, triggers = args.model, []
     if args.suspect is None and args.scan:
         from guard.calibrate.warps import describe_triggers
-        from guard.model.graph import load_model
+        from guard.model.graph import load_model, validate_taps
         from guard.scan import ScanSettings, run_scan
 
         model = load_model(args.model)
+        if settings.layers:  # a misspelt tap is refused now, not after the scan
+            validate_taps(model, list(settings.layers))
         scanned = run_scan(model, x, y, settings=ScanSettings(seed=args.seed))
         settings.suspect = suspect = scanned.classes.suspect
         triggers = scanned.candidates
@@ -301,11 +303,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 1 if broken or figures["failures"] else 0
 
 
-def _writable(*paths: Path) -> None:
-    """Make the output files' folders before a long run rather than fail after it; refuse a folder as a file."""
+def _writable(*paths: Path, inputs: Sequence[str | Path | None] = ()) -> None:
+    """Make the output files' folders before a long run rather than fail after it; refuse a folder as a file, and an
+    output that is one of the command's `inputs` or another output (it would replace the model or the data it was
+    made from, the evidence of a backdoor among them)."""
+    taken = [Path(p).resolve() for p in inputs if p is not None]
     for path in paths:
         if path.is_dir():
             raise GuardError(f"{path} is a folder; give a file name to write")
+        if path.resolve() in taken:
+            raise GuardError(f"{path} is one of this command's inputs or outputs; write to another file")
+        taken.append(path.resolve())
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -333,6 +341,8 @@ def _repair(args: argparse.Namespace) -> int:
     settings.validate()
     model = load_model(args.model)
     triggers = [load_any_trigger(path, model.sample_shape, model.num_classes) for path in args.trigger or []]
+    report_path = args.report or args.out.with_suffix(".repair.json")
+    _writable(args.out, report_path, inputs=(args.model, args.data, *(args.trigger or [])))
     if args.scan:
         from guard.scan import run_scan
 
@@ -340,8 +350,6 @@ def _repair(args: argparse.Namespace) -> int:
         triggers = scan.candidates
         suspect = "no class" if scan.classes.suspect is None else f"class {scan.classes.suspect}"
         print(f"guard: scan suspects {suspect}; unlearning {describe_triggers(triggers)}")
-    report_path = args.report or args.out.with_suffix(".repair.json")
-    _writable(args.out, report_path)
     repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
     write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
     stamps, warps, blends = split_targets(triggers)
@@ -353,6 +361,7 @@ def _repair(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from guard.eval.models import export_onnx, predict, train
@@ -365,15 +374,15 @@ def _train(args: argparse.Namespace) -> int:
         raise GuardError(f"{args.data} has no labels y: training needs them")
     if x.ndim != 4:
         raise GuardError(f"training data x must be (N, C, H, W), got shape {x.shape}")
-    num_classes = int(y.max()) + 1 if y.size else 0
+    present = np.unique(y)
+    num_classes = len(present)
+    if num_classes and (present[0] != 0 or present[-1] != num_classes - 1):  # a stray label would size the output
+        raise GuardError(f"training labels must number the classes 0..K-1, each with samples; got {num_classes} "
+                         f"distinct labels from {present[0]} to {present[-1]}")
     check_samples(x, y, tuple(x.shape[1:]), num_classes, "training")
-    missing = sorted(set(range(num_classes)) - set(y.tolist()))
-    if missing:  # a stray label would otherwise size the model's output
-        raise GuardError(f"training labels must number the classes 0..K-1, each with samples; classes {missing[:10]} "
-                         f"have none (the largest label is {num_classes - 1})")
     poisoned = load_poisoned(args.data, len(x))
     report_path = args.report or args.out.with_suffix(".train.json")
-    _writable(args.out, report_path)
+    _writable(args.out, report_path, inputs=(args.data,))
     torch.manual_seed(args.seed)
     model = build(args.model, x, y)
     given = {"epochs": args.epochs, "rounds": args.rounds, "finetune_epochs": args.finetune_epochs,
@@ -414,7 +423,7 @@ def _export(args: argparse.Namespace) -> int:
         raise GuardError(f"--input-shape takes one sample's C,H,W (e.g. 1,28,28), got {args.input_shape!r}")
     if args.num_classes is not None and args.num_classes < 2:
         raise GuardError(f"--num-classes must be at least 2, got {args.num_classes}")
-    _writable(args.out)
+    _writable(args.out, inputs=(args.weights,))
     model = make(args.model, args.num_classes, shape[0])
     load_weights(model, args.weights)
     classes = check_logits(model, args.model, shape, args.num_classes or 2)

@@ -49,8 +49,9 @@ def test_a_member_declaring_a_huge_shape_is_refused_not_allocated(tmp_path: Path
     path = tmp_path / "huge.npz"
     header = {"descr": "<f4", "fortran_order": False, "shape": (10**6, 1, 28, 28_000)}
     with zipfile.ZipFile(path, "w") as archive, archive.open("x.npy", "w") as member:
-        np.lib.format.write_array_header_1_0(member, header)  # and no data
-    with pytest.raises(GuardError, match="'x'"):
+        np.lib.format.write_array_header_1_0(member, header)  # and no data: what the header says is enough
+    with pytest.raises(GuardError, match=r"'x' in .* is float32 of shape \(1000000, 1, 28, 28000\): about .* GiB to "
+                                         r"load, more than this machine's"):
         load_samples(path)
 
 
@@ -78,8 +79,9 @@ def training_set(tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize(("edit", "options", "fragment"), [
     (lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x), y), [], "NaN or Inf"),
-    (lambda x, y: (x, np.where(y == 3, 9, y)), [], "classes [3, 4, 5, 6, 7, 8] have none"),
-    (lambda x, y: (x, -y), [], "labels must be (N,) integers"),
+    (lambda x, y: (x, np.where(y == 3, 9, y)), [], "got 4 distinct labels from 0 to 9"),
+    (lambda x, y: (x, -y), [], "got 4 distinct labels from -3 to 0"),
+    (lambda x, y: (x, np.where(np.arange(len(y)) == 0, 10**18, y)), [], "labels from 0 to 1000000000000000000"),
     (lambda x, y: (x[:, 0], y), [], "must be (N, C, H, W)"),
     (lambda x, y: (x, y), ["--lr", "nan"], "--lr and --finetune-lr must be finite and positive"),
     (lambda x, y: (x, y), ["--finetune-lr", "-1"], "--lr and --finetune-lr must be finite and positive"),
@@ -92,6 +94,26 @@ def test_train_refuses_data_and_rates_it_cannot_train_on(tmp_path: Path, capsys:
     line = run(capsys, "train", "--data", data, "--model", "cnn", "--out", tmp_path / "m.onnx", *options)
     assert fragment in line
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_output_that_is_an_input_is_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              training_set, backdoored: Backdoored) -> None:
+    """Writing the profile over the model, the repaired model over the backdoored one (the evidence), the report over
+    the repaired model or a trained model over its data would lose what the command was run on."""
+    x, y = training_set
+    data = write_npz(tmp_path / "train.npz", x=x, y=y)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(backdoored.model_path.read_bytes())
+    clean = write_npz(tmp_path / "clean.npz", x=backdoored.x_clean[:100], y=backdoored.y_clean[:100])
+    before = {path: path.read_bytes() for path in (data, model, clean)}
+    for command in (["train", "--data", data, "--model", "cnn", "--out", data],
+                    ["calibrate", model, "--data", clean, "--no-scan", "--out", model],
+                    ["calibrate", model, "--data", clean, "--no-scan", "--out", tmp_path / "." / "clean.npz"],
+                    ["repair", model, "--data", clean, "--out", model],
+                    ["repair", model, "--data", clean, "--out", tmp_path / "r.onnx", "--report", tmp_path / "r.onnx"]):
+        assert "is one of this command's inputs or outputs" in run(capsys, *command), command
+    assert {path: path.read_bytes() for path in before} == before
+    assert not (tmp_path / "r.onnx").exists()
 
 
 def test_outputs_that_are_folders_are_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
