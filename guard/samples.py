@@ -6,6 +6,8 @@ Loaded with allow_pickle=False: a data file from anyone cannot run code.
 
 from __future__ import annotations
 
+import math
+import os
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,7 +53,7 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise GuardError(f"x in {path} must be real numbers, got {x.dtype}")
     if y is not None and (y.ndim != 1 or not np.issubdtype(y.dtype, np.integer)):
         raise GuardError(f"y in {path} must be a 1-D integer array, got {y.dtype} {y.shape}")
-    return x.astype(np.float32), None if y is None else y.astype(np.int64)
+    return x.astype(np.float32, copy=False), None if y is None else y.astype(np.int64, copy=False)
 
 
 def load_poisoned(path: str | Path, count: int) -> np.ndarray | None:
@@ -83,13 +85,52 @@ def _npz(path: Path) -> Iterator[NpzFile]:
 
 
 def _array(data: NpzFile, key: str, path: str | Path) -> np.ndarray:
-    """One array of the archive; a corrupt member, a pickled one or one too large for memory is a GuardError."""
+    """One array of the archive; a corrupt member, a pickled one or one too large for memory is a GuardError. The
+    size is read from the member's header first: a small compressed file can hold gigabytes of zeros, and Linux
+    grants the allocation and kills the process later rather than raise MemoryError."""
+    declared = _declared(data, key)
+    memory = _memory_bytes()
+    if declared is not None and memory is not None:
+        shape, dtype = declared
+        need = math.prod(shape) * (dtype.itemsize + 8)  # as stored, and the float32 or int64 copy made of it
+        if need > memory:
+            raise GuardError(f"{key!r} in {path} is {dtype} of shape {shape}: about {need / 2**30:.1f} GiB to load, "
+                             f"more than this machine's {memory / 2**30:.1f} GiB of memory")
     try:
         return data[key]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise GuardError(f"cannot read {key!r} from {path}: {exc}") from None
     except MemoryError:
         raise GuardError(f"{key!r} in {path} declares a shape too large for this machine's memory") from None
+
+
+def _declared(data: NpzFile, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """The shape and dtype a member's .npy header declares, or None where it cannot be read (loading it says why)."""
+    try:
+        with data.zip.open(f"{key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(member)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        return None
+    return tuple(shape), dtype
+
+
+def _memory_bytes() -> int | None:
+    """The memory this process may use: the machine's, or its cgroup's limit where lower (a container); None where
+    neither can be read."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            limits.append(int(limit))
+    except OSError:
+        pass
+    return min(limits) if limits else None
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -107,7 +148,9 @@ def _image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if classes and loose:
         raise GuardError(f"{folder} holds both images and class folders; put every image in its class's folder")
     if classes:
-        named = [p.name for p in classes if not (p.name.isascii() and p.name.isdigit())]
+        # the index as written: no sign, no leading zero (0/ and 00/ would be one class), at most 9 digits
+        named = [p.name for p in classes if not (p.name.isascii() and p.name.isdigit() and len(p.name) <= 9
+                                                 and (p.name == "0" or not p.name.startswith("0")))]
         if named:
             raise GuardError(f"class folders in {folder} must be named by the class index the model answers (0, 1, "
                              f"...), got {named[:5]}; a guessed order of names would mislabel samples")
@@ -116,12 +159,8 @@ def _image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
         files = [(f, None) for f in loose]
     if not files:
         raise GuardError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    images = [_read_image(f) for f, _ in files]
-    first = images[0].shape
-    odd = next((i for i, image in enumerate(images) if image.shape != first), None)
-    if odd is not None:
-        raise GuardError(f"the images must share one size: {files[0][0]} is {first[1]}x{first[0]} (width x height), "
-                         f"{files[odd][0]} is {images[odd].shape[1]}x{images[odd].shape[0]}")
+    first = _read_image(files[0][0])
+    images = [first, *(_read_image(f, files[0][0], first.shape[1::-1]) for f, _ in files[1:])]
     x = np.stack(images).transpose(0, 3, 1, 2)  # (N, 3, H, W)
     grey = bool((x[:, :1] == x[:, 1:]).all())
     labels = None if not classes else np.array([label for _, label in files], dtype=np.int64)
@@ -139,13 +178,22 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def _read_image(path: Path) -> np.ndarray:
+def _read_image(path: Path, first: Path | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
     """One 8-bit image as float32 RGB (H, W, 3) in [0, 1] (grey ones repeat their channel); one that is not 8-bit,
-    cannot be read or is oversized is a GuardError."""
+    cannot be read, is oversized, or is not of the `first` image's `size` (width, height; read from its header,
+    before decoding) is a GuardError."""
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as image:  # Pillow refuses decompression bombs (DecompressionBombError)
+        with warnings.catch_warnings():  # Pillow only warns between its pixel limit and twice it; refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            if size is not None and image.size != size:
+                raise GuardError(f"the images must share one size: {first} is {size[0]}x{size[1]} (width x height), "
+                                 f"{path} is {image.size[0]}x{image.size[1]}")
             if image.mode not in EIGHT_BIT_MODES:  # 16-bit or float: converting would clip, not scale
                 raise GuardError(f"{path} is a {image.mode!r} image; guard reads 8-bit images only (save an .npz "
                                  "of x scaled as the model expects instead)")

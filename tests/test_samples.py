@@ -82,6 +82,10 @@ def _named_classes(folder: Path) -> None:
     (lambda f: (write_images(f, np.zeros((1, 1, 4, 4), np.float32), None),
                 (f / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")), "cannot read image .*00001.png"),
     (lambda f: (f.mkdir(), (f / "readme.txt").write_text("no images")), "no images"),
+    (lambda f: (write_images(f, np.zeros((2, 1, 4, 4), np.float32), np.array([0, 1])), (f / "00").mkdir(),
+                Image.new("L", (4, 4)).save(f / "00" / "x.png")), r"named by the class index .* \['00'\]"),  # 0/ too
+    (lambda f: ((f / ("9" * 20)).mkdir(parents=True), Image.new("L", (4, 4)).save(f / ("9" * 20) / "0.png")),
+     "named by the class index"),  # no int64 holds it
 ])
 def test_folders_it_cannot_read_right_are_refused_in_one_line(tmp_path: Path, build, fragment: str) -> None:
     folder = tmp_path / "data"
@@ -90,9 +94,10 @@ def test_folders_it_cannot_read_right_are_refused_in_one_line(tmp_path: Path, bu
         load_samples(folder)
 
 
-def test_a_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("limit", [100, 500])  # 784 pixels past twice the limit (Pillow refuses), or within it (warns)
+def test_a_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
     write_images(tmp_path / "data", np.zeros((1, 1, 28, 28), np.float32), None)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 784 pixels is then past twice the limit, as a bomb is
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
     with pytest.raises(GuardError, match=r"cannot read image .*decompression bomb"):
         load_samples(tmp_path / "data")
 
