@@ -116,6 +116,16 @@ def test_an_output_that_is_an_input_is_refused_before_the_run(tmp_path: Path, ca
     assert not (tmp_path / "r.onnx").exists()
 
 
+def test_calibrate_refuses_a_misspelt_layer_before_the_scan(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             backdoored: Backdoored) -> None:
+    clean = write_npz(tmp_path / "clean.npz", x=backdoored.x_clean[:100], y=backdoored.y_clean[:100])
+    code = main(["calibrate", str(backdoored.model_path), "--data", str(clean), "--layers", "relu_9",
+                 "--out", str(tmp_path / "p.safetensors")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "no tensor named ['relu_9']" in err
+    assert "scan" not in out  # refused before the scan's seconds were spent
+
+
 def test_outputs_that_are_folders_are_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                              training_set, backdoored: Backdoored) -> None:
     x, y = training_set
