@@ -235,6 +235,10 @@ def _scan(args: argparse.Namespace) -> int:
     x, y = load_samples(args.data)
     given = {"steps": args.steps, "threshold": args.threshold, "warp_scan": args.warps, "blend_scan": args.blends}
     settings = ScanSettings(**{k: v for k, v in given.items() if v is not None}, seed=args.seed)
+    try:  # the output folder before the scan's minutes, not after
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GuardError(f"cannot use {args.out} as the output folder: {exc}") from None
     report = run_scan(args.model, x, y, settings=settings)
     print(format_report(report))
     written = write_outputs(report, args.out)
@@ -330,7 +334,7 @@ def _repair(args: argparse.Namespace) -> int:
     import onnx
 
     from guard.calibrate.warps import describe_triggers, load_any_trigger, split_targets
-    from guard.model.graph import load_model
+    from guard.model.graph import load_model, validate_taps
     from guard.repair.adaptive_reg import RepairSettings, repair
     from guard.samples import load_samples, write_atomic
 
@@ -340,6 +344,8 @@ def _repair(args: argparse.Namespace) -> int:
                               seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     settings.validate()
     model = load_model(args.model)
+    if settings.layers:  # a misspelt tap is refused now, not after the scan
+        validate_taps(model, list(settings.layers))
     triggers = [load_any_trigger(path, model.sample_shape, model.num_classes) for path in args.trigger or []]
     report_path = args.report or args.out.with_suffix(".repair.json")
     _writable(args.out, report_path, inputs=(args.model, args.data, *(args.trigger or [])))

@@ -116,14 +116,27 @@ def test_an_output_that_is_an_input_is_refused_before_the_run(tmp_path: Path, ca
     assert not (tmp_path / "r.onnx").exists()
 
 
-def test_calibrate_refuses_a_misspelt_layer_before_the_scan(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_a_misspelt_layer_is_refused_before_the_scan(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                              backdoored: Backdoored) -> None:
     clean = write_npz(tmp_path / "clean.npz", x=backdoored.x_clean[:100], y=backdoored.y_clean[:100])
-    code = main(["calibrate", str(backdoored.model_path), "--data", str(clean), "--layers", "relu_9",
-                 "--out", str(tmp_path / "p.safetensors")])
+    for command in ("calibrate", "repair"):
+        code = main([command, str(backdoored.model_path), "--data", str(clean), "--layers", "relu_9",
+                     "--out", str(tmp_path / "out"), *(["--scan"] if command == "repair" else [])])
+        out, err = capsys.readouterr()
+        assert code == 2 and "no tensor named ['relu_9']" in err, command
+        assert "scan" not in out, command  # refused before the scan's seconds were spent
+
+
+def test_scan_refuses_an_output_folder_that_is_a_file_before_scanning(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      backdoored: Backdoored) -> None:
+    clean = write_npz(tmp_path / "clean.npz", x=backdoored.x_clean[:100], y=backdoored.y_clean[:100])
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    code = main(["scan", str(backdoored.model_path), "--data", str(clean), "--out", str(taken)])
     out, err = capsys.readouterr()
-    assert code == 2 and "no tensor named ['relu_9']" in err
-    assert "scan" not in out  # refused before the scan's seconds were spent
+    assert code == 2 and "cannot use" in err and str(taken) in err
+    assert "anomaly" not in out  # the scan's report was never printed
 
 
 def test_outputs_that_are_folders_are_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
