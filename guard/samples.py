@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,13 +22,17 @@ from guard.errors import GuardError
 
 def write_atomic(path: Path, write: Callable[[Path], object],
                  errors: tuple[type[Exception], ...] = (OSError,)) -> Path:
-    """`write` a file next to `path`, then rename it there: a failed write leaves no half-written output. The
-    `errors` a write may raise become a GuardError naming the path."""
-    tmp = path.with_name(path.name + ".tmp")
+    """`write` a file next to `path`, flush it to disk, then rename it there: a failed write or a crash leaves no
+    half-written output. The temporary name is this write's own, so two runs writing one path do not write into
+    each other's file. The `errors` a write may raise become a GuardError naming the path."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # made by `write`: default mode
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         tmp.replace(path)
+        _fsync_folder(path.parent)
     except errors as exc:
         tmp.unlink(missing_ok=True)
         raise GuardError(f"cannot write {path}: {exc}") from None
@@ -35,6 +40,20 @@ def write_atomic(path: Path, write: Callable[[Path], object],
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable; where folders cannot be opened (Windows) the rename stands as it is."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
 
 
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:

@@ -12,7 +12,7 @@ from conftest import Backdoored
 from guard.calibrate.profile import Profile
 from guard.cli import main
 from guard.errors import GuardError
-from guard.samples import load_poisoned, load_samples
+from guard.samples import load_poisoned, load_samples, write_atomic
 
 
 def write_images(folder: Path, x: np.ndarray, y: np.ndarray | None, suffix: str = ".png") -> Path:
@@ -125,3 +125,17 @@ def test_any_decoder_failure_is_one_guard_error(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(Image, "open", broken)
     with pytest.raises(GuardError, match=r"cannot read image .*00000.png \(SyntaxError\): broken PNG"):
         load_samples(tmp_path / "data")
+
+
+def test_two_writes_of_one_path_do_not_share_a_temporary_file(tmp_path: Path) -> None:
+    """A second run writing the same output while the first is still writing: each finishes whole, the last rename
+    wins, and no temporary file is left."""
+    out = tmp_path / "profile.safetensors"
+
+    def first(tmp: Path) -> None:
+        tmp.write_text("first")
+        write_atomic(out, lambda other: other.write_text("second"))  # the other run, in the middle of this one
+
+    write_atomic(out, first)
+    assert out.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
