@@ -439,11 +439,14 @@ def test_callers_holding_every_call_open_starve_the_main_port_but_not_the_health
     try:
         assert server.health_port not in (0, server.port)
         assert check(server.health_port) == health_pb2.HealthCheckResponse.SERVING
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            infer = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer",
-                                         request_serializer=bytes, response_deserializer=bytes)
-            held = [infer.future(silent(), timeout=30) for _ in range(settings.max_inflight + CONTROL_CALLS)]
-            deadline = time.monotonic() + 10
+        # three times as many silent calls as there are slots, over three connections: the slots fill even if some
+        # calls are slow to arrive or are refused themselves
+        channels = [grpc.insecure_channel(f"127.0.0.1:{server.port}") for _ in range(3)]
+        with channels[0], channels[1], channels[2]:
+            held = [channel.stream_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=bytes,
+                                         response_deserializer=bytes).future(silent(), timeout=30)
+                    for channel in channels for _ in range(settings.max_inflight + CONTROL_CALLS)]
+            deadline = time.monotonic() + 20
             while True:  # until gRPC has given the silent calls every slot
                 try:
                     check(server.port)
