@@ -315,9 +315,10 @@ def _writable(*paths: Path, inputs: Sequence[str | Path | None] = ()) -> None:
     for path in paths:
         if path.is_dir():
             raise GuardError(f"{path} is a folder; give a file name to write")
-        if path.resolve() in taken:
+        resolved = path.resolve()
+        if resolved in taken:
             raise GuardError(f"{path} is one of this command's inputs or outputs; write to another file")
-        taken.append(path.resolve())
+        taken.append(resolved)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

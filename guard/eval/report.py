@@ -96,9 +96,10 @@ def _group_misses(attack: str, arch: str, cases: list[dict], target_fpr: float) 
     def require(ok: bool, target: str, value: float, percent: bool = True, reference: float = 0.0,
                 note: str = "") -> None:
         """A non-finite value or reference (a figure that is missing) is a miss, never a silent pass."""
-        if not (np.isfinite(value) and np.isfinite(reference) and ok):
-            shown = "no figure" if not (np.isfinite(value) and np.isfinite(reference)) else f"{100 * value:.2f}%" if percent else f"{value:.3f}"
-            misses.append(Miss(attack, arch, target, shown if shown == "no figure" else shown + note))
+        if not (np.isfinite(value) and np.isfinite(reference)):
+            misses.append(Miss(attack, arch, target, "no figure"))
+        elif not ok:
+            misses.append(Miss(attack, arch, target, (f"{100 * value:.2f}%" if percent else f"{value:.3f}") + note))
 
     ca_loss = mean("none", "ca") - mean("guard", "ca")
     fpr = mean("guard", "fpr")
