@@ -18,7 +18,7 @@ from guard.eval.report import (
     headline_table,
     misses_text,
 )
-from guard.eval.suite import TARGET, _detection, _Truth
+from guard.eval.suite import QUICK_MAX_ACCURACY_LOSS, TARGET, _detection, _Truth, below_floor
 
 
 def brute_auroc(negative: np.ndarray, positive: np.ndarray) -> float:
@@ -120,6 +120,34 @@ def test_a_missing_figure_is_a_miss_not_a_pass() -> None:
     missed = {m.target.split(" ")[0]: m.value for m in check_targets(_figures(case))}
     assert missed["ASR"] == "no figure"
     assert missed["AUROC"] == "no figure"  # the comparison with STRIP's AUROC has nothing to compare with
+
+
+def test_a_figure_missing_in_one_seed_is_a_miss_not_an_average_of_the_others() -> None:
+    measured, lost = _case("badnets", 0), _case("badnets", 1)
+    lost["methods"]["guard"]["asr"] = None
+    lost["methods"]["guard"]["auroc"] = float("nan")
+    missed = {m.target.split(" ")[0]: m.value for m in check_targets(_figures(measured, lost))}
+    assert missed["ASR"] == "no figure" and missed["AUROC"] == "no figure"
+    assert check_targets(_figures(measured, _case("badnets", 1))) == []
+
+
+def test_a_figure_exactly_on_its_bound_meets_the_target() -> None:
+    """Counts of 9,000 images land a rounding error past the bound (630/9000 - 0.05 > 0.02 in floating point)."""
+    assert 630 / 9000 - 0.05 > 0.02 and 7650 / 9000 - 7560 / 9000 > 0.01  # what the slack is for
+    on_bound = _case("badnets", 0, fpr=630 / 9000, ca=7560 / 9000)
+    on_bound["methods"]["none"]["ca"] = 7650 / 9000
+    clean = [_case("clean", seed, fpr=0.05, ca=0.88) for seed in range(3)]  # a mean of three 5%s exceeds 5%
+    assert check_targets(_figures(on_bound, *clean)) == []
+    past = _case("badnets", 0, fpr=631 / 9000)
+    assert [m.target.split(" ")[0] for m in check_targets(_figures(past))] == ["FPR"]
+
+
+def test_the_quick_floors_allow_a_figure_exactly_on_them() -> None:
+    case = _case("clean", 0, fpr=0.10, ca=0.85)
+    assert case["methods"]["none"]["ca"] - 0.85 > QUICK_MAX_ACCURACY_LOSS  # 0.88 - 0.85 in floating point
+    assert below_floor(_figures(case)) == []
+    case["methods"]["guard"]["ca"] = 0.849
+    assert [line.split(":")[0] for line in below_floor(_figures(case))] == ["clean"]
 
 
 def test_none_table_takes_precision_only_from_seeds_that_dropped_something() -> None:

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["auroc", "mean_spread", "roc_curve", "share"]
+__all__ = ["TOLERANCE", "auroc", "mean_spread", "roc_curve", "share"]
+
+# Figures are ratios of image counts and means over seeds: a figure exactly on a target's bound (630 of 9,000 flagged
+# against 5% ± 2 points) lands a rounding error past it, and meets the target. Checks compare with this much slack.
+TOLERANCE = 1e-9
 
 
 def share(mask: np.ndarray) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.eval.metrics import mean_spread
+from guard.eval.metrics import TOLERANCE, mean_spread
 from guard.samples import write_atomic
 
 # Rows of the "what each part adds" table, in the order a reader builds up the defense.
@@ -72,6 +72,15 @@ def _metric(cases: list[dict], method: str, key: str) -> tuple[float, float]:
     return mean_spread([c["methods"].get(method, {}).get(key) for c in cases])
 
 
+def _checked_mean(cases: list[dict], method: str, key: str) -> float:
+    """The mean over seeds that a target is checked on: NaN (a miss) if any seed lacks the figure, so that a seed
+    that failed to measure cannot drop out of the average and leave the others to pass."""
+    values = [c["methods"].get(method, {}).get(key) for c in cases]
+    if any(v is None or not np.isfinite(v) for v in values):
+        return float("nan")
+    return float(np.mean(values))
+
+
 def _fmt(value: tuple[float, float], percent: bool = True, digits: int = 1) -> str:
     mean, spread = value
     if not np.isfinite(mean):
@@ -91,7 +100,7 @@ def _group_misses(attack: str, arch: str, cases: list[dict], target_fpr: float) 
     misses: list[Miss] = []
 
     def mean(method: str, key: str) -> float:
-        return _metric(cases, method, key)[0]
+        return _checked_mean(cases, method, key)
 
     def require(ok: bool, target: str, value: float, percent: bool = True, reference: float = 0.0,
                 note: str = "") -> None:
@@ -104,34 +113,35 @@ def _group_misses(attack: str, arch: str, cases: list[dict], target_fpr: float) 
     ca_loss = mean("none", "ca") - mean("guard", "ca")
     fpr = mean("guard", "fpr")
     if attack == "clean":
-        require(fpr <= target_fpr, f"clean model flagged ≤ {100 * target_fpr:g}%", fpr)
-        require(ca_loss <= MAX_ACCURACY_LOSS_CLEAN_MODEL,
+        require(fpr <= target_fpr + TOLERANCE, f"clean model flagged ≤ {100 * target_fpr:g}%", fpr)
+        require(ca_loss <= MAX_ACCURACY_LOSS_CLEAN_MODEL + TOLERANCE,
                 f"clean model: no accuracy lost (≤ {100 * MAX_ACCURACY_LOSS_CLEAN_MODEL:g} points)", ca_loss)
         return misses
-    require(ca_loss <= MAX_ACCURACY_LOSS, f"clean accuracy within {100 * MAX_ACCURACY_LOSS:g} point", ca_loss)
+    require(ca_loss <= MAX_ACCURACY_LOSS + TOLERANCE, f"clean accuracy within {100 * MAX_ACCURACY_LOSS:g} point",
+            ca_loss)
     asr_bound = MAX_ASR_LOOSE.get(attack, MAX_ASR)
     asr = mean("guard", "asr")
-    require(asr <= asr_bound, f"ASR ≤ {100 * asr_bound:g}%", asr, note=_untouched_note(cases, "guard"))
+    require(asr <= asr_bound + TOLERANCE, f"ASR ≤ {100 * asr_bound:g}%", asr, note=_untouched_note(cases, "guard"))
     auroc = mean("guard", "auroc")
-    require(auroc >= MIN_AUROC, f"AUROC ≥ {MIN_AUROC}", auroc, percent=False)
-    require(abs(fpr - target_fpr) <= MAX_FPR_DEVIATION,
+    require(auroc >= MIN_AUROC - TOLERANCE, f"AUROC ≥ {MIN_AUROC}", auroc, percent=False)
+    require(abs(fpr - target_fpr) <= MAX_FPR_DEVIATION + TOLERANCE,
             f"FPR within {100 * MAX_FPR_DEVIATION:g} points of {100 * target_fpr:g}%", fpr)
     fine_pruning = mean("fine-pruning", "asr")
-    require(asr <= fine_pruning, f"ASR at most fine-pruning's ({100 * fine_pruning:.2f}%)", asr,
+    require(asr <= fine_pruning + TOLERANCE, f"ASR at most fine-pruning's ({100 * fine_pruning:.2f}%)", asr,
             reference=fine_pruning)
     strip = mean("strip", "auroc")
-    require(auroc >= strip, f"AUROC at least STRIP's ({strip:.3f})", auroc, percent=False, reference=strip)
+    require(auroc >= strip - TOLERANCE, f"AUROC at least STRIP's ({strip:.3f})", auroc, percent=False, reference=strip)
     return misses
 
 
 def check_repair_targets(figures: dict) -> list[Miss]:
     """Issue 4's targets for AR repair and NONE training that the run's means miss."""
     misses = [m for attack, arch, cases in _groups(figures) for m in _repair_group_misses(attack, arch, cases)]
-    reductions = [_metric(cases, "none", "asr")[0] / max(_metric(cases, "none-train", "asr")[0], 1e-4)
+    reductions = [_checked_mean(cases, "none", "asr") / max(_checked_mean(cases, "none-train", "asr"), 1e-4)
                   for attack, _, cases in _groups(figures) if attack != "clean"]
     if reductions:
         average = float(np.mean(reductions))
-        if not (np.isfinite(average) and average >= NONE_MIN_ASR_REDUCTION):
+        if not (np.isfinite(average) and average >= NONE_MIN_ASR_REDUCTION - TOLERANCE):
             misses.append(Miss("all attacks", "both", f"NONE training: ASR ≥ {NONE_MIN_ASR_REDUCTION:g}× lower on "
                                                        "average", f"{average:.1f}×"))
     return misses
@@ -146,16 +156,16 @@ def _repair_group_misses(attack: str, arch: str, cases: list[dict]) -> list[Miss
                                "no figure" if not np.isfinite(value) else f"{100 * value:.2f}%{note}"))
 
     for method, title in (("ar-repair", "AR repair"), ("none-train", "NONE training")):
-        loss = _metric(cases, "none", "ca")[0] - _metric(cases, method, "ca")[0]
+        loss = _checked_mean(cases, "none", "ca") - _checked_mean(cases, method, "ca")
         if attack == "clean":
-            require(loss <= REPAIR_MAX_ACCURACY_LOSS_CLEAN_MODEL,
+            require(loss <= REPAIR_MAX_ACCURACY_LOSS_CLEAN_MODEL + TOLERANCE,
                     f"clean model: {title} loses ≤ {100 * REPAIR_MAX_ACCURACY_LOSS_CLEAN_MODEL:g} point", loss)
             continue
         bound = AR_MAX_ACCURACY_LOSS if method == "ar-repair" else NONE_MAX_ACCURACY_LOSS
-        require(loss <= bound, f"{title}: clean accuracy within {100 * bound:g} points", loss)
+        require(loss <= bound + TOLERANCE, f"{title}: clean accuracy within {100 * bound:g} points", loss)
     if attack in AR_ATTACKS:
-        asr = _metric(cases, "ar-repair", "asr")[0]
-        require(asr <= AR_MAX_ASR, f"AR repair: ASR ≤ {100 * AR_MAX_ASR:g}%", asr,
+        asr = _checked_mean(cases, "ar-repair", "asr")
+        require(asr <= AR_MAX_ASR + TOLERANCE, f"AR repair: ASR ≤ {100 * AR_MAX_ASR:g}%", asr,
                 note=_untouched_note(cases, "ar-repair"))
     return misses
 
@@ -399,8 +409,10 @@ Produced by `{figures['command']}` in {figures['seconds'] / 60:.1f} minutes on {
 torch {machine['torch']}), no GPU.
 
 - **Data and models.** Fashion-MNIST. Each case trains on {settings['n_train']:,} training images for
-  {settings['epochs']} epochs; the attack poisons the share shown in the headline table. The defender's clean set is
-  the first {settings['n_clean']:,} test images; evaluation uses {evaluation}.
+  {settings['epochs']} epochs; the attack poisons the share shown in the headline table (source-specific relabels
+  half the source class's images, where EVALUATION.md says 10%, which left too weak a backdoor, and stamps 10% of the
+  other non-target images as cover, labels kept; docs/design.md). The defender's clean set is the first
+  {settings['n_clean']:,} test images; evaluation uses {evaluation}.
 - **Thresholds** come from the clean set only (target FPR {100 * settings['fpr']:g}%, accuracy budget
   {100 * settings['acc_budget']:g} point). One setting of the re-prediction, `cut_z` = 2.0, was tuned on
   BadNets-triggered training-split images outside the evaluation split, on a model of the badnets / cnn seed-0
