@@ -70,14 +70,17 @@ class ServeSettings(BaseSettings):
     threads: int = Field(0, ge=0, description="the engine's intra-op threads per run (0: one per core)")
     batch_size: int = Field(0, ge=0, description="dynamic batching: join concurrent requests into engine runs of up "
                                                  "to this many samples (0: off, each request runs alone)")
-    batch_delay_ms: float = Field(2.0, ge=0, description="dynamic batching: longest a request waits for others")
+    batch_delay_ms: float = Field(2.0, ge=0, le=60_000, allow_inf_nan=False,
+                                  description="dynamic batching: longest a request waits for others")
     engine: str = Field("onnxruntime", pattern="^(onnxruntime|torch)$",
                         description="onnxruntime, or torch (the same graphs through guard's torch bridge)")
-    grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
+    grace_seconds: float = Field(30.0, ge=0, le=86_400, allow_inf_nan=False,
+                                 description="how long SIGTERM waits for in-flight requests")
     on_check_failure: FailurePolicy = Field(FailurePolicy.CLOSED, description="closed: refuse a request the guard "
                                             "could not check (UNAVAILABLE); open: answer it unguarded, marked")
-    check_budget_ms: float = Field(0.0, ge=0, description="the guarded run may take this long per sample of its "
-                                                           "batch before it counts as a failed check (0: no limit)")
+    check_budget_ms: float = Field(0.0, ge=0, allow_inf_nan=False,
+                                   description="the guarded run may take this long per sample of its batch before "
+                                               "it counts as a failed check (0: no limit)")
     tls_cert: Path | None = Field(None, description="PEM certificate chain: serve gRPC over TLS (with tls_key)")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
     tls_client_ca: Path | None = Field(None, description="PEM CA: require client certificates it signed (mutual TLS)")

@@ -121,3 +121,43 @@ def test_an_expired_request_leaves_its_batch_and_the_rest_is_answered() -> None:
         np.testing.assert_array_equal(batcher.submit(request(7, 1)).labels, [7])  # the batcher is alive
     finally:
         batcher.close()
+
+
+def test_a_caller_stops_waiting_at_its_deadline_even_while_its_batch_waits() -> None:
+    from guard.errors import DeadlineExceededError
+
+    batcher = Batcher(rowwise, max_size=64, max_delay=1e13)  # past threading.TIMEOUT_MAX: capped, not an overflow
+    try:
+        with pytest.raises(DeadlineExceededError, match="waiting for a batch"):
+            batcher.submit(request(0, 1), timeout=0.2)
+        np.testing.assert_array_equal(batcher.submit(request(3, 64)).labels, np.arange(3, 67))  # a full batch runs
+    finally:
+        batcher.close()
+
+
+class _Crash(BaseException):
+    """Something `_run`'s `except Exception` does not catch, so the batcher's thread itself fails."""
+
+
+def test_a_batcher_whose_thread_dies_fails_its_callers_and_refuses_the_rest() -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def crash(x: np.ndarray) -> Result:
+        entered.set()
+        release.wait(10)
+        raise _Crash("the engine's thread was torn down")
+
+    batcher = Batcher(crash, max_size=1, max_delay=0.0)
+    with ThreadPoolExecutor(3) as pool:
+        running = pool.submit(batcher.submit, request(0, 1))
+        assert entered.wait(10)
+        queued = [pool.submit(batcher.submit, request(i, 1)) for i in (1, 2)]
+        while batcher._queue.qsize() < 2:  # both wait behind the crashing batch
+            threading.Event().wait(0.01)
+        release.set()
+        for future in (running, *queued):
+            with pytest.raises(UnavailableError, match="batcher stopped"):
+                future.result(10)
+    with pytest.raises(UnavailableError):
+        batcher.submit(request(3, 1))
+    batcher.close()  # returns: the thread is gone

@@ -74,6 +74,15 @@ def test_limits_and_switches_a_flag_can_set(backdoored: Backdoored) -> None:
     assert build_parser().parse_args(["serve"]).reflection is None  # not given: the variable or the file decides
 
 
+@pytest.mark.parametrize("name, value", [("batch_delay_ms", float("inf")), ("batch_delay_ms", 1e13),
+                                         ("grace_seconds", float("inf")), ("check_budget_ms", float("inf"))])
+def test_times_are_finite(backdoored: Backdoored, name: str, value: float) -> None:
+    """An endless delay or grace overflowed the thread waits they become (the batcher's thread died of it)."""
+    paths = {"model": backdoored.model_path, "profile": backdoored.profile_path}
+    with pytest.raises(ValidationError, match=name):
+        load_settings({**paths, name: value})
+
+
 def test_a_variable_that_sets_nothing_is_refused(backdoored: Backdoored, monkeypatch: pytest.MonkeyPatch) -> None:
     """A misspelt GUARD_* name would leave its setting at the default: for the token file, a guard serving open."""
     paths = {"model": backdoored.model_path, "profile": backdoored.profile_path}

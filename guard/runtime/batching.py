@@ -7,11 +7,13 @@ comes first; each caller then gets exactly its own rows back. Requests run in ar
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +21,7 @@ import numpy as np
 from guard.errors import DeadlineExceededError, UnavailableError
 from guard.runtime.guard import Result
 
+log = logging.getLogger(__name__)
 
 @dataclass(eq=False)  # compared by identity: the default __eq__ would compare the arrays
 class _Pending:
@@ -39,6 +42,7 @@ class Batcher:
         self._on_batch = on_batch
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._held: _Pending | None = None  # a request that did not fit the last batch; it opens the next one
+        self._batch: list[_Pending] = []  # the batch being collected or run
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="guard-batcher", daemon=True)
@@ -48,14 +52,18 @@ class Batcher:
         """Blocks until the batch holding `x` has run; returns the rows of `x` (with a `queue` stage time).
 
         `timeout`: seconds the caller still waits. A request whose time has run out when its batch starts is
-        dropped from the batch, not computed, and gets a DeadlineExceededError.
+        dropped from the batch, not computed, and gets a DeadlineExceededError; one whose batch is still running
+        then stops waiting for it.
         """
         pending = _Pending(x, None if timeout is None else time.perf_counter() + timeout)
         with self._lock:
             if self._closed:
                 raise UnavailableError("the server is shutting down")
             self._queue.put(pending)
-        return pending.future.result()
+        try:
+            return pending.future.result(timeout)
+        except FutureTimeout:
+            raise DeadlineExceededError(f"the deadline passed after {timeout:.3f} s waiting for a batch") from None
 
     def close(self) -> None:
         """Finish what is queued, then stop the thread; later submits are refused."""
@@ -68,11 +76,11 @@ class Batcher:
 
     def _collect(self, first: _Pending) -> tuple[list[_Pending], bool]:
         """The batch opened by `first`; True if the queue has been closed."""
-        batch, size = [first], len(first.x)
+        batch, size = self._batch, len(first.x)
         deadline = first.arrived + self.max_delay
         while size < self.max_size:
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                item = self._queue.get(timeout=min(max(0.0, deadline - time.perf_counter()), threading.TIMEOUT_MAX))
             except queue.Empty:
                 break
             if item is None:
@@ -85,6 +93,13 @@ class Batcher:
         return batch, False
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # its callers wait on this thread alone: none may be left waiting
+            log.exception("the batcher stopped")
+            self._refuse_all(UnavailableError(f"the batcher stopped ({type(exc).__name__}: {exc})"))
+
+    def _serve(self) -> None:
         closed = False
         while not closed or self._held is not None:
             first, self._held = self._held, None
@@ -92,8 +107,26 @@ class Batcher:
                 first = self._queue.get()
                 if first is None:
                     return
+            self._batch = [first]
             batch, closed = self._collect(first)
             self._run(batch)
+            self._batch = []
+
+    def _refuse_all(self, error: Exception) -> None:
+        """Close, and fail every request not yet answered: the batch in hand, the one held over and the queue."""
+        with self._lock:
+            self._closed = True
+        waiting = [*self._batch, *([self._held] if self._held is not None else [])]
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                waiting.append(item)
+        for pending in waiting:
+            if not pending.future.done():
+                pending.future.set_exception(error)
 
     def _run(self, batch: list[_Pending]) -> None:
         """Predict the batch and answer each caller; whatever fails, every caller gets an answer or the error."""
