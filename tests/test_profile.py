@@ -242,6 +242,18 @@ CORRUPTIONS = {
                      "older guard .* run `guard calibrate` again"),
     "cut-not-finite": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "cut", float("nan"))),
                        "thresholds must be finite"),
+    "tau-a-string": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "tau", "1.5")),
+                     "thresholds must be finite numbers"),
+    "top-q-a-bool": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "top_q", True)),
+                     "integer top_q"),
+    # finite and positive as stored, but not in float32, where the guard computes: the score would be NaN or inf
+    "part-spread-underflows-float32": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][0],
+                                                                                    "spread", 1e-300)),
+                                       "a score part needs a finite centre and a positive spread"),
+    "class-scale-float64-underflows": (lambda s, p: _edited(s, p, lambda t, m: _set(
+        t, "class_scale", t["class_scale"].astype(np.float64) * 1e-300)), "finite with positive scales"),
+    "class-mean-float64-overflows": (lambda s, p: _edited(s, p, lambda t, m: _set(
+        t, "class_mean", t["class_mean"].astype(np.float64) + 1e300)), "finite with positive scales"),
     "cut-missing": (lambda s, p: _edited(s, p, lambda t, m: m["thresholds"].pop("cut")), "cut"),
     "demote-below-tau": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "demote",
                                                                        m["thresholds"]["tau"] - 1)),

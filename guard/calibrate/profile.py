@@ -314,6 +314,11 @@ class Profile:
 
     @classmethod
     def _from_parts(cls, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> Profile:
+        # The guard computes in float32: a float64 value that is finite and positive as stored may overflow to inf
+        # or underflow to 0 there, so every check below is made on the float32 value.
+        with np.errstate(over="ignore", under="ignore"):
+            tensors = {key: value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+                       for key, value in tensors.items()}
         if not isinstance(meta, dict):
             raise ValueError(f"the guard metadata must be a JSON object, got {type(meta).__name__}")
         if meta.get("format") == "guard.profile/1":
@@ -404,9 +409,10 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
     """Thresholds with their types and ranges checked: a profile is untrusted input. Only format 5 and later may name
     a suspect, only format 6 a reference's threshold, only format 7 a warp class, only format 8 a warp's lean, only
     format 9 the input envelope, only format 10 its demotion."""
-    k, tau, top_q, cut = float(raw["k"]), float(raw["tau"]), raw["top_q"], float(raw["cut"])
-    if not (np.isfinite(k) and np.isfinite(tau) and np.isfinite(cut)) or not isinstance(top_q, int) or top_q < 1:
+    k, tau, top_q, cut = raw["k"], raw["tau"], raw["top_q"], raw["cut"]
+    if not (_finite32(k) and _finite32(tau) and _finite32(cut)) or not _whole(top_q) or top_q < 1:
         raise ValueError(f"thresholds must be finite numbers with an integer top_q >= 1, got {raw}")
+    k, tau, cut = float(k), float(tau), float(cut)
     demote = _threshold_or_inf(raw, "demote", tau, "the demote threshold")
     parts = [_part(part, tap_names) for part in raw.get("parts", [])]
     if parts and not any(part.demotes for part in parts):
@@ -459,9 +465,7 @@ def _envelope(raw: dict[str, Any], version: int) -> tuple[float | None, float | 
         return None, None
     if version < 9:
         raise ValueError("only a format-9 profile may score the input envelope")
-    numbers = all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                  for value in (centre, spread))
-    if not numbers or not spread > 0:
+    if not (_finite32(centre) and _positive32(spread)):
         raise ValueError(f"the input envelope's part needs a finite centre and a positive spread, got {raw}")
     return float(centre), float(spread)
 
@@ -475,9 +479,7 @@ def _lean(raw: dict[str, Any], num_classes: int, version: int) -> tuple[int | No
         raise ValueError("only a format-8 profile may score a warp's lean")
     if not (isinstance(lean_class, int) and not isinstance(lean_class, bool) and 0 <= lean_class < num_classes):
         raise ValueError(f"the lean's class must be a class number below {num_classes}, got {lean_class!r}")
-    numbers = all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                  for value in (centre, spread))
-    if not numbers or not spread > 0:
+    if not (_finite32(centre) and _positive32(spread)):
         raise ValueError(f"the lean's part needs a finite centre and a positive spread, got {raw}")
     return lean_class, float(centre), float(spread)
 
@@ -495,14 +497,33 @@ def _threshold_or_inf(raw: dict[str, Any], key: str, floor: float, name: str, fl
     return float(value)
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite32(value: Any) -> bool:
+    """A JSON number (not a string, not true) that stays finite in float32, where the guard computes with it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(np.float32(value)))
+
+
+def _positive32(value: Any) -> bool:
+    """A finite float32 number above zero: 1e-300 is a positive double but a float32 zero."""
+    with np.errstate(under="ignore"):
+        return _finite32(value) and bool(np.float32(value) > 0)
+
+
 def _part(raw: dict[str, Any], tap_names: list[str]) -> PartScale:
-    taps, centre, spread = raw["taps"], float(raw["centre"]), float(raw["spread"])
+    taps, centre, spread = raw["taps"], raw["centre"], raw["spread"]
     kind = raw.get("kind", "top_q")  # format 3 has top-q parts only
     if not (isinstance(taps, list) and taps and all(isinstance(t, str) and t in tap_names for t in taps)
             and len(set(taps)) == len(taps)):
         raise ValueError(f"a score part must name distinct taps of the profile, got {taps!r}")
-    if not (np.isfinite(centre) and np.isfinite(spread) and spread > 0):
+    if not (_finite32(centre) and _positive32(spread)):
         raise ValueError(f"a score part needs a finite centre and a positive spread, got {raw}")
+    centre, spread = float(centre), float(spread)
     if kind not in _PART_KINDS:
         raise ValueError(f"a score part's kind must be one of {_PART_KINDS}, got {kind!r}")
     demotes = raw.get("demotes", True)  # parts written before it existed all demote
