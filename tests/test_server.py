@@ -231,6 +231,17 @@ def test_bad_requests_through_tritonclient_and_guard_v1(client: triton.Inference
     tensor.set_data_from_numpy(backdoored.x_eval[:2])
     with pytest.raises(InferenceServerException, match="unknown output"):
         client.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput("probabilities")])
+    # extensions guard does not implement are refused, not answered as if the parameter were not there
+    with pytest.raises(InferenceServerException, match="does not implement the classification extension"):
+        client.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput("logits", class_count=3)])
+    into_region = triton.InferRequestedOutput("logits")
+    into_region.set_shared_memory("region0", 80)
+    with pytest.raises(InferenceServerException, match=r"output 'logits' is in shared memory \(region 'region0'\)"):
+        client.infer(MODEL, [tensor], outputs=[into_region])
+    from_region = triton.InferInput("input", [2, 1, 28, 28], "FP32")
+    from_region.set_shared_memory("region0", 6272)
+    with pytest.raises(InferenceServerException, match="input 'input' is in shared memory"):
+        client.infer(MODEL, [from_region])
     stub = guard_pb2_grpc.GuardStub(channel)
     with pytest.raises(grpc.RpcError) as raised:
         stub.Predict(guard_pb2.PredictRequest(shape=[2, 1, 28, 28], data=b"\0" * 100))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -30,6 +31,15 @@ def _from_bytes(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(data, dtype="<f4").reshape(shape)
 
 
+def _refuse_shared_memory(kind: str, name: str, parameters: Mapping[str, oip.InferParameter]) -> None:
+    """Tensors in a shared-memory region (Triton's extension) are not read or written: say so rather than answer
+    from empty contents, or write an output the caller will not look for in the response."""
+    if any(key.startswith("shared_memory_") for key in parameters):
+        region = parameters["shared_memory_region"].string_param if "shared_memory_region" in parameters else "?"
+        raise RequestError(f"{kind} {name!r} is in shared memory (region {region!r}); guard does not implement "
+                           f"the shared-memory extension: send it in the message")
+
+
 def decode_oip(request: oip.ModelInferRequest, input_name: str, sample_shape: tuple[int, ...]) -> np.ndarray:
     """The one FP32 input tensor of an Open Inference Protocol request, as (N, C, H, W)."""
     if len(request.inputs) != 1:
@@ -37,6 +47,7 @@ def decode_oip(request: oip.ModelInferRequest, input_name: str, sample_shape: tu
     tensor = request.inputs[0]
     if tensor.name != input_name:
         raise RequestError(f"unknown input {tensor.name!r}; the model's input is {input_name!r}")
+    _refuse_shared_memory("input", tensor.name, tensor.parameters)
     if tensor.datatype != "FP32":
         raise RequestError(f"input {input_name!r} must be FP32, got {tensor.datatype or 'no datatype'}")
     shape = _shape(list(tensor.shape), sample_shape)
@@ -61,6 +72,12 @@ def check_outputs(request: oip.ModelInferRequest, output_name: str) -> list[str]
         raise RequestError(f"unknown output {unknown}; available outputs are {available}")
     if len(set(wanted)) != len(wanted):
         raise RequestError(f"an output is requested more than once: {wanted}")
+    for output in request.outputs:
+        _refuse_shared_memory("output", output.name, output.parameters)
+        if "classification" in output.parameters:  # Triton answers top-k "score:index" strings, not the tensor
+            raise RequestError(f"output {output.name!r} asks for classification (class_count="
+                               f"{output.parameters['classification'].int64_param}); guard does not implement the "
+                               f"classification extension: ask for the tensor and take its top classes")
     return wanted
 
 
