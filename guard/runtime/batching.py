@@ -60,8 +60,8 @@ class Batcher:
             if self._closed:
                 raise UnavailableError("the server is shutting down")
             self._queue.put(pending)
-        try:
-            return pending.future.result(timeout)
+        try:  # a call without a deadline has a practically endless one, past what a thread wait takes
+            return pending.future.result(None if timeout is None or timeout >= threading.TIMEOUT_MAX else timeout)
         except FutureTimeout:
             raise DeadlineExceededError(f"the deadline passed after {timeout:.3f} s waiting for a batch") from None
 
