@@ -36,8 +36,8 @@ class Metrics:
         self.samples = Counter("guard_samples_total", "Samples answered, by verdict", ["model", "verdict"],
                                registry=r)
         self.errors = Counter("guard_request_errors_total",
-                              "Requests guard refused or failed, by gRPC status code (not those gRPC refuses itself, "
-                              "such as an oversized message)", ["model", "code"], registry=r)
+                              "Inference requests guard refused or failed, by gRPC status code (not those gRPC refuses "
+                              "itself, such as an oversized message)", ["model", "code"], registry=r)
         self.duration = Histogram("guard_request_duration_seconds", "Time spent per request, by stage",
                                   ["model", "stage"], buckets=_LATENCY_BUCKETS, registry=r)
         self.score = Histogram("guard_check_score", "Consistency score per sample", ["model"],

@@ -30,7 +30,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     def ModelReady(self, request: oip.ModelReadyRequest, context: grpc.ServicerContext) -> oip.ModelReadyResponse:
         return answer(self.plane, context, lambda: oip.ModelReadyResponse(
-            ready=bool(self.plane.resolve(request.name, request.version)) and self.plane.ready))
+            ready=bool(self.plane.resolve(request.name, request.version)) and self.plane.ready), inference=False)
 
     def ServerMetadata(self, request: oip.ServerMetadataRequest,
                        context: grpc.ServicerContext) -> oip.ServerMetadataResponse:
@@ -52,7 +52,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 ],
             )
 
-        return answer(self.plane, context, metadata)
+        return answer(self.plane, context, metadata, inference=False)
 
     def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.ServicerContext) -> oip.ModelInferResponse:
         def infer() -> oip.ModelInferResponse:

@@ -16,6 +16,8 @@ import grpc
 from guard.errors import GuardError
 
 OPEN_METHODS = ("/grpc.health.v1.Health/Check",)
+# The calls guard_request_errors_total counts, against guard_requests_total's answered ones (the error share).
+INFERENCE_METHODS = ("/inference.GRPCInferenceService/ModelInfer", "/guard.v1.Guard/Predict")
 
 
 def read_secret(path: Path, what: str) -> bytes:
@@ -40,17 +42,20 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.Se
 class BearerToken(grpc.ServerInterceptor):
     """Refuses calls without the right `authorization: Bearer <token>` (UNAUTHENTICATED), health checks excepted."""
 
-    def __init__(self, token: str, on_refused: Callable[[], None]) -> None:
+    def __init__(self, token: str, on_refused_inference: Callable[[], None]) -> None:
         if not token:
             raise GuardError("the bearer token is empty")
         self._expected = f"Bearer {token}".encode()
-        self._on_refused = on_refused
 
-        def refuse(_request: bytes, context: grpc.ServicerContext) -> None:
-            self._on_refused()
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+        def refusal(count: bool) -> grpc.RpcMethodHandler:
+            def refuse(_request: bytes, context: grpc.ServicerContext) -> None:
+                if count:
+                    on_refused_inference()
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
 
-        self._refusal = grpc.unary_unary_rpc_method_handler(refuse)
+            return grpc.unary_unary_rpc_method_handler(refuse)
+
+        self._refusals = {True: refusal(True), False: refusal(False)}
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
                           handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -59,4 +64,4 @@ class BearerToken(grpc.ServerInterceptor):
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(str(given).encode(), self._expected):
             return continuation(handler_call_details)
-        return self._refusal
+        return self._refusals[handler_call_details.method in INFERENCE_METHODS]

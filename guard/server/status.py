@@ -15,8 +15,11 @@ log = logging.getLogger("guard.server")
 T = TypeVar("T")
 
 
-def answer(plane: DataPlane, context: grpc.ServicerContext, handler: Callable[[], T]) -> T:
-    """Run `handler`; a bad request aborts with a status naming what was wrong, and the server keeps serving."""
+def answer(plane: DataPlane, context: grpc.ServicerContext, handler: Callable[[], T], *, inference: bool = True) -> T:
+    """Run `handler`; a bad request aborts with a status naming what was wrong, and the server keeps serving.
+
+    Only inference calls count in guard_request_errors_total: the error share divides it by answered inference
+    requests, and a readiness poll for a misspelt model would otherwise page for an error rate nobody served."""
     try:
         return handler()
     except UnknownModelError as exc:
@@ -32,6 +35,7 @@ def answer(plane: DataPlane, context: grpc.ServicerContext, handler: Callable[[]
     except Exception as exc:
         log.exception("request failed")
         code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-    plane.count_error(code.name)
+    if inference:
+        plane.count_error(code.name)
     context.abort(code, message)
     raise AssertionError("unreachable: context.abort raises")
