@@ -108,9 +108,10 @@ class InputEnvelope:
     spread: float = 1.0
 
     def raw(self, x: np.ndarray) -> np.ndarray:
-        """(N,) the sum of each sample's excess over the bound."""
-        excess = np.maximum(x - self.bound[None], np.float32(0))
-        return excess.reshape(len(x), -1).sum(axis=1, dtype=np.float32)
+        """(N,) the sum of each sample's excess over the bound; inf for inputs near float32's limit (flagged)."""
+        with np.errstate(over="ignore"):
+            excess = np.maximum(x - self.bound[None], np.float32(0))
+            return excess.reshape(len(x), -1).sum(axis=1, dtype=np.float32)
 
     def standardised(self, x: np.ndarray) -> np.ndarray:
         return ((self.raw(x) - np.float32(self.centre)) / np.float32(self.spread)).astype(np.float32)
