@@ -92,6 +92,98 @@ def test_folded_mask_matches_masked_torch_and_adds_no_nodes_on_the_cnn(exported)
         assert np.all(weight[:, pruned] == 0) and np.all(np.abs(weight[:, ~pruned]).sum(axis=0) > 0)
 
 
+def _graph(nodes: list, initializers: dict[str, np.ndarray], extra_outputs: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """A small (N, 2, 6, 6) -> (N, 3) model from ONNX nodes, its first output the logits."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])]
+    outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in extra_outputs]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+                              outputs, [numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _masked_at(proto: onnx.ModelProto, keep: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The model with each tap multiplied by its keep mask: what calibration measured."""
+    from guard.model.graph import insert_mul
+
+    masked = onnx.ModelProto()
+    masked.CopyFrom(proto)
+    for index, (tap, mask) in enumerate(keep.items()):
+        masked.graph.initializer.append(onnx.numpy_helper.from_array(
+            mask.astype(np.float32).reshape(1, -1, 1, 1) if mask.size == 4 else mask.astype(np.float32)[None],
+            f"mask{index}"))
+        insert_mul(masked.graph, tap, f"mask{index}", f"{tap}__masked")
+    return masked
+
+
+def _tied_and_branched() -> dict[str, tuple[onnx.ModelProto, dict[str, np.ndarray]]]:
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    conv = lambda cin: rng.normal(size=(4, cin, 3, 3)).astype(np.float32)  # noqa: E731
+    head = rng.normal(size=(3, 4 * 36)).astype(np.float32)
+    node = helper.make_node
+    models = {
+        # one conv weight applied twice (a module called twice): the first use's pruned inputs must not be zeroed
+        # in the weight the second use shares
+        "shared weight": ([node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4), node("Relu", ["c1"], ["a"]),
+                           node("Conv", ["a", "w2"], ["c2"], pads=[1] * 4), node("Relu", ["c2"], ["b"]),
+                           node("Conv", ["b", "w2"], ["c3"], pads=[1] * 4), node("Relu", ["c3"], ["t"]),
+                           node("Flatten", ["t"], ["f"]), node("Gemm", ["f", "head"], ["logits"], transB=1)],
+                          {"w1": conv(2), "w2": conv(4), "head": head}, ["a", "b"]),
+        # a tap whose producer's output also feeds another branch (Relu(c) and Relu(-c), both kept): zeroing the
+        # producer would take the channels from the other branch too
+        "branched producer": ([node("Conv", ["x", "w1"], ["c"], pads=[1] * 4), node("Relu", ["c"], ["t"]),
+                               node("Neg", ["c"], ["n"]), node("Relu", ["n"], ["u"]),
+                               node("Concat", ["t", "u"], ["cat"], axis=1),
+                               node("Conv", ["cat", "w3"], ["d"], pads=[1] * 4), node("Relu", ["d"], ["e"]),
+                               node("Flatten", ["e"], ["f"]), node("Gemm", ["f", "head"], ["logits"], transB=1)],
+                              {"w1": conv(2), "w3": conv(8), "head": head}, ["t"]),
+    }
+    out = {}
+    for name, (nodes, inits, taps) in models.items():
+        masks = (np.array([True, False, True, False]), np.array([True, True, False, True]))
+        out[name] = (_graph(nodes, inits), dict(zip(taps, masks, strict=False)))
+    return out
+
+
+@pytest.mark.parametrize("case", ["shared weight", "branched producer"])
+def test_the_fold_changes_nothing_but_the_masked_taps(case: str) -> None:
+    """The static mask is folded into weights only where nothing else reads them; elsewhere a Mul keeps the served
+    model the masked model calibration measured."""
+    proto, keep = _tied_and_branched()[case]
+    folded, _ = fold_static_mask(load_model(proto), keep)
+    x = np.random.default_rng(1).random((8, 2, 6, 6), dtype=np.float32)
+    run = lambda p: ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        ["logits"], {"x": x})[0]
+    want = run(_masked_at(proto, keep))
+    assert np.abs(want - run(proto)).max() > 1e-3  # the mask matters, so a wrong fold would show
+    np.testing.assert_allclose(run(folded), want, atol=1e-5)
+
+
+def test_a_producer_fold_leaves_a_broadcast_gemm_bias_alone() -> None:
+    """A Gemm's C of shape (1, M) is valid ONNX: zeroing row `channels` of it failed (IndexError) or zeroed all."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    node = helper.make_node
+    proto = _graph([node("Conv", ["x", "w"], ["c"], pads=[1] * 4), node("Relu", ["c"], ["r"]),
+                    node("Flatten", ["r"], ["f"]), node("Gemm", ["f", "fw", "fb"], ["h"], transB=1),
+                    node("Relu", ["h"], ["feat"]), node("Gemm", ["feat", "ow"], ["logits"], transB=1),
+                    node("Identity", ["feat"], ["embedding"])],
+                   {"w": rng.normal(size=(4, 2, 3, 3)).astype(np.float32),
+                    "fw": rng.normal(size=(6, 144)).astype(np.float32), "fb": rng.normal(size=(1, 6)).astype(np.float32),
+                    "ow": rng.normal(size=(3, 6)).astype(np.float32)}, extra_outputs=("embedding",))
+    x = np.random.default_rng(1).random((8, 2, 6, 6), dtype=np.float32)
+    for pruned in (0, 2):
+        keep = {"feat": np.arange(6) != pruned}
+        folded, _ = fold_static_mask(load_model(proto), keep)
+        run = lambda p: ort.InferenceSession(p.SerializeToString(),  # noqa: E731
+                                             providers=["CPUExecutionProvider"]).run(["logits"], {"x": x})[0]
+        np.testing.assert_allclose(run(folded), run(_masked_at(proto, keep)), atol=1e-5)
+
+
 def _check_for(linf: list[np.ndarray], rng) -> ConsistencyCheck:
     """A check with profiles near these activations, so some samples pass and some do not."""
     flat = np.concatenate(linf, axis=1)

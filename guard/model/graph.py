@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -188,9 +189,13 @@ class _Initializers:
         self.graph = graph
         self.arrays = {init.name: numpy_helper.to_array(init).copy() for init in graph.initializer}
         self.changed: set[str] = set()
+        self.uses = Counter(name for node in graph.node for name in node.input)
+        self.uses.update(output.name for output in graph.output)
 
     def get(self, name: str) -> np.ndarray | None:
-        return self.arrays.get(name)
+        """The initializer `name` if exactly one node input reads it, else None: zeroing weights that another layer
+        shares (a module applied twice) would change that layer too, which calibration never measured."""
+        return self.arrays.get(name) if self.uses[name] == 1 else None
 
     def mark(self, name: str) -> None:
         self.changed.add(name)
@@ -200,6 +205,7 @@ class _Initializers:
         twin.graph = self.graph
         twin.arrays = {name: array.copy() for name, array in self.arrays.items()}
         twin.changed = set(self.changed)
+        twin.uses = self.uses
         return twin
 
     def write_back(self) -> None:
@@ -275,16 +281,24 @@ def _fold_flat(graph: onnx.GraphProto, tensor: str, channels: np.ndarray, block:
     )
 
 
-def _fold_into_producer(graph: onnx.GraphProto, tensor: str, channels: np.ndarray, inits: _Initializers) -> bool:
-    """Make the layer that computes `tensor` output zero on `channels` (the tap then reads zero there)."""
+def _fold_into_producer(graph: onnx.GraphProto, tensor: str, channels: np.ndarray, inits: _Initializers,
+                        stops: set[str]) -> bool:
+    """Make the layer that computes `tensor` output zero on `channels` (the tap then reads zero there).
+
+    Only along a chain that nothing else reads: a tensor on the way back that feeds another node, is a graph output
+    or is another tap (`stops`) would lose the channels too, where calibration masked the tap alone.
+    """
     node = _producer(graph, tensor)
     while node is not None and node.op_type in {"Relu", "Identity", "Dropout", "MaxPool"}:
-        node = _producer(graph, node.input[0])
+        source = node.input[0]
+        if source in stops or len(_consumers(graph, source)) != 1:
+            return False
+        node = _producer(graph, source)
     if node is None:
         return False
     if node.op_type == "BatchNormalization":
         scale, bias = inits.get(node.input[1]), inits.get(node.input[2])
-        if scale is None or bias is None:
+        if scale is None or bias is None or scale.ndim != 1 or bias.ndim != 1:
             return False
         scale[channels] = 0
         bias[channels] = 0
@@ -299,7 +313,7 @@ def _fold_into_producer(graph: onnx.GraphProto, tensor: str, channels: np.ndarra
         inits.mark(node.input[1])
         if len(node.input) > 2 and node.input[2]:
             bias = inits.get(node.input[2])
-            if bias is None:
+            if bias is None or bias.shape != (weight.shape[0],):  # a Gemm's C may broadcast from (1, M) or ()
                 return False
             bias[channels] = 0
             inits.mark(node.input[2])
@@ -414,7 +428,7 @@ def fold_static_mask(model: LoadedModel, keep: dict[str, np.ndarray]) -> tuple[o
         stops = outputs | (set(keep) - {tap})
         if _fold_into_consumers(graph, tap, pruned, consumer_fold, ranks, shapes, stops):
             modes[tap], inits = "consumer", consumer_fold
-        elif _fold_into_producer(graph, tap, pruned, producer_fold):
+        elif _fold_into_producer(graph, tap, pruned, producer_fold, stops):
             modes[tap], inits = "producer", producer_fold
         else:
             modes[tap] = "mul"
