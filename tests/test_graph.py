@@ -28,10 +28,11 @@ from guard.model.serving import (
 from guard.runtime.checks import ConsistencyCheck, repredict_masks
 
 
-@pytest.fixture(scope="module", params=["cnn", "resnet", "cnn-opset17", "cnn-opset11", "resnet-opset11"])
+@pytest.fixture(scope="module", params=["cnn", "resnet", "cnn-opset17", "cnn-opset11", "resnet-opset11", "cnn-opset10"])
 def exported(request, tmp_path_factory):
     """The eval models as torch 2.13 exports them (opset 20), converted down to 17, and from the legacy exporter at
-    opset 11 (where Unsqueeze and the reductions take attributes, not inputs)."""
+    opset 11 (where Unsqueeze and the reductions take attributes, not inputs) and 10, the oldest guard serves (TopK
+    without its `largest` and `sorted`)."""
     import warnings
 
     from onnx import version_converter
@@ -41,10 +42,10 @@ def exported(request, tmp_path_factory):
     module = (SmallCNN() if arch == "cnn" else SmallResNet()).eval()
     path = tmp_path_factory.mktemp(request.param) / "m.onnx"
     sample = torch.zeros(1, 1, 28, 28)
-    if opset == "11":
+    if opset in ("10", "11"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (sample,), str(path), dynamo=False, opset_version=11, input_names=["input"],
+            torch.onnx.export(module, (sample,), str(path), dynamo=False, opset_version=int(opset), input_names=["input"],
                               output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
     else:
         export_onnx(module, path, sample)

@@ -173,13 +173,18 @@ def test_train_writes_into_a_new_folder_and_leaves_no_temporary_file(tmp_path: P
 # ------------------------------------------------------------------------------------------------- models
 
 
-def tiny_model(batch: int | str = "N", elem: int = TensorProto.FLOAT, classes: int = 3) -> onnx.ModelProto:
+def tiny_model(batch: int | str = "N", elem: int = TensorProto.FLOAT, classes: int = 3, opset: int = 17,
+               softmax: bool = False) -> onnx.ModelProto:
     weight = numpy_helper.from_array(np.ones((16, classes), np.float32), "w")
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["scores"])]
+    if softmax:
+        nodes += [helper.make_node("Softmax", ["scores"], ["p"], axis=1), helper.make_node("Identity", ["p"], ["logits"])]
+    else:
+        nodes += [helper.make_node("Identity", ["scores"], ["logits"])]
     graph = helper.make_graph(
-        [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["logits"])], "tiny",
-        [helper.make_tensor_value_info("x", elem, [batch, 1, 4, 4])],
+        nodes, "tiny", [helper.make_tensor_value_info("x", elem, [batch, 1, 4, 4])],
         [helper.make_tensor_value_info("logits", elem, [batch, classes])], [weight])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def test_a_tiny_model_of_the_right_form_loads() -> None:
@@ -190,6 +195,10 @@ def test_a_tiny_model_of_the_right_form_loads() -> None:
     (tiny_model(batch=1), "batch dimension is fixed at 1"),
     (tiny_model(elem=TensorProto.DOUBLE), "float32 inputs; 'x' is DOUBLE"),
     (tiny_model(classes=1), "at least 2 classes"),
+    # refused before a calibration whose profile could not be served
+    (tiny_model(opset=9), "opset 10 or later; this model uses opset 9"),
+    # the scan, repairs and reference train through the output, the confirmations read its softmax
+    (tiny_model(softmax=True), "is a Softmax of its logits; guard needs the logits"),
 ])
 def test_models_guard_cannot_serve_are_refused_at_load(model: onnx.ModelProto, fragment: str) -> None:
     with pytest.raises(ModelError, match=fragment.replace("(", r"\(")):

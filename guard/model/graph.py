@@ -83,6 +83,9 @@ def load_model(source: str | Path | bytes | onnx.ModelProto) -> LoadedModel:
     if any(uses_external_data(t) for t in tensors):  # the sha256 a profile checks would not cover those weights
         raise ModelError("the model keeps weights in external data files; guard reads self-contained models: save "
                          "it with onnx.save(model, path, save_as_external_data=False)")
+    if opset_version(proto) < MIN_OPSET:  # refused here, not after a calibration whose profile could not be served
+        raise ModelError(f"guard serves ONNX opset {MIN_OPSET} or later; this model uses opset {opset_version(proto)}: "
+                         "export it again with a newer opset_version")
     input_shape = _dims(inputs[0].type)
     if len(input_shape) != 4:
         raise ModelError(f"expected an image input (N, C, H, W); {inputs[0].name!r} has shape {input_shape}")
@@ -96,6 +99,15 @@ def load_model(source: str | Path | bytes | onnx.ModelProto) -> LoadedModel:
     if len(output_shape) != 2 or output_shape[1] is None or output_shape[1] < 2:
         raise ModelError(f"expected a first output (N, classes) of at least 2 classes; {proto.graph.output[0].name!r} "
                          f"is {output_shape}")
+    last = _producer(proto.graph, proto.graph.output[0].name)
+    while last is not None and last.op_type == "Identity":
+        last = _producer(proto.graph, last.input[0])
+    if last is not None and last.op_type == "Softmax":
+        # the scan, the repairs and the reference train through the output, and the guard's confirmations read its
+        # softmax: a softmax of probabilities would flatten every one of them, silently
+        raise ModelError(f"the model's output {proto.graph.output[0].name!r} is a Softmax of its logits; guard needs "
+                         "the logits: export the model without the final Softmax (its answers, the argmax, are the "
+                         "same)")
     return LoadedModel(
         proto=proto,
         sha256=sha256_bytes(data),
@@ -168,6 +180,9 @@ def tap_shapes(model: LoadedModel, taps: list[str]) -> list[tuple[int | None, ..
     cannot tell."""
     dims = tensor_dims(model.proto)
     return [dims[t][1:] if t in dims and len(dims[t]) > 1 else None for t in taps]
+
+
+MIN_OPSET = 10  # the served graph's TopK takes K as an input from opset 10
 
 
 def opset_version(proto: onnx.ModelProto) -> int:

@@ -54,8 +54,6 @@ class ServingGraphs:
 def serving_graphs(model: LoadedModel, taps: list[str], keep: dict[str, np.ndarray], bounds: dict[str, np.ndarray],
                    check: ConsistencyCheck, tau: float) -> ServingGraphs:
     """Fold the static mask, then build the served graph (check inside) and the re-prediction tail."""
-    if opset_version(model.proto) < 10:
-        raise ModelError(f"guard serves ONNX opset 10 or later; this model uses opset {opset_version(model.proto)}")
     taken = sorted(name for name in _tensor_names(model.proto) if name.startswith("guard_") or "__guard" in name)
     if taken:
         raise ModelError(f"the model already has tensors named like guard's own ({taken[:5]}); rename them")
@@ -141,7 +139,9 @@ def _score_nodes(proto: onnx.ModelProto, check: ConsistencyCheck) -> list[onnx.N
             nodes += [
                 helper.make_node("Gather", ["guard_z", channels], [f"{name}__z"], axis=1),
                 helper.make_node("TopK", [f"{name}__z", _const(g, f"{name}__q", np.array([q], dtype=np.int64))],
-                                 [f"{name}__top", f"{name}__top_index"], axis=1, largest=1, sorted=0),
+                                 [f"{name}__top", f"{name}__top_index"], axis=1,
+                                 # opset 10's TopK has neither attribute (it takes the largest, sorted)
+                                 **({"largest": 1, "sorted": 0} if opset_version(proto) >= 11 else {})),
                 _reduce(proto, "ReduceMean", f"{name}__top", f"{name}__raw", 1),
             ]
         nodes += [
