@@ -58,6 +58,17 @@ def test_the_budget_grows_with_the_batch(backdoored: Backdoored, big_batch: np.n
     assert not result.unchecked and result.flagged[128:].mean() > 0.8  # checked, the triggers caught
 
 
+def test_fail_open_answers_on_the_guards_own_engine_and_device(backdoored: Backdoored) -> None:
+    """The unguarded model runs where the guarded one does: "cpu:0" is a torch device ONNX Runtime does not know,
+    and fail-open on the torch engine refused to start with it."""
+    opened = Guard.load(backdoored.model_path, backdoored.profile_path, engine="torch", device="cpu:0",
+                        on_failure="open")
+    x = backdoored.x_eval[:16]
+    bare = PlainSession(load_model(backdoored.model_path).proto.SerializeToString(), "input").logits(x)
+    np.testing.assert_allclose(opened._unguarded.logits(x), bare, atol=1e-4)
+    assert not opened.predict(x).unchecked
+
+
 def test_a_budget_needs_the_onnxruntime_engine(backdoored: Backdoored) -> None:
     with pytest.raises(GuardError, match="budget"):
         Guard.load(backdoored.model_path, backdoored.profile_path, engine="torch", check_budget=0.1)

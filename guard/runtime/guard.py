@@ -24,7 +24,7 @@ from guard.calibrate.profile import Profile
 from guard.errors import CheckFailedError, GuardError, ModelError, ProfileError, RequestError
 from guard.model.graph import LoadedModel, load_model, tap_shapes, validate_taps
 from guard.model.serving import serving_graphs
-from guard.runtime.engine import PlainSession, build_engine, plain_model
+from guard.runtime.engine import build_engine, plain_model
 from guard.runtime.policy import FailurePolicy, Policy, apply_policy, demotions, overrule
 from guard.runtime.reference import confirms, disagreement, lean, reference_model
 
@@ -122,7 +122,8 @@ class Guard:
                            if profile.reference else None)
         self._warm_up()
         # Failing open answers with the model as it is, so it needs a session of its own, built before serving.
-        self._unguarded = (PlainSession(model.proto.SerializeToString(), model.input_name, device, threads)
+        self._unguarded = (plain_model(engine, model.proto.SerializeToString(), model.input_name, model.output_name,
+                                       device, threads)
                            if self.on_failure is FailurePolicy.OPEN else None)
 
     @classmethod
