@@ -76,6 +76,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     enveloped = ("" if f["calibration_envelope_demote_rate"] is None else
                  f", envelope demote rate {f['calibration_envelope_demote_rate']:.3f} (at most "
                  f"{args.envelope_demote_rate})")
+    if f["duplicates_dropped"]:
+        print(f"guard: note: {f['duplicates_dropped']} clean sample(s) repeat an earlier one and were left out (a copy "
+              "in another cross-fitting fold would lower the thresholds)")
+    if f["unbounded_rates"]:
+        print(f"guard: note: {f['samples']} clean samples cannot bound "
+              + ", ".join(f"--{name.replace('_', '-')} (needs {need})" for name, need in f["unbounded_rates"].items())
+              + f" at --fpr-confidence {settings.fpr_confidence}: each such threshold is the highest clean score, "
+              "and the rate on fresh requests may be higher than the one printed")
     print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
           f"channels, held-out accuracy {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
           f"cross-fitted flag rate {f['calibration_flag_rate']:.3f} (target {args.fpr}), demote rate "
@@ -381,8 +389,13 @@ def _train(args: argparse.Namespace) -> int:
         raise GuardError(f"{args.data} has no labels y: training needs them")
     if x.ndim != 4:
         raise GuardError(f"training data x must be (N, C, H, W), got shape {x.shape}")
+    if x.shape[-1] in (1, 3, 4) and x.shape[1] > 4:  # an image model would train on rows as channels
+        raise GuardError(f"training data x of shape {x.shape} looks channels-last (N, H, W, C); guard's models take "
+                         "(N, C, H, W): np.transpose(x, (0, 3, 1, 2))")
     present = np.unique(y)
     num_classes = len(present)
+    if num_classes < 2:
+        raise GuardError(f"training labels name {num_classes} class(es); a classifier needs at least 2")
     if num_classes and (present[0] != 0 or present[-1] != num_classes - 1):  # a stray label would size the output
         raise GuardError(f"training labels must number the classes 0..K-1, each with samples; got {num_classes} "
                          f"distinct labels from {present[0]} to {present[-1]}")

@@ -70,6 +70,9 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         y = _array(data, "y", path) if "y" in data.files else None
     if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):  # float32 of a complex drops its imaginary part
         raise GuardError(f"x in {path} must be real numbers, got {x.dtype}")
+    if not np.issubdtype(x.dtype, np.floating):  # 8-bit pixels given to a model trained on [0, 1] look 255x bright
+        raise GuardError(f"x in {path} is {x.dtype}; guard gives the model x as stored, so store it as float32 in "
+                         f"the model's input range (x.astype('float32') / 255 for a model trained on [0, 1])")
     if y is not None and (y.ndim != 1 or not np.issubdtype(y.dtype, np.integer)):
         raise GuardError(f"y in {path} must be a 1-D integer array, got {y.dtype} {y.shape}")
     return x.astype(np.float32, copy=False), None if y is None else y.astype(np.int64, copy=False)
@@ -256,14 +259,39 @@ def holdout_folds(count: int, share: float, seed: int, folds: int) -> list[tuple
     return [(order[start:stop], np.concatenate([order[:start], order[stop:]])) for start, stop in zip(starts, stops)]
 
 
+def first_occurrences(x: np.ndarray) -> np.ndarray:
+    """Indices of the samples of `x` with no identical sample before them, in order. Calibration cross-fits its
+    thresholds: a copy in another fold scores like a sample the fit has seen, so duplicates make the thresholds (and
+    the rates they claim) too low."""
+    _, first = np.unique(x.reshape(len(x), -1), axis=0, return_index=True)
+    return np.sort(first)
+
+
 def check_samples(x: np.ndarray, y: np.ndarray | None, sample_shape: tuple[int, ...], num_classes: int,
-                  purpose: str) -> None:
-    """Refuse clean data that `purpose` ("calibration", "scan") cannot use, saying what is wrong with it."""
+                  purpose: str, *, every_class: bool = False) -> None:
+    """Refuse clean data that `purpose` ("calibration", "scan") cannot use, saying what is wrong with it.
+
+    `every_class`: labels must cover every class of the model. Calibration would score a class it never saw
+    against the others' profile (flagging most of its requests), and a repair fine-tuned without it forgets it.
+    """
     if x.ndim != 4 or tuple(x.shape[1:]) != sample_shape:
         raise GuardError(f"{purpose} data has shape {x.shape}; the model takes (N, {', '.join(map(str, sample_shape))})")
     if len(x) < 20:
         raise GuardError(f"{purpose} needs at least 20 clean samples (a few hundred recommended); got {len(x)}")
     if not np.all(np.isfinite(x)):
         raise GuardError(f"{purpose} data contains NaN or Inf")
-    if y is not None and (y.shape != (len(x),) or y.min() < 0 or y.max() >= num_classes):
-        raise GuardError(f"labels must be (N,) integers in [0, {num_classes}); got shape {y.shape}")
+    flat = x.reshape(len(x), -1)
+    if np.all(flat.max(axis=1) == flat.min(axis=1)):
+        raise GuardError(f"every {purpose} sample is one constant value: clean images are needed")
+    if y is None:
+        return
+    if y.shape != (len(x),):
+        raise GuardError(f"labels must be (N,) = ({len(x)},) integers; got shape {y.shape}")
+    outside = np.unique(y[(y < 0) | (y >= num_classes)])
+    if outside.size:
+        raise GuardError(f"labels must lie in [0, {num_classes}), the model's classes; got {outside[:5].tolist()}")
+    missing = np.flatnonzero(np.bincount(y, minlength=num_classes) == 0)
+    if every_class and missing.size:
+        raise GuardError(f"the {purpose} data has no sample of class(es) {missing.tolist()}: every class of the "
+                         "model needs clean samples (a few dozen each), or its requests are judged by the other "
+                         "classes' statistics")

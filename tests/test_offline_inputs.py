@@ -83,6 +83,8 @@ def training_set(tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
     (lambda x, y: (x, -y), [], "got 4 distinct labels from -3 to 0"),
     (lambda x, y: (x, np.where(np.arange(len(y)) == 0, 10**18, y)), [], "labels from 0 to 1000000000000000000"),
     (lambda x, y: (x[:, 0], y), [], "must be (N, C, H, W)"),
+    (lambda x, y: (np.repeat(x.transpose(0, 2, 3, 1), 3, axis=3), y), [], "looks channels-last (N, H, W, C)"),
+    (lambda x, y: (x, 0 * y), [], "training labels name 1 class(es); a classifier needs at least 2"),
     (lambda x, y: (x, y), ["--lr", "nan"], "--lr and --finetune-lr must be finite and positive"),
     (lambda x, y: (x, y), ["--finetune-lr", "-1"], "--lr and --finetune-lr must be finite and positive"),
 ])
@@ -94,6 +96,38 @@ def test_train_refuses_data_and_rates_it_cannot_train_on(tmp_path: Path, capsys:
     line = run(capsys, "train", "--data", data, "--model", "cnn", "--out", tmp_path / "m.onnx", *options)
     assert fragment in line
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_integer_pixels_are_refused_not_fed_as_they_are(tmp_path: Path) -> None:
+    """uint8 images in an .npz were given to the model as 0..255, where an image folder reads 0..1."""
+    data = write_npz(tmp_path / "clean.npz", x=np.zeros((30, 1, 8, 8), np.uint8), y=np.zeros(30, np.int64))
+    with pytest.raises(GuardError, match=r"x in .* is uint8; .*x\.astype\('float32'\) / 255"):
+        load_samples(data)
+
+
+def test_clean_data_missing_a_class_or_all_constant_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                backdoored: Backdoored) -> None:
+    """A class without clean samples was scored against the other classes' pooled profile (most of its requests
+    flagged), and a repair fine-tuned without it forgot it; constant images gave a profile that flagged everything."""
+    x, y = backdoored.x_clean[:200], backdoored.y_clean[:200]
+    seen = y < 5
+    missing = write_npz(tmp_path / "missing.npz", x=x[seen], y=y[seen])
+    for command in ("calibrate", "repair"):
+        line = run(capsys, command, backdoored.model_path, "--data", missing, "--out", tmp_path / "out",
+                   *(["--no-scan"] if command == "calibrate" else []))
+        assert "has no sample of class(es) [5, 6, 7, 8, 9]" in line, command
+    blank = write_npz(tmp_path / "blank.npz", x=np.zeros_like(x), y=y)
+    assert "every calibration sample is one constant value" in run(
+        capsys, "calibrate", backdoored.model_path, "--data", blank, "--no-scan", "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_repair_that_trains_needs_an_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           backdoored: Backdoored) -> None:
+    """--epochs 0 wrote the model unchanged and said it had new weights."""
+    clean = write_npz(tmp_path / "clean.npz", x=backdoored.x_clean[:100], y=backdoored.y_clean[:100])
+    line = run(capsys, "repair", backdoored.model_path, "--data", clean, "--epochs", "0", "--out", tmp_path / "r.onnx")
+    assert "--epochs must be >= 1 (ar trains)" in line and not (tmp_path / "r.onnx").exists()
 
 
 def test_an_output_that_is_an_input_is_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -289,3 +323,26 @@ def test_eval_refuses_figures_it_cannot_read(capsys: pytest.CaptureFixture[str],
     if content is not None:
         figures.write_text(content)
     assert fragment in run(capsys, "eval", "--figures", figures, "--out", tmp_path / "report")
+
+
+def test_repeated_samples_are_left_out_and_rates_too_few_samples_cannot_bound_are_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], backdoored: Backdoored) -> None:
+    """A repeated image sits in another cross-fitting fold than its copy and scores like a sample the fit has seen,
+    lowering the thresholds; below ln(1 - confidence) / ln(1 - rate) samples a rate cannot be bounded at all."""
+    from guard.calibrate.consistency import samples_to_bound
+    from guard.calibrate.pipeline import CalibrationSettings, calibrate
+
+    x, y = backdoored.x_clean[:80], backdoored.y_clean[:80]
+    once = calibrate(backdoored.model_path, x, y, settings=CalibrationSettings(reference=False))
+    assert once.figures["duplicates_dropped"] == 0
+    assert once.figures["unbounded_rates"] == {"demote_rate": 153, "envelope_demote_rate": 460}  # fpr 5% needs 45
+    assert samples_to_bound(0.05, 0.9) == 45 and (1 - 0.05) ** 45 <= 0.1 < (1 - 0.05) ** 44
+    twice = write_npz(tmp_path / "twice.npz", x=np.concatenate([x, x[:40]]), y=np.concatenate([y, y[:40]]))
+    assert main(["calibrate", str(backdoored.model_path), "--data", str(twice), "--no-scan", "--no-reference",
+                 "--quiet", "--out", str(tmp_path / "p.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "40 clean sample(s) repeat an earlier one and were left out" in out
+    assert "80 clean samples cannot bound --demote-rate (needs 153), --envelope-demote-rate (needs 460)" in out
+    profile = Profile.load(tmp_path / "p.safetensors")
+    assert profile.figures["duplicates_dropped"] == 40 and profile.figures["samples"] == 80
+    assert profile.thresholds.tau == once.thresholds.tau and profile.thresholds.demote == once.thresholds.demote

@@ -180,6 +180,12 @@ def allowed_above(n: int, fpr: float, confidence: float) -> int:
     return int(within[-1]) if within.size else 0
 
 
+def samples_to_bound(rate: float, confidence: float) -> int:
+    """The fewest clean samples with which `allowed_above` bounds `rate` at `confidence` at all; with fewer the
+    threshold is the highest clean score, and the rate it gives is whatever that turns out to be."""
+    return math.ceil(math.log1p(-confidence) / math.log1p(-rate))
+
+
 def score_threshold(scores: np.ndarray, disagree: np.ndarray, fpr: float, confidence: float = 0.5) -> float:
     """τ: the lowest threshold at which a fresh clean request is flagged (score > τ or disagreement) with probability
     at most `fpr`, with chance `confidence` (see `allowed_above`).

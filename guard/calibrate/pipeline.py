@@ -28,6 +28,7 @@ from guard.calibrate.consistency import (
     fit_parts,
     out_of_fold,
     part_scale,
+    samples_to_bound,
     score_threshold,
     suspect_threshold,
 )
@@ -49,7 +50,7 @@ from guard.model.graph import (
 )
 from guard.runtime.checks import Part, demoting_max, repredict_masks
 from guard.runtime.reference import lean
-from guard.samples import check_samples, holdout_split
+from guard.samples import check_samples, first_occurrences, holdout_split
 
 
 @dataclass
@@ -228,7 +229,12 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     x = np.asarray(x, dtype=np.float32)
     y = None if y is None else np.asarray(y, dtype=np.int64)
-    check_samples(x, y, loaded.sample_shape, loaded.num_classes, "calibration")
+    check_samples(x, y, loaded.sample_shape, loaded.num_classes, "calibration", every_class=True)
+    given, distinct = len(x), first_occurrences(x)
+    x, y = x[distinct], None if y is None else y[distinct]
+    if len(x) < given:  # the rest must still hold
+        check_samples(x, y, loaded.sample_shape, loaded.num_classes, "calibration (repeated samples left out)",
+                      every_class=True)
     if settings.suspect is not None and settings.suspect >= loaded.num_classes:
         raise GuardError(f"--suspect {settings.suspect} is not a class of this model ({loaded.num_classes} classes)")
     for number, trigger in enumerate(triggers):
@@ -277,6 +283,10 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     order = np.concatenate([fit, hold])
     linf = [np.concatenate(pair) for pair in zip(guarded_fit.linf, guarded_hold.linf, strict=True)]
     labels = np.concatenate([guarded_fit.predictions, guarded_hold.predictions])
+    unanswered = np.flatnonzero(np.bincount(labels, minlength=loaded.num_classes) == 0)
+    if unanswered.size:  # its profile would be the other classes' pooled, and its requests judged by theirs
+        raise GuardError(f"the model answers none of the {len(x)} clean samples with class(es) {unanswered.tolist()}: "
+                         "calibration needs clean samples the model answers with every class")
     bounds = guarded_fit.unit_max or [None] * len(taps)
     class_mean, class_scale = class_profiles(linf, labels, loaded.num_classes)
     ranks = tensor_ranks(loaded.proto)
@@ -381,6 +391,12 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     unlearned_stamps, unlearned_warps, unlearned_blends = split_targets(unlearned)
     draft.figures = {
         "samples": len(x), "fit_samples": len(fit), "holdout_samples": len(hold), "labels_given": y is not None,
+        "duplicates_dropped": given - len(x),
+        # the rates the clean samples are too few to bound at `fpr_confidence`, with the samples each needs
+        "unbounded_rates": {name: needed for name, rate in (("fpr", settings.fpr), ("demote_rate", settings.demote_rate),
+                                                            ("envelope_demote_rate", settings.envelope_demote_rate))
+                            if (name != "envelope_demote_rate" or envelope is not None)
+                            and (needed := samples_to_bound(rate, settings.fpr_confidence)) > len(x)},
         "holdout_accuracy_unguarded": choice.accuracy_before, "holdout_accuracy_masked": choice.accuracy_after,
         "pruned_channels": {tap: int((~k_).sum()) for tap, k_ in zip(taps, keep, strict=True)},
         "prune_candidates": choice.candidates,
