@@ -208,6 +208,13 @@ def _strip_ratio(session, x: np.ndarray, overlays: int, bare_seconds: float) -> 
             "ratio": round(min(times) / bare_seconds, 2)}
 
 
+def _spread(x: np.ndarray, y: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` samples drawn from the whole set (seeded): an image folder is read class by class, so its first
+    samples can miss classes calibration needs."""
+    pick = np.sort(np.random.default_rng(0).permutation(len(x))[:count])
+    return x[pick], y[pick]
+
+
 def _tap_growth(model_path: Path, x: np.ndarray, y: np.ndarray, bare, settings: BenchSettings,
                 workdir: Path) -> list[dict[str, float]]:
     """Guards calibrated on the same data with the penultimate features plus 0, 1, 2, ... conv taps, up to
@@ -222,7 +229,7 @@ def _tap_growth(model_path: Path, x: np.ndarray, y: np.ndarray, bare, settings: 
     rows = []
     for count in range(min(len(conv), CalibrationSettings().conv_taps) + 1):
         taps = [*conv[len(conv) - count:], *penultimate]
-        profile = calibrate(model_path, x[:500], y[:500], settings=CalibrationSettings(layers=taps), progress=False)
+        profile = calibrate(model_path, *_spread(x, y, 500), settings=CalibrationSettings(layers=taps), progress=False)
         path = profile.save(workdir / f"taps{len(taps)}.safetensors")
         guard = Guard.load(model_path, path, device=settings.device, threads=settings.threads)
         bare_t, guarded_t = _side_by_side(bare, guard.predict, batches, settings.seconds / 2)
@@ -293,7 +300,7 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
 
         count = min(settings.calibration_samples, len(x))
         started = time.perf_counter()
-        calibrate(model_path, x[:count], y[:count], progress=False)
+        calibrate(model_path, *_spread(x, y, count), progress=False)
         figures["calibration"] = {"samples": count, "seconds": round(time.perf_counter() - started, 2)}
     return figures
 

@@ -79,6 +79,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     if f["duplicates_dropped"]:
         print(f"guard: note: {f['duplicates_dropped']} clean sample(s) repeat an earlier one and were left out (a copy "
               "in another cross-fitting fold would lower the thresholds)")
+    if f["unanswered_classes"]:
+        print(f"guard: note: the model answers none of the {f['samples']} clean samples with class(es) "
+              f"{f['unanswered_classes']}; their requests are judged by the other classes' statistics")
     if f["unbounded_rates"]:
         print(f"guard: note: {f['samples']} clean samples cannot bound "
               + ", ".join(f"--{name.replace('_', '-')} (needs {need})" for name, need in f["unbounded_rates"].items())

@@ -78,7 +78,7 @@ class ServeSettings(BaseSettings):
                                  description="how long SIGTERM waits for in-flight requests")
     on_check_failure: FailurePolicy = Field(FailurePolicy.CLOSED, description="closed: refuse a request the guard "
                                             "could not check (UNAVAILABLE); open: answer it unguarded, marked")
-    check_budget_ms: float = Field(0.0, ge=0, allow_inf_nan=False,
+    check_budget_ms: float = Field(0.0, ge=0, le=60_000, allow_inf_nan=False,
                                    description="the guarded run may take this long per sample of its batch before "
                                                "it counts as a failed check (0: no limit)")
     tls_cert: Path | None = Field(None, description="PEM certificate chain: serve gRPC over TLS (with tls_key)")

@@ -75,7 +75,8 @@ def test_limits_and_switches_a_flag_can_set(backdoored: Backdoored) -> None:
 
 
 @pytest.mark.parametrize("name, value", [("batch_delay_ms", float("inf")), ("batch_delay_ms", 1e13),
-                                         ("grace_seconds", float("inf")), ("check_budget_ms", float("inf"))])
+                                         ("grace_seconds", float("inf")), ("check_budget_ms", float("inf")),
+                                         ("check_budget_ms", 1e13)])
 def test_times_are_finite(backdoored: Backdoored, name: str, value: float) -> None:
     """An endless delay or grace overflowed the thread waits they become (the batcher's thread died of it)."""
     paths = {"model": backdoored.model_path, "profile": backdoored.profile_path}

@@ -334,7 +334,7 @@ def test_repeated_samples_are_left_out_and_rates_too_few_samples_cannot_bound_ar
 
     x, y = backdoored.x_clean[:80], backdoored.y_clean[:80]
     once = calibrate(backdoored.model_path, x, y, settings=CalibrationSettings(reference=False))
-    assert once.figures["duplicates_dropped"] == 0
+    assert once.figures["duplicates_dropped"] == 0 and once.figures["unanswered_classes"] == []
     assert once.figures["unbounded_rates"] == {"demote_rate": 153, "envelope_demote_rate": 460}  # fpr 5% needs 45
     assert samples_to_bound(0.05, 0.9) == 45 and (1 - 0.05) ** 45 <= 0.1 < (1 - 0.05) ** 44
     twice = write_npz(tmp_path / "twice.npz", x=np.concatenate([x, x[:40]]), y=np.concatenate([y, y[:40]]))

@@ -283,10 +283,6 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     order = np.concatenate([fit, hold])
     linf = [np.concatenate(pair) for pair in zip(guarded_fit.linf, guarded_hold.linf, strict=True)]
     labels = np.concatenate([guarded_fit.predictions, guarded_hold.predictions])
-    unanswered = np.flatnonzero(np.bincount(labels, minlength=loaded.num_classes) == 0)
-    if unanswered.size:  # its profile would be the other classes' pooled, and its requests judged by theirs
-        raise GuardError(f"the model answers none of the {len(x)} clean samples with class(es) {unanswered.tolist()}: "
-                         "calibration needs clean samples the model answers with every class")
     bounds = guarded_fit.unit_max or [None] * len(taps)
     class_mean, class_scale = class_profiles(linf, labels, loaded.num_classes)
     ranks = tensor_ranks(loaded.proto)
@@ -395,8 +391,10 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
         # the rates the clean samples are too few to bound at `fpr_confidence`, with the samples each needs
         "unbounded_rates": {name: needed for name, rate in (("fpr", settings.fpr), ("demote_rate", settings.demote_rate),
                                                             ("envelope_demote_rate", settings.envelope_demote_rate))
-                            if (name != "envelope_demote_rate" or envelope is not None)
+                            if rate > 0 and (name != "envelope_demote_rate" or envelope is not None)
                             and (needed := samples_to_bound(rate, settings.fpr_confidence)) > len(x)},
+        # classes the model answers none of the clean samples with: their profile is the other classes', pooled
+        "unanswered_classes": np.flatnonzero(np.bincount(labels, minlength=loaded.num_classes) == 0).tolist(),
         "holdout_accuracy_unguarded": choice.accuracy_before, "holdout_accuracy_masked": choice.accuracy_after,
         "pruned_channels": {tap: int((~k_).sum()) for tap, k_ in zip(taps, keep, strict=True)},
         "prune_candidates": choice.candidates,

@@ -314,10 +314,11 @@ class Profile:
 
     @classmethod
     def _from_parts(cls, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> Profile:
-        # The guard computes in float32: a float64 value that is finite and positive as stored may overflow to inf
-        # or underflow to 0 there, so every check below is made on the float32 value.
-        with np.errstate(over="ignore", under="ignore"):
-            tensors = {key: value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+        # The guard computes its statistics in float32: a float64 value that is finite and positive as stored may
+        # overflow to inf or underflow to 0 there, so every check below is made on the float32 value.
+        with np.errstate(over="ignore", under="ignore"):  # the reference's weights keep the model's own dtype
+            tensors = {key: value.astype(np.float32)
+                       if np.issubdtype(value.dtype, np.floating) and not key.startswith(_REFERENCE) else value
                        for key, value in tensors.items()}
         if not isinstance(meta, dict):
             raise ValueError(f"the guard metadata must be a JSON object, got {type(meta).__name__}")

@@ -111,9 +111,10 @@ class RepairSettings:
         if not (0 <= self.gap_share <= 1 and 0 <= self.unlearn_share < 1):
             raise GuardError(f"the gap share must lie in [0, 1] and the unlearning share in [0, 1), got "
                              f"{self.gap_share}, {self.unlearn_share}")
-        if self.epochs < (0 if self.method == "prune" else 1) or self.batch_size < 1:  # 0 epochs change nothing
-            raise GuardError(f"--epochs must be >= 1 ({self.method} trains) and the batch size >= 1, got {self.epochs}, "
-                             f"{self.batch_size}")
+        least = 0 if self.method == "prune" else 1  # a repair that trains for 0 epochs changes nothing
+        if self.epochs < least or self.batch_size < 1:
+            raise GuardError(f"--epochs must be >= {least}{'' if least == 0 else f' ({self.method} trains)'} and the "
+                             f"batch size >= 1, got {self.epochs}, {self.batch_size}")
         for name in ("lr", "strength", "eps"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
@@ -299,10 +300,6 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
     module = OnnxModule(loaded.proto).eval()
     output = loaded.output_name
     labels = y if y is not None else _predict(module, output, x)
-    unanswered = np.flatnonzero(np.bincount(labels, minlength=loaded.num_classes) == 0)
-    if y is None and unanswered.size and settings.method != "prune":  # fine-tuned without it, the model forgets it
-        raise GuardError(f"the model answers none of the {len(x)} clean samples with class(es) {unanswered.tolist()}: "
-                         "repair needs clean samples of every class (labels, or images the model answers with it)")
     right_before = _predict(module, output, x[hold]) == labels[hold]
     accuracy_before = float(right_before.mean())
 
