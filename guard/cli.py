@@ -215,7 +215,7 @@ def _health(args: argparse.Namespace) -> int:
             print(f"guard: unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"guard: {args.host}:{args.port} {args.service or '(server)'}: {status}")
+    print(f"guard: {target} {args.service or '(server)'}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 

@@ -131,9 +131,11 @@ def dashboard_expressions() -> dict[str, str]:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = {f"{panel['title']} / {target['refId']}": target["expr"]
              for panel in dashboard["panels"] for target in panel["targets"]}
-    model = next(v for v in dashboard["templating"]["list"] if v["name"] == "model")
-    exprs["variable model"] = model["query"]["query"].removeprefix("label_values(").split(",")[0]
-    return {k: e.replace("$__rate_interval", "1m").replace("$__interval", "1m").replace("$model", ".*")
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            exprs[f"variable {variable['name']}"] = variable["query"]["query"].removeprefix("label_values(").split(", ")[0]
+    assert "$__interval" not in json.dumps(exprs)  # one scrape per window at the default zoom: use $__rate_interval
+    return {k: e.replace("$__rate_interval", "1m").replace("$model", ".*").replace("$namespace", ".*")
             for k, e in exprs.items()}
 
 
@@ -241,6 +243,12 @@ def test_sidecar_manifest_matches_what_guard_serve_really_does() -> None:
         assert any(path.startswith(m["mountPath"] + "/") for m in mounts.values()), path
     assert all(m.get("readOnly") for m in mounts.values())
     assert guard["resources"]["requests"]["cpu"] and guard["resources"]["requests"]["memory"]
+    assert args.threads == 1, "ONNX Runtime's default pool has a thread per core of the node, not of the pod"
+    for container in (*pod["spec"]["initContainers"], *pod["spec"]["containers"]):  # Pod Security "restricted"
+        context = container.get("securityContext", {})
+        assert context.get("allowPrivilegeEscalation") is False, container["name"]
+        assert context.get("capabilities", {}).get("drop") == ["ALL"], container["name"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] and pod["spec"]["securityContext"]["seccompProfile"]
     volumes = {v["name"] for v in pod["spec"]["volumes"]}
     assert set(mounts) <= volumes
 
@@ -279,13 +287,16 @@ def test_dockerfiles_agree_with_the_server_defaults(name: str) -> None:
         assert env["GUARD_DEVICE"] == "cuda" and '".[gpu]"' in "\n".join(lines)
 
 
-def test_health_command_reports_the_real_server(stack, capsys) -> None:
+def test_health_command_reports_the_real_server(stack, capsys, monkeypatch) -> None:
     from guard.cli import main
 
     server, _, _ = stack
     assert main(["health", "--port", str(server.port)]) == 0
     assert main(["health", "--port", str(server.port), "--service", "guard.v1.Guard"]) == 0
     assert "SERVING" in capsys.readouterr().out
+    monkeypatch.setenv("GUARD_PORT", str(server.port))  # no --port: the line names the port it found (not None)
+    assert main(["health"]) == 0
+    assert capsys.readouterr().out.strip() == f"guard: 127.0.0.1:{server.port} (server): SERVING"
     assert main(["health", "--port", str(server.port), "--service", "no.such.Service"]) == 1
     assert main(["health", "--port", str(free_port()), "--timeout", "1"]) == 1
 
