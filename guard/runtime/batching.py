@@ -23,6 +23,7 @@ from guard.runtime.guard import Result
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(eq=False)  # compared by identity: the default __eq__ would compare the arrays
 class _Pending:
     x: np.ndarray
