@@ -418,7 +418,8 @@ def test_prune_folds_the_calibrated_mask_without_training(backdoored):
     ({"lr": -0.1}, "--lr must be a finite number >= 0"),
     ({"strength": float("nan")}, "--strength must be a finite number >= 0"),
     ({"eps": float("inf")}, "--eps must be a finite number >= 0"),
-    ({"epochs": -1}, "--epochs must be >= 0"),
+    ({"epochs": -1, "method": "prune"}, "--epochs must be >= 0"),
+    ({"epochs": 0}, "--epochs must be >= 1 (ar trains)"),  # 0 epochs of AR would change nothing
     ({"batch_size": 0}, "the batch size >= 1"),
     ({"holdout": 1.0}, "holdout share must lie in (0, 1)"),
     ({"benign_share": 0.0}, "benign share must lie in (0, 1]"),
