@@ -60,6 +60,15 @@ class DataPlane:
             raise UnknownModelError(f"unknown version {version!r} of model {self.name!r}; it has version {VERSION!r}")
         return self.name
 
+    def serves(self, name: str, version: str = "") -> bool:
+        """Whether `resolve` knows this name and version: ModelReady answers `ready=false` for one it does not, as
+        Triton does, so that a client polling readiness of the wrong model reads "not ready" rather than an error."""
+        try:
+            self.resolve(name, version)
+        except UnknownModelError:
+            return False
+        return True
+
     @contextmanager
     def request(self) -> Iterator[None]:
         """Wraps one inference request: admits it if fewer than `max_inflight` are held, else refuses it at once

@@ -29,8 +29,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerReadyResponse(ready=self.plane.ready)
 
     def ModelReady(self, request: oip.ModelReadyRequest, context: grpc.ServicerContext) -> oip.ModelReadyResponse:
-        return answer(self.plane, context, lambda: oip.ModelReadyResponse(
-            ready=bool(self.plane.resolve(request.name, request.version)) and self.plane.ready), inference=False)
+        return oip.ModelReadyResponse(ready=self.plane.serves(request.name, request.version) and self.plane.ready)
 
     def ServerMetadata(self, request: oip.ServerMetadataRequest,
                        context: grpc.ServicerContext) -> oip.ServerMetadataResponse:
