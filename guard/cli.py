@@ -243,9 +243,10 @@ def _scan(args: argparse.Namespace) -> int:
     from guard.samples import load_samples
     from guard.scan import ScanSettings, format_report, run_scan, write_outputs
 
-    x, y = load_samples(args.data)
     given = {"steps": args.steps, "threshold": args.threshold, "warp_scan": args.warps, "blend_scan": args.blends}
     settings = ScanSettings(**{k: v for k, v in given.items() if v is not None}, seed=args.seed)
+    settings.validate()  # before the data and the model are read
+    x, y = load_samples(args.data)
     try:  # the output folder before the scan's minutes, not after
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

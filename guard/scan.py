@@ -101,10 +101,20 @@ class ScanSettings:
     blend_scan: bool = True
     blends: dict[str, object] = field(default_factory=dict)  # extra BlendSettings fields
 
+    def synthesis_settings(self) -> SynthesisSettings:
+        """The trigger synthesis's settings: the scan's steps and seed, then any extra fields."""
+        return SynthesisSettings(**{"steps": self.steps, "seed": self.seed, **self.synthesis})
+
     def validate(self) -> None:
         """Refuse settings that cannot work, with the option's name."""
-        if self.steps < 1:
-            raise GuardError(f"--steps must be positive, got {self.steps}")
+        try:
+            synthesis = self.synthesis_settings()
+        except TypeError as exc:
+            raise GuardError(f"unknown synthesis setting: {exc}") from None
+        if self.steps < synthesis.window:  # checked here, before the model is loaded, with the option's name
+            raise GuardError(f"--steps must be at least {synthesis.window} (one window of the synthesis's cost "
+                             f"schedule), got {self.steps}")
+        synthesis.validate()
         if not 0 < self.holdout < 1:
             raise GuardError(f"holdout share must lie in (0, 1), got {self.holdout}")
         if not 0 <= self.acc_budget < 1:
@@ -234,7 +244,7 @@ def _run_scan(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
 
     with torch.no_grad():
         labels = y if y is not None else collect(tap_model, x, batch_size=settings.batch_size).predictions
-    synthesis = SynthesisSettings(**{"steps": settings.steps, "seed": settings.seed, **settings.synthesis})
+    synthesis = settings.synthesis_settings()
     log.info("scan: synthesising a trigger for each of %d classes on %d images (%d steps)", loaded.num_classes,
              len(fit), synthesis.steps)
     t0 = time.perf_counter()

@@ -145,6 +145,16 @@ def test_cli_scan_refuses_a_missing_data_file(backdoored, tmp_path, capsys):
     assert err == f"guard: error: data file not found: {missing}"
 
 
+def test_cli_scan_refuses_too_few_steps_before_reading_anything(tmp_path, capsys):
+    # below one window of the synthesis's cost schedule nothing is measured; said before the data or model is read
+    missing = tmp_path / "nothing"
+    assert main(["scan", str(missing / "m.onnx"), "--data", str(missing / "d.npz"), "--out", str(tmp_path),
+                 "--steps", "3"]) == 2
+    assert "--steps must be at least 5" in capsys.readouterr().err
+    with pytest.raises(GuardError, match="unknown synthesis setting"):
+        ScanSettings(synthesis={"stpes": 10}).validate()
+
+
 def test_cli_scan_refuses_data_of_the_wrong_shape(backdoored, tmp_path, capsys):
     data = tmp_path / "flat.npz"
     np.savez(data, x=backdoored.x_clean[:, 0])  # (N, 28, 28): the channel axis is missing
