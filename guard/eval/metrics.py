@@ -7,11 +7,21 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["TOLERANCE", "auroc", "mean_spread", "roc_curve", "share"]
+__all__ = ["TOLERANCE", "at_least", "at_most", "auroc", "mean_spread", "roc_curve", "share"]
 
 # Figures are ratios of image counts and means over seeds: a figure exactly on a target's bound (630 of 9,000 flagged
 # against 5% ± 2 points) lands a rounding error past it, and meets the target. Checks compare with this much slack.
 TOLERANCE = 1e-9
+
+
+def at_most(value: float, bound: float) -> bool:
+    """Whether a figure meets an upper bound, up to `TOLERANCE`; a NaN figure or bound never does."""
+    return bool(value <= bound + TOLERANCE)
+
+
+def at_least(value: float, bound: float) -> bool:
+    """Whether a figure meets a lower bound, up to `TOLERANCE`; a NaN figure or bound never does."""
+    return bool(value >= bound - TOLERANCE)
 
 
 def share(mask: np.ndarray) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.eval.metrics import TOLERANCE, mean_spread
+from guard.eval.metrics import at_least, at_most, mean_spread
 from guard.samples import write_atomic
 
 # Rows of the "what each part adds" table, in the order a reader builds up the defense.
@@ -113,24 +113,24 @@ def _group_misses(attack: str, arch: str, cases: list[dict], target_fpr: float) 
     ca_loss = mean("none", "ca") - mean("guard", "ca")
     fpr = mean("guard", "fpr")
     if attack == "clean":
-        require(fpr <= target_fpr + TOLERANCE, f"clean model flagged ≤ {100 * target_fpr:g}%", fpr)
-        require(ca_loss <= MAX_ACCURACY_LOSS_CLEAN_MODEL + TOLERANCE,
+        require(at_most(fpr, target_fpr), f"clean model flagged ≤ {100 * target_fpr:g}%", fpr)
+        require(at_most(ca_loss, MAX_ACCURACY_LOSS_CLEAN_MODEL),
                 f"clean model: no accuracy lost (≤ {100 * MAX_ACCURACY_LOSS_CLEAN_MODEL:g} points)", ca_loss)
         return misses
-    require(ca_loss <= MAX_ACCURACY_LOSS + TOLERANCE, f"clean accuracy within {100 * MAX_ACCURACY_LOSS:g} point",
+    require(at_most(ca_loss, MAX_ACCURACY_LOSS), f"clean accuracy within {100 * MAX_ACCURACY_LOSS:g} point",
             ca_loss)
     asr_bound = MAX_ASR_LOOSE.get(attack, MAX_ASR)
     asr = mean("guard", "asr")
-    require(asr <= asr_bound + TOLERANCE, f"ASR ≤ {100 * asr_bound:g}%", asr, note=_untouched_note(cases, "guard"))
+    require(at_most(asr, asr_bound), f"ASR ≤ {100 * asr_bound:g}%", asr, note=_untouched_note(cases, "guard"))
     auroc = mean("guard", "auroc")
-    require(auroc >= MIN_AUROC - TOLERANCE, f"AUROC ≥ {MIN_AUROC}", auroc, percent=False)
-    require(abs(fpr - target_fpr) <= MAX_FPR_DEVIATION + TOLERANCE,
+    require(at_least(auroc, MIN_AUROC), f"AUROC ≥ {MIN_AUROC}", auroc, percent=False)
+    require(at_most(abs(fpr - target_fpr), MAX_FPR_DEVIATION),
             f"FPR within {100 * MAX_FPR_DEVIATION:g} points of {100 * target_fpr:g}%", fpr)
     fine_pruning = mean("fine-pruning", "asr")
-    require(asr <= fine_pruning + TOLERANCE, f"ASR at most fine-pruning's ({100 * fine_pruning:.2f}%)", asr,
+    require(at_most(asr, fine_pruning), f"ASR at most fine-pruning's ({100 * fine_pruning:.2f}%)", asr,
             reference=fine_pruning)
     strip = mean("strip", "auroc")
-    require(auroc >= strip - TOLERANCE, f"AUROC at least STRIP's ({strip:.3f})", auroc, percent=False, reference=strip)
+    require(at_least(auroc, strip), f"AUROC at least STRIP's ({strip:.3f})", auroc, percent=False, reference=strip)
     return misses
 
 
@@ -141,7 +141,7 @@ def check_repair_targets(figures: dict) -> list[Miss]:
                   for attack, _, cases in _groups(figures) if attack != "clean"]
     if reductions:
         average = float(np.mean(reductions))
-        if not (np.isfinite(average) and average >= NONE_MIN_ASR_REDUCTION - TOLERANCE):
+        if not at_least(average, NONE_MIN_ASR_REDUCTION):
             misses.append(Miss("all attacks", "both", f"NONE training: ASR ≥ {NONE_MIN_ASR_REDUCTION:g}× lower on "
                                                        "average", f"{average:.1f}×"))
     return misses
@@ -158,14 +158,14 @@ def _repair_group_misses(attack: str, arch: str, cases: list[dict]) -> list[Miss
     for method, title in (("ar-repair", "AR repair"), ("none-train", "NONE training")):
         loss = _checked_mean(cases, "none", "ca") - _checked_mean(cases, method, "ca")
         if attack == "clean":
-            require(loss <= REPAIR_MAX_ACCURACY_LOSS_CLEAN_MODEL + TOLERANCE,
+            require(at_most(loss, REPAIR_MAX_ACCURACY_LOSS_CLEAN_MODEL),
                     f"clean model: {title} loses ≤ {100 * REPAIR_MAX_ACCURACY_LOSS_CLEAN_MODEL:g} point", loss)
             continue
         bound = AR_MAX_ACCURACY_LOSS if method == "ar-repair" else NONE_MAX_ACCURACY_LOSS
-        require(loss <= bound + TOLERANCE, f"{title}: clean accuracy within {100 * bound:g} points", loss)
+        require(at_most(loss, bound), f"{title}: clean accuracy within {100 * bound:g} points", loss)
     if attack in AR_ATTACKS:
         asr = _checked_mean(cases, "ar-repair", "asr")
-        require(asr <= AR_MAX_ASR + TOLERANCE, f"AR repair: ASR ≤ {100 * AR_MAX_ASR:g}%", asr,
+        require(at_most(asr, AR_MAX_ASR), f"AR repair: ASR ≤ {100 * AR_MAX_ASR:g}%", asr,
                 note=_untouched_note(cases, "ar-repair"))
     return misses
 

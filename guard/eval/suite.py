@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from guard.eval.metrics import TOLERANCE, auroc, roc_curve, share
+from guard.eval.metrics import at_least, at_most, auroc, roc_curve, share
 
 if TYPE_CHECKING:
     from guard.eval.attacks import Attack
@@ -96,10 +96,10 @@ def below_floor(figures: dict[str, object]) -> list[str]:
             value = methods.get(method, {}).get(key)
             if value is None or not np.isfinite(value):
                 broken.append(f"{text} {bound}: no figure ({case['arch']}, seed {case['seed']})")
-            elif not (value >= bound - TOLERANCE if op == ">=" else value <= bound + TOLERANCE):
+            elif not (at_least(value, bound) if op == ">=" else at_most(value, bound)):
                 broken.append(f"{text} {bound}: got {value:.4f} ({case['arch']}, seed {case['seed']})")
         loss = methods["none"]["ca"] - methods["guard"]["ca"]
-        if not loss <= QUICK_MAX_ACCURACY_LOSS + TOLERANCE:  # NaN breaks the floor too
+        if not at_most(loss, QUICK_MAX_ACCURACY_LOSS):  # NaN breaks the floor too
             broken.append(f"{case['attack']}: clean accuracy lost under guard, at most {QUICK_MAX_ACCURACY_LOSS}: "
                           f"got {loss:.4f} ({case['arch']}, seed {case['seed']})")
     return broken
