@@ -35,7 +35,20 @@ def _calibrate(args: argparse.Namespace) -> int:
     settings.validate()  # before the scan's seconds are spent
     _writable(args.out, inputs=(args.model, args.data))
     model, triggers = args.model, []
-    if args.suspect is None and args.scan:
+    if args.scan_dir is not None:
+        from guard.calibrate.warps import describe_triggers
+        from guard.model.graph import load_model, validate_taps
+        from guard.scan import read_scan_dir
+
+        model = load_model(args.model)
+        if settings.layers:
+            validate_taps(model, list(settings.layers))
+        earlier = read_scan_dir(args.scan_dir, model)
+        settings.suspect, triggers = earlier.suspect, earlier.candidates
+        print(f"guard: the scan in {args.scan_dir} suspects "
+              f"{'no class' if earlier.suspect is None else f'class {earlier.suspect}'}; candidates: "
+              f"{describe_triggers(triggers)}")
+    elif args.suspect is None and args.scan:
         from guard.calibrate.warps import describe_triggers
         from guard.model.graph import load_model, validate_taps
         from guard.scan import ScanSettings, run_scan
@@ -360,6 +373,11 @@ def _repair(args: argparse.Namespace) -> int:
     if settings.layers:  # a misspelt tap is refused now, not after the scan
         validate_taps(model, list(settings.layers))
     triggers = [load_any_trigger(path, model.sample_shape, model.num_classes) for path in args.trigger or []]
+    if args.scan_dir is not None:
+        from guard.scan import read_scan_dir
+
+        triggers = read_scan_dir(args.scan_dir, model).candidates
+        print(f"guard: unlearning the scan's candidates in {args.scan_dir}: {describe_triggers(triggers)}")
     report_path = args.report or args.out.with_suffix(".repair.json")
     _writable(args.out, report_path, inputs=(args.model, args.data, *(args.trigger or [])))
     if args.scan:
@@ -531,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="run guard scan first (default settings, this --seed), take its suspect, if it "
                                 "names one, and hand its candidates' triggers to the reference to unlearn (default; "
                                 "--no-scan skips it, for a model too large to scan)")
+    suspicion.add_argument("--scan-dir", type=Path, metavar="DIR",
+                           help="take the suspect and the candidates' triggers from a guard scan of this model "
+                                "already in DIR (its --out), instead of scanning again")
     cal.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                      help="fine-tune a copy of the model on the clean samples and store it in the profile; at serve "
                           "time it answers the requests it firmly disagrees with the model on (default; "
@@ -543,8 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "set the reference's threshold (1-5, default 5; 1 is fastest, 5 steadiest)")
     cal.add_argument("--reference-unlearn", type=float, default=0.1, metavar="SHARE",
                      help="the reference also unlearns the triggers the scan synthesised for its candidate classes, "
-                          "stamped on this share of each batch (default 0.1; 0: not at all; only with the scan, not "
-                          "with --suspect or --no-scan)")
+                          "stamped on this share of each batch (default 0.1; 0: not at all; only with the scan or "
+                          "--scan-dir, not with --suspect or --no-scan)")
     cal.add_argument("--warp-overrule-rate", type=float, default=0.5, metavar="RATE",
                      help="where the reference unlearned a warp the scan named, its class's answers get an overrule "
                           "threshold of their own, set on the held-out samples answered with it at this rate, no "
@@ -677,6 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--trigger", action="append",
                         help="a candidate trigger (guard scan's trigger.npz, candidate_K.npz or warp_K.npz): its "
                              "channels count as infected and training unlearns it; give it again for more triggers")
+    source.add_argument("--scan-dir", type=Path, metavar="DIR",
+                        help="unlearn the candidates' triggers of a guard scan of this model already in DIR (its "
+                             "--out): the same as --scan without scanning again")
     source.add_argument("--scan", action="store_true",
                         help="run guard scan first (default settings) and unlearn its candidates' triggers: every "
                              "class whose anomaly index reaches 1, the suspect first (the two most anomalous where none "

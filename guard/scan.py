@@ -53,7 +53,15 @@ from guard.calibrate.synthesis import (
     scan_classes,
 )
 from guard.calibrate.taps import OnnxTaps
-from guard.calibrate.warps import AnyTrigger, WarpScan, WarpSettings, WarpTrigger, save_warp, scan_warps
+from guard.calibrate.warps import (
+    AnyTrigger,
+    WarpScan,
+    WarpSettings,
+    WarpTrigger,
+    load_any_trigger,
+    save_warp,
+    scan_warps,
+)
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel, default_taps, load_model, tensor_ranks, validate_taps
 from guard.samples import check_samples, holdout_split, write_atomic
@@ -437,6 +445,37 @@ def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
     except OSError as exc:
         raise GuardError(f"cannot write the scan results to {out}: {exc}") from None
     return [summary, *written]
+
+
+@dataclass
+class EarlierScan:
+    """What a `guard scan` folder hands on: its suspect and its candidates' triggers, in the scan's order."""
+
+    suspect: int | None
+    candidates: list[AnyTrigger]
+
+
+def read_scan_dir(folder: str | Path, model: LoadedModel) -> EarlierScan:
+    """The scan that `write_outputs` left in `folder`, checked against `model`: a scan of other weights names the
+    wrong classes and synthesised the wrong triggers, so its `model_sha256` must be this model's. Loaded without
+    pickle; every candidate file scan.json names must be there."""
+    folder = Path(folder)
+    try:
+        report = json.loads((folder / REPORT_FILE).read_text())
+        sha256, suspect, names = report["model_sha256"], report["suspect"], report["files"]["candidates"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise GuardError(f"cannot read a guard scan from {folder / REPORT_FILE}: {exc}") from None
+    if sha256 != model.sha256:
+        raise GuardError(f"the scan in {folder} is of another model (sha256 {str(sha256)[:12]}…, this model's "
+                         f"{model.sha256[:12]}…): scan this model")
+    if suspect is not None and not (isinstance(suspect, int) and not isinstance(suspect, bool)
+                                    and 0 <= suspect < model.num_classes):
+        raise GuardError(f"the scan's suspect in {folder / REPORT_FILE} must be a class in [0, {model.num_classes}) "
+                         f"or null, got {suspect!r}")
+    if not (isinstance(names, list) and all(isinstance(n, str) and Path(n).name == n for n in names)):
+        raise GuardError(f"the scan's candidate files in {folder / REPORT_FILE} must be a list of file names")
+    candidates = [load_any_trigger(folder / name, model.sample_shape, model.num_classes) for name in names]
+    return EarlierScan(suspect=suspect, candidates=candidates)
 
 
 def candidate_file(target: int) -> str:

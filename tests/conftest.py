@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import subprocess
@@ -100,6 +102,31 @@ def backdoored(fashion, tmp_path_factory) -> Backdoored:
     profile_path = profile.save(root / "badnets.safetensors")
     return Backdoored(model_path, profile_path, module, attack, x_clean, y_clean, x_test[1000:2000],
                       y_test[1000:2000])
+
+
+@dataclass
+class Scanned:
+    out: Path  # guard scan's --out folder: scan.json, trigger.npz, candidate_K.npz ...
+    data: Path  # the clean .npz it scanned with (the backdoored fixture's calibration set)
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def scanned(backdoored: Backdoored, tmp_path_factory) -> Scanned:
+    """One `guard scan` of the backdoored model at its defaults, run once for the suite: test_scan reads what it
+    wrote, and the repair and calibration tests take its triggers (`--trigger`, `--scan-dir`) instead of scanning
+    again."""
+    from guard.cli import main
+
+    root = tmp_path_factory.mktemp("scan")
+    data = root / "clean.npz"
+    np.savez(data, x=backdoored.x_clean, y=backdoored.y_clean)
+    out = root / "out"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["scan", str(backdoored.model_path), "--data", str(data), "--out", str(out)])
+    assert code == 0
+    return Scanned(out, data, stdout.getvalue())
 
 
 def raw_parts(path: Path) -> tuple[dict[str, np.ndarray], dict]:

@@ -21,7 +21,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TARGET, Backdoored, as_format_8, raw_parts, run_cli, without_envelope, write_parts
+from conftest import (
+    TARGET,
+    Backdoored,
+    Scanned,
+    as_format_8,
+    raw_parts,
+    run_cli,
+    without_envelope,
+    write_parts,
+)
 from guard.calibrate.activations import collect
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import FORMAT, Profile
@@ -495,7 +504,8 @@ def assert_one_line_error(done: subprocess.CompletedProcess, fragment: str) -> N
     assert fragment in lines[0]
 
 
-def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(backdoored: Backdoored, tmp_path: Path) -> None:
+def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(backdoored: Backdoored, scanned: Scanned,
+                                                                    tmp_path: Path) -> None:
     np.savez(tmp_path / "clean.npz", x=backdoored.x_clean, y=backdoored.y_clean)
     done = run_cli("calibrate", backdoored.model_path, "--data", "clean.npz", "--out", "p.safetensors", "--quiet",
                    cwd=tmp_path)
@@ -532,6 +542,19 @@ def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(backdoored: 
     assert "reference overrules" in done.stdout
     assert f"{profile.figures['reference_overrule_net']:+d} right answers on them" in done.stdout
     assert profile.figures["reference_overrule_net"] >= 0
+
+    # guard scan's folder, given back with --scan-dir, gives the profile calibrate's own scan gave, without scanning
+    again = run_cli("calibrate", backdoored.model_path, "--data", scanned.data, "--out", "q.safetensors", "--quiet",
+                    "--scan-dir", scanned.out, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"guard: the scan in {scanned.out} suspects class {TARGET}; candidates: {unlearned}" in again.stdout
+    reused = Profile.load(tmp_path / "q.safetensors")
+    assert reused.settings == profile.settings and reused.thresholds == profile.thresholds
+    assert {k: v for k, v in reused.figures.items() if "seconds" not in k} == {
+        k: v for k, v in profile.figures.items() if "seconds" not in k}
+    assert reused.reference.keys() == profile.reference.keys()
+    for name, weights in profile.reference.items():
+        np.testing.assert_array_equal(reused.reference[name], weights)
 
 
 def test_cli_calibrate_with_a_named_suspect_skips_the_scan(setup: Setup, tmp_path: Path) -> None:

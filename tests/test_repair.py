@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import TARGET
+from conftest import TARGET, Scanned
 from guard.calibrate.synthesis import Trigger, load_trigger
 from guard.calibrate.taps import OnnxTaps
 from guard.cli import main
@@ -71,14 +72,10 @@ def clean_data(backdoored, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scan_out(backdoored, clean_data, tmp_path_factory) -> Path:
-    """`guard scan` with few steps (enough to name the BadNets target); its trigger.npz feeds the repairs."""
-    out = tmp_path_factory.mktemp("repair-scan")
-    code, _ = _run_cli(["scan", str(backdoored.model_path), "--data", str(clean_data), "--out", str(out),
-                        "--steps", "50"])
-    assert code == 0
-    assert (out / "trigger.npz").is_file(), "the scan named no suspect, so it wrote no trigger"
-    return out
+def scan_out(scanned: Scanned) -> Path:
+    """`guard scan` at its defaults (conftest's, shared with test_scan); its trigger.npz feeds the repairs."""
+    assert (scanned.out / "trigger.npz").is_file(), "the scan named no suspect, so it wrote no trigger"
+    return scanned.out
 
 
 @pytest.fixture(scope="module")
@@ -497,20 +494,40 @@ def test_cli_repair_unlearns_every_trigger_it_is_given(backdoored, clean_data, s
     assert attack_after < attack_before / 4  # a decoy beside the real trigger does not stop the repair
 
 
-def test_cli_repair_scan_unlearns_the_candidates_suspect_first(backdoored, clean_data, tmp_path):
+def test_cli_repair_scan_dir_unlearns_the_candidates_suspect_first(backdoored, scanned: Scanned, tmp_path):
+    # --scan-dir is --scan without scanning again: the same candidates, from the folder guard scan wrote
     out = tmp_path / "fixed.onnx"
-    code, stdout = _run_cli(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(out),
-                             "--scan"])
+    code, stdout = _run_cli(["repair", str(backdoored.model_path), "--data", str(scanned.data), "--out", str(out),
+                             "--scan-dir", str(scanned.out)])
     assert code == 0, stdout
     written = json.loads((tmp_path / "fixed.repair.json").read_text())
     targets, warps, blends = written["trigger_targets"], written["warp_targets"], written["blend_targets"]
-    assert targets[0] == TARGET
+    candidates = json.loads((scanned.out / "scan.json").read_text())["candidates"]
+    assert targets[0] == TARGET and [*targets, *warps, *blends] == candidates
     said = " and ".join([f"the triggers of classes {targets}", *(f"the warp of class {k}" for k in warps),
                          *(f"the blend of class {k}" for k in blends)])
-    assert f"scan suspects class {TARGET}; unlearning {said}" in stdout
+    assert f"unlearning the scan's candidates in {scanned.out}: {said}" in stdout
     _, attack_before = _rates(backdoored.model_path, backdoored)
     _, attack_after = _rates(out, backdoored)
     assert attack_after < attack_before / 4
+
+
+def test_a_scan_dir_of_another_model_or_incomplete_is_refused(backdoored, clean_model, scanned: Scanned, tmp_path,
+                                                              capsys):
+    def refused(model: Path, folder: Path) -> str:
+        assert main(["repair", str(model), "--data", str(scanned.data), "--out", str(tmp_path / "fixed.onnx"),
+                     "--scan-dir", str(folder)]) == 2
+        return capsys.readouterr().err
+
+    assert "is of another model" in refused(clean_model, scanned.out)  # its triggers were found on other weights
+    partial = tmp_path / "partial"
+    shutil.copytree(scanned.out, partial)
+    (partial / json.loads((partial / "scan.json").read_text())["files"]["candidates"][-1]).unlink()
+    assert "cannot read a trigger from" in refused(backdoored.model_path, partial)
+    (partial / "scan.json").write_text("{not json")
+    assert "cannot read a guard scan from" in refused(backdoored.model_path, partial)
+    assert "cannot read a guard scan from" in refused(backdoored.model_path, tmp_path / "nowhere")
+    assert not (tmp_path / "fixed.onnx").exists()
 
 
 def _write_trigger(path: Path, mask_shape=(1, 28, 28), pattern_shape=(1, 28, 28), fill=0.5, **extra) -> Path:

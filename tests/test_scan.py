@@ -3,8 +3,6 @@ works; ℓ∞-gap pruning against it weakens the real attack within the accuracy
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import struct
 import zlib
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TARGET
+from conftest import TARGET, Scanned
 from guard.calibrate.linf import prune_by_gap
 from guard.calibrate.synthesis import ScanResult, Trigger, anomaly_index, pick_suspect
 from guard.calibrate.taps import OnnxTaps
@@ -46,17 +44,9 @@ def _decode_png(data: bytes) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def cli_scan(backdoored, tmp_path_factory) -> tuple[Path, str]:
-    """One end-to-end `guard scan` of the backdoored model; later tests read what it wrote."""
-    root = tmp_path_factory.mktemp("scan")
-    data = root / "clean.npz"
-    np.savez(data, x=backdoored.x_clean, y=backdoored.y_clean)
-    out = root / "out"
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        code = main(["scan", str(backdoored.model_path), "--data", str(data), "--out", str(out)])
-    assert code == 0
-    return out, stdout.getvalue()
+def cli_scan(scanned: Scanned) -> tuple[Path, str]:
+    """One end-to-end `guard scan` of the backdoored model (conftest's); later tests read what it wrote."""
+    return scanned.out, scanned.stdout
 
 
 def test_scan_names_the_backdoor_target(cli_scan):
