@@ -133,3 +133,75 @@ def _one_flagged_sample():
     return Result(labels=np.array([3]), logits=np.zeros((1, 10), np.float32), flagged=flagged,
                   score=np.array([9.0], np.float32), model_labels=np.array([0]), demoted=~flagged, overruled=~flagged,
                   spared=flagged)
+
+
+def _caller(request_id: str):
+    from guard.server.audit import Caller
+
+    return Caller("oip", "ipv4:127.0.0.1:1", None, request_id)
+
+
+def test_a_stalled_writer_holds_no_request_and_drops_what_it_cannot_hold(tmp_path: Path, monkeypatch) -> None:
+    """Standard output that nobody reads: the pipe fills and the writer blocks, yet every record() returns at once,
+    the lines past the queue's bound are dropped and counted, and close() gives up after its timeout."""
+    import logging
+    import os
+    import threading
+
+    from guard.server import audit as audit_module
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("guard.server").addHandler(handler)
+
+    monkeypatch.setattr(audit_module, "MAX_PENDING_BYTES", 64 * 1024)
+    read_end, write_end = os.pipe()
+    dropped = []
+    try:
+        audit = AuditLog(f"/proc/self/fd/{write_end}", dropped=lambda: dropped.append(1))
+        result = _one_flagged_sample()
+        done = threading.Event()
+
+        def record_many() -> None:
+            for i in range(3000):  # about 0.9 MB of lines, against a 64 KiB pipe and a 64 KiB queue
+                audit.record("badnets", "enforce", _caller(f"r{i}"), result)
+            done.set()
+
+        threading.Thread(target=record_many, daemon=True).start()
+        assert done.wait(60), "record() blocked behind a stalled write"
+        assert 0 < len(dropped) < 3000
+        assert sum("cannot write the audit log" in line for line in said) == 1  # once per outage, not per line
+        audit.close(timeout=0.5)
+        assert any("takes no writes" in line for line in said)
+    finally:
+        logging.getLogger("guard.server").removeHandler(handler)
+        os.close(read_end)  # the writer's blocked write fails now, and its thread ends
+
+
+def test_a_line_the_disk_cut_short_does_not_swallow_the_next(tmp_path: Path, monkeypatch) -> None:
+    """A write that stops inside its line (the disk filled mid-line): that line is lost, the next starts on a line of
+    its own and parses whole."""
+    import os
+
+    path = tmp_path / "audit.jsonl"
+    dropped = []
+    audit = AuditLog(str(path), dropped=lambda: dropped.append(1))
+    real_write, calls = os.write, []
+
+    def half_then_full_disk(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        if len(calls) == 2:  # the first line's second write: the disk is full
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data[: max(1, len(data) // 2)] if len(calls) == 1 else data)
+
+    monkeypatch.setattr(os, "write", half_then_full_disk)
+    result = _one_flagged_sample()
+    audit.record("badnets", "enforce", _caller("cut"), result)
+    audit.record("badnets", "enforce", _caller("whole"), result)
+    audit.close()
+    monkeypatch.undo()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and dropped == [1]
+    assert json.loads(lines[1])["request_id"] == "whole"
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)  # the lines name callers: the owner's to read

@@ -104,7 +104,8 @@ class GuardServer:
                 f"cannot serve metrics on {self.settings.metrics_host}:{self.settings.metrics_port}: {exc}"
             ) from None
         if self.settings.audit_log is not None:  # opened last, so a failed start leaves no file open
-            self.plane.audit = AuditLog(self.settings.audit_log)
+            self.plane.audit = AuditLog(self.settings.audit_log,
+                                        dropped=self.metrics.audit_dropped.labels(model=self.plane.name).inc)
         self.server.start()
         if self.health_server is not None:
             self.health_server.start()

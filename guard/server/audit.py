@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import threading
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TextIO
 
 import grpc
 import numpy as np
@@ -40,18 +42,40 @@ def caller_of(context: grpc.ServicerContext, protocol: str, request_id: str = ""
     return Caller(protocol, context.peer(), identity, request_id[:MAX_ID_CHARS])
 
 
-class AuditLog:
-    """Appends the lines to a file (`-`: standard output), each written whole and flushed at once."""
+# Lines waiting for the writer, at most: past this the writer is stuck (a log pipe nobody reads, a hung mount), and a
+# line is dropped and counted rather than held in memory or waited for in the request path.
+MAX_PENDING_BYTES = 64 * 2**20
+CLOSE_TIMEOUT_SECONDS = 5.0  # how long a stopping server waits for the writer to empty its queue
+_REOPEN = b""  # the queue's marker: reopen the path here, after the lines recorded before the SIGHUP
 
-    def __init__(self, target: str) -> None:
+
+class AuditLog:
+    """Appends the lines to a file (`-`: standard output), each written whole, from a thread of its own.
+
+    A request only queues its line: a write that blocks (standard output that nobody reads, a stalled disk) must not
+    hold the request, its `--max-inflight` place or the server's shutdown. A line the queue has no room for, or that
+    the disk refused, is dropped, counted (`dropped`, the metric guard_audit_lines_dropped_total) and logged once
+    per outage."""
+
+    def __init__(self, target: str, dropped: Callable[[], None] | None = None) -> None:
         self.target = target
-        try:
-            self._file: TextIO = sys.stdout if target == "-" else open(target, "a", encoding="utf-8")
-        except OSError as exc:
-            raise GuardError(f"cannot open the audit log {target}: {exc}") from None
-        self._lock = threading.Lock()
-        self._failing = False
+        self._dropped = dropped or (lambda: None)
+        self._fd = -1 if target == "-" else self._open()
+        self._pending: deque[bytes] = deque()
+        self._pending_bytes = 0
+        self._changed = threading.Condition()
         self._closed = False
+        self._failing = False  # inside an outage: said once, not per line
+        self._torn = False  # the last write stopped inside its line: the next starts on a line of its own
+        self._writer = threading.Thread(target=self._write_lines, name="guard-audit", daemon=True)
+        self._writer.start()
+
+    def _open(self) -> int:
+        """The path opened for appending, readable by its owner only (the lines name callers)."""
+        try:
+            return os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise GuardError(f"cannot open the audit log {self.target}: {exc}") from None
 
     def record(self, model: str, policy: str, caller: Caller, result: Result) -> None:
         flagged = np.flatnonzero(result.flagged)
@@ -66,46 +90,97 @@ class AuditLog:
                          "label": int(result.labels[i]), "demoted": bool(result.demoted[i]),
                          "overruled": bool(result.overruled[i]), "spared": bool(result.spared[i])} for i in flagged],
         }
-        text = json.dumps(line) + "\n"
-        with self._lock:
+        data = (json.dumps(line) + "\n").encode()
+        with self._changed:
             if self._closed:  # a handler that outlived the server's grace period: nowhere left to write
-                log.error("audit log closed; not recorded: %s", text.strip())
+                log.error("audit log closed; not recorded: %s", data.decode().strip())
                 return
-            try:
-                self._file.write(text)
-                self._file.flush()
-                self._failing = False
-            except OSError as exc:  # a full disk must not cost the caller its answer; say so once per outage
-                if not self._failing:
-                    log.error("cannot write the audit log %s: %s; answering on, unaudited", self.target, exc)
-                self._failing = True
+            if self._pending_bytes + len(data) > MAX_PENDING_BYTES:
+                self._drop(f"{self._pending_bytes} bytes wait for a write that does not finish")
+                return
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            self._changed.notify()
 
     def reopen(self) -> None:
         """Open `target` afresh (on SIGHUP, after logrotate moved the file away), so that no line is appended to a
-        file that has been rotated out. Where the new file cannot be opened, the lines go on to the old one."""
-        if self.target == "-" or self._closed:
+        file that has been rotated out; the lines recorded before go to the old one. Where the new file cannot be
+        opened, the lines go on to the old one."""
+        if self.target == "-":
             return
-        try:
-            fresh = open(self.target, "a", encoding="utf-8")
-        except OSError as exc:
-            log.error("cannot reopen the audit log %s: %s; writing on to the file already open", self.target, exc)
-            return
-        with self._lock:
+        with self._changed:
+            if not self._closed:
+                self._pending.append(_REOPEN)
+                self._changed.notify()
+
+    def close(self, timeout: float = CLOSE_TIMEOUT_SECONDS) -> None:
+        """Write what is queued and close the file, waiting at most `timeout` seconds for a stalled writer."""
+        with self._changed:
             if self._closed:
-                fresh.close()
                 return
-            rotated, self._file = self._file, fresh
+            self._closed = True
+            self._changed.notify()
+        self._writer.join(timeout)
+        if self._writer.is_alive():
+            with self._changed:
+                log.error("the audit log %s takes no writes; %d line(s) not written", self.target,
+                          sum(1 for data in self._pending if data))
+
+    def _write_lines(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    break
+                data = self._pending.popleft()
+                self._pending_bytes -= len(data)
+            if data == _REOPEN:
+                self._reopen()
+            else:
+                self._write(data)
+        if self._fd >= 0:
+            os.close(self._fd)
+
+    def _write(self, data: bytes) -> None:
+        if self._torn:
+            data = b"\n" + data
+        written = 0
         try:
-            rotated.close()
-        except OSError as exc:  # its buffer held a line a full disk refused: lost already, and logged then
-            log.error("closing the rotated audit log %s: %s", self.target, exc)
+            while written < len(data):
+                written += self._emit(data[written:])
+        except OSError as exc:  # a full disk must not cost the caller its answer
+            self._torn = self._torn or 0 < written
+            self._drop(str(exc))
+            return
+        self._torn = False
+        if self._failing and not self._pending:  # the outage is over once the writer has caught up
+            log.info("the audit log %s takes writes again", self.target)
+            self._failing = False
+
+    def _emit(self, data: bytes) -> int:
+        """Write some of `data` unbuffered, so that nothing of a failed line lingers to join the next one."""
+        if self._fd >= 0:
+            return os.write(self._fd, data)
+        sys.stdout.write(data.decode())  # standard output: where a container's logs go
+        sys.stdout.flush()
+        return len(data)
+
+    def _reopen(self) -> None:
+        try:
+            fresh = self._open()
+        except GuardError as exc:
+            log.error("%s; writing on to the file already open", exc)
+            return
+        os.close(self._fd)
+        self._fd, self._torn = fresh, False
         log.info("audit log %s reopened", self.target)
 
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            if self._file is not sys.stdout:
-                self._file.close()
+    def _drop(self, reason: str) -> None:
+        self._dropped()
+        if not self._failing:
+            log.error("cannot write the audit log %s: %s; answering on, unaudited (guard_audit_lines_dropped_total "
+                      "counts the lines lost)", self.target, reason)
+        self._failing = True
 
 
 def _number(value: float) -> float | None:

@@ -56,6 +56,9 @@ class Metrics:
         self.check_failures = Counter("guard_check_failures_total",
                                       "Requests the guard could not check, by what the failure policy did",
                                       ["model", "outcome"], registry=r)
+        self.audit_dropped = Counter("guard_audit_lines_dropped_total",
+                                     "Audit log lines lost: the disk refused them, or the writer was too far behind",
+                                     ["model"], registry=r)
         self.inflight = Gauge("guard_inflight_requests", "Requests being answered now", registry=r)
         self.ready = Gauge("guard_model_ready", "1 when the model is loaded and serving", ["model"], registry=r)
         self.build = Gauge("guard_build_info", "Build information", ["version"], registry=r)
@@ -75,6 +78,7 @@ class Metrics:
         for outcome in ("refused", "answered_unguarded"):
             self.check_failures.labels(model=model, outcome=outcome)
         self.batch.labels(model=model)
+        self.audit_dropped.labels(model=model)
         self.ready.labels(model=model).set(0)
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
