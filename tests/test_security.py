@@ -118,6 +118,30 @@ def test_bearer_token_guards_everything_but_health(backdoored: Backdoored, pki: 
         server.stop(grace=1)
 
 
+def test_callers_without_the_token_hold_no_place_on_the_port(backdoored: Backdoored, pki: Path) -> None:
+    """A call without the token that never sends its message is refused as its headers arrive, so any number of them
+    cannot fill the port's concurrent-call limit (--max-inflight plus the control calls) against those with it."""
+    import threading
+
+    server = serve(backdoored, auth_token_file=pki / "token", max_inflight=1)
+    never = threading.Event()
+
+    def silent():  # the headers go out; the message never does
+        never.wait()
+        yield b""
+
+    try:
+        url = f"127.0.0.1:{server.port}"
+        with grpc.insecure_channel(url) as channel:
+            calls = [channel.stream_unary("/guard.v1.Guard/Predict").future(silent(), timeout=30) for _ in range(40)]
+            codes = {call.exception(timeout=20).code() for call in calls}  # each ends long before its deadline
+            assert codes == {grpc.StatusCode.UNAUTHENTICATED}
+        assert len(infer(url, backdoored.x_eval[:3], headers={"authorization": "Bearer s3cret-token"})) == 3
+    finally:
+        never.set()
+        server.stop(grace=1)
+
+
 @pytest.mark.parametrize("given, message", [
     ({"tls_cert": "server.pem"}, "both tls_cert and tls_key"),
     ({"tls_client_ca": "ca.pem"}, "needs tls_cert"),

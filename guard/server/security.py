@@ -48,12 +48,14 @@ class BearerToken(grpc.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
 
         def refusal(count: bool) -> grpc.RpcMethodHandler:
-            def refuse(_request: bytes, context: grpc.ServicerContext) -> None:
+            def refuse(_requests: object, context: grpc.ServicerContext) -> None:
                 if count:
                     on_refused_inference()
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
 
-            return grpc.unary_unary_rpc_method_handler(refuse)
+            # Request-streaming, whatever the method: the refusal comes as the headers arrive, without waiting for a
+            # message that a caller without the token need never send (holding one of the port's places meanwhile).
+            return grpc.stream_unary_rpc_method_handler(refuse)
 
         self._refusals = {True: refusal(True), False: refusal(False)}
 
