@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import urllib.request
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -17,6 +18,7 @@ from guard.errors import CheckFailedError, GuardError
 from guard.model.graph import load_model
 from guard.runtime.engine import PlainSession
 from guard.runtime.guard import Guard
+from guard.server._proto.guard.v1 import guard_pb2, guard_pb2_grpc
 from guard.server.app import GuardServer
 
 MODEL = "badnets"
@@ -91,6 +93,11 @@ def test_the_server_applies_the_policy_and_counts_it(backdoored: Backdoored, big
                 reply = client.infer(MODEL, [tensor])
                 assert reply.get_response().parameters["guard_unchecked"].bool_param
                 assert not reply.as_numpy("guard_flagged").any()
+                # guard.v1 says so too: an unflagged answer there is otherwise indistinguishable from a clean one
+                with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                    predicted = guard_pb2_grpc.GuardStub(channel).Predict(guard_pb2.PredictRequest(
+                        shape=list(big_batch.shape), data=big_batch.tobytes()))
+                assert predicted.unchecked and not any(p.flagged for p in predicted.predictions)
                 # unguarded logits that overflow are refused, and not counted as an unguarded answer (as large a
                 # batch as above, so that the check fails on it too)
                 huge = triton.InferInput("input", list(big_batch.shape), "FP32")
@@ -101,8 +108,8 @@ def test_the_server_applies_the_policy_and_counts_it(backdoored: Backdoored, big
             text = response.read().decode()
     finally:
         server.stop(grace=1)
-    outcome = "refused" if policy == "closed" else "answered_unguarded"
-    assert f'guard_check_failures_total{{model="{MODEL}",outcome="{outcome}"}} 1.0' in text
+    outcome, count = ("refused", 1) if policy == "closed" else ("answered_unguarded", 2)  # open: OIP and guard.v1
+    assert f'guard_check_failures_total{{model="{MODEL}",outcome="{outcome}"}} {count:.1f}' in text
     if policy == "closed":
         assert f'guard_request_errors_total{{code="UNAVAILABLE",model="{MODEL}"}} 1.0' in text
 

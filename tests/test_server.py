@@ -129,7 +129,7 @@ def test_protocols_and_in_process_agree(client: triton.InferenceServerClient, ch
     local = Guard.load(backdoored.model_path, backdoored.profile_path).predict(x)
     np.testing.assert_array_equal(local.labels, logits.argmax(1))
     np.testing.assert_array_equal(local.flagged, flagged)
-    assert reply.policy == "enforce"
+    assert reply.policy == "enforce" and not reply.unchecked
 
 
 def test_metrics_count_exactly_what_was_sent(server: GuardServer, client: triton.InferenceServerClient,

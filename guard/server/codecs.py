@@ -108,7 +108,7 @@ def decode_predict(request: guard_pb2.PredictRequest, sample_shape: tuple[int, .
 
 
 def encode_predict(result: Result, model_name: str, policy: str) -> guard_pb2.PredictResponse:
-    response = guard_pb2.PredictResponse(model=model_name, policy=policy)
+    response = guard_pb2.PredictResponse(model=model_name, policy=policy, unchecked=result.unchecked)
     for label, flagged, score, model_label, logits in zip(
         result.labels.tolist(), result.flagged.tolist(), result.score.tolist(), result.model_labels.tolist(),
         result.logits, strict=True,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x14guard/v1/guard.proto\x12\x08guard.v1\"<\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"`\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\x03\x12\x0f\n\x07\x66lagged\x18\x02 \x01(\x08\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x13\n\x0bmodel_label\x18\x04 \x01(\x03\x12\x0e\n\x06logits\x18\x05 \x03(\x02\"[\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12)\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x14.guard.v1.Prediction2G\n\x05Guard\x12>\n\x07Predict\x12\x18.guard.v1.PredictRequest\x1a\x19.guard.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x14guard/v1/guard.proto\x12\x08guard.v1\"<\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"`\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\x03\x12\x0f\n\x07\x66lagged\x18\x02 \x01(\x08\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x13\n\x0bmodel_label\x18\x04 \x01(\x03\x12\x0e\n\x06logits\x18\x05 \x03(\x02\"n\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12)\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x14.guard.v1.Prediction\x12\x11\n\tunchecked\x18\x04 \x01(\x08\x32G\n\x05Guard\x12>\n\x07Predict\x12\x18.guard.v1.PredictRequest\x1a\x19.guard.v1.PredictResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,7 +37,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTION']._serialized_start=96
   _globals['_PREDICTION']._serialized_end=192
   _globals['_PREDICTRESPONSE']._serialized_start=194
-  _globals['_PREDICTRESPONSE']._serialized_end=285
-  _globals['_GUARD']._serialized_start=287
-  _globals['_GUARD']._serialized_end=358
+  _globals['_PREDICTRESPONSE']._serialized_end=304
+  _globals['_GUARD']._serialized_start=306
+  _globals['_GUARD']._serialized_end=377
 # @@protoc_insertion_point(module_scope)

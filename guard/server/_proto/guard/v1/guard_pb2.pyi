@@ -31,11 +31,13 @@ class Prediction(_message.Message):
     def __init__(self, label: _Optional[int] = ..., flagged: _Optional[bool] = ..., score: _Optional[float] = ..., model_label: _Optional[int] = ..., logits: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("model", "policy", "predictions")
+    __slots__ = ("model", "policy", "predictions", "unchecked")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    UNCHECKED_FIELD_NUMBER: _ClassVar[int]
     model: str
     policy: str
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
-    def __init__(self, model: _Optional[str] = ..., policy: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ...) -> None: ...
+    unchecked: bool
+    def __init__(self, model: _Optional[str] = ..., policy: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., unchecked: _Optional[bool] = ...) -> None: ...
