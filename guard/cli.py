@@ -116,7 +116,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(given, Path(args.config) if args.config else None)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg']}"
+                             for e in exc.errors())
         raise GuardError(f"invalid settings: {problems}") from None
     serve(settings)
     return 0

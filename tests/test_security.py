@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import Backdoored
 from guard.cli import main
 from guard.config import ServeSettings
+from guard.errors import GuardError
 from guard.server.app import GuardServer
 
 MODEL = "badnets"
@@ -155,6 +156,28 @@ def test_incomplete_security_settings_refuse_to_start(backdoored: Backdoored, pk
     with pytest.raises(ValidationError, match=message):
         ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path,
                       **{k: pki / v for k, v in given.items()})
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"tls_cert": "garbage.pem", "tls_key": "server.key"}, "do not make a pair"),
+    ({"tls_cert": "server.pem", "tls_key": "client.key"}, "key values mismatch"),  # the key of another certificate
+    ({"tls_cert": "server.pem", "tls_key": "server.key", "tls_client_ca": "garbage.pem"}, "client CA"),
+])
+def test_tls_files_that_cannot_serve_are_named(backdoored: Backdoored, pki: Path, files: dict, message: str) -> None:
+    """gRPC itself only says it cannot bind the port; the refusal names the files and what is wrong with them."""
+    (pki / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    with pytest.raises(GuardError, match=message) as refused:
+        serve(backdoored, **{k: pki / v for k, v in files.items()})
+    assert "garbage.pem" in str(refused.value) or "client.key" in str(refused.value)
+
+
+@pytest.mark.parametrize("text", ["\ufeffs3cret-token\n", "s3cret-token\nsecond-line\n", "two words\n"])
+def test_a_token_no_client_could_send_refuses_to_start(backdoored: Backdoored, tmp_path: Path, text: str) -> None:
+    """A byte-order mark, a second line, a space: the server would start and refuse every caller."""
+    token = tmp_path / "token"
+    token.write_text(text, encoding="utf-8")
+    with pytest.raises(GuardError, match="one token of printable ASCII"):
+        serve(backdoored, auth_token_file=token)
 
 
 def test_defaults_listen_on_loopback_and_metrics_can_bind_elsewhere(backdoored: Backdoored) -> None:

@@ -56,6 +56,9 @@ class GuardServer:
                 token = read_secret(settings.auth_token_file, "token file").decode().strip()
             except UnicodeDecodeError:
                 raise GuardError(f"the token file {settings.auth_token_file} is not UTF-8 text") from None
+            if not all("!" <= c <= "~" for c in token):  # a BOM, a second line: a token no client could send
+                raise GuardError(f"the token file {settings.auth_token_file} must hold one token of printable ASCII "
+                                 "without spaces (an HTTP header's value); it holds other characters")
             interceptors.append(BearerToken(token, lambda: self.plane.count_error("UNAUTHENTICATED")))
         self.server = grpc.server(
             # A thread for every admitted request plus room for health checks and metadata, so nothing waits in

@@ -8,6 +8,7 @@ needs `authorization: Bearer <token>` when a token is configured. The token is r
 from __future__ import annotations
 
 import hmac
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,10 +34,26 @@ def read_secret(path: Path, what: str) -> bytes:
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
     """TLS with this certificate chain and key; with `client_ca`, clients must present a certificate it signed."""
     pair = (read_secret(key, "TLS key"), read_secret(cert, "TLS certificate"))
+    _check_pem(cert, key, client_ca)
     if client_ca is None:
         return grpc.ssl_server_credentials([pair])
     return grpc.ssl_server_credentials([pair], root_certificates=read_secret(client_ca, "client CA"),
                                        require_client_auth=True)
+
+
+def _check_pem(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """gRPC reports a bad certificate, a bad key or a key of another certificate only as a port it cannot bind (the
+    cause goes to its own log); Python's ssl reads the same PEM files and names the problem first."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, ValueError) as exc:
+        raise GuardError(f"the TLS certificate {cert} and key {key} do not make a pair gRPC can serve: {exc}") from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, ValueError) as exc:
+            raise GuardError(f"the client CA {client_ca} holds no certificate TLS can use: {exc}") from None
 
 
 class BearerToken(grpc.ServerInterceptor):
