@@ -370,6 +370,9 @@ def _repair(args: argparse.Namespace) -> int:
     settings = RepairSettings(method=args.method, layers=args.layers.split(",") if args.layers else None,
                               seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     settings.validate()
+    if settings.method == "prune" and (args.trigger or args.scan or args.scan_dir):
+        raise GuardError("--method prune folds the calibrated static mask in and trains nothing, so it has no use "
+                         "for --trigger, --scan or --scan-dir: give them to ar, l2 or finetune")
     model = load_model(args.model)
     if settings.layers:  # a misspelt tap is refused now, not after the scan
         validate_taps(model, list(settings.layers))
@@ -389,10 +392,16 @@ def _repair(args: argparse.Namespace) -> int:
         suspect = "no class" if scan.classes.suspect is None else f"class {scan.classes.suspect}"
         print(f"guard: scan suspects {suspect}; unlearning {describe_triggers(triggers)}")
     repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
-    write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
     stamps, warps, blends = split_targets(triggers)
     _write_json(report_path, {**report.to_dict(), "trigger_targets": stamps, "warp_targets": warps,
                               "blend_targets": blends})
+    if not report.within_bound:  # a model nobody should serve is not written where a pipeline would pick it up
+        raise GuardError(f"the repair cost too much held-out accuracy in every run ({report.summary()}); "
+                         f"{args.out} not written, the report is in {report_path}: try a lower --lr or fewer --epochs")
+    if report.duplicates_dropped:
+        print(f"guard: note: {report.duplicates_dropped} clean sample(s) repeat an earlier one and were left out (a "
+              "copy on both sides of the held-out split would be judged on an image it trained on)")
+    write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
     print(f"guard: wrote {args.out} and {report_path}: {report.summary()}")
     print("guard: the repaired model has new weights: run guard calibrate on it before serving it")
     return 0

@@ -312,11 +312,40 @@ def test_repair_backs_off_the_learning_rate_when_it_costs_too_much_accuracy(back
     wrecked = run(backoffs=0)  # Adam at lr 1 ruins the model, and without back-offs that run is kept
     assert wrecked.attempts == 1 and wrecked.lr_used == 1.0
     assert wrecked.accuracy_before - wrecked.accuracy_after > 0.15
+    assert not wrecked.within_bound  # ... and the report says it is unfit
     backed_off = run(backoffs=10)
-    assert 1 < backed_off.attempts < 11
+    assert 1 < backed_off.attempts < 11 and backed_off.within_bound
     assert backed_off.lr_used == pytest.approx(1.0 / 2 ** (backed_off.attempts - 1))
     assert backed_off.accuracy_before - backed_off.accuracy_after <= 0.15  # the first run that kept within bound
     assert f"lr backed off to {backed_off.lr_used:g}" in backed_off.summary()
+
+
+def test_cli_repair_writes_no_model_that_cost_too_much_in_every_run(backdoored, clean_data, trigger, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "wrecked.onnx"
+    code = main(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(out), "--method",
+                 "finetune", "--lr", "1", "--schedule", "constant", "--epochs", "1"])
+    assert code == 2 and not out.exists()
+    assert "cost too much held-out accuracy in every run" in capsys.readouterr().err
+    report = json.loads((tmp_path / "wrecked.repair.json").read_text())
+    assert report["within_bound"] is False and report["attempts"] == 3  # the report says what happened
+
+
+def test_repair_leaves_out_repeated_samples_and_prune_takes_no_triggers(backdoored, clean_data, trigger, tmp_path,
+                                                                        capsys):
+    twice = tmp_path / "twice.npz"
+    np.savez(twice, x=np.concatenate([backdoored.x_clean[:200]] * 2), y=np.concatenate([backdoored.y_clean[:200]] * 2))
+    assert main(["repair", str(backdoored.model_path), "--data", str(twice), "--out", str(tmp_path / "p.onnx"),
+                 "--method", "prune"]) == 0
+    assert "200 clean sample(s) repeat an earlier one" in capsys.readouterr().out
+    report = json.loads((tmp_path / "p.repair.json").read_text())
+    assert report["duplicates_dropped"] == 200 and report["holdout_samples"] < 200
+    assert main(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(tmp_path / "q.onnx"),
+                 "--method", "prune", "--trigger", str(tmp_path / "not-read.npz")]) == 2
+    assert "no use for --trigger" in capsys.readouterr().err
+    with pytest.raises(GuardError, match="no use for triggers"):
+        repair(backdoored.model_path, backdoored.x_clean, backdoored.y_clean, settings=RepairSettings(method="prune"),
+               triggers=[trigger])
 
 
 def _flipped(held: int, lost: int, gained: int) -> tuple[np.ndarray, np.ndarray]:

@@ -43,7 +43,7 @@ from guard.model.graph import (
     with_initializers,
 )
 from guard.runtime.reference import trained_initializers
-from guard.samples import check_samples, holdout_split
+from guard.samples import check_samples, first_occurrences, holdout_split
 
 log = logging.getLogger("guard.repair")
 
@@ -134,6 +134,10 @@ class RepairReport:
     infected_norm_left: float | None  # ||infected weights|| after / before (None for `prune` and no infected)
     lr_used: float | None  # the starting rate of the kept run, after any back-off (None for `prune`)
     attempts: int  # training runs: 1, plus one per back-off
+    # Whether the kept model's held-out accuracy stayed within the bound the back-off holds runs to (for every
+    # method, prune included): False where even the last back-off cost too much, and the model is unfit to serve.
+    within_bound: bool
+    duplicates_dropped: int  # samples left out as repeats of an earlier one (the held-out part must be unseen)
     seconds: float
     settings: dict[str, object] = field(default_factory=dict)
 
@@ -143,7 +147,8 @@ class RepairReport:
     def summary(self) -> str:
         norm = "" if self.infected_norm_left is None else f", infected weights' norm x{self.infected_norm_left:.3f}"
         if self.attempts > 1:
-            norm += f", lr backed off to {self.lr_used:g} after {self.attempts - 1} run(s) cost too much accuracy"
+            norm += (f", lr backed off to {self.lr_used:g} after {self.attempts - 1} run(s) cost too much accuracy"
+                     + ("" if self.within_bound else ", and the last run did too"))
         return (f"{self.method}: {sum(self.infected.values())} infected channels {self.infected}, held-out accuracy "
                 f"{self.accuracy_before:.3f} -> {self.accuracy_after:.3f} on {self.holdout_samples} samples"
                 f"{norm}, {self.seconds:.1f} s")
@@ -288,6 +293,13 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
     x = np.asarray(x, dtype=np.float32)
     y = None if y is None else np.asarray(y, dtype=np.int64)
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "repair", every_class=True)
+    if triggers and settings.method == "prune":
+        raise GuardError("--method prune folds the calibrated static mask in and trains nothing, so it has no use "
+                         "for triggers: give them to ar, l2 or finetune")
+    given = len(x)
+    if split is None:  # a repeat of a fit sample in the held-out part would be judged on an image it trained on
+        distinct = first_occurrences(x)
+        x, y = x[distinct], None if y is None else y[distinct]
     taps = list(settings.layers) if settings.layers else default_taps(loaded, conv_taps=settings.conv_taps)
     validate_taps(loaded, taps)
     hold, fit = split if split is not None else holdout_split(len(x), settings.holdout, settings.seed)
@@ -346,11 +358,12 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
         norm_left = float(np.sqrt(after / before)) if before > 0 else None
         lr_used: float | None = lr
 
-    accuracy_after = float((_predict(OnnxModule(repaired).eval(), output, x[hold]) == labels[hold]).mean())
+    right_after = _predict(OnnxModule(repaired).eval(), output, x[hold]) == labels[hold]
     report = RepairReport(
         method=settings.method, infected=infected, penalized_weights=penalized, holdout_samples=len(hold),
-        accuracy_before=accuracy_before, accuracy_after=accuracy_after, infected_norm_left=norm_left,
-        lr_used=lr_used, attempts=attempts,
+        accuracy_before=accuracy_before, accuracy_after=float(right_after.mean()), infected_norm_left=norm_left,
+        lr_used=lr_used, attempts=attempts, within_bound=not _costly(right_before, right_after, settings),
+        duplicates_dropped=given - len(x),
         seconds=round(time.perf_counter() - started, 3), settings={**asdict(settings), "layers": taps},
     )
     return repaired, report
