@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -352,9 +354,20 @@ def _writable(*paths: Path, inputs: Sequence[str | Path | None] = ()) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
+    """A report as strict JSON: a number that is not finite (a split NONE never made, say) is written null."""
     from guard.samples import write_atomic
 
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    def finite(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(v) for v in value]
+        return value
+
+    text = json.dumps(finite(data), indent=2, allow_nan=False) + "\n"
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def _repair(args: argparse.Namespace) -> int:
@@ -411,8 +424,8 @@ def _train(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from guard.eval.models import export_onnx, predict, train
-    from guard.repair.architectures import build
+    from guard.eval.models import predict, train
+    from guard.repair.architectures import build, export_checked
     from guard.repair.none import NoneSettings, train_none
     from guard.samples import check_samples, load_poisoned, load_samples, write_atomic
 
@@ -432,39 +445,41 @@ def _train(args: argparse.Namespace) -> int:
         raise GuardError(f"training labels must number the classes 0..K-1, each with samples; got {num_classes} "
                          f"distinct labels from {present[0]} to {present[-1]}")
     check_samples(x, y, tuple(x.shape[1:]), num_classes, "training")
+    plain = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+    rounds = {"rounds": args.rounds, "finetune_epochs": args.finetune_epochs, "ratio": args.ratio,
+              "finetune_lr": args.finetune_lr, "unlearn": args.unlearn, "unlearn_epochs": args.unlearn_epochs,
+              "drop": args.drop, "class_contrast": args.class_contrast}
+    if not args.none and any(v is not None for v in rounds.values()):  # a forgotten --none trains undefended
+        raise GuardError(f"--{'/--'.join(k.replace('_', '-') for k, v in rounds.items() if v is not None)} set NONE's "
+                         "rounds; without --none the model is trained plainly: add --none, or leave them out")
+    settings = NoneSettings(seed=args.seed, **{k: v for k, v in {**plain, **rounds}.items() if v is not None})
+    settings.validate()
     poisoned = load_poisoned(args.data, len(x))
     report_path = args.report or args.out.with_suffix(".train.json")
     _writable(args.out, report_path, inputs=(args.data,))
     torch.manual_seed(args.seed)
     model = build(args.model, x, y)
-    given = {"epochs": args.epochs, "rounds": args.rounds, "finetune_epochs": args.finetune_epochs,
-             "ratio": args.ratio, "lr": args.lr, "finetune_lr": args.finetune_lr, "batch_size": args.batch_size,
-             "unlearn": args.unlearn, "unlearn_epochs": args.unlearn_epochs, "drop": args.drop,
-             "class_contrast": args.class_contrast}
-    settings = NoneSettings(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
-    settings.validate()
+    shape = tuple(x.shape[1:])
+    with tempfile.TemporaryDirectory() as folder:  # before the training's minutes: does it export to what guard reads?
+        export_checked(model, args.model, shape, Path(folder) / "trial.onnx")
     if args.none:
         report = train_none(model, x, y, settings=settings, poisoned=poisoned)
         summary = report.summary()
         facts: dict = report.to_dict()
     else:
         train(model, x, y, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=args.seed)
-        summary, facts = "plain training", {"settings": vars(settings)}
+        summary = "plain training"
+        facts = {"settings": {"epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size,
+                              "seed": settings.seed}}
     accuracy = float((predict(model, x) == y).mean())
-    write_atomic(args.out, lambda tmp: export_onnx(model, tmp, torch.zeros(1, *x.shape[1:])))
+    write_atomic(args.out, lambda tmp: export_checked(model, args.model, shape, tmp))
     _write_json(report_path, {**facts, "training_accuracy": accuracy, "samples": len(x), "model": args.model})
     print(f"guard: wrote {args.out} and {report_path}: {summary}; accuracy on the training set {accuracy:.3f}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    import numpy as np
-    import onnxruntime as ort
-    import torch
-
-    from guard.eval.models import export_onnx
-    from guard.model.graph import load_model
-    from guard.repair.architectures import check_logits, load_weights, make
+    from guard.repair.architectures import check_logits, export_checked, load_weights, make
     from guard.samples import write_atomic
 
     try:
@@ -479,25 +494,7 @@ def _export(args: argparse.Namespace) -> int:
     model = make(args.model, args.num_classes, shape[0])
     load_weights(model, args.weights)
     classes = check_logits(model, args.model, shape, args.num_classes or 2)
-    probe = np.random.default_rng(0).random((4, *shape), dtype=np.float32)
-    with torch.no_grad():
-        expected = model(torch.as_tensor(probe)).numpy()
-
-    def write(tmp: Path) -> None:
-        try:
-            export_onnx(model, tmp, torch.zeros(1, *shape))
-        except Exception as exc:  # noqa: BLE001 - the exporter raises many types; each means this module does not export
-            raise GuardError(f"torch.onnx.export failed on {args.model} ({type(exc).__name__}): "
-                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
-        load_model(tmp)  # a file guard cannot read is not written
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run(None, {session.get_inputs()[0].name: probe})[0]
-        worst = float(np.abs(got - expected).max())
-        if not worst <= 1e-3 * max(1.0, float(np.abs(expected).max())):
-            raise GuardError(f"the exported graph answers differently from the torch module (max difference "
-                             f"{worst:.3g}); export it yourself with torch.onnx.export")
-
-    write_atomic(args.out, write)
+    write_atomic(args.out, lambda tmp: export_checked(model, args.model, shape, tmp))
     print(f"guard: wrote {args.out}: input 'input' (N, {', '.join(map(str, shape))}), output 'logits' (N, {classes}); "
           f"it answers as the torch module does. Next: guard calibrate {args.out} --data clean.npz --out "
           f"{args.out.with_suffix('.safetensors')}")

@@ -127,3 +127,23 @@ def test_a_factory_that_builds_no_usable_module_is_refused(tmp_path: Path, facto
                        "1,28,28", "--out", tmp_path / "m.onnx")
     assert code == 2
     assert re.search(fragment, err), err
+
+
+def test_the_installed_command_finds_a_factory_in_the_working_folder(tmp_path: Path) -> None:
+    """`python -m guard` has the working folder on its import path; the `guard` script pip installs does not, and a
+    user's `mymodels:make` beside their data must import from either."""
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "guard"
+    assert script.is_file(), f"the guard command is not installed next to {sys.executable} (pip install -e .)"
+    (tmp_path / "guard_test_cwd_nets.py").write_text(FACTORY)
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(2), nn.Flatten(),
+                           nn.Linear(16, 3))
+    save_file(module.state_dict(), tmp_path / "w.safetensors")
+    done = subprocess.run([str(script), "export", "guard_test_cwd_nets:tiny", "--weights", "w.safetensors",
+                           "--input-shape", "1,8,8", "--num-classes", "3", "--out", "m.onnx"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert load_model(tmp_path / "m.onnx").num_classes == 3

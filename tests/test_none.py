@@ -586,6 +586,10 @@ def test_cli_train_builds_a_users_factory(train_file, tmp_path, monkeypatch):
     ("guard_test_nets_narrow:make",
      "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 3))\n",
      "output has shape (2, 3); it needs (N, >= 10) logits"),
+    # refused before training, by a trial export: a file guard could not read would be written after it
+    ("guard_test_nets_softmax:make",
+     "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Softmax(1))\n",
+     "is a Softmax of its logits"),
 ])
 def test_cli_train_refuses_an_architecture_it_cannot_build(train_file, tmp_path, monkeypatch, capsys, spec,
                                                            source, message):
@@ -593,11 +597,46 @@ def test_cli_train_refuses_an_architecture_it_cannot_build(train_file, tmp_path,
         (tmp_path / f"{spec.partition(':')[0]}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "model.onnx"
-    argv = ["train", "--data", str(train_file), "--model", spec, "--out", str(out), "--epochs", "0"]
-    assert main(argv) == 2
+    argv = ["train", "--data", str(train_file), "--model", spec, "--out", str(out), "--epochs", "1000"]
+    assert main(argv) == 2  # at once: 1,000 epochs would not end within the suite
     err = capsys.readouterr().err
     assert err.startswith("guard: error: ") and message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_cli_train_refuses_none_settings_without_none(train_file, tmp_path, capsys):
+    # a forgotten --none would train an undefended model under a report that lists NONE's settings
+    out = tmp_path / "m.onnx"
+    assert main(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out), "--rounds", "3",
+                 "--drop", "split"]) == 2
+    assert "--rounds/--drop set NONE's rounds; without --none" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_train_takes_any_sample_count_and_writes_strict_json(train_file, tmp_path, monkeypatch):
+    """257 samples in batches of 128 leave a last batch of one, which a BatchNorm1d cannot train on: it joins the
+    batch before. A round that finds no confident class makes no split: its threshold is null, not Infinity."""
+    (tmp_path / "guard_test_nets_bn1d.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        def make(num_classes):
+            return nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                                 nn.Linear(16, num_classes))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with np.load(train_file) as data:
+        np.savez(tmp_path / "odd.npz", x=data["x"][:257], y=data["y"][:257])
+    out = tmp_path / "bn.onnx"
+    code, _ = _run_cli(["train", "--data", str(tmp_path / "odd.npz"), "--model", "guard_test_nets_bn1d:make",
+                        "--out", str(out), "--epochs", "1"])
+    assert code == 0 and load_model(out).num_classes == 10
+    out = tmp_path / "none.onnx"
+    code, _ = _run_cli(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out), "--none",
+                        "--epochs", "0", "--finetune-epochs", "0", "--unlearn-epochs", "0"])
+    assert code == 0
+    text = (tmp_path / "none.train.json").read_text()
+    report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the report"))
+    assert report["rounds"][0]["threshold"] is None
 
 
 def test_build_names_the_builtin_architectures():
@@ -620,7 +659,7 @@ def test_cli_train_refuses_data_without_labels_or_with_bad_ground_truth(train_fi
     np.savez(wrong, x=x, y=y, poisoned=np.full(len(x), 2))
     assert main(["train", "--data", str(wrong), "--model", "cnn", "--out", str(out), "--none"]) == 2
     assert "poisoned in" in capsys.readouterr().err
-    assert main(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out),
+    assert main(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out), "--none",
                  "--ratio", "2"]) == 2
     assert "--ratio must lie in (0, 1], got 2.0" in capsys.readouterr().err
     assert main(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out), "--none",

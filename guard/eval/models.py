@@ -206,8 +206,11 @@ def train(
     with _torch_threads(num_threads), channels_last(model):
         for _ in range(epochs):
             order = torch.randperm(len(inputs), generator=generator)
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
+            starts = list(range(0, len(order), batch_size))
+            if len(starts) > 1 and len(order) - starts[-1] == 1 and not freeze_batch_norm:
+                starts.pop()  # a batch norm that trains cannot normalise one sample: it joins the batch before
+            for start, stop in zip(starts, [*starts[1:], len(order)], strict=True):
+                batch = order[start:stop]
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(inputs[batch]), targets[batch])
                 if off is not None:

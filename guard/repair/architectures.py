@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 
@@ -42,6 +44,8 @@ def make(spec: str, num_classes: int | None, in_channels: int) -> nn.Module:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise GuardError(f"the architecture must be {', '.join(BUILT_IN)} or package.module:factory, got {spec!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:  # the installed `guard` script lacks what `python -m` has
+        sys.path.append(os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except Exception as exc:  # noqa: BLE001 - the user's module may fail to import in any way
@@ -72,6 +76,31 @@ def check_logits(model: nn.Module, spec: str, sample_shape: tuple[int, ...], num
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise GuardError(f"{spec}'s output has shape {shape}; it needs (N, >= {max(num_classes, 2)}) logits")
     return int(out.shape[1])
+
+
+def export_checked(model: nn.Module, spec: str, sample_shape: tuple[int, ...], path: Path) -> None:
+    """Export `model` to the ONNX file guard reads, then check it: guard's own loader takes it (a Softmax output, an
+    opset too old are refused there) and ONNX Runtime answers four random samples as the torch module does."""
+    import onnxruntime as ort
+
+    from guard.eval.models import export_onnx
+    from guard.model.graph import load_model
+
+    probe = np.random.default_rng(0).random((4, *sample_shape), dtype=np.float32)
+    with torch.no_grad():
+        expected = model.eval()(torch.as_tensor(probe)).numpy()
+    try:
+        export_onnx(model, path, torch.zeros(1, *sample_shape))
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; each means this module does not export
+        raise GuardError(f"torch.onnx.export failed on {spec} ({type(exc).__name__}): "
+                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+    load_model(path)  # a file guard cannot read is not written
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: probe})[0]
+    worst = float(np.abs(got - expected).max())
+    if not worst <= 1e-3 * max(1.0, float(np.abs(expected).max())):
+        raise GuardError(f"the exported graph answers differently from the torch module (max difference "
+                         f"{worst:.3g}); export it yourself with torch.onnx.export")
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
