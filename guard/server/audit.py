@@ -148,7 +148,7 @@ class AuditLog:
         try:
             while written < len(data):
                 written += self._emit(data[written:])
-        except OSError as exc:  # a full disk must not cost the caller its answer
+        except (OSError, ValueError) as exc:  # a full disk, a closed stdout: not the caller's to pay for
             self._torn = self._torn or 0 < written
             self._drop(str(exc))
             return
