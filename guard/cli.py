@@ -409,8 +409,10 @@ def _repair(args: argparse.Namespace) -> int:
     _write_json(report_path, {**report.to_dict(), "trigger_targets": stamps, "warp_targets": warps,
                               "blend_targets": blends})
     if not report.within_bound:  # a model nobody should serve is not written where a pipeline would pick it up
-        raise GuardError(f"the repair cost too much held-out accuracy in every run ({report.summary()}); "
-                         f"{args.out} not written, the report is in {report_path}: try a lower --lr or fewer --epochs")
+        advice = ("the mask cost it: calibrate's --acc-budget bounds that" if settings.method == "prune" else
+                  f"in {report.attempts} run(s): try a lower --lr or fewer --epochs")
+        raise GuardError(f"the repair cost too much held-out accuracy ({report.summary()}); {args.out} not written, "
+                         f"the report is in {report_path}; {advice}")
     if report.duplicates_dropped:
         print(f"guard: note: {report.duplicates_dropped} clean sample(s) repeat an earlier one and were left out (a "
               "copy on both sides of the held-out split would be judged on an image it trained on)")

@@ -176,7 +176,10 @@ def test_a_stalled_writer_holds_no_request_and_drops_what_it_cannot_hold(tmp_pat
         assert any("takes no writes" in line for line in said)
     finally:
         logging.getLogger("guard.server").removeHandler(handler)
-        os.close(read_end)  # the writer's blocked write fails now, and its thread ends
+        os.close(read_end)  # the writer's blocked write fails now, the rest fail fast, and its thread ends
+        audit._writer.join(30)
+        os.close(write_end)
+    assert not audit._writer.is_alive()
 
 
 def test_a_line_the_disk_cut_short_does_not_swallow_the_next(tmp_path: Path, monkeypatch) -> None:
@@ -189,19 +192,41 @@ def test_a_line_the_disk_cut_short_does_not_swallow_the_next(tmp_path: Path, mon
     audit = AuditLog(str(path), dropped=lambda: dropped.append(1))
     real_write, calls = os.write, []
 
-    def half_then_full_disk(fd: int, data: bytes) -> int:
+    def filling_disk(fd: int, data: bytes) -> int:
         calls.append(len(data))
-        if len(calls) == 2:  # the first line's second write: the disk is full
+        if len(calls) in (2, 4):  # each line's second write: the disk is full
             raise OSError(28, "No space left on device")
-        return real_write(fd, data[: max(1, len(data) // 2)] if len(calls) == 1 else data)
+        # half of the first line; of the second only the newline that ends the first's fragment; then all
+        return real_write(fd, data[: len(data) // 2] if len(calls) == 1 else data[:1] if len(calls) == 3 else data)
 
-    monkeypatch.setattr(os, "write", half_then_full_disk)
+    monkeypatch.setattr(os, "write", filling_disk)
     result = _one_flagged_sample()
-    audit.record("badnets", "enforce", _caller("cut"), result)
-    audit.record("badnets", "enforce", _caller("whole"), result)
+    for request_id in ("cut", "lost", "whole"):
+        audit.record("badnets", "enforce", _caller(request_id), result)
     audit.close()
     monkeypatch.undo()
     lines = path.read_text().splitlines()
-    assert len(lines) == 2 and dropped == [1]
+    assert len(lines) == 2 and dropped == [1, 1]  # the fragment, then the last line whole: no empty line between
     assert json.loads(lines[1])["request_id"] == "whole"
     assert oct(path.stat().st_mode & 0o777) == oct(0o600)  # the lines name callers: the owner's to read
+
+
+def test_the_writer_outlives_a_line_that_fails_unexpectedly(tmp_path: Path) -> None:
+    """Any error while writing one line costs that line (counted), not the writer thread and every line after it."""
+    path = tmp_path / "audit.jsonl"
+    dropped = []
+    audit = AuditLog(str(path), dropped=lambda: dropped.append(1))
+    real_emit, failed = audit._emit, []
+
+    def once_broken(data: bytes) -> int:
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("something no one expected")
+        return real_emit(data)
+
+    audit._emit = once_broken
+    result = _one_flagged_sample()
+    for request_id in ("broken", "after"):
+        audit.record("badnets", "enforce", _caller(request_id), result)
+    audit.close()
+    assert dropped == [1] and [json.loads(line)["request_id"] for line in path.read_text().splitlines()] == ["after"]

@@ -86,7 +86,7 @@ def training_set(tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
     (lambda x, y: (np.repeat(x.transpose(0, 2, 3, 1), 3, axis=3), y), [], "looks channels-last (N, H, W, C)"),
     (lambda x, y: (x, 0 * y), [], "training labels name 1 class(es); a classifier needs at least 2"),
     (lambda x, y: (x, y), ["--lr", "nan"], "--lr and --finetune-lr must be finite and positive"),
-    (lambda x, y: (x, y), ["--finetune-lr", "-1"], "--lr and --finetune-lr must be finite and positive"),
+    (lambda x, y: (x, y), ["--none", "--finetune-lr", "-1"], "--lr and --finetune-lr must be finite and positive"),
 ])
 def test_train_refuses_data_and_rates_it_cannot_train_on(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                          training_set, edit, options: list[str],

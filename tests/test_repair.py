@@ -326,7 +326,8 @@ def test_cli_repair_writes_no_model_that_cost_too_much_in_every_run(backdoored, 
     code = main(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(out), "--method",
                  "finetune", "--lr", "1", "--schedule", "constant", "--epochs", "1"])
     assert code == 2 and not out.exists()
-    assert "cost too much held-out accuracy in every run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cost too much held-out accuracy" in err and "in 3 run(s): try a lower --lr" in err
     report = json.loads((tmp_path / "wrecked.repair.json").read_text())
     assert report["within_bound"] is False and report["attempts"] == 3  # the report says what happened
 

@@ -162,13 +162,24 @@ def test_incomplete_security_settings_refuse_to_start(backdoored: Backdoored, pk
     ({"tls_cert": "garbage.pem", "tls_key": "server.key"}, "do not make a pair"),
     ({"tls_cert": "server.pem", "tls_key": "client.key"}, "key values mismatch"),  # the key of another certificate
     ({"tls_cert": "server.pem", "tls_key": "server.key", "tls_client_ca": "garbage.pem"}, "client CA"),
+    ({"tls_cert": "server.pem", "tls_key": "encrypted.key"}, "is encrypted; gRPC takes no passphrase"),
 ])
 def test_tls_files_that_cannot_serve_are_named(backdoored: Backdoored, pki: Path, files: dict, message: str) -> None:
-    """gRPC itself only says it cannot bind the port; the refusal names the files and what is wrong with them."""
+    """gRPC itself only says it cannot bind the port; the refusal names the files and what is wrong with them (and
+    an encrypted key is refused, not prompted for on the terminal)."""
     (pki / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    openssl("pkey", "-in", "server.key", "-aes256", "-passout", "pass:secret", "-out", "encrypted.key", cwd=pki)
     with pytest.raises(GuardError, match=message) as refused:
         serve(backdoored, **{k: pki / v for k, v in files.items()})
-    assert "garbage.pem" in str(refused.value) or "client.key" in str(refused.value)
+    assert any(name in str(refused.value) for name in ("garbage.pem", "client.key", "encrypted.key"))
+
+
+def test_the_tls_check_leaves_key_strength_to_grpc(backdoored: Backdoored, pki: Path) -> None:
+    """A 1024-bit RSA certificate is below Python's default security level but gRPC serves it: still served."""
+    openssl("req", "-x509", "-newkey", "rsa:1024", "-nodes", "-keyout", "weak.key", "-out", "weak.pem", "-days", "2",
+            "-subj", "/CN=localhost", cwd=pki)
+    server = serve(backdoored, tls_cert=pki / "weak.pem", tls_key=pki / "weak.key")
+    server.stop(grace=0)
 
 
 @pytest.mark.parametrize("text", ["\ufeffs3cret-token\n", "s3cret-token\nsecond-line\n", "two words\n"])

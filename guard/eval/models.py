@@ -203,11 +203,12 @@ def train(
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+    normalising = not freeze_batch_norm and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     with _torch_threads(num_threads), channels_last(model):
         for _ in range(epochs):
             order = torch.randperm(len(inputs), generator=generator)
             starts = list(range(0, len(order), batch_size))
-            if len(starts) > 1 and len(order) - starts[-1] == 1 and not freeze_batch_norm:
+            if len(starts) > 1 and len(order) - starts[-1] == 1 and normalising:
                 starts.pop()  # a batch norm that trains cannot normalise one sample: it joins the batch before
             for start, stop in zip(starts, [*starts[1:], len(order)], strict=True):
                 batch = order[start:stop]

@@ -147,8 +147,9 @@ class RepairReport:
     def summary(self) -> str:
         norm = "" if self.infected_norm_left is None else f", infected weights' norm x{self.infected_norm_left:.3f}"
         if self.attempts > 1:
-            norm += (f", lr backed off to {self.lr_used:g} after {self.attempts - 1} run(s) cost too much accuracy"
-                     + ("" if self.within_bound else ", and the last run did too"))
+            norm += f", lr backed off to {self.lr_used:g} after {self.attempts - 1} run(s) cost too much accuracy"
+        if not self.within_bound:
+            norm += ", past the accuracy bound: not fit to serve"
         return (f"{self.method}: {sum(self.infected.values())} infected channels {self.infected}, held-out accuracy "
                 f"{self.accuracy_before:.3f} -> {self.accuracy_after:.3f} on {self.holdout_samples} samples"
                 f"{norm}, {self.seconds:.1f} s")

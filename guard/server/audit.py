@@ -91,16 +91,18 @@ class AuditLog:
                          "overruled": bool(result.overruled[i]), "spared": bool(result.spared[i])} for i in flagged],
         }
         data = (json.dumps(line) + "\n").encode()
-        with self._changed:
-            if self._closed:  # a handler that outlived the server's grace period: nowhere left to write
-                log.error("audit log closed; not recorded: %s", data.decode().strip())
-                return
-            if self._pending_bytes + len(data) > MAX_PENDING_BYTES:
-                self._drop(f"{self._pending_bytes} bytes wait for a write that does not finish")
-                return
-            self._pending.append(data)
-            self._pending_bytes += len(data)
-            self._changed.notify()
+        with self._changed:  # nothing under this lock can block: logging goes to stderr, which may be stuck too
+            closed, behind = self._closed, self._pending_bytes
+            queued = not closed and behind + len(data) <= MAX_PENDING_BYTES and self._writer.is_alive()
+            if queued:
+                self._pending.append(data)
+                self._pending_bytes += len(data)
+                self._changed.notify()
+        if closed:  # a handler that outlived the server's grace period: nowhere left to write
+            log.error("audit log closed; not recorded: %s", data.decode().strip())
+        elif not queued:
+            self._drop(f"{behind} bytes wait for a write that does not finish" if self._writer.is_alive() else
+                       "its writer thread has stopped")
 
     def reopen(self) -> None:
         """Open `target` afresh (on SIGHUP, after logrotate moved the file away), so that no line is appended to a
@@ -123,8 +125,8 @@ class AuditLog:
         self._writer.join(timeout)
         if self._writer.is_alive():
             with self._changed:
-                log.error("the audit log %s takes no writes; %d line(s) not written", self.target,
-                          sum(1 for data in self._pending if data))
+                unwritten = sum(1 for data in self._pending if data)
+            log.error("the audit log %s takes no writes; %d line(s) not written", self.target, unwritten)
 
     def _write_lines(self) -> None:
         while True:
@@ -134,22 +136,26 @@ class AuditLog:
                     break
                 data = self._pending.popleft()
                 self._pending_bytes -= len(data)
-            if data == _REOPEN:
-                self._reopen()
-            else:
-                self._write(data)
+            try:
+                if data == _REOPEN:
+                    self._reopen()
+                else:
+                    self._write(data)
+            except Exception:  # the writer must outlive any one line; a lost line is counted
+                log.exception("audit log %s: writing a line failed", self.target)
+                self._dropped()
         if self._fd >= 0:
             os.close(self._fd)
 
     def _write(self, data: bytes) -> None:
-        if self._torn:
-            data = b"\n" + data
+        ending = b"\n" if self._torn else b""  # ends the fragment the last failed write left
+        data = ending + data
         written = 0
         try:
             while written < len(data):
                 written += self._emit(data[written:])
         except (OSError, ValueError) as exc:  # a full disk, a closed stdout: not the caller's to pay for
-            self._torn = self._torn or 0 < written
+            self._torn = written != len(ending)  # a fragment is open unless exactly the ending went out
             self._drop(str(exc))
             return
         self._torn = False

@@ -45,14 +45,19 @@ def _check_pem(cert: Path, key: Path, client_ca: Path | None) -> None:
     """gRPC reports a bad certificate, a bad key or a key of another certificate only as a port it cannot bind (the
     cause goes to its own log); Python's ssl reads the same PEM files and names the problem first."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_ciphers("ALL:@SECLEVEL=0")  # only what the files are, not how strong: that stays gRPC's to judge
+
+    def no_passphrase() -> bytes:
+        raise GuardError(f"the TLS key {key} is encrypted; gRPC takes no passphrase: give it the key decrypted")
+
     try:
-        context.load_cert_chain(cert, key)
-    except (ssl.SSLError, ValueError) as exc:
+        context.load_cert_chain(cert, key, password=no_passphrase)
+    except (ssl.SSLError, ValueError, OSError) as exc:
         raise GuardError(f"the TLS certificate {cert} and key {key} do not make a pair gRPC can serve: {exc}") from None
     if client_ca is not None:
         try:
             context.load_verify_locations(cafile=client_ca)
-        except (ssl.SSLError, ValueError) as exc:
+        except (ssl.SSLError, ValueError, OSError) as exc:
             raise GuardError(f"the client CA {client_ca} holds no certificate TLS can use: {exc}") from None
 
 
