@@ -53,3 +53,13 @@ def test_the_tritonclient_example_gets_answers_and_verdicts(backdoored: Backdoor
     finally:
         server.stop(grace=1)
     assert re.fullmatch(r"\[[\d ]+\] \[.*\] \[.*\]\n", printed.getvalue(), re.S), printed.getvalue()
+
+
+def test_the_metrics_table_lists_every_metric_the_server_exports() -> None:
+    """Dashboards and alerts are written from the README's table: a metric missing there is one nobody watches."""
+    from guard.server.metrics import Metrics
+
+    table = set(re.findall(r"^\| `(guard_\w+)` \|", README.read_text(), re.M))
+    exported = {family.name for family in Metrics("m").registry.collect()}
+    exported = {name if name in table else f"{name}_total" for name in exported}  # counters collect without _total
+    assert table == exported
