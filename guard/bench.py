@@ -63,8 +63,11 @@ def triton_input(name: str, x: np.ndarray) -> InferInput:
     return tensor
 
 
-def cycled_batches(x: np.ndarray, batch: int, count: int = 8) -> list[np.ndarray]:
-    """`count` different batches of `batch` samples, cycling through x."""
+def cycled_batches(x: np.ndarray, batch: int, count: int | None = None) -> list[np.ndarray]:
+    """`count` batches of `batch` samples, cycling through x; by default enough to cover all of x (at least 8), so
+    that what a guarded call costs, which depends on the samples (how many are re-predicted), is that of the whole
+    data and not of its first few samples."""
+    count = count or max(8, -(-len(x) // batch))
     index = (np.arange(batch * count) % len(x)).reshape(count, batch)
     return [np.ascontiguousarray(x[i]) for i in index]
 
@@ -118,9 +121,12 @@ class ServerProcess:
     def __init__(self, model: Path, profile: Path, args: list[str], workdir: Path) -> None:
         command = [sys.executable, "-m", "guard", "serve", str(model), "--profile", str(profile), "--port", "0",
                    "--metrics-port", "0", *args]
+        # The server measured is the one these arguments describe: GUARD_* variables meant for a deployed guard (a
+        # token, TLS, another policy or limit, a settings file) would change it or lock this client out.
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GUARD_")}
         self.log = workdir / "server.log"
         with self.log.open("w") as log:  # a file, not a pipe: a chatty server can never block on it
-            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         ready: list[str] = []
         reader = threading.Thread(target=lambda: ready.append(self.process.stdout.readline()), daemon=True)
         reader.start()

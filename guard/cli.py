@@ -149,12 +149,15 @@ def _bench(args: argparse.Namespace) -> int:
             raise GuardError(f"--batches takes comma-separated integers, got {args.batches!r}") from None
         if min(settings.batches) < 1:
             raise GuardError("batch sizes must be >= 1")
-    if settings.callers < 1 or not settings.seconds > 0 or settings.threads < 0:
-        raise GuardError("--callers must be >= 1, --seconds > 0 and --threads >= 0 (0: the engine's default)")
-    try:  # before the run, not after it
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GuardError(f"cannot write the bench results to {args.out}: {exc}") from None
+    if settings.callers < 1 or not 0 < settings.seconds <= 3600 or settings.threads < 0:
+        raise GuardError("--callers must be >= 1, --seconds in (0, 3600] and --threads >= 0 (0: the engine's "
+                         "default)")
+    _check_data_fits(args.model, x.shape[1:])
+    if y is not None and (settings.tap_growth or settings.calibration_samples):  # they run last: refused now
+        from guard.samples import check_samples
+
+        check_samples(x, y, tuple(x.shape[1:]), load_model(args.model).num_classes, "guard bench's calibration")
+    _writable_folder(args.out, "the bench results")
     with tempfile.TemporaryDirectory(prefix="guard-bench-") as tmp:
         figures = run_bench(args.model, args.profile, x, y, settings, Path(tmp))
     figures["command"] = "guard " + shlex.join(args.argv)
@@ -164,6 +167,25 @@ def _bench(args: argparse.Namespace) -> int:
     if args.out / "bench.png" not in written:
         print("guard: bench.png not drawn: matplotlib is not installed (pip install 'guard[eval]')")
     return 0
+
+
+def _check_data_fits(model: str | Path, sample_shape: tuple[int, ...]) -> None:
+    """The samples' shape is the model's, said before a server is started for them."""
+    from guard.model.graph import load_model
+
+    expected = tuple(load_model(model).sample_shape)
+    if tuple(sample_shape) != expected:
+        raise GuardError(f"the data's samples have shape {tuple(sample_shape)}; the model takes {expected}")
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """`folder` exists and takes a file now, not after the run."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".write-test").touch()
+        (folder / ".write-test").unlink()
+    except OSError as exc:
+        raise GuardError(f"cannot write {what} to {folder}: {exc}") from None
 
 
 def _load(args: argparse.Namespace) -> int:
@@ -179,8 +201,10 @@ def _load(args: argparse.Namespace) -> int:
          np.random.default_rng(0).random((256, *load_model(args.model).sample_shape), dtype=np.float32))
     settings = LoadSettings(callers=args.callers, seconds=args.seconds, batch=args.batch,
                             max_inflight=args.max_inflight, workers=args.workers)
-    if min(settings.callers, settings.batch, settings.max_inflight, settings.workers) < 1 or settings.seconds <= 0:
-        raise GuardError("callers, batch, max-inflight and workers must be >= 1, seconds > 0")
+    if (min(settings.callers, settings.batch, settings.max_inflight, settings.workers) < 1
+            or not 0 < settings.seconds <= 3600):
+        raise GuardError("callers, batch, max-inflight and workers must be >= 1, seconds in (0, 3600]")
+    _check_data_fits(args.model, x.shape[1:])
     with tempfile.TemporaryDirectory(prefix="guard-load-") as tmp:
         figures = run_load(args.model, args.profile, x, settings, Path(tmp))
     print(format_run(figures))
@@ -211,7 +235,13 @@ def _health(args: argparse.Namespace) -> int:
 
     from guard.server.security import read_secret
 
-    target = f"{args.host}:{args.port if args.port is not None else served_port()}"
+    port = args.port if args.port is not None else served_port()
+    if not 1 <= port <= 65535:  # gRPC would wrap it round to another port and probe that
+        raise GuardError(f"the port must lie in 1..65535, got {port}")
+    if not 0 < args.timeout <= 3600:  # NaN too
+        raise GuardError(f"--timeout must be a number of seconds in (0, 3600], got {args.timeout}")
+    host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host  # an IPv6 address
+    target = f"{host}:{port}"
     if bool(args.tls_cert) != bool(args.tls_key):
         raise GuardError("--tls-cert and --tls-key go together")
     if args.tls_cert and not args.tls_ca:

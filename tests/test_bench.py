@@ -10,6 +10,7 @@ import numpy as np
 from conftest import Backdoored
 from guard.bench import write_outputs
 from guard.cli import main
+from guard.runtime.guard import Guard
 
 
 def test_bench_measures_bare_engine_and_server_side_by_side(backdoored: Backdoored, tmp_path, capsys,
@@ -17,6 +18,9 @@ def test_bench_measures_bare_engine_and_server_side_by_side(backdoored: Backdoor
     data = tmp_path / "clean.npz"
     np.savez(data, x=backdoored.x_clean, y=backdoored.y_clean)
     out = tmp_path / "bench"
+    # a deployed guard's variables are not the benched server's: a token there would lock the bench's client out
+    (tmp_path / "token").write_text("s3cret\n")
+    monkeypatch.setenv("GUARD_AUTH_TOKEN_FILE", str(tmp_path / "token"))
     code = main(["bench", str(backdoored.model_path), "--profile", str(backdoored.profile_path), "--data", str(data),
                  "--batches", "1,16", "--seconds", "0.3", "--callers", "2", "--threads", "1", "--out", str(out)])
     assert code == 0
@@ -27,6 +31,10 @@ def test_bench_measures_bare_engine_and_server_side_by_side(backdoored: Backdoor
             assert row[part]["calls"] >= 10 and 0 < row[part]["p50_ms"] <= row[part]["p99_ms"]
         assert row["engine_over_bare"] == round(row["engine"]["p50_ms"] / row["bare"]["p50_ms"], 3)
         assert 0 <= row["repredicted_share"] <= 1
+    # the shares are the whole data's, not its first few batches' (at batch 1 that had been 8 images)
+    guard = Guard.load(backdoored.model_path, backdoored.profile_path)
+    assert figures["rows"][0]["repredicted_share"] == round(float(guard.engine.run(backdoored.x_clean).needs.mean()), 4)
+    assert figures["rows"][0]["flagged_share"] == round(float(guard.predict(backdoored.x_clean).flagged.mean()), 4)
     assert figures["server_peak_rss_mb"] > figures["bare_process_peak_rss_mb"] > 10
     assert figures["strip"]["ratio"] > 2, "64 blends per input cannot cost less than two bare calls"
     growth = figures["tap_growth"]
@@ -42,3 +50,18 @@ def test_bench_measures_bare_engine_and_server_side_by_side(backdoored: Backdoor
     bare = tmp_path / "bare"
     assert write_outputs(figures, bare) == [bare / "bench.json", bare / "bench.md"]
     assert sorted(p.name for p in bare.iterdir()) == ["bench.json", "bench.md"]
+
+
+def test_bench_and_load_refuse_data_the_model_cannot_take_before_starting_a_server(backdoored: Backdoored, tmp_path,
+                                                                                  capsys) -> None:
+    data = tmp_path / "rgb.npz"
+    np.savez(data, x=np.zeros((30, 3, 32, 32), np.float32), y=np.arange(30) % 10)
+    for command in (["bench", "--out", str(tmp_path / "b")], ["load"]):
+        assert main([command[0], str(backdoored.model_path), "--profile", str(backdoored.profile_path), "--data",
+                     str(data), *command[1:]]) == 2
+        assert "samples have shape (3, 32, 32); the model takes (1, 28, 28)" in capsys.readouterr().err
+    few = tmp_path / "few.npz"
+    np.savez(few, x=backdoored.x_clean[:5], y=backdoored.y_clean[:5])
+    assert main(["bench", str(backdoored.model_path), "--profile", str(backdoored.profile_path), "--data", str(few),
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "needs at least 20 clean samples" in capsys.readouterr().err

@@ -321,3 +321,18 @@ def test_health_finds_the_port_where_serve_does(monkeypatch, capsys, tmp_path) -
     assert main(["health"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["guard: error: the port must be an integer, got '8001x' (GUARD_PORT or the settings file)"]
+
+
+def test_health_refuses_a_port_or_timeout_it_would_not_probe_as_given(capsys) -> None:
+    """gRPC wraps port 70000 round to 4464 and probes whatever listens there; a timeout of -1 or NaN is no probe."""
+    from guard.cli import main
+
+    for argv, fragment in ((["--port", "70000"], "the port must lie in 1..65535, got 70000"),
+                           (["--port", "-5"], "got -5"),
+                           (["--port", "8001", "--timeout", "nan"], "--timeout must be a number of seconds"),
+                           (["--port", "8001", "--timeout", "-1"], "--timeout must be a number of seconds")):
+        assert main(["health", *argv]) == 2
+        assert fragment in capsys.readouterr().err
+    # an IPv6 address is bracketed in the target: the probe reaches ::1 port 1 (refused there), not a name "::1:1"
+    assert main(["health", "--host", "::1", "--port", "1", "--timeout", "5"]) == 1
+    assert "::1%5D:1" in capsys.readouterr().err
