@@ -11,11 +11,15 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from guard._version import __version__
 from guard.errors import GuardError
+
+if TYPE_CHECKING:
+    from guard.model.graph import LoadedModel
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -37,32 +41,24 @@ def _calibrate(args: argparse.Namespace) -> int:
     settings.validate()  # before the scan's seconds are spent
     _writable(args.out, inputs=(args.model, args.data))
     model, triggers = args.model, []
-    if args.scan_dir is not None:
+    if args.scan_dir is not None or (args.suspect is None and args.scan):
         from guard.calibrate.warps import describe_triggers
         from guard.model.graph import load_model, validate_taps
-        from guard.scan import read_scan_dir
-
-        model = load_model(args.model)
-        if settings.layers:
-            validate_taps(model, list(settings.layers))
-        earlier = read_scan_dir(args.scan_dir, model)
-        settings.suspect, triggers = earlier.suspect, earlier.candidates
-        print(f"guard: the scan in {args.scan_dir} suspects "
-              f"{'no class' if earlier.suspect is None else f'class {earlier.suspect}'}; candidates: "
-              f"{describe_triggers(triggers)}")
-    elif args.suspect is None and args.scan:
-        from guard.calibrate.warps import describe_triggers
-        from guard.model.graph import load_model, validate_taps
-        from guard.scan import ScanSettings, run_scan
+        from guard.scan import ScanSettings, read_scan_dir, run_scan
 
         model = load_model(args.model)
         if settings.layers:  # a misspelt tap is refused now, not after the scan
             validate_taps(model, list(settings.layers))
-        scanned = run_scan(model, x, y, settings=ScanSettings(seed=args.seed))
-        settings.suspect = suspect = scanned.classes.suspect
-        triggers = scanned.candidates
-        print(f"guard: scan suspects {'no class' if suspect is None else f'class {suspect}'}; candidates: "
-              f"{describe_triggers(triggers)} ({scanned.figures['seconds']:.1f} s)")
+        if args.scan_dir is not None:
+            earlier = read_scan_dir(args.scan_dir, model)
+            source, suspect, triggers, took = f"the scan in {args.scan_dir}", earlier.suspect, earlier.candidates, ""
+        else:
+            scanned = run_scan(model, x, y, settings=ScanSettings(seed=args.seed))
+            source, suspect, triggers = "scan", scanned.classes.suspect, scanned.candidates
+            took = f" ({scanned.figures['seconds']:.1f} s)"
+        settings.suspect = suspect
+        print(f"guard: {source} suspects {'no class' if suspect is None else f'class {suspect}'}; candidates: "
+              f"{describe_triggers(triggers)}{took}")
     profile = calibrate(model, x, y, settings=settings, progress=not args.quiet, triggers=triggers)
     profile.save(args.out)
     f = profile.figures
@@ -152,11 +148,11 @@ def _bench(args: argparse.Namespace) -> int:
     if settings.callers < 1 or not 0 < settings.seconds <= 3600 or settings.threads < 0:
         raise GuardError("--callers must be >= 1, --seconds in (0, 3600] and --threads >= 0 (0: the engine's "
                          "default)")
-    _check_data_fits(args.model, x.shape[1:])
+    loaded = _check_data_fits(args.model, x.shape[1:])
     if y is not None and (settings.tap_growth or settings.calibration_samples):  # they run last: refused now
         from guard.samples import check_samples
 
-        check_samples(x, y, tuple(x.shape[1:]), load_model(args.model).num_classes, "guard bench's calibration")
+        check_samples(x, y, loaded.sample_shape, loaded.num_classes, "guard bench's calibration")
     _writable_folder(args.out, "the bench results")
     with tempfile.TemporaryDirectory(prefix="guard-bench-") as tmp:
         figures = run_bench(args.model, args.profile, x, y, settings, Path(tmp))
@@ -169,13 +165,15 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_data_fits(model: str | Path, sample_shape: tuple[int, ...]) -> None:
-    """The samples' shape is the model's, said before a server is started for them."""
+def _check_data_fits(model: str | Path, sample_shape: tuple[int, ...]) -> LoadedModel:
+    """The model, whose sample shape the data's must be: said before a server is started for them."""
     from guard.model.graph import load_model
 
-    expected = tuple(load_model(model).sample_shape)
-    if tuple(sample_shape) != expected:
-        raise GuardError(f"the data's samples have shape {tuple(sample_shape)}; the model takes {expected}")
+    loaded = load_model(model)
+    if tuple(sample_shape) != tuple(loaded.sample_shape):
+        raise GuardError(f"the data's samples have shape {tuple(sample_shape)}; the model takes "
+                         f"{tuple(loaded.sample_shape)}")
+    return loaded
 
 
 def _writable_folder(folder: Path, what: str) -> None:

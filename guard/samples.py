@@ -267,6 +267,19 @@ def first_occurrences(x: np.ndarray) -> np.ndarray:
     return np.sort(first)
 
 
+def without_repeats(x: np.ndarray, y: np.ndarray | None, sample_shape: tuple[int, ...], num_classes: int,
+                    purpose: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """`x` and `y` without the samples that repeat an earlier one (`first_occurrences`: a copy on both sides of a
+    held-out split is judged on an image the fit has seen), and what is left checked again for `purpose`, every
+    class included."""
+    distinct = first_occurrences(x)
+    if len(distinct) == len(x):
+        return x, y
+    x, y = x[distinct], None if y is None else y[distinct]
+    check_samples(x, y, sample_shape, num_classes, f"{purpose} (repeated samples left out)", every_class=True)
+    return x, y
+
+
 def check_samples(x: np.ndarray, y: np.ndarray | None, sample_shape: tuple[int, ...], num_classes: int,
                   purpose: str, *, every_class: bool = False) -> None:
     """Refuse clean data that `purpose` ("calibration", "scan") cannot use, saying what is wrong with it.

@@ -50,7 +50,7 @@ from guard.model.graph import (
 )
 from guard.runtime.checks import Part, demoting_max, repredict_masks
 from guard.runtime.reference import lean
-from guard.samples import check_samples, first_occurrences, holdout_split
+from guard.samples import check_samples, holdout_split, without_repeats
 
 
 @dataclass
@@ -230,11 +230,8 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     x = np.asarray(x, dtype=np.float32)
     y = None if y is None else np.asarray(y, dtype=np.int64)
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "calibration", every_class=True)
-    given, distinct = len(x), first_occurrences(x)
-    x, y = x[distinct], None if y is None else y[distinct]
-    if len(x) < given:  # the rest must still hold
-        check_samples(x, y, loaded.sample_shape, loaded.num_classes, "calibration (repeated samples left out)",
-                      every_class=True)
+    given = len(x)
+    x, y = without_repeats(x, y, loaded.sample_shape, loaded.num_classes, "calibration")
     if settings.suspect is not None and settings.suspect >= loaded.num_classes:
         raise GuardError(f"--suspect {settings.suspect} is not a class of this model ({loaded.num_classes} classes)")
     for number, trigger in enumerate(triggers):

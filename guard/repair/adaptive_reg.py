@@ -43,7 +43,7 @@ from guard.model.graph import (
     with_initializers,
 )
 from guard.runtime.reference import trained_initializers
-from guard.samples import check_samples, first_occurrences, holdout_split
+from guard.samples import check_samples, holdout_split, without_repeats
 
 log = logging.getLogger("guard.repair")
 
@@ -298,9 +298,8 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
         raise GuardError("--method prune folds the calibrated static mask in and trains nothing, so it has no use "
                          "for triggers: give them to ar, l2 or finetune")
     given = len(x)
-    if split is None:  # a repeat of a fit sample in the held-out part would be judged on an image it trained on
-        distinct = first_occurrences(x)
-        x, y = x[distinct], None if y is None else y[distinct]
+    if split is None:  # (a given split indexes the data as it is)
+        x, y = without_repeats(x, y, loaded.sample_shape, loaded.num_classes, "repair")
     taps = list(settings.layers) if settings.layers else default_taps(loaded, conv_taps=settings.conv_taps)
     validate_taps(loaded, taps)
     hold, fit = split if split is not None else holdout_split(len(x), settings.holdout, settings.seed)
