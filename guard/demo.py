@@ -7,6 +7,7 @@ print what the guard did.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from guard.calibrate.pipeline import calibrate
 from guard.config import ServeSettings
+from guard.errors import GuardError
 from guard.eval.attacks import BadNets
 from guard.eval.datasets import CLASS_NAMES, load_bundled
 from guard.eval.models import SmallCNN, accuracy, export_onnx, predict, train
@@ -36,7 +38,14 @@ def _ask(stub: guard_pb2_grpc.GuardStub, x: np.ndarray) -> tuple[np.ndarray, np.
 def run_demo(workdir: Path | None = None, epochs: int = 4, seed: int = 0) -> int:
     with tempfile.TemporaryDirectory(prefix="guard-demo-") as tmp:
         root = Path(workdir) if workdir else Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
+        try:  # before the training, not after it
+            if root.exists() and not root.is_dir():
+                raise NotADirectoryError(0, "not a folder")
+            root.mkdir(parents=True, exist_ok=True)
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise PermissionError("not writable")
+        except OSError as exc:
+            raise GuardError(f"cannot keep the demo's files in {root}: {exc.strerror or exc}") from None
         (x_train, y_train), (x_test, y_test) = load_bundled()
         attack = BadNets()
         x_poisoned, y_poisoned, poisoned = attack.poison(x_train, y_train, 0.1, TARGET, np.random.default_rng(seed))

@@ -115,15 +115,17 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
         "answered_latency": _percentiles(outcomes["answered"]), "rejected_latency": _percentiles(outcomes["rejected"]),
         # One sample a second: growth that stops after the first seconds is allocators warming up to the
         # concurrency; growth that goes on is a leak.
-        "rss_mb": {"start": round(rss[0], 1), "at_10s": round(rss[min(10, len(rss) - 1)], 1),
+        "rss_mb": {"start": round(rss[0], 1), "at_10s": round(rss[10], 1) if len(rss) > 10 else None,
                    "end": round(rss[-1], 1), "max": round(max(rss), 1), "every_second": [round(v, 1) for v in rss]},
     }
 
 
 def format_run(figures: dict[str, object]) -> str:
     s, a, r, m = figures["settings"], figures["answered_latency"], figures["rejected_latency"], figures["rss_mb"]
-    return (f"{s['callers']} callers x {s['seconds']:.0f} s, batch {s['batch']}, --max-inflight {s['max_inflight']}: "
+    rejected = f" (p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms)" if figures["rejected"] else ""
+    at_10s = f"{m['at_10s']} after 10 s, " if m["at_10s"] is not None else ""  # a run shorter than 10 s has none
+    return (f"{s['callers']} callers x {s['seconds']:g} s, batch {s['batch']}, --max-inflight {s['max_inflight']}: "
             f"sent {figures['sent']}, answered {figures['answered']} ({figures['answered_per_second']}/s, "
-            f"p50 {a['p50_ms']} ms, p99 {a['p99_ms']} ms), rejected {figures['rejected']} (p50 {r['p50_ms']} ms, "
-            f"p99 {r['p99_ms']} ms), failed {figures['failed']}; server RSS {m['start']} MiB at the start, "
-            f"{m['at_10s']} after 10 s, {m['end']} at the end (max {m['max']})")
+            f"p50 {a['p50_ms']} ms, p99 {a['p99_ms']} ms), rejected {figures['rejected']}{rejected}, "
+            f"failed {figures['failed']}; server RSS {m['start']} MiB at the start, "
+            f"{at_10s}{m['end']} at the end (max {m['max']})")

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+from guard.cli import main
+
 
 def test_demo_runs_on_bundled_data_and_flags_triggers(tmp_path) -> None:
     env = {**os.environ, "GUARD_FASHION_MNIST_DIR": str(tmp_path / "absent")}
@@ -20,3 +22,12 @@ def test_demo_runs_on_bundled_data_and_flags_triggers(tmp_path) -> None:
     assert float(triggered.group(2)) > 5 * float(clean.group(2))
     assert float(triggered.group(3)) < float(triggered.group(4))  # fewer answers of the target under the guard
     assert (tmp_path / "work" / "demo.onnx").is_file() and (tmp_path / "work" / "demo.safetensors").is_file()
+
+
+def test_demo_refuses_a_workdir_it_cannot_use_before_training(tmp_path, capsys) -> None:
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    for workdir in (a_file, a_file / "below"):
+        assert main(["demo", "--workdir", str(workdir)]) == 2
+        printed = capsys.readouterr()
+        assert f"cannot keep the demo's files in {workdir}" in printed.err and "training" not in printed.out

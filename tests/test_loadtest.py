@@ -20,8 +20,10 @@ def test_load_below_and_above_capacity(backdoored: Backdoored, tmp_path, capsys)
     within = json.loads((tmp_path / "in.json").read_text())
     assert within["answered"] > 20 and within["rejected"] == 0 and within["failed"] == 0
     assert within["sent"] == within["answered"]
+    printed = capsys.readouterr().out  # no rejection has a latency, and a 2 s run has no reading at 10 s
+    assert within["rss_mb"]["at_10s"] is None and "None" not in printed and "after 10 s" not in printed
     assert main(["load", *common, "--callers", "12", "--max-inflight", "2", "--out", str(tmp_path / "over.json")]) == 0
     over = json.loads((tmp_path / "over.json").read_text())
     assert over["rejected"] > 0 and over["answered"] > 0 and over["failed"] == 0
     assert over["rss_mb"]["start"] > 10 and len(over["rss_mb"]["every_second"]) >= 3  # start, each second, end
-    assert "rejected" in capsys.readouterr().out
+    assert f"rejected {over['rejected']} (p50 {over['rejected_latency']['p50_ms']} ms" in capsys.readouterr().out
