@@ -39,7 +39,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         demote_confirm=args.demote_confirm or None,
     )
     settings.validate()  # before the scan's seconds are spent
-    _writable(args.out, inputs=(args.model, args.data))
+    _writable(args.out, inputs=(args.model, args.data, *_scan_files(args.scan_dir)))
     model, triggers = args.model, []
     if args.scan_dir is not None or (args.suspect is None and args.scan):
         from guard.calibrate.warps import describe_triggers
@@ -363,6 +363,11 @@ def _eval(args: argparse.Namespace) -> int:
     return 1 if broken or figures["failures"] else 0
 
 
+def _scan_files(folder: Path | None) -> list[Path]:
+    """An earlier scan's files, inputs of calibrate and repair's --scan-dir: the evidence an output must not replace."""
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder is not None and folder.is_dir() else []
+
+
 def _writable(*paths: Path, inputs: Sequence[str | Path | None] = ()) -> None:
     """Make the output files' folders before a long run rather than fail after it; refuse a folder as a file, and an
     output that is one of the command's `inputs` or another output (it would replace the model or the data it was
@@ -414,6 +419,9 @@ def _repair(args: argparse.Namespace) -> int:
     if settings.method == "prune" and (args.trigger or args.scan or args.scan_dir):
         raise GuardError("--method prune folds the calibrated static mask in and trains nothing, so it has no use "
                          "for --trigger, --scan or --scan-dir: give them to ar, l2 or finetune")
+    report_path = args.report or args.out.with_suffix(".repair.json")
+    _writable(args.out, report_path, inputs=(args.model, args.data, *(args.trigger or []),
+                                             *_scan_files(args.scan_dir)))
     model = load_model(args.model)
     if settings.layers:  # a misspelt tap is refused now, not after the scan
         validate_taps(model, list(settings.layers))
@@ -423,8 +431,6 @@ def _repair(args: argparse.Namespace) -> int:
 
         triggers = read_scan_dir(args.scan_dir, model).candidates
         print(f"guard: unlearning the scan's candidates in {args.scan_dir}: {describe_triggers(triggers)}")
-    report_path = args.report or args.out.with_suffix(".repair.json")
-    _writable(args.out, report_path, inputs=(args.model, args.data, *(args.trigger or [])))
     if args.scan:
         from guard.scan import run_scan
 
@@ -436,14 +442,14 @@ def _repair(args: argparse.Namespace) -> int:
     stamps, warps, blends = split_targets(triggers)
     _write_json(report_path, {**report.to_dict(), "trigger_targets": stamps, "warp_targets": warps,
                               "blend_targets": blends})
+    if report.duplicates_dropped:
+        print(f"guard: note: {report.duplicates_dropped} clean sample(s) repeat an earlier one and were left out (a "
+              "copy on both sides of the held-out split would be judged on an image it trained on)")
     if not report.within_bound:  # a model nobody should serve is not written where a pipeline would pick it up
         advice = ("the mask cost it: calibrate's --acc-budget bounds that" if settings.method == "prune" else
                   f"in {report.attempts} run(s): try a lower --lr or fewer --epochs")
         raise GuardError(f"the repair cost too much held-out accuracy ({report.summary()}); {args.out} not written, "
                          f"the report is in {report_path}; {advice}")
-    if report.duplicates_dropped:
-        print(f"guard: note: {report.duplicates_dropped} clean sample(s) repeat an earlier one and were left out (a "
-              "copy on both sides of the held-out split would be judged on an image it trained on)")
     write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
     print(f"guard: wrote {args.out} and {report_path}: {report.summary()}")
     print("guard: the repaired model has new weights: run guard calibrate on it before serving it")

@@ -139,8 +139,15 @@ def test_an_output_that_is_an_input_is_refused_before_the_run(tmp_path: Path, ca
     model = tmp_path / "model.onnx"
     model.write_bytes(backdoored.model_path.read_bytes())
     clean = write_npz(tmp_path / "clean.npz", x=backdoored.x_clean[:100], y=backdoored.y_clean[:100])
-    before = {path: path.read_bytes() for path in (data, model, clean)}
+    earlier_scan = tmp_path / "scan"  # an earlier guard scan's files are inputs too
+    earlier_scan.mkdir()
+    (earlier_scan / "scan.json").write_text("{}")
+    (earlier_scan / "candidate_0.npz").write_bytes(b"trigger")
+    before = {path: path.read_bytes() for path in (data, model, clean, *earlier_scan.iterdir())}
     for command in (["train", "--data", data, "--model", "cnn", "--out", data],
+                    ["calibrate", model, "--data", clean, "--scan-dir", earlier_scan, "--out", earlier_scan / "scan.json"],
+                    ["repair", model, "--data", clean, "--scan-dir", earlier_scan, "--out", tmp_path / "r.onnx",
+                     "--report", earlier_scan / "candidate_0.npz"],
                     ["calibrate", model, "--data", clean, "--no-scan", "--out", model],
                     ["calibrate", model, "--data", clean, "--no-scan", "--out", tmp_path / "." / "clean.npz"],
                     ["repair", model, "--data", clean, "--out", model],
