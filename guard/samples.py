@@ -63,11 +63,11 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         return _image_folder(path)
     if not path.is_file():
         raise GuardError(f"data file not found: {path}")
-    with _npz(path) as data:
+    with open_npz(path) as data:
         if "x" not in data.files:
             raise GuardError(f"{path} has no array 'x' (found {data.files}); save with np.savez(path, x=..., y=...)")
-        x = _array(data, "x", path)
-        y = _array(data, "y", path) if "y" in data.files else None
+        x = npz_array(data, "x", path)
+        y = npz_array(data, "y", path) if "y" in data.files else None
     if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):  # float32 of a complex drops its imaginary part
         raise GuardError(f"x in {path} must be real numbers, got {x.dtype}")
     if not np.issubdtype(x.dtype, np.floating):  # 8-bit pixels given to a model trained on [0, 1] look 255x bright
@@ -83,17 +83,17 @@ def load_poisoned(path: str | Path, count: int) -> np.ndarray | None:
     an image folder)."""
     if Path(path).is_dir():
         return None
-    with _npz(Path(path)) as data:
+    with open_npz(Path(path)) as data:
         if "poisoned" not in data.files:
             return None
-        poisoned = _array(data, "poisoned", path)
+        poisoned = npz_array(data, "poisoned", path)
     if poisoned.shape != (count,) or not (poisoned.dtype == bool or np.isin(poisoned, (0, 1)).all()):
         raise GuardError(f"poisoned in {path} must be ({count},) booleans, got {poisoned.dtype} {poisoned.shape}")
     return poisoned.astype(bool)
 
 
 @contextmanager
-def _npz(path: Path) -> Iterator[NpzFile]:
+def open_npz(path: Path) -> Iterator[NpzFile]:
     """The open archive, or a GuardError saying why it is not one (an .npy holds one bare array, not named ones)."""
     try:
         data = np.load(path, allow_pickle=False)
@@ -106,14 +106,21 @@ def _npz(path: Path) -> Iterator[NpzFile]:
         yield data
 
 
-def _array(data: NpzFile, key: str, path: str | Path) -> np.ndarray:
-    """One array of the archive; a corrupt member, a pickled one or one too large for memory is a GuardError. The
-    size is read from the member's header first: a small compressed file can hold gigabytes of zeros, and Linux
-    grants the allocation and kills the process later rather than raise MemoryError."""
-    declared = _declared(data, key)
+def needed(data: NpzFile, keys: tuple[str, ...]) -> tuple[str, ...]:
+    """`keys`, each of which the archive must hold."""
+    missing = [key for key in keys if key not in data.files]
+    if missing:
+        raise GuardError(f"it has no {missing} (found {data.files})")
+    return keys
+
+
+def npz_array(data: NpzFile, key: str, path: str | Path) -> np.ndarray:
+    """One array of the archive; a corrupt member, a pickled one, one that is not an .npy array or one too large for
+    memory is a GuardError. The size is read from the member's header first: a small compressed file can hold
+    gigabytes of zeros, and Linux grants the allocation and kills the process later rather than raise MemoryError."""
+    shape, dtype = _declared(data, key, path)
     memory = _memory_bytes()
-    if declared is not None and memory is not None:
-        shape, dtype = declared
+    if memory is not None:
         need = math.prod(shape) * (dtype.itemsize + 8)  # as stored, and the float32 or int64 copy made of it
         if need > memory:
             raise GuardError(f"{key!r} in {path} is {dtype} of shape {shape}: about {need / 2**30:.1f} GiB to load, "
@@ -126,15 +133,17 @@ def _array(data: NpzFile, key: str, path: str | Path) -> np.ndarray:
         raise GuardError(f"{key!r} in {path} declares a shape too large for this machine's memory") from None
 
 
-def _declared(data: NpzFile, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
-    """The shape and dtype a member's .npy header declares, or None where it cannot be read (loading it says why)."""
+def _declared(data: NpzFile, key: str, path: str | Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a member's .npy header declares. numpy reads the member named `key` before `key.npy`, and
+    gives a member without an .npy header back as raw bytes: such a member is refused here."""
+    name = key if key in data.zip.namelist() else f"{key}.npy"
     try:
-        with data.zip.open(f"{key}.npy") as member:
+        with data.zip.open(name) as member:
             version = np.lib.format.read_magic(member)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read(member)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
-        return None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise GuardError(f"{key!r} in {path} is not a numpy array saved by np.savez: {exc}") from None
     return tuple(shape), dtype
 
 

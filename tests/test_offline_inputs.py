@@ -55,6 +55,28 @@ def test_a_member_declaring_a_huge_shape_is_refused_not_allocated(tmp_path: Path
         load_samples(path)
 
 
+def test_a_member_stored_without_an_npy_header_is_refused(tmp_path: Path) -> None:
+    """numpy reads a member named 'x' before 'x.npy', and gives one without the .npy header back as bytes (it ended in
+    an AttributeError); a valid array stored under the bare name skipped the size check."""
+    raw = tmp_path / "raw.npz"
+    with zipfile.ZipFile(raw, "w") as archive:
+        archive.writestr("x", b"not an array")
+    with pytest.raises(GuardError, match=r"'x' in .*raw\.npz is not a numpy array saved by np\.savez"):
+        load_samples(raw)
+    trigger = tmp_path / "trigger.npz"
+    with zipfile.ZipFile(trigger, "w") as archive:
+        for name in ("mask", "pattern", "target"):
+            archive.writestr(name, bytes(8))
+    with pytest.raises(GuardError, match=r"cannot read a trigger from .*'mask' in .* is not a numpy array"):
+        load_trigger(trigger, (1, 28, 28), 10)
+    huge = tmp_path / "huge.npz"
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10**6, 1, 28, 28_000)}
+    with zipfile.ZipFile(huge, "w") as archive, archive.open("x", "w") as member:  # the bare name, and no data
+        np.lib.format.write_array_header_1_0(member, header)
+    with pytest.raises(GuardError, match="GiB to load, more than this machine's"):
+        load_samples(huge)
+
+
 def test_a_pickled_ground_truth_is_refused(tmp_path: Path) -> None:
     path = write_npz(tmp_path / "train.npz", x=np.zeros((30, 1, 8, 8), np.float32), y=np.zeros(30, np.int64),
                      poisoned=np.array([object()] * 30, dtype=object))

@@ -188,6 +188,16 @@ def _without_reference(tensors: dict[str, np.ndarray], meta: dict) -> None:
     _as_format_6(tensors, meta)
 
 
+def _as_format_2(tensors: dict[str, np.ndarray], meta: dict) -> None:
+    """As a profile written before format 3: no score parts (and none of the later thresholds)."""
+    _without_reference(tensors, meta)
+    meta["format"] = "guard.profile/2"
+    for key in ("parts", "suspect", "suspect_demote"):
+        meta["thresholds"].pop(key)
+    for name in [name for name in tensors if name.startswith("parts.")]:
+        tensors.pop(name)
+
+
 def _as_format_6(tensors: dict[str, np.ndarray], meta: dict) -> None:
     """As a profile written before format 7: no warp class."""
     as_format_8(tensors, meta)
@@ -382,7 +392,8 @@ CORRUPTIONS = {
                             "confirmation's score ceiling must be null or a number at least tau"),
     "confirm-ceiling-alone": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "confirm", None)),
                               "a confirming probability and its score ceiling come together"),
-    "confirm-without-ceiling": (lambda s, p: _edited(s, p, lambda t, m: m["thresholds"].pop("confirm_ceiling")),
+    "confirm-without-ceiling": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "confirm_ceiling",
+                                                                              None)),
                                 "a confirming probability and its score ceiling come together"),
     "demote-a-bool": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "demote", True)),
                       "demote threshold must be a number or null"),
@@ -402,6 +413,17 @@ CORRUPTIONS = {
                          "positive spread"),
     "part-nan-centre": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][1], "centre",
                                                                       float("nan"))), "finite centre"),
+    "demote-key-lost": (lambda s, p: _edited(s, p, lambda t, m: m["thresholds"].pop("demote")),
+                        r"thresholds of a format-10 profile lack key\(s\) \['demote'\]"),
+    "parts-key-lost": (lambda s, p: _edited(s, p, lambda t, m: m["thresholds"].pop("parts")),
+                       r"lack key\(s\) \['parts'\]"),
+    "parts-empty": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "parts", [])),
+                    "scores at least one part; its thresholds have none"),
+    "threshold-misspelt": (lambda s, p: _edited(s, p, lambda t, m: m["thresholds"].update(
+        demtoe=m["thresholds"].pop("envelope_demote"))),
+                           r"have unknown key\(s\) \['demtoe'\]; lack key\(s\) \['envelope_demote'\]"),
+    "thresholds-not-an-object": (lambda s, p: _edited(s, p, lambda t, m: _set(m, "thresholds", [1])),
+                                 "the thresholds must be a JSON object, got list"),
     "parts-not-a-list": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"], "parts", "all")),
                          "malformed"),
     "part-unknown-kind": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][1], "kind", "max")),
@@ -421,7 +443,23 @@ CORRUPTIONS = {
     "distance-on-a-top-q-part": (lambda s, p: _edited(s, p, lambda t, m: _set(m["thresholds"]["parts"][0], "kind",
                                                                                "distance")),
                                  "distance part 0 has no class_mean tensor"),
+    "an-fp8-tensor": (lambda s, p: _with_raw_tensor(s, p, "F8_E4M3"),
+                      r"holds tensors of a type a guard profile never has: \{'extra': 'F8_E4M3'\}"),
+    "a-bf16-tensor": (lambda s, p: _with_raw_tensor(s, p, "BF16"), "'extra': 'BF16'"),
 }
+
+
+def _with_raw_tensor(setup: Setup, path: Path, dtype: str) -> Path:
+    """The profile with one more 4-byte tensor of a safetensors type numpy lacks, written at the byte level."""
+    data = setup.profile_path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    end = max(entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__")
+    header["extra"] = {"dtype": dtype, "shape": [4 // (1 if dtype.startswith("F8") else 2)],
+                       "data_offsets": [end, end + 4]}
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data[8 + size:8 + size + end] + bytes(4))
+    return path
 
 
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
@@ -632,10 +670,12 @@ def test_cli_calibrate_with_an_impossible_setting_fails_in_one_line(setup: Setup
 
 
 def test_profile_without_a_demote_threshold_loads_with_demotion_off(setup: Setup, tmp_path: Path) -> None:
-    """Profiles written before demotion existed (and those calibrated with --demote-rate 0) never demote."""
+    """Profiles written before demotion existed (format 2, no parts) and those calibrated with --demote-rate 0 never
+    demote; a later format that lost the key is refused (table above)."""
     assert np.isfinite(setup.profile.thresholds.demote)
     assert setup.profile.thresholds.demote >= setup.profile.thresholds.tau
-    older = Profile.load(_edited(setup, tmp_path / "older.safetensors", lambda t, m: m["thresholds"].pop("demote")))
+    older = Profile.load(_edited(setup, tmp_path / "older.safetensors",
+                                 lambda t, m: (_as_format_2(t, m), m["thresholds"].pop("demote"))))
     assert older.thresholds.demote == float("inf")
     assert older.thresholds.tau == setup.profile.thresholds.tau
     off = calibrate(setup.model_path, setup.x_cal, setup.y_cal, settings=CalibrationSettings(demote_rate=0))
@@ -671,13 +711,6 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
     assert [p.taps for p in single.thresholds.parts] == [single.tap_names]
     assert single.settings["dense_part"] is False and single.settings["first_conv_part"] is False
 
-    def as_format_2(tensors: dict, meta: dict) -> None:
-        _without_reference(tensors, meta)
-        meta["format"] = "guard.profile/2"
-        meta["thresholds"].pop("parts")
-        for name in [name for name in tensors if name.startswith("parts.")]:
-            tensors.pop(name)
-
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "top_q.safetensors", "--quiet",
                    "--dense-score", "top_q", "--no-first-conv-part", "--no-scan", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -690,7 +723,7 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
         assert part.pop("kind") == "top_q" and part.pop("demotes") is True  # format 3 had neither
     format_3 = Profile.load(write_parts(tmp_path / "format3.safetensors", tensors, meta))
     assert format_3.thresholds.parts == top_q.thresholds.parts and len(format_3.check().score_parts()) == 2
-    older = Profile.load(_edited(setup, tmp_path / "format2.safetensors", as_format_2))
+    older = Profile.load(_edited(setup, tmp_path / "format2.safetensors", _as_format_2))
     assert older.thresholds.parts == [] and len(older.check().score_parts()) == 1
     x = np.concatenate([setup.x_eval, BadNets(size=4).apply(setup.x_eval[:50])])
     taps = OnnxTaps(load_model(setup.model_path), setup.profile.tap_names)

@@ -15,7 +15,7 @@ from typing import Any, get_args
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from guard._version import __version__
 from guard.errors import ProfileError
@@ -50,6 +50,8 @@ FORMAT = "guard.profile/10"
 # Format 9 reads with no envelope demotion, 8 with no envelope, 7 with no lean either, 6 with no warp class either,
 # 5 with no reference; 4 and 3 with no suspect either, format 3 as top-q parts, format 2 as one unstandardised part,
 # each as it scored.
+# safetensors' names of the tensor types numpy reads; calibration writes F32 and U8.
+_TENSOR_DTYPES = frozenset({"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL"})
 _READABLE = (FORMAT, *(f"guard.profile/{version}" for version in range(9, 1, -1)))
 _REFERENCE = "reference/"  # the prefix of the reference's tensors
 _INPUT_BOUND = "input_bound"  # the input envelope's (C, H, W) bound
@@ -298,10 +300,14 @@ class Profile:
         path = Path(path)
         if not path.is_file():
             raise ProfileError(f"profile not found: {path}")
-        try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), framework="numpy") as handle:
+        try:  # one handle for the metadata and the tensors: a profile renamed over this one between two reads
+            with safe_open(str(path), framework="numpy") as handle:  # would pair its thresholds with our tensors
                 raw_meta = (handle.metadata() or {}).get("guard")
+                odd = {key: dtype for key in handle.keys()
+                       if (dtype := handle.get_slice(key).get_dtype()) not in _TENSOR_DTYPES}
+                if odd:  # numpy has no fp8 or bf16: reading one failed with an AttributeError or TypeError
+                    raise ProfileError(f"{path} holds tensors of a type a guard profile never has: {odd}")
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise ProfileError(f"{path} is not a readable profile (corrupt or not safetensors): {exc}") from None
         if raw_meta is None:
@@ -406,15 +412,36 @@ class Profile:
                                                               lean_centre=None, lean_spread=None))
 
 
+# The threshold keys each format writes (null where a part is off), from the format that added them. A key its
+# format writes that is missing is refused, not read as off: a profile that lost "demote" would serve the backdoor's
+# answers again, one that lost "parts" would score the old way against the new τ.
+_THRESHOLD_KEYS = {2: ("k", "tau", "top_q", "cut"), 3: ("demote", "parts"), 5: ("suspect", "suspect_demote"),
+                   6: ("overrule",), 7: ("confirm", "confirm_ceiling", "warp_class", "warp_overrule"),
+                   8: ("lean_class", "lean_centre", "lean_spread"), 9: ("envelope_centre", "envelope_spread"),
+                   10: ("envelope_demote",)}
+
+
 def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, version: int) -> Thresholds:
     """Thresholds with their types and ranges checked: a profile is untrusted input. Only format 5 and later may name
     a suspect, only format 6 a reference's threshold, only format 7 a warp class, only format 8 a warp's lean, only
     format 9 the input envelope, only format 10 its demotion."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"the thresholds must be a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {key for keys in _THRESHOLD_KEYS.values() for key in keys})
+    missing = [key for since, keys in _THRESHOLD_KEYS.items() if since <= version for key in keys if key not in raw]
+    if unknown or missing:
+        raise ValueError(f"the thresholds of a format-{version} profile " + "; ".join(
+            text for text in (f"have unknown key(s) {unknown}" if unknown else "",
+                              f"lack key(s) {missing}" if missing else "") if text))
+    if version >= 3 and not raw["parts"]:
+        raise ValueError("a format-3 profile or later scores at least one part; its thresholds have none")
     k, tau, top_q, cut = raw["k"], raw["tau"], raw["top_q"], raw["cut"]
     if not (_finite32(k) and _finite32(tau) and _finite32(cut)) or not _whole(top_q) or top_q < 1:
         raise ValueError(f"thresholds must be finite numbers with an integer top_q >= 1, got {raw}")
     k, tau, cut = float(k), float(tau), float(cut)
     demote = _threshold_or_inf(raw, "demote", tau, "the demote threshold")
+    if not isinstance(raw.get("parts", []), list):
+        raise ValueError(f"the thresholds' parts must be a list, got {raw['parts']!r}")
     parts = [_part(part, tap_names) for part in raw.get("parts", [])]
     if parts and not any(part.demotes for part in parts):
         raise ValueError("at least one score part must demote; the demote thresholds are on those parts' score")

@@ -28,7 +28,6 @@ weights stay frozen).
 from __future__ import annotations
 
 import time
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from torch.nn import functional as F
 from guard.errors import GuardError
 from guard.model.bridge import OnnxModule
 from guard.model.graph import LoadedModel
-from guard.samples import write_atomic
+from guard.samples import needed, npz_array, open_npz, write_atomic
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD an estimate of the standard deviation for normal data
 DEFAULT_THRESHOLD = 2.0  # anomaly index above which a class is named (Neural Cleanse's choice)
@@ -144,10 +143,10 @@ def load_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classes: i
     """A trigger that `guard scan` wrote (trigger.npz: mask (1, H, W), pattern (C, H, W), target), checked against
     the model's sample shape and classes. Loaded without pickle."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            mask, pattern, target = data["mask"], data["pattern"], data["target"]
+        with open_npz(Path(path)) as data:
+            mask, pattern, target = (npz_array(data, key, path) for key in needed(data, ("mask", "pattern", "target")))
             kind = BlendTrigger if "blend" in data else Trigger
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:  # TypeError: an .npy
+    except GuardError as exc:
         raise GuardError(f"cannot read a trigger from {path} (expected guard scan's trigger.npz): {exc}") from None
     if not (np.issubdtype(mask.dtype, np.number) and np.issubdtype(pattern.dtype, np.number)):
         raise GuardError(f"the trigger in {path} must hold numbers, got a {mask.dtype} mask and a {pattern.dtype} "

@@ -16,7 +16,6 @@ success of 0.21 or an index of 2.9.
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from guard.calibrate.synthesis import (
 )
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel
-from guard.samples import write_atomic
+from guard.samples import needed, npz_array, open_npz, write_atomic
 
 MIN_SPREAD = 0.01  # the smallest MAD of success rates the index divides by: one image in a hundred
 
@@ -148,12 +147,14 @@ def load_any_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classe
     """A stamp (`guard scan`'s trigger.npz or candidate_K.npz) or a warp (its warp_K.npz: a `grid`), checked
     against the model. Loaded without pickle."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if "grid" not in data:
-                return load_trigger(path, sample_shape, num_classes)
-            grid, target = data["grid"], data["target"]
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:
+        with open_npz(Path(path)) as data:
+            warp = "grid" in data.files
+            if warp:
+                grid, target = (npz_array(data, key, path) for key in needed(data, ("grid", "target")))
+    except GuardError as exc:
         raise GuardError(f"cannot read a trigger from {path} (expected an .npz of guard scan): {exc}") from None
+    if not warp:
+        return load_trigger(path, sample_shape, num_classes)
     if target.shape != () or not np.issubdtype(target.dtype, np.integer):
         raise GuardError(f"the warp's target in {path} must be one class, got {target!r}")
     if not np.issubdtype(grid.dtype, np.floating):
