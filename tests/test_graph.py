@@ -141,6 +141,22 @@ def _tied_and_branched() -> dict[str, tuple[onnx.ModelProto, dict[str, np.ndarra
                                node("Conv", ["cat", "w3"], ["d"], pads=[1] * 4), node("Relu", ["d"], ["e"]),
                                node("Flatten", ["e"], ["f"]), node("Gemm", ["f", "head"], ["logits"], transB=1)],
                               {"w1": conv(2), "w3": conv(8), "head": head}, ["t"]),
+        # a MatMul on (N, C, H, W) contracts W: zeroing its weight's rows by channel number zeroed widths instead
+        "matmul on a conv tap": ([node("Conv", ["x", "w1"], ["c"], pads=[1] * 4), node("Relu", ["c"], ["t"]),
+                                  node("MatMul", ["t", "wm"], ["m"]),
+                                  node("ReduceMean", ["m"], ["r"], axes=[2, 3], keepdims=0),
+                                  node("Gemm", ["r", "head4"], ["logits"], transB=1)],
+                                 {"w1": conv(2), "wm": rng.normal(size=(6, 6)).astype(np.float32),
+                                  "head4": rng.normal(size=(3, 4)).astype(np.float32)}, ["t"]),
+        # Flatten(axis=2) gives (N·C, H·W), the channels in the rows: not the (N, C·H·W) a Gemm's columns can fold
+        "flatten after the channels": ([node("Conv", ["x", "w1"], ["c"], pads=[1] * 4), node("Relu", ["c"], ["t"]),
+                                        node("Flatten", ["t"], ["rows"], axis=2),
+                                        node("Gemm", ["rows", "w36"], ["g"], transB=1),
+                                        node("Reshape", ["g", "shape"], ["f"]),
+                                        node("Gemm", ["f", "head20"], ["logits"], transB=1)],
+                                       {"w1": conv(2), "w36": rng.normal(size=(5, 36)).astype(np.float32),
+                                        "shape": np.array([-1, 20]), "head20": rng.normal(size=(3, 20)).astype(np.float32)},
+                                       ["t"]),
     }
     out = {}
     for name, (nodes, inits, taps) in models.items():
@@ -149,7 +165,8 @@ def _tied_and_branched() -> dict[str, tuple[onnx.ModelProto, dict[str, np.ndarra
     return out
 
 
-@pytest.mark.parametrize("case", ["shared weight", "branched producer"])
+@pytest.mark.parametrize("case", ["shared weight", "branched producer", "matmul on a conv tap",
+                                  "flatten after the channels"])
 def test_the_fold_changes_nothing_but_the_masked_taps(case: str) -> None:
     """The static mask is folded into weights only where nothing else reads them; elsewhere a Mul keeps the served
     model the masked model calibration measured."""

@@ -237,11 +237,12 @@ def test_train_writes_into_a_new_folder_and_leaves_no_temporary_file(tmp_path: P
 
 
 def tiny_model(batch: int | str = "N", elem: int = TensorProto.FLOAT, classes: int = 3, opset: int = 17,
-               softmax: bool = False) -> onnx.ModelProto:
+               softmax: str | None = None) -> onnx.ModelProto:
+    """`softmax`: the op that takes a Softmax of the scores to the output."""
     weight = numpy_helper.from_array(np.ones((16, classes), np.float32), "w")
     nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["scores"])]
     if softmax:
-        nodes += [helper.make_node("Softmax", ["scores"], ["p"], axis=1), helper.make_node("Identity", ["p"], ["logits"])]
+        nodes += [helper.make_node("Softmax", ["scores"], ["p"], axis=1), helper.make_node(softmax, ["p"], ["logits"])]
     else:
         nodes += [helper.make_node("Identity", ["scores"], ["logits"])]
     graph = helper.make_graph(
@@ -261,7 +262,9 @@ def test_a_tiny_model_of_the_right_form_loads() -> None:
     # refused before a calibration whose profile could not be served
     (tiny_model(opset=9), "opset 10 or later; this model uses opset 9"),
     # the scan, repairs and reference train through the output, the confirmations read its softmax
-    (tiny_model(softmax=True), "is a Softmax of its logits; guard needs the logits"),
+    (tiny_model(softmax="Identity"), "is a Softmax of its logits; guard needs the logits"),
+    (tiny_model(softmax="Flatten"), "is a Softmax of its logits"),  # it was taken for logits behind a reshape
+    (tiny_model(softmax="Dropout"), "is a Softmax of its logits"),
 ])
 def test_models_guard_cannot_serve_are_refused_at_load(model: onnx.ModelProto, fragment: str) -> None:
     with pytest.raises(ModelError, match=fragment.replace("(", r"\(")):

@@ -26,6 +26,8 @@ from guard.errors import ModelError
 LINF_PREFIX = "guard_linf_"
 
 # Ops through which a zeroed channel stays zero and stays the same channel.
+# Ops that pass their first input's values on unchanged in inference (reshaped at most).
+_SHAPE_ONLY = {"Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Dropout", "Cast"}
 _ZERO_PRESERVING = {"Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Dropout"}
 _ACTIVATIONS = {"Relu", "LeakyRelu", "Clip", "Gelu", "Sigmoid", "HardSwish", "Elu", "Selu", "Softplus", "Tanh"}
 
@@ -100,7 +102,7 @@ def load_model(source: str | Path | bytes | onnx.ModelProto) -> LoadedModel:
         raise ModelError(f"expected a first output (N, classes) of at least 2 classes; {proto.graph.output[0].name!r} "
                          f"is {output_shape}")
     last = _producer(proto.graph, proto.graph.output[0].name)
-    while last is not None and last.op_type == "Identity":
+    while last is not None and last.op_type in _SHAPE_ONLY:  # a Softmax behind a Flatten is as much the output
         last = _producer(proto.graph, last.input[0])
     if last is not None and last.op_type == "Softmax":
         # the scan, the repairs and the reference train through the output, and the guard's confirmations read its
@@ -259,11 +261,13 @@ def _zero_input_channels(node: onnx.NodeProto, channels: np.ndarray, block: int,
 
 
 def _fold_into_consumers(graph: onnx.GraphProto, tensor: str, channels: np.ndarray, inits: _Initializers,
-                         ranks: dict[str, int], spatial: dict[str, int], outputs: set[str]) -> bool:
+                         dims: dict[str, tuple[int | None, ...]], outputs: set[str]) -> bool:
     """Zero channel effects at every linear layer reached through zero-preserving ops; False if any path is not.
 
     `outputs` holds the graph outputs and the other taps: a path through one of them fails, because that tap
-    would then show the pruned channels' effects, which calibration (masking the tap itself) never saw.
+    would then show the pruned channels' effects, which calibration (masking the tap itself) never saw. A Gemm or
+    MatMul folds only on an (N, C) input (a MatMul on (N, C, H, W) contracts W, not the channels), and an
+    (N, C, H, W) tensor only through a channel-major flatten: a Flatten or Reshape to (N, C·H·W), static dims known.
     """
     if tensor in outputs:
         return False
@@ -273,19 +277,27 @@ def _fold_into_consumers(graph: onnx.GraphProto, tensor: str, channels: np.ndarr
     for node in consumers:
         if node.input[0] != tensor:
             return False
+        shape, out_shape = dims.get(tensor, ()), dims.get(node.output[0], ())
         if node.op_type in _ZERO_PRESERVING:
-            if not _fold_into_consumers(graph, node.output[0], channels, inits, ranks, spatial, outputs):
+            if not _fold_into_consumers(graph, node.output[0], channels, inits, dims, outputs):
                 return False
-        elif node.op_type in {"Flatten", "Reshape"} and ranks.get(tensor) == 4 and ranks.get(node.output[0]) == 2:
-            if tensor not in spatial or node.output[0] in outputs or not _fold_flat(
-                    graph, node.output[0], channels, spatial[tensor], inits):
+        elif node.op_type in {"Flatten", "Reshape"} and _channel_major_flatten(shape, out_shape):
+            if node.output[0] in outputs or not _fold_flat(graph, node.output[0], channels, shape[2] * shape[3],
+                                                           inits):
                 return False
-        elif node.op_type in {"Conv", "Gemm", "MatMul"}:
+        elif node.op_type == "Conv" or (node.op_type in {"Gemm", "MatMul"} and len(shape) == 2):
             if not _zero_input_channels(node, channels, 1, inits):
                 return False
         else:
             return False
     return True
+
+
+def _channel_major_flatten(shape: tuple[int | None, ...], out_shape: tuple[int | None, ...]) -> bool:
+    """(N, C, H, W) to (N, C·H·W): row-major, so feature c·H·W + i is channel c's. Flatten(axis=2) or a Reshape to
+    (N·C, H·W) gives rank 2 too, with the channels in the rows."""
+    return (len(shape) == 4 and len(out_shape) == 2 and None not in shape[1:] and out_shape[1] is not None
+            and out_shape[1] == shape[1] * shape[2] * shape[3])
 
 
 def _fold_flat(graph: onnx.GraphProto, tensor: str, channels: np.ndarray, block: int, inits: _Initializers) -> bool:
@@ -429,8 +441,7 @@ def fold_static_mask(model: LoadedModel, keep: dict[str, np.ndarray]) -> tuple[o
     """
     proto = copy.deepcopy(model.proto)
     graph = proto.graph
-    ranks = tensor_ranks(proto)
-    shapes = _static_spatial(proto)
+    dims = tensor_dims(proto)
     inits = _Initializers(graph)
     outputs = {o.name for o in graph.output}
     modes: dict[str, FoldMode] = {}
@@ -441,29 +452,18 @@ def fold_static_mask(model: LoadedModel, keep: dict[str, np.ndarray]) -> tuple[o
             continue
         consumer_fold, producer_fold = inits.copy(), inits.copy()
         stops = outputs | (set(keep) - {tap})
-        if _fold_into_consumers(graph, tap, pruned, consumer_fold, ranks, shapes, stops):
+        if _fold_into_consumers(graph, tap, pruned, consumer_fold, dims, stops):
             modes[tap], inits = "consumer", consumer_fold
         elif _fold_into_producer(graph, tap, pruned, producer_fold, stops):
             modes[tap], inits = "producer", producer_fold
         else:
             modes[tap] = "mul"
             const_name = f"guard_static_mask_{len(modes)}"
-            shape = (1, -1, 1, 1) if ranks.get(tap) == 4 else (1, -1)
+            shape = (1, -1, 1, 1) if len(dims.get(tap, ())) == 4 else (1, -1)
             graph.initializer.append(numpy_helper.from_array(keep_mask.astype(np.float32).reshape(shape), const_name))
             insert_mul(graph, tap, const_name, f"{tap}__guard_static")
     inits.write_back()
     return proto, modes
-
-
-def _static_spatial(proto: onnx.ModelProto) -> dict[str, int]:
-    """H*W of rank-4 tensors whose spatial dims shape inference can fix."""
-    inferred = shape_inference.infer_shapes(proto)
-    spatial: dict[str, int] = {}
-    for value in inferred.graph.value_info:
-        dims = _dims(value.type)
-        if len(dims) == 4 and dims[2] is not None and dims[3] is not None:
-            spatial[value.name] = int(dims[2]) * int(dims[3])
-    return spatial
 
 
 def _spatial_max_nodes(proto: onnx.ModelProto, tap: str, out: str) -> list[onnx.NodeProto]:
