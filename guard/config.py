@@ -111,6 +111,19 @@ class ServeSettings(BaseSettings):
         return self.model_name or self.model.stem
 
 
+class _OnlyGiven(ServeSettings):
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Any,
+                                   **environment: Any) -> tuple[Any, ...]:
+        return (init_settings,)
+
+
+def given_settings(**values: Any) -> ServeSettings:
+    """Settings from `values` and the defaults alone, for a server guard starts for itself (`guard demo`): a deployed
+    GUARD_HOST=0.0.0.0 or GUARD_AUTH_TOKEN_FILE is meant for `guard serve`, not for a loopback demo."""
+    return _OnlyGiven(**values)
+
+
 def load_settings(flags: dict[str, Any], config: Path | None = None) -> ServeSettings:
     """The settings from `flags` (the ones given), then GUARD_* variables, then the settings file (`config`, else
     $GUARD_CONFIG), then the defaults. Raises pydantic's ValidationError for a bad value, and a GuardError for a file
@@ -182,4 +195,10 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     unknown = sorted(set(values) - set(ServeSettings.model_fields))
     if unknown:
         raise GuardError(f"the settings file {path} names unknown settings {unknown}; `guard serve --help` lists them")
+    # pydantic takes true and false for 1 and 0: "health_port": false, meant as off, started a health server
+    flags = sorted(key for key, value in values.items()
+                   if isinstance(value, bool) and ServeSettings.model_fields[key].annotation is not bool)
+    if flags:
+        raise GuardError(f"the settings file {path} gives true or false for {flags}, which are not on/off settings; "
+                         "leave a setting out for its default")
     return values

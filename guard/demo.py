@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from guard.calibrate.pipeline import calibrate
-from guard.config import ServeSettings
+from guard.config import given_settings
 from guard.errors import GuardError
 from guard.eval.attacks import BadNets
 from guard.eval.datasets import CLASS_NAMES, load_bundled
@@ -70,10 +70,11 @@ def run_demo(workdir: Path | None = None, epochs: int = 4, seed: int = 0) -> int
         print(f"   taps {profile.tap_names}; pruned {sum(f['pruned_channels'].values())} channels; "
               f"cross-fitted flag rate {f['calibration_flag_rate']:.3f}; {f['seconds']:.1f} s")
 
-        settings = ServeSettings(model=model_path, profile=profile_path, port=0, metrics_port=0)
+        settings = given_settings(model=model_path, profile=profile_path, port=0, metrics_port=0)
         server = GuardServer(settings)
         server.start()
-        print(f"3. serving on 127.0.0.1:{server.port} (metrics on 127.0.0.1:{server.metrics_port}/metrics)")
+        print(f"3. serving on {settings.host}:{server.port} (metrics on {settings.metrics_host}:{server.metrics_port}"
+              "/metrics)")
         try:
             with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 stub = guard_pb2_grpc.GuardStub(channel)
@@ -83,7 +84,7 @@ def run_demo(workdir: Path | None = None, epochs: int = 4, seed: int = 0) -> int
             server.stop(grace=1)
         truth = y_eval[victims]
         unguarded = predict(model, x_triggered)
-        print("4. what the guard did (policy: enforce)")
+        print(f"4. what the guard did (policy: {settings.policy.value})")
         print(f"   clean requests:     {len(x_eval):4d}, flagged {clean_flagged.mean():6.1%}, "
               f"accuracy {np.mean(clean_labels == y_eval):.3f}")
         print(f"   triggered requests: {len(x_triggered):4d}, flagged {trig_flagged.mean():6.1%}, "

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import Backdoored
-from guard.config import DEFAULT_PORT, load_settings
+from guard.config import DEFAULT_PORT, given_settings, load_settings
 from guard.errors import GuardError
 from guard.runtime.policy import Policy
 
@@ -44,6 +44,9 @@ def test_a_toml_file_reads_like_json(backdoored: Backdoored, tmp_path: Path) -> 
     ("guard.json", "[1, 2]", "must hold one object of settings, got list"),
     ("guard.toml", "port = = 3", "is malformed"),
     ("guard.yaml", "port: 3", "must be .json or .toml"),
+    # pydantic reads false as 0, and a health port of 0 starts a health server on a free port
+    ("guard.json", '{"health_port": false, "reflection": false}', r"true or false for \['health_port'\]"),
+    ("guard.toml", "max_batch = true\nport = false", r"true or false for \['max_batch', 'port'\]"),
 ])
 def test_a_settings_file_it_cannot_use_is_refused(tmp_path: Path, name: str, text: str, fragment: str) -> None:
     (tmp_path / name).write_text(text)
@@ -51,6 +54,15 @@ def test_a_settings_file_it_cannot_use_is_refused(tmp_path: Path, name: str, tex
         load_settings({}, tmp_path / name)
     with pytest.raises(GuardError, match="cannot read the settings file"):
         load_settings({}, tmp_path / "absent.json")
+
+
+def test_given_settings_take_no_variable(backdoored: Backdoored, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server guard starts for itself (guard demo) is not the deployment's: its variables stay with guard serve."""
+    monkeypatch.setenv("GUARD_HOST", "0.0.0.0")
+    monkeypatch.setenv("GUARD_MAX_BATCH", "100")
+    settings = given_settings(model=backdoored.model_path, profile=backdoored.profile_path, port=0)
+    assert (settings.host, settings.max_batch, settings.port) == ("127.0.0.1", 1024, 0)
+    assert load_settings({"model": backdoored.model_path, "profile": backdoored.profile_path}).host == "0.0.0.0"
 
 
 def test_a_bad_value_in_the_file_is_a_validation_error_naming_it(backdoored: Backdoored, tmp_path: Path) -> None:

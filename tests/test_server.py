@@ -130,6 +130,11 @@ def test_protocols_and_in_process_agree(client: triton.InferenceServerClient, ch
     np.testing.assert_array_equal(local.labels, logits.argmax(1))
     np.testing.assert_array_equal(local.flagged, flagged)
     assert reply.policy == "enforce" and not reply.unchecked
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    for asked in ("", "1"):  # the answer names the version that answered, as Triton's does
+        response = client.infer(MODEL, [tensor], model_version=asked, request_id="req-9").get_response()
+        assert (response.model_name, response.model_version, response.id) == (MODEL, "1", "req-9")
 
 
 def test_metrics_count_exactly_what_was_sent(server: GuardServer, client: triton.InferenceServerClient,

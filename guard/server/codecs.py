@@ -81,8 +81,8 @@ def check_outputs(request: oip.ModelInferRequest, output_name: str) -> list[str]
     return wanted
 
 
-def encode_oip(result: Result, model_name: str, request: oip.ModelInferRequest, wanted: list[str], output_name: str,
-               policy: str) -> oip.ModelInferResponse:
+def encode_oip(result: Result, model_name: str, version: str, request: oip.ModelInferRequest, wanted: list[str],
+               output_name: str, policy: str) -> oip.ModelInferResponse:
     """The `wanted` outputs (`check_outputs`'s) of the logits under the model's output name and the per-sample
     verdict tensors, as raw little-endian bytes."""
     available = {
@@ -90,7 +90,7 @@ def encode_oip(result: Result, model_name: str, request: oip.ModelInferRequest, 
         FLAGGED_OUTPUT: ("BOOL", result.flagged.astype(np.bool_)),
         SCORE_OUTPUT: ("FP32", result.score.astype("<f4")),
     }
-    response = oip.ModelInferResponse(model_name=model_name, id=request.id)
+    response = oip.ModelInferResponse(model_name=model_name, model_version=version, id=request.id)  # as Triton
     for name in wanted:
         datatype, array = available[name]
         response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))

@@ -62,7 +62,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             wanted = codecs.check_outputs(request, model.output_name)
             result = self.plane.infer(x, time.perf_counter() - started, context.time_remaining(),
                                       caller_of(context, "oip", request.id))
-            return codecs.encode_oip(result, name, request, wanted, model.output_name, self.plane.guard.policy.value)
+            return codecs.encode_oip(result, name, VERSION, request, wanted, model.output_name,
+                                     self.plane.guard.policy.value)
 
         def admitted() -> oip.ModelInferResponse:
             with self.plane.request():  # refused at once beyond --max-inflight
