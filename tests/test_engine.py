@@ -248,3 +248,21 @@ def test_unknown_engine_and_missing_cuda_are_refused(backdoored: Backdoored) -> 
         with pytest.raises(GuardError, match="CUDA"):
             Guard.load(backdoored.model_path, backdoored.profile_path, engine="torch", device="cuda")
 
+
+
+def test_a_cuda_torch_device_runs_float32_not_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuDNN's convolutions default to TF32 on Ampere and later, about 1e-3 from the float32 calibration measured.
+    No GPU here: this pins the switches the torch engine sets, not the GPU's numbers."""
+    from guard.runtime.engine import _torch_device
+
+    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)  # torch's own setters, not plain attributes
+    before = [flag.allow_tf32 for flag in flags]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        for flag in flags:
+            flag.allow_tf32 = True
+        assert _torch_device("cuda").type == "cuda"
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        for flag, value in zip(flags, before, strict=True):
+            flag.allow_tf32 = value

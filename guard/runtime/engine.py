@@ -276,6 +276,9 @@ def _torch_device(device: str) -> Any:
         raise GuardError(f"unknown torch device {device!r}: {exc}") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise GuardError("--device cuda was asked for but torch sees no CUDA device")
+    if parsed.type == "cuda":  # cuDNN convolutions default to TF32 (10-bit mantissa) on Ampere and later, where the
+        torch.backends.cudnn.allow_tf32 = False  # calibration measured float32; process-wide, as guard serve is
+        torch.backends.cuda.matmul.allow_tf32 = False
     return parsed
 
 
