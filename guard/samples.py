@@ -191,6 +191,12 @@ def _image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if not files:
         raise GuardError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     first = _read_image(files[0][0])
+    need = len(files) * first.nbytes * 2  # every image decoded as float32 RGB, and the stacked copy of them
+    memory = _memory_bytes()
+    if memory is not None and need > memory:  # small compressed files decode to gigabytes; refuse, not be killed
+        raise GuardError(f"the {len(files)} images in {folder} of {first.shape[1]}x{first.shape[0]} pixels need about "
+                         f"{need / 2**30:.1f} GiB to load, more than this machine's {memory / 2**30:.1f} GiB of "
+                         "memory")
     images = [first, *(_read_image(f, files[0][0], first.shape[1::-1]) for f, _ in files[1:])]
     x = np.stack(images).transpose(0, 3, 1, 2)  # (N, 3, H, W)
     grey = bool((x[:, :1] == x[:, 1:]).all())

@@ -475,6 +475,8 @@ def test_malformed_profile_is_refused_with_a_clear_profile_error(setup: Setup, t
 def test_missing_profile_file_is_a_profile_error(setup: Setup, tmp_path: Path) -> None:
     with pytest.raises(ProfileError, match="profile not found"):
         Guard.load(setup.model_path, tmp_path / "nowhere.safetensors")
+    with pytest.raises(ProfileError, match="is not a regular file"):  # it exists: "not found" would mislead
+        Guard.load(setup.model_path, tmp_path)
 
 
 @pytest.mark.parametrize("meta", ["[1, 2]", "null"])

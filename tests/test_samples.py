@@ -102,6 +102,20 @@ def test_a_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
         load_samples(tmp_path / "data")
 
 
+def test_images_that_would_not_fit_in_memory_are_refused_before_decoding_them_all(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each image under Pillow's limit, all of them past the machine's memory: the process was killed, not told."""
+    import guard.samples
+
+    write_images(tmp_path / "data", np.zeros((3, 1, 28, 28), np.float32), None)
+    need = 3 * 28 * 28 * 3 * 4 * 2
+    monkeypatch.setattr(guard.samples, "_memory_bytes", lambda: need - 1)
+    with pytest.raises(GuardError, match=r"the 3 images in .* of 28x28 pixels need about .* GiB to load, more than"):
+        load_samples(tmp_path / "data")
+    monkeypatch.setattr(guard.samples, "_memory_bytes", lambda: need)
+    assert load_samples(tmp_path / "data")[0].shape == (3, 1, 28, 28)
+
+
 def test_calibrate_from_an_image_folder_matches_the_same_images_as_npz(tmp_path: Path,
                                                                        backdoored: Backdoored) -> None:
     folder = write_images(tmp_path / "clean", backdoored.x_clean[:300], backdoored.y_clean[:300])

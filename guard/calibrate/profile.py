@@ -299,7 +299,8 @@ class Profile:
     def load(cls, path: str | Path) -> Profile:
         path = Path(path)
         if not path.is_file():
-            raise ProfileError(f"profile not found: {path}")
+            raise ProfileError(f"profile not found: {path}" if not path.exists() else
+                               f"{path} is not a regular file; give the profile guard calibrate wrote")
         try:  # one handle for the metadata and the tensors: a profile renamed over this one between two reads
             with safe_open(str(path), framework="numpy") as handle:  # would pair its thresholds with our tensors
                 raw_meta = (handle.metadata() or {}).get("guard")
