@@ -338,6 +338,14 @@ CASES: dict[str, tuple[list[onnx.NodeProto], dict[str, np.ndarray], dict[str, in
     "avgpool-include-pad": (
         [N("AveragePool", ["x"], ["y"], kernel_shape=[3, 2], pads=[1, 1, 1, 1], count_include_pad=1)],
         X4, {"y": F}, 11, {}),
+    "pools-ceil-end-pad-above-begin-pad": (  # torch alone would add a last column of windows inside the end pad
+        [N("MaxPool", ["x"], ["a"], kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 1, 1], ceil_mode=1),
+         N("AveragePool", ["x"], ["b"], kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 1, 1], ceil_mode=1),
+         N("AveragePool", ["x"], ["c"], kernel_shape=[3, 2], strides=[2, 2], pads=[0, 0, 2, 1], ceil_mode=1,
+           count_include_pad=1),
+         N("MaxPool", ["x"], ["d"], kernel_shape=[2, 2], strides=[3, 3], pads=[0, 0, 1, 1], ceil_mode=1,
+           dilations=[2, 2])],
+        X4, dict.fromkeys("abcd", F), 19, {}),
     "avgpool-asym-pads": (
         [N("AveragePool", ["x"], ["a"], kernel_shape=[3, 3], pads=[0, 2, 1, 0]),
          N("AveragePool", ["x"], ["b"], kernel_shape=[3, 3], pads=[0, 2, 1, 0], count_include_pad=1)],
@@ -373,6 +381,13 @@ CASES: dict[str, tuple[list[onnx.NodeProto], dict[str, np.ndarray], dict[str, in
         X4, {"a": F, "b": F}, 13,
         {"st": _i64(-1, 1), "en": _i64(-(2**63), 2**63 - 1), "ax": _i64(3, 2), "sp": _i64(-2, 3),
          "st2": _i64(0, 1), "en2": _i64(1, -1)}),
+    "slice-clamps-like-onnxruntime": (  # starts below -dim, INT_MAX ends (through index 0 for a negative step)
+        [N("Slice", ["x", "st", "en", "ax", "sp"], ["a"]), N("Slice", ["x", "st2", "en2", "ax", "sp2"], ["b"]),
+         N("Slice", ["x", "st3", "en3", "ax3", "sp3"], ["c"])],
+        X4, {"a": F, "b": F, "c": F}, 13,
+        {"st": _i64(-9, 4), "en": _i64(-9, 2**63 - 1), "ax": _i64(0, 2), "sp": _i64(-3, -1),
+         "st2": _i64(1, 2**31 - 1), "en2": _i64(2**31 - 1, 1), "sp2": _i64(-1, -2),
+         "st3": _i64(-(2**31), 1, 4), "en3": _i64(2, -(2**31), -(2**63)), "ax3": _i64(1, 2, 3), "sp3": _i64(1, 1, -1)}),
     "slice-attributes": ([N("Slice", ["x"], ["y"], starts=[1, -3], ends=[1000, -1], axes=[1, 3])], X4, {"y": F}, 9, {}),
     "split-attribute-and-equal": (
         [N("Split", ["x"], ["a", "b"], axis=1, split=[1, 3]), N("Split", ["x"], ["c", "d"], axis=-1)],
@@ -381,6 +396,8 @@ CASES: dict[str, tuple[list[onnx.NodeProto], dict[str, np.ndarray], dict[str, in
                     {"sizes": _i64(2, 2, 3)}),
     "split-num-outputs": ([N("Split", ["x"], ["a", "b", "c"], axis=2, num_outputs=3)], X4, dict.fromkeys("abc", F), 18,
                           {}),
+    "split-num-outputs-uneven": (  # ceil(6 / 4) = 2 per part, and the part past the end is empty
+        [N("Split", ["x"], ["a", "b", "c", "d"], axis=-1, num_outputs=4)], X4, dict.fromkeys("abcd", F), 18, {}),
     "pad-inputs": (
         [N("Pad", ["x", "pads", "val"], ["a"]), N("Pad", ["x", "pads"], ["b"])], X4, {"a": F, "b": F}, 13,
         {"pads": _i64(0, 0, 1, 2, 0, 1, 0, -1), "val": np.float32(1.5)}),
@@ -404,6 +421,19 @@ CASES: dict[str, tuple[list[onnx.NodeProto], dict[str, np.ndarray], dict[str, in
         X4, {"z": F, "zi": I64, "r": I64, "rf": F, "dy": F}, 13,
         {"start": np.int64(10), "limit": np.int64(-3), "delta": np.int64(-3),
          "fs": np.float32(0.5), "fl": np.float32(3.0), "fd": np.float32(0.75)}),
+    "range-wrong-sign-is-empty": (
+        [N("Range", ["a", "b", "c"], ["r"]), N("Range", ["fa", "fb", "fc"], ["rf"]), N("Range", ["a", "c", "b"], ["rg"])],
+        X4, {"r": I64, "rf": F, "rg": I64}, 13,
+        {"a": np.int64(0), "b": np.int64(5), "c": np.int64(-1),
+         "fa": np.float32(1.0), "fb": np.float32(0.0), "fc": np.float32(0.3)}),
+    "dropout-training-mode-false": (
+        [N("Dropout", ["x", "ratio", "off"], ["y", "mask"])], X4, {"y": F, "mask": B}, 13,
+        {"ratio": np.float32(0.5), "off": np.array(False)}),
+    "initializer-names-that-are-module-attributes": (
+        [N("Add", ["x", "keys"], ["a"]), N("Mul", ["a", "to"], ["b"]), N("Sub", ["b", "forward"], ["c"]),
+         N("Add", ["c", "_parameters"], ["d"]), N("Mul", ["d", "training"], ["y"])],
+        X4, {"y": F}, 13, {name: _rand(6, seed=i) for i, name in enumerate(["keys", "to", "forward", "_parameters",
+                                                                            "training"])}),
     "integer-div-and-cast": (
         [N("Div", ["p", "q"], ["d"]), N("Cast", ["x"], ["c"], to=I64), N("CastLike", ["d", "x"], ["cl"])],
         {"x": _rand(2, 4) * 5, "p": _i64(7, -7, 9, -9)}, {"d": I64, "c": I64, "cl": F}, 15, {"q": _i64(2, 2, -4, 4)}),
@@ -456,3 +486,51 @@ def test_malformed_graphs_and_inputs_are_model_errors() -> None:
         two_inputs.run(torch.ones(2))
     with pytest.raises(ModelError, match=r"missing \['b'\]"):
         two_inputs.run({"a": torch.ones(2)})
+
+
+def test_range_matches_onnxruntime_bit_for_bit() -> None:
+    """Counted in double and accumulated one delta at a time, as ONNX Runtime does (start + i * delta differs)."""
+    for start, limit, delta in [(-1.7, 1.0, 0.1), (-1.7, 0.7, 0.1), (5.0, -2.0, -0.3), (0.0, 1.0, -0.1)]:
+        feeds = {k: np.array(v, dtype=np.float32) for k, v in zip("sld", (start, limit, delta))}
+        proto = _model([N("Range", ["s", "l", "d"], ["y"])], feeds, {"y": F}, 13)
+        got, _ = OnnxModule(proto).run({k: torch.from_numpy(v) for k, v in feeds.items()})
+        np.testing.assert_array_equal(got["y"].numpy(), _ort(proto, feeds)["y"], err_msg=str((start, limit, delta)))
+
+
+def test_initializer_keys_never_clash_with_module_attributes() -> None:
+    inits = {name: _rand(3, seed=i) for i, name in enumerate(["keys", "items", "pop", "type", "float", "eval"])}
+    nodes = [N("Add", ["x", name], [f"y{i}"]) for i, name in enumerate(inits)]
+    bridge = OnnxModule(_model(nodes, {"x": _rand(3)}, {f"y{i}": F for i in range(len(inits))}, 13, inits))
+    for name, value in inits.items():
+        np.testing.assert_array_equal(bridge.initializer(name).detach().numpy(), value)
+    assert callable(bridge.params.keys) and len(list(bridge.parameters())) == len(inits)
+
+
+def test_same_auto_pad_with_dilation_is_refused() -> None:
+    """ONNX Runtime refuses it for Conv and pads MaxPool as if the kernel were not dilated."""
+    conv = _model([N("Conv", ["x", "w"], ["y"], name="conv", auto_pad="SAME_LOWER", dilations=[2, 1])], X4, {"y": F},
+                  13, {"w": _rand(3, 4, 3, 3)})
+    with pytest.raises(UnsupportedOpError, match=r"Conv node 'conv'.*SAME_LOWER.*dilations"):
+        OnnxModule(conv)
+    pool = _model([N("MaxPool", ["x"], ["y"], name="pool", kernel_shape=[3, 3], auto_pad="SAME_UPPER",
+                     dilations=[1, 2])], X4, {"y": F}, 12)
+    with pytest.raises(UnsupportedOpError, match=r"MaxPool node 'pool'.*SAME_UPPER.*dilations"):
+        OnnxModule(pool)
+
+
+def test_equal_split_that_does_not_divide_is_refused() -> None:
+    """Before opset 18 ONNX Runtime refuses it (it does not drop the remainder)."""
+    uneven = OnnxModule(_model([N("Split", ["x"], ["a", "b"], axis=2, name="split")], X4, {"a": F, "b": F}, 13))
+    with pytest.raises(ModelError, match=r"Split node 'split'.*7 does not split evenly into 2"):
+        uneven.run(torch.from_numpy(X4["x"]))
+
+
+def test_dropout_in_training_mode_is_refused() -> None:
+    """ONNX Runtime drops at random when training_mode is true; the bridge does not pretend to."""
+    proto = _model([N("Dropout", ["x", "ratio", "training"], ["y"], name="drop")],
+                   {"x": _rand(2, 3), "training": np.array(True)}, {"y": F}, 13, {"ratio": np.float32(0.5)})
+    bridge = OnnxModule(proto)
+    with pytest.raises(UnsupportedOpError, match=r"Dropout node 'drop'.*training mode"):
+        bridge.run({"x": torch.ones(2, 3), "training": torch.tensor(True)})
+    out, _ = bridge.run({"x": torch.ones(2, 3), "training": torch.tensor(False)})
+    assert torch.equal(out["y"], torch.ones(2, 3))

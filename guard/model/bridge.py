@@ -7,8 +7,9 @@ the graphs that torch 2.13 exports (opset 20), so this module interprets the gra
 compiled once into a small torch function, and :meth:`OnnxModule.run` evaluates them in graph order.
 
 Only inference semantics are implemented (BatchNormalization uses running statistics, Dropout is the
-identity). Shape arithmetic (Shape, Gather, Concat, Reshape, ...) runs on int64 tensors; values that torch
-needs as Python ints are read with ``tolist()``, so the module is not meant to be traced or scripted.
+identity; both refuse training mode). Shape arithmetic (Shape, Gather, Concat, Reshape, ...) runs on int64
+tensors; values that torch needs as Python ints are read with ``tolist()``, so the module is not meant to be
+traced or scripted.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ __all__ = ["OnnxModule"]
 Tensor = torch.Tensor
 # A compiled node: tensors in (None for an omitted optional input), one tensor or a sequence out.
 Kernel = Callable[[list[Any]], Any]
+# Slice ends that ONNX Runtime reads as "through the end of the axis" (its first element, for a negative step).
+_INT32_MAX, _INT64_MAX = 2**31 - 1, 2**63 - 1
 
 _DTYPES: dict[int, torch.dtype] = {
     onnx.TensorProto.FLOAT: torch.float32,
@@ -129,8 +132,12 @@ def _spatial_pads(node: _Node, x: Tensor, kernel: Sequence[int], strides: Sequen
 
 
 def _check_auto_pad(node: _Node) -> None:
-    if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "", "VALID", "SAME_UPPER", "SAME_LOWER"):
-        raise node.unsupported(f"auto_pad={node.attrs['auto_pad']!r}")
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise node.unsupported(f"auto_pad={auto_pad!r}")
+    # ONNX Runtime refuses Conv here and pads MaxPool as if the kernel were not dilated (not what the spec says).
+    if auto_pad.startswith("SAME") and any(d != 1 for d in node.attrs.get("dilations", ())):
+        raise node.unsupported(f"auto_pad={auto_pad!r} with dilations other than 1")
 
 
 # -------------------------------------------------------------------------------------------- converters
@@ -196,7 +203,9 @@ def _variadic(node: _Node) -> Kernel:
 def _dropout(node: _Node) -> Kernel:
     # Inference: the identity. A requested mask output is all True (nothing dropped).
     def run(inputs: list[Any]) -> list[Tensor]:
-        x = inputs[0]
+        x, training = inputs[0], _opt(inputs, 2)
+        if training is not None and bool(training):  # ONNX Runtime drops at random then
+            raise node.unsupported("training mode (a training_mode input that is true)")
         return [x, torch.ones_like(x, dtype=torch.bool)][: node.n_outputs]
 
     return run
@@ -359,6 +368,21 @@ def _pool_geometry(node: _Node) -> tuple[list[int], list[int], list[int]]:
     return kernel, list(node.attrs.get("strides", [1] * nd)), list(node.attrs.get("dilations", [1] * nd))
 
 
+def _ceil_crop(y: Tensor, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+               dilations: Sequence[int], begins: Sequence[int], ends: Sequence[int]) -> Tensor:
+    """An explicitly padded ceil_mode pool cropped to ONNX Runtime's output size.
+
+    Torch keeps a last window that starts inside its (here already padded) input; ONNX Runtime keeps it only
+    when it starts inside the input or the begin pad, so with an end pad larger than the begin pad torch has
+    one more window on that axis (all pad: -inf for MaxPool, NaN or another mean for AveragePool).
+    """
+    index = [slice(None)] * (y.dim() - len(kernel))
+    for size, k, s, d, b, e in zip(sizes, kernel, strides, dilations, begins, ends):
+        out = -(-(size + b + e - (k - 1) * d - 1) // s) + 1  # ONNX Runtime's pool_attributes.h
+        index.append(slice(0, out - 1 if (out - 1) * s >= size + b else out))
+    return y[tuple(index)]
+
+
 @_register("MaxPool")
 def _max_pool(node: _Node) -> Kernel:
     _check_auto_pad(node)
@@ -373,8 +397,8 @@ def _max_pool(node: _Node) -> Kernel:
         begins, ends = _spatial_pads(node, x, kernel, strides, dilations)
         if begins == ends and all(p <= k // 2 for p, k in zip(begins, kernel)):
             return pool(x, kernel, strides, begins, dilations, ceil_mode)
-        x = F.pad(x, _torch_pad(begins, ends), value=float("-inf"))
-        return pool(x, kernel, strides, 0, dilations, ceil_mode)
+        y = pool(F.pad(x, _torch_pad(begins, ends), value=float("-inf")), kernel, strides, 0, dilations, ceil_mode)
+        return _ceil_crop(y, x.shape[2:], kernel, strides, dilations, begins, ends) if ceil_mode else y
 
     return run
 
@@ -395,12 +419,11 @@ def _avg_pool(node: _Node) -> Kernel:
         if begins == ends and all(p <= k // 2 for p, k in zip(begins, kernel)):
             return pool(x, kernel, strides, begins, ceil_mode, include_pad)
         pads = _torch_pad(begins, ends)
-        summed = pool(F.pad(x, pads), kernel, strides, 0, ceil_mode)
-        if include_pad:
-            return summed
-        # Divide by how many real (unpadded) elements each window saw.
-        ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
-        return summed / pool(F.pad(ones, pads), kernel, strides, 0, ceil_mode)
+        y = pool(F.pad(x, pads), kernel, strides, 0, ceil_mode)
+        if not include_pad:  # divide by the share of each window's elements that were real (not padding)
+            ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+            y = y / pool(F.pad(ones, pads), kernel, strides, 0, ceil_mode)
+        return _ceil_crop(y, x.shape[2:], kernel, strides, dilations, begins, ends) if ceil_mode else y
 
     return run
 
@@ -481,12 +504,30 @@ def _split(node: _Node) -> Kernel:
     def run(inputs: list[Any]) -> Sequence[Tensor]:
         x, sizes = inputs[0], _axes(inputs, 1, split_attr)
         if sizes is None:
-            n = int(num_outputs) if num_outputs is not None else node.n_outputs
-            chunk = -(-x.shape[axis] // n) if num_outputs is not None else x.shape[axis] // n
-            return torch.split(x, chunk, axis)
+            dim = x.shape[axis]
+            if num_outputs is None:  # before opset 18: equal parts, which ONNX Runtime requires to be whole
+                if dim % node.n_outputs:
+                    raise ValueError(f"an axis of {dim} does not split evenly into {node.n_outputs} outputs")
+                return torch.split(x, dim // node.n_outputs, axis)
+            # Parts of ceil(dim / n); as in ONNX Runtime, the parts past the end are empty (6 into 4: 2, 2, 2, 0).
+            chunk = -(-dim // int(num_outputs))
+            sizes = [min(chunk, max(dim - i * chunk, 0)) for i in range(int(num_outputs))]
         return torch.split(x, sizes, axis)
 
     return run
+
+
+def _slice_bounds(start: int, end: int, step: int, dim: int) -> tuple[int, int]:
+    """Start and end of a Slice axis clamped as ONNX Runtime does; Python's slice clamps a start below -dim
+    to -1 (nothing) for a negative step, and knows no INT_MAX end meaning "through the last element"."""
+    start += dim if start < 0 else 0
+    if end in (_INT32_MAX, _INT64_MAX):
+        end = -1 if step < 0 else dim
+    else:
+        end += dim if end < 0 else 0
+    if step < 0:  # max before min: an empty axis gives start = end = -1
+        return min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+    return min(max(start, 0), dim), min(max(end, 0), dim)
 
 
 @_register("Slice")
@@ -505,11 +546,11 @@ def _slice(node: _Node) -> Kernel:
         flips: list[tuple[int, range]] = []
         for start, end, axis, step in zip(starts, ends, axes, steps):
             a = _norm(axis, x.dim())
-            r = range(*slice(start, end, step).indices(x.shape[a]))
+            start, end = _slice_bounds(start, end, step, x.shape[a])
             if step > 0:
-                index[a] = slice(r.start, max(r.stop, r.start), step)
+                index[a] = slice(start, max(end, start), step)
             else:
-                flips.append((a, r))
+                flips.append((a, range(start, end, step)))
         y = x[tuple(index)]
         for a, r in flips:  # torch indexing has no negative steps
             y = y.index_select(a, torch.tensor(list(r), dtype=torch.long, device=x.device))
@@ -579,8 +620,16 @@ def _constant_of_shape(node: _Node) -> Kernel:
 @_register("Range")
 def _range(node: _Node) -> Kernel:
     def run(inputs: list[Any]) -> Tensor:
-        start, limit, delta = inputs
-        return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
+        # As ONNX Runtime: ceil((limit - start) / delta) elements, counted in double, none (not torch.arange's
+        # error) when delta has the wrong sign; each the previous plus delta in the input's type (not start + i *
+        # delta, which differs in the last bits of float32).
+        start, limit, delta = (t.detach().cpu().numpy() for t in inputs)
+        if not delta:
+            raise ValueError("delta is zero")
+        n = max(math.ceil((float(limit) - float(start)) / float(delta)), 0)
+        values = np.full(n, delta, dtype=start.dtype)
+        values[:1] = start
+        return torch.from_numpy(np.add.accumulate(values, dtype=start.dtype)).to(inputs[0].device)
 
     return run
 
@@ -716,9 +765,9 @@ class OnnxModule(torch.nn.Module):
         for init in graph.initializer:
             value = _to_torch(init)
             key = self._sanitize(init.name, used)
-            if value.is_floating_point():
-                self.params[key] = torch.nn.Parameter(value, requires_grad=False)
-                self.param_keys[init.name] = key
+            if value.is_floating_point():  # prefixed, so that no key is a ParameterDict attribute (keys, to, ...)
+                self.params[f"p_{key}"] = torch.nn.Parameter(value, requires_grad=False)
+                self.param_keys[init.name] = f"p_{key}"
             else:
                 self.register_buffer(f"buf_{key}", value)
                 self._buffer_keys[init.name] = f"buf_{key}"
