@@ -302,11 +302,15 @@ def _scan(args: argparse.Namespace) -> int:
     return 0
 
 
+PARTIAL_FIGURES = "figures.partial.json"
+
+
 def _eval(args: argparse.Namespace) -> int:
     import shlex
 
     from guard.eval.report import check_targets, headline_table, misses_text, write_report
     from guard.eval.suite import EvalSettings, below_floor, run_suite
+    from guard.samples import write_atomic
 
     try:
         import matplotlib  # noqa: F401 - checked now, not after an hour of training
@@ -325,6 +329,8 @@ def _eval(args: argparse.Namespace) -> int:
             raise GuardError(f"cannot read the figures {args.figures}: {exc}") from None
         if not isinstance(figures, dict) or not isinstance(figures.get("cases"), list):
             raise GuardError(f"{args.figures} is not a guard eval figures.json (no list of cases)")
+        if not figures["cases"]:
+            raise GuardError(f"{args.figures} holds no case: there is no report to draw")
         print(f"guard: wrote {write_report(figures, args.out, figures.get('command', 'unknown'))}")
         return 0
 
@@ -334,7 +340,7 @@ def _eval(args: argparse.Namespace) -> int:
             if getattr(args, name):
                 setattr(settings, name, getattr(args, name).split(","))
         if args.seeds:
-            if not all(s.strip().lstrip("-").isdigit() for s in args.seeds.split(",")):
+            if not all(s.strip().removeprefix("-").isdigit() for s in args.seeds.split(",")):
                 raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}")
             settings.seeds = [int(s) for s in args.seeds.split(",")]
         for name in ("workers", "n_train", "epochs"):
@@ -350,16 +356,27 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"guard eval: {case['attack']} / {case['arch']} / seed {case['seed']}: CA {row['ca']:.3f}, "
               f"ASR {asr}, FPR {row['fpr']:.3f} ({case['seconds']:.0f} s)", flush=True)
 
-    figures = run_suite(settings, on_case=progress)
-    report = write_report(figures, args.out, "guard " + shlex.join(args.argv))
+    command = "guard " + shlex.join(args.argv)
+    partial = args.out / PARTIAL_FIGURES  # the cases so far: a run cut short can still be drawn with --figures
+
+    def checkpoint(figures: dict) -> None:
+        if figures["cases"]:
+            text = json.dumps({**figures, "command": command}, indent=1) + "\n"
+            write_atomic(partial, lambda tmp: tmp.write_text(text))
+
+    figures = run_suite(settings, on_case=progress, checkpoint=checkpoint)
+    for failure in figures["failures"]:
+        print(f"guard eval: case failed: {failure}", file=sys.stderr)
+    if not figures["cases"]:  # nothing to draw; an earlier report in --out stays whole
+        raise GuardError(f"every case failed ({len(figures['failures'])}); nothing written to {args.out}")
+    report = write_report(figures, args.out, command)
+    partial.unlink(missing_ok=True)
     print(headline_table(figures))
     print(misses_text(check_targets(figures)))
     print(f"guard: wrote {report} ({figures['seconds'] / 60:.1f} min)")
     broken = below_floor(figures) if args.quick else []
     for line in broken:
         print(f"guard eval: below the quick floor: {line}", file=sys.stderr)
-    for failure in figures["failures"]:
-        print(f"guard eval: case failed: {failure}", file=sys.stderr)
     return 1 if broken or figures["failures"] else 0
 
 
@@ -815,7 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-train", dest="n_train", type=int,
                     help=f"training images per case (default {defaults.n_train})")
     ev.add_argument("--epochs", type=int, help=f"training epochs per case (default {defaults.epochs})")
-    ev.add_argument("--figures", type=Path, help="only redraw the report from a run's figures.json")
+    ev.add_argument("--figures", type=Path, help="only redraw the report from a run's figures.json (or from the "
+                                                 f"{PARTIAL_FIGURES} a run cut short left in its --out)")
     ev.set_defaults(run=_eval)
 
     demo = commands.add_parser("demo", help="backdoor a small model on bundled data, guard it, show the verdicts")

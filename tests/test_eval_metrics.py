@@ -73,13 +73,16 @@ def _case(attack: str, seed: int, **guard: float) -> dict:
     return {"attack": attack, "arch": "cnn", "seed": seed, "methods": methods, "n_poisoned": 100, "n_train": 1000}
 
 
-def _figures(*cases: dict) -> dict:
-    return {"settings": {"fpr": 0.05, "attacks": ["badnets", "blend", "wanet", "clean"], "archs": ["cnn"]},
-            "cases": list(cases)}
+def _figures(*cases: dict, seeds: list[int] | None = None) -> dict:
+    """A run of these cases: its settings name their attacks and architecture and, unless given, their seeds."""
+    attacks = list(dict.fromkeys(c["attack"] for c in cases))
+    seeds = sorted({c["seed"] for c in cases}) if seeds is None else seeds
+    return {"settings": {"fpr": 0.05, "attacks": attacks, "archs": ["cnn"], "seeds": seeds}, "cases": list(cases)}
 
 
 def test_targets_met_gives_no_miss() -> None:
-    figures = _figures(_case("badnets", 0), _case("badnets", 1), _case("clean", 0, fpr=0.04, ca=0.88))
+    figures = _figures(_case("badnets", 0), _case("badnets", 1), _case("clean", 0, fpr=0.04, ca=0.88),
+                       _case("clean", 1, fpr=0.04, ca=0.88))
     assert check_targets(figures) == []
     assert "Every target" in misses_text([])
 
@@ -131,13 +134,29 @@ def test_a_figure_missing_in_one_seed_is_a_miss_not_an_average_of_the_others() -
     assert check_targets(_figures(measured, _case("badnets", 1))) == []
 
 
+def test_a_case_that_failed_is_a_miss_and_a_cell_missing_a_seed_shows_none() -> None:
+    """A failed case left the others' mean to pass the target; a NaN in one seed was averaged away in the tables
+    while the target check called it a miss."""
+    cases = [_case("blend", seed, asr=0.0) for seed in (0, 2)]
+    missed = check_targets(_figures(*cases, seeds=[0, 1, 2]))
+    assert [(m.attack, m.target, m.value) for m in missed] == [("blend", "measured on all 3 seeds", "2 of 3")]
+    assert [m.value for m in check_repair_targets(_figures(*cases, seeds=[0, 1, 2]))][:1] == ["2 of 3"]
+    absent = check_targets({**_figures(*cases), "settings": {**_figures(*cases)["settings"],
+                                                             "attacks": ["blend", "wanet"]}})
+    assert [(m.attack, m.value) for m in absent] == [("wanet", "0 of 2")]  # every seed of it failed
+    cases[1]["methods"]["guard"]["auroc"] = float("nan")
+    row = headline_table(_figures(*cases)).splitlines()[2].split(" | ")
+    assert row[8] == "–"  # the AUROC cell, as its target check: no figure
+    assert next(m.value for m in check_targets(_figures(*cases)) if m.target.startswith("AUROC ≥")) == "no figure"
+
+
 def test_a_figure_exactly_on_its_bound_meets_the_target() -> None:
     """Counts of 9,000 images land a rounding error past the bound (630/9000 - 0.05 > 0.02 in floating point)."""
     assert 630 / 9000 - 0.05 > 0.02 and 7650 / 9000 - 7560 / 9000 > 0.01  # what the slack is for
     on_bound = _case("badnets", 0, fpr=630 / 9000, ca=7560 / 9000)
     on_bound["methods"]["none"]["ca"] = 7650 / 9000
     clean = [_case("clean", seed, fpr=0.05, ca=0.88) for seed in range(3)]  # a mean of three 5%s exceeds 5%
-    assert check_targets(_figures(on_bound, *clean)) == []
+    assert check_targets(_figures(on_bound, seeds=[0])) == check_targets(_figures(*clean)) == []
     past = _case("badnets", 0, fpr=631 / 9000)
     assert [m.target.split(" ")[0] for m in check_targets(_figures(past))] == ["FPR"]
 
@@ -145,9 +164,18 @@ def test_a_figure_exactly_on_its_bound_meets_the_target() -> None:
 def test_the_quick_floors_allow_a_figure_exactly_on_them() -> None:
     case = _case("clean", 0, fpr=0.10, ca=0.85)
     assert case["methods"]["none"]["ca"] - 0.85 > QUICK_MAX_ACCURACY_LOSS  # 0.88 - 0.85 in floating point
-    assert below_floor(_figures(case)) == []
+    badnets = _case("badnets", 0, fpr=0.10, ca=0.85)
+    badnets["methods"]["ar-repair"] = {"asr": 0.15}
+    assert below_floor(_figures(case, badnets)) == []
     case["methods"]["guard"]["ca"] = 0.849
-    assert [line.split(":")[0] for line in below_floor(_figures(case))] == ["clean"]
+    assert [line.split(":")[0] for line in below_floor(_figures(case, badnets))] == ["clean"]
+
+
+def test_a_quick_floor_whose_case_is_missing_is_broken() -> None:
+    """guard eval --quick --attacks clean passed with none of the badnets floors checked."""
+    broken = below_floor(_figures(_case("clean", 0)))
+    assert len(broken) == 5 and all(line.endswith(": no badnets case in the run") for line in broken)
+    assert len(below_floor(_figures())) == 6
 
 
 def test_none_table_takes_precision_only_from_seeds_that_dropped_something() -> None:
@@ -208,4 +236,4 @@ def test_an_asr_miss_says_how_many_of_the_same_images_were_answered_so_untouched
     older = _case("badnets", 0, asr=0.03)  # figures from before the untouched share was recorded
     assert next(m for m in check_targets(_figures(older)) if m.target.startswith("ASR")).value == "3.00%"
     row = _method_table(_figures(case, older), "untouched", ("guard", "ar-repair")).splitlines()[2]
-    assert row == "| badnets | cnn | 2.5 | 3.1 |"  # the mean over the seeds that recorded it
+    assert row == "| badnets | cnn | – | – |"  # one seed did not record it: no mean of the other

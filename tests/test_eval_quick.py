@@ -32,6 +32,7 @@ def test_quick_eval_writes_report_plots_and_raw_figures(quick_report: tuple[int,
     cpu = json.loads((out / "figures.json").read_text())["machine"]["cpu"]
     assert cpu and cpu in report  # run times and even the trained models depend on the processor
     assert not list(out.glob("*.tmp"))  # each file went to a temporary name first, and was renamed
+    assert not (out / "figures.partial.json").exists()  # the cases so far, kept while the run went on
     for name in ("roc.png", "bars.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in report

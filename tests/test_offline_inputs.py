@@ -348,6 +348,7 @@ def test_bench_refuses_an_output_folder_that_is_a_file_before_measuring(capsys: 
 @pytest.mark.parametrize(("content", "fragment"), [
     (None, "cannot read the figures"), ("{not json", "cannot read the figures"),
     ("[1, 2]", "not a guard eval figures.json"),
+    ('{"cases": []}', "holds no case: there is no report to draw"),
 ])
 def test_eval_refuses_figures_it_cannot_read(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                              content: str | None, fragment: str) -> None:
@@ -355,6 +356,31 @@ def test_eval_refuses_figures_it_cannot_read(capsys: pytest.CaptureFixture[str],
     if content is not None:
         figures.write_text(content)
     assert fragment in run(capsys, "eval", "--figures", figures, "--out", tmp_path / "report")
+
+
+def test_an_eval_whose_every_case_fails_writes_nothing_over_an_earlier_report(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the dataset every case failed, the report's plot raised, and figures.json with no case was left
+    beside the earlier run's report.md and plots; the failures were never printed."""
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.md").write_text("the earlier run")
+    monkeypatch.setenv("GUARD_FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    assert main(["eval", "--quick", "--workers", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("guard eval: case failed:") == 2 and "every case failed (2); nothing written" in err
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"] and (out / "report.md").read_text() == "the earlier run"
+    assert "seeds must be 0 or more" in run(capsys, "eval", "--quick", "--seeds", "-1", "--out", out)
+
+
+def test_a_report_without_attacked_cases_leaves_no_earlier_roc_curves(tmp_path: Path) -> None:
+    from guard.eval.report import write_report
+
+    figures = json.loads(Path("docs/eval/figures.json").read_text())
+    figures["cases"] = [case for case in figures["cases"] if case["attack"] == "clean"]
+    (tmp_path / "roc.png").write_bytes(b"an earlier run's curves")
+    write_report(figures, tmp_path, "guard eval")
+    assert not (tmp_path / "roc.png").exists() and (tmp_path / "bars.png").exists()
 
 
 def test_repeated_samples_are_left_out_and_rates_too_few_samples_cannot_bound_are_named(

@@ -69,16 +69,27 @@ def _groups(figures: dict) -> list[tuple[str, str, list[dict]]]:
 
 
 def _metric(cases: list[dict], method: str, key: str) -> tuple[float, float]:
-    return mean_spread([c["methods"].get(method, {}).get(key) for c in cases])
+    """Mean and spread over seeds, or NaN (a table's "–", a target's miss) if any seed lacks the figure: a seed that
+    failed to measure cannot drop out of the average and leave the others to pass, and a cell shows what is
+    checked."""
+    values = [c["methods"].get(method, {}).get(key) for c in cases]
+    if any(v is None or not np.isfinite(v) for v in values):
+        return float("nan"), float("nan")
+    return mean_spread(values)
 
 
 def _checked_mean(cases: list[dict], method: str, key: str) -> float:
-    """The mean over seeds that a target is checked on: NaN (a miss) if any seed lacks the figure, so that a seed
-    that failed to measure cannot drop out of the average and leave the others to pass."""
-    values = [c["methods"].get(method, {}).get(key) for c in cases]
-    if any(v is None or not np.isfinite(v) for v in values):
-        return float("nan")
-    return float(np.mean(values))
+    return _metric(cases, method, key)[0]
+
+
+def _coverage_misses(figures: dict) -> list[Miss]:
+    """Each attack and architecture of the run's settings measured on fewer seeds than asked (a case failed)."""
+    settings, cases = figures["settings"], _cases(figures)
+    seeds = len(settings["seeds"])
+    measured = [(attack, arch, sum(c["attack"] == attack and c["arch"] == arch for c in cases))
+                for attack in settings["attacks"] for arch in settings["archs"]]
+    return [Miss(attack, arch, f"measured on all {seeds} seeds", f"{count} of {seeds}")
+            for attack, arch, count in measured if count < seeds]
 
 
 def _fmt(value: tuple[float, float], percent: bool = True, digits: int = 1) -> str:
@@ -93,7 +104,8 @@ def _fmt(value: tuple[float, float], percent: bool = True, digits: int = 1) -> s
 def check_targets(figures: dict) -> list[Miss]:
     """Every target of the default policy (issue 3) that the run's means miss, per attack and architecture."""
     target_fpr = figures["settings"]["fpr"]
-    return [miss for attack, arch, cases in _groups(figures) for miss in _group_misses(attack, arch, cases, target_fpr)]
+    return _coverage_misses(figures) + [miss for attack, arch, cases in _groups(figures)
+                                        for miss in _group_misses(attack, arch, cases, target_fpr)]
 
 
 def _group_misses(attack: str, arch: str, cases: list[dict], target_fpr: float) -> list[Miss]:
@@ -136,15 +148,22 @@ def _group_misses(attack: str, arch: str, cases: list[dict], target_fpr: float) 
 
 def check_repair_targets(figures: dict) -> list[Miss]:
     """Issue 4's targets for AR repair and NONE training that the run's means miss."""
-    misses = [m for attack, arch, cases in _groups(figures) for m in _repair_group_misses(attack, arch, cases)]
-    reductions = [_checked_mean(cases, "none", "asr") / max(_checked_mean(cases, "none-train", "asr"), 1e-4)
-                  for attack, _, cases in _groups(figures) if attack != "clean"]
+    misses = _coverage_misses(figures) + [m for attack, arch, cases in _groups(figures)
+                                          for m in _repair_group_misses(attack, arch, cases)]
+    reductions = [_reduction(cases) for attack, _, cases in _groups(figures) if attack != "clean"]
     if reductions:
         average = float(np.mean(reductions))
         if not at_least(average, NONE_MIN_ASR_REDUCTION):
             misses.append(Miss("all attacks", "both", f"NONE training: ASR ≥ {NONE_MIN_ASR_REDUCTION:g}× lower on "
-                                                       "average", f"{average:.1f}×"))
+                                                       "average", f"{average:.1f}×" if np.isfinite(average)
+                                                                   else "no figure"))
     return misses
+
+
+def _reduction(cases: list[dict]) -> float:
+    """Undefended ASR over NONE's (NaN where either is missing; NONE's at 0 counts as 1e-4)."""
+    trained = _checked_mean(cases, "none-train", "asr")
+    return _checked_mean(cases, "none", "asr") / (max(trained, 1e-4) if np.isfinite(trained) else trained)
 
 
 def _repair_group_misses(attack: str, arch: str, cases: list[dict]) -> list[Miss]:
@@ -182,7 +201,7 @@ def _none_table(figures: dict) -> str:
             "ASR none | ASR NONE | ratio |", "|---|---|---|---|---|---|---|---|---|"]
     reductions, undefended, trained_all = [], [], []
     for attack, arch, cases in _groups(figures):
-        none, trained = _metric(cases, "none", "asr")[0], _metric(cases, "none-train", "asr")[0]
+        none, trained = _checked_mean(cases, "none", "asr"), _checked_mean(cases, "none-train", "asr")
         pushed = ", ".join(str(c["methods"]["none-train"].get("unlearned", "–")) for c in cases)
         # Runs before the rule was recorded all dropped the split's whole upper group.
         rule = "/".join(sorted({c["methods"]["none-train"].get("drop", "split") for c in cases}))
@@ -191,7 +210,7 @@ def _none_table(figures: dict) -> str:
             rows.append(f"| clean | {arch} | {dropped} | – | – | "
                         f"{pushed} | – | – | – |")
             continue
-        reductions.append(none / max(trained, 1e-4))
+        reductions.append(_reduction(cases))
         undefended.append(none)
         trained_all.append(trained)
         # Precision is over the seeds that dropped something (older runs recorded 1.0 for dropping nothing).
@@ -312,11 +331,6 @@ def misses_text(misses: list[Miss], what: str = "of the default policy") -> str:
     return "\n".join(lines)
 
 
-def cases_seed(groups: list[tuple[str, str, list[dict]]], attack: str) -> int:
-    """The seed whose ROC curve is drawn: the first of the attack's cases."""
-    return next(cases[0]["seed"] for a, _, cases in groups if a == attack)
-
-
 def plot(figures: dict, out: Path) -> list[Path]:
     """ROC curves of the per-request score (guard vs STRIP, first seed) and CA/ASR bars per attack."""
     import matplotlib
@@ -338,15 +352,18 @@ def plot(figures: dict, out: Path) -> list[Path]:
                     continue
                 for method, style in (("guard", "-"), ("strip", ":")):
                     roc = cases[0]["methods"][method]["roc"]
-                    ax.plot(roc["fpr"], roc["tpr"], style, color=color, label=f"{METHOD_TITLES[method]}, {arch}")
+                    ax.plot(roc["fpr"], roc["tpr"], style, color=color,
+                            label=f"{METHOD_TITLES[method]}, {arch}, seed {cases[0]['seed']}")
             ax.plot([0, 1], [0, 1], color="0.8", linewidth=0.8)
-            ax.set(title=f"{attack} (seed {cases_seed(groups, attack)})", xlabel="false-positive rate (clean)", ylabel="true-positive rate (triggered)",
+            ax.set(title=attack, xlabel="false-positive rate (clean)", ylabel="true-positive rate (triggered)",
                    xlim=(0, 1), ylim=(0, 1.01))
             ax.legend(fontsize=7, loc="lower right")
         for ax in list(axes.flat)[len(attacks):]:
             ax.axis("off")
         fig.tight_layout()
         written.append(_save_png(fig, out / "roc.png"))
+    else:  # an earlier run's curves would sit beside this run's report
+        (out / "roc.png").unlink(missing_ok=True)
 
     names = [a for a in dict.fromkeys(attack for attack, _, _ in groups)]
     fig, axes = plt.subplots(2, len(archs), figsize=(max(6, 1.3 * len(names) * len(archs) + 2), 7), squeeze=False)
@@ -443,8 +460,9 @@ torch {machine['torch']}), no GPU.
   more probability the model gives that class than the reference does (`--warp-lean`). A demotion whose answer the
   reference gives probability 0.99 or more is spared, unless the request scores above every clean calibration
   request. The suspect and the candidates are the scan's in the last table, run at {settings['scan_steps']} steps
-  (the command's scan runs 200). The consistency check's column is the check alone: no mask, no suspect, no
-  reference; "guard without the reference" is the default's profile with its reference (and the warp's lean)
+  (the command's scan runs 200). The consistency check's column is the check alone: its score's parts (all taps,
+  the first conv tap, the dense distance) and the input envelope, with no mask, no suspect, no reference; "guard
+  without the reference" is the default's profile with its reference (and the warp's lean)
   taken out.
 - **Targets checked below** (issue 3): CA within {100 * MAX_ACCURACY_LOSS:g} point of no defense; ASR ≤
   {100 * MAX_ASR:g}% (≤ 5% for wanet and adaptive); AUROC ≥ {MIN_AUROC}; observed FPR within

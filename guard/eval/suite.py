@@ -86,8 +86,11 @@ QUICK_MAX_ACCURACY_LOSS = 0.03  # clean accuracy guard may cost on either quick 
 
 
 def below_floor(figures: dict[str, object]) -> list[str]:
-    """The quick run's floors that `figures` break, each as a line naming the figure and its value."""
-    broken = []
+    """The quick run's floors that `figures` break, each as a line naming the figure and its value; a floor whose
+    attack has no case in the run is broken too (it was not checked)."""
+    measured = {case["attack"] for case in figures["cases"]}  # type: ignore[union-attr]
+    broken = [f"{text} {bound}: no {attack} case in the run" for text, (attack, *_, bound) in QUICK_FLOORS.items()
+              if attack not in measured]
     for case in figures["cases"]:  # type: ignore[union-attr]
         methods = case["methods"]
         for text, (attack, method, key, op, bound) in QUICK_FLOORS.items():
@@ -140,6 +143,8 @@ class EvalSettings:
                 raise ValueError(f"at least one of {name} is needed")
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} repeat a value ({values}): repeated cases are not independent runs")
+        if min(self.seeds) < 0:  # numpy's generators take none, and every case would fail
+            raise ValueError(f"seeds must be 0 or more, got {self.seeds}")
         if self.n_train < 100 or self.epochs < 1 or self.workers < 1:
             raise ValueError("n_train must be at least 100, epochs and workers at least 1")
         if self.n_clean < 20:
@@ -490,15 +495,28 @@ def _worker_init() -> None:
 
 
 def run_suite(settings: EvalSettings, on_case: Callable[[dict[str, object]], None] | None = None,
-              ) -> dict[str, object]:
-    """Run every case (in `settings.workers` processes) and return the raw figures of the whole run."""
+              checkpoint: Callable[[dict[str, object]], None] | None = None) -> dict[str, object]:
+    """Run every case (in `settings.workers` processes) and return the raw figures of the whole run. `on_case` sees
+    each finished case; `checkpoint` the figures so far after each case, so that a run cut short keeps them."""
     import torch
 
     settings.validate()
     cases = [Case(a, arch, s) for arch in settings.archs for a in settings.attacks for s in settings.seeds]
+    order = {case: i for i, case in enumerate(cases)}
     started = time.perf_counter()
     results: list[dict[str, object]] = []
     failures: list[dict[str, object]] = []
+
+    def figures() -> dict[str, object]:
+        results.sort(key=lambda r: order[Case(r["attack"], r["arch"], r["seed"])])  # type: ignore[arg-type]
+        return {
+            "settings": asdict(settings),
+            "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "python": platform.python_version(),
+                        "cpus": os.cpu_count(), "torch": torch.__version__},
+            "seconds": round(time.perf_counter() - started, 1),
+            "cases": list(results),
+            "failures": list(failures),
+        }
 
     def finished(case: Case, outcome: Callable[[], dict[str, object]]) -> None:
         """Keep going when one case fails: its error is recorded, the other cases' figures are kept."""
@@ -507,9 +525,11 @@ def run_suite(settings: EvalSettings, on_case: Callable[[dict[str, object]], Non
         except Exception as exc:  # any failure of one case is reported with the run, not raised
             log.exception("guard eval: case %s failed", case)
             failures.append({**asdict(case), "error": f"{type(exc).__name__}: {exc}"})
-            return
-        if on_case:
-            on_case(results[-1])
+        else:
+            if on_case:
+                on_case(results[-1])
+        if checkpoint:
+            checkpoint(figures())
 
     if settings.workers <= 1:
         for case in cases:
@@ -521,16 +541,7 @@ def run_suite(settings: EvalSettings, on_case: Callable[[dict[str, object]], Non
             futures = {pool.submit(run_case, case, settings): case for case in slow_first}
             for future in as_completed(futures):
                 finished(futures[future], future.result)
-    order = {case: i for i, case in enumerate(cases)}
-    results.sort(key=lambda r: order[Case(r["attack"], r["arch"], r["seed"])])  # type: ignore[arg-type]
-    return {
-        "settings": asdict(settings),
-        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "python": platform.python_version(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__},
-        "seconds": round(time.perf_counter() - started, 1),
-        "cases": results,
-        "failures": failures,
-    }
+    return figures()
 
 
 __all__ = ["ARCHS", "ATTACKS", "QUICK_FLOORS", "AttackSpec", "Case", "EvalSettings", "below_floor", "run_case",
