@@ -188,6 +188,11 @@ def test_a_misspelt_layer_is_refused_before_the_scan(tmp_path: Path, capsys: pyt
         out, err = capsys.readouterr()
         assert code == 2 and "no tensor named ['relu_9']" in err, command
         assert "scan" not in out, command  # refused before the scan's seconds were spent
+    ends = [load_model(backdoored.model_path).input_name, load_model(backdoored.model_path).output_name]
+    for end in ends:  # the output was calibrated, and the profile could then never be served
+        assert f"cannot tap the model's input or outputs ['{end}']" in run(
+            capsys, "calibrate", backdoored.model_path, "--data", clean, "--layers", end, "--no-scan",
+            "--out", tmp_path / "out")
 
 
 def test_scan_refuses_an_output_folder_that_is_a_file_before_scanning(tmp_path: Path,

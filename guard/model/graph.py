@@ -165,9 +165,14 @@ def default_taps(model: LoadedModel, conv_taps: int, first_conv: bool = False) -
 
 
 def validate_taps(model: LoadedModel, taps: list[str]) -> None:
-    """Every tap must be a rank-4 or rank-2 tensor the graph computes."""
+    """Every tap must be a rank-4 or rank-2 tensor the graph computes inside: not its input, and not an output,
+    which the served graph's mask and check would rename (a profile tapping one calibrated, then never loaded)."""
     produced = {out for node in model.proto.graph.node for out in node.output}
     ranks = tensor_ranks(model.proto)
+    ends = [t for t in taps if t == model.input_name or t in {o.name for o in model.proto.graph.output}]
+    if ends:
+        raise ModelError(f"cannot tap the model's input or outputs {ends}: name a tensor the graph computes on "
+                         "the way")
     missing = [t for t in taps if t not in produced]
     if missing:
         sample = [n.output[0] for n in model.proto.graph.node][-8:]
