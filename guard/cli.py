@@ -735,7 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=".npz with clean x (N, C, H, W) and optional y (N,), or an image folder")
     scan.add_argument("--out", type=Path, default=Path("guard-scan"),
                       help="folder for scan.json, trigger.npz and the trigger pictures (default guard-scan)")
-    scan.add_argument("--steps", type=int, help="optimisation steps for the triggers (default 200)")
+    scan.add_argument("--steps", type=int, help="optimisation steps for the patch triggers (default 200; the warp "
+                                                "and blend scans run their own 150)")
     scan.add_argument("--threshold", type=float, help="anomaly index above which a class is named (default 2.0)")
     scan.add_argument("--warps", action=argparse.BooleanOptionalAction, default=True,
                       help="also look for a warping trigger: the class a small smooth warp sends most images to "

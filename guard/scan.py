@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 import time
 import zlib
@@ -44,6 +45,8 @@ from guard.calibrate.linf import (
 )
 from guard.calibrate.synthesis import (
     DEFAULT_THRESHOLD,
+    MIN_CLASSES_TO_JUDGE,
+    MIN_SUSPECT_SUCCESS,
     BlendTrigger,
     IndexScale,
     ScanResult,
@@ -245,6 +248,10 @@ def _run_scan(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     x = np.asarray(x, dtype=np.float32)
     y = None if y is None else np.asarray(y, dtype=np.int64)
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "scan")
+    if x.min() < 0 or x.max() > 1:  # the synthesised patterns lie in [0, 1]
+        log.warning("scan: the clean images range over [%.3g, %.3g], the triggers it synthesises over [0, 1]: a "
+                    "trigger of another range is searched for in the wrong place (scale the model's input to [0, 1] "
+                    "inside it, or trust the scan less)", x.min(), x.max())
     taps = _pruning_taps(loaded, settings.layers)
     tap_model = OnnxTaps(loaded, taps)
     hold, fit = holdout_split(len(x), settings.holdout, settings.seed)
@@ -387,6 +394,15 @@ def _format_stamps(report: ScanReport) -> str:
         mark = "  <- suspect" if trigger.target == result.suspect else ""
         lines.append(f"{trigger.target:>5}  {trigger.mask_l1:>8.1f}  {trigger.success:>7.3f}  {index:>13.2f}{mark}")
     best = int(np.argmax(result.anomaly_index))
+    if len(result.triggers) < MIN_CLASSES_TO_JUDGE:
+        lines.append(f"the scan cannot judge a model of {len(result.triggers)} classes: the anomaly index compares "
+                     f"each trigger with the median of the others, and needs {MIN_CLASSES_TO_JUDGE} or more")
+        return "\n".join(lines)
+    if result.suspect is None and result.triggers[best].success < MIN_SUSPECT_SUCCESS:
+        lines.append(f"no class is suspected: class {best} has the smallest trigger (anomaly index "
+                     f"{result.anomaly_index[best]:.2f}), but it sends only {result.triggers[best].success:.3f} of "
+                     f"the images to it (it did not converge: give the scan more --steps)")
+        return "\n".join(lines)
     if result.suspect is None:
         lines.append(f"no class is suspected: the largest anomaly index is {result.anomaly_index[best]:.2f} "
                      f"(class {best}), threshold {result.threshold}")
@@ -404,19 +420,22 @@ def _format_stamps(report: ScanReport) -> str:
     return "\n".join(lines)
 
 
+# The per-class files a scan writes.
+_SCAN_FILE = re.compile(r"(candidate|warp|blend)_\d+\.npz|(trigger|mask)_\d+\.png")
+
+
 def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
     """scan.json always; candidate_K.npz for each candidate class K, warp_K.npz for the class the warp scan names
     and blend_K.npz for the class the blend scan names (what `guard repair --scan` and `guard calibrate` unlearn, so `guard repair --trigger` can be given the same);
     and trigger.npz and the two PNGs (mask·pattern, mask) when a class is suspected, each written whole or not at
     all. An earlier scan's files in the folder are removed first, so none is taken for this scan's."""
     out = Path(out_dir)
-    classes = range(len(report.classes.triggers))
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in [out / REPORT_FILE, out / TRIGGER_FILE, *(out / candidate_file(k) for k in classes),
-                      *(out / warp_file(k) for k in classes), *(out / blend_file(k) for k in classes),
-                      *(out / f"{kind}_{k}.png" for kind in ("trigger", "mask") for k in classes)]:
-            stale.unlink(missing_ok=True)
+        # by pattern: a scan of a model with more classes left files past this model's last class
+        stale = [out / REPORT_FILE, out / TRIGGER_FILE, *(path for path in out.iterdir() if _SCAN_FILE.fullmatch(path.name))]
+        for path in stale:
+            path.unlink(missing_ok=True)
         written = []
         for candidate in report.candidates:
             if isinstance(candidate, WarpTrigger):

@@ -19,7 +19,15 @@ from guard.calibrate.taps import OnnxTaps
 from guard.cli import main
 from guard.errors import GuardError
 from guard.model.graph import load_model
-from guard.scan import PNG_SIGNATURE, ScanReport, ScanSettings, encode_png, run_scan, write_outputs
+from guard.scan import (
+    PNG_SIGNATURE,
+    ScanReport,
+    ScanSettings,
+    encode_png,
+    format_report,
+    run_scan,
+    write_outputs,
+)
 
 
 def _decode_png(data: bytes) -> np.ndarray:
@@ -163,6 +171,21 @@ def test_anomaly_index_names_only_a_small_outlier():
     assert pick_suspect(anomaly_index(large)) is None
     # The linear index cannot reach 2 when the natural sizes spread this much, whatever the outlier's size.
     assert pick_suspect(anomaly_index(small, "linear")) is None
+    # A small mask whose trigger does not work is an optimisation cut short (too few --steps), not a backdoor.
+    success = np.ones(10)
+    assert pick_suspect(anomaly_index(small), success=success) == 3
+    success[3] = 0.055
+    assert pick_suspect(anomaly_index(small), success=success) is None
+
+
+def test_the_verdict_says_when_the_scan_cannot_judge(tmp_path):
+    """Two classes always give indexes of ±0.67, which read as a clean verdict; a small trigger that never
+    converged is named as such."""
+    two = format_report(_report([-0.67, 0.67], None))
+    assert "cannot judge a model of 2 classes" in two and "no class is suspected" not in two
+    unconverged = _report([0.1, 0.2, 3.0, -0.5], None)
+    unconverged.classes.triggers[2].success = 0.055
+    assert "it did not converge: give the scan more --steps" in format_report(unconverged)
 
 
 def _report(index: list[float], suspect: int | None, **settings: float) -> ScanReport:
@@ -225,8 +248,38 @@ def test_scan_outputs_are_written_whole_and_a_failed_write_leaves_no_stale_summa
     assert not (tmp_path / "scan.json").exists() and not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_scan_removes_every_earlier_scans_files_not_only_those_of_its_classes(tmp_path):
+    """A scan of a 100-class model left candidate_10..99 and its suspect's pictures beside a 10-class scan's."""
+    earlier = ["candidate_42.npz", "warp_77.npz", "blend_12.npz", "trigger_30.png", "mask_30.png", "trigger.npz"]
+    for name in [*earlier, "notes.txt", "candidate_x.npz"]:
+        (tmp_path / name).write_bytes(b"")
+    written = write_outputs(_report([0.1, 0.2, 3.0, -0.5], 2), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in written), "notes.txt",
+                                                                 "candidate_x.npz"])
+
+
 def test_png_encoder_writes_grey_and_rgb():
     grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
     rgb = np.arange(36, dtype=np.uint8).reshape(3, 4, 3)
     assert (_decode_png(encode_png(grey)) == grey).all()
     assert (_decode_png(encode_png(rgb)) == rgb).all()
+
+
+def test_a_scan_of_images_outside_0_to_1_says_its_triggers_are_not(backdoored):
+    """The synthesised patterns lie in [0, 1]; a model fed normalised images hides its trigger elsewhere."""
+    import logging
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("guard.scan").addHandler(handler)
+    try:
+        settings = ScanSettings(steps=5, warp_scan=False, blend_scan=False)
+        run_scan(backdoored.model_path, backdoored.x_clean[:100] * 2 - 0.5, backdoored.y_clean[:100],
+                 settings=settings)
+        assert any("range over [-0.5, 1.5], the triggers it synthesises over [0, 1]" in line for line in said)
+        said.clear()
+        run_scan(backdoored.model_path, backdoored.x_clean[:100], backdoored.y_clean[:100], settings=settings)
+        assert not any("range over" in line for line in said)
+    finally:
+        logging.getLogger("guard.scan").removeHandler(handler)

@@ -44,6 +44,11 @@ from guard.samples import needed, npz_array, open_npz, write_atomic
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD an estimate of the standard deviation for normal data
 DEFAULT_THRESHOLD = 2.0  # anomaly index above which a class is named (Neural Cleanse's choice)
+# A class is named only if its trigger works: one that never converged (too few --steps) has a small mask because the
+# optimisation stopped, not because a backdoor made it small (5 steps named a clean model's class at success 0.055).
+MIN_SUSPECT_SUCCESS = 0.5
+# The median and MAD of fewer sizes than this cannot single one out: with two classes every index is ±0.67.
+MIN_CLASSES_TO_JUDGE = 3
 
 Logits = Callable[[torch.Tensor], torch.Tensor]
 IndexScale = Literal["log", "linear"]
@@ -211,9 +216,13 @@ def anomaly_index(l1: np.ndarray, scale: IndexScale = "log") -> np.ndarray:
     return (median - sizes) / spread
 
 
-def pick_suspect(index: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> int | None:
-    """The class with the largest anomaly index, if it exceeds the threshold."""
+def pick_suspect(index: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
+                 success: np.ndarray | None = None) -> int | None:
+    """The class with the largest anomaly index, if it exceeds the threshold and (where `success` is given) its
+    trigger sends at least MIN_SUSPECT_SUCCESS of the other classes' images to it."""
     best = int(np.argmax(index))
+    if success is not None and success[best] < MIN_SUSPECT_SUCCESS:
+        return None
     return best if index[best] > threshold else None
 
 
@@ -263,7 +272,8 @@ def scan_classes(model: LoadedModel | torch.nn.Module | Logits, x: np.ndarray, y
     started = time.perf_counter()
     triggers = synthesize_triggers(model, x, y, settings=settings)
     index = anomaly_index(np.array([t.mask_l1 for t in triggers]), index_scale)
-    return ScanResult(triggers=triggers, anomaly_index=index, suspect=pick_suspect(index, threshold),
+    suspect = pick_suspect(index, threshold, np.array([t.success for t in triggers]))
+    return ScanResult(triggers=triggers, anomaly_index=index, suspect=suspect,
                       threshold=threshold, index_scale=index_scale, seconds=time.perf_counter() - started,
                       settings=vars(settings).copy())
 
