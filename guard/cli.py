@@ -62,6 +62,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     profile = calibrate(model, x, y, settings=settings, progress=not args.quiet, triggers=triggers)
     profile.save(args.out)
     f = profile.figures
+    measure = "accuracy" if y is not None else "agreement with the model"  # unlabelled: the model's answers stand in
     suspected = ("" if profile.thresholds.suspect is None else
                  f", class {profile.thresholds.suspect}'s answers demoted at rate "
                  f"{f['calibration_suspect_demote_rate']:.3f} (at most {settings.suspect_rate})")
@@ -77,8 +78,8 @@ def _calibrate(args: argparse.Namespace) -> int:
                                      f["reference_unlearned_blends"])
         referred = (f", reference overrules {f['reference_overrule_rate']:.3f} of {f['reference_holdout_samples']} "
                     f"held-out samples of {f['reference_folds']} fine-tuning(s)"
-                    f"{'' if net is None else f', {net:+d} right answers on them'} (the kept copy's accuracy on its "
-                    f"own held-out fold {f['reference_holdout_accuracy']:.3f}; unlearned {unlearned})")
+                    f"{'' if net is None else f', {net:+d} right answers on them'} (the kept copy's {measure} on "
+                    f"its own held-out fold {f['reference_holdout_accuracy']:.3f}; unlearned {unlearned})")
         if profile.thresholds.warp_class is not None:
             referred += (f", class {profile.thresholds.warp_class}'s answers (the warp's) overruled past "
                          f"{profile.thresholds.warp_overrule:.3f}")
@@ -99,7 +100,7 @@ def _calibrate(args: argparse.Namespace) -> int:
               + f" at --fpr-confidence {settings.fpr_confidence}: each such threshold is the highest clean score, "
               "and the rate on fresh requests may be higher than the one printed")
     print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
-          f"channels, held-out accuracy {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
+          f"channels, held-out {measure} {f['holdout_accuracy_unguarded']:.3f} -> {f['holdout_accuracy_masked']:.3f}, "
           f"cross-fitted flag rate {f['calibration_flag_rate']:.3f} (target {args.fpr}), demote rate "
           f"{f['calibration_demote_rate']:.3f} (at most {args.demote_rate}){enveloped}{suspected}{referred}, "
           f"{f['seconds']:.1f} s")

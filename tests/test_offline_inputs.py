@@ -409,3 +409,13 @@ def test_repeated_samples_are_left_out_and_rates_too_few_samples_cannot_bound_ar
     profile = Profile.load(tmp_path / "p.safetensors")
     assert profile.figures["duplicates_dropped"] == 40 and profile.figures["samples"] == 80
     assert profile.thresholds.tau == once.thresholds.tau and profile.thresholds.demote == once.thresholds.demote
+
+
+def test_unlabelled_calibration_prints_agreement_not_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             backdoored: Backdoored) -> None:
+    """Without labels the model's answers stand in for them: its 'accuracy' was 1.000 by definition."""
+    data = write_npz(tmp_path / "x.npz", x=backdoored.x_clean[:300])
+    assert main(["calibrate", str(backdoored.model_path), "--data", str(data), "--no-scan", "--no-reference",
+                 "--out", str(tmp_path / "p.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out agreement with the model 1.000 -> " in out and "accuracy" not in out
