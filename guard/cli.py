@@ -309,9 +309,8 @@ PARTIAL_FIGURES = "figures.partial.json"
 def _eval(args: argparse.Namespace) -> int:
     import shlex
 
-    from guard.eval.report import check_targets, headline_table, misses_text, write_report
+    from guard.eval.report import PartialFigures, check_targets, headline_table, misses_text, write_report
     from guard.eval.suite import EvalSettings, below_floor, run_suite
-    from guard.samples import write_atomic
 
     try:
         import matplotlib  # noqa: F401 - checked now, not after an hour of training
@@ -358,20 +357,14 @@ def _eval(args: argparse.Namespace) -> int:
               f"ASR {asr}, FPR {row['fpr']:.3f} ({case['seconds']:.0f} s)", flush=True)
 
     command = "guard " + shlex.join(args.argv)
-    partial = args.out / PARTIAL_FIGURES  # the cases so far: a run cut short can still be drawn with --figures
-
-    def checkpoint(figures: dict) -> None:
-        if figures["cases"]:
-            text = json.dumps({**figures, "command": command}, indent=1) + "\n"
-            write_atomic(partial, lambda tmp: tmp.write_text(text))
-
-    figures = run_suite(settings, on_case=progress, checkpoint=checkpoint)
+    partial = PartialFigures(args.out / PARTIAL_FIGURES, command)
+    figures = run_suite(settings, on_case=progress, checkpoint=partial.keep)
     for failure in figures["failures"]:
         print(f"guard eval: case failed: {failure}", file=sys.stderr)
     if not figures["cases"]:  # nothing to draw; an earlier report in --out stays whole
         raise GuardError(f"every case failed ({len(figures['failures'])}); nothing written to {args.out}")
     report = write_report(figures, args.out, command)
-    partial.unlink(missing_ok=True)
+    partial.remove()
     print(headline_table(figures))
     print(misses_text(check_targets(figures)))
     print(f"guard: wrote {report} ({figures['seconds'] / 60:.1f} min)")

@@ -112,6 +112,8 @@ class ServeSettings(BaseSettings):
 
 
 class _OnlyGiven(ServeSettings):
+    """ServeSettings whose only source is the values given: no GUARD_* variable, no settings file."""
+
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Any,
                                    **environment: Any) -> tuple[Any, ...]:

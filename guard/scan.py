@@ -398,11 +398,12 @@ def _format_stamps(report: ScanReport) -> str:
         lines.append(f"the scan cannot judge a model of {len(result.triggers)} classes: the anomaly index compares "
                      f"each trigger with the median of the others, and needs {MIN_CLASSES_TO_JUDGE} or more")
         return "\n".join(lines)
-    if result.suspect is None and result.triggers[best].success < MIN_SUSPECT_SUCCESS:
-        lines.append(f"no class is suspected: class {best} has the smallest trigger (anomaly index "
-                     f"{result.anomaly_index[best]:.2f}), but it sends only {result.triggers[best].success:.3f} of "
-                     f"the images to it (it did not converge: give the scan more --steps)")
-        return "\n".join(lines)
+    unconverged = [t.target for t, index in zip(result.triggers, result.anomaly_index, strict=True)
+                   if index > result.threshold and t.success < MIN_SUSPECT_SUCCESS]
+    if unconverged:  # named or not, the verdict read small masks that an optimisation cut short leaves
+        lines.append(f"class(es) {unconverged} have anomalously small triggers that send under "
+                     f"{MIN_SUSPECT_SUCCESS} of the images to them, so none of them is named: they did not converge; "
+                     "give the scan more --steps")
     if result.suspect is None:
         lines.append(f"no class is suspected: the largest anomaly index is {result.anomaly_index[best]:.2f} "
                      f"(class {best}), threshold {result.threshold}")
@@ -433,7 +434,8 @@ def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
         # by pattern: a scan of a model with more classes left files past this model's last class
-        stale = [out / REPORT_FILE, out / TRIGGER_FILE, *(path for path in out.iterdir() if _SCAN_FILE.fullmatch(path.name))]
+        stale = [out / REPORT_FILE, out / TRIGGER_FILE,
+                 *(path for path in out.iterdir() if _SCAN_FILE.fullmatch(path.name))]
         for path in stale:
             path.unlink(missing_ok=True)
         written = []

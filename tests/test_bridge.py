@@ -523,6 +523,11 @@ def test_equal_split_that_does_not_divide_is_refused() -> None:
     uneven = OnnxModule(_model([N("Split", ["x"], ["a", "b"], axis=2, name="split")], X4, {"a": F, "b": F}, 13))
     with pytest.raises(ModelError, match=r"Split node 'split'.*7 does not split evenly into 2"):
         uneven.run(torch.from_numpy(X4["x"]))
+    # At opset 18 the last part may be empty but not negative: 5 into 4 (2, 2, 2, -1) is refused there too.
+    four = OnnxModule(_model([N("Split", ["x"], ["a", "b", "c", "d"], axis=0, num_outputs=4, name="split")],
+                             {"x": _rand(5, 2)}, dict.fromkeys("abcd", F), 18))
+    with pytest.raises(ModelError, match=r"Split node 'split'.*axis of 5 cannot split into 4 parts of 2"):
+        four.run(torch.from_numpy(_rand(5, 2)))
 
 
 def test_dropout_in_training_mode_is_refused() -> None:

@@ -249,7 +249,6 @@ def test_unknown_engine_and_missing_cuda_are_refused(backdoored: Backdoored) -> 
             Guard.load(backdoored.model_path, backdoored.profile_path, engine="torch", device="cuda")
 
 
-
 def test_a_cuda_torch_device_runs_float32_not_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
     """cuDNN's convolutions default to TF32 on Ampere and later, about 1e-3 from the float32 calibration measured.
     No GPU here: this pins the switches the torch engine sets, not the GPU's numbers."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -148,6 +149,37 @@ def test_a_case_that_failed_is_a_miss_and_a_cell_missing_a_seed_shows_none() -> 
     row = headline_table(_figures(*cases)).splitlines()[2].split(" | ")
     assert row[8] == "–"  # the AUROC cell, as its target check: no figure
     assert next(m.value for m in check_targets(_figures(*cases)) if m.target.startswith("AUROC ≥")) == "no figure"
+
+
+def test_the_none_table_shows_a_seeds_missing_figure_as_none_not_nan() -> None:
+    cases = []
+    for seed in (0, 1):
+        case = _case("badnets", seed)
+        case["methods"]["none-train"] = {"asr": 0.02, "ca": 0.88, "removed": 90, "precision": 0.9, "recall": 0.8,
+                                         "unlearned": 90, "drop": "gated"}
+        cases.append(case)
+    cases[1]["methods"]["none-train"]["asr"] = None
+    table = _none_table(_figures(*cases))
+    assert table.splitlines()[2].endswith("| 99.0 | – | – |") and "nan" not in table
+    assert "is not measured (the target reads it as a miss)" in table
+
+
+def test_partial_figures_are_kept_and_a_failed_write_does_not_end_the_run(tmp_path, capsys) -> None:
+    from guard.eval.report import PartialFigures
+
+    partial = PartialFigures(tmp_path / "figures.partial.json", "guard eval")
+    partial.keep(_figures())  # no case yet: nothing to keep
+    assert not partial.path.exists()
+    partial.keep(_figures(_case("badnets", 0)))
+    assert json.loads(partial.path.read_text())["command"] == "guard eval"
+    partial.remove()
+    assert not partial.path.exists()
+    blocked = PartialFigures(tmp_path / "taken", "guard eval")
+    blocked.path.mkdir()  # e.g. the disk refuses: said once, and the run goes on
+    for _ in range(2):
+        blocked.keep(_figures(_case("badnets", 0)))
+    blocked.remove()
+    assert capsys.readouterr().err.count("cannot keep the cases so far") == 1 and blocked.path.is_dir()
 
 
 def test_a_figure_exactly_on_its_bound_meets_the_target() -> None:

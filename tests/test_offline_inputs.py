@@ -18,7 +18,7 @@ from guard.calibrate.profile import Profile
 from guard.calibrate.synthesis import load_trigger
 from guard.cli import main
 from guard.errors import GuardError, ModelError
-from guard.model.graph import load_model
+from guard.model.graph import default_taps, load_model, validate_taps
 from guard.samples import load_poisoned, load_samples
 from guard.scan import ScanSettings, run_scan, write_outputs
 
@@ -188,9 +188,14 @@ def test_a_misspelt_layer_is_refused_before_the_scan(tmp_path: Path, capsys: pyt
         out, err = capsys.readouterr()
         assert code == 2 and "no tensor named ['relu_9']" in err, command
         assert "scan" not in out, command  # refused before the scan's seconds were spent
-    ends = [load_model(backdoored.model_path).input_name, load_model(backdoored.model_path).output_name]
+    loaded = load_model(backdoored.model_path)
+    features = default_taps(loaded, conv_taps=1)[-1]  # a model that hands out its penultimate features too is tapped
+    with_features = onnx.load(backdoored.model_path)
+    with_features.graph.output.append(helper.make_tensor_value_info(features, TensorProto.FLOAT, ["N", None]))
+    validate_taps(load_model(with_features), default_taps(load_model(with_features), conv_taps=1))
+    ends = [loaded.input_name, loaded.output_name]
     for end in ends:  # the output was calibrated, and the profile could then never be served
-        assert f"cannot tap the model's input or outputs ['{end}']" in run(
+        assert f"cannot tap the model's input or its logits ['{end}']" in run(
             capsys, "calibrate", backdoored.model_path, "--data", clean, "--layers", end, "--no-scan",
             "--out", tmp_path / "out")
 
@@ -381,7 +386,7 @@ def test_an_eval_whose_every_case_fails_writes_nothing_over_an_earlier_report(
 def test_a_report_without_attacked_cases_leaves_no_earlier_roc_curves(tmp_path: Path) -> None:
     from guard.eval.report import write_report
 
-    figures = json.loads(Path("docs/eval/figures.json").read_text())
+    figures = json.loads((Path(__file__).parents[1] / "docs" / "eval" / "figures.json").read_text())
     figures["cases"] = [case for case in figures["cases"] if case["attack"] == "clean"]
     (tmp_path / "roc.png").write_bytes(b"an earlier run's curves")
     write_report(figures, tmp_path, "guard eval")

@@ -176,6 +176,10 @@ def test_anomaly_index_names_only_a_small_outlier():
     assert pick_suspect(anomaly_index(small), success=success) == 3
     success[3] = 0.055
     assert pick_suspect(anomaly_index(small), success=success) is None
+    smaller = small.copy()  # a working outlier under an unconverged one is still named
+    smaller[5] = 15
+    assert pick_suspect(anomaly_index(smaller), success=success) == 5
+    assert pick_suspect(np.array([-0.67, 0.67]), threshold=0.5) is None  # two classes: nothing to judge by
 
 
 def test_the_verdict_says_when_the_scan_cannot_judge(tmp_path):
@@ -185,7 +189,9 @@ def test_the_verdict_says_when_the_scan_cannot_judge(tmp_path):
     assert "cannot judge a model of 2 classes" in two and "no class is suspected" not in two
     unconverged = _report([0.1, 0.2, 3.0, -0.5], None)
     unconverged.classes.triggers[2].success = 0.055
-    assert "it did not converge: give the scan more --steps" in format_report(unconverged)
+    assert "class(es) [2] have anomalously small triggers" in format_report(unconverged)
+    unconverged.classes.anomaly_index[2] = 1.0  # under the threshold: it would not have been named anyway
+    assert "anomalously small" not in format_report(unconverged)
 
 
 def _report(index: list[float], suspect: int | None, **settings: float) -> ScanReport:

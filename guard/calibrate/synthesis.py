@@ -218,12 +218,15 @@ def anomaly_index(l1: np.ndarray, scale: IndexScale = "log") -> np.ndarray:
 
 def pick_suspect(index: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
                  success: np.ndarray | None = None) -> int | None:
-    """The class with the largest anomaly index, if it exceeds the threshold and (where `success` is given) its
-    trigger sends at least MIN_SUSPECT_SUCCESS of the other classes' images to it."""
-    best = int(np.argmax(index))
-    if success is not None and success[best] < MIN_SUSPECT_SUCCESS:
+    """The class with the largest anomaly index among those whose trigger works (where `success` is given: it sends
+    at least MIN_SUSPECT_SUCCESS of the other classes' images to it), if it exceeds the threshold; none for fewer
+    than MIN_CLASSES_TO_JUDGE classes."""
+    index = np.asarray(index, dtype=np.float64)
+    if len(index) < MIN_CLASSES_TO_JUDGE:
         return None
-    return best if index[best] > threshold else None
+    working = index if success is None else np.where(np.asarray(success) >= MIN_SUSPECT_SUCCESS, index, -np.inf)
+    best = int(np.argmax(working))
+    return best if working[best] > threshold else None
 
 
 def synthesize_triggers(model: LoadedModel | torch.nn.Module | Logits, x: np.ndarray,

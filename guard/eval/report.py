@@ -7,11 +7,13 @@ checked here, in one place, and each miss is named in the report rather than hid
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from guard.errors import GuardError
 from guard.eval.metrics import at_least, at_most, mean_spread
 from guard.samples import write_atomic
 
@@ -79,6 +81,7 @@ def _metric(cases: list[dict], method: str, key: str) -> tuple[float, float]:
 
 
 def _checked_mean(cases: list[dict], method: str, key: str) -> float:
+    """The mean a target is checked on (NaN, a miss, if any seed lacks the figure)."""
     return _metric(cases, method, key)[0]
 
 
@@ -216,10 +219,14 @@ def _none_table(figures: dict) -> str:
         # Precision is over the seeds that dropped something (older runs recorded 1.0 for dropping nothing).
         precision = mean_spread([c["methods"]["none-train"].get("precision") for c in cases
                                  if c["methods"]["none-train"].get("removed")])
+        ratio = "–" if not np.isfinite(reductions[-1]) else f"{reductions[-1]:.1f}×"
         rows.append(f"| {attack} | {arch} | {dropped} | {_fmt(precision)} | "
-                    f"{_fmt(_metric(cases, 'none-train', 'recall'))} | {pushed} | {100 * none:.1f} | "
-                    f"{100 * trained:.1f} | {reductions[-1]:.1f}× |")
-    if reductions:
+                    f"{_fmt(_metric(cases, 'none-train', 'recall'))} | {pushed} | {_fmt((none, 0.0))} | "
+                    f"{_fmt((trained, 0.0))} | {ratio} |")
+    if reductions and not np.isfinite(reductions).all():
+        rows += ["", "A seed lacks a figure, so the ratios' mean, which issue 4's target is checked on, is not "
+                     "measured (the target reads it as a miss)."]
+    elif reductions:
         carried = sum(r >= 10 for r in reductions)
         rows += ["", f"The mean of the ratios, which issue 4's target is checked on, is {np.mean(reductions):.1f}×, "
                      f"carried by the {carried} of {len(reductions)} rows at 10× or more. Their median is "
@@ -401,6 +408,29 @@ def _failures_text(figures: dict) -> str:
     lines = [f"\n{len(failures)} case(s) failed and are missing from every table:"]
     lines += [f"- {f['attack']} / {f['arch']} / seed {f['seed']}: {f['error']}" for f in failures]
     return "\n".join(lines) + "\n"
+
+
+class PartialFigures:
+    """The cases a run has finished, rewritten after each: a run cut short can still be drawn with --figures. A
+    convenience only: a write that fails is said once, and the run goes on."""
+
+    def __init__(self, path: Path, command: str) -> None:
+        self.path, self.command, self.failed = path, command, False
+
+    def keep(self, figures: dict) -> None:
+        if not figures["cases"] or self.failed:
+            return
+        text = json.dumps({**figures, "command": self.command}, indent=1) + "\n"
+        try:
+            write_atomic(self.path, lambda tmp: tmp.write_text(text))
+        except GuardError as exc:
+            self.failed = True
+            print(f"guard eval: cannot keep the cases so far ({exc}); the run goes on", file=sys.stderr)
+
+    def remove(self) -> None:
+        """The run's own figures.json is written: the partial one has served."""
+        if not self.failed:
+            self.path.unlink(missing_ok=True)
 
 
 def write_report(figures: dict, out: str | Path, command: str) -> Path:

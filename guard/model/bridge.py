@@ -509,9 +509,14 @@ def _split(node: _Node) -> Kernel:
                 if dim % node.n_outputs:
                     raise ValueError(f"an axis of {dim} does not split evenly into {node.n_outputs} outputs")
                 return torch.split(x, dim // node.n_outputs, axis)
-            # Parts of ceil(dim / n); as in ONNX Runtime, the parts past the end are empty (6 into 4: 2, 2, 2, 0).
-            chunk = -(-dim // int(num_outputs))
-            sizes = [min(chunk, max(dim - i * chunk, 0)) for i in range(int(num_outputs))]
+            # As ONNX Runtime: parts of ceil(dim / n) and the rest last, which may be empty (6 into 4: 2, 2, 2, 0)
+            # but not negative (5 into 4 is refused).
+            n = int(num_outputs)
+            chunk = -(-dim // n)
+            last = dim - (n - 1) * chunk
+            if last < 0:
+                raise ValueError(f"an axis of {dim} cannot split into {n} parts of {chunk}: the last would be {last}")
+            sizes = [chunk] * (n - 1) + [last]
         return torch.split(x, sizes, axis)
 
     return run

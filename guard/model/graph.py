@@ -26,10 +26,11 @@ from guard.errors import ModelError
 LINF_PREFIX = "guard_linf_"
 
 # Ops through which a zeroed channel stays zero and stays the same channel.
-# Ops that pass their first input's values on unchanged in inference (reshaped at most).
-_SHAPE_ONLY = {"Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Dropout", "Cast"}
 _ZERO_PRESERVING = {"Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Dropout"}
 _ACTIVATIONS = {"Relu", "LeakyRelu", "Clip", "Gelu", "Sigmoid", "HardSwish", "Elu", "Selu", "Softplus", "Tanh"}
+
+# Ops that pass their first input's values on unchanged in inference (reshaped at most).
+_SHAPE_ONLY = {"Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Dropout", "Cast"}
 
 FoldMode = Literal["consumer", "producer", "mul"]
 
@@ -165,13 +166,14 @@ def default_taps(model: LoadedModel, conv_taps: int, first_conv: bool = False) -
 
 
 def validate_taps(model: LoadedModel, taps: list[str]) -> None:
-    """Every tap must be a rank-4 or rank-2 tensor the graph computes inside: not its input, and not an output,
-    which the served graph's mask and check would rename (a profile tapping one calibrated, then never loaded)."""
+    """Every tap must be a rank-4 or rank-2 tensor the graph computes: not its input, and not the logits, which the
+    served graph's mask would rename (a profile tapping them calibrated, then never loaded). Another output, such
+    as penultimate features a model also hands out, is tapped as any tensor."""
     produced = {out for node in model.proto.graph.node for out in node.output}
     ranks = tensor_ranks(model.proto)
-    ends = [t for t in taps if t == model.input_name or t in {o.name for o in model.proto.graph.output}]
+    ends = [t for t in taps if t in (model.input_name, model.output_name)]
     if ends:
-        raise ModelError(f"cannot tap the model's input or outputs {ends}: name a tensor the graph computes on "
+        raise ModelError(f"cannot tap the model's input or its logits {ends}: name a tensor the graph computes on "
                          "the way")
     missing = [t for t in taps if t not in produced]
     if missing:
