@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -306,6 +307,15 @@ def _scan(args: argparse.Namespace) -> int:
 PARTIAL_FIGURES = "figures.partial.json"
 
 
+def _writable_report_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as exc:
+        raise GuardError(f"cannot write the report to {out}: {exc}") from None
+
+
 def _eval(args: argparse.Namespace) -> int:
     import shlex
 
@@ -316,12 +326,6 @@ def _eval(args: argparse.Namespace) -> int:
         import matplotlib  # noqa: F401 - checked now, not after an hour of training
     except ImportError:
         raise GuardError("guard eval draws its plots with matplotlib: pip install 'guard[eval]'") from None
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / ".write-test").touch()
-        (args.out / ".write-test").unlink()
-    except OSError as exc:
-        raise GuardError(f"cannot write the report to {args.out}: {exc}") from None
     if args.figures:
         try:
             figures = json.loads(Path(args.figures).read_text())
@@ -331,6 +335,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise GuardError(f"{args.figures} is not a guard eval figures.json (no list of cases)")
         if not figures["cases"]:
             raise GuardError(f"{args.figures} holds no case: there is no report to draw")
+        _writable_report_folder(args.out)
         print(f"guard: wrote {write_report(figures, args.out, figures.get('command', 'unknown'))}")
         return 0
 
@@ -349,6 +354,8 @@ def _eval(args: argparse.Namespace) -> int:
         settings.validate()
     except ValueError as exc:
         raise GuardError(f"guard eval: {exc}") from None
+    made_out = not args.out.exists()
+    _writable_report_folder(args.out)  # now, not after an hour of training; and not for a run refused above
 
     def progress(case: dict) -> None:
         row = case["methods"]["guard"]
@@ -362,6 +369,9 @@ def _eval(args: argparse.Namespace) -> int:
     for failure in figures["failures"]:
         print(f"guard eval: case failed: {failure}", file=sys.stderr)
     if not figures["cases"]:  # nothing to draw; an earlier report in --out stays whole
+        if made_out:  # left as it was: no partial figures are kept before a case finishes
+            with contextlib.suppress(OSError):
+                args.out.rmdir()
         raise GuardError(f"every case failed ({len(figures['failures'])}); nothing written to {args.out}")
     report = write_report(figures, args.out, command)
     partial.remove()

@@ -95,6 +95,7 @@ def test_floor_check_names_a_broken_figure(quick_report: tuple[int, Path]) -> No
     assert len(below_floor(figures)) == 2
 
 
-def test_eval_rejects_an_unknown_attack(capsys) -> None:
-    assert main(["eval", "--attacks", "badnets,nope"]) == 2
+def test_eval_rejects_an_unknown_attack(capsys, tmp_path) -> None:
+    assert main(["eval", "--attacks", "badnets,nope", "--out", str(tmp_path / "report")]) == 2
     assert "unknown attack" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()  # refused before the report folder is made

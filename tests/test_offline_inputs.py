@@ -366,6 +366,7 @@ def test_eval_refuses_figures_it_cannot_read(capsys: pytest.CaptureFixture[str],
     if content is not None:
         figures.write_text(content)
     assert fragment in run(capsys, "eval", "--figures", figures, "--out", tmp_path / "report")
+    assert not (tmp_path / "report").exists()  # a refused run leaves no empty report folder behind
 
 
 def test_an_eval_whose_every_case_fails_writes_nothing_over_an_earlier_report(
@@ -381,6 +382,11 @@ def test_an_eval_whose_every_case_fails_writes_nothing_over_an_earlier_report(
     assert err.count("guard eval: case failed:") == 2 and "every case failed (2); nothing written" in err
     assert sorted(p.name for p in out.iterdir()) == ["report.md"] and (out / "report.md").read_text() == "the earlier run"
     assert "seeds must be 0 or more" in run(capsys, "eval", "--quick", "--seeds", "-1", "--out", out)
+    fresh = tmp_path / "fresh"
+    assert "seeds must be 0 or more" in run(capsys, "eval", "--quick", "--seeds", "-1", "--out", fresh)
+    assert main(["eval", "--quick", "--workers", "1", "--out", str(fresh)]) == 2
+    assert "every case failed (2); nothing written" in capsys.readouterr().err
+    assert not fresh.exists()  # a run that wrote nothing leaves no empty folder it made
 
 
 def test_a_report_without_attacked_cases_leaves_no_earlier_roc_curves(tmp_path: Path) -> None:
