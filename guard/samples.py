@@ -119,12 +119,8 @@ def npz_array(data: NpzFile, key: str, path: str | Path) -> np.ndarray:
     memory is a GuardError. The size is read from the member's header first: a small compressed file can hold
     gigabytes of zeros, and Linux grants the allocation and kills the process later rather than raise MemoryError."""
     shape, dtype = _declared(data, key, path)
-    memory = _memory_bytes()
-    if memory is not None:
-        need = math.prod(shape) * (dtype.itemsize + 8)  # as stored, and the float32 or int64 copy made of it
-        if need > memory:
-            raise GuardError(f"{key!r} in {path} is {dtype} of shape {shape}: about {need / 2**30:.1f} GiB to load, "
-                             f"more than this machine's {memory / 2**30:.1f} GiB of memory")
+    need = math.prod(shape) * (dtype.itemsize + 8)  # as stored, and the float32 or int64 copy made of it
+    _refuse_past_memory(need, f"{key!r} in {path} is {dtype} of shape {shape}")
     try:
         return data[key]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
@@ -145,6 +141,14 @@ def _declared(data: NpzFile, key: str, path: str | Path) -> tuple[tuple[int, ...
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise GuardError(f"{key!r} in {path} is not a numpy array saved by np.savez: {exc}") from None
     return tuple(shape), dtype
+
+
+def _refuse_past_memory(need: int, what: str) -> None:
+    """A GuardError where loading `what` needs more bytes than this process may use."""
+    memory = _memory_bytes()
+    if memory is not None and need > memory:
+        raise GuardError(f"{what}: about {need / 2**30:.1f} GiB to load, more than this machine's "
+                         f"{memory / 2**30:.1f} GiB of memory")
 
 
 def _memory_bytes() -> int | None:
@@ -192,11 +196,8 @@ def _image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise GuardError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     first = _read_image(files[0][0])
     need = len(files) * first.nbytes * 2  # every image decoded as float32 RGB, and the stacked copy of them
-    memory = _memory_bytes()
-    if memory is not None and need > memory:  # small compressed files decode to gigabytes; refuse, not be killed
-        raise GuardError(f"the {len(files)} images in {folder} of {first.shape[1]}x{first.shape[0]} pixels need about "
-                         f"{need / 2**30:.1f} GiB to load, more than this machine's {memory / 2**30:.1f} GiB of "
-                         "memory")
+    # Small compressed files decode to gigabytes; refuse, not be killed.
+    _refuse_past_memory(need, f"the {len(files)} images in {folder} of {first.shape[1]}x{first.shape[0]} pixels")
     images = [first, *(_read_image(f, files[0][0], first.shape[1::-1]) for f, _ in files[1:])]
     x = np.stack(images).transpose(0, 3, 1, 2)  # (N, 3, H, W)
     grey = bool((x[:, :1] == x[:, 1:]).all())

@@ -421,15 +421,21 @@ def _format_stamps(report: ScanReport) -> str:
     return "\n".join(lines)
 
 
-# The per-class files a scan writes.
-_SCAN_FILE = re.compile(r"(candidate|warp|blend)_\d+\.npz|(trigger|mask)_\d+\.png")
+# The per-class files a scan writes, by kind: each is named KIND_CLASS.SUFFIX.
+_SCAN_FILES = {"candidate": "npz", "warp": "npz", "blend": "npz", "trigger": "png", "mask": "png"}
+_SCAN_FILE = re.compile("|".join(rf"{kind}_\d+\.{suffix}" for kind, suffix in _SCAN_FILES.items()))
+
+
+def scan_file(kind: str, target: int) -> str:
+    return f"{kind}_{target}.{_SCAN_FILES[kind]}"
 
 
 def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
     """scan.json always; candidate_K.npz for each candidate class K, warp_K.npz for the class the warp scan names
-    and blend_K.npz for the class the blend scan names (what `guard repair --scan` and `guard calibrate` unlearn, so `guard repair --trigger` can be given the same);
-    and trigger.npz and the two PNGs (mask·pattern, mask) when a class is suspected, each written whole or not at
-    all. An earlier scan's files in the folder are removed first, so none is taken for this scan's."""
+    and blend_K.npz for the class the blend scan names (what `guard repair --scan` and `guard calibrate` unlearn, so
+    `guard repair --trigger` can be given the same); and trigger.npz and the two PNGs (mask·pattern, mask) when a
+    class is suspected, each written whole or not at all. An earlier scan's files in the folder are removed first,
+    so none is taken for this scan's."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -441,21 +447,19 @@ def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
         written = []
         for candidate in report.candidates:
             if isinstance(candidate, WarpTrigger):
-                written.append(out / warp_file(candidate.target))
+                written.append(out / scan_file("warp", candidate.target))
                 save_warp(candidate, written[-1])
-            elif isinstance(candidate, BlendTrigger):
-                written.append(out / blend_file(candidate.target))
-                save_trigger(candidate, written[-1])
             else:
-                written.append(out / candidate_file(candidate.target))
+                kind = "blend" if isinstance(candidate, BlendTrigger) else "candidate"
+                written.append(out / scan_file(kind, candidate.target))
                 save_trigger(candidate, written[-1])
         files: dict[str, object] = {"candidates": [path.name for path in written]}
         trigger = report.suspect
         if trigger is not None:
             npz = out / TRIGGER_FILE
             save_trigger(trigger, npz)
-            stamp = out / f"trigger_{trigger.target}.png"
-            mask = out / f"mask_{trigger.target}.png"
+            stamp = out / scan_file("trigger", trigger.target)
+            mask = out / scan_file("mask", trigger.target)
             write_png(stamp, trigger_image(trigger.mask * trigger.pattern, report.settings.png_scale))
             write_png(mask, trigger_image(trigger.mask, report.settings.png_scale))
             written += [npz, stamp, mask]
@@ -497,18 +501,6 @@ def read_scan_dir(folder: str | Path, model: LoadedModel) -> EarlierScan:
         raise GuardError(f"the scan's candidate files in {folder / REPORT_FILE} must be a list of file names")
     candidates = [load_any_trigger(folder / name, model.sample_shape, model.num_classes) for name in names]
     return EarlierScan(suspect=suspect, candidates=candidates)
-
-
-def candidate_file(target: int) -> str:
-    return f"candidate_{target}.npz"
-
-
-def warp_file(target: int) -> str:
-    return f"warp_{target}.npz"
-
-
-def blend_file(target: int) -> str:
-    return f"blend_{target}.npz"
 
 
 def trigger_image(array: np.ndarray, scale: int = 1) -> np.ndarray:

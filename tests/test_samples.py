@@ -110,7 +110,7 @@ def test_images_that_would_not_fit_in_memory_are_refused_before_decoding_them_al
     write_images(tmp_path / "data", np.zeros((3, 1, 28, 28), np.float32), None)
     need = 3 * 28 * 28 * 3 * 4 * 2
     monkeypatch.setattr(guard.samples, "_memory_bytes", lambda: need - 1)
-    with pytest.raises(GuardError, match=r"the 3 images in .* of 28x28 pixels need about .* GiB to load, more than"):
+    with pytest.raises(GuardError, match=r"the 3 images in .* of 28x28 pixels: about .* GiB to load, more than"):
         load_samples(tmp_path / "data")
     monkeypatch.setattr(guard.samples, "_memory_bytes", lambda: need)
     assert load_samples(tmp_path / "data")[0].shape == (3, 1, 28, 28)
