@@ -27,6 +27,7 @@ import numpy as np
 
 from guard.errors import GuardError
 from guard.model.graph import default_taps, load_model
+from guard.runtime.engine import ort_providers
 from guard.runtime.guard import Guard
 from guard.samples import write_atomic
 
@@ -91,11 +92,12 @@ def _side_by_side(bare, guarded, batches: list[np.ndarray], seconds: float) -> t
 
 
 _BARE_PROCESS = textwrap.dedent("""
-    import re, sys, time
+    import json, re, sys, time
     import numpy as np, onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(sys.argv[3])
-    session = ort.InferenceSession(sys.argv[1], options, providers=[sys.argv[4]])
+    providers = [p if isinstance(p, str) else tuple(p) for p in json.loads(sys.argv[4])]
+    session = ort.InferenceSession(sys.argv[1], options, providers=providers)
     name = session.get_inputs()[0].name
     x = np.load(sys.argv[2])
     stop = time.perf_counter() + 1.0
@@ -106,11 +108,12 @@ _BARE_PROCESS = textwrap.dedent("""
 """)
 
 
-def bare_process_rss(model_path: Path, x: np.ndarray, threads: int, provider: str, workdir: Path) -> float:
+def bare_process_rss(model_path: Path, x: np.ndarray, threads: int, device: str, workdir: Path) -> float:
     """Peak memory of a Python process that only loads the bare model into ONNX Runtime and runs `x`."""
     batch = workdir / "bench_batch.npy"
     np.save(batch, x)
-    out = subprocess.run([sys.executable, "-c", _BARE_PROCESS, str(model_path), str(batch), str(threads), provider],
+    providers = json.dumps(ort_providers(device))
+    out = subprocess.run([sys.executable, "-c", _BARE_PROCESS, str(model_path), str(batch), str(threads), providers],
                          capture_output=True, text=True, check=True, timeout=120)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -262,8 +265,7 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
     guard = Guard.load(model_path, profile_path, device=settings.device, threads=settings.threads)
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.threads
-    provider = "CUDAExecutionProvider" if settings.device == "cuda" else "CPUExecutionProvider"
-    session = ort.InferenceSession(str(model_path), options, providers=[provider])
+    session = ort.InferenceSession(str(model_path), options, providers=ort_providers(settings.device))
     input_name = session.get_inputs()[0].name
 
     def bare(batch: np.ndarray) -> None:
@@ -295,7 +297,7 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
         server.close()
     largest = cycled_batches(x, max(settings.batches), 1)[0]
     figures["bare_process_peak_rss_mb"] = round(
-        bare_process_rss(model_path, largest, settings.threads, provider, workdir), 1)
+        bare_process_rss(model_path, largest, settings.threads, settings.device, workdir), 1)
     figures["server_over_bare_rss"] = round(figures["server_peak_rss_mb"] / figures["bare_process_peak_rss_mb"], 3)
     bare_seconds = next(r["bare"]["p50_ms"] for r in figures["rows"] if r["batch"] == len(largest)) / 1e3
     figures["strip"] = _strip_ratio(session, largest, settings.strip_overlays, bare_seconds)

@@ -265,3 +265,25 @@ def test_a_cuda_torch_device_runs_float32_not_tf32(monkeypatch: pytest.MonkeyPat
     finally:
         for flag, value in zip(flags, before, strict=True):
             flag.allow_tf32 = value
+
+
+def test_every_onnx_runtime_session_on_cuda_turns_tf32_off(monkeypatch: pytest.MonkeyPatch,
+                                                           backdoored: Backdoored) -> None:
+    """ONNX Runtime's CUDA provider defaults to TF32 too (its use_tf32 option). No GPU here: the sessions are made
+    on the CPU and this pins the providers each was asked for, for the model, the tail and the reference."""
+    import onnxruntime
+
+    from guard.runtime import engine
+
+    asked: list[list] = []
+    real = onnxruntime.InferenceSession
+
+    def session(model, options=None, providers=None):
+        asked.append(providers)
+        return real(model, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    monkeypatch.setattr(engine, "_require_cuda_provider", lambda *args: None)
+    with pytest.raises(GuardError, match="warm-up"):  # made, then run on a device this onnxruntime lacks
+        Guard.load(backdoored.model_path, backdoored.profile_path, device="cuda")
+    assert len(asked) == 3 and all(p[0] == ("CUDAExecutionProvider", {"use_tf32": "0"}) for p in asked), asked
