@@ -518,6 +518,25 @@ def test_same_auto_pad_with_dilation_is_refused() -> None:
         OnnxModule(pool)
 
 
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool", "Conv"])
+def test_same_auto_pad_that_would_need_a_negative_pad_does_as_onnx_runtime(op: str) -> None:
+    """Stride 3 above kernel 2 on a side of 6: SAME needs a pad of -1. ONNX Runtime pads a Conv by none and
+    refuses a pool at run time, so the bridge refuses the pool rather than calibrate a model guard cannot serve."""
+    feeds = {"x": _rand(1, 2, 6, 7)}  # a side of 7 needs a pad of 1: both run it
+    inits = {"w": _rand(3, 2, 2, 2)} if op == "Conv" else {}
+    proto = _model([N(op, ["x", *inits], ["y"], name="node", kernel_shape=[2, 2], strides=[3, 3],
+                      auto_pad="SAME_UPPER")], feeds, {"y": F}, 13, inits)
+    module = OnnxModule(proto)
+    if op == "Conv":
+        got, _ = module.run(torch.from_numpy(feeds["x"]))
+        np.testing.assert_allclose(got["y"].numpy(), _ort(proto, feeds)["y"], atol=1e-6)
+        return
+    with pytest.raises(Exception, match="padding values must be non-negative"):
+        _ort(proto, feeds)
+    with pytest.raises(UnsupportedOpError, match=rf"{op} node 'node'.*size 6 with stride 3 above kernel 2"):
+        module.run(torch.from_numpy(feeds["x"]))
+
+
 def test_equal_split_that_does_not_divide_is_refused() -> None:
     """Before opset 18 ONNX Runtime refuses it (it does not drop the remainder)."""
     uneven = OnnxModule(_model([N("Split", ["x"], ["a", "b"], axis=2, name="split")], X4, {"a": F, "b": F}, 13))

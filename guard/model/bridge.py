@@ -112,8 +112,9 @@ def _torch_pad(begins: Sequence[int], ends: Sequence[int]) -> list[int]:
 
 
 def _spatial_pads(node: _Node, x: Tensor, kernel: Sequence[int], strides: Sequence[int],
-                  dilations: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Begin and end pads of the spatial axes, resolving auto_pad against the input shape."""
+                  dilations: Sequence[int], pool: bool = False) -> tuple[list[int], list[int]]:
+    """Begin and end pads of the spatial axes, resolving auto_pad against the input shape. Where SAME would need a
+    negative pad (a stride above the kernel), ONNX Runtime pads a Conv by none and refuses a `pool` at run time."""
     nd = len(kernel)
     auto_pad = node.attrs.get("auto_pad", "NOTSET")
     if auto_pad in ("NOTSET", ""):
@@ -124,7 +125,11 @@ def _spatial_pads(node: _Node, x: Tensor, kernel: Sequence[int], strides: Sequen
     begins, ends = [], []
     for size, k, s, d in zip(x.shape[2:], kernel, strides, dilations):
         out = -(-size // s)
-        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+        total = (out - 1) * s + (k - 1) * d + 1 - size
+        if total < 0 and pool:
+            raise node.unsupported(f"auto_pad={auto_pad!r} on an input of size {size} with stride {s} above kernel "
+                                   f"{k} (a negative pad; ONNX Runtime refuses it too)")
+        total = max(total, 0)
         small, big = total // 2, total - total // 2
         begins.append(small if auto_pad == "SAME_UPPER" else big)
         ends.append(big if auto_pad == "SAME_UPPER" else small)
@@ -394,7 +399,7 @@ def _max_pool(node: _Node) -> Kernel:
 
     def run(inputs: list[Any]) -> Tensor:
         x = inputs[0]
-        begins, ends = _spatial_pads(node, x, kernel, strides, dilations)
+        begins, ends = _spatial_pads(node, x, kernel, strides, dilations, pool=True)
         if begins == ends and all(p <= k // 2 for p, k in zip(begins, kernel)):
             return pool(x, kernel, strides, begins, dilations, ceil_mode)
         y = pool(F.pad(x, _torch_pad(begins, ends), value=float("-inf")), kernel, strides, 0, dilations, ceil_mode)
@@ -415,7 +420,7 @@ def _avg_pool(node: _Node) -> Kernel:
 
     def run(inputs: list[Any]) -> Tensor:
         x = inputs[0]
-        begins, ends = _spatial_pads(node, x, kernel, strides, dilations)
+        begins, ends = _spatial_pads(node, x, kernel, strides, dilations, pool=True)
         if begins == ends and all(p <= k // 2 for p, k in zip(begins, kernel)):
             return pool(x, kernel, strides, begins, ceil_mode, include_pad)
         pads = _torch_pad(begins, ends)
