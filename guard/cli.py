@@ -466,10 +466,14 @@ def _repair(args: argparse.Namespace) -> int:
     if report.duplicates_dropped:
         print(f"guard: note: {report.duplicates_dropped} clean sample(s) repeat an earlier one and were left out (a "
               "copy on both sides of the held-out split would be judged on an image it trained on)")
+    if report.holdout_samples < 100:
+        print(f"guard: note: the repair's cost is measured on {report.holdout_samples} held-out samples; below about "
+              "100 it shows only large falls: give more clean samples")
     if not report.within_bound:  # a model nobody should serve is not written where a pipeline would pick it up
         advice = ("the mask cost it: calibrate's --acc-budget bounds that" if settings.method == "prune" else
                   f"in {report.attempts} run(s): try a lower --lr or fewer --epochs")
-        raise GuardError(f"the repair cost too much held-out accuracy ({report.summary()}); {args.out} not written, "
+        measure = "accuracy" if report.labelled else "agreement with the model"
+        raise GuardError(f"the repair cost too much held-out {measure} ({report.summary()}); {args.out} not written, "
                          f"the report is in {report_path}; {advice}")
     write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
     print(f"guard: wrote {args.out} and {report_path}: {report.summary()}")

@@ -15,6 +15,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from guard.cli import main
 from guard.errors import GuardError
@@ -23,7 +24,9 @@ from guard.eval.models import SmallCNN, SmallResNet
 from guard.model.graph import load_model
 from guard.repair.architectures import build
 from guard.repair.none import (
+    NoneReport,
     NoneSettings,
+    _truth,
     channel_scores,
     jenks_upper,
     neighbour_labels,
@@ -174,6 +177,45 @@ def test_reset_targets_find_each_convs_batch_norm_and_readers():
     assert resnet["block1.conv1"].next_layers == [("block1.conv2", 1)]
 
 
+class _ViewNet(nn.Module):
+    """Flattens with x.view(x.size(0), -1), a common spelling in users' code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(4)
+        self.fc = nn.Linear(4 * 7 * 7, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv(x)))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_reset_targets_pass_over_a_size_read_for_a_view():
+    """x.size(0) reads the conv's output shape only: the walk went on to call the conv's next layer unknown."""
+    targets, unknown = reset_targets(_ViewNet().eval(), torch.zeros(2, 1, 28, 28))
+    assert unknown == [] and targets["conv"].next_layers == [("fc", 49)]
+
+
+def test_reset_channels_into_a_depthwise_conv_zero_only_those_channels_filters():
+    """A grouped conv's weight is (out, in / groups, kH, kW): channel 5 is not column 5 (an IndexError), and
+    channel 0's column 0 is every depthwise filter."""
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                          nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1, groups=2), nn.Flatten(),
+                          nn.Linear(4 * 28 * 28, 10)).eval()
+    targets, unknown = reset_targets(model, torch.zeros(2, 1, 28, 28))
+    assert unknown == [] and targets["0"].next_layers == [("2", 1)] and targets["2"].next_layers == [("4", 1)]
+    depthwise, grouped = model[2].weight.detach().clone(), model[4].weight.detach().clone()
+    reset_channels(model, "0", np.array([0, 5]), targets["0"])
+    zeroed = [int(row) for row in range(8) if not model[2].weight[row].any()]
+    assert zeroed == [0, 5] and torch.equal(model[2].weight[[1, 2, 3, 4, 6, 7]], depthwise[[1, 2, 3, 4, 6, 7]])
+    reset_channels(model, "2", np.array([1, 6]), targets["2"])  # 2 groups of 4 inputs, 2 outputs each
+    expected = grouped.clone()
+    expected[0:2, 1] = 0  # channel 1: group 0, its column 1
+    expected[2:4, 2] = 0  # channel 6: group 1, its column 2
+    assert torch.equal(model[4].weight, expected)
+
+
 def test_reset_channels_on_the_cnn_zero_the_filters_and_the_flattened_features():
     torch.manual_seed(0)
     model = SmallCNN().eval()
@@ -302,6 +344,14 @@ def test_none_report_agrees_with_the_ground_truth(poisoned_set, none_runs):
     assert all(r.split >= len(r.removed) for r in report.rounds)
     assert second.split > 0 and second.removed == []
     assert json.loads(json.dumps(report.to_dict()))["removed"] == report.removed
+
+
+def test_ground_truth_with_nothing_poisoned_has_no_recall():
+    """A clean training set given as ground truth: recall is a share of nothing, not a perfect 1.0."""
+    report = NoneReport(rounds=[], removed=[3, 7], kept=8, precision=0.0, recall=None, unlearned=0,
+                        unreset_next_layers=[], seconds=0.0)
+    assert "precision 0.000, recall –" in report.summary()
+    assert _truth(np.array([3, 7]), np.zeros(10, dtype=bool)) == (0.0, None)
 
 
 def test_none_without_ground_truth_removes_the_same_and_reports_no_precision(none_runs, poisoned_set):
@@ -590,6 +640,12 @@ def test_cli_train_builds_a_users_factory(train_file, tmp_path, monkeypatch):
     ("guard_test_nets_softmax:make",
      "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Softmax(1))\n",
      "is a Softmax of its logits"),
+    # refused before training: guard trains in channels-last, where x.view after a conv raised a traceback
+    ("guard_test_nets_view:make",
+     "from torch import nn\n\nclass Net(nn.Sequential):\n    def forward(self, x):\n"
+     "        return self[2](self[1](self[0](x)).view(len(x), -1))\n\n"
+     "def make():\n    return Net(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Linear(2 * 28 * 28, 10))\n",
+     "fails on channels-last tensors, the layout guard trains in (RuntimeError: view size is not compatible"),
 ])
 def test_cli_train_refuses_an_architecture_it_cannot_build(train_file, tmp_path, monkeypatch, capsys, spec,
                                                            source, message):

@@ -305,7 +305,8 @@ def test_ar_repair_with_the_scanned_trigger_stops_the_real_attack(backdoored, ar
 
 def test_repair_backs_off_the_learning_rate_when_it_costs_too_much_accuracy(backdoored, trigger):
     def run(**change):
-        settings = RepairSettings(method="ar", epochs=2, lr=1.0, max_accuracy_loss=0.15, **change)
+        settings = RepairSettings(method="ar", epochs=2, lr=1.0, max_accuracy_loss=0.15, max_accuracy_fall=0.15,
+                                  **change)
         return repair(backdoored.model_path, backdoored.x_clean, backdoored.y_clean, settings=settings,
                       triggers=[trigger])[1]
 
@@ -338,7 +339,9 @@ def test_repair_leaves_out_repeated_samples_and_prune_takes_no_triggers(backdoor
     np.savez(twice, x=np.concatenate([backdoored.x_clean[:200]] * 2), y=np.concatenate([backdoored.y_clean[:200]] * 2))
     assert main(["repair", str(backdoored.model_path), "--data", str(twice), "--out", str(tmp_path / "p.onnx"),
                  "--method", "prune"]) == 0
-    assert "200 clean sample(s) repeat an earlier one" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "200 clean sample(s) repeat an earlier one" in out
+    assert "measured on 40 held-out samples; below about 100 it shows only large falls" in out
     report = json.loads((tmp_path / "p.repair.json").read_text())
     assert report["duplicates_dropped"] == 200 and report["holdout_samples"] < 200
     assert main(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(tmp_path / "q.onnx"),
@@ -367,11 +370,23 @@ def _flipped(held: int, lost: int, gained: int) -> tuple[np.ndarray, np.ndarray]
     (12, 2, 1.645, True),  # 10 net of 14: 2.7 standard errors
     (12, 2, 3.0, False),
     (30, 0, 3.0, True),  # a wrecked run stays costly at any sensible z
+    (60, 49, 1.645, True),  # 11 net of 109 flipped: within chance, but a 5.5-point fall is past the 5 allowed
+    (59, 49, 1.645, False),  # 10 net: 5 points, within chance and within the largest fall
 ])
 def test_a_back_off_needs_a_fall_past_the_bound_and_past_chance(lost, gained, z, costly):
     before, after = _flipped(200, lost, gained)
     assert before.sum() - after.sum() == lost - gained
-    assert _costly(before, after, RepairSettings(max_accuracy_loss=0.015, backoff_z=z)) is costly
+    settings = RepairSettings(max_accuracy_loss=0.015, backoff_z=z, max_accuracy_fall=0.05)
+    assert _costly(before, after, settings) is costly
+
+
+def test_a_fall_on_a_small_held_out_set_is_costly_past_the_largest_fall():
+    """10 held-out samples going 0.7 -> 0.3 passed the chance test (4 net of 6 flipped: 1.63 standard errors),
+    and the model was written as within the bound."""
+    before, after = _flipped(10, 5, 1)
+    assert before.sum() - after.sum() == 4
+    assert _costly(before, after, RepairSettings())
+    assert not _costly(*_flipped(200, 6, 2), RepairSettings())  # the same z on a large set: chance, as before
 
 
 def test_repair_methods_judge_the_same_weights_and_only_ar_and_l2_shrink_them(backdoored, trigger):
@@ -394,6 +409,7 @@ def test_repair_without_labels_keeps_to_the_models_own_answers(backdoored):
     _, report = repair(backdoored.model_path, backdoored.x_clean, settings=settings)
     assert report.accuracy_before == 1.0  # the labels are the model's own answers
     assert report.accuracy_after > 0.8
+    assert not report.labelled and "held-out agreement with the model 1.000 -> " in report.summary()
 
 
 def test_prune_folds_the_calibrated_mask_without_training(backdoored):
@@ -439,7 +455,8 @@ def test_prune_folds_the_calibrated_mask_without_training(backdoored):
     ({"schedule": "step"}, "unknown learning-rate schedule 'step'"),
     ({"lr_floor": 1.5}, "the learning rate's floor is a share of it in [0, 1]"),
     ({"backoffs": -1}, "the back-offs be >= 0"),
-    ({"max_accuracy_loss": 1.5}, "the accuracy bound must lie in [0, 1]"),
+    ({"max_accuracy_loss": 1.5}, "the accuracy bound and the largest fall must lie in [0, 1], in that order"),
+    ({"max_accuracy_fall": 0.01}, "the accuracy bound and the largest fall must lie in [0, 1], in that order"),
     ({"backoff_z": -1.0}, "their z finite and >= 0"),
     ({"backoff_z": float("nan")}, "their z finite and >= 0"),
     ({"lr": -0.1}, "--lr must be a finite number >= 0"),

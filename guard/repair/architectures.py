@@ -30,7 +30,22 @@ def build(spec: str, x: np.ndarray, y: np.ndarray) -> nn.Module:
     num_classes = int(y.max()) + 1
     model = make(spec, num_classes, int(x.shape[1]))
     check_logits(model, spec, tuple(x.shape[1:]), num_classes)
+    check_channels_last(model, spec, tuple(x.shape[1:]))
     return model
+
+
+def check_channels_last(model: nn.Module, spec: str, sample_shape: tuple[int, ...]) -> None:
+    """A GuardError unless `model` runs on channels-last weights and inputs, the layout guard trains and records in
+    (`guard.eval.models.channels_last`): `x.view(len(x), -1)` after a conv fails there, `x.flatten(1)` does not."""
+    from guard.eval.models import channels_last
+
+    try:
+        with torch.no_grad(), channels_last(model):
+            model.eval()(torch.zeros(2, *sample_shape).contiguous(memory_format=torch.channels_last))
+    except Exception as exc:  # noqa: BLE001 - the user's forward
+        raise GuardError(f"{spec} fails on channels-last tensors, the layout guard trains in "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0]}); flatten with x.flatten(1) or "
+                         "x.reshape(len(x), -1) rather than x.view") from None
 
 
 def make(spec: str, num_classes: int | None, in_channels: int) -> nn.Module:

@@ -41,6 +41,7 @@ from guard.errors import GuardError
 _PASS_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Identity, nn.Dropout,
                  nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)
 _PASS_FUNCTIONS = {"relu", "add", "iadd", "flatten", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "dropout"}
+_SHAPE_ONLY = {"size", "dim"}
 
 
 DROPS = ("gated", "split")
@@ -163,8 +164,8 @@ class NoneReport:
         return asdict(self)
 
     def summary(self) -> str:
-        precision = "–" if self.precision is None else f"{self.precision:.3f}"
-        truth = "" if self.recall is None else f", precision {precision}, recall {self.recall:.3f}"
+        precision, recall = ("–" if v is None else f"{v:.3f}" for v in (self.precision, self.recall))
+        truth = "" if self.precision is None and self.recall is None else f", precision {precision}, recall {recall}"
         resets = sum(len(c) for r in self.rounds for c in r.reset.values())
         return (f"NONE: {len(self.rounds)} round(s), {resets} channels reset, {len(self.removed)} samples removed "
                 f"({self.kept} kept){truth}, {self.unlearned} pushed off their label, {self.seconds:.1f} s")
@@ -417,6 +418,8 @@ def _walk_to_next(node: fx.Node, modules: dict[str, nn.Module], found: list[tupl
                 continue
         elif user.op in ("call_function", "call_method"):
             name = getattr(user.target, "__name__", str(user.target))
+            if name in _SHAPE_ONLY or (name == "getattr" and user.args[1:2] == ("shape",)):
+                continue  # x.size(0) or x.shape[0] for a view: reads the shape, passes on no values
             if name in _PASS_FUNCTIONS or name in ("view", "reshape"):
                 step = _spatial(node) if name in ("flatten", "view", "reshape") else block
                 complete &= _walk_to_next(user, modules, found, step, seen)
@@ -442,7 +445,16 @@ def reset_channels(model: nn.Module, conv: str, channels: np.ndarray, targets: R
     for name, block in targets.next_layers:
         weight = modules[name].weight
         features = (index[:, None] * block + torch.arange(block)[None, :]).reshape(-1)
-        weight[:, features] = 0
+        groups = getattr(modules[name], "groups", 1)
+        if groups == 1:
+            weight[:, features] = 0
+            continue
+        # A grouped conv's weight is (out, in / groups, kH, kW): input channel c is column c % width of the rows of
+        # group c // width alone.
+        width, rows = weight.shape[1], weight.shape[0] // groups
+        for channel in features.tolist():
+            group = channel // width
+            weight[group * rows:(group + 1) * rows, channel % width] = 0
 
 
 @torch.no_grad()
@@ -469,12 +481,13 @@ def record(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> tuple[np.n
 
 
 def _truth(removed: np.ndarray, poisoned: np.ndarray | None) -> tuple[float | None, float | None]:
-    """Precision and recall of `removed` against the ground truth; no precision where nothing was removed."""
+    """Precision and recall of `removed` against the ground truth; no precision where nothing was removed, no
+    recall where nothing was poisoned."""
     if poisoned is None:
         return None, None
     hit = poisoned[removed].sum()
     precision = float(hit / len(removed)) if len(removed) else None
-    recall = float(hit / poisoned.sum()) if poisoned.sum() else 1.0
+    recall = float(hit / poisoned.sum()) if poisoned.sum() else None  # no poisoned sample to find
     return precision, recall
 
 
