@@ -431,7 +431,8 @@ def _walk_to_next(node: fx.Node, modules: dict[str, nn.Module], found: list[tupl
 @torch.no_grad()
 def reset_channels(model: nn.Module, conv: str, channels: np.ndarray, targets: ResetTargets) -> None:
     """Zero the conv's filters and biases for `channels`, its batch norm's scale and shift, and the next layers'
-    input weights for them. All stay trainable."""
+    input weights for them. All stay trainable, though on a plain chain nothing moves them again: the channel then
+    outputs 0, where ReLU passes no gradient (docs/design.md)."""
     modules = dict(model.named_modules())
     index = torch.as_tensor(np.asarray(channels, dtype=np.int64))
     layer = modules[conv]
