@@ -213,19 +213,38 @@ def _load(args: argparse.Namespace) -> int:
     return 0 if figures["failed"] == 0 else 1
 
 
+def _port_setting(name: str) -> int | None:
+    """`guard serve`'s port setting `name` where no flag gives it: $GUARD_<NAME>, else the settings file's; None
+    where neither gives it."""
+    from guard.config import file_settings, is_link
+
+    # read as `guard serve` reads it (any case); a service link there is not a port (serve refuses it unless a flag
+    # overrides it, so the file or the default is the better guess)
+    variable = f"guard_{name}"
+    given = next((v for k, v in os.environ.items() if k.lower() == variable and not is_link(k.lower(), v)), None)
+    if given is None:
+        given = file_settings().get(name)
+    try:
+        return None if given is None else int(given)
+    except (TypeError, ValueError):
+        raise GuardError(f"the {name.replace('_', ' ')} must be an integer, got {given!r} (GUARD_{name.upper()} or "
+                         "the settings file)") from None
+
+
 def served_port() -> int:
     """The port `guard serve` takes when no flag gives one: $GUARD_PORT, else the settings file's, else the default."""
-    from guard.config import DEFAULT_PORT, file_settings, is_link
+    from guard.config import DEFAULT_PORT
 
-    # read as `guard serve` reads it (any case); a service link there is not a port (serve refuses it unless --port
-    # overrides it, so the file or the default is the better guess)
-    given = next((v for k, v in os.environ.items() if k.lower() == "guard_port" and not is_link(k.lower(), v)), None)
-    if given is None:
-        given = file_settings().get("port")
-    try:
-        return DEFAULT_PORT if given is None else int(given)
-    except (TypeError, ValueError):
-        raise GuardError(f"the port must be an integer, got {given!r} (GUARD_PORT or the settings file)") from None
+    port = _port_setting("port")
+    return DEFAULT_PORT if port is None else port
+
+
+def probed_port(tls: bool) -> int:
+    """The port a `guard health` without --port probes: the plaintext health port where `guard serve` opens one at a
+    known number (so a container's HEALTHCHECK passes with TLS on), unless the probe itself speaks TLS; else the
+    main port. Flags given to `guard serve` are not seen."""
+    health = None if tls else _port_setting("health_port")
+    return health or served_port()  # 0: a free port, which only the server knows
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -235,7 +254,7 @@ def _health(args: argparse.Namespace) -> int:
 
     from guard.server.security import read_secret
 
-    port = args.port if args.port is not None else served_port()
+    port = args.port if args.port is not None else probed_port(tls=bool(args.tls_ca))
     if not 1 <= port <= 65535:  # gRPC would wrap it round to another port and probe that
         raise GuardError(f"the port must lie in 1..65535, got {port}")
     if not 0 < args.timeout <= 3600:  # NaN too

@@ -76,6 +76,26 @@ def test_tls_serves_clients_that_trust_the_ca_only(backdoored: Backdoored, pki: 
         server.stop(grace=1)
 
 
+def test_a_bare_guard_health_probes_the_plaintext_health_port_of_a_tls_server(
+        backdoored: Backdoored, pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image's HEALTHCHECK is `guard health`, no flags: with TLS on it probed the main port in plaintext and the
+    container stayed unhealthy, though GUARD_HEALTH_PORT had opened a plaintext health port for probes."""
+    server = serve(backdoored, tls_cert=pki / "server.pem", tls_key=pki / "server.key", health_port=0)
+    try:
+        monkeypatch.delenv("GUARD_CONFIG", raising=False)
+        monkeypatch.delenv("GUARD_HEALTH_PORT", raising=False)
+        monkeypatch.setenv("GUARD_PORT", str(server.port))
+        assert main(["health", "--timeout", "2"]) == 1  # no health port known: the main port, in plaintext
+        monkeypatch.setenv("GUARD_HEALTH_PORT", str(server.health_port))
+        assert main(["health", "--timeout", "2"]) == 0
+        # a probe that speaks TLS itself still goes to the main port
+        assert main(["health", "--host", "localhost", "--tls-ca", str(pki / "ca.pem"), "--timeout", "2"]) == 0
+        monkeypatch.setenv("GUARD_HEALTH_PORT", "0")  # a free port, which only the server knows: the main port
+        assert main(["health", "--timeout", "2"]) == 1
+    finally:
+        server.stop(grace=1)
+
+
 def test_mutual_tls_refuses_clients_without_a_certificate(backdoored: Backdoored, pki: Path) -> None:
     server = serve(backdoored, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
                    tls_client_ca=pki / "ca.pem")
