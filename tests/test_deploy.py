@@ -49,6 +49,37 @@ def test_promtool_accepts_the_rules() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def _series(per_step_before: float, per_step_after: float, before: int, after: int) -> str:
+    """A counter's values in promtool's notation: `before` steps growing by one amount, then `after` by another."""
+    return f"0+{per_step_before}x{before} {per_step_before * before}+{per_step_after}x{after}"
+
+
+@pytest.mark.parametrize(("per_minute", "pages"), [(2, False), (60, True)])
+def test_flagged_share_alerts_wait_for_enough_samples(tmp_path, per_minute: int, pages: bool) -> None:
+    """An hour of 5% flagged (what a profile flags on clean traffic), then half of the samples flagged. At two samples a
+    minute that is a handful of samples, which clean traffic gives often (a review counted 10 GuardFlaggedShareHigh
+    pages a day at one a minute), and neither alert may page; at 60 a minute it is an attack, and both page."""
+    rules = yaml.safe_load(RULES.read_text())["groups"][1]["rules"]
+    step = per_minute / 4  # samples every 15 s
+    series = [{"series": f'guard_samples_total{{namespace="shop",model="m",verdict="{verdict}"}}',
+               "values": _series(step * before, step * after, 240, 40)}
+              for verdict, before, after in (("clean", 0.95, 0.5), ("flagged", 0.05, 0.5))]
+    checks = []
+    for alert in ("GuardFlaggedShareHigh", "GuardFlaggedShareSpike"):
+        rule = next(r for r in rules if r["alert"] == alert)
+        summary = rule["annotations"]["summary"].replace("{{ $labels.model }}", "m").replace(
+            "{{ $value | humanizePercentage }}", "50%")
+        expected = [{"exp_labels": {"namespace": "shop", "model": "m", **rule["labels"]},
+                     "exp_annotations": {**rule["annotations"], "summary": summary}}]
+        checks.append({"eval_time": "67m", "alertname": alert, "exp_alerts": expected if pages else []})
+    test = {"interval": "15s", "input_series": series, "alert_rule_test": checks}
+    (tmp_path / "test.yml").write_text(yaml.safe_dump({"rule_files": [str(RULES)], "evaluation_interval": "15s",
+                                                       "tests": [test]}))
+    out = subprocess.run([tool("promtool"), "test", "rules", str(tmp_path / "test.yml")], check=False,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_promtool_accepts_the_scrape_config(tmp_path) -> None:
     """Debian's Prometheus is built without Kubernetes discovery, so promtool here checks the file with that one
     block swapped for a static target; the block itself is checked by shape (it must keep the port the sidecar
@@ -255,6 +286,11 @@ def test_sidecar_manifest_matches_what_guard_serve_really_does() -> None:
     monitor = next(d for d in manifests() if d["kind"] == "PodMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["guard-metrics"]
+    # the job GuardModelNotReady looks for, whatever the PodMonitor is named (the operator's is namespace/name)
+    job = [r["replacement"] for r in monitor["spec"]["podMetricsEndpoints"][0]["relabelings"] if r["targetLabel"] == "job"]
+    not_ready = next(r for r in yaml.safe_load(RULES.read_text())["groups"][1]["rules"]
+                     if r["alert"] == "GuardModelNotReady")
+    assert job == ["guard"] and 'up{job=~"(.*/)?guard"}' in not_ready["expr"]
     rule = next(d for d in manifests() if d["kind"] == "PrometheusRule")
     assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"], "prometheusrule.yaml drifted"
     policy = next(d for d in manifests() if d["kind"] == "NetworkPolicy")
