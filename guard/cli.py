@@ -252,6 +252,7 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from guard.config import bare_host, host_port
     from guard.server.security import read_secret
 
     port = args.port if args.port is not None else probed_port(tls=bool(args.tls_ca))
@@ -259,8 +260,7 @@ def _health(args: argparse.Namespace) -> int:
         raise GuardError(f"the port must lie in 1..65535, got {port}")
     if not 0 < args.timeout <= 3600:  # NaN too
         raise GuardError(f"--timeout must be a number of seconds in (0, 3600], got {args.timeout}")
-    host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host  # an IPv6 address
-    target = f"{host}:{port}"
+    target = host_port(bare_host(args.host), port)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise GuardError("--tls-cert and --tls-key go together")
     if args.tls_cert and not args.tls_ca:

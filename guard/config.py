@@ -98,6 +98,11 @@ class ServeSettings(BaseSettings):
             raise ValueError(f"file not found: {path}")
         return path
 
+    @field_validator("host", "metrics_host")
+    @classmethod
+    def _bare_host(cls, host: str) -> str:
+        return bare_host(host)
+
     @model_validator(mode="after")
     def _tls_complete(self) -> ServeSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -109,6 +114,17 @@ class ServeSettings(BaseSettings):
     @property
     def served_name(self) -> str:
         return self.model_name or self.model.stem
+
+
+def bare_host(host: str) -> str:
+    """An IPv6 address given as `::` or `[::]` alike: gRPC needs the brackets and the metrics server refuses them, so
+    a host is kept bare and `host_port` adds them."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port, with an IPv6 host in brackets ([::]:8001)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _OnlyGiven(ServeSettings):

@@ -228,6 +228,21 @@ def test_defaults_listen_on_loopback_and_metrics_can_bind_elsewhere(backdoored: 
         server.stop(grace=1)
 
 
+@pytest.mark.parametrize(("host", "metrics_host"), [("::1", "[::1]"), ("[::1]", "::1")])
+def test_an_ipv6_host_is_taken_with_or_without_brackets_on_both_ports(backdoored: Backdoored, host: str,
+                                                                     metrics_host: str) -> None:
+    """gRPC refused `::1` ("misformatted domain name") and the metrics server `[::1]`: an IPv6-only cluster needed a
+    different spelling for each flag."""
+    server = serve(backdoored, host=host, metrics_host=metrics_host, health_port=0)
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.metrics_port}/metrics", timeout=5) as response:
+            assert b"guard_model_ready" in response.read()
+        assert len(infer(f"[::1]:{server.port}", backdoored.x_eval[:1])) == 1
+        assert main(["health", "--host", host, "--port", str(server.health_port)]) == 0
+    finally:
+        server.stop(grace=1)
+
+
 def test_data_files_holding_pickles_are_refused(tmp_path: Path) -> None:
     from guard.errors import GuardError
     from guard.samples import load_samples

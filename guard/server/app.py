@@ -15,7 +15,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from guard.config import ServeSettings
+from guard.config import ServeSettings, host_port
 from guard.errors import GuardError
 from guard.runtime.guard import Guard
 from guard.server._proto.guard.v1 import guard_pb2_grpc
@@ -104,7 +104,7 @@ class GuardServer:
             self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         except OSError as exc:
             raise GuardError(
-                f"cannot serve metrics on {self.settings.metrics_host}:{self.settings.metrics_port}: {exc}"
+                f"cannot serve metrics on {host_port(self.settings.metrics_host, self.settings.metrics_port)}: {exc}"
             ) from None
         if self.settings.audit_log is not None:  # opened last, so a failed start leaves no file open
             self.plane.audit = AuditLog(self.settings.audit_log,
@@ -116,8 +116,8 @@ class GuardServer:
         self.metrics.ready.labels(model=self.plane.name).set(1)
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("guard serving model %r on %s:%d (metrics on %s:%d, policy %s, providers %s)",
-                 self.plane.name, self.settings.host, self.port, self.settings.metrics_host, self.metrics_port,
+        log.info("guard serving model %r on %s (metrics on %s, policy %s, providers %s)", self.plane.name,
+                 host_port(self.settings.host, self.port), host_port(self.settings.metrics_host, self.metrics_port),
                  self.guard.policy.value, ",".join(self.guard.engine.providers))
 
     def stop(self, grace: float | None = None) -> None:
@@ -142,7 +142,7 @@ class GuardServer:
 def _bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None, what: str) -> int:
     """The port `server` is bound to on host:port (TLS with `credentials`), or a GuardError saying it cannot `what`
     there."""
-    address = f"{host}:{port}"
+    address = host_port(host, port)
     try:
         bound = (server.add_insecure_port(address) if credentials is None
                  else server.add_secure_port(address, credentials))
@@ -161,9 +161,10 @@ def serve(settings: ServeSettings) -> None:
     server = GuardServer(settings)
     server.start()
     status = sys.stderr if settings.audit_log == "-" else sys.stdout  # stdout is then the audit log's alone
-    health = "" if server.health_server is None else f", health checks also on {settings.host}:{server.health_port}"
-    print(f"guard: serving {server.plane.name!r} on {settings.host}:{server.port}, "
-          f"metrics on {settings.metrics_host}:{server.metrics_port}{health}", file=status, flush=True)
+    health = ("" if server.health_server is None
+              else f", health checks also on {host_port(settings.host, server.health_port)}")
+    print(f"guard: serving {server.plane.name!r} on {host_port(settings.host, server.port)}, "
+          f"metrics on {host_port(settings.metrics_host, server.metrics_port)}{health}", file=status, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
