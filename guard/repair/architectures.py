@@ -44,7 +44,7 @@ def check_channels_last(model: nn.Module, spec: str, sample_shape: tuple[int, ..
             model.eval()(torch.zeros(2, *sample_shape).contiguous(memory_format=torch.channels_last))
     except Exception as exc:  # noqa: BLE001 - the user's forward
         raise GuardError(f"{spec} fails on channels-last tensors, the layout guard trains in "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0]}); flatten with x.flatten(1) or "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())}); flatten with x.flatten(1) or "
                          "x.reshape(len(x), -1) rather than x.view") from None
 
 
