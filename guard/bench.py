@@ -10,6 +10,7 @@ with the number of taps, and the time to calibrate. Output: a Markdown table, JS
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -19,6 +20,8 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,6 +121,42 @@ def bare_process_rss(model_path: Path, x: np.ndarray, threads: int, device: str,
     return float(out.stdout.strip().splitlines()[-1])
 
 
+@contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """SIGTERM as SystemExit for the block, so the `finally` that stops a started `guard serve` runs (Python's own
+    SIGTERM ends the process there and then, and left the server running with its port)."""
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def server_limits(batch: int, sample_shape: tuple[int, ...]) -> list[str]:
+    """`guard serve` flags that let a request of `batch` samples through: its own limits (1024 samples, 64 MiB)
+    refused a bench or load run at a larger batch."""
+    from guard.config import ServeSettings
+
+    fields = ServeSettings.model_fields
+    needed_mb = -(-batch * math.prod(sample_shape) * 4 // 2**20) + 1  # FP32, and a MiB for the message's framing
+    return ["--max-batch", str(max(batch, fields["max_batch"].default)),
+            "--max-message-mb", str(max(needed_mb, fields["max_message_mb"].default))]
+
+
+def warm_call(client: object, input_name: str, x: np.ndarray, timeout: float) -> None:
+    """One call before timing, so connection set-up is not measured; a refusal is a GuardError, not a traceback."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        client.infer("", [triton_input(input_name, x)], client_timeout=timeout)  # type: ignore[attr-defined]
+    except InferenceServerException as exc:
+        raise GuardError(f"the server refused the warm-up call of {len(x)} samples: {exc.message()}") from None
+
+
 class ServerProcess:
     """`guard serve` on a free loopback port, in a process of its own, with `args` added to its command line."""
 
@@ -136,8 +175,10 @@ class ServerProcess:
         reader.join(timeout=120)
         match = re.search(r"on [\d.]+:(\d+),", ready[0]) if ready else None
         if not match:
+            code = self.process.poll()
             self.close()
-            raise GuardError(f"guard serve did not start within 120 s: {self.log.read_text()[-2000:]}")
+            why = "did not start within 120 s" if code is None else f"exited (code {code}) before it was ready"
+            raise GuardError(f"guard serve {why}: {self.log.read_text()[-2000:]}")
         self.port = int(match.group(1))
 
     def rss_mb(self, field: str = "VmRSS") -> float:
@@ -195,11 +236,10 @@ def _server_load(port: int, input_name: str, batches: list[np.ndarray], seconds:
 
 
 def _warm(port: int, input_name: str, x: np.ndarray) -> None:
-    """One request before timing, so connection set-up is not measured."""
     import tritonclient.grpc as triton
 
     with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
-        client.infer("", [triton_input(input_name, x)], client_timeout=60)
+        warm_call(client, input_name, x, 60)
 
 
 def _strip_ratio(session, x: np.ndarray, overlays: int, bare_seconds: float) -> dict[str, float]:
@@ -274,7 +314,8 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
     figures: dict[str, object] = {"machine": machine(), "settings": asdict(settings), "model": str(model_path),
                                   "engine_providers": guard.engine.providers,
                                   "tail_from_input": guard.tail_from_input, "rows": []}
-    args = ["--device", settings.device, "--threads", str(settings.threads), "--workers", str(max(8, settings.callers))]
+    args = ["--device", settings.device, "--threads", str(settings.threads), "--workers", str(max(8, settings.callers)),
+            *server_limits(max(settings.batches), tuple(x.shape[1:]))]
     if settings.server_batch_size:
         args += ["--batch-size", str(settings.server_batch_size)]
     server = ServerProcess(model_path, profile_path, args, workdir)

@@ -129,7 +129,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from guard.bench import BenchSettings, format_table, run_bench, write_outputs
+    from guard.bench import BenchSettings, exit_on_sigterm, format_table, run_bench, write_outputs
+    from guard.config import MAX_THREADS
     from guard.model.graph import load_model
     from guard.samples import load_samples
 
@@ -147,16 +148,17 @@ def _bench(args: argparse.Namespace) -> int:
             raise GuardError(f"--batches takes comma-separated integers, got {args.batches!r}") from None
         if min(settings.batches) < 1:
             raise GuardError("batch sizes must be >= 1")
-    if settings.callers < 1 or not 0 < settings.seconds <= 3600 or settings.threads < 0:
-        raise GuardError("--callers must be >= 1, --seconds in (0, 3600] and --threads >= 0 (0: the engine's "
-                         "default)")
+    if (settings.callers < 1 or not 0 < settings.seconds <= 3600 or not 0 <= settings.threads <= MAX_THREADS
+            or settings.server_batch_size < 0):
+        raise GuardError(f"--callers must be >= 1, --seconds in (0, 3600], --threads in [0, {MAX_THREADS}] (0: the "
+                         "engine's default) and --server-batch-size >= 0 (0: off)")
     loaded = _check_data_fits(args.model, x.shape[1:])
     if y is not None and (settings.tap_growth or settings.calibration_samples):  # they run last: refused now
         from guard.samples import check_samples
 
         check_samples(x, y, loaded.sample_shape, loaded.num_classes, "guard bench's calibration")
     _writable_folder(args.out, "the bench results")
-    with tempfile.TemporaryDirectory(prefix="guard-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="guard-bench-") as tmp, exit_on_sigterm():
         figures = run_bench(args.model, args.profile, x, y, settings, Path(tmp))
     figures["command"] = "guard " + shlex.join(args.argv)
     written = write_outputs(figures, args.out)
@@ -193,6 +195,7 @@ def _load(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from guard.bench import exit_on_sigterm
     from guard.loadtest import LoadSettings, format_run, run_load
     from guard.model.graph import load_model
     from guard.samples import load_samples
@@ -205,7 +208,9 @@ def _load(args: argparse.Namespace) -> int:
             or not 0 < settings.seconds <= 3600):
         raise GuardError("callers, batch, max-inflight and workers must be >= 1, seconds in (0, 3600]")
     _check_data_fits(args.model, x.shape[1:])
-    with tempfile.TemporaryDirectory(prefix="guard-load-") as tmp:
+    if args.out:
+        _writable(args.out, inputs=(args.model, args.profile, args.data))
+    with tempfile.TemporaryDirectory(prefix="guard-load-") as tmp, exit_on_sigterm():
         figures = run_load(args.model, args.profile, x, settings, Path(tmp))
     print(format_run(figures))
     if args.out:
@@ -300,7 +305,7 @@ def _inspect(args: argparse.Namespace) -> int:
         "settings": profile.settings,
         "figures": profile.figures,
     }
-    print(json.dumps(summary, indent=2))
+    print(_strict_json(summary))  # a profile written elsewhere may hold NaN among its figures
     return 0
 
 
@@ -426,9 +431,8 @@ def _writable(*paths: Path, inputs: Sequence[str | Path | None] = ()) -> None:
             raise GuardError(f"cannot create the folder of {path}: {exc}") from None
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """A report as strict JSON: a number that is not finite (a split NONE never made, say) is written null."""
-    from guard.samples import write_atomic
+def _strict_json(data: dict) -> str:
+    """`data` as strict JSON: a number that is not finite (a split NONE never made, say) is written null."""
 
     def finite(value: object) -> object:
         if isinstance(value, float) and not math.isfinite(value):
@@ -439,7 +443,14 @@ def _write_json(path: Path, data: dict) -> None:
             return [finite(v) for v in value]
         return value
 
-    text = json.dumps(finite(data), indent=2, allow_nan=False) + "\n"
+    return json.dumps(finite(data), indent=2, allow_nan=False)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """A report as strict JSON (`_strict_json`), written whole or not at all."""
+    from guard.samples import write_atomic
+
+    text = _strict_json(data) + "\n"
     write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
@@ -577,7 +588,7 @@ def _export(args: argparse.Namespace) -> int:
     write_atomic(args.out, lambda tmp: export_checked(model, args.model, shape, tmp))
     print(f"guard: wrote {args.out}: input 'input' (N, {', '.join(map(str, shape))}), output 'logits' (N, {classes}); "
           f"it answers as the torch module does. Next: guard calibrate {args.out} --data clean.npz --out "
-          f"{args.out.with_suffix('.safetensors')}")
+          f"{args.out.with_name(args.out.stem + '.profile.safetensors')}")  # not NAME.safetensors: the weights' name
     return 0
 
 

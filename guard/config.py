@@ -24,6 +24,8 @@ from guard.runtime.policy import FailurePolicy, Policy
 
 DEFAULT_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
+# ONNX Runtime makes as many threads as asked: a million took 20 GiB before the kernel killed the process.
+MAX_THREADS = 1024
 
 #: GUARD_* variables that are not serve settings: the settings file, the eval's data, and the address the deploy
 #: examples give an app for calling guard (a ConfigMap shared by both containers may carry it). Read in this case only.
@@ -67,7 +69,7 @@ class ServeSettings(BaseSettings):
     workers: int = Field(8, ge=1, description="inference requests the engine works on at once")
     max_inflight: int = Field(64, ge=1, description="inference requests held at once, running or waiting for one "
                                                     "of the workers; more are refused at once (RESOURCE_EXHAUSTED)")
-    threads: int = Field(0, ge=0, description="the engine's intra-op threads per run (0: one per core)")
+    threads: int = Field(0, ge=0, le=MAX_THREADS, description="the engine's intra-op threads per run (0: one per core)")
     batch_size: int = Field(0, ge=0, description="dynamic batching: join concurrent requests into engine runs of up "
                                                  "to this many samples (0: off, each request runs alone)")
     batch_delay_ms: float = Field(2.0, ge=0, le=60_000, allow_inf_nan=False,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.bench import ServerProcess, cycled_batches, triton_input
+from guard.bench import ServerProcess, cycled_batches, server_limits, triton_input, warm_call
 from guard.errors import GuardError
 from guard.model.graph import load_model
 
@@ -44,16 +44,18 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
 
     input_name = load_model(model).input_name
     server = ServerProcess(Path(model), Path(profile), ["--max-inflight", str(settings.max_inflight),
-                                                        "--workers", str(settings.workers)], workdir)
+                                                        "--workers", str(settings.workers),
+                                                        *server_limits(settings.batch, tuple(x.shape[1:]))], workdir)
     outcomes: dict[str, list[float]] = {"answered": [], "rejected": []}
     failures: list[str] = []
     lock = threading.Lock()
     rss: list[float] = []
+    halt = threading.Event()  # set on any way out, so that the callers stop with the run and not at `stop`
     try:
-        batches = cycled_batches(x, settings.batch, 16)
+        batches = cycled_batches(x, settings.batch)  # all of x: what a call costs depends on the samples
         with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:  # warm: the start of the run
-            for batch in batches:
-                client.infer("", [triton_input(input_name, batch)], client_timeout=settings.timeout)
+            for batch in batches[:16]:
+                warm_call(client, input_name, batch, settings.timeout)
         rss.append(server.rss_mb())
         stop = time.perf_counter() + settings.seconds
         done = threading.Event()
@@ -65,7 +67,7 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
         def caller(offset: int) -> None:
             with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
                 calls = 0
-                while time.perf_counter() < stop:
+                while time.perf_counter() < stop and not halt.is_set():
                     tensor = triton_input(input_name, batches[(offset + calls) % len(batches)])
                     started = time.perf_counter()
                     try:
@@ -104,6 +106,7 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
             raise GuardError(f"guard serve exited during the run: {server.log.read_text()[-2000:]}")
         rss.append(server.rss_mb())
     finally:
+        halt.set()
         server.close()
     if not outcomes["answered"]:
         raise GuardError(f"no call was answered; the server said: {server.log.read_text()[-2000:]}")

@@ -6,6 +6,7 @@ Loaded with allow_pickle=False: a data file from anyone cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
@@ -34,12 +35,19 @@ def write_atomic(path: Path, write: Callable[[Path], object],
         tmp.replace(path)
         _fsync_folder(path.parent)
     except errors as exc:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise GuardError(f"cannot write {path}: {exc}") from None
     except BaseException:  # a write that refuses its own output (a GuardError) or is interrupted leaves nothing either
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
     return path
+
+
+def _remove(path: Path) -> None:
+    """Remove a temporary file if it is there; where it cannot be (its folder is a file), the error said is the
+    write's."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -66,6 +66,8 @@ def test_a_factory_with_safetensors_weights_exports_what_torch_answers(tmp_path:
     code, stdout, _ = run(capsys, "export", f"{factory}:tiny", "--weights", tmp_path / "tiny.safetensors",
                           "--input-shape", "3,12,10", "--num-classes", "7", "--out", out)
     assert code == 0 and "output 'logits' (N, 7)" in stdout
+    # the next step it suggests writes beside, not over, weights named like the model (tiny.safetensors)
+    assert stdout.strip().endswith(f"--out {out.parent / 'tiny.profile.safetensors'}")
     loaded = load_model(out)
     assert loaded.sample_shape == (3, 12, 10) and loaded.num_classes == 7
     x = np.random.default_rng(1).random((5, 3, 12, 10), dtype=np.float32)

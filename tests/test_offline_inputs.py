@@ -338,7 +338,9 @@ def test_a_scan_replaces_an_earlier_scans_trigger_files_and_writes_its_candidate
 # ------------------------------------------------------------------------------------------------- bench, eval
 
 
-@pytest.mark.parametrize("option", [["--callers", "0"], ["--seconds", "0"], ["--threads", "-1"]])
+@pytest.mark.parametrize("option", [["--callers", "0"], ["--seconds", "0"], ["--threads", "-1"],
+                                    ["--threads", "1000000"],  # ONNX Runtime makes them all: 20 GiB, then killed
+                                    ["--server-batch-size", "-1"]])
 def test_bench_refuses_settings_it_cannot_measure_with(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                        backdoored: Backdoored, option: list[str]) -> None:
     line = run(capsys, "bench", backdoored.model_path, "--profile", backdoored.profile_path, "--out", tmp_path / "b",

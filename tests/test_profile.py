@@ -691,6 +691,12 @@ def test_profile_without_a_demote_threshold_loads_with_demotion_off(setup: Setup
         raise AssertionError(f"guard inspect printed {constant}, which is not JSON")
 
     assert json.loads(shown.stdout, parse_constant=refuse)["thresholds"]["demote"] is None
+    # a profile written elsewhere may hold NaN among its figures: shown as null too, not as NaN
+    _edited(setup, tmp_path / "nan.safetensors",
+            lambda t, m: _set(m["figures"], "holdout_accuracy_unguarded", float("nan")))
+    shown = run_cli("inspect", "nan.safetensors", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout, parse_constant=refuse)["figures"]["holdout_accuracy_unguarded"] is None
 
 
 def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_as_before(

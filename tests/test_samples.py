@@ -153,3 +153,10 @@ def test_two_writes_of_one_path_do_not_share_a_temporary_file(tmp_path: Path) ->
     write_atomic(out, first)
     assert out.read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_a_write_whose_folder_is_a_file_is_a_guard_error(tmp_path: Path) -> None:
+    """The cleanup of the temporary file raised NotADirectoryError over the GuardError it was about to raise."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(GuardError, match=r"cannot write .*out\.json"):
+        write_atomic(tmp_path / "file" / "out.json", lambda tmp: tmp.write_text("{}"))
