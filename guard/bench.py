@@ -124,11 +124,15 @@ def bare_process_rss(model_path: Path, x: np.ndarray, threads: int, device: str,
 @contextmanager
 def exit_on_sigterm() -> Iterator[None]:
     """SIGTERM as SystemExit for the block, so the `finally` that stops a started `guard serve` runs (Python's own
-    SIGTERM ends the process there and then, and left the server running with its port)."""
+    SIGTERM ends the process there and then, and left the server running with its port). Only the main thread may
+    set handlers: elsewhere (the CLI embedded in a program's thread) the block runs as it is."""
 
     def leave(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, leave)
     try:
         yield

@@ -378,7 +378,7 @@ def _eval(args: argparse.Namespace) -> int:
         settings.validate()
     except ValueError as exc:
         raise GuardError(f"guard eval: {exc}") from None
-    made_out = not args.out.exists()
+    made = [folder for folder in (args.out, *args.out.parents) if not folder.exists()]  # leaf first
     _writable_report_folder(args.out)  # now, not after an hour of training; and not for a run refused above
 
     def progress(case: dict) -> None:
@@ -393,9 +393,9 @@ def _eval(args: argparse.Namespace) -> int:
     for failure in figures["failures"]:
         print(f"guard eval: case failed: {failure}", file=sys.stderr)
     if not figures["cases"]:  # nothing to draw; an earlier report in --out stays whole
-        if made_out:  # left as it was: no partial figures are kept before a case finishes
+        for folder in made:  # left as they were: no partial figures are kept before a case finishes
             with contextlib.suppress(OSError):
-                args.out.rmdir()
+                folder.rmdir()
         raise GuardError(f"every case failed ({len(figures['failures'])}); nothing written to {args.out}")
     report = write_report(figures, args.out, command)
     partial.remove()

@@ -6,6 +6,7 @@ import json
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import Backdoored
 from guard.bench import write_outputs
@@ -65,3 +66,30 @@ def test_bench_and_load_refuse_data_the_model_cannot_take_before_starting_a_serv
     assert main(["bench", str(backdoored.model_path), "--profile", str(backdoored.profile_path), "--data", str(few),
                  "--out", str(tmp_path / "b")]) == 2
     assert "needs at least 20 clean samples" in capsys.readouterr().err
+
+
+def test_sigterm_exits_through_the_block_in_the_main_thread_and_is_left_alone_elsewhere() -> None:
+    """SIGTERM during a bench or load run must reach their `finally` (which stops guard serve); only the main thread
+    may set a handler, and the CLI embedded in another thread ran before the handler existed."""
+    import signal
+    import threading
+
+    from guard.bench import exit_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, exit_on_sigterm():
+        signal.raise_signal(signal.SIGTERM)
+    assert stopped.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) == before
+    errors: list[BaseException] = []
+
+    def elsewhere() -> None:
+        try:
+            with exit_on_sigterm():
+                pass
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert errors == []

@@ -384,11 +384,11 @@ def test_an_eval_whose_every_case_fails_writes_nothing_over_an_earlier_report(
     assert err.count("guard eval: case failed:") == 2 and "every case failed (2); nothing written" in err
     assert sorted(p.name for p in out.iterdir()) == ["report.md"] and (out / "report.md").read_text() == "the earlier run"
     assert "seeds must be 0 or more" in run(capsys, "eval", "--quick", "--seeds", "-1", "--out", out)
-    fresh = tmp_path / "fresh"
+    fresh = tmp_path / "fresh" / "report"  # neither exists: both are removed
     assert "seeds must be 0 or more" in run(capsys, "eval", "--quick", "--seeds", "-1", "--out", fresh)
     assert main(["eval", "--quick", "--workers", "1", "--out", str(fresh)]) == 2
     assert "every case failed (2); nothing written" in capsys.readouterr().err
-    assert not fresh.exists()  # a run that wrote nothing leaves no empty folder it made
+    assert not fresh.parent.exists()  # a run that wrote nothing leaves no empty folder it made
 
 
 def test_a_report_without_attacked_cases_leaves_no_earlier_roc_curves(tmp_path: Path) -> None:
