@@ -20,7 +20,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -239,6 +239,33 @@ def _server_load(port: int, input_name: str, batches: list[np.ndarray], seconds:
     return latencies, wall, len(latencies) * len(batches[0])
 
 
+def _engine_load(predict: Callable[[np.ndarray], object], batches: list[np.ndarray], seconds: float,
+                 callers: int) -> float:
+    """Samples a second of the in-process engine under `callers` threads calling it as the server's callers do: the
+    like-for-like figure for the server's throughput, which its concurrent workers spread over every core."""
+    counts = [0] * callers
+    errors: list[BaseException] = []
+
+    def caller(index: int) -> None:
+        try:
+            while time.perf_counter() < stop or counts[index] == 0:
+                predict(batches[(index + counts[index]) % len(batches)])
+                counts[index] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below, after the other callers finish
+            errors.append(exc)
+
+    started = time.perf_counter()
+    stop = started + seconds
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise GuardError(f"an engine caller failed: {errors[0]}")
+    return sum(counts) * len(batches[0]) / (time.perf_counter() - started)
+
+
 def _warm(port: int, input_name: str, x: np.ndarray) -> None:
     import tritonclient.grpc as triton
 
@@ -331,11 +358,16 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
             repredicted = float(np.mean([guard.engine.run(b).needs.mean() for b in batches]))
             latencies, wall, samples = _server_load(server.port, input_name, batches, settings.seconds,
                                                     settings.callers)
+            concurrent = _engine_load(guard.predict, batches, settings.seconds, settings.callers)
             row = {"batch": batch, "bare": _percentiles(bare_t, batch), "engine": _percentiles(guarded_t, batch),
                    "server": {**_percentiles(latencies, batch), "throughput": round(samples / wall, 1)},
+                   "engine_concurrent_throughput": round(concurrent, 1),
                    "flagged_share": round(flagged, 4), "repredicted_share": round(repredicted, 4)}
             row["engine_over_bare"] = round(row["engine"]["p50_ms"] / row["bare"]["p50_ms"], 3)
+            # against one caller (as the runs before session 57 gave it), and against as many callers as the server
             row["server_over_engine_throughput"] = round(row["server"]["throughput"] / row["engine"]["throughput"], 3)
+            row["server_over_concurrent_engine_throughput"] = round(
+                row["server"]["throughput"] / row["engine_concurrent_throughput"], 3)
             figures["rows"].append(row)
         figures["server_peak_rss_mb"] = round(server.rss_mb("VmHWM"), 1)
     finally:
@@ -359,15 +391,18 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
 
 
 def format_table(figures: dict[str, object]) -> str:
+    callers = figures["settings"]["callers"]
     lines = ["| batch | bare p50 / p99 ms | guarded engine p50 / p99 ms | engine / bare | server p50 / p99 ms | "
-             "server samples/s | engine samples/s | server / engine | re-predicted |",
+             f"server samples/s | engine samples/s, 1 caller / {callers} | server / engine, 1 caller / {callers} | "
+             "re-predicted |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in figures["rows"]:
         b, e, s = r["bare"], r["engine"], r["server"]
         lines.append(f"| {r['batch']} | {b['p50_ms']:.3f} / {b['p99_ms']:.3f} | {e['p50_ms']:.3f} / {e['p99_ms']:.3f}"
                      f" | {r['engine_over_bare']:.3f} | {s['p50_ms']:.3f} / {s['p99_ms']:.3f} | {s['throughput']:.0f}"
-                     f" | {e['throughput']:.0f} | {r['server_over_engine_throughput']:.3f} | "
-                     f"{r['repredicted_share']:.1%} |")
+                     f" | {e['throughput']:.0f} / {r['engine_concurrent_throughput']:.0f}"
+                     f" | {r['server_over_engine_throughput']:.3f} / {r['server_over_concurrent_engine_throughput']:.3f}"
+                     f" | {r['repredicted_share']:.1%} |")
     lines.append("")
     lines.append(f"Peak memory: server process {figures['server_peak_rss_mb']} MiB, bare-session process "
                  f"{figures['bare_process_peak_rss_mb']} MiB (ratio {figures['server_over_bare_rss']}).")

@@ -32,6 +32,10 @@ def test_bench_measures_bare_engine_and_server_side_by_side(backdoored: Backdoor
             assert row[part]["calls"] >= 10 and 0 < row[part]["p50_ms"] <= row[part]["p99_ms"]
         assert row["engine_over_bare"] == round(row["engine"]["p50_ms"] / row["bare"]["p50_ms"], 3)
         assert 0 <= row["repredicted_share"] <= 1
+        # the server's throughput against the engine under as many callers as the server had (like for like)
+        assert row["engine_concurrent_throughput"] > 0
+        assert row["server_over_concurrent_engine_throughput"] == round(
+            row["server"]["throughput"] / row["engine_concurrent_throughput"], 3)
     # the shares are the whole data's, not its first few batches' (at batch 1 that had been 8 images)
     guard = Guard.load(backdoored.model_path, backdoored.profile_path)
     assert figures["rows"][0]["repredicted_share"] == round(float(guard.engine.run(backdoored.x_clean).needs.mean()), 4)
@@ -44,7 +48,7 @@ def test_bench_measures_bare_engine_and_server_side_by_side(backdoored: Backdoor
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # written to a temporary name, as PNG
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "bench.png"]
     table = (out / "bench.md").read_text()
-    assert table.startswith("| batch |") and "STRIP" in table
+    assert table.startswith("| batch |") and "STRIP" in table and "server / engine, 1 caller / 2 |" in table
     assert "engine / bare" in capsys.readouterr().out
     # Without matplotlib (a runtime-only install) the figures are still written, and only the plot is left out.
     monkeypatch.setitem(sys.modules, "matplotlib", None)
