@@ -201,6 +201,28 @@ class ServerProcess:
         self.process.stdout.close()
 
 
+def _in_threads(caller: Callable[[int], None], count: int, what: str) -> float:
+    """`caller(i)` for i < `count`, each in a thread of its own, all at once; the wall time until the last returns.
+    The first error any of them raised is a GuardError naming `what`, after the others finish."""
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            caller(index)
+        except BaseException as exc:  # noqa: BLE001 - reported below, after the other callers finish
+            errors.append(exc)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise GuardError(f"{what} failed: {errors[0]}")
+    return time.perf_counter() - started
+
+
 def _server_load(port: int, input_name: str, batches: list[np.ndarray], seconds: float,
                  callers: int) -> tuple[list[float], float, int]:
     """`callers` threads, one tritonclient each, sending batches for `seconds`: latencies, wall time, samples."""
@@ -208,34 +230,22 @@ def _server_load(port: int, input_name: str, batches: list[np.ndarray], seconds:
 
     latencies: list[float] = []
     lock = threading.Lock()
-    errors: list[BaseException] = []
 
     def caller(offset: int) -> None:
-        try:
-            with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
-                mine, calls = [], 0
-                while time.perf_counter() < stop or calls == 0:
-                    tensor = triton_input(input_name, batches[(offset + calls) % len(batches)])
-                    started = time.perf_counter()
-                    client.infer("", [tensor], client_timeout=60)
-                    mine.append(time.perf_counter() - started)
-                    calls += 1
-            with lock:
-                latencies.extend(mine)
-        except BaseException as exc:  # noqa: BLE001 - reported below, after the other callers finish
-            errors.append(exc)
+        with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
+            mine, calls = [], 0
+            while time.perf_counter() < stop or calls == 0:
+                tensor = triton_input(input_name, batches[(offset + calls) % len(batches)])
+                started = time.perf_counter()
+                client.infer("", [tensor], client_timeout=60)
+                mine.append(time.perf_counter() - started)
+                calls += 1
+        with lock:
+            latencies.extend(mine)
 
     _warm(port, input_name, batches[0])
-    started = time.perf_counter()
-    stop = started + seconds
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
-    if errors:
-        raise GuardError(f"a bench caller failed: {errors[0]}")
+    stop = time.perf_counter() + seconds
+    wall = _in_threads(caller, callers, "a bench caller")
     return latencies, wall, len(latencies) * len(batches[0])
 
 
@@ -244,26 +254,15 @@ def _engine_load(predict: Callable[[np.ndarray], object], batches: list[np.ndarr
     """Samples a second of the in-process engine under `callers` threads calling it as the server's callers do: the
     like-for-like figure for the server's throughput, which its concurrent workers spread over every core."""
     counts = [0] * callers
-    errors: list[BaseException] = []
 
     def caller(index: int) -> None:
-        try:
-            while time.perf_counter() < stop or counts[index] == 0:
-                predict(batches[(index + counts[index]) % len(batches)])
-                counts[index] += 1
-        except BaseException as exc:  # noqa: BLE001 - reported below, after the other callers finish
-            errors.append(exc)
+        while time.perf_counter() < stop or counts[index] == 0:
+            predict(batches[(index + counts[index]) % len(batches)])
+            counts[index] += 1
 
-    started = time.perf_counter()
-    stop = started + seconds
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise GuardError(f"an engine caller failed: {errors[0]}")
-    return sum(counts) * len(batches[0]) / (time.perf_counter() - started)
+    stop = time.perf_counter() + seconds
+    wall = _in_threads(caller, callers, "an engine caller")
+    return sum(counts) * len(batches[0]) / wall
 
 
 def _warm(port: int, input_name: str, x: np.ndarray) -> None:

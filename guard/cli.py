@@ -331,15 +331,6 @@ def _scan(args: argparse.Namespace) -> int:
 PARTIAL_FIGURES = "figures.partial.json"
 
 
-def _writable_report_folder(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
-    except OSError as exc:
-        raise GuardError(f"cannot write the report to {out}: {exc}") from None
-
-
 def _eval(args: argparse.Namespace) -> int:
     import shlex
 
@@ -359,7 +350,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise GuardError(f"{args.figures} is not a guard eval figures.json (no list of cases)")
         if not figures["cases"]:
             raise GuardError(f"{args.figures} holds no case: there is no report to draw")
-        _writable_report_folder(args.out)
+        _writable_folder(args.out, "the report")
         print(f"guard: wrote {write_report(figures, args.out, figures.get('command', 'unknown'))}")
         return 0
 
@@ -379,7 +370,7 @@ def _eval(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise GuardError(f"guard eval: {exc}") from None
     made = [folder for folder in (args.out, *args.out.parents) if not folder.exists()]  # leaf first
-    _writable_report_folder(args.out)  # now, not after an hour of training; and not for a run refused above
+    _writable_folder(args.out, "the report")  # now, not after an hour of training; and not for a run refused above
 
     def progress(case: dict) -> None:
         row = case["methods"]["guard"]
