@@ -432,3 +432,15 @@ def test_unlabelled_calibration_prints_agreement_not_accuracy(tmp_path: Path, ca
                  "--out", str(tmp_path / "p.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "held-out agreement with the model 1.000 -> " in out and "accuracy" not in out
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(backdoored: Backdoored) -> None:
+    """`guard inspect profile | head` ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    done = subprocess.Popen([sys.executable, "-m", "guard", "inspect", str(backdoored.profile_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done.stdout.close()  # before guard has imported what it needs, so its first write finds no reader
+    err = done.stderr.read()
+    assert done.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
