@@ -176,7 +176,11 @@ class ServerProcess:
         ready: list[str] = []
         reader = threading.Thread(target=lambda: ready.append(self.process.stdout.readline()), daemon=True)
         reader.start()
-        reader.join(timeout=120)
+        try:
+            reader.join(timeout=120)
+        except BaseException:  # SIGTERM (exit_on_sigterm) or Ctrl-C while it starts: it is not left running
+            self.close()
+            raise
         match = re.search(r"on [\d.]+:(\d+),", ready[0]) if ready else None
         if not match:
             code = self.process.poll()

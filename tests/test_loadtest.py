@@ -89,10 +89,13 @@ def test_a_stopped_load_run_stops_its_server_and_its_callers(backdoored: Backdoo
         while not (servers := _children(load.pid)) and time.monotonic() < deadline and load.poll() is None:
             time.sleep(0.2)
         assert servers, "guard load started no server"
-        time.sleep(20)  # the server is up and the callers are sending
+        time.sleep(20)  # the server is up and the callers are sending (or, on a slow machine, it is starting)
         load.send_signal(sent)
         assert load.wait(timeout=60) == code, load.stderr.read()
-        time.sleep(1)
+        # close() has waited for it; a zombie's /proc entry may outlive it for a moment
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in servers) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert not any(Path(f"/proc/{pid}").exists() for pid in servers), "guard serve was left running"
     finally:
         if load.poll() is None:
