@@ -205,7 +205,7 @@ class ServerProcess:
         self.process.stdout.close()
 
 
-def _in_threads(caller: Callable[[int], None], count: int, what: str) -> float:
+def in_threads(caller: Callable[[int], None], count: int, what: str) -> float:
     """`caller(i)` for i < `count`, each in a thread of its own, all at once; the wall time until the last returns.
     The first error any of them raised is a GuardError naming `what`, after the others finish."""
     errors: list[BaseException] = []
@@ -249,7 +249,7 @@ def _server_load(port: int, input_name: str, batches: list[np.ndarray], seconds:
 
     _warm(port, input_name, batches[0])
     stop = time.perf_counter() + seconds
-    wall = _in_threads(caller, callers, "a bench caller")
+    wall = in_threads(caller, callers, "a bench caller")
     return latencies, wall, len(latencies) * len(batches[0])
 
 
@@ -265,7 +265,7 @@ def _engine_load(predict: Callable[[np.ndarray], object], batches: list[np.ndarr
             counts[index] += 1
 
     stop = time.perf_counter() + seconds
-    wall = _in_threads(caller, callers, "an engine caller")
+    wall = in_threads(caller, callers, "an engine caller")
     return sum(counts) * len(batches[0]) / wall
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.bench import ServerProcess, cycled_batches, server_limits, triton_input, warm_call
+from guard.bench import ServerProcess, cycled_batches, in_threads, server_limits, triton_input, warm_call
 from guard.errors import GuardError
 from guard.model.graph import load_model
 
@@ -50,7 +50,9 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
     failures: list[str] = []
     lock = threading.Lock()
     rss: list[float] = []
-    halt = threading.Event()  # set on any way out, so that the callers stop with the run and not at `stop`
+    # Set when the callers are done, or on any way out (so that they stop with the run, not at `stop`): it stops
+    # the callers and the memory watch alike.
+    halt = threading.Event()
     try:
         batches = cycled_batches(x, settings.batch)  # all of x: what a call costs depends on the samples
         with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:  # warm: the start of the run
@@ -58,10 +60,9 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
                 warm_call(client, input_name, batch, settings.timeout)
         rss.append(server.rss_mb())
         stop = time.perf_counter() + settings.seconds
-        done = threading.Event()
 
         def watch_memory() -> None:
-            while not done.wait(1.0) and server.process.poll() is None:
+            while not halt.wait(1.0) and server.process.poll() is None:
                 rss.append(server.rss_mb())
 
         def caller(offset: int) -> None:
@@ -93,14 +94,8 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
 
         monitor = threading.Thread(target=watch_memory, daemon=True)
         monitor.start()
-        started = time.perf_counter()
-        threads = [threading.Thread(target=caller, args=(i,)) for i in range(settings.callers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - started
-        done.set()
+        wall = in_threads(caller, settings.callers, "a load caller")
+        halt.set()
         monitor.join()
         if server.process.poll() is not None:
             raise GuardError(f"guard serve exited during the run: {server.log.read_text()[-2000:]}")
