@@ -32,7 +32,7 @@ from guard.errors import GuardError
 from guard.model.graph import default_taps, load_model
 from guard.runtime.engine import ort_providers
 from guard.runtime.guard import Guard
-from guard.samples import write_atomic
+from guard.samples import write_atomic, write_json
 
 if TYPE_CHECKING:
     from tritonclient.grpc import InferInput
@@ -449,9 +449,9 @@ def plot(figures: dict[str, object], path: Path) -> None:
 def write_outputs(figures: dict[str, object], out: Path) -> list[Path]:
     """bench.json and bench.md, and the plot bench.png where matplotlib is installed (the `eval` extra; the
     figures do not need it, so a runtime-only install still gets them). Returns the files written."""
-    written = [out / "bench.json", out / "bench.md"]
-    for path, text in zip(written, (json.dumps(figures, indent=2) + "\n", format_table(figures) + "\n")):
-        write_atomic(path, lambda tmp, text=text: tmp.write_text(text))
+    written = [write_json(out / "bench.json", figures)]
+    table = format_table(figures) + "\n"
+    written.append(write_atomic(out / "bench.md", lambda tmp: tmp.write_text(table)))
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -198,7 +197,7 @@ def _load(args: argparse.Namespace) -> int:
     from guard.bench import exit_on_sigterm
     from guard.loadtest import LoadSettings, format_run, run_load
     from guard.model.graph import load_model
-    from guard.samples import load_samples
+    from guard.samples import load_samples, write_json
 
     x = (load_samples(args.data)[0] if args.data else
          np.random.default_rng(0).random((256, *load_model(args.model).sample_shape), dtype=np.float32))
@@ -214,7 +213,7 @@ def _load(args: argparse.Namespace) -> int:
         figures = run_load(args.model, args.profile, x, settings, Path(tmp))
     print(format_run(figures))
     if args.out:
-        _write_json(args.out, figures)
+        write_json(args.out, figures)
     return 0 if figures["failed"] == 0 else 1
 
 
@@ -291,6 +290,7 @@ def _health(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from guard.calibrate.profile import Profile
+    from guard.samples import strict_json
 
     profile = Profile.load(args.profile)
     summary = {
@@ -305,7 +305,7 @@ def _inspect(args: argparse.Namespace) -> int:
         "settings": profile.settings,
         "figures": profile.figures,
     }
-    print(_strict_json(summary))  # a profile written elsewhere may hold NaN among its figures
+    print(strict_json(summary))  # a profile written elsewhere may hold NaN among its figures
     return 0
 
 
@@ -422,36 +422,13 @@ def _writable(*paths: Path, inputs: Sequence[str | Path | None] = ()) -> None:
             raise GuardError(f"cannot create the folder of {path}: {exc}") from None
 
 
-def _strict_json(data: dict) -> str:
-    """`data` as strict JSON: a number that is not finite (a split NONE never made, say) is written null."""
-
-    def finite(value: object) -> object:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: finite(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [finite(v) for v in value]
-        return value
-
-    return json.dumps(finite(data), indent=2, allow_nan=False)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """A report as strict JSON (`_strict_json`), written whole or not at all."""
-    from guard.samples import write_atomic
-
-    text = _strict_json(data) + "\n"
-    write_atomic(path, lambda tmp: tmp.write_text(text))
-
-
 def _repair(args: argparse.Namespace) -> int:
     import onnx
 
     from guard.calibrate.warps import describe_triggers, load_any_trigger, split_targets
     from guard.model.graph import load_model, validate_taps
     from guard.repair.adaptive_reg import RepairSettings, repair
-    from guard.samples import load_samples, write_atomic
+    from guard.samples import load_samples, write_atomic, write_json
 
     x, y = load_samples(args.data)
     given = {"epochs": args.epochs, "lr": args.lr, "strength": args.strength, "schedule": args.schedule}
@@ -482,7 +459,7 @@ def _repair(args: argparse.Namespace) -> int:
         print(f"guard: scan suspects {suspect}; unlearning {describe_triggers(triggers)}")
     repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
     stamps, warps, blends = split_targets(triggers)
-    _write_json(report_path, {**report.to_dict(), "trigger_targets": stamps, "warp_targets": warps,
+    write_json(report_path, {**report.to_dict(), "trigger_targets": stamps, "warp_targets": warps,
                               "blend_targets": blends})
     if report.duplicates_dropped:
         print(f"guard: note: {report.duplicates_dropped} clean sample(s) repeat an earlier one and were left out (a "
@@ -509,7 +486,7 @@ def _train(args: argparse.Namespace) -> int:
     from guard.eval.models import predict, train
     from guard.repair.architectures import build, export_checked
     from guard.repair.none import NoneSettings, train_none
-    from guard.samples import check_samples, load_poisoned, load_samples, write_atomic
+    from guard.samples import check_samples, load_poisoned, load_samples, write_atomic, write_json
 
     x, y = load_samples(args.data)
     if y is None:
@@ -555,7 +532,7 @@ def _train(args: argparse.Namespace) -> int:
                               "seed": settings.seed}}
     accuracy = float((predict(model, x) == y).mean())
     write_atomic(args.out, lambda tmp: export_checked(model, args.model, shape, tmp))
-    _write_json(report_path, {**facts, "training_accuracy": accuracy, "samples": len(x), "model": args.model})
+    write_json(report_path, {**facts, "training_accuracy": accuracy, "samples": len(x), "model": args.model})
     print(f"guard: wrote {args.out} and {report_path}: {summary}; accuracy on the training set {accuracy:.3f}")
     return 0
 

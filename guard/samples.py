@@ -7,6 +7,7 @@ Loaded with allow_pickle=False: a data file from anyone cannot run code.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import secrets
@@ -41,6 +42,28 @@ def write_atomic(path: Path, write: Callable[[Path], object],
         _remove(tmp)
         raise
     return path
+
+
+def strict_json(data: object, indent: int = 2) -> str:
+    """`data` as strict JSON: a number that is not finite (a detection rate over no image, say) is written null,
+    which every parser reads, where Python's default `NaN` token is refused by most (jq, JavaScript)."""
+
+    def finite(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(data), indent=indent, allow_nan=False)
+
+
+def write_json(path: Path, data: object, indent: int = 2) -> Path:
+    """`data` as strict JSON (`strict_json`), written whole or not at all."""
+    text = strict_json(data, indent) + "\n"
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def _remove(path: Path) -> None:

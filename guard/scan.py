@@ -67,7 +67,7 @@ from guard.calibrate.warps import (
 )
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel, default_taps, load_model, tensor_ranks, validate_taps
-from guard.samples import check_samples, holdout_split, write_atomic
+from guard.samples import check_samples, holdout_split, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -465,8 +465,7 @@ def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
             written += [npz, stamp, mask]
             files.update(trigger=npz.name, trigger_png=stamp.name, mask_png=mask.name)
         summary = out / REPORT_FILE
-        text = json.dumps({**report_dict(report), "files": files}, indent=2) + "\n"
-        write_atomic(summary, lambda tmp: tmp.write_text(text))  # last: a scan.json names only files written whole
+        write_json(summary, {**report_dict(report), "files": files})  # last: a scan.json names only files written whole
     except OSError as exc:
         raise GuardError(f"cannot write the scan results to {out}: {exc}") from None
     return [summary, *written]

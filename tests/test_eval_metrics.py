@@ -170,8 +170,9 @@ def test_partial_figures_are_kept_and_a_failed_write_does_not_end_the_run(tmp_pa
     partial = PartialFigures(tmp_path / "figures.partial.json", "guard eval")
     partial.keep(_figures())  # no case yet: nothing to keep
     assert not partial.path.exists()
-    partial.keep(_figures(_case("badnets", 0)))
-    assert json.loads(partial.path.read_text())["command"] == "guard eval"
+    partial.keep(_figures(_case("badnets", 0, auroc_took=float("nan"))))  # no triggered image took
+    kept = json.loads(partial.path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the figures"))
+    assert kept["command"] == "guard eval" and kept["cases"][0]["methods"]["guard"]["auroc_took"] is None
     partial.remove()
     assert not partial.path.exists()
     blocked = PartialFigures(tmp_path / "taken", "guard eval")

@@ -401,6 +401,21 @@ def test_a_report_without_attacked_cases_leaves_no_earlier_roc_curves(tmp_path: 
     assert not (tmp_path / "roc.png").exists() and (tmp_path / "bars.png").exists()
 
 
+def test_figures_json_is_strict_json_and_redraws_the_same_report(tmp_path: Path) -> None:
+    """A figure over no image (no triggered image took) is NaN in memory; figures.json says null, which jq and
+    JavaScript read, where Python's NaN token is refused, and the report redrawn from it is the same."""
+    from guard.eval.report import write_report
+
+    figures = json.loads((Path(__file__).parents[1] / "docs" / "eval" / "figures.json").read_text())
+    guard = next(case for case in figures["cases"] if case["attack"] == "adaptive")["methods"]["guard"]
+    guard.update(tpr_took=float("nan"), auroc_took=float("nan"), n_took=0)
+    first = write_report(figures, tmp_path / "first", "guard eval").read_text()
+    raw = (tmp_path / "first" / "figures.json").read_text()
+    written = json.loads(raw, parse_constant=lambda name: pytest.fail(f"{name} in figures.json"))
+    assert "NaN" not in raw and None in (case["methods"]["guard"]["auroc_took"] for case in written["cases"])
+    assert write_report(written, tmp_path / "again", "guard eval").read_text() == first
+
+
 def test_repeated_samples_are_left_out_and_rates_too_few_samples_cannot_bound_are_named(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], backdoored: Backdoored) -> None:
     """A repeated image sits in another cross-fitting fold than its copy and scores like a sample the fit has seen,

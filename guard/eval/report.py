@@ -6,7 +6,6 @@ checked here, in one place, and each miss is named in the report rather than hid
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 
 from guard.errors import GuardError
 from guard.eval.metrics import at_least, at_most, mean_spread
-from guard.samples import write_atomic
+from guard.samples import write_atomic, write_json
 
 # Rows of the "what each part adds" table, in the order a reader builds up the defense.
 METHODS = ("none", "fine-pruning", "linf-prune", "salience-prune", "check", "guard-no-reference", "guard")
@@ -420,9 +419,8 @@ class PartialFigures:
     def keep(self, figures: dict) -> None:
         if not figures["cases"] or self.failed:
             return
-        text = json.dumps({**figures, "command": self.command}, indent=1) + "\n"
         try:
-            write_atomic(self.path, lambda tmp: tmp.write_text(text))
+            write_json(self.path, {**figures, "command": self.command}, indent=1)
         except GuardError as exc:
             self.failed = True
             print(f"guard eval: cannot keep the cases so far ({exc}); the run goes on", file=sys.stderr)
@@ -441,8 +439,7 @@ def write_report(figures: dict, out: str | Path, command: str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = {**figures, "command": figures.get("command", command)}
-    raw = json.dumps(figures, indent=1) + "\n"
-    write_atomic(out / "figures.json", lambda tmp: tmp.write_text(raw))  # first: the report can be redrawn from it
+    write_json(out / "figures.json", figures, indent=1)  # first: the report can be redrawn from it
     images = plot(figures, out)
     misses = check_targets(figures)
     settings = figures["settings"]
