@@ -52,6 +52,20 @@ def test_roc_curve_runs_from_all_flagged_to_none_and_is_monotone() -> None:
     assert abs(area - 0.76) < 0.1
 
 
+def test_a_nan_score_ranks_above_every_number_and_infinities_leave_the_curve_finite() -> None:
+    """The guard flags a NaN score (an input the model overflows on): the metrics rank it so, where np.unique sorted
+    it last by accident; quantiles between two infinities were NaN thresholds, each a spurious (0, 0) point."""
+    nan, inf = float("nan"), float("inf")
+    assert auroc([nan], [0.0]) == 0.0 and auroc([0.0], [nan]) == 1.0 and auroc([nan], [nan]) == 0.5
+    assert auroc([0.0, 1.0], [nan, 0.5]) == auroc([0.0, 1.0], [inf, 0.5]) == 0.75
+    with np.errstate(all="raise"):  # no interpolation between infinities
+        fpr, tpr = roc_curve([0.0, 1.0, 2.0, inf], [1.5, inf, inf, nan], points=11)
+    assert np.isfinite(fpr).all() and (fpr[0], tpr[0]) == (1.0, 1.0) and (fpr[-1], tpr[-1]) == (0.0, 0.0)
+    assert np.all(np.diff(fpr) <= 0) and np.all(np.diff(tpr) <= 0)
+    assert int(((fpr == 0) & (tpr == 0)).sum()) == 1  # one end, not one per NaN threshold
+    assert tpr[-2] == 0.75  # the three infinite (or NaN) triggered scores stay above the highest finite threshold
+
+
 def test_share_and_mean_spread() -> None:
     assert share(np.array([True, False, False, True])) == 0.5
     assert np.isnan(share(np.array([], dtype=bool)))

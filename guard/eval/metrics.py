@@ -31,8 +31,9 @@ def share(mask: np.ndarray) -> float:
 
 
 def auroc(negative: np.ndarray, positive: np.ndarray) -> float:
-    """Probability that a positive (triggered) sample outscores a negative (clean) one; ties count half."""
-    negative, positive = np.asarray(negative, np.float64), np.asarray(positive, np.float64)
+    """Probability that a positive (triggered) sample outscores a negative (clean) one; ties count half. A NaN
+    score ranks above every number, as the guard flags it (`Guard.predict`)."""
+    negative, positive = _nan_highest(negative), _nan_highest(positive)
     if not negative.size or not positive.size:
         return float("nan")
     scores = np.concatenate([negative, positive])
@@ -44,10 +45,18 @@ def auroc(negative: np.ndarray, positive: np.ndarray) -> float:
     return float((positive_ranks - len(positive) * (len(positive) + 1) / 2) / (len(negative) * len(positive)))
 
 
+def _nan_highest(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, np.float64)
+    return np.where(np.isnan(scores), np.inf, scores)
+
+
 def roc_curve(negative: np.ndarray, positive: np.ndarray, points: int = 101) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, TPR) at `points` thresholds spread over the score quantiles, from (1, 1) down to (0, 0)."""
-    negative, positive = np.asarray(negative, np.float64), np.asarray(positive, np.float64)
+    """(FPR, TPR) at `points` thresholds spread over the finite scores' quantiles, from (1, 1) down to (0, 0); an
+    infinite or NaN score (ranked as `auroc` ranks it) only moves the ends, where quantiles between infinities are
+    NaN."""
+    negative, positive = _nan_highest(negative), _nan_highest(positive)
     scores = np.concatenate([negative, positive])
+    scores = scores[np.isfinite(scores)] if np.isfinite(scores).any() else np.zeros(1)
     thresholds = np.unique(np.quantile(scores, np.linspace(0, 1, points)))
     thresholds = np.concatenate([[-np.inf], thresholds, [np.inf]])
     fpr = np.array([(negative > t).mean() for t in thresholds])
