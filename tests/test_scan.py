@@ -180,6 +180,12 @@ def test_anomaly_index_names_only_a_small_outlier():
     smaller[5] = 15
     assert pick_suspect(anomaly_index(smaller), success=success) == 5
     assert pick_suspect(np.array([-0.67, 0.67]), threshold=0.5) is None  # two classes: nothing to judge by
+    tied = np.full(10, 100.0)  # half or more of the classes alike: the MAD is 0
+    tied[3] = 98.0
+    for scale in ("log", "linear"):  # 2% below the rest is no outlier (it read ~3,000 and ~13,500)
+        assert pick_suspect(anomaly_index(tied, scale)) is None
+    tied[3] = 10.0  # a tenth of the others' size still is
+    assert pick_suspect(anomaly_index(tied)) == pick_suspect(anomaly_index(tied, "linear")) == 3
 
 
 def test_the_verdict_says_when_the_scan_cannot_judge(tmp_path):

@@ -49,6 +49,9 @@ DEFAULT_THRESHOLD = 2.0  # anomaly index above which a class is named (Neural Cl
 MIN_SUSPECT_SUCCESS = 0.5
 # The median and MAD of fewer sizes than this cannot single one out: with two classes every index is ±0.67.
 MIN_CLASSES_TO_JUDGE = 3
+# The smallest spread of mask sizes the index divides by, relative to the median (log scale: 0.01 is 1% of the size).
+# Where half the classes share one size (the MAD is 0) a mask 2% smaller read as an outlier of index ~3,000.
+MIN_RELATIVE_SPREAD = 0.01
 
 Logits = Callable[[torch.Tensor], torch.Tensor]
 IndexScale = Literal["log", "linear"]
@@ -202,8 +205,8 @@ def anomaly_index(l1: np.ndarray, scale: IndexScale = "log") -> np.ndarray:
     """(median − s_t) / (1.4826·MAD) per class, s = log ‖m‖₁ (or ‖m‖₁ with `scale="linear"`).
 
     How many robust standard deviations a class's mask lies *below* the median size. Signed, so a large mask reads
-    negative; only positive values can name a suspect. A zero MAD is replaced by a tiny positive value so a clear
-    outlier still gets a huge index rather than a division by zero.
+    negative; only positive values can name a suspect. The MAD is floored at `MIN_RELATIVE_SPREAD` of the median
+    size: sizes that barely differ are not a spread a class can stand out of by a percent.
     """
     sizes = np.asarray(l1, dtype=np.float64)
     if scale == "log":
@@ -212,7 +215,8 @@ def anomaly_index(l1: np.ndarray, scale: IndexScale = "log") -> np.ndarray:
         raise GuardError(f"index scale must be 'log' or 'linear', got {scale!r}")
     median = np.median(sizes)
     mad = np.median(np.abs(sizes - median))
-    spread = MAD_CONSISTENCY * max(mad, 1e-6 * max(abs(median), 1.0))
+    floor = MIN_RELATIVE_SPREAD if scale == "log" else MIN_RELATIVE_SPREAD * max(abs(median), 1e-6)
+    spread = MAD_CONSISTENCY * max(mad, floor)
     return (median - sizes) / spread
 
 
