@@ -342,6 +342,12 @@ def _eval(args: argparse.Namespace) -> int:
     except ImportError:
         raise GuardError("guard eval draws its plots with matplotlib: pip install 'guard[eval]'") from None
     if args.figures:
+        given = {name: getattr(args, name) for name in ("quick", "attacks", "archs", "seeds", "workers", "n_train",
+                                                         "epochs")}
+        running = [f"--{name.replace('_', '-')}" for name, value in given.items()
+                   if value is not None and value is not False]  # --workers 0 too
+        if running:  # ignored, `--quick` would exit 0 without its floors checked
+            raise GuardError(f"--figures only redraws a report; {', '.join(running)} would run the suite")
         try:
             figures = json.loads(Path(args.figures).read_text())
         except (OSError, ValueError) as exc:  # ValueError: not JSON, or not text

@@ -371,6 +371,14 @@ def test_eval_refuses_figures_it_cannot_read(capsys: pytest.CaptureFixture[str],
     assert not (tmp_path / "report").exists()  # a refused run leaves no empty report folder behind
 
 
+def test_eval_refuses_run_options_with_figures(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A redraw runs nothing: `--quick` with it exited 0 without its floors checked, which a CI step would pass."""
+    figures = Path(__file__).parents[1] / "docs" / "eval" / "figures.json"
+    said = run(capsys, "eval", "--figures", figures, "--quick", "--seeds", "0", "--workers", "0", "--out", tmp_path)
+    assert "--figures only redraws a report; --quick, --seeds, --workers would run the suite" in said
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_eval_whose_every_case_fails_writes_nothing_over_an_earlier_report(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the dataset every case failed, the report's plot raised, and figures.json with no case was left
