@@ -401,8 +401,25 @@ def test_a_profile_without_a_reference_runs_the_model_only(backdoored: Backdoore
     result = Guard.load(backdoored.model_path, tmp_path / "plain.safetensors").predict(backdoored.x_eval)
     assert not result.overruled.any() and "reference" not in result.stage_seconds
     with_reference = Profile.load(backdoored.profile_path)
-    assert plain.thresholds == dataclasses.replace(with_reference.thresholds, overrule=math.inf, confirm=None,
-                                                   confirm_ceiling=math.inf)
+    expected = dataclasses.replace(with_reference.thresholds, overrule=math.inf, confirm=None, confirm_ceiling=math.inf)
+    # to float rounding: the fixture calibrated on one torch thread, the command on the machine's default
+    assert_same_figures(plain.thresholds.as_json(), expected.as_json())
+
+
+def assert_same_figures(got: object, want: object, where: str = "thresholds") -> None:
+    """`got` is `want` with every float equal to a relative 1e-5."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for key in want:
+            assert_same_figures(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for index, (item, wanted) in enumerate(zip(got, want, strict=True)):
+            assert_same_figures(item, wanted, f"{where}[{index}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-5), where
+    else:
+        assert got == want, where
 
 
 def test_cli_reference_folds_set_how_many_fine_tunings_the_threshold_pools(backdoored: Backdoored,
