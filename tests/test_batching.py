@@ -4,6 +4,7 @@ exactly its rows, batches never exceed their size, a failure reaches only the ca
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -134,6 +135,55 @@ def test_a_caller_stops_waiting_at_its_deadline_even_while_its_batch_waits() -> 
         np.testing.assert_array_equal(batcher.submit(request(3, 64), timeout=1e300).labels, np.arange(3, 67))
     finally:
         batcher.close()
+
+
+def test_a_request_whose_call_ends_leaves_at_once_and_is_not_computed() -> None:
+    """A cancelled call (gRPC runs the callbacks given to `add_callback`) stops its caller's wait then, not when its
+    batch runs, and its rows are left out of the batch; a call already ended is not queued at all."""
+    from guard.errors import CallerGoneError
+
+    ends: list[Callable[[], object]] = []
+
+    def on_end(callback: Callable[[], object]) -> bool:
+        ends.append(callback)
+        return True
+
+    sizes: list[int] = []
+    batcher = Batcher(rowwise, max_size=64, max_delay=1.0, on_batch=sizes.append)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            cancelled = pool.submit(batcher.submit, request(0, 2), None, on_end)
+            kept = pool.submit(batcher.submit, request(5, 1))
+            while not ends or batcher._queue.qsize() + len(batcher._batch) < 2:
+                threading.Event().wait(0.01)
+            ends[0]()  # the caller cancels, well inside the 1 s batch delay
+            with pytest.raises(CallerGoneError, match="waited for a batch"):
+                cancelled.result(timeout=0.5)
+            assert sizes == []  # its batch has not run yet
+            np.testing.assert_array_equal(kept.result(timeout=5).labels, [5])
+        assert sizes == [1]  # the cancelled request's two rows were never computed
+        with pytest.raises(CallerGoneError, match="before its request was queued"):
+            batcher.submit(request(0, 1), None, lambda callback: False)
+        assert sizes == [1]
+    finally:
+        batcher.close()
+
+
+def test_flush_closes_the_open_batch_at_once_and_every_later_one() -> None:
+    """The server drains: a batch delay would spend its grace period waiting for callers that will not come."""
+    batcher = Batcher(rowwise, max_size=64, max_delay=1e13)
+    pool = ThreadPoolExecutor(1)
+    try:
+        waiting = pool.submit(batcher.submit, request(3, 2))
+        while not batcher._batch:
+            threading.Event().wait(0.01)
+        assert not waiting.done()
+        batcher.flush()
+        np.testing.assert_array_equal(waiting.result(timeout=5).labels, [3, 4])
+        np.testing.assert_array_equal(pool.submit(batcher.submit, request(8, 1)).result(timeout=5).labels, [8])
+    finally:
+        batcher.close()  # answers what waits, so the pool's thread ends whatever failed
+        pool.shutdown()
 
 
 class _Crash(BaseException):

@@ -205,6 +205,9 @@ BAD_REQUESTS = {
     "unknown version": ({"version": "7"}, grpc.StatusCode.NOT_FOUND, "unknown version '7'"),
     "unknown output": ({"outputs": ["probabilities"]}, grpc.StatusCode.INVALID_ARGUMENT, "unknown output"),
     "output asked twice": ({"outputs": ["logits", "logits"]}, grpc.StatusCode.INVALID_ARGUMENT, "more than once"),
+    # a caller's string is quoted back cut short: whole, past 8 KiB, gRPC refused the status as RESOURCE_EXHAUSTED
+    "a very long model name": ({"model_name": "m" * 20_000}, grpc.StatusCode.NOT_FOUND, "mmm... (20,002 characters)"),
+    "a very long datatype": ({"datatype": "F" * 20_000}, grpc.StatusCode.INVALID_ARGUMENT, "(20,002 characters)"),
     # finite, but the model overflows on it: its logits and score would be NaN
     "overflowing values": ({"raw": np.full((2, 1, 28, 28), 3e38, "<f4").tobytes()}, grpc.StatusCode.INVALID_ARGUMENT,
                            "NaN or Inf for sample(s) [0, 1]"),
@@ -440,6 +443,94 @@ def test_a_request_out_of_time_waiting_for_a_worker_gives_up_its_place(backdoore
         release.set()
         server.stop(grace=1)
     assert metric(text, "guard_request_errors_total", model=MODEL, code="RESOURCE_EXHAUSTED") == 0
+
+
+@pytest.mark.parametrize("mode", ["workers", "batching"])
+def test_a_call_that_ends_gives_up_its_place_and_its_late_answer_is_not_counted(
+        mode: str, backdoored: Backdoored, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine is held by a gate in front of the real guard. A call cancelled while it waits (for the worker, or
+    in the batch queue) leaves then, so a fresh caller is admitted in its place (it was refused RESOURCE_EXHAUSTED
+    until the engine had run the cancelled request for nobody); an answer computed after its caller's deadline is
+    counted as DEADLINE_EXCEEDED, not as answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    entered, release = threading.Event(), threading.Event()
+    predict = Guard.predict
+
+    def held(self: Guard, x: np.ndarray):
+        entered.set()
+        release.wait(30)
+        return predict(self, x)
+
+    monkeypatch.setattr(Guard, "predict", held)
+    limits = {"workers": {"workers": 1}, "batching": {"batch_size": 64, "batch_delay_ms": 20}}[mode]
+    settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0, metrics_port=0,
+                             max_inflight=2, **limits)
+    server = GuardServer(settings)
+    server.start()
+
+    def until(condition, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+
+    def errors(code: str) -> float:
+        return metric(scrape(server), "guard_request_errors_total", model=MODEL, code=code)
+
+    def inflight() -> float:
+        match = re.search(r"^guard_inflight_requests (\S+)$", scrape(server), re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    x = backdoored.x_eval[:1]
+    request = guard_pb2.PredictRequest(model=MODEL, shape=list(x.shape), data=x.astype("<f4").tobytes())
+    try:
+        with ThreadPoolExecutor(2) as callers, grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = guard_pb2_grpc.GuardStub(channel)
+            late = stub.Predict.future(request, timeout=1.0)  # held in the engine past its deadline
+            assert entered.wait(10), "the first request never reached the engine"
+            waiting = stub.Predict.future(request)
+            until(lambda: inflight() == 2, "the second request was not admitted")
+            waiting.cancel()
+            until(lambda: errors("CANCELLED") == 1, "the cancelled request was not dropped")
+            until(lambda: inflight() == 1, "the cancelled request still holds its place")
+            fresh = callers.submit(call_once, server, backdoored.x_eval[:3])  # admitted where it was refused
+            until(lambda: inflight() == 2 or fresh.done(), "the fresh request was not admitted")
+            with pytest.raises(grpc.RpcError) as raised:
+                late.result()
+            assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            release.set()
+            assert fresh.result() == 3
+            until(lambda: errors("DEADLINE_EXCEEDED") == 1, "the late answer was not dropped")
+        text = scrape(server)
+    finally:
+        release.set()
+        server.stop(grace=1)
+    assert metric(text, "guard_request_errors_total", model=MODEL, code="RESOURCE_EXHAUSTED") == 0
+    answered = sum(metric(text, "guard_samples_total", model=MODEL, verdict=v) for v in ("clean", "flagged"))
+    assert answered == 3  # the fresh request's samples alone: the late one's were computed for nobody
+
+
+def test_stopping_runs_an_open_batch_at_once_rather_than_cutting_it_off(backdoored: Backdoored) -> None:
+    """A batch waiting out a delay longer than the grace period is run as the drain starts: its callers were cut
+    off with UNAVAILABLE, and the batch computed after all, for nobody."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0, metrics_port=0,
+                             batch_size=64, batch_delay_ms=60_000)
+    server = GuardServer(settings)
+    server.start()
+    try:
+        with ThreadPoolExecutor(3) as callers:
+            calls = [callers.submit(call_once, server, backdoored.x_eval[:n]) for n in (1, 2)]
+            deadline = time.monotonic() + 10
+            while "guard_inflight_requests 2.0" not in scrape(server):
+                assert time.monotonic() < deadline, "the two requests were not admitted"
+                time.sleep(0.01)
+            server.stop(grace=5)
+            assert sorted(call.result(timeout=10) for call in calls) == [1, 2]
+    finally:
+        server.stop(grace=0)
 
 
 def test_callers_holding_every_call_open_starve_the_main_port_but_not_the_health_port(backdoored: Backdoored) -> None:

@@ -128,6 +128,7 @@ class GuardServer:
         self.plane.ready = False
         self.metrics.ready.labels(model=self.plane.name).set(0)
         self.health.enter_graceful_shutdown()
+        self.plane.drain()  # an open batch runs now, within the grace period, not after its delay
         self.server.stop(self.settings.grace_seconds if grace is None else grace).wait()
         if self.health_server is not None:  # probes heard NOT_SERVING until the drain was over
             self.health_server.stop(0).wait()

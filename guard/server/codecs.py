@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from guard.errors import RequestError
+from guard.errors import RequestError, shown
 from guard.runtime.guard import Result
 from guard.server._proto.guard.v1 import guard_pb2
 from guard.server._proto.inference import grpc_service_pb2 as oip
@@ -20,7 +20,7 @@ def _shape(dims: list[int], sample_shape: tuple[int, ...]) -> tuple[int, ...]:
     shape = tuple(int(d) for d in dims)
     if len(shape) != 1 + len(sample_shape) or shape[1:] != sample_shape or shape[0] < 1:
         want = ", ".join(map(str, sample_shape))
-        raise RequestError(f"expected shape [N, {want}] with N >= 1, got {list(shape)}")
+        raise RequestError(f"expected shape [N, {want}] with N >= 1, got {shown(list(shape))}")
     return shape
 
 
@@ -36,7 +36,7 @@ def _refuse_shared_memory(kind: str, name: str, parameters: Mapping[str, oip.Inf
     from empty contents, or write an output the caller will not look for in the response."""
     if any(key.startswith("shared_memory_") for key in parameters):
         region = parameters["shared_memory_region"].string_param if "shared_memory_region" in parameters else "?"
-        raise RequestError(f"{kind} {name!r} is in shared memory (region {region!r}); guard does not implement "
+        raise RequestError(f"{kind} {shown(name)} is in shared memory (region {shown(region)}); guard does not implement "
                            f"the shared-memory extension: send it in the message")
 
 
@@ -46,10 +46,10 @@ def decode_oip(request: oip.ModelInferRequest, input_name: str, sample_shape: tu
         raise RequestError(f"expected exactly one input tensor ({input_name!r}), got {len(request.inputs)}")
     tensor = request.inputs[0]
     if tensor.name != input_name:
-        raise RequestError(f"unknown input {tensor.name!r}; the model's input is {input_name!r}")
+        raise RequestError(f"unknown input {shown(tensor.name)}; the model's input is {input_name!r}")
     _refuse_shared_memory("input", tensor.name, tensor.parameters)
     if tensor.datatype != "FP32":
-        raise RequestError(f"input {input_name!r} must be FP32, got {tensor.datatype or 'no datatype'}")
+        raise RequestError(f"input {input_name!r} must be FP32, got {shown(tensor.datatype) if tensor.datatype else 'no datatype'}")
     shape = _shape(list(tensor.shape), sample_shape)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
@@ -69,13 +69,13 @@ def check_outputs(request: oip.ModelInferRequest, output_name: str) -> list[str]
     wanted = [o.name for o in request.outputs] or available
     unknown = [name for name in wanted if name not in available]
     if unknown:
-        raise RequestError(f"unknown output {unknown}; available outputs are {available}")
+        raise RequestError(f"unknown output {shown(unknown)}; available outputs are {available}")
     if len(set(wanted)) != len(wanted):
-        raise RequestError(f"an output is requested more than once: {wanted}")
+        raise RequestError(f"an output is requested more than once: {shown(wanted)}")
     for output in request.outputs:
         _refuse_shared_memory("output", output.name, output.parameters)
         if "classification" in output.parameters:  # Triton answers top-k "score:index" strings, not the tensor
-            raise RequestError(f"output {output.name!r} asks for classification (class_count="
+            raise RequestError(f"output {shown(output.name)} asks for classification (class_count="
                                f"{output.parameters['classification'].int64_param}); guard does not implement the "
                                f"classification extension: ask for the tensor and take its top classes")
     return wanted

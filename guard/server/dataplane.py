@@ -13,13 +13,21 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from guard.errors import CheckFailedError, DeadlineExceededError, OverloadedError, RequestError
-from guard.runtime.batching import Batcher
+from guard.errors import (
+    CallerGoneError,
+    CheckFailedError,
+    DeadlineExceededError,
+    OverloadedError,
+    RequestError,
+    shown,
+)
+from guard.runtime.batching import Batcher, OnEnd
 from guard.runtime.guard import Guard, Result
 from guard.server.audit import AuditLog, Caller
 from guard.server.metrics import Metrics
 
 VERSION = "1"  # the served model's only version, as ModelMetadata lists it
+GONE_POLL = 0.05  # seconds between looks at whether a call waiting for the engine has ended
 
 
 class UnknownModelError(RequestError):
@@ -45,8 +53,14 @@ class DataPlane:
             self.batcher = Batcher(guard.predict, batch_size, batch_delay,
                                    on_batch=metrics.batch.labels(model=name).observe)
 
+    def drain(self) -> None:
+        """The server stops taking calls: batches close at once rather than wait out their delay."""
+        if self.batcher is not None:
+            self.batcher.flush()
+
     def close(self) -> None:
-        """Stop the batcher once the requests it holds have been answered; then close the audit log."""
+        """Stop the batcher once the requests it holds have been answered; then close the audit log. A request still
+        running past gRPC's grace has had its call cancelled: it is neither answered nor logged."""
         if self.batcher is not None:
             self.batcher.close()
         if self.audit is not None:
@@ -55,9 +69,9 @@ class DataPlane:
     def resolve(self, name: str, version: str = "") -> str:
         """The served model's name; an empty name means the only model served, an empty version its only version."""
         if name not in ("", self.name):
-            raise UnknownModelError(f"unknown model {name!r}; this server serves {self.name!r}")
+            raise UnknownModelError(f"unknown model {shown(name)}; this server serves {self.name!r}")
         if version not in ("", VERSION):
-            raise UnknownModelError(f"unknown version {version!r} of model {self.name!r}; it has version {VERSION!r}")
+            raise UnknownModelError(f"unknown version {shown(version)} of model {self.name!r}; it has version {VERSION!r}")
         return self.name
 
     def serves(self, name: str, version: str = "") -> bool:
@@ -84,21 +98,30 @@ class DataPlane:
             self._admitted.release()
 
     def infer(self, x: np.ndarray, decode_seconds: float, time_left: float | None = None,
-              caller: Caller | None = None) -> Result:
+              caller: Caller | None = None, on_end: OnEnd | None = None) -> Result:
         """Guarded answers for a decoded batch; counts samples, verdicts, scores, stage times and failed checks, and
         writes the audit log's line for `caller` where the request holds a flagged sample.
 
         `time_left`: seconds until the caller's deadline (gRPC gives a huge number when there is none). A request
-        out of time is dropped before the engine runs it.
+        out of time is dropped before the engine runs it. `on_end` (the gRPC context's `add_callback`) tells when
+        the call ends: one cancelled while it waits is dropped, and an answer computed for a call that has ended
+        (cancelled, past its deadline, or cut off by the server's shutdown) is neither counted as answered nor
+        logged, as nobody receives it.
         """
         if x.shape[0] > self.max_batch:
             raise RequestError(f"batch of {x.shape[0]} samples exceeds the server's limit of {self.max_batch}")
         started = time.perf_counter()
+        gone = threading.Event()
+        if on_end is not None and not on_end(gone.set):
+            gone.set()
         try:
-            result = self._predict(x, time_left, started)
+            result = self._predict(x, time_left, started, gone, on_end)
         except CheckFailedError:
             self.metrics.check_failures.labels(model=self.name, outcome="refused").inc()
             raise
+        if gone.is_set():
+            raise CallerGoneError("the call ended (cancelled, past its deadline, or cut off by the server's shutdown) "
+                                  "while the request was computed; its answer is dropped")
         broken = ~np.isfinite(result.logits).all(axis=1)
         if not result.unchecked:  # an unguarded answer has no score
             broken |= ~np.isfinite(result.score)
@@ -126,19 +149,30 @@ class DataPlane:
             self.audit.record(name, self.guard.policy.value, caller, result)
         return result
 
-    def _predict(self, x: np.ndarray, time_left: float | None, started: float) -> Result:
+    def _predict(self, x: np.ndarray, time_left: float | None, started: float, gone: threading.Event,
+                 on_end: OnEnd | None) -> Result:
         if self.batcher is not None:  # a bad request is refused here, alone, before it could fail a shared batch
-            return self.batcher.submit(self.guard.validate(x), time_left)
-        # at most `workers` engine runs at once; the other admitted requests wait here, until their deadline at most
-        wait = None if time_left is None else min(time_left - (time.perf_counter() - started), threading.TIMEOUT_MAX)
-        if (wait is not None and wait <= 0) or not self._running.acquire(timeout=wait):
-            raise DeadlineExceededError("the deadline passed while the request waited for the engine; not computed")
+            return self.batcher.submit(self.guard.validate(x), time_left, on_end)
+        self._wait_for_engine(time_left, started, gone)
         try:
             result = self.guard.predict(x)
         finally:
             self._running.release()
         self.metrics.batch.labels(model=self.name).observe(len(x))
         return result
+
+    def _wait_for_engine(self, time_left: float | None, started: float, gone: threading.Event) -> None:
+        """At most `workers` engine runs at once; the other admitted requests wait here, until their deadline at most,
+        or until their call ends."""
+        end = None if time_left is None else started + min(time_left, threading.TIMEOUT_MAX)
+        while True:
+            left = None if end is None else end - time.perf_counter()
+            if left is not None and left <= 0:
+                raise DeadlineExceededError("the deadline passed while the request waited for the engine; not computed")
+            if gone.is_set():
+                raise CallerGoneError("the call ended while the request waited for the engine; not computed")
+            if self._running.acquire(timeout=GONE_POLL if left is None else min(left, GONE_POLL)):
+                return
 
     def count_error(self, code: str) -> None:
         self.metrics.errors.labels(model=self.name, code=code).inc()

@@ -23,7 +23,7 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
             name = self.plane.resolve(request.model)
             x = codecs.decode_predict(request, self.plane.guard.sample_shape)
             result = self.plane.infer(x, time.perf_counter() - started, context.time_remaining(),
-                                      caller_of(context, "guard.v1"))
+                                      caller_of(context, "guard.v1"), context.add_callback)
             return codecs.encode_predict(result, name, self.plane.guard.policy.value)
 
         def admitted() -> guard_pb2.PredictResponse:

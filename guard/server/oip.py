@@ -61,7 +61,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             x = codecs.decode_oip(request, model.input_name, model.sample_shape)
             wanted = codecs.check_outputs(request, model.output_name)
             result = self.plane.infer(x, time.perf_counter() - started, context.time_remaining(),
-                                      caller_of(context, "oip", request.id))
+                                      caller_of(context, "oip", request.id), context.add_callback)
             return codecs.encode_oip(result, name, VERSION, request, wanted, model.output_name,
                                      self.plane.guard.policy.value)
 

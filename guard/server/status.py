@@ -8,11 +8,29 @@ from typing import TypeVar
 
 import grpc
 
-from guard.errors import DeadlineExceededError, OverloadedError, RequestError, UnavailableError
+from guard.errors import (
+    CallerGoneError,
+    DeadlineExceededError,
+    OverloadedError,
+    RequestError,
+    UnavailableError,
+)
 from guard.server.dataplane import DataPlane, UnknownModelError
 
 log = logging.getLogger("guard.server")
 T = TypeVar("T")
+# A status message travels as metadata, which gRPC refuses past 8 KiB (percent-encoded: up to 3 bytes per byte),
+# turning the answer into RESOURCE_EXHAUSTED; callers' strings are already cut (`shown`), this holds for the rest.
+MAX_MESSAGE_BYTES = 2048
+# A call gRPC ended this close to its deadline ended by it (gRPC's core and Python's clock differ a little).
+DEADLINE_SLACK = 0.01
+
+
+def _fitted(message: str) -> str:
+    data = message.encode()
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return message
+    return data[:MAX_MESSAGE_BYTES].decode(errors="ignore") + f"... ({len(data):,} bytes)"
 
 
 def answer(plane: DataPlane, context: grpc.ServicerContext, handler: Callable[[], T], *, inference: bool = True) -> T:
@@ -30,6 +48,9 @@ def answer(plane: DataPlane, context: grpc.ServicerContext, handler: Callable[[]
         code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
     except DeadlineExceededError as exc:
         code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    except CallerGoneError as exc:  # nobody hears it; counted, so that a dropped answer is not an answered one
+        out_of_time = context.time_remaining() < DEADLINE_SLACK
+        code, message = grpc.StatusCode.DEADLINE_EXCEEDED if out_of_time else grpc.StatusCode.CANCELLED, str(exc)
     except OverloadedError as exc:
         code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     except Exception as exc:
@@ -37,5 +58,5 @@ def answer(plane: DataPlane, context: grpc.ServicerContext, handler: Callable[[]
         code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
     if inference:
         plane.count_error(code.name)
-    context.abort(code, message)
+    context.abort(code, _fitted(message))
     raise AssertionError("unreachable: context.abort raises")
