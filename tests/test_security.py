@@ -118,10 +118,12 @@ def test_bearer_token_guards_everything_but_health(backdoored: Backdoored, pki: 
     try:
         url = f"127.0.0.1:{server.port}"
         x = backdoored.x_eval[:3]
-        for headers in (None, {"authorization": "Bearer wrong"}, {"authorization": "s3cret-token"}):
+        for given in (None, "Bearer wrong", "s3cret-token", "Basic s3cret-token", "Bearers3cret-token"):
             with pytest.raises(InferenceServerException, match=r"UNAUTHENTICATED|bearer"):
-                infer(url, x, headers=headers)
-        assert len(infer(url, x, headers={"authorization": "Bearer s3cret-token"})) == 3
+                infer(url, x, headers=None if given is None else {"authorization": given})
+        # RFC 7235: the scheme in any case, one or more spaces before the token
+        for given in ("Bearer s3cret-token", "bearer s3cret-token", "BEARER  s3cret-token"):
+            assert len(infer(url, x, headers={"authorization": given})) == 3
         with grpc.insecure_channel(url) as channel:  # probes carry no token
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
@@ -133,8 +135,8 @@ def test_bearer_token_guards_everything_but_health(backdoored: Backdoored, pki: 
             client.get_model_metadata(MODEL)  # metadata needs the token too
         with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
             text = response.read().decode()
-        # the three inference calls; the refused Watch and metadata calls are not inference requests
-        assert f'guard_request_errors_total{{code="UNAUTHENTICATED",model="{MODEL}"}} 3.0' in text
+        # the five inference calls; the refused Watch and metadata calls are not inference requests
+        assert f'guard_request_errors_total{{code="UNAUTHENTICATED",model="{MODEL}"}} 5.0' in text
     finally:
         server.stop(grace=1)
 

@@ -67,7 +67,7 @@ class BearerToken(grpc.ServerInterceptor):
     def __init__(self, token: str, on_refused_inference: Callable[[], None]) -> None:
         if not token:
             raise GuardError("the bearer token is empty")
-        self._expected = f"Bearer {token}".encode()
+        self._token = token.encode()
 
         def refusal(count: bool) -> grpc.RpcMethodHandler:
             def refuse(_requests: object, context: grpc.ServicerContext) -> None:
@@ -86,6 +86,8 @@ class BearerToken(grpc.ServerInterceptor):
         if handler_call_details.method in OPEN_METHODS:
             return continuation(handler_call_details)
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(str(given).encode(), self._expected):
+        # RFC 7235: the scheme is case-insensitive and one or more spaces follow it; the token is compared whole
+        scheme, _, credentials = str(given).partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(credentials.lstrip(" ").encode(), self._token):
             return continuation(handler_call_details)
         return self._refusals[handler_call_details.method in INFERENCE_METHODS]
