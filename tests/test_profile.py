@@ -126,6 +126,24 @@ def test_save_and_load_keep_every_array_threshold_setting_and_figure(setup: Setu
     assert not list(setup.workdir.glob("*.tmp"))
 
 
+def test_a_profile_is_saved_with_the_umasks_mode_and_only_if_it_loads_back(setup: Setup) -> None:
+    """safetensors' writer made every profile 0600, unreadable by a server running as another user; data whose
+    statistics overflowed float32 gave a profile every command refused, written over a good one."""
+    import os
+
+    path = setup.workdir / "moded.safetensors"
+    umask = os.umask(0o022)
+    try:
+        setup.profile.save(path)
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    overflowed = dataclasses.replace(setup.profile, class_scale=np.full_like(setup.profile.class_scale, np.inf))
+    with pytest.raises(ProfileError, match=r"would not load, so .*moded.safetensors is left as it was: .*finite"):
+        overflowed.save(path)
+    assert Profile.load(path).thresholds == setup.profile.thresholds and not list(setup.workdir.glob("*.tmp"))
+
+
 def test_guard_loaded_from_files_answers_like_guard_built_in_memory(setup: Setup) -> None:
     from_files = Guard.load(setup.model_path, setup.profile_path)
     in_memory = Guard(load_model(setup.model_path), setup.profile)

@@ -15,7 +15,7 @@ from typing import Any, get_args
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
 
 from guard._version import __version__
 from guard.errors import ProfileError
@@ -264,6 +264,9 @@ class Profile:
             )
 
     def save(self, path: str | Path) -> Path:
+        """Write the profile whole, with the file mode the umask gives (safetensors' own writer makes it 0600, which
+        a server running as another user cannot read), and only if it loads back: a profile every command would
+        refuse (statistics that overflowed float32, say) must not replace a good one."""
         path = Path(path)
         tensors = {"class_mean": self.class_mean, "class_scale": self.class_scale}
         for index, tap in enumerate(self.taps):
@@ -291,9 +294,18 @@ class Profile:
             "settings": self.settings,
             "figures": self.figures,
         }
-        return write_atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                                                        str(tmp), metadata={"guard": json.dumps(meta)}),
-                            errors=(OSError, SafetensorError))
+        data = safetensors_bytes({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"guard": json.dumps(meta)})
+
+        def write(tmp: Path) -> None:
+            tmp.write_bytes(data)
+            try:
+                Profile.load(tmp)
+            except ProfileError as exc:
+                reason = str(exc).replace(str(tmp), "it")
+                raise ProfileError(f"the profile computed would not load, so {path} is left as it was: {reason}"
+                                   ) from None
+
+        return write_atomic(path, write, errors=(OSError, SafetensorError))
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
@@ -301,6 +313,10 @@ class Profile:
         if not path.is_file():
             raise ProfileError(f"profile not found: {path}" if not path.exists() else
                                f"{path} is not a regular file; give the profile guard calibrate wrote")
+        try:  # safetensors says "No such file or directory" for a file it may not read
+            path.open("rb").close()
+        except OSError as exc:
+            raise ProfileError(f"cannot read the profile {path}: {exc.strerror or exc}") from None
         try:  # one handle for the metadata and the tensors: a profile renamed over this one between two reads
             with safe_open(str(path), framework="numpy") as handle:  # would pair its thresholds with our tensors
                 raw_meta = (handle.metadata() or {}).get("guard")
