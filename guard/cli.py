@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from guard.calibrate.pipeline import CalibrationSettings, calibrate
-    from guard.samples import load_samples
+    from guard.samples import check_samples, load_samples
 
     x, y = load_samples(args.data)
     settings = CalibrationSettings(
@@ -49,6 +49,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         model = load_model(args.model)
         if settings.layers:  # a misspelt tap is refused now, not after the scan
             validate_taps(model, list(settings.layers))
+        check_samples(x, y, model.sample_shape, model.num_classes, "calibration", every_class=True)  # and the data
         if args.scan_dir is not None:
             earlier = read_scan_dir(args.scan_dir, model)
             source, suspect, triggers, took = f"the scan in {args.scan_dir}", earlier.suspect, earlier.candidates, ""
@@ -410,22 +411,32 @@ def _scan_files(folder: Path | None) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file()) if folder is not None and folder.is_dir() else []
 
 
+def _output_file(path: Path) -> Path:
+    """`path`, refused where it names a folder (`.`, `/`, an existing one) rather than a file to write."""
+    if not path.name or path.is_dir():
+        raise GuardError(f"{path} is a folder; give a file name to write")
+    return path
+
+
 def _writable(*paths: Path, inputs: Sequence[str | Path | None] = ()) -> None:
-    """Make the output files' folders before a long run rather than fail after it; refuse a folder as a file, and an
-    output that is one of the command's `inputs` or another output (it would replace the model or the data it was
-    made from, the evidence of a backdoor among them)."""
+    """Make the output files' folders, and try a write there, before a long run rather than fail after it; refuse a
+    folder as a file, and an output that is one of the command's `inputs`, lies in an input folder (a folder of
+    images would no longer load) or is another output (it would replace the model or the data it was made from, the
+    evidence of a backdoor among them)."""
     taken = [Path(p).resolve() for p in inputs if p is not None]
-    for path in paths:
-        if path.is_dir():
-            raise GuardError(f"{path} is a folder; give a file name to write")
+    for path in map(_output_file, paths):
         resolved = path.resolve()
-        if resolved in taken:
-            raise GuardError(f"{path} is one of this command's inputs or outputs; write to another file")
+        if resolved in taken or any(folder.is_dir() and resolved.is_relative_to(folder) for folder in taken):
+            raise GuardError(f"{path} is one of this command's inputs or outputs, or lies in an input folder; "
+                             "write to another file")
         taken.append(resolved)
+        probe = path.with_name(f".{path.name}.{os.getpid()}.write-test")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+            probe.unlink()
         except OSError as exc:
-            raise GuardError(f"cannot create the folder of {path}: {exc}") from None
+            raise GuardError(f"cannot write {path}: {exc}") from None
 
 
 def _repair(args: argparse.Namespace) -> int:
@@ -434,7 +445,7 @@ def _repair(args: argparse.Namespace) -> int:
     from guard.calibrate.warps import describe_triggers, load_any_trigger, split_targets
     from guard.model.graph import load_model, validate_taps
     from guard.repair.adaptive_reg import RepairSettings, repair
-    from guard.samples import load_samples, write_atomic, write_json
+    from guard.samples import check_samples, load_samples, write_atomic, write_json
 
     x, y = load_samples(args.data)
     given = {"epochs": args.epochs, "lr": args.lr, "strength": args.strength, "schedule": args.schedule}
@@ -444,12 +455,13 @@ def _repair(args: argparse.Namespace) -> int:
     if settings.method == "prune" and (args.trigger or args.scan or args.scan_dir):
         raise GuardError("--method prune folds the calibrated static mask in and trains nothing, so it has no use "
                          "for --trigger, --scan or --scan-dir: give them to ar, l2 or finetune")
-    report_path = args.report or args.out.with_suffix(".repair.json")
+    report_path = args.report or _output_file(args.out).with_suffix(".repair.json")
     _writable(args.out, report_path, inputs=(args.model, args.data, *(args.trigger or []),
                                              *_scan_files(args.scan_dir)))
     model = load_model(args.model)
     if settings.layers:  # a misspelt tap is refused now, not after the scan
         validate_taps(model, list(settings.layers))
+    check_samples(x, y, model.sample_shape, model.num_classes, "repair", every_class=True)  # and the data
     triggers = [load_any_trigger(path, model.sample_shape, model.num_classes) for path in args.trigger or []]
     if args.scan_dir is not None:
         from guard.scan import read_scan_dir
@@ -520,7 +532,7 @@ def _train(args: argparse.Namespace) -> int:
     settings = NoneSettings(seed=args.seed, **{k: v for k, v in {**plain, **rounds}.items() if v is not None})
     settings.validate()
     poisoned = load_poisoned(args.data, len(x))
-    report_path = args.report or args.out.with_suffix(".train.json")
+    report_path = args.report or _output_file(args.out).with_suffix(".train.json")
     _writable(args.out, report_path, inputs=(args.data,))
     torch.manual_seed(args.seed)
     model = build(args.model, x, y)

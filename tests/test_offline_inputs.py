@@ -179,6 +179,48 @@ def test_an_output_that_is_an_input_is_refused_before_the_run(tmp_path: Path, ca
     assert not (tmp_path / "r.onnx").exists()
 
 
+def test_outputs_that_name_a_folder_or_lie_in_an_input_folder_are_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], backdoored: Backdoored) -> None:
+    """`--out .` raised a ValueError traceback in repair and train (the report is named after it); a profile written
+    into a folder of images replaced one of them, and the folder no longer loaded."""
+    from PIL import Image
+
+    clean = write_npz(tmp_path / "clean.npz", x=backdoored.x_clean[:100], y=backdoored.y_clean[:100])
+    for out in (".", "/", ""):
+        for command in (["repair", backdoored.model_path, "--data", clean],
+                        ["train", "--data", clean, "--model", "cnn"]):
+            assert "is a folder; give a file name to write" in run(capsys, *command, "--out", out), (command, out)
+    images = tmp_path / "images"
+    for label in range(10):
+        (images / str(label)).mkdir(parents=True)
+        for index in np.flatnonzero(backdoored.y_clean[:100] == label)[:3]:
+            pixels = (backdoored.x_clean[index, 0] * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(images / str(label) / f"{index}.png")
+    victim = next((images / "3").iterdir())
+    before = victim.read_bytes()
+    for out in (victim, images / "3" / "new.safetensors"):
+        assert "lies in an input folder" in run(capsys, "calibrate", backdoored.model_path, "--data", images,
+                                                "--no-scan", "--out", out)
+    assert victim.read_bytes() == before and not (images / "3" / "new.safetensors").exists()
+
+
+def test_data_missing_a_class_is_refused_before_the_scan(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        backdoored: Backdoored,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused after the scan's tens of seconds (minutes on a real model), where --no-scan refused it at once."""
+    import guard.scan
+
+    def no_scan(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the scan ran before the data was checked")
+
+    monkeypatch.setattr(guard.scan, "run_scan", no_scan)
+    keep = backdoored.y_clean[:200] != 3
+    clean = write_npz(tmp_path / "clean.npz", x=backdoored.x_clean[:200][keep], y=backdoored.y_clean[:200][keep])
+    for command in (["calibrate", backdoored.model_path, "--data", clean, "--out", tmp_path / "p.safetensors"],
+                    ["repair", backdoored.model_path, "--data", clean, "--scan", "--out", tmp_path / "r.onnx"]):
+        assert "has no sample of class(es) [3]" in run(capsys, *command), command
+
+
 def test_a_misspelt_layer_is_refused_before_the_scan(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                              backdoored: Backdoored) -> None:
     clean = write_npz(tmp_path / "clean.npz", x=backdoored.x_clean[:100], y=backdoored.y_clean[:100])
