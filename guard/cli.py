@@ -740,8 +740,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     hlt = commands.add_parser("health", help="ask a running server's gRPC health service; exit 0 if SERVING")
     hlt.add_argument("--host", default="127.0.0.1")
-    hlt.add_argument("--port", type=int, help=f"default: $GUARD_PORT, else `port` in $GUARD_CONFIG's file, else "
-                     f"{DEFAULT_PORT} (so a container healthcheck follows the server)")
+    hlt.add_argument("--port", type=int, help="default: the plaintext health port where one is fixed "
+                     "($GUARD_HEALTH_PORT, else `health_port` in $GUARD_CONFIG's file) and no --tls-ca is given; else "
+                     "$GUARD_PORT, else `port` "
+                     f"in the file, else {DEFAULT_PORT} (so a container healthcheck follows the server)")
     hlt.add_argument("--service", default="", help="health service name (default: the whole server)")
     hlt.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     hlt.add_argument("--tls-ca", dest="tls_ca", help="PEM CA that signed the server's certificate: connect over TLS")
@@ -781,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "penalty; prune: the calibrated static mask folded in, no training")
     source = rep.add_mutually_exclusive_group()
     source.add_argument("--trigger", action="append",
-                        help="a candidate trigger (guard scan's trigger.npz, candidate_K.npz or warp_K.npz): its "
+                        help="a candidate trigger (guard scan's trigger.npz, candidate_K.npz, warp_K.npz or blend_K.npz): its "
                              "channels count as infected and training unlearns it; give it again for more triggers")
     source.add_argument("--scan-dir", type=Path, metavar="DIR",
                         help="unlearn the candidates' triggers of a guard scan of this model already in DIR (its "

@@ -127,6 +127,13 @@ def load_poisoned(path: str | Path, count: int) -> np.ndarray | None:
 def open_npz(path: Path) -> Iterator[NpzFile]:
     """The open archive, or a GuardError saying why it is not one (an .npy holds one bare array, not named ones)."""
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as exc:
+        raise GuardError(f"cannot read {path} as .npz: {exc}") from None
+    if not magic.startswith((b"PK", b"\x93NUMPY")):  # numpy reads anything else as a pickle, and says so
+        raise GuardError(f"{path} is not an .npz (a zip of named arrays); save one with np.savez(path, x=..., y=...)")
+    try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise GuardError(f"cannot read {path} as .npz: {exc}") from None

@@ -160,3 +160,17 @@ def test_a_write_whose_folder_is_a_file_is_a_guard_error(tmp_path: Path) -> None
     (tmp_path / "file").write_text("")
     with pytest.raises(GuardError, match=r"cannot write .*out\.json"):
         write_atomic(tmp_path / "file" / "out.json", lambda tmp: tmp.write_text("{}"))
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"\x08\x07\x12\x04onnx", b"\x80\x04\x95pickle"])
+def test_a_file_that_is_no_npz_is_named_so_and_pickles_are_not_suggested(tmp_path: Path, content: bytes) -> None:
+    """numpy reads any file that is neither a zip nor an .npy as a pickle, and its refusal suggested allow_pickle=True
+    for a text file or a model given as --data by mistake."""
+    from guard.errors import GuardError
+    from guard.samples import load_samples
+
+    path = tmp_path / "data.npz"
+    path.write_bytes(content)
+    with pytest.raises(GuardError, match="is not an .npz") as refused:
+        load_samples(path)
+    assert "pickle" not in str(refused.value)
