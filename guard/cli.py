@@ -318,11 +318,20 @@ def _scan(args: argparse.Namespace) -> int:
     settings = ScanSettings(**{k: v for k, v in given.items() if v is not None}, seed=args.seed)
     settings.validate()  # before the data and the model are read
     x, y = load_samples(args.data)
+    made = [folder for folder in (args.out, *args.out.parents) if not folder.exists()]  # leaf first
     try:  # the output folder before the scan's minutes, not after
         args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / ".write-test").touch()
+        (args.out / ".write-test").unlink()
     except OSError as exc:
         raise GuardError(f"cannot use {args.out} as the output folder: {exc}") from None
-    report = run_scan(args.model, x, y, settings=settings)
+    try:
+        report = run_scan(args.model, x, y, settings=settings)
+    except BaseException:  # a scan refused or stopped leaves no empty folder it made
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     print(format_report(report))
     written = write_outputs(report, args.out)
     print(f"guard: wrote {', '.join(map(str, written))} ({report.figures['seconds']:.1f} s)")

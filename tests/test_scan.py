@@ -156,8 +156,10 @@ def test_cli_scan_refuses_too_few_steps_before_reading_anything(tmp_path, capsys
 def test_cli_scan_refuses_data_of_the_wrong_shape(backdoored, tmp_path, capsys):
     data = tmp_path / "flat.npz"
     np.savez(data, x=backdoored.x_clean[:, 0])  # (N, 28, 28): the channel axis is missing
-    assert main(["scan", str(backdoored.model_path), "--data", str(data), "--out", str(tmp_path)]) == 2
+    out = tmp_path / "scans" / "first"
+    assert main(["scan", str(backdoored.model_path), "--data", str(data), "--out", str(out)]) == 2
     assert "scan data has shape (500, 28, 28); the model takes (N, 1, 28, 28)" in capsys.readouterr().err
+    assert not (tmp_path / "scans").exists()  # a refused scan leaves no empty folder it made
 
 
 def test_anomaly_index_names_only_a_small_outlier():
