@@ -434,6 +434,13 @@ CASES: dict[str, tuple[list[onnx.NodeProto], dict[str, np.ndarray], dict[str, in
          N("Add", ["c", "_parameters"], ["d"]), N("Mul", ["d", "training"], ["y"])],
         X4, {"y": F}, 13, {name: _rand(6, seed=i) for i, name in enumerate(["keys", "to", "forward", "_parameters",
                                                                             "training"])}),
+    "reducesumsquare-without-axes-squares-all-the-same": (  # a no-op reduction still squares
+        [N("ReduceSumSquare", ["x"], ["a"], noop_with_empty_axes=1), N("ReduceSumSquare", ["x", "none"], ["b"],
+                                                                          noop_with_empty_axes=1)],
+        X4, {"a": F, "b": F}, 18, {"none": _i64()}),
+    "gemm-beta-zero-leaves-c-out": (  # C * 0 would be NaN where C is infinite
+        [N("Gemm", ["a", "b", "c"], ["y"], beta=0.0)],
+        {"a": _rand(5, 3)}, {"y": F}, 13, {"b": _rand(3, 4, seed=1), "c": np.full((5, 4), np.inf, np.float32)}),
     "integer-div-and-cast": (
         [N("Div", ["p", "q"], ["d"]), N("Cast", ["x"], ["c"], to=I64), N("CastLike", ["d", "x"], ["cl"])],
         {"x": _rand(2, 4) * 5, "p": _i64(7, -7, 9, -9)}, {"d": I64, "c": I64, "cl": F}, 15, {"q": _i64(2, 2, -4, 4)}),
@@ -535,6 +542,18 @@ def test_same_auto_pad_that_would_need_a_negative_pad_does_as_onnx_runtime(op: s
         _ort(proto, feeds)
     with pytest.raises(UnsupportedOpError, match=rf"{op} node 'node'.*size 6 with stride 3 above kernel 2"):
         module.run(torch.from_numpy(feeds["x"]))
+
+
+def test_float16_layer_norm_keeps_its_statistics_in_float32() -> None:
+    """stash_type 1 (the default): a row whose variance passes float16's 65504 normalised to the bias alone."""
+    feeds = {"x": (_rand(2, 3, 16) * 300).astype(np.float16)}
+    inits = {"scale": _rand(16, seed=1).astype(np.float16), "bias": _rand(16, seed=2).astype(np.float16)}
+    proto = _model([N("LayerNormalization", ["x", "scale", "bias"], ["y"], axis=-1)], feeds,
+                   {"y": TensorProto.FLOAT16}, 17, inits)
+    got, _ = OnnxModule(proto).run(torch.from_numpy(feeds["x"]))
+    want = _ort(proto, feeds)["y"]
+    assert got["y"].dtype == torch.float16 and np.abs(want - inits["bias"]).max() > 0.5
+    np.testing.assert_allclose(got["y"].numpy().astype(np.float32), want.astype(np.float32), atol=1e-2)
 
 
 def test_equal_split_that_does_not_divide_is_refused() -> None:

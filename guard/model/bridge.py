@@ -128,7 +128,7 @@ def _spatial_pads(node: _Node, x: Tensor, kernel: Sequence[int], strides: Sequen
         total = (out - 1) * s + (k - 1) * d + 1 - size
         if total < 0 and pool:
             raise node.unsupported(f"auto_pad={auto_pad!r} on an input of size {size} with stride {s} above kernel "
-                                   f"{k} (a negative pad; ONNX Runtime refuses it too)")
+                                   f"{k} (a negative pad)")
         total = max(total, 0)
         small, big = total // 2, total - total // 2
         begins.append(small if auto_pad == "SAME_UPPER" else big)
@@ -331,7 +331,7 @@ def _gemm(node: _Node) -> Kernel:
             return F.linear(a, b, c)
         y = a @ (b.t() if trans_b else b)
         y = y * alpha if alpha != 1.0 else y
-        if c is not None:
+        if c is not None and beta != 0.0:  # beta 0 leaves C out, as ONNX Runtime does: 0 * inf is NaN
             y = y + (c * beta if beta != 1.0 else c)
         return y
 
@@ -356,12 +356,14 @@ def _layer_norm(node: _Node) -> Kernel:
     if node.n_outputs > 1:
         raise node.unsupported("the Mean and InvStdDev outputs")
     axis, eps = int(node.attrs.get("axis", -1)), float(node.attrs.get("epsilon", 1e-5))
+    stash_float32 = int(node.attrs.get("stash_type", 1)) == 1  # statistics in float32 for a float16 input
 
     def run(inputs: list[Any]) -> Tensor:
         x, scale, bias = inputs[0], inputs[1], _opt(inputs, 2)
         dims = list(range(_norm(axis, x.dim()), x.dim()))
-        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-        y = (x - mean) * torch.rsqrt(var + eps) * scale
+        wide = x.float() if stash_float32 and x.dtype in (torch.float16, torch.bfloat16) else x
+        var, mean = torch.var_mean(wide, dim=dims, correction=0, keepdim=True)
+        y = ((wide - mean) * torch.rsqrt(var + eps)).to(x.dtype) * scale
         return y if bias is None else y + bias
 
     return run
@@ -708,8 +710,8 @@ def _reduce(node: _Node) -> Kernel:
     def run(inputs: list[Any]) -> Tensor:
         x, axes = inputs[0], _axes(inputs, 1, node.attrs.get("axes"))
         if not axes:
-            if noop_empty:
-                return x
+            if noop_empty:  # no reduction; ReduceSumSquare still squares
+                return x * x if node.op_type == "ReduceSumSquare" else x
             axes = list(range(x.dim()))
         return fn(x, dim=tuple(_norm(a, x.dim()) for a in axes), keepdim=keepdims)
 
