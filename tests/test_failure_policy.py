@@ -40,6 +40,7 @@ def test_fail_closed_refuses_and_fail_open_answers_unguarded(backdoored: Backdoo
     bare = PlainSession(load_model(backdoored.model_path).proto.SerializeToString(), "input").logits(big_batch)
     assert result.unchecked and not result.flagged.any() and np.isnan(result.score).all()
     np.testing.assert_array_equal(result.labels, bare.argmax(axis=1))  # the model's own answers, triggers and all
+    assert set(result.stage_seconds) == {"engine", "unguarded"}  # the failed check's time, then the model's
     unlimited = Guard.load(backdoored.model_path, backdoored.profile_path, on_failure="open").predict(big_batch)
     assert not unlimited.unchecked and unlimited.flagged[128:].mean() > 0.8  # no failure: guarded as usual
 
@@ -71,9 +72,37 @@ def test_fail_open_answers_on_the_guards_own_engine_and_device(backdoored: Backd
     assert not opened.predict(x).unchecked
 
 
-def test_a_budget_needs_the_onnxruntime_engine(backdoored: Backdoored) -> None:
+def test_a_budget_needs_the_onnxruntime_engine_and_a_finite_number(backdoored: Backdoored) -> None:
+    """A NaN budget made every deadline pass at once (every request answered unguarded under fail-open); an
+    infinite one raised OverflowError in each run's timer thread."""
     with pytest.raises(GuardError, match="budget"):
         Guard.load(backdoored.model_path, backdoored.profile_path, engine="torch", check_budget=0.1)
+    for budget in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(GuardError, match="positive, finite"):
+            Guard.load(backdoored.model_path, backdoored.profile_path, check_budget=budget)
+
+
+def test_subnormal_pixels_cannot_push_a_batch_past_its_budget(backdoored: Backdoored, big_batch: np.ndarray) -> None:
+    """Subnormal values (1e-40 for 0: no visible change) slowed ONNX Runtime's CPU kernels about tenfold, so a batch
+    of them failed a budget that ordinary triggered batches stay within, and under fail-open the backdoor answered.
+    They are read as 0, so the batch is answered as its zeros would be, in the same time."""
+    guard = Guard.load(backdoored.model_path, backdoored.profile_path)
+    subnormal = np.where(big_batch == 0, np.float32(1e-40), big_batch).astype(np.float32)
+    assert np.count_nonzero(subnormal != big_batch) > big_batch.size // 10
+    np.testing.assert_array_equal(guard.validate(subnormal), big_batch)
+    plain, flushed = guard.predict(big_batch), guard.predict(subnormal)
+    for field in ("labels", "flagged", "score", "logits"):
+        np.testing.assert_array_equal(getattr(flushed, field), getattr(plain, field), err_msg=field)
+
+
+def test_a_masked_array_cannot_hide_nan_from_the_check(backdoored: Backdoored) -> None:
+    from guard.errors import RequestError
+
+    x = backdoored.x_eval[:2].copy()
+    x[0, 0, 0, 0] = np.nan
+    hidden = np.ma.masked_invalid(x)  # np.isfinite skips masked entries; the engine does not
+    with pytest.raises(RequestError, match="NaN"):
+        Guard.load(backdoored.model_path, backdoored.profile_path).predict(hidden)
 
 
 @pytest.mark.parametrize("policy", ["closed", "open"])

@@ -15,9 +15,9 @@ from guard._version import __version__
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # The gRPC codes guard's handlers answer errors with (guard/server/status.py).
 ERROR_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
-               "DEADLINE_EXCEEDED", "INTERNAL")
+               "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL")
 # The stages a request's time is split into (guard/server/dataplane.py, Result.stage_seconds, the batcher).
-STAGES = ("decode", "queue", "engine", "repredict", "reference", "total")
+STAGES = ("decode", "queue", "engine", "repredict", "reference", "unguarded", "total")
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # The score is in units of its clean spread (a part's 95th percentile sits at 1): on the eval's models tau is about
 # 1.2 and the demote threshold about 2.
