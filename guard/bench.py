@@ -183,7 +183,10 @@ class ServerProcess:
             raise
         match = re.search(r"on [\d.]+:(\d+),", ready[0]) if ready else None
         if not match:
-            code = self.process.poll()
+            try:  # its output ended: it is exiting, if not yet reaped (poll() alone raced that under load)
+                code = self.process.wait(timeout=30) if ready == [""] else self.process.poll()
+            except subprocess.TimeoutExpired:
+                code = None
             self.close()
             why = "did not start within 120 s" if code is None else f"exited (code {code}) before it was ready"
             raise GuardError(f"guard serve {why}: {self.log.read_text()[-2000:]}")

@@ -369,10 +369,18 @@ def test_calibrate_sets_the_warp_class_threshold_and_lean_only_for_an_unlearned_
 ], ids=["unknown-name", "wrong-shape", "wrong-dtype", "nan"])
 def test_reference_weights_that_do_not_fit_the_model_are_refused(backdoored: Backdoored, tmp_path: Path, edit,
                                                                  message: str) -> None:
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
     profile = Profile.load(backdoored.profile_path)
     name = next(iter(profile.reference))
     edited = dataclasses.replace(profile, reference=edit(profile.reference, name))
-    path = edited.save(tmp_path / "edited.safetensors")
+    with safe_open(str(backdoored.profile_path), framework="numpy") as handle:  # tampered with outside guard,
+        metadata = handle.metadata()  # whose own writer refuses a profile that would not load
+        tensors = {key: handle.get_tensor(key) for key in handle.keys() if not key.startswith("reference/")}
+    path = tmp_path / "edited.safetensors"
+    save_file({**tensors, **{f"reference/{key}": value for key, value in edited.reference.items()}}, str(path),
+              metadata=metadata)
     with pytest.raises(ProfileError, match=message):  # on reading the file, or on building the guard
         Guard.load(backdoored.model_path, path)
     with pytest.raises(ProfileError, match=message if "finite" not in message else "is not finite"):

@@ -317,7 +317,8 @@ def test_repair_backs_off_the_learning_rate_when_it_costs_too_much_accuracy(back
     backed_off = run(backoffs=10)
     assert 1 < backed_off.attempts < 11 and backed_off.within_bound
     assert backed_off.lr_used == pytest.approx(1.0 / 2 ** (backed_off.attempts - 1))
-    assert backed_off.accuracy_before - backed_off.accuracy_after <= 0.15  # the first run that kept within bound
+    # the first run that kept within bound (counted in images: 3 of 20 is 0.15 to a rounding error)
+    assert backed_off.accuracy_before - backed_off.accuracy_after <= 0.15 + 1e-9
     assert f"lr backed off to {backed_off.lr_used:g}" in backed_off.summary()
 
 
