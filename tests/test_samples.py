@@ -171,6 +171,6 @@ def test_a_file_that_is_no_npz_is_named_so_and_pickles_are_not_suggested(tmp_pat
 
     path = tmp_path / "data.npz"
     path.write_bytes(content)
-    with pytest.raises(GuardError, match="is not an .npz") as refused:
+    with pytest.raises(GuardError, match=r"is not an \.npz") as refused:
         load_samples(path)
     assert "pickle" not in str(refused.value)

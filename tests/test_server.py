@@ -6,6 +6,7 @@ import re
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -392,6 +393,19 @@ def test_calls_beyond_max_inflight_are_refused_at_once(backdoored: Backdoored) -
         server.stop(grace=1)
 
 
+def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait up to 10 s for `condition`; fail saying `what` did not happen."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def inflight(server: GuardServer) -> float:
+    match = re.search(r"^guard_inflight_requests (\S+)$", scrape(server), re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 def test_a_request_out_of_time_waiting_for_a_worker_gives_up_its_place(backdoored: Backdoored) -> None:
     """With the one worker busy, a request whose deadline passes while it waits for the worker is dropped then, not
     once the worker is free, so its place among the --max-inflight held requests goes to the next caller rather than
@@ -412,16 +426,6 @@ def test_a_request_out_of_time_waiting_for_a_worker_gives_up_its_place(backdoore
     server.plane.guard.predict = held  # type: ignore[method-assign]
     server.start()
 
-    def until(condition, what: str) -> None:
-        deadline = time.monotonic() + 10
-        while not condition():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.01)
-
-    def inflight() -> float:
-        match = re.search(r"^guard_inflight_requests (\S+)$", scrape(server), re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
-
     try:
         with ThreadPoolExecutor(2) as callers, triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
             assert client.is_server_live()
@@ -433,9 +437,9 @@ def test_a_request_out_of_time_waiting_for_a_worker_gives_up_its_place(backdoore
                 client.infer(MODEL, [tensor], client_timeout=0.5)
             until(lambda: metric(scrape(server), "guard_request_errors_total", model=MODEL,
                                  code="DEADLINE_EXCEEDED") == 1, "the waiting request was not dropped at its deadline")
-            until(lambda: inflight() == 1, "the dropped request still holds its place")
+            until(lambda: inflight(server) == 1, "the dropped request still holds its place")
             third = callers.submit(call_once, server, backdoored.x_eval[:3])  # admitted, waits for the worker
-            until(lambda: inflight() == 2 or third.done(), "the third request was not admitted")
+            until(lambda: inflight(server) == 2 or third.done(), "the third request was not admitted")
             release.set()
             assert first.result() == 2 and third.result() == 3
         text = scrape(server)
@@ -469,18 +473,8 @@ def test_a_call_that_ends_gives_up_its_place_and_its_late_answer_is_not_counted(
     server = GuardServer(settings)
     server.start()
 
-    def until(condition, what: str) -> None:
-        deadline = time.monotonic() + 10
-        while not condition():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.01)
-
     def errors(code: str) -> float:
         return metric(scrape(server), "guard_request_errors_total", model=MODEL, code=code)
-
-    def inflight() -> float:
-        match = re.search(r"^guard_inflight_requests (\S+)$", scrape(server), re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
 
     x = backdoored.x_eval[:1]
     request = guard_pb2.PredictRequest(model=MODEL, shape=list(x.shape), data=x.astype("<f4").tobytes())
@@ -490,12 +484,12 @@ def test_a_call_that_ends_gives_up_its_place_and_its_late_answer_is_not_counted(
             late = stub.Predict.future(request, timeout=1.0)  # held in the engine past its deadline
             assert entered.wait(10), "the first request never reached the engine"
             waiting = stub.Predict.future(request)
-            until(lambda: inflight() == 2, "the second request was not admitted")
+            until(lambda: inflight(server) == 2, "the second request was not admitted")
             waiting.cancel()
             until(lambda: errors("CANCELLED") == 1, "the cancelled request was not dropped")
-            until(lambda: inflight() == 1, "the cancelled request still holds its place")
+            until(lambda: inflight(server) == 1, "the cancelled request still holds its place")
             fresh = callers.submit(call_once, server, backdoored.x_eval[:3])  # admitted where it was refused
-            until(lambda: inflight() == 2 or fresh.done(), "the fresh request was not admitted")
+            until(lambda: inflight(server) == 2 or fresh.done(), "the fresh request was not admitted")
             with pytest.raises(grpc.RpcError) as raised:
                 late.result()
             assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -523,10 +517,7 @@ def test_stopping_runs_an_open_batch_at_once_rather_than_cutting_it_off(backdoor
     try:
         with ThreadPoolExecutor(3) as callers:
             calls = [callers.submit(call_once, server, backdoored.x_eval[:n]) for n in (1, 2)]
-            deadline = time.monotonic() + 10
-            while "guard_inflight_requests 2.0" not in scrape(server):
-                assert time.monotonic() < deadline, "the two requests were not admitted"
-                time.sleep(0.01)
+            until(lambda: inflight(server) == 2, "the two requests were not admitted")
             server.stop(grace=5)
             assert sorted(call.result(timeout=10) for call in calls) == [1, 2]
     finally:
