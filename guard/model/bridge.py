@@ -361,10 +361,13 @@ def _layer_norm(node: _Node) -> Kernel:
     def run(inputs: list[Any]) -> Tensor:
         x, scale, bias = inputs[0], inputs[1], _opt(inputs, 2)
         dims = list(range(_norm(axis, x.dim()), x.dim()))
-        wide = x.float() if stash_float32 and x.dtype in (torch.float16, torch.bfloat16) else x
+        if stash_float32 and x.dtype in (torch.float16, torch.bfloat16):  # scaled in float32 too, as ORT's kernel
+            wide, scale, bias = x.float(), scale.float(), None if bias is None else bias.float()
+        else:
+            wide = x
         var, mean = torch.var_mean(wide, dim=dims, correction=0, keepdim=True)
-        y = ((wide - mean) * torch.rsqrt(var + eps)).to(x.dtype) * scale
-        return y if bias is None else y + bias
+        y = (wide - mean) * torch.rsqrt(var + eps) * scale
+        return (y if bias is None else y + bias).to(x.dtype)
 
     return run
 
