@@ -80,6 +80,29 @@ def test_flagged_share_alerts_wait_for_enough_samples(tmp_path, per_minute: int,
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.parametrize(("code", "pages"), [("CANCELLED", False), ("UNAVAILABLE", True)])
+def test_callers_cancels_do_not_page_as_errors(tmp_path, code: str, pages: bool) -> None:
+    """A fifth of the calls ending in `code` for ten minutes: refused ones page GuardErrorsHigh, a caller's own
+    cancels (hedged or abandoned calls) are not the guard failing."""
+    rules = yaml.safe_load(RULES.read_text())["groups"][1]["rules"]
+    series = [{"series": 'guard_requests_total{namespace="shop",model="m",verdict="clean"}', "values": "0+40x40"},
+              {"series": f'guard_request_errors_total{{namespace="shop",model="m",code="{code}"}}',
+               "values": "0+10x40"}]
+    rule = next(r for r in rules if r["alert"] == "GuardErrorsHigh")
+    summary = rule["annotations"]["summary"].replace("{{ $labels.model }}", "m").replace(
+        "{{ $value | humanizePercentage }}", "20%")
+    expected = [{"exp_labels": {"namespace": "shop", "model": "m", **rule["labels"]},
+                 "exp_annotations": {**rule["annotations"], "summary": summary}}]
+    test = {"interval": "15s", "input_series": series,
+            "alert_rule_test": [{"eval_time": "10m", "alertname": "GuardErrorsHigh",
+                                 "exp_alerts": expected if pages else []}]}
+    (tmp_path / "test.yml").write_text(yaml.safe_dump({"rule_files": [str(RULES)], "evaluation_interval": "15s",
+                                                       "tests": [test]}))
+    out = subprocess.run([tool("promtool"), "test", "rules", str(tmp_path / "test.yml")], check=False,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_promtool_accepts_the_scrape_config(tmp_path) -> None:
     """Debian's Prometheus is built without Kubernetes discovery, so promtool here checks the file with that one
     block swapped for a static target; the block itself is checked by shape (it must keep the port the sidecar
