@@ -183,11 +183,17 @@ def _check_data_fits(model: str | Path, sample_shape: tuple[int, ...]) -> Loaded
 def _writable_folder(folder: Path, what: str) -> None:
     """`folder` exists and takes a file now, not after the run."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / ".write-test").touch()
-        (folder / ".write-test").unlink()
+        _try_write(folder)
     except OSError as exc:
         raise GuardError(f"cannot write {what} to {folder}: {exc}") from None
+
+
+def _try_write(folder: Path) -> None:
+    """Make `folder` and write a file there; the file's name is this process's own, so no user file is touched."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".guard-write-test.{os.getpid()}"
+    probe.touch()
+    probe.unlink()
 
 
 def _load(args: argparse.Namespace) -> int:
@@ -320,9 +326,7 @@ def _scan(args: argparse.Namespace) -> int:
     x, y = load_samples(args.data)
     made = [folder for folder in (args.out, *args.out.parents) if not folder.exists()]  # leaf first
     try:  # the output folder before the scan's minutes, not after
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / ".write-test").touch()
-        (args.out / ".write-test").unlink()
+        _try_write(args.out)
     except OSError as exc:
         raise GuardError(f"cannot use {args.out} as the output folder: {exc}") from None
     try:
@@ -439,11 +443,8 @@ def _writable(*paths: Path, inputs: Sequence[str | Path | None] = ()) -> None:
             raise GuardError(f"{path} is one of this command's inputs or outputs, or lies in an input folder; "
                              "write to another file")
         taken.append(resolved)
-        probe = path.with_name(f".{path.name}.{os.getpid()}.write-test")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            probe.touch()
-            probe.unlink()
+            _try_write(path.parent)
         except OSError as exc:
             raise GuardError(f"cannot write {path}: {exc}") from None
 
@@ -487,7 +488,7 @@ def _repair(args: argparse.Namespace) -> int:
     repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
     stamps, warps, blends = split_targets(triggers)
     write_json(report_path, {**report.to_dict(), "trigger_targets": stamps, "warp_targets": warps,
-                              "blend_targets": blends})
+                             "blend_targets": blends})
     if report.duplicates_dropped:
         print(f"guard: note: {report.duplicates_dropped} clean sample(s) repeat an earlier one and were left out (a "
               "copy on both sides of the held-out split would be judged on an image it trained on)")
