@@ -294,7 +294,8 @@ class Profile:
             "settings": self.settings,
             "figures": self.figures,
         }
-        data = safetensors_bytes({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"guard": json.dumps(meta)})
+        data = safetensors_bytes({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                 metadata={"guard": json.dumps(meta)})
 
         def write(tmp: Path) -> None:
             tmp.write_bytes(data)
