@@ -188,7 +188,9 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 code = None
             self.close()
-            why = "did not start within 120 s" if code is None else f"exited (code {code}) before it was ready"
+            why = (f"exited (code {code}) before it was ready" if code is not None
+                   else "did not start within 120 s" if not ready
+                   else f"printed {ready[0].strip()[:200]!r} where it says where it serves")
             raise GuardError(f"guard serve {why}: {self.log.read_text()[-2000:]}")
         self.port = int(match.group(1))
 

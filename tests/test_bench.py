@@ -97,3 +97,22 @@ def test_sigterm_exits_through_the_block_in_the_main_thread_and_is_left_alone_el
     thread.start()
     thread.join()
     assert errors == []
+
+
+@pytest.mark.parametrize(("script", "said"), [
+    ("echo hello; exec sleep 60", "printed 'hello' where it says where it serves"),
+    ("echo oops >&2; exit 2", r"exited \(code 2\) before it was ready: oops"),
+])
+def test_a_server_that_does_not_say_where_it_serves_is_named_for_what_it_did(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, script: str, said: str) -> None:
+    """A server whose output ended was read as not starting within 120 s while it exited (its exit code was read
+    before it was reaped); one that printed something else was said not to have started at all."""
+    from guard.bench import ServerProcess
+    from guard.errors import GuardError
+
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))  # `python -m guard serve ...` runs the script instead
+    with pytest.raises(GuardError, match=said):
+        ServerProcess(tmp_path / "m.onnx", tmp_path / "p.safetensors", [], tmp_path)
