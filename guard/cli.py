@@ -188,6 +188,18 @@ def _writable_folder(folder: Path, what: str) -> None:
         raise GuardError(f"cannot write {what} to {folder}: {exc}") from None
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, leaf first: what a run that writes nothing removes."""
+    return [path for path in (folder, *folder.parents) if not path.exists()]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (leaf first) that are still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def _try_write(folder: Path) -> None:
     """Make `folder` and write a file there; the file's name is this process's own, so no user file is touched."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -324,7 +336,7 @@ def _scan(args: argparse.Namespace) -> int:
     settings = ScanSettings(**{k: v for k, v in given.items() if v is not None}, seed=args.seed)
     settings.validate()  # before the data and the model are read
     x, y = load_samples(args.data)
-    made = [folder for folder in (args.out, *args.out.parents) if not folder.exists()]  # leaf first
+    made = _missing_folders(args.out)
     try:  # the output folder before the scan's minutes, not after
         _try_write(args.out)
     except OSError as exc:
@@ -332,9 +344,7 @@ def _scan(args: argparse.Namespace) -> int:
     try:
         report = run_scan(args.model, x, y, settings=settings)
     except BaseException:  # a scan refused or stopped leaves no empty folder it made
-        for folder in made:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _remove_empty(made)
         raise
     print(format_report(report))
     written = write_outputs(report, args.out)
@@ -389,7 +399,7 @@ def _eval(args: argparse.Namespace) -> int:
         settings.validate()
     except ValueError as exc:
         raise GuardError(f"guard eval: {exc}") from None
-    made = [folder for folder in (args.out, *args.out.parents) if not folder.exists()]  # leaf first
+    made = _missing_folders(args.out)
     _writable_folder(args.out, "the report")  # now, not after an hour of training; and not for a run refused above
 
     def progress(case: dict) -> None:
@@ -404,9 +414,7 @@ def _eval(args: argparse.Namespace) -> int:
     for failure in figures["failures"]:
         print(f"guard eval: case failed: {failure}", file=sys.stderr)
     if not figures["cases"]:  # nothing to draw; an earlier report in --out stays whole
-        for folder in made:  # left as they were: no partial figures are kept before a case finishes
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _remove_empty(made)  # left as they were: no partial figures are kept before a case finishes
         raise GuardError(f"every case failed ({len(figures['failures'])}); nothing written to {args.out}")
     report = write_report(figures, args.out, command)
     partial.remove()
