@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import Backdoored
-from guard.calibrate.profile import Profile
+from guard.calibrate.profile import Profile, ProfileError
 from guard.calibrate.synthesis import load_trigger
 from guard.cli import main
 from guard.errors import GuardError, ModelError
@@ -37,6 +37,20 @@ def write_npz(path: Path, **arrays: np.ndarray) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- data files
+
+
+@pytest.mark.parametrize("command", [["inspect", "{long}"], ["serve", "--model", "{model}", "--profile", "{long}"],
+                                     ["calibrate", "{model}", "--data", "{long}", "--out", "{out}"],
+                                     ["scan", "{model}", "--data", "{long}"]])
+def test_a_path_the_system_refuses_is_said_so_not_a_traceback(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                               backdoored: Backdoored, command: list[str]) -> None:
+    """A name longer than the file system allows made Path.is_file raise (it swallows only 'not found'): a traceback
+    from every command that reads a file."""
+    names = {"long": str(tmp_path / ("x" * 300)), "model": str(backdoored.model_path), "out": str(tmp_path / "p")}
+    message = run(capsys, *(part.format(**names) for part in command))
+    assert "File name too long" in message and "x" * 300 in message, message
+    with pytest.raises(ProfileError, match=r"cannot read the profile .*File name too long"):
+        Profile.load(names["long"])
 
 
 def test_a_bare_npy_is_not_taken_for_an_npz(tmp_path: Path) -> None:

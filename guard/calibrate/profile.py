@@ -311,10 +311,10 @@ class Profile:
     @classmethod
     def load(cls, path: str | Path) -> Profile:
         path = Path(path)
-        if not path.is_file():
-            raise ProfileError(f"profile not found: {path}" if not path.exists() else
-                               f"{path} is not a regular file; give the profile guard calibrate wrote")
-        try:  # safetensors says "No such file or directory" for a file it may not read
+        try:  # is_file raises for a name too long or a folder that may not be entered; safetensors says "No such
+            if not path.is_file():  # file or directory" for a file it may not read, so it is opened here first
+                raise ProfileError(f"profile not found: {path}" if not path.exists() else
+                                   f"{path} is not a regular file; give the profile guard calibrate wrote")
             path.open("rb").close()
         except OSError as exc:
             raise ProfileError(f"cannot read the profile {path}: {exc.strerror or exc}") from None
