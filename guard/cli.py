@@ -495,6 +495,8 @@ def _repair(args: argparse.Namespace) -> int:
         print(f"guard: scan suspects {suspect}; unlearning {describe_triggers(triggers)}")
     repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
     stamps, warps, blends = split_targets(triggers)
+    if not report.within_bound:  # beside an earlier run's model, its report would describe a model not written
+        report_path = report_path.with_name(f"{report_path.stem}.rejected{report_path.suffix}")
     write_json(report_path, {**report.to_dict(), "trigger_targets": stamps, "warp_targets": warps,
                              "blend_targets": blends})
     if report.duplicates_dropped:

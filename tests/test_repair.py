@@ -324,13 +324,18 @@ def test_repair_backs_off_the_learning_rate_when_it_costs_too_much_accuracy(back
 
 def test_cli_repair_writes_no_model_that_cost_too_much_in_every_run(backdoored, clean_data, trigger, tmp_path,
                                                                       capsys):
-    out = tmp_path / "wrecked.onnx"
+    """An earlier run's model and report stay as they were: the rejected run's report goes beside them, named so."""
+    out, earlier_report = tmp_path / "wrecked.onnx", tmp_path / "wrecked.repair.json"
+    out.write_bytes(b"an earlier run's model")
+    earlier_report.write_text("an earlier run's report")
     code = main(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(out), "--method",
                  "finetune", "--lr", "1", "--schedule", "constant", "--epochs", "1"])
-    assert code == 2 and not out.exists()
+    assert code == 2 and out.read_bytes() == b"an earlier run's model"
+    assert earlier_report.read_text() == "an earlier run's report"
     err = capsys.readouterr().err
     assert "cost too much held-out accuracy" in err and "in 3 run(s): try a lower --lr" in err
-    report = json.loads((tmp_path / "wrecked.repair.json").read_text())
+    assert "wrecked.repair.rejected.json" in err
+    report = json.loads((tmp_path / "wrecked.repair.rejected.json").read_text())
     assert report["within_bound"] is False and report["attempts"] == 3  # the report says what happened
 
 
@@ -482,6 +487,31 @@ def test_repair_refuses_bad_settings_before_touching_the_model(tmp_path):
         repair(tmp_path / "missing.onnx", np.zeros((4, *SAMPLE_SHAPE), np.float32),
                settings=RepairSettings(method="nope"))
     RepairSettings(method="prune", lr=0, strength=0, eps=0, epochs=0).validate()  # boundaries are allowed
+
+
+def test_repair_that_trains_refuses_float16_weights_before_the_run(backdoored):
+    """Adam's eps is 0 in float16: every weight of a float16 model ended NaN, and the report blamed the lr."""
+    proto = onnx.load(backdoored.model_path)
+    graph = proto.graph
+    halves = [numpy_helper.from_array(a.astype(np.float16) if (a := numpy_helper.to_array(t)).dtype == np.float32
+                                      else a, t.name) for t in graph.initializer]
+    del graph.initializer[:]
+    graph.initializer.extend(halves)
+    source, result = graph.input[0].name, graph.output[0].name
+    for node in graph.node:
+        node.input[:] = ["x16" if name == source else name for name in node.input]
+        node.output[:] = ["y16" if name == result else name for name in node.output]
+    graph.node.insert(0, onnx.helper.make_node("Cast", [source], ["x16"], to=onnx.TensorProto.FLOAT16))
+    graph.node.append(onnx.helper.make_node("Cast", ["y16"], [result], to=onnx.TensorProto.FLOAT))
+    del graph.value_info[:]
+    half = load_model(proto)
+    x, y = backdoored.x_clean[:200], backdoored.y_clean[:200]
+    assert (_labels(proto, x) == _labels(backdoored.model_path, x)).mean() > 0.95  # the same model, served fine
+    for method in ("ar", "finetune"):
+        with pytest.raises(GuardError, match=rf"--method {method} trains float32 weights; .*\(float16\)"):
+            repair(half, x, y, settings=RepairSettings(method=method, epochs=1))
+    repaired, report = repair(half, x, y, settings=RepairSettings(method="prune"))  # trains nothing: it may
+    assert report.within_bound and all(np.isfinite(numpy_helper.to_array(t)).all() for t in repaired.graph.initializer)
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

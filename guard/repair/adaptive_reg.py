@@ -195,6 +195,16 @@ def _trainable(proto: onnx.ModelProto, module: OnnxModule) -> dict[str, torch.nn
     return {name: module.initializer(name) for name in trained_initializers(proto) if name in module.param_keys}
 
 
+def _refuse_narrow_weights(params: dict[str, torch.nn.Parameter], method: str) -> None:
+    """Training float16 weights in place fails quietly: Adam's eps is 0 there, so a weight with no gradient becomes
+    0/0, and AR's 1/(|w0|+eps)^2 overflows; every weight ended NaN and the run blamed the learning rate."""
+    narrow = {name: str(p.dtype).removeprefix("torch.") for name, p in params.items() if p.dtype != torch.float32}
+    if narrow:
+        names = ", ".join(f"{name} ({dtype})" for name, dtype in list(narrow.items())[:3])
+        raise GuardError(f"--method {method} trains float32 weights; this model keeps {len(narrow)} as another type, "
+                         f"e.g. {names}: repair the float32 model and convert the result")
+
+
 def _predict(module: OnnxModule, output: str, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     with torch.no_grad():
         outs = [module.run(torch.as_tensor(x[i:i + batch_size]))[0][output] for i in range(0, len(x), batch_size)]
@@ -317,6 +327,8 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
             or not ((0 <= both) & (both < len(x))).all()):
         raise GuardError("the held-out and fit samples must be distinct integer indices into the data, some of each")
     module = OnnxModule(loaded.proto).eval()
+    if settings.method != "prune":
+        _refuse_narrow_weights(_trainable(loaded.proto, module), settings.method)
     output = loaded.output_name
     labels = y if y is not None else _predict(module, output, x)
     right_before = _predict(module, output, x[hold]) == labels[hold]
