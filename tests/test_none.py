@@ -121,6 +121,7 @@ def test_channel_scores_rank_a_planted_backdoor_channel_first():
     ranked = top_channels(scores, 0.5)
     assert len(ranked) == 4 and ranked[0] == 5
     assert (np.diff(scores[ranked]) <= 0).all()
+    assert len(top_channels(np.arange(100.0), 0.07)) == 7  # ceil(r * C), though 0.07 * 100 is 7.000000000000001
 
 
 def test_channel_scores_skip_classes_without_confident_samples():

@@ -284,7 +284,7 @@ def _gap_infected(tap_model: OnnxTaps, x: np.ndarray, triggers: Sequence[AnyTrig
     marked = [np.zeros(len(values), dtype=bool) for values in gaps[0]]
     for gap in gaps:
         for mask, values in zip(marked, gap, strict=True):
-            top = np.argsort(-values, kind="stable")[: math.ceil(share * len(values))]
+            top = np.argsort(-values, kind="stable")[: math.ceil(round(share * len(values), 9))]
             mask[top[values[top] > 0]] = True
     return marked
 

@@ -198,7 +198,7 @@ def channel_scores(peaks: np.ndarray, probs: np.ndarray, confident: float = 0.9,
 def top_channels(scores: np.ndarray, ratio: float) -> np.ndarray:
     """The ceil(ratio * C) highest-scoring channels, best first; channels without a finite score never count (with
     no confident class there is no evidence, and nothing is chosen)."""
-    count = min(int(np.isfinite(scores).sum()), math.ceil(ratio * len(scores)))
+    count = min(int(np.isfinite(scores).sum()), math.ceil(round(ratio * len(scores), 9)))  # 0.07 * 100 is 7.000…1
     return np.argsort(-scores, kind="stable")[:count]
 
 
