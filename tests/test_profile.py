@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -35,7 +36,7 @@ from guard.calibrate.activations import collect
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import FORMAT, Profile
 from guard.calibrate.taps import OnnxTaps
-from guard.errors import GuardError, ProfileError
+from guard.errors import GuardError, ModelError, ProfileError
 from guard.eval.attacks import BadNets
 from guard.eval.models import SmallCNN, export_onnx, load_eval_data, train
 from guard.model.graph import load_model
@@ -994,6 +995,32 @@ def test_calibrating_from_the_torch_module_leaves_no_hooks_behind(setup: Setup) 
     module.load_state_dict(setup.module.state_dict())
     calibrate(setup.model_path, setup.x_cal[:60], setup.y_cal[:60], torch_module=module)
     assert not [name for name, sub in module.named_modules() if sub._forward_hooks]
+
+
+class _SharedReLU(torch.nn.Module):
+    """One ReLU module after both convs, as torchvision's BasicBlock reuses its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.conv2(self.relu(self.conv1(x)))))
+
+
+def test_a_torch_module_that_reuses_the_tapped_submodule_is_refused(setup: Setup, tmp_path: Path) -> None:
+    """Its hook fired on both calls: the first conv's tap held the second's statistics, and the served guard flagged
+    nearly every clean request."""
+    torch.manual_seed(0)
+    module = _SharedReLU().eval()
+    path = export_onnx(module, tmp_path / "shared.onnx", torch.zeros(1, 1, 28, 28))
+    first_relu = next(n.output[0] for n in onnx.load(path).graph.node if n.op_type == "Relu")
+    settings = CalibrationSettings(layers=[first_relu], reference=False)
+    with pytest.raises(ModelError, match=r"submodule 'relu', which outputs ONNX tensor .* runs more than once"):
+        calibrate(path, setup.x_cal[:60], setup.y_cal[:60], settings=settings, torch_module=module)
+    assert calibrate(path, setup.x_cal[:60], setup.y_cal[:60], settings=settings).tap_names == [first_relu]
 
 
 def test_served_guard_flags_fresh_clean_requests_at_about_the_target_rate(setup: Setup) -> None:

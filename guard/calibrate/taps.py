@@ -141,5 +141,10 @@ def _match_submodules(module: torch.nn.Module, model: LoadedModel, taps: list[st
                 f"no submodule of the torch module outputs what ONNX tensor {tap!r} holds; "
                 "is the ONNX file an export of this module with the same weights?"
             )
-        matched.append(max(candidates, key=lambda c: c[0].count("."))[1])
+        name, chosen = max(candidates, key=lambda c: c[0].count("."))
+        if sum(sub is chosen for _, sub, _ in seen) > 1:  # its hook would keep the last call and mask every one
+            raise ModelError(f"submodule {name!r}, which outputs ONNX tensor {tap!r}, runs more than once per forward "
+                             "(one module reused, as torchvision's BasicBlock reuses its ReLU): its calls cannot be "
+                             "told apart; calibrate without torch_module, or give each call its own module")
+        matched.append(chosen)
     return matched
