@@ -282,6 +282,7 @@ def _read_image(path: Path, first: Path | None = None, size: tuple[int, int] | N
 
 
 MIN_HELD_OUT = 10  # fewer held-out samples measure nothing
+SPAN_FACTOR = 20.0  # a clean sample spanning this many times the median sample's range is scaled unlike the rest
 
 
 def _shuffle(count: int, share: float, seed: int) -> tuple[np.ndarray, int]:
@@ -334,6 +335,18 @@ def without_repeats(x: np.ndarray, y: np.ndarray | None, sample_shape: tuple[int
     return x, y
 
 
+def as_samples(x: np.ndarray, y: np.ndarray | None, purpose: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """`x` as float32 and `y` as int64 for the Python API, refusing what the cast would change unseen: integer pixels
+    (0-255 given to a model trained on [0, 1]) and labels that are not integers (the CLI's files are refused so)."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise GuardError(f"{purpose} data is {x.dtype}; guard gives the model x as given, so pass float32 in the "
+                         f"model's input range (x.astype('float32') / 255 for a model trained on [0, 1])")
+    if y is not None and not np.issubdtype((y := np.asarray(y)).dtype, np.integer):
+        raise GuardError(f"{purpose} labels must be integers, got {y.dtype}")
+    return x.astype(np.float32, copy=False), None if y is None else y.astype(np.int64, copy=False)
+
+
 def check_samples(x: np.ndarray, y: np.ndarray | None, sample_shape: tuple[int, ...], num_classes: int,
                   purpose: str, *, every_class: bool = False) -> None:
     """Refuse clean data that `purpose` ("calibration", "scan") cannot use, saying what is wrong with it.
@@ -348,8 +361,16 @@ def check_samples(x: np.ndarray, y: np.ndarray | None, sample_shape: tuple[int, 
     if not np.all(np.isfinite(x)):
         raise GuardError(f"{purpose} data contains NaN or Inf")
     flat = x.reshape(len(x), -1)
-    if np.all(flat.max(axis=1) == flat.min(axis=1)):
+    spans = flat.max(axis=1) - flat.min(axis=1)
+    if np.all(spans == 0):
         raise GuardError(f"every {purpose} sample is one constant value: clean images are needed")
+    typical = float(np.median(spans))
+    loud = np.flatnonzero(spans > SPAN_FACTOR * typical)
+    if typical > 0 and loud.size:  # one image ×255 among 0-1 ones raised k from 3 to 842: attack success 1% -> 28%
+        raise GuardError(f"{loud.size} {purpose} sample(s) span more than {SPAN_FACTOR:g} times the values the "
+                         f"typical sample spans ({typical:.3g}), e.g. sample(s) {loud[:5].tolist()} span "
+                         f"{', '.join(f'{v:.3g}' for v in spans[loud[:5]])}: scaled unlike the rest (0-255 among 0-1?), "
+                         f"they skew their class's statistics; scale them like the others or leave them out")
     if y is None:
         return
     if y.shape != (len(x),):

@@ -67,7 +67,7 @@ from guard.calibrate.warps import (
 )
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel, default_taps, load_model, tensor_ranks, validate_taps
-from guard.samples import check_samples, holdout_split, write_atomic, write_json
+from guard.samples import as_samples, check_samples, holdout_split, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +245,7 @@ def _run_scan(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
               settings: ScanSettings) -> ScanReport:
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    x = np.asarray(x, dtype=np.float32)
-    y = None if y is None else np.asarray(y, dtype=np.int64)
+    x, y = as_samples(x, y, "scan")
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "scan")
     if x.min() < 0 or x.max() > 1:  # the synthesised patterns lie in [0, 1]
         log.warning("scan: the clean images range over [%.3g, %.3g], the triggers it synthesises over [0, 1]: a "

@@ -14,12 +14,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import Backdoored
+from guard.calibrate.pipeline import calibrate
 from guard.calibrate.profile import Profile, ProfileError
 from guard.calibrate.synthesis import load_trigger
 from guard.cli import main
 from guard.errors import GuardError, ModelError
 from guard.model.graph import default_taps, load_model, validate_taps
-from guard.samples import load_poisoned, load_samples
+from guard.repair.adaptive_reg import repair
+from guard.samples import check_samples, load_poisoned, load_samples
 from guard.scan import ScanSettings, run_scan, write_outputs
 
 
@@ -139,6 +141,33 @@ def test_integer_pixels_are_refused_not_fed_as_they_are(tmp_path: Path) -> None:
     data = write_npz(tmp_path / "clean.npz", x=np.zeros((30, 1, 8, 8), np.uint8), y=np.zeros(30, np.int64))
     with pytest.raises(GuardError, match=r"x in .* is uint8; .*x\.astype\('float32'\) / 255"):
         load_samples(data)
+
+
+def test_the_python_api_refuses_integer_pixels_and_labels_that_are_not_integers(backdoored: Backdoored) -> None:
+    """calibrate(), scan and repair cast them in silence: uint8 images calibrated as 0..255."""
+    x, y = backdoored.x_clean[:60], backdoored.y_clean[:60]
+    eight_bit = (x * 255).astype(np.uint8)
+    for run_it in (lambda x, y: calibrate(backdoored.model_path, x, y),
+                   lambda x, y: run_scan(backdoored.model_path, x, y),
+                   lambda x, y: repair(backdoored.model_path, x, y)):
+        with pytest.raises(GuardError, match=r"data is uint8; .*x\.astype\('float32'\) / 255"):
+            run_it(eight_bit, y)
+        with pytest.raises(GuardError, match="labels must be integers, got float64"):
+            run_it(x, y + 0.5)
+
+
+def test_a_sample_scaled_unlike_the_rest_is_refused_and_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              backdoored: Backdoored) -> None:
+    """One image stored 0..255 among 0..1 ones raised the check's k from 3 to 842 (a review measured attack success
+    under the guard 0.8% -> 27.7%); data normalised to mean 0 and std 1 spans more, but alike, and is taken."""
+    x, y = backdoored.x_clean[:200].copy(), backdoored.y_clean[:200]
+    check_samples((x - x.mean()) / x.std(), y, x.shape[1:], 10, "calibration", every_class=True)
+    x[17] *= 255
+    line = run(capsys, "calibrate", backdoored.model_path, "--data", write_npz(tmp_path / "c.npz", x=x, y=y),
+               "--no-scan", "--out", tmp_path / "p.safetensors")
+    assert "1 calibration sample(s) span more than 20 times" in line and "sample(s) [17] span 255" in line, line
+    with pytest.raises(GuardError, match=r"repair sample\(s\) span more than 20 times"):
+        repair(backdoored.model_path, x, y)
 
 
 def test_clean_data_missing_a_class_or_all_constant_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -50,7 +50,7 @@ from guard.model.graph import (
 )
 from guard.runtime.checks import Part, demoting_max, repredict_masks
 from guard.runtime.reference import lean
-from guard.samples import check_samples, holdout_split, without_repeats
+from guard.samples import as_samples, check_samples, holdout_split, without_repeats
 
 
 @dataclass
@@ -227,8 +227,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     settings.validate()
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    x = np.asarray(x, dtype=np.float32)
-    y = None if y is None else np.asarray(y, dtype=np.int64)
+    x, y = as_samples(x, y, "calibration")
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "calibration", every_class=True)
     given = len(x)
     x, y = without_repeats(x, y, loaded.sample_shape, loaded.num_classes, "calibration")

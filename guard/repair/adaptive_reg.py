@@ -43,7 +43,7 @@ from guard.model.graph import (
     with_initializers,
 )
 from guard.runtime.reference import trained_initializers
-from guard.samples import check_samples, holdout_split, without_repeats
+from guard.samples import as_samples, check_samples, holdout_split, without_repeats
 
 log = logging.getLogger("guard.repair")
 
@@ -308,8 +308,7 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    x = np.asarray(x, dtype=np.float32)
-    y = None if y is None else np.asarray(y, dtype=np.int64)
+    x, y = as_samples(x, y, "repair")
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "repair", every_class=True)
     if triggers and settings.method == "prune":
         raise GuardError("--method prune folds the calibrated static mask in and trains nothing, so it has no use "
