@@ -12,6 +12,7 @@ import pytest
 from guard.eval.metrics import auroc, mean_spread, roc_curve, share
 from guard.eval.report import (
     _detection_table,
+    _fine_tuning_text,
     _method_table,
     _none_table,
     check_repair_targets,
@@ -113,6 +114,18 @@ def test_each_missed_target_is_named() -> None:
     assert not any(attack == "wanet" for attack, _ in missed)  # 4% is within wanet's 5%
     assert {target for attack, target in missed if attack == "clean"} == {"clean"}
     assert len([m for m in check_targets(figures) if m.attack == "clean"]) == 2
+
+
+def test_rows_where_fine_tuning_leaves_less_attack_success_than_the_guard_are_named() -> None:
+    """The fine-pruning target compares against the pruning alone; fine-tuning, its second step, can beat the guard."""
+    wanet, badnets = _case("wanet", 0, asr=0.04), _case("badnets", 0)
+    assert _fine_tuning_text(_figures(wanet, badnets)) == ""  # a run without the row says nothing
+    wanet["methods"]["fine-tuning"] = {"ca": 0.87, "asr": 0.03}
+    badnets["methods"]["fine-tuning"] = {"ca": 0.87, "asr": 0.5}
+    text = _fine_tuning_text(_figures(wanet, badnets))
+    assert "lower ASR than guard's default on 1 row(s): wanet / cnn 3.00% against 4.00%." in text
+    wanet["methods"]["fine-tuning"]["asr"] = 0.05
+    assert "higher ASR than guard's default on every attack" in _fine_tuning_text(_figures(wanet, badnets))
 
 
 def test_targets_use_the_mean_over_seeds() -> None:

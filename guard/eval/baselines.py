@@ -7,8 +7,8 @@ claimed. Both baselines here work on the PyTorch module directly, not on the ONN
 * :func:`fine_prune` (Liu et al., 2018, "Fine-Pruning") is a model repair. It ranks the channels of the last
   convolutional activation by their mean activation over the defender's clean set and zeroes the dormant ones,
   on the theory that a backdoor hides in neurons clean inputs leave idle. The paper's fine-tuning step is left
-  out, as in the design: the pruning is the part that removes the backdoor, and fine-tuning would need the
-  defender's data as a training set, which the guard does not assume.
+  out, as EVALUATION.md defines the baseline; the evaluation's fine-tuning row (`guard repair --method finetune`
+  on the same clean set) is that step on its own, and the report names where it beats guard's default.
 * :class:`Strip` (Gao et al., 2019, "STRIP") is an input detector. It blends the input with clean images and
   measures the entropy of the predictions: a trigger keeps dominating the blend, so a triggered input stays
   confidently on the target class (low entropy) where a clean input's prediction scatters (high entropy). Its
