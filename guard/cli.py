@@ -904,12 +904,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GuardError as exc:
         print(f"guard: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a path the system refuses (too long, a folder guard may not enter, a full disk)
-        where = f": {exc.filename}" if exc.filename is not None else ""
-        print(f"guard: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # the reader went away (`guard inspect | head`): the rest is not wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit cannot raise again
         return 1
+    except OSError as exc:  # a path the system refuses (too long, a folder guard may not enter, a full disk)
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        print(f"guard: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
