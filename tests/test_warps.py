@@ -17,6 +17,7 @@ from guard.calibrate.warps import (
     WarpTrigger,
     describe_triggers,
     load_any_trigger,
+    named_class,
     save_warp,
     scan_warps,
     split_targets,
@@ -58,6 +59,17 @@ def test_warp_index_stands_out_only_for_the_outlier() -> None:
     assert np.all(np.delete(index, 7) < 3)
     # Classes no warp reaches: the spread's floor keeps one image in a thousand from reading as an outlier.
     assert warp_index(np.array([0.0] * 9 + [0.001])).max() < 0.1
+
+
+def test_on_few_images_the_spread_is_floored_at_one_image() -> None:
+    """3 of 10 fit images sent to a class by chance read as index 20 and named a class of a clean model."""
+    chance = np.array([0.0] * 9 + [0.3])
+    assert warp_index(chance)[9] > 20 and named_class(chance, 5.0, 0.3)[1] == 9
+    few = np.full(10, 9)  # each rate counts the 9 images of the other classes
+    assert warp_index(chance, few)[9] == pytest.approx(0.3 / (1.4826 / 9))
+    assert named_class(chance, 5.0, 0.3, few)[1] is None
+    many = np.full(10, 450)  # the eval's 500 fit images: the one-in-a-hundred floor still binds
+    np.testing.assert_array_equal(warp_index(chance, many), warp_index(chance))
 
 
 def test_scan_names_the_warp_target_and_the_files_carry_it(wanet_model, fashion, tmp_path) -> None:

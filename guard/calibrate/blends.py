@@ -24,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from guard.calibrate.synthesis import BlendTrigger
-from guard.calibrate.warps import named_class, scan_inputs, success_rates
+from guard.calibrate.warps import counted, named_class, scan_inputs, success_rates
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel
 
@@ -96,7 +96,7 @@ def scan_blends(model: LoadedModel | torch.nn.Module, x: np.ndarray, y: np.ndarr
     mask = np.full((1, *inputs.shape[2:]), settings.unlearn_strength, dtype=np.float32)
     triggers = [BlendTrigger(target=k, mask=mask.copy(), pattern=patterns[k].numpy(), success=float(success[k]),
                              mask_l1=float(mask.sum())) for k in range(num_classes)]
-    index, suspect = named_class(success.numpy(), settings.threshold, settings.min_success)
+    index, suspect = named_class(success.numpy(), settings.threshold, settings.min_success, counted(labels, num_classes))
     return BlendScan(triggers=triggers, anomaly_index=index, suspect=suspect, settings=settings)
 
 

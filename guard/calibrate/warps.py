@@ -150,7 +150,8 @@ def load_any_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classe
         with open_npz(Path(path)) as data:
             warp = "grid" in data.files
             if warp:
-                grid, target = (npz_array(data, key, path) for key in needed(data, ("grid", "target")))
+                shapes = {"grid": (*sample_shape[1:], 2), "target": ()}
+                grid, target = (npz_array(data, key, path, shapes[key]) for key in needed(data, tuple(shapes)))
     except GuardError as exc:
         raise GuardError(f"cannot read a trigger from {path} (expected an .npz of guard scan): {exc}") from None
     if not warp:
@@ -200,7 +201,7 @@ def scan_warps(model: LoadedModel | torch.nn.Module, x: np.ndarray, y: np.ndarra
     grids = _optimise(forward, inputs, num_classes, settings)
     success = success_rates(forward, inputs, labels, num_classes, lambda images, k: warp(images, grids[k:k + 1]))
     triggers = [WarpTrigger(target=k, grid=grids[k].numpy(), success=float(success[k])) for k in range(num_classes)]
-    index, suspect = named_class(success.numpy(), settings.threshold, settings.min_success)
+    index, suspect = named_class(success.numpy(), settings.threshold, settings.min_success, counted(labels, num_classes))
     return WarpScan(triggers=triggers, anomaly_index=index, suspect=suspect, settings=settings)
 
 
@@ -219,21 +220,29 @@ def scan_inputs(model: LoadedModel | torch.nn.Module, x: np.ndarray, y: np.ndarr
     return forward, inputs, labels, num_classes
 
 
-def named_class(success: np.ndarray, threshold: float, min_success: float) -> tuple[np.ndarray, int | None]:
+def counted(labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """(K,) how many images each class's success rate counts: those of the other classes."""
+    return len(labels) - np.bincount(labels.numpy(), minlength=num_classes)[:num_classes]
+
+
+def named_class(success: np.ndarray, threshold: float, min_success: float,
+                images: np.ndarray | None = None) -> tuple[np.ndarray, int | None]:
     """The classes' anomaly indices (`warp_index`), and the class named: the most anomalous, where its index exceeds
     `threshold` and its success reaches `min_success`."""
-    index = warp_index(success)
+    index = warp_index(success, images)
     best = int(np.argmax(index))
     return index, best if index[best] > threshold and success[best] >= min_success else None
 
 
-def warp_index(success: np.ndarray) -> np.ndarray:
+def warp_index(success: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
     """(success − median) / (1.4826·MAD) per class, the MAD floored at `MIN_SPREAD` so that classes a warp (or a
     blend, guard.calibrate.blends) cannot reach at all (success near 0 everywhere) do not turn a few images into a
-    huge index."""
+    huge index; and at one image where `images`, the images each rate counts, are fewer than a hundred: on 10 fit
+    images, 3 sent anywhere by chance read as index 20 and named a class of a clean model."""
     success = np.asarray(success, dtype=np.float64)
     median = np.median(success)
-    spread = MAD_CONSISTENCY * max(float(np.median(np.abs(success - median))), MIN_SPREAD)
+    floor = MIN_SPREAD if images is None or not len(images) else max(MIN_SPREAD, 1 / max(int(np.min(images)), 1))
+    spread = MAD_CONSISTENCY * max(float(np.median(np.abs(success - median))), floor)
     return (success - median) / spread
 
 
