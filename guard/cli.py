@@ -487,9 +487,9 @@ def _repair(args: argparse.Namespace) -> int:
         triggers = read_scan_dir(args.scan_dir, model).candidates
         print(f"guard: unlearning the scan's candidates in {args.scan_dir}: {describe_triggers(triggers)}")
     if args.scan:
-        from guard.scan import run_scan
+        from guard.scan import ScanSettings, run_scan
 
-        scan = run_scan(model, x, y)
+        scan = run_scan(model, x, y, settings=ScanSettings(seed=args.seed))  # as calibrate's, so --scan-dir agrees
         triggers = scan.candidates
         suspect = "no class" if scan.classes.suspect is None else f"class {scan.classes.suspect}"
         print(f"guard: scan suspects {suspect}; unlearning {describe_triggers(triggers)}")

@@ -152,11 +152,15 @@ def needed(data: NpzFile, keys: tuple[str, ...]) -> tuple[str, ...]:
     return keys
 
 
-def npz_array(data: NpzFile, key: str, path: str | Path) -> np.ndarray:
+def npz_array(data: NpzFile, key: str, path: str | Path, expected: tuple[int, ...] | None = None) -> np.ndarray:
     """One array of the archive; a corrupt member, a pickled one, one that is not an .npy array or one too large for
     memory is a GuardError. The size is read from the member's header first: a small compressed file can hold
-    gigabytes of zeros, and Linux grants the allocation and kills the process later rather than raise MemoryError."""
+    gigabytes of zeros, and Linux grants the allocation and kills the process later rather than raise MemoryError.
+    `expected`: the shape the caller needs; a member declaring more values than it, and over a million, is refused
+    before it is read (a few MB of zeros declaring gigabytes; a smaller one is read and refused by its caller)."""
     shape, dtype = _declared(data, key, path)
+    if expected is not None and math.prod(shape) > max(math.prod(expected), 1 << 20):
+        raise GuardError(f"{key!r} in {path} declares shape {shape}; {expected} is expected")
     need = math.prod(shape) * (dtype.itemsize + 8)  # as stored, and the float32 or int64 copy made of it
     _refuse_past_memory(need, f"{key!r} in {path} is {dtype} of shape {shape}")
     try:

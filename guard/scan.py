@@ -409,7 +409,7 @@ def _format_stamps(report: ScanReport) -> str:
         return "\n".join(lines)
     lines.append(f"class {result.suspect} is the likely backdoor target: its trigger is "
                  f"{result.triggers[result.suspect].mask_l1:.1f} pixels against a median of "
-                 f"{np.median(report.classes.mask_l1):.1f} (anomaly index {result.anomaly_index[best]:.2f} > "
+                 f"{np.median(report.classes.mask_l1):.1f} (anomaly index {result.anomaly_index[result.suspect]:.2f} > "
                  f"{result.threshold})")
     p = report.pruning
     if p is not None:

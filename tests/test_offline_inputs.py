@@ -380,7 +380,7 @@ def test_a_model_with_external_weights_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("mask", "fragment"), [
     (np.full((1, 28, 28), 50.0, np.float32), r"mask must lie in \[0, 1\]"),
     (np.full((1, 28, 28), -5.0, np.float32), r"mask must lie in \[0, 1\]"),
-    (np.full((1, 28, 28), "a"), "must hold numbers"),
+    (np.full((1, 28, 28), "a"), "must hold real numbers"),
 ])
 def test_a_trigger_mask_outside_zero_one_is_refused(tmp_path: Path, mask: np.ndarray, fragment: str) -> None:
     path = write_npz(tmp_path / "trigger.npz", mask=mask, pattern=np.zeros((1, 28, 28), np.float32),

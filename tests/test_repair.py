@@ -608,6 +608,27 @@ def test_a_scan_dir_of_another_model_or_incomplete_is_refused(backdoored, clean_
     assert not (tmp_path / "fixed.onnx").exists()
 
 
+def test_cli_repair_scans_with_its_seed_as_calibrate_does(backdoored, clean_data, tmp_path, monkeypatch):
+    """`repair --scan --seed 3` scanned with seed 0, so `guard scan --seed 3` then `--scan-dir` was not the same."""
+    import guard.scan
+
+    class Scanned(Exception):
+        pass
+
+    seeds = []
+
+    def scan_seed(model, x, y=None, *, settings=None):
+        seeds.append(settings.seed if settings is not None else None)
+        raise Scanned
+
+    monkeypatch.setattr(guard.scan, "run_scan", scan_seed)
+    for command in ("repair", "calibrate"):
+        with pytest.raises(Scanned):
+            main([command, str(backdoored.model_path), "--data", str(clean_data), "--out", str(tmp_path / "out"),
+                  "--seed", "3", *(["--scan"] if command == "repair" else [])])
+    assert seeds == [3, 3]
+
+
 def _write_trigger(path: Path, mask_shape=(1, 28, 28), pattern_shape=(1, 28, 28), fill=0.5, **extra) -> Path:
     arrays = {"mask": np.full(mask_shape, fill, np.float32),
               "pattern": np.full(pattern_shape, fill, np.float32), "target": np.array(0)}
@@ -627,6 +648,12 @@ def _write_trigger(path: Path, mask_shape=(1, 28, 28), pattern_shape=(1, 28, 28)
     (lambda p: _write_trigger(p, target=np.array([0, 1])), "the trigger's target in {path} must be one class"),
     (lambda p: _write_trigger(p, target=np.array(10)), "the trigger's target in {path} must be one class"),
     (lambda p: _write_trigger(p, target=np.array(3.7)), "the trigger's target in {path} must be one class"),
+    (lambda p: _write_trigger(p, mask_shape=(1, 4096, 4096), fill=0),  # read whole before its shape was checked
+     "'mask' in {path} declares shape (1, 4096, 4096); (1, 28, 28) is expected"),
+    (lambda p: _write_trigger(p, grid=np.zeros((2048, 2048, 2), np.float32)),
+     "'grid' in {path} declares shape (2048, 2048, 2); (28, 28, 2) is expected"),
+    (lambda p: _write_trigger(p, mask=np.full((1, 28, 28), 0.5 + 1j, np.complex64)),  # cast dropped the imaginary
+     "the trigger in {path} must hold real numbers"),
 ])
 def test_cli_repair_refuses_a_bad_trigger_file(backdoored, clean_data, tmp_path, capsys, make, message):
     path = tmp_path / "trigger.npz"

@@ -202,6 +202,14 @@ def test_the_verdict_says_when_the_scan_cannot_judge(tmp_path):
     assert "anomalously small" not in format_report(unconverged)
 
 
+def test_the_verdict_gives_the_named_class_its_own_index():
+    """Under a more anomalous class whose trigger did not converge, the named one was given that class's index."""
+    named = _report([0.1, 0.2, 3.5, -0.5, 2.6], 4)
+    named.classes.triggers[2].success = 0.055
+    assert "class 4 is the likely backdoor target" in (text := format_report(named))
+    assert "(anomaly index 2.60 > " in text and "3.50 >" not in text
+
+
 def _report(index: list[float], suspect: int | None, **settings: float) -> ScanReport:
     blank = np.zeros((1, 2, 2), np.float32)
     triggers = [Trigger(target=k, mask=blank, pattern=blank, success=1.0, mask_l1=1.0) for k in range(len(index))]

@@ -152,13 +152,15 @@ def load_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classes: i
     the model's sample shape and classes. Loaded without pickle."""
     try:
         with open_npz(Path(path)) as data:
-            mask, pattern, target = (npz_array(data, key, path) for key in needed(data, ("mask", "pattern", "target")))
+            shapes = {"mask": (1, *sample_shape[1:]), "pattern": sample_shape, "target": ()}
+            mask, pattern, target = (npz_array(data, key, path, shapes[key]) for key in needed(data, tuple(shapes)))
             kind = BlendTrigger if "blend" in data else Trigger
     except GuardError as exc:
         raise GuardError(f"cannot read a trigger from {path} (expected guard scan's trigger.npz): {exc}") from None
-    if not (np.issubdtype(mask.dtype, np.number) and np.issubdtype(pattern.dtype, np.number)):
-        raise GuardError(f"the trigger in {path} must hold numbers, got a {mask.dtype} mask and a {pattern.dtype} "
-                         "pattern")
+    if not (np.issubdtype(mask.dtype, np.number) and np.issubdtype(pattern.dtype, np.number)) or (
+            np.iscomplexobj(mask) or np.iscomplexobj(pattern)):  # float32 of a complex drops its imaginary part
+        raise GuardError(f"the trigger in {path} must hold real numbers, got a {mask.dtype} mask and a "
+                         f"{pattern.dtype} pattern")
     if target.shape != () or not np.issubdtype(target.dtype, np.integer) or not 0 <= int(target) < num_classes:
         raise GuardError(f"the trigger's target in {path} must be one class in [0, {num_classes}), got {target!r}")
     mask, pattern = mask.astype(np.float32), pattern.astype(np.float32)
