@@ -141,9 +141,14 @@ class PlainSession:
             return self.session.run(None, {self.input_name: x}, options)[0]
 
 
+class CheckTimeout(RuntimeError):
+    """The check ran past its budget and ONNX Runtime stopped it (its own error reads as an internal failure)."""
+
+
 @contextmanager
 def _run_options(ort: Any, deadline: float | None) -> Iterator[Any]:
-    """RunOptions that ONNX Runtime aborts (raising) once `deadline` (time.perf_counter()) passes; None without one."""
+    """RunOptions that ONNX Runtime aborts once `deadline` (time.perf_counter()) passes, raising CheckTimeout; None
+    without one."""
     if deadline is None:
         yield None
         return
@@ -152,6 +157,10 @@ def _run_options(ort: Any, deadline: float | None) -> Iterator[Any]:
     timer.start()
     try:
         yield options
+    except Exception:
+        if options.terminate:
+            raise CheckTimeout("it ran past its time budget (--check-budget-ms) and was stopped") from None
+        raise
     finally:
         timer.cancel()
 

@@ -182,6 +182,7 @@ class Guard:
             return self._guarded(x)
         except Exception as exc:  # whatever broke inside the guard, the policy decides
             if self._unguarded is None:
+                log.warning("check failed, refused (fail-closed): %s: %s", type(exc).__name__, exc)
                 raise CheckFailedError(f"the guard could not check this request ({type(exc).__name__}: {exc}); "
                                        "refused (fail-closed)") from exc
             log.warning("check failed, answering unguarded (fail-open): %s: %s", type(exc).__name__, exc)
