@@ -123,11 +123,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _need_tritonclient(command: str) -> None:
+    """Checked before any timing: bench reached its server part, after the in-process timings, to fail there."""
+    try:
+        import tritonclient.grpc  # noqa: F401
+    except ImportError:
+        raise GuardError(f"guard {command} calls guard serve with tritonclient, as a stock client does: "
+                         "pip install 'guard[client]'") from None
+
+
 def _bench(args: argparse.Namespace) -> int:
     import shlex
     import tempfile
 
     import numpy as np
+
+    _need_tritonclient("bench")
 
     from guard.bench import BenchSettings, exit_on_sigterm, format_table, run_bench, write_outputs
     from guard.config import MAX_THREADS
@@ -212,6 +223,8 @@ def _load(args: argparse.Namespace) -> int:
     import tempfile
 
     import numpy as np
+
+    _need_tritonclient("load")
 
     from guard.bench import exit_on_sigterm
     from guard.loadtest import LoadSettings, format_run, run_load
@@ -300,7 +313,13 @@ def _health(args: argparse.Namespace) -> int:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
                                                               timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(f"guard: unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            reason = exc.details()
+            if exc.code() == grpc.StatusCode.NOT_FOUND and not reason:  # the health service gives no words
+                from guard.server.app import HEALTH_SERVICES
+
+                reason = (f"no health service {args.service!r}; a guard server reports "
+                          f"{', '.join(repr(name) for name in HEALTH_SERVICES)}")
+            print(f"guard: unhealthy: {exc.code().name}: {reason}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"guard: {target} {args.service or '(server)'}: {status}")

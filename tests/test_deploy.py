@@ -357,6 +357,9 @@ def test_health_command_reports_the_real_server(stack, capsys, monkeypatch) -> N
     assert main(["health"]) == 0
     assert capsys.readouterr().out.strip() == f"guard: 127.0.0.1:{server.port} (server): SERVING"
     assert main(["health", "--port", str(server.port), "--service", "no.such.Service"]) == 1
+    assert capsys.readouterr().err.strip() == ("guard: unhealthy: NOT_FOUND: no health service 'no.such.Service'; a "
+                                               "guard server reports '', 'inference.GRPCInferenceService', "
+                                               "'guard.v1.Guard'")  # gRPC's own reason is empty
     assert main(["health", "--port", str(free_port()), "--timeout", "1"]) == 1
 
 
