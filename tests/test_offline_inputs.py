@@ -5,6 +5,7 @@ half-written or stale."""
 from __future__ import annotations
 
 import json
+import sys
 import zipfile
 from pathlib import Path
 
@@ -431,6 +432,18 @@ def test_bench_refuses_settings_it_cannot_measure_with(capsys: pytest.CaptureFix
     line = run(capsys, "bench", backdoored.model_path, "--profile", backdoored.profile_path, "--out", tmp_path / "b",
                *option)
     assert "--callers must be >= 1" in line
+
+
+@pytest.mark.parametrize("command", ["bench", "load"])
+def test_bench_and_load_without_tritonclient_say_what_to_install(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                                 backdoored: Backdoored, command: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """tritonclient is the `client` extra, not a dependency: bench failed with a traceback after its timings."""
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)  # `import tritonclient.grpc` now raises ImportError
+    line = run(capsys, command, backdoored.model_path, "--profile", backdoored.profile_path, "--out", tmp_path / "b",
+               *(["--data", tmp_path / "none.npz"] if command == "load" else []))
+    assert f"guard {command} calls guard serve with tritonclient" in line and "pip install 'guard[client]'" in line
+    assert not (tmp_path / "b").exists()
 
 
 def test_bench_refuses_an_output_folder_that_is_a_file_before_measuring(capsys: pytest.CaptureFixture[str],
