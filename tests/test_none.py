@@ -26,6 +26,7 @@ from guard.repair.architectures import build
 from guard.repair.none import (
     NoneReport,
     NoneSettings,
+    RoundReport,
     _truth,
     channel_scores,
     jenks_upper,
@@ -353,6 +354,16 @@ def test_ground_truth_with_nothing_poisoned_has_no_recall():
                         unreset_next_layers=[], seconds=0.0)
     assert "precision 0.000, recall –" in report.summary()
     assert _truth(np.array([3, 7]), np.zeros(10, dtype=bool)) == (0.0, None)
+
+
+def test_a_run_that_reset_nothing_says_why():
+    """An under-trained model is sure of no sample: NONE then scores no channel and reset nothing, without a word."""
+    idle = RoundReport(reset={"conv1": [], "conv2": []}, threshold=math.inf, split=0, removed=[], spread=None,
+                       agreement=None, unlearned=[])
+    report = NoneReport(rounds=[idle], removed=[], kept=10, precision=None, recall=None, unlearned=0,
+                        unreset_next_layers=[], seconds=0.0, settings={"confident": 0.9, "unlikely": 0.1})
+    assert "0 channels reset" in report.summary() and "softmax above 0.9" in report.summary()
+    assert "softmax" not in replace(report, rounds=[replace(idle, reset={"conv1": [3]})]).summary()
 
 
 def test_none_without_ground_truth_removes_the_same_and_reports_no_precision(none_runs, poisoned_set):

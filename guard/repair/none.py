@@ -167,8 +167,12 @@ class NoneReport:
         precision, recall = ("–" if v is None else f"{v:.3f}" for v in (self.precision, self.recall))
         truth = "" if self.precision is None and self.recall is None else f", precision {precision}, recall {recall}"
         resets = sum(len(c) for r in self.rounds for c in r.reset.values())
+        sure, ruled_out = self.settings.get("confident", 0.9), self.settings.get("unlikely", 0.1)
+        why = (f"; no class had samples the model was sure of (softmax above {sure}) beside samples it ruled out "
+               f"(below {ruled_out}), so no channel had a score: train it longer (--epochs)"
+               if self.rounds and not resets else "")
         return (f"NONE: {len(self.rounds)} round(s), {resets} channels reset, {len(self.removed)} samples removed "
-                f"({self.kept} kept){truth}, {self.unlearned} pushed off their label, {self.seconds:.1f} s")
+                f"({self.kept} kept){truth}, {self.unlearned} pushed off their label, {self.seconds:.1f} s{why}")
 
 
 def class_channel_scores(peaks: np.ndarray, probs: np.ndarray, k: int, confident: float = 0.9,
