@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from guard._version import __version__
-from guard.errors import GuardError
+from guard.errors import GuardError, shown
 
 if TYPE_CHECKING:
     from guard.model.graph import LoadedModel
@@ -116,11 +116,20 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(given, Path(args.config) if args.config else None)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg']}"
-                             for e in exc.errors())
-        raise GuardError(f"invalid settings: {problems}") from None
+        raise GuardError(f"invalid settings: {'; '.join(map(_setting_problem, exc.errors()))}") from None
     serve(settings)
     return 0
+
+
+def _setting_problem(error: dict) -> str:
+    """One pydantic error in the words of the command line: the flag and the variable that set it, the value given."""
+    if not error["loc"]:
+        return error["msg"].removeprefix("Value error, ")
+    field = str(error["loc"][0])
+    where = f"--{field.replace('_', '-')} (GUARD_{field.upper()})"
+    if error["type"] == "missing":
+        return f"{where} is required"
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}, got {shown(error.get('input'))}"
 
 
 def _need_tritonclient(command: str) -> None:

@@ -108,9 +108,9 @@ class ServeSettings(BaseSettings):
     @model_validator(mode="after")
     def _tls_complete(self) -> ServeSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("TLS needs both tls_cert and tls_key")
+            raise ValueError("--tls-cert and --tls-key go together (TLS needs both)")
         if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         return self
 
     @property

@@ -138,3 +138,21 @@ def test_kubernetes_service_links_are_let_be_unless_they_take_a_port(backdoored:
     from guard.cli import served_port
 
     assert served_port() == DEFAULT_PORT
+
+
+def test_guard_serve_names_the_flag_and_variable_of_a_bad_setting(backdoored: Backdoored,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """pydantic's own words ("profile: Field required", "port: Input should be a valid integer") named neither the
+    flag nor the variable a user set."""
+    from guard.cli import main
+
+    assert main(["serve", str(backdoored.model_path)]) == 2
+    assert capsys.readouterr().err.strip() == "guard: error: invalid settings: --profile (GUARD_PROFILE) is required"
+    assert main(["serve", str(backdoored.model_path), "--profile", str(backdoored.profile_path),
+                 "--tls-cert", str(backdoored.model_path)]) == 2
+    assert "invalid settings: --tls-cert and --tls-key go together" in capsys.readouterr().err
+    monkeypatch.setenv("GUARD_PORT", "abc")
+    assert main(["serve", str(backdoored.model_path), "--profile", str(backdoored.profile_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--port (GUARD_PORT): Input should be a valid integer" in err and "got 'abc'" in err

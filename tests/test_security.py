@@ -169,8 +169,8 @@ def test_callers_without_the_token_hold_no_place_on_the_port(backdoored: Backdoo
 
 
 @pytest.mark.parametrize("given, message", [
-    ({"tls_cert": "server.pem"}, "both tls_cert and tls_key"),
-    ({"tls_client_ca": "ca.pem"}, "needs tls_cert"),
+    ({"tls_cert": "server.pem"}, "--tls-cert and --tls-key go together"),
+    ({"tls_client_ca": "ca.pem"}, "needs --tls-cert and --tls-key"),
     ({"tls_cert": "server.pem", "tls_key": "missing.key"}, "file not found"),
     ({"auth_token_file": "missing-token"}, "file not found"),
 ])
