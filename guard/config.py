@@ -31,6 +31,7 @@ MAX_THREADS = 1024
 #: examples give an app for calling guard (a ConfigMap shared by both containers may carry it). Read in this case only.
 OTHER_VARIABLES = frozenset({"GUARD_CONFIG", "GUARD_FASHION_MNIST_DIR", "GUARD_ADDRESS"})
 PORT_SETTINGS = ("port", "metrics_port", "health_port")
+WILDCARD_HOSTS = {"0.0.0.0", "::", ""}  # every interface: a port taken there is taken on each
 # Kubernetes gives every pod variables for each Service in its namespace; one named guard… makes GUARD_SERVICE_HOST,
 # GUARD_SERVICE_PORT[_NAME], GUARD_PORT=tcp://ip:port and GUARD_PORT_<n>_TCP[_PROTO|_PORT|_ADDR]. Docker's legacy
 # links (--link x:guard) make the same _PORT forms, GUARD_NAME=/… and GUARD_ENV_<name>.
@@ -104,6 +105,17 @@ class ServeSettings(BaseSettings):
     @classmethod
     def _bare_host(cls, host: str) -> str:
         return bare_host(host)
+
+    @model_validator(mode="after")
+    def _ports_apart(self) -> ServeSettings:
+        """Two of guard's servers on one port: the second failed to bind with "Address already in use"."""
+        bound = [("--port", self.host, self.port), ("--metrics-port", self.metrics_host, self.metrics_port),
+                 ("--health-port", self.host, self.health_port)]
+        for i, (flag, host, port) in enumerate(bound):
+            for other, other_host, other_port in bound[i + 1:]:
+                if port and port == other_port and (host == other_host or {host, other_host} & WILDCARD_HOSTS):
+                    raise ValueError(f"{flag} and {other} are both {port}: each of guard's servers needs its own port")
+        return self
 
     @model_validator(mode="after")
     def _tls_complete(self) -> ServeSettings:

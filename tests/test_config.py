@@ -156,3 +156,17 @@ def test_guard_serve_names_the_flag_and_variable_of_a_bad_setting(backdoored: Ba
     assert main(["serve", str(backdoored.model_path), "--profile", str(backdoored.profile_path)]) == 2
     err = capsys.readouterr().err
     assert "--port (GUARD_PORT): Input should be a valid integer" in err and "got 'abc'" in err
+
+
+@pytest.mark.parametrize(("ports", "clash"), [
+    ({"port": 9001, "metrics_port": 9001}, "--port and --metrics-port are both 9001"),
+    ({"port": 9001, "health_port": 9001}, "--port and --health-port are both 9001"),
+    ({"metrics_port": 9002, "health_port": 9002, "metrics_host": "0.0.0.0"}, "--metrics-port and --health-port"),
+])
+def test_two_of_guards_servers_on_one_port_are_refused(backdoored: Backdoored, ports: dict, clash: str) -> None:
+    """The second server failed to bind with "Address already in use", which did not say it was guard's own."""
+    with pytest.raises(ValidationError, match=clash):
+        given_settings(model=backdoored.model_path, profile=backdoored.profile_path, **ports)
+    apart = given_settings(model=backdoored.model_path, profile=backdoored.profile_path, port=9001, metrics_port=9001,
+                           metrics_host="127.0.0.2")  # one port on two interfaces binds
+    assert apart.port == apart.metrics_port == 9001

@@ -578,8 +578,9 @@ def test_a_port_in_use_is_refused_not_shared(backdoored: Backdoored) -> None:
                                       metrics_port=0, health_port=0))
     first.start()
     try:
-        for taken, message in (({"port": first.port}, "cannot listen"),
-                               ({"health_port": first.health_port}, "cannot answer health checks")):
+        for taken, message in (({"port": first.port}, "cannot listen on .*: Address already in use"),
+                               ({"health_port": first.health_port},
+                                "cannot answer health checks on .*: Address already in use")):
             settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path,
                                      **{"port": 0, "metrics_port": 0, **taken})
             with pytest.raises(GuardError, match=message):

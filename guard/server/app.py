@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import threading
 from concurrent import futures
@@ -148,10 +149,22 @@ def _bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCre
         bound = (server.add_insecure_port(address) if credentials is None
                  else server.add_secure_port(address, credentials))
     except RuntimeError as exc:
-        raise GuardError(f"cannot {what} on {address}: {exc}") from None
+        raise GuardError(f"cannot {what} on {address}: {_bind_refused(host, port) or exc}") from None
     if bound == 0:
-        raise GuardError(f"cannot {what} on {address}")
+        raise GuardError(f"cannot {what} on {address}: {_bind_refused(host, port) or 'gRPC could not bind it'}")
     return bound
+
+
+def _bind_refused(host: str, port: int) -> str | None:
+    """Why the system refuses host:port ("Address already in use"), asked with a plain socket: gRPC's own message says
+    only that it failed to bind."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def serve(settings: ServeSettings) -> None:
