@@ -253,7 +253,9 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     else:
         tap_model = OnnxTaps(loaded, taps)
 
-    bar = tqdm(total=2 * len(fit) + (1 if y is not None else 2) * len(hold), desc="calibrate", unit="sample", disable=not progress)
+    # The bar counts passes of a sample through the model (the fit samples go through twice), not samples.
+    bar = tqdm(total=2 * len(fit) + (1 if y is not None else 2) * len(hold), desc="calibrate", unit="pass",
+               disable=not progress)
     run = _Runner(tap_model, settings.batch_size, bar)
     base = timed("activations", run, x[fit], None if y is None else y[fit], with_salience=True)
     stats = [linf_stats(linf, mean) for linf, mean in zip(base.linf, base.mean, strict=True)]
@@ -299,7 +301,8 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     reference = None
     unlearned = list(triggers) if settings.reference and settings.reference_unlearn > 0 else []
     warp_class = next((t.target for t in unlearned if isinstance(t, WarpTrigger)), None)
-    if settings.reference:
+    if settings.reference:  # the longest step, after the bar's passes: the bar says what it waits on
+        bar.set_description(f"calibrate: fine-tuning the reference ({settings.reference_folds} times)")
         model_labels = np.empty(len(x), dtype=np.int64)
         model_labels[order] = labels
         reference = timed("reference", fit_reference, loaded, x, y, model_labels, rate=settings.reference_rate,
