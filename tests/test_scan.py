@@ -13,9 +13,12 @@ import pytest
 import torch
 
 from conftest import TARGET, Scanned
+from guard.calibrate import synthesis
+from guard.calibrate.blends import BlendSettings, scan_blends
 from guard.calibrate.linf import prune_by_gap
 from guard.calibrate.synthesis import ScanResult, Trigger, anomaly_index, pick_suspect
 from guard.calibrate.taps import OnnxTaps
+from guard.calibrate.warps import WarpSettings, scan_warps
 from guard.cli import main
 from guard.errors import GuardError
 from guard.model.graph import load_model
@@ -81,6 +84,30 @@ def test_scan_names_no_class_of_a_clean_model(clean_model, backdoored):
     assert report.pruning is None
     assert len(report.classes.triggers) == 10
     assert all(t.success > 0.9 for t in report.classes.triggers)  # every class did get a working trigger
+
+
+def test_a_model_of_many_classes_is_scanned_a_group_of_classes_at_a_time(backdoored, monkeypatch):
+    """Every class was stamped on every batch at once: 100 classes of 3x32x32 took 5 GB. With room for three classes'
+    batches per forward, each scan (patch, warp, blend) still finds a trigger per class, in order, and its backdoor
+    target's patch still works."""
+    monkeypatch.setattr(synthesis, "STAMPED_VALUES", 3 * 32 * 28 * 28)
+    largest = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        largest.append(len(x))
+        return backdoored.module(x)
+
+    x, y = backdoored.x_clean[:200], backdoored.y_clean[:200]
+    patch = synthesis.synthesize_triggers(forward, x, y, settings=synthesis.SynthesisSettings(steps=60))
+    # the optimisation's forwards hold 3 classes' batches (all 10 at once: 320 images), the success's one class's
+    # 200 images (all at once: 2,000)
+    assert [t.target for t in patch] == list(range(10)) and 3 * 32 in largest and max(largest) <= 200
+    assert patch[TARGET].success > 0.9
+    largest.clear()
+    warps = scan_warps(forward, x, y, WarpSettings(steps=5))
+    blends = scan_blends(forward, x, y, BlendSettings(steps=5))
+    assert [t.target for t in warps.triggers] == [t.target for t in blends.triggers] == list(range(10))
+    assert 3 * 32 in largest and max(largest) <= 200
 
 
 def test_synthesised_trigger_sends_most_clean_images_to_the_target(cli_scan, backdoored):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from guard.calibrate.synthesis import BlendTrigger
+from guard.calibrate.synthesis import BlendTrigger, class_groups
 from guard.calibrate.warps import counted, named_class, scan_inputs, success_rates
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel
@@ -90,7 +90,8 @@ def scan_blends(model: LoadedModel | torch.nn.Module, x: np.ndarray, y: np.ndarr
     settings = settings or BlendSettings()
     settings.validate()
     forward, inputs, labels, num_classes = scan_inputs(model, x, y, "blend synthesis")
-    patterns = _optimise(forward, inputs, num_classes, settings)
+    patterns = torch.cat([_optimise(forward, inputs, torch.arange(num_classes)[group], settings) for group in
+                          class_groups(num_classes, min(settings.batch_size, len(inputs)), inputs[0].numel())])
     success = success_rates(forward, inputs, labels, num_classes,
                             lambda images, k: blend(images, patterns[k:k + 1], settings.strength))
     mask = np.full((1, *inputs.shape[2:]), settings.unlearn_strength, dtype=np.float32)
@@ -100,18 +101,18 @@ def scan_blends(model: LoadedModel | torch.nn.Module, x: np.ndarray, y: np.ndarr
     return BlendScan(triggers=triggers, anomaly_index=index, suspect=suspect, settings=settings)
 
 
-def _optimise(forward, inputs: torch.Tensor, num_classes: int, settings: BlendSettings) -> torch.Tensor:
-    """Adam on every class's pattern at once (one batched forward pass); returns the patterns (K, C, H, W) in
+def _optimise(forward, inputs: torch.Tensor, classes: torch.Tensor, settings: BlendSettings) -> torch.Tensor:
+    """Adam on the `classes`' patterns at once (one batched forward pass); returns their patterns (K, C, H, W) in
     [0, 1], as the images are."""
     generator = torch.Generator().manual_seed(settings.seed)
-    logits = (0.01 * torch.randn(num_classes, *inputs.shape[1:], generator=generator)).requires_grad_(True)
+    logits = (0.01 * torch.randn(len(classes), *inputs.shape[1:], generator=generator)).requires_grad_(True)
     optimiser = torch.optim.Adam([logits], lr=settings.lr)
     size = min(settings.batch_size, len(inputs))
-    targets = torch.arange(num_classes).repeat_interleave(size)
+    targets = classes.repeat_interleave(size)
     for _ in range(settings.steps):
         rows = torch.randint(len(inputs), (size,), generator=generator)
         patterns = torch.sigmoid(logits)
-        blended = torch.cat([blend(inputs[rows], patterns[c:c + 1], settings.strength) for c in range(num_classes)])
+        blended = torch.cat([blend(inputs[rows], patterns[c:c + 1], settings.strength) for c in range(len(classes))])
         loss = F.cross_entropy(forward(blended), targets)
         optimiser.zero_grad(set_to_none=True)
         loss.backward(inputs=[logits])  # no gradients for the model's own weights

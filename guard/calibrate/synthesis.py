@@ -52,6 +52,12 @@ MIN_CLASSES_TO_JUDGE = 3
 # The smallest spread of mask sizes the index divides by, relative to the median (log scale: 0.01 is 1% of the size).
 # Where half the classes share one size (the MAD is 0) a mask 2% smaller read as an outlier of index ~3,000.
 MIN_RELATIVE_SPREAD = 0.01
+# Stamped input values one forward pass of a scan takes at most. Every class is optimised at once (one forward per
+# step over classes × batch images) where that fits, as for any 10-class model of the eval's size or CIFAR's; a model
+# of many classes or large images is optimised a group of classes at a time, or its memory grew with the classes
+# (100 classes of 3x32x32: 5 GB).
+STAMPED_VALUES = 1 << 21
+SUCCESS_BATCH = 256  # images per forward when measuring the triggers' success
 
 Logits = Callable[[torch.Tensor], torch.Tensor]
 IndexScale = Literal["log", "linear"]
@@ -258,8 +264,12 @@ def synthesize_triggers(model: LoadedModel | torch.nn.Module | Logits, x: np.nda
     if targets.numel() == 0 or targets.min() < 0 or targets.max() >= num_classes:
         raise GuardError(f"classes must lie in [0, {num_classes}), got {targets.tolist()}")
 
-    mask, pattern = _optimise(forward, inputs, labels, targets, settings)
-    success = _success(forward, inputs, labels, targets, mask, pattern)
+    values = inputs[0].numel()
+    found = [_optimise(forward, inputs, labels, targets[group], settings)
+             for group in class_groups(len(targets), min(settings.batch_size, len(inputs)), values)]
+    mask, pattern = torch.cat([m for m, _ in found]), torch.cat([p for _, p in found])
+    success = torch.cat([_success(forward, inputs, labels, targets[group], mask[group], pattern[group])
+                         for group in class_groups(len(targets), SUCCESS_BATCH, values)])
     return [
         Trigger(target=int(t), mask=m.numpy(), pattern=p.numpy(), success=float(s), mask_l1=float(m.sum()))
         for t, m, p, s in zip(targets, mask, pattern, success, strict=True)
@@ -285,6 +295,13 @@ def scan_classes(model: LoadedModel | torch.nn.Module | Logits, x: np.ndarray, y
     return ScanResult(triggers=triggers, anomaly_index=index, suspect=suspect,
                       threshold=threshold, index_scale=index_scale, seconds=time.perf_counter() - started,
                       settings=vars(settings).copy())
+
+
+def class_groups(count: int, batch: int, values: int) -> list[slice]:
+    """The classes, in order, in groups whose stamped batch (classes × `batch` images of `values` each) stays within
+    STAMPED_VALUES; one group of all where it fits."""
+    size = max(1, STAMPED_VALUES // max(1, batch * values))
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 def _predict(forward: Logits, inputs: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
@@ -370,7 +387,7 @@ def _optimise(forward: Logits, inputs: torch.Tensor, labels: torch.Tensor, targe
 
 @torch.no_grad()
 def _success(forward: Logits, inputs: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
-             mask: torch.Tensor, pattern: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+             mask: torch.Tensor, pattern: torch.Tensor, batch_size: int = SUCCESS_BATCH) -> torch.Tensor:
     """Share of images of other classes that each trigger sends to its target, on all of `inputs`."""
     hits = torch.zeros(len(targets))
     seen = torch.zeros(len(targets))

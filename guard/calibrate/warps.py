@@ -29,6 +29,7 @@ from guard.calibrate.synthesis import (
     BlendTrigger,
     Trigger,
     check_trigger,
+    class_groups,
     load_trigger,
     logits_of,
 )
@@ -198,7 +199,8 @@ def scan_warps(model: LoadedModel | torch.nn.Module, x: np.ndarray, y: np.ndarra
     settings = settings or WarpSettings()
     settings.validate()
     forward, inputs, labels, num_classes = scan_inputs(model, x, y, "warp synthesis")
-    grids = _optimise(forward, inputs, num_classes, settings)
+    grids = torch.cat([_optimise(forward, inputs, torch.arange(num_classes)[group], settings) for group in
+                       class_groups(num_classes, min(settings.batch_size, len(inputs)), inputs[0].numel())])
     success = success_rates(forward, inputs, labels, num_classes, lambda images, k: warp(images, grids[k:k + 1]))
     triggers = [WarpTrigger(target=k, grid=grids[k].numpy(), success=float(success[k])) for k in range(num_classes)]
     index, suspect = named_class(success.numpy(), settings.threshold, settings.min_success, counted(labels, num_classes))
@@ -256,18 +258,18 @@ def _fields(control: torch.Tensor, budget: float, height: int, width: int) -> to
     return torch.clamp(identity + flow.permute(0, 2, 3, 1) * pixels, -1, 1)
 
 
-def _optimise(forward, inputs: torch.Tensor, num_classes: int, settings: WarpSettings) -> torch.Tensor:
-    """Adam on every class's control points at once (one batched forward pass); returns the grids (K, H, W, 2)."""
+def _optimise(forward, inputs: torch.Tensor, classes: torch.Tensor, settings: WarpSettings) -> torch.Tensor:
+    """Adam on the `classes`' control points at once (one batched forward pass); returns their grids (K, H, W, 2)."""
     generator = torch.Generator().manual_seed(settings.seed)
     height, width = inputs.shape[2:]
     k = settings.grid_size
-    control = (0.01 * torch.randn(num_classes, 2, k, k, generator=generator)).requires_grad_(True)
+    control = (0.01 * torch.randn(len(classes), 2, k, k, generator=generator)).requires_grad_(True)
     optimiser = torch.optim.Adam([control], lr=settings.lr)
-    targets = torch.arange(num_classes).repeat_interleave(min(settings.batch_size, len(inputs)))
+    targets = classes.repeat_interleave(min(settings.batch_size, len(inputs)))
     for _ in range(settings.steps):
         rows = torch.randint(len(inputs), (min(settings.batch_size, len(inputs)),), generator=generator)
         grids = _fields(control, settings.budget, height, width)
-        warped = torch.cat([warp(inputs[rows], grids[c:c + 1]) for c in range(num_classes)])
+        warped = torch.cat([warp(inputs[rows], grids[c:c + 1]) for c in range(len(classes))])
         loss = F.cross_entropy(forward(warped), targets)
         optimiser.zero_grad(set_to_none=True)
         loss.backward(inputs=[control])  # no gradients for the model's own weights
