@@ -129,7 +129,8 @@ def _setting_problem(error: dict) -> str:
     where = f"--{field.replace('_', '-')} (GUARD_{field.upper()})"
     if error["type"] == "missing":
         return f"{where} is required"
-    return f"{where}: {error['msg'].removeprefix('Value error, ')}, got {shown(error.get('input'))}"
+    message, given = error["msg"].removeprefix("Value error, "), shown(error.get("input"))
+    return f"{where}: {message}" + ("" if str(error.get("input")) in message else f", got {given}")
 
 
 def _need_tritonclient(command: str) -> None:
@@ -540,6 +541,7 @@ def _repair(args: argparse.Namespace) -> int:
         raise GuardError(f"the repair cost too much held-out {measure} ({report.summary()}); {args.out} not written, "
                          f"the report is in {report_path}; {advice}")
     write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
+    report_path.with_name(f"{report_path.stem}.rejected{report_path.suffix}").unlink(missing_ok=True)  # a past run's
     print(f"guard: wrote {args.out} and {report_path}: {report.summary()}")
     print("guard: the repaired model has new weights: run guard calibrate on it before serving it")
     return 0
@@ -938,6 +940,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit cannot raise again
         return 1
     except OSError as exc:  # a path the system refuses (too long, a folder guard may not enter, a full disk)
+        if isinstance(exc, TimeoutError):  # an OSError in Python's tree, but a failure of guard's, not the user's
+            raise
         where = f": {exc.filename}" if exc.filename is not None else ""
-        print(f"guard: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"guard: error: {exc.strerror or exc or type(exc).__name__}{where}", file=sys.stderr)
         return 2

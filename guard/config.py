@@ -31,7 +31,6 @@ MAX_THREADS = 1024
 #: examples give an app for calling guard (a ConfigMap shared by both containers may carry it). Read in this case only.
 OTHER_VARIABLES = frozenset({"GUARD_CONFIG", "GUARD_FASHION_MNIST_DIR", "GUARD_ADDRESS"})
 PORT_SETTINGS = ("port", "metrics_port", "health_port")
-WILDCARD_HOSTS = {"0.0.0.0", "::", ""}  # every interface: a port taken there is taken on each
 # Kubernetes gives every pod variables for each Service in its namespace; one named guard… makes GUARD_SERVICE_HOST,
 # GUARD_SERVICE_PORT[_NAME], GUARD_PORT=tcp://ip:port and GUARD_PORT_<n>_TCP[_PROTO|_PORT|_ADDR]. Docker's legacy
 # links (--link x:guard) make the same _PORT forms, GUARD_NAME=/… and GUARD_ENV_<name>.
@@ -113,7 +112,7 @@ class ServeSettings(BaseSettings):
                  ("--health-port", self.host, self.health_port)]
         for i, (flag, host, port) in enumerate(bound):
             for other, other_host, other_port in bound[i + 1:]:
-                if port and port == other_port and (host == other_host or {host, other_host} & WILDCARD_HOSTS):
+                if port and port == other_port and _overlap(host, other_host):
                     raise ValueError(f"{flag} and {other} are both {port}: each of guard's servers needs its own port")
         return self
 
@@ -128,6 +127,17 @@ class ServeSettings(BaseSettings):
     @property
     def served_name(self) -> str:
         return self.model_name or self.model.stem
+
+
+def _overlap(host: str, other: str) -> bool:
+    """Whether one port on both hosts clashes: the same host, or a wildcard and a host of its family (`::` takes
+    both families; ::1 and 0.0.0.0 bind one port side by side)."""
+    def v6(name: str) -> bool:
+        return ":" in name
+
+    if host == other or "::" in (host, other):
+        return True
+    return any(wild in ("0.0.0.0", "") and not v6(named) for wild, named in ((host, other), (other, host)))
 
 
 def bare_host(host: str) -> str:

@@ -156,6 +156,11 @@ def test_guard_serve_names_the_flag_and_variable_of_a_bad_setting(backdoored: Ba
     assert main(["serve", str(backdoored.model_path), "--profile", str(backdoored.profile_path)]) == 2
     err = capsys.readouterr().err
     assert "--port (GUARD_PORT): Input should be a valid integer" in err and "got 'abc'" in err
+    monkeypatch.delenv("GUARD_PORT")
+    assert main(["serve", str(backdoored.model_path), "--profile", str(backdoored.profile_path),
+                 "--auth-token-file", "absent-token"]) == 2
+    err = capsys.readouterr().err  # the value once, in pydantic's message, not again after it
+    assert "--auth-token-file (GUARD_AUTH_TOKEN_FILE): file not found: absent-token\n" in err, err
 
 
 @pytest.mark.parametrize(("ports", "clash"), [
@@ -167,6 +172,10 @@ def test_two_of_guards_servers_on_one_port_are_refused(backdoored: Backdoored, p
     """The second server failed to bind with "Address already in use", which did not say it was guard's own."""
     with pytest.raises(ValidationError, match=clash):
         given_settings(model=backdoored.model_path, profile=backdoored.profile_path, **ports)
-    apart = given_settings(model=backdoored.model_path, profile=backdoored.profile_path, port=9001, metrics_port=9001,
-                           metrics_host="127.0.0.2")  # one port on two interfaces binds
-    assert apart.port == apart.metrics_port == 9001
+    for host, metrics_host in (("127.0.0.1", "127.0.0.2"), ("::1", "0.0.0.0")):  # one port on two interfaces binds
+        apart = given_settings(model=backdoored.model_path, profile=backdoored.profile_path, host=host, port=9001,
+                               metrics_port=9001, metrics_host=metrics_host)
+        assert apart.port == apart.metrics_port == 9001
+    with pytest.raises(ValidationError, match="both 9001"):  # `::` takes both families
+        given_settings(model=backdoored.model_path, profile=backdoored.profile_path, host="::", port=9001,
+                       metrics_port=9001, metrics_host="127.0.0.1")

@@ -125,7 +125,7 @@ def test_rows_where_fine_tuning_leaves_less_attack_success_than_the_guard_are_na
     text = _fine_tuning_text(_figures(wanet, badnets))
     assert "lower ASR than guard's default on 1 row(s): wanet / cnn 3.00% against 4.00%." in text
     wanet["methods"]["fine-tuning"]["asr"] = 0.05
-    assert "higher ASR than guard's default on every attack" in _fine_tuning_text(_figures(wanet, badnets))
+    assert "no lower ASR than guard's default on any attack" in _fine_tuning_text(_figures(wanet, badnets))
 
 
 def test_targets_use_the_mean_over_seeds() -> None:

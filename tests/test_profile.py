@@ -998,29 +998,33 @@ def test_calibrating_from_the_torch_module_leaves_no_hooks_behind(setup: Setup) 
 
 
 class _SharedReLU(torch.nn.Module):
-    """One ReLU module after both convs, as torchvision's BasicBlock reuses its own."""
+    """A block with one ReLU module after both convs, as torchvision's BasicBlock reuses its own."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1, self.conv2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
         self.relu = torch.nn.ReLU()
-        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.relu(self.conv2(self.relu(self.conv1(x)))))
+        return self.relu(self.conv2(self.relu(self.conv1(x))))
 
 
 def test_a_torch_module_that_reuses_the_tapped_submodule_is_refused(setup: Setup, tmp_path: Path) -> None:
     """Its hook fired on both calls: the first conv's tap held the second's statistics, and the served guard flagged
-    nearly every clean request."""
+    nearly every clean request. The block's output, which the reused ReLU gives last, is tapped at the block."""
     torch.manual_seed(0)
-    module = _SharedReLU().eval()
+    module = torch.nn.Sequential(_SharedReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                                 torch.nn.Linear(32, 10)).eval()
     path = export_onnx(module, tmp_path / "shared.onnx", torch.zeros(1, 1, 28, 28))
-    first_relu = next(n.output[0] for n in onnx.load(path).graph.node if n.op_type == "Relu")
+    first_relu, last_relu = (n.output[0] for n in onnx.load(path).graph.node if n.op_type == "Relu")
+    x, y = setup.x_cal[:60], setup.y_cal[:60]
     settings = CalibrationSettings(layers=[first_relu], reference=False)
-    with pytest.raises(ModelError, match=r"submodule 'relu', which outputs ONNX tensor .* runs more than once"):
-        calibrate(path, setup.x_cal[:60], setup.y_cal[:60], settings=settings, torch_module=module)
-    assert calibrate(path, setup.x_cal[:60], setup.y_cal[:60], settings=settings).tap_names == [first_relu]
+    with pytest.raises(ModelError, match=r"submodule '0.relu', which outputs ONNX tensor .* runs more than once"):
+        calibrate(path, x, y, settings=settings, torch_module=module)
+    assert calibrate(path, x, y, settings=settings).tap_names == [first_relu]
+    block_out = CalibrationSettings(layers=[last_relu], reference=False)
+    np.testing.assert_allclose(calibrate(path, x, y, settings=block_out, torch_module=module).class_mean,
+                               calibrate(path, x, y, settings=block_out).class_mean, rtol=1e-3, atol=1e-4)
 
 
 def test_served_guard_flags_fresh_clean_requests_at_about_the_target_rate(setup: Setup) -> None:

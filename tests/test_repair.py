@@ -519,6 +519,8 @@ def test_repair_that_trains_refuses_float16_weights_before_the_run(backdoored):
 
 def test_cli_repair_writes_the_model_and_its_report(backdoored, clean_data, tmp_path):
     out = tmp_path / "fixed.onnx"
+    stale = tmp_path / "fixed.repair.rejected.json"
+    stale.write_text("{}")  # an earlier rejected run's report: it no longer describes what lies beside it
     code, stdout = _run_cli(["repair", str(backdoored.model_path), "--data", str(clean_data),
                              "--out", str(out), "--method", "l2", "--epochs", "1", "--lr", "0.001",
                              "--strength", "2", "--seed", "3"])
@@ -533,6 +535,7 @@ def test_cli_repair_writes_the_model_and_its_report(backdoored, clean_data, tmp_
     assert report["holdout_samples"] == 100
     assert str(out) in stdout and str(report_path) in stdout and "guard calibrate" in stdout
     assert _arrays(loaded.proto).keys() == _arrays(load_model(backdoored.model_path).proto).keys()
+    assert not stale.exists()
 
 
 def test_cli_repair_uses_a_trigger_written_by_guard_scan(backdoored, clean_data, scan_out, tmp_path):

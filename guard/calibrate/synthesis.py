@@ -52,10 +52,10 @@ MIN_CLASSES_TO_JUDGE = 3
 # The smallest spread of mask sizes the index divides by, relative to the median (log scale: 0.01 is 1% of the size).
 # Where half the classes share one size (the MAD is 0) a mask 2% smaller read as an outlier of index ~3,000.
 MIN_RELATIVE_SPREAD = 0.01
-# Stamped input values one forward pass of a scan takes at most. Every class is optimised at once (one forward per
-# step over classes × batch images) where that fits, as for any 10-class model of the eval's size or CIFAR's; a model
-# of many classes or large images is optimised a group of classes at a time, or its memory grew with the classes
-# (100 classes of 3x32x32: 5 GB).
+# Stamped input values a scan aims to hand one forward pass. Every class is optimised at once (one forward per step
+# over classes × batch images) where that fits, as for any 10-class model of the eval's size or CIFAR's; a model of
+# many classes or large images is optimised a group of classes at a time (one class at least, whatever its size), or
+# its memory grew with the classes (100 classes of 3x32x32: 5 GB).
 STAMPED_VALUES = 1 << 21
 SUCCESS_BATCH = 256  # images per forward when measuring the triggers' success
 

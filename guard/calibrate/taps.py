@@ -141,10 +141,13 @@ def _match_submodules(module: torch.nn.Module, model: LoadedModel, taps: list[st
                 f"no submodule of the torch module outputs what ONNX tensor {tap!r} holds; "
                 "is the ONNX file an export of this module with the same weights?"
             )
-        name, chosen = max(candidates, key=lambda c: c[0].count("."))
-        if sum(sub is chosen for _, sub, _ in seen) > 1:  # its hook would keep the last call and mask every one
+        # A module that runs more than once (torchvision's BasicBlock reuses its ReLU) would have its hook keep the
+        # last call and mask every one; a parent that runs once and outputs the same tensor serves instead.
+        once = [(name, sub) for name, sub in candidates if sum(sub is other for _, other, _ in seen) == 1]
+        if not once:
+            name = max(candidates, key=lambda c: c[0].count("."))[0]
             raise ModelError(f"submodule {name!r}, which outputs ONNX tensor {tap!r}, runs more than once per forward "
-                             "(one module reused, as torchvision's BasicBlock reuses its ReLU): its calls cannot be "
-                             "told apart; calibrate without torch_module, or give each call its own module")
-        matched.append(chosen)
+                             "(one module reused): its calls cannot be told apart; calibrate without torch_module, or "
+                             "give each call its own module")
+        matched.append(max(once, key=lambda c: c[0].count("."))[1])
     return matched

@@ -15,6 +15,7 @@ import numpy as np
 from guard.errors import GuardError
 from guard.eval.metrics import at_least, at_most, mean_spread
 from guard.samples import write_atomic, write_json
+from guard.scan import ScanSettings
 
 # Rows of the "what each part adds" table, in the order a reader builds up the defense.
 METHODS = ("none", "fine-pruning", "linf-prune", "salience-prune", "check", "guard-no-reference", "guard")
@@ -413,7 +414,7 @@ def _fine_tuning_text(figures: dict) -> str:
     if not any("fine-tuning" in c["methods"] for c in _cases(figures)):
         return ""
     if not lower:
-        return f"\n{intro} It leaves a higher ASR than guard's default on every attack.\n"
+        return f"\n{intro} It leaves no lower ASR than guard's default on any attack.\n"
     rows = "; ".join(f"{attack} / {arch} {100 * tuned:.2f}% against {100 * guarded:.2f}%"
                      for attack, arch, tuned, guarded in lower)
     return f"\n{intro} It leaves a lower ASR than guard's default on {len(lower)} row(s): {rows}.\n"
@@ -603,8 +604,8 @@ figures.json).
 
 "Reference answered" is the share of requests the default guard's reference answered instead of the model (clean
 images; triggered ones). `guard calibrate` runs the scan before calibrating, so its default costs scan s plus
-calibration s (the scan here runs {settings['scan_steps']} steps, the command's 200). The overhead is timed on clean
-requests; a flagged one is re-predicted and costs more.
+calibration s (the scan here runs {settings['scan_steps']} steps, the command's {ScanSettings().steps}). The overhead is
+timed on clean requests; a flagged one is re-predicted and costs more.
 
 {_extra_table(figures)}
 

@@ -167,10 +167,13 @@ class NoneReport:
         precision, recall = ("–" if v is None else f"{v:.3f}" for v in (self.precision, self.recall))
         truth = "" if self.precision is None and self.recall is None else f", precision {precision}, recall {recall}"
         resets = sum(len(c) for r in self.rounds for c in r.reset.values())
-        sure, ruled_out = self.settings.get("confident", 0.9), self.settings.get("unlikely", 0.1)
-        why = (f"; no class had samples the model was sure of (softmax above {sure}) beside samples it ruled out "
-               f"(below {ruled_out}), so no channel had a score: train it longer (--epochs)"
-               if self.rounds and not resets else "")
+        sure = self.settings.get("confident", NoneSettings.confident)
+        ruled_out = self.settings.get("unlikely", NoneSettings.unlikely)
+        why = ""
+        if self.rounds and not resets:
+            why = ("; the model has no Conv2d to reset" if not any(r.reset for r in self.rounds) else
+                   f"; no class had samples the model was sure of (softmax above {sure}) beside samples it ruled out "
+                   f"(below {ruled_out}), so no channel had a score: train it longer (--epochs)")
         return (f"NONE: {len(self.rounds)} round(s), {resets} channels reset, {len(self.removed)} samples removed "
                 f"({self.kept} kept){truth}, {self.unlearned} pushed off their label, {self.seconds:.1f} s{why}")
 

@@ -161,6 +161,7 @@ def _bind_refused(host: str, port: int) -> str | None:
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no refusal
             probe.bind((host, port))
     except OSError as exc:
         return exc.strerror or str(exc)
