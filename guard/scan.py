@@ -199,7 +199,7 @@ class ScanReport:
         chosen = [k for k in ranked if index[k] >= self.settings.candidate_index]
         if self.classes.suspect is not None and self.classes.suspect not in chosen:
             chosen.insert(0, self.classes.suspect)
-        if not chosen:
+        if not chosen and len(index) >= MIN_CLASSES_TO_JUDGE:  # of 2 classes neither is more anomalous: both were
             chosen = ranked[:self.settings.fill_candidates]
         return [self.classes.triggers[int(k)] for k in chosen]
 

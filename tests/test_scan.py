@@ -263,6 +263,7 @@ def test_the_fill_takes_the_most_anomalous_classes_only_where_none_reaches_the_f
     assert _report(index, None, fill_candidates=0).candidates == []
     assert [t.target for t in _report(index, None, fill_candidates=2).candidates] == [8, 6]
     assert [t.target for t in _report(index, None, fill_candidates=3).candidates] == [8, 6, 0]
+    assert _report([-0.67, 0.67], None).candidates == []  # two classes: nothing to judge, so nothing to fill with
     # a class at the floor, or a named suspect, is a candidate already: nothing is added
     assert [t.target for t in _report(index, None, candidate_index=0.9, fill_candidates=3).candidates] == [8]
     assert [t.target for t in _report(index, 4, candidate_index=5.0, fill_candidates=3).candidates] == [4]
