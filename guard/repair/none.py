@@ -169,11 +169,9 @@ class NoneReport:
         resets = sum(len(c) for r in self.rounds for c in r.reset.values())
         sure = self.settings.get("confident", NoneSettings.confident)
         ruled_out = self.settings.get("unlikely", NoneSettings.unlikely)
-        why = ""
-        if self.rounds and not resets:
-            why = ("; the model has no Conv2d to reset" if not any(r.reset for r in self.rounds) else
-                   f"; no class had samples the model was sure of (softmax above {sure}) beside samples it ruled out "
-                   f"(below {ruled_out}), so no channel had a score: train it longer (--epochs)")
+        why = ("" if not self.rounds or resets else
+               f"; no channel had a score: the model has no Conv2d, or no class had samples it was sure of (softmax "
+               f"above {sure}) beside samples it ruled out (below {ruled_out}): train it longer (--epochs)")
         return (f"NONE: {len(self.rounds)} round(s), {resets} channels reset, {len(self.removed)} samples removed "
                 f"({self.kept} kept){truth}, {self.unlearned} pushed off their label, {self.seconds:.1f} s{why}")
 
