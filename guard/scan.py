@@ -266,13 +266,15 @@ def _run_scan(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
                           index_scale=settings.index_scale, settings=synthesis)
     timings["synthesis"] = round(time.perf_counter() - t0, 3)
     warps = None
-    if settings.warp_scan:
+    if settings.warp_scan:  # each step says it starts: the whole scan is a minute or more of silence otherwise
+        log.info("scan: patches done in %.0f s; now a warp per class", timings["synthesis"])
         t0 = time.perf_counter()
         warps = scan_warps(tap_model.module, x[fit], labels[fit],
                            WarpSettings(**{"seed": settings.seed, **settings.warps}))
         timings["warps"] = round(time.perf_counter() - t0, 3)
     blends = None
     if settings.blend_scan:
+        log.info("scan: now a blended pattern per class")
         t0 = time.perf_counter()
         blends = scan_blends(tap_model.module, x[fit], labels[fit],
                              BlendSettings(**{"seed": settings.seed, **settings.blends}))
