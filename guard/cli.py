@@ -524,8 +524,9 @@ def _repair(args: argparse.Namespace) -> int:
         print(f"guard: scan suspects {suspect}; unlearning {describe_triggers(triggers)}")
     repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
     stamps, warps, blends = split_targets(triggers)
+    rejected_path = report_path.with_name(f"{report_path.stem}.rejected{report_path.suffix}")
     if not report.within_bound:  # beside an earlier run's model, its report would describe a model not written
-        report_path = report_path.with_name(f"{report_path.stem}.rejected{report_path.suffix}")
+        report_path = rejected_path
     write_json(report_path, {**report.to_dict(), "trigger_targets": stamps, "warp_targets": warps,
                              "blend_targets": blends})
     if report.duplicates_dropped:
@@ -541,7 +542,7 @@ def _repair(args: argparse.Namespace) -> int:
         raise GuardError(f"the repair cost too much held-out {measure} ({report.summary()}); {args.out} not written, "
                          f"the report is in {report_path}; {advice}")
     write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
-    report_path.with_name(f"{report_path.stem}.rejected{report_path.suffix}").unlink(missing_ok=True)  # a past run's
+    rejected_path.unlink(missing_ok=True)  # a past run's, which no longer describes what lies beside it
     print(f"guard: wrote {args.out} and {report_path}: {report.summary()}")
     print("guard: the repaired model has new weights: run guard calibrate on it before serving it")
     return 0

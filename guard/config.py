@@ -132,12 +132,9 @@ class ServeSettings(BaseSettings):
 def _overlap(host: str, other: str) -> bool:
     """Whether one port on both hosts clashes: the same host, or a wildcard and a host of its family (`::` takes
     both families; ::1 and 0.0.0.0 bind one port side by side)."""
-    def v6(name: str) -> bool:
-        return ":" in name
-
     if host == other or "::" in (host, other):
         return True
-    return any(wild in ("0.0.0.0", "") and not v6(named) for wild, named in ((host, other), (other, host)))
+    return any(wild in ("0.0.0.0", "") and ":" not in named for wild, named in ((host, other), (other, host)))
 
 
 def bare_host(host: str) -> str:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from guard.calibrate.synthesis import BlendTrigger, class_groups
-from guard.calibrate.warps import counted, named_class, scan_inputs, success_rates
+from guard.calibrate.synthesis import BlendTrigger
+from guard.calibrate.warps import by_class_groups, counted, named_class, scan_inputs, success_rates
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel
 
@@ -90,8 +90,7 @@ def scan_blends(model: LoadedModel | torch.nn.Module, x: np.ndarray, y: np.ndarr
     settings = settings or BlendSettings()
     settings.validate()
     forward, inputs, labels, num_classes = scan_inputs(model, x, y, "blend synthesis")
-    patterns = torch.cat([_optimise(forward, inputs, torch.arange(num_classes)[group], settings) for group in
-                          class_groups(num_classes, min(settings.batch_size, len(inputs)), inputs[0].numel())])
+    patterns = by_class_groups(_optimise, forward, inputs, num_classes, settings)
     success = success_rates(forward, inputs, labels, num_classes,
                             lambda images, k: blend(images, patterns[k:k + 1], settings.strength))
     mask = np.full((1, *inputs.shape[2:]), settings.unlearn_strength, dtype=np.float32)

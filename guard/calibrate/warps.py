@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -199,8 +200,7 @@ def scan_warps(model: LoadedModel | torch.nn.Module, x: np.ndarray, y: np.ndarra
     settings = settings or WarpSettings()
     settings.validate()
     forward, inputs, labels, num_classes = scan_inputs(model, x, y, "warp synthesis")
-    grids = torch.cat([_optimise(forward, inputs, torch.arange(num_classes)[group], settings) for group in
-                       class_groups(num_classes, min(settings.batch_size, len(inputs)), inputs[0].numel())])
+    grids = by_class_groups(_optimise, forward, inputs, num_classes, settings)
     success = success_rates(forward, inputs, labels, num_classes, lambda images, k: warp(images, grids[k:k + 1]))
     triggers = [WarpTrigger(target=k, grid=grids[k].numpy(), success=float(success[k])) for k in range(num_classes)]
     index, suspect = named_class(success.numpy(), settings.threshold, settings.min_success, counted(labels, num_classes))
@@ -220,6 +220,14 @@ def scan_inputs(model: LoadedModel | torch.nn.Module, x: np.ndarray, y: np.ndarr
     with torch.no_grad():
         num_classes = int(forward(inputs[:1]).shape[1])
     return forward, inputs, labels, num_classes
+
+
+def by_class_groups(optimise: Callable[..., torch.Tensor], forward, inputs: torch.Tensor, num_classes: int,
+                    settings: Any) -> torch.Tensor:  # WarpSettings or BlendSettings
+    """`optimise(forward, inputs, classes, settings)` run on `class_groups` of the classes, its results in class
+    order: the warp and blend scans' one forward per step stays within STAMPED_VALUES."""
+    groups = class_groups(num_classes, min(settings.batch_size, len(inputs)), inputs[0].numel())
+    return torch.cat([optimise(forward, inputs, torch.arange(num_classes)[group], settings) for group in groups])
 
 
 def counted(labels: torch.Tensor, num_classes: int) -> np.ndarray:
