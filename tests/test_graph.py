@@ -14,8 +14,9 @@ import torch
 from guard.calibrate.activations import collect
 from guard.calibrate.consistency import fit_distance_part, fit_parts
 from guard.calibrate.taps import OnnxTaps
+from guard.errors import ModelError
 from guard.eval.models import SmallCNN, SmallResNet, export_onnx
-from guard.model.graph import default_taps, fold_static_mask, load_model, opset_version
+from guard.model.graph import default_taps, fold_static_mask, load_model, opset_version, validate_taps
 from guard.model.serving import (
     CUT_PREFIX,
     DEMOTE_SCORE_OUTPUT,
@@ -28,21 +29,30 @@ from guard.model.serving import (
 from guard.runtime.checks import ConsistencyCheck, repredict_masks
 
 
-@pytest.fixture(scope="module", params=["cnn", "resnet", "cnn-opset17", "cnn-opset11", "resnet-opset11", "cnn-opset10"])
+class _ViewFlatten(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.size(0), -1)
+
+
+@pytest.fixture(scope="module", params=["cnn", "resnet", "cnn-opset17", "cnn-opset11", "resnet-opset11", "cnn-opset10",
+                                        "cnnview-opset12"])
 def exported(request, tmp_path_factory):
     """The eval models as torch 2.13 exports them (opset 20), converted down to 17, and from the legacy exporter at
     opset 11 (where Unsqueeze and the reductions take attributes, not inputs) and 10, the oldest guard serves (TopK
-    without its `largest` and `sorted`)."""
+    without its `largest` and `sorted`); and the CNN flattened with `x.view(x.size(0), -1)` at opset 12, which the
+    legacy exporter builds from Shape, Gather and Concat, so that shape inference knows no shape after it."""
     import warnings
 
     from onnx import version_converter
 
     arch, _, opset = request.param.partition("-opset")
     torch.manual_seed(1)
-    module = (SmallCNN() if arch == "cnn" else SmallResNet()).eval()
+    module = (SmallResNet() if arch == "resnet" else SmallCNN()).eval()
+    if arch == "cnnview":
+        module.flatten = _ViewFlatten()
     path = tmp_path_factory.mktemp(request.param) / "m.onnx"
     sample = torch.zeros(1, 1, 28, 28)
-    if opset in ("10", "11"):
+    if opset in ("10", "11", "12"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (sample,), str(path), dynamo=False, opset_version=int(opset), input_names=["input"],
@@ -67,9 +77,12 @@ def test_default_taps_are_last_conv_activations_and_penultimate_features(exporte
     # calibration's default of four: the ResNet's last four of its seven, all of the CNN's two
     assert default_taps(exported, conv_taps=4)[-3:] == taps
     assert len(default_taps(exported, conv_taps=4)) == (5 if "resnet" in str(exported.path) else 3)
-    ranks = {v.name: len(v.type.tensor_type.shape.dim)
-             for v in onnx.shape_inference.infer_shapes(exported.proto).graph.value_info}
-    assert [ranks[t] for t in taps] == [4, 4, 2]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(exported.proto)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=tap) for tap in taps)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    ran = session.run(taps, {exported.input_name: np.zeros((2, 1, 28, 28), np.float32)})
+    assert [a.ndim for a in ran] == [4, 4, 2]
 
 
 def test_folded_mask_matches_masked_torch_and_adds_no_nodes_on_the_cnn(exported) -> None:
@@ -340,3 +353,47 @@ def test_tail_falls_back_to_the_whole_graph_when_a_shape_crosses_the_cut() -> No
     rows = np.array([4, 1])
     got = tail.run(None, {f"{CUT_PREFIX}0": x, f"{MASK_PREFIX}0": np.ones((5, 4), np.float32), ROWS_INPUT: rows})[0]
     np.testing.assert_allclose(got, want[0][rows], atol=1e-5)
+
+
+def test_a_model_that_computes_in_float16_is_refused_at_its_taps_and_logits() -> None:
+    """float32 in and out, float16 inside (a converter's keep-io-types layout) calibrated, then failed to load in ONNX
+    Runtime when serving: the served check computes in float32."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    node = helper.make_node
+    half = {"w": rng.normal(size=(4, 2, 3, 3)).astype(np.float16), "fw": rng.normal(size=(3, 144)).astype(np.float16)}
+    nodes = [node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16), node("Conv", ["x16", "w"], ["c"], pads=[1] * 4),
+             node("Relu", ["c"], ["r"]), node("Flatten", ["r"], ["f"]), node("Gemm", ["f", "fw"], ["l16"], transB=1),
+             node("Cast", ["l16"], ["logits"], to=TensorProto.FLOAT)]
+    model = load_model(_graph(nodes, half))
+    with pytest.raises(ModelError, match=r"float32 activations; taps \{'r': 'FLOAT16', 'f': 'FLOAT16'\}"):
+        validate_taps(model, default_taps(model, conv_taps=1))
+    half_logits = _graph([*nodes[:-1], node("Identity", ["l16"], ["logits"])], half)
+    half_logits.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    with pytest.raises(ModelError, match="float32 logits; 'logits' is FLOAT16"):
+        load_model(half_logits)
+
+
+def test_an_ir3_model_whose_initializers_are_inputs_is_served() -> None:
+    """IR 3 wants every initializer listed as a graph input; the served graph adds initializers of its own."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    node = helper.make_node
+    weights = {"w": rng.normal(size=(4, 2, 3, 3)).astype(np.float32),
+               "fw": rng.normal(size=(3, 144)).astype(np.float32)}
+    proto = _graph([node("Conv", ["x", "w"], ["c"], pads=[1] * 4), node("Relu", ["c"], ["r"]),
+                    node("Flatten", ["r"], ["f"]), node("Gemm", ["f", "fw"], ["logits"], transB=1)], weights)
+    proto.graph.input.extend(helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, v.shape) for k, v in weights.items())
+    proto.ir_version = 3
+    onnx.checker.check_model(proto)
+    model = load_model(proto)
+    keep = {"r": np.array([True, False, True, True])}
+    x = rng.random((8, 2, 6, 6), dtype=np.float32)
+    linf = collect(OnnxTaps(model, ["r"]), x, masks=[keep["r"].astype(np.float32)[None]]).linf
+    graphs = serving_graphs(model, ["r"], keep, {}, _check_for(linf, rng), 0.0)
+    served = ort.InferenceSession(graphs.served, providers=["CPUExecutionProvider"])
+    logits = served.run([model.output_name], {"x": x})[0]
+    want = ort.InferenceSession(_masked_at(proto, keep).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(logits, want.run(["logits"], {"x": x})[0], atol=1e-5)

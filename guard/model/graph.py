@@ -17,6 +17,7 @@ from typing import Literal
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper, shape_inference
 from onnx.external_data_helper import uses_external_data
@@ -89,6 +90,9 @@ def load_model(source: str | Path | bytes | onnx.ModelProto) -> LoadedModel:
     if opset_version(proto) < MIN_OPSET:  # refused here, not after a calibration whose profile could not be served
         raise ModelError(f"guard serves ONNX opset {MIN_OPSET} or later; this model uses opset {opset_version(proto)}: "
                          "export it again with a newer opset_version")
+    # IR 3 wants every initializer listed as an input, and the served graph adds initializers; IR 4 reads the same
+    # model the same way without that rule.
+    proto.ir_version = max(proto.ir_version, 4)
     input_shape = _dims(inputs[0].type)
     if len(input_shape) != 4:
         raise ModelError(f"expected an image input (N, C, H, W); {inputs[0].name!r} has shape {input_shape}")
@@ -98,6 +102,10 @@ def load_model(source: str | Path | bytes | onnx.ModelProto) -> LoadedModel:
     if input_shape[0] is not None:  # calibration and serving run batches
         raise ModelError(f"the input's batch dimension is fixed at {input_shape[0]}; export the model with a dynamic "
                          "batch dimension (torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes)")
+    output_type = proto.graph.output[0].type.tensor_type.elem_type
+    if output_type not in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.FLOAT):
+        raise ModelError(f"guard checks float32 logits; {proto.graph.output[0].name!r} is "
+                         f"{onnx.TensorProto.DataType.Name(output_type)}: export the model in float32 throughout")
     output_shape = _dims(proto.graph.output[0].type)
     if len(output_shape) != 2 or output_shape[1] is None or output_shape[1] < 2:
         raise ModelError(f"expected a first output (N, classes) of at least 2 classes; {proto.graph.output[0].name!r} "
@@ -127,12 +135,53 @@ def _dims(type_proto: onnx.TypeProto) -> tuple[int | None, ...]:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in shape.dim)
 
 
-def tensor_dims(proto: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
-    """Dims (None where symbolic) of every tensor whose shape inference can tell; one inference pass."""
+def _inferred_values(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     inferred = shape_inference.infer_shapes(proto)
-    return {value.name: _dims(value.type)
-            for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    return [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+
+
+def tensor_dims(proto: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Dims (None where symbolic) of every tensor the graph computes.
+
+    Shape inference tells most; where it cannot (older exporters flatten with Shape, Gather, Concat and Reshape, and
+    everything after is unknown, the penultimate features included), runs on zero batches of 1 and 2 tell the rest.
+    """
+    dims = {value.name: _dims(value.type) for value in _inferred_values(proto)
             if value.type.tensor_type.HasField("shape")}
+    unknown = [out for node in proto.graph.node for out in node.output if out and out not in dims]
+    if unknown:
+        dims.update(_measured_dims(proto, unknown))
+    return dims
+
+
+def _measured_dims(proto: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int | None, ...]]:
+    """Dims of `names` from ONNX Runtime runs at batch 1 and 2 (a dim that differs is the batch's); empty where the
+    model cannot be run so (the caller then treats those tensors as unknown, as before)."""
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        return {}
+    sample = _dims(inputs[0].type)[1:]
+    if any(d is None for d in sample):
+        return {}
+    probe = copy.deepcopy(proto)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        runs = [session.run(names, {inputs[0].name: np.zeros((batch, *sample), np.float32)}) for batch in (1, 2)]
+    except Exception:  # noqa: BLE001 - a probe only; whatever stops it, shapes stay unknown as inference left them
+        return {}
+    return {name: tuple(a if a == b else None for a, b in zip(one.shape, two.shape, strict=True))
+            for name, one, two in zip(names, *runs, strict=True) if one.ndim == two.ndim}
+
+
+def tensor_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """ONNX element type (onnx.TensorProto.FLOAT, ...) of every tensor whose type inference can tell."""
+    return {value.name: value.type.tensor_type.elem_type for value in _inferred_values(proto)
+            if value.type.tensor_type.elem_type}
 
 
 def tensor_ranks(proto: onnx.ModelProto) -> dict[str, int]:
@@ -182,6 +231,12 @@ def validate_taps(model: LoadedModel, taps: list[str]) -> None:
     bad_rank = {t: ranks.get(t) for t in taps if ranks.get(t) not in (2, 4)}
     if bad_rank:
         raise ModelError(f"taps must be (N, C, H, W) or (N, C) tensors; got ranks {bad_rank}")
+    types = tensor_types(model.proto)
+    bad_type = {t: onnx.TensorProto.DataType.Name(types[t]) for t in taps
+                if types.get(t, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT}
+    if bad_type:  # the served check computes in float32; a float16 tap calibrated, then failed to load in ONNX Runtime
+        raise ModelError(f"guard checks float32 activations; taps {bad_type} are not: export the model in float32 "
+                         "throughout")
 
 
 def tap_shapes(model: LoadedModel, taps: list[str]) -> list[tuple[int | None, ...] | None]:
