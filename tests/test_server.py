@@ -215,6 +215,22 @@ BAD_REQUESTS = {
 }
 
 
+def test_a_score_that_overflows_where_the_logits_do_not_is_refused_naming_the_score(
+        channel: grpc.Channel, backdoored: Backdoored, server: GuardServer) -> None:
+    local = Guard.load(backdoored.model_path, backdoored.profile_path)
+    x = backdoored.x_eval[:1]
+    scales = [10.0 ** e for e in range(10, 38)]
+    scale = next((s for s in scales if np.isfinite((r := local.predict(x * s)).logits).all()
+                  and not np.isfinite(r.score).all()), None)
+    assert scale is not None, "the profile's distance part squares, so its score must overflow before the logits"
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.ModelInfer(_raw_request(x * np.float32(scale)))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the guard's score is NaN or Inf for sample(s) [0] (the model's outputs are finite)" in raised.value.details()
+    assert len(stub.ModelInfer(_raw_request(x)).outputs) > 0
+
+
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_request_is_refused_and_server_keeps_serving(case: str, channel: grpc.Channel,
                                                          client: triton.InferenceServerClient,

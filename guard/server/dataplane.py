@@ -122,12 +122,16 @@ class DataPlane:
         if gone.is_set():
             raise CallerGoneError("the call ended (cancelled, past its deadline, or cut off by the server's shutdown) "
                                   "while the request was computed; its answer is dropped")
+        # Finite inputs the model overflows on: no answer is better than a NaN one. A score that overflows where the
+        # logits do not is refused too, under either policy: one Inf would stay in the score histogram's sum for good.
         broken = ~np.isfinite(result.logits).all(axis=1)
-        if not result.unchecked:  # an unguarded answer has no score
-            broken |= ~np.isfinite(result.score)
-        if broken.any():  # finite inputs the model overflows on: no answer is better than a NaN one
+        if broken.any():
             raise RequestError(f"the model's outputs are NaN or Inf for sample(s) {np.flatnonzero(broken).tolist()[:10]}"
                                ": the input is far outside what the model computes with; not answered")
+        if not result.unchecked and not np.isfinite(result.score).all():  # an unguarded answer has no score
+            overflowed = np.flatnonzero(~np.isfinite(result.score)).tolist()[:10]
+            raise RequestError(f"the guard's score is NaN or Inf for sample(s) {overflowed} (the model's outputs are "
+                               "finite): the input is far outside the calibration data; not answered")
         if result.unchecked:  # counted once answered: a refusal above is no unguarded answer
             self.metrics.check_failures.labels(model=self.name, outcome="answered_unguarded").inc()
         total = decode_seconds + time.perf_counter() - started
