@@ -287,3 +287,17 @@ def test_every_onnx_runtime_session_on_cuda_turns_tf32_off(monkeypatch: pytest.M
     with pytest.raises(GuardError, match="warm-up"):  # made, then run on a device this onnxruntime lacks
         Guard.load(backdoored.model_path, backdoored.profile_path, device="cuda")
     assert len(asked) == 3 and all(p[0] == ("CUDAExecutionProvider", {"use_tf32": "0"}) for p in asked), asked
+
+
+def test_in_process_batches_are_checked_before_any_cast(guard: Guard, backdoored: Backdoored) -> None:
+    """A finite float64 beyond float32's range became Inf in the cast and was reported as NaN or Inf."""
+    from guard.errors import RequestError
+
+    x = backdoored.x_eval[:4]
+    np.testing.assert_array_equal(guard.predict(x.astype(np.float64)).labels, guard.predict(x).labels)
+    for bad, message in ((x.astype(np.int64), "expected float32 input, got int64"),
+                         (x[:, :, 1:], r"expected shape \(N, 1, 28, 28\)"),
+                         (np.where(x > 0.5, np.nan, x), "NaN or Inf"),
+                         (x.astype(np.float64) * 1e39, "beyond float32's range")):
+        with pytest.raises(RequestError, match=message):
+            guard.predict(bad)

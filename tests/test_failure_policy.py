@@ -82,6 +82,19 @@ def test_a_budget_needs_the_onnxruntime_engine_and_a_finite_number(backdoored: B
             Guard.load(backdoored.model_path, backdoored.profile_path, check_budget=budget)
 
 
+def test_a_budget_longer_than_a_timer_can_wait_checks_as_if_unlimited(backdoored: Backdoored,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finite budget past threading.TIMEOUT_MAX raised OverflowError in every run's timer thread."""
+    import threading
+
+    failures: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_value))
+    guard = Guard.load(backdoored.model_path, backdoored.profile_path, check_budget=1e12)
+    result = guard.predict(backdoored.x_eval[:4])
+    time.sleep(0.2)  # the timer thread's wait starts, or fails, on its own time
+    assert not result.unchecked and not failures, failures
+
+
 def test_onnx_runtime_computes_denormals_as_zero(backdoored: Backdoored, big_batch: np.ndarray) -> None:
     """Pixels near 1e-38 (no visible change) made subnormal activations that slowed ONNX Runtime's CPU kernels up to
     tenfold, so such a batch failed a budget ordinary triggered batches stay within, and under fail-open the

@@ -153,7 +153,9 @@ def _run_options(ort: Any, deadline: float | None) -> Iterator[Any]:
         yield None
         return
     options = ort.RunOptions()
-    timer = threading.Timer(max(0.0, deadline - time.perf_counter()), setattr, (options, "terminate", True))
+    # clamped: a longer wait raises OverflowError in the timer's thread, and leaves the run unbounded anyway
+    wait = min(max(0.0, deadline - time.perf_counter()), threading.TIMEOUT_MAX)
+    timer = threading.Timer(wait, setattr, (options, "terminate", True))
     timer.start()
     try:
         yield options

@@ -162,15 +162,17 @@ class Guard:
         if not isinstance(x, np.ndarray):
             raise RequestError(f"expected a numpy array, got {type(x).__name__}")
         x = np.asarray(x)  # a plain array: a masked one hid its NaNs from the check below
-        if x.dtype != np.float32:
-            if not np.issubdtype(x.dtype, np.floating):
-                raise RequestError(f"expected float32 input, got {x.dtype}")
-            x = x.astype(np.float32)
+        if not np.issubdtype(x.dtype, np.floating):
+            raise RequestError(f"expected float32 input, got {x.dtype}")
         if x.ndim != 4 or tuple(x.shape[1:]) != self.sample_shape or x.shape[0] == 0:
             want = ", ".join(map(str, self.sample_shape))
             raise RequestError(f"expected shape (N, {want}) with N >= 1, got {tuple(x.shape)}")
         if not np.isfinite(x).all():
             raise RequestError("input contains NaN or Inf")
+        if x.dtype != np.float32:
+            if np.abs(x).max() > np.finfo(np.float32).max:  # checked before the cast, which would make them Inf
+                raise RequestError("input holds values beyond float32's range (3.4e38)")
+            x = x.astype(np.float32)
         return x
 
     def predict(self, x: np.ndarray) -> Result:
