@@ -22,14 +22,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from guard.errors import GuardError
-from guard.model.graph import default_taps, load_model
+from guard.errors import GuardError, ModelError
+from guard.model.graph import LoadedModel, default_taps, load_model, tensor_ranks
 from guard.runtime.engine import ort_providers
 from guard.runtime.guard import Guard
 from guard.samples import write_atomic, write_json
@@ -194,6 +194,14 @@ class ServerProcess:
             raise GuardError(f"guard serve {why}: {self.log.read_text()[-2000:]}")
         self.port = int(match.group(1))
 
+    def raise_if_exited(self, during: str) -> None:
+        """A GuardError saying the server is gone, how, and the end of its log, where it has exited."""
+        code = self.process.poll()
+        if code is None:
+            return
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"code {code}"
+        raise GuardError(f"guard serve exited ({how}) during {during}: {self.log.read_text()[-2000:]}")
+
     def rss_mb(self, field: str = "VmRSS") -> float:
         """Resident memory of the server process now (VmRSS) or at its peak (VmHWM), in MiB."""
         text = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -210,9 +218,10 @@ class ServerProcess:
         self.process.stdout.close()
 
 
-def in_threads(caller: Callable[[int], None], count: int, what: str) -> float:
+def in_threads(caller: Callable[[int], None], count: int, what: str, halt: threading.Event) -> float:
     """`caller(i)` for i < `count`, each in a thread of its own, all at once; the wall time until the last returns.
-    The first error any of them raised is a GuardError naming `what`, after the others finish."""
+    Callers stop when `halt` is set, which a failing caller does (the first error is then a GuardError naming `what`,
+    raised once the others are done), as does a Ctrl-C or SIGTERM here, before it goes on up."""
     errors: list[BaseException] = []
 
     def run(index: int) -> None:
@@ -220,13 +229,21 @@ def in_threads(caller: Callable[[int], None], count: int, what: str) -> float:
             caller(index)
         except BaseException as exc:  # noqa: BLE001 - reported below, after the other callers finish
             errors.append(exc)
+            halt.set()
 
     started = time.perf_counter()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    except BaseException:
+        halt.set()
+        for thread in threads:
+            if thread.ident is not None:
+                thread.join()
+        raise
     if errors:
         raise GuardError(f"{what} failed: {errors[0]}")
     return time.perf_counter() - started
@@ -239,11 +256,12 @@ def _server_load(port: int, input_name: str, batches: list[np.ndarray], seconds:
 
     latencies: list[float] = []
     lock = threading.Lock()
+    halt = threading.Event()
 
     def caller(offset: int) -> None:
         with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
             mine, calls = [], 0
-            while time.perf_counter() < stop or calls == 0:
+            while (time.perf_counter() < stop or calls == 0) and not halt.is_set():
                 tensor = triton_input(input_name, batches[(offset + calls) % len(batches)])
                 started = time.perf_counter()
                 client.infer("", [tensor], client_timeout=60)
@@ -254,7 +272,7 @@ def _server_load(port: int, input_name: str, batches: list[np.ndarray], seconds:
 
     _warm(port, input_name, batches[0])
     stop = time.perf_counter() + seconds
-    wall = in_threads(caller, callers, "a bench caller")
+    wall = in_threads(caller, callers, "a bench caller", halt)
     return latencies, wall, len(latencies) * len(batches[0])
 
 
@@ -263,14 +281,15 @@ def _engine_load(predict: Callable[[np.ndarray], object], batches: list[np.ndarr
     """Samples a second of the in-process engine under `callers` threads calling it as the server's callers do: the
     like-for-like figure for the server's throughput, which its concurrent workers spread over every core."""
     counts = [0] * callers
+    halt = threading.Event()
 
     def caller(index: int) -> None:
-        while time.perf_counter() < stop or counts[index] == 0:
+        while (time.perf_counter() < stop or counts[index] == 0) and not halt.is_set():
             predict(batches[(index + counts[index]) % len(batches)])
             counts[index] += 1
 
     stop = time.perf_counter() + seconds
-    wall = in_threads(caller, callers, "an engine caller")
+    wall = in_threads(caller, callers, "an engine caller", halt)
     return sum(counts) * len(batches[0]) / wall
 
 
@@ -281,19 +300,35 @@ def _warm(port: int, input_name: str, x: np.ndarray) -> None:
         warm_call(client, input_name, x, 60)
 
 
-def _strip_ratio(session, x: np.ndarray, overlays: int, bare_seconds: float) -> dict[str, float]:
-    """STRIP on one request of len(x) samples (its blends through the same bare session) against one bare call."""
+def _strip_ratio(session, bare: Callable[[np.ndarray], None], x: np.ndarray, overlays: int,
+                 threads: int) -> dict[str, float]:
+    """STRIP on one request of len(x) samples (its blends through the same bare session) against bare calls on the
+    same batch, interleaved with it, median against median. STRIP blends and takes softmaxes in torch, which gets as
+    many threads as the sessions: at torch's own default it had the whole machine while the sessions had one."""
+    import torch
+
     from guard.eval.baselines import Strip
     from guard.eval.models import OrtClassifier
 
-    strip = Strip(OrtClassifier(session), x, n_overlays=overlays)
-    strip.score(x)
-    times = []
-    for _ in range(3):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    try:
+        strip = Strip(OrtClassifier(session), x, n_overlays=overlays)
         strip.score(x)
-        times.append(strip.last_seconds)
-    return {"batch": len(x), "overlays": overlays, "ms_per_request": round(1e3 * min(times), 3),
-            "ratio": round(min(times) / bare_seconds, 2)}
+        strip_t: list[float] = []
+        bare_t: list[float] = []
+        for _ in range(5):
+            strip.score(x)
+            strip_t.append(strip.last_seconds)
+            for _ in range(4):
+                started = time.perf_counter()
+                bare(x)
+                bare_t.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(previous)
+    seconds = float(np.median(strip_t))
+    return {"batch": len(x), "overlays": overlays, "ms_per_request": round(1e3 * seconds, 3),
+            "ratio": round(seconds / float(np.median(bare_t)), 2)}
 
 
 def _spread(x: np.ndarray, y: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -303,20 +338,31 @@ def _spread(x: np.ndarray, y: np.ndarray, count: int) -> tuple[np.ndarray, np.nd
     return x[pick], y[pick]
 
 
-def _tap_growth(model_path: Path, x: np.ndarray, y: np.ndarray, bare, settings: BenchSettings,
-                workdir: Path) -> list[dict[str, float]]:
-    """Guards calibrated on the same data with the penultimate features plus 0, 1, 2, ... conv taps, up to
-    calibration's default; guarded against bare at the largest batch."""
+def growth_taps(model: LoadedModel) -> list[list[str]]:
+    """The tap sets the tap-growth figure calibrates: the penultimate features (where the model has them) plus the
+    last 0, 1, 2, ... conv activations, up to calibration's default; none where default taps find nothing."""
+    from guard.calibrate.pipeline import CalibrationSettings
+
+    try:
+        taps = default_taps(model, conv_taps=len(model.proto.graph.node))
+    except ModelError:
+        return []
+    ranks = tensor_ranks(model.proto)
+    conv = [t for t in taps if ranks.get(t) == 4]
+    dense = [t for t in taps if ranks.get(t) == 2]
+    sets = [[*conv[len(conv) - count:], *dense] for count in range(min(len(conv), CalibrationSettings().conv_taps) + 1)]
+    return [taps for taps in sets if taps]
+
+
+def _tap_growth(model_path: Path, x: np.ndarray, y: np.ndarray, bare, tap_sets: list[list[str]],
+                settings: BenchSettings, workdir: Path) -> list[dict[str, float]]:
+    """Guards calibrated on the same data with each of `tap_sets`; guarded against bare at the largest batch."""
     from guard.calibrate.pipeline import CalibrationSettings, calibrate
 
-    loaded = load_model(model_path)
-    conv = default_taps(loaded, conv_taps=len(loaded.proto.graph.node))[:-1]
-    penultimate = default_taps(loaded, conv_taps=0)
     batch = max(settings.batches)
     batches = cycled_batches(x, batch)
     rows = []
-    for count in range(min(len(conv), CalibrationSettings().conv_taps) + 1):
-        taps = [*conv[len(conv) - count:], *penultimate]
+    for taps in tap_sets:
         profile = calibrate(model_path, *_spread(x, y, 500), settings=CalibrationSettings(layers=taps), progress=False)
         path = profile.save(workdir / f"taps{len(taps)}.safetensors")
         guard = Guard.load(model_path, path, device=settings.device, threads=settings.threads)
@@ -350,8 +396,18 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
     def bare(batch: np.ndarray) -> None:
         session.run(None, {input_name: batch})
 
-    figures: dict[str, object] = {"machine": machine(), "settings": asdict(settings), "model": str(model_path),
-                                  "engine_providers": guard.engine.providers,
+    # What runs last is settled now, and `settings` in the figures says what ran, with the reason for what did not.
+    skipped: dict[str, str] = {}
+    tap_sets = growth_taps(load_model(model_path)) if y is not None and settings.tap_growth else []
+    if settings.tap_growth and not tap_sets:
+        skipped["tap_growth"] = ("the data has no labels" if y is None else
+                                 "the model has no conv activations or penultimate features to tap by default")
+    if settings.calibration_samples and y is None:
+        skipped["calibration"] = "the data has no labels"
+    ran = replace(settings, tap_growth=bool(tap_sets), calibration_samples=0 if y is None else
+                  settings.calibration_samples)
+    figures: dict[str, object] = {"machine": machine(), "settings": asdict(ran), "skipped": skipped,
+                                  "model": str(model_path), "engine_providers": guard.engine.providers,
                                   "tail_from_input": guard.tail_from_input, "rows": []}
     args = ["--device", settings.device, "--threads", str(settings.threads), "--workers", str(max(8, settings.callers)),
             *server_limits(max(settings.batches), tuple(x.shape[1:]))]
@@ -378,20 +434,22 @@ def run_bench(model_path: str | Path, profile_path: str | Path, x: np.ndarray, y
                 row["server"]["throughput"] / row["engine_concurrent_throughput"], 3)
             figures["rows"].append(row)
         figures["server_peak_rss_mb"] = round(server.rss_mb("VmHWM"), 1)
+    except GuardError:  # a caller's failure reads as the server's refusal, where the server is in fact gone
+        server.raise_if_exited("the bench")
+        raise
     finally:
         server.close()
     largest = cycled_batches(x, max(settings.batches), 1)[0]
     figures["bare_process_peak_rss_mb"] = round(
         bare_process_rss(model_path, largest, settings.threads, settings.device, workdir), 1)
     figures["server_over_bare_rss"] = round(figures["server_peak_rss_mb"] / figures["bare_process_peak_rss_mb"], 3)
-    bare_seconds = next(r["bare"]["p50_ms"] for r in figures["rows"] if r["batch"] == len(largest)) / 1e3
-    figures["strip"] = _strip_ratio(session, largest, settings.strip_overlays, bare_seconds)
-    if y is not None and settings.tap_growth:
-        figures["tap_growth"] = _tap_growth(model_path, x, y, bare, settings, workdir)
-    if y is not None and settings.calibration_samples:
+    figures["strip"] = _strip_ratio(session, bare, largest, settings.strip_overlays, settings.threads)
+    if tap_sets:
+        figures["tap_growth"] = _tap_growth(model_path, x, y, bare, tap_sets, settings, workdir)
+    if y is not None and ran.calibration_samples:
         from guard.calibrate.pipeline import calibrate
 
-        count = min(settings.calibration_samples, len(x))
+        count = min(ran.calibration_samples, len(x))
         started = time.perf_counter()
         calibrate(model_path, *_spread(x, y, count), progress=False)
         figures["calibration"] = {"samples": count, "seconds": round(time.perf_counter() - started, 2)}
@@ -422,7 +480,10 @@ def format_table(figures: dict[str, object]) -> str:
         lines.append(f"Guarded / bare at batch {figures['tap_growth'][0]['batch']} by taps: {growth}.")
     if "calibration" in figures:
         c = figures["calibration"]
-        lines.append(f"Calibration of {c['samples']} samples: {c['seconds']} s.")
+        lines.append(f"Calibration of {c['samples']} samples, without the scan `guard calibrate` runs first "
+                     f"(`--no-scan`): {c['seconds']} s.")
+    for what, why in figures.get("skipped", {}).items():
+        lines.append(f"Not measured: {what.replace('_', ' ')} ({why}).")
     return "\n".join(lines)
 
 

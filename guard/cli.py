@@ -173,14 +173,19 @@ def _bench(args: argparse.Namespace) -> int:
             or settings.server_batch_size < 0):
         raise GuardError(f"--callers must be >= 1, --seconds in (0, 3600], --threads in [0, {MAX_THREADS}] (0: the "
                          "engine's default) and --server-batch-size >= 0 (0: off)")
-    loaded = _check_data_fits(args.model, x.shape[1:])
+    loaded = _check_data_fits(args.model, x.shape)
     if y is not None and (settings.tap_growth or settings.calibration_samples):  # they run last: refused now
         from guard.samples import check_samples
 
         check_samples(x, y, loaded.sample_shape, loaded.num_classes, "guard bench's calibration")
+    made = _missing_folders(args.out)
     _writable_folder(args.out, "the bench results")
-    with tempfile.TemporaryDirectory(prefix="guard-bench-") as tmp, exit_on_sigterm():
-        figures = run_bench(args.model, args.profile, x, y, settings, Path(tmp))
+    try:
+        with tempfile.TemporaryDirectory(prefix="guard-bench-") as tmp, exit_on_sigterm():
+            figures = run_bench(args.model, args.profile, x, y, settings, Path(tmp))
+    except BaseException:  # a bench refused or stopped leaves no empty folder it made
+        _remove_empty(made)
+        raise
     figures["command"] = "guard " + shlex.join(args.argv)
     written = write_outputs(figures, args.out)
     print(format_table(figures))
@@ -190,14 +195,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_data_fits(model: str | Path, sample_shape: tuple[int, ...]) -> LoadedModel:
-    """The model, whose sample shape the data's must be: said before a server is started for them."""
+def _check_data_fits(model: str | Path, shape: tuple[int, ...]) -> LoadedModel:
+    """The model, whose sample shape the data's (of `shape`) must be, and the data not empty: said before a server
+    is started for them."""
     from guard.model.graph import load_model
 
     loaded = load_model(model)
-    if tuple(sample_shape) != tuple(loaded.sample_shape):
-        raise GuardError(f"the data's samples have shape {tuple(sample_shape)}; the model takes "
+    if tuple(shape[1:]) != tuple(loaded.sample_shape):
+        raise GuardError(f"the data's samples have shape {tuple(shape[1:])}; the model takes "
                          f"{tuple(loaded.sample_shape)}")
+    if shape[0] == 0:
+        raise GuardError("the data holds no samples")
     return loaded
 
 
@@ -248,7 +256,7 @@ def _load(args: argparse.Namespace) -> int:
     if (min(settings.callers, settings.batch, settings.max_inflight, settings.workers) < 1
             or not 0 < settings.seconds <= 3600):
         raise GuardError("callers, batch, max-inflight and workers must be >= 1, seconds in (0, 3600]")
-    _check_data_fits(args.model, x.shape[1:])
+    _check_data_fits(args.model, x.shape)
     if args.out:
         _writable(args.out, inputs=(args.model, args.profile, args.data))
     with tempfile.TemporaryDirectory(prefix="guard-load-") as tmp, exit_on_sigterm():

@@ -62,7 +62,10 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
         stop = time.perf_counter() + settings.seconds
 
         def watch_memory() -> None:
-            while not halt.wait(1.0) and server.process.poll() is None:
+            while not halt.wait(1.0):
+                if server.process.poll() is not None:  # the callers stop now, not at `stop`
+                    halt.set()
+                    return
                 rss.append(server.rss_mb())
 
         def caller(offset: int) -> None:
@@ -94,11 +97,10 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
 
         monitor = threading.Thread(target=watch_memory, daemon=True)
         monitor.start()
-        wall = in_threads(caller, settings.callers, "a load caller")
+        wall = in_threads(caller, settings.callers, "a load caller", halt)
         halt.set()
         monitor.join()
-        if server.process.poll() is not None:
-            raise GuardError(f"guard serve exited during the run: {server.log.read_text()[-2000:]}")
+        server.raise_if_exited("the run")
         rss.append(server.rss_mb())
     finally:
         halt.set()

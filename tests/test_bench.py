@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from conftest import Backdoored
-from guard.bench import write_outputs
+from guard.bench import format_table, growth_taps, in_threads, write_outputs
 from guard.cli import main
+from guard.errors import GuardError
 from guard.runtime.guard import Guard
 
 
@@ -45,11 +47,15 @@ def test_bench_measures_bare_engine_and_server_side_by_side(backdoored: Backdoor
     growth = figures["tap_growth"]
     assert [g["taps"] for g in growth] == list(range(1, len(growth) + 1)) and len(growth) >= 3
     assert figures["calibration"]["samples"] == len(backdoored.x_clean)
+    assert figures["skipped"] == {} and figures["settings"]["tap_growth"]
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # written to a temporary name, as PNG
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "bench.png"]
     table = (out / "bench.md").read_text()
     assert table.startswith("| batch |") and "STRIP" in table and "server / engine, 1 caller / 2 |" in table
     assert "engine / bare" in capsys.readouterr().out
+    # What did not run is named, with the reason.
+    figures["skipped"] = {"tap_growth": "the data has no labels"}
+    assert "Not measured: tap growth (the data has no labels)." in format_table(figures)
     # Without matplotlib (a runtime-only install) the figures are still written, and only the plot is left out.
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     bare = tmp_path / "bare"
@@ -65,6 +71,13 @@ def test_bench_and_load_refuse_data_the_model_cannot_take_before_starting_a_serv
         assert main([command[0], str(backdoored.model_path), "--profile", str(backdoored.profile_path), "--data",
                      str(data), *command[1:]]) == 2
         assert "samples have shape (3, 32, 32); the model takes (1, 28, 28)" in capsys.readouterr().err
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, x=np.zeros((0, 1, 28, 28), np.float32))
+    for command in (["bench", "--out", str(tmp_path / "b")], ["load"]):
+        assert main([command[0], str(backdoored.model_path), "--profile", str(backdoored.profile_path), "--data",
+                     str(empty), *command[1:]]) == 2
+        assert "the data holds no samples" in capsys.readouterr().err  # was a traceback from an empty cycle
+    assert not (tmp_path / "b").exists(), "a refused bench leaves no empty output folder"
     few = tmp_path / "few.npz"
     np.savez(few, x=backdoored.x_clean[:5], y=backdoored.y_clean[:5])
     assert main(["bench", str(backdoored.model_path), "--profile", str(backdoored.profile_path), "--data", str(few),
@@ -116,3 +129,52 @@ def test_a_server_that_does_not_say_where_it_serves_is_named_for_what_it_did(
     monkeypatch.setattr(sys, "executable", str(fake))  # `python -m guard serve ...` runs the script instead
     with pytest.raises(GuardError, match=said):
         ServerProcess(tmp_path / "m.onnx", tmp_path / "p.safetensors", [], tmp_path)
+
+
+def test_tap_growth_taps_are_the_penultimate_features_plus_the_last_convs_and_none_without_default_taps(
+        backdoored: Backdoored) -> None:
+    """A model whose logits come from no Gemm or MatMul failed the bench after every timing, with nothing written."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from guard.model.graph import load_model
+
+    sets = growth_taps(load_model(backdoored.model_path))
+    assert len(sets) >= 3 and all(s[-1] == sets[0][0] for s in sets), sets  # the penultimate features in each
+    assert [len(s) for s in sets] == list(range(1, len(sets) + 1))
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 6, 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(rng.normal(size=(3, 1, 3, 3)).astype(np.float32), "w")])
+    assert growth_taps(load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))) == []
+
+
+def test_callers_stop_when_one_fails_or_the_run_is_interrupted() -> None:
+    """The bench's callers ran on to --seconds after Ctrl-C or SIGTERM (then the process aborted), and after one of
+    them had failed."""
+    import signal
+    import threading
+
+    def run(first: object) -> None:
+        halt = threading.Event()
+
+        def caller(index: int) -> None:
+            if index == 0:
+                time.sleep(0.2)
+                first()
+            deadline = time.monotonic() + 60
+            while not halt.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        in_threads(caller, 4, "a caller", halt)
+
+    def fail() -> None:
+        raise ValueError("refused")
+
+    started = time.monotonic()
+    with pytest.raises(GuardError, match="a caller failed: refused"):
+        run(fail)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C: a real SIGINT, which wakes the main thread from its join
+        run(lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
+    assert time.monotonic() - started < 30, "the other callers waited for their own deadline"
