@@ -602,6 +602,12 @@ def _train(args: argparse.Namespace) -> int:
         report = train_none(model, x, y, settings=settings, poisoned=poisoned)
         summary = report.summary()
         facts: dict = report.to_dict()
+        if not any(channels for r in report.rounds for channels in r.reset.values()):
+            # a model NONE left alone is a plainly trained one, backdoor and all: not written as NONE's
+            rejected = report_path.with_name(f"{report_path.stem}.rejected.json")
+            write_json(rejected, {**facts, "samples": len(x), "model": args.model})
+            raise GuardError(f"NONE reset no channel, so the model is trained plainly; {args.out} not written "
+                             f"({summary}); the report is in {rejected}")
     else:
         train(model, x, y, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=args.seed)
         summary = "plain training"
@@ -626,10 +632,15 @@ def _export(args: argparse.Namespace) -> int:
         raise GuardError(f"--input-shape takes one sample's C,H,W (e.g. 1,28,28), got {args.input_shape!r}")
     if args.num_classes is not None and args.num_classes < 2:
         raise GuardError(f"--num-classes must be at least 2, got {args.num_classes}")
+    if args.weights.is_dir():  # said before _writable reads it as an input folder the output may not lie in
+        raise GuardError(f"{args.weights} is a folder; --weights takes the weights file")
     _writable(args.out, inputs=(args.weights,))
     model = make(args.model, args.num_classes, shape[0])
     load_weights(model, args.weights)
     classes = check_logits(model, args.model, shape, args.num_classes or 2)
+    if args.num_classes is not None and classes != args.num_classes:
+        raise GuardError(f"--num-classes {args.num_classes}, but {args.model} answers {classes} logits (a factory is "
+                         "given num_classes only where it takes an argument of that name)")
     write_atomic(args.out, lambda tmp: export_checked(model, args.model, shape, tmp))
     print(f"guard: wrote {args.out}: input 'input' (N, {', '.join(map(str, shape))}), output 'logits' (N, {classes}); "
           f"it answers as the torch module does. Next: guard calibrate {args.out} --data clean.npz --out "
@@ -640,6 +651,8 @@ def _export(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from guard.demo import run_demo
 
+    if args.epochs < 1:  # 0 or fewer ran the whole story on an untrained model
+        raise GuardError(f"--epochs must be at least 1, got {args.epochs}")
     return run_demo(workdir=args.workdir, epochs=args.epochs)
 
 
@@ -924,7 +937,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="backdoor a small model on bundled data, guard it, show the verdicts")
     demo.add_argument("--workdir", type=Path, help="keep the model and profile here (default: a temp dir)")
-    demo.add_argument("--epochs", type=int, default=4)
+    demo.add_argument("--epochs", type=int, default=4, help="training epochs of the backdoored model (default 4)")
     demo.set_defaults(run=_demo)
     return parser
 

@@ -35,3 +35,10 @@ def test_demo_refuses_a_workdir_it_cannot_use_before_training(tmp_path, capsys) 
         assert main(["demo", "--workdir", str(workdir)]) == 2
         printed = capsys.readouterr()
         assert f"cannot keep the demo's files in {workdir}" in printed.err and "training" not in printed.out
+
+
+def test_demo_refuses_fewer_than_one_epoch(capsys) -> None:
+    for epochs in ("0", "-3"):
+        assert main(["demo", "--epochs", epochs]) == 2
+        printed = capsys.readouterr()
+        assert f"--epochs must be at least 1, got {epochs}" in printed.err and "training" not in printed.out

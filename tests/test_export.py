@@ -35,6 +35,9 @@ FACTORY = textwrap.dedent("""
 
     def picky():
         return Picky()
+
+    def flat():
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
 """)
 
 
@@ -90,12 +93,25 @@ def test_a_builtin_architecture_with_a_torch_state_dict_exports(tmp_path: Path,
         np.testing.assert_allclose(answers(out, x), module(torch.as_tensor(x)).numpy(), atol=1e-4)
 
 
-def _pickled_module(path: Path) -> None:
-    torch.save(SmallCNN(), path)  # a whole pickled module: loading it would run code from the file
+def _pickled_module(path: Path, legacy: bool = False) -> None:
+    # a whole pickled module: loading it would run code from the file
+    torch.save(SmallCNN(), path, _use_new_zipfile_serialization=not legacy)
+
+
+def _with_nan(path: Path) -> None:
+    state = SmallCNN().state_dict()
+    state["conv1.bias"][0] = float("nan")
+    torch.save(state, path)
 
 
 @pytest.mark.parametrize(("weights", "options", "fragment"), [
     (_pickled_module, [], "holds pickled objects besides tensors .* weights_only, so no code from the file runs"),
+    (lambda p: _pickled_module(p, legacy=True), [], "holds pickled objects besides tensors"),
+    # quantized weights were cast to float, so a model of weights -127..127 was exported; safetensors are known by
+    # their content, whatever the file's name
+    (lambda p: save_file({k: v.to(torch.int8) for k, v in SmallCNN().state_dict().items()}, str(p)), [],
+     r"not of the architecture's number kinds: .*\(torch.int8 for torch.float32\)"),
+    (_with_nan, [], r"hold NaN or Inf in \['conv1.bias'\]"),
     (lambda p: torch.save({"conv1.weight": torch.zeros(1)}, p), [],
      "do not fit the architecture: .*Missing key"),
     (lambda p: p.write_bytes(b"not a torch file"), [], "cannot read weights from"),
@@ -114,6 +130,21 @@ def test_weights_and_settings_it_cannot_export_are_refused_in_one_line(tmp_path:
                        "--out", tmp_path / "m.onnx")
     assert code == 2 and err.startswith("guard: error: ") and len(err.strip().splitlines()) == 1, err
     assert re.search(fragment, err), err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_folder_for_weights_and_a_class_count_the_factory_ignores_are_refused(
+        tmp_path: Path, factory: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder read as an input folder the output may not lie in; --num-classes passed to no factory argument was
+    dropped, and the export answered 10 classes."""
+    code, _, err = run(capsys, "export", "cnn", "--weights", tmp_path, "--input-shape", "1,28,28",
+                       "--out", tmp_path / "out" / "m.onnx")
+    assert code == 2 and f"{tmp_path} is a folder; --weights takes the weights file" in err
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    code, _, err = run(capsys, "export", f"{factory}:flat", "--weights", tmp_path / "w.safetensors", "--input-shape",
+                       "1,28,28", "--num-classes", "5", "--out", tmp_path / "m.onnx")
+    assert code == 2 and "--num-classes 5, but guard_test_export_nets:flat answers 10 logits" in err
     assert not (tmp_path / "m.onnx").exists()
 
 

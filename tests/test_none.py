@@ -662,6 +662,16 @@ def test_cli_train_builds_a_users_factory(train_file, tmp_path, monkeypatch):
      "        return self[2](self[1](self[0](x)).view(len(x), -1))\n\n"
      "def make():\n    return Net(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Linear(2 * 28 * 28, 10))\n",
      "fails on channels-last tensors, the layout guard trains in (RuntimeError: view size is not compatible"),
+    ("guard_test_nets_value:make", "make = 42\n", "guard_test_nets_value:make is not callable (a int object)"),
+    # a batch size the forward writes out, or turns into a number: guard runs batches of any size
+    ("guard_test_nets_two:make",
+     "from torch import nn\n\nclass Net(nn.Linear):\n    def forward(self, x):\n"
+     "        return super().forward(x.reshape(2, -1))\n\ndef make():\n    return Net(784, 10)\n",
+     "cannot run on a batch of 4 (RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+    ("guard_test_nets_int:make",
+     "from torch import nn\n\nclass Net(nn.Linear):\n    def forward(self, x):\n"
+     "        return super().forward(x.reshape(int(x.shape[0]), -1))\n\ndef make():\n    return Net(784, 10)\n",
+     "exported with its batch size fixed at 1: its forward turns the batch size into a number"),
 ])
 def test_cli_train_refuses_an_architecture_it_cannot_build(train_file, tmp_path, monkeypatch, capsys, spec,
                                                            source, message):
@@ -702,11 +712,13 @@ def test_cli_train_takes_any_sample_count_and_writes_strict_json(train_file, tmp
     code, _ = _run_cli(["train", "--data", str(tmp_path / "odd.npz"), "--model", "guard_test_nets_bn1d:make",
                         "--out", str(out), "--epochs", "1"])
     assert code == 0 and load_model(out).num_classes == 10
+    # NONE with nothing to go on resets nothing: the model would be a plainly trained one (a poisoned training set's
+    # backdoor and all) under --none's name, and is not written; the report is, as rejected.
     out = tmp_path / "none.onnx"
     code, _ = _run_cli(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out), "--none",
                         "--epochs", "0", "--finetune-epochs", "0", "--unlearn-epochs", "0"])
-    assert code == 0
-    text = (tmp_path / "none.train.json").read_text()
+    assert code == 2 and not out.exists() and not (tmp_path / "none.train.json").exists()
+    text = (tmp_path / "none.train.rejected.json").read_text()
     report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the report"))
     assert report["rounds"][0]["threshold"] is None
 

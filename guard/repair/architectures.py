@@ -13,10 +13,12 @@ import inspect
 import os
 import pickle
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -65,7 +67,13 @@ def make(spec: str, num_classes: int | None, in_channels: int) -> nn.Module:
         factory = getattr(importlib.import_module(module_name), attribute)
     except Exception as exc:  # noqa: BLE001 - the user's module may fail to import in any way
         raise GuardError(f"cannot import {spec!r}: {exc}") from None
-    accepted = inspect.signature(factory).parameters
+    if not callable(factory):
+        raise GuardError(f"{spec} is not callable (a {type(factory).__name__} object); name a function or class that "
+                         "builds the module")
+    try:
+        accepted = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a callable whose signature Python cannot tell: called with nothing
+        accepted = {}
     kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
               if k in accepted and v is not None}
     try:
@@ -102,13 +110,22 @@ def export_checked(model: nn.Module, spec: str, sample_shape: tuple[int, ...], p
     from guard.model.graph import load_model
 
     probe = np.random.default_rng(0).random((4, *sample_shape), dtype=np.float32)
-    with torch.no_grad():
-        expected = model.eval()(torch.as_tensor(probe)).numpy()
+    try:
+        with torch.no_grad():
+            expected = model.eval()(torch.as_tensor(probe)).numpy()
+    except Exception as exc:  # noqa: BLE001 - the user's forward, which took a batch of 2 in check_logits
+        raise GuardError(f"{spec} cannot run on a batch of 4 ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                         "guard serves and calibrates batches of any size") from None
     try:
         export_onnx(model, path, torch.zeros(1, *sample_shape))
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; each means this module does not export
         raise GuardError(f"torch.onnx.export failed on {spec} ({type(exc).__name__}): "
                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+    exported = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    if exported and exported[0].HasField("dim_value"):
+        raise GuardError(f"{spec} exported with its batch size fixed at {exported[0].dim_value}: its forward turns the "
+                         "batch size into a number (int(x.shape[0]), a batch size written out); keep it symbolic, "
+                         "as x.flatten(1) does")
     load_model(path)  # a file guard cannot read is not written
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: probe})[0]
@@ -124,16 +141,18 @@ def load_weights(model: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise GuardError(f"weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
+        if _is_safetensors(path):
             from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-            raise GuardError(f"cannot read weights from {path}: not a torch.save (zip) or .safetensors file") \
-                from None
+            with warnings.catch_warnings():  # torch's own warnings about the file, ahead of guard's one error line
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch.save's zip archive, or its legacy format naming a global it may not load
+        if not zipfile.is_zipfile(path) and "GLOBAL" not in str(exc):
+            raise GuardError(f"cannot read weights from {path}: not a torch.save or .safetensors file") from None
         raise GuardError(f"{path} holds pickled objects besides tensors (a whole module?); guard loads weights "
                          "with weights_only, so no code from the file runs: save model.state_dict(), or "
                          ".safetensors") from None
@@ -144,8 +163,30 @@ def load_weights(model: nn.Module, path: Path) -> None:
         state = state["state_dict"]  # a checkpoint that wraps its state dict
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise GuardError(f"{path} holds no state dict of tensors (save with torch.save(model.state_dict(), ...))")
+    own = model.state_dict()
+    kinds = {k: (v.dtype, own[k].dtype) for k, v in state.items()
+             if k in own and _kind(v.dtype) != _kind(own[k].dtype)}
+    if kinds:  # load_state_dict casts them: quantized int8 weights became float weights of -127..127
+        named = ", ".join(f"{k} ({got} for {want})" for k, (got, want) in list(kinds.items())[:5])
+        raise GuardError(f"the weights in {path} are not of the architecture's number kinds: {named}; give float "
+                         "weights (dequantize a quantized model first)")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v.float()).all())]
+    if broken:
+        raise GuardError(f"the weights in {path} hold NaN or Inf in {broken[:5]}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise GuardError(f"the weights in {path} do not fit the architecture: {' '.join(str(exc).split())}") \
             from None
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "float" if dtype.is_floating_point else "complex" if dtype.is_complex else "bool" \
+        if dtype == torch.bool else "integer"
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By content, whatever the file's name: an 8-byte little-endian header length, then the JSON header."""
+    with path.open("rb") as file:
+        head = file.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
