@@ -352,16 +352,27 @@ def _inspect(args: argparse.Namespace) -> int:
     summary = {
         "model_sha256": profile.model_sha256,
         "guard_version": profile.guard_version,
+        "num_classes": profile.num_classes,
+        "input_name": profile.input_name,
+        "output_name": profile.output_name,
         "taps": [{"name": t.name, "kind": t.kind, "channels": t.channels, "pruned": int((~t.keep).sum()),
                   "benign": int(t.benign.sum()), "fold": t.fold} for t in profile.taps],
-        "thresholds": profile.thresholds.as_json(),
-        # the reference's weights: how many tensors and values the profile swaps into the model
-        "reference": {"tensors": len(profile.reference),
+        "thresholds": profile.thresholds.as_json(),  # null: that part is off
+        # the reference's weights: which of the model's initializers the profile swaps, and how many values
+        "reference": {"tensors": len(profile.reference), "names": sorted(profile.reference),
                       "values": sum(int(value.size) for value in profile.reference.values())},
+        "input_envelope": profile.input_bound is not None,
         "settings": profile.settings,
         "figures": profile.figures,
     }
+    if args.model is not None:
+        from guard.model.graph import load_model
+
+        sha256 = load_model(args.model).sha256
+        summary["model"] = {"path": str(args.model), "sha256": sha256, "matches": sha256 == profile.model_sha256}
     print(strict_json(summary))  # a profile written elsewhere may hold NaN among its figures
+    if args.model is not None:
+        profile.verify_model(summary["model"]["sha256"])
     return 0
 
 
@@ -825,6 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = commands.add_parser("inspect", help="print what a profile holds")
     ins.add_argument("profile")
+    ins.add_argument("--model", type=Path, help="also say whether this ONNX model is the one the profile was "
+                                                "calibrated for (exit 2 where it is not)")
     ins.set_defaults(run=_inspect)
 
     scan = commands.add_parser("scan", help="synthesise a trigger per class and name the likely backdoor target")

@@ -594,9 +594,21 @@ def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(backdoored: 
     assert [t["name"] for t in summary["taps"]] == library.tap_names
     assert summary["thresholds"]["tau"] == profile.thresholds.tau
     assert summary["thresholds"]["overrule"] == profile.thresholds.overrule
-    assert summary["reference"] == {"tensors": len(profile.reference),
+    assert summary["reference"] == {"tensors": len(profile.reference), "names": sorted(profile.reference),
                                     "values": sum(v.size for v in profile.reference.values())}
     assert summary["reference"]["tensors"] > 0
+    assert (summary["num_classes"], summary["input_name"], summary["output_name"]) == (10, "input", "logits")
+    assert summary["input_envelope"] == (profile.input_bound is not None) and "model" not in summary
+    # --model says whether a model is the profile's, and a model that is not fails the command
+    shown = run_cli("inspect", "p.safetensors", "--model", backdoored.model_path, cwd=tmp_path)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["model"]["matches"] is True
+    other = tmp_path / "other.onnx"
+    changed = onnx.load(backdoored.model_path)
+    changed.doc_string = "another file of the same graph"
+    onnx.save(changed, other)
+    shown = run_cli("inspect", "p.safetensors", "--model", other, cwd=tmp_path)
+    assert shown.returncode == 2 and json.loads(shown.stdout)["model"]["matches"] is False
+    assert "calibrated for a different model" in shown.stderr
     # the calibration's printout says what the reference does, and what it won on the held-out samples
     assert "reference overrules" in done.stdout
     assert f"{profile.figures['reference_overrule_net']:+d} right answers on them" in done.stdout
