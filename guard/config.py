@@ -209,6 +209,15 @@ def file_settings(config: Path | None = None) -> dict[str, Any]:
     return {} if path is None else read_settings_file(path)
 
 
+def _without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: json.loads keeps a repeated key's last value without a word."""
+    keys = [key for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise ValueError(f"{twice} given more than once")
+    return dict(pairs)
+
+
 def read_settings_file(path: Path) -> dict[str, Any]:
     """A JSON object or TOML table of settings, keyed by their names (`max_batch`, or `max-batch` as the flag)."""
     try:
@@ -217,7 +226,7 @@ def read_settings_file(path: Path) -> dict[str, Any]:
         raise GuardError(f"cannot read the settings file {path}: {exc}") from None
     try:
         if path.suffix == ".json":
-            values = json.loads(text)
+            values = json.loads(text, object_pairs_hook=_without_repeats)
         elif path.suffix == ".toml":
             if sys.version_info < (3, 11):
                 raise GuardError("TOML settings files need Python 3.11 or later; use JSON")
@@ -230,7 +239,11 @@ def read_settings_file(path: Path) -> dict[str, Any]:
         raise GuardError(f"the settings file {path} is malformed: {exc}") from None
     if not isinstance(values, dict):
         raise GuardError(f"the settings file {path} must hold one object of settings, got {type(values).__name__}")
-    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    named = [str(key).replace("-", "_") for key in values]
+    twice = sorted({name for name in named if named.count(name) > 1})
+    if twice:  # `auth-token-file` and `auth_token_file` both given: the last one silently won
+        raise GuardError(f"the settings file {path} gives {twice} more than once (as max_batch and max-batch, say)")
+    values = dict(zip(named, values.values(), strict=True))
     unknown = sorted(set(values) - set(ServeSettings.model_fields))
     if unknown:
         raise GuardError(f"the settings file {path} names unknown settings {unknown}; `guard serve --help` lists them")

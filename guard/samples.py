@@ -11,6 +11,7 @@ import json
 import math
 import os
 import secrets
+import stat
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,12 +28,15 @@ def write_atomic(path: Path, write: Callable[[Path], object],
     """`write` a file next to `path`, flush it to disk, then rename it there: a failed write or a crash leaves no
     half-written output. The temporary name is this write's own, so two runs writing one path do not write into
     each other's file. The `errors` a write may raise become a GuardError naming the path."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # made by `write`: default mode
+    # the name cut short: a legal 255-character name plus the suffix was past the file system's limit
+    tmp = path.with_name(f"{path.name[:128]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
+        with contextlib.suppress(FileNotFoundError):  # a file replaced keeps its mode (0600 stays 0600)
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         tmp.replace(path)
         _fsync_folder(path.parent)
     except errors as exc:
@@ -49,6 +53,8 @@ def strict_json(data: object, indent: int = 2) -> str:
     which every parser reads, where Python's default `NaN` token is refused by most (jq, JavaScript)."""
 
     def finite(value: object) -> object:
+        if isinstance(value, np.generic):  # a numpy scalar, which json cannot write
+            value = value.item()
         if isinstance(value, float) and not math.isfinite(value):
             return None
         if isinstance(value, dict):
@@ -89,6 +95,8 @@ def _fsync_folder(folder: Path) -> None:
 
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """(x float32, y int64 or None) from an .npz file or an image folder, with clear errors for anything else."""
+    if not str(path).strip():  # Path("") is the working folder: `--data "$UNSET"` read whatever images lay there
+        raise GuardError("the data path is empty")
     path = Path(path)
     if path.is_dir():
         return _image_folder(path)
@@ -201,12 +209,13 @@ def _memory_bytes() -> int | None:
         limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (AttributeError, ValueError, OSError):
         pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit.isdigit():
+    for cgroup in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # v2, v1
+        try:
+            limit = Path(cgroup).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < 2**62:  # v1 writes its "no limit" as a number near 2**63
             limits.append(int(limit))
-    except OSError:
-        pass
     return min(limits) if limits else None
 
 
@@ -231,20 +240,26 @@ def _image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
         if named:
             raise GuardError(f"class folders in {folder} must be named by the class index the model answers (0, 1, "
                              f"...), got {named[:5]}; a guessed order of names would mislabel samples")
+        nested = [f for c in classes for f in _listing(c) if f.is_dir() and not f.name.startswith(".")]
+        if nested:  # their images were skipped without a word
+            raise GuardError(f"class folders hold folders ({', '.join(map(str, nested[:3]))}); guard reads the "
+                             "images directly in each class folder")
         files = [(f, int(c.name)) for c in classes for f in _listing(c) if _is_image(f)]
     else:
         files = [(f, None) for f in loose]
     if not files:
         raise GuardError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     first = _read_image(files[0][0])
-    need = len(files) * first.nbytes * 2  # every image decoded as float32 RGB, and the stacked copy of them
+    need = len(files) * first.nbytes * 4 // 3  # every image as float32 RGB, and a third more for a grey copy
     # Small compressed files decode to gigabytes; refuse, not be killed.
     _refuse_past_memory(need, f"the {len(files)} images in {folder} of {first.shape[1]}x{first.shape[0]} pixels")
-    images = [first, *(_read_image(f, files[0][0], first.shape[1::-1]) for f, _ in files[1:])]
-    x = np.stack(images).transpose(0, 3, 1, 2)  # (N, 3, H, W)
+    x = np.empty((len(files), 3, *first.shape[:2]), np.float32)  # filled in place: no list and stacked copy at once
+    x[0] = first.transpose(2, 0, 1)
+    for index, (f, _) in enumerate(files[1:], start=1):
+        x[index] = _read_image(f, files[0][0], first.shape[1::-1]).transpose(2, 0, 1)
     grey = bool((x[:, :1] == x[:, 1:]).all())
     labels = None if not classes else np.array([label for _, label in files], dtype=np.int64)
-    return np.ascontiguousarray(x[:, :1] if grey else x), labels
+    return (x[:, :1].copy() if grey else x), labels
 
 
 def _listing(folder: Path) -> list[Path]:
@@ -274,8 +289,12 @@ def _read_image(path: Path, first: Path | None = None, size: tuple[int, int] | N
             if size is not None and image.size != size:
                 raise GuardError(f"the images must share one size: {first} is {size[0]}x{size[1]} (width x height), "
                                  f"{path} is {image.size[0]}x{image.size[1]}")
-            if image.mode not in EIGHT_BIT_MODES:  # 16-bit or float: converting would clip, not scale
-                raise GuardError(f"{path} is a {image.mode!r} image; guard reads 8-bit images only (save an .npz "
+            # 16-bit or float: converting would clip, not scale. Pillow opens a 16-bit colour PNG as RGB, keeping
+            # each value's high byte: its stored (raw) mode says 16 bits.
+            raw = [t[3] if isinstance(t[3], str) else str(t[3][0]) if t[3] else "" for t in image.tile or []]
+            if image.mode not in EIGHT_BIT_MODES or any(";16" in mode for mode in raw):
+                stored = image.mode if image.mode not in EIGHT_BIT_MODES else next(m for m in raw if ";16" in m)
+                raise GuardError(f"{path} is a {stored!r} image; guard reads 8-bit images only (save an .npz "
                                  "of x scaled as the model expects instead)")
             array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     except GuardError:

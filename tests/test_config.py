@@ -47,6 +47,10 @@ def test_a_toml_file_reads_like_json(backdoored: Backdoored, tmp_path: Path) -> 
     # pydantic reads false as 0, and a health port of 0 starts a health server on a free port
     ("guard.json", '{"health_port": false, "reflection": false}', r"true or false for \['health_port'\]"),
     ("guard.toml", "max_batch = true\nport = false", r"true or false for \['max_batch', 'port'\]"),
+    # the last of a setting given twice won without a word: a null token file, and guard served without a token
+    ("guard.json", '{"auth_token_file": "token", "auth-token-file": null}', r"gives \['auth_token_file'\] more than once"),
+    ("guard.json", '{"policy": "enforce", "policy": "monitor"}', r"is malformed: \['policy'\] given more than once"),
+    ("guard.toml", 'max_batch = 5\n"max-batch" = 7', r"gives \['max_batch'\] more than once"),
 ])
 def test_a_settings_file_it_cannot_use_is_refused(tmp_path: Path, name: str, text: str, fragment: str) -> None:
     (tmp_path / name).write_text(text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from conftest import Backdoored
 from guard.calibrate.profile import Profile
 from guard.cli import main
 from guard.errors import GuardError
-from guard.samples import load_poisoned, load_samples, write_atomic
+from guard.samples import load_poisoned, load_samples, write_atomic, write_json
 
 
 def write_images(folder: Path, x: np.ndarray, y: np.ndarray | None, suffix: str = ".png") -> Path:
@@ -67,8 +68,29 @@ def _named_classes(folder: Path) -> None:
     Image.new("L", (4, 4)).save(folder / "cat" / "0.png")
 
 
+def _png16(path: Path, colour_type: int, channels: int) -> None:
+    """A 16-bit PNG written by hand (Pillow writes none in colour): Pillow opens it as 8-bit RGB or RGBA."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = np.full((4, 4 * channels), 40000, ">u2")
+    pixels = b"".join(b"\0" + row.tobytes() for row in rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, colour_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(pixels)) + chunk(b"IEND", b""))
+
+
 @pytest.mark.parametrize(("build", "fragment"), [
     (_named_classes, r"named by the class index .* \['cat'\]"),
+    # each value's high byte was kept, silently, where README says 16-bit images are refused
+    (lambda f: _png16(f / "rgb.png", 2, 3), "is a 'RGB;16B' image; guard reads 8-bit images only"),
+    (lambda f: _png16(f / "grey-alpha.png", 4, 2), "is a 'LA;16B' image; guard reads 8-bit images only"),
+    # the images of a folder inside a class folder were skipped without a word
+    (lambda f: (write_images(f, np.zeros((2, 1, 4, 4), np.float32), np.array([0, 1])), (f / "0" / "more").mkdir(),
+                Image.new("L", (4, 4)).save(f / "0" / "more" / "x.png")), "class folders hold folders"),
     (lambda f: (write_images(f, np.zeros((2, 1, 4, 4), np.float32), np.array([0, 1])),
                 write_images(f, np.zeros((1, 1, 4, 4), np.float32), None)), "both images and class folders"),
     (lambda f: (write_images(f, np.zeros((1, 1, 4, 4), np.float32), None),
@@ -108,7 +130,7 @@ def test_images_that_would_not_fit_in_memory_are_refused_before_decoding_them_al
     import guard.samples
 
     write_images(tmp_path / "data", np.zeros((3, 1, 28, 28), np.float32), None)
-    need = 3 * 28 * 28 * 3 * 4 * 2
+    need = 3 * 28 * 28 * 3 * 4 * 4 // 3  # float32 RGB, and a third more for the grey copy
     monkeypatch.setattr(guard.samples, "_memory_bytes", lambda: need - 1)
     with pytest.raises(GuardError, match=r"the 3 images in .* of 28x28 pixels: about .* GiB to load, more than"):
         load_samples(tmp_path / "data")
@@ -153,6 +175,28 @@ def test_two_writes_of_one_path_do_not_share_a_temporary_file(tmp_path: Path) ->
     write_atomic(out, first)
     assert out.read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_a_rewritten_file_keeps_its_mode_and_a_long_name_is_written(tmp_path: Path) -> None:
+    """A 0600 report became 0644 when rewritten; a legal 250-character name plus the temporary suffix passed the file
+    system's limit."""
+    private = tmp_path / "report.json"
+    write_json(private, {"a": np.float32(0.5), "b": np.int64(3)})  # numpy scalars are written as numbers
+    private.chmod(0o600)
+    write_json(private, {"a": 1})
+    assert private.stat().st_mode & 0o777 == 0o600 and json.loads(private.read_text()) == {"a": 1}
+    long = tmp_path / ("r" * 245 + ".json")
+    write_json(long, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([private.name, long.name])
+
+
+def test_an_empty_data_path_is_refused_not_read_as_the_working_folder(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    write_images(tmp_path, np.zeros((2, 1, 4, 4), np.float32), None)
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", "  "):
+        with pytest.raises(GuardError, match="the data path is empty"):
+            load_samples(empty)
 
 
 def test_a_write_whose_folder_is_a_file_is_a_guard_error(tmp_path: Path) -> None:
