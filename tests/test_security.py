@@ -133,6 +133,16 @@ def test_bearer_token_guards_everything_but_health(backdoored: Backdoored, pki: 
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         with triton.InferenceServerClient(url) as client, pytest.raises(InferenceServerException):
             client.get_model_metadata(MODEL)  # metadata needs the token too
+        # one token header exactly: of two, the last one decided, in either order
+        with grpc.insecure_channel(url) as channel:
+            metadata = channel.unary_unary("/inference.GRPCInferenceService/ServerMetadata",
+                                           request_serializer=bytes, response_deserializer=bytes)
+            assert metadata(b"", metadata=[("authorization", "Bearer s3cret-token")], timeout=5) is not None
+            for pair in (("Bearer wrong", "Bearer s3cret-token"), ("Bearer s3cret-token", "Bearer wrong"),
+                         ("Bearer s3cret-token", "Bearer s3cret-token")):
+                with pytest.raises(grpc.RpcError) as refused:
+                    metadata(b"", metadata=[("authorization", value) for value in pair], timeout=5)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
             text = response.read().decode()
         # the five inference calls; the refused Watch and metadata calls are not inference requests
@@ -165,6 +175,26 @@ def test_callers_without_the_token_hold_no_place_on_the_port(backdoored: Backdoo
         assert len(infer(url, backdoored.x_eval[:3], headers={"authorization": "Bearer s3cret-token"})) == 3
     finally:
         never.set()
+        server.stop(grace=1)
+
+
+def test_with_a_health_port_the_token_guards_health_checks_on_the_main_port_too(backdoored: Backdoored,
+                                                                                pki: Path) -> None:
+    """Callers without the token held every place of the main port with Check calls whose message never came; with
+    a port of their own for the probes, the main port's checks need the token."""
+    server = serve(backdoored, auth_token_file=pki / "token", health_port=0)
+    request = health_pb2.HealthCheckRequest(service="")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                health_pb2_grpc.HealthStub(channel).Check(request, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                request, metadata=[("authorization", "Bearer s3cret-token")], timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:  # probes carry no token
+            assert health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status == reply.status
+    finally:
         server.stop(grace=1)
 
 

@@ -215,6 +215,21 @@ BAD_REQUESTS = {
 }
 
 
+@pytest.mark.parametrize("payload", [b"\xff\xff\xff\xff", b"\x0a\x02\xc3\x28"])  # corrupt; a name not UTF-8
+def test_a_request_that_does_not_parse_is_invalid_and_counted(channel: grpc.Channel, server: GuardServer,
+                                                             payload: bytes) -> None:
+    """gRPC's own deserializer answered INTERNAL, uncounted, with a traceback in guard's log for each."""
+    before = scrape(server)
+    for method in ("/inference.GRPCInferenceService/ModelInfer", "/guard.v1.Guard/Predict"):
+        call = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+        with pytest.raises(grpc.RpcError) as raised:
+            call(payload, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details().startswith("the request does not parse: Error parsing message")
+    assert (metric(scrape(server), "guard_request_errors_total", model=MODEL, code="INVALID_ARGUMENT")
+            == metric(before, "guard_request_errors_total", model=MODEL, code="INVALID_ARGUMENT") + 2)
+
+
 def test_a_score_that_overflows_where_the_logits_do_not_is_refused_naming_the_score(
         channel: grpc.Channel, backdoored: Backdoored, server: GuardServer) -> None:
     local = Guard.load(backdoored.model_path, backdoored.profile_path)
@@ -578,6 +593,15 @@ def test_callers_holding_every_call_open_starve_the_main_port_but_not_the_health
                 assert time.monotonic() < deadline, "the silent calls never filled the main port"
                 time.sleep(0.05)
             assert check(server.health_port) == health_pb2.HealthCheckResponse.SERVING
+            # silent Check calls on the health port itself: its four threads were held by four of them
+            with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as probes:
+                stalled = [probes.stream_unary("/grpc.health.v1.Health/Check", request_serializer=bytes,
+                                               response_deserializer=bytes).future(silent(), timeout=30)
+                           for _ in range(16)]
+                time.sleep(1)
+                assert check(server.health_port) == health_pb2.HealthCheckResponse.SERVING
+                for call in stalled:
+                    call.cancel()
             never.set()
             for call in held:
                 call.cancel()

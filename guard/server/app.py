@@ -24,14 +24,15 @@ from guard.server._proto.inference import grpc_service_pb2_grpc as oip_grpc
 from guard.server.audit import AuditLog
 from guard.server.dataplane import DataPlane
 from guard.server.guard_v1 import GuardServicer
+from guard.server.health import HealthPort
 from guard.server.metrics import Metrics
 from guard.server.oip import InferenceServicer
-from guard.server.security import BearerToken, read_secret, server_credentials
+from guard.server.security import OPEN_METHODS, BearerToken, read_secret, server_credentials
+from guard.server.status import MalformedRequests
 
 log = logging.getLogger("guard.server")
 HEALTH_SERVICES = ("", "inference.GRPCInferenceService", "guard.v1.Guard")
 CONTROL_CALLS = 16  # threads and gRPC slots beyond --max-inflight, kept for health checks and metadata
-HEALTH_THREADS = 4  # the health port's own server: a Check is answered at once, and a Watch stream holds no thread
 # gRPC binds with SO_REUSEPORT by default on Linux, so a second guard on a taken port would start and silently share
 # its callers with the first (another model or profile, perhaps); without it the bind fails and says so.
 NO_PORT_SHARING = ("grpc.so_reuseport", 0)
@@ -60,7 +61,9 @@ class GuardServer:
             if not all("!" <= c <= "~" for c in token):  # a BOM, a second line: a token no client could send
                 raise GuardError(f"the token file {settings.auth_token_file} must hold one token of printable ASCII "
                                  "without spaces (an HTTP header's value); it holds other characters")
-            interceptors.append(BearerToken(token, lambda: self.plane.count_error("UNAUTHENTICATED")))
+            interceptors.append(BearerToken(token, lambda: self.plane.count_error("UNAUTHENTICATED"),
+                                            open_methods=OPEN_METHODS if settings.health_port is None else ()))
+        interceptors.append(MalformedRequests(self.plane))  # after the token's check: no parsing for the tokenless
         self.server = grpc.server(
             # A thread for every admitted request plus room for health checks and metadata, so nothing waits in
             # the executor's queue: inference beyond --max-inflight is refused by the data plane at once, engine
@@ -75,48 +78,57 @@ class GuardServer:
         guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(self.plane), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        for service in HEALTH_SERVICES:
-            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if settings.reflection:
             from guard.server.reflection import enable_reflection
 
             enable_reflection(self.server, ("inference.GRPCInferenceService", "guard.v1.Guard", health.SERVICE_NAME))
         # gRPC gives a call its slot when its headers arrive, so callers that never send their messages can hold
         # every slot of the main server, probes' included; --health-port answers probes from a server of their own.
-        self.health_server: grpc.Server | None = None
-        if settings.health_port is not None:
-            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=HEALTH_THREADS,
-                                                                        thread_name_prefix="guard-health"),
-                                             options=[NO_PORT_SHARING])
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_server: HealthPort | None = None  # made by start(), where --health-port is given
         self.port = 0
         self.metrics_port = 0
         self.health_port = 0
         self._stopped = threading.Event()
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _set_health(self, status: int) -> None:
+        """What both health servicers answer for every service guard names."""
+        for service in HEALTH_SERVICES:
+            self.health.set(service, status)
+            if self.health_server is not None:
+                self.health_server.set(service, status)
 
     def start(self) -> None:
         credentials = None if self.settings.tls_cert is None else server_credentials(
             self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca)
         self.port = _bind(self.server, self.settings.host, self.settings.port, credentials, "listen")
-        if self.health_server is not None:  # plaintext: it says SERVING or not, nothing else
-            self.health_port = _bind(self.health_server, self.settings.host, self.settings.health_port, None,
-                                     "answer health checks")
         try:
-            self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
-        except OSError as exc:
-            raise GuardError(
-                f"cannot serve metrics on {host_port(self.settings.metrics_host, self.settings.metrics_port)}: {exc}"
-            ) from None
-        if self.settings.audit_log is not None:  # opened last, so a failed start leaves no file open
-            self.plane.audit = AuditLog(self.settings.audit_log,
-                                        dropped=self.metrics.audit_dropped.labels(model=self.plane.name).inc)
-        self.server.start()
-        if self.health_server is not None:
-            self.health_server.start()
+            if self.settings.health_port is not None:  # plaintext: it says SERVING or not, nothing else
+                self.health_server = HealthPort(options=[NO_PORT_SHARING])
+                self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                server, host, port = self.health_server.server, self.settings.host, self.settings.health_port
+                self.health_port = self.health_server.on_loop(
+                    lambda: _bind(server, host, port, None, "answer health checks"))
+            try:
+                self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+            except OSError as exc:
+                raise GuardError(
+                    f"cannot serve metrics on {host_port(self.settings.metrics_host, self.settings.metrics_port)}: "
+                    f"{exc}") from None
+            if self.settings.audit_log is not None:  # opened last, so a failed start leaves no file open
+                self.plane.audit = AuditLog(self.settings.audit_log,
+                                            dropped=self.metrics.audit_dropped.labels(model=self.plane.name).inc)
+            self.server.start()
+            if self.health_server is not None:
+                self.health_server.start()
+        except BaseException:  # the health server's loop and thread are not left behind a failed start
+            if self.health_server is not None:
+                self.health_server.stop()
+                self.health_server = None
+            raise
         self.plane.ready = True
         self.metrics.ready.labels(model=self.plane.name).set(1)
-        for service in HEALTH_SERVICES:
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("guard serving model %r on %s (metrics on %s, policy %s, providers %s)", self.plane.name,
                  host_port(self.settings.host, self.port), host_port(self.settings.metrics_host, self.metrics_port),
                  self.guard.policy.value, ",".join(self.guard.engine.providers))
@@ -129,10 +141,12 @@ class GuardServer:
         self.plane.ready = False
         self.metrics.ready.labels(model=self.plane.name).set(0)
         self.health.enter_graceful_shutdown()
+        if self.health_server is not None:
+            self.health_server.enter_graceful_shutdown()
         self.plane.drain()  # an open batch runs now, within the grace period, not after its delay
         self.server.stop(self.settings.grace_seconds if grace is None else grace).wait()
         if self.health_server is not None:  # probes heard NOT_SERVING until the drain was over
-            self.health_server.stop(0).wait()
+            self.health_server.stop()
         self.plane.close()
         self.metrics.close()
         log.info("guard stopped")

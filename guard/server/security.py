@@ -62,12 +62,17 @@ def _check_pem(cert: Path, key: Path, client_ca: Path | None) -> None:
 
 
 class BearerToken(grpc.ServerInterceptor):
-    """Refuses calls without the right `authorization: Bearer <token>` (UNAUTHENTICATED), health checks excepted."""
+    """Refuses calls without the right `authorization: Bearer <token>` (UNAUTHENTICATED), `open_methods` excepted:
+    health checks, where probes (which send no token) come to this port. A call holds one of the port's places
+    while its message has not come, so open methods let callers without the token hold them all: with a health
+    port of its own for the probes, nothing is open here."""
 
-    def __init__(self, token: str, on_refused_inference: Callable[[], None]) -> None:
+    def __init__(self, token: str, on_refused_inference: Callable[[], None],
+                 open_methods: tuple[str, ...] = OPEN_METHODS) -> None:
         if not token:
             raise GuardError("the bearer token is empty")
         self._token = token.encode()
+        self._open = open_methods
 
         def refusal(count: bool) -> grpc.RpcMethodHandler:
             def refuse(_requests: object, context: grpc.ServicerContext) -> None:
@@ -83,11 +88,12 @@ class BearerToken(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
                           handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        if handler_call_details.method in OPEN_METHODS:
+        if handler_call_details.method in self._open:
             return continuation(handler_call_details)
-        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        # Exactly one: of two, the last decided, where a proxy in front reading the first would disagree on who called.
+        given = [value for key, value in handler_call_details.invocation_metadata or () if key == "authorization"]
         # RFC 7235: the scheme is case-insensitive and one or more spaces follow it; the token is compared whole
-        scheme, _, credentials = str(given).partition(" ")
+        scheme, _, credentials = str(given[0] if len(given) == 1 else "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(credentials.lstrip(" ").encode(), self._token):
             return continuation(handler_call_details)
         return self._refusals[handler_call_details.method in INFERENCE_METHODS]

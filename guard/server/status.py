@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from guard.errors import (
     CallerGoneError,
@@ -16,6 +18,7 @@ from guard.errors import (
     UnavailableError,
 )
 from guard.server.dataplane import DataPlane, UnknownModelError
+from guard.server.security import INFERENCE_METHODS
 
 log = logging.getLogger("guard.server")
 T = TypeVar("T")
@@ -60,3 +63,41 @@ def answer(plane: DataPlane, context: grpc.ServicerContext, handler: Callable[[]
         plane.count_error(code.name)
     context.abort(code, _fitted(message))
     raise AssertionError("unreachable: context.abort raises")
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    reason: str
+
+
+class MalformedRequests(grpc.ServerInterceptor):
+    """A unary request whose bytes do not parse (a corrupt message, a string field that is not UTF-8) gets
+    INVALID_ARGUMENT, counted as any bad inference request: gRPC's own deserializer answered INTERNAL, uncounted,
+    and logged a traceback for each, which a caller could repeat at will."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+                          handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        parse, behaviour = handler.request_deserializer, handler.unary_unary
+        counted = handler_call_details.method in INFERENCE_METHODS
+
+        def deserialize(data: bytes) -> object:
+            try:
+                return parse(data)
+            except DecodeError as exc:
+                return _Malformed(str(exc) or type(exc).__name__)
+
+        def run(request: object, context: grpc.ServicerContext) -> object:
+            if isinstance(request, _Malformed):
+                if counted:
+                    self._plane.count_error(grpc.StatusCode.INVALID_ARGUMENT.name)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, _fitted(f"the request does not parse: {request.reason}"))
+            return behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(run, request_deserializer=deserialize,
+                                                   response_serializer=handler.response_serializer)

@@ -1,0 +1,63 @@
+"""grpc.health.v1 on a port of its own (`--health-port`), served by grpc.aio on an event loop of its own.
+
+gRPC gives a call its place when its headers arrive. A thread-pool server then holds a thread while the call's message
+has not come, so four callers that never send it took the four threads of the earlier thread-pool health server, and
+every probe after them waited out its deadline. An asyncio server holds no thread for such a call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+T = TypeVar("T")
+
+
+class HealthPort:
+    """The health server, its servicer and its event loop's thread; every method is called from other threads."""
+
+    def __init__(self, options: list[tuple[str, Any]]) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="guard-health", daemon=True)
+        self._thread.start()
+        self.server, self.servicer = self._run(self._build(options))
+
+    @staticmethod
+    async def _build(options: list[tuple[str, Any]]) -> tuple[grpc.aio.Server, HealthServicer]:
+        server = grpc.aio.server(options=options)
+        servicer = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        return server, servicer
+
+    def _run(self, work: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result()
+
+    def on_loop(self, call: Callable[[], T]) -> T:
+        """`call()` run on the server's loop (binding a port, say), its result or its exception here."""
+
+        async def run() -> T:
+            return call()
+
+        return self._run(run())
+
+    def start(self) -> None:
+        self._run(self.server.start())
+
+    def set(self, service: str, status: int) -> None:
+        self._run(self.servicer.set(service, status))
+
+    def enter_graceful_shutdown(self) -> None:
+        self._run(self.servicer.enter_graceful_shutdown())
+
+    def stop(self) -> None:
+        """Stop the server, then the loop and its thread."""
+        self._run(self.server.stop(0))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
