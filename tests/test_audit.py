@@ -4,6 +4,7 @@ request id and each flagged sample's evidence; clean requests write nothing; the
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -32,17 +33,23 @@ def test_flagged_requests_are_audited_with_their_caller_and_evidence(backdoored:
     log.parent.mkdir()
     guard = Guard.load(backdoored.model_path, backdoored.profile_path)
     clean = backdoored.x_eval[:200]
-    unflagged = clean[~guard.predict(clean).flagged][:8]
+    answered = guard.predict(clean)
+    unflagged = clean[~answered.flagged & ~answered.overruled][:8]
     triggered = backdoored.triggered()[0][:8]
-    confirmed = backdoored.x_eval[guard.predict(backdoored.x_eval).spared]  # past the demote threshold, yet kept
+    everything = guard.predict(backdoored.x_eval)
+    confirmed = backdoored.x_eval[everything.spared]  # past the demote threshold, yet kept
     assert len(confirmed), "the reference must spare some clean request's demotion for this to mean much"
+    # answers the reference changed without a flag: not audited before, though enforce changed them
+    quiet = backdoored.x_eval[everything.overruled & ~everything.flagged][:4]
+    assert len(quiet), "the reference must overrule some unflagged request for this to mean much"
     server = GuardServer(ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0,
                                        metrics_port=0, audit_log=str(log)), guard=guard)
     server.start()
     try:
         with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
             answers = {}
-            for x, request_id in ((unflagged, "clean-1"), (triggered, "attack-7"), (confirmed, "kept-2")):
+            for x, request_id in ((unflagged, "clean-1"), (triggered, "attack-7"), (confirmed, "kept-2"),
+                                  (quiet, "overruled-3")):
                 tensor = triton.InferInput("input", list(x.shape), "FP32")
                 tensor.set_data_from_numpy(x)
                 answers[request_id] = client.infer("badnets", [tensor], request_id=request_id)
@@ -51,11 +58,12 @@ def test_flagged_requests_are_audited_with_their_caller_and_evidence(backdoored:
             guard_pb2_grpc.GuardStub(channel).Predict(
                 guard_pb2.PredictRequest(model="badnets", shape=list(triggered.shape), data=triggered.tobytes()))
         flagged_samples = scrape(server.metrics_port, 'guard_samples_total{model="badnets",verdict="flagged"}')
+        overruled_samples = scrape(server.metrics_port, 'guard_overruled_samples_total{model="badnets"}')
     finally:
         server.stop(grace=1)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(line["protocol"], line["request_id"]) for line in lines] == [("oip", "attack-7"), ("oip", "kept-2"),
-                                                                          ("guard.v1", "")]
+                                                                          ("oip", "overruled-3"), ("guard.v1", "")]
     oip = lines[0]
     assert oip["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:[::1]:")) and oip["identity"] is None
     assert oip["model"] == "badnets" and oip["policy"] == "enforce" and oip["samples"] == 8
@@ -74,7 +82,12 @@ def test_flagged_requests_are_audited_with_their_caller_and_evidence(backdoored:
     kept = lines[1]["flagged"]  # flagged (past the demote threshold), yet answered with the model's own class
     assert [entry["index"] for entry in kept] == list(range(len(confirmed)))
     assert all(entry["spared"] and not entry["demoted"] and entry["label"] == entry["model_label"] for entry in kept)
-    assert flagged_samples == sum(len(line["flagged"]) for line in lines)  # the log and the metrics agree
+    changed = lines[2]
+    assert changed["flagged"] == [] and [e["index"] for e in changed["overruled_unflagged"]] == list(range(len(quiet)))
+    assert all(e["overruled"] and e["label"] != e["model_label"] for e in changed["overruled_unflagged"])
+    # the log and the metrics agree
+    assert flagged_samples == sum(len(line["flagged"]) for line in lines)
+    assert overruled_samples == sum(e["overruled"] for line in lines for e in line["flagged"] + line["overruled_unflagged"])
 
 
 def test_an_audit_log_that_cannot_be_opened_stops_the_start(tmp_path: Path) -> None:
@@ -182,14 +195,21 @@ def test_a_stalled_writer_holds_no_request_and_drops_what_it_cannot_hold(tmp_pat
     assert not audit._writer.is_alive()
 
 
-def test_a_line_the_disk_cut_short_does_not_swallow_the_next(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("target", ["file", "-"])
+def test_a_line_the_disk_cut_short_does_not_swallow_the_next(tmp_path: Path, monkeypatch, target: str) -> None:
     """A write that stops inside its line (the disk filled mid-line): that line is lost, the next starts on a line of
-    its own and parses whole."""
+    its own and parses whole. Standard output too, which went through Python's buffer: the rest of a cut line
+    stayed there and the next line was glued to it."""
     import os
+    import sys
 
     path = tmp_path / "audit.jsonl"
     dropped = []
-    audit = AuditLog(str(path), dropped=lambda: dropped.append(1))
+    if target == "-":
+        stdout = path.open("w")
+        path.chmod(0o600)
+        monkeypatch.setattr(sys, "stdout", stdout)
+    audit = AuditLog(str(path) if target == "file" else "-", dropped=lambda: dropped.append(1))
     real_write, calls = os.write, []
 
     def filling_disk(fd: int, data: bytes) -> int:
@@ -205,6 +225,8 @@ def test_a_line_the_disk_cut_short_does_not_swallow_the_next(tmp_path: Path, mon
         audit.record("badnets", "enforce", _caller(request_id), result)
     audit.close()
     monkeypatch.undo()
+    if target == "-":
+        stdout.close()
     lines = path.read_text().splitlines()
     assert len(lines) == 2 and dropped == [1, 1]  # the fragment, then the last line whole: no empty line between
     assert json.loads(lines[1])["request_id"] == "whole"
@@ -230,3 +252,37 @@ def test_the_writer_outlives_a_line_that_fails_unexpectedly(tmp_path: Path) -> N
         audit.record("badnets", "enforce", _caller(request_id), result)
     audit.close()
     assert dropped == [1] and [json.loads(line)["request_id"] for line in path.read_text().splitlines()] == ["after"]
+
+
+def test_a_log_file_moved_away_without_sighup_is_opened_afresh(tmp_path: Path) -> None:
+    """Deleted, or renamed by a rotation without postrotate: the lines went on into the moved file, with no drop
+    counted and nothing logged."""
+    from guard.server.audit import Caller
+
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(str(path))
+    result = _one_flagged_sample()
+    audit.record("badnets", "enforce", Caller("oip", "ipv4:127.0.0.1:1", None, "before"), result)
+    deadline = time.monotonic() + 10
+    while not path.read_text() and time.monotonic() < deadline:  # the writer's thread has written it
+        time.sleep(0.05)
+    path.rename(tmp_path / "rotated.jsonl")
+    audit.record("badnets", "enforce", Caller("oip", "ipv4:127.0.0.1:1", None, "after-rename"), result)
+    audit.close()
+    assert json.loads((tmp_path / "rotated.jsonl").read_text())["request_id"] == "before"
+    assert json.loads(path.read_text())["request_id"] == "after-rename"
+
+
+def test_standard_output_closed_stops_a_server_that_audits_there(backdoored: Backdoored) -> None:
+    """Every line was dropped with a traceback of its own, the server serving on as if it audited."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "guard", "serve", str(backdoored.model_path), "--profile",
+                           str(backdoored.profile_path), "--port", "0", "--metrics-port", "0", "--audit-log", "-"],
+                          check=False, stderr=subprocess.PIPE, text=True, timeout=120,
+                          preexec_fn=lambda: os.close(1),
+                          env={k: v for k, v in os.environ.items() if not k.startswith("GUARD_")})
+    assert done.returncode == 2, done.stderr
+    assert "guard: error: --audit-log -: standard output is closed; give the audit log a file" in done.stderr

@@ -326,6 +326,9 @@ def test_sidecar_manifest_matches_what_guard_serve_really_does() -> None:
     policy = next(d for d in manifests() if d["kind"] == "NetworkPolicy")
     allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert args.metrics_port in allowed and args.port not in allowed and args.health_port not in allowed
+    scrape = next(rule for rule in policy["spec"]["ingress"] if args.metrics_port in {p["port"] for p in rule["ports"]})
+    assert scrape.get("from"), "the metrics (a score histogram) only to where Prometheus runs, not to every pod"
+    assert args.audit_log == "-", "who sent flagged requests, into the container's log"
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])

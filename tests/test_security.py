@@ -30,6 +30,9 @@ def openssl(*args: str, cwd: Path) -> None:
     subprocess.run([binary, *args], cwd=cwd, check=True, capture_output=True)
 
 
+SPIFFE_ID = "spiffe://prod.example/ns/payments/sa/checkout"
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate, all signed by the CA."""
@@ -37,10 +40,11 @@ def pki(tmp_path_factory) -> Path:
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
             "-subj", "/CN=guard test CA", cwd=root)
     (root / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name, subject in (("server", "/CN=localhost"), ("client", "/CN=guard test client")):
+    (root / "spiffe.ext").write_text(f"subjectAltName=URI:{SPIFFE_ID}\n")
+    for name, subject in (("server", "/CN=localhost"), ("client", "/CN=guard test client"), ("spiffe", "/O=payments")):
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                 "-subj", subject, cwd=root)
-        extra = ["-extfile", "server.ext"] if name == "server" else []
+        extra = ["-extfile", f"{name}.ext"] if name in ("server", "spiffe") else []
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
                 "-out", f"{name}.pem", "-days", "2", *extra, cwd=root)
     (root / "token").write_text("s3cret-token\n")
@@ -111,6 +115,24 @@ def test_mutual_tls_refuses_clients_without_a_certificate(backdoored: Backdoored
                      "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]) == 0
     finally:
         server.stop(grace=1)
+
+
+def test_the_audit_log_names_a_client_by_its_certificate_common_name_or_else_its_spiffe_id(
+        backdoored: Backdoored, pki: Path, tmp_path: Path) -> None:
+    """A certificate with only subject alternative names (as SPIFFE issues them) was audited with no identity."""
+    import json
+
+    log = tmp_path / "audit.jsonl"
+    server = serve(backdoored, tls_cert=pki / "server.pem", tls_key=pki / "server.key", tls_client_ca=pki / "ca.pem",
+                   audit_log=str(log))
+    triggered = backdoored.triggered()[0][:4]
+    try:
+        for name in ("client", "spiffe"):
+            infer(f"localhost:{server.port}", triggered, ssl=True, root_certificates=str(pki / "ca.pem"),
+                  private_key=str(pki / f"{name}.key"), certificate_chain=str(pki / f"{name}.pem"))
+    finally:
+        server.stop(grace=1)
+    assert [json.loads(line)["identity"] for line in log.read_text().splitlines()] == ["guard test client", SPIFFE_ID]
 
 
 def test_bearer_token_guards_everything_but_health(backdoored: Backdoored, pki: Path) -> None:

@@ -1,5 +1,5 @@
-"""The audit log (opt-in, `--audit-log`): one JSON line per answered request in which guard flagged a sample or
-answered unguarded, naming the caller. Metrics count such requests but carry no caller or request id (their
+"""The audit log (opt-in, `--audit-log`): one JSON line per answered request in which guard flagged a sample, the
+reference overruled one (an answer changed without a flag), or guard answered unguarded, naming the caller. Metrics count such requests but carry no caller or request id (their
 labels stay low-cardinality), so a security team asking who sent what looked like triggers reads it here.
 """
 
@@ -32,12 +32,18 @@ class Caller:
 
     protocol: str  # "oip" or "guard.v1"
     peer: str  # gRPC's peer address, e.g. ipv4:10.0.0.7:51234
-    identity: str | None  # the client certificate's common name, under mutual TLS
+    identity: str | None  # the client certificate's name, under mutual TLS (IDENTITY_PROPERTIES)
     request_id: str  # the OIP request's `id` ("" where none was sent; guard.v1 has none)
 
 
+# Where a client certificate names its holder, first found first: its common name, else (a certificate with only
+# subject alternative names, as SPIFFE issues) its SPIFFE id, its first alternative name, its whole subject.
+IDENTITY_PROPERTIES = ("x509_common_name", "peer_spiffe_id", "x509_subject_alternative_name", "x509_subject")
+
+
 def caller_of(context: grpc.ServicerContext, protocol: str, request_id: str = "") -> Caller:
-    names = context.auth_context().get("x509_common_name") or []
+    auth = context.auth_context()
+    names = [name for key in IDENTITY_PROPERTIES for name in auth.get(key) or [] if name]
     identity = names[0].decode("utf-8", errors="replace") if names else None
     return Caller(protocol, context.peer(), identity, request_id[:MAX_ID_CHARS])
 
@@ -60,13 +66,14 @@ class AuditLog:
     def __init__(self, target: str, dropped: Callable[[], None] | None = None) -> None:
         self.target = target
         self._dropped = dropped or (lambda: None)
-        self._fd = -1 if target == "-" else self._open()
+        self._fd = _stdout_fd() if target == "-" else self._open()
         self._pending: deque[bytes] = deque()
         self._pending_bytes = 0
         self._changed = threading.Condition()
         self._closed = False
         self._failing = False  # inside an outage: said once, not per line
         self._torn = False  # the last write stopped inside its line: the next starts on a line of its own
+        self._stale = False  # the path moved away and could not be opened afresh: not tried again per line
         self._writer = threading.Thread(target=self._write_lines, name="guard-audit", daemon=True)
         self._writer.start()
 
@@ -79,16 +86,21 @@ class AuditLog:
 
     def record(self, model: str, policy: str, caller: Caller, result: Result) -> None:
         flagged = np.flatnonzero(result.flagged)
-        if not flagged.size and not result.unchecked:
+        overruled = np.flatnonzero(result.overruled & ~result.flagged)  # answers changed without a flag
+        if not flagged.size and not overruled.size and not result.unchecked:
             return
+
+        def sample(i: int) -> dict[str, object]:
+            return {"index": int(i), "score": _number(result.score[i]), "model_label": int(result.model_labels[i]),
+                    "label": int(result.labels[i]), "demoted": bool(result.demoted[i]),
+                    "overruled": bool(result.overruled[i]), "spared": bool(result.spared[i])}
+
         line = {
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "model": model,
             "protocol": caller.protocol, "request_id": caller.request_id, "peer": caller.peer,
             "identity": caller.identity, "policy": policy, "samples": len(result.labels),
-            "unchecked": result.unchecked,
-            "flagged": [{"index": int(i), "score": _number(result.score[i]), "model_label": int(result.model_labels[i]),
-                         "label": int(result.labels[i]), "demoted": bool(result.demoted[i]),
-                         "overruled": bool(result.overruled[i]), "spared": bool(result.spared[i])} for i in flagged],
+            "unchecked": result.unchecked, "flagged": [sample(i) for i in flagged],
+            "overruled_unflagged": [sample(i) for i in overruled],
         }
         data = (json.dumps(line) + "\n").encode()
         with self._changed:  # nothing under this lock can block: logging goes to stderr, which may be stuck too
@@ -144,10 +156,15 @@ class AuditLog:
             except Exception:  # the writer must outlive any one line; a lost line is counted
                 log.exception("audit log %s: writing a line failed", self.target)
                 self._dropped()
-        if self._fd >= 0:
+        if self.target != "-":
             os.close(self._fd)
 
     def _write(self, data: bytes) -> None:
+        # Deleted or renamed without the SIGHUP: the lines went on into a file nobody would read. Reopened once per
+        # move; where the path cannot be opened, the lines go on to the open file until it can (and a SIGHUP).
+        if self.target != "-" and not self._stale and self._moved():
+            log.warning("the audit log %s was moved or deleted without SIGHUP; opening the path afresh", self.target)
+            self._stale = not self._reopen()
         ending = b"\n" if self._torn else b""  # ends the fragment the last failed write left
         data = ending + data
         written = 0
@@ -164,22 +181,28 @@ class AuditLog:
             self._failing = False
 
     def _emit(self, data: bytes) -> int:
-        """Write some of `data` unbuffered, so that nothing of a failed line lingers to join the next one."""
-        if self._fd >= 0:
-            return os.write(self._fd, data)
-        sys.stdout.write(data.decode())  # standard output: where a container's logs go
-        sys.stdout.flush()
-        return len(data)
+        """Write some of `data` to the file descriptor, unbuffered (standard output's too: Python's buffer kept the
+        rest of a line a full disk cut short, and glued the next line to it), so that nothing of a failed line
+        lingers to join the next one."""
+        return os.write(self._fd, data)
 
-    def _reopen(self) -> None:
+    def _moved(self) -> bool:
+        try:
+            now, open_ = os.stat(self.target), os.fstat(self._fd)
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino) != (open_.st_dev, open_.st_ino)
+
+    def _reopen(self) -> bool:
         try:
             fresh = self._open()
         except GuardError as exc:
             log.error("%s; writing on to the file already open", exc)
-            return
+            return False
         os.close(self._fd)
-        self._fd, self._torn = fresh, False
+        self._fd, self._torn, self._stale = fresh, False, False
         log.info("audit log %s reopened", self.target)
+        return True
 
     def _drop(self, reason: str) -> None:
         self._dropped()
@@ -187,6 +210,25 @@ class AuditLog:
             log.error("cannot write the audit log %s: %s; answering on, unaudited (guard_audit_lines_dropped_total "
                       "counts the lines lost)", self.target, reason)
         self._failing = True
+
+
+def _stdout_fd() -> int:
+    """Standard output's file descriptor (sys.stdout's, else 1), after what Python buffered for it; a GuardError
+    where it is closed (every line would have been dropped, each with a traceback). Python sets sys.stdout to None
+    where descriptor 1 was closed when it started: a file opened since may hold that number, so 1 is not used then."""
+    closed = GuardError("--audit-log -: standard output is closed; give the audit log a file")
+    if sys.stdout is None:
+        raise closed
+    try:
+        sys.stdout.flush()
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # no file behind it (replaced by a program that embeds guard): the process's own
+        fd = 1
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise closed from None
+    return fd
 
 
 def _number(value: float) -> float | None:
