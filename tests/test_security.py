@@ -305,3 +305,30 @@ def test_data_files_holding_pickles_are_refused(tmp_path: Path) -> None:
     np.savez(path, x=np.array([{"run": "code"}], dtype=object))  # an object array is stored as a pickle
     with pytest.raises(GuardError):
         load_samples(path)
+
+
+def test_idle_connections_to_the_metrics_port_hold_no_thread_for_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prometheus_client's server gave each connection a thread until it closed: a thousand idle ones held a thousand
+    threads in guard's process, where gRPC's own threads come from the same limit."""
+    import socket
+    import threading
+    import time
+
+    from guard.server import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module._ScrapeHandler, "timeout", 1.0)
+    metrics = metrics_module.Metrics("m")
+    port = metrics.serve("127.0.0.1", 0)
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3 * metrics_module.METRICS_CONNECTIONS)]
+    try:
+        time.sleep(0.5)
+        assert threading.active_count() <= before + metrics_module.METRICS_CONNECTIONS
+        for connection in idle:  # each closed: at once past the cap, after the timeout within it
+            assert connection.recv(1) == b""
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            assert b"guard_build_info" in response.read()
+    finally:
+        for connection in idle:
+            connection.close()
+        metrics.close()

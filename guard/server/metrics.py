@@ -5,10 +5,12 @@ The names here are the ones dashboards and alert rules use; change them here or 
 
 from __future__ import annotations
 
+import socket
+import socketserver
 import threading
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from guard._version import __version__
 
@@ -22,6 +24,37 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # The score is in units of its clean spread (a part's 95th percentile sits at 1): on the eval's models tau is about
 # 1.2 and the demote threshold about 2.
 _SCORE_BUCKETS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0)
+
+
+# prometheus_client's own server gave every connection a thread for as long as it stayed open: a thousand idle ones
+# held a thousand threads in guard's process. Here a connection has this long to send its request, and at most this
+# many are served at once (more are closed at once): scrapes take milliseconds, and there are few scrapers.
+METRICS_TIMEOUT_SECONDS = 10.0
+METRICS_CONNECTIONS = 32
+
+
+class _ScrapeHandler(WSGIRequestHandler):
+    timeout = METRICS_TIMEOUT_SECONDS
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes are not logged."""
+
+
+class _ScrapeServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class Metrics:
@@ -80,13 +113,17 @@ class Metrics:
         self.batch.labels(model=model)
         self.audit_dropped.labels(model=model)
         self.ready.labels(model=model).set(0)
-        self._http: WSGIServer | None = None
+        self._http: _ScrapeServer | None = None
         self._thread: threading.Thread | None = None
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port."""
-        # (server, thread) since prometheus-client 0.20, the lowest the project allows
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # an IPv6 host needs AF_INET6
+        server = type("_ScrapeServerOfFamily", (_ScrapeServer,), {"address_family": family})
+        self._http = make_server(host, port, make_wsgi_app(self.registry), server, handler_class=_ScrapeHandler)
+        self._http.slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        self._thread = threading.Thread(target=self._http.serve_forever, name="guard-metrics", daemon=True)
+        self._thread.start()
         return int(self._http.server_port)
 
     def close(self) -> None:
