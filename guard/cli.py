@@ -109,24 +109,32 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from guard.config import ServeSettings, load_settings
+    from guard.config import ServeSettings, file_settings, load_settings
     from guard.server.app import serve
 
     given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
+    config = Path(args.config) if args.config else None
     try:
-        settings = load_settings(given, Path(args.config) if args.config else None)
+        settings = load_settings(given, config)
     except ValidationError as exc:
-        raise GuardError(f"invalid settings: {'; '.join(map(_setting_problem, exc.errors()))}") from None
+        # a value the settings file gave is named as the file's, not blamed on a flag and a variable nobody set
+        in_env = {name.lower() for name in os.environ}
+        from_file = {k: config or os.environ["GUARD_CONFIG"] for k in file_settings(config)
+                     if k not in given and f"guard_{k}" not in in_env}
+        problems = [_setting_problem(error, from_file) for error in exc.errors()]
+        raise GuardError(f"invalid settings: {'; '.join(problems)}") from None
     serve(settings)
     return 0
 
 
-def _setting_problem(error: dict) -> str:
-    """One pydantic error in the words of the command line: the flag and the variable that set it, the value given."""
+def _setting_problem(error: dict, from_file: dict[str, object]) -> str:
+    """One pydantic error in the words of the command line: the flag and the variable that set it (or the settings
+    file, for the settings `from_file` names, with the file), the value given."""
     if not error["loc"]:
         return error["msg"].removeprefix("Value error, ")
     field = str(error["loc"][0])
-    where = f"--{field.replace('_', '-')} (GUARD_{field.upper()})"
+    where = (f"{field} in the settings file {from_file[field]}" if field in from_file
+             else f"--{field.replace('_', '-')} (GUARD_{field.upper()})")
     if error["type"] == "missing":
         return f"{where} is required"
     message, given = error["msg"].removeprefix("Value error, "), shown(error.get("input"))

@@ -144,7 +144,7 @@ def test_kubernetes_service_links_are_let_be_unless_they_take_a_port(backdoored:
     assert served_port() == DEFAULT_PORT
 
 
-def test_guard_serve_names_the_flag_and_variable_of_a_bad_setting(backdoored: Backdoored,
+def test_guard_serve_names_the_flag_and_variable_of_a_bad_setting(backdoored: Backdoored, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """pydantic's own words ("profile: Field required", "port: Input should be a valid integer") named neither the
@@ -165,6 +165,12 @@ def test_guard_serve_names_the_flag_and_variable_of_a_bad_setting(backdoored: Ba
                  "--auth-token-file", "absent-token"]) == 2
     err = capsys.readouterr().err  # the value once, in pydantic's message, not again after it
     assert "--auth-token-file (GUARD_AUTH_TOKEN_FILE): file not found: absent-token\n" in err, err
+    # a value from the settings file is named as the file's
+    config = tmp_path / "guard.json"
+    config.write_text('{"port": "eighty", "workers": 2}')
+    assert main(["serve", str(backdoored.model_path), "--profile", str(backdoored.profile_path),
+                 "--config", str(config)]) == 2
+    assert f"port in the settings file {config}: Input should be a valid integer" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("ports", "clash"), [
