@@ -171,3 +171,25 @@ def test_an_input_the_model_overflows_on_is_flagged_never_clean(backdoored: Back
     alone = guard.predict(backdoored.x_eval[:4])
     np.testing.assert_array_equal(result.labels[:4], alone.labels)
     np.testing.assert_array_equal(result.flagged[:4], alone.flagged)
+
+
+def test_failed_checks_are_logged_at_most_once_per_interval(backdoored: Backdoored, big_batch: np.ndarray) -> None:
+    """A caller can fail the check at will (a batch past the budget): each failure wrote a line, 300 in half a
+    second; now one line per interval says how many were left out."""
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("guard.runtime")
+    logger.addHandler(handler)
+    try:
+        opened = Guard.load(backdoored.model_path, backdoored.profile_path, check_budget=BUDGET, on_failure="open")
+        for _ in range(5):
+            assert opened.predict(big_batch).unchecked
+        opened._failures._last -= 60  # the interval has passed
+        opened.predict(big_batch)
+    finally:
+        logger.removeHandler(handler)
+    failed = [line for line in lines if line.startswith("check failed, answering unguarded")]
+    assert len(failed) == 2 and failed[1].endswith("(4 more since the last such line)"), failed

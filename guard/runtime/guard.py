@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,30 @@ class Result:
         return Result(self.labels[start:stop], self.logits[start:stop], self.flagged[start:stop],
                       self.score[start:stop], self.model_labels[start:stop], self.demoted[start:stop],
                       self.overruled[start:stop], self.spared[start:stop], dict(self.stage_seconds), self.unchecked)
+
+
+FAILURE_LOG_SECONDS = 10.0  # a failed check is logged at most this often: a caller can fail it at will
+
+
+class SparseLog:
+    """A warning logged at most once per `seconds`, each line saying how many were left out since the last: 300
+    requests past their check budget in half a second wrote 300 lines."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._last = -math.inf
+        self._left_out = 0
+        self._lock = threading.Lock()
+
+    def warning(self, message: str, *args: object) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self._seconds:
+                self._left_out += 1
+                return
+            left_out, self._left_out, self._last = self._left_out, 0, now
+        more = f" ({left_out} more since the last such line)" if left_out else ""
+        log.warning(message + more, *args)
 
 
 class Guard:
@@ -119,6 +144,7 @@ class Guard:
         self.engine = build_engine(engine, graphs, model.input_name, model.output_name, device, threads, io_binding)
         self.on_failure = FailurePolicy(on_failure)
         self.check_budget = check_budget
+        self._failures = SparseLog(FAILURE_LOG_SECONDS)
         # The reference runs beside the served graph, on the same engine: the model with the profile's weights.
         self._reference = (plain_model(engine, reference_model(model.proto, profile.reference).SerializeToString(),
                                        model.input_name, model.output_name, device, threads)
@@ -184,10 +210,10 @@ class Guard:
             return self._guarded(x)
         except Exception as exc:  # whatever broke inside the guard, the policy decides
             if self._unguarded is None:
-                log.warning("check failed, refused (fail-closed): %s: %s", type(exc).__name__, exc)
+                self._failures.warning("check failed, refused (fail-closed): %s: %s", type(exc).__name__, exc)
                 raise CheckFailedError(f"the guard could not check this request ({type(exc).__name__}: {exc}); "
                                        "refused (fail-closed)") from exc
-            log.warning("check failed, answering unguarded (fail-open): %s: %s", type(exc).__name__, exc)
+            self._failures.warning("check failed, answering unguarded (fail-open): %s: %s", type(exc).__name__, exc)
             failed = time.perf_counter()
             logits = self._unguarded.logits(x)
             labels = logits.argmax(axis=1).astype(np.int64)
