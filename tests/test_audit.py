@@ -286,3 +286,20 @@ def test_standard_output_closed_stops_a_server_that_audits_there(backdoored: Bac
                           env={k: v for k, v in os.environ.items() if not k.startswith("GUARD_")})
     assert done.returncode == 2, done.stderr
     assert "guard: error: --audit-log -: standard output is closed; give the audit log a file" in done.stderr
+
+
+def test_a_start_that_fails_at_the_audit_log_leaves_no_port_or_thread_behind(backdoored: Backdoored,
+                                                                           tmp_path: Path) -> None:
+    """The metrics port stayed served, and the health server's loop running, behind a start that had failed."""
+    import threading
+
+    server = GuardServer(ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0,
+                                       metrics_port=0, health_port=0,
+                                       audit_log=str(tmp_path / "no-such-folder" / "audit.jsonl")))
+    with pytest.raises(GuardError, match="cannot open the audit log"):
+        server.start()
+    names = {thread.name for thread in threading.enumerate()}
+    assert not names & {"guard-metrics", "guard-metrics-watch", "guard-health"}, names
+    server.stop(grace=0)
+    with pytest.raises(GuardError, match="a stopped server cannot start again"):
+        server.start()

@@ -99,6 +99,8 @@ class GuardServer:
                 self.health_server.set(service, status)
 
     def start(self) -> None:
+        if self._stopped.is_set():  # its data plane is closed: it would report SERVING and answer nothing
+            raise GuardError("a stopped server cannot start again; make a new one")
         credentials = None if self.settings.tls_cert is None else server_credentials(
             self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca)
         self.port = _bind(self.server, self.settings.host, self.settings.port, credentials, "listen")
@@ -121,10 +123,14 @@ class GuardServer:
             self.server.start()
             if self.health_server is not None:
                 self.health_server.start()
-        except BaseException:  # the health server's loop and thread are not left behind a failed start
+        except BaseException:  # a failed start leaves nothing running or open behind it
             if self.health_server is not None:
                 self.health_server.stop()
                 self.health_server = None
+            self.metrics.close()
+            if self.plane.audit is not None:
+                self.plane.audit.close()
+                self.plane.audit = None
             raise
         self.plane.ready = True
         self.metrics.ready.labels(model=self.plane.name).set(1)

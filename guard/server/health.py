@@ -26,7 +26,11 @@ class HealthPort:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="guard-health", daemon=True)
         self._thread.start()
-        self.server, self.servicer = self._run(self._build(options))
+        try:
+            self.server, self.servicer = self._run(self._build(options))
+        except BaseException:
+            self._end_loop()
+            raise
 
     @staticmethod
     async def _build(options: list[tuple[str, Any]]) -> tuple[grpc.aio.Server, HealthServicer]:
@@ -56,8 +60,13 @@ class HealthPort:
         self._run(self.servicer.enter_graceful_shutdown())
 
     def stop(self) -> None:
-        """Stop the server, then the loop and its thread."""
+        """Stop the server, then the loop and its thread; once."""
+        if self._loop.is_closed():
+            return
         self._run(self.server.stop(0))
+        self._end_loop()
+
+    def _end_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()

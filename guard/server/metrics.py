@@ -5,9 +5,11 @@ The names here are the ones dashboards and alert rules use; change them here or 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import socketserver
 import threading
+import time
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -27,34 +29,65 @@ _SCORE_BUCKETS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 
 
 
 # prometheus_client's own server gave every connection a thread for as long as it stayed open: a thousand idle ones
-# held a thousand threads in guard's process. Here a connection has this long to send its request, and at most this
-# many are served at once (more are closed at once): scrapes take milliseconds, and there are few scrapers.
+# held a thousand threads in guard's process. Here a connection is closed this long after it was accepted, whatever
+# it sends meanwhile (a byte every few seconds kept a per-read timeout waiting for good), and at most this many are
+# served at once; one past them waits a moment for a place, then is closed. Scrapes take milliseconds.
 METRICS_TIMEOUT_SECONDS = 10.0
-METRICS_CONNECTIONS = 32
+METRICS_CONNECTIONS = 64
+_PLACE_WAIT_SECONDS = 1.0
 
 
 class _ScrapeHandler(WSGIRequestHandler):
-    timeout = METRICS_TIMEOUT_SECONDS
-
     def log_message(self, format: str, *args: object) -> None:
         """Scrapes are not logged."""
 
 
 class _ScrapeServer(socketserver.ThreadingMixIn, WSGIServer):
+    """At most METRICS_CONNECTIONS connections, each closed by a watchdog thread once past its time."""
+
     daemon_threads = True
-    slots: threading.BoundedSemaphore
+
+    def start_watch(self) -> None:
+        self._places = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        self._deadlines: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="guard-metrics-watch", daemon=True)
+        self._watcher.start()
+
+    def server_close(self) -> None:
+        self._closed.set()
+        super().server_close()
+        self._watcher.join()
 
     def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
-        if not self.slots.acquire(blocking=False):
+        if not self._places.acquire(timeout=_PLACE_WAIT_SECONDS):
             self.shutdown_request(request)
             return
+        with self._lock:
+            self._deadlines[request] = time.monotonic() + METRICS_TIMEOUT_SECONDS
         super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            with self._lock:
+                self._deadlines.pop(request, None)
+            self._places.release()
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        """A connection cut off, or closed past its time: nothing to print (the default printed a traceback each,
+        which anyone who can connect could repeat)."""
+
+    def _watch(self) -> None:
+        while not self._closed.wait(0.5):
+            now = time.monotonic()
+            with self._lock:
+                late = [request for request, deadline in self._deadlines.items() if deadline < now]
+            for request in late:
+                with contextlib.suppress(OSError):  # its reader's recv returns, and its thread ends
+                    request.shutdown(socket.SHUT_RDWR)
 
 
 class Metrics:
@@ -121,7 +154,7 @@ class Metrics:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # an IPv6 host needs AF_INET6
         server = type("_ScrapeServerOfFamily", (_ScrapeServer,), {"address_family": family})
         self._http = make_server(host, port, make_wsgi_app(self.registry), server, handler_class=_ScrapeHandler)
-        self._http.slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        self._http.start_watch()
         self._thread = threading.Thread(target=self._http.serve_forever, name="guard-metrics", daemon=True)
         self._thread.start()
         return int(self._http.server_port)
