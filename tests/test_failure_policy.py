@@ -87,12 +87,22 @@ def test_a_budget_longer_than_a_timer_can_wait_checks_as_if_unlimited(backdoored
     """A finite budget past threading.TIMEOUT_MAX raised OverflowError in every run's timer thread."""
     import threading
 
+    import onnxruntime
+
+    from guard.runtime.engine import _run_options
+
     failures: list[BaseException] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_value))
+    before = set(threading.enumerate())
+    with _run_options(onnxruntime, time.perf_counter() + 1e12) as options:
+        time.sleep(0.5)  # the timer's thread is in its wait (or failed to start it) before the run ends
+        timers = set(threading.enumerate()) - before
+        assert not options.terminate
+    for timer in timers:
+        timer.join(5)
+    assert timers and not failures, failures
     guard = Guard.load(backdoored.model_path, backdoored.profile_path, check_budget=1e12)
-    result = guard.predict(backdoored.x_eval[:4])
-    time.sleep(0.2)  # the timer thread's wait starts, or fails, on its own time
-    assert not result.unchecked and not failures, failures
+    assert not guard.predict(backdoored.x_eval[:4]).unchecked
 
 
 def test_onnx_runtime_computes_denormals_as_zero(backdoored: Backdoored, big_batch: np.ndarray) -> None:
@@ -187,9 +197,12 @@ def test_failed_checks_are_logged_at_most_once_per_interval(backdoored: Backdoor
         opened = Guard.load(backdoored.model_path, backdoored.profile_path, check_budget=BUDGET, on_failure="open")
         for _ in range(5):
             assert opened.predict(big_batch).unchecked
-        opened._failures._last -= 60  # the interval has passed
+        opened._failures.warning("OtherError", "check failed otherwise")  # another kind is not held back
+        opened._failures._last["CheckTimeout"] -= 60  # the interval has passed
         opened.predict(big_batch)
     finally:
         logger.removeHandler(handler)
-    failed = [line for line in lines if line.startswith("check failed, answering unguarded")]
-    assert len(failed) == 2 and failed[1].endswith("(4 more since the last such line)"), failed
+    failed = [line for line in lines if line.startswith("check failed")]
+    assert len(failed) == 3 and failed[1] == "check failed otherwise", failed
+    assert failed[2].startswith("check failed, answering unguarded (fail-open): CheckTimeout")
+    assert failed[2].endswith("(4 more since the last such line)"), failed

@@ -65,22 +65,23 @@ FAILURE_LOG_SECONDS = 10.0  # a failed check is logged at most this often: a cal
 
 
 class SparseLog:
-    """A warning logged at most once per `seconds`, each line saying how many were left out since the last: 300
-    requests past their check budget in half a second wrote 300 lines."""
+    """A warning logged at most once per `seconds` and kind, each line saying how many of its kind were left out
+    since the last: 300 requests past their check budget in half a second wrote 300 lines. Kinds apart, so that a
+    caller failing checks at will does not hide another failure's line."""
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
-        self._last = -math.inf
-        self._left_out = 0
+        self._last: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def warning(self, message: str, *args: object) -> None:
+    def warning(self, kind: str, message: str, *args: object) -> None:
         with self._lock:
             now = time.monotonic()
-            if now - self._last < self._seconds:
-                self._left_out += 1
+            if now - self._last.get(kind, -math.inf) < self._seconds:
+                self._left_out[kind] = self._left_out.get(kind, 0) + 1
                 return
-            left_out, self._left_out, self._last = self._left_out, 0, now
+            left_out, self._last[kind] = self._left_out.pop(kind, 0), now
         more = f" ({left_out} more since the last such line)" if left_out else ""
         log.warning(message + more, *args)
 
@@ -210,10 +211,12 @@ class Guard:
             return self._guarded(x)
         except Exception as exc:  # whatever broke inside the guard, the policy decides
             if self._unguarded is None:
-                self._failures.warning("check failed, refused (fail-closed): %s: %s", type(exc).__name__, exc)
+                self._failures.warning(type(exc).__name__, "check failed, refused (fail-closed): %s: %s",
+                                       type(exc).__name__, exc)
                 raise CheckFailedError(f"the guard could not check this request ({type(exc).__name__}: {exc}); "
                                        "refused (fail-closed)") from exc
-            self._failures.warning("check failed, answering unguarded (fail-open): %s: %s", type(exc).__name__, exc)
+            self._failures.warning(type(exc).__name__, "check failed, answering unguarded (fail-open): %s: %s",
+                                   type(exc).__name__, exc)
             failed = time.perf_counter()
             logits = self._unguarded.logits(x)
             labels = logits.argmax(axis=1).astype(np.int64)

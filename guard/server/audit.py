@@ -66,6 +66,7 @@ class AuditLog:
     def __init__(self, target: str, dropped: Callable[[], None] | None = None) -> None:
         self.target = target
         self._dropped = dropped or (lambda: None)
+        self._opened: os.stat_result | None = None  # the path's file when it was opened (not for standard output)
         self._fd = _stdout_fd() if target == "-" else self._open()
         self._pending: deque[bytes] = deque()
         self._pending_bytes = 0
@@ -78,11 +79,17 @@ class AuditLog:
         self._writer.start()
 
     def _open(self) -> int:
-        """The path opened for appending, readable by its owner only (the lines name callers)."""
+        """The path opened for appending, readable by its owner only (the lines name callers); what the path
+        was then is kept, to tell when it is moved away."""
         try:
-            return os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise GuardError(f"cannot open the audit log {self.target}: {exc}") from None
+        try:
+            self._opened = os.stat(self.target)
+        except OSError:  # moved away already: it is found moved at the first line
+            self._opened = None
+        return fd
 
     def record(self, model: str, policy: str, caller: Caller, result: Result) -> None:
         flagged = np.flatnonzero(result.flagged)
@@ -187,11 +194,13 @@ class AuditLog:
         return os.write(self._fd, data)
 
     def _moved(self) -> bool:
+        """The path is no longer the file opened (compared path to path: on some file systems, overlayfs among them,
+        a file's stat and its descriptor's fstat differ)."""
         try:
-            now, open_ = os.stat(self.target), os.fstat(self._fd)
+            now = os.stat(self.target)
         except OSError:
             return True
-        return (now.st_dev, now.st_ino) != (open_.st_dev, open_.st_ino)
+        return self._opened is None or (now.st_dev, now.st_ino) != (self._opened.st_dev, self._opened.st_ino)
 
     def _reopen(self) -> bool:
         try:
