@@ -161,6 +161,13 @@ def warm_call(client: object, input_name: str, x: np.ndarray, timeout: float) ->
         raise GuardError(f"the server refused the warm-up call of {len(x)} samples: {exc.message()}") from None
 
 
+def exit_text(code: int) -> str:
+    """A process's exit status in words: `code 2`, or `killed by SIGKILL` for -9."""
+    if code < 0 and -code in signal.valid_signals():
+        return f"killed by {signal.Signals(-code).name}"
+    return f"code {code}"
+
+
 class ServerProcess:
     """`guard serve` on a free loopback port, in a process of its own, with `args` added to its command line."""
 
@@ -188,7 +195,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 code = None
             self.close()
-            why = (f"exited (code {code}) before it was ready" if code is not None
+            why = (f"exited ({exit_text(code)}) before it was ready" if code is not None
                    else "did not start within 120 s" if not ready
                    else f"printed {ready[0].strip()[:200]!r} where it says where it serves")
             raise GuardError(f"guard serve {why}: {self.log.read_text()[-2000:]}")
@@ -199,13 +206,18 @@ class ServerProcess:
         code = self.process.poll()
         if code is None:
             return
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"code {code}"
-        raise GuardError(f"guard serve exited ({how}) during {during}: {self.log.read_text()[-2000:]}")
+        raise GuardError(f"guard serve exited ({exit_text(code)}) during {during}: {self.log.read_text()[-2000:]}")
 
     def rss_mb(self, field: str = "VmRSS") -> float:
-        """Resident memory of the server process now (VmRSS) or at its peak (VmHWM), in MiB."""
-        text = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) / 1024
+        """Resident memory of the server process now (VmRSS) or at its peak (VmHWM), in MiB; a GuardError once it
+        has exited (an exited process's status has no memory lines, or is gone)."""
+        try:
+            found = re.search(rf"{field}:\s+(\d+) kB", Path(f"/proc/{self.process.pid}/status").read_text())
+        except OSError:
+            found = None
+        if found is None:
+            raise GuardError("guard serve has exited: its memory cannot be read")
+        return int(found.group(1)) / 1024
 
     def close(self) -> None:
         if self.process.poll() is None:

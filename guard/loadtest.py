@@ -63,10 +63,11 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
 
         def watch_memory() -> None:
             while not halt.wait(1.0):
-                if server.process.poll() is not None:  # the callers stop now, not at `stop`
+                try:
+                    rss.append(server.rss_mb())
+                except GuardError:  # it exited: the callers stop now, not at `stop`
                     halt.set()
                     return
-                rss.append(server.rss_mb())
 
         def caller(offset: int) -> None:
             with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
@@ -102,6 +103,9 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
         monitor.join()
         server.raise_if_exited("the run")
         rss.append(server.rss_mb())
+    except GuardError:  # a warm-up call's failure reads as a refusal, where the server is in fact gone
+        server.raise_if_exited("the run")
+        raise
     finally:
         halt.set()
         server.close()

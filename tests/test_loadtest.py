@@ -97,8 +97,8 @@ def test_a_stopped_load_run_stops_its_server_and_its_callers(backdoored: Backdoo
         else:
             load.send_signal(sent)
         assert load.wait(timeout=60) == code, load.stderr.read()
-        if sent is None:
-            assert "guard serve exited (killed by SIGKILL) during the run" in load.stderr.read()
+        if sent is None:  # during the run; on a slow machine the server may still have been starting
+            assert "guard serve exited (killed by SIGKILL)" in load.stderr.read()
         # close() has waited for it; a zombie's /proc entry may outlive it for a moment
         deadline = time.monotonic() + 10
         while any(Path(f"/proc/{pid}").exists() for pid in servers) and time.monotonic() < deadline:
