@@ -150,8 +150,28 @@ def tensor_dims(proto: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
             if value.type.tensor_type.HasField("shape")}
     unknown = [out for node in proto.graph.node for out in node.output if out and out not in dims]
     if unknown:
-        dims.update(_measured_dims(proto, unknown))
+        key = _structure(proto)
+        if key not in _MEASURED:  # a command asks several times (taps, their shapes, the served graph): run once
+            while len(_MEASURED) >= _MEASURED_KEPT:
+                del _MEASURED[next(iter(_MEASURED))]
+            _MEASURED[key] = _measured_dims(proto, unknown)
+        dims.update(_MEASURED[key])
     return dims
+
+
+_MEASURED: dict[bytes, dict[str, tuple[int | None, ...]]] = {}  # by graph structure, the last few graphs'
+_MEASURED_KEPT = 4
+
+
+def _structure(proto: onnx.ModelProto) -> bytes:
+    """What a graph's shapes depend on, and not its weights' values: opsets, inputs, nodes, and the initializers'
+    names, types and dims (hashing those is cheap on a model of any size; running it is not)."""
+    digest = hashlib.sha256()
+    for part in (*proto.opset_import, *proto.graph.input, *proto.graph.node):
+        digest.update(part.SerializeToString())
+    for init in proto.graph.initializer:
+        digest.update(f"{init.name}:{init.data_type}:{list(init.dims)};".encode())
+    return digest.digest()
 
 
 def _measured_dims(proto: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int | None, ...]]:
