@@ -378,7 +378,10 @@ def check_samples(x: np.ndarray, y: np.ndarray | None, sample_shape: tuple[int, 
     against the others' profile (flagging most of its requests), and a repair fine-tuned without it forgets it.
     """
     if x.ndim != 4 or tuple(x.shape[1:]) != sample_shape:
-        raise GuardError(f"{purpose} data has shape {x.shape}; the model takes (N, {', '.join(map(str, sample_shape))})")
+        grey = x.ndim == 4 and x.shape[1] == 1 and len(sample_shape) == 3 and sample_shape[0] == 3
+        hint = " (an image folder whose images are all grey is read as one channel)" if grey else ""
+        raise GuardError(f"{purpose} data has shape {x.shape}; the model takes "
+                         f"(N, {', '.join(map(str, sample_shape))}){hint}")
     if len(x) < 20:
         raise GuardError(f"{purpose} needs at least 20 clean samples (a few hundred recommended); got {len(x)}")
     if not np.all(np.isfinite(x)):

@@ -59,6 +59,7 @@ def test_flagged_requests_are_audited_with_their_caller_and_evidence(backdoored:
                 guard_pb2.PredictRequest(model="badnets", shape=list(triggered.shape), data=triggered.tobytes()))
         flagged_samples = scrape(server.metrics_port, 'guard_samples_total{model="badnets",verdict="flagged"}')
         overruled_samples = scrape(server.metrics_port, 'guard_overruled_samples_total{model="badnets"}')
+        assert scrape(server.metrics_port, 'guard_audit_log_enabled{model="badnets"}') == 1
     finally:
         server.stop(grace=1)
     lines = [json.loads(line) for line in log.read_text().splitlines()]

@@ -218,3 +218,12 @@ def test_a_file_that_is_no_npz_is_named_so_and_pickles_are_not_suggested(tmp_pat
     with pytest.raises(GuardError, match=r"is not an \.npz") as refused:
         load_samples(path)
     assert "pickle" not in str(refused.value)
+
+
+def test_grey_data_for_a_colour_model_says_why_it_has_one_channel(tmp_path: Path) -> None:
+    from guard.samples import check_samples
+
+    write_images(tmp_path / "data", np.full((20, 1, 4, 4), 0.5, np.float32), None)
+    x, _ = load_samples(tmp_path / "data")
+    with pytest.raises(GuardError, match=r"the model takes \(N, 3, 4, 4\) \(an image folder whose images are all grey"):
+        check_samples(x, None, (3, 4, 4), 10, "calibration")

@@ -220,6 +220,7 @@ def test_a_request_that_does_not_parse_is_invalid_and_counted(channel: grpc.Chan
                                                              payload: bytes) -> None:
     """gRPC's own deserializer answered INTERNAL, uncounted, with a traceback in guard's log for each."""
     before = scrape(server)
+    assert f'guard_audit_log_enabled{{model="{MODEL}"}} 0.0' in before  # this server audits nothing
     for method in ("/inference.GRPCInferenceService/ModelInfer", "/guard.v1.Guard/Predict"):
         call = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
         with pytest.raises(grpc.RpcError) as raised:

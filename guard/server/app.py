@@ -120,6 +120,7 @@ class GuardServer:
             if self.settings.audit_log is not None:  # opened last, so a failed start leaves no file open
                 self.plane.audit = AuditLog(self.settings.audit_log,
                                             dropped=self.metrics.audit_dropped.labels(model=self.plane.name).inc)
+                self.metrics.audit_enabled.labels(model=self.plane.name).set(1)
             self.server.start()
             if self.health_server is not None:
                 self.health_server.start()

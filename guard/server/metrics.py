@@ -125,6 +125,8 @@ class Metrics:
         self.audit_dropped = Counter("guard_audit_lines_dropped_total",
                                      "Audit log lines lost: the disk refused them, or the writer was too far behind",
                                      ["model"], registry=r)
+        self.audit_enabled = Gauge("guard_audit_log_enabled", "1 when flagged requests are written to an audit log",
+                                   ["model"], registry=r)
         self.inflight = Gauge("guard_inflight_requests", "Requests being answered now", registry=r)
         self.ready = Gauge("guard_model_ready", "1 when the model is loaded and serving", ["model"], registry=r)
         self.build = Gauge("guard_build_info", "Build information", ["version"], registry=r)
@@ -145,6 +147,7 @@ class Metrics:
             self.check_failures.labels(model=model, outcome=outcome)
         self.batch.labels(model=model)
         self.audit_dropped.labels(model=model)
+        self.audit_enabled.labels(model=model).set(0)
         self.ready.labels(model=model).set(0)
         self._http: _ScrapeServer | None = None
         self._thread: threading.Thread | None = None
