@@ -109,7 +109,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from guard.config import ServeSettings, file_settings, load_settings
+    from guard.config import ServeSettings, load_settings, settings_from_file
     from guard.server.app import serve
 
     given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
@@ -118,10 +118,8 @@ def _serve(args: argparse.Namespace) -> int:
         settings = load_settings(given, config)
     except ValidationError as exc:
         # a value the settings file gave is named as the file's, not blamed on a flag and a variable nobody set
-        in_env = {name.lower() for name in os.environ}
-        from_file = {k: config or os.environ["GUARD_CONFIG"] for k in file_settings(config)
-                     if k not in given and f"guard_{k}" not in in_env}
-        problems = [_setting_problem(error, from_file) for error in exc.errors()]
+        path, from_file = settings_from_file(given, config)
+        problems = [_setting_problem(error, {k: path for k in from_file}) for error in exc.errors()]
         raise GuardError(f"invalid settings: {'; '.join(problems)}") from None
     serve(settings)
     return 0

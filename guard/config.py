@@ -168,10 +168,16 @@ def load_settings(flags: dict[str, Any], config: Path | None = None) -> ServeSet
     $GUARD_CONFIG), then the defaults. Raises pydantic's ValidationError for a bad value, and a GuardError for a file
     that cannot be read or names a setting that does not exist, and for a variable that sets nothing."""
     check_variables(os.environ, given=set(flags))
-    from_file = file_settings(config)
+    return ServeSettings(**{**settings_from_file(flags, config)[1], **flags})
+
+
+def settings_from_file(flags: dict[str, Any], config: Path | None = None) -> tuple[Path | None, dict[str, Any]]:
+    """The settings file (`config`, else $GUARD_CONFIG's, else None) and the values of it that count: those no flag
+    and no GUARD_* variable gives."""
+    path = config or (Path(os.environ["GUARD_CONFIG"]) if os.environ.get("GUARD_CONFIG") else None)
     in_env = {name.lower() for name in os.environ}  # pydantic-settings lowercases the variables' names
-    kept = {k: v for k, v in from_file.items() if f"guard_{k}" not in in_env}
-    return ServeSettings(**{**kept, **flags})
+    values = {} if path is None else read_settings_file(path)
+    return path, {k: v for k, v in values.items() if k not in flags and f"guard_{k}" not in in_env}
 
 
 def check_variables(environ: Mapping[str, str], given: AbstractSet[str] = frozenset()) -> None:
@@ -209,10 +215,13 @@ def file_settings(config: Path | None = None) -> dict[str, Any]:
     return {} if path is None else read_settings_file(path)
 
 
+def _repeated(keys: list[str]) -> list[str]:
+    return sorted({key for key in keys if keys.count(key) > 1})
+
+
 def _without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object whose keys are all different: json.loads keeps a repeated key's last value without a word."""
-    keys = [key for key, _ in pairs]
-    twice = sorted({key for key in keys if keys.count(key) > 1})
+    twice = _repeated([key for key, _ in pairs])
     if twice:
         raise ValueError(f"{twice} given more than once")
     return dict(pairs)
@@ -240,7 +249,7 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise GuardError(f"the settings file {path} must hold one object of settings, got {type(values).__name__}")
     named = [str(key).replace("-", "_") for key in values]
-    twice = sorted({name for name in named if named.count(name) > 1})
+    twice = _repeated(named)
     if twice:  # `auth-token-file` and `auth_token_file` both given: the last one silently won
         raise GuardError(f"the settings file {path} gives {twice} more than once (as max_batch and max-batch, say)")
     values = dict(zip(named, values.values(), strict=True))

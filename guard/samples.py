@@ -292,9 +292,9 @@ def _read_image(path: Path, first: Path | None = None, size: tuple[int, int] | N
             # 16-bit or float: converting would clip, not scale. Pillow opens a 16-bit colour PNG as RGB, keeping
             # each value's high byte: its stored (raw) mode says 16 bits.
             raw = [t[3] if isinstance(t[3], str) else str(t[3][0]) if t[3] else "" for t in image.tile or []]
-            if image.mode not in EIGHT_BIT_MODES or any(";16" in mode for mode in raw):
-                stored = image.mode if image.mode not in EIGHT_BIT_MODES else next(m for m in raw if ";16" in m)
-                raise GuardError(f"{path} is a {stored!r} image; guard reads 8-bit images only (save an .npz "
+            deep = image.mode if image.mode not in EIGHT_BIT_MODES else next((m for m in raw if ";16" in m), None)
+            if deep is not None:
+                raise GuardError(f"{path} is a {deep!r} image; guard reads 8-bit images only (save an .npz "
                                  "of x scaled as the model expects instead)")
             array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     except GuardError:

@@ -408,7 +408,7 @@ def test_shapes_a_model_run_tells_are_measured_once_per_graph(exported, monkeypa
     sessions = []
     real = ort.InferenceSession
     monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: sessions.append(1) or real(*a, **k))
-    graph._MEASURED.clear()
+    graph._INFO.clear()
     taps = default_taps(exported, conv_taps=2)
     validate_taps(exported, taps)
     assert all(shape is not None for shape in tap_shapes(exported, taps))

@@ -135,42 +135,56 @@ def _dims(type_proto: onnx.TypeProto) -> tuple[int | None, ...]:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in shape.dim)
 
 
-def _inferred_values(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    inferred = shape_inference.infer_shapes(proto)
-    return [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-
-
 def tensor_dims(proto: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
     """Dims (None where symbolic) of every tensor the graph computes.
 
     Shape inference tells most; where it cannot (older exporters flatten with Shape, Gather, Concat and Reshape, and
     everything after is unknown, the penultimate features included), runs on zero batches of 1 and 2 tell the rest.
     """
-    dims = {value.name: _dims(value.type) for value in _inferred_values(proto)
-            if value.type.tensor_type.HasField("shape")}
-    unknown = [out for node in proto.graph.node for out in node.output if out and out not in dims]
-    if unknown:
-        key = _structure(proto)
-        if key not in _MEASURED:  # a command asks several times (taps, their shapes, the served graph): run once
-            while len(_MEASURED) >= _MEASURED_KEPT:
-                del _MEASURED[next(iter(_MEASURED))]
-            _MEASURED[key] = _measured_dims(proto, unknown)
-        dims.update(_MEASURED[key])
-    return dims
+    return dict(_tensor_info(proto)[0])
 
 
-_MEASURED: dict[bytes, dict[str, tuple[int | None, ...]]] = {}  # by graph structure, the last few graphs'
-_MEASURED_KEPT = 4
+def tensor_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """ONNX element type (onnx.TensorProto.FLOAT, ...) of every tensor whose type inference can tell."""
+    return dict(_tensor_info(proto)[1])
+
+
+_TensorInfo = tuple[dict[str, tuple[int | None, ...]], dict[str, int]]
+# By graph structure, the last few graphs': a command asks for one graph's shapes and types several times (its taps,
+# their shapes and types, the served graph), and inference, let alone a run, is not to be repeated for each.
+_INFO: dict[bytes, _TensorInfo] = {}
+_INFO_KEPT = 4
+
+
+def _tensor_info(proto: onnx.ModelProto) -> _TensorInfo:
+    key = _structure(proto)
+    if key not in _INFO:
+        inferred = shape_inference.infer_shapes(proto)
+        values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+        dims = {value.name: _dims(value.type) for value in values if value.type.tensor_type.HasField("shape")}
+        unknown = [out for node in proto.graph.node for out in node.output if out and out not in dims]
+        if unknown:
+            dims.update(_measured_dims(proto, unknown))
+        types = {value.name: value.type.tensor_type.elem_type for value in values if value.type.tensor_type.elem_type}
+        while len(_INFO) >= _INFO_KEPT:
+            del _INFO[next(iter(_INFO))]
+        _INFO[key] = dims, types
+    return _INFO[key]
+
+
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
 def _structure(proto: onnx.ModelProto) -> bytes:
-    """What a graph's shapes depend on, and not its weights' values: opsets, inputs, nodes, and the initializers'
-    names, types and dims (hashing those is cheap on a model of any size; running it is not)."""
+    """What a graph's shapes and types depend on, and not its weights' values: opsets, inputs, nodes, the
+    initializers' names, types and dims, and the values of those that are not floats (a Reshape's target shape).
+    Hashing those is cheap on a model of any size; inferring, let alone running it, is not."""
     digest = hashlib.sha256()
     for part in (*proto.opset_import, *proto.graph.input, *proto.graph.node):
         digest.update(part.SerializeToString())
     for init in proto.graph.initializer:
-        digest.update(f"{init.name}:{init.data_type}:{list(init.dims)};".encode())
+        digest.update(init.SerializeToString() if init.data_type not in _FLOATS
+                      else f"{init.name}:{init.data_type}:{list(init.dims)};".encode())
     return digest.digest()
 
 
@@ -196,12 +210,6 @@ def _measured_dims(proto: onnx.ModelProto, names: list[str]) -> dict[str, tuple[
         return {}
     return {name: tuple(a if a == b else None for a, b in zip(one.shape, two.shape, strict=True))
             for name, one, two in zip(names, *runs, strict=True) if one.ndim == two.ndim}
-
-
-def tensor_types(proto: onnx.ModelProto) -> dict[str, int]:
-    """ONNX element type (onnx.TensorProto.FLOAT, ...) of every tensor whose type inference can tell."""
-    return {value.name: value.type.tensor_type.elem_type for value in _inferred_values(proto)
-            if value.type.tensor_type.elem_type}
 
 
 def tensor_ranks(proto: onnx.ModelProto) -> dict[str, int]:
