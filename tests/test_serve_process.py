@@ -141,6 +141,9 @@ def test_sighup_reopens_the_audit_log_after_rotation(backdoored: Backdoored, tmp
                 stub.Predict(guard_pb2.PredictRequest(shape=list(x.shape), data=x.tobytes()))
 
             predict()
+            deadline = time.monotonic() + 10
+            while not audit.read_text() and time.monotonic() < deadline:  # its writer's thread has written the line
+                time.sleep(0.05)
             rotated = audit.rename(tmp_path / "audit.jsonl.1")
             process.send_signal(signal.SIGHUP)
             deadline = time.monotonic() + 10

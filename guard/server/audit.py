@@ -125,7 +125,8 @@ class AuditLog:
 
     def reopen(self) -> None:
         """Open `target` afresh (on SIGHUP, after logrotate moved the file away), so that no line is appended to a
-        file that has been rotated out; the lines recorded before go to the old one. Where the new file cannot be
+        file that has been rotated out; the lines written before go to the old one (a line still queued when the
+        file was moved goes to the new one: the writer finds the path moved and opens it afresh). Where the new file cannot be
         opened, the lines go on to the old one."""
         if self.target == "-":
             return
