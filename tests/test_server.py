@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 import urllib.request
@@ -621,11 +622,19 @@ def test_a_port_in_use_is_refused_not_shared(backdoored: Backdoored) -> None:
     try:
         for taken, message in (({"port": first.port}, "cannot listen on .*: Address already in use"),
                                ({"health_port": first.health_port},
-                                "cannot answer health checks on .*: Address already in use")):
+                                "cannot answer health checks on .*: Address already in use"),
+                               ({"metrics_port": first.metrics_port},
+                                "cannot serve metrics on .*: Address already in use")):
             settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path,
                                      **{"port": 0, "metrics_port": 0, **taken})
+            second = GuardServer(settings, guard=first.guard)
             with pytest.raises(GuardError, match=message):
-                GuardServer(settings, guard=first.guard).start()
+                second.start()
+            if second.port:  # bound before the failure: a failed start lets go of it, for a retry to take
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", second.port))
+            with pytest.raises(GuardError, match="cannot start again"):
+                second.start()
         assert call_once(first, backdoored.x_eval[:2]) == 2  # the first one serves on
     finally:
         first.stop(grace=1)

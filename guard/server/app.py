@@ -103,8 +103,8 @@ class GuardServer:
             raise GuardError("a stopped server cannot start again; make a new one")
         credentials = None if self.settings.tls_cert is None else server_credentials(
             self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca)
-        self.port = _bind(self.server, self.settings.host, self.settings.port, credentials, "listen")
         try:
+            self.port = _bind(self.server, self.settings.host, self.settings.port, credentials, "listen")
             if self.settings.health_port is not None:  # plaintext: it says SERVING or not, nothing else
                 self.health_server = HealthPort(options=[NO_PORT_SHARING])
                 self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -116,22 +116,23 @@ class GuardServer:
             except OSError as exc:
                 raise GuardError(
                     f"cannot serve metrics on {host_port(self.settings.metrics_host, self.settings.metrics_port)}: "
-                    f"{exc}") from None
-            if self.settings.audit_log is not None:  # opened last, so a failed start leaves no file open
+                    f"{exc.strerror or exc}") from None
+            if self.settings.audit_log is not None:  # opened last: the failures above leave no file behind
                 self.plane.audit = AuditLog(self.settings.audit_log,
                                             dropped=self.metrics.audit_dropped.labels(model=self.plane.name).inc)
                 self.metrics.audit_enabled.labels(model=self.plane.name).set(1)
             self.server.start()
             if self.health_server is not None:
                 self.health_server.start()
-        except BaseException:  # a failed start leaves nothing running or open behind it
+        except BaseException:  # a failed start leaves nothing running, bound or open behind it
+            self._stopped.set()
+            if self.port:
+                self._let_go_of_port()
             if self.health_server is not None:
                 self.health_server.stop()
                 self.health_server = None
             self.metrics.close()
-            if self.plane.audit is not None:
-                self.plane.audit.close()
-                self.plane.audit = None
+            self.plane.close()
             raise
         self.plane.ready = True
         self.metrics.ready.labels(model=self.plane.name).set(1)
@@ -139,6 +140,16 @@ class GuardServer:
         log.info("guard serving model %r on %s (metrics on %s, policy %s, providers %s)", self.plane.name,
                  host_port(self.settings.host, self.port), host_port(self.settings.metrics_host, self.metrics_port),
                  self.guard.policy.value, ",".join(self.guard.engine.providers))
+
+    def _let_go_of_port(self) -> None:
+        """Unbind the main port after a failed start. gRPC holds a bound port until a started server stops, and
+        stopping one never started does nothing: start it and stop it at once, cancelling any call that came in
+        between (nothing said SERVING)."""
+        try:
+            self.server.start()
+        except ValueError:  # gRPC refuses a second start: the failure came after it, and stopping unbinds
+            pass
+        self.server.stop(None).wait()
 
     def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let in-flight ones finish (up to `grace` seconds), then close everything."""

@@ -47,18 +47,20 @@ class _ScrapeServer(socketserver.ThreadingMixIn, WSGIServer):
 
     daemon_threads = True
 
-    def start_watch(self) -> None:
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         self._places = threading.BoundedSemaphore(METRICS_CONNECTIONS)
         self._deadlines: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="guard-metrics-watch", daemon=True)
+        super().__init__(*args, **kwargs)  # binds; a refused bind calls server_close before the watcher runs
         self._watcher.start()
 
     def server_close(self) -> None:
         self._closed.set()
         super().server_close()
-        self._watcher.join()
+        if self._watcher.is_alive():
+            self._watcher.join()
 
     def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         if not self._places.acquire(timeout=_PLACE_WAIT_SECONDS):
@@ -157,7 +159,6 @@ class Metrics:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # an IPv6 host needs AF_INET6
         server = type("_ScrapeServerOfFamily", (_ScrapeServer,), {"address_family": family})
         self._http = make_server(host, port, make_wsgi_app(self.registry), server, handler_class=_ScrapeHandler)
-        self._http.start_watch()
         self._thread = threading.Thread(target=self._http.serve_forever, name="guard-metrics", daemon=True)
         self._thread.start()
         return int(self._http.server_port)
