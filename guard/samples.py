@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import secrets
@@ -21,6 +22,8 @@ import numpy as np
 from numpy.lib.npyio import NpzFile
 
 from guard.errors import GuardError
+
+log = logging.getLogger("guard.samples")
 
 
 def write_atomic(path: Path, write: Callable[[Path], object],
@@ -244,9 +247,14 @@ def _image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
         if nested:  # their images were skipped without a word
             raise GuardError(f"class folders hold folders ({', '.join(map(str, nested[:3]))}); guard reads the "
                              "images directly in each class folder")
-        files = [(f, int(c.name)) for c in classes for f in _listing(c) if _is_image(f)]
+        listed = [(f, int(c.name)) for c in classes for f in _listing(c)]
     else:
-        files = [(f, None) for f in loose]
+        listed = [(f, None) for f in entries if f.is_file()]
+    files = [(f, label) for f, label in listed if _is_image(f)]
+    others = [f.name for f, _ in listed if f.is_file() and not f.name.startswith(".") and not _is_image(f)]
+    if others:  # a photo library's .heic files would otherwise leave the samples short without a word
+        log.warning("skipped %d file(s) in %s that are not images guard reads (%s): %s", len(others), folder,
+                    ", ".join(IMAGE_SUFFIXES), ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
     if not files:
         raise GuardError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     first = _read_image(files[0][0])

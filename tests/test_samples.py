@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,26 @@ def test_loose_images_are_unlabelled_and_colour_ones_have_three_channels(tmp_pat
     assert y is None and x.shape == (5, 3, 8, 6) and np.abs(x - rgb).max() <= 0.5 / 255 + 1e-6
     Image.fromarray(np.zeros((8, 6, 4), np.uint8), "RGBA").save(tmp_path / "rgb" / "00005.png")  # alpha is dropped
     assert load_samples(tmp_path / "rgb")[0].shape == (6, 3, 8, 6)
+
+
+def test_files_that_are_not_images_are_named_as_skipped(tmp_path: Path) -> None:
+    """A folder short of the files guard cannot read says so, rather than calibrating on fewer samples unawares."""
+    x = np.random.default_rng(1).random((3, 1, 4, 4), dtype=np.float32)
+    write_images(tmp_path / "data", x, np.array([0, 1, 1]))
+    (tmp_path / "data" / "1" / "IMG_0001.heic").write_bytes(b"\0")
+    (tmp_path / "data" / "0" / ".hidden").write_bytes(b"\0")
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("guard.samples").addHandler(handler)
+    try:
+        assert len(load_samples(tmp_path / "data")[0]) == 3
+        assert len(messages) == 1 and "skipped 1 file(s)" in messages[0] and "IMG_0001.heic" in messages[0]
+        (tmp_path / "data" / "1" / "IMG_0001.heic").unlink()
+        load_samples(tmp_path / "data")
+        assert len(messages) == 1  # hidden files are no one's samples
+    finally:
+        logging.getLogger("guard.samples").removeHandler(handler)
 
 
 def test_a_folder_is_grey_only_if_every_image_is(tmp_path: Path) -> None:
