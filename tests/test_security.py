@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 import subprocess
 import urllib.request
@@ -137,6 +139,10 @@ def test_the_audit_log_names_a_client_by_its_certificate_common_name_or_else_its
 
 def test_bearer_token_guards_everything_but_health(backdoored: Backdoored, pki: Path) -> None:
     server = serve(backdoored, auth_token_file=pki / "token")
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("guard.server").addHandler(handler)
     try:
         url = f"127.0.0.1:{server.port}"
         x = backdoored.x_eval[:3]
@@ -169,7 +175,14 @@ def test_bearer_token_guards_everything_but_health(backdoored: Backdoored, pki: 
             text = response.read().decode()
         # the five inference calls; the refused Watch and metadata calls are not inference requests
         assert f'guard_request_errors_total{{code="UNAUTHENTICATED",model="{MODEL}"}} 5.0' in text
+        # a refusal names its caller and method, at most one line per 10 s: eleven refusals do not make eleven lines
+        refusals = [line for line in logged if "bearer token" in line]
+        assert 1 <= len(refusals) < 11
+        assert re.search(r"refused /inference\.GRPCInferenceService/ModelInfer from ipv[46]:.*127\.0\.0\.1",
+                         refusals[0]), refusals[0]
+        assert "s3cret" not in "".join(logged) and "Bearer" not in "".join(logged)  # no token given is written
     finally:
+        logging.getLogger("guard.server").removeHandler(handler)
         server.stop(grace=1)
 
 

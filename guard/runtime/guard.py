@@ -69,8 +69,9 @@ class SparseLog:
     since the last: 300 requests past their check budget in half a second wrote 300 lines. Kinds apart, so that a
     caller failing checks at will does not hide another failure's line."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, logger: logging.Logger = log) -> None:
         self._seconds = seconds
+        self._logger = logger
         self._last: dict[str, float] = {}
         self._left_out: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -83,7 +84,7 @@ class SparseLog:
                 return
             left_out, self._last[kind] = self._left_out.pop(kind, 0), now
         more = f" ({left_out} more since the last such line)" if left_out else ""
-        log.warning(message + more, *args)
+        self._logger.warning(message + more, *args)
 
 
 class Guard:

@@ -8,6 +8,7 @@ needs `authorization: Bearer <token>` when a token is configured. The token is r
 from __future__ import annotations
 
 import hmac
+import logging
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +16,12 @@ from pathlib import Path
 import grpc
 
 from guard.errors import GuardError
+from guard.runtime.guard import SparseLog
 
 OPEN_METHODS = ("/grpc.health.v1.Health/Check",)
 # The calls guard_request_errors_total counts, against guard_requests_total's answered ones (the error share).
 INFERENCE_METHODS = ("/inference.GRPCInferenceService/ModelInfer", "/guard.v1.Guard/Predict")
+REFUSAL_LOG_SECONDS = 10.0  # a refused call is logged at most this often: anyone who can connect can repeat one
 
 
 def read_secret(path: Path, what: str) -> bytes:
@@ -73,18 +76,21 @@ class BearerToken(grpc.ServerInterceptor):
             raise GuardError("the bearer token is empty")
         self._token = token.encode()
         self._open = open_methods
+        self._on_refused_inference = on_refused_inference
+        self._refused = SparseLog(REFUSAL_LOG_SECONDS, logging.getLogger("guard.server"))
 
-        def refusal(count: bool) -> grpc.RpcMethodHandler:
-            def refuse(_requests: object, context: grpc.ServicerContext) -> None:
-                if count:
-                    on_refused_inference()
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+    def _refusal(self, method: str) -> grpc.RpcMethodHandler:
+        def refuse(_requests: object, context: grpc.ServicerContext) -> None:
+            if method in INFERENCE_METHODS:
+                self._on_refused_inference()
+            # who tried, for a security team; the token given is not written, as it may be a near miss of the real one
+            self._refused.warning("token", "refused %s from %s: missing or wrong bearer token", method,
+                                  context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
 
-            # Request-streaming, whatever the method: the refusal comes as the headers arrive, without waiting for a
-            # message that a caller without the token need never send (holding one of the port's places meanwhile).
-            return grpc.stream_unary_rpc_method_handler(refuse)
-
-        self._refusals = {True: refusal(True), False: refusal(False)}
+        # Request-streaming, whatever the method: the refusal comes as the headers arrive, without waiting for a
+        # message that a caller without the token need never send (holding one of the port's places meanwhile).
+        return grpc.stream_unary_rpc_method_handler(refuse)
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
                           handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -96,4 +102,4 @@ class BearerToken(grpc.ServerInterceptor):
         scheme, _, credentials = str(given[0] if len(given) == 1 else "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(credentials.lstrip(" ").encode(), self._token):
             return continuation(handler_call_details)
-        return self._refusals[handler_call_details.method in INFERENCE_METHODS]
+        return self._refusal(handler_call_details.method)
