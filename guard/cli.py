@@ -550,10 +550,7 @@ def _repair(args: argparse.Namespace) -> int:
     repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
     stamps, warps, blends = split_targets(triggers)
     rejected_path = report_path.with_name(f"{report_path.stem}.rejected{report_path.suffix}")
-    if not report.within_bound:  # beside an earlier run's model, its report would describe a model not written
-        report_path = rejected_path
-    write_json(report_path, {**report.to_dict(), "trigger_targets": stamps, "warp_targets": warps,
-                             "blend_targets": blends})
+    facts = {**report.to_dict(), "trigger_targets": stamps, "warp_targets": warps, "blend_targets": blends}
     if report.duplicates_dropped:
         print(f"guard: note: {report.duplicates_dropped} clean sample(s) repeat an earlier one and were left out (a "
               "copy on both sides of the held-out split would be judged on an image it trained on)")
@@ -564,9 +561,12 @@ def _repair(args: argparse.Namespace) -> int:
         advice = ("the mask cost it: calibrate's --acc-budget bounds that" if settings.method == "prune" else
                   f"in {report.attempts} run(s): try a lower --lr or fewer --epochs")
         measure = "accuracy" if report.labelled else "agreement with the model"
+        write_json(rejected_path, facts)  # beside an earlier run's model, its report would describe a model not written
         raise GuardError(f"the repair cost too much held-out {measure} ({report.summary()}); {args.out} not written, "
-                         f"the report is in {report_path}; {advice}")
+                         f"the report is in {rejected_path}; {advice}")
+    # the model first: a write that fails between the two leaves the old report beside the old model, not a new one
     write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
+    write_json(report_path, facts)
     rejected_path.unlink(missing_ok=True)  # a past run's, which no longer describes what lies beside it
     print(f"guard: wrote {args.out} and {report_path}: {report.summary()}")
     print("guard: the repaired model has new weights: run guard calibrate on it before serving it")
@@ -609,6 +609,7 @@ def _train(args: argparse.Namespace) -> int:
     settings.validate()
     poisoned = load_poisoned(args.data, len(x))
     report_path = args.report or _output_file(args.out).with_suffix(".train.json")
+    rejected = report_path.with_name(f"{report_path.stem}.rejected.json")
     _writable(args.out, report_path, inputs=(args.data,))
     torch.manual_seed(args.seed)
     model = build(args.model, x, y)
@@ -621,7 +622,6 @@ def _train(args: argparse.Namespace) -> int:
         facts: dict = report.to_dict()
         if not any(channels for r in report.rounds for channels in r.reset.values()):
             # a model NONE left alone is a plainly trained one, backdoor and all: not written as NONE's
-            rejected = report_path.with_name(f"{report_path.stem}.rejected.json")
             write_json(rejected, {**facts, "samples": len(x), "model": args.model})
             raise GuardError(f"NONE reset no channel, so the model is trained plainly; {args.out} not written "
                              f"({summary}); the report is in {rejected}")
@@ -633,6 +633,7 @@ def _train(args: argparse.Namespace) -> int:
     accuracy = float((predict(model, x) == y).mean())
     write_atomic(args.out, lambda tmp: export_checked(model, args.model, shape, tmp))
     write_json(report_path, {**facts, "training_accuracy": accuracy, "samples": len(x), "model": args.model})
+    rejected.unlink(missing_ok=True)  # a past run's, which no longer describes what lies beside it
     print(f"guard: wrote {args.out} and {report_path}: {summary}; accuracy on the training set {accuracy:.3f}")
     return 0
 

@@ -721,6 +721,11 @@ def test_cli_train_takes_any_sample_count_and_writes_strict_json(train_file, tmp
     text = (tmp_path / "none.train.rejected.json").read_text()
     report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the report"))
     assert report["rounds"][0]["threshold"] is None
+    # a later run that writes the model takes the rejected report away: it describes no model beside it
+    code, _ = _run_cli(["train", "--data", str(tmp_path / "odd.npz"), "--model", "cnn", "--out", str(out),
+                        "--epochs", "1"])
+    assert code == 0 and out.exists() and (tmp_path / "none.train.json").exists()
+    assert not (tmp_path / "none.train.rejected.json").exists()
 
 
 def test_build_names_the_builtin_architectures():

@@ -339,6 +339,34 @@ def test_cli_repair_writes_no_model_that_cost_too_much_in_every_run(backdoored, 
     assert report["within_bound"] is False and report["attempts"] == 3  # the report says what happened
 
 
+def test_cli_repair_whose_model_write_fails_leaves_the_earlier_report(backdoored, clean_data, tmp_path,
+                                                                      monkeypatch, capsys):
+    """The model is written before its report: a failed write (a full disk) leaves the earlier pair as it was."""
+    out, earlier_report = tmp_path / "fixed.onnx", tmp_path / "fixed.repair.json"
+    out.write_bytes(b"an earlier run's model")
+    earlier_report.write_text("an earlier run's report")
+
+    def full_disk(*_args: object, **_kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", full_disk)
+    code = main(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(out), "--method",
+                 "prune"])
+    assert code == 2 and "No space left on device" in capsys.readouterr().err
+    assert out.read_bytes() == b"an earlier run's model" and earlier_report.read_text() == "an earlier run's report"
+
+
+def test_unlabelled_repair_data_must_hold_every_class_the_model_answers(backdoored):
+    """Labelled data short of a class is refused; unlabelled, the model's own answers show the same gap."""
+    x, y = backdoored.x_clean, backdoored.y_clean
+    half = x[y < 5][:200]
+    with pytest.raises(GuardError, match=r"answers none of the 200 unlabelled repair samples with class\(es\) "
+                                         r"\[.*9\]: fine-tuned on its own answers it would forget them"):
+        repair(backdoored.model_path, half, None, settings=RepairSettings(method="ar", epochs=1))
+    _, report = repair(backdoored.model_path, half, None, settings=RepairSettings(method="prune"))  # trains nothing
+    assert report.method == "prune"
+
+
 def test_repair_leaves_out_repeated_samples_and_prune_takes_no_triggers(backdoored, clean_data, trigger, tmp_path,
                                                                         capsys):
     twice = tmp_path / "twice.npz"

@@ -152,11 +152,11 @@ class RepairReport:
 
     def summary(self) -> str:
         norm = "" if self.infected_norm_left is None else f", infected weights' norm x{self.infected_norm_left:.3f}"
-        if self.attempts > 1:
-            norm += f", lr backed off to {self.lr_used:g} after {self.attempts - 1} run(s) cost too much accuracy"
-        if not self.within_bound:
-            norm += ", past the accuracy bound: not fit to serve"
         measure = "accuracy" if self.labelled else "agreement with the model"
+        if self.attempts > 1:
+            norm += f", lr backed off to {self.lr_used:g} after {self.attempts - 1} run(s) cost too much {measure}"
+        if not self.within_bound:
+            norm += f", past the {measure} bound: not fit to serve"
         return (f"{self.method}: {sum(self.infected.values())} infected channels {self.infected}, held-out {measure} "
                 f"{self.accuracy_before:.3f} -> {self.accuracy_after:.3f} on {self.holdout_samples} samples"
                 f"{norm}, {self.seconds:.1f} s")
@@ -330,6 +330,11 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
         _refuse_narrow_weights(_trainable(loaded.proto, module), settings.method)
     output = loaded.output_name
     labels = y if y is not None else _predict(module, output, x)
+    unanswered = sorted(set(range(loaded.num_classes)) - set(np.unique(labels).tolist()))
+    if y is None and settings.method != "prune" and unanswered:  # labelled, check_samples refused it above
+        raise GuardError(f"the model answers none of the {len(x)} unlabelled repair samples with class(es) "
+                         f"{unanswered[:10]}: fine-tuned on its own answers it would forget them; give samples of "
+                         "every class, or their labels y")
     right_before = _predict(module, output, x[hold]) == labels[hold]
     accuracy_before = float(right_before.mean())
 
@@ -363,8 +368,9 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
             right = _predict(module, output, x[hold]) == labels[hold]
             if not _costly(right_before, right, settings) or attempts > settings.backoffs:
                 break
-            log.info("repair: held-out accuracy %.3f -> %.3f at lr %g; retrying at %g", accuracy_before,
-                     right.mean(), lr, lr / 2)
+            log.info("repair: held-out %s %.3f -> %.3f at lr %g; retrying at %g",
+                     "accuracy" if y is not None else "agreement with the model", accuracy_before, right.mean(), lr,
+                     lr / 2)
             lr /= 2
             with torch.no_grad():
                 for name, param in params.items():
