@@ -81,6 +81,19 @@ def test_committed_stubs_match_fresh_generation(tmp_path):
     )
 
 
+def test_gen_proto_refuses_a_folder_it_did_not_make(tmp_path):
+    """`--out` one level too high would have removed every __init__.py and *_pb2.py below it as stale stubs."""
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "sub" / "__init__.py").write_text("VALUE = 1\n")
+    (package / "model_pb2.py").write_text("# someone else's\n")
+    proc = subprocess.run([sys.executable, str(GEN_SCRIPT), "--out", str(package)], cwd=ROOT, capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode != 0 and "not a stubs folder made here" in proc.stderr
+    assert (package / "sub" / "__init__.py").read_text() == "VALUE = 1\n" and (package / "model_pb2.py").exists()
+    assert sorted(p.name for p in package.rglob("*")) == ["__init__.py", "model_pb2.py", "sub"]
+
+
 def _clear_json_names(messages) -> None:
     for msg in messages:
         for field in msg.field:

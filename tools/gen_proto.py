@@ -150,6 +150,14 @@ def is_generated(rel: str) -> bool:
     )
 
 
+def _owned(out: Path) -> bool:
+    """Whether `out` is this script's to write in: new, empty, or holding the `_pool.py` it writes."""
+    pool = out / "_pool.py"
+    if pool.is_file():
+        return pool.read_text(encoding="utf-8").startswith(SUBPACKAGE_INIT)
+    return not out.exists() or (out.is_dir() and not any(p.name != "__pycache__" for p in out.iterdir()))
+
+
 def generate(out: Path, package: str = DEFAULT_PACKAGE, proto_dir: Path = PROTO_DIR) -> list[str]:
     """Generate into ``out``; return the relative paths written (top-level __init__.py excluded)."""
     protos = find_protos(proto_dir)
@@ -160,13 +168,18 @@ def generate(out: Path, package: str = DEFAULT_PACKAGE, proto_dir: Path = PROTO_
         run_protoc(proto_dir, protos, gen_root)
         files = postprocess(gen_root, package)
 
+    if not _owned(out):
+        raise SystemExit(f"{out} holds files and no _pool.py of this script's: it is not a stubs folder made here, "
+                         "and its files are not this script's to replace or remove; give a new or empty folder, or "
+                         "the stubs' own")
     out.mkdir(parents=True, exist_ok=True)
     # Drop stale outputs (e.g. of a deleted .proto) before writing the new set.
     for path in sorted(out.rglob("*"), reverse=True):
         rel = path.relative_to(out).as_posix()
         if "__pycache__" in path.parts:
             continue
-        if path.is_file() and is_generated(rel) and rel not in files:
+        if path.is_file() and is_generated(rel) and rel not in files and (
+                not rel.endswith("__init__.py") or path.read_text(encoding="utf-8") == SUBPACKAGE_INIT):
             path.unlink()
         elif path.is_dir() and not any(p for p in path.iterdir() if p.name != "__pycache__"):
             shutil.rmtree(path)
