@@ -389,6 +389,10 @@ def _scan(args: argparse.Namespace) -> int:
     given = {"steps": args.steps, "threshold": args.threshold, "warp_scan": args.warps, "blend_scan": args.blends}
     settings = ScanSettings(**{k: v for k, v in given.items() if v is not None}, seed=args.seed)
     settings.validate()  # before the data and the model are read
+    data = Path(args.data).resolve()
+    if data.is_dir() and Path(args.out).resolve().is_relative_to(data):  # its PNGs would be read as samples next
+        raise GuardError(f"{args.out} lies in the data folder {args.data}: the scan's pictures would be read as "
+                         "samples next time; write to another folder")
     x, y = load_samples(args.data)
     made = _missing_folders(args.out)
     try:  # the output folder before the scan's minutes, not after

@@ -312,6 +312,11 @@ def test_scan_refuses_an_output_folder_that_is_a_file_before_scanning(tmp_path: 
     out, err = capsys.readouterr()
     assert code == 2 and "cannot use" in err and str(taken) in err
     assert "anomaly" not in out  # the scan's report was never printed
+    images = tmp_path / "images"
+    (images / "0").mkdir(parents=True)
+    for inside in (images, images / "scan"):  # its pictures would be read as samples, of another size, next time
+        assert main(["scan", str(backdoored.model_path), "--data", str(images), "--out", str(inside)]) == 2
+        assert "lies in the data folder" in capsys.readouterr().err and not (images / "scan").exists()
 
 
 def test_outputs_that_are_folders_are_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -349,22 +354,24 @@ def test_train_writes_into_a_new_folder_and_leaves_no_temporary_file(tmp_path: P
 
 
 def tiny_model(batch: int | str = "N", elem: int = TensorProto.FLOAT, classes: int = 3, opset: int = 17,
-               softmax: str | None = None) -> onnx.ModelProto:
+               softmax: str | None = None, sample: tuple[int, int, int] = (1, 4, 4)) -> onnx.ModelProto:
     """`softmax`: the op that takes a Softmax of the scores to the output."""
-    weight = numpy_helper.from_array(np.ones((16, classes), np.float32), "w")
+    weight = numpy_helper.from_array(np.ones((int(np.prod(sample)), classes), np.float32), "w")
     nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["scores"])]
     if softmax:
         nodes += [helper.make_node("Softmax", ["scores"], ["p"], axis=1), helper.make_node(softmax, ["p"], ["logits"])]
     else:
         nodes += [helper.make_node("Identity", ["scores"], ["logits"])]
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("x", elem, [batch, 1, 4, 4])],
+        nodes, "tiny", [helper.make_tensor_value_info("x", elem, [batch, *sample])],
         [helper.make_tensor_value_info("logits", elem, [batch, classes])], [weight])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def test_a_tiny_model_of_the_right_form_loads() -> None:
     assert load_model(tiny_model()).num_classes == 3  # the refusals below are for their one defect
+    for sample in ((3, 32, 32), (1, 28, 28), (4, 8, 8)):  # channels first, of any image size
+        assert load_model(tiny_model(sample=sample)).sample_shape == sample
 
 
 @pytest.mark.parametrize(("model", "fragment"), [
@@ -377,6 +384,9 @@ def test_a_tiny_model_of_the_right_form_loads() -> None:
     (tiny_model(softmax="Identity"), "is a Softmax of its logits; guard needs the logits"),
     (tiny_model(softmax="Flatten"), "is a Softmax of its logits"),  # it was taken for logits behind a reshape
     (tiny_model(softmax="Dropout"), "is a Softmax of its logits"),
+    # a scan's mask over (H, W, C) would be one value per column, its PNG a strip
+    (tiny_model(sample=(28, 28, 1)), "of shape .None, 28, 28, 1. looks channels-last"),
+    (tiny_model(sample=(32, 32, 3)), "model.x.permute.0, 2, 3, 1.."),
 ])
 def test_models_guard_cannot_serve_are_refused_at_load(model: onnx.ModelProto, fragment: str) -> None:
     with pytest.raises(ModelError, match=fragment.replace("(", r"\(")):

@@ -96,6 +96,12 @@ def load_model(source: str | Path | bytes | onnx.ModelProto) -> LoadedModel:
     input_shape = _dims(inputs[0].type)
     if len(input_shape) != 4:
         raise ModelError(f"expected an image input (N, C, H, W); {inputs[0].name!r} has shape {input_shape}")
+    second, third, last = input_shape[1:]
+    if last in (1, 3, 4) and third is not None and third > 4 and (second is None or second > 4):
+        # a mask, a trigger or a warp over (H, W, C) would run along the wrong axes: refused, not scanned as strips
+        raise ModelError(f"the input {inputs[0].name!r} of shape {input_shape} looks channels-last (N, H, W, C); "
+                         "guard reads (N, C, H, W) models: export a wrapper that takes (N, C, H, W) and permutes it, "
+                         "forward(x) = model(x.permute(0, 2, 3, 1))")
     if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise ModelError(f"guard serves float32 inputs; {inputs[0].name!r} is "
                          f"{onnx.TensorProto.DataType.Name(inputs[0].type.tensor_type.elem_type)}")
