@@ -85,7 +85,7 @@ def build(source: Path, out: Path, seed: int = SEED) -> dict[str, np.ndarray]:
     size = tmp.stat().st_size
     if size >= MAX_BYTES:
         tmp.unlink()
-    assert size < MAX_BYTES, f"bundled subset is {size} bytes, over the {MAX_BYTES}-byte limit"
+        raise SystemExit(f"bundled subset is {size} bytes, over the {MAX_BYTES}-byte limit")
     tmp.replace(out)
     return arrays
 

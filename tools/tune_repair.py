@@ -28,7 +28,7 @@ from guard.scan import ScanSettings, run_scan
 from tools.tuning import tuning_case
 
 VARIANTS: dict[str, dict[str, object]] = {
-    "default": {},
+    "default": {"candidates": "scan"},  # the scan's own candidates, as `guard repair --scan` unlearns
     "constant-3e-3": {"schedule": "constant", "lr": 3e-3, "backoffs": 0},  # the defaults before tuning
     "cosine": {"lr": 3e-3, "backoffs": 0},
     "cosine-15": {"lr": 3e-3, "epochs": 15, "backoffs": 0},
@@ -96,10 +96,10 @@ def _answers(session: ort.InferenceSession, name: str, x: np.ndarray) -> np.ndar
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="cnn")
-    parser.add_argument("--attacks", nargs="+", default=["badnets", "blend", "clean"])
+    parser.add_argument("--arch", default="cnn", choices=["cnn", "resnet"])
+    parser.add_argument("--attacks", nargs="+", default=["badnets", "blend", "clean"], choices=list(ATTACKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[10])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_fashion_mnist("train")
@@ -123,6 +123,8 @@ def main() -> None:
             index = scan.classes.anomaly_index
             if floor == "true":
                 triggers = [_true_trigger(attack_name, x_def.shape[1:])]
+            elif floor == "scan":
+                triggers = list(scan.candidates)
             elif floor is None:
                 triggers = [] if scan.suspect is None else [scan.suspect]
             else:

@@ -81,8 +81,8 @@ def variant(text: str) -> tuple[str, dict[str, object]]:
 def comparison_args(description: str, attacks: list[str], settings_name: str) -> argparse.Namespace:
     """The command line the side-by-side tools share: architecture, attacks, seeds, variants, measuring images."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--arch", default="cnn")
-    parser.add_argument("--attacks", nargs="+", default=attacks)
+    parser.add_argument("--arch", default="cnn", choices=["cnn", "resnet"])
+    parser.add_argument("--attacks", nargs="+", default=attacks, choices=list(ATTACKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[10])
     parser.add_argument("--variant", type=variant, action="append", required=True,
                         help=f"NAME=JSON of {settings_name} fields; give two or more")
