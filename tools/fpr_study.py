@@ -28,7 +28,7 @@ from guard.runtime.policy import Policy
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="resnet")
+    parser.add_argument("--arch", default="resnet", choices=["cnn", "resnet"])
     parser.add_argument("--seed", type=int, default=0, help="the model's training seed")
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--defender", type=int, default=1000, help="clean samples per calibration")

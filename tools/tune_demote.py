@@ -20,7 +20,7 @@ import torch
 
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.eval.datasets import load_fashion_mnist
-from guard.eval.suite import TARGET
+from guard.eval.suite import ATTACKS, TARGET
 from guard.runtime.guard import Guard
 from tools.tuning import tuning_case
 
@@ -31,8 +31,9 @@ def _share(labels: np.ndarray, want: np.ndarray | int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="cnn")
-    parser.add_argument("--attacks", nargs="+", default=["badnets-1%", "blend", "source-specific", "clean"])
+    parser.add_argument("--arch", default="cnn", choices=["cnn", "resnet"])
+    parser.add_argument("--attacks", nargs="+", default=["badnets-1%", "blend", "source-specific", "clean"],
+                        choices=list(ATTACKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[10])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.01, 0.015])
     args = parser.parse_args()
