@@ -465,6 +465,17 @@ CORRUPTIONS = {
     "an-fp8-tensor": (lambda s, p: _with_raw_tensor(s, p, "F8_E4M3"),
                       r"holds tensors of a type a guard profile never has: \{'extra': 'F8_E4M3'\}"),
     "a-bf16-tensor": (lambda s, p: _with_raw_tensor(s, p, "BF16"), "'extra': 'BF16'"),
+    # integers pass the finite and shape checks, and were served: every request flagged, or the envelope off
+    "integer-class-mean": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "class_mean",
+                                                                        t["class_mean"].astype(np.int64))),
+                           "class_mean must be floating-point, got int64"),
+    "u8-input-bound": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "input_bound",
+                                                                    t["input_bound"].astype(np.uint8))),
+                       "input_bound must be floating-point"),
+    "benign-of-twos": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "taps.0.benign", 2 * t["taps.0.benign"])),
+                       r"taps.0.benign must be a set of channels"),
+    "an-unknown-tensor": (lambda s, p: _edited(s, p, lambda t, m: _set(t, "padding", np.zeros(4, np.float32))),
+                          r"tensors a profile does not have: \['padding'\]"),
 }
 
 
@@ -692,7 +703,8 @@ def test_cli_calibrate_with_a_missing_data_file_fails_in_one_line(setup: Setup, 
 
 @pytest.mark.parametrize(("option", "value"), [("--fpr-confidence", "1"), ("--demote-rate", "-0.1"),
                                                ("--suspect", "10"), ("--reference-rate", "1"),
-                                               ("--reference-folds", "0"), ("--conv-taps", "-1")])
+                                               ("--reference-folds", "0"), ("--conv-taps", "-1"),
+                                               ("--seed", "-1")])
 def test_cli_calibrate_with_an_impossible_setting_fails_in_one_line(setup: Setup, tmp_path: Path, option: str,
                                                                    value: str) -> None:
     np.savez(tmp_path / "clean.npz", x=setup.x_cal[:40], y=setup.y_cal[:40])
@@ -700,6 +712,34 @@ def test_cli_calibrate_with_an_impossible_setting_fails_in_one_line(setup: Setup
                    option, value, cwd=tmp_path)
     assert_one_line_error(done, option)
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_settings_that_would_calibrate_nonsense_are_refused_and_numpy_numbers_are_plain() -> None:
+    """A NaN k_min gave k = NaN (no channel ever compromised); the others failed deep inside with a traceback, or
+    (a numpy number) when the finished profile's metadata was written."""
+    for fields, fragment in (({"k_min": math.nan}, "k_min"), ({"k_quantile": 2.0}, "quantile"),
+                             ({"top_q": 0}, "top_q"), ({"batch_size": 0}, "batch_size"), ({"seed": -1}, "--seed"),
+                             ({"seed": 1.5}, "--seed"), ({"extra": {"when": object()}}, "extra"),
+                             ({"layers": ["relu", ""]}, "empty tensor name")):
+        with pytest.raises(GuardError, match=fragment):
+            CalibrationSettings(**fields).validate()
+    settings = CalibrationSettings(fpr=np.float32(0.05), seed=np.int64(3), top_q=np.int32(2))
+    settings.validate()
+    assert (type(settings.fpr), type(settings.seed), type(settings.top_q)) == (float, int, int)
+    assert json.loads(json.dumps(dataclasses.asdict(settings)))["seed"] == 3
+
+
+def test_a_profile_in_memory_with_nan_thresholds_is_not_served(setup: Setup) -> None:
+    """The loader refuses NaN; a profile never saved (calibrate's own, or a caller's) is checked as Guard takes it."""
+    loaded, profile = load_model(setup.model_path), setup.profile
+    assert Guard(loaded, profile).predict(setup.x_cal[:2]).labels.shape == (2,)
+    for changes in ({"tau": math.nan}, {"k": math.nan}, {"parts": [dataclasses.replace(profile.thresholds.parts[0],
+                                                                                        spread=math.nan)]}):
+        odd = dataclasses.replace(profile, thresholds=dataclasses.replace(profile.thresholds, **changes))
+        with pytest.raises(ProfileError, match="hold NaN"):
+            Guard(loaded, odd)
+    with pytest.raises(ProfileError, match="hold NaN"):
+        Guard(loaded, dataclasses.replace(profile, class_mean=profile.class_mean * math.nan))
 
 
 def test_profile_without_a_demote_threshold_loads_with_demotion_off(setup: Setup, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ clean sample.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -156,8 +157,9 @@ class CalibrationSettings:
     extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.suspect, np.integer):  # a class number from numpy is still a class number (and JSON-able)
-            self.suspect = int(self.suspect)
+        for name, value in asdict(self).items():  # a number from numpy is still a number (and goes into the profile)
+            if isinstance(value, np.generic):
+                setattr(self, name, value.item())
 
     def validate(self) -> None:
         """Refuse settings that cannot calibrate, naming the option."""
@@ -207,8 +209,27 @@ class CalibrationSettings:
             raise GuardError(f"the re-prediction's cut must be a positive z, got {self.cut_z}")
         if isinstance(self.conv_taps, bool) or not isinstance(self.conv_taps, int) or self.conv_taps < 0:
             raise GuardError(f"--conv-taps must be a whole number >= 0, got {self.conv_taps!r}")
+        if self.layers is not None and not all(self.layers):
+            raise GuardError(f"--layers names an empty tensor name: {self.layers}")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise GuardError(f"--layers names a tensor twice: {self.layers}")
+        if not (np.isfinite(self.k_min) and self.k_min > 0):  # a NaN k marks no channel, and nothing is re-predicted
+            raise GuardError(f"the channel threshold's floor k_min must be a positive number, got {self.k_min}")
+        if not 0 < self.k_quantile < 1:
+            raise GuardError(f"the channel threshold's quantile must lie in (0, 1), got {self.k_quantile}")
+        for name in ("top_q", "batch_size"):
+            if not _whole(getattr(self, name), least=1):
+                raise GuardError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if not _whole(self.seed, least=0):
+            raise GuardError(f"--seed must be a whole number >= 0, got {self.seed!r}")
+        try:
+            json.dumps(self.extra, allow_nan=False)
+        except (TypeError, ValueError) as exc:  # it goes into the profile's metadata, after the calibration's work
+            raise GuardError(f"the settings' extra must be plain JSON: {exc}") from None
+
+
+def _whole(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None = None, *,

@@ -263,6 +263,20 @@ class Profile:
                 f"model sha256 {sha256[:12]}…); run `guard calibrate` on this model"
             )
 
+    def validate(self) -> None:
+        """Refuse NaN among the thresholds and statistics of a profile built in memory (calibrate's, or a caller's),
+        which is served without ever being loaded, where the loader refuses them: a NaN tau flags everything, a NaN
+        k marks no channel, and nothing is re-predicted. (Infinities mean "off" in memory.)"""
+        t = self.thresholds
+        numbers = [t.k, t.tau, t.cut, t.demote, t.suspect_demote, t.overrule, t.confirm_ceiling, t.warp_overrule,
+                   t.envelope_demote, *(v for v in (t.confirm, t.lean_centre, t.lean_spread, t.envelope_centre,
+                                                    t.envelope_spread) if v is not None),
+                   *(v for part in t.parts for v in (part.centre, part.spread))]
+        arrays = [self.class_mean, self.class_scale, *(a for p in t.parts for a in (p.class_mean, p.whiten)
+                                                       if a is not None)]
+        if any(math.isnan(float(v)) for v in numbers) or any(np.isnan(a).any() for a in arrays):
+            raise ProfileError("the profile's thresholds or class statistics hold NaN; run guard calibrate again")
+
     def save(self, path: str | Path) -> Path:
         """Write the profile whole, with the file mode the umask gives (safetensors' own writer makes it 0600, which
         a server running as another user cannot read), and only if it loads back: a profile every command would
@@ -338,6 +352,7 @@ class Profile:
 
     @classmethod
     def _from_parts(cls, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> Profile:
+        given = tensors
         # The guard computes its statistics in float32: a float64 value that is finite and positive as stored may
         # overflow to inf or underflow to 0 there, so every check below is made on the float32 value.
         with np.errstate(over="ignore", under="ignore"):  # the reference's weights keep the model's own dtype
@@ -420,6 +435,7 @@ class Profile:
         for name, value in profile.reference.items():  # which weights they may replace, the model says (Guard)
             if not name or not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
                 raise ValueError(f"the reference's weight {name!r} must be named, floating-point and finite")
+        _check_tensors(meta, given)
         return profile
 
     def without_reference(self) -> Profile:
@@ -428,6 +444,31 @@ class Profile:
                                                               confirm_ceiling=math.inf, warp_class=None,
                                                               warp_overrule=math.inf, lean_class=None,
                                                               lean_centre=None, lean_spread=None))
+
+
+_MASKS = ("benign", "keep")  # a tap's channel sets, written as U8; its other arrays are statistics
+_PART_ARRAYS = ("class_mean", "whiten")  # a distance part's
+
+
+def _check_tensors(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    """Refuse tensors a profile never has: a name the format does not define (read into memory and kept for
+    nothing), a statistic that is not floating-point, a channel set of other values than 0 and 1. Run once the
+    metadata is known good."""
+    known = {"class_mean", "class_scale", _INPUT_BOUND,
+             *(f"taps.{i}.{name}" for i in range(len(meta["taps"])) for name in (*_TAP_ARRAYS, "unit_bound")),
+             *(f"parts.{i}.{name}" for i in range(len(meta["thresholds"].get("parts", [])))
+               for name in _PART_ARRAYS)}
+    unknown = sorted(key for key in tensors if key not in known and not key.startswith(_REFERENCE))
+    if unknown:
+        raise ValueError(f"tensors a profile does not have: {unknown[:5]}")
+    for key, value in tensors.items():
+        if key.startswith(_REFERENCE):
+            continue  # checked above: named, floating-point and finite
+        if key.rsplit(".", 1)[-1] in _MASKS and key.startswith("taps."):
+            if value.dtype not in (np.uint8, np.bool_) or not np.isin(value, (0, 1)).all():
+                raise ValueError(f"{key} must be a set of channels (0 or 1 each, U8), got {value.dtype}")
+        elif not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"{key} must be floating-point, got {value.dtype}")
 
 
 # The threshold keys each format writes (null where a part is off), from the format that added them. A key its

@@ -109,6 +109,7 @@ class Guard:
         CNN), so a budget must cover a batch of flagged samples, or a caller sending triggered ones fails it."""
         if check_budget is not None and (engine != "onnxruntime" or not 0 < check_budget < math.inf):
             raise GuardError("a check budget needs the onnxruntime engine and a positive, finite number of seconds")
+        profile.validate()  # as the loader does: one built in memory was never loaded
         profile.verify_model(model.sha256)
         try:
             validate_taps(model, profile.tap_names)
