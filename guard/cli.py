@@ -22,6 +22,17 @@ if TYPE_CHECKING:
     from guard.model.graph import LoadedModel
 
 
+def _seed(text: str) -> int:
+    """A seed numpy's generators take: a whole number, 0 or more (a negative one failed after the data was read)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number, 0 or more, got {text!r}")
+    return seed
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from guard.calibrate.pipeline import CalibrationSettings, calibrate
     from guard.samples import check_samples, load_samples
@@ -97,7 +108,8 @@ def _calibrate(args: argparse.Namespace) -> int:
               f"{f['unanswered_classes']}; their requests are judged by the other classes' statistics")
     if f["unbounded_rates"]:
         print(f"guard: note: {f['samples']} clean samples cannot bound "
-              + ", ".join(f"--{name.replace('_', '-')} (needs {need})" for name, need in f["unbounded_rates"].items())
+              + ", ".join(f"--{name.replace('_', '-')} (needs {need if need < 10**9 else 'more than 10^9'})"
+                          for name, need in f["unbounded_rates"].items())
               + f" at --fpr-confidence {settings.fpr_confidence}: each such threshold is the highest clean score, "
               "and the rate on fresh requests may be higher than the one printed")
     print(f"guard: wrote {args.out}: taps {profile.tap_names}, pruned {sum(f['pruned_channels'].values())} "
@@ -756,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a request past a demote threshold keeps the model's answer where the reference gives "
                           "it at least this probability and the request scores no higher than the highest clean "
                           "calibration sample (default 0.99; 0: demote it all the same)")
-    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--seed", type=_seed, default=0)
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(run=_calibrate)
 
@@ -866,7 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--blends", action=argparse.BooleanOptionalAction, default=True,
                       help="also look for a blended trigger: the class a faint pattern blended over the whole image "
                            "sends most images to (default; --no-blends skips it)")
-    scan.add_argument("--seed", type=int, default=0)
+    scan.add_argument("--seed", type=_seed, default=0)
     scan.set_defaults(run=_scan)
 
     rep = commands.add_parser("repair", help="purify a backdoored model's weights with clean data")
@@ -896,7 +908,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="learning rate over the run: cosine decays it to 0 (default), constant keeps it")
     rep.add_argument("--strength", type=float, help="weight of the penalty (default 1.0)")
     rep.add_argument("--report", type=Path, help="report JSON (default: next to --out, .repair.json)")
-    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--seed", type=_seed, default=0)
     rep.set_defaults(run=_repair)
 
     exp = commands.add_parser("export", help="export a torch architecture with its trained weights to the ONNX file "
@@ -941,7 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "looks like other classes this much more often than the rest of the class (default "
                           "0.6; 0 turns it off, the paper)")
     trn.add_argument("--report", type=Path, help="report JSON (default: next to --out, .train.json)")
-    trn.add_argument("--seed", type=int, default=0)
+    trn.add_argument("--seed", type=_seed, default=0)
     trn.set_defaults(run=_train)
 
     ev = commands.add_parser("eval", help="run the evaluation protocol: attacks, baselines, report (docs/eval)")

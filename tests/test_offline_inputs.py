@@ -302,6 +302,17 @@ def test_a_misspelt_layer_is_refused_before_the_scan(tmp_path: Path, capsys: pyt
             "--out", tmp_path / "out")
 
 
+@pytest.mark.parametrize("command", [["calibrate", "m.onnx", "--out", "p.safetensors"], ["scan", "m.onnx"],
+                                     ["repair", "m.onnx", "--out", "r.onnx"], ["train", "--model", "cnn",
+                                                                               "--out", "t.onnx"]])
+def test_a_negative_seed_is_refused_before_anything_is_read(command: list[str],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """numpy's generators refuse one with a traceback, after the data was read (calibrate, scan, repair)."""
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--data", "missing.npz", "--seed", "-1"])
+    assert exited.value.code == 2 and "a seed is a whole number, 0 or more, got '-1'" in capsys.readouterr().err
+
+
 def test_scan_refuses_an_output_folder_that_is_a_file_before_scanning(tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str],
                                                                       backdoored: Backdoored) -> None:

@@ -703,8 +703,7 @@ def test_cli_calibrate_with_a_missing_data_file_fails_in_one_line(setup: Setup, 
 
 @pytest.mark.parametrize(("option", "value"), [("--fpr-confidence", "1"), ("--demote-rate", "-0.1"),
                                                ("--suspect", "10"), ("--reference-rate", "1"),
-                                               ("--reference-folds", "0"), ("--conv-taps", "-1"),
-                                               ("--seed", "-1")])
+                                               ("--reference-folds", "0"), ("--conv-taps", "-1")])
 def test_cli_calibrate_with_an_impossible_setting_fails_in_one_line(setup: Setup, tmp_path: Path, option: str,
                                                                    value: str) -> None:
     np.savez(tmp_path / "clean.npz", x=setup.x_cal[:40], y=setup.y_cal[:40])
