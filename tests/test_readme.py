@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import Backdoored
@@ -40,7 +41,10 @@ def test_the_calibration_example_builds_the_profile_the_cli_would(backdoored: Ba
     assert result.labels.shape == (len(x),) and result.flagged.mean() > 0.5  # BadNets-triggered images
 
 
-def test_the_tritonclient_example_gets_answers_and_verdicts(backdoored: Backdoored) -> None:
+def test_the_tritonclient_example_gets_answers_and_verdicts(backdoored: Backdoored, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the example reads clean.npz, as made by the quick start
+    np.savez("clean.npz", x=backdoored.x_clean[:8], y=backdoored.y_clean[:8])
     server = GuardServer(ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0,
                                        metrics_port=0, model_name="model"))
     server.start()
