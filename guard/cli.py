@@ -428,7 +428,15 @@ PARTIAL_FIGURES = "figures.partial.json"
 def _eval(args: argparse.Namespace) -> int:
     import shlex
 
-    from guard.eval.report import PartialFigures, check_targets, headline_table, misses_text, write_report
+    from guard.bench import exit_on_sigterm
+    from guard.eval.report import (
+        PartialFigures,
+        check_targets,
+        figures_missing,
+        headline_table,
+        misses_text,
+        write_report,
+    )
     from guard.eval.suite import EvalSettings, below_floor, run_suite
 
     try:
@@ -450,16 +458,19 @@ def _eval(args: argparse.Namespace) -> int:
             raise GuardError(f"{args.figures} is not a guard eval figures.json (no list of cases)")
         if not figures["cases"]:
             raise GuardError(f"{args.figures} holds no case: there is no report to draw")
+        missing = figures_missing(figures)
+        if missing:  # before anything in --out is replaced
+            raise GuardError(f"{args.figures} is not a guard eval figures.json: it lacks {', '.join(missing[:5])}")
         _writable_folder(args.out, "the report")
         print(f"guard: wrote {write_report(figures, args.out, figures.get('command', 'unknown'))}")
         return 0
 
     settings = EvalSettings.quick_run() if args.quick else EvalSettings()
     try:
-        for name in ("attacks", "archs"):
-            if getattr(args, name):
+        for name in ("attacks", "archs"):  # given empty (an unset shell variable) is refused, not the defaults
+            if getattr(args, name) is not None:
                 setattr(settings, name, getattr(args, name).split(","))
-        if args.seeds:
+        if args.seeds is not None:
             if not all(s.strip().removeprefix("-").isdigit() for s in args.seeds.split(",")):
                 raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}")
             settings.seeds = [int(s) for s in args.seeds.split(",")]
@@ -469,6 +480,12 @@ def _eval(args: argparse.Namespace) -> int:
         settings.validate()
     except ValueError as exc:
         raise GuardError(f"guard eval: {exc}") from None
+    if settings.quick and "badnets" not in settings.attacks:
+        raise GuardError("guard eval --quick checks its floors on the badnets case: keep badnets in --attacks")
+    if (args.out / PARTIAL_FIGURES).exists():  # the only copy of a cut-short run's cases, which this run would replace
+        raise GuardError(f"{args.out} holds {PARTIAL_FIGURES}, the cases of a run cut short: draw them with guard "
+                         f"eval --figures {args.out / PARTIAL_FIGURES} --out FOLDER, move the file away, or give "
+                         "another --out")
     made = _missing_folders(args.out)
     _writable_folder(args.out, "the report")  # now, not after an hour of training; and not for a run refused above
 
@@ -480,7 +497,17 @@ def _eval(args: argparse.Namespace) -> int:
 
     command = "guard " + shlex.join(args.argv)
     partial = PartialFigures(args.out / PARTIAL_FIGURES, command)
-    figures = run_suite(settings, on_case=progress, checkpoint=partial.keep)
+    try:
+        with exit_on_sigterm():  # the workers are stopped, not left running on with nobody to collect them
+            figures = run_suite(settings, on_case=progress, checkpoint=partial.keep)
+    except (KeyboardInterrupt, SystemExit):
+        if partial.path.exists():
+            print(f"guard eval: interrupted; the cases finished are kept in {partial.path} (guard eval --figures "
+                  "draws them)", file=sys.stderr)
+        else:
+            _remove_empty(made)
+            print("guard eval: interrupted before any case finished", file=sys.stderr)
+        raise
     for failure in figures["failures"]:
         print(f"guard eval: case failed: {failure}", file=sys.stderr)
     if not figures["cases"]:  # nothing to draw; an earlier report in --out stays whole

@@ -118,22 +118,25 @@ def _group_misses(attack: str, arch: str, cases: list[dict], target_fpr: float) 
         return _checked_mean(cases, method, key)
 
     def require(ok: bool, target: str, value: float, percent: bool = True, reference: float = 0.0,
-                note: str = "") -> None:
-        """A non-finite value or reference (a figure that is missing) is a miss, never a silent pass."""
+                note: str = "", unit: str = "%") -> None:
+        """A non-finite value or reference (a figure that is missing) is a miss, never a silent pass. `unit`: "%"
+        for a rate, " points" for a difference of rates."""
         if not (np.isfinite(value) and np.isfinite(reference)):
             misses.append(Miss(attack, arch, target, "no figure"))
         elif not ok:
-            misses.append(Miss(attack, arch, target, (f"{100 * value:.2f}%" if percent else f"{value:.3f}") + note))
+            misses.append(Miss(attack, arch, target, (f"{100 * value:.2f}{unit}" if percent else f"{value:.3f}")
+                               + note))
 
     ca_loss = mean("none", "ca") - mean("guard", "ca")
     fpr = mean("guard", "fpr")
     if attack == "clean":
         require(at_most(fpr, target_fpr), f"clean model flagged ≤ {100 * target_fpr:g}%", fpr)
         require(at_most(ca_loss, MAX_ACCURACY_LOSS_CLEAN_MODEL),
-                f"clean model: no accuracy lost (≤ {100 * MAX_ACCURACY_LOSS_CLEAN_MODEL:g} points)", ca_loss)
+                f"clean model: no accuracy lost (≤ {100 * MAX_ACCURACY_LOSS_CLEAN_MODEL:g} points)", ca_loss,
+                unit=" points")
         return misses
     require(at_most(ca_loss, MAX_ACCURACY_LOSS), f"clean accuracy within {100 * MAX_ACCURACY_LOSS:g} point",
-            ca_loss)
+            ca_loss, unit=" points")
     asr_bound = MAX_ASR_LOOSE.get(attack, MAX_ASR)
     asr = mean("guard", "asr")
     require(at_most(asr, asr_bound), f"ASR ≤ {100 * asr_bound:g}%", asr, note=_untouched_note(cases, "guard"))
@@ -172,19 +175,21 @@ def _reduction(cases: list[dict]) -> float:
 def _repair_group_misses(attack: str, arch: str, cases: list[dict]) -> list[Miss]:
     misses: list[Miss] = []
 
-    def require(ok: bool, target: str, value: float, note: str = "") -> None:
+    def require(ok: bool, target: str, value: float, note: str = "", unit: str = "%") -> None:
         if not (np.isfinite(value) and ok):
             misses.append(Miss(attack, arch, target,
-                               "no figure" if not np.isfinite(value) else f"{100 * value:.2f}%{note}"))
+                               "no figure" if not np.isfinite(value) else f"{100 * value:.2f}{unit}{note}"))
 
     for method, title in (("ar-repair", "AR repair"), ("none-train", "NONE training")):
         loss = _checked_mean(cases, "none", "ca") - _checked_mean(cases, method, "ca")
         if attack == "clean":
             require(at_most(loss, REPAIR_MAX_ACCURACY_LOSS_CLEAN_MODEL),
-                    f"clean model: {title} loses ≤ {100 * REPAIR_MAX_ACCURACY_LOSS_CLEAN_MODEL:g} point", loss)
+                    f"clean model: {title} loses ≤ {100 * REPAIR_MAX_ACCURACY_LOSS_CLEAN_MODEL:g} point", loss,
+                    unit=" points")
             continue
         bound = AR_MAX_ACCURACY_LOSS if method == "ar-repair" else NONE_MAX_ACCURACY_LOSS
-        require(at_most(loss, bound), f"{title}: clean accuracy within {100 * bound:g} points", loss)
+        require(at_most(loss, bound), f"{title}: clean accuracy within {100 * bound:g} points", loss,
+                unit=" points")
     if attack in AR_ATTACKS:
         asr = _checked_mean(cases, "ar-repair", "asr")
         require(at_most(asr, AR_MAX_ASR), f"AR repair: ASR ≤ {100 * AR_MAX_ASR:g}%", asr,
@@ -451,6 +456,24 @@ class PartialFigures:
             self.path.unlink(missing_ok=True)
 
 
+_SETTINGS_DRAWN = ("attacks", "archs", "seeds", "fpr", "acc_budget", "n_train", "epochs", "n_clean", "n_eval",
+                   "strip_samples", "scan_steps")
+_MACHINE_DRAWN = ("cpus", "platform", "python", "torch")
+_CASE_DRAWN = ("attack", "arch", "seed", "methods")
+
+
+def figures_missing(figures: dict) -> list[str]:
+    """What of the figures the report draws from `figures` lacks (`settings.fpr`, `cases[3].methods`): a file of
+    another making is named as such, not met by a KeyError halfway through the drawing."""
+    missing = [key for key in ("settings", "machine", "seconds", "cases") if key not in figures]
+    for key, drawn in (("settings", _SETTINGS_DRAWN), ("machine", _MACHINE_DRAWN)):
+        part = figures.get(key)
+        missing += [f"{key}.{name}" for name in drawn if not isinstance(part, dict) or name not in part]
+    for index, case in enumerate(figures.get("cases") or []):
+        missing += [f"cases[{index}].{name}" for name in _CASE_DRAWN if not isinstance(case, dict) or name not in case]
+    return missing
+
+
 def write_report(figures: dict, out: str | Path, command: str) -> Path:
     """Write figures.json, the PNG plots and report.md under `out`; returns the report's path.
 
@@ -459,6 +482,8 @@ def write_report(figures: dict, out: str | Path, command: str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = {**figures, "command": figures.get("command", command)}
+    # An earlier run's report would sit beside these figures if the drawing below failed or were interrupted.
+    (out / "report.md").unlink(missing_ok=True)
     write_json(out / "figures.json", figures, indent=1)  # first: the report can be redrawn from it
     images = plot(figures, out)
     misses = check_targets(figures)

@@ -10,12 +10,15 @@ Thresholds come from the defender's clean set only; triggered images are used fo
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import platform
+import signal
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib import import_module
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TARGET = 0
+FASHION_TRAIN = 60_000  # images in the Fashion-MNIST training split, which each case samples its training set from
 
 
 @dataclass(frozen=True)
@@ -143,10 +147,11 @@ class EvalSettings:
                 raise ValueError(f"at least one of {name} is needed")
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} repeat a value ({values}): repeated cases are not independent runs")
-        if min(self.seeds) < 0:  # numpy's generators take none, and every case would fail
-            raise ValueError(f"seeds must be 0 or more, got {self.seeds}")
-        if self.n_train < 100 or self.epochs < 1 or self.workers < 1:
-            raise ValueError("n_train must be at least 100, epochs and workers at least 1")
+        if min(self.seeds) < 0 or max(self.seeds) >= 2**32:  # numpy's generators take none, torch's no larger
+            raise ValueError(f"seeds must lie in 0..2^32-1, got {self.seeds}")
+        if not 100 <= self.n_train <= FASHION_TRAIN or self.epochs < 1 or self.workers < 1:
+            raise ValueError(f"n_train must lie in 100..{FASHION_TRAIN:,} (the training split), epochs and workers "
+                             "must be at least 1")
         if self.n_clean < 20:
             raise ValueError(f"the defender's clean set needs at least 20 images (calibration's minimum), "
                              f"got {self.n_clean}")
@@ -492,6 +497,19 @@ def _worker_init() -> None:
 
     torch.set_num_threads(1)
     logging.getLogger("guard").setLevel(logging.WARNING)
+    # A terminal's Ctrl-C reaches the whole process group: the parent decides (it stops the workers), rather than
+    # each worker recording the interruption as its case's failure and taking the next case.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool: ProcessPoolExecutor, workers: list[multiprocessing.process.BaseProcess]) -> None:
+    """Drop the cases not started and end the running ones now: leaving the pool's block waited for every queued
+    case, and an interrupted run went on for an hour; a second Ctrl-C then hung joining the workers."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(timeout=10)
 
 
 def run_suite(settings: EvalSettings, on_case: Callable[[dict[str, object]], None] | None = None,
@@ -535,13 +553,30 @@ def run_suite(settings: EvalSettings, on_case: Callable[[dict[str, object]], Non
         for case in cases:
             finished(case, lambda case=case: run_case(case, settings))
     else:
-        with ProcessPoolExecutor(settings.workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+        others = set(multiprocessing.active_children())
+        pool = ProcessPoolExecutor(min(settings.workers, len(cases)), mp_context=get_context("spawn"),
+                                   initializer=_worker_init)
+        try:
             # The slower (later) architecture first, so that the workers finish together; results are sorted after.
             slow_first = sorted(cases, key=lambda c: -settings.archs.index(c.arch))
             futures = {pool.submit(run_case, case, settings): case for case in slow_first}
             for future in as_completed(futures):
-                finished(futures[future], future.result)
+                finished(futures[future], lambda future=future: _outcome(future))
+        except BaseException:  # Ctrl-C, or SIGTERM as SystemExit: the finished cases are kept (checkpoint)
+            _stop_workers(pool, [p for p in multiprocessing.active_children() if p not in others])
+            raise
+        pool.shutdown()
     return figures()
+
+
+def _outcome(future: Future) -> dict[str, object]:
+    """A worker's case, or why it has none: a worker that died (killed, out of memory) broke the pool, and every
+    case not yet answered fails with it."""
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise RuntimeError("a worker process died (killed, or out of memory?), and the run lost this case with it; "
+                           "run it again, with fewer --workers if memory ran out") from None
 
 
 __all__ = ["ARCHS", "ATTACKS", "QUICK_FLOORS", "AttackSpec", "Case", "EvalSettings", "below_floor", "run_case",
