@@ -23,13 +23,13 @@ if TYPE_CHECKING:
 
 
 def _seed(text: str) -> int:
-    """A seed numpy's generators take: a whole number, 0 or more (a negative one failed after the data was read)."""
+    """A seed numpy's and torch's generators take (another one failed with a traceback after the data was read)."""
     try:
         seed = int(text)
     except ValueError:
         seed = -1
-    if seed < 0:
-        raise argparse.ArgumentTypeError(f"a seed is a whole number, 0 or more, got {text!r}")
+    if not 0 <= seed < 2**32:  # numpy's generators take no negative one, torch's none past 64 bits
+        raise argparse.ArgumentTypeError(f"a seed is a whole number in 0..2^32-1, got {text!r}")
     return seed
 
 
@@ -463,6 +463,8 @@ def _eval(args: argparse.Namespace) -> int:
             raise GuardError(f"{args.figures} is not a guard eval figures.json: it lacks {', '.join(missing[:5])}")
         _writable_folder(args.out, "the report")
         print(f"guard: wrote {write_report(figures, args.out, figures.get('command', 'unknown'))}")
+        if Path(args.figures).resolve() == (args.out / PARTIAL_FIGURES).resolve():  # its cases are in figures.json
+            Path(args.figures).unlink()  # now, and would stop the next run into the folder
         return 0
 
     settings = EvalSettings.quick_run() if args.quick else EvalSettings()
@@ -501,12 +503,14 @@ def _eval(args: argparse.Namespace) -> int:
         with exit_on_sigterm():  # the workers are stopped, not left running on with nobody to collect them
             figures = run_suite(settings, on_case=progress, checkpoint=partial.keep)
     except (KeyboardInterrupt, SystemExit):
-        if partial.path.exists():
+        if partial.failed:
+            print("guard eval: interrupted; the cases finished could not be kept (said above)", file=sys.stderr)
+        elif partial.path.exists():
             print(f"guard eval: interrupted; the cases finished are kept in {partial.path} (guard eval --figures "
                   "draws them)", file=sys.stderr)
         else:
             _remove_empty(made)
-            print("guard eval: interrupted before any case finished", file=sys.stderr)
+            print("guard eval: interrupted before any case was measured", file=sys.stderr)
         raise
     for failure in figures["failures"]:
         print(f"guard eval: case failed: {failure}", file=sys.stderr)

@@ -247,7 +247,7 @@ def _image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
         if nested:  # their images were skipped without a word
             raise GuardError(f"class folders hold folders ({', '.join(map(str, nested[:3]))}); guard reads the "
                              "images directly in each class folder")
-        listed = [(f, int(c.name)) for c in classes for f in _listing(c)]
+        listed = [(f, int(c.name)) for c in classes for f in _listing(c)] + [(f, None) for f in entries if f.is_file()]
     else:
         listed = [(f, None) for f in entries if f.is_file()]
     files = [(f, label) for f, label in listed if _is_image(f)]

@@ -74,6 +74,9 @@ def test_an_interrupted_run_stops_its_workers_at_once_and_keeps_the_finished_cas
     process = start_eval(tmp_path, 2.0, "--attacks", "badnets,blend,clean", "--archs", "cnn", "--seeds", "0,1,2",
                          "--workers", "2", "--out", str(out))
     wait_for(out / "figures.partial.json", process)
+    while len((tmp_path / "pids").read_text().split()) < 2:  # the second worker may still be importing torch
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
     if sig == signal.SIGINT:
         os.killpg(process.pid, sig)
     else:
@@ -98,6 +101,10 @@ def test_an_interrupted_run_stops_its_workers_at_once_and_keeps_the_finished_cas
     # the next run into the folder would replace the only copy of those cases: refused, and the file kept
     assert main(["eval", "--attacks", "badnets", "--archs", "cnn", "--seeds", "0", "--out", str(out)]) == 2
     assert (out / "figures.partial.json").read_text() == json.dumps(kept, indent=1) + "\n"
+    # drawn into its own folder, as the README says, its cases are in figures.json and it makes way for a new run
+    assert main(["eval", "--figures", str(out / "figures.partial.json"), "--out", str(out)]) == 0
+    assert json.loads((out / "figures.json").read_text())["cases"] == kept["cases"]
+    assert not (out / "figures.partial.json").exists()
 
 
 def test_a_run_of_several_workers_writes_every_case_in_order(tmp_path: Path) -> None:

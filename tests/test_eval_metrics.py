@@ -202,6 +202,10 @@ def test_partial_figures_are_kept_and_a_failed_write_does_not_end_the_run(tmp_pa
     assert kept["command"] == "guard eval" and kept["cases"][0]["methods"]["guard"]["auroc_took"] is None
     partial.remove()
     assert not partial.path.exists()
+    partial.keep(_figures(_case("badnets", 0)))
+    partial.failed = True  # a later write failed: the one kept earlier still goes once the run's figures are written
+    partial.remove()
+    assert not partial.path.exists()
     blocked = PartialFigures(tmp_path / "taken", "guard eval")
     blocked.path.mkdir()  # e.g. the disk refuses: said once, and the run goes on
     for _ in range(2):

@@ -310,7 +310,10 @@ def test_a_negative_seed_is_refused_before_anything_is_read(command: list[str],
     """numpy's generators refuse one with a traceback, after the data was read (calibrate, scan, repair)."""
     with pytest.raises(SystemExit) as exited:
         main([*command, "--data", "missing.npz", "--seed", "-1"])
-    assert exited.value.code == 2 and "a seed is a whole number, 0 or more, got '-1'" in capsys.readouterr().err
+    assert exited.value.code == 2 and "a seed is a whole number in 0..2^32-1, got '-1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # torch's generators take none past 64 bits
+        main([*command, "--data", "missing.npz", "--seed", str(2**64)])
+    assert f"got '{2**64}'" in capsys.readouterr().err
 
 
 def test_scan_refuses_an_output_folder_that_is_a_file_before_scanning(tmp_path: Path,
@@ -381,7 +384,8 @@ def tiny_model(batch: int | str = "N", elem: int = TensorProto.FLOAT, classes: i
 
 def test_a_tiny_model_of_the_right_form_loads() -> None:
     assert load_model(tiny_model()).num_classes == 3  # the refusals below are for their one defect
-    for sample in ((3, 32, 32), (1, 28, 28), (4, 8, 8)):  # channels first, of any image size
+    # channels first, of any image size, and a (C, T, 1) signal, which is no square image with its channels last
+    for sample in ((3, 32, 32), (1, 28, 28), (4, 8, 8), (9, 128, 1), (8, 16, 4)):
         assert load_model(tiny_model(sample=sample)).sample_shape == sample
 
 
@@ -526,9 +530,9 @@ def test_an_eval_whose_every_case_fails_writes_nothing_over_an_earlier_report(
     err = capsys.readouterr().err
     assert err.count("guard eval: case failed:") == 2 and "every case failed (2); nothing written" in err
     assert sorted(p.name for p in out.iterdir()) == ["report.md"] and (out / "report.md").read_text() == "the earlier run"
-    assert "seeds must be 0 or more" in run(capsys, "eval", "--quick", "--seeds", "-1", "--out", out)
+    assert "seeds must lie in 0..2^32-1" in run(capsys, "eval", "--quick", "--seeds", "-1", "--out", out)
     fresh = tmp_path / "fresh" / "report"  # neither exists: both are removed
-    assert "seeds must be 0 or more" in run(capsys, "eval", "--quick", "--seeds", "-1", "--out", fresh)
+    assert "seeds must lie in 0..2^32-1" in run(capsys, "eval", "--quick", "--seeds", "-1", "--out", fresh)
     assert main(["eval", "--quick", "--workers", "1", "--out", str(fresh)]) == 2
     assert "every case failed (2); nothing written" in capsys.readouterr().err
     assert not fresh.parent.exists()  # a run that wrote nothing leaves no empty folder it made

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -719,6 +720,7 @@ def test_settings_that_would_calibrate_nonsense_are_refused_and_numpy_numbers_ar
     for fields, fragment in (({"k_min": math.nan}, "k_min"), ({"k_quantile": 2.0}, "quantile"),
                              ({"top_q": 0}, "top_q"), ({"batch_size": 0}, "batch_size"), ({"seed": -1}, "--seed"),
                              ({"seed": 1.5}, "--seed"), ({"extra": {"when": object()}}, "extra"),
+                             ({"extra": {"lock": threading.Lock()}}, "extra"),  # not even copied on the way
                              ({"layers": ["relu", ""]}, "empty tensor name")):
         with pytest.raises(GuardError, match=fragment):
             CalibrationSettings(**fields).validate()

@@ -55,14 +55,17 @@ def test_files_that_are_not_images_are_named_as_skipped(tmp_path: Path) -> None:
     write_images(tmp_path / "data", x, np.array([0, 1, 1]))
     (tmp_path / "data" / "1" / "IMG_0001.heic").write_bytes(b"\0")
     (tmp_path / "data" / "0" / ".hidden").write_bytes(b"\0")
+    (tmp_path / "data" / "labels.csv").write_text("beside the class folders")
     messages: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("guard.samples").addHandler(handler)
     try:
         assert len(load_samples(tmp_path / "data")[0]) == 3
-        assert len(messages) == 1 and "skipped 1 file(s)" in messages[0] and "IMG_0001.heic" in messages[0]
+        assert len(messages) == 1 and "skipped 2 file(s)" in messages[0]
+        assert "IMG_0001.heic" in messages[0] and "labels.csv" in messages[0]
         (tmp_path / "data" / "1" / "IMG_0001.heic").unlink()
+        (tmp_path / "data" / "labels.csv").unlink()
         load_samples(tmp_path / "data")
         assert len(messages) == 1  # hidden files are no one's samples
     finally:

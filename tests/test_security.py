@@ -186,6 +186,27 @@ def test_bearer_token_guards_everything_but_health(backdoored: Backdoored, pki: 
         server.stop(grace=1)
 
 
+def test_a_refused_method_name_cannot_forge_a_log_line(backdoored: Backdoored, pki: Path) -> None:
+    """The method is the caller's own text: a newline in it wrote a line of the caller's making into the log."""
+    server = serve(backdoored, auth_token_file=pki / "token")
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("guard.server").addHandler(handler)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            forged = channel.unary_unary("/a/b\n2026-01-01 WARNING guard.server: forged", request_serializer=bytes,
+                                         response_deserializer=bytes)
+            with pytest.raises(grpc.RpcError) as refused:
+                forged(b"", timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        logging.getLogger("guard.server").removeHandler(handler)
+        server.stop(grace=1)
+    refusals = [line for line in logged if "bearer token" in line]
+    assert len(refusals) == 1 and "\n" not in refusals[0] and "'/a/b\\n2026" in refusals[0]
+
+
 def test_callers_without_the_token_hold_no_place_on_the_port(backdoored: Backdoored, pki: Path) -> None:
     """A call without the token that never sends its message is refused as its headers arrive, so any number of them
     cannot fill the port's concurrent-call limit (--max-inflight plus the control calls) against those with it."""

@@ -623,16 +623,17 @@ def test_a_port_in_use_is_refused_not_shared(backdoored: Backdoored) -> None:
         for taken, message in (({"port": first.port}, "cannot listen on .*: Address already in use"),
                                ({"health_port": first.health_port},
                                 "cannot answer health checks on .*: Address already in use"),
-                               ({"metrics_port": first.metrics_port},
+                               ({"metrics_port": first.metrics_port, "health_port": 0},
                                 "cannot serve metrics on .*: Address already in use")):
             settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path,
                                      **{"port": 0, "metrics_port": 0, **taken})
             second = GuardServer(settings, guard=first.guard)
             with pytest.raises(GuardError, match=message):
                 second.start()
-            if second.port:  # bound before the failure: a failed start lets go of it, for a retry to take
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", second.port))
+            for bound in (second.port, second.health_port):  # bound before the failure: let go of, for a retry
+                if bound:
+                    with socket.socket() as probe:
+                        probe.bind(("127.0.0.1", bound))
             with pytest.raises(GuardError, match="cannot start again"):
                 second.start()
         assert call_once(first, backdoored.x_eval[:2]) == 2  # the first one serves on

@@ -154,7 +154,7 @@ def _owned(out: Path) -> bool:
     """Whether `out` is this script's to write in: new, empty, or holding the `_pool.py` it writes."""
     pool = out / "_pool.py"
     if pool.is_file():
-        return pool.read_text(encoding="utf-8").startswith(SUBPACKAGE_INIT)
+        return pool.read_bytes().startswith(SUBPACKAGE_INIT.encode())
     return not out.exists() or (out.is_dir() and not any(p.name != "__pycache__" for p in out.iterdir()))
 
 
@@ -179,7 +179,7 @@ def generate(out: Path, package: str = DEFAULT_PACKAGE, proto_dir: Path = PROTO_
         if "__pycache__" in path.parts:
             continue
         if path.is_file() and is_generated(rel) and rel not in files and (
-                not rel.endswith("__init__.py") or path.read_text(encoding="utf-8") == SUBPACKAGE_INIT):
+                not rel.endswith("__init__.py") or path.read_bytes() == SUBPACKAGE_INIT.encode()):
             path.unlink()
         elif path.is_dir() and not any(p for p in path.iterdir() if p.name != "__pycache__"):
             shutil.rmtree(path)

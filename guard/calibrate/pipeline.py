@@ -11,7 +11,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +157,8 @@ class CalibrationSettings:
     extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, value in asdict(self).items():  # a number from numpy is still a number (and goes into the profile)
-            if isinstance(value, np.generic):
+        for name in (f.name for f in fields(self)):  # a number from numpy is still a number (and goes into the profile)
+            if isinstance(value := getattr(self, name), np.generic):
                 setattr(self, name, value.item())
 
     def validate(self) -> None:

@@ -286,7 +286,7 @@ class Profile:
         for index, tap in enumerate(self.taps):
             for name in _TAP_ARRAYS:
                 value = getattr(tap, name)
-                tensors[f"taps.{index}.{name}"] = value.astype(np.uint8 if value.dtype == bool else np.float32)
+                tensors[f"taps.{index}.{name}"] = value.astype(np.uint8 if name in _MASKS else np.float32)
             if tap.unit_bound is not None:
                 tensors[f"taps.{index}.unit_bound"] = tap.unit_bound.astype(np.float32)
         for index, part in enumerate(self.thresholds.parts):

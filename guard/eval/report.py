@@ -6,6 +6,7 @@ checked here, in one place, and each miss is named in the report rather than hid
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -451,8 +452,9 @@ class PartialFigures:
             print(f"guard eval: cannot keep the cases so far ({exc}); the run goes on", file=sys.stderr)
 
     def remove(self) -> None:
-        """The run's own figures.json is written: the partial one has served."""
-        if not self.failed:
+        """The run's own figures.json is written: the partial one has served (an earlier write of it too, where a
+        later one failed); where it cannot go, the next run into the folder says so."""
+        with contextlib.suppress(OSError):
             self.path.unlink(missing_ok=True)
 
 

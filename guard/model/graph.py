@@ -97,7 +97,7 @@ def load_model(source: str | Path | bytes | onnx.ModelProto) -> LoadedModel:
     if len(input_shape) != 4:
         raise ModelError(f"expected an image input (N, C, H, W); {inputs[0].name!r} has shape {input_shape}")
     second, third, last = input_shape[1:]
-    if last in (1, 3, 4) and third is not None and third > 4 and (second is None or second > 4):
+    if last in (1, 3, 4) and second is not None and second == third and second > 4:  # square H x W, C = 1, 3, 4
         # a mask, a trigger or a warp over (H, W, C) would run along the wrong axes: refused, not scanned as strips
         raise ModelError(f"the input {inputs[0].name!r} of shape {input_shape} looks channels-last (N, H, W, C); "
                          "guard reads (N, C, H, W) models: export a wrapper that takes (N, C, H, W) and permutes it, "

@@ -126,13 +126,15 @@ class GuardServer:
                 self.health_server.start()
         except BaseException:  # a failed start leaves nothing running, bound or open behind it
             self._stopped.set()
-            if self.port:
-                self._let_go_of_port()
-            if self.health_server is not None:
-                self.health_server.stop()
-                self.health_server = None
-            self.metrics.close()
-            self.plane.close()
+            try:
+                if self.port:
+                    self._let_go_of_port()
+            finally:
+                if self.health_server is not None:
+                    self.health_server.stop()
+                    self.health_server = None
+                self.metrics.close()
+                self.plane.close()
             raise
         self.plane.ready = True
         self.metrics.ready.labels(model=self.plane.name).set(1)

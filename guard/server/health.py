@@ -23,6 +23,7 @@ class HealthPort:
     """The health server, its servicer and its event loop's thread; every method is called from other threads."""
 
     def __init__(self, options: list[tuple[str, Any]]) -> None:
+        self._started = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="guard-health", daemon=True)
         self._thread.start()
@@ -52,6 +53,7 @@ class HealthPort:
 
     def start(self) -> None:
         self._run(self.server.start())
+        self._started = True
 
     def set(self, service: str, status: int) -> None:
         self._run(self.servicer.set(service, status))
@@ -63,8 +65,12 @@ class HealthPort:
         """Stop the server, then the loop and its thread; once."""
         if self._loop.is_closed():
             return
-        self._run(self.server.stop(0))
-        self._end_loop()
+        try:
+            if not self._started:  # gRPC keeps a bound port until a started server stops
+                self._run(self.server.start())
+            self._run(self.server.stop(0))
+        finally:
+            self._end_loop()
 
     def _end_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

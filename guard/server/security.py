@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from guard.errors import GuardError
+from guard.errors import GuardError, shown
 from guard.runtime.guard import SparseLog
 
 OPEN_METHODS = ("/grpc.health.v1.Health/Check",)
@@ -84,7 +84,8 @@ class BearerToken(grpc.ServerInterceptor):
             if method in INFERENCE_METHODS:
                 self._on_refused_inference()
             # who tried, for a security team; the token given is not written, as it may be a near miss of the real one
-            self._refused.warning("token", "refused %s from %s: missing or wrong bearer token", method,
+            # the method is the caller's own text: quoted, so that a newline in it cannot forge a line of the log
+            self._refused.warning("token", "refused %s from %s: missing or wrong bearer token", shown(method),
                                   context.peer())
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
 
