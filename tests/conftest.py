@@ -6,9 +6,11 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import math
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,3 +156,17 @@ def write_parts(path: Path, tensors: dict[str, np.ndarray], meta: dict | str | N
     metadata = None if meta is None else {"guard": meta if isinstance(meta, str) else json.dumps(meta)}
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
     return path
+
+
+@contextlib.contextmanager
+def log_messages(name: str) -> Iterator[list[str]]:
+    """The messages logged to the logger `name` while the block runs (the suite runs without pytest's caplog)."""
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)

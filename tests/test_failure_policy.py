@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from conftest import Backdoored
+from conftest import Backdoored, log_messages
 from guard.config import ServeSettings
 from guard.errors import CheckFailedError, GuardError
 from guard.model.graph import load_model
@@ -186,22 +186,13 @@ def test_an_input_the_model_overflows_on_is_flagged_never_clean(backdoored: Back
 def test_failed_checks_are_logged_at_most_once_per_interval(backdoored: Backdoored, big_batch: np.ndarray) -> None:
     """A caller can fail the check at will (a batch past the budget): each failure wrote a line, 300 in half a
     second; now one line per interval says how many were left out."""
-    import logging
-
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("guard.runtime")
-    logger.addHandler(handler)
-    try:
+    with log_messages("guard.runtime") as lines:
         opened = Guard.load(backdoored.model_path, backdoored.profile_path, check_budget=BUDGET, on_failure="open")
         for _ in range(5):
             assert opened.predict(big_batch).unchecked
         opened._failures.warning("OtherError", "check failed otherwise")  # another kind is not held back
         opened._failures._last["CheckTimeout"] -= 60  # the interval has passed
         opened.predict(big_batch)
-    finally:
-        logger.removeHandler(handler)
     failed = [line for line in lines if line.startswith("check failed")]
     assert len(failed) == 3 and failed[1] == "check failed otherwise", failed
     assert failed[2].startswith("check failed, answering unguarded (fail-open): CheckTimeout")

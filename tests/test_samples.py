@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import Backdoored
+from conftest import Backdoored, log_messages
 from guard.calibrate.profile import Profile
 from guard.cli import main
 from guard.errors import GuardError
@@ -56,11 +55,7 @@ def test_files_that_are_not_images_are_named_as_skipped(tmp_path: Path) -> None:
     (tmp_path / "data" / "1" / "IMG_0001.heic").write_bytes(b"\0")
     (tmp_path / "data" / "0" / ".hidden").write_bytes(b"\0")
     (tmp_path / "data" / "labels.csv").write_text("beside the class folders")
-    messages: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("guard.samples").addHandler(handler)
-    try:
+    with log_messages("guard.samples") as messages:
         assert len(load_samples(tmp_path / "data")[0]) == 3
         assert len(messages) == 1 and "skipped 2 file(s)" in messages[0]
         assert "IMG_0001.heic" in messages[0] and "labels.csv" in messages[0]
@@ -68,8 +63,6 @@ def test_files_that_are_not_images_are_named_as_skipped(tmp_path: Path) -> None:
         (tmp_path / "data" / "labels.csv").unlink()
         load_samples(tmp_path / "data")
         assert len(messages) == 1  # hidden files are no one's samples
-    finally:
-        logging.getLogger("guard.samples").removeHandler(handler)
 
 
 def test_a_folder_is_grey_only_if_every_image_is(tmp_path: Path) -> None:

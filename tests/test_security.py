@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import Backdoored
+from conftest import Backdoored, log_messages
 from guard.cli import main
 from guard.config import ServeSettings
 from guard.errors import GuardError
@@ -139,72 +138,64 @@ def test_the_audit_log_names_a_client_by_its_certificate_common_name_or_else_its
 
 def test_bearer_token_guards_everything_but_health(backdoored: Backdoored, pki: Path) -> None:
     server = serve(backdoored, auth_token_file=pki / "token")
-    logged: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("guard.server").addHandler(handler)
-    try:
-        url = f"127.0.0.1:{server.port}"
-        x = backdoored.x_eval[:3]
-        for given in (None, "Bearer wrong", "s3cret-token", "Basic s3cret-token", "Bearers3cret-token"):
-            with pytest.raises(InferenceServerException, match=r"UNAUTHENTICATED|bearer"):
-                infer(url, x, headers=None if given is None else {"authorization": given})
-        # RFC 7235: the scheme in any case, one or more spaces before the token
-        for given in ("Bearer s3cret-token", "bearer s3cret-token", "BEARER  s3cret-token"):
-            assert len(infer(url, x, headers={"authorization": given})) == 3
-        with grpc.insecure_channel(url) as channel:  # probes carry no token
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
-            with pytest.raises(grpc.RpcError) as refused:  # a stream would hold a slot: it needs the token
-                next(watch)
-            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        with triton.InferenceServerClient(url) as client, pytest.raises(InferenceServerException):
-            client.get_model_metadata(MODEL)  # metadata needs the token too
-        # one token header exactly: of two, the last one decided, in either order
-        with grpc.insecure_channel(url) as channel:
-            metadata = channel.unary_unary("/inference.GRPCInferenceService/ServerMetadata",
-                                           request_serializer=bytes, response_deserializer=bytes)
-            assert metadata(b"", metadata=[("authorization", "Bearer s3cret-token")], timeout=5) is not None
-            for pair in (("Bearer wrong", "Bearer s3cret-token"), ("Bearer s3cret-token", "Bearer wrong"),
-                         ("Bearer s3cret-token", "Bearer s3cret-token")):
-                with pytest.raises(grpc.RpcError) as refused:
-                    metadata(b"", metadata=[("authorization", value) for value in pair], timeout=5)
+    with log_messages("guard.server") as logged:
+        try:
+            url = f"127.0.0.1:{server.port}"
+            x = backdoored.x_eval[:3]
+            for given in (None, "Bearer wrong", "s3cret-token", "Basic s3cret-token", "Bearers3cret-token"):
+                with pytest.raises(InferenceServerException, match=r"UNAUTHENTICATED|bearer"):
+                    infer(url, x, headers=None if given is None else {"authorization": given})
+            # RFC 7235: the scheme in any case, one or more spaces before the token
+            for given in ("Bearer s3cret-token", "bearer s3cret-token", "BEARER  s3cret-token"):
+                assert len(infer(url, x, headers={"authorization": given})) == 3
+            with grpc.insecure_channel(url) as channel:  # probes carry no token
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                with pytest.raises(grpc.RpcError) as refused:  # a stream would hold a slot: it needs the token
+                    next(watch)
                 assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        # the five inference calls; the refused Watch and metadata calls are not inference requests
-        assert f'guard_request_errors_total{{code="UNAUTHENTICATED",model="{MODEL}"}} 5.0' in text
-        # a refusal names its caller and method, at most one line per 10 s: eleven refusals do not make eleven lines
-        refusals = [line for line in logged if "bearer token" in line]
-        assert 1 <= len(refusals) < 11
-        assert re.search(r"refused /inference\.GRPCInferenceService/ModelInfer from ipv[46]:.*127\.0\.0\.1",
-                         refusals[0]), refusals[0]
-        assert "s3cret" not in "".join(logged) and "Bearer" not in "".join(logged)  # no token given is written
-    finally:
-        logging.getLogger("guard.server").removeHandler(handler)
-        server.stop(grace=1)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with triton.InferenceServerClient(url) as client, pytest.raises(InferenceServerException):
+                client.get_model_metadata(MODEL)  # metadata needs the token too
+            # one token header exactly: of two, the last one decided, in either order
+            with grpc.insecure_channel(url) as channel:
+                metadata = channel.unary_unary("/inference.GRPCInferenceService/ServerMetadata",
+                                               request_serializer=bytes, response_deserializer=bytes)
+                assert metadata(b"", metadata=[("authorization", "Bearer s3cret-token")], timeout=5) is not None
+                for pair in (("Bearer wrong", "Bearer s3cret-token"), ("Bearer s3cret-token", "Bearer wrong"),
+                             ("Bearer s3cret-token", "Bearer s3cret-token")):
+                    with pytest.raises(grpc.RpcError) as refused:
+                        metadata(b"", metadata=[("authorization", value) for value in pair], timeout=5)
+                    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+            # the five inference calls; the refused Watch and metadata calls are not inference requests
+            assert f'guard_request_errors_total{{code="UNAUTHENTICATED",model="{MODEL}"}} 5.0' in text
+            # a refusal names its caller and method, at most one line per 10 s: eleven refusals do not make eleven lines
+            refusals = [line for line in logged if "bearer token" in line]
+            assert 1 <= len(refusals) < 11
+            assert re.search(r"refused '/inference\.GRPCInferenceService/ModelInfer' from ipv[46]:.*127\.0\.0\.1",
+                             refusals[0]), refusals[0]
+            assert "s3cret" not in "".join(logged) and "Bearer" not in "".join(logged)  # no token given is written
+        finally:
+            server.stop(grace=1)
 
 
 def test_a_refused_method_name_cannot_forge_a_log_line(backdoored: Backdoored, pki: Path) -> None:
     """The method is the caller's own text: a newline in it wrote a line of the caller's making into the log."""
     server = serve(backdoored, auth_token_file=pki / "token")
-    logged: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("guard.server").addHandler(handler)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            forged = channel.unary_unary("/a/b\n2026-01-01 WARNING guard.server: forged", request_serializer=bytes,
-                                         response_deserializer=bytes)
-            with pytest.raises(grpc.RpcError) as refused:
-                forged(b"", timeout=5)
-            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    finally:
-        logging.getLogger("guard.server").removeHandler(handler)
-        server.stop(grace=1)
-    refusals = [line for line in logged if "bearer token" in line]
-    assert len(refusals) == 1 and "\n" not in refusals[0] and "'/a/b\\n2026" in refusals[0]
+    with log_messages("guard.server") as logged:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                forged = channel.unary_unary("/a/b\n2026-01-01 WARNING guard.server: forged", request_serializer=bytes,
+                                             response_deserializer=bytes)
+                with pytest.raises(grpc.RpcError) as refused:
+                    forged(b"", timeout=5)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            server.stop(grace=1)
+        refusals = [line for line in logged if "bearer token" in line]
+        assert len(refusals) == 1 and "\n" not in refusals[0] and "'/a/b\\n2026" in refusals[0]
 
 
 def test_callers_without_the_token_hold_no_place_on_the_port(backdoored: Backdoored, pki: Path) -> None:
