@@ -352,7 +352,10 @@ def test_ground_truth_with_nothing_poisoned_has_no_recall():
     """A clean training set given as ground truth: recall is a share of nothing, not a perfect 1.0."""
     report = NoneReport(rounds=[], removed=[3, 7], kept=8, precision=0.0, recall=None, unlearned=0,
                         unreset_next_layers=[], seconds=0.0)
-    assert "precision 0.000, recall –" in report.summary()
+    assert "precision 0.000, recall –" in report.summary() and "not found" not in report.summary()
+    # a conv whose next layer the reset could not find (a torch.cat after it, say) is named in the printed line too
+    assert "0 channels reset (the next layer of a, b not found: their own weights only)" in replace(
+        report, unreset_next_layers=["a", "b"]).summary()
     assert _truth(np.array([3, 7]), np.zeros(10, dtype=bool)) == (0.0, None)
 
 

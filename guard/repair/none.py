@@ -172,8 +172,10 @@ class NoneReport:
         why = ("" if not self.rounds or resets else
                f"; no channel had a score: the model has no Conv2d, or no class had samples it was sure of (softmax "
                f"above {sure}) beside samples it ruled out (below {ruled_out}): train it longer (--epochs)")
-        return (f"NONE: {len(self.rounds)} round(s), {resets} channels reset, {len(self.removed)} samples removed "
-                f"({self.kept} kept){truth}, {self.unlearned} pushed off their label, {self.seconds:.1f} s{why}")
+        unreset = ("" if not self.unreset_next_layers else
+                   f" (the next layer of {', '.join(self.unreset_next_layers)} not found: their own weights only)")
+        return (f"NONE: {len(self.rounds)} round(s), {resets} channels reset{unreset}, {len(self.removed)} samples "
+                f"removed ({self.kept} kept){truth}, {self.unlearned} pushed off their label, {self.seconds:.1f} s{why}")
 
 
 def class_channel_scores(peaks: np.ndarray, probs: np.ndarray, k: int, confident: float = 0.9,
