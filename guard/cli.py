@@ -540,6 +540,12 @@ def _output_file(path: Path) -> Path:
     return path
 
 
+def _rejected(report: Path) -> Path:
+    """Where a run that writes no model puts its report: beside an earlier run's model, under the report's name, it
+    would describe a model not written."""
+    return report.with_name(f"{report.stem}.rejected{report.suffix}")
+
+
 def _writable(*paths: Path, inputs: Sequence[str | Path | None] = ()) -> None:
     """Make the output files' folders, and try a write there, before a long run rather than fail after it; refuse a
     folder as a file, and an output that is one of the command's `inputs`, lies in an input folder (a folder of
@@ -596,7 +602,7 @@ def _repair(args: argparse.Namespace) -> int:
         print(f"guard: scan suspects {suspect}; unlearning {describe_triggers(triggers)}")
     repaired, report = repair(model, x, y, settings=settings, triggers=triggers)
     stamps, warps, blends = split_targets(triggers)
-    rejected_path = report_path.with_name(f"{report_path.stem}.rejected{report_path.suffix}")
+    rejected_path = _rejected(report_path)
     facts = {**report.to_dict(), "trigger_targets": stamps, "warp_targets": warps, "blend_targets": blends}
     if report.duplicates_dropped:
         print(f"guard: note: {report.duplicates_dropped} clean sample(s) repeat an earlier one and were left out (a "
@@ -607,10 +613,9 @@ def _repair(args: argparse.Namespace) -> int:
     if not report.within_bound:  # a model nobody should serve is not written where a pipeline would pick it up
         advice = ("the mask cost it: calibrate's --acc-budget bounds that" if settings.method == "prune" else
                   f"in {report.attempts} run(s): try a lower --lr or fewer --epochs")
-        measure = "accuracy" if report.labelled else "agreement with the model"
         write_json(rejected_path, facts)  # beside an earlier run's model, its report would describe a model not written
-        raise GuardError(f"the repair cost too much held-out {measure} ({report.summary()}); {args.out} not written, "
-                         f"the report is in {rejected_path}; {advice}")
+        raise GuardError(f"the repair cost too much held-out {report.measure} ({report.summary()}); {args.out} not "
+                         f"written, the report is in {rejected_path}; {advice}")
     # the model first: a write that fails between the two leaves the old report beside the old model, not a new one
     write_atomic(args.out, lambda tmp: onnx.save(repaired, tmp))
     write_json(report_path, facts)
@@ -656,7 +661,7 @@ def _train(args: argparse.Namespace) -> int:
     settings.validate()
     poisoned = load_poisoned(args.data, len(x))
     report_path = args.report or _output_file(args.out).with_suffix(".train.json")
-    rejected = report_path.with_name(f"{report_path.stem}.rejected.json")
+    rejected = _rejected(report_path)
     _writable(args.out, report_path, inputs=(args.data,))
     torch.manual_seed(args.seed)
     model = build(args.model, x, y)

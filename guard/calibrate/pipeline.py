@@ -35,7 +35,14 @@ from guard.calibrate.consistency import (
 )
 from guard.calibrate.linf import linf_stats
 from guard.calibrate.masking import candidate_order, choose_static_mask
-from guard.calibrate.profile import PartScale, Profile, TapProfile, Thresholds, confirming_probability
+from guard.calibrate.profile import (
+    PartScale,
+    Profile,
+    TapProfile,
+    Thresholds,
+    confirming_probability,
+    whole_number,
+)
 from guard.calibrate.reference import MAX_FOLDS, UNLEARN_SHARE, fit_reference
 from guard.calibrate.salience import benign_salience, benign_set
 from guard.calibrate.taps import ModuleTaps, OnnxTaps, TapModel
@@ -218,18 +225,14 @@ class CalibrationSettings:
         if not 0 < self.k_quantile < 1:
             raise GuardError(f"the channel threshold's quantile must lie in (0, 1), got {self.k_quantile}")
         for name in ("top_q", "batch_size"):
-            if not _whole(getattr(self, name), least=1):
-                raise GuardError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
-        if not _whole(self.seed, least=0):
+            if not (whole_number(value := getattr(self, name)) and value >= 1):
+                raise GuardError(f"{name} must be a whole number >= 1, got {value!r}")
+        if not (whole_number(self.seed) and self.seed >= 0):
             raise GuardError(f"--seed must be a whole number >= 0, got {self.seed!r}")
         try:
             json.dumps(self.extra, allow_nan=False)
         except (TypeError, ValueError) as exc:  # it goes into the profile's metadata, after the calibration's work
             raise GuardError(f"the settings' extra must be plain JSON: {exc}") from None
-
-
-def _whole(value: object, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None = None, *,

@@ -495,7 +495,7 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
     if version >= 3 and not raw["parts"]:
         raise ValueError("a format-3 profile or later scores at least one part; its thresholds have none")
     k, tau, top_q, cut = raw["k"], raw["tau"], raw["top_q"], raw["cut"]
-    if not (_finite32(k) and _finite32(tau) and _finite32(cut)) or not _whole(top_q) or top_q < 1:
+    if not (_finite32(k) and _finite32(tau) and _finite32(cut)) or not whole_number(top_q) or top_q < 1:
         raise ValueError(f"thresholds must be finite numbers with an integer top_q >= 1, got {raw}")
     k, tau, cut = float(k), float(tau), float(cut)
     demote = _threshold_or_inf(raw, "demote", tau, "the demote threshold")
@@ -512,7 +512,7 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
     suspect_demote = _threshold_or_inf(raw, "suspect_demote", tau, "the suspect's demote threshold")
     if suspect is None and not math.isinf(suspect_demote):
         raise ValueError(f"a suspect's demote threshold needs a suspect class, got {raw}")
-    if suspect is not None and not (_whole(suspect) and 0 <= suspect < num_classes):
+    if suspect is not None and not (whole_number(suspect) and 0 <= suspect < num_classes):
         raise ValueError(f"the suspect must be a class number below {num_classes}, got {suspect!r}")
     overrule = _threshold_or_inf(raw, "overrule", 0.0, "the reference's overrule threshold", "0")
     confirm = raw.get("confirm")
@@ -528,7 +528,7 @@ def _thresholds(raw: dict[str, Any], tap_names: list[str], num_classes: int, *, 
     if (warp_class is None) != math.isinf(warp_overrule) or (warp_class is not None and warp_overrule > overrule):
         raise ValueError(f"a warp class and its overrule threshold, at most the reference's, come together, or "
                          f"neither, got {raw}")
-    if warp_class is not None and not (_whole(warp_class) and 0 <= warp_class < num_classes):
+    if warp_class is not None and not (whole_number(warp_class) and 0 <= warp_class < num_classes):
         raise ValueError(f"the warp class must be a class number below {num_classes}, got {warp_class!r}")
     lean_class, lean_centre, lean_spread = _lean(raw, num_classes, version)
     envelope_centre, envelope_spread = _envelope(raw, version)
@@ -562,7 +562,7 @@ def _lean(raw: dict[str, Any], num_classes: int, version: int) -> tuple[int | No
         return None, None, None
     if version < 8:
         raise ValueError("only a format-8 profile may score a warp's lean")
-    if not (_whole(lean_class) and 0 <= lean_class < num_classes):
+    if not (whole_number(lean_class) and 0 <= lean_class < num_classes):
         raise ValueError(f"the lean's class must be a class number below {num_classes}, got {lean_class!r}")
     if not (_finite32(centre) and _positive32(spread)):
         raise ValueError(f"the lean's part needs a finite centre and a positive spread, got {raw}")
@@ -582,7 +582,7 @@ def _threshold_or_inf(raw: dict[str, Any], key: str, floor: float, name: str, fl
     return float(value)
 
 
-def _whole(value: Any) -> bool:
+def whole_number(value: Any) -> bool:
     """A JSON integer: true and false are ints to Python, not class numbers or counts."""
     return isinstance(value, int) and not isinstance(value, bool)
 

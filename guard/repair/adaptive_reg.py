@@ -150,9 +150,14 @@ class RepairReport:
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
+    @property
+    def measure(self) -> str:
+        """What the held-out figures are: accuracy against labels, or agreement with the model's own answers."""
+        return _measure(self.labelled)
+
     def summary(self) -> str:
         norm = "" if self.infected_norm_left is None else f", infected weights' norm x{self.infected_norm_left:.3f}"
-        measure = "accuracy" if self.labelled else "agreement with the model"
+        measure = self.measure
         if self.attempts > 1:
             norm += f", lr backed off to {self.lr_used:g} after {self.attempts - 1} run(s) cost too much {measure}"
         if not self.within_bound:
@@ -160,6 +165,10 @@ class RepairReport:
         return (f"{self.method}: {sum(self.infected.values())} infected channels {self.infected}, held-out {measure} "
                 f"{self.accuracy_before:.3f} -> {self.accuracy_after:.3f} on {self.holdout_samples} samples"
                 f"{norm}, {self.seconds:.1f} s")
+
+
+def _measure(labelled: bool) -> str:
+    return "accuracy" if labelled else "agreement with the model"
 
 
 def penalty_coefficients(initial: torch.Tensor, infected: torch.Tensor, method: str, eps: float) -> torch.Tensor:
@@ -368,9 +377,8 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
             right = _predict(module, output, x[hold]) == labels[hold]
             if not _costly(right_before, right, settings) or attempts > settings.backoffs:
                 break
-            log.info("repair: held-out %s %.3f -> %.3f at lr %g; retrying at %g",
-                     "accuracy" if y is not None else "agreement with the model", accuracy_before, right.mean(), lr,
-                     lr / 2)
+            log.info("repair: held-out %s %.3f -> %.3f at lr %g; retrying at %g", _measure(y is not None),
+                     accuracy_before, right.mean(), lr, lr / 2)
             lr /= 2
             with torch.no_grad():
                 for name, param in params.items():

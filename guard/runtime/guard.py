@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from guard.model.serving import serving_graphs
 from guard.runtime.engine import build_engine, plain_model
 from guard.runtime.policy import FailurePolicy, Policy, apply_policy, demotions, overrule
 from guard.runtime.reference import confirms, disagreement, lean, reference_model
+from guard.sparselog import SparseLog
 
 log = logging.getLogger("guard.runtime")
 
@@ -62,29 +62,6 @@ class Result:
 
 
 FAILURE_LOG_SECONDS = 10.0  # a failed check is logged at most this often: a caller can fail it at will
-
-
-class SparseLog:
-    """A warning logged at most once per `seconds` and kind, each line saying how many of its kind were left out
-    since the last: 300 requests past their check budget in half a second wrote 300 lines. Kinds apart, so that a
-    caller failing checks at will does not hide another failure's line."""
-
-    def __init__(self, seconds: float, logger: logging.Logger = log) -> None:
-        self._seconds = seconds
-        self._logger = logger
-        self._last: dict[str, float] = {}
-        self._left_out: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, kind: str, message: str, *args: object) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last.get(kind, -math.inf) < self._seconds:
-                self._left_out[kind] = self._left_out.get(kind, 0) + 1
-                return
-            left_out, self._last[kind] = self._left_out.pop(kind, 0), now
-        more = f" ({left_out} more since the last such line)" if left_out else ""
-        self._logger.warning(message + more, *args)
 
 
 class Guard:
@@ -147,7 +124,7 @@ class Guard:
         self.engine = build_engine(engine, graphs, model.input_name, model.output_name, device, threads, io_binding)
         self.on_failure = FailurePolicy(on_failure)
         self.check_budget = check_budget
-        self._failures = SparseLog(FAILURE_LOG_SECONDS)
+        self._failures = SparseLog(FAILURE_LOG_SECONDS, log)
         # The reference runs beside the served graph, on the same engine: the model with the profile's weights.
         self._reference = (plain_model(engine, reference_model(model.proto, profile.reference).SerializeToString(),
                                        model.input_name, model.output_name, device, threads)

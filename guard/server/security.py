@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 
 from guard.errors import GuardError, shown
-from guard.runtime.guard import SparseLog
+from guard.sparselog import SparseLog
 
 OPEN_METHODS = ("/grpc.health.v1.Health/Check",)
 # The calls guard_request_errors_total counts, against guard_requests_total's answered ones (the error share).
