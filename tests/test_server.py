@@ -482,6 +482,44 @@ def test_a_request_out_of_time_waiting_for_a_worker_gives_up_its_place(backdoore
     assert metric(text, "guard_request_errors_total", model=MODEL, code="RESOURCE_EXHAUSTED") == 0
 
 
+def test_requests_waiting_for_a_worker_run_in_arrival_order(backdoored: Backdoored) -> None:
+    """With the one worker held, eight requests arrive one by one and wait; once it is free they run first come, first
+    served. They were overtaken by newer ones before (a polled semaphore puts each look back at the end of its line),
+    so under load the oldest ran out of time first. Each request's size tells which one the engine runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0, metrics_port=0,
+                             workers=1, max_inflight=16)
+    server = GuardServer(settings)
+    entered, release = threading.Event(), threading.Event()
+    predict = server.plane.guard.predict
+    ran: list[int] = []
+
+    def held(x: np.ndarray):
+        entered.set()
+        release.wait(30)
+        ran.append(len(x))
+        return predict(x)
+
+    server.plane.guard.predict = held  # type: ignore[method-assign]
+    server.start()
+    try:
+        with ThreadPoolExecutor(9) as callers:
+            first = callers.submit(call_once, server, backdoored.x_eval[:1])
+            assert entered.wait(10), "the first request never reached the engine"
+            waiting = []
+            for size in range(2, 10):
+                waiting.append(callers.submit(call_once, server, backdoored.x_eval[:size]))
+                until(lambda size=size: inflight(server) == size, f"the request of {size} was not admitted")
+            time.sleep(0.3)  # several looks at their calls each, while the worker is held
+            release.set()
+            assert [call.result() for call in (first, *waiting)] == list(range(1, 10))
+    finally:
+        release.set()
+        server.stop(grace=1)
+    assert ran == list(range(1, 10))
+
+
 @pytest.mark.parametrize("mode", ["workers", "batching"])
 def test_a_call_that_ends_gives_up_its_place_and_its_late_answer_is_not_counted(
         mode: str, backdoored: Backdoored, monkeypatch: pytest.MonkeyPatch) -> None:

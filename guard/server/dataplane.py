@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,6 +35,57 @@ class UnknownModelError(RequestError):
     """The request names a model this server does not serve."""
 
 
+class EngineTurns:
+    """At most `workers` engine runs at once, handed to the waiting requests first come, first served.
+
+    A semaphore polled with a timeout would do the limiting, but each timed-out wait rejoins its waiters at the back:
+    under load the oldest requests were overtaken by newer ones and ran out of time first. Here each waiter holds
+    its place in one line while it looks, every GONE_POLL seconds, at its deadline and whether its call ended.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._free = workers
+        self._line: deque[threading.Event] = deque()  # the waiters' turns, oldest first
+        self._lock = threading.Lock()
+
+    def acquire(self, end: float | None, gone: threading.Event) -> None:
+        """Wait for a turn, until `end` (a time.perf_counter() value; None: no deadline) or until `gone` is set."""
+        with self._lock:
+            if self._free and not self._line:
+                self._free -= 1
+                return
+            turn = threading.Event()
+            self._line.append(turn)
+        try:
+            while True:
+                left = None if end is None else end - time.perf_counter()
+                if left is not None and left <= 0:
+                    raise DeadlineExceededError("the deadline passed while the request waited for the engine; "
+                                                "not computed")
+                if gone.is_set():
+                    raise CallerGoneError("the call ended while the request waited for the engine; not computed")
+                if turn.wait(GONE_POLL if left is None else min(left, GONE_POLL)):
+                    return
+        except BaseException:
+            with self._lock:
+                if turn.is_set():  # handed the turn as it gave up: it goes to the next in line
+                    self._pass_on()
+                else:
+                    self._line.remove(turn)
+            raise
+
+    def release(self) -> None:
+        """The engine run is over: the oldest waiter goes next."""
+        with self._lock:
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        if self._line:
+            self._line.popleft().set()
+        else:
+            self._free += 1
+
+
 class DataPlane:
     """Serves one guarded model under one name."""
 
@@ -47,7 +99,7 @@ class DataPlane:
         self.ready = False
         self.max_inflight = max_inflight
         self._admitted = threading.BoundedSemaphore(max_inflight)  # held from arrival to answer
-        self._running = threading.BoundedSemaphore(workers)  # held while the engine works for the request
+        self._running = EngineTurns(workers)  # held while the engine works for the request
         self.batcher = None
         if batch_size:
             self.batcher = Batcher(guard.predict, batch_size, batch_delay,
@@ -166,17 +218,10 @@ class DataPlane:
         return result
 
     def _wait_for_engine(self, time_left: float | None, started: float, gone: threading.Event) -> None:
-        """At most `workers` engine runs at once; the other admitted requests wait here, until their deadline at most,
-        or until their call ends."""
+        """At most `workers` engine runs at once; the other admitted requests wait here, in arrival order, until their
+        deadline at most, or until their call ends."""
         end = None if time_left is None else started + min(time_left, threading.TIMEOUT_MAX)
-        while True:
-            left = None if end is None else end - time.perf_counter()
-            if left is not None and left <= 0:
-                raise DeadlineExceededError("the deadline passed while the request waited for the engine; not computed")
-            if gone.is_set():
-                raise CallerGoneError("the call ended while the request waited for the engine; not computed")
-            if self._running.acquire(timeout=GONE_POLL if left is None else min(left, GONE_POLL)):
-                return
+        self._running.acquire(end, gone)
 
     def count_error(self, code: str) -> None:
         self.metrics.errors.labels(model=self.name, code=code).inc()
