@@ -595,6 +595,42 @@ def test_stopping_runs_an_open_batch_at_once_rather_than_cutting_it_off(backdoor
         server.stop(grace=0)
 
 
+def test_stopping_does_not_wait_out_a_batch_whose_callers_were_cut_off(backdoored: Backdoored,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch still running when the grace period ends has had its callers cut off (UNAVAILABLE): the stop waits for
+    it a short while (CLOSE_WAIT), not until it ends, for nobody, past a pod's termination grace. The engine is held
+    by a gate that opens only after the stop returned (or after 30 s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from guard.server.dataplane import CLOSE_WAIT
+
+    entered, release = threading.Event(), threading.Event()
+    predict = Guard.predict
+
+    def held(self: Guard, x: np.ndarray):
+        entered.set()
+        release.wait(30)
+        return predict(self, x)
+
+    monkeypatch.setattr(Guard, "predict", held)  # the batcher holds the method it was built with
+    settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0, metrics_port=0,
+                             batch_size=64, batch_delay_ms=1)
+    server = GuardServer(settings)
+    server.start()
+    try:
+        with ThreadPoolExecutor(3) as callers:
+            calls = [callers.submit(call_once, server, backdoored.x_eval[:n]) for n in (1, 2)]
+            assert entered.wait(10), "no batch reached the engine"
+            stopping = callers.submit(server.stop, 0.2)
+            stopping.result(timeout=CLOSE_WAIT + 10)  # raises TimeoutError while the held batch keeps it waiting
+            assert not release.is_set()
+            for call in calls:
+                with pytest.raises(InferenceServerException, match=r"UNAVAILABLE|CANCELLED"):
+                    call.result(timeout=10)
+    finally:
+        release.set()
+
+
 def test_callers_holding_every_call_open_starve_the_main_port_but_not_the_health_port(backdoored: Backdoored) -> None:
     """gRPC takes a call's slot when its headers arrive: calls whose messages never come hold them all, health checks
     on the main port are refused, and the health port, a server of its own, still answers."""

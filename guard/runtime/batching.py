@@ -81,14 +81,17 @@ class Batcher:
         self._flushing = True
         self._queue.put(_FLUSH)
 
-    def close(self) -> None:
-        """Finish what is queued, then stop the thread; later submits are refused."""
+    def close(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then stop the thread; later submits are refused. Waits `timeout` seconds at most
+        (None: until it is done); a batch still running then is left to finish on its own (daemon) thread."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._queue.put(None)
-        self._thread.join()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("a batch was still running %.1f s after the batcher closed; not waiting for it", timeout)
 
     def _collect(self, first: _Pending) -> tuple[list[_Pending], bool]:
         """The batch opened by `first`; True if the queue has been closed."""

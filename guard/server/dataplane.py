@@ -29,6 +29,7 @@ from guard.server.metrics import Metrics
 
 VERSION = "1"  # the served model's only version, as ModelMetadata lists it
 GONE_POLL = 0.05  # seconds between looks at whether a call waiting for the engine has ended
+CLOSE_WAIT = 2.0  # seconds a stopping server waits, after its grace, for a batch run whose callers were cut off
 
 
 class UnknownModelError(RequestError):
@@ -111,10 +112,12 @@ class DataPlane:
             self.batcher.flush()
 
     def close(self) -> None:
-        """Stop the batcher once the requests it holds have been answered; then close the audit log. A request still
-        running past gRPC's grace has had its call cancelled: it is neither answered nor logged."""
+        """Stop the batcher once the requests it holds have been answered, or after CLOSE_WAIT seconds; then close the
+        audit log. It runs once gRPC's grace is over: a request still running then has had its call cancelled, is
+        neither answered nor logged, and the stop does not wait out its batch for nobody (a pod's termination grace is
+        counted)."""
         if self.batcher is not None:
-            self.batcher.close()
+            self.batcher.close(CLOSE_WAIT)
         if self.audit is not None:
             self.audit.close()
 
