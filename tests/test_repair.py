@@ -217,6 +217,32 @@ def test_channel_producers_name_the_layers_behind_the_default_taps(graphs):
         channel_producers(resnet, load_model(resnet).input_name)
 
 
+def test_a_flattened_conv_map_feeding_the_logits_is_calibrated_and_left_out_of_the_penalised_taps(tmp_path: Path):
+    """conv -> relu -> flatten -> linear: the default taps' feature vector is the conv map flattened, whose features
+    are positions, which no layer computes one by one. Calibration's reference (plain fine-tuning) failed on it after
+    every pass; AR leaves it out of its default taps, and refuses it, named as a layer, before any pass."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 8 * 8, 3)).eval()
+    path = tmp_path / "flat.onnx"
+    export_onnx(net, path, torch.zeros(1, 1, 8, 8))
+    loaded = load_model(path)
+    x = np.random.default_rng(0).random((300, 1, 8, 8), dtype=np.float32)
+    y = _labels(path, x)
+    conv, flat = default_taps(loaded, conv_taps=2)
+    assert default_taps(loaded, conv_taps=2, repairable=True) == [conv]
+    with pytest.raises(ModelError, match="found no Conv/Gemm/MatMul"):
+        channel_producers(loaded.proto, flat)
+
+    from guard.calibrate.pipeline import CalibrationSettings, calibrate
+    profile = calibrate(loaded, x, y, settings=CalibrationSettings(reference_folds=1))
+    assert profile.tap_names == [conv, flat]
+    _, report = repair(loaded, x, y, settings=RepairSettings(method="ar", epochs=1))
+    assert list(report.infected) == [conv]  # the conv map alone: its four channels are the conv's
+    with pytest.raises(ModelError, match=r"--method ar penalises .* no Conv/Gemm/MatMul layer computes those of"):
+        repair(loaded, x, y, settings=RepairSettings(method="ar", layers=[flat]))
+
+
 def test_channel_producers_follow_a_projection_shortcut_but_not_an_identity_one(graphs):
     proto = graphs["resnet"]
     producer = {out: node for node in proto.graph.node for out in node.output}

@@ -223,12 +223,14 @@ def tensor_ranks(proto: onnx.ModelProto) -> dict[str, int]:
     return {name: len(dims) for name, dims in tensor_dims(proto).items()}
 
 
-def default_taps(model: LoadedModel, conv_taps: int, first_conv: bool = False) -> list[str]:
+def default_taps(model: LoadedModel, conv_taps: int, first_conv: bool = False, repairable: bool = False) -> list[str]:
     """The last `conv_taps` conv activation outputs and the penultimate feature vector; with `first_conv`, the first
     conv activation too, where it is not among them.
 
     Conv activations are rank-4 outputs of activation nodes; the penultimate feature vector is the input of the
-    linear layer that produces the logits (the rank-2 tensor feeding the last Gemm/MatMul).
+    linear layer that produces the logits (the rank-2 tensor feeding the last Gemm/MatMul). With `repairable` (AR and
+    L2 penalise each tap's channels in the layer that computes them), the feature vector only where a layer computes
+    it: not where it is a conv map flattened (conv -> relu -> flatten -> linear), whose features are positions.
     """
     ranks = tensor_ranks(model.proto)
     nodes = list(model.proto.graph.node)
@@ -240,7 +242,8 @@ def default_taps(model: LoadedModel, conv_taps: int, first_conv: bool = False) -
     for node in reversed(nodes):
         if node.op_type in {"Gemm", "MatMul"}:
             features = next((i for i in node.input if i not in initializers), None)
-            if features is not None and ranks.get(features) == 2:
+            if features is not None and ranks.get(features) == 2 and not (
+                    repairable and unrepairable_taps(model.proto, [features])):
                 taps.append(features)
             break
     if not taps:
@@ -503,6 +506,18 @@ def channel_producers(proto: onnx.ModelProto, tensor: str) -> list[ChannelWeight
     if not found:
         raise ModelError(f"found no Conv/Gemm/MatMul layer that computes the channels of {tensor!r}")
     return found
+
+
+def unrepairable_taps(proto: onnx.ModelProto, taps: list[str]) -> list[str]:
+    """The taps whose channels no Conv/Gemm/MatMul layer computes (`channel_producers` finds none): AR and L2 have no
+    weights to penalise there."""
+    unrepairable = []
+    for tap in taps:
+        try:
+            channel_producers(proto, tap)
+        except ModelError:
+            unrepairable.append(tap)
+    return unrepairable
 
 
 def insert_mul(graph: onnx.GraphProto, tensor: str, mask_name: str, new_name: str) -> None:

@@ -39,6 +39,7 @@ from guard.model.graph import (
     default_taps,
     fold_static_mask,
     load_model,
+    unrepairable_taps,
     validate_taps,
     with_initializers,
 )
@@ -180,11 +181,11 @@ def penalty_coefficients(initial: torch.Tensor, infected: torch.Tensor, method: 
     return torch.zeros_like(initial)
 
 
-def _infected_masks(module: OnnxModule, proto: onnx.ModelProto, taps: list[str],
-                    benign: list[np.ndarray]) -> dict[str, torch.Tensor]:
+def _infected_masks(module: OnnxModule, proto: onnx.ModelProto,
+                    benign: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Per initializer name, a 0/1 tensor marking the weights of channels outside their tap's benign set."""
     masks: dict[str, torch.Tensor] = {}
-    for tap, inside in zip(taps, benign, strict=True):
+    for tap, inside in benign.items():
         outside = torch.as_tensor(np.flatnonzero(~inside))
         for layer in channel_producers(proto, tap):
             for name in (layer.weight, layer.bias):
@@ -325,8 +326,15 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
     given = len(x)
     if split is None:  # (a given split indexes the data as it is)
         x, y = without_repeats(x, y, loaded.sample_shape, loaded.num_classes, "repair")
-    taps = list(settings.layers) if settings.layers else default_taps(loaded, conv_taps=settings.conv_taps)
+    penalised = settings.method in ("ar", "l2")
+    taps = list(settings.layers) if settings.layers else default_taps(loaded, conv_taps=settings.conv_taps,
+                                                                      repairable=penalised)
     validate_taps(loaded, taps)
+    unrepairable = unrepairable_taps(loaded.proto, taps)
+    if unrepairable and penalised:
+        raise ModelError(f"--method {settings.method} penalises the weights that compute each tap's channels; no "
+                         f"Conv/Gemm/MatMul layer computes those of {unrepairable} (a flattened conv map, say): name "
+                         "other --layers, such as the conv activation itself")
     hold, fit = split if split is not None else holdout_split(len(x), settings.holdout, settings.seed)
     if not len(fit):
         raise GuardError(f"holding out {len(hold)} of {len(x)} samples leaves none to train on")
@@ -364,7 +372,9 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
             gap = _gap_infected(OnnxTaps(loaded, taps), x[fit], triggers, settings.gap_share)
             benign = [inside & ~hit for inside, hit in zip(benign, gap, strict=True)]
         infected = {tap: int((~inside).sum()) for tap, inside in zip(taps, benign, strict=True)}
-        masks = _infected_masks(module, loaded.proto, taps, benign)
+        # fine-tuning penalises nothing; it measures what is left of the weights it could have penalised
+        masks = _infected_masks(module, loaded.proto, {tap: inside for tap, inside in zip(taps, benign, strict=True)
+                                                       if tap not in unrepairable})
         params = _trainable(loaded.proto, module)
         initial = {name: p.detach().clone() for name, p in params.items()}
         coefficients = {name: penalty_coefficients(initial[name], m, settings.method, settings.eps)
