@@ -9,10 +9,15 @@ under that name.)
 
 from __future__ import annotations
 
+import os
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from guard._version import __version__
+
+# ONNX Runtime (1.2x) reports usage to Microsoft's collector and keeps a device id under ~/.cache unless this is set
+# before it starts; a security sidecar sends nothing out of its pod unasked. A value the caller set stands.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 if TYPE_CHECKING:
     from guard.calibrate.profile import Profile

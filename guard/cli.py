@@ -355,6 +355,9 @@ def _health(args: argparse.Namespace) -> int:
 
                 reason = (f"no health service {args.service!r}; a guard server reports "
                           f"{', '.join(repr(name) for name in HEALTH_SERVICES)}")
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                reason += ("; guard health sends no token: probe the server's --health-port (--port, or "
+                           "GUARD_HEALTH_PORT where serve takes it from there)")
             print(f"guard: unhealthy: {exc.code().name}: {reason}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -225,10 +225,11 @@ def test_callers_without_the_token_hold_no_place_on_the_port(backdoored: Backdoo
         server.stop(grace=1)
 
 
-def test_with_a_health_port_the_token_guards_health_checks_on_the_main_port_too(backdoored: Backdoored,
-                                                                                pki: Path) -> None:
+def test_with_a_health_port_the_token_guards_health_checks_on_the_main_port_too(
+        backdoored: Backdoored, pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Callers without the token held every place of the main port with Check calls whose message never came; with
-    a port of their own for the probes, the main port's checks need the token."""
+    a port of their own for the probes, the main port's checks need the token, and `guard health` probing it there
+    says to probe the health port."""
     server = serve(backdoored, auth_token_file=pki / "token", health_port=0)
     request = health_pb2.HealthCheckRequest(service="")
     try:
@@ -241,6 +242,10 @@ def test_with_a_health_port_the_token_guards_health_checks_on_the_main_port_too(
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:  # probes carry no token
             assert health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status == reply.status
+        capsys.readouterr()
+        assert main(["health", "--port", str(server.port), "--timeout", "5"]) == 1
+        refusal = capsys.readouterr().err
+        assert "UNAUTHENTICATED" in refusal and "sends no token: probe the server's --health-port" in refusal
     finally:
         server.stop(grace=1)
 

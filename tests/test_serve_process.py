@@ -17,11 +17,15 @@ from guard.server._proto.guard.v1 import guard_pb2, guard_pb2_grpc
 
 def test_serve_answers_then_drains_on_sigterm(backdoored: Backdoored, tmp_path) -> None:
     """Configured from all three places: the settings file names the model, the profile and a policy, GUARD_POLICY
-    overrides that policy, and the flags pick the ports."""
+    overrides that policy, and the flags pick the ports. ONNX Runtime's telemetry stays off unasked: it would report
+    to Microsoft's collector, and it keeps a device id under ~/.cache first."""
     config = tmp_path / "guard.toml"
     config.write_text(f'model = "{backdoored.model_path}"\nprofile = "{backdoored.profile_path}"\n'
                       f'model-name = "victim"\npolicy = "enforce"\n')
-    env = {**os.environ, "GUARD_POLICY": "monitor", "GUARD_CONFIG": str(config)}
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "GUARD_POLICY": "monitor", "GUARD_CONFIG": str(config), "HOME": str(home)}
+    env.pop("ORT_DISABLE_TELEMETRY", None)  # this process imported guard, which set it
     process = subprocess.Popen(
         [sys.executable, "-m", "guard", "serve", "--port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -46,6 +50,7 @@ def test_serve_answers_then_drains_on_sigterm(backdoored: Backdoored, tmp_path) 
         output, _ = process.communicate(timeout=30)
         assert process.returncode == 0, output
         assert "draining" in output and "guard stopped" in output
+        assert not list(home.rglob("*")), "onnxruntime's telemetry wrote its device id"
     finally:
         if process.poll() is None:
             process.kill()
