@@ -399,7 +399,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _scan(args: argparse.Namespace) -> int:
     from guard.samples import load_samples
-    from guard.scan import ScanSettings, format_report, run_scan, write_outputs
+    from guard.scan import ScanSettings, earlier_scan_files, format_report, run_scan, write_outputs
 
     given = {"steps": args.steps, "threshold": args.threshold, "warp_scan": args.warps, "blend_scan": args.blends}
     settings = ScanSettings(**{k: v for k, v in given.items() if v is not None}, seed=args.seed)
@@ -412,6 +412,7 @@ def _scan(args: argparse.Namespace) -> int:
     made = _missing_folders(args.out)
     try:  # the output folder before the scan's minutes, not after
         _try_write(args.out)
+        earlier_scan_files(args.out)  # refuses another's files named as the scan's
     except OSError as exc:
         raise GuardError(f"cannot use {args.out} as the output folder: {exc}") from None
     try:

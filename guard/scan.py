@@ -431,19 +431,43 @@ def scan_file(kind: str, target: int) -> str:
     return f"{kind}_{target}.{_SCAN_FILES[kind]}"
 
 
+def earlier_scan_files(out_dir: str | Path) -> list[Path]:
+    """The files an earlier scan wrote to `out_dir` (scan.json first), which the next scan there removes so that none
+    is taken for its own. A file named as a scan names its files (`mask_0.png`, `trigger.npz`) that no earlier
+    scan.json lists is someone else's: GuardError rather than remove or overwrite it."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    present = sorted(path.name for path in out.iterdir()
+                     if path.name in (REPORT_FILE, TRIGGER_FILE) or _SCAN_FILE.fullmatch(path.name))
+    listed = {REPORT_FILE}
+    if REPORT_FILE in present:
+        try:
+            files = json.loads((out / REPORT_FILE).read_text())["files"]
+            listed.update(files["candidates"], (files[key] for key in ("trigger", "trigger_png", "mask_png")
+                                                if key in files))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise GuardError(f"{out / REPORT_FILE} is not a guard scan's report ({type(exc).__name__}: {exc}); a "
+                             "scan would replace it: move it, or write the scan to another folder") from None
+    foreign = [name for name in present if name not in listed]
+    if foreign:
+        raise GuardError(f"{out} holds {', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}, named as a scan "
+                         "names its files but listed by no earlier scan.json there (a scan cut short leaves its "
+                         "files unlisted): a scan would remove or overwrite them; move them, or write the scan to "
+                         "another folder")
+    return [out / name for name in sorted(present, key=lambda name: name != REPORT_FILE)]
+
+
 def write_outputs(report: ScanReport, out_dir: str | Path) -> list[Path]:
     """scan.json always; candidate_K.npz for each candidate class K, warp_K.npz for the class the warp scan names
     and blend_K.npz for the class the blend scan names (what `guard repair --scan` and `guard calibrate` unlearn, so
     `guard repair --trigger` can be given the same); and trigger.npz and the two PNGs (mask·pattern, mask) when a
-    class is suspected, each written whole or not at all. An earlier scan's files in the folder are removed first,
-    so none is taken for this scan's."""
+    class is suspected, each written whole or not at all. The earlier scan's files in the folder are removed first,
+    so none is taken for this scan's; other files named as a scan names its own are refused (`earlier_scan_files`)."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        # by pattern: a scan of a model with more classes left files past this model's last class
-        stale = [out / REPORT_FILE, out / TRIGGER_FILE,
-                 *(path for path in out.iterdir() if _SCAN_FILE.fullmatch(path.name))]
-        for path in stale:
+        for path in earlier_scan_files(out):  # scan.json first: it never names files already removed
             path.unlink(missing_ok=True)
         written = []
         for candidate in report.candidates:

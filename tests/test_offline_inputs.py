@@ -331,6 +331,12 @@ def test_scan_refuses_an_output_folder_that_is_a_file_before_scanning(tmp_path: 
     for inside in (images, images / "scan"):  # its pictures would be read as samples, of another size, next time
         assert main(["scan", str(backdoored.model_path), "--data", str(images), "--out", str(inside)]) == 2
         assert "lies in the data folder" in capsys.readouterr().err and not (images / "scan").exists()
+    masks = tmp_path / "masks"  # a folder of the user's own, whose names a scan would take for its files
+    masks.mkdir()
+    (masks / "mask_0.png").write_bytes(b"mine")
+    assert main(["scan", str(backdoored.model_path), "--data", str(clean), "--out", str(masks)]) == 2
+    out, err = capsys.readouterr()
+    assert "holds mask_0.png" in err and "anomaly" not in out and (masks / "mask_0.png").read_bytes() == b"mine"
 
 
 def test_outputs_that_are_folders_are_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],

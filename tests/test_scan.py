@@ -303,9 +303,25 @@ def test_a_scan_removes_every_earlier_scans_files_not_only_those_of_its_classes(
     earlier = ["candidate_42.npz", "warp_77.npz", "blend_12.npz", "trigger_30.png", "mask_30.png", "trigger.npz"]
     for name in [*earlier, "notes.txt", "candidate_x.npz"]:
         (tmp_path / name).write_bytes(b"")
+    (tmp_path / "scan.json").write_text(json.dumps({"files": {
+        "candidates": earlier[:3], "trigger": "trigger.npz", "trigger_png": "trigger_30.png", "mask_png": "mask_30.png"}}))
     written = write_outputs(_report([0.1, 0.2, 3.0, -0.5], 2), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in written), "notes.txt",
                                                                  "candidate_x.npz"])
+
+
+@pytest.mark.parametrize("earlier", [None, {"files": {"candidates": ["candidate_1.npz"]}}, ["not", "a", "report"]])
+def test_a_scan_refuses_files_named_as_its_own_that_no_earlier_scan_wrote(tmp_path, earlier):
+    """The folder's segmentation masks (mask_0.png) and the user's own trigger.npz were removed unasked: a scan
+    removed every file named as its files are, whether a scan had written it or not."""
+    mine = ["mask_0.png", "trigger.npz", "notes.txt"]
+    for name in mine:
+        (tmp_path / name).write_bytes(b"mine")
+    if earlier is not None:
+        (tmp_path / "scan.json").write_text(json.dumps(earlier))
+    with pytest.raises(GuardError, match=r"mask_0\.png, trigger\.npz, named as a scan names|not a guard scan's report"):
+        write_outputs(_report([0.1, 0.2, 3.0, -0.5], 0), tmp_path)
+    assert all((tmp_path / name).read_bytes() == b"mine" for name in mine)
 
 
 def test_png_encoder_writes_grey_and_rgb():
