@@ -172,8 +172,8 @@ class ScanReport:
 
     @property
     def candidates(self) -> list[AnyTrigger]:
-        """The triggers of every class whose anomaly index reaches `candidate_index`, most anomalous first; the
-        suspect's is always among them; where there are none, the `fill_candidates` most anomalous classes'. Then
+        """The triggers that work of every class whose anomaly index reaches `candidate_index`, most anomalous first;
+        the suspect's is always among them; where there are none, the `fill_candidates` most anomalous classes'. Then
         the warp of the class the warp scan names, and the blend of the class the blend scan names, if any."""
         named = [found for found in (self.warp, self.blend) if found is not None]
         return [*self._stamp_candidates(), *named]
@@ -193,9 +193,12 @@ class ScanReport:
         return self.blends.triggers[self.blends.suspect]
 
     def _stamp_candidates(self) -> list[Trigger]:
-        """The patch scan's part of `candidates`."""
-        index = self.classes.anomaly_index
-        ranked = [int(k) for k in np.argsort(-index, kind="stable")]
+        """The patch scan's part of `candidates`: of the triggers that work (send at least MIN_SUSPECT_SUCCESS of the
+        other classes' images to their class), as for the suspect. One that does not was cut short, not made small by
+        a backdoor, and unlearning it costs clean accuracy for nothing."""
+        works = np.array([t.success >= MIN_SUSPECT_SUCCESS for t in self.classes.triggers])
+        index = np.where(works, self.classes.anomaly_index, -np.inf)
+        ranked = [int(k) for k in np.argsort(-index, kind="stable") if works[k]]
         chosen = [k for k in ranked if index[k] >= self.settings.candidate_index]
         if self.classes.suspect is not None and self.classes.suspect not in chosen:
             chosen.insert(0, self.classes.suspect)

@@ -237,9 +237,11 @@ def test_the_verdict_gives_the_named_class_its_own_index():
     assert "(anomaly index 2.60 > " in text and "3.50 >" not in text
 
 
-def _report(index: list[float], suspect: int | None, **settings: float) -> ScanReport:
+def _report(index: list[float], suspect: int | None, success: list[float] | None = None,
+            **settings: float) -> ScanReport:
     blank = np.zeros((1, 2, 2), np.float32)
-    triggers = [Trigger(target=k, mask=blank, pattern=blank, success=1.0, mask_l1=1.0) for k in range(len(index))]
+    triggers = [Trigger(target=k, mask=blank, pattern=blank, success=s, mask_l1=1.0)
+                for k, s in enumerate(success or [1.0] * len(index))]
     result = ScanResult(triggers=triggers, anomaly_index=np.array(index), suspect=suspect, threshold=2.0)
     return ScanReport(model_sha256="", classes=result, pruning=None, taps=[], settings=ScanSettings(**settings),
                       figures={})
@@ -256,6 +258,15 @@ def test_candidates_are_the_classes_at_or_above_the_floor_most_anomalous_first()
     assert [t.target for t in _report(index, 3, candidate_index=5.0).candidates] == [3]
     with pytest.raises(GuardError, match="candidate index"):
         ScanSettings(candidate_index=float("nan")).validate()
+
+
+def test_a_trigger_that_does_not_work_is_no_candidate():
+    """A class whose synthesis was cut short (its trigger sends under half the other images to it) has a small mask
+    for no backdoor's sake: it was handed to calibrate and repair to unlearn all the same, at a cost in accuracy."""
+    index = [1.3, -0.2, 0.4, 2.8, 1.0, -1.5, 0.99, 0.0, 1.7, -0.4]
+    success = [0.95, 1.0, 0.9, 0.22, 1.0, 1.0, 1.0, 0.3, 0.49, 1.0]
+    assert [t.target for t in _report(index, None, success).candidates] == [0, 4]
+    assert [t.target for t in _report(index, None, success, candidate_index=3.0).candidates] == [0, 4]  # the fill
 
 
 def test_the_fill_takes_the_most_anomalous_classes_only_where_none_reaches_the_floor():
