@@ -344,9 +344,11 @@ def _strip_ratio(session, bare: Callable[[np.ndarray], None], x: np.ndarray, ove
 
 
 def _spread(x: np.ndarray, y: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` samples drawn from the whole set (seeded): an image folder is read class by class, so its first
-    samples can miss classes calibration needs."""
-    pick = np.sort(np.random.default_rng(0).permutation(len(x))[:count])
+    """`count` samples drawn from the whole set (seeded), each class's first draw among them: an image folder is read
+    class by class, so its first samples can miss classes calibration needs, and so can a draw of a rare class."""
+    order = np.random.default_rng(0).permutation(len(x))
+    firsts = np.unique(y[order], return_index=True)[1]  # where in the draw each class first comes
+    pick = np.sort(np.concatenate([order[firsts], np.delete(order, firsts)[:max(0, count - len(firsts))]]))
     return x[pick], y[pick]
 
 

@@ -195,7 +195,7 @@ def _bench(args: argparse.Namespace) -> int:
     if y is not None and (settings.tap_growth or settings.calibration_samples):  # they run last: refused now
         from guard.samples import check_samples
 
-        check_samples(x, y, loaded.sample_shape, loaded.num_classes, "guard bench's calibration")
+        check_samples(x, y, loaded.sample_shape, loaded.num_classes, "guard bench's calibration", every_class=True)
     made = _missing_folders(args.out)
     _writable_folder(args.out, "the bench results")
     try:

@@ -83,6 +83,24 @@ def test_bench_and_load_refuse_data_the_model_cannot_take_before_starting_a_serv
     assert main(["bench", str(backdoored.model_path), "--profile", str(backdoored.profile_path), "--data", str(few),
                  "--out", str(tmp_path / "b")]) == 2
     assert "needs at least 20 clean samples" in capsys.readouterr().err
+    lacking = tmp_path / "lacking.npz"  # calibration, timed last, needs every class: refused before the timings
+    keep = backdoored.y_clean != 2
+    np.savez(lacking, x=backdoored.x_clean[keep], y=backdoored.y_clean[keep])
+    assert main(["bench", str(backdoored.model_path), "--profile", str(backdoored.profile_path), "--data",
+                 str(lacking), "--out", str(tmp_path / "b")]) == 2
+    assert "no sample of class(es) [2]" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_the_calibrations_draw_holds_every_class_however_the_data_is_ordered() -> None:
+    """Image folders are read class by class, and a rare class can miss a draw: the tap-growth calibrations got
+    data without some class, and the bench failed after all its timings."""
+    from guard.bench import _spread
+
+    y = np.repeat(np.arange(10), [500] * 9 + [3])  # class 9 rare, at the end
+    x = np.arange(len(y), dtype=np.float32)
+    drawn_x, drawn_y = _spread(x, y, 20)
+    assert set(drawn_y.tolist()) == set(range(10)) and len(drawn_y) == 20
+    assert (y[drawn_x.astype(int)] == drawn_y).all() and len(set(drawn_x.tolist())) == 20
 
 
 def test_sigterm_exits_through_the_block_in_the_main_thread_and_is_left_alone_elsewhere() -> None:
