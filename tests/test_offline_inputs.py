@@ -395,6 +395,17 @@ def test_a_tiny_model_of_the_right_form_loads() -> None:
         assert load_model(tiny_model(sample=sample)).sample_shape == sample
 
 
+def _node_names(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    for node, name in zip(model.graph.node, names, strict=False):
+        node.name = name
+    return model
+
+
+def _in_domain(model: onnx.ModelProto, domain: str) -> onnx.ModelProto:
+    model.graph.node[0].domain = domain
+    return model
+
+
 @pytest.mark.parametrize(("model", "fragment"), [
     (tiny_model(batch=1), "batch dimension is fixed at 1"),
     (tiny_model(elem=TensorProto.DOUBLE), "float32 inputs; 'x' is DOUBLE"),
@@ -408,8 +419,12 @@ def test_a_tiny_model_of_the_right_form_loads() -> None:
     # a scan's mask over (H, W, C) would be one value per column, its PNG a strip
     (tiny_model(sample=(28, 28, 1)), "of shape .None, 28, 28, 1. looks channels-last"),
     (tiny_model(sample=(32, 32, 3)), "model.x.permute.0, 2, 3, 1.."),
+    # calibrated, then refused by ONNX Runtime when served; and a traceback from shape inference
+    (_node_names(tiny_model(), ["a", "b", "a"]), "nodes share the name.s. .'a'."),
+    (_in_domain(tiny_model(), "com.example"), "domain.s. .'com.example'. that it does not import"),
+    (b"", "<bytes> holds no ONNX graph"),  # was "exactly one input; this one has []"
 ])
-def test_models_guard_cannot_serve_are_refused_at_load(model: onnx.ModelProto, fragment: str) -> None:
+def test_models_guard_cannot_serve_are_refused_at_load(model: onnx.ModelProto | bytes, fragment: str) -> None:
     with pytest.raises(ModelError, match=fragment.replace("(", r"\(")):
         load_model(model)
 

@@ -61,6 +61,25 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _refuse_what_onnxruntime_refuses(proto: onnx.ModelProto) -> None:
+    """Nodes sharing a name, or in an operator domain the model does not import: ONNX Runtime refuses such a graph,
+    and shape inference raises a traceback on the second; refused at load, not after a calibration."""
+    named = Counter(node.name for node in proto.graph.node if node.name)
+    twice = sorted(name for name, count in named.items() if count > 1)
+    if twice:
+        raise ModelError(f"nodes share the name(s) {twice[:5]}; ONNX Runtime refuses such a model: give each node a "
+                         "name of its own (or none)")
+
+    def domain(name: str) -> str:
+        return "" if name == "ai.onnx" else name  # two names of the default domain
+
+    imported = {domain(opset.domain) for opset in proto.opset_import}
+    missing = sorted({domain(node.domain) for node in proto.graph.node} - imported)
+    if missing:
+        raise ModelError(f"the model's nodes use operator domain(s) {missing} that it does not import (opset_import); "
+                         "export it again")
+
+
 def load_model(source: str | Path | bytes | onnx.ModelProto) -> LoadedModel:
     """Read an ONNX image classifier: one input (N, C, H, W) and a first output (N, classes)."""
     path = None
@@ -77,10 +96,13 @@ def load_model(source: str | Path | bytes | onnx.ModelProto) -> LoadedModel:
         raise ModelError(f"model file not found: {source}") from None
     except (OSError, ValueError, DecodeError) as exc:
         raise ModelError(f"cannot read ONNX model {path or '<bytes>'}: {exc}") from None
+    if not proto.graph.node:  # an empty file parses as an empty model
+        raise ModelError(f"{path or '<bytes>'} holds no ONNX graph: not a model file, or an empty one")
     initializers = {init.name for init in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise ModelError(f"guard serves models with exactly one input; this one has {[i.name for i in inputs]}")
+    _refuse_what_onnxruntime_refuses(proto)
     if not proto.graph.output:
         raise ModelError("the model has no outputs")
     tensors = [*proto.graph.initializer, *(a.t for n in proto.graph.node for a in n.attribute if a.HasField("t"))]
