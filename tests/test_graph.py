@@ -399,6 +399,19 @@ def test_an_ir3_model_whose_initializers_are_inputs_is_served() -> None:
     np.testing.assert_allclose(logits, want.run(["logits"], {"x": x})[0], atol=1e-5)
 
 
+def test_every_shape_past_the_batch_is_known_and_the_last_conv_folds_into_the_head(exported) -> None:
+    """The legacy exporter's x.view(x.size(0), -1) left its flatten (None, None) by inference, which was taken as
+    known: the last conv tap's mask then folded into the conv (the tap reads zero where the head's columns could be
+    zeroed instead, and a trigger lighting those channels up went unseen)."""
+    from guard.model.graph import tensor_dims
+
+    assert {name: dims for name, dims in tensor_dims(exported.proto).items() if None in dims[1:]} == {}
+    if "cnn" in str(exported.path):
+        conv = default_taps(exported, conv_taps=1)[0]
+        keep = random_keep(exported, [conv], np.random.default_rng(0))
+        assert fold_static_mask(exported, keep)[1] == {conv: "consumer"}
+
+
 def test_shapes_a_model_run_tells_are_measured_once_per_graph(exported, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 100 MB legacy export was run three times per command (taps, their shapes, the served graph): 2.4 s and
     300 MB more at its peak."""

@@ -190,7 +190,9 @@ def _tensor_info(proto: onnx.ModelProto) -> _TensorInfo:
         inferred = shape_inference.infer_shapes(proto)
         values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
         dims = {value.name: _dims(value.type) for value in values if value.type.tensor_type.HasField("shape")}
-        unknown = [out for node in proto.graph.node for out in node.output if out and out not in dims]
+        # missing, or known only in part: a Reshape to (x.size(0), -1) comes back as (None, None)
+        unknown = [out for node in proto.graph.node for out in node.output
+                   if out and (out not in dims or None in dims[out][1:])]
         if unknown:
             dims.update(_measured_dims(proto, unknown))
         types = {value.name: value.type.tensor_type.elem_type for value in values if value.type.tensor_type.elem_type}
@@ -396,6 +398,8 @@ def _fold_into_consumers(graph: onnx.GraphProto, tensor: str, channels: np.ndarr
     if not consumers:
         return False
     for node in consumers:
+        if node.op_type == "Shape":  # reads the dims alone (x.view(x.size(0), -1)), which zeroed channels keep
+            continue
         if node.input[0] != tensor:
             return False
         shape, out_shape = dims.get(tensor, ()), dims.get(node.output[0], ())
