@@ -393,6 +393,11 @@ def test_a_tiny_model_of_the_right_form_loads() -> None:
     # channels first, of any image size, and a (C, T, 1) signal, which is no square image with its channels last
     for sample in ((3, 32, 32), (1, 28, 28), (4, 8, 8), (9, 128, 1), (8, 16, 4)):
         assert load_model(tiny_model(sample=sample)).sample_shape == sample
+    # an output declared without its classes (tf2onnx names them unk__N), or with no shape at all: the graph tells
+    symbolic, shapeless = tiny_model(), tiny_model()
+    symbolic.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "unk__7"
+    shapeless.graph.output[0].type.tensor_type.ClearField("shape")
+    assert load_model(symbolic).num_classes == load_model(shapeless).num_classes == 3
 
 
 def _node_names(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

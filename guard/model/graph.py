@@ -135,6 +135,8 @@ def load_model(source: str | Path | bytes | onnx.ModelProto) -> LoadedModel:
         raise ModelError(f"guard checks float32 logits; {proto.graph.output[0].name!r} is "
                          f"{onnx.TensorProto.DataType.Name(output_type)}: export the model in float32 throughout")
     output_shape = _dims(proto.graph.output[0].type)
+    if len(output_shape) != 2 or output_shape[1] is None:  # declared without its classes (tf2onnx's unk__N): inferred
+        output_shape = tensor_dims(proto).get(proto.graph.output[0].name, output_shape)
     if len(output_shape) != 2 or output_shape[1] is None or output_shape[1] < 2:
         raise ModelError(f"expected a first output (N, classes) of at least 2 classes; {proto.graph.output[0].name!r} "
                          f"is {output_shape}")
