@@ -472,11 +472,14 @@ def test_a_scan_threshold_that_names_nothing_or_everything_is_refused(threshold:
 def test_a_scan_replaces_an_earlier_scans_trigger_files_and_writes_its_candidates(tmp_path: Path,
                                                                         backdoored: Backdoored) -> None:
     report = run_scan(backdoored.model_path, backdoored.x_clean[:60], backdoored.y_clean[:60],
-                      settings=ScanSettings(steps=5, threshold=1e9,  # a threshold nothing reaches
+                      settings=ScanSettings(steps=40, threshold=1e9,  # a threshold nothing reaches
                                             warp_scan=False, blend_scan=False))  # stamp files are the point
     assert report.suspect is None
     for name in ("trigger.npz", "trigger_0.png", "mask_0.png", "candidate_0.npz", "candidate_9.npz", "notes.txt"):
         (tmp_path / name).write_text("from an earlier scan")
+    (tmp_path / "scan.json").write_text(json.dumps({"files": {
+        "candidates": ["candidate_0.npz", "candidate_9.npz"], "trigger": "trigger.npz", "trigger_png": "trigger_0.png",
+        "mask_png": "mask_0.png"}}))
     write_outputs(report, tmp_path)
     candidates = sorted(f"candidate_{t.target}.npz" for t in report.candidates)  # filled: the two most anomalous
     assert len(candidates) == 2
