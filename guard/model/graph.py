@@ -485,7 +485,7 @@ class ChannelWeights:
 
 
 # Ops a channel passes through unchanged in identity, walking back from a tap to the layer that computed it.
-_SAME_CHANNEL = {"Identity", "Dropout", "MaxPool", "AveragePool"}
+_SAME_CHANNEL = {"Identity", "Dropout", "MaxPool", "AveragePool", "Cast"}
 _SPATIAL_REDUCE = {"ReduceMean", "ReduceMax", "GlobalAveragePool", "GlobalMaxPool"}
 
 
