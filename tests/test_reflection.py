@@ -67,3 +67,44 @@ def test_reflection_is_off_by_default_and_behind_the_token(backdoored: Backdoore
             assert "guard.v1.Guard" in list_services(channel, (("authorization", "Bearer s3cret"),))
     finally:
         server.stop(grace=1)
+
+
+def test_streamed_and_health_port_messages_that_do_not_parse_are_invalid_and_the_server_still_stops(
+        backdoored: Backdoored) -> None:
+    """Only unary calls on the main port refused bytes that do not parse. On the reflection stream and a health Watch
+    gRPC answered INTERNAL and logged a traceback; the health port (no token needed) answered UNKNOWN with the
+    parser's exception, logged too; and after a garbled reflection message the server's stop never returned (most
+    runs), so `guard serve` outlived its grace and SIGTERM."""
+    import threading
+
+    from conftest import log_messages
+
+    garbled = b"\xff\xff\xff"
+    server = start(backdoored, reflection=True, health_port=0)
+    stopped, stopping = threading.Event(), None
+    try:
+        with log_messages("grpc") as logged:
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                calls = [channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+                         lambda request, timeout: list(channel.unary_stream("/grpc.health.v1.Health/Watch")(
+                             next(request), timeout=timeout))]
+                for call in calls:
+                    with pytest.raises(grpc.RpcError) as refused:
+                        list(call(iter([garbled]), timeout=5))
+                    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert "does not parse" in refused.value.details()
+                assert list_services(channel)  # still serving
+            with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
+                for kind, method in (("unary_unary", "Check"), ("unary_stream", "Watch")):
+                    with pytest.raises(grpc.RpcError) as refused:
+                        reply = getattr(channel, kind)(f"/grpc.health.v1.Health/{method}")(garbled, timeout=5)
+                        list(reply) if kind == "unary_stream" else reply
+                    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+                    assert "does not parse" in refused.value.details()
+        assert logged == []  # gRPC logs at WARNING and above: the tracebacks were errors
+        stopping = threading.Thread(target=lambda: (server.stop(grace=0), stopped.set()), daemon=True)
+        stopping.start()
+        assert stopped.wait(20), "the server's stop did not return"
+    finally:
+        if stopping is None:  # a stop that hung is not called again
+            server.stop(grace=0)

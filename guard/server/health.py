@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+
+from guard.server.status import Malformed, tolerant
 
 T = TypeVar("T")
 
@@ -35,7 +37,7 @@ class HealthPort:
 
     @staticmethod
     async def _build(options: list[tuple[str, Any]]) -> tuple[grpc.aio.Server, HealthServicer]:
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, interceptors=[_MalformedChecks()])
         servicer = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         return server, servicer
@@ -76,3 +78,33 @@ class HealthPort:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+class _MalformedChecks(grpc.aio.ServerInterceptor):
+    """A Check or Watch whose bytes do not parse gets INVALID_ARGUMENT: grpc.aio answered UNKNOWN naming the parser's
+    exception, and logged its traceback, for any caller (the port needs no token), as often as sent."""
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+            handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        # the health service's two methods, both coroutines (Watch writes its answers through the context)
+        for kind, build in (("unary_unary", grpc.unary_unary_rpc_method_handler),
+                            ("unary_stream", grpc.unary_stream_rpc_method_handler)):
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                return build(_refusing(behaviour), request_deserializer=tolerant(handler.request_deserializer),
+                             response_serializer=handler.response_serializer)
+        return handler
+
+
+def _refusing(behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+              ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    async def run(request: object, context: grpc.aio.ServicerContext) -> object:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await behaviour(request, context)
+
+    return run

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -66,14 +66,34 @@ def answer(plane: DataPlane, context: grpc.ServicerContext, handler: Callable[[]
 
 
 @dataclass(frozen=True)
-class _Malformed:
+class Malformed:
+    """What `tolerant` hands a handler in place of a request whose bytes do not parse."""
+
     reason: str
+
+    @property
+    def message(self) -> str:
+        return _fitted(f"the request does not parse: {self.reason}")
+
+
+def tolerant(parse: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    """`parse`, giving a Malformed where it fails, for the handler to refuse (gRPC's own failure is an INTERNAL with a
+    traceback logged)."""
+
+    def deserialize(data: bytes) -> object:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Malformed(str(exc) or type(exc).__name__)
+
+    return deserialize
 
 
 class MalformedRequests(grpc.ServerInterceptor):
-    """A unary request whose bytes do not parse (a corrupt message, a string field that is not UTF-8) gets
+    """A request whose bytes do not parse (a corrupt message, a string field that is not UTF-8) gets
     INVALID_ARGUMENT, counted as any bad inference request: gRPC's own deserializer answered INTERNAL, uncounted,
-    and logged a traceback for each, which a caller could repeat at will."""
+    and logged a traceback for each, which a caller could repeat at will. Streamed requests too (health Watch,
+    reflection): after one such message on the reflection stream, the server's stop never returned."""
 
     def __init__(self, plane: DataPlane) -> None:
         self._plane = plane
@@ -81,23 +101,38 @@ class MalformedRequests(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
                           handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None:
             return handler
-        parse, behaviour = handler.request_deserializer, handler.unary_unary
         counted = handler_call_details.method in INFERENCE_METHODS
 
-        def deserialize(data: bytes) -> object:
-            try:
-                return parse(data)
-            except DecodeError as exc:
-                return _Malformed(str(exc) or type(exc).__name__)
-
-        def run(request: object, context: grpc.ServicerContext) -> object:
-            if isinstance(request, _Malformed):
+        def refuse(request: object, context: grpc.ServicerContext) -> None:
+            if isinstance(request, Malformed):
                 if counted:
                     self._plane.count_error(grpc.StatusCode.INVALID_ARGUMENT.name)
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, _fitted(f"the request does not parse: {request.reason}"))
-            return behaviour(request, context)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
-        return grpc.unary_unary_rpc_method_handler(run, request_deserializer=deserialize,
-                                                   response_serializer=handler.response_serializer)
+        def one(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+            def run(request: object, context: grpc.ServicerContext) -> object:
+                refuse(request, context)
+                return behaviour(request, context)
+            return run
+
+        def stream(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+            def run(requests: Iterator[object], context: grpc.ServicerContext) -> object:
+                def parsed() -> Iterator[object]:
+                    for request in requests:
+                        refuse(request, context)
+                        yield request
+                return behaviour(parsed(), context)
+            return run
+
+        kinds = {"unary_unary": (one, grpc.unary_unary_rpc_method_handler),
+                 "unary_stream": (one, grpc.unary_stream_rpc_method_handler),
+                 "stream_unary": (stream, grpc.stream_unary_rpc_method_handler),
+                 "stream_stream": (stream, grpc.stream_stream_rpc_method_handler)}
+        for kind, (wrap, build) in kinds.items():
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                return build(wrap(behaviour), request_deserializer=tolerant(handler.request_deserializer),
+                             response_serializer=handler.response_serializer)
+        return handler
