@@ -82,6 +82,21 @@ def test_a_budget_needs_the_onnxruntime_engine_and_a_finite_number(backdoored: B
             Guard.load(backdoored.model_path, backdoored.profile_path, check_budget=budget)
 
 
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"policy": "ENFORCE"}, r"policy must be one of \['monitor', 'enforce'\], got 'ENFORCE'"),
+    ({"on_failure": "sideways"}, r"on_failure must be one of \['closed', 'open'\]"),
+    ({"threads": -1}, r"threads must be a whole number in \[0, 1024\]"),
+    ({"threads": 10**6}, "threads must be"),  # ONNX Runtime started them all: the load never finished
+    ({"engine": "torch", "device": "mps"}, "guard runs on cpu or cuda, not 'mps'"),
+])
+def test_the_api_refuses_settings_the_cli_would_with_a_guard_error(backdoored: Backdoored, settings: dict,
+                                                                   message: str) -> None:
+    """The CLI and the settings refuse these first; the Python API let torch's RuntimeError or a bare ValueError
+    through, or hung."""
+    with pytest.raises(GuardError, match=message):
+        Guard.load(backdoored.model_path, backdoored.profile_path, **settings)
+
+
 def test_a_budget_longer_than_a_timer_can_wait_checks_as_if_unlimited(backdoored: Backdoored,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A finite budget past threading.TIMEOUT_MAX raised OverflowError in every run's timer thread."""

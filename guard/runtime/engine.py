@@ -295,6 +295,8 @@ def _torch_device(device: str) -> Any:
         parsed = torch.device(device)
     except RuntimeError as exc:
         raise GuardError(f"unknown torch device {device!r}: {exc}") from None
+    if parsed.type not in ("cpu", "cuda"):  # torch parses "mps" and the like, then fails on first use
+        raise GuardError(f"guard runs on cpu or cuda, not {device!r}")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise GuardError("--device cuda was asked for but torch sees no CUDA device")
     if parsed.type == "cuda":  # cuDNN convolutions default to TF32 (10-bit mantissa) on Ampere and later, where the

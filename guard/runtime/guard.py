@@ -17,11 +17,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from guard.calibrate.profile import Profile
+from guard.config import MAX_THREADS
 from guard.errors import CheckFailedError, GuardError, ModelError, ProfileError, RequestError
 from guard.model.graph import LoadedModel, load_model, tap_shapes, validate_taps
 from guard.model.serving import serving_graphs
@@ -29,6 +32,8 @@ from guard.runtime.engine import build_engine, plain_model
 from guard.runtime.policy import FailurePolicy, Policy, apply_policy, demotions, overrule
 from guard.runtime.reference import confirms, disagreement, lean, reference_model
 from guard.sparselog import SparseLog
+
+E = TypeVar("E", bound=Enum)
 
 log = logging.getLogger("guard.runtime")
 
@@ -61,6 +66,13 @@ class Result:
                       self.overruled[start:stop], self.spared[start:stop], dict(self.stage_seconds), self.unchecked)
 
 
+def _choice(kind: type[E], value: E | str, name: str) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        raise GuardError(f"{name} must be one of {[member.value for member in kind]}, got {value!r}") from None
+
+
 FAILURE_LOG_SECONDS = 10.0  # a failed check is logged at most this often: a caller can fail it at will
 
 
@@ -86,6 +98,9 @@ class Guard:
         CNN), so a budget must cover a batch of flagged samples, or a caller sending triggered ones fails it."""
         if check_budget is not None and (engine != "onnxruntime" or not 0 < check_budget < math.inf):
             raise GuardError("a check budget needs the onnxruntime engine and a positive, finite number of seconds")
+        if not (isinstance(threads, int) and 0 <= threads <= MAX_THREADS):  # ONNX Runtime starts as many as asked
+            raise GuardError(f"threads must be a whole number in [0, {MAX_THREADS}] (0: one per core), got {threads!r}")
+        policy, on_failure = _choice(Policy, policy, "policy"), _choice(FailurePolicy, on_failure, "on_failure")
         profile.validate()  # as the loader does: one built in memory was never loaded
         profile.verify_model(model.sha256)
         try:
