@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from guard._version import __version__
-from guard.errors import GuardError, shown
+from guard.errors import GuardError, ModelError, ProfileError, shown
 
 if TYPE_CHECKING:
     from guard.model.graph import LoadedModel
@@ -386,14 +386,26 @@ def _inspect(args: argparse.Namespace) -> int:
         "settings": profile.settings,
         "figures": profile.figures,
     }
+    refused = None
     if args.model is not None:
         from guard.model.graph import load_model
+        from guard.runtime.guard import Guard
 
-        sha256 = load_model(args.model).sha256
-        summary["model"] = {"path": str(args.model), "sha256": sha256, "matches": sha256 == profile.model_sha256}
+        model = load_model(args.model)
+        matches = model.sha256 == profile.model_sha256
+        if matches:  # and the rest serve checks: a profile's taps, names and weights can be edited, its sha256 kept
+            try:
+                Guard(model, profile)
+            except (ProfileError, ModelError) as exc:
+                refused = exc
+        summary["model"] = {"path": str(args.model), "sha256": model.sha256, "matches": matches,
+                            "serves": matches and refused is None,
+                            **({"refused": str(refused)} if refused is not None else {})}
     print(strict_json(summary))  # a profile written elsewhere may hold NaN among its figures
     if args.model is not None:
         profile.verify_model(summary["model"]["sha256"])
+    if refused is not None:
+        raise refused
     return 0
 
 
@@ -900,7 +912,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins = commands.add_parser("inspect", help="print what a profile holds")
     ins.add_argument("profile")
     ins.add_argument("--model", type=Path, help="also say whether this ONNX model is the one the profile was "
-                                                "calibrated for (exit 2 where it is not)")
+                                                "calibrated for, and whether guard serve would serve the two "
+                                                "(exit 2 where either is not)")
     ins.set_defaults(run=_inspect)
 
     scan = commands.add_parser("scan", help="synthesise a trigger per class and name the likely backdoor target")

@@ -614,6 +614,16 @@ def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(backdoored: 
     # --model says whether a model is the profile's, and a model that is not fails the command
     shown = run_cli("inspect", "p.safetensors", "--model", backdoored.model_path, cwd=tmp_path)
     assert shown.returncode == 0 and json.loads(shown.stdout)["model"]["matches"] is True
+    assert json.loads(shown.stdout)["model"]["serves"] is True
+    # ... and whether guard serve would serve the two: a profile edited but for its sha256 matched, exit 0
+    edited = Profile.load(tmp_path / "p.safetensors")
+    first, *rest = edited.reference
+    edited.reference = {"no_such_weight": edited.reference[first], **{name: edited.reference[name] for name in rest}}
+    edited.save(tmp_path / "edited.safetensors")
+    shown = run_cli("inspect", "edited.safetensors", "--model", backdoored.model_path, cwd=tmp_path)
+    assert shown.returncode == 2 and json.loads(shown.stdout)["model"]["matches"] is True
+    assert json.loads(shown.stdout)["model"]["serves"] is False
+    assert "no_such_weight" in json.loads(shown.stdout)["model"]["refused"] and "no_such_weight" in shown.stderr
     other = tmp_path / "other.onnx"
     changed = onnx.load(backdoored.model_path)
     changed.doc_string = "another file of the same graph"
