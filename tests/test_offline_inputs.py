@@ -398,6 +398,10 @@ def test_a_tiny_model_of_the_right_form_loads() -> None:
     symbolic.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "unk__7"
     shapeless.graph.output[0].type.tensor_type.ClearField("shape")
     assert load_model(symbolic).num_classes == load_model(shapeless).num_classes == 3
+    # default-domain nodes with only another domain imported: ONNX Runtime runs them (as opset 13 here)
+    other_domain = tiny_model()
+    other_domain.opset_import[0].CopyFrom(helper.make_opsetid("ai.onnx.ml", 3))
+    assert load_model(other_domain).num_classes == 3
 
 
 def _node_names(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

@@ -108,3 +108,25 @@ def test_streamed_and_health_port_messages_that_do_not_parse_are_invalid_and_the
     finally:
         if stopping is None:  # a stop that hung is not called again
             server.stop(grace=0)
+
+
+def test_a_health_watch_on_the_main_port_sees_every_status_change(backdoored: Backdoored) -> None:
+    """The check for messages that do not parse wraps the health service's Watch; wrapped without gRPC's non-blocking
+    mark, each watch held a server thread for its life and saw only the latest of statuses set in quick succession."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    server = start(backdoored)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=3)
+            seen = [next(watch).status]
+            for status in (not_serving, serving, not_serving):
+                server.health.set("", status)
+            with pytest.raises(grpc.RpcError) as ended:
+                for reply in watch:
+                    seen.append(reply.status)
+            assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert seen == [serving, not_serving, serving, not_serving]
+    finally:
+        server.stop(grace=1)

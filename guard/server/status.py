@@ -111,13 +111,18 @@ class MalformedRequests(grpc.ServerInterceptor):
                     self._plane.count_error(grpc.StatusCode.INVALID_ARGUMENT.name)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
-        def one(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
-            def run(request: object, context: grpc.ServicerContext) -> object:
+        def one(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            def run(request: object, context: grpc.ServicerContext, *callback: Any) -> object:
                 refuse(request, context)
-                return behaviour(request, context)
+                return behaviour(request, context, *callback)
+            # gRPC hands a health Watch marked non-blocking a callback for its answers; unmarked, it held a server
+            # thread for the watch's life and kept only the latest of the statuses set meanwhile
+            for mark in ("experimental_non_blocking", "experimental_thread_pool"):
+                if hasattr(behaviour, mark):
+                    setattr(run, mark, getattr(behaviour, mark))
             return run
 
-        def stream(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             def run(requests: Iterator[object], context: grpc.ServicerContext) -> object:
                 def parsed() -> Iterator[object]:
                     for request in requests:
