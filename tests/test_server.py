@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -520,15 +520,10 @@ def test_requests_waiting_for_a_worker_run_in_arrival_order(backdoored: Backdoor
     assert ran == list(range(1, 10))
 
 
-@pytest.mark.parametrize("mode", ["workers", "batching"])
-def test_a_call_that_ends_gives_up_its_place_and_its_late_answer_is_not_counted(
-        mode: str, backdoored: Backdoored, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The engine is held by a gate in front of the real guard. A call cancelled while it waits (for the worker, or
-    in the batch queue) leaves then, so a fresh caller is admitted in its place (it was refused RESOURCE_EXHAUSTED
-    until the engine had run the cancelled request for nobody); an answer computed after its caller's deadline is
-    counted as DEADLINE_EXCEEDED, not as answered."""
-    from concurrent.futures import ThreadPoolExecutor
-
+@pytest.fixture
+def held_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """A gate in front of every guard's predict (a batcher holds the method it was built with, so the class's):
+    `entered` is set as a run reaches it, which then waits for `release` (30 s at most; released at the end)."""
     entered, release = threading.Event(), threading.Event()
     predict = Guard.predict
 
@@ -538,6 +533,20 @@ def test_a_call_that_ends_gives_up_its_place_and_its_late_answer_is_not_counted(
         return predict(self, x)
 
     monkeypatch.setattr(Guard, "predict", held)
+    yield entered, release
+    release.set()
+
+
+@pytest.mark.parametrize("mode", ["workers", "batching"])
+def test_a_call_that_ends_gives_up_its_place_and_its_late_answer_is_not_counted(
+        mode: str, backdoored: Backdoored, held_engine: tuple[threading.Event, threading.Event]) -> None:
+    """The engine is held by a gate in front of the real guard. A call cancelled while it waits (for the worker, or
+    in the batch queue) leaves then, so a fresh caller is admitted in its place (it was refused RESOURCE_EXHAUSTED
+    until the engine had run the cancelled request for nobody); an answer computed after its caller's deadline is
+    counted as DEADLINE_EXCEEDED, not as answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    entered, release = held_engine
     limits = {"workers": {"workers": 1}, "batching": {"batch_size": 64, "batch_delay_ms": 20}}[mode]
     settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0, metrics_port=0,
                              max_inflight=2, **limits)
@@ -595,8 +604,8 @@ def test_stopping_runs_an_open_batch_at_once_rather_than_cutting_it_off(backdoor
         server.stop(grace=0)
 
 
-def test_stopping_does_not_wait_out_a_batch_whose_callers_were_cut_off(backdoored: Backdoored,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stopping_does_not_wait_out_a_batch_whose_callers_were_cut_off(
+        backdoored: Backdoored, held_engine: tuple[threading.Event, threading.Event]) -> None:
     """A batch still running when the grace period ends has had its callers cut off (UNAVAILABLE): the stop waits for
     it a short while (CLOSE_WAIT), not until it ends, for nobody, past a pod's termination grace. The engine is held
     by a gate that opens only after the stop returned (or after 30 s)."""
@@ -604,15 +613,7 @@ def test_stopping_does_not_wait_out_a_batch_whose_callers_were_cut_off(backdoore
 
     from guard.server.dataplane import CLOSE_WAIT
 
-    entered, release = threading.Event(), threading.Event()
-    predict = Guard.predict
-
-    def held(self: Guard, x: np.ndarray):
-        entered.set()
-        release.wait(30)
-        return predict(self, x)
-
-    monkeypatch.setattr(Guard, "predict", held)  # the batcher holds the method it was built with
+    entered, release = held_engine
     settings = ServeSettings(model=backdoored.model_path, profile=backdoored.profile_path, port=0, metrics_port=0,
                              batch_size=64, batch_delay_ms=1)
     server = GuardServer(settings)
