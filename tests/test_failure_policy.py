@@ -87,6 +87,7 @@ def test_a_budget_needs_the_onnxruntime_engine_and_a_finite_number(backdoored: B
     ({"on_failure": "sideways"}, r"on_failure must be one of \['closed', 'open'\]"),
     ({"threads": -1}, r"threads must be a whole number in \[0, 1024\]"),
     ({"threads": 10**6}, "threads must be"),  # ONNX Runtime started them all: the load never finished
+    ({"threads": True}, "threads must be"),
     ({"engine": "torch", "device": "mps"}, "guard runs on cpu or cuda, not 'mps'"),
 ])
 def test_the_api_refuses_settings_the_cli_would_with_a_guard_error(backdoored: Backdoored, settings: dict,
@@ -95,6 +96,11 @@ def test_the_api_refuses_settings_the_cli_would_with_a_guard_error(backdoored: B
     through, or hung."""
     with pytest.raises(GuardError, match=message):
         Guard.load(backdoored.model_path, backdoored.profile_path, **settings)
+
+
+def test_the_api_takes_a_numpy_thread_count(backdoored: Backdoored) -> None:
+    guard = Guard.load(backdoored.model_path, backdoored.profile_path, threads=np.int64(1))
+    assert len(guard.predict(backdoored.x_eval[:2]).labels) == 2
 
 
 def test_a_budget_longer_than_a_timer_can_wait_checks_as_if_unlimited(backdoored: Backdoored,

@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from numbers import Integral
 from pathlib import Path
 from typing import TypeVar
 
@@ -98,8 +99,10 @@ class Guard:
         CNN), so a budget must cover a batch of flagged samples, or a caller sending triggered ones fails it."""
         if check_budget is not None and (engine != "onnxruntime" or not 0 < check_budget < math.inf):
             raise GuardError("a check budget needs the onnxruntime engine and a positive, finite number of seconds")
-        if not (isinstance(threads, int) and 0 <= threads <= MAX_THREADS):  # ONNX Runtime starts as many as asked
+        if isinstance(threads, bool) or not isinstance(threads, Integral) or not 0 <= threads <= MAX_THREADS:
+            # ONNX Runtime starts as many as asked
             raise GuardError(f"threads must be a whole number in [0, {MAX_THREADS}] (0: one per core), got {threads!r}")
+        threads = int(threads)
         policy, on_failure = _choice(Policy, policy, "policy"), _choice(FailurePolicy, on_failure, "on_failure")
         profile.validate()  # as the loader does: one built in memory was never loaded
         profile.verify_model(model.sha256)
