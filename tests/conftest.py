@@ -23,6 +23,8 @@ from safetensors.numpy import load_file, save_file
 from guard.calibrate.profile import Profile
 from guard.eval.attacks import Attack, BadNets
 from guard.eval.datasets import load_fashion_mnist
+from guard.model.graph import LoadedModel, sha256_bytes
+from guard.scan import ScanReport, ScanSettings
 
 TARGET = 0
 
@@ -111,24 +113,59 @@ class Scanned:
     out: Path  # guard scan's --out folder: scan.json, trigger.npz, candidate_K.npz ...
     data: Path  # the clean .npz it scanned with (the backdoored fixture's calibration set)
     stdout: str
+    report: ScanReport  # what run_scan returned inside the command
+    settings: ScanSettings  # what the command asked run_scan for
 
 
 @pytest.fixture(scope="session")
 def scanned(backdoored: Backdoored, tmp_path_factory) -> Scanned:
     """One `guard scan` of the backdoored model at its defaults, run once for the suite: test_scan reads what it
-    wrote, and the repair and calibration tests take its triggers (`--trigger`, `--scan-dir`) instead of scanning
-    again."""
+    wrote, and the repair and calibration tests take its triggers (`--trigger`, `--scan-dir`) or its report
+    (`scan_once`) instead of scanning again."""
+    import guard.scan
     from guard.cli import main
 
     root = tmp_path_factory.mktemp("scan")
     data = root / "clean.npz"
     np.savez(data, x=backdoored.x_clean, y=backdoored.y_clean)
     out = root / "out"
+    calls: list[tuple[ScanReport, ScanSettings]] = []
+    real = guard.scan.run_scan
+
+    def recorded(model: Path | LoadedModel, x: np.ndarray, y: np.ndarray | None = None, *,
+                 settings: ScanSettings | None = None) -> ScanReport:
+        calls.append((real(model, x, y, settings=settings), settings or ScanSettings()))
+        return calls[-1][0]
+
     stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+        patch.setattr(guard.scan, "run_scan", recorded)
         code = main(["scan", str(backdoored.model_path), "--data", str(data), "--out", str(out)])
-    assert code == 0
-    return Scanned(out, data, stdout.getvalue())
+    assert code == 0 and len(calls) == 1
+    return Scanned(out, data, stdout.getvalue(), *calls[0])
+
+
+@pytest.fixture
+def scan_once(scanned: Scanned, backdoored: Backdoored, monkeypatch: pytest.MonkeyPatch) -> list[ScanSettings]:
+    """`run_scan` of the backdoored model, its calibration set and the settings `scanned` used answers with that
+    scan's report instead of scanning again (a minute each); any other scan fails the test. The scan is seeded:
+    test_scan checks that it repeats. Returns the settings of each call answered."""
+    import guard.scan
+
+    answered: list[ScanSettings] = []
+    model_sha256 = sha256_bytes(backdoored.model_path.read_bytes())
+
+    def again(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None = None, *,
+              settings: ScanSettings | None = None) -> ScanReport:
+        sha256 = model.sha256 if isinstance(model, LoadedModel) else sha256_bytes(Path(model).read_bytes())
+        settings = settings or ScanSettings()
+        assert sha256 == model_sha256 and settings == scanned.settings, "not the scan `scanned` ran"
+        assert np.array_equal(x, backdoored.x_clean) and np.array_equal(y, backdoored.y_clean), "other samples"
+        answered.append(settings)
+        return scanned.report
+
+    monkeypatch.setattr(guard.scan, "run_scan", again)
+    return answered
 
 
 def raw_parts(path: Path) -> tuple[dict[str, np.ndarray], dict]:

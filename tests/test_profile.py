@@ -37,12 +37,14 @@ from guard.calibrate.activations import collect
 from guard.calibrate.pipeline import CalibrationSettings, calibrate
 from guard.calibrate.profile import FORMAT, Profile
 from guard.calibrate.taps import OnnxTaps
+from guard.cli import main
 from guard.errors import GuardError, ModelError, ProfileError
 from guard.eval.attacks import BadNets
 from guard.eval.models import SmallCNN, export_onnx, load_eval_data, train
 from guard.model.graph import load_model
 from guard.runtime.guard import Guard
 from guard.runtime.policy import margin
+from guard.scan import ScanSettings
 
 CALIBRATION_SAMPLES = 300
 
@@ -576,12 +578,15 @@ def assert_one_line_error(done: subprocess.CompletedProcess, fragment: str) -> N
 
 
 def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(backdoored: Backdoored, scanned: Scanned,
-                                                                    tmp_path: Path) -> None:
-    np.savez(tmp_path / "clean.npz", x=backdoored.x_clean, y=backdoored.y_clean)
-    done = run_cli("calibrate", backdoored.model_path, "--data", "clean.npz", "--out", "p.safetensors", "--quiet",
-                   cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert "p.safetensors" in done.stdout
+                                                                    scan_once: list[ScanSettings], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    np.savez("clean.npz", x=backdoored.x_clean, y=backdoored.y_clean)
+    code = main(["calibrate", str(backdoored.model_path), "--data", "clean.npz", "--out", "p.safetensors", "--quiet"])
+    stdout = capsys.readouterr().out
+    assert code == 0 and "p.safetensors" in stdout
+    assert scan_once == [ScanSettings()]  # calibrate ran the scan `guard scan` runs (the suite's one, reused here)
     profile = Profile.load(tmp_path / "p.safetensors")
     library = Profile.load(backdoored.profile_path)  # the library's calibrate, defaults, no scan
     assert profile.model_sha256 == library.model_sha256
@@ -591,8 +596,8 @@ def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(backdoored: 
     assert candidates[0] == TARGET
     unlearned = " and ".join([f"the triggers of classes {candidates}", *(f"the warp of class {k}" for k in warps),
                               *(f"the blend of class {k}" for k in blends)])
-    assert f"guard: scan suspects class {TARGET}; candidates: {unlearned}" in done.stdout
-    assert f"unlearned {unlearned}" in done.stdout
+    assert f"guard: scan suspects class {TARGET}; candidates: {unlearned}" in stdout
+    assert f"unlearned {unlearned}" in stdout
     # ... and otherwise the library's defaults
     assert profile.settings == {**library.settings, "suspect": TARGET}
     assert profile.thresholds.suspect == TARGET
@@ -632,15 +637,16 @@ def test_cli_calibrate_writes_a_profile_that_inspect_and_guard_read(backdoored: 
     assert shown.returncode == 2 and json.loads(shown.stdout)["model"]["matches"] is False
     assert "calibrated for a different model" in shown.stderr
     # the calibration's printout says what the reference does, and what it won on the held-out samples
-    assert "reference overrules" in done.stdout
-    assert f"{profile.figures['reference_overrule_net']:+d} right answers on them" in done.stdout
+    assert "reference overrules" in stdout
+    assert f"{profile.figures['reference_overrule_net']:+d} right answers on them" in stdout
     assert profile.figures["reference_overrule_net"] >= 0
 
     # guard scan's folder, given back with --scan-dir, gives the profile calibrate's own scan gave, without scanning
-    again = run_cli("calibrate", backdoored.model_path, "--data", scanned.data, "--out", "q.safetensors", "--quiet",
-                    "--scan-dir", scanned.out, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert f"guard: the scan in {scanned.out} suspects class {TARGET}; candidates: {unlearned}" in again.stdout
+    code = main(["calibrate", str(backdoored.model_path), "--data", str(scanned.data), "--out", "q.safetensors",
+                 "--quiet", "--scan-dir", str(scanned.out)])  # in this process as the first: the same torch threads
+    again = capsys.readouterr().out
+    assert code == 0 and scan_once == [ScanSettings()]  # read, not scanned
+    assert f"guard: the scan in {scanned.out} suspects class {TARGET}; candidates: {unlearned}" in again
     reused = Profile.load(tmp_path / "q.safetensors")
     assert reused.settings == profile.settings and reused.thresholds == profile.thresholds
     assert {k: v for k, v in reused.figures.items() if "seconds" not in k} == {

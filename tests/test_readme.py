@@ -14,6 +14,7 @@ import pytest
 from conftest import Backdoored
 from guard.calibrate.warps import split_targets
 from guard.config import ServeSettings
+from guard.scan import ScanSettings
 from guard.server.app import GuardServer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -27,6 +28,7 @@ def python_example(containing: str) -> str:
 
 
 def test_the_calibration_example_builds_the_profile_the_cli_would(backdoored: Backdoored, tmp_path: Path,
+                                                                 scan_once: list[ScanSettings],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     shutil.copy(backdoored.model_path, tmp_path / "model.onnx")
     monkeypatch.chdir(tmp_path)
@@ -34,6 +36,7 @@ def test_the_calibration_example_builds_the_profile_the_cli_would(backdoored: Ba
     names = {"x_clean": backdoored.x_clean, "y_clean": backdoored.y_clean, "my_module": backdoored.module, "x": x}
     exec(python_example("calibrate("), names)
     profile, result, scan = names["profile"], names["result"], names["scan"]
+    assert scan_once == [ScanSettings()]  # the scan `guard scan` runs (the suite's one, reused here)
     assert (tmp_path / "profile.safetensors").is_file()
     unlearned = [profile.figures[f"reference_unlearned{kind}"] for kind in ("", "_warps", "_blends")]
     assert unlearned == list(split_targets(scan.candidates)) and any(unlearned)

@@ -3,6 +3,7 @@ works; ℓ∞-gap pruning against it weakens the real attack within the accuracy
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import zlib
@@ -28,6 +29,7 @@ from guard.scan import (
     ScanSettings,
     encode_png,
     format_report,
+    report_dict,
     run_scan,
     write_outputs,
 )
@@ -74,6 +76,19 @@ def test_scan_names_the_backdoor_target(cli_scan):
     # A patch backdoor is no warp: the warp scan ran and named nothing.
     assert len(report["warps"]["classes"]) == 10 and report["warps"]["suspect"] is None
     assert "warp scan: no class is named" in stdout
+
+
+def test_a_scan_repeats_itself(backdoored):
+    """The scan is seeded, so the same model, samples and settings give the same report: tests take conftest's one
+    scan (`scan_once`) for another of the same, and `--scan-dir` stands in for calibrate's own scan."""
+    settings = ScanSettings(steps=10, warps={"steps": 5}, blends={"steps": 5})
+    first, second = (run_scan(backdoored.model_path, backdoored.x_clean[:60], backdoored.y_clean[:60],
+                              settings=settings) for _ in range(2))
+    for report in (first, second):
+        del report.figures["seconds"], report.figures["step_seconds"]
+    assert report_dict(first) == report_dict(second)
+    for a, b in zip(first.candidates, second.candidates, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(dataclasses.astuple(a), dataclasses.astuple(b), strict=True))
 
 
 def test_scan_names_no_class_of_a_clean_model(clean_model, backdoored):
