@@ -50,7 +50,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         demote_confirm=args.demote_confirm or None,
     )
     settings.validate()  # before the scan's seconds are spent
-    _writable(args.out, inputs=(args.model, args.data, *_scan_files(args.scan_dir)))
+    args.made_folders += _writable(args.out, inputs=(args.model, args.data, *_scan_files(args.scan_dir)))
     model, triggers = args.model, []
     if args.scan_dir is not None or (args.suspect is None and args.scan):
         from guard.calibrate.warps import describe_triggers
@@ -276,7 +276,7 @@ def _load(args: argparse.Namespace) -> int:
         raise GuardError("callers, batch, max-inflight and workers must be >= 1, seconds in (0, 3600]")
     _check_data_fits(args.model, x.shape)
     if args.out:
-        _writable(args.out, inputs=(args.model, args.profile, args.data))
+        args.made_folders += _writable(args.out, inputs=(args.model, args.profile, args.data))
     with tempfile.TemporaryDirectory(prefix="guard-load-") as tmp, exit_on_sigterm():
         figures = run_load(args.model, args.profile, x, settings, Path(tmp))
     print(format_run(figures))
@@ -562,22 +562,25 @@ def _rejected(report: Path) -> Path:
     return report.with_name(f"{report.stem}.rejected{report.suffix}")
 
 
-def _writable(*paths: Path, inputs: Sequence[str | Path | None] = ()) -> None:
+def _writable(*paths: Path, inputs: Sequence[str | Path | None] = ()) -> list[Path]:
     """Make the output files' folders, and try a write there, before a long run rather than fail after it; refuse a
     folder as a file, and an output that is one of the command's `inputs`, lies in an input folder (a folder of
     images would no longer load) or is another output (it would replace the model or the data it was made from, the
-    evidence of a backdoor among them)."""
+    evidence of a backdoor among them). Returns the folders it made, for `main` to remove if the command fails."""
     taken = [Path(p).resolve() for p in inputs if p is not None]
+    made: list[Path] = []
     for path in map(_output_file, paths):
         resolved = path.resolve()
         if resolved in taken or any(folder.is_dir() and resolved.is_relative_to(folder) for folder in taken):
             raise GuardError(f"{path} is one of this command's inputs or outputs, or lies in an input folder; "
                              "write to another file")
         taken.append(resolved)
+        made += _missing_folders(path.parent)
         try:
             _try_write(path.parent)
         except OSError as exc:
             raise GuardError(f"cannot write {path}: {exc}") from None
+    return made
 
 
 def _repair(args: argparse.Namespace) -> int:
@@ -597,8 +600,8 @@ def _repair(args: argparse.Namespace) -> int:
         raise GuardError("--method prune folds the calibrated static mask in and trains nothing, so it has no use "
                          "for --trigger, --scan or --scan-dir: give them to ar, l2 or finetune")
     report_path = args.report or _output_file(args.out).with_suffix(".repair.json")
-    _writable(args.out, report_path, inputs=(args.model, args.data, *(args.trigger or []),
-                                             *_scan_files(args.scan_dir)))
+    args.made_folders += _writable(args.out, report_path, _rejected(report_path),
+                                   inputs=(args.model, args.data, *(args.trigger or []), *_scan_files(args.scan_dir)))
     model = load_model(args.model)
     if settings.layers:  # a misspelt tap is refused now, not after the scan
         validate_taps(model, list(settings.layers))
@@ -675,10 +678,13 @@ def _train(args: argparse.Namespace) -> int:
                          "rounds; without --none the model is trained plainly: add --none, or leave them out")
     settings = NoneSettings(seed=args.seed, **{k: v for k, v in {**plain, **rounds}.items() if v is not None})
     settings.validate()
+    if settings.epochs < 1 or (args.none and settings.rounds < 1):  # an untrained model, or a plainly trained one
+        raise GuardError(f"--epochs{' and --rounds' if args.none else ''} must be at least 1, got {settings.epochs}"
+                         f"{f' and {settings.rounds}' if args.none else ''}")
     poisoned = load_poisoned(args.data, len(x))
     report_path = args.report or _output_file(args.out).with_suffix(".train.json")
     rejected = _rejected(report_path)
-    _writable(args.out, report_path, inputs=(args.data,))
+    args.made_folders += _writable(args.out, report_path, rejected, inputs=(args.data,))
     torch.manual_seed(args.seed)
     model = build(args.model, x, y)
     shape = tuple(x.shape[1:])
@@ -698,7 +704,13 @@ def _train(args: argparse.Namespace) -> int:
         summary = "plain training"
         facts = {"settings": {"epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size,
                               "seed": settings.seed}}
+    if not all(torch.isfinite(t).all() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()):
+        raise GuardError(f"the training diverged: the weights are no longer finite; {args.out} not written: try a "
+                         f"lower --lr{' or --finetune-lr' if args.none else ''}")
     accuracy = float((predict(model, x) == y).mean())
+    if accuracy <= np.bincount(y).max() / len(y):  # no better than answering the largest class
+        print(f"guard: note: accuracy on the training set {accuracy:.3f} is no better than answering its largest "
+              f"class; the training may have diverged: try a lower --lr or more --epochs")
     write_atomic(args.out, lambda tmp: export_checked(model, args.model, shape, tmp))
     write_json(report_path, {**facts, "training_accuracy": accuracy, "samples": len(x), "model": args.model})
     rejected.unlink(missing_ok=True)  # a past run's, which no longer describes what lies beside it
@@ -720,7 +732,7 @@ def _export(args: argparse.Namespace) -> int:
         raise GuardError(f"--num-classes must be at least 2, got {args.num_classes}")
     if args.weights.is_dir():  # said before _writable reads it as an input folder the output may not lie in
         raise GuardError(f"{args.weights} is a folder; --weights takes the weights file")
-    _writable(args.out, inputs=(args.weights,))
+    args.made_folders += _writable(args.out, inputs=(args.weights,))
     model = make(args.model, args.num_classes, shape[0])
     load_weights(model, args.weights)
     classes = check_logits(model, args.model, shape, args.num_classes or 2)
@@ -1040,8 +1052,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    args.made_folders = []  # what _writable made for the outputs: removed again, where still empty, if the run fails
+    code = 1
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        return code
     except GuardError as exc:
         print(f"guard: error: {exc}", file=sys.stderr)
         return 2
@@ -1056,3 +1071,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename is not None else ""
         print(f"guard: error: {exc.strerror or exc or type(exc).__name__}{where}", file=sys.stderr)
         return 2
+    finally:
+        if code != 0:
+            _remove_empty(args.made_folders)

@@ -295,6 +295,8 @@ def test_record_gives_softmax_and_per_channel_spatial_maxima():
     np.testing.assert_allclose(probs, want, rtol=1e-5, atol=1e-6)
     assert set(peaks) == {"conv1", "conv2"} and peaks["conv1"].shape == (5, 16)
     np.testing.assert_allclose(peaks["conv2"], conv2, rtol=1e-5, atol=1e-6)
+    model.unused = torch.nn.Conv2d(1, 2, 3)  # a head the forward never calls (np.concatenate of nothing raised)
+    assert set(record(model, x, batch_size=2)[1]) == {"conv1", "conv2"}
 
 
 # -------------------------------------------------------------------------------------------- NONE training
@@ -666,6 +668,16 @@ def test_cli_train_builds_a_users_factory(train_file, tmp_path, monkeypatch):
      "def make():\n    return Net(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Linear(2 * 28 * 28, 10))\n",
      "fails on channels-last tensors, the layout guard trains in (RuntimeError: view size is not compatible"),
     ("guard_test_nets_value:make", "make = 42\n", "guard_test_nets_value:make is not callable (a int object)"),
+    # more logits than classes: trained without a word, then refused by calibrate for the classes with no sample
+    ("guard_test_nets_wide:make",
+     "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 12))\n",
+     "answers 12 logits, but the labels name 10 classes"),
+    # an auxiliary head's logits beside the main ones while training: the loss took them with a TypeError
+    ("guard_test_nets_aux:make",
+     "from torch import nn\n\nclass Net(nn.Sequential):\n    def forward(self, x):\n"
+     "        out = super().forward(x)\n        return (out, out) if self.training else out\n\n"
+     "def make():\n    return Net(nn.Flatten(), nn.Linear(784, 10))\n",
+     "answers tuple in training mode; guard trains on (N, 10) logits"),
     # a batch size the forward writes out, or turns into a number: guard runs batches of any size
     ("guard_test_nets_two:make",
      "from torch import nn\n\nclass Net(nn.Linear):\n    def forward(self, x):\n"
@@ -719,7 +731,7 @@ def test_cli_train_takes_any_sample_count_and_writes_strict_json(train_file, tmp
     # backdoor and all) under --none's name, and is not written; the report is, as rejected.
     out = tmp_path / "none.onnx"
     code, _ = _run_cli(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out), "--none",
-                        "--epochs", "0", "--finetune-epochs", "0", "--unlearn-epochs", "0"])
+                        "--epochs", "1", "--lr", "1e-9", "--finetune-epochs", "0", "--unlearn-epochs", "0"])
     assert code == 2 and not out.exists() and not (tmp_path / "none.train.json").exists()
     text = (tmp_path / "none.train.rejected.json").read_text()
     report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the report"))
@@ -736,6 +748,69 @@ def test_build_names_the_builtin_architectures():
     cnn = build("cnn", x, y)
     assert isinstance(cnn, SmallCNN) and cnn.fc2.out_features == 5 and cnn.conv1.in_channels == 3
     assert isinstance(build("resnet", x, y), SmallResNet)
+
+
+def test_cli_train_none_refuses_a_conv_run_twice_before_training(train_file, tmp_path, monkeypatch, capsys):
+    """NONE records a conv's channel peaks per run: a shared conv's outnumbered the samples, an IndexError after
+    the whole training."""
+    (tmp_path / "guard_test_nets_shared.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(1, 1, 3, padding=1)
+                self.head = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+            def forward(self, x):
+                return self.head(self.conv(self.conv(x)))
+
+        def make():
+            return Net()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    trained = []
+    monkeypatch.setattr("guard.eval.models.train", lambda *args, **kwargs: trained.append(args))
+    out = tmp_path / "m.onnx"
+    assert main(["train", "--data", str(train_file), "--model", "guard_test_nets_shared:make", "--out", str(out),
+                 "--none"]) == 2
+    err = capsys.readouterr().err
+    assert "a forward pass runs ['conv'] more than once (shared weights)" in err and "Traceback" not in err
+    assert trained == [] and not out.exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),  # wrote an untrained model as a success
+    (["--none", "--rounds", "0"], "--epochs and --rounds must be at least 1, got 3 and 0"),  # trained, then refused
+])
+def test_cli_train_refuses_no_training_before_reading_the_model(train_file, tmp_path, capsys, flags, message):
+    out = tmp_path / "made" / "m.onnx"
+    assert main(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "made").exists()
+
+
+def test_cli_train_refuses_weights_that_diverged(train_file, tmp_path, capsys):
+    out = tmp_path / "made" / "deeper" / "m.onnx"
+    assert main(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out), "--epochs", "1",
+                 "--lr", "1e20"]) == 2
+    err = capsys.readouterr().err
+    assert "the training diverged: the weights are no longer finite" in err and "try a lower --lr" in err
+    assert not (tmp_path / "made").exists()  # the folders made for --out went with the run
+
+
+def test_cli_train_never_removes_an_input_or_output_as_the_reports_rejected_sibling(train_file, tmp_path, capsys):
+    """A successful run removes an earlier run's rejected report: --data train.rejected.npz --report train.npz
+    deleted the training data, --out r.rejected.json --report r.json the model just written."""
+    data = tmp_path / "train.rejected.npz"
+    data.write_bytes(train_file.read_bytes())
+    assert main(["train", "--data", str(data), "--model", "cnn", "--out", str(tmp_path / "m.onnx"),
+                 "--report", str(tmp_path / "train.npz"), "--epochs", "1"]) == 2
+    assert "is one of this command's inputs or outputs" in capsys.readouterr().err and data.is_file()
+    assert main(["train", "--data", str(train_file), "--model", "cnn", "--out", str(tmp_path / "r.rejected.json"),
+                 "--report", str(tmp_path / "r.json"), "--epochs", "1"]) == 2
+    assert "is one of this command's inputs or outputs" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.rejected.npz"]
 
 
 def test_cli_train_refuses_data_without_labels_or_with_bad_ground_truth(train_file, tmp_path, capsys):

@@ -276,9 +276,11 @@ def test_data_missing_a_class_is_refused_before_the_scan(tmp_path: Path, capsys:
     monkeypatch.setattr(guard.scan, "run_scan", no_scan)
     keep = backdoored.y_clean[:200] != 3
     clean = write_npz(tmp_path / "clean.npz", x=backdoored.x_clean[:200][keep], y=backdoored.y_clean[:200][keep])
-    for command in (["calibrate", backdoored.model_path, "--data", clean, "--out", tmp_path / "p.safetensors"],
-                    ["repair", backdoored.model_path, "--data", clean, "--scan", "--out", tmp_path / "r.onnx"]):
+    made = tmp_path / "made" / "deeper"  # folders made for the outputs go again with the refused run
+    for command in (["calibrate", backdoored.model_path, "--data", clean, "--out", made / "p.safetensors"],
+                    ["repair", backdoored.model_path, "--data", clean, "--scan", "--out", made / "r.onnx"]):
         assert "has no sample of class(es) [3]" in run(capsys, *command), command
+        assert not (tmp_path / "made").exists()
 
 
 def test_a_misspelt_layer_is_refused_before_the_scan(tmp_path: Path, capsys: pytest.CaptureFixture[str],

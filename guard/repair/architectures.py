@@ -8,6 +8,7 @@ user's own code, which is theirs to trust.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import os
@@ -28,12 +29,33 @@ BUILT_IN = ("cnn", "resnet")
 
 
 def build(spec: str, x: np.ndarray, y: np.ndarray) -> nn.Module:
-    """An untrained module for data `x` (N, C, H, W) with labels `y`; its output must have a logit per class."""
+    """An untrained module for data `x` (N, C, H, W) with labels `y`; its output must have a logit per class, no
+    more (a class without samples is one the model never learns, and calibration then finds none of it)."""
     num_classes = int(y.max()) + 1
     model = make(spec, num_classes, int(x.shape[1]))
-    check_logits(model, spec, tuple(x.shape[1:]), num_classes)
+    classes = check_logits(model, spec, tuple(x.shape[1:]), num_classes)
+    if classes != num_classes:
+        raise GuardError(f"{spec} answers {classes} logits, but the labels name {num_classes} classes (a factory is "
+                         "given num_classes only where it takes an argument of that name)")
+    check_training_output(model, spec, tuple(x.shape[1:]), num_classes)
     check_channels_last(model, spec, tuple(x.shape[1:]))
     return model
+
+
+def check_training_output(model: nn.Module, spec: str, sample_shape: tuple[int, ...], num_classes: int) -> None:
+    """A GuardError unless `model` in training mode also answers (N, num_classes) logits: some answer a tuple there
+    (an auxiliary head's logits beside the main ones), which the training's loss cannot take. Runs on a copy, so
+    that batch norm's running statistics stay untouched."""
+    trial = copy.deepcopy(model).train()
+    try:
+        out = trial(torch.zeros(2, *sample_shape))
+    except Exception as exc:  # noqa: BLE001 - the user's forward
+        raise GuardError(f"{spec} cannot run in training mode on samples of shape {sample_shape} "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise GuardError(f"{spec} answers {shape} in training mode; guard trains on (N, {num_classes}) logits: "
+                         "return the logits alone there too")
 
 
 def check_channels_last(model: nn.Module, spec: str, sample_shape: tuple[int, ...]) -> None:

@@ -485,7 +485,26 @@ def record(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> tuple[np.n
     finally:
         for handle in handles:
             handle.remove()
-    return np.concatenate(probs), {name: np.concatenate(parts) for name, parts in peaks.items()}
+    return np.concatenate(probs), {name: np.concatenate(parts) for name, parts in peaks.items() if parts}  # run ones
+
+
+def check_convs_run_once(model: nn.Module, sample: torch.Tensor) -> None:
+    """A GuardError for a Conv2d that one forward pass runs more than once (shared weights): NONE scores and resets
+    a module's channels as one layer's, and its recorded peaks would outnumber the samples."""
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    runs = dict.fromkeys(convs, 0)
+    handles = [m.register_forward_hook(lambda *_, name=name: runs.update({name: runs[name] + 1}))
+               for name, m in convs.items()]
+    try:
+        with torch.no_grad():
+            model.eval()(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    shared = sorted(name for name, count in runs.items() if count > 1)
+    if shared:
+        raise GuardError(f"NONE resets each conv's channels as one layer's, but a forward pass runs {shared} more than "
+                         "once (shared weights): give each use a module of its own")
 
 
 def _truth(removed: np.ndarray, poisoned: np.ndarray | None) -> tuple[float | None, float | None]:
@@ -512,6 +531,7 @@ def train_none(model: nn.Module, x: np.ndarray, y: np.ndarray, *, settings: None
     started = time.perf_counter()
     if poisoned is not None and poisoned.shape != (len(x),):
         raise GuardError(f"the poisoned ground truth must be (N,) = ({len(x)},) booleans, got {poisoned.shape}")
+    check_convs_run_once(model, torch.as_tensor(x[:2]))
     if not pretrained:
         train(model, x, y, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed)
     targets, unknown = reset_targets(model.eval(), torch.as_tensor(x[:2]))
