@@ -453,7 +453,7 @@ def _eval(args: argparse.Namespace) -> int:
         misses_text,
         write_report,
     )
-    from guard.eval.suite import EvalSettings, below_floor, run_suite
+    from guard.eval.suite import QUICK_FLOORS, EvalSettings, below_floor, run_suite
 
     try:
         import matplotlib  # noqa: F401 - checked now, not after an hour of training
@@ -478,7 +478,12 @@ def _eval(args: argparse.Namespace) -> int:
         if missing:  # before anything in --out is replaced
             raise GuardError(f"{args.figures} is not a guard eval figures.json: it lacks {', '.join(missing[:5])}")
         _writable_folder(args.out, "the report")
-        print(f"guard: wrote {write_report(figures, args.out, figures.get('command', 'unknown'))}")
+        try:
+            report = write_report(figures, args.out, figures.get("command", "unknown"))
+        except (KeyError, IndexError, TypeError, ValueError) as exc:  # a part figures_missing does not look into
+            raise GuardError(f"cannot draw a report from {args.figures}: it lacks or mistypes a figure the report "
+                             f"draws ({type(exc).__name__}: {exc}); nothing in {args.out} was replaced") from None
+        print(f"guard: wrote {report}")
         if Path(args.figures).resolve() == (args.out / PARTIAL_FIGURES).resolve():  # its cases are in figures.json
             Path(args.figures).unlink()  # now, and would stop the next run into the folder
         return 0
@@ -498,8 +503,10 @@ def _eval(args: argparse.Namespace) -> int:
         settings.validate()
     except ValueError as exc:
         raise GuardError(f"guard eval: {exc}") from None
-    if settings.quick and "badnets" not in settings.attacks:
-        raise GuardError("guard eval --quick checks its floors on the badnets case: keep badnets in --attacks")
+    floored = sorted({attack for attack, *_ in QUICK_FLOORS.values()} - set(settings.attacks))
+    if settings.quick and floored:  # the run would end below its floors, known before its minutes
+        raise GuardError(f"guard eval --quick checks floors on the {' and '.join(floored)} case(s): keep them in "
+                         "--attacks")
     if (args.out / PARTIAL_FIGURES).exists():  # the only copy of a cut-short run's cases, which this run would replace
         raise GuardError(f"{args.out} holds {PARTIAL_FIGURES}, the cases of a run cut short: draw them with guard "
                          f"eval --figures {args.out / PARTIAL_FIGURES} --out FOLDER, move the file away, or give "

@@ -28,10 +28,16 @@ STAND_IN = textwrap.dedent(f"""
 
     _cases = {{(c["attack"], c["arch"], c["seed"]): c for c in json.load(open({str(FIGURES)!r}))["cases"]}}
 
+    class TwoPartError(Exception):  # pickles as its message alone, which its constructor refuses
+        def __init__(self, first, second):
+            super().__init__(f"{{first}} {{second}}")
+
     def run_case(case, settings):
         with open(os.environ["STAND_IN_PIDS"], "a") as pids:
             pids.write(f"{{os.getpid()}}\\n")
         time.sleep(float(os.environ["STAND_IN_SECONDS"]))
+        if case.attack == os.environ.get("STAND_IN_FAILS"):
+            raise TwoPartError("no", "figures")
         return copy.deepcopy(_cases[(case.attack, case.arch, case.seed)])
 
     run_case.__module__, run_case.__qualname__ = "guard.eval.suite", "run_case"  # picklable for the workers
@@ -39,11 +45,12 @@ STAND_IN = textwrap.dedent(f"""
 """)
 
 
-def start_eval(tmp_path: Path, seconds: float, *args: str) -> subprocess.Popen:
+def start_eval(tmp_path: Path, seconds: float, *args: str, fails: str = "") -> subprocess.Popen:
+    """`guard eval ARGS` with the stand-in's cases taking `seconds` each; those of attack `fails` raise."""
     (tmp_path / "stand_in").mkdir(exist_ok=True)
     (tmp_path / "stand_in" / "sitecustomize.py").write_text(STAND_IN)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "stand_in"), "STAND_IN_PIDS": str(tmp_path / "pids"),
-           "STAND_IN_SECONDS": str(seconds)}
+           "STAND_IN_SECONDS": str(seconds), "STAND_IN_FAILS": fails}
     return subprocess.Popen([sys.executable, "-m", "guard", "eval", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group, as a terminal's foreground job
@@ -120,13 +127,28 @@ def test_a_run_of_several_workers_writes_every_case_in_order(tmp_path: Path) -> 
     assert len(set((tmp_path / "pids").read_text().split())) <= 3
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_case_whose_error_does_not_pickle_fails_alone(tmp_path: Path, workers: str) -> None:
+    """In a worker, such an error broke the pool: every case not yet answered failed as 'a worker process died'."""
+    out = tmp_path / "out"
+    process = start_eval(tmp_path, 0.5, "--attacks", "badnets,blend,clean", "--archs", "cnn", "--seeds", "0",
+                         "--workers", workers, "--out", str(out), fails="blend")
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 1, err
+    figures = json.loads((out / "figures.json").read_text())
+    assert [c["attack"] for c in figures["cases"]] == ["badnets", "clean"]
+    assert figures["failures"] == [{"attack": "blend", "arch": "cnn", "seed": 0, "error": "TwoPartError: no figures"}]
+
+
 @pytest.mark.parametrize(("given", "fragment"), [
     (["--attacks", ""], "unknown attack or architecture ['']"),  # an unset shell variable is not "the defaults"
     (["--quick", "--archs", ""], "unknown attack or architecture ['']"),
     (["--seeds", ""], "--seeds takes comma-separated integers"),
     (["--seeds", str(2**32)], "seeds must lie in 0..2^32-1"),
     (["--n-train", "1000000"], "n_train must lie in 100..60,000"),
-    (["--quick", "--attacks", "blend,clean"], "keep badnets in --attacks"),  # its floors are on badnets
+    # its floors are on badnets and the clean model: a run without either ended below them, after all its cases
+    (["--quick", "--attacks", "blend,clean"], "checks floors on the badnets case(s): keep them in --attacks"),
+    (["--quick", "--attacks", "badnets"], "checks floors on the clean case(s): keep them in --attacks"),
 ])
 def test_settings_that_would_run_something_else_are_refused_before_any_case(
         given: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -150,15 +172,18 @@ def test_figures_of_another_making_are_refused_before_the_folder_is_touched(
     assert sorted(p.name for p in out.iterdir()) == ["figures.json"]
 
 
-def test_a_redraw_into_a_folder_leaves_no_earlier_report_beside_new_figures(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """The figures are written first (the report can be redrawn from them); a drawing that fails after them left
-    the earlier run's report.md beside another run's figures."""
+def test_a_drawing_that_fails_leaves_the_earlier_report_beside_its_own_figures(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report is drawn in a folder of its own, then moved: a drawing that failed after writing the figures left
+    the earlier run's report.md beside another run's figures (and, first fixed, deleted it). A run's own cases stay
+    in figures.partial.json, which is removed only once the report is written."""
     import guard.eval.report as report
 
     out = tmp_path / "report"
     out.mkdir()
-    (out / "report.md").write_text("an earlier run's report")
+    earlier = {"report.md": "an earlier run's report", "figures.json": "an earlier run's figures"}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
 
     def broken(*_args: object) -> None:
         raise RuntimeError("the plot failed")
@@ -166,4 +191,4 @@ def test_a_redraw_into_a_folder_leaves_no_earlier_report_beside_new_figures(tmp_
     monkeypatch.setattr(report, "plot", broken)
     with pytest.raises(RuntimeError):
         report.write_report(json.loads(FIGURES.read_text()), out, "guard eval")
-    assert (out / "figures.json").exists() and not (out / "report.md").exists()
+    assert {p.name: p.read_text() for p in out.iterdir()} == earlier

@@ -583,6 +583,25 @@ def test_a_report_without_attacked_cases_leaves_no_earlier_roc_curves(tmp_path: 
     assert not (tmp_path / "roc.png").exists() and (tmp_path / "bars.png").exists()
 
 
+@pytest.mark.parametrize("lacks", ["adversarial", "n_poisoned"])
+def test_a_redraw_that_fails_leaves_the_earlier_report_and_figures(capsys: pytest.CaptureFixture[str],
+                                                                   tmp_path: Path, lacks: str) -> None:
+    """figures_missing looks at a case's four keys; the drawing reads more. A file lacking one deleted report.md,
+    replaced figures.json, then died with a KeyError traceback."""
+    figures = json.loads((Path(__file__).parents[1] / "docs" / "eval" / "figures.json").read_text())
+    del figures["cases"][0][lacks]
+    given = tmp_path / "given.json"
+    given.write_text(json.dumps(figures))
+    out = tmp_path / "report"
+    out.mkdir()
+    earlier = {"report.md": "the earlier report", "figures.json": "{}", "roc.png": "curves", "bars.png": "bars"}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
+    said = run(capsys, "eval", "--figures", given, "--out", out)
+    assert f"cannot draw a report from {given}" in said and f"KeyError: '{lacks}'" in said
+    assert {p.name: p.read_text() for p in out.iterdir()} == earlier  # nothing replaced, no drawing folder left
+
+
 def test_figures_json_is_strict_json_and_redraws_the_same_report(tmp_path: Path) -> None:
     """A figure over no image (no triggered image took) is NaN in memory; figures.json says null, which jq and
     JavaScript read, where Python's NaN token is refused, and the report redrawn from it is the same."""

@@ -7,7 +7,9 @@ checked here, in one place, and each miss is named in the report rather than hid
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,8 +378,6 @@ def plot(figures: dict, out: Path) -> list[Path]:
             ax.axis("off")
         fig.tight_layout()
         written.append(_save_png(fig, out / "roc.png"))
-    else:  # an earlier run's curves would sit beside this run's report
-        (out / "roc.png").unlink(missing_ok=True)
 
     names = [a for a in dict.fromkeys(attack for attack, _, _ in groups)]
     fig, axes = plt.subplots(2, len(archs), figsize=(max(6, 1.3 * len(names) * len(archs) + 2), 7), squeeze=False)
@@ -479,14 +479,29 @@ def figures_missing(figures: dict) -> list[str]:
 def write_report(figures: dict, out: str | Path, command: str) -> Path:
     """Write figures.json, the PNG plots and report.md under `out`; returns the report's path.
 
-    `command` is the `guard eval` command line that produced the figures; it is stored with them.
+    `command` is the `guard eval` command line that produced the figures; it is stored with them. All is drawn in
+    a folder of its own first, so a drawing that fails or is interrupted (figures of another making, Ctrl-C) leaves
+    an earlier report and its figures as they were.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = {**figures, "command": figures.get("command", command)}
-    # An earlier run's report would sit beside these figures if the drawing below failed or were interrupted.
-    (out / "report.md").unlink(missing_ok=True)
-    write_json(out / "figures.json", figures, indent=1)  # first: the report can be redrawn from it
+    with tempfile.TemporaryDirectory(prefix=".guard-drawing-", dir=out) as folder:
+        drawn = Path(folder)
+        _draw(figures, drawn)
+        # An earlier run's report would sit beside these figures were the moves cut short; its curves, beside a
+        # report without attacked cases.
+        (out / "report.md").unlink(missing_ok=True)
+        if not (drawn / "roc.png").exists():
+            (out / "roc.png").unlink(missing_ok=True)
+        for name in ("figures.json", *sorted(p.name for p in drawn.glob("*.png")), "report.md"):
+            os.replace(drawn / name, out / name)  # figures.json first: the report can be redrawn from it
+    return out / "report.md"
+
+
+def _draw(figures: dict, out: Path) -> None:
+    """figures.json, the plots and report.md in the folder `out`."""
+    write_json(out / "figures.json", figures, indent=1)
     images = plot(figures, out)
     misses = check_targets(figures)
     settings = figures["settings"]
@@ -639,4 +654,4 @@ timed on clean requests; a flagged one is re-predicted and costs more.
 ## Plots
 
 """ + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n"
-    return write_atomic(out / "report.md", lambda tmp: tmp.write_text(text))
+    (out / "report.md").write_text(text)

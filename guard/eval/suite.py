@@ -492,6 +492,18 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+class CaseFailed(Exception):
+    """A case's error, as its text: the exception a case raised in a worker may not unpickle in the parent (one
+    whose constructor takes other arguments), and one that does not broke the whole pool, every case lost with it."""
+
+
+def _run_case_in_worker(case: Case, settings: EvalSettings) -> dict[str, object]:
+    try:
+        return run_case(case, settings)
+    except Exception as exc:  # the worker's traceback comes along as the remote one, chained
+        raise CaseFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
 def _worker_init() -> None:
     import torch
 
@@ -542,7 +554,8 @@ def run_suite(settings: EvalSettings, on_case: Callable[[dict[str, object]], Non
             results.append(outcome())
         except Exception as exc:  # any failure of one case is reported with the run, not raised
             log.exception("guard eval: case %s failed", case)
-            failures.append({**asdict(case), "error": f"{type(exc).__name__}: {exc}"})
+            error = str(exc) if isinstance(exc, CaseFailed) else f"{type(exc).__name__}: {exc}"
+            failures.append({**asdict(case), "error": error})
         else:
             if on_case:
                 on_case(results[-1])
@@ -559,7 +572,7 @@ def run_suite(settings: EvalSettings, on_case: Callable[[dict[str, object]], Non
         try:
             # The slower (later) architecture first, so that the workers finish together; results are sorted after.
             slow_first = sorted(cases, key=lambda c: -settings.archs.index(c.arch))
-            futures = {pool.submit(run_case, case, settings): case for case in slow_first}
+            futures = {pool.submit(_run_case_in_worker, case, settings): case for case in slow_first}
             for future in as_completed(futures):
                 finished(futures[future], lambda future=future: _outcome(future))
         except BaseException:  # Ctrl-C, or SIGTERM as SystemExit: the finished cases are kept (checkpoint)
