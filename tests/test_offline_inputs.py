@@ -15,9 +15,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import Backdoored
+from guard.calibrate.activations import collect
 from guard.calibrate.pipeline import calibrate
 from guard.calibrate.profile import Profile, ProfileError
 from guard.calibrate.synthesis import load_trigger
+from guard.calibrate.taps import OnnxTaps
 from guard.cli import main
 from guard.errors import GuardError, ModelError
 from guard.model.graph import default_taps, load_model, validate_taps
@@ -648,6 +650,30 @@ def test_unlabelled_calibration_prints_agreement_not_accuracy(tmp_path: Path, ca
                  "--out", str(tmp_path / "p.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "held-out agreement with the model 1.000 -> " in out and "accuracy" not in out
+
+
+def test_unlabelled_data_the_reference_would_forget_a_class_on_is_refused_before_the_scan(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], backdoored: Backdoored,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference's fine-tuning refused it, worded as repair's, after a scan of a minute and more."""
+    import guard.scan
+
+    def no_scan(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the scan ran before the data was checked")
+
+    monkeypatch.setattr(guard.scan, "run_scan", no_scan)
+    model = load_model(backdoored.model_path)
+    answers = collect(OnnxTaps(model, []), backdoored.x_clean).predictions
+    unlabelled = backdoored.x_clean[answers != 3]
+    data = write_npz(tmp_path / "x.npz", x=unlabelled)
+    said = run(capsys, "calibrate", backdoored.model_path, "--data", data, "--out", tmp_path / "p.safetensors")
+    assert f"answers none of the {len(unlabelled)} unlabelled calibration samples with class(es) [3]" in said
+    assert "--no-reference" in said and not (tmp_path / "p.safetensors").exists()
+    with pytest.raises(GuardError, match=r"unlabelled calibration samples with class\(es\) \[3\]"):
+        calibrate(model, unlabelled)
+    assert main(["calibrate", str(backdoored.model_path), "--data", str(data), "--no-scan", "--no-reference",
+                 "--quiet", "--out", str(tmp_path / "p.safetensors")]) == 0
+    assert "note: the model answers none of the" in capsys.readouterr().out  # without the reference: a note
 
 
 def test_output_cut_short_by_its_reader_ends_quietly(backdoored: Backdoored) -> None:

@@ -235,6 +235,23 @@ class CalibrationSettings:
             raise GuardError(f"the settings' extra must be plain JSON: {exc}") from None
 
 
+def refuse_forgotten_classes(model: LoadedModel, x: np.ndarray, y: np.ndarray | None,
+                             settings: CalibrationSettings) -> None:
+    """Without labels the reference is fine-tuned on the model's own answers, and would forget a class the model
+    answers none of the samples with (the fine-tuning refuses it, once the scan's minutes were spent): refused
+    before them, with the ways out. Without the reference such a class only gets a note."""
+    if y is not None or not settings.reference:
+        return
+    with torch.no_grad():
+        answers = collect(OnnxTaps(model, []), x, batch_size=settings.batch_size).predictions
+    unanswered = np.flatnonzero(np.bincount(answers, minlength=model.num_classes) == 0).tolist()
+    if unanswered:
+        raise GuardError(f"the model answers none of the {len(x)} unlabelled calibration samples with class(es) "
+                         f"{unanswered[:10]}: the reference, fine-tuned on the model's own answers, would forget "
+                         "them; give the samples' labels y, or samples of every class, or calibrate with "
+                         "--no-reference (the check then judges those classes by the others' statistics)")
+
+
 def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None = None, *,
               settings: CalibrationSettings | None = None, torch_module: torch.nn.Module | None = None,
               progress: bool = False, triggers: Sequence[AnyTrigger] = ()) -> Profile:
@@ -253,6 +270,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     x, y = as_samples(x, y, "calibration")
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "calibration", every_class=True)
+    refuse_forgotten_classes(loaded, x, y, settings)
     given = len(x)
     x, y = without_repeats(x, y, loaded.sample_shape, loaded.num_classes, "calibration")
     if settings.suspect is not None and settings.suspect >= loaded.num_classes:
