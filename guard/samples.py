@@ -247,14 +247,17 @@ def _image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
         if nested:  # their images were skipped without a word
             raise GuardError(f"class folders hold folders ({', '.join(map(str, nested[:3]))}); guard reads the "
                              "images directly in each class folder")
-        listed = [(f, int(c.name)) for c in classes for f in _listing(c)] + [(f, None) for f in entries if f.is_file()]
+        listed = [(f, int(c.name)) for c in classes for f in _listing(c)] + [(f, None) for f in entries
+                                                                             if not f.is_dir()]
     else:
-        listed = [(f, None) for f in entries if f.is_file()]
+        listed = [(f, None) for f in entries if not f.is_dir()]
     files = [(f, label) for f, label in listed if _is_image(f)]
-    others = [f.name for f, _ in listed if f.is_file() and not f.name.startswith(".") and not _is_image(f)]
-    if others:  # a photo library's .heic files would otherwise leave the samples short without a word
-        log.warning("skipped %d file(s) in %s that are not images guard reads (%s): %s", len(others), folder,
-                    ", ".join(IMAGE_SUFFIXES), ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
+    # a photo library's .heic files, or a link to an image no longer there, would leave the samples short unsaid
+    others = [f.name for f, _ in listed if not f.is_dir() and not f.name.startswith(".") and not _is_image(f)]
+    if others:
+        log.warning("skipped %d file(s) in %s that are not images guard reads (%s; a broken link, a device or a "
+                    "pipe neither): %s", len(others), folder, ", ".join(IMAGE_SUFFIXES),
+                    ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
     if not files:
         raise GuardError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     first = _read_image(files[0][0])
@@ -387,7 +390,8 @@ def check_samples(x: np.ndarray, y: np.ndarray | None, sample_shape: tuple[int, 
     """
     if x.ndim != 4 or tuple(x.shape[1:]) != sample_shape:
         grey = x.ndim == 4 and x.shape[1] == 1 and len(sample_shape) == 3 and sample_shape[0] == 3
-        hint = " (an image folder whose images are all grey is read as one channel)" if grey else ""
+        hint = (" (an image folder whose images are all grey is read as one channel: for this model give an .npz "
+                "with x = np.repeat(x, 3, axis=1))") if grey else ""
         raise GuardError(f"{purpose} data has shape {x.shape}; the model takes "
                          f"(N, {', '.join(map(str, sample_shape))}){hint}")
     if len(x) < 20:

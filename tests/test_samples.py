@@ -13,7 +13,7 @@ from conftest import Backdoored, log_messages
 from guard.calibrate.profile import Profile
 from guard.cli import main
 from guard.errors import GuardError
-from guard.samples import load_poisoned, load_samples, write_atomic, write_json
+from guard.samples import check_samples, load_poisoned, load_samples, write_atomic, write_json
 
 
 def write_images(folder: Path, x: np.ndarray, y: np.ndarray | None, suffix: str = ".png") -> Path:
@@ -55,12 +55,13 @@ def test_files_that_are_not_images_are_named_as_skipped(tmp_path: Path) -> None:
     (tmp_path / "data" / "1" / "IMG_0001.heic").write_bytes(b"\0")
     (tmp_path / "data" / "0" / ".hidden").write_bytes(b"\0")
     (tmp_path / "data" / "labels.csv").write_text("beside the class folders")
+    (tmp_path / "data" / "0" / "9.png").symlink_to(tmp_path / "moved.png")  # a link to an image no longer there
     with log_messages("guard.samples") as messages:
         assert len(load_samples(tmp_path / "data")[0]) == 3
-        assert len(messages) == 1 and "skipped 2 file(s)" in messages[0]
-        assert "IMG_0001.heic" in messages[0] and "labels.csv" in messages[0]
-        (tmp_path / "data" / "1" / "IMG_0001.heic").unlink()
-        (tmp_path / "data" / "labels.csv").unlink()
+        assert len(messages) == 1 and "skipped 3 file(s)" in messages[0]
+        assert all(name in messages[0] for name in ("IMG_0001.heic", "labels.csv", "9.png"))
+        for name in ("1/IMG_0001.heic", "labels.csv", "0/9.png"):
+            (tmp_path / "data" / name).unlink()
         load_samples(tmp_path / "data")
         assert len(messages) == 1  # hidden files are no one's samples
 
@@ -244,3 +245,10 @@ def test_grey_data_for_a_colour_model_says_why_it_has_one_channel(tmp_path: Path
     x, _ = load_samples(tmp_path / "data")
     with pytest.raises(GuardError, match=r"the model takes \(N, 3, 4, 4\) \(an image folder whose images are all grey"):
         check_samples(x, None, (3, 4, 4), 10, "calibration")
+
+
+def test_grey_images_for_a_colour_model_are_refused_with_the_way_out() -> None:
+    """An image folder of grey pictures is read as one channel, though saved as RGB; the refusal says what to give."""
+    x = np.random.default_rng(2).random((30, 1, 8, 8), dtype=np.float32)
+    with pytest.raises(GuardError, match=r"all grey is read as one channel: .* np\.repeat\(x, 3, axis=1\)"):
+        check_samples(x, None, (3, 8, 8), 10, "calibration")
