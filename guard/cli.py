@@ -279,7 +279,9 @@ def _load(args: argparse.Namespace) -> int:
     if args.out:
         args.made_folders += _writable(args.out, inputs=(args.model, args.profile, args.data))
     with tempfile.TemporaryDirectory(prefix="guard-load-") as tmp, exit_on_sigterm():
-        figures = run_load(args.model, args.profile, x, settings, Path(tmp))
+        figures = run_load(args.model, args.profile, x, settings, Path(tmp), on_start=lambda address: print(
+            f"guard load: {settings.callers} caller(s) sending batches of {settings.batch} to {address} for "
+            f"{settings.seconds:g} s", file=sys.stderr, flush=True))
     print(format_run(figures))
     if args.out:
         write_json(args.out, figures)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,8 +38,10 @@ def _percentiles(seconds: list[float]) -> dict[str, float | None]:
     return {"p50_ms": round(float(np.percentile(values, 50)), 3), "p99_ms": round(float(np.percentile(values, 99)), 3)}
 
 
-def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, workdir: Path) -> dict[str, object]:
-    """One run; returns counts, latencies and the server's memory as a JSON-ready dict."""
+def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, workdir: Path,
+             on_start: Callable[[str], None] | None = None) -> dict[str, object]:
+    """One run; returns counts, latencies and the server's memory as a JSON-ready dict. `on_start` is told the
+    server's address once it answers and the callers start: the server's start takes seconds before the run."""
     import tritonclient.grpc as triton
     from tritonclient.utils import InferenceServerException
 
@@ -98,6 +101,8 @@ def run_load(model: Path, profile: Path, x: np.ndarray, settings: LoadSettings, 
 
         monitor = threading.Thread(target=watch_memory, daemon=True)
         monitor.start()
+        if on_start:
+            on_start(f"127.0.0.1:{server.port}")
         wall = in_threads(caller, settings.callers, "a load caller", halt)
         halt.set()
         monitor.join()

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -47,8 +48,10 @@ class Backdoored:
 
 
 def run_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
-    """`guard ARGS...` in a fresh interpreter, as a user runs it."""
+    """`guard ARGS...` in a fresh interpreter, as a user runs it; on one torch thread, as the tests in this process
+    run (on a 2-core machine a calibration took twice as long on torch's default two)."""
     return subprocess.run([sys.executable, "-m", "guard", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=300, check=False)  # a hang guard: a scan and a calibration take ~1 min
 
 

@@ -18,8 +18,9 @@ from guard.runtime.guard import Guard
 
 def test_bench_measures_bare_engine_and_server_side_by_side(backdoored: Backdoored, tmp_path, capsys,
                                                            monkeypatch) -> None:
+    x, y = backdoored.x_clean[:300], backdoored.y_clean[:300]  # the bench calibrates on it, for each tap count
     data = tmp_path / "clean.npz"
-    np.savez(data, x=backdoored.x_clean, y=backdoored.y_clean)
+    np.savez(data, x=x, y=y)
     out = tmp_path / "bench"
     # a deployed guard's variables are not the benched server's: a token there would lock the bench's client out
     (tmp_path / "token").write_text("s3cret\n")
@@ -40,13 +41,13 @@ def test_bench_measures_bare_engine_and_server_side_by_side(backdoored: Backdoor
             row["server"]["throughput"] / row["engine_concurrent_throughput"], 3)
     # the shares are the whole data's, not its first few batches' (at batch 1 that had been 8 images)
     guard = Guard.load(backdoored.model_path, backdoored.profile_path)
-    assert figures["rows"][0]["repredicted_share"] == round(float(guard.engine.run(backdoored.x_clean).needs.mean()), 4)
-    assert figures["rows"][0]["flagged_share"] == round(float(guard.predict(backdoored.x_clean).flagged.mean()), 4)
+    assert figures["rows"][0]["repredicted_share"] == round(float(guard.engine.run(x).needs.mean()), 4)
+    assert figures["rows"][0]["flagged_share"] == round(float(guard.predict(x).flagged.mean()), 4)
     assert figures["server_peak_rss_mb"] > figures["bare_process_peak_rss_mb"] > 10
     assert figures["strip"]["ratio"] > 2, "64 blends per input cannot cost less than two bare calls"
     growth = figures["tap_growth"]
     assert [g["taps"] for g in growth] == list(range(1, len(growth) + 1)) and len(growth) >= 3
-    assert figures["calibration"]["samples"] == len(backdoored.x_clean)
+    assert figures["calibration"]["samples"] == len(x)
     assert figures["skipped"] == {} and figures["settings"]["tap_growth"]
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # written to a temporary name, as PNG
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "bench.png"]

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -86,19 +87,30 @@ def test_a_stopped_load_run_stops_its_server_and_its_callers(backdoored: Backdoo
                              str(backdoored.profile_path), "--seconds", "300", "--callers", "4"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={k: v for k, v in os.environ.items() if not k.startswith("GUARD_")})
+    said: list[str] = []
+    started = threading.Event()
+
+    def read_stderr() -> None:
+        for line in load.stderr:
+            said.append(line)
+            if line.startswith("guard load: 4 caller(s) sending batches of 1 to 127.0.0.1:"):
+                started.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 180
-        while not (servers := _children(load.pid)) and time.monotonic() < deadline and load.poll() is None:
-            time.sleep(0.2)
+        assert started.wait(180), "".join(said)  # the server answers and the callers start
+        servers = _children(load.pid)
         assert servers, "guard load started no server"
-        time.sleep(20)  # the server is up and the callers are sending (or, on a slow machine, it is starting)
+        time.sleep(2)  # the callers are sending
         if sent is None:
             os.kill(servers[0], signal.SIGKILL)
         else:
             load.send_signal(sent)
-        assert load.wait(timeout=60) == code, load.stderr.read()
-        if sent is None:  # during the run; on a slow machine the server may still have been starting
-            assert "guard serve exited (killed by SIGKILL)" in load.stderr.read()
+        assert load.wait(timeout=60) == code, "".join(said)
+        reader.join(10)
+        if sent is None:
+            assert "guard serve exited (killed by SIGKILL)" in "".join(said)
         # close() has waited for it; a zombie's /proc entry may outlive it for a moment
         deadline = time.monotonic() + 10
         while any(Path(f"/proc/{pid}").exists() for pid in servers) and time.monotonic() < deadline:

@@ -89,6 +89,13 @@ def test_jenks_finds_the_best_split_of_an_uneven_sample():
     assert threshold == values[best - 1]
 
 
+def test_jenks_splits_two_close_groups_far_from_zero():
+    """The prefix sums of squares cancelled: groups at 1e8 and 1e8 + 1 gave an empty upper group."""
+    values = np.concatenate([np.full(500, 1e8), np.full(500, 1e8 + 1)])
+    upper, threshold = jenks_upper(values)
+    assert upper.sum() == 500 and (values[upper] == 1e8 + 1).all() and threshold == 1e8
+
+
 @pytest.mark.parametrize("values", [np.full(50, 3.0), np.array([7.0]), np.array([]), np.array([2.0, 2.0])])
 def test_jenks_edge_cases_remove_nothing(values):
     upper, threshold = jenks_upper(values)

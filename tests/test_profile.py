@@ -768,7 +768,8 @@ def test_profile_without_a_demote_threshold_loads_with_demotion_off(setup: Setup
                                  lambda t, m: (_as_format_2(t, m), m["thresholds"].pop("demote"))))
     assert older.thresholds.demote == float("inf")
     assert older.thresholds.tau == setup.profile.thresholds.tau
-    off = calibrate(setup.model_path, setup.x_cal, setup.y_cal, settings=CalibrationSettings(demote_rate=0))
+    off = calibrate(setup.model_path, setup.x_cal, setup.y_cal,
+                    settings=CalibrationSettings(demote_rate=0, reference=False))  # the reference: not the point
     assert off.thresholds.demote == float("inf") and off.figures["calibration_demote_rate"] == 0
     assert raw_parts(off.save(tmp_path / "off.safetensors"))[1]["thresholds"]["demote"] is None
     assert Profile.load(tmp_path / "off.safetensors").thresholds.demote == float("inf")
@@ -801,14 +802,14 @@ def test_score_parts_cover_all_taps_and_the_dense_ones_and_older_profiles_score_
     assert parts[2].class_mean.shape == (setup.profile.num_classes, width) and parts[2].whiten.shape == (width, width)
     np.savez(tmp_path / "clean.npz", x=setup.x_cal, y=setup.y_cal)
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "single.safetensors", "--quiet",
-                   "--no-dense-part", "--no-first-conv-part", "--no-scan", cwd=tmp_path)
+                   "--no-dense-part", "--no-first-conv-part", "--no-scan", "--no-reference", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     single = Profile.load(tmp_path / "single.safetensors")
     assert [p.taps for p in single.thresholds.parts] == [single.tap_names]
     assert single.settings["dense_part"] is False and single.settings["first_conv_part"] is False
 
     done = run_cli("calibrate", setup.model_path, "--data", "clean.npz", "--out", "top_q.safetensors", "--quiet",
-                   "--dense-score", "top_q", "--no-first-conv-part", "--no-scan", cwd=tmp_path)
+                   "--dense-score", "top_q", "--no-first-conv-part", "--no-scan", "--no-reference", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     top_q = Profile.load(tmp_path / "top_q.safetensors")
     assert [p.kind for p in top_q.thresholds.parts] == ["top_q", "top_q"] and top_q.settings["dense_score"] == "top_q"
@@ -1007,11 +1008,11 @@ def test_a_suspect_with_too_few_clean_answers_or_with_demotion_off(setup: Setup)
     suspect = int(np.where(answers < 45, answers, 0).argmax())  # the class with the most answers short of 45
     assert answers[suspect] > 10
     few = calibrate(setup.model_path, setup.x_cal, setup.y_cal,
-                    settings=CalibrationSettings(suspect=np.int64(suspect)))
+                    settings=CalibrationSettings(suspect=np.int64(suspect), reference=False))
     assert few.thresholds.suspect == suspect and type(few.settings["suspect"]) is int
     assert few.thresholds.suspect_demote == few.thresholds.demote == setup.profile.thresholds.demote
     off = calibrate(setup.model_path, setup.x_cal, setup.y_cal,
-                    settings=CalibrationSettings(suspect=suspect, suspect_rate=0.2, demote_rate=0))
+                    settings=CalibrationSettings(suspect=suspect, suspect_rate=0.2, demote_rate=0, reference=False))
     assert off.thresholds.suspect == suspect and off.thresholds.suspect_demote == float("inf")
     assert off.figures["calibration_suspect_demote_rate"] == 0
 
@@ -1026,9 +1027,9 @@ def _served(setup: Setup, x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
 def test_a_higher_fpr_confidence_never_lowers_tau(setup: Setup) -> None:
     """The same data, the same cross-fitted scores: only how many of them may lie above τ changes."""
     even = calibrate(setup.model_path, setup.x_cal, setup.y_cal,
-                     settings=CalibrationSettings(fpr_confidence=0.5, prune=False))
+                     settings=CalibrationSettings(fpr_confidence=0.5, prune=False, reference=False))
     sure = calibrate(setup.model_path, setup.x_cal, setup.y_cal,
-                     settings=CalibrationSettings(fpr_confidence=0.99, prune=False))
+                     settings=CalibrationSettings(fpr_confidence=0.99, prune=False, reference=False))
     assert sure.thresholds.k == even.thresholds.k
     assert sure.thresholds.tau > even.thresholds.tau
     assert sure.figures["calibration_flag_rate"] < even.figures["calibration_flag_rate"] <= 0.05

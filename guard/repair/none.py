@@ -219,7 +219,8 @@ def jenks_upper(values: np.ndarray) -> tuple[np.ndarray, float]:
         return np.zeros(len(values), dtype=bool), float("inf")
     ordered = np.sort(values)
     n = len(ordered)
-    prefix, prefix_sq = np.cumsum(ordered), np.cumsum(ordered ** 2)
+    centred = ordered - ordered.mean()  # the sums of squares do not move with a shift, and cancel less near zero
+    prefix, prefix_sq = np.cumsum(centred), np.cumsum(centred ** 2)
     left = np.arange(1, n)  # size of the lower class
     low_ss = prefix_sq[left - 1] - prefix[left - 1] ** 2 / left
     high_sum, high_sq = prefix[-1] - prefix[left - 1], prefix_sq[-1] - prefix_sq[left - 1]
