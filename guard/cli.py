@@ -34,7 +34,7 @@ def _seed(text: str) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from guard.calibrate.pipeline import CalibrationSettings, calibrate, refuse_forgotten_classes
+    from guard.calibrate.pipeline import CalibrationSettings, calibrate, refuse_what_the_reference_cannot_fit
     from guard.samples import check_samples, load_samples
 
     x, y = load_samples(args.data)
@@ -61,7 +61,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         if settings.layers:  # a misspelt tap is refused now, not after the scan
             validate_taps(model, list(settings.layers))
         check_samples(x, y, model.sample_shape, model.num_classes, "calibration", every_class=True)  # and the data
-        refuse_forgotten_classes(model, x, y, settings)
+        refuse_what_the_reference_cannot_fit(model, x, y, settings)
         if args.scan_dir is not None:
             earlier = read_scan_dir(args.scan_dir, model)
             source, suspect, triggers, took = f"the scan in {args.scan_dir}", earlier.suspect, earlier.candidates, ""

@@ -738,3 +738,30 @@ def test_cli_repair_refuses_bad_numbers_and_data(backdoored, clean_data, tmp_pat
     assert main(["repair", str(backdoored.model_path), "--data", str(flat), "--out", str(out)]) == 2
     assert "repair data has shape (500, 28, 28)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_weights_held_in_constant_nodes_are_refused_before_any_fine_tuning(backdoored, clean_data, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Valid ONNX that guard loads and serves; fine-tuning it raised 'optimizer got an empty parameter list' with a
+    traceback, in calibrate after a minute, and --method ar blamed the taps."""
+    import guard.scan
+
+    proto = onnx.load(backdoored.model_path)
+    graph = proto.graph
+    constants = [onnx.helper.make_node("Constant", [], [init.name], value=init) for init in graph.initializer]
+    moved = onnx.helper.make_model(onnx.helper.make_graph([*constants, *graph.node], graph.name, graph.input,
+                                                          graph.output), opset_imports=proto.opset_import,
+                                   ir_version=proto.ir_version)
+    model = tmp_path / "constants.onnx"
+    onnx.save(moved, model)
+    monkeypatch.setattr(guard.scan, "run_scan", lambda *a, **k: pytest.fail("scanned before the model was checked"))
+    for command, fragment in ((["repair", "--method", "finetune"], "--method finetune fine-tunes"),
+                              (["repair", "--method", "ar"], "--method ar fine-tunes"),
+                              (["calibrate"], "the reference (calibrate without it: --no-reference) fine-tunes")):
+        out = tmp_path / "out" / ("p.safetensors" if command == ["calibrate"] else "m.onnx")
+        assert main([command[0], str(model), "--data", str(clean_data), "--out", str(out), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and "none of them is an initializer of the graph" in err, err
+        assert not (tmp_path / "out").exists()
+    assert main(["repair", str(model), "--data", str(clean_data), "--out", str(tmp_path / "pruned.onnx"),
+                 "--method", "prune"]) == 0  # trains nothing

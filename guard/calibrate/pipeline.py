@@ -57,7 +57,7 @@ from guard.model.graph import (
     validate_taps,
 )
 from guard.runtime.checks import Part, demoting_max, repredict_masks
-from guard.runtime.reference import lean
+from guard.runtime.reference import lean, refuse_untrainable
 from guard.samples import as_samples, check_samples, holdout_split, without_repeats
 
 
@@ -235,12 +235,16 @@ class CalibrationSettings:
             raise GuardError(f"the settings' extra must be plain JSON: {exc}") from None
 
 
-def refuse_forgotten_classes(model: LoadedModel, x: np.ndarray, y: np.ndarray | None,
-                             settings: CalibrationSettings) -> None:
-    """Without labels the reference is fine-tuned on the model's own answers, and would forget a class the model
-    answers none of the samples with (the fine-tuning refuses it, once the scan's minutes were spent): refused
-    before them, with the ways out. Without the reference such a class only gets a note."""
-    if y is not None or not settings.reference:
+def refuse_what_the_reference_cannot_fit(model: LoadedModel, x: np.ndarray, y: np.ndarray | None,
+                                         settings: CalibrationSettings) -> None:
+    """Refused before the scan's and the calibration's minutes (the reference's fine-tuning refused them after):
+    a model whose weights are not initializers, and unlabelled samples the model answers none of some class with.
+    The reference is fine-tuned on the model's own answers there and would forget the class; without the reference
+    such a class only gets a note."""
+    if not settings.reference:
+        return
+    refuse_untrainable(model.proto, "the reference (calibrate without it: --no-reference)")
+    if y is not None:
         return
     with torch.no_grad():
         answers = collect(OnnxTaps(model, []), x, batch_size=settings.batch_size).predictions
@@ -270,7 +274,7 @@ def calibrate(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | No
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     x, y = as_samples(x, y, "calibration")
     check_samples(x, y, loaded.sample_shape, loaded.num_classes, "calibration", every_class=True)
-    refuse_forgotten_classes(loaded, x, y, settings)
+    refuse_what_the_reference_cannot_fit(loaded, x, y, settings)
     given = len(x)
     x, y = without_repeats(x, y, loaded.sample_shape, loaded.num_classes, "calibration")
     if settings.suspect is not None and settings.suspect >= loaded.num_classes:

@@ -43,7 +43,7 @@ from guard.model.graph import (
     validate_taps,
     with_initializers,
 )
-from guard.runtime.reference import trained_initializers
+from guard.runtime.reference import refuse_untrainable, trained_initializers
 from guard.samples import as_samples, check_samples, holdout_split, without_repeats
 
 log = logging.getLogger("guard.repair")
@@ -326,6 +326,8 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
     given = len(x)
     if split is None:  # (a given split indexes the data as it is)
         x, y = without_repeats(x, y, loaded.sample_shape, loaded.num_classes, "repair")
+    if settings.method != "prune":
+        refuse_untrainable(loaded.proto, f"--method {settings.method}")
     penalised = settings.method in ("ar", "l2")
     taps = list(settings.layers) if settings.layers else default_taps(loaded, conv_taps=settings.conv_taps,
                                                                       repairable=penalised)

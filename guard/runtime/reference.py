@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from guard.errors import ProfileError
+from guard.errors import GuardError, ProfileError
 from guard.model.graph import with_initializers
 
 # The weights fine-tuning trains, by op: input indices of the weight and bias (a batch norm's scale and bias, not
@@ -23,6 +23,15 @@ def trained_initializers(proto: onnx.ModelProto) -> list[str]:
     names = (node.input[index] for node in proto.graph.node for index in TRAINED_INPUTS.get(node.op_type, ())
              if index < len(node.input))
     return list(dict.fromkeys(name for name in names if name in initializers))
+
+
+def refuse_untrainable(proto: onnx.ModelProto, what: str) -> None:
+    """A GuardError where no weight of a linear layer or batch norm is an initializer (Constant nodes hold them,
+    say): a fine-tuning would have nothing to train, and failed with an empty optimiser after the run's minutes."""
+    if not trained_initializers(proto):
+        raise GuardError(f"{what} fine-tunes the weights of the model's {', '.join(TRAINED_INPUTS)} nodes, but none "
+                         "of them is an initializer of the graph (Constant nodes hold them?): store the weights as "
+                         "initializers")
 
 
 def disagreement(reference_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
