@@ -33,6 +33,14 @@ def _seed(text: str) -> int:
     return seed
 
 
+def _file(text: str) -> Path:
+    """An output file's path, refused where it is written as a folder's (`out/`): Path drops the slash, and the
+    command wrote a file named `out`."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r} names a folder; give a file name to write")
+    return Path(text)
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from guard.calibrate.pipeline import CalibrationSettings, calibrate, refuse_what_the_reference_cannot_fit
     from guard.samples import check_samples, load_samples
@@ -777,7 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("model", help="ONNX image classifier")
     cal.add_argument("--data", required=True,
                      help=".npz with x (N, C, H, W) and optional y (N,), or an image folder (README)")
-    cal.add_argument("--out", required=True, type=Path, help="where to write the profile (.safetensors)")
+    cal.add_argument("--out", required=True, type=_file, help="where to write the profile (.safetensors)")
     cal.add_argument("--layers", help="comma-separated ONNX tensor names to tap (default: the last --conv-taps conv "
                      "activations and the penultimate features)")
     cal.add_argument("--conv-taps", type=int, default=4,
@@ -915,7 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--batch", type=int, default=1, help="samples per call (default 1)")
     ld.add_argument("--max-inflight", dest="max_inflight", type=int, default=64, help="the server's (default 64)")
     ld.add_argument("--workers", type=int, default=8, help="the server's request threads (default 8)")
-    ld.add_argument("--out", type=Path, help="write the figures as JSON here")
+    ld.add_argument("--out", type=_file, help="write the figures as JSON here")
     ld.set_defaults(run=_load)
 
     hlt = commands.add_parser("health", help="ask a running server's gRPC health service; exit 0 if SERVING")
@@ -960,7 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("model", help="ONNX image classifier")
     rep.add_argument("--data", required=True,
                      help=".npz with clean x (N, C, H, W) and optional y (N,), or an image folder")
-    rep.add_argument("--out", required=True, type=Path, help="where to write the repaired ONNX model")
+    rep.add_argument("--out", required=True, type=_file, help="where to write the repaired ONNX model")
     rep.add_argument("--method", choices=["ar", "l2", "finetune", "prune"], default="ar",
                      help="ar: adaptive regularization (default); l2: plain L2 on the same weights; finetune: no "
                           "penalty; prune: the calibrated static mask folded in, no training")
@@ -982,7 +990,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--schedule", choices=["cosine", "constant"],
                      help="learning rate over the run: cosine decays it to 0 (default), constant keeps it")
     rep.add_argument("--strength", type=float, help="weight of the penalty (default 1.0)")
-    rep.add_argument("--report", type=Path, help="report JSON (default: next to --out, .repair.json)")
+    rep.add_argument("--report", type=_file, help="report JSON (default: next to --out, .repair.json)")
     rep.add_argument("--seed", type=_seed, default=0)
     rep.set_defaults(run=_repair)
 
@@ -996,7 +1004,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--num-classes", dest="num_classes", type=int,
                      help="passed to the factory if it takes num_classes (default: the factory's own; cnn and "
                      "resnet: 10)")
-    exp.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    exp.add_argument("--out", type=_file, required=True, help="the .onnx file to write")
     exp.set_defaults(run=_export)
 
     trn = commands.add_parser("train", help="train a model on possibly poisoned data (--none: NONE training)")
@@ -1005,7 +1013,7 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--model", required=True,
                      help="architecture: cnn, resnet, or package.module:factory (a callable returning a torch "
                           "nn.Module; called with num_classes and in_channels if it takes them)")
-    trn.add_argument("--out", required=True, type=Path, help="where to write the trained ONNX model")
+    trn.add_argument("--out", required=True, type=_file, help="where to write the trained ONNX model")
     trn.add_argument("--none", action="store_true", help="NONE training: drop suspected poisoned samples, reset "
                                                          "backdoor-like channels, fine-tune")
     trn.add_argument("--epochs", type=int, help="normal training epochs (default 3)")
@@ -1027,7 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also split each class's own samples, and drop and push a class's upper group when it "
                           "looks like other classes this much more often than the rest of the class (default "
                           "0.6; 0 turns it off, the paper)")
-    trn.add_argument("--report", type=Path, help="report JSON (default: next to --out, .train.json)")
+    trn.add_argument("--report", type=_file, help="report JSON (default: next to --out, .train.json)")
     trn.add_argument("--seed", type=_seed, default=0)
     trn.set_defaults(run=_train)
 

@@ -355,6 +355,16 @@ def test_outputs_that_are_folders_are_refused_before_the_run(tmp_path: Path, cap
                     ["repair", backdoored.model_path, "--data", clean, "--out", folder]):
         assert "is a folder" in run(capsys, *command)
     assert list(folder.iterdir()) == []  # nothing half-written inside either
+    # one that does not exist yet, written as a folder: Path dropped the slash, and repair wrote a model named `new`
+    for command in (["calibrate", backdoored.model_path, "--data", clean, "--out"],
+                    ["repair", backdoored.model_path, "--data", clean, "--out"],
+                    ["repair", backdoored.model_path, "--data", clean, "--out", "m.onnx", "--report"],
+                    ["train", "--data", data, "--model", "cnn", "--out"],
+                    ["export", "--model", "cnn", "--weights", data, "--input-shape", "1,28,28", "--out"]):
+        with pytest.raises(SystemExit) as stopped:
+            main([*map(str, command), f"{tmp_path / 'new'}/"])
+        assert stopped.value.code == 2 and "names a folder; give a file name to write" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_profile_that_cannot_be_written_leaves_no_temporary_file(tmp_path: Path, backdoored: Backdoored) -> None:
