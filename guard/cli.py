@@ -1061,6 +1061,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm_as_exit(command: str) -> contextlib.AbstractContextManager[None]:
+    """For the commands that write files: SIGTERM (a container's stop, `timeout`) ends them as Ctrl-C does, through
+    the `finally`s that remove temporary files and the folders made for the outputs; Python's own default ended the
+    process there and then. The commands that start servers handle it themselves."""
+    if command not in ("calibrate", "scan", "repair", "train", "export"):
+        return contextlib.nullcontext()
+    from guard.bench import exit_on_sigterm
+
+    return exit_on_sigterm()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("guard").setLevel(logging.INFO)
@@ -1073,7 +1084,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.made_folders = []  # what _writable made for the outputs: removed again, where still empty, if the run fails
     code = 1
     try:
-        code = int(args.run(args))
+        with _sigterm_as_exit(args.command):
+            code = int(args.run(args))
         return code
     except GuardError as exc:
         print(f"guard: error: {exc}", file=sys.stderr)

@@ -9,7 +9,12 @@ import copy
 import io
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -818,6 +823,29 @@ def test_cli_train_never_removes_an_input_or_output_as_the_reports_rejected_sibl
                  "--report", str(tmp_path / "r.json"), "--epochs", "1"]) == 2
     assert "is one of this command's inputs or outputs" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.rejected.npz"]
+
+
+def test_a_training_stopped_by_sigterm_leaves_no_file_and_no_folder_it_made(train_file, tmp_path):
+    """Python's default SIGTERM (a container's stop, `timeout`) ended the process at once: the folders made for
+    --out stayed, where Ctrl-C removed them."""
+    out = tmp_path / "made" / "deeper" / "m.onnx"
+    process = subprocess.Popen([sys.executable, "-m", "guard", "train", "--data", str(train_file), "--model", "cnn",
+                                "--out", str(out), "--epochs", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not out.parent.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert out.parent.exists(), process.communicate()
+        time.sleep(2)  # training
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert not (tmp_path / "made").exists()
 
 
 def test_cli_train_refuses_data_without_labels_or_with_bad_ground_truth(train_file, tmp_path, capsys):
