@@ -363,6 +363,9 @@ def test_cli_repair_writes_no_model_that_cost_too_much_in_every_run(backdoored, 
     assert "wrecked.repair.rejected.json" in err
     report = json.loads((tmp_path / "wrecked.repair.rejected.json").read_text())
     assert report["within_bound"] is False and report["attempts"] == 3  # the report says what happened
+    assert [run["lr"] for run in report["runs"]] == [1.0, 0.5, 0.25]  # ... and what each run cost
+    assert report["runs"][-1]["accuracy_after"] == report["accuracy_after"]
+    assert all(report["accuracy_before"] - run["accuracy_after"] > 0.015 for run in report["runs"])
 
 
 def test_cli_repair_whose_model_write_fails_leaves_the_earlier_report(backdoored, clean_data, tmp_path,

@@ -147,6 +147,8 @@ class RepairReport:
     duplicates_dropped: int  # samples left out as repeats of an earlier one (the held-out part must be unseen)
     seconds: float
     settings: dict[str, object] = field(default_factory=dict)
+    # Each training run's starting rate and held-out accuracy (agreement), the kept one last; none for `prune`.
+    runs: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -356,7 +358,7 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
                          "every class, or their labels y")
     right_before = _predict(module, output, x[hold]) == labels[hold]
     accuracy_before = float(right_before.mean())
-
+    runs: list[dict[str, float]] = []
     if settings.method == "prune":
         from guard.calibrate.pipeline import CalibrationSettings, calibrate
 
@@ -387,6 +389,7 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
             attempts += 1
             _fine_tune(module, output, params, coefficients, x[fit], labels[fit], settings, triggers, lr)
             right = _predict(module, output, x[hold]) == labels[hold]
+            runs.append({"lr": lr, "accuracy_after": float(right.mean())})
             if not _costly(right_before, right, settings) or attempts > settings.backoffs:
                 break
             log.info("repair: held-out %s %.3f -> %.3f at lr %g; retrying at %g", _measure(y is not None),
@@ -409,6 +412,6 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
         accuracy_before=accuracy_before, accuracy_after=float(right_after.mean()), infected_norm_left=norm_left,
         lr_used=lr_used, attempts=attempts, within_bound=not _costly(right_before, right_after, settings),
         duplicates_dropped=given - len(x),
-        seconds=round(time.perf_counter() - started, 3), settings={**asdict(settings), "layers": taps},
+        seconds=round(time.perf_counter() - started, 3), settings={**asdict(settings), "layers": taps}, runs=runs,
     )
     return repaired, report
