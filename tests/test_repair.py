@@ -18,6 +18,8 @@ import torch
 from onnx import numpy_helper
 
 from conftest import TARGET, Scanned
+from guard.calibrate.pipeline import CalibrationSettings, calibrate
+from guard.calibrate.profile import Profile
 from guard.calibrate.synthesis import Trigger, load_trigger
 from guard.calibrate.taps import OnnxTaps
 from guard.cli import main
@@ -475,6 +477,16 @@ def test_repair_without_labels_keeps_to_the_models_own_answers(backdoored):
     assert not report.labelled and "held-out agreement with the model 1.000 -> " in report.summary()
 
 
+def test_prune_takes_the_taps_calibrate_takes(graphs, backdoored, tmp_path):
+    """Prune took repair's two conv taps (AR's) and held-out share, not the mask `guard calibrate` would choose."""
+    model = tmp_path / "resnet.onnx"
+    onnx.save(graphs["resnet"], model)
+    x, y = backdoored.x_clean[:100], backdoored.y_clean[:100]
+    _, report = repair(model, x, y, settings=RepairSettings(method="prune"))
+    taps = calibrate(model, x, y, settings=CalibrationSettings(reference=False)).tap_names
+    assert report.settings["layers"] == taps and len(taps) > len(default_taps(load_model(model), conv_taps=2))
+
+
 def test_prune_folds_the_calibrated_mask_without_training(backdoored):
     repaired, report = repair(backdoored.model_path, backdoored.x_clean, backdoored.y_clean,
                               settings=RepairSettings(method="prune", epochs=50))
@@ -486,6 +498,10 @@ def test_prune_folds_the_calibrated_mask_without_training(backdoored):
         assert (after[name][moved] == 0).all(), f"{name}: pruning only zeroes weights, it does not train them"
     assert report.penalized_weights == 0 and report.infected_norm_left is None
     assert sum(report.infected.values()) > 0
+    # the mask `guard calibrate` chooses (the fixture's profile: the same data at calibrate's defaults)
+    calibrated = Profile.load(backdoored.profile_path)
+    assert report.infected == {tap.name: int((~tap.keep).sum()) for tap in calibrated.taps}
+    assert report.settings["layers"] == calibrated.tap_names
 
     # Each pruned channel is silenced either at the layer computing it or at the layers reading it.
     def dead_rows(weight: str, bias: str) -> set[int]:

@@ -59,6 +59,7 @@ class RepairSettings:
     method: str = "ar"
     # ONNX tensor names whose channels are judged; None = the last `conv_taps` conv activations and the penultimate
     # features. Two, where calibration taps four: AR's rate, shares and back-off were tuned on two (docs/design.md).
+    # `prune` takes calibration's own taps and held-out share, and so the mask `guard calibrate` would choose.
     layers: list[str] | None = None
     conv_taps: int = 2
     benign_share: float = 0.99  # share of a tap's benign salience the benign set covers
@@ -362,9 +363,11 @@ def repair(model: str | Path | LoadedModel, x: np.ndarray, y: np.ndarray | None 
     if settings.method == "prune":
         from guard.calibrate.pipeline import CalibrationSettings, calibrate
 
+        # calibrate's own taps and held-out share unless given: the mask `guard calibrate` would choose
         profile = calibrate(loaded, x, y, settings=CalibrationSettings(
-            layers=taps, acc_budget=settings.acc_budget, benign_share=settings.benign_share,
-            holdout=settings.holdout, seed=settings.seed, reference=False))  # the mask alone: no fine-tuned copy
+            layers=settings.layers, acc_budget=settings.acc_budget, benign_share=settings.benign_share,
+            seed=settings.seed, reference=False))  # the mask alone: no fine-tuned copy
+        taps = profile.tap_names
         repaired, _ = fold_static_mask(loaded, profile.keep_masks())
         infected = {t.name: int((~t.keep).sum()) for t in profile.taps}
         penalized, norm_left, lr_used, attempts = 0, None, None, 0
