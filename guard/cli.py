@@ -41,13 +41,23 @@ def _file(text: str) -> Path:
     return Path(text)
 
 
+def _layers(text: str | None) -> list[str] | None:
+    """--layers as tap names; None where it is not given. Given empty (an unset shell variable) is refused, not
+    taken for the default taps."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise GuardError("--layers is empty; leave it out for the default taps")
+    return text.split(",")
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from guard.calibrate.pipeline import CalibrationSettings, calibrate, refuse_what_the_reference_cannot_fit
     from guard.samples import check_samples, load_samples
 
     x, y = load_samples(args.data)
     settings = CalibrationSettings(
-        layers=args.layers.split(",") if args.layers else None, conv_taps=args.conv_taps, fpr=args.fpr,
+        layers=_layers(args.layers), conv_taps=args.conv_taps, fpr=args.fpr,
         fpr_confidence=args.fpr_confidence, demote_rate=args.demote_rate, acc_budget=args.acc_budget,
         prune=not args.no_prune, dense_part=not args.no_dense_part, dense_score=args.dense_score,
         first_conv_part=args.first_conv_part, input_envelope=args.input_envelope,
@@ -611,12 +621,15 @@ def _repair(args: argparse.Namespace) -> int:
 
     x, y = load_samples(args.data)
     given = {"epochs": args.epochs, "lr": args.lr, "strength": args.strength, "schedule": args.schedule}
-    settings = RepairSettings(method=args.method, layers=args.layers.split(",") if args.layers else None,
+    settings = RepairSettings(method=args.method, layers=_layers(args.layers),
                               seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     settings.validate()
-    if settings.method == "prune" and (args.trigger or args.scan or args.scan_dir):
-        raise GuardError("--method prune folds the calibrated static mask in and trains nothing, so it has no use "
-                         "for --trigger, --scan or --scan-dir: give them to ar, l2 or finetune")
+    unused = [f"--{name}" for name, value in given.items() if value is not None]
+    unused += [flag for flag, value in (("--trigger", args.trigger), ("--scan", args.scan),
+                                        ("--scan-dir", args.scan_dir)) if value]
+    if settings.method == "prune" and unused:  # recorded in its report as if they had been used
+        raise GuardError(f"--method prune folds the calibrated static mask in and trains nothing, so it has no use "
+                         f"for {', '.join(unused)}: give them to ar, l2 or finetune")
     report_path = args.report or _output_file(args.out).with_suffix(".repair.json")
     args.made_folders += _writable(args.out, report_path, _rejected(report_path),
                                    inputs=(args.model, args.data, *(args.trigger or []), *_scan_files(args.scan_dir)))

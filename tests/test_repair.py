@@ -412,6 +412,15 @@ def test_repair_leaves_out_repeated_samples_and_prune_takes_no_triggers(backdoor
     assert main(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(tmp_path / "q.onnx"),
                  "--method", "prune", "--trigger", str(tmp_path / "not-read.npz")]) == 2
     assert "no use for --trigger" in capsys.readouterr().err
+    # nor for the training's options, which its report recorded as if they had been used
+    assert main(["repair", str(backdoored.model_path), "--data", str(clean_data), "--out", str(tmp_path / "q.onnx"),
+                 "--method", "prune", "--epochs", "7", "--lr", "0.3", "--schedule", "constant"]) == 2
+    assert "no use for --epochs, --lr, --schedule: give them to ar, l2 or finetune" in capsys.readouterr().err
+    for command in ("repair", "calibrate"):  # an unset shell variable is not "the default taps"
+        assert main([command, str(backdoored.model_path), "--data", str(clean_data), "--out",
+                     str(tmp_path / "r.out"), "--layers", ""]) == 2
+        assert "--layers is empty; leave it out for the default taps" in capsys.readouterr().err
+    assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "r.out").exists()
     with pytest.raises(GuardError, match="no use for triggers"):
         repair(backdoored.model_path, backdoored.x_clean, backdoored.y_clean, settings=RepairSettings(method="prune"),
                triggers=[trigger])
