@@ -48,7 +48,11 @@ def _layers(text: str | None) -> list[str] | None:
         return None
     if not text.strip():
         raise GuardError("--layers is empty; leave it out for the default taps")
-    return text.split(",")
+    names = text.split(",")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # judged twice, and counted once in the report
+        raise GuardError(f"--layers names {repeated} more than once")
+    return names
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -420,6 +420,9 @@ def test_repair_leaves_out_repeated_samples_and_prune_takes_no_triggers(backdoor
         assert main([command, str(backdoored.model_path), "--data", str(clean_data), "--out",
                      str(tmp_path / "r.out"), "--layers", ""]) == 2
         assert "--layers is empty; leave it out for the default taps" in capsys.readouterr().err
+        assert main([command, str(backdoored.model_path), "--data", str(clean_data), "--out",
+                     str(tmp_path / "r.out"), "--layers", "relu,relu"]) == 2
+        assert "--layers names ['relu'] more than once" in capsys.readouterr().err
     assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "r.out").exists()
     with pytest.raises(GuardError, match="no use for triggers"):
         repair(backdoored.model_path, backdoored.x_clean, backdoored.y_clean, settings=RepairSettings(method="prune"),
