@@ -34,9 +34,9 @@ def _seed(text: str) -> int:
 
 
 def _file(text: str) -> Path:
-    """An output file's path, refused where it is written as a folder's (`out/`): Path drops the slash, and the
-    command wrote a file named `out`."""
-    if text.endswith(("/", os.sep)):
+    """An output file's path, refused where it is written as a folder's (`out/`, `out/.`, `.`): Path drops the
+    slash and the dot, and the command wrote a file named `out`."""
+    if text.endswith(("/", os.sep)) or os.path.basename(text) in ("", ".", ".."):
         raise argparse.ArgumentTypeError(f"{text!r} names a folder; give a file name to write")
     return Path(text)
 
@@ -264,8 +264,8 @@ def _missing_folders(folder: Path) -> list[Path]:
 
 
 def _remove_empty(folders: list[Path]) -> None:
-    """Remove the folders (leaf first) that are still empty."""
-    for folder in folders:
+    """Remove the folders that are still empty, the deepest first (a parent made for two outputs empties last)."""
+    for folder in sorted(set(folders), key=lambda f: len(f.absolute().parts), reverse=True):
         with contextlib.suppress(OSError):
             folder.rmdir()
 
@@ -502,6 +502,7 @@ def _eval(args: argparse.Namespace) -> int:
         missing = figures_missing(figures)
         if missing:  # before anything in --out is replaced
             raise GuardError(f"{args.figures} is not a guard eval figures.json: it lacks {', '.join(missing[:5])}")
+        args.made_folders += _missing_folders(args.out)  # removed again if the drawing is refused
         _writable_folder(args.out, "the report")
         try:
             report = write_report(figures, args.out, figures.get("command", "unknown"))
@@ -604,6 +605,7 @@ def _writable(*paths: Path, inputs: Sequence[str | Path | None] = ()) -> list[Pa
     for path in map(_output_file, paths):
         resolved = path.resolve()
         if resolved in taken or any(folder.is_dir() and resolved.is_relative_to(folder) for folder in taken):
+            _remove_empty(made)  # an earlier output's
             raise GuardError(f"{path} is one of this command's inputs or outputs, or lies in an input folder; "
                              "write to another file")
         taken.append(resolved)
@@ -611,6 +613,7 @@ def _writable(*paths: Path, inputs: Sequence[str | Path | None] = ()) -> list[Pa
         try:
             _try_write(path.parent)
         except OSError as exc:
+            _remove_empty(made)
             raise GuardError(f"cannot write {path}: {exc}") from None
     return made
 

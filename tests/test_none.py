@@ -685,6 +685,12 @@ def test_cli_train_builds_a_users_factory(train_file, tmp_path, monkeypatch):
      "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 12))\n",
      "answers 12 logits, but the labels name 10 classes"),
     # an auxiliary head's logits beside the main ones while training: the loss took them with a TypeError
+    # a module deepcopy cannot copy (a lock) trains as before; the training-mode check ran on a deepcopy of it
+    ("guard_test_nets_locked:make",
+     "import threading\nfrom torch import nn\n\nclass Net(nn.Sequential):\n    def __init__(self, *layers):\n"
+     "        super().__init__(*layers)\n        self.lock = threading.Lock()\n\n"
+     "def make():\n    return Net(nn.Flatten(), nn.Linear(784, 10), nn.Softmax(1))\n",
+     "is a Softmax of its logits"),
     ("guard_test_nets_aux:make",
      "from torch import nn\n\nclass Net(nn.Sequential):\n    def forward(self, x):\n"
      "        out = super().forward(x)\n        return (out, out) if self.training else out\n\n"
@@ -796,10 +802,10 @@ def test_cli_train_none_refuses_a_conv_run_twice_before_training(train_file, tmp
     (["--none", "--rounds", "0"], "--epochs and --rounds must be at least 1, got 3 and 0"),  # trained, then refused
 ])
 def test_cli_train_refuses_no_training_before_reading_the_model(train_file, tmp_path, capsys, flags, message):
-    out = tmp_path / "made" / "m.onnx"
+    out = tmp_path / "m.onnx"
     assert main(["train", "--data", str(train_file), "--model", "cnn", "--out", str(out), *flags]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "made").exists()
+    assert not out.exists()
 
 
 def test_cli_train_refuses_weights_that_diverged(train_file, tmp_path, capsys):

@@ -248,10 +248,14 @@ def test_outputs_that_name_a_folder_or_lie_in_an_input_folder_are_refused(
     from PIL import Image
 
     clean = write_npz(tmp_path / "clean.npz", x=backdoored.x_clean[:100], y=backdoored.y_clean[:100])
-    for out in (".", "/", ""):
+    for out in (".", "/", "", "new/.", "new/.."):  # `new/.` wrote a model named `new`
         for command in (["repair", backdoored.model_path, "--data", clean],
                         ["train", "--data", clean, "--model", "cnn"]):
-            assert "is a folder; give a file name to write" in run(capsys, *command, "--out", out), (command, out)
+            with pytest.raises(SystemExit) as stopped:
+                main([*map(str, command), "--out", out])
+            err = capsys.readouterr().err
+            assert stopped.value.code == 2 and "names a folder; give a file name to write" in err, (command, out)
+    assert not Path("new").exists()
     images = tmp_path / "images"
     for label in range(10):
         (images / str(label)).mkdir(parents=True)
@@ -356,6 +360,7 @@ def test_outputs_that_are_folders_are_refused_before_the_run(tmp_path: Path, cap
         assert "is a folder" in run(capsys, *command)
     assert list(folder.iterdir()) == []  # nothing half-written inside either
     # one that does not exist yet, written as a folder: Path dropped the slash, and repair wrote a model named `new`
+    # (see also test_outputs_that_name_a_folder_or_lie_in_an_input_folder_are_refused)
     for command in (["calibrate", backdoored.model_path, "--data", clean, "--out"],
                     ["repair", backdoored.model_path, "--data", clean, "--out"],
                     ["repair", backdoored.model_path, "--data", clean, "--out", "m.onnx", "--report"],
@@ -365,6 +370,27 @@ def test_outputs_that_are_folders_are_refused_before_the_run(tmp_path: Path, cap
             main([*map(str, command), f"{tmp_path / 'new'}/"])
         assert stopped.value.code == 2 and "names a folder; give a file name to write" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_run_removes_every_folder_it_made_for_its_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                     training_set, monkeypatch: pytest.MonkeyPatch
+                                                                     ) -> None:
+    """The folders made for --out stayed where the --report after it was refused, and a parent made for both
+    outputs stayed where the leaf of the second was removed after it."""
+    monkeypatch.chdir(tmp_path)
+    x, y = training_set
+    data = write_npz(tmp_path / "train.npz", x=x, y=y)
+    assert "is one of this command's inputs" in run(capsys, "train", "--data", data, "--model", "cnn", "--out",
+                                                    "a1/a2/m.onnx", "--report", data)
+    assert "cannot import 'no_such_module:make'" in run(capsys, "train", "--data", data, "--model",
+                                                        "no_such_module:make", "--out", "b/m/m.onnx",
+                                                        "--report", "b/r/r.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.npz"]
+    figures = json.loads((Path(__file__).parents[1] / "docs" / "eval" / "figures.json").read_text())
+    del figures["cases"][0]["adversarial"]
+    (tmp_path / "given.json").write_text(json.dumps(figures))
+    assert "cannot draw a report" in run(capsys, "eval", "--figures", "given.json", "--out", "new/report")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["given.json", "train.npz"]
 
 
 def test_a_profile_that_cannot_be_written_leaves_no_temporary_file(tmp_path: Path, backdoored: Backdoored) -> None:

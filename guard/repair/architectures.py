@@ -8,7 +8,6 @@ user's own code, which is theirs to trust.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import inspect
 import os
@@ -44,14 +43,18 @@ def build(spec: str, x: np.ndarray, y: np.ndarray) -> nn.Module:
 
 def check_training_output(model: nn.Module, spec: str, sample_shape: tuple[int, ...], num_classes: int) -> None:
     """A GuardError unless `model` in training mode also answers (N, num_classes) logits: some answer a tuple there
-    (an auxiliary head's logits beside the main ones), which the training's loss cannot take. Runs on a copy, so
-    that batch norm's running statistics stay untouched."""
-    trial = copy.deepcopy(model).train()
+    (an auxiliary head's logits beside the main ones), which the training's loss cannot take. The module's state is
+    put back after, so that batch norm's running statistics stay untouched."""
+    saved = {name: value.detach().clone() for name, value in model.state_dict().items()}
     try:
-        out = trial(torch.zeros(2, *sample_shape))
+        with torch.no_grad():
+            out = model.train()(torch.zeros(2, *sample_shape))
     except Exception as exc:  # noqa: BLE001 - the user's forward
         raise GuardError(f"{spec} cannot run in training mode on samples of shape {sample_shape} "
                          f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
+    finally:  # batch norm's running statistics as they were
+        model.load_state_dict(saved)
+        model.eval()
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise GuardError(f"{spec} answers {shape} in training mode; guard trains on (N, {num_classes}) logits: "
