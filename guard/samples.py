@@ -134,23 +134,27 @@ def load_poisoned(path: str | Path, count: int) -> np.ndarray | None:
     return poisoned.astype(bool)
 
 
+DATA_HINT = "save one with np.savez(path, x=..., y=...)"
+TRIGGER_HINT = "give a trigger file guard scan wrote (trigger.npz, candidate_K.npz, warp_K.npz, blend_K.npz)"
+
+
 @contextmanager
-def open_npz(path: Path) -> Iterator[NpzFile]:
-    """The open archive, or a GuardError saying why it is not one (an .npy holds one bare array, not named ones)."""
+def open_npz(path: Path, hint: str = DATA_HINT) -> Iterator[NpzFile]:
+    """The open archive, or a GuardError saying why it is not one (an .npy holds one bare array, not named ones)
+    and, in `hint`, what to give instead."""
     try:
         with open(path, "rb") as handle:
             magic = handle.read(6)
     except OSError as exc:
         raise GuardError(f"cannot read {path} as .npz: {exc}") from None
     if not magic.startswith((b"PK", b"\x93NUMPY")):  # numpy reads anything else as a pickle, and says so
-        raise GuardError(f"{path} is not an .npz (a zip of named arrays); save one with np.savez(path, x=..., y=...)")
+        raise GuardError(f"{path} is not an .npz (a zip of named arrays); {hint}")
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise GuardError(f"cannot read {path} as .npz: {exc}") from None
     if not isinstance(data, NpzFile):
-        raise GuardError(f"{path} is a single .npy array, not an .npz of named arrays; save with "
-                         "np.savez(path, x=..., y=...)")
+        raise GuardError(f"{path} is a single .npy array, not an .npz of named arrays; {hint}")
     with data:
         yield data
 

@@ -20,6 +20,7 @@ from guard.calibrate.pipeline import calibrate
 from guard.calibrate.profile import Profile, ProfileError
 from guard.calibrate.synthesis import load_trigger
 from guard.calibrate.taps import OnnxTaps
+from guard.calibrate.warps import load_any_trigger
 from guard.cli import main
 from guard.errors import GuardError, ModelError
 from guard.model.graph import default_taps, load_model, validate_taps
@@ -502,9 +503,15 @@ def test_a_trigger_mask_outside_zero_one_is_refused(tmp_path: Path, mask: np.nda
 
 
 def test_a_trigger_given_as_npy_is_refused(tmp_path: Path) -> None:
+    """... pointing to guard scan's files, not to the data's np.savez(path, x=..., y=...)."""
     np.save(tmp_path / "mask.npy", np.zeros((1, 28, 28), np.float32))
-    with pytest.raises(GuardError, match="cannot read a trigger"):
-        load_trigger(tmp_path / "mask.npy", (1, 28, 28), 10)
+    (tmp_path / "mask.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    for given in ("mask.npy", "mask.png"):
+        for load in (load_trigger, load_any_trigger):
+            with pytest.raises(GuardError, match="cannot read a trigger") as refused:
+                load(tmp_path / given, (1, 28, 28), 10)
+            assert "give a trigger file guard scan wrote" in str(refused.value)
+            assert "x=..." not in str(refused.value)
 
 
 @pytest.mark.parametrize("threshold", [float("nan"), -100.0, 0.0])

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from guard.errors import GuardError
 from guard.model.bridge import OnnxModule
 from guard.model.graph import LoadedModel
-from guard.samples import needed, npz_array, open_npz, write_atomic
+from guard.samples import TRIGGER_HINT, needed, npz_array, open_npz, write_atomic
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD an estimate of the standard deviation for normal data
 DEFAULT_THRESHOLD = 2.0  # anomaly index above which a class is named (Neural Cleanse's choice)
@@ -157,7 +157,7 @@ def load_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classes: i
     """A trigger that `guard scan` wrote (trigger.npz: mask (1, H, W), pattern (C, H, W), target), checked against
     the model's sample shape and classes. Loaded without pickle."""
     try:
-        with open_npz(Path(path)) as data:
+        with open_npz(Path(path), TRIGGER_HINT) as data:
             shapes = {"mask": (1, *sample_shape[1:]), "pattern": sample_shape, "target": ()}
             mask, pattern, target = (npz_array(data, key, path, shapes[key]) for key in needed(data, tuple(shapes)))
             kind = BlendTrigger if "blend" in data else Trigger

@@ -36,7 +36,7 @@ from guard.calibrate.synthesis import (
 )
 from guard.errors import GuardError
 from guard.model.graph import LoadedModel
-from guard.samples import needed, npz_array, open_npz, write_atomic
+from guard.samples import TRIGGER_HINT, needed, npz_array, open_npz, write_atomic
 
 MIN_SPREAD = 0.01  # the smallest MAD of success rates the index divides by: one image in a hundred
 
@@ -149,7 +149,7 @@ def load_any_trigger(path: str | Path, sample_shape: tuple[int, ...], num_classe
     """A stamp (`guard scan`'s trigger.npz or candidate_K.npz) or a warp (its warp_K.npz: a `grid`), checked
     against the model. Loaded without pickle."""
     try:
-        with open_npz(Path(path)) as data:
+        with open_npz(Path(path), TRIGGER_HINT) as data:
             warp = "grid" in data.files
             if warp:
                 shapes = {"grid": (*sample_shape[1:], 2), "target": ()}
