@@ -96,6 +96,10 @@ def _fsync_folder(folder: Path) -> None:
         os.close(handle)
 
 
+DATA_HINT = "save one with np.savez(path, x=..., y=...)"
+TRIGGER_HINT = "give a trigger file guard scan wrote (trigger.npz, candidate_K.npz, warp_K.npz, blend_K.npz)"
+
+
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """(x float32, y int64 or None) from an .npz file or an image folder, with clear errors for anything else."""
     if not str(path).strip():  # Path("") is the working folder: `--data "$UNSET"` read whatever images lay there
@@ -107,7 +111,7 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise GuardError(f"data file not found: {path}")
     with open_npz(path) as data:
         if "x" not in data.files:
-            raise GuardError(f"{path} has no array 'x' (found {data.files}); save with np.savez(path, x=..., y=...)")
+            raise GuardError(f"{path} has no array 'x' (found {data.files}); {DATA_HINT}")
         x = npz_array(data, "x", path)
         y = npz_array(data, "y", path) if "y" in data.files else None
     if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):  # float32 of a complex drops its imaginary part
@@ -132,10 +136,6 @@ def load_poisoned(path: str | Path, count: int) -> np.ndarray | None:
     if poisoned.shape != (count,) or not (poisoned.dtype == bool or np.isin(poisoned, (0, 1)).all()):
         raise GuardError(f"poisoned in {path} must be ({count},) booleans, got {poisoned.dtype} {poisoned.shape}")
     return poisoned.astype(bool)
-
-
-DATA_HINT = "save one with np.savez(path, x=..., y=...)"
-TRIGGER_HINT = "give a trigger file guard scan wrote (trigger.npz, candidate_K.npz, warp_K.npz, blend_K.npz)"
 
 
 @contextmanager
@@ -257,7 +257,7 @@ def _image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
         listed = [(f, None) for f in entries if not f.is_dir()]
     files = [(f, label) for f, label in listed if _is_image(f)]
     # a photo library's .heic files, or a link to an image no longer there, would leave the samples short unsaid
-    others = [f.name for f, _ in listed if not f.is_dir() and not f.name.startswith(".") and not _is_image(f)]
+    others = [f.name for f, _ in listed if not f.name.startswith(".") and not _is_image(f)]  # folders: refused
     if others:
         log.warning("skipped %d file(s) in %s that are not images guard reads (%s; a broken link, a device or a "
                     "pipe neither): %s", len(others), folder, ", ".join(IMAGE_SUFFIXES),

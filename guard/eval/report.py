@@ -17,7 +17,7 @@ import numpy as np
 
 from guard.errors import GuardError
 from guard.eval.metrics import at_least, at_most, mean_spread
-from guard.samples import write_atomic, write_json
+from guard.samples import write_json
 from guard.scan import ScanSettings
 
 # Rows of the "what each part adds" table, in the order a reader builds up the defense.
@@ -399,11 +399,12 @@ def plot(figures: dict, out: Path) -> list[Path]:
 
 
 def _save_png(fig, path: Path) -> Path:
-    """Write a matplotlib figure whole (to a temporary name, so the format is given) and close it."""
+    """Write a matplotlib figure (into write_report's drawing folder, which is moved in whole) and close it."""
     import matplotlib.pyplot as plt
 
     try:
-        return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        fig.savefig(path, dpi=110, format="png")
+        return path
     finally:
         plt.close(fig)
 
