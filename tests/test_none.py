@@ -874,3 +874,23 @@ def test_cli_train_refuses_data_without_labels_or_with_bad_ground_truth(train_fi
                  "--unlearn", "-1"]) == 2
     assert "--unlearn must be a finite number >= 0" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_stop_inside_the_exporter_stays_a_stop(tmp_path, monkeypatch):
+    """SIGTERM during torch.export's lazy imports came back as TorchExportError (an AttributeError after it), and
+    guard train said the model does not export, exit 2, instead of stopping (143)."""
+    from guard.repair import architectures
+
+    def cut_short(*_args):  # the chain torch 2.13 gave: TorchExportError from AttributeError, during SystemExit
+        try:
+            try:
+                raise SystemExit(143)
+            except SystemExit:
+                raise AttributeError("module 'torch._dynamo' has no attribute 'exc'") from None
+        except AttributeError as exc:
+            raise RuntimeError("Failed to export the model with torch.export") from exc
+
+    monkeypatch.setattr("guard.eval.models.export_onnx", cut_short)
+    with pytest.raises(SystemExit) as stopped:
+        architectures.export_checked(SmallCNN(), "cnn", (1, 28, 28), tmp_path / "m.onnx")
+    assert stopped.value.code == 143

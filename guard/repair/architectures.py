@@ -144,6 +144,9 @@ def export_checked(model: nn.Module, spec: str, sample_shape: tuple[int, ...], p
     try:
         export_onnx(model, path, torch.zeros(1, *sample_shape))
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; each means this module does not export
+        stopped = _stop_within(exc)
+        if stopped is not None:
+            raise stopped from None
         raise GuardError(f"torch.onnx.export failed on {spec} ({type(exc).__name__}): "
                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
     exported = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
@@ -158,6 +161,16 @@ def export_checked(model: nn.Module, spec: str, sample_shape: tuple[int, ...], p
     if not worst <= 1e-3 * max(1.0, float(np.abs(expected).max())):
         raise GuardError(f"the exported graph answers differently from the torch module (max difference "
                          f"{worst:.3g}); export it yourself with torch.onnx.export")
+
+
+def _stop_within(exc: BaseException) -> BaseException | None:
+    """A Ctrl-C or SIGTERM (as SystemExit) inside the exporter's error: one that cut short a lazy import in
+    torch.export came back as an AttributeError wrapped in TorchExportError, and was reported as a model that does
+    not export."""
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None and isinstance(seen, Exception):
+        seen = seen.__cause__ or seen.__context__
+    return seen
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
